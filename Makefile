@@ -1,0 +1,35 @@
+# The README's contract: `make run` serves the bundled site, `make test` passes the tests,
+# each from a fresh clone with only Python >= 3.10 and make.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+CONFIG ?= gows.conf.json
+
+.PHONY: install run test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+
+# Stamps make a second `make test` quick: pip runs again only when pyproject.toml changed.
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(PY) -m arbiter -c $(CONFIG)
+
+test: $(VENV)/.installed-test
+	$(PY) -m pytest -n 2 -q
+
+bench: $(VENV)/.installed-test
+	$(PY) -m benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info

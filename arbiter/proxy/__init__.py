@@ -1,0 +1,1 @@
+"""The master's L7 reverse proxy: client protocol, upstream pool, balancer, front cache."""

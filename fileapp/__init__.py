@@ -1,0 +1,1 @@
+"""fileapp: an embeddable WSGI app that serves a directory."""

@@ -441,7 +441,7 @@ class FileApp:
         # and can never be read as a scheme ("http:") or a network path ("//host").
         full = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         name = full.rsplit("/", 1)[-1].encode("latin-1")
-        location = "./" + quote(name, safe="") + "/"
+        location = "./" + quote(name, safe="") + "/" if name else "/"
         query = environ.get("QUERY_STRING")
         if query:
             location += "?" + query

@@ -596,3 +596,33 @@ def test_root_must_be_a_directory(root):
 def test_dates_in_headers_parse(client):
     r = fetch(client, "/hello.txt")
     assert parse_date(r.headers["Last-Modified"]).timestamp() == MTIME
+
+
+def test_stale_sidecar_older_than_its_original_is_ignored(root):
+    write(root / "style.css", CSS + b"/* edited */\n", mtime=MTIME + 60)
+    r = Client(create_app(str(root))).get("/style.css", headers={"Accept-Encoding": "gzip, br"})
+    assert "Content-Encoding" not in r.headers
+    assert r.data == CSS + b"/* edited */\n"
+    assert r.headers["Vary"] == "Accept-Encoding"
+
+
+def test_redirect_query_is_kept_but_made_safe(client):
+    r = fetch(client, "/sub", raw_path=True, query_string="a=%41&b=\u00e9\x7f")
+    assert r.status_code == 301
+    location = r.headers["Location"]
+    assert location.startswith("./sub/?a=%41&b=")
+    assert all(33 <= ord(ch) < 127 for ch in location)
+
+
+def test_unstarted_file_bodies_release_their_descriptor(root):
+    """A server may close a response iterable without iterating it (client gone)."""
+    from werkzeug.test import EnvironBuilder
+
+    app = create_app(str(root), cache_max_file_size=0)
+    fds_before = len(os.listdir("/proc/self/fd"))
+    for headers in ({}, {"Range": "bytes=0-1,5-6"}):
+        for _ in range(20):
+            environ = EnvironBuilder("/data.bin", headers=headers).get_environ()
+            body = app(environ, lambda status, headers: None)
+            body.close()
+    assert len(os.listdir("/proc/self/fd")) <= fds_before + 2

@@ -337,3 +337,16 @@ def test_parent_pid_that_is_not_the_direct_parent(root):
     finally:
         stop_process(watched)
         stop_process(proc)
+
+
+def test_sigterm_right_after_start_still_exits_0(root):
+    """However early the stop request lands (before or after the worker is up), exit is clean."""
+    for delay in (0.0, 0.2):
+        proc, port = start(root)
+        try:
+            wait_for_port(port, timeout=20)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        finally:
+            stop_process(proc)

@@ -109,6 +109,9 @@ class FileAppWorker(GowsThreadWorker):
         self.parent_pid = parent_pid
         self._pidfd: int | None = None
 
+    def notify(self) -> None:
+        """No heartbeat file: nothing watches it here; the master checks health over HTTP."""
+
     # -- signals ----------------------------------------------------------------------------
 
     def init_signals(self) -> None:

@@ -60,7 +60,7 @@ class _Loaded:
         return self._wsgi
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -156,7 +156,7 @@ class FileAppWorker(GowsThreadWorker):
     def _parent_alive(self) -> bool:
         if self.parent_pid is None:
             return True
-        return _pid_alive(self.parent_pid)
+        return pid_alive(self.parent_pid)
 
     def is_parent_alive(self) -> bool:
         """Called by the run loop about once a second; standalone workers have no parent to watch.

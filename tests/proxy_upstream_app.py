@@ -74,7 +74,7 @@ def app(environ, start_response):
         if "cookie" in args:
             resp.set_cookie("session", "abc")
         resp.headers["X-Count"] = str(_count())
-        resp.make_conditional(req, accept_ranges=True)
+        resp.make_conditional(req, accept_ranges=True, complete_length=size)
     elif path == "/counter":
         # Cacheable for max_age seconds; the body changes on every request that reaches here.
         resp = Response(f"count={_count()} worker={PORT}", headers=headers)

@@ -203,6 +203,10 @@ class ClientProtocol(asyncio.Protocol):
                 self.req = None
                 req.keep_alive = False
                 self._enqueue(req)
+            elif self.queue:
+                self.queue[-1].keep_alive = False
+            elif self.current is None:
+                self._close()
             return
         except HttpParserError:
             self._reject(400)

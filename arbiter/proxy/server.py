@@ -467,16 +467,18 @@ class ClientProtocol(asyncio.Protocol):
             req.worker = None
 
     # -- forwarding -----------------------------------------------------------------------
-    def _forward(self, req: Request) -> None:
+    def _forward(self, req: Request, failed: UpstreamError | None = None) -> None:
         proxy = self.proxy
         worker = proxy.balancer.pick(req.target, req.tried)
         if worker is None:
-            if req.tried:
-                self._respond_error(req, 502)
+            if failed is not None:  # no other worker left to retry on
+                self._respond_error(req, failed.status)
             else:
                 proxy.no_worker += 1
                 self._respond_error(req, 503)
             return
+        if failed is not None:
+            proxy.retries_done += 1
         req.worker = worker
         worker.in_flight += 1
         worker.requests += 1
@@ -589,6 +591,8 @@ class ClientProtocol(asyncio.Protocol):
         out += (b"Via: ", via + b", " + VIA_SELF if via else VIA_SELF, CRLF, CRLF)
         self.close_after = not keep
         self.out_mode = mode
+        # Held back until the first body bytes (one write, and a worker dying before its body
+        # starts can still be retried: nothing has reached the client).
         self.pending_head = b"".join(out)
         req.status = status
         proxy.status_counts[status // 100 if status < 600 else 5] += 1
@@ -613,14 +617,6 @@ class ClientProtocol(asyncio.Protocol):
             if out[i].lower() not in named:
                 kept += out[i:i + 4]
         return kept
-
-    def flush_head(self) -> None:
-        """Write a response head still held back to travel with the first body bytes."""
-        head = self.pending_head
-        if head is not None:
-            self.pending_head = None
-            self.current.started = True
-            self.transport.write(head)
 
     def upstream_body(self, data: bytes) -> None:
         mode = self.out_mode
@@ -716,12 +712,11 @@ class ClientProtocol(asyncio.Protocol):
             if req.tries < proxy.retries:
                 req.tries += 1
                 req.sent = False
-                proxy.retries_done += 1
                 if worker is not None:
                     if req.tried is None:
                         req.tried = []
                     req.tried.append(worker)
-                self._forward(req)
+                self._forward(req, error)
                 return
         self._respond_error(req, error.status)
 

@@ -103,8 +103,6 @@ class UpstreamConnection(asyncio.Protocol):
         except HttpParserError:
             self._fail(UpstreamError("malformed response from worker"))
             return
-        if client.pending_head is not None and self.client is client:
-            client.flush_head()
         self.deadline = self.pool.proxy.clock + self.pool.proxy.response_timeout
 
     def eof_received(self) -> bool | None:

@@ -15,6 +15,7 @@ from werkzeug.http import parse_accept_header, parse_date
 VIA = b"Via: 1.1 gows\r\n"
 _CODINGS = ("br", "zstd", "gzip", "deflate", "identity")
 _MEMO_LIMIT = 1024
+_VARYING_LIMIT = 100_000
 _INLINE_LIMIT = 64 * 1024  # bodies up to this size are kept joined to each head variant
 
 # Headers a 304 carries over from the 200 it stands for (RFC 9110 15.4.5), lower-cased.
@@ -156,18 +157,25 @@ def _ttu(key, entry: Entry, now: float) -> float:
 
 
 class FrontCache:
-    """The bounded response store with its hit/miss counters."""
+    """The bounded response store with its hit/miss counters.
+
+    A response without Vary is stored under its request target alone; one with
+    `Vary: Accept-Encoding` under the target and the request's encoding class, and the target
+    is remembered as varying so later lookups add the class.
+    """
 
     def __init__(self, max_bytes: int, max_object_bytes: int) -> None:
         self.max_object_bytes = max_object_bytes
         self.entries: TLRUCache = TLRUCache(max(max_bytes, 1), _ttu, timer=time.monotonic,
                                             getsizeof=lambda e: e.size)
+        self.varying: set[bytes] = set()
+        self.classes: set[bytes] = set()  # encoding classes in use, to find a target's variants
         self.hits = 0
         self.misses = 0
         self.stores = 0
-        self.classes: set[bytes] = set()  # encoding classes in use, to find a target's variants
 
-    def get(self, key: tuple[bytes, bytes]) -> Entry | None:
+    def get(self, target: bytes, accept_encoding: bytes | None) -> Entry | None:
+        key = (target, encoding_class(accept_encoding)) if target in self.varying else target
         try:
             entry = self.entries[key]
         except KeyError:
@@ -176,8 +184,8 @@ class FrontCache:
         self.hits += 1
         return entry
 
-    def store(self, key: tuple[bytes, bytes], headers: Sequence[tuple[bytes, bytes, bytes]], body: bytes,
-              ttl: float, upstream_age: int = 0) -> bool:
+    def store(self, target: bytes, accept_encoding: bytes | None, vary: bool,
+              headers: Sequence[tuple[bytes, bytes, bytes]], body: bytes, ttl: float, upstream_age: int = 0) -> bool:
         """Keep a complete 200 response for `ttl` seconds (minus the Age it already had)."""
         ttl -= upstream_age
         if ttl <= 0 or len(body) > self.max_object_bytes:
@@ -185,18 +193,34 @@ class FrontCache:
         entry = Entry(headers, body, ttl, time.monotonic(), upstream_age)
         if entry.size > self.entries.maxsize:
             return False
+        if vary:
+            if target not in self.varying:
+                if len(self.varying) >= _VARYING_LIMIT:
+                    self.varying.clear()
+                self.varying.add(target)
+                self.entries.pop(target, None)
+            cls = encoding_class(accept_encoding)
+            self.classes.add(cls)
+            key: object = (target, cls)
+        else:
+            if target in self.varying:
+                self.invalidate(target)
+            key = target
         self.entries[key] = entry
-        self.classes.add(key[1])
         self.stores += 1
         return True
 
     def invalidate(self, target: bytes) -> None:
         """Drop every variant of a target (after an unsafe method succeeded on it)."""
-        for cls in list(self.classes):
-            self.entries.pop((target, cls), None)
+        self.entries.pop(target, None)
+        if target in self.varying:
+            self.varying.discard(target)
+            for cls in list(self.classes):
+                self.entries.pop((target, cls), None)
 
     def clear(self) -> None:
         self.entries.clear()
+        self.varying.clear()
 
     @property
     def bytes(self) -> int:

@@ -17,7 +17,7 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 
 from ..state import WorkerState, WorkerTable
 from .balancer import Balancer
-from .cache import FrontCache, encoding_class, freshness
+from .cache import FrontCache, freshness
 from .settings import ProxySettings
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
@@ -101,7 +101,8 @@ class Request:
     __slots__ = ("method", "target", "http10", "keep_alive", "fwd", "hcount", "hsize", "host", "hosts",
                  "connection", "cl", "te", "xff", "via", "ae", "inm", "ims", "expect", "bypass", "body",
                  "body_size", "error", "payload", "worker", "tried", "tries", "fresh", "sent", "started", "t0",
-                 "status", "cache_key", "cache_parts", "cache_size", "cache_ttl", "cache_headers", "cache_age")
+                 "status", "cacheable", "cache_vary", "cache_parts", "cache_size", "cache_ttl", "cache_headers",
+                 "cache_age")
 
     def __init__(self) -> None:
         self.method = GET
@@ -127,7 +128,8 @@ class Request:
         self.started = False
         self.t0 = 0.0
         self.status = 0
-        self.cache_key: tuple[bytes, bytes] | None = None
+        self.cacheable = False
+        self.cache_vary = False
         self.cache_parts: list[bytes] | None = None
         self.cache_size = 0
         self.cache_ttl = 0
@@ -402,8 +404,7 @@ class ClientProtocol(asyncio.Protocol):
         method = req.method
         cache = proxy.cache
         if cache is not None and (method == GET or method == HEAD) and not req.bypass:
-            key = (req.target, encoding_class(req.ae))
-            entry = cache.get(key)
+            entry = cache.get(req.target, req.ae)
             if entry is not None:
                 age = int(proxy.clock - entry.born) + entry.initial_age
                 if age != entry.age:
@@ -424,8 +425,7 @@ class ClientProtocol(asyncio.Protocol):
                 self.transport.write(data)
                 self._finish(req, keep)
                 return
-            if method == GET:
-                req.cache_key = key
+            req.cacheable = method == GET
         req.t0 = proxy.clock
         self._forward(req)
 
@@ -596,11 +596,12 @@ class ClientProtocol(asyncio.Protocol):
         self.pending_head = b"".join(out)
         req.status = status
         proxy.status_counts[status // 100 if status < 600 else 5] += 1
-        if (req.cache_key is not None and status == 200 and not nostore and mode != NOBODY
+        if (req.cacheable and status == 200 and not nostore and mode != NOBODY and proxy.cache is not None
                 and (vary is None or vary.strip().lower() == b"accept-encoding")
                 and (cl is None or int(cl) <= proxy.cache.max_object_bytes)):
             ttl = freshness(cc)
             if ttl > 0:
+                req.cache_vary = vary is not None
                 req.cache_ttl = ttl
                 req.cache_headers = headers
                 req.cache_parts = []
@@ -667,8 +668,10 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.write(head)
         req.started = True
         if req.cache_parts is not None:
-            proxy.cache.store(req.cache_key, [(n.lower(), n, v) for n, v in req.cache_headers],
-                              b"".join(req.cache_parts), req.cache_ttl, req.cache_age)
+            if proxy.cache is not None:  # (unless switched off meanwhile)
+                proxy.cache.store(req.target, req.ae, req.cache_vary,
+                                  [(n.lower(), n, v) for n, v in req.cache_headers],
+                                  b"".join(req.cache_parts), req.cache_ttl, req.cache_age)
             req.cache_parts = None
         elif req.method not in SAFE and proxy.cache is not None and req.status < 400:
             proxy.cache.invalidate(req.target)

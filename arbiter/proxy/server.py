@@ -435,7 +435,7 @@ class ClientProtocol(asyncio.Protocol):
         if queue and queue[0] is req:
             queue.popleft()
         self.current = None
-        if not keep or self.closed:
+        if not keep or self.closed or self.proxy.draining:
             self._close()
             return
         if queue:

@@ -86,6 +86,8 @@ class UpstreamConnection(asyncio.Protocol):
     def resume(self) -> None:
         if self.paused:
             self.paused = False
+            # The response timeout counts the worker's silence, not the client's.
+            self.deadline = self.pool.proxy.clock + self.pool.proxy.response_timeout
             if not self.closed:
                 self.transport.resume_reading()
 

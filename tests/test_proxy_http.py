@@ -235,3 +235,23 @@ def test_stats_count_requests_and_status_classes(proxy):
     assert after["requests"] - before["requests"] == 2
     assert after["responses"]["2xx"] - before["responses"]["2xx"] == 1
     assert after["responses"]["4xx"] - before["responses"]["4xx"] == 1
+
+
+@pytest.mark.parametrize("changes,key", [
+    ({"balance": "random"}, "balance"), ({"connect_timeout": 0}, "connect_timeout"),
+    ({"retries": -1}, "retries"), ({"max_connections": 0}, "max_connections"),
+    ({"front_cache_max_bytes": -1}, "front_cache_max_bytes"),
+])
+def test_settings_reject_bad_values_naming_the_key(changes, key):
+    with pytest.raises(ValueError, match=key):
+        ProxySettings(**changes)
+
+
+def test_settings_defaults_are_the_documented_ones():
+    s = ProxySettings()
+    assert (s.balance, s.retries, s.connect_timeout, s.response_timeout, s.idle_timeout, s.header_timeout) == (
+        "round-robin", 2, 2.0, 30.0, 15.0, 10.0)
+    assert (s.max_connections, s.max_request_line, s.max_header_bytes, s.max_headers, s.max_body_bytes,
+            s.pool_size) == (4096, 8190, 32768, 100, 1048576, 64)
+    assert (s.front_cache_enabled, s.front_cache_max_bytes, s.front_cache_max_object_bytes) == (
+        True, 64 * 2**20, 2**20)

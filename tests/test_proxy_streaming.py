@@ -105,3 +105,45 @@ def test_large_upload_is_forwarded_whole():
     finally:
         p.stop()
         worker.stop()
+
+
+def test_client_that_stops_reading_is_cut_off_and_frees_the_worker():
+    worker = Worker()
+    p = ProxyThread([worker], ProxySettings(front_cache_enabled=False, response_timeout=1.0))
+    try:
+        with socket.create_connection(("127.0.0.1", p.port)) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+            s.sendall(b"GET /stream?size=%d&chunk=65536 HTTP/1.1\r\nHost: t\r\n\r\n" % (256 << 20))
+            wait_until(lambda: p.call(lambda: any(c.paused for c in p.proxy.pool.busy)),
+                       message="worker connection paused")
+            # Never reading: after the send timeout the proxy drops the client and the worker.
+            wait_until(lambda: p.stats()["client_connections"] == 0, timeout=15, message="client dropped")
+            wait_until(lambda: p.call(lambda: not p.proxy.pool.busy), message="worker connection closed")
+        assert p.worker(worker.port).in_flight == 0
+        assert requests.get(p.url + "/echo").status_code == 200
+    finally:
+        p.stop()
+        worker.stop()
+
+
+def test_worker_stalling_mid_body_is_cut_off_after_the_response_timeout():
+    worker = Worker()
+    p = ProxyThread([worker], ProxySettings(front_cache_enabled=False, response_timeout=1.0))
+    try:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", p.port)) as s:
+            s.sendall(b"GET /stream?size=%d&chunk=65536&delay=5 HTTP/1.1\r\nHost: t\r\n\r\n" % (1 << 20))
+            data = b""
+            s.settimeout(15)
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and 0 < len(body) < 1 << 20
+        assert time.monotonic() - started < 4.5  # well before the worker's next chunk at 5 s
+        assert p.stats()["truncated_responses"] == 1
+    finally:
+        p.stop()
+        worker.stop()

@@ -367,3 +367,48 @@ def test_shutdown_timeout_bounds_a_slow_request():
     finally:
         p.stop()
         w.stop()
+
+
+def test_connections_per_worker_capped_excess_requests_wait_for_one():
+    w = Worker(threads=8)
+    p = ProxyThread([w], ProxySettings(front_cache_enabled=False, pool_size=3))
+    results: list[int] = []
+    lock = threading.Lock()
+
+    def client():
+        r = requests.get(p.url + "/sleep?s=0.3", timeout=30)
+        with lock:
+            results.append(r.status_code)
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(12)]
+        for t in threads:
+            t.start()
+        wait_until(lambda: p.stats()["upstream_connections"]["waiting"] > 0, message="requests queued")
+        conns = p.stats()["upstream_connections"]
+        assert conns["busy"] + conns["connecting"] <= 3
+        for t in threads:
+            t.join(30)
+        assert results == [200] * 12
+        stats = p.stats()["upstream_connections"]
+        assert stats["opened"] <= 3 + 1 and stats["waiting"] == 0  # handed over, not reopened
+    finally:
+        p.stop()
+        w.stop()
+
+
+def test_request_waiting_too_long_for_a_connection_gets_503():
+    w = Worker(threads=2)
+    p = ProxyThread([w], ProxySettings(front_cache_enabled=False, pool_size=1, response_timeout=1.0))
+    try:
+        blocker = threading.Thread(target=lambda: requests.get(p.url + "/sleep?s=3", timeout=30))
+        blocker.start()
+        wait_until(lambda: p.stats()["upstream_connections"]["busy"] == 1, message="blocking request sent")
+        started = time.monotonic()
+        r = requests.get(p.url + "/echo", timeout=30)
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1"
+        assert time.monotonic() - started < 2.5  # the queue wait is bounded by the response timeout
+        blocker.join(10)
+    finally:
+        p.stop()
+        w.stop()

@@ -484,27 +484,16 @@ class ClientProtocol(asyncio.Protocol):
         worker.requests += 1
         if req.payload is None:
             req.payload = self._payload(req)
-        conn = None if req.fresh else proxy.pool.acquire(worker)
-        if conn is not None:
-            self._send(conn, req)
-        else:
-            req.fresh = False
-            proxy.spawn(self._connect(req, worker))
+        fresh = req.fresh
+        req.fresh = False
+        proxy.pool.checkout(self, req, worker, fresh)
 
-    async def _connect(self, req: Request, worker: WorkerState) -> None:
-        pool = self.proxy.pool
-        try:
-            conn = await pool.connect(worker)
-        except UpstreamError as error:
-            if req.worker is worker and self.current is req and not self.closed:
-                self.upstream_failed(None, error)
-            return
-        if req.worker is worker and self.current is req and not self.closed:
-            self._send(conn, req)
-        else:  # the client left meanwhile; keep the connection for someone else
-            pool.release(conn)
+    def wants(self, req: Request, worker: WorkerState) -> bool:
+        """Whether `req` is still waiting for a connection to `worker` (the client may have left)."""
+        return self.current is req and req.worker is worker and not self.closed
 
-    def _send(self, conn: UpstreamConnection, req: Request) -> None:
+    def start(self, conn: UpstreamConnection, req: Request) -> None:
+        """Send `req` on `conn` (from the pool) and relay the answer."""
         self.upstream = conn
         req.sent = True
         if self.write_paused:
@@ -705,7 +694,7 @@ class ClientProtocol(asyncio.Protocol):
             req.status = 0
         may_resend = not req.sent or req.method in IDEMPOTENT
         if may_resend and proxy.clock - req.t0 < proxy.response_timeout:
-            if not error.passive and worker is not None:
+            if error.stale and worker is not None:
                 # A keep-alive connection the worker had closed: same worker, fresh connection.
                 req.fresh = True
                 req.sent = False
@@ -730,7 +719,7 @@ class ClientProtocol(asyncio.Protocol):
         req.worker = worker
         worker.in_flight += 1
         req.fresh = False
-        self.proxy.spawn(self._connect(req, worker))
+        self.proxy.pool.checkout(self, req, worker, fresh=True)
 
     # -- responses of our own -------------------------------------------------------------
     def _respond_error(self, req: Request, status: int) -> None:
@@ -860,6 +849,7 @@ class Proxy:
         try:
             for conn in [c for c in self.conns if c.deadline < now or c.write_paused]:
                 conn.timeout(now)
+            self.pool.expire_waiting(now)
             for up in self.pool.timed_out(now):
                 self.timeouts += 1
                 up._fail(UpstreamError("worker response timed out", 504))

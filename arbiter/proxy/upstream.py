@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpResponseParser
@@ -11,7 +12,7 @@ from httptools import HttpParserError, HttpResponseParser
 from ..state import WorkerState
 
 if TYPE_CHECKING:
-    from .server import ClientProtocol, Proxy
+    from .server import ClientProtocol, Proxy, Request
 
 # A pooled connection idle longer than this is closed rather than reused: it is about to meet
 # the worker's own keep-alive timeout (gunicorn's default is 2 s), and reusing it then races
@@ -22,18 +23,19 @@ REUSE_WITHIN = 1.0
 class UpstreamError(Exception):
     """Why a request to a worker failed; `status` is what the client gets if no retry helps."""
 
-    def __init__(self, reason: str, status: int = 502, passive: bool = True) -> None:
+    def __init__(self, reason: str, status: int = 502, passive: bool = True, stale: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
         self.passive = passive  # counts as a passive failure of the worker (max_fails)
+        self.stale = stale  # a reused keep-alive connection the worker had closed
 
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a worker, carrying one request at a time."""
 
     __slots__ = ("pool", "worker", "transport", "parser", "client", "headers", "head_done", "head_only",
-                 "interim", "until_close", "keep", "reused", "idle_since", "deadline", "paused", "closed")
+                 "interim", "until_close", "keep", "reused", "idle_since", "deadline", "paused", "closed", "active")
 
     def __init__(self, pool: UpstreamPool, worker: WorkerState) -> None:
         self.pool = pool
@@ -52,6 +54,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.paused = False
         self.closed = False
+        self.active = False  # counted in the pool's per-worker limit (busy or connecting)
 
     # -- driving a request ----------------------------------------------------------------
     def send(self, client: ClientProtocol, payload: bytes, head_only: bool) -> None:
@@ -124,7 +127,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._fail(UpstreamError("worker closed the connection mid-response"))
         elif self.reused:
             # A pooled connection the worker had closed: not the worker's fault.
-            self._fail(UpstreamError("stale keep-alive connection", passive=False))
+            self._fail(UpstreamError("stale keep-alive connection", passive=False, stale=True))
         else:
             reason = "connection reset by worker" if exc is not None else "worker closed the connection"
             self._fail(UpstreamError(reason))
@@ -196,16 +199,40 @@ class UpstreamConnection(asyncio.Protocol):
 
 
 class UpstreamPool:
-    """Idle keep-alive connections per worker (at most `pool_size` each, newest reused first)."""
+    """Connections per worker: at most `pool_size` in use at once (more requests wait here for
+    one, as behind HAProxy's maxconn, instead of piling connections onto the worker) and at
+    most `pool_size` idle ones kept, newest reused first."""
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.idle: dict[WorkerState, list[UpstreamConnection]] = {}
         self.busy: set[UpstreamConnection] = set()
+        self.active: dict[WorkerState, int] = {}
+        self.waiting: dict[WorkerState, deque[tuple[ClientProtocol, Request, float]]] = {}
         self.connecting = 0
+        self.opened = 0  # connections ever made: against requests, how well the pool reuses
 
-    def acquire(self, worker: WorkerState) -> UpstreamConnection | None:
-        """A live idle connection to `worker`, or None when a new one is needed."""
+    def checkout(self, client: ClientProtocol, req: Request, worker: WorkerState, fresh: bool = False) -> None:
+        """Get `req` a connection to `worker`: an idle one, a new one, or a place in the queue.
+
+        The client hears back through `client.start(conn, req)` or `client.upstream_failed`.
+        """
+        if not fresh:
+            conn = self._idle(worker)
+            if conn is not None:
+                conn.active = True
+                self.active[worker] = self.active.get(worker, 0) + 1
+                client.start(conn, req)
+                return
+        if self.active.get(worker, 0) < self.proxy.settings.pool_size:
+            self._open(client, req, worker)
+        else:
+            queue = self.waiting.get(worker)
+            if queue is None:
+                queue = self.waiting[worker] = deque()
+            queue.append((client, req, self.proxy.clock))
+
+    def _idle(self, worker: WorkerState) -> UpstreamConnection | None:
         idle = self.idle.get(worker)
         if not idle:
             return None
@@ -225,45 +252,94 @@ class UpstreamPool:
             return conn
         return None
 
+    def _open(self, client: ClientProtocol, req: Request, worker: WorkerState) -> None:
+        self.active[worker] = self.active.get(worker, 0) + 1
+        self.proxy.spawn(self._connect(client, req, worker))
+
+    async def _connect(self, client: ClientProtocol, req: Request, worker: WorkerState) -> None:
+        loop = asyncio.get_running_loop()
+        conn = UpstreamConnection(self, worker)
+        conn.active = True
+        self.connecting += 1
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: conn, worker.host, worker.port),
+                                   self.proxy.settings.connect_timeout)
+        except (asyncio.TimeoutError, OSError) as exc:
+            conn.closed = True
+            self._inactive(conn)
+            if isinstance(exc, asyncio.TimeoutError):
+                error = UpstreamError("connect timed out", 504)
+            elif exc.errno == errno.ECONNREFUSED:
+                error = UpstreamError("connection refused", 502)
+            else:
+                error = UpstreamError(f"connect failed: {exc.strerror or exc}", 502)
+            if client.wants(req, worker):
+                client.upstream_failed(None, error)
+            return
+        finally:
+            self.connecting -= 1
+        self.opened += 1
+        if client.wants(req, worker):
+            client.start(conn, req)
+        else:  # the client left meanwhile; the connection serves someone else
+            self.release(conn)
+
     def release(self, conn: UpstreamConnection) -> None:
-        """Keep a connection whose response is complete, if there is room and the worker stays."""
+        """A connection finished its response: hand it to a waiting request, keep it, or close it."""
         worker = conn.worker
         proxy = self.proxy
-        if (proxy.draining or not worker.up or proxy.table.get(worker.host, worker.port) is not worker):
+        if proxy.draining or not worker.up or proxy.table.get(worker.host, worker.port) is not worker:
             conn.close()
             return
+        conn.resume()
+        queue = self.waiting.get(worker)
+        while queue:
+            client, req, _ = queue.popleft()
+            if client.wants(req, worker):
+                conn.reused = True
+                client.start(conn, req)
+                return
+        self._inactive(conn)
         idle = self.idle.get(worker)
         if idle is None:
             idle = self.idle[worker] = []
         if len(idle) >= proxy.settings.pool_size:
             conn.close()
             return
-        conn.resume()
         conn.idle_since = proxy.clock
         idle.append(conn)
 
+    def _inactive(self, conn: UpstreamConnection) -> None:
+        if conn.active:
+            conn.active = False
+            worker = conn.worker
+            self.active[worker] -= 1
+            queue = self.waiting.get(worker)
+            if queue:
+                # A slot opened: the next live waiter gets a new connection.
+                while queue:
+                    client, req, _ = queue.popleft()
+                    if client.wants(req, worker):
+                        self._open(client, req, worker)
+                        break
+
     def forget(self, conn: UpstreamConnection) -> None:
         self.busy.discard(conn)
+        self._inactive(conn)
         idle = self.idle.get(conn.worker)
         if idle and conn in idle:
             idle.remove(conn)
 
-    async def connect(self, worker: WorkerState) -> UpstreamConnection:
-        """A new connection to `worker`, or UpstreamError (refused: 502, timed out: 504)."""
-        loop = asyncio.get_running_loop()
-        conn = UpstreamConnection(self, worker)
-        self.connecting += 1
-        try:
-            await asyncio.wait_for(loop.create_connection(lambda: conn, worker.host, worker.port),
-                                   self.proxy.settings.connect_timeout)
-        except asyncio.TimeoutError:
-            raise UpstreamError("connect timed out", 504) from None
-        except OSError as exc:
-            reason = "connection refused" if exc.errno == errno.ECONNREFUSED else f"connect failed: {exc.strerror or exc}"
-            raise UpstreamError(reason, 502) from None
-        finally:
-            self.connecting -= 1
-        return conn
+    def expire_waiting(self, now: float) -> None:
+        """Requests that waited longer than the response timeout for a connection get 503."""
+        limit = now - self.proxy.response_timeout
+        for worker, queue in list(self.waiting.items()):
+            while queue and (queue[0][2] < limit or not queue[0][0].wants(queue[0][1], worker)):
+                client, req, since = queue.popleft()
+                if client.wants(req, worker):
+                    client.upstream_failed(None, UpstreamError("no free connection to the worker", 503, False))
+            if not queue:
+                del self.waiting[worker]
 
     def sweep(self, now: float) -> None:
         """Close idle connections that are too old to reuse or whose worker left or went down."""
@@ -296,4 +372,5 @@ class UpstreamPool:
 
     def counts(self) -> dict[str, int]:
         return {"idle": sum(len(v) for v in self.idle.values()), "busy": len(self.busy),
-                "connecting": self.connecting}
+                "connecting": self.connecting, "opened": self.opened,
+                "waiting": sum(len(q) for q in self.waiting.values())}

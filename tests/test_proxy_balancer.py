@@ -1,0 +1,159 @@
+"""Balancing policies: round robin, least outstanding requests, consistent hashing on the path
+with bounded load (sticky, moving only a leaving worker's share); only healthy workers."""
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+
+import pytest
+import requests
+
+from arbiter.proxy import ProxySettings
+from arbiter.proxy.balancer import LOAD_FACTOR, Balancer
+from arbiter.state import WorkerState, WorkerTable
+from proxy_harness import ProxyThread, Worker
+from support import wait_until
+
+PATHS = [b"/static/file%d.css?v=%d" % (i, i % 3) for i in range(2000)]
+
+
+def table_of(n: int) -> tuple[WorkerTable, list[WorkerState]]:
+    table = WorkerTable(rise=1, fall=1)
+    workers = [table.add(WorkerState("127.0.0.1", 9000 + i)) for i in range(n)]
+    for w in workers:
+        table.record_check(w, True)
+    return table, workers
+
+
+def test_round_robin_even_and_only_healthy():
+    table, ws = table_of(3)
+    b = Balancer(table, "round-robin")
+    assert Counter(b.pick(b"/") for _ in range(300)) == {w: 100 for w in ws}
+    table.record_check(ws[1], False)
+    picks = Counter(b.pick(b"/") for _ in range(300))
+    assert set(picks) == {ws[0], ws[2]} and abs(picks[ws[0]] - picks[ws[2]]) <= 1
+    assert b.pick(b"/", [ws[0]]) is ws[2] and b.pick(b"/", [ws[0], ws[2]]) is None
+    table.record_check(ws[0], False)
+    table.record_check(ws[2], False)
+    assert b.pick(b"/") is None
+
+
+def test_least_outstanding_prefers_idle_workers_and_rotates_ties():
+    table, ws = table_of(3)
+    b = Balancer(table, "least-outstanding")
+    ws[0].in_flight, ws[1].in_flight, ws[2].in_flight = 5, 1, 3
+    assert all(b.pick(b"/") is ws[1] for _ in range(10))
+    assert b.pick(b"/", [ws[1]]) is ws[2]
+    for w in ws:
+        w.in_flight = 0
+    assert Counter(b.pick(b"/") for _ in range(300)) == {w: 100 for w in ws}
+
+
+def test_consistent_hash_is_sticky_and_spread():
+    table, ws = table_of(4)
+    b = Balancer(table, "consistent-hash")
+    first = {p: b.pick(p) for p in PATHS}
+    assert all(b.pick(p) is first[p] for p in PATHS)
+    shares = Counter(first.values())
+    assert set(shares) == set(ws)
+    assert all(len(PATHS) * 0.12 < n < len(PATHS) * 0.40 for n in shares.values()), shares
+    # The query string is not part of the key: the same file maps to the same worker.
+    assert b.pick(b"/static/file1.css?v=1") is b.pick(b"/static/file1.css?other")
+
+
+def test_consistent_hash_moves_only_the_leaving_workers_share():
+    table, ws = table_of(4)
+    b = Balancer(table, "consistent-hash")
+    before = {p: b.pick(p) for p in PATHS}
+    table.remove(ws[2])
+    after = {p: b.pick(p) for p in PATHS}
+    moved = [p for p in PATHS if before[p] is not after[p]]
+    assert moved and all(before[p] is ws[2] for p in moved)
+    assert all(after[p] is not ws[2] for p in PATHS)
+    table.add(ws[2])  # back (still marked up): the original mapping returns
+    assert {p: b.pick(p) for p in PATHS} == before
+    table.record_check(ws[0], False)  # down, not removed: same rule
+    down = {p: b.pick(p) for p in PATHS}
+    assert all(before[p] is down[p] for p in PATHS if before[p] is not ws[0])
+
+
+def test_consistent_hash_bounded_load():
+    table, ws = table_of(4)
+    b = Balancer(table, "consistent-hash")
+    hot = b"/hot.js"
+    owner = b.owner(hot)
+    # Requests to one hot path that never finish: they overflow to the next workers on the
+    # ring instead of piling onto the owner.
+    for i in range(1, 201):
+        w = b.pick(hot)
+        w.in_flight += 1
+        cap = math.ceil(LOAD_FACTOR * i / len(ws))
+        assert max(x.in_flight for x in ws) <= cap
+    assert owner.in_flight == max(x.in_flight for x in ws)
+    assert all(w.in_flight > 0 for w in ws)
+    for w in ws:
+        w.in_flight = 0
+    assert b.pick(hot) is owner  # load gone: sticky again
+
+
+def test_ring_rebuilt_only_when_the_table_changes():
+    table, ws = table_of(3)
+    b = Balancer(table, "consistent-hash")
+    b.pick(b"/x")
+    ring = b._points
+    b.pick(b"/y")
+    assert b._points is ring
+    table.record_check(ws[0], False)
+    b.pick(b"/x")
+    assert b._points is not ring and len(b._points) < len(ring)
+
+
+# -- through the proxy --------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def workers():
+    ws = [Worker(), Worker()]
+    yield ws
+    for w in ws:
+        w.stop()
+
+
+def test_consistent_hash_through_the_proxy(workers):
+    p = ProxyThread(workers, ProxySettings(balance="consistent-hash", front_cache_enabled=False))
+    try:
+        seen = {}
+        for i in range(40):
+            path = f"/file/f{i}?max_age=0"
+            owners = {requests.get(p.url + path).headers["X-Worker"] for _ in range(3)}
+            assert len(owners) == 1  # sticky
+            seen[path] = owners.pop()
+        assert set(seen.values()) == {str(w.port) for w in workers}  # and spread
+    finally:
+        p.stop()
+
+
+def test_least_outstanding_through_the_proxy_avoids_the_busy_worker(workers):
+    p = ProxyThread(workers, ProxySettings(balance="least-outstanding", front_cache_enabled=False))
+    try:
+        slow = {}
+        t = threading.Thread(target=lambda: slow.update(r=requests.get(p.url + "/sleep?s=1.5")))
+        t.start()
+        wait_until(lambda: sum(p.worker(w.port).in_flight for w in workers) == 1, message="slow request sent")
+        busy = next(w.port for w in workers if p.worker(w.port).in_flight == 1)
+        fast = {requests.get(p.url + "/echo").json()["worker"] for _ in range(10)}
+        assert fast == {str(w.port) for w in workers if w.port != busy}
+        t.join(10)
+        assert slow["r"].headers["X-Worker"] == str(busy)
+    finally:
+        p.stop()
+
+
+def test_policy_switch_on_reload(workers):
+    p = ProxyThread(workers, ProxySettings(front_cache_enabled=False))
+    try:
+        path = "/file/sticky?max_age=0"
+        assert len({requests.get(p.url + path).headers["X-Worker"] for _ in range(4)}) == 2
+        p.update(balance="consistent-hash")
+        assert len({requests.get(p.url + path).headers["X-Worker"] for _ in range(4)}) == 1
+    finally:
+        p.stop()

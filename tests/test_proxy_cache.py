@@ -1,0 +1,301 @@
+"""The front cache: what it stores (only cacheable GET 200s), how it answers (hits, 304, HEAD,
+per encoding class), when it lets go (max-age, byte bounds), and its off switch."""
+from __future__ import annotations
+
+import time
+from urllib.parse import urlsplit
+
+import pytest
+import requests
+
+from arbiter.proxy import ProxySettings
+from arbiter.proxy.cache import Entry, FrontCache, encoding_class, freshness
+from proxy_harness import ProxyThread, RawUpstream, Worker, parse_responses, raw
+
+LM = b"Tue, 14 Nov 2023 22:13:20 GMT"
+
+
+class Origin:
+    """A scripted worker: `routes[path] = (status, [header lines], body)`; counts each request."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, tuple[int, list[bytes], bytes]] = {}
+        self.hits: dict[str, int] = {}
+        self.upstream = RawUpstream(self._respond)
+        self.port = self.upstream.port
+
+    def _respond(self, head: bytes, body: bytes, conn) -> bool:
+        target = head.split(b" ")[1].decode()
+        path = urlsplit(target).path
+        self.hits[path] = self.hits.get(path, 0) + 1
+        status, headers, payload = self.routes.get(path, (404, [], b"missing"))
+        if callable(payload):
+            payload = payload(head)
+        lines = [b"HTTP/1.1 %d X" % status, *headers]
+        if isinstance(payload, tuple):  # sent chunked
+            lines.append(b"Transfer-Encoding: chunked")
+            payload = b"".join(b"%x\r\n%s\r\n" % (len(c), c) for c in payload) + b"0\r\n\r\n"
+        elif status not in (204, 304):
+            lines.append(b"Content-Length: %d" % len(payload))
+        conn.sendall(b"\r\n".join(lines) + b"\r\n\r\n" + (payload if not head.startswith(b"HEAD") else b""))
+        return True
+
+    def route(self, path: str, body: bytes = b"x" * 1024, status: int = 200, cc: str | None = "max-age=60",
+              extra: tuple[bytes, ...] = ()) -> None:
+        headers = [b'ETag: "v1"', b"Last-Modified: " + LM, b"Content-Type: text/plain", *extra]
+        if cc is not None:
+            headers.append(b"Cache-Control: " + cc.encode())
+        self.routes[path] = (status, headers, body)
+
+    def stop(self) -> None:
+        self.upstream.stop()
+
+
+@pytest.fixture
+def origin():
+    o = Origin()
+    yield o
+    o.stop()
+
+
+@pytest.fixture
+def proxy(origin):
+    p = ProxyThread([origin.port], ProxySettings())
+    yield p
+    p.stop()
+
+
+def get(p, path, **headers):
+    return requests.get(p.url + path, headers=headers)
+
+
+# -- units ------------------------------------------------------------------------------
+def test_encoding_class_normalises_order_and_weights():
+    assert encoding_class(b"gzip, deflate, br") == encoding_class(b"br,gzip ,deflate")
+    assert encoding_class(b"gzip, br;q=0") == encoding_class(b"gzip")
+    assert encoding_class(b"gzip;q=0.5, br") != encoding_class(b"gzip, br;q=0.5")
+    assert encoding_class(None) != encoding_class(b"identity") != encoding_class(b"gzip")
+
+
+def test_freshness_from_cache_control():
+    assert freshness(b"public, max-age=60") == 60
+    assert freshness(b"max-age=60, s-maxage=5") == 5
+    for value in (None, b"no-store, max-age=60", b"private, max-age=60", b"no-cache", b"max-age=0",
+                  b"max-age=abc", b"max-age=-1", b"public"):
+        assert freshness(value) == 0, value
+
+
+def test_entry_conditionals():
+    e = Entry([(b"etag", b"ETag", b'"abc"'), (b"last-modified", b"Last-Modified", LM)], b"body", 60, 0.0)
+    assert e.not_modified(b'"abc"', None)
+    assert e.not_modified(b'"x", W/"abc"', None)  # weak comparison for GET/HEAD
+    assert e.not_modified(b"*", None)
+    assert not e.not_modified(b'"other"', LM)  # If-None-Match wins over If-Modified-Since
+    assert e.not_modified(None, LM)
+    assert e.not_modified(None, b"Wed, 15 Nov 2023 00:00:00 GMT")
+    assert not e.not_modified(None, b"Mon, 13 Nov 2023 00:00:00 GMT")
+    assert not e.not_modified(None, b"not a date")
+
+
+def test_cache_bounds_bytes_and_object_size():
+    cache = FrontCache(max_bytes=50_000, max_object_bytes=4_000)
+    assert not cache.store(b"/big", None, False, [], b"b" * 4_001, 60)
+    for i in range(100):
+        cache.store(b"/%d" % i, None, False, [], b"s" * 1000, 60)
+    assert 0 < len(cache) < 100 and cache.bytes <= 50_000
+    assert cache.get(b"/99", None) is not None  # the most recent stay
+    assert cache.get(b"/0", None) is None  # the least recently used went first
+
+
+def test_cache_variants_by_encoding_only_when_the_worker_varies():
+    cache = FrontCache(max_bytes=50_000, max_object_bytes=4_000)
+    cache.store(b"/plain", b"gzip", False, [], b"p", 60)
+    assert cache.get(b"/plain", b"br") is not None and cache.get(b"/plain", None) is not None
+    cache.store(b"/v", b"gzip", True, [], b"g", 60)
+    assert cache.get(b"/v", b"gzip").body == b"g"
+    assert cache.get(b"/v", b"br") is None and cache.get(b"/v", None) is None
+    cache.invalidate(b"/v")
+    assert cache.get(b"/v", b"gzip") is None
+
+
+# -- through the proxy --------------------------------------------------------------------
+def test_hit_after_miss_never_reaches_the_worker(proxy, origin):
+    origin.route("/a")
+    first, second = get(proxy, "/a"), get(proxy, "/a")
+    assert first.content == second.content == b"x" * 1024
+    assert origin.hits["/a"] == 1
+    assert second.headers["ETag"] == '"v1"' and second.headers["Content-Length"] == "1024"
+    assert second.headers["Via"] == "1.1 gows"
+    fc = proxy.stats()["front_cache"]
+    assert (fc["hits"], fc["misses"], fc["entries"]) == (1, 1, 1) and fc["bytes"] >= 1024
+
+
+def test_conditional_requests_answered_304_from_cache(proxy, origin):
+    origin.route("/c")
+    get(proxy, "/c")
+    r = get(proxy, "/c", **{"If-None-Match": '"v1"'})
+    assert r.status_code == 304 and r.content == b"" and r.headers["ETag"] == '"v1"'
+    assert "Content-Length" not in r.headers or r.headers["Content-Length"] == "0"
+    r = get(proxy, "/c", **{"If-Modified-Since": LM.decode()})
+    assert r.status_code == 304
+    r = get(proxy, "/c", **{"If-None-Match": '"v0"'})
+    assert r.status_code == 200 and len(r.content) == 1024
+    assert origin.hits["/c"] == 1
+
+
+def test_head_answered_from_cache_without_body(proxy, origin):
+    origin.route("/h")
+    data = raw(proxy.port, b"HEAD /h HTTP/1.1\r\nHost: t\r\n\r\nGET /h HTTP/1.1\r\nHost: t\r\n\r\n"
+                           b"HEAD /h HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    head1, rest = data.split(b"\r\n\r\n", 1)
+    assert b"HTTP/1.1 200" in head1 and b"Content-Length: 1024" in head1
+    (s2, _, b2), = parse_responses(rest[: rest.index(b"HTTP/1.1 200", 1)])
+    assert s2 == 200 and len(b2) == 1024
+    head3 = rest[rest.index(b"HTTP/1.1 200", 1):]
+    assert head3.endswith(b"\r\n\r\n") and b"Content-Length: 1024" in head3 and b"Connection: close" in head3
+    assert origin.hits["/h"] == 2  # the first HEAD went through (and stored nothing), the GET filled
+    assert proxy.stats()["front_cache"]["hits"] == 1
+
+
+@pytest.mark.parametrize("status,cc,extra,req_headers", [
+    (404, "max-age=60", (), {}),
+    (500, "max-age=60", (), {}),
+    (206, "max-age=60", (b"Content-Range: bytes 0-9/100",), {}),
+    (200, "max-age=60", (b"Set-Cookie: s=1",), {}),
+    (200, "max-age=60", (b"Vary: User-Agent",), {}),
+    (200, "max-age=60", (b"Vary: *",), {}),
+    (200, "no-store, max-age=60", (), {}),
+    (200, "private, max-age=60", (), {}),
+    (200, "no-cache", (), {}),
+    (200, "max-age=0", (), {}),
+    (200, None, (), {}),
+    (200, "max-age=60", (b"Age: 60",), {}),
+    (200, "max-age=60", (), {"Range": "bytes=0-9"}),
+    (200, "max-age=60", (), {"Authorization": "Basic eDp5"}),
+    (200, "max-age=60", (), {"Cookie": "s=1"}),
+])
+def test_never_cached(proxy, origin, status, cc, extra, req_headers):
+    origin.route("/n", status=status, cc=cc, extra=extra)
+    for _ in range(3):
+        assert get(proxy, "/n", **req_headers).status_code == status
+    assert origin.hits["/n"] == 3
+    assert proxy.stats()["front_cache"]["entries"] == 0
+
+
+def test_post_not_cached_and_invalidates(proxy, origin):
+    origin.route("/p")
+    get(proxy, "/p")
+    requests.post(proxy.url + "/p", data=b"x")
+    assert origin.hits["/p"] == 2
+    get(proxy, "/p")
+    assert origin.hits["/p"] == 3  # the POST dropped the cached GET
+
+
+def test_max_age_expiry_and_age_header(proxy, origin):
+    origin.route("/e", cc="max-age=2")
+    get(proxy, "/e")
+    time.sleep(1.3)
+    r = get(proxy, "/e")
+    assert origin.hits["/e"] == 1 and int(r.headers["Age"]) >= 1
+    time.sleep(1.5)
+    r = get(proxy, "/e")
+    assert origin.hits["/e"] == 2 and "Age" not in r.headers
+
+
+def test_upstream_age_shortens_freshness(proxy, origin):
+    origin.route("/a2", cc="max-age=60", extra=(b"Age: 30",))
+    get(proxy, "/a2")
+    r = get(proxy, "/a2")
+    assert origin.hits["/a2"] == 1 and r.headers["Age"] == "30"
+
+
+def test_cache_keyed_on_negotiated_encoding_class(proxy, origin):
+    origin.routes["/v"] = (200, [b"Cache-Control: max-age=60", b"Vary: Accept-Encoding"],
+                           lambda head: b"gz" if b"gzip" in head else b"plain")
+    assert get(proxy, "/v", **{"Accept-Encoding": "gzip, deflate"}).content == b"gz"
+    assert get(proxy, "/v", **{"Accept-Encoding": "identity"}).content == b"plain"
+    assert get(proxy, "/v", **{"Accept-Encoding": "deflate,gzip"}).content == b"gz"
+    assert get(proxy, "/v", **{"Accept-Encoding": "identity"}).content == b"plain"
+    assert origin.hits["/v"] == 2
+    r = get(proxy, "/v", **{"Accept-Encoding": "gzip, deflate"})
+    assert r.headers["Vary"] == "Accept-Encoding"  # kept, for caches further down
+
+
+def test_object_larger_than_limit_passes_uncached(origin):
+    p = ProxyThread([origin.port], ProxySettings(front_cache_max_object_bytes=2000))
+    try:
+        origin.route("/big", body=b"b" * 3000)
+        origin.route("/small", body=b"s" * 1000)
+        for _ in range(2):
+            assert len(get(p, "/big").content) == 3000
+            assert len(get(p, "/small").content) == 1000
+        assert origin.hits == {"/big": 2, "/small": 1}
+    finally:
+        p.stop()
+
+
+def test_bytes_bound_holds_through_the_proxy(origin):
+    p = ProxyThread([origin.port], ProxySettings(front_cache_max_bytes=40_000))
+    try:
+        for i in range(60):
+            origin.route(f"/f{i}")
+            get(p, f"/f{i}")
+        fc = p.stats()["front_cache"]
+        assert 0 < fc["entries"] < 60 and fc["bytes"] <= 40_000
+    finally:
+        p.stop()
+
+
+def test_off_switch_and_reload(origin):
+    p = ProxyThread([origin.port], ProxySettings(front_cache_enabled=False))
+    try:
+        origin.route("/o")
+        for _ in range(3):
+            get(p, "/o")
+        assert origin.hits["/o"] == 3 and p.stats()["front_cache"]["enabled"] is False
+        p.update(front_cache_enabled=True)
+        get(p, "/o")
+        get(p, "/o")
+        assert origin.hits["/o"] == 4
+        p.update(front_cache_enabled=False)
+        get(p, "/o")
+        assert origin.hits["/o"] == 5
+    finally:
+        p.stop()
+
+
+def test_cached_responses_honour_client_connection_handling(proxy, origin):
+    origin.route("/k", body=b"k" * 10)
+    get(proxy, "/k")
+    data = raw(proxy.port, b"GET /k HTTP/1.0\r\nConnection: keep-alive\r\n\r\n"
+                           b"GET /k HTTP/1.0\r\nConnection: keep-alive\r\n\r\nGET /k HTTP/1.0\r\n\r\n")
+    responses = parse_responses(data)
+    assert [h.get("connection") for _, h, _ in responses] == ["keep-alive", "keep-alive", "close"]
+    assert all(b == b"k" * 10 for _, _, b in responses)
+    assert origin.hits["/k"] == 1
+
+
+def test_chunked_cacheable_response_stored_with_content_length(proxy, origin):
+    origin.routes["/ch"] = (200, [b"Cache-Control: max-age=60"], (b"abc", b"def", b"g"))
+    r1 = get(proxy, "/ch")
+    assert r1.content == b"abcdefg" and r1.headers["Transfer-Encoding"] == "chunked"
+    r2 = get(proxy, "/ch")
+    assert r2.content == b"abcdefg" and r2.headers["Content-Length"] == "7"
+    assert "Transfer-Encoding" not in r2.headers and origin.hits["/ch"] == 1
+
+
+def test_gunicorn_worker_files_cached_with_validators():
+    w = Worker()
+    p = ProxyThread([w])
+    try:
+        a = requests.get(p.url + "/file/a")
+        b = requests.get(p.url + "/file/a")
+        assert a.headers["X-Count"] == b.headers["X-Count"] and a.content == b.content  # one worker visit
+        c = requests.get(p.url + "/file/a", headers={"If-None-Match": a.headers["ETag"]})
+        assert c.status_code == 304
+        r = requests.get(p.url + "/file/a", headers={"Range": "bytes=0-3"})
+        assert r.status_code == 206 and r.content == bytes(range(4))  # ranges go to the worker
+        assert p.stats()["front_cache"]["hits"] == 2
+    finally:
+        p.stop()
+        w.stop()

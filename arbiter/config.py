@@ -176,7 +176,8 @@ class AddressKind(Kind):
         return Address(host, int(port))
 
     def schema(self):
-        return {"type": "string", "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):[0-9]{1,5}$"}
+        port = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+        return {"type": "string", "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):" + port + "$"}
 
 
 class Directory(Kind):

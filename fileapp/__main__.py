@@ -67,7 +67,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=_number(int, 1), default=None,
                    help="exit within a second when this process dies")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    p.add_argument("--access-log", action="store_true", help="log each request to stderr")
+    p.add_argument("--access-log", action="store_true", help="log each request to stdout (errors go to stderr)")
     return p
 
 

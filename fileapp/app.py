@@ -42,6 +42,7 @@ IMMUTABLE_CACHE_CONTROL = "public, max-age=31536000, immutable"
 SIDECARS = (("br", ".br"), ("gzip", ".gz"))
 STREAM_BLOCK = 64 * 1024
 ALLOW = "GET, HEAD, OPTIONS"
+_QUERY_SAFE = "!#$%&'()*+,-./:;=?@[]~_"
 
 # Stable, modern types whatever /etc/mime.types says; everything else comes from mimetypes.
 _TYPES = {
@@ -184,15 +185,45 @@ class _FileStream:
             self._fd = -1
 
 
-def _iter_stream(stream: _FileStream) -> Iterator[bytes]:
-    try:
+class _StreamBody:
+    """Iterates a _FileStream in blocks; close() frees the descriptor even if never iterated."""
+
+    def __init__(self, stream: _FileStream) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
         while True:
-            block = stream.read(STREAM_BLOCK)
+            block = self._stream.read(STREAM_BLOCK)
             if not block:
                 return
             yield block
-    finally:
-        stream.close()
+
+    def close(self) -> None:
+        self._stream.close()
+
+
+class _MultipartBody:
+    """multipart/byteranges parts read with pread from an open descriptor; close() frees it."""
+
+    def __init__(self, fd: int, heads: list[bytes], ranges: tuple[tuple[int, int], ...],
+                 tail: bytes) -> None:
+        self._fd, self._heads, self._ranges, self._tail = fd, heads, ranges, tail
+
+    def __iter__(self) -> Iterator[bytes]:
+        for part_head, (start, stop) in zip(self._heads, self._ranges):
+            yield part_head
+            while start < stop:
+                block = os.pread(self._fd, min(STREAM_BLOCK, stop - start), start)
+                if not block:  # truncated under us: Content-Length can no longer hold
+                    raise OSError("file shrank while being sent")
+                start += len(block)
+                yield block
+        yield self._tail
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 class FileApp:
@@ -357,23 +388,7 @@ class FileApp:
                 parts += (part_head, body[start:stop])
             parts.append(tail)
             return [b"".join(parts)]
-        return self._multipart_stream(fd, heads, ranges, tail)
-
-    @staticmethod
-    def _multipart_stream(fd: int, heads: list[bytes], ranges: tuple[tuple[int, int], ...],
-                          tail: bytes) -> Iterator[bytes]:
-        try:
-            for part_head, (start, stop) in zip(heads, ranges):
-                yield part_head
-                while start < stop:
-                    block = os.pread(fd, min(STREAM_BLOCK, stop - start), start)
-                    if not block:  # truncated under us: Content-Length can no longer hold
-                        raise OSError("file shrank while being sent")
-                    start += len(block)
-                    yield block
-            yield tail
-        finally:
-            os.close(fd)
+        return _MultipartBody(fd, heads, ranges, tail)
 
     @staticmethod
     def _file_body(environ: dict, fd: int, start: int, stop: int) -> Iterable[bytes]:
@@ -381,7 +396,7 @@ class FileApp:
         wrapper = environ.get("wsgi.file_wrapper")
         if wrapper is not None:
             return wrapper(stream, STREAM_BLOCK)
-        return _iter_stream(stream)
+        return _StreamBody(stream)
 
     def _serve_stream(self, environ: dict, start_response: Callable, path: str, rep: Rep,
                       entry: Entry) -> Iterable[bytes]:
@@ -441,10 +456,11 @@ class FileApp:
         # and can never be read as a scheme ("http:") or a network path ("//host").
         full = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         name = full.rsplit("/", 1)[-1].encode("latin-1")
-        location = "./" + quote(name, safe="") + "/"
+        location = "./" + quote(name, safe="") + "/" if name else "/"
         query = environ.get("QUERY_STRING")
         if query:
-            location += "?" + query
+            # Keep the client's encoding, but never let a raw control or 8-bit byte through.
+            location += "?" + quote(query.encode("latin-1", "replace"), safe=_QUERY_SAFE)
         text = b"301 Moved Permanently\n"
         start_response("301 Moved Permanently", [
             ("Location", location), ("Content-Type", "text/plain; charset=utf-8"),
@@ -493,32 +509,35 @@ class FileApp:
         ctype = content_type(name)
         cache_control = (IMMUTABLE_CACHE_CONTROL if self.immutable is not None
                          and self.immutable.search(name) else self.cache_control)
-        encoded = {}
+        sidecars = {}
         for coding, sidecar in encoded_parts.items():
             rep = self._load_rep(sidecar, ctype, coding, cache_control, True)
             if rep is not None:
-                encoded[coding] = rep
-        identity = self._load_rep(parts, ctype, None, cache_control, bool(encoded))
+                sidecars[coding] = rep
+        identity = self._load_rep(parts, ctype, None, cache_control, bool(sidecars))
         if identity is None:
             return None
+        # A sidecar older than its original was not made from it: stale, never served.
+        encoded = {c: r for c, r in sidecars.items() if r.mtime_ns >= identity.mtime_ns}
         return Entry(identity, encoded)
 
     def _load_rep(self, parts: list[str], ctype: str, encoding: str | None,
                   cache_control: str, vary: bool) -> Rep | None:
-        opened = self.resolver.open(parts)
-        if opened is None:
-            return None
-        try:
-            if not stat.S_ISREG(opened.st.st_mode):
+        for _ in range(3):  # a file truncated while being read is read again
+            opened = self.resolver.open(parts)
+            if opened is None:
                 return None
-            body = None
-            if opened.st.st_size <= self.cache_max_file_size and self.cache.enabled:
-                body = _read_exactly(opened.fd, opened.st.st_size)
-                if body is None:
+            try:
+                if not stat.S_ISREG(opened.st.st_mode):
                     return None
-            return Rep(opened.path, opened.st, body, ctype, encoding, cache_control, vary)
-        finally:
-            os.close(opened.fd)
+                if opened.st.st_size > self.cache_max_file_size or not self.cache.enabled:
+                    return Rep(opened.path, opened.st, None, ctype, encoding, cache_control, vary)
+                body = _read_exactly(opened.fd, opened.st.st_size)
+                if body is not None:
+                    return Rep(opened.path, opened.st, body, ctype, encoding, cache_control, vary)
+            finally:
+                os.close(opened.fd)
+        return None
 
     def _listing(self, environ: dict, path: str):
         parts = split_url_path(path)
@@ -552,7 +571,11 @@ class FileApp:
 
 
 def _read_exactly(fd: int, size: int) -> bytes | None:
-    """Read `size` bytes from an open file, or None when it changed size meanwhile."""
+    """The first `size` bytes of an open file (its fstat size), or None if it is now shorter.
+
+    Bytes appended meanwhile are left out, so the body always matches the fstat-derived
+    Content-Length and ETag, as sendfile with that count would.
+    """
     chunks, left = [], size
     while left > 0:
         block = os.read(fd, left)
@@ -560,6 +583,4 @@ def _read_exactly(fd: int, size: int) -> bytes | None:
             return None
         chunks.append(block)
         left -= len(block)
-    if os.read(fd, 1):
-        return None
     return b"".join(chunks)

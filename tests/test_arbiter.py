@@ -139,10 +139,10 @@ def test_stopped_worker_is_replaced_after_fall_checks(masters, tmp_path, site):
     try:
         log = m.wait_log(rf"worker 127\.0\.0\.1:{ports[0]} \(pid {before[ports[0]]}\) failed 3 health checks", timeout=30)
         assert f"worker 127.0.0.1:{ports[0]} is down (3 checks failed: no answer within 1s)" in log
+        wait_gone([before[ports[0]]], timeout=20)  # the stopped one was continued, told to TERM, gone
         after = m.wait_workers(ports)
         assert after[ports[0]] != before[ports[0]]
         m.wait_log(rf"worker 127\.0\.0\.1:{ports[0]} is up", count=2)
-        wait_gone([before[ports[0]]], timeout=20)  # the stopped one was continued, told to TERM, gone
     finally:
         if pid_alive(before[ports[0]]):
             os.kill(before[ports[0]], signal.SIGCONT)
@@ -184,17 +184,17 @@ def test_hup_with_changed_worker_count_converges_without_a_failed_request(master
         m.signal(signal.SIGHUP)
         m.wait_log(r"reload done: 3 local workers \(1 added, 2 replaced, 0 failed", timeout=60)
         time.sleep(0.2)
+    wait_gone(first.values())  # the old incarnations drained and exited
     second = m.wait_workers(ports)
     assert all(second[p] != first[p] for p in ports[:2]), "kept workers are replaced with the new settings"
     assert hammer.results and hammer.failed() == []
-    wait_gone(first.values())
 
     del config["workers"][1:]
     m.write_config(config)
     m.signal(signal.SIGHUP)
     m.wait_log(r"reload done: 1 local workers \(0 added, 1 replaced, 0 failed to reload, 2 stopped\)", timeout=60)
+    wait_gone(second.values())
     third = m.wait_workers(ports[:1])
-    wait_gone([second[ports[1]], second[ports[2]]])
     for port in ports[1:]:
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=5).close()

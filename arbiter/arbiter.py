@@ -76,6 +76,7 @@ class Arbiter:
         here, with (self.public, self.table, ProxySettings(**self.config.proxy_settings)); it is
         stopped in _stop_front. Until it is wired in, the socket is bound and held, and clients'
         connections wait in its backlog."""
+        log.info("public listener %s is bound and held", self.config.listen)
 
     async def _stop_front(self, graceful: bool) -> None:
         """Stop accepting on the public listener and, when graceful, let in-flight requests finish."""

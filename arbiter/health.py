@@ -79,13 +79,16 @@ class HealthChecker:
             event.set()
 
     def hold(self, worker: WorkerState) -> None:
+        """Stop recording checks of `worker` until release() (its owner probes it itself)."""
         self._held.add(worker)
 
     def release(self, worker: WorkerState) -> None:
+        """Resume checking `worker`, starting now."""
         self._held.discard(worker)
         self.kick(worker)
 
     async def close(self) -> None:
+        """Stop every checking task."""
         tasks = list(self._tasks.values())
         self._tasks.clear()
         for task in tasks:

@@ -168,6 +168,7 @@ class LocalWorker:
 
     # -- requests from the arbiter ---------------------------------------------------------
     def start(self) -> None:
+        """Run the slot's loop as a task on the current loop."""
         self.task = asyncio.get_running_loop().create_task(self.run(), name=f"worker {self.state.address}")
 
     def notify(self) -> None:
@@ -201,6 +202,7 @@ class LocalWorker:
         return await future
 
     def close(self) -> None:
+        """Close the port's listening socket, once the slot's processes are gone."""
         self.sock.close()
 
     # -- the slot's loop -------------------------------------------------------------------

@@ -22,7 +22,7 @@ async def probe(host: str, port: int, path: str, timeout: float) -> str | None:
     try:
         return await asyncio.wait_for(_probe(host, port, path), timeout)
     except asyncio.TimeoutError:
-        return f"no answer within {timeout:g}s"
+        return f"no answer within {timeout:.3g}s"
     except OSError as e:
         return e.strerror or str(e) or type(e).__name__
 

@@ -4,11 +4,14 @@ whole life and the processes ("incarnations") that serve it: spawn, watch, repla
 Workers are exec'd (`python -m fileapp --fd N`), never forked from the master: a forked child
 would inherit the uvloop loop, the proxy's sockets and connections and any threads, none of which
 a worker must touch. Exec gives a clean process that also picks up new code on every (re)start.
+
+A worker never outlives the master: it gets `--parent-pid` and arms PR_SET_PDEATHSIG, a pidfd
+and a periodic check itself. There is deliberately no preexec_fn here: the spawn blocks the
+loop until the child has exec'd, and Python code run between fork and exec would widen that.
 """
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import logging
 import math
 import os
@@ -25,7 +28,6 @@ from .logs import LogSink
 from .state import WorkerState, WorkerTable
 
 log = logging.getLogger("gows.workers")
-PR_SET_PDEATHSIG = 1
 FAST_STOP_TIMEOUT = 5.0  # seconds a worker told to quit at once gets before SIGKILL
 RELOAD_PROBE_SPACING = 0.1  # seconds between the probes that prove a reloaded worker healthy
 
@@ -72,26 +74,6 @@ def worker_argv(o: WorkerOptions, fd: int, host: str, port: int) -> list[str]:
             "--graceful-timeout", repr(o.graceful_timeout), "--parent-pid", str(os.getpid()),
             "--log-level", o.log_level]
     return argv + ["--access-log"] if o.access_log else argv
-
-
-def _die_with_master(master_pid: int):
-    """preexec_fn: SIGKILL this child when the master dies, until the worker arms its own watch.
-
-    The worker re-arms PR_SET_PDEATHSIG itself and watches --parent-pid; this covers the window
-    before its imports finish. If the master is already gone, the child must not exec at all.
-    """
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        prctl = None
-
-    def preexec() -> None:
-        if prctl is not None:
-            prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-        if os.getppid() != master_pid:
-            os._exit(1)
-
-    return preexec
 
 
 def _settle(future: asyncio.Future, value: object) -> None:
@@ -284,7 +266,6 @@ class LocalWorker:
             *worker_argv(options, fd, self.state.host, self.state.port),
             pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=stdout,
             stderr=subprocess.STDOUT if stdout is not None else None,
-            preexec_fn=_die_with_master(os.getpid()),
         )
         inc = Incarnation(proc)
         self._live.add(inc)

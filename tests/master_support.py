@@ -91,8 +91,11 @@ class Master:
         return len(re.findall(pattern, self.log()))
 
     def wait_log(self, pattern: str, count: int = 1, timeout: float = 20.0) -> str:
-        wait_until(lambda: self.count(pattern) >= count, timeout=timeout,
-                   message=f"{count} x {pattern!r} in the master's log:\n{self.log()[-3000:]}")
+        try:
+            wait_until(lambda: self.count(pattern) >= count, timeout=timeout)
+        except TimeoutError:
+            raise TimeoutError(f"{count} x {pattern!r} not in the master's log after {timeout}s:\n"
+                               f"{self.log()[-3000:]}") from None
         return self.log()
 
     def workers(self) -> dict[int, int]:
@@ -112,8 +115,10 @@ class Master:
             if sorted(found) != sorted(ports):
                 return None
             return found if all(health(p) == 200 for p in ports) else None
-        return wait_until(ready, timeout=timeout, interval=0.1,
-                          message=f"workers on {ports} (log:\n{self.log()[-3000:]})")
+        try:
+            return wait_until(ready, timeout=timeout, interval=0.1)
+        except TimeoutError:
+            raise TimeoutError(f"workers on {ports} not ready after {timeout}s; log:\n{self.log()[-3000:]}") from None
 
     def stop(self) -> None:
         self.workers()

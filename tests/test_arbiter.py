@@ -280,3 +280,39 @@ def test_usr1_reopens_the_log_file_for_master_and_workers(masters, tmp_path, sit
     wait_until(lambda: f"fileapp worker {new_pid} serving" in logfile.read_text(), timeout=20)
     text = logfile.read_text()
     assert "was killed by SIGKILL" in text and "was killed by SIGKILL" not in (tmp_path / "gows.log.1").read_text()
+
+
+def test_boot_timeout_kills_and_retries_a_worker_then_hup_fixes_it(masters, tmp_path, site):
+    ports = [free_port()]
+    config = base_config(site, free_port(), ports)
+    config["healthCheck"]["bootTimeout"] = 0.05  # no worker can answer this soon after exec
+    m = start(masters, tmp_path, config)
+    log = m.wait_log(r"restarting it in 0\.40s", timeout=60)
+    assert log.count(f"worker 127.0.0.1:{ports[0]} is up") == 0
+    assert len(re.findall(rf"worker 127\.0\.0\.1:{ports[0]} \(pid \d+\) did not become healthy within 0\.05s", log)) >= 3
+    config["healthCheck"]["bootTimeout"] = 15
+    m.write_config(config)
+    m.signal(signal.SIGHUP)
+    m.wait_log(rf"worker 127\.0\.0\.1:{ports[0]} is up", timeout=60)
+    m.wait_workers(ports)
+
+
+def test_hup_whose_new_worker_fails_keeps_the_old_one_serving(masters, tmp_path, site):
+    ports = [free_port()]
+    config = base_config(site, free_port(), ports)
+    config["healthCheck"]["bootTimeout"] = 2
+    m = start(masters, tmp_path, config)
+    before = m.wait_workers(ports)
+    m.wait_log("is up")
+    with Hammer(ports[0]) as hammer:
+        m.signal(signal.SIGHUP)  # same config: HUP still replaces every worker (new code, new settings)
+        # The new incarnation hangs: stopped after its exec, before it can answer a single probe.
+        new = wait_until(lambda: [p for p in children(m.pid) if p != before[ports[0]]
+                                  and title(p) not in ("", "gows: master")], interval=0.005)[0]
+        os.kill(new, signal.SIGSTOP)
+        m.wait_log(rf"reload of worker 127\.0\.0\.1:{ports[0]} failed: the new process did not become healthy "
+                   rf"within 2s \(no answer within [\d.]+s\); pid {before[ports[0]]} keeps serving", timeout=60)
+        assert health(ports[0]) == 200 and m.workers() == before
+    wait_gone([new])  # told to quit (and continued) by the master
+    assert hammer.results and hammer.failed() == []
+    assert "reload done: 1 local workers (0 added, 0 replaced, 1 failed to reload, 0 stopped)" in m.log()

@@ -38,3 +38,18 @@ def test_exit_descriptions():
     assert describe_exit(0) == "exited with status 0"
     assert describe_exit(2) == "exited with status 2"
     assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
+
+
+def test_handover_keeps_a_reloaded_worker_up_without_a_transition():
+    from arbiter.state import WorkerState, WorkerTable
+    table = WorkerTable(rise=1)
+    worker = table.add(WorkerState("127.0.0.1", 9001))
+    events = []
+    table.subscribe(lambda w, up: events.append(up))
+    table.spawned(worker, 100)
+    table.record_check(worker, True, 0.001)
+    table.record_passive_failure(worker, "reset")
+    generation = table.generation
+    table.handover(worker, 200)
+    assert worker.up and worker.pid == 200 and worker.passive_failure_times == []
+    assert events == [True] and table.generation == generation and table.healthy == (worker,)

@@ -86,6 +86,7 @@ def assert_usage_error(result: subprocess.CompletedProcess, needle: str) -> None
     (["--root", "{root}", "--threads", "many"], "--threads"),
     (["--root", "{root}", "--cache-ttl", "-1"], "--cache-ttl"),
     (["--root", "{root}", "--cache-ttl", "nan"], "--cache-ttl"),
+    (["--root", "{root}", "--graceful-timeout", "inf"], "--graceful-timeout"),
     (["--root", "{root}", "--cache-max-bytes", "1.5"], "--cache-max-bytes"),
     (["--root", "{root}", "--cache-max-file-size", "-5"], "--cache-max-file-size"),
     (["--root", "{root}", "--graceful-timeout", "soon"], "--graceful-timeout"),
@@ -337,3 +338,16 @@ def test_parent_pid_that_is_not_the_direct_parent(root):
     finally:
         stop_process(watched)
         stop_process(proc)
+
+
+def test_sigterm_right_after_start_still_exits_0(root):
+    """However early the stop request lands (before or after the worker is up), exit is clean."""
+    for delay in (0.0, 0.2):
+        proc, port = start(root)
+        try:
+            wait_for_port(port, timeout=20)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0
+        finally:
+            stop_process(proc)

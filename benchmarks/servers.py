@@ -103,12 +103,10 @@ def free_port_range(count: int, low: int = 20000, high: int = 32000) -> int:
     raise ServerError(f"no {count} consecutive free ports between {low} and {high}")
 
 
-def apache_env(workdir: Path) -> dict[str, str]:
-    """Debian's /etc/apache2/envvars values, with the runtime, lock and log dirs moved to `workdir`."""
+def apache_env(envvars: str, workdir: Path) -> dict[str, str]:
+    """Debian's envvars (its run user and group), with the runtime, lock and log dirs moved to `workdir`."""
     env = dict(os.environ)
-    envvars = APACHE_ROOT / "envvars"
-    if envvars.exists():
-        env.update(re.findall(r"^export (APACHE_RUN_(?:USER|GROUP))=(\S+)", envvars.read_text(), re.M))
+    env.update(re.findall(r"^export (APACHE_RUN_(?:USER|GROUP))=(\S+)", envvars, re.M))
     for key in ("APACHE_RUN_DIR", "APACHE_LOCK_DIR", "APACHE_LOG_DIR"):
         env[key] = str(workdir)
     env["APACHE_PID_FILE"] = str(workdir / "apache2.pid")
@@ -116,9 +114,8 @@ def apache_env(workdir: Path) -> dict[str, str]:
     return env
 
 
-def apache_config(root: Path, port: int) -> str:
+def apache_config(stock: str, root: Path, port: int) -> str:
     """Debian's apache2.conf as shipped (its mods-enabled and conf-enabled), with one site on our port."""
-    stock = (APACHE_ROOT / "apache2.conf").read_text()
     # Replace the stock Listen ports and sites with our own single site.
     stock = re.sub(r"^\s*(Include ports\.conf|IncludeOptional sites-enabled/.*)$", "", stock, flags=re.M)
     return stock + f"""
@@ -193,9 +190,10 @@ def command(spec: ServerSpec, root: Path, port: int, workdir: Path) -> tuple[lis
     """The argv and environment that run `spec` in the foreground, with its files written to `workdir`."""
     if spec.kind == "apache":
         conf = workdir / "apache2.conf"
-        conf.write_text(apache_config(root, port))
+        conf.write_text(apache_config((APACHE_ROOT / "apache2.conf").read_text(), root, port))
+        envvars = APACHE_ROOT / "envvars"
         argv = [which("apache2") or "apache2", "-d", str(APACHE_ROOT), "-f", str(conf), "-DFOREGROUND"]
-        return argv, apache_env(workdir)
+        return argv, apache_env(envvars.read_text() if envvars.exists() else "", workdir)
     if spec.kind == "nginx":
         conf = workdir / "nginx.conf"
         conf.write_text(nginx_config(root, port, workdir))

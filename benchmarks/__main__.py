@@ -76,7 +76,7 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path) -> tuple
     progress(f"{spec.label}: starting")
     try:
         with serve(spec, docroot, workdir) as server:
-            progress(f"{spec.label}: ready on port {server.port} after {time.monotonic() - started:.1f}s")
+            progress(f"{spec.label}: ready and idle on port {server.port} after {time.monotonic() - started:.1f}s")
             for name, _, label in FILES:  # warm-up, not counted: caches, worker pools, lazy imports
                 loads.ab(server.url(name), min(1000, plan.ab_requests), 50)
             for name, _, label in FILES:
@@ -133,6 +133,7 @@ def notes(plan: Plan, load_before: float) -> list[str]:
         "errors, which include connections the server closes at its keep-alive limit (Apache: 100 requests)",
         "each server warmed up with ab -n 1000 -c 50 on each file before measuring; Python peers run "
         "gunicorn -k gthread with the listed workers",
+        "Apache and nginx run with Debian's default configuration, access logs included",
         "ratios are requests/s over the baseline's on the same file and tool (whitenoise: same worker count)",
     ]
 
@@ -231,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nothing to measure: --only {','.join(args.only)} matches no server of the {plan.suite} suite",
               file=sys.stderr)
         return 2
+    outside = sorted(set(args.only or []) - {s.kind for s in plan.specs})
+    if outside:
+        progress(f"--only: {', '.join(outside)} not part of the {plan.suite} suite, ignored")
     # TERM (e.g. from a CI timeout) stops the servers and writes results like Ctrl-C does.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:

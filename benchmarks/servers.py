@@ -241,6 +241,35 @@ def wait_ready(running: Running, timeout: float) -> None:
     raise ServerError(f"{running.spec.label} not ready after {timeout:.0f}s ({last}):\n{log_tail(running.log_path)}")
 
 
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) used so far by the live processes of process group `pgid`."""
+    ticks = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after "(comm)": state, ppid, pgrp, ..., utime (12), stime (13)
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def settle(running: Running, timeout: float, idle_share: float = 0.1) -> None:
+    """Wait until the server's processes use under `idle_share` of a core, so booting workers
+    (gows with 100 workers, gunicorn importing apps) do not compete with the measurement."""
+    deadline = time.monotonic() + timeout
+    before = group_cpu_seconds(running.proc.pid)
+    while time.monotonic() < deadline and running.proc.poll() is None:
+        time.sleep(1.0)
+        now = group_cpu_seconds(running.proc.pid)
+        if now - before < idle_share:
+            return
+        before = now
+
+
 def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
     """TERM the server by pid, KILL it if it lingers, then KILL any child left in the group it leads."""
     if proc.poll() is None:
@@ -272,6 +301,7 @@ def serve(spec: ServerSpec, root: Path, workdir: Path) -> Iterator[Running]:
     running = Running(spec, port, proc, log_path)
     try:
         wait_ready(running, spec.boot_timeout)
+        settle(running, spec.boot_timeout)
         yield running
     finally:
         stop(proc, grace=30.0 + (spec.workers or 0) * 0.5)

@@ -68,10 +68,10 @@ def build_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path) -> tuple[list[Row], list[float]]:
-    """All loads on one server; returns its rows and the per-request times of its median ab 1 KiB run."""
-    rows: list[Row] = []
-    times: list[float] = []
+def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
+            rows: list[Row], series: dict[str, list[float]]) -> None:
+    """All loads on one server, appended to `rows` as they finish (so an interrupt keeps them); the
+    per-request times of its median ab 1 KiB run go to `series` for the chart."""
     started = time.monotonic()
     progress(f"{spec.label}: starting")
     try:
@@ -90,7 +90,7 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path) -> tuple
                 median = loads.median_run([m for m, _ in runs])
                 rows.append(Row(spec, label, "ab", median, [m.rps for m, _ in runs]))
                 if name == FILES[0][0]:
-                    times = loads.read_gnuplot(next(t for m, t in runs if m is median))
+                    series[spec.label] = loads.read_gnuplot(next(t for m, t in runs if m is median))
             for name, _, label in FILES:
                 if label in plan.wrk_files:
                     m = loads.wrk(server.url(name), plan.wrk_connections, plan.wrk_seconds)
@@ -99,13 +99,12 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path) -> tuple
                     rows.append(Row(spec, label, "wrk", m))
     except (ServerError, LoadError) as exc:
         progress(f"{spec.label}: FAILED: {exc}")
-        done = {(r.file, r.tool) for r in rows}
+        done = {(r.file, r.tool) for r in rows if r.spec == spec}
         for _, _, label in FILES:
             for tool in ("ab", "wrk"):
                 if (label, tool) not in done and (tool == "ab" or label in plan.wrk_files):
                     rows.append(Row(spec, label, tool, error=str(exc)))
     progress(f"{spec.label}: stopped")
-    return rows, times
 
 
 def version(argv: list[str]) -> str:
@@ -157,10 +156,7 @@ def run(plan: Plan, keep: bool) -> int:
         docroot = prereqs.make_docroot(base)
         for i, spec in enumerate(plan.specs, 1):
             progress(f"[{i}/{len(plan.specs)}] {spec.label}")
-            spec_rows, times = measure(spec, plan, docroot, base / f"{i:02d}-{spec.kind}")
-            rows += spec_rows
-            if times:
-                series[spec.label] = times
+            measure(spec, plan, docroot, base / f"{i:02d}-{spec.kind}", rows, series)
     except KeyboardInterrupt:
         interrupted = True
         progress("interrupted: servers stopped, writing what was measured")

@@ -1,1 +1,44 @@
-"""fileapp: an embeddable WSGI app that serves a directory."""
+"""fileapp: an embeddable WSGI app that serves a directory, fast, with a TTL cache.
+
+Cache policy (defaults): a response for a path is prepared once (header list, ETag, and for
+files up to `cache_max_file_size` = 256 KiB the body bytes) and kept `cache_ttl` = 1 s in a
+TTLCache bounded to `cache_max_bytes` = 64 MiB. While the entry lives, a hit does no filesystem
+work at all; so a changed or deleted file is served stale for at most `cache_ttl` seconds. When
+the entry expires, the next request resolves and opens the file again (symlink- and TOCTOU-safe)
+and prepares a new entry from the open descriptor's fstat. Larger files are streamed from disk
+(`wsgi.file_wrapper`, so gunicorn can sendfile); each such request reopens the file and checks
+its (device, inode, size, mtime_ns) against the entry, so their Content-Length and ETag always
+describe the bytes actually sent. `cache_ttl=0` or `cache_max_bytes=0` turns caching off.
+
+Health: a request whose PATH_INFO equals `health_path` (default `/healthcheck`) is answered by
+the health check *before* any file lookup, so it takes precedence over a file of the same name
+under the root (a warning is logged at start when such a file exists). Pass `health_path=None`
+to serve that file instead, or pick another path.
+"""
+from __future__ import annotations
+
+from .app import DEFAULT_IMMUTABLE_PATTERN, FileApp, Health
+
+__all__ = ["create_app", "FileApp", "Health", "DEFAULT_IMMUTABLE_PATTERN"]
+
+
+def create_app(root: str, **options) -> FileApp:
+    """A WSGI callable serving the files under `root`.
+
+    Options (keyword only):
+      app: a WSGI app to fall through to when no file matches (404, directory without index,
+           methods other than GET/HEAD), making fileapp a middleware.
+      prefix: URL prefix the files are served under, e.g. "/static" (default: the whole URL space).
+      index_names: file names served for a directory URL ending in "/" (default ("index.html",)).
+      listing: HTML directory listings when there is no index file (default False).
+      health_path: path of the health endpoint, or None for none (default "/healthcheck").
+      cache_ttl, cache_max_bytes, cache_max_file_size: see the module docstring.
+      max_age: Cache-Control max-age in seconds for ordinary files (default 60).
+      immutable_pattern: regex (str or compiled) searched in a file's name; a match marks a
+           content-hashed name served with "public, max-age=31536000, immutable"
+           (default DEFAULT_IMMUTABLE_PATTERN, e.g. app.3f2a9c1b.js); None disables it.
+
+    The returned FileApp also exposes `health` (set `health.draining = True` to fail health
+    checks while shutting down) and `cache` (`cache.stats()` gives hit/miss/evict counters).
+    """
+    return FileApp(root, **options)

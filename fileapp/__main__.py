@@ -1,0 +1,158 @@
+"""`python -m fileapp --root DIR --port N`: one standalone fileapp worker under gunicorn gthread.
+
+Bad arguments print one line on stderr and exit with status 2, never a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import socket
+import stat
+import sys
+from typing import NoReturn, Sequence
+
+USAGE_ERROR = 2
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its environment, reported as one line with status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line, not the usage block
+        raise UsageError(message)
+
+
+def _number(kind: type, minimum: float, maximum: float | None = None):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
+        if value != value or value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise argparse.ArgumentTypeError(f"{text!r} must be {bound}")
+        return value
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _url_path(text: str) -> str:
+    if not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{text!r} must start with '/'")
+    return text
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m fileapp",
+                description="Serve a directory with fileapp under gunicorn's threaded worker.")
+    p.add_argument("--root", required=True, help="document root directory")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=_number(int, 0, 65535), default=8000,
+                   help="TCP port (default 8000)")
+    p.add_argument("--fd", type=_number(int, 0), default=None,
+                   help="serve on this inherited listening socket instead of binding")
+    p.add_argument("--threads", type=_number(int, 1, 1024), default=4)
+    p.add_argument("--health-path", type=_url_path, default="/healthcheck")
+    p.add_argument("--cache-ttl", type=_number(float, 0), default=1.0,
+                   help="seconds a cached response is trusted without touching the disk")
+    p.add_argument("--cache-max-bytes", type=_number(int, 0), default=64 * 1024 * 1024)
+    p.add_argument("--cache-max-file-size", type=_number(int, 0), default=256 * 1024,
+                   help="files larger than this are streamed from disk (sendfile)")
+    p.add_argument("--graceful-timeout", type=_number(float, 0), default=30.0)
+    p.add_argument("--keepalive", type=_number(int, 0), default=5,
+                   help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--parent-pid", type=_number(int, 1), default=None,
+                   help="exit within a second when this process dies")
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    p.add_argument("--access-log", action="store_true", help="log each request to stderr")
+    return p
+
+
+def _check_root(root: str) -> str:
+    try:
+        st = os.stat(root)
+    except FileNotFoundError:
+        raise UsageError(f"root directory does not exist: {root}") from None
+    except OSError as e:
+        raise UsageError(f"root directory {root}: {e.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"root is not a directory: {root}")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise UsageError(f"root directory is not readable: {root}")
+    return root
+
+
+def _inherited_listener(fd: int) -> socket.socket:
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            raise UsageError(f"--fd {fd} is not a socket")
+        sock = socket.socket(fileno=fd)
+    except OSError as e:
+        raise UsageError(f"--fd {fd}: {e.strerror or e}") from None
+    try:
+        listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+    except OSError:
+        listening = 0
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM \
+            or not listening:
+        sock.detach()
+        raise UsageError(f"--fd {fd} is not a listening TCP socket")
+    return sock
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise UsageError(f"cannot resolve --host {host}: {e.strerror}") from None
+    family, _, _, _, address = infos[0]
+    try:
+        return socket.create_server(address, family=family, backlog=2048)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise UsageError(f"port {port} on {host} is in use") from None
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, set up the listener and app, and run the worker."""
+    try:
+        args = make_parser().parse_args(argv)
+        root = _check_root(args.root)
+        from . import create_app  # after the cheap checks: a usage error stays instant
+        app = create_app(
+            root, health_path=args.health_path, cache_ttl=args.cache_ttl,
+            cache_max_bytes=args.cache_max_bytes, cache_max_file_size=args.cache_max_file_size,
+        )
+        listener = _inherited_listener(args.fd) if args.fd is not None else _bind(
+            args.host, args.port)
+        if args.parent_pid is not None:
+            from .worker import _pid_alive
+            if not _pid_alive(args.parent_pid):
+                raise UsageError(f"--parent-pid {args.parent_pid}: no such process")
+    except UsageError as e:
+        print(f"fileapp: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    title = f"gows: worker :{args.port}"
+    try:
+        import setproctitle
+        setproctitle.setproctitle(title)
+    except ImportError:
+        pass
+    from .worker import serve
+    return serve(listener, app, {
+        "threads": args.threads, "graceful_timeout": args.graceful_timeout,
+        "keepalive": args.keepalive, "log_level": args.log_level,
+        "access_log": args.access_log, "parent_pid": args.parent_pid, "title": title,
+    })
+
+
+if __name__ == "__main__":
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Worker threads still blocked on a client past the graceful timeout must not hold us up.
+    os._exit(code)

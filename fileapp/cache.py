@@ -1,0 +1,91 @@
+"""A thread-safe TTL cache of prepared responses, bounded in bytes, with hit/miss/evict counters.
+
+Entries live `ttl` seconds (cachetools.TTLCache); while one lives, serving it touches no file.
+The byte bound counts each entry's body bytes plus a fixed overhead for its headers; the least
+recently used entries are evicted first when it is exceeded.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, Callable, Hashable
+
+from cachetools import TTLCache
+
+
+class _CountingTTLCache(TTLCache):
+    """TTLCache that counts what it drops: evictions (size pressure) and expirations (age)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.evictions = 0
+        self.expirations = 0
+
+    def popitem(self) -> tuple[Hashable, Any]:
+        item = super().popitem()
+        self.evictions += 1
+        return item
+
+    def expire(self, time: float | None = None) -> list[tuple[Hashable, Any]]:
+        expired = super().expire(time)
+        self.expirations += len(expired)
+        return expired
+
+
+class ResponseCache:
+    """Maps a request path to a prepared entry; entries report their size via `nbytes`."""
+
+    def __init__(self, ttl: float, max_bytes: int, timer: Callable[[], float] = time.monotonic):
+        self.ttl = ttl
+        self.max_bytes = max_bytes
+        self.enabled = ttl > 0 and max_bytes > 0
+        self._lock = threading.Lock()
+        self._data = _CountingTTLCache(
+            maxsize=max(max_bytes, 1), ttl=max(ttl, 1e-9), timer=timer,
+            getsizeof=lambda entry: entry.nbytes,
+        )
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key: str) -> Any:
+        """The live entry for `key`, or None (counted as a miss)."""
+        with self._lock:
+            entry = self._data.get(key)
+            if entry is None:
+                self.misses += 1
+            else:
+                self.hits += 1
+            return entry
+
+    def put(self, key: str, entry: Any) -> None:
+        """Store `entry` unless caching is off or it alone exceeds the byte bound."""
+        if not self.enabled or entry.nbytes > self.max_bytes:
+            return
+        with self._lock:
+            self._data[key] = entry
+
+    def discard(self, key: str) -> None:
+        """Forget `key` (a file found changed on disk)."""
+        with self._lock:
+            self._data.pop(key, None)
+
+    def clear(self) -> None:
+        """Forget everything."""
+        with self._lock:
+            evictions = self._data.evictions  # clear() pops items; they are not evictions
+            self._data.clear()
+            self._data.evictions = evictions
+
+    def stats(self) -> dict[str, int]:
+        """Counters and current size, for metrics and tests."""
+        with self._lock:
+            self._data.expire()
+            return {
+                "hits": self.hits,
+                "misses": self.misses,
+                "evictions": self._data.evictions,
+                "expirations": self._data.expirations,
+                "entries": len(self._data),
+                "bytes": int(self._data.currsize),
+                "max_bytes": self.max_bytes,
+            }

@@ -1,0 +1,139 @@
+"""Safe path resolution under a document root: URL path to an open, verified file descriptor.
+
+Nothing outside the root is ever opened: the URL path is split without decoding it again,
+dot segments are refused, symlinks are resolved and must stay inside the root, and the file is
+then opened component by component relative to directory descriptors with O_NOFOLLOW, so a
+path swapped for a symlink between the check and the open makes the open fail instead of escape.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass
+
+# Names starting with a dot are hidden; `.well-known` (RFC 8615) is the one public exception.
+PUBLIC_DOT_NAMES = frozenset({".well-known"})
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO swapped in after the lstat must not block a thread on open.
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def split_url_path(path_info: str) -> list[str] | None:
+    """The path segments of a WSGI PATH_INFO, or None when the path is unacceptable.
+
+    PATH_INFO is already percent-decoded once by the server (as latin-1); it is decoded as
+    UTF-8 here and never percent-decoded again, so `%252e` stays the literal name `%2e`.
+    Refused: invalid UTF-8 (overlong forms included), NUL, backslashes, `..`, hidden names.
+    """
+    try:
+        path = path_info.encode("latin-1").decode("utf-8")
+    except UnicodeError:
+        return None
+    if "\x00" in path or "\\" in path:
+        return None
+    parts = []
+    for part in path.split("/"):
+        if not part or part == ".":
+            continue
+        if part[0] == "." and part not in PUBLIC_DOT_NAMES:
+            return None
+        parts.append(part)
+    return parts
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A file or directory opened beneath the root: its descriptor, fstat result and real path."""
+
+    fd: int
+    st: os.stat_result
+    path: str
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.st.st_mode)
+
+
+class Resolver:
+    """Maps URL path segments to descriptors of regular files or directories inside `root`."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.realpath(root)
+        self._prefix = self.root.rstrip("/") + "/"
+
+    def real_parts(self, parts: list[str]) -> list[str] | None:
+        """The segments of the symlink-free path of `parts` relative to the root, if inside it."""
+        try:
+            real = os.path.realpath(os.path.join(self.root, *parts))
+        except (OSError, ValueError):
+            return None
+        if real == self.root:
+            return []
+        if not real.startswith(self._prefix):
+            return None
+        rel = real[len(self._prefix):].split("/")
+        # A link may point at a hidden name inside the root: that name stays hidden.
+        if any(p[0] == "." and p not in PUBLIC_DOT_NAMES for p in rel):
+            return None
+        return rel
+
+    def open(self, parts: list[str]) -> Opened | None:
+        """Open `parts` beneath the root without following any symlink, or None if impossible.
+
+        Only regular files and directories are opened; sockets, FIFOs and devices are absent.
+        """
+        rel = self.real_parts(parts)
+        if rel is None:
+            return None
+        try:
+            fd = os.open(self.root, _DIR_FLAGS)
+        except OSError:
+            return None
+        try:
+            for name in rel:
+                lst = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if not (stat.S_ISREG(lst.st_mode) or stat.S_ISDIR(lst.st_mode)):
+                    os.close(fd)
+                    return None
+                child = os.open(name, _FILE_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = child
+            st = os.fstat(fd)
+        except (OSError, ValueError):
+            os.close(fd)
+            return None
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
+            os.close(fd)
+            return None
+        path = os.path.join(self.root, *rel)
+        return Opened(fd, st, path)
+
+    def reopen(self, path: str, dev: int, ino: int) -> tuple[int, os.stat_result] | None:
+        """Reopen a file resolved earlier by its real path; None unless it is the same inode.
+
+        The inode check makes the cheap path-based open safe: whatever an attacker swaps into
+        the path, only the very file that was verified beneath the root is accepted.
+        """
+        try:
+            fd = os.open(path, _FILE_FLAGS)
+        except (OSError, ValueError):
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        if st.st_ino != ino or st.st_dev != dev or not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            return None
+        return fd, st
+
+    def readable(self) -> bool:
+        """True when the root is a directory this process can list and traverse."""
+        try:
+            return stat.S_ISDIR(os.stat(self.root).st_mode) and os.access(
+                self.root, os.R_OK | os.X_OK
+            )
+        except OSError:
+            return False

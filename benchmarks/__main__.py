@@ -69,7 +69,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
 
 
 def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
-            rows: list[Row], series: dict[str, list[float]]) -> None:
+            rows: list[Row], series: dict[ServerSpec, list[float]]) -> None:
     """All loads on one server, appended to `rows` as they finish (so an interrupt keeps them); the
     per-request times of its median ab 1 KiB run go to `series` for the chart."""
     started = time.monotonic()
@@ -90,7 +90,7 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
                 median = loads.median_run([m for m, _ in runs])
                 rows.append(Row(spec, label, "ab", median, [m.rps for m, _ in runs]))
                 if name == FILES[0][0]:
-                    series[spec.label] = loads.read_gnuplot(next(t for m, t in runs if m is median))
+                    series[spec] = loads.read_gnuplot(next(t for m, t in runs if m is median))
             for name, _, label in FILES:
                 if label in plan.wrk_files:
                     m = loads.wrk(server.url(name), plan.wrk_connections, plan.wrk_seconds)
@@ -150,7 +150,7 @@ def run(plan: Plan, keep: bool) -> int:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(tempfile.mkdtemp(prefix="gows-bench-"))
     rows: list[Row] = []
-    series: dict[str, list[float]] = {}
+    series: dict[ServerSpec, list[float]] = {}
     interrupted = False
     try:
         docroot = prereqs.make_docroot(base)

@@ -152,7 +152,24 @@ def write_json(path: Path, meta: dict, rows: list[Row], checks: list[dict]) -> N
     path.write_text(json.dumps({**meta, "rows": [row_record(r) for r in rows], "targets": checks}, indent=2) + "\n")
 
 
-def chart(path: Path, series: dict[str, list[float]], title: str) -> None:
+# Chart styles: gows and the whitenoise run with the same worker count share a colour; the line
+# style tells them apart (gows cache on solid, off dashed; whitenoise dotted).
+_KIND_COLOURS = {"apache": "black", "nginx": "tab:green", "fileapp": "tab:blue", "whitenoise": "tab:orange",
+                 "werkzeug": "tab:red"}
+_WORKER_COLOURS = ["tab:blue", "tab:purple", "tab:red", "tab:brown", "tab:cyan"]
+
+
+def line_style(spec: ServerSpec, gows_workers: list[int]) -> dict:
+    """Matplotlib keywords for one server's line; `gows_workers` are the gows worker counts charted."""
+    if spec.kind in ("gows", "whitenoise") and spec.workers in gows_workers:
+        colour = _WORKER_COLOURS[gows_workers.index(spec.workers) % len(_WORKER_COLOURS)]
+    else:
+        colour = _KIND_COLOURS.get(spec.kind, "tab:gray")
+    style = {"whitenoise": ":", "werkzeug": "-."}.get(spec.kind, "--" if spec.cache is False else "-")
+    return {"color": colour, "linestyle": style, "linewidth": 2.0 if spec.kind in ("apache", "nginx") else 1.5}
+
+
+def chart(path: Path, series: dict[ServerSpec, list[float]], title: str) -> None:
     """Response time of each request (ms, log scale) by request number, one line per server (2018 style)."""
     import matplotlib
 
@@ -160,11 +177,10 @@ def chart(path: Path, series: dict[str, list[float]], title: str) -> None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FixedLocator, FuncFormatter
 
+    gows_workers = sorted({s.workers for s in series if s.kind == "gows" and s.workers is not None})
     fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
-    styles = ["-", "--", "-.", ":"]
-    for i, (label, times) in enumerate(series.items()):
-        ax.plot(range(1, len(times) + 1), times, label=label, linewidth=1.4,
-                linestyle="--" if "cache off" in label else styles[(i // 10) % len(styles)])
+    for spec, times in series.items():
+        ax.plot(range(1, len(times) + 1), times, label=spec.label, **line_style(spec, gows_workers))
     # ab records whole milliseconds, so fast servers have requests at 0 ms: linear below 1 ms.
     ax.set_yscale("symlog", linthresh=1.0, linscale=0.3)
     ax.set_ylim(bottom=0)

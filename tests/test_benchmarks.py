@@ -225,8 +225,19 @@ def test_markdown_and_json_records(tmp_path):
 
 def test_chart_writes_a_png(tmp_path):
     path = tmp_path / "chart.png"
-    report.chart(path, {"Apache": [0.0, 1.0, 5.0, 40.0], "gows 2w cache off": [2.0, 3.0, 300.0]}, "t")
+    report.chart(path, {APACHE: [0.0, 1.0, 5.0, 40.0], GOWS_OFF: [2.0, 3.0, 300.0], WN2: [9.0]}, "t")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chart_pairs_gows_and_whitenoise_of_the_same_worker_count():
+    workers = [2, 10]
+    on, off = report.line_style(GOWS_ON, workers), report.line_style(GOWS_OFF, workers)
+    wn2, wn10 = report.line_style(WN2, workers), report.line_style(WN10, workers)
+    assert on["color"] == off["color"] == wn2["color"] != wn10["color"]
+    assert (on["linestyle"], off["linestyle"], wn2["linestyle"]) == ("-", "--", ":")
+    # Without gows (the fileapp suite) each peer has its own colour.
+    peers = {report.line_style(ServerSpec(k, 2), [])["color"] for k in ("fileapp", "whitenoise", "werkzeug")}
+    assert len(peers) == 3
 
 
 # --- plans and arguments ------------------------------------------------------------------------

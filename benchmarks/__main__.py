@@ -18,7 +18,7 @@ from . import loads, prereqs, report
 from .loads import LoadError, Measurement
 from .prereqs import FILES, MissingPrerequisite
 from .report import Row
-from .servers import KINDS, ServerError, ServerSpec, serve
+from .servers import KINDS, PEER_THREADS, ServerError, ServerSpec, serve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STARTED = time.monotonic()
@@ -114,7 +114,8 @@ def version(argv: list[str]) -> str:
     except (OSError, subprocess.TimeoutExpired):
         return "?"
     lines = (done.stdout + done.stderr).strip().splitlines()
-    return next((l for l in lines if any(ch.isdigit() for ch in l)), "?").strip()
+    line = next((l for l in lines if any(ch.isdigit() for ch in l)), "?")
+    return line.removeprefix("This is ").split(" <$")[0].split(" Copyright")[0].strip()
 
 
 def notes(plan: Plan, load_before: float) -> list[str]:
@@ -131,7 +132,7 @@ def notes(plan: Plan, load_before: float) -> list[str]:
         f"wrk -t1 -c{plan.wrk_connections} -d{plan.wrk_seconds}s --latency (keep-alive); its 'failed' counts socket "
         "errors, which include connections the server closes at its keep-alive limit (Apache: 100 requests)",
         "each server warmed up with ab -n 1000 -c 50 on each file before measuring; Python peers run "
-        "gunicorn -k gthread with the listed workers",
+        f"gunicorn -k gthread --threads {PEER_THREADS} with the listed workers (fileapp: create_app(root))",
         "Apache and nginx run with Debian's default configuration, access logs included",
         "ratios are requests/s over the baseline's on the same file and tool (whitenoise: same worker count)",
     ]
@@ -139,12 +140,10 @@ def notes(plan: Plan, load_before: float) -> list[str]:
 
 def run(plan: Plan, keep: bool) -> int:
     """Measure every server of the plan, then print and write the report; exit status 1 if a server failed."""
-    needs = ["ab", "wrk"] + [k if k == "nginx" else "apache2" for k in {s.kind for s in plan.specs}
-                             if k in ("apache", "nginx")]
-    prereqs.ensure_tools(needs, log=progress)
-    python_needs = ["gunicorn", "matplotlib"] + [k for k in ("whitenoise", "werkzeug")
-                                                 if k in {s.kind for s in plan.specs}]
-    prereqs.ensure_python_modules(python_needs)
+    kinds = {s.kind for s in plan.specs}
+    prereqs.ensure_tools(["ab", "wrk"] + [cmd for kind, cmd in (("apache", "apache2"), ("nginx", "nginx"))
+                                          if kind in kinds], log=progress)
+    prereqs.ensure_python_modules(["gunicorn", "matplotlib"] + sorted(kinds & {"whitenoise", "werkzeug"}))
     prereqs.raise_open_file_limit()
     load_before = os.getloadavg()[0]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -155,7 +154,7 @@ def run(plan: Plan, keep: bool) -> int:
     try:
         docroot = prereqs.make_docroot(base)
         for i, spec in enumerate(plan.specs, 1):
-            progress(f"[{i}/{len(plan.specs)}] {spec.label}")
+            progress(f"[{i}/{len(plan.specs)}] {spec.label} (load average {os.getloadavg()[0]:.2f})")
             measure(spec, plan, docroot, base / f"{i:02d}-{spec.kind}", rows, series)
     except KeyboardInterrupt:
         interrupted = True

@@ -135,6 +135,11 @@ def targets_text(checks: list[dict]) -> str:
 def markdown(title: str, notes: list[str], rows: list[Row], checks: list[dict], chart: Path | None) -> str:
     """The whole report as a Markdown document."""
     parts = [f"# {title}", "", *(f"- {n}" for n in notes), "", table(rows), ""]
+    repeats = [r for r in rows if len(r.runs_rps) > 1]
+    if repeats:
+        parts += ["## Every ab run (req/s; the table shows the median)", ""]
+        parts += [f"- {r.spec.label}, {r.file}: " + " / ".join(fmt_number(v) for v in r.runs_rps) for r in repeats]
+        parts += [""]
     if checks:
         parts += ["## Targets", "", targets_text(checks), ""]
     if chart is not None:

@@ -214,6 +214,7 @@ def test_markdown_and_json_records(tmp_path):
     text = report.markdown("title", ["note one"], rows, checks, tmp_path / "x.png")
     assert text.startswith("# title\n") and "- note one" in text and report.table(rows) in text
     assert "## Targets" in text and "](x.png)" in text
+    assert "- Apache, 1 KiB: 9,000 / 10,000 / 12,000" in text
     out = tmp_path / "r.json"
     report.write_json(out, {"suite": "compare"}, rows, checks)
     record = json.loads(out.read_text())

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import signal
 import socket
 import stat
 import sys
@@ -67,7 +68,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=_number(int, 1), default=None,
                    help="exit within a second when this process dies")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
-    p.add_argument("--access-log", action="store_true", help="log each request to stderr")
+    p.add_argument("--access-log", action="store_true", help="log each request to stdout (errors go to stderr)")
     return p
 
 
@@ -117,8 +118,17 @@ def _bind(host: str, port: int) -> socket.socket:
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
 
 
+def _exit_now(signum: int, frame) -> None:
+    os._exit(0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, set up the listener and app, and run the worker."""
+    # Until the worker installs its own handlers: a closing terminal is ignored, and a stop
+    # request is honoured at once and cleanly (there is nothing in flight to drain yet).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+        signal.signal(sig, _exit_now)
     try:
         args = make_parser().parse_args(argv)
         root = _check_root(args.root)

@@ -8,19 +8,26 @@ from __future__ import annotations
 
 import html
 import logging
-import mimetypes
 import os
 import re
 import secrets
 import stat
-from typing import Callable, Iterable, Iterator, Pattern
+from typing import Callable, Iterable, Pattern
 from urllib.parse import quote
-
-from werkzeug.http import http_date
-from werkzeug.utils import get_content_type
 
 from .cache import ResponseCache
 from .files import Resolver, split_url_path
+from .representation import (
+    SIDECARS,
+    STREAM_BLOCK,
+    Entry,
+    FileStream,
+    MultipartBody,
+    Rep,
+    StreamBody,
+    content_type,
+    read_exactly,
+)
 from .semantics import (
     NOT_MODIFIED,
     byte_ranges,
@@ -38,34 +45,8 @@ WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 DEFAULT_IMMUTABLE_PATTERN = r"[.-](?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{8,64}\.[A-Za-z0-9]+$"
 IMMUTABLE_CACHE_CONTROL = "public, max-age=31536000, immutable"
 
-# Sidecar suffix per content coding, smallest first (the tie-break order of choose_encoding).
-SIDECARS = (("br", ".br"), ("gzip", ".gz"))
-STREAM_BLOCK = 64 * 1024
 ALLOW = "GET, HEAD, OPTIONS"
-
-# Stable, modern types whatever /etc/mime.types says; everything else comes from mimetypes.
-_TYPES = {
-    ".html": "text/html", ".htm": "text/html", ".css": "text/css", ".js": "text/javascript",
-    ".mjs": "text/javascript", ".json": "application/json", ".txt": "text/plain",
-    ".svg": "image/svg+xml", ".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg",
-    ".gif": "image/gif", ".webp": "image/webp", ".avif": "image/avif", ".ico": "image/x-icon",
-    ".wasm": "application/wasm", ".woff": "font/woff", ".woff2": "font/woff2",
-    ".xml": "application/xml", ".pdf": "application/pdf", ".md": "text/markdown",
-    ".gz": "application/gzip", ".br": "application/x-brotli", ".bin": "application/octet-stream",
-}
-_TEXTUAL = frozenset({"application/json", "text/javascript", "image/svg+xml"})
-
-
-def content_type(name: str) -> str:
-    """The Content-Type for a file name, with charset=utf-8 on text types."""
-    ext = os.path.splitext(name)[1].lower()
-    mimetype = _TYPES.get(ext)
-    if mimetype is None:
-        guessed, encoding = mimetypes.guess_type(name, strict=False)
-        mimetype = guessed if guessed and not encoding else "application/octet-stream"
-    if mimetype in _TEXTUAL:
-        return mimetype + "; charset=utf-8"
-    return get_content_type(mimetype, "utf-8")
+_QUERY_SAFE = "!#$%&'()*+,-./:;=?@[]~_"
 
 
 def _plain(status: str, text: str, extra: list[tuple[str, str]] | None = None):
@@ -102,97 +83,6 @@ class Health:
         if not self._resolver.readable():
             return _HEALTH_BAD
         return _HEALTH_OK
-
-
-class Rep:
-    """One representation (identity or a precompressed sidecar) with its prepared headers."""
-
-    __slots__ = (
-        "path", "dev", "ino", "size", "mtime_ns", "mtime", "etag", "body", "type",
-        "headers", "not_modified", "common",
-    )
-
-    def __init__(self, path: str, st: os.stat_result, body: bytes | None, ctype: str,
-                 encoding: str | None, cache_control: str, vary: bool) -> None:
-        self.path = path
-        self.dev, self.ino = st.st_dev, st.st_ino
-        self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
-        self.mtime = st.st_mtime_ns // 1_000_000_000
-        tag = f"{self.mtime_ns:x}-{self.size:x}"
-        self.etag = f"{tag}-{'br' if encoding == 'br' else 'gz'}" if encoding else tag
-        self.body = body
-        self.type = ctype
-        # Headers every response about this representation carries (200, 206, 304, 416).
-        self.not_modified = [("ETag", f'"{self.etag}"'), ("Cache-Control", cache_control)]
-        if vary:
-            self.not_modified.append(("Vary", "Accept-Encoding"))
-        self.common = self.not_modified + [
-            ("Last-Modified", http_date(self.mtime)), ("Accept-Ranges", "bytes"),
-        ]
-        if encoding:
-            self.common.append(("Content-Encoding", encoding))
-        self.headers = self.common + [
-            ("Content-Type", ctype), ("Content-Length", str(self.size)),
-        ]
-
-    def same_file(self, st: os.stat_result) -> bool:
-        """True when `st` describes the file this representation was built from."""
-        return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns) == (
-            self.ino, self.dev, self.size, self.mtime_ns)
-
-
-class Entry:
-    """What a request path maps to: a file (its representations) or a directory redirect."""
-
-    __slots__ = ("identity", "encoded", "codings", "redirect", "nbytes")
-
-    def __init__(self, identity: Rep | None = None, encoded: dict[str, Rep] | None = None,
-                 redirect: bool = False) -> None:
-        self.identity = identity
-        self.encoded = encoded or {}
-        self.codings = tuple(c for c, _ in SIDECARS if c in self.encoded)
-        self.redirect = redirect
-        reps = [identity, *self.encoded.values()] if identity else []
-        self.nbytes = 512 + sum(512 + len(r.body or b"") for r in reps)
-
-
-class _FileStream:
-    """A file-like view of [start, stop) of an open descriptor, for wsgi.file_wrapper.
-
-    Servers that sendfile (gunicorn) use fileno(), the current offset and Content-Length; the
-    others call read(), which never goes past `stop`.
-    """
-
-    def __init__(self, fd: int, start: int, stop: int) -> None:
-        self._fd = fd
-        self._left = stop - start
-        os.lseek(fd, start, os.SEEK_SET)
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def read(self, size: int = STREAM_BLOCK) -> bytes:
-        if self._left <= 0:
-            return b""
-        data = os.read(self._fd, min(size if size > 0 else STREAM_BLOCK, self._left))
-        self._left -= len(data)
-        return data
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-
-def _iter_stream(stream: _FileStream) -> Iterator[bytes]:
-    try:
-        while True:
-            block = stream.read(STREAM_BLOCK)
-            if not block:
-                return
-            yield block
-    finally:
-        stream.close()
 
 
 class FileApp:
@@ -264,13 +154,7 @@ class FileApp:
                 return self._not_found(environ, start_response, path)
         if entry.redirect:
             return self._redirect(environ, start_response)
-        rep = entry.identity
-        if entry.codings:
-            accept = environ.get("HTTP_ACCEPT_ENCODING")
-            if accept:
-                coding = choose_encoding(accept, entry.codings)
-                if coding is not None:
-                    rep = entry.encoded[coding]
+        rep = self._pick(entry, environ) if entry.codings else entry.identity
         if rep.body is None:
             return self._serve_stream(environ, start_response, path, rep, entry)
         return self._serve(environ, start_response, rep, rep.body, None)
@@ -357,31 +241,15 @@ class FileApp:
                 parts += (part_head, body[start:stop])
             parts.append(tail)
             return [b"".join(parts)]
-        return self._multipart_stream(fd, heads, ranges, tail)
-
-    @staticmethod
-    def _multipart_stream(fd: int, heads: list[bytes], ranges: tuple[tuple[int, int], ...],
-                          tail: bytes) -> Iterator[bytes]:
-        try:
-            for part_head, (start, stop) in zip(heads, ranges):
-                yield part_head
-                while start < stop:
-                    block = os.pread(fd, min(STREAM_BLOCK, stop - start), start)
-                    if not block:  # truncated under us: Content-Length can no longer hold
-                        raise OSError("file shrank while being sent")
-                    start += len(block)
-                    yield block
-            yield tail
-        finally:
-            os.close(fd)
+        return MultipartBody(fd, heads, ranges, tail)
 
     @staticmethod
     def _file_body(environ: dict, fd: int, start: int, stop: int) -> Iterable[bytes]:
-        stream = _FileStream(fd, start, stop)
+        stream = FileStream(fd, start, stop)
         wrapper = environ.get("wsgi.file_wrapper")
         if wrapper is not None:
             return wrapper(stream, STREAM_BLOCK)
-        return _iter_stream(stream)
+        return StreamBody(stream)
 
     def _serve_stream(self, environ: dict, start_response: Callable, path: str, rep: Rep,
                       entry: Entry) -> Iterable[bytes]:
@@ -441,10 +309,11 @@ class FileApp:
         # and can never be read as a scheme ("http:") or a network path ("//host").
         full = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         name = full.rsplit("/", 1)[-1].encode("latin-1")
-        location = "./" + quote(name, safe="") + "/"
+        location = "./" + quote(name, safe="") + "/" if name else "/"
         query = environ.get("QUERY_STRING")
         if query:
-            location += "?" + query
+            # Keep the client's encoding, but never let a raw control or 8-bit byte through.
+            location += "?" + quote(query.encode("latin-1", "replace"), safe=_QUERY_SAFE)
         text = b"301 Moved Permanently\n"
         start_response("301 Moved Permanently", [
             ("Location", location), ("Content-Type", "text/plain; charset=utf-8"),
@@ -493,32 +362,35 @@ class FileApp:
         ctype = content_type(name)
         cache_control = (IMMUTABLE_CACHE_CONTROL if self.immutable is not None
                          and self.immutable.search(name) else self.cache_control)
-        encoded = {}
+        sidecars = {}
         for coding, sidecar in encoded_parts.items():
             rep = self._load_rep(sidecar, ctype, coding, cache_control, True)
             if rep is not None:
-                encoded[coding] = rep
-        identity = self._load_rep(parts, ctype, None, cache_control, bool(encoded))
+                sidecars[coding] = rep
+        identity = self._load_rep(parts, ctype, None, cache_control, bool(sidecars))
         if identity is None:
             return None
+        # A sidecar older than its original was not made from it: stale, never served.
+        encoded = {c: r for c, r in sidecars.items() if r.mtime_ns >= identity.mtime_ns}
         return Entry(identity, encoded)
 
     def _load_rep(self, parts: list[str], ctype: str, encoding: str | None,
                   cache_control: str, vary: bool) -> Rep | None:
-        opened = self.resolver.open(parts)
-        if opened is None:
-            return None
-        try:
-            if not stat.S_ISREG(opened.st.st_mode):
+        for _ in range(3):  # a file truncated while being read is read again
+            opened = self.resolver.open(parts)
+            if opened is None:
                 return None
-            body = None
-            if opened.st.st_size <= self.cache_max_file_size and self.cache.enabled:
-                body = _read_exactly(opened.fd, opened.st.st_size)
-                if body is None:
+            try:
+                if not stat.S_ISREG(opened.st.st_mode):
                     return None
-            return Rep(opened.path, opened.st, body, ctype, encoding, cache_control, vary)
-        finally:
-            os.close(opened.fd)
+                if opened.st.st_size > self.cache_max_file_size or not self.cache.enabled:
+                    return Rep(opened.path, opened.st, None, ctype, encoding, cache_control, vary)
+                body = read_exactly(opened.fd, opened.st.st_size)
+                if body is not None:
+                    return Rep(opened.path, opened.st, body, ctype, encoding, cache_control, vary)
+            finally:
+                os.close(opened.fd)
+        return None
 
     def _listing(self, environ: dict, path: str):
         parts = split_url_path(path)
@@ -549,17 +421,3 @@ class FileApp:
         return ("200 OK", [("Content-Type", "text/html; charset=utf-8"),
                            ("Content-Length", str(len(page))), ("Cache-Control", "no-cache")],
                 page)
-
-
-def _read_exactly(fd: int, size: int) -> bytes | None:
-    """Read `size` bytes from an open file, or None when it changed size meanwhile."""
-    chunks, left = [], size
-    while left > 0:
-        block = os.read(fd, left)
-        if not block:
-            return None
-        chunks.append(block)
-        left -= len(block)
-    if os.read(fd, 1):
-        return None
-    return b"".join(chunks)

@@ -18,6 +18,7 @@ import sys
 
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
+from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 from .app import FileApp
@@ -26,6 +27,27 @@ PR_SET_PDEATHSIG = 1
 # The kernel sends this when the parent (thread) that forked us dies; the handler then checks
 # the parent really is gone, since the signal also fires when only the forking thread exits.
 PDEATH_SIGNAL = signal.SIGUSR2
+# Bodies up to this size are copied behind the header block and sent with it.
+COALESCE_LIMIT = 64 * 1024
+
+
+class CoalescingResponse(gunicorn_wsgi.Response):
+    """gunicorn's Response, except that a body written in one piece leaves with its headers.
+
+    One sendall instead of two for every cached response: one syscall and usually one TCP
+    segment instead of two. Anything else (chunked, streamed, sendfile, no body) is unchanged.
+    """
+
+    def write(self, arg):
+        if (self.headers_sent or self.chunked or self._omits_body or type(arg) is not bytes
+                or self.response_length != len(arg) or len(arg) > COALESCE_LIMIT):
+            return super().write(arg)
+        lines = self.default_headers()
+        lines.extend(["%s: %s\r\n" % (k, v) for k, v in self.headers])
+        head = ("%s\r\n" % "".join(lines)).encode("latin-1")
+        self.headers_sent = True
+        self.sent = len(arg)
+        self.sock.sendall(head + arg)
 
 
 class _Loaded:
@@ -66,8 +88,16 @@ class FileAppWorker(ThreadWorker):
 
     # -- signals ----------------------------------------------------------------------------
 
+    def init_process(self) -> None:
+        # gunicorn.http.wsgi.create() builds its module-level Response: in this process,
+        # which only ever runs this worker, that is the coalescing one.
+        gunicorn_wsgi.Response = CoalescingResponse
+        super().init_process()
+
     def init_signals(self) -> None:
         super().init_signals()
+        # A closing terminal must not stop a standalone worker; there is no config to reload.
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if self.parent_pid is None:
             return
         signal.signal(PDEATH_SIGNAL, self._on_pdeath_signal)

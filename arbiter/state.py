@@ -104,6 +104,12 @@ class WorkerTable:
         worker.passive_failure_times.clear()
         self._set(worker, False, "spawned")
 
+    def handover(self, worker: WorkerState, pid: int) -> None:
+        """A reloaded incarnation proved healthy and took over from the old one: still up."""
+        worker.pid = pid
+        worker.started_at = time.monotonic()
+        worker.passive_failure_times.clear()
+
     def exited(self, worker: WorkerState, reason: str) -> None:
         """The worker's process is gone; it serves nothing until it is replaced."""
         worker.pid = None

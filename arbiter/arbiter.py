@@ -1,0 +1,303 @@
+"""The master's main loop (gunicorn's Arbiter on asyncio/uvloop): signals, worker slots, reload.
+
+Signals are registered with loop.add_signal_handler: the real handler only writes to the loop's
+wakeup fd, and the signal is queued and handled here, in the loop, where logging is safe.
+SIGCHLD is the loop's own: uvloop reaps its child processes on it and completes each worker's
+wait() at once, so an exit is seen immediately, not at the next health round.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+import socket
+
+from . import config as config_mod
+from .config import Config, ConfigError
+from .health import HealthChecker
+from .logs import LogSink
+from .sockets import bind_listener
+from .state import WorkerState, WorkerTable
+from .workers import LocalWorker, WorkerOptions
+
+log = logging.getLogger("gows.arbiter")
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+MAX_TTIN_PORT_TRIES = 100
+
+
+class Arbiter:
+    """Owns the sockets, the worker table, the health checker and one LocalWorker per local port."""
+
+    def __init__(self, config: Config, public: socket.socket,
+                 worker_sockets: dict[tuple[str, int], socket.socket], sink: LogSink) -> None:
+        self.config = config
+        self.public = public
+        self.sink = sink
+        self.table = WorkerTable(rise=config.health_check.rise, fall=config.health_check.fall,
+                                 max_fails=config.max_fails, fail_timeout=config.fail_timeout)
+        self.checker = HealthChecker(self.table, config.health_check, on_result=self._on_check)
+        self.table.subscribe(self._on_transition)
+        self.slots: dict[tuple[str, int], LocalWorker] = {}
+        self._worker_sockets = worker_sockets
+        self._retiring: dict[asyncio.Task, LocalWorker] = {}  # slots draining after TTOU/HUP
+        self._signals: asyncio.Queue[int] = asyncio.Queue()
+
+    # -- entry point ---------------------------------------------------------------------
+    async def run(self) -> int:
+        """Start everything, then handle signals until a stop signal; returns the exit status."""
+        loop = asyncio.get_running_loop()
+        for sig in HANDLED_SIGNALS:
+            loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+        try:
+            options = WorkerOptions.from_config(self.config)
+            for w in self.config.workers:
+                if w.local:
+                    self._add_slot(w.host, w.port, self._worker_sockets.pop((w.host, w.port)), options)
+                else:
+                    self.table.add(WorkerState(w.host, w.port, local=False))
+            self.checker.sync()
+            self._start_front()
+            local = len(self.slots)
+            log.info("gows master on %s: %d local and %d remote workers, serving %s", self.config.listen,
+                     local, len(self.table) - local, self.config.base_directory)
+            graceful = await self._serve_signals()
+            await self._shutdown(graceful)
+            return 0
+        finally:
+            for sig in HANDLED_SIGNALS:
+                loop.remove_signal_handler(sig)
+            for slot in self.slots.values():  # only after an unexpected error: workers quit now
+                slot.stop(graceful=False)
+
+    def _start_front(self) -> None:
+        """Serve the public listener. The front proxy (arbiter/proxy) is started here, and only
+        here, with (self.public, self.table, ProxySettings(**self.config.proxy_settings)); it is
+        stopped in _stop_front. Until it is wired in, the socket is bound and held, and clients'
+        connections wait in its backlog."""
+        log.info("public listener %s is bound and held", self.config.listen)
+
+    async def _stop_front(self, graceful: bool) -> None:
+        """Stop accepting on the public listener and, when graceful, let in-flight requests finish."""
+
+    # -- signals -------------------------------------------------------------------------
+    async def _serve_signals(self) -> bool:
+        """Handle queued signals until a stop signal; True for a graceful stop (TERM)."""
+        while True:
+            sig = await self._signals.get()
+            log.info("received %s", signal.Signals(sig).name)
+            if sig in STOP_SIGNALS:
+                return sig == signal.SIGTERM
+            if sig == signal.SIGHUP:
+                stop = await self._while_watching(self._reload())
+                if stop is not None:
+                    return stop == signal.SIGTERM
+            elif sig == signal.SIGTTIN:
+                self._scale_up()
+            elif sig == signal.SIGTTOU:
+                self._scale_down()
+            elif sig == signal.SIGUSR1:
+                self.sink.reopen()
+
+    async def _while_watching(self, coro) -> int | None:
+        """Run `coro` (a reload) while still answering signals: a stop signal cancels it and is
+        returned; USR1 is handled; others wait until it is done."""
+        task = asyncio.ensure_future(coro)
+        deferred: list[int] = []
+        try:
+            while not task.done():
+                getter = asyncio.ensure_future(self._signals.get())
+                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
+                if not getter.done():
+                    getter.cancel()
+                    continue
+                sig = getter.result()
+                log.info("received %s", signal.Signals(sig).name)
+                if sig in STOP_SIGNALS:
+                    task.cancel()
+                    await asyncio.gather(task, return_exceptions=True)
+                    log.warning("reload abandoned: stopping")
+                    return sig
+                if sig == signal.SIGUSR1:
+                    self.sink.reopen()
+                else:
+                    deferred.append(sig)
+            task.result()
+            return None
+        finally:
+            for sig in deferred:
+                self._signals.put_nowait(sig)
+
+    # -- health events ---------------------------------------------------------------------
+    def _on_transition(self, worker: WorkerState, up: bool) -> None:
+        slot = self.slots.get(worker.key)
+        if slot is not None and slot.state is worker:
+            slot.notify()
+        elif not worker.local and not up:
+            log.error("remote worker %s is down (%s); it is not restarted from here, only checked",
+                      worker.address, worker.last_error or "unknown")
+
+    def _on_check(self, worker: WorkerState) -> None:
+        slot = self.slots.get(worker.key)
+        if slot is not None and slot.state is worker:
+            slot.notify()
+
+    # -- slots -------------------------------------------------------------------------------
+    def _add_slot(self, host: str, port: int, sock: socket.socket, options: WorkerOptions) -> LocalWorker:
+        state = self.table.add(WorkerState(host, port, local=True))
+        slot = LocalWorker(state, sock, self.table, self.checker, options, self.sink)
+        self.slots[state.key] = slot
+        slot.start()
+        return slot
+
+    def _retire_slot(self, slot: LocalWorker) -> None:
+        """Take a slot out of service: out of the table first (no new requests), then drain it."""
+        del self.slots[slot.state.key]
+        self.table.remove(slot.state)
+        self.checker.sync()
+        slot.stop(graceful=True)
+
+        async def finish() -> None:
+            await slot.task
+            slot.close()
+
+        task = asyncio.ensure_future(finish())
+        self._retiring[task] = slot
+        task.add_done_callback(self._retiring.pop)
+
+    def _scale_up(self) -> None:
+        """TTIN: one more local worker, on the next free port after the highest local one."""
+        if not self.slots:
+            log.warning("SIGTTIN ignored: there is no local worker to add one next to")
+            return
+        last = max(self.slots.values(), key=lambda s: s.state.port).state
+        taken = {w.port for w in self.table} | {self.config.listen.port}
+        if self.config.admin is not None:
+            taken.add(self.config.admin.port)
+        port = last.port
+        for _ in range(MAX_TTIN_PORT_TRIES):
+            port += 1
+            if port > 65535:
+                break
+            if port in taken:
+                continue
+            try:
+                sock = bind_listener(last.host, port, "SIGTTIN")
+            except ConfigError as e:
+                log.debug("%s", e)
+                continue
+            slot = self._add_slot(last.host, port, sock, self._options())
+            self.checker.sync()
+            log.info("SIGTTIN: added worker %s; %d local workers", slot.state.address, len(self.slots))
+            return
+        log.error("SIGTTIN ignored: no free port after %d", last.port)
+
+    def _scale_down(self) -> None:
+        """TTOU: one local worker fewer (the highest port), never below one."""
+        if len(self.slots) <= 1:
+            log.warning("SIGTTOU ignored: keeping the last local worker")
+            return
+        slot = max(self.slots.values(), key=lambda s: s.state.port)
+        self._retire_slot(slot)
+        log.info("SIGTTOU: stopping worker %s; %d local workers", slot.state.address, len(self.slots))
+
+    def _options(self) -> WorkerOptions:
+        return WorkerOptions.from_config(self.config)
+
+    # -- reload (HUP) --------------------------------------------------------------------
+    async def _reload(self) -> None:
+        """Re-read the config and converge: new workers started and healthy, kept ones replaced
+        one at a time (new healthy before old drains), dropped ones drained. A bad config (or a
+        port that cannot be bound) changes nothing."""
+        path = self.config.source
+        try:
+            new = config_mod.load(path)
+        except ConfigError as e:
+            log.error("reload failed, keeping the running configuration: %s: %s", path, e)
+            return
+        for key in ("listen", "admin", "pidfile"):
+            if getattr(new, key) != getattr(self.config, key):
+                log.warning("reload: %s changed to %s; that takes a restart, still using %s",
+                            "masterPort" if key == "listen" and new.master_port is not None else key,
+                            getattr(new, key), getattr(self.config, key))
+        new = dataclasses.replace(new, listen=self.config.listen, admin=self.config.admin,
+                                  pidfile=self.config.pidfile)
+        wanted = {(w.host, w.port): w for w in new.workers}
+        fresh: dict[tuple[str, int], socket.socket] = {}
+        try:
+            for key, w in wanted.items():
+                if w.local and key not in self.slots:
+                    fresh[key] = bind_listener(w.host, w.port, w.label)
+            if new.logging != self.config.logging:
+                self.sink.apply(new.logging)
+        except (ConfigError, OSError) as e:
+            for sock in fresh.values():
+                sock.close()
+            reason = str(e) if isinstance(e, ConfigError) else f"logging.file: {e.strerror or e}"
+            log.error("reload failed, keeping the running configuration: %s: %s", path, reason)
+            return
+        self.config = new
+        self.table.rise, self.table.fall = new.health_check.rise, new.health_check.fall
+        self.table.max_fails, self.table.fail_timeout = new.max_fails, new.fail_timeout
+        self.checker.settings = new.health_check
+        options = WorkerOptions.from_config(new)
+
+        for worker in self.table:
+            if not worker.local and worker.key not in wanted:
+                self.table.remove(worker)
+        for key, w in wanted.items():
+            if not w.local and self.table.get(*key) is None:
+                self.table.add(WorkerState(w.host, w.port, local=False))
+        added = [self._add_slot(host, port, sock, options) for (host, port), sock in fresh.items()]
+        self.checker.sync()
+        kept = [s for k, s in self.slots.items() if k in wanted and s not in added]
+        removed = [s for k, s in self.slots.items() if k not in wanted]
+
+        failed = 0
+        for slot in kept:  # one at a time, so the others keep serving meanwhile
+            if not await slot.reload(options):
+                failed += 1
+        await self._wait_up(added, options.boot_timeout)
+        for slot in removed:
+            self._retire_slot(slot)
+        log.info("reload done: %d local workers (%d added, %d replaced, %d failed to reload, %d stopped)",
+                 len(self.slots), len(added), len(kept) - failed, failed, len(removed))
+
+    async def _wait_up(self, slots: list[LocalWorker], timeout: float) -> None:
+        """Wait until every slot is up, or `timeout` seconds (their supervisors keep trying after)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while any(not s.state.up for s in slots) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for s in slots:
+            if not s.state.up:
+                log.warning("reload: new worker %s is not healthy yet (%s)", s.state.address,
+                            s.state.last_error or "starting")
+
+    # -- stopping ------------------------------------------------------------------------
+    async def _shutdown(self, graceful: bool) -> None:
+        """TERM: stop the front, drain every worker (KILL after the graceful timeout).
+        INT/QUIT, or one of them during a graceful stop: workers quit at once."""
+        log.info("stopping %s", "gracefully" if graceful else "now")
+        await self._stop_front(graceful)
+        slots = list(self.slots.values())
+        for slot in slots:
+            slot.stop(graceful)
+        done = asyncio.ensure_future(asyncio.gather(*(s.task for s in slots), *self._retiring))
+        while not done.done():
+            getter = asyncio.ensure_future(self._signals.get())
+            await asyncio.wait({done, getter}, return_when=asyncio.FIRST_COMPLETED)
+            if not getter.done():
+                getter.cancel()
+            elif getter.result() in (signal.SIGINT, signal.SIGQUIT) and graceful:
+                log.info("received %s: stopping now", signal.Signals(getter.result()).name)
+                graceful = False
+                for slot in slots + list(self._retiring.values()):
+                    slot.stop(graceful=False)
+        await self.checker.close()
+        for slot in slots:
+            slot.close()
+        self.slots.clear()
+        self.public.close()
+        log.info("master exiting")

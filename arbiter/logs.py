@@ -1,0 +1,87 @@
+"""Logging of the master and its workers: one destination (stderr or a file), reopened on USR1.
+
+With a log file, workers' output is piped through the master so that a reopen (log rotation)
+covers every line; with stderr, workers simply inherit it.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+
+from .config import Logging
+
+FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+log = logging.getLogger("gows.logs")
+
+
+class LogSink:
+    """The master's log handler plus the relay of workers' output into the same file."""
+
+    def __init__(self, settings: Logging) -> None:
+        self.handler: logging.Handler | None = None
+        self.apply(settings)
+
+    def apply(self, settings: Logging) -> None:
+        """Install (or switch to) the handler and level of `settings`; OSError if the file cannot be opened."""
+        if settings.file is not None:
+            handler: logging.Handler = logging.FileHandler(settings.file, encoding="utf-8")
+        else:
+            handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(FORMAT))
+        root = logging.getLogger()
+        if self.handler is not None:
+            root.removeHandler(self.handler)
+            self.handler.close()
+        root.addHandler(handler)
+        root.setLevel(settings.level.upper())
+        self.handler, self.settings = handler, settings
+
+    def reopen(self) -> None:
+        """Reopen the log file (after rotation); a no-op on stderr."""
+        handler = self.handler
+        if isinstance(handler, logging.FileHandler):
+            with handler.lock:
+                try:
+                    fresh = handler._open()
+                except OSError as e:
+                    log.error("cannot reopen %s: %s; still writing to the old file", handler.baseFilename, e.strerror)
+                    return
+                old, handler.stream = handler.stream, fresh
+                if old is not None:
+                    old.close()
+            log.info("reopened log file %s", handler.baseFilename)
+
+    @property
+    def worker_stdout(self) -> int | None:
+        """What a worker's stdout/stderr go to: a pipe to relay (log file) or inherited (stderr)."""
+        return subprocess.PIPE if isinstance(self.handler, logging.FileHandler) else None
+
+    async def relay(self, stream: asyncio.StreamReader) -> None:
+        """Copy a worker's output into the current log file, whole lines at a time."""
+        pending = b""
+        while True:
+            chunk = await stream.read(65536)
+            if not chunk:
+                break
+            pending += chunk
+            cut = pending.rfind(b"\n") + 1
+            if cut:
+                self._write(pending[:cut])
+                pending = pending[cut:]
+        if pending:
+            self._write(pending + b"\n")
+
+    def _write(self, data: bytes) -> None:
+        handler = self.handler
+        stream = getattr(handler, "stream", None)
+        if stream is None:
+            return
+        with handler.lock:
+            stream.flush()
+            try:
+                os.write(stream.fileno(), data)
+            except OSError:
+                pass  # a full disk must not take the master down; the master's own lines report it

@@ -1,0 +1,40 @@
+"""Listening sockets the master binds and keeps: the public listener and each local worker's port."""
+from __future__ import annotations
+
+import errno
+import socket
+
+from .config import ConfigError
+
+
+def somaxconn() -> int:
+    """The kernel's cap on a listen backlog; asking for it gives the longest queue allowed."""
+    try:
+        with open("/proc/sys/net/core/somaxconn") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return socket.SOMAXCONN
+
+
+def bind_listener(host: str, port: int, key: str) -> socket.socket:
+    """A listening TCP socket on host:port; a failure is a ConfigError naming `key`.
+
+    The socket stays blocking and non-inheritable: workers get it through pass_fds and set the
+    mode they need themselves (O_NONBLOCK is shared by every process holding the socket).
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((host, port))
+        sock.listen(somaxconn())
+    except OSError as e:
+        sock.close()
+        reason = {errno.EADDRINUSE: "address already in use",
+                  errno.EADDRNOTAVAIL: "address not available on this machine",
+                  errno.EACCES: "permission denied"}.get(e.errno, e.strerror or str(e))
+        raise ConfigError(f"{key}: cannot listen on {address}: {reason}") from None
+    return sock

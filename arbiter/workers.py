@@ -1,0 +1,440 @@
+"""Local workers: one slot per worker port, owning the port's listening socket for the slot's
+whole life and the processes ("incarnations") that serve it: spawn, watch, replace, back off, stop.
+
+Workers are exec'd (`python -m fileapp --fd N`), never forked from the master: a forked child
+would inherit the uvloop loop, the proxy's sockets and connections and any threads, none of which
+a worker must touch. Exec gives a clean process that also picks up new code on every (re)start.
+"""
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from .config import Config
+from .health import HealthChecker, probe
+from .logs import LogSink
+from .state import WorkerState, WorkerTable
+
+log = logging.getLogger("gows.workers")
+PR_SET_PDEATHSIG = 1
+FAST_STOP_TIMEOUT = 5.0  # seconds a worker told to quit at once gets before SIGKILL
+RELOAD_PROBE_SPACING = 0.1  # seconds between the probes that prove a reloaded worker healthy
+
+
+@dataclass(frozen=True)
+class WorkerOptions:
+    """Everything a local worker slot needs from the config."""
+
+    root: str
+    threads: int
+    health_path: str
+    check_interval: float
+    check_timeout: float
+    boot_timeout: float
+    cache_ttl: float
+    cache_max_bytes: int
+    cache_max_file_size: int
+    graceful_timeout: float
+    log_level: str
+    access_log: bool
+    backoff_initial: float
+    backoff_max: float
+    min_uptime: float
+
+    @classmethod
+    def from_config(cls, c: Config) -> "WorkerOptions":
+        return cls(
+            root=str(c.base_directory), threads=c.threads, health_path=c.health_check.path,
+            check_interval=c.health_check.interval, check_timeout=c.health_check.timeout,
+            boot_timeout=c.health_check.boot_timeout, cache_ttl=c.cache.ttl,
+            cache_max_bytes=c.cache.max_bytes, cache_max_file_size=c.cache.max_file_size,
+            graceful_timeout=c.graceful_timeout, log_level=c.logging.level,
+            access_log=c.logging.access_log, backoff_initial=c.restart_backoff.initial,
+            backoff_max=c.restart_backoff.max, min_uptime=c.restart_backoff.min_uptime,
+        )
+
+
+def worker_argv(o: WorkerOptions, fd: int, host: str, port: int) -> list[str]:
+    """The command line of one worker incarnation serving the inherited socket `fd`."""
+    argv = [sys.executable, "-m", "fileapp", "--root", o.root, "--fd", str(fd), "--host", host,
+            "--port", str(port), "--threads", str(o.threads), "--health-path", o.health_path,
+            "--cache-ttl", repr(o.cache_ttl), "--cache-max-bytes", str(o.cache_max_bytes),
+            "--cache-max-file-size", str(o.cache_max_file_size),
+            "--graceful-timeout", repr(o.graceful_timeout), "--parent-pid", str(os.getpid()),
+            "--log-level", o.log_level]
+    return argv + ["--access-log"] if o.access_log else argv
+
+
+def _die_with_master(master_pid: int):
+    """preexec_fn: SIGKILL this child when the master dies, until the worker arms its own watch.
+
+    The worker re-arms PR_SET_PDEATHSIG itself and watches --parent-pid; this covers the window
+    before its imports finish. If the master is already gone, the child must not exec at all.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        prctl = None
+
+    def preexec() -> None:
+        if prctl is not None:
+            prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != master_pid:
+            os._exit(1)
+
+    return preexec
+
+
+def _settle(future: asyncio.Future, value: object) -> None:
+    if not future.done():  # the waiter may have been cancelled (a stop during a reload)
+        future.set_result(value)
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode}"
+
+
+class Backoff:
+    """Restart delay for a worker failing right after start: none for the first failure, then
+    `initial`, doubling per further consecutive failure, capped at `maximum`."""
+
+    def __init__(self) -> None:
+        self.failures = 0
+
+    def delay(self, initial: float, maximum: float) -> float:
+        if self.failures <= 1:
+            return 0.0
+        return min(maximum, initial * 2 ** (self.failures - 2))
+
+
+class Incarnation:
+    """One process serving a worker slot."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.pid: int = proc.pid
+        self.started = time.monotonic()
+        self.was_up = False
+        # uvloop reaps its children itself on SIGCHLD and completes this at once.
+        self.exited: asyncio.Future[int] = asyncio.ensure_future(proc.wait())
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.returncode is None
+
+    def send(self, sig: int) -> None:
+        if self.alive:
+            try:
+                self.proc.send_signal(sig)
+            except ProcessLookupError:
+                pass
+
+
+class LocalWorker:
+    """The supervisor of one local worker port (see the module docstring).
+
+    Only `run()` starts and ends incarnations; other code asks it through stop()/reload() and the
+    health callbacks, so the slot's decisions are made in one place, one at a time.
+    """
+
+    def __init__(self, state: WorkerState, sock: socket.socket, table: WorkerTable,
+                 checker: HealthChecker, options: WorkerOptions, sink: LogSink) -> None:
+        self.state, self.sock, self.table, self.checker = state, sock, table, checker
+        self.options = options
+        self.sink = sink
+        self.backoff = Backoff()
+        self.current: Incarnation | None = None
+        self._live: set[Incarnation] = set()
+        self._background: set[asyncio.Task] = set()
+        self._wake = asyncio.Event()
+        self._stop_mode: str | None = None  # None, "graceful" or "fast"
+        self._pending: tuple[WorkerOptions, asyncio.Future[bool]] | None = None
+        self._spawned_once = False
+        self.task: asyncio.Task | None = None
+
+    # -- requests from the arbiter ---------------------------------------------------------
+    def start(self) -> None:
+        """Run the slot's loop as a task on the current loop."""
+        self.task = asyncio.get_running_loop().create_task(self.run(), name=f"worker {self.state.address}")
+
+    def notify(self) -> None:
+        """Something about this worker's health changed: re-evaluate."""
+        current = self.current
+        if current is not None and self.state.up and self.state.pid == current.pid:
+            current.was_up = True
+        self._wake.set()
+
+    def stop(self, graceful: bool = True) -> None:
+        """End the slot: drain (TERM, KILL after the graceful timeout) or quit at once (QUIT)."""
+        if graceful:
+            self._stop_mode = self._stop_mode or "graceful"
+        elif self._stop_mode != "fast":
+            self._stop_mode = "fast"
+            for inc in list(self._live):
+                inc.send(signal.SIGQUIT)
+                inc.send(signal.SIGCONT)
+        self._wake.set()
+
+    async def reload(self, options: WorkerOptions) -> bool:
+        """Serve with new options: a new incarnation proves healthy before the old one drains.
+
+        Returns False when the new incarnation failed and the old one keeps serving.
+        """
+        if self._stop_mode is not None:
+            return False
+        future = asyncio.get_running_loop().create_future()
+        self._pending = (options, future)
+        self._wake.set()
+        return await future
+
+    def close(self) -> None:
+        """Close the port's listening socket, once the slot's processes are gone."""
+        self.sock.close()
+
+    # -- the slot's loop -------------------------------------------------------------------
+    async def run(self) -> None:
+        try:
+            while self._stop_mode is None:
+                if self.current is None:
+                    await self._start_next()
+                    continue
+                why = await self._watch(self.current)
+                if why == "stop":
+                    break
+                if why == "reload":
+                    await self._reload(self.current)
+                elif why == "exited":
+                    inc = self.current
+                    self.current = None
+                    self._live.discard(inc)
+                    self._count(inc)
+                    reason = describe_exit(inc.proc.returncode)
+                    log.warning("worker %s (pid %d) %s", self.state.address, inc.pid, reason)
+                    self.table.exited(self.state, reason)
+                else:
+                    inc = self.current
+                    self.current = None
+                    self._count(inc)
+                    reason = (f"did not become healthy within {self.options.boot_timeout:g}s"
+                              if why == "boot" else f"failed {self.state.consecutive_failures} health checks")
+                    log.warning("worker %s (pid %d) %s (%s); replacing it", self.state.address, inc.pid,
+                                reason, self.state.last_error or "no answer")
+                    self.table.exited(self.state, reason)
+                    self._end_in_background(inc, graceful=True)
+        finally:
+            await self._shutdown()
+
+    async def _start_next(self) -> None:
+        """Start the next incarnation, after the back-off delay when the worker keeps failing."""
+        o = self.options
+        delay = self.backoff.delay(o.backoff_initial, o.backoff_max)
+        if delay > 0:
+            log.warning("worker %s failed %d times in a row right after starting (last: %s); "
+                        "restarting it in %.2fs", self.state.address, self.backoff.failures,
+                        self.state.last_error or "unknown", delay)
+            deadline = time.monotonic() + delay
+            while self._stop_mode is None and self._pending is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._wake.clear()
+                try:
+                    await asyncio.wait_for(self._wake.wait(), remaining)
+                except asyncio.TimeoutError:
+                    pass
+            if self._stop_mode is not None:
+                return
+        if self._pending is not None:  # a reload while nothing runs: start with its options now
+            self.options, future = self._pending
+            self._pending = None
+            self.backoff.failures = 0
+            _settle(future, True)
+        try:
+            inc = await self._spawn(self.options)
+        except OSError as e:
+            self.backoff.failures += 1
+            self.state.last_error = f"cannot start: {e.strerror or e}"
+            log.error("worker %s: cannot start: %s", self.state.address, e.strerror or e)
+            return
+        if self._spawned_once:
+            self.state.restarts += 1
+        self._spawned_once = True
+        self.current = inc
+        self.table.spawned(self.state, inc.pid)
+        self.checker.kick(self.state)
+
+    async def _spawn(self, options: WorkerOptions) -> Incarnation:
+        fd = self.sock.fileno()
+        stdout = self.sink.worker_stdout
+        proc = await asyncio.create_subprocess_exec(
+            *worker_argv(options, fd, self.state.host, self.state.port),
+            pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=stdout,
+            stderr=subprocess.STDOUT if stdout is not None else None,
+            preexec_fn=_die_with_master(os.getpid()),
+        )
+        inc = Incarnation(proc)
+        self._live.add(inc)
+        if proc.stdout is not None:
+            self._track(asyncio.ensure_future(self.sink.relay(proc.stdout)))
+        log.info("started worker %s (pid %d)", self.state.address, inc.pid)
+        return inc
+
+    async def _watch(self, inc: Incarnation) -> str:
+        """Wait until the incarnation must end or be replaced; say why."""
+        while True:
+            self._wake.clear()
+            if self._stop_mode is not None:
+                return "stop"
+            if not inc.alive:
+                return "exited"
+            if self._pending is not None:
+                return "reload"
+            state = self.state
+            if state.up and state.pid == inc.pid:
+                inc.was_up = True
+            if inc.was_up:
+                if not state.up and state.consecutive_failures >= self.table.fall:
+                    return "unhealthy"
+                timeout = None
+            else:
+                timeout = inc.started + self.options.boot_timeout - time.monotonic()
+                if timeout <= 0:
+                    return "boot"
+            waiter = asyncio.ensure_future(self._wake.wait())
+            try:
+                await asyncio.wait({waiter, inc.exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiter.cancel()
+
+    def _count(self, inc: Incarnation) -> None:
+        """Feed the back-off: an incarnation that ends unhealthy-from-birth or young is a failure."""
+        lived = time.monotonic() - inc.started
+        if not inc.was_up or lived < self.options.min_uptime:
+            self.backoff.failures += 1
+        else:
+            self.backoff.failures = 0
+
+    # -- reload --------------------------------------------------------------------------
+    async def _reload(self, old: Incarnation) -> None:
+        options, future = self._pending
+        self._pending = None
+        if not (old.was_up and self.state.up):
+            # Nothing healthy to keep serving: replace it straight away with the new options.
+            self.options = options
+            self.backoff.failures = 0
+            self.current = None
+            self.table.exited(self.state, "reloaded")
+            self._end_in_background(old, graceful=True)
+            _settle(future, True)
+            return
+        _settle(future, await self._swap(old, options))
+
+    async def _swap(self, old: Incarnation, options: WorkerOptions) -> bool:
+        """Start a new incarnation on the shared socket and prove it healthy, then drain the old.
+
+        Both incarnations accept on the same socket, so a probe could be answered by either: the
+        old one is paused (SIGSTOP) while the new one is probed, which makes every answer the new
+        one's. Clients are delayed, never refused: the kernel queues their connections, and the
+        old one's in-flight requests resume on SIGCONT. If the new one fails, the old one resumes
+        and keeps serving with the previous settings.
+        """
+        address = self.state.address
+        self.checker.hold(self.state)
+        new: Incarnation | None = None
+        try:
+            try:
+                new = await self._spawn(options)
+            except OSError as e:
+                error = f"cannot start: {e.strerror or e}"
+            else:
+                old.send(signal.SIGSTOP)
+                try:
+                    error = await self._prove(new, options)
+                finally:
+                    old.send(signal.SIGCONT)
+        finally:
+            self.checker.release(self.state)
+        if error is None:
+            self.options = options
+            self.current = new
+            new.was_up = True
+            self.backoff.failures = 0
+            self.table.handover(self.state, new.pid)
+            log.info("reloaded worker %s: pid %d took over from pid %d", address, new.pid, old.pid)
+            self._end_in_background(old, graceful=True)
+            return True
+        log.error("reload of worker %s failed: the new process %s; pid %d keeps serving with the "
+                  "previous settings", address, error, old.pid)
+        if new is not None:
+            self._end_in_background(new, graceful=False)
+        return False
+
+    async def _prove(self, new: Incarnation, options: WorkerOptions) -> str | None:
+        """None once `rise` consecutive probes passed (all answered by `new`), else why not."""
+        deadline = new.started + options.boot_timeout
+        passes, error = 0, "did not answer"
+        while passes < self.table.rise:
+            if self._stop_mode is not None:
+                return "was abandoned: the master is stopping"
+            if not new.alive:
+                return describe_exit(new.proc.returncode)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return f"did not become healthy within {options.boot_timeout:g}s ({error})"
+            result = await probe(self.state.host, self.state.port, options.health_path,
+                                 min(options.check_timeout, remaining))
+            if result is None:
+                passes += 1
+            else:
+                passes, error = 0, result
+            if passes < self.table.rise:
+                await asyncio.sleep(min(options.check_interval, RELOAD_PROBE_SPACING))
+        return None
+
+    # -- ending incarnations -------------------------------------------------------------
+    def _track(self, task: asyncio.Future) -> None:
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _end_in_background(self, inc: Incarnation, graceful: bool) -> None:
+        self._track(asyncio.ensure_future(self._end(inc, graceful)))
+
+    async def _end(self, inc: Incarnation, graceful: bool) -> None:
+        """Stop one incarnation: TERM (drain) or QUIT (at once); KILL if it outstays its time."""
+        graceful = graceful and self._stop_mode != "fast"
+        limit = math.ceil(self.options.graceful_timeout) + 1 if graceful else FAST_STOP_TIMEOUT
+        inc.send(signal.SIGTERM if graceful else signal.SIGQUIT)
+        inc.send(signal.SIGCONT)  # a stopped process cannot act on either signal
+        try:
+            await asyncio.wait_for(asyncio.shield(inc.exited), limit)
+        except asyncio.TimeoutError:
+            log.warning("worker %s (pid %d) did not exit within %gs; killing it", self.state.address, inc.pid, limit)
+            inc.send(signal.SIGKILL)
+            await inc.exited
+        self._live.discard(inc)
+        log.info("worker %s (pid %d) %s", self.state.address, inc.pid, describe_exit(inc.proc.returncode))
+
+    async def _shutdown(self) -> None:
+        if self._pending is not None:
+            _settle(self._pending[1], False)
+            self._pending = None
+        if self.current is not None:
+            self._end_in_background(self.current, graceful=self._stop_mode != "fast")
+            self.current = None
+            self.table.exited(self.state, "stopped")
+        while self._background:
+            await asyncio.gather(*list(self._background), return_exceptions=True)

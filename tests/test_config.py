@@ -1,0 +1,265 @@
+"""Config loading: the seed file, the extended keys, and one clear error line per mistake."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from arbiter import config as cfg
+from arbiter.__main__ import main
+from support import PYTHON, REPO, free_port, python_env
+
+SEED = {"workers": [{"host": "127.0.0.1", "port": 9000}, {"host": "127.0.0.1", "port": 9001}],
+        "baseDirectory": "www", "masterPort": 9090}
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    (tmp_path / "www").mkdir()
+    (tmp_path / "www" / "index.html").write_text("hello")
+    return tmp_path
+
+
+def write(directory: Path, data, name: str = "gows.conf.json") -> Path:
+    path = directory / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return path
+
+
+def check(path: Path, capsys) -> tuple[int, str, str]:
+    code = main(["-c", str(path), "--check-config"])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_seed_config_of_the_proof_of_concept_loads_unchanged(site):
+    c = cfg.load(write(site, SEED))
+    assert c.listen == cfg.Address("127.0.0.1", 9090)
+    assert [(w.host, w.port, w.local) for w in c.workers] == [("127.0.0.1", 9000, True), ("127.0.0.1", 9001, True)]
+    assert c.base_directory == (site / "www").resolve()
+    assert c.threads == 4 and c.health_check.path == "/healthcheck" and c.pidfile is None
+
+
+def test_shorthand_defaults_and_relative_paths(site):
+    (site / "run").mkdir()
+    c = cfg.load(write(site, {"$schema": "arbiter/gows.schema.json", "baseDirectory": "www", "workerCount": 3,
+                              "workerBasePort": 9101, "pidfile": "run/gows.pid", "listen": "[::1]:8443",
+                              "logging": {"file": "run/gows.log"}}))
+    assert [w.port for w in c.workers] == [9101, 9102, 9103] and all(w.local for w in c.workers)
+    assert c.listen == cfg.Address("::1", 8443) and str(c.listen) == "[::1]:8443"
+    assert c.pidfile == (site / "run" / "gows.pid").resolve()
+    assert c.logging.file == (site / "run" / "gows.log").resolve()
+    assert c.health_check == cfg.HealthCheck("/healthcheck", 1.0, 1.0, 2, 3, 15.0)
+    assert (c.max_fails, c.fail_timeout, c.graceful_timeout) == (3, 10.0, 30.0)
+
+
+def test_default_listen_is_loopback_8080(site):
+    c = cfg.load(write(site, {"baseDirectory": "www", "workerCount": 1}))
+    assert c.listen == cfg.Address("127.0.0.1", 8080) and c.workers[0].port == 9001
+
+
+def test_proxy_settings_are_a_plain_snake_case_dict(site):
+    c = cfg.load(write(site, {"baseDirectory": "www", "workerCount": 1,
+                              "proxy": {"balance": "consistent-hash", "poolSize": 8},
+                              "frontCache": {"enabled": False, "maxObjectBytes": 1024}}))
+    assert c.proxy_settings == {
+        "balance": "consistent-hash", "retries": 2, "connect_timeout": 2.0, "response_timeout": 30.0,
+        "idle_timeout": 15.0, "header_timeout": 10.0, "max_connections": 4096, "max_request_line": 8190,
+        "max_header_bytes": 32768, "max_headers": 100, "max_body_bytes": 1048576, "pool_size": 8,
+        "front_cache_enabled": False, "front_cache_max_bytes": 67108864, "front_cache_max_object_bytes": 1024,
+    }
+
+
+def test_a_non_local_worker_is_not_spawned_only_checked(site):
+    # 192.0.2.1 is TEST-NET-1: never an address of this machine. Nothing is sent to it here.
+    c = cfg.load(write(site, {"baseDirectory": "www", "listen": "127.0.0.1:8080",
+                              "workers": [{"host": "127.0.0.1", "port": 9001}, {"host": "192.0.2.1", "port": 9001}]}))
+    assert [w.local for w in c.workers] == [True, False]
+    assert [w.port for w in c.local_workers] == [9001]
+
+
+def test_bundled_config_serves_www_with_two_workers_on_8080(capsys):
+    c = cfg.load(REPO / "gows.conf.json")
+    assert c.base_directory == (REPO / "www").resolve()
+    assert c.listen == cfg.Address("127.0.0.1", 8080) and len(c.local_workers) == 2
+    code, out, err = check(REPO / "gows.conf.json", capsys)
+    assert code == 0 and "OK (2 local and 0 remote workers, listening on 127.0.0.1:8080)" in out and err == ""
+
+
+BAD = [
+    ({"baseDirectory": "www", "workerCount": 1, "unknownKey": 1}, "unknownKey: unknown key"),
+    ({"baseDirectory": "www", "workerCount": 1, "healthCheck": {"interval": "fast"}},
+     'healthCheck.interval: must be a number > 0 and <= 3600, got "fast"'),
+    ({"baseDirectory": "www", "workerCount": 1, "healthCheck": {"intervall": 1}},
+     'healthCheck.intervall: unknown key (did you mean "interval"?)'),
+    ({"baseDirectory": "www", "workerCount": 1, "healthcheck": {}}, 'healthcheck: unknown key (did you mean "healthCheck"?)'),
+    ({"baseDirectory": "www", "workerCount": 1, "healthCheck": 5}, "healthCheck: must be an object, got 5"),
+    ({"baseDirectory": "www", "workerCount": 1, "healthCheck": {"path": "health"}}, "healthCheck.path: must be an absolute URL path"),
+    ({"baseDirectory": "www", "workerCount": 1, "healthCheck": {"rise": 0}}, "healthCheck.rise: must be an integer from 1 to 100, got 0"),
+    ({"baseDirectory": "www", "workerCount": 1, "threads": 0}, "threads: must be an integer from 1 to 1024, got 0"),
+    ({"baseDirectory": "www", "workerCount": 1, "threads": True}, "threads: must be an integer from 1 to 1024, got true"),
+    ({"baseDirectory": "www", "workerCount": 2.5}, "workerCount: must be null or an integer from 1 to 1024, got 2.5"),
+    ({"baseDirectory": "www", "workerCount": 1, "gracefulTimeout": -1}, "gracefulTimeout: must be a number > 0"),
+    ({"baseDirectory": "www", "workerCount": 1, "listen": "8080"}, 'listen: must be a "host:port" address'),
+    ({"baseDirectory": "www", "workerCount": 1, "listen": "example.com:80"}, "listen: host must be an IP address or localhost"),
+    ({"baseDirectory": "www", "workerCount": 1, "listen": "127.0.0.1:99999"}, "listen: must be a"),
+    ({"baseDirectory": "www", "workerCount": 1, "listen": "127.0.0.1:8000", "masterPort": 8000},
+     "masterPort: give either listen or masterPort, not both"),
+    ({"baseDirectory": "www", "workerCount": 1, "workers": [{"host": "127.0.0.1", "port": 9001}]},
+     "workerCount: give either workers or workerCount, not both"),
+    ({"baseDirectory": "www", "workerBasePort": 9001, "workers": [{"host": "127.0.0.1", "port": 9001}]},
+     "workerBasePort: give either workers or workerCount, not both"),
+    ({"baseDirectory": "www"}, "workers: required"),
+    ({"baseDirectory": "www", "workers": []}, "workers: must be null or a non-empty list"),
+    ({"baseDirectory": "www", "workers": [9001]}, "workers[0]: must be an object like"),
+    ({"baseDirectory": "www", "workers": [{"host": "127.0.0.1"}]}, "workers[0].port: required"),
+    ({"baseDirectory": "www", "workers": [{"host": "127.0.0.1", "port": 70000}]},
+     "workers[0].port: must be an integer from 1 to 65535, got 70000"),
+    ({"baseDirectory": "www", "workers": [{"host": "127.0.0.1", "port": 9001, "weight": 2}]},
+     "workers[0].weight: unknown key"),
+    ({"baseDirectory": "www", "workers": [{"host": "bad host!", "port": 9001}]}, "workers[0].host: must be a host name or IP address"),
+    ({"baseDirectory": "www", "workers": [{"host": "127.0.0.1", "port": 9001}, {"host": "127.0.0.1", "port": 9001}]},
+     "workers[1].port: port 9001 is already used by workers[0].port"),
+    ({"baseDirectory": "www", "listen": "127.0.0.1:9001", "workers": [{"host": "127.0.0.1", "port": 9001}]},
+     "workers[0].port: port 9001 is already used by listen"),
+    ({"baseDirectory": "www", "masterPort": 9002, "workerCount": 2, "workerBasePort": 9001},
+     "workerBasePort: port 9002 is already used by masterPort"),
+    ({"baseDirectory": "www", "workerCount": 1, "admin": "127.0.0.1:8080"}, "admin: port 8080 is already used by listen"),
+    ({"baseDirectory": "www", "workerCount": 10, "workerBasePort": 65530}, "workerCount: 10 ports from workerBasePort 65530 run past 65535"),
+    ({"workerCount": 1}, "baseDirectory: required"),
+    ({"baseDirectory": "missing", "workerCount": 1}, "missing does not exist"),
+    ({"baseDirectory": "www/index.html", "workerCount": 1}, "index.html is not a directory"),
+    ({"baseDirectory": "www", "workerCount": 1, "logging": {"level": "loud"}},
+     'logging.level: must be one of "debug", "info", "warning", "error", "critical", got "loud"'),
+    ({"baseDirectory": "www", "workerCount": 1, "logging": {"accessLog": "yes"}}, 'logging.accessLog: must be true or false, got "yes"'),
+    ({"baseDirectory": "www", "workerCount": 1, "logging": {"file": "nodir/gows.log"}}, "logging.file: directory"),
+    ({"baseDirectory": "www", "workerCount": 1, "pidfile": "nodir/gows.pid"}, "pidfile: directory"),
+    ({"baseDirectory": "www", "workerCount": 1, "proxy": {"balance": "random"}}, "proxy.balance: must be one of"),
+    ({"baseDirectory": "www", "workerCount": 1, "proxy": {"retries": -1}}, "proxy.retries: must be an integer from 0 to 10, got -1"),
+    ({"baseDirectory": "www", "workerCount": 1, "restartBackoff": {"max": 0}}, "restartBackoff.max: must be a number > 0"),
+    ({"baseDirectory": "www", "workerCount": 1, "frontCache": {"maxBytes": 10, "maxObjectBytes": 11}},
+     "frontCache.maxObjectBytes: 11 exceeds frontCache.maxBytes 10"),
+    ('{"baseDirectory": "www", "workerCount": 1,}', "invalid JSON at line 1 column"),
+    ('{"baseDirectory": "www", "workerCount": 1, "threads": 2, "threads": 3}', "threads: given twice"),
+    ('{"baseDirectory": "www", "workerCount": 1, "threads": NaN}', "invalid JSON: NaN is not a JSON number"),
+    ("[1, 2]", "must be a JSON object, got list"),
+]
+
+
+@pytest.mark.parametrize("data,message", BAD, ids=[m[:40] for _, m in BAD])
+def test_each_mistake_exits_2_with_one_line_naming_the_key(site, capsys, data, message):
+    path = write(site, data)
+    code, out, err = check(path, capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(f"{path}: ") and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_config_file(tmp_path, capsys):
+    code, _, err = check(tmp_path / "nope.json", capsys)
+    assert code == 2 and err == f"{tmp_path / 'nope.json'}: cannot read: No such file or directory\n"
+
+
+def test_unreadable_base_directory(site, capsys, monkeypatch):
+    monkeypatch.setattr(cfg.os, "access", lambda path, mode: False)  # tests may run as root
+    code, _, err = check(write(site, {"baseDirectory": "www", "workerCount": 1}), capsys)
+    assert code == 2 and "baseDirectory: " in err and "www is not readable" in err
+
+
+def run_master(path: Path, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([PYTHON, "-m", "arbiter", "-c", str(path)], env=python_env(), capture_output=True,
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_worker_port_in_use_exits_2_naming_the_key(site):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = write(site, {"baseDirectory": "www", "listen": f"127.0.0.1:{free_port()}",
+                            "workers": [{"host": "127.0.0.1", "port": port}]})
+        result = run_master(path)
+    assert result.returncode == 2
+    assert result.stderr == f"{path}: workers[0].port: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+def test_public_port_in_use_exits_2_naming_the_key(site):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        path = write(site, {"baseDirectory": "www", "masterPort": port, "workers": [{"host": "127.0.0.1", "port": free_port()}]})
+        result = run_master(path)
+    assert result.returncode == 2
+    assert result.stderr == f"{path}: masterPort: cannot listen on 127.0.0.1:{port}: address already in use\n"
+
+
+def test_pidfile_of_a_running_master_exits_2(site):
+    (site / "gows.pid").write_text(f"{os.getpid()}\n")  # this test process is alive
+    path = write(site, {"baseDirectory": "www", "listen": f"127.0.0.1:{free_port()}", "pidfile": "gows.pid",
+                        "workers": [{"host": "127.0.0.1", "port": free_port()}]})
+    result = run_master(path)
+    assert result.returncode == 2
+    assert f"pidfile: {(site / 'gows.pid').resolve()} names running process {os.getpid()}" in result.stderr
+    assert (site / "gows.pid").read_text() == f"{os.getpid()}\n"
+
+
+def test_invalid_config_from_the_command_line_is_one_line_without_traceback(site):
+    path = write(site, {"baseDirectory": "www", "workerCount": 1, "healthCheck": {"interval": "fast"}})
+    result = run_master(path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == f'{path}: healthCheck.interval: must be a number > 0 and <= 3600, got "fast"\n'
+
+
+# -- the JSON Schema ------------------------------------------------------------------------
+def documented_keys(cls=cfg.Config, prefix="") -> dict[str, cfg.Setting]:
+    out = {}
+    for key, _, s in cfg.declared(cls):
+        out[prefix + key] = s
+        if isinstance(s.kind, cfg.Section):
+            out.update(documented_keys(s.kind.cls, prefix + key + "."))
+    return out
+
+
+def schema_keys(schema: dict, prefix="") -> dict[str, dict]:
+    out = {}
+    for key, prop in schema.get("properties", {}).items():
+        out[prefix + key] = prop
+        if prop.get("type") == "object":
+            out.update(schema_keys(prop, prefix + key + "."))
+    return out
+
+
+def test_published_schema_is_generated_from_the_declarations():
+    shipped = json.loads(cfg.SCHEMA_PATH.read_text())
+    assert shipped == cfg.json_schema(), "regenerate: python -c 'from arbiter.config import write_schema; write_schema()'"
+    jsonschema.Draft202012Validator.check_schema(shipped)
+
+
+def test_every_documented_key_is_in_the_schema_and_vice_versa():
+    shipped = json.loads(cfg.SCHEMA_PATH.read_text())
+    documented = documented_keys()
+    in_schema = schema_keys(shipped)
+    assert set(in_schema) - {"$schema"} == set(documented)
+    for key, s in documented.items():
+        assert s.doc and in_schema[key]["description"] == s.doc, key
+        if not isinstance(s.kind, cfg.Section) and s.default is not cfg._REQUIRED:
+            assert in_schema[key]["default"] == s.default, key
+    assert "baseDirectory" in shipped["required"]
+
+
+def test_schema_agrees_with_the_loader_on_examples(site):
+    """What the schema can express (types, ranges, names, exclusive forms) it rejects too."""
+    validator = jsonschema.Draft202012Validator(json.loads(cfg.SCHEMA_PATH.read_text()))
+    assert not list(validator.iter_errors(SEED))
+    assert not list(validator.iter_errors(json.loads((REPO / "gows.conf.json").read_text())))
+    structural = [data for data, message in BAD if isinstance(data, dict) and not any(
+        word in message for word in ("already used", "exist", "directory", "run past", "exceeds", "IP address"))]
+    assert len(structural) > 25
+    for data in structural:
+        assert list(validator.iter_errors(data)), data

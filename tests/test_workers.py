@@ -1,0 +1,40 @@
+"""Worker slot pieces: the command line matches fileapp's CLI, back-off, exit descriptions."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+from arbiter.config import load_data
+from arbiter.workers import Backoff, WorkerOptions, describe_exit, worker_argv
+from fileapp.__main__ import make_parser
+
+
+def test_worker_command_line_is_accepted_by_fileapp_and_carries_the_settings(tmp_path):
+    (tmp_path / "www").mkdir()
+    config = load_data({"baseDirectory": "www", "workerCount": 1, "threads": 7, "gracefulTimeout": 2.5,
+                        "healthCheck": {"path": "/hc"}, "cache": {"ttl": 0.5, "maxBytes": 1000, "maxFileSize": 10},
+                        "logging": {"level": "warning", "accessLog": True}}, tmp_path / "gows.conf.json")
+    argv = worker_argv(WorkerOptions.from_config(config), 5, "127.0.0.1", 9001)
+    assert argv[:3] == [sys.executable, "-m", "fileapp"]
+    args = make_parser().parse_args(argv[3:])
+    assert (args.root, args.fd, args.port, args.threads) == (str((tmp_path / "www").resolve()), 5, 9001, 7)
+    assert (args.health_path, args.cache_ttl, args.cache_max_bytes, args.cache_max_file_size) == ("/hc", 0.5, 1000, 10)
+    assert (args.graceful_timeout, args.log_level, args.access_log, args.parent_pid) == (2.5, "warning", True, os.getpid())
+
+
+def test_backoff_is_zero_for_one_failure_then_doubles_up_to_the_cap():
+    b = Backoff()
+    delays = []
+    for _ in range(8):
+        b.failures += 1
+        delays.append(b.delay(0.5, 5.0))
+    assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
+    b.failures = 0
+    assert b.delay(0.5, 5.0) == 0.0
+
+
+def test_exit_descriptions():
+    assert describe_exit(0) == "exited with status 0"
+    assert describe_exit(2) == "exited with status 2"
+    assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"

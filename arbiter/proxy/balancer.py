@@ -1,0 +1,116 @@
+"""Choosing a healthy worker per request: round robin, least outstanding requests, or consistent
+hashing on the path with bounded load (so each worker's file cache holds its own share)."""
+from __future__ import annotations
+
+import bisect
+import math
+from hashlib import blake2b
+from operator import attrgetter
+from typing import Collection
+
+from ..state import WorkerState, WorkerTable
+
+VIRTUAL_NODES = 160  # points per worker on the hash ring (ketama uses 160)
+LOAD_FACTOR = 1.25  # bounded load: no worker takes more than c x the mean outstanding requests
+
+_in_flight = attrgetter("in_flight")
+
+
+def _hash64(data: bytes) -> int:
+    return int.from_bytes(blake2b(data, digest_size=8).digest(), "big")
+
+
+class Balancer:
+    """Picks a worker from `table.healthy`; derived state is rebuilt lazily when the table changes."""
+
+    def __init__(self, table: WorkerTable, policy: str = "round-robin") -> None:
+        self.table = table
+        self.policy = policy
+        self._next = 0
+        self._ring_generation = -1
+        self._points: list[int] = []
+        self._owners: list[WorkerState] = []
+        self.pick = {
+            "round-robin": self._round_robin,
+            "least-outstanding": self._least_outstanding,
+            "consistent-hash": self._consistent_hash,
+        }[policy]
+
+    def _round_robin(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
+        healthy = self.table.healthy
+        n = len(healthy)
+        if not n:
+            return None
+        i = self._next
+        self._next = i + 1
+        worker = healthy[i % n]
+        if exclude and worker in exclude:
+            for k in range(1, n):
+                worker = healthy[(i + k) % n]
+                if worker not in exclude:
+                    return worker
+            return None
+        return worker
+
+    def _least_outstanding(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
+        healthy = self.table.healthy
+        n = len(healthy)
+        if not n:
+            return None
+        # Rotate the starting point so ties (e.g. everyone idle) are broken round robin.
+        s = self._next % n
+        self._next += 1
+        order = healthy[s:] + healthy[:s]
+        if exclude:
+            order = [w for w in order if w not in exclude]
+            if not order:
+                return None
+        return min(order, key=_in_flight)
+
+    def _rebuild_ring(self) -> None:
+        points: list[tuple[int, int, WorkerState]] = []
+        for index, worker in enumerate(self.table.healthy):
+            # Keyed on the address, not the position, so a worker leaving moves only its share.
+            name = worker.address.encode()
+            for v in range(VIRTUAL_NODES):
+                points.append((_hash64(b"%s#%d" % (name, v)), index, worker))
+        points.sort(key=lambda p: (p[0], p[1]))
+        self._points = [p[0] for p in points]
+        self._owners = [p[2] for p in points]
+        self._ring_generation = self.table.generation
+
+    def _consistent_hash(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
+        if self._ring_generation != self.table.generation:
+            self._rebuild_ring()
+        points = self._points
+        if not points:
+            return None
+        healthy = self.table.healthy
+        n = len(healthy)
+        # Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2017): walk the
+        # ring from the key's point to the first worker below ceil(c * (m + 1) / n).
+        capacity = math.ceil(LOAD_FACTOR * (sum(map(_in_flight, healthy)) + 1) / n)
+        owners = self._owners
+        size = len(points)
+        start = bisect.bisect_left(points, _hash64(path.partition(b"?")[0]))
+        seen: set[int] = set()
+        for k in range(size):
+            worker = owners[(start + k) % size]
+            wid = id(worker)
+            if wid in seen:
+                continue
+            seen.add(wid)
+            if worker.in_flight < capacity and not (exclude and worker in exclude):
+                return worker
+            if len(seen) == n:
+                break
+        return None
+
+    def owner(self, path: bytes) -> WorkerState | None:
+        """The worker a path hashes to when load does not interfere (for tests and the admin page)."""
+        if self._ring_generation != self.table.generation:
+            self._rebuild_ring()
+        if not self._points:
+            return None
+        i = bisect.bisect_left(self._points, _hash64(path.partition(b"?")[0])) % len(self._points)
+        return self._owners[i]

@@ -1,0 +1,206 @@
+"""Front cache: small GET responses the workers marked cacheable, served by the master itself.
+
+Bounded in bytes and per object (cachetools' TLRUCache: least recently used, each entry
+expiring at its own max-age). Each entry keeps its response prepared as bytes, so a hit is
+one dict lookup and one transport.write.
+"""
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+from cachetools import TLRUCache
+from werkzeug.http import parse_accept_header, parse_date
+
+VIA = b"Via: 1.1 gows\r\n"
+_CODINGS = ("br", "zstd", "gzip", "deflate", "identity")
+_MEMO_LIMIT = 1024
+_INLINE_LIMIT = 64 * 1024  # bodies up to this size are kept joined to each head variant
+
+# Headers a 304 carries over from the 200 it stands for (RFC 9110 15.4.5), lower-cased.
+_NOT_MODIFIED_HEADERS = frozenset((b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"))
+# Never stored: framing and hop-by-hop (recomputed or per connection), and Age (we add our own).
+_DROP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
+                   b"upgrade", b"proxy-authenticate", b"content-length", b"age"))
+
+
+def encoding_class(accept_encoding: bytes | None, _memo: dict = {}) -> bytes:
+    """Normalise Accept-Encoding to the preference order of the codings a worker could pick.
+
+    Two requests in the same class get the same representation from a worker, so the class
+    (not the raw header, which varies by browser) is part of the cache key.
+    """
+    try:
+        return _memo[accept_encoding]
+    except KeyError:
+        pass
+    if accept_encoding is None:
+        cls = b"-"
+    else:
+        accept = parse_accept_header(accept_encoding.decode("latin-1"))
+        ranked = sorted((-accept.quality(c), i, c) for i, c in enumerate(_CODINGS) if accept.quality(c) > 0)
+        cls = ",".join(c for _, _, c in ranked).encode()
+    if len(_memo) >= _MEMO_LIMIT:
+        _memo.clear()
+    _memo[accept_encoding] = cls
+    return cls
+
+
+def freshness(cache_control: bytes | None, _memo: dict = {}) -> int:
+    """Seconds a shared cache may keep a response under its Cache-Control (0: do not store)."""
+    try:
+        return _memo[cache_control]
+    except KeyError:
+        pass
+    max_age = s_maxage = None
+    forbidden = cache_control is None
+    for part in (cache_control or b"").lower().split(b","):
+        name, _, value = part.strip().partition(b"=")
+        value = value.strip().strip(b'"')
+        if name in (b"no-store", b"no-cache", b"private"):
+            forbidden = True
+        elif name in (b"max-age", b"s-maxage"):
+            if not value.isdigit():
+                forbidden = True
+            elif name == b"max-age":
+                max_age = int(value)
+            else:
+                s_maxage = int(value)
+    seconds = s_maxage if s_maxage is not None else max_age
+    result = 0 if forbidden or not seconds else seconds
+    if len(_memo) >= _MEMO_LIMIT:
+        _memo.clear()
+    _memo[cache_control] = result
+    return result
+
+
+class Entry:
+    """One cached 200 response, prepared for keep-alive, HTTP/1.0 keep-alive and closing clients."""
+
+    __slots__ = ("body", "block", "nm_block", "etag", "last_modified", "modified_at", "born", "expires", "size",
+                 "age", "initial_age", "full", "full_ka", "full_close", "head", "head_ka", "head_close", "nm", "nm_ka", "nm_close")
+
+    def __init__(self, headers: Sequence[tuple[bytes, bytes, bytes]], body: bytes, ttl: float, now: float,
+                 initial_age: int = 0) -> None:
+        block, nm_block = [], []
+        self.etag = self.last_modified = None
+        for lname, name, value in headers:
+            if lname in _DROP:
+                continue
+            line = b"%s: %s\r\n" % (name, value)
+            block.append(line)
+            if lname in _NOT_MODIFIED_HEADERS:
+                nm_block.append(line)
+            if lname == b"etag":
+                self.etag = value
+            elif lname == b"last-modified":
+                self.last_modified = value
+        self.block = b"".join(block) + b"Content-Length: %d\r\n" % len(body) + VIA
+        self.nm_block = b"".join(nm_block) + VIA
+        self.modified_at = None
+        self.body = body
+        self.born = now
+        self.expires = now + ttl
+        self.size = 2 * len(body) + 4 * len(self.block) + 256 if len(body) <= _INLINE_LIMIT else len(body) + 4 * len(self.block) + 256
+        self.initial_age = initial_age
+        self.age = -1
+        self.prepare(initial_age)
+
+    def prepare(self, age: int) -> None:
+        """(Re)build the prepared bytes for a whole number of seconds spent in the cache."""
+        self.age = age
+        age_line = b"Age: %d\r\n" % age if age else b""
+        base = b"HTTP/1.1 200 OK\r\n" + self.block + age_line
+        self.head = base + b"\r\n"
+        self.head_ka = base + b"Connection: keep-alive\r\n\r\n"
+        self.head_close = base + b"Connection: close\r\n\r\n"
+        nm = b"HTTP/1.1 304 Not Modified\r\n" + self.nm_block + age_line
+        self.nm = nm + b"\r\n"
+        self.nm_ka = nm + b"Connection: keep-alive\r\n\r\n"
+        self.nm_close = nm + b"Connection: close\r\n\r\n"
+        if len(self.body) <= _INLINE_LIMIT:
+            self.full = self.head + self.body
+            self.full_ka = self.head_ka + self.body
+            self.full_close = self.head_close + self.body
+        else:
+            self.full = self.full_ka = self.full_close = None
+
+    def not_modified(self, if_none_match: bytes | None, if_modified_since: bytes | None) -> bool:
+        """Whether a conditional GET/HEAD is answered with 304 (RFC 9110 13.2.2 order)."""
+        if if_none_match is not None:
+            etag = self.etag
+            if etag is None:
+                return False
+            if if_none_match.strip() == b"*":
+                return True
+            weak = etag[2:] if etag.startswith(b"W/") else etag
+            for candidate in if_none_match.split(b","):
+                candidate = candidate.strip()
+                if candidate.startswith(b"W/"):
+                    candidate = candidate[2:]
+                if candidate == weak:
+                    return True
+            return False
+        if if_modified_since is not None and self.last_modified is not None:
+            if if_modified_since == self.last_modified:
+                return True
+            if self.modified_at is None:
+                self.modified_at = parse_date(self.last_modified.decode("latin-1")) or False
+            since = parse_date(if_modified_since.decode("latin-1"))
+            return bool(self.modified_at and since and since >= self.modified_at)
+        return False
+
+
+def _ttu(key, entry: Entry, now: float) -> float:
+    return entry.expires
+
+
+class FrontCache:
+    """The bounded response store with its hit/miss counters."""
+
+    def __init__(self, max_bytes: int, max_object_bytes: int) -> None:
+        self.max_object_bytes = max_object_bytes
+        self.entries: TLRUCache = TLRUCache(max(max_bytes, 1), _ttu, timer=time.monotonic,
+                                            getsizeof=lambda e: e.size)
+        self.hits = 0
+        self.misses = 0
+        self.stores = 0
+        self.classes: set[bytes] = set()  # encoding classes in use, to find a target's variants
+
+    def get(self, key: tuple[bytes, bytes]) -> Entry | None:
+        try:
+            entry = self.entries[key]
+        except KeyError:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return entry
+
+    def store(self, key: tuple[bytes, bytes], headers: Sequence[tuple[bytes, bytes, bytes]], body: bytes,
+              ttl: float, upstream_age: int = 0) -> bool:
+        """Keep a complete 200 response for `ttl` seconds (minus the Age it already had)."""
+        ttl -= upstream_age
+        if ttl <= 0 or len(body) > self.max_object_bytes:
+            return False
+        entry = Entry(headers, body, ttl, time.monotonic(), upstream_age)
+        if entry.size > self.entries.maxsize:
+            return False
+        self.entries[key] = entry
+        self.classes.add(key[1])
+        self.stores += 1
+        return True
+
+    def invalidate(self, target: bytes) -> None:
+        """Drop every variant of a target (after an unsafe method succeeded on it)."""
+        for cls in list(self.classes):
+            self.entries.pop((target, cls), None)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    @property
+    def bytes(self) -> int:
+        return self.entries.currsize
+
+    def __len__(self) -> int:
+        return len(self.entries)

@@ -1,0 +1,369 @@
+"""Failures between the proxy and its workers: retries of idempotent requests, never resending a
+POST, stale pooled connections, passive failure detection, 502/504, workers killed mid-stream
+or under load, the worker set changing under load, graceful shutdown."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from arbiter.proxy import ProxySettings
+from proxy_harness import ProxyThread, RawUpstream, Worker, parse_responses, raw, read_all
+from proxy_upstream_app import pattern
+from support import free_port, wait_until
+
+NO_CACHE = ProxySettings(front_cache_enabled=False)
+
+
+def ok_upstream(tag: bytes = b"ok") -> RawUpstream:
+    def respond(head, body, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(tag), tag))
+        return True
+    return RawUpstream(respond)
+
+
+def dropping_upstream() -> RawUpstream:
+    """Reads each request, then closes without a byte of response."""
+    return RawUpstream(lambda head, body, conn: False)
+
+
+def test_refused_worker_is_retried_elsewhere_and_marked_down():
+    good = ok_upstream()
+    dead = free_port()  # nothing listens there
+    p = ProxyThread([dead, good.port], NO_CACHE, max_fails=3, fail_timeout=30)
+    try:
+        for _ in range(12):
+            r = requests.get(p.url + "/x")
+            assert r.status_code == 200 and r.text == "ok"
+        assert not p.worker(dead).up  # three passive failures: down, until active checks pass
+        stats = p.stats()
+        assert stats["retries"] == 3 and stats["upstream_errors"] == 3
+        assert "refused" in p.worker(dead).last_error
+    finally:
+        p.stop()
+        good.stop()
+
+
+def test_all_workers_refusing_gives_502_not_a_hang():
+    p = ProxyThread([free_port(), free_port()], NO_CACHE)
+    try:
+        r = requests.get(p.url + "/x", timeout=10)
+        assert r.status_code == 502
+        assert p.stats()["retries"] == 1  # the second worker was tried too
+    finally:
+        p.stop()
+
+
+def test_get_retried_when_worker_drops_the_connection_before_answering():
+    bad, good = dropping_upstream(), ok_upstream(b"good")
+    p = ProxyThread([bad.port, good.port], NO_CACHE)
+    try:
+        for _ in range(6):
+            assert requests.get(p.url + "/x").text == "good"
+        assert len(bad.heads) >= 1 and p.stats()["retries"] >= 1
+    finally:
+        p.stop()
+        bad.stop()
+        good.stop()
+
+
+def test_post_is_never_resent_after_it_was_sent():
+    bad, good = dropping_upstream(), ok_upstream(b"good")
+    p = ProxyThread([bad.port, good.port], NO_CACHE, max_fails=1000)
+    try:
+        statuses = [requests.post(p.url + "/x", data=b"id=%d" % i).status_code for i in range(8)]
+        assert statuses.count(502) == 4 and statuses.count(200) == 4  # round robin: half hit `bad`
+        assert len(bad.heads) == 4 and len(good.heads) == 4  # the failed ones were not resent
+    finally:
+        p.stop()
+        bad.stop()
+        good.stop()
+
+
+def test_post_is_retried_when_it_was_never_sent():
+    good = ok_upstream(b"good")
+    p = ProxyThread([free_port(), good.port], NO_CACHE)
+    try:
+        for i in range(4):
+            assert requests.post(p.url + "/x", data=b"id=%d" % i).text == "good"
+        assert len(good.heads) == 4
+    finally:
+        p.stop()
+        good.stop()
+
+
+def stale_upstream() -> RawUpstream:
+    """Answers the first request on a connection, then drops the connection on the second one:
+    what a worker closing an idle keep-alive connection looks like when we reuse it."""
+    served: dict[int, int] = {}
+
+    def respond(head, body, conn):
+        n = served.get(id(conn), 0)
+        served[id(conn)] = n + 1
+        if n == 0:
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            return True
+        return False
+    return RawUpstream(respond)
+
+
+def test_stale_pooled_connection_retried_on_a_fresh_one():
+    up = stale_upstream()
+    p = ProxyThread([up.port], NO_CACHE)
+    try:
+        for _ in range(5):
+            assert requests.get(p.url + "/x").text == "ok"
+        stats = p.stats()
+        assert stats["stale_retries"] == 4 and stats["retries"] == 0
+        assert p.worker(up.port).up and not p.worker(up.port).passive_failure_times
+    finally:
+        p.stop()
+        up.stop()
+
+
+def test_stale_pooled_connection_not_resent_for_post():
+    up = stale_upstream()
+    p = ProxyThread([up.port], NO_CACHE)
+    try:
+        assert requests.post(p.url + "/x", data=b"1").status_code == 200
+        assert requests.post(p.url + "/x", data=b"2").status_code == 502
+        assert len(up.heads) == 2
+    finally:
+        p.stop()
+        up.stop()
+
+
+def test_malformed_worker_response_is_502():
+    def respond(head, body, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc")
+        return False
+    up = RawUpstream(respond)
+    p = ProxyThread([up.port], NO_CACHE, max_fails=1000)
+    try:
+        r = requests.get(p.url + "/x")
+        assert r.status_code == 502 and "abc" not in r.text
+    finally:
+        p.stop()
+        up.stop()
+
+
+def test_connect_timeout_is_504():
+    # A listener whose accept queue is full: the kernel leaves our SYN unanswered.
+    blackhole = socket.socket()
+    blackhole.bind(("127.0.0.1", 0))
+    blackhole.listen(0)
+    filler = socket.create_connection(blackhole.getsockname())
+    p = ProxyThread([blackhole.getsockname()[1]], ProxySettings(front_cache_enabled=False, connect_timeout=0.5))
+    try:
+        started = time.monotonic()
+        r = requests.get(p.url + "/x", timeout=20)
+        assert r.status_code == 504
+        assert time.monotonic() - started < 10
+        assert "timed out" in p.worker(blackhole.getsockname()[1]).last_error
+    finally:
+        p.stop()
+        filler.close()
+        blackhole.close()
+
+
+def test_response_timeout_is_504_and_not_retried():
+    w = Worker()
+    p = ProxyThread([w], ProxySettings(front_cache_enabled=False, response_timeout=1.0))
+    try:
+        started = time.monotonic()
+        r = requests.get(p.url + "/sleep?s=4", timeout=20)
+        assert r.status_code == 504
+        assert time.monotonic() - started < 3.5
+        assert p.stats()["retries"] == 0
+        assert requests.get(p.url + "/sleep?s=0.1").status_code == 200  # the worker is fine
+    finally:
+        p.stop()
+        w.stop()
+
+
+def read_response(port: int, request: bytes, timeout: float = 30) -> tuple[bytes, bytes]:
+    """(head, body) of one request on a fresh connection, read until the proxy closes it."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(request)
+        data = read_all(s, timeout)
+    head, _, body = data.partition(b"\r\n\r\n")
+    return head, body
+
+
+def test_worker_killed_mid_stream_truncates_cleanly():
+    w = Worker()
+    p = ProxyThread([w], NO_CACHE)
+    try:
+        size = 8 << 20
+        head, body = read_response(
+            p.port, b"GET /stream?size=%d&chunk=65536&die_after=1048576 HTTP/1.1\r\nHost: t\r\n\r\n" % size)
+        assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % size in head
+        assert 1 << 20 <= len(body) < size  # truncated, and the connection was closed
+        assert body == pattern(len(body))  # every byte is this response's own
+        assert p.stats()["truncated_responses"] == 1
+    finally:
+        p.stop()
+        w.stop()
+
+
+def test_worker_killed_mid_chunked_stream_never_sends_the_last_chunk():
+    w = Worker()
+    p = ProxyThread([w], NO_CACHE)
+    try:
+        head, body = read_response(
+            p.port, b"GET /stream?size=%d&chunk=65536&die_after=524288&nolength=1 HTTP/1.1\r\nHost: t\r\n\r\n"
+            % (8 << 20))
+        assert b"Transfer-Encoding: chunked" in head
+        assert not body.endswith(b"0\r\n\r\n")
+        assert len(body) > 524288
+    finally:
+        p.stop()
+        w.stop()
+
+
+def hammer(url: str, stop: threading.Event, failures: list, counts: list, paths=("/echo",)) -> None:
+    session = requests.Session()
+    i = 0
+    while not stop.is_set():
+        path = paths[i % len(paths)]
+        i += 1
+        try:
+            r = session.get(url + path, timeout=20)
+            if r.status_code != 200:
+                failures.append(r.status_code)
+            counts.append(1)
+        except requests.RequestException as exc:
+            failures.append(repr(exc))
+
+
+def test_worker_killed_under_load_loses_no_get():
+    a, b = Worker(), Worker()
+    p = ProxyThread([a, b], NO_CACHE, max_fails=2)
+    stop, failures, counts = threading.Event(), [], []
+    threads = [threading.Thread(target=hammer, args=(p.url, stop, failures, counts, ("/echo", "/sleep?s=0.05")))
+               for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(counts) > 200, timeout=30, message="load running")
+        a.kill()
+        done = len(counts)
+        wait_until(lambda: len(counts) > done + 300, timeout=30, message="load continuing")
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert failures == []
+        assert not p.worker(a.port).up
+    finally:
+        stop.set()
+        p.stop()
+        a.stop()
+        b.stop()
+
+
+def test_worker_set_swapped_under_load_loses_no_request():
+    """What a reload does: new workers join healthy, then old ones leave (and drain)."""
+    old, new = [Worker(), Worker()], [Worker(), Worker()]
+    p = ProxyThread(old, NO_CACHE)
+    stop, failures, counts = threading.Event(), [], []
+    threads = [threading.Thread(target=hammer, args=(p.url, stop, failures, counts, ("/echo", "/sleep?s=0.2")))
+               for _ in range(6)]
+    try:
+        for t in threads:
+            t.start()
+        wait_until(lambda: len(counts) > 100, timeout=30, message="load running")
+        for w in new:
+            p.add(w.port)
+        for w in old:
+            p.remove(w.port)
+        done = len(counts)
+        wait_until(lambda: len(counts) > done + 200, timeout=30, message="load continuing")
+        stop.set()
+        for t in threads:
+            t.join(30)
+        assert failures == []
+        workers = {requests.get(p.url + "/echo").json()["worker"] for _ in range(6)}
+        assert workers == {str(w.port) for w in new}
+    finally:
+        stop.set()
+        p.stop()
+        for w in old + new:
+            w.stop()
+
+
+def test_leaving_worker_finishes_in_flight_and_its_idle_connections_close():
+    w = Worker()
+    other = ok_upstream(b"other")
+    p = ProxyThread([w], NO_CACHE)
+    try:
+        for _ in range(3):
+            requests.get(p.url + "/echo")
+        assert p.stats()["upstream_connections"]["idle"] >= 1
+        result = {}
+        t = threading.Thread(target=lambda: result.update(r=requests.get(p.url + "/sleep?s=1")))
+        t.start()
+        wait_until(lambda: p.worker(w.port).in_flight == 1, message="request in flight")
+        p.add(other.port)
+        p.remove(w.port)
+        t.join(10)
+        assert result["r"].status_code == 200 and "slept" in result["r"].text
+        wait_until(lambda: p.stats()["upstream_connections"]["idle"] == 0, message="idle connections closed")
+        assert requests.get(p.url + "/x").text == "other"
+    finally:
+        p.stop()
+        w.stop()
+        other.stop()
+
+
+def test_graceful_shutdown_finishes_in_flight_and_closes_idle():
+    w = Worker()
+    p = ProxyThread([w], NO_CACHE)
+    try:
+        idle = socket.create_connection(("127.0.0.1", p.port))
+        idle.sendall(b"GET /file/x?size=10 HTTP/1.1\r\nHost: t\r\n\r\n")
+        idle.settimeout(10)
+        first = b""
+        while not first.endswith(pattern(10)):
+            first += idle.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            data=raw(p.port, b"GET /sleep?s=1.5 HTTP/1.1\r\nHost: t\r\n\r\n", timeout=15)))
+        t.start()
+        wait_until(lambda: p.worker(w.port).in_flight == 1, message="request in flight")
+        started = time.monotonic()
+        p.run(p.proxy.shutdown(10), 30)
+        assert time.monotonic() - started < 8
+        t.join(10)
+        (status, headers, body), = parse_responses(result["data"])
+        assert status == 200 and b"slept" in body and headers["connection"] == "close"
+        assert idle.recv(65536) == b""  # the idle keep-alive connection was closed
+        idle.close()
+        # The master still owns the listening socket, so the kernel queues new connections,
+        # but the proxy no longer accepts them.
+        assert raw(p.port, b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n", timeout=1) == b""
+    finally:
+        p.stop()
+        w.stop()
+
+
+def test_shutdown_timeout_bounds_a_slow_request():
+    w = Worker()
+    p = ProxyThread([w], NO_CACHE)
+    try:
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            data=raw(p.port, b"GET /sleep?s=6 HTTP/1.1\r\nHost: t\r\n\r\n", timeout=15)))
+        t.start()
+        wait_until(lambda: p.worker(w.port).in_flight == 1, message="request in flight")
+        started = time.monotonic()
+        p.run(p.proxy.shutdown(0.5), 30)
+        assert time.monotonic() - started < 4
+        t.join(15)
+        assert result["data"] == b""  # cut off, without a partial response
+    finally:
+        p.stop()
+        w.stop()

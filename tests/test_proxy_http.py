@@ -1,0 +1,237 @@
+"""The front proxy speaks correct HTTP/1.1 and 1.0 in front of real workers: keep-alive,
+pipelining, HEAD/204/304, chunked bodies both ways, header hygiene, 503 when no worker is up."""
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+import requests
+
+from arbiter.proxy import ProxySettings
+from proxy_harness import ProxyThread, RawUpstream, Worker, parse_responses, raw, read_all
+
+
+@pytest.fixture(scope="module")
+def workers():
+    ws = [Worker(), Worker()]
+    yield ws
+    for w in ws:
+        w.stop()
+
+
+@pytest.fixture
+def proxy(workers):
+    p = ProxyThread(workers, ProxySettings(front_cache_enabled=False))
+    yield p
+    p.stop()
+
+
+def echo(resp) -> dict:
+    data = resp.json() if hasattr(resp, "json") else json.loads(resp)
+    data["h"] = {k.lower(): v for k, v in data["headers"]}
+    return data
+
+
+def test_get_passes_through_with_body_and_worker_headers(proxy):
+    r = requests.get(proxy.url + "/file/a?size=5000&max_age=0")
+    assert r.status_code == 200
+    assert len(r.content) == 5000 and r.content[:3] == bytes([0, 1, 2])
+    assert r.headers["Via"] == "1.1 gows"
+    assert r.headers["Server"] == "gunicorn"  # the worker's own headers pass through
+    assert r.headers["ETag"] == '"e5000-/file/a"'
+
+
+def test_round_robin_spreads_requests(proxy, workers):
+    seen = [requests.get(proxy.url + "/echo").json()["worker"] for _ in range(10)]
+    assert sorted(set(seen)) == sorted(str(w.port) for w in workers)
+    assert seen.count(seen[0]) == 5
+
+
+def test_forwarding_headers_and_hop_by_hop_removal(proxy):
+    r = requests.get(proxy.url + "/echo", headers={
+        "X-Forwarded-For": "10.1.2.3", "X-Forwarded-Host": "evil", "X-Forwarded-Proto": "https",
+        "Connection": "keep-alive, X-Private", "X-Private": "secret", "Keep-Alive": "timeout=5",
+        "Proxy-Authorization": "Basic eA==", "TE": "trailers", "Upgrade": "h2c", "Via": "1.0 client-proxy",
+        "Host": "example.test:8080", "X-Custom": "kept",
+    })
+    h = echo(r)["h"]
+    assert h["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"  # appended, as Go's ReverseProxy does
+    assert h["x-forwarded-host"] == "example.test:8080"
+    assert h["x-forwarded-proto"] == "http"
+    assert h["host"] == "example.test:8080"  # the client's Host is passed
+    assert h["via"] == "1.0 client-proxy, 1.1 gows"
+    assert h["x-custom"] == "kept"
+    for gone in ("x-private", "keep-alive", "proxy-authorization", "te", "upgrade", "connection"):
+        assert gone not in h, gone
+
+
+def test_response_hop_by_hop_headers_removed():
+    def respond(head, body, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\nX-Secret: leak\r\nKeep-Alive: timeout=5\r\n"
+                     b"Proxy-Authenticate: Basic\r\nTrailer: X-T\r\nUpgrade: h2c\r\nX-Kept: yes\r\n"
+                     b"Content-Length: 3\r\n\r\nhop")
+        return True
+    upstream = RawUpstream(respond)
+    p = ProxyThread([upstream.port], ProxySettings(front_cache_enabled=False))
+    try:
+        r = requests.get(p.url + "/hop")
+        assert r.text == "hop" and r.headers["X-Kept"] == "yes"
+        for gone in ("X-Secret", "Keep-Alive", "Proxy-Authenticate", "Trailer", "Upgrade", "Connection"):
+            assert gone not in r.headers, gone
+    finally:
+        p.stop()
+        upstream.stop()
+
+
+def test_keep_alive_http11_reuses_one_connection(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        for i in range(5):
+            s.sendall(b"GET /echo?n=%d HTTP/1.1\r\nHost: t\r\n\r\n" % i)
+            data = b""
+            while True:
+                data += s.recv(65536)
+                try:
+                    (status, headers, body), = parse_responses(data)
+                    break
+                except ValueError:
+                    continue
+            assert status == 200 and json.loads(body)["path"] == f"/echo?n={i}"
+            assert "connection" not in headers  # persistent by default in 1.1
+
+
+def test_keep_alive_http10_like_ab_k(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.settimeout(5)
+        for _ in range(3):
+            s.sendall(b"GET /file/x?max_age=0 HTTP/1.0\r\nHost: t\r\nConnection: Keep-Alive\r\n\r\n")
+            data = b""
+            while len(data) < 1024 or b"\r\n\r\n" not in data:
+                data += s.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            while len(body) < 1024:
+                body += s.recv(65536)
+            assert b"Connection: keep-alive" in head and len(body) == 1024
+
+
+def test_http10_without_keep_alive_is_closed(proxy):
+    data = raw(proxy.port, b"GET /echo HTTP/1.0\r\n\r\n")
+    (status, headers, body), = parse_responses(data)
+    assert status == 200 and headers["connection"] == "close"
+    assert echo(body.decode())["h"]["host"] == f"127.0.0.1:{proxy.port}"  # 1.1 upstream needs a Host
+
+
+def test_http10_client_gets_unchunked_body_closed_by_eof(proxy):
+    data = raw(proxy.port, b"GET /chunked?parts=4 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert body == b"part0;part1;part2;part3;"
+
+
+def test_chunked_response_rechunked_for_http11(proxy):
+    r = requests.get(proxy.url + "/chunked?parts=50")
+    assert r.headers["Transfer-Encoding"] == "chunked"
+    assert r.text == "".join(f"part{i};" for i in range(50))
+
+
+def test_chunked_request_body_is_forwarded_with_length(proxy):
+    def gen():
+        yield b"hello "
+        yield b"chunked "
+        yield b"world"
+    r = requests.post(proxy.url + "/echo", data=gen())
+    data = echo(r)
+    assert data["body"] == "hello chunked world"
+    assert data["h"]["content-length"] == "19" and "transfer-encoding" not in data["h"]
+
+
+def test_content_length_request_body(proxy):
+    r = requests.put(proxy.url + "/echo", data=b"x" * 100_000)
+    data = echo(r)
+    assert data["method"] == "PUT" and len(data["body"]) == 100_000
+
+
+def test_pipelined_requests_answered_in_order(proxy):
+    reqs = b"".join(b"GET /sleep?s=%s&i=%d HTTP/1.1\r\nHost: t\r\n\r\n" % (d, i)
+                    for i, d in enumerate([b"0.3", b"0", b"0.1", b"0"]))
+    reqs += b"HEAD /file/h?max_age=0 HTTP/1.1\r\nHost: t\r\n\r\n"
+    reqs += b"GET /echo?last HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(reqs)
+        data = read_all(s, 10)
+    # Split by status line: a HEAD answer carries Content-Length but no body.
+    parts = data.split(b"HTTP/1.1 ")[1:]
+    assert len(parts) == 6
+    assert all(p.startswith(b"200") for p in parts)
+    for i in range(4):
+        assert b"slept" in parts[i]
+    assert b"Content-Length: 1024" in parts[4] and parts[4].endswith(b"\r\n\r\n")  # HEAD: no body
+    assert b'"path": "/echo?last"' in parts[5]
+
+
+def test_head_has_no_body_and_keeps_connection(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(b"HEAD /file/h?size=777&max_age=0 HTTP/1.1\r\nHost: t\r\n\r\n"
+                  b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        data = read_all(s)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert b"Content-Length: 777" in head
+    assert rest.startswith(b"HTTP/1.1 200 OK")  # the next response follows immediately
+
+
+def test_204_and_304_have_no_body(proxy):
+    data = raw(proxy.port, b"GET /status?code=204 HTTP/1.1\r\nHost: t\r\n\r\n"
+                           b"GET /file/c?max_age=0 HTTP/1.1\r\nHost: t\r\nIf-None-Match: \"e1024-/file/c\"\r\n\r\n"
+                           b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    (s1, h1, b1), (s2, h2, b2), (s3, _, b3) = parse_responses(data)
+    assert (s1, b1) == (204, b"") and "content-length" not in h1 and "transfer-encoding" not in h1
+    assert (s2, b2) == (304, b"") and h2["etag"] == '"e1024-/file/c"'
+    assert s3 == 200 and json.loads(b3)["path"] == "/echo"
+
+
+def test_range_and_conditional_requests_pass_through_unchanged(proxy):
+    r = requests.get(proxy.url + "/file/r?size=1000&max_age=0", headers={"Range": "bytes=10-19"})
+    assert r.status_code == 206 and r.content == bytes(range(10, 20))
+    assert r.headers["Content-Range"] == "bytes 10-19/1000"
+    r = requests.get(proxy.url + "/file/r?size=1000&max_age=0",
+                     headers={"If-Modified-Since": "Tue, 14 Nov 2023 22:13:20 GMT"})
+    assert r.status_code == 304
+
+
+def test_503_with_retry_after_when_no_worker_is_healthy(workers):
+    p = ProxyThread(workers, up=False)
+    try:
+        r = requests.get(p.url + "/echo")
+        assert r.status_code == 503 and r.headers["Retry-After"].isdigit()
+        assert p.stats()["no_healthy_worker"] == 1
+        p.set_up(workers[0].port, True)
+        assert requests.get(p.url + "/echo").json()["worker"] == str(workers[0].port)
+    finally:
+        p.stop()
+
+
+def test_expect_100_continue(proxy):
+    data = raw(proxy.port, b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\nExpect: 100-continue\r\n"
+                           b"Connection: close\r\n\r\nabc")
+    interim, final = parse_responses(data)
+    assert interim[0] == 100
+    assert final[0] == 200 and json.loads(final[2])["body"] == "abc"
+    assert "expect" not in {k.lower() for k, _ in json.loads(final[2])["headers"]}
+
+
+def test_upgrade_is_not_tunnelled(proxy):
+    data = raw(proxy.port, b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                           b"GET /echo?second HTTP/1.1\r\nHost: t\r\n\r\n")
+    responses = parse_responses(data)
+    assert len(responses) == 1 and responses[0][0] == 200  # answered as plain HTTP, then closed
+    assert "upgrade" not in echo(responses[0][2].decode())["h"]
+
+
+def test_stats_count_requests_and_status_classes(proxy):
+    before = proxy.stats()
+    requests.get(proxy.url + "/echo")
+    requests.get(proxy.url + "/nope")
+    after = proxy.stats()
+    assert after["requests"] - before["requests"] == 2
+    assert after["responses"]["2xx"] - before["responses"]["2xx"] == 1
+    assert after["responses"]["4xx"] - before["responses"]["4xx"] == 1

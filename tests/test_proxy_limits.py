@@ -1,0 +1,255 @@
+"""Hostile and oversized input: request smuggling is refused with 400 and a close, limits answer
+with their own status (408/413/414/431), timeouts and the connection cap hold, nothing crashes."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+import requests
+
+from arbiter.proxy import ProxySettings
+from proxy_harness import ProxyThread, RawUpstream, parse_responses, raw, read_all
+from support import wait_until
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    """Counts what reaches the worker: a smuggled request must never arrive there."""
+    def respond(head, body, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        return True
+    u = RawUpstream(respond)
+    yield u
+    u.stop()
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream):
+    p = ProxyThread([upstream.port], ProxySettings(
+        front_cache_enabled=False, max_request_line=1024, max_header_bytes=4096, max_headers=20,
+        max_body_bytes=10_000, header_timeout=1.0, idle_timeout=1.0))
+    yield p
+    p.stop()
+
+
+SMUGGLING = {
+    "CL and TE": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "TE and CL": b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n0\r\n\r\n",
+    "duplicate CL": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+    "conflicting CL": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx",
+    "CL list": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1, 1\r\n\r\nx",
+    "CL plus sign": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: +1\r\n\r\nx",
+    "CL underscore": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1_0\r\n\r\nxxxxxxxxxx",
+    "CL inner space": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1 0\r\n\r\nxxxxxxxxxx",
+    "CL hex": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 0x1\r\n\r\nx",
+    "CL negative": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: -1\r\n\r\nx",
+    "CL empty": b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length:\r\n\r\n",
+    "CL unicode digit": "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: \u0661\r\n\r\nx".encode(),
+    "TE not chunked": b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nxxxx",
+    "TE chunked not last": b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    "TE lookalike": b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    "TE in HTTP/1.0": b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "TE space before colon": b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "bad chunk size": b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
+    "bare CR in header": b"GET / HTTP/1.1\r\nHost: t\r\nX-A: b\rc\r\n\r\n",
+    "bare CR line end": b"GET / HTTP/1.1\rHost: t\r\n\r\n",
+    "NUL in header": b"GET / HTTP/1.1\r\nHost: t\r\nX-A: b\x00c\r\n\r\n",
+    "NUL in target": b"GET /\x00 HTTP/1.1\r\nHost: t\r\n\r\n",
+    "obs-fold": b"GET / HTTP/1.1\r\nHost: t\r\nX-A: b\r\n c\r\n\r\n",
+    "LF-only lines": b"GET / HTTP/1.1\nHost: t\n\n",
+    "missing Host in 1.1": b"GET / HTTP/1.1\r\n\r\n",
+    "two Hosts": b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+    "garbage": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    "HTTP/2 preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMUGGLING))
+def test_smuggling_rejected_with_400_and_close(proxy, upstream, name):
+    before = len(upstream.heads)
+    # A second request rides behind: it must not be answered (the connection is closed).
+    data = raw(proxy.port, SMUGGLING[name] + b"GET /second HTTP/1.1\r\nHost: t\r\n\r\n")
+    responses = parse_responses(data)
+    assert len(responses) == 1, responses
+    status, headers, _ = responses[0]
+    assert status == 400 if name != "TE chunked not last" else status in (400, 501)
+    assert headers["connection"] == "close"
+    assert len(upstream.heads) == before  # nothing reached the worker
+
+
+def test_leading_whitespace_of_content_length_is_field_syntax(proxy, upstream):
+    # RFC 9112 field values lose surrounding whitespace: "Content-Length:   3" is a valid 3.
+    data = raw(proxy.port, b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length:    3\r\nConnection: close\r\n\r\nabc")
+    (status, _, body), = parse_responses(data)
+    assert status == 200 and body == b"abc"
+
+
+def test_transfer_coding_before_chunked_is_not_implemented(proxy):
+    data = raw(proxy.port, b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n")
+    (status, headers, _), = parse_responses(data)
+    assert status == 501 and headers["connection"] == "close"
+
+
+def test_connect_method_refused(proxy):
+    (status, _, _), = parse_responses(raw(proxy.port, b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n"))
+    assert status == 405
+
+
+def test_request_line_too_long_414(proxy):
+    data = raw(proxy.port, b"GET /" + b"a" * 2000 + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+    (status, headers, _), = parse_responses(data)
+    assert status == 414 and headers["connection"] == "close"
+
+
+def test_request_line_without_end_414(proxy):
+    # Never finishing the target must not buffer without bound either.
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(b"GET /")
+        try:
+            for _ in range(20):
+                s.sendall(b"a" * 1000)
+        except OSError:
+            pass
+        (status, _, _), = parse_responses(read_all(s))
+    assert status == 414
+
+
+def test_headers_too_large_431(proxy):
+    data = raw(proxy.port, b"GET / HTTP/1.1\r\nHost: t\r\nX-Big: " + b"b" * 5000 + b"\r\n\r\n")
+    (status, headers, _), = parse_responses(data)
+    assert status == 431 and headers["connection"] == "close"
+
+
+def test_too_many_headers_431(proxy):
+    many = b"".join(b"X-H%d: v\r\n" % i for i in range(30))
+    (status, _, _), = parse_responses(raw(proxy.port, b"GET / HTTP/1.1\r\nHost: t\r\n" + many + b"\r\n"))
+    assert status == 431
+
+
+def test_endless_header_431(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nX-Endless: ")
+        try:
+            for _ in range(20):
+                s.sendall(b"v" * 1000)
+        except OSError:
+            pass
+        (status, _, _), = parse_responses(read_all(s))
+    assert status == 431
+
+
+def test_body_too_large_413_by_content_length(proxy, upstream):
+    before = len(upstream.heads)
+    data = raw(proxy.port, b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 10001\r\n\r\n")
+    (status, headers, _), = parse_responses(data)
+    assert status == 413 and headers["connection"] == "close"
+    assert len(upstream.heads) == before
+
+
+def test_body_too_large_413_chunked(proxy):
+    chunk = b"%x\r\n%s\r\n" % (4000, b"c" * 4000)
+    data = raw(proxy.port, b"POST / HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n" + chunk * 3)
+    (status, _, _), = parse_responses(data)
+    assert status == 413
+
+
+def test_body_at_the_limit_is_forwarded(proxy):
+    r = requests.post(proxy.url + "/", data=b"z" * 10_000)
+    assert r.status_code == 200 and r.content == b"z" * 10_000
+
+
+def test_slowloris_gets_408(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        started = time.monotonic()
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")
+        try:
+            for _ in range(10):  # a header line every 0.3 s never completes within 1 s
+                time.sleep(0.3)
+                s.sendall(b"X-Drip: 1\r\n")
+        except OSError:
+            pass
+        (status, headers, _), = parse_responses(read_all(s))
+        assert status == 408 and headers["connection"] == "close"
+        assert time.monotonic() - started < 5
+
+
+def test_slow_body_gets_408(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 100\r\n\r\nabc")
+        (status, _, _), = parse_responses(read_all(s, 8))
+    assert status == 408
+
+
+def test_idle_keep_alive_connection_closed_silently(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n")
+        s.settimeout(8)
+        first = s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200")
+        started = time.monotonic()
+        assert s.recv(65536) == b""  # closed by the proxy, without a response
+        assert 0.5 < time.monotonic() - started < 6
+
+
+def test_connection_that_sends_nothing_is_closed(proxy):
+    with socket.create_connection(("127.0.0.1", proxy.port)) as s:
+        s.settimeout(8)
+        assert s.recv(65536) == b""
+
+
+def test_max_connections_excess_gets_503_and_others_still_work(upstream):
+    p = ProxyThread([upstream.port], ProxySettings(front_cache_enabled=False, max_connections=5))
+    held = []
+    try:
+        for _ in range(5):
+            held.append(socket.create_connection(("127.0.0.1", p.port)))
+        wait_until(lambda: p.stats()["client_connections"] == 5, message="5 connections held")
+        extra = raw(p.port, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+        (status, headers, _), = parse_responses(extra)
+        assert status == 503 and headers["retry-after"] == "1"
+        assert p.stats()["rejected_connections"] >= 1
+        held.pop().close()
+        wait_until(lambda: p.stats()["client_connections"] == 4, message="one released")
+        (status, _, body), = parse_responses(raw(p.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
+        assert status == 200
+    finally:
+        for s in held:
+            s.close()
+        p.stop()
+
+
+def test_connection_flood_never_crashes(upstream):
+    p = ProxyThread([upstream.port], ProxySettings(front_cache_enabled=False, max_connections=50))
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def client():
+        try:
+            data = raw(p.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n", timeout=10)
+            (status, _, _), = parse_responses(data)
+        except (OSError, ValueError):
+            status = 0
+        with lock:
+            statuses.append(status)
+
+    try:
+        threads = [threading.Thread(target=client) for _ in range(200)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(statuses) == 200
+        assert set(statuses) <= {200, 503} and statuses.count(200) > 0
+        (status, _, _), = parse_responses(raw(p.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
+        assert status == 200
+    finally:
+        p.stop()
+
+
+def test_bad_requests_do_not_affect_pipelined_good_ones_before_them(proxy):
+    data = raw(proxy.port, b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nok"
+                           b"GET / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+    (s1, _, b1), (s2, h2, _) = parse_responses(data)
+    assert (s1, b1) == (200, b"ok") and s2 == 400 and h2["connection"] == "close"

@@ -114,8 +114,8 @@ def check_targets(suite: str, rows: list[Row]) -> list[dict]:
                 continue
             value = ratio(row, rows, target.baseline, same_workers)
             failed = row.result.failed + row.result.non2xx if row.result else None
-            met = (value is not None and value >= target.minimum
-                   and (not target.zero_failed or failed == 0))
+            # None when the row or its baseline was not measured: neither met nor missed.
+            met = None if value is None else (value >= target.minimum and (not target.zero_failed or failed == 0))
             checks.append({"target": target.text, "server": row.spec.label, "file": row.file, "tool": row.tool,
                            "baseline": target.baseline, "ratio": value, "minimum": target.minimum,
                            "failed": failed, "met": met})
@@ -125,8 +125,8 @@ def check_targets(suite: str, rows: list[Row]) -> list[dict]:
 def targets_text(checks: list[dict]) -> str:
     lines = []
     for c in checks:
-        status = "met" if c["met"] else "MISSED"
-        got = "not measured" if c["ratio"] is None else f"{c['ratio']:.2f}× {c['baseline']}"
+        status = {True: "met", False: "MISSED", None: "not measured"}[c["met"]]
+        got = f"no {c['baseline']} figure" if c["ratio"] is None else f"{c['ratio']:.2f}× {c['baseline']}"
         failed = "" if c["failed"] in (0, None) else f", {c['failed']} failed/non-2xx"
         lines.append(f"- {c['server']}, {c['tool']} {c['file']}: {got} (target ≥ {c['minimum']}×{failed}) — {status}")
     return "\n".join(lines)

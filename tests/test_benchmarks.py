@@ -196,6 +196,13 @@ def test_targets_met_and_missed():
     assert "MISSED" in report.targets_text(checks) and "met" in report.targets_text(checks)
 
 
+def test_target_without_a_baseline_is_not_measured_rather_than_missed():
+    rows = [Row(GOWS_ON, "1 KiB", "wrk", m(2000))]
+    (check,) = report.check_targets("compare", rows)
+    assert check["met"] is None and check["ratio"] is None
+    assert "no nginx figure" in report.targets_text([check]) and "not measured" in report.targets_text([check])
+
+
 def test_target_requiring_zero_failed_is_missed_with_failures():
     rows = [Row(APACHE, "1 KiB", "ab", m(1000)), Row(GOWS_ON, "1 KiB", "ab", m(2000, non2xx=1))]
     (check,) = report.check_targets("compare", rows)

@@ -241,9 +241,9 @@ def wait_ready(running: Running, timeout: float) -> None:
     raise ServerError(f"{running.spec.label} not ready after {timeout:.0f}s ({last}):\n{log_tail(running.log_path)}")
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system) used so far by the live processes of process group `pgid`."""
-    ticks = 0
+def group_usage(pgid: int) -> tuple[int, float]:
+    """How many live processes process group `pgid` has, and the CPU seconds (user + system) they used."""
+    count, ticks = 0, 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -252,20 +252,21 @@ def group_cpu_seconds(pgid: int) -> float:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # fields after "(comm)": state, ppid, pgrp, ..., utime (12), stime (13)
+        if int(fields[2]) == pgid and fields[0] != "Z":  # after "(comm)": state, ppid, pgrp, ..., utime, stime
+            count += 1
             ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return count, ticks / os.sysconf("SC_CLK_TCK")
 
 
-def settle(running: Running, timeout: float, idle_share: float = 0.1) -> None:
-    """Wait until the server's processes use under `idle_share` of a core, so booting workers
-    (gows with 100 workers, gunicorn importing apps) do not compete with the measurement."""
+def settle(running: Running, timeout: float, idle_share: float = 0.05) -> None:
+    """Wait until the server stops spawning processes and uses under `idle_share` of a core, so
+    booting workers (gows or gunicorn with 100 workers) do not compete with the measurement."""
     deadline = time.monotonic() + timeout
-    before = group_cpu_seconds(running.proc.pid)
+    before = group_usage(running.proc.pid)
     while time.monotonic() < deadline and running.proc.poll() is None:
         time.sleep(1.0)
-        now = group_cpu_seconds(running.proc.pid)
-        if now - before < idle_share:
+        now = group_usage(running.proc.pid)
+        if now[0] == before[0] and now[1] - before[1] < idle_share:
             return
         before = now
 

@@ -377,3 +377,15 @@ def test_free_port_range_is_free():
     for port in range(base, base + 5):
         with socket.socket() as s:
             s.bind(("127.0.0.1", port))
+
+
+def test_group_usage_counts_the_processes_of_a_server_group():
+    proc = subprocess.Popen(["bash", "-c", "sleep 30 & sleep 30 & echo ready; wait"], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        count, cpu = servers.group_usage(proc.pid)
+        assert count == 3 and cpu >= 0.0
+    finally:
+        servers.stop(proc, grace=2)
+    assert servers.group_usage(proc.pid)[0] == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import math
 import os
 import signal
 import socket
@@ -32,7 +33,8 @@ def _number(kind: type, minimum: float, maximum: float | None = None):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if value != value or value < minimum or (maximum is not None and value > maximum):
+        if not math.isfinite(value) or value < minimum or (
+                maximum is not None and value > maximum):
             bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
             raise argparse.ArgumentTypeError(f"{text!r} must be {bound}")
         return value
@@ -133,15 +135,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = make_parser().parse_args(argv)
         root = _check_root(args.root)
         from . import create_app  # after the cheap checks: a usage error stays instant
-        app = create_app(
-            root, health_path=args.health_path, cache_ttl=args.cache_ttl,
-            cache_max_bytes=args.cache_max_bytes, cache_max_file_size=args.cache_max_file_size,
-        )
+        try:
+            app = create_app(
+                root, health_path=args.health_path, cache_ttl=args.cache_ttl,
+                cache_max_bytes=args.cache_max_bytes,
+                cache_max_file_size=args.cache_max_file_size,
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         listener = _inherited_listener(args.fd) if args.fd is not None else _bind(
             args.host, args.port)
         if args.parent_pid is not None:
-            from .worker import _pid_alive
-            if not _pid_alive(args.parent_pid):
+            from .worker import pid_alive
+            if not pid_alive(args.parent_pid):
                 raise UsageError(f"--parent-pid {args.parent_pid}: no such process")
     except UsageError as e:
         print(f"fileapp: error: {e}", file=sys.stderr)

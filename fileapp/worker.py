@@ -60,7 +60,7 @@ class _Loaded:
         return self._wsgi
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
@@ -77,22 +77,42 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-class FileAppWorker(ThreadWorker):
-    """gunicorn's ThreadWorker with fileapp's health flag, fast quit and parent watching."""
+class GowsThreadWorker(ThreadWorker):
+    """gthread with coalesced small responses and fileapp's health turning 503 on SIGTERM.
 
-    def __init__(self, *args, fileapp: FileApp, parent_pid: int | None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.fileapp = fileapp
-        self.parent_pid = parent_pid
-        self._pidfd: int | None = None
-
-    # -- signals ----------------------------------------------------------------------------
+    Usable under gunicorn's own arbiter too: `gunicorn -k fileapp.worker.GowsThreadWorker`.
+    """
 
     def init_process(self) -> None:
         # gunicorn.http.wsgi.create() builds its module-level Response: in this process,
         # which only ever runs this worker, that is the coalescing one.
         gunicorn_wsgi.Response = CoalescingResponse
         super().init_process()
+
+    def set_draining(self) -> None:
+        """Make the app's health endpoint answer 503 (if the app has one)."""
+        health = getattr(getattr(self, "wsgi", None), "health", None)
+        if health is not None:
+            health.draining = True
+
+    def handle_exit(self, sig, frame) -> None:
+        """SIGTERM: fail health checks, stop accepting, let in-flight requests finish."""
+        self.set_draining()
+        super().handle_exit(sig, frame)
+
+
+class FileAppWorker(GowsThreadWorker):
+    """The standalone worker: also fast quit on SIGINT/SIGQUIT and parent watching."""
+
+    def __init__(self, *args, parent_pid: int | None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.parent_pid = parent_pid
+        self._pidfd: int | None = None
+
+    def notify(self) -> None:
+        """No heartbeat file: nothing watches it here; the master checks health over HTTP."""
+
+    # -- signals ----------------------------------------------------------------------------
 
     def init_signals(self) -> None:
         super().init_signals()
@@ -110,11 +130,6 @@ class FileAppWorker(ThreadWorker):
         if not self._parent_alive():  # died before the watch was armed
             self.fast_exit("parent process %s is gone" % self.parent_pid)
 
-    def handle_exit(self, sig, frame) -> None:
-        """SIGTERM: fail health checks, stop accepting, let in-flight requests finish."""
-        self.fileapp.health.draining = True
-        super().handle_exit(sig, frame)
-
     def handle_quit(self, sig, frame) -> None:
         """SIGINT/SIGQUIT: leave now, without waiting for requests or threads."""
         self.fast_exit("received %s" % signal.Signals(sig).name)
@@ -126,7 +141,7 @@ class FileAppWorker(ThreadWorker):
     def fast_exit(self, reason: str, code: int = 0) -> None:
         """Exit the process immediately (no graceful drain), after flushing the logs."""
         self.alive = False
-        self.fileapp.health.draining = True
+        self.set_draining()
         try:
             self.log.info("Worker exiting (pid: %s): %s", os.getpid(), reason)
             for handler in logging.getLogger("gunicorn.error").handlers:
@@ -141,7 +156,7 @@ class FileAppWorker(ThreadWorker):
     def _parent_alive(self) -> bool:
         if self.parent_pid is None:
             return True
-        return _pid_alive(self.parent_pid)
+        return pid_alive(self.parent_pid)
 
     def is_parent_alive(self) -> bool:
         """Called by the run loop about once a second; standalone workers have no parent to watch.
@@ -197,7 +212,7 @@ def serve(listener: socket.socket, app: FileApp, options: dict) -> int:
     parent_pid = options.get("parent_pid")
     worker = FileAppWorker(
         0, parent_pid if parent_pid is not None else os.getppid(), [listener], _Loaded(app),
-        cfg.timeout, cfg, log, fileapp=app, parent_pid=parent_pid,
+        cfg.timeout, cfg, log, parent_pid=parent_pid,
     )
     host, port = listener.getsockname()[:2]
     log.info("fileapp worker %s serving %s at http://%s:%s (fd %s)", os.getpid(), app.root,

@@ -86,6 +86,7 @@ def assert_usage_error(result: subprocess.CompletedProcess, needle: str) -> None
     (["--root", "{root}", "--threads", "many"], "--threads"),
     (["--root", "{root}", "--cache-ttl", "-1"], "--cache-ttl"),
     (["--root", "{root}", "--cache-ttl", "nan"], "--cache-ttl"),
+    (["--root", "{root}", "--graceful-timeout", "inf"], "--graceful-timeout"),
     (["--root", "{root}", "--cache-max-bytes", "1.5"], "--cache-max-bytes"),
     (["--root", "{root}", "--cache-max-file-size", "-5"], "--cache-max-file-size"),
     (["--root", "{root}", "--graceful-timeout", "soon"], "--graceful-timeout"),

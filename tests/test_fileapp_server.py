@@ -122,3 +122,28 @@ def test_sighup_does_not_stop_the_worker(server):
     time.sleep(0.5)
     assert proc.poll() is None
     assert requests.get(base + "/small.txt", timeout=10).content == b"small body\n"
+
+
+def test_worker_class_runs_under_gunicorns_own_arbiter(tmp_path):
+    """`gunicorn -k fileapp.worker.GowsThreadWorker 'fileapp:create_app(...)'` serves too."""
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "a.txt").write_bytes(b"under gunicorn\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-k", "fileapp.worker.GowsThreadWorker", "-w", "2",
+         "-b", f"127.0.0.1:{port}", "--log-level", "warning",
+         f"fileapp:create_app({str(root)!r})"],
+        env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        wait_for_port(port, timeout=30)
+        s = requests.Session()
+        for _ in range(10):
+            r = s.get(f"http://127.0.0.1:{port}/a.txt", timeout=10)
+            assert r.status_code == 200 and r.content == b"under gunicorn\n"
+            assert r.headers["Content-Length"] == "15"
+        assert s.get(f"http://127.0.0.1:{port}/healthcheck", timeout=10).content == b"ok"
+        s.close()
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0

@@ -47,7 +47,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     """The suite's servers and loads, adjusted by --quick, --workers, --requests, --repeat, --duration, --only."""
     workers = args.workers or ([2] if args.quick else [2, 10, 100])
     if args.suite == "fileapp":
-        specs = [ServerSpec(kind, 2) for kind in ("fileapp", "whitenoise", "werkzeug")]
+        specs = [ServerSpec(kind, 2) for kind in ("fileapp", "fileapp-worker", "whitenoise", "werkzeug")]
         requests, wrk_files = 20000, [label for _, _, label in FILES]
     else:
         specs = [ServerSpec("apache"), ServerSpec("nginx")]
@@ -132,7 +132,8 @@ def notes(plan: Plan, load_before: float) -> list[str]:
         f"wrk -t1 -c{plan.wrk_connections} -d{plan.wrk_seconds}s --latency (keep-alive); its 'failed' counts socket "
         "errors, which include connections the server closes at its keep-alive limit (Apache: 100 requests)",
         "each server warmed up with ab -n 1000 -c 50 on each file before measuring; Python peers run "
-        f"gunicorn -k gthread --threads {PEER_THREADS} with the listed workers (fileapp: create_app(root))",
+        f"gunicorn -k gthread --threads {PEER_THREADS} with the listed workers (fileapp: create_app(root); "
+        "'fileapp (gows worker)': the same app under -k fileapp.worker.GowsThreadWorker, as gows' workers run it)",
         "Apache and nginx run with Debian's default configuration, access logs included",
         "ratios are requests/s over the baseline's on the same file and tool (whitenoise: same worker count)",
     ]
@@ -197,8 +198,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("suite", nargs="?", default="compare", choices=["compare", "fileapp"],
                         help="compare: Apache, nginx, gows (2/10/100 workers, front cache on/off) and "
-                             "gunicorn+whitenoise (issue 4); fileapp: fileapp vs whitenoise vs "
-                             "SharedDataMiddleware under gunicorn gthread, 2 workers (issue 2)")
+                             "gunicorn+whitenoise (issue 4); fileapp: fileapp (also under gows' worker "
+                             "class) vs whitenoise vs SharedDataMiddleware under gunicorn gthread, 2 workers (issue 2)")
     parser.add_argument("--quick", action="store_true", help="smoke run: ab -n 1000 -c 100 once, wrk 2s, 2 workers")
     parser.add_argument("--only", type=lambda s: s.split(","), action="extend",
                         metavar="SERVER[,SERVER]", help=f"measure only these servers: {', '.join(KINDS)}")

@@ -159,7 +159,8 @@ def write_json(path: Path, meta: dict, rows: list[Row], checks: list[dict]) -> N
 
 # Chart styles: gows and the whitenoise run with the same worker count share a colour; the line
 # style tells them apart (gows cache on solid, off dashed; whitenoise dotted).
-_KIND_COLOURS = {"apache": "black", "nginx": "tab:green", "fileapp": "tab:blue", "whitenoise": "tab:orange",
+_KIND_COLOURS = {"apache": "black", "nginx": "tab:green", "fileapp": "tab:blue", "fileapp-worker": "tab:cyan",
+                 "whitenoise": "tab:orange",
                  "werkzeug": "tab:red"}
 _WORKER_COLOURS = ["tab:blue", "tab:purple", "tab:red", "tab:brown", "tab:cyan"]
 

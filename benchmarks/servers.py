@@ -23,7 +23,11 @@ REPO = Path(__file__).resolve().parent.parent
 APACHE_ROOT = Path("/etc/apache2")
 # Threads per gunicorn gthread worker for the Python peers.
 PEER_THREADS = 4
-PEERS = ("fileapp", "whitenoise", "werkzeug")
+# Python peers run under gunicorn: the WSGI factory in benchmarks.apps and the worker class of each.
+PEER_APPS = {"fileapp": "fileapp_app", "fileapp-worker": "fileapp_app", "whitenoise": "whitenoise_app",
+             "werkzeug": "werkzeug_app"}
+PEER_WORKERS = {"fileapp-worker": "fileapp.worker.GowsThreadWorker"}  # what gows' own workers run
+PEERS = tuple(PEER_APPS)
 KINDS = ("apache", "nginx", "gows", *PEERS)
 
 
@@ -43,7 +47,7 @@ class ServerSpec:
     def name(self) -> str:
         """The server column of the table."""
         return {"gows": "gows", "apache": "Apache", "nginx": "nginx", "fileapp": "fileapp",
-                "whitenoise": "gunicorn+whitenoise", "werkzeug": "gunicorn+SharedData"}[self.kind]
+                "fileapp-worker": "fileapp (gows worker)", "whitenoise": "gunicorn+whitenoise", "werkzeug": "gunicorn+SharedData"}[self.kind]
 
     @property
     def workers_label(self) -> str:
@@ -205,8 +209,9 @@ def command(spec: ServerSpec, root: Path, port: int, workdir: Path) -> tuple[lis
         conf.write_text(json.dumps(gows_config(root, port, spec), indent=2))
         return [sys.executable, "-m", "arbiter", "-c", str(conf)], python_env()
     if spec.kind in PEERS:
-        app = f"benchmarks.apps:{spec.kind}_app({str(root)!r})"
-        argv = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", str(spec.workers or 2),
+        app = f"benchmarks.apps:{PEER_APPS[spec.kind]}({str(root)!r})"
+        argv = [sys.executable, "-m", "gunicorn", "-k", PEER_WORKERS.get(spec.kind, "gthread"),
+                "-w", str(spec.workers or 2),
                 "--threads", str(PEER_THREADS), "-b", f"127.0.0.1:{port}", "--log-level", "warning", app]
         return argv, python_env()
     raise ValueError(f"unknown server kind {spec.kind!r}")

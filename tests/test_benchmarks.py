@@ -244,8 +244,8 @@ def test_chart_pairs_gows_and_whitenoise_of_the_same_worker_count():
     assert on["color"] == off["color"] == wn2["color"] != wn10["color"]
     assert (on["linestyle"], off["linestyle"], wn2["linestyle"]) == ("-", "--", ":")
     # Without gows (the fileapp suite) each peer has its own colour.
-    peers = {report.line_style(ServerSpec(k, 2), [])["color"] for k in ("fileapp", "whitenoise", "werkzeug")}
-    assert len(peers) == 3
+    peers = {report.line_style(ServerSpec(k, 2), [])["color"] for k in ("fileapp", "fileapp-worker", "whitenoise", "werkzeug")}
+    assert len(peers) == 4
 
 
 # --- plans and arguments ------------------------------------------------------------------------
@@ -262,7 +262,8 @@ def test_default_plan_is_the_issue_4_comparison():
 
 def test_fileapp_plan_is_the_issue_2_comparison():
     plan = cli.build_plan(cli.parse_args(["fileapp", "--requests", "30000"]))
-    assert [(s.kind, s.workers) for s in plan.specs] == [("fileapp", 2), ("whitenoise", 2), ("werkzeug", 2)]
+    assert [(s.kind, s.workers) for s in plan.specs] == [("fileapp", 2), ("fileapp-worker", 2), ("whitenoise", 2),
+                                                         ("werkzeug", 2)]
     assert plan.ab_requests == 30000 and plan.wrk_files == ["1 KiB", "150 KB"]
 
 
@@ -346,6 +347,8 @@ def test_peer_command_runs_gunicorn_gthread(tmp_path):
     assert argv[1:6] == ["-m", "gunicorn", "-k", "gthread", "-w"] and argv[6] == "2"
     assert argv[-1] == f"benchmarks.apps:whitenoise_app({str(tmp_path)!r})"
     assert str(servers.REPO) in env["PYTHONPATH"]
+    argv, _ = servers.command(ServerSpec("fileapp-worker", 2), tmp_path, 4242, tmp_path)
+    assert argv[4] == "fileapp.worker.GowsThreadWorker" and "fileapp_app(" in argv[-1]
 
 
 def test_peer_apps_serve_the_docroot(tmp_path):

@@ -76,7 +76,8 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
     progress(f"{spec.label}: starting")
     try:
         with serve(spec, docroot, workdir) as server:
-            progress(f"{spec.label}: ready and idle on port {server.port} after {time.monotonic() - started:.1f}s")
+            state = "ready and idle" if server.idle else "ready but still busy (measuring anyway)"
+            progress(f"{spec.label}: {state} on port {server.port} after {time.monotonic() - started:.1f}s")
             for name, _, label in FILES:  # warm-up, not counted: caches, worker pools, lazy imports
                 loads.ab(server.url(name), min(1000, plan.ab_requests), 50)
             for name, _, label in FILES:

@@ -28,7 +28,11 @@ PEER_APPS = {"fileapp": "fileapp_app", "fileapp-worker": "fileapp_app", "whiteno
              "werkzeug": "werkzeug_app"}
 PEER_WORKERS = {"fileapp-worker": "fileapp.worker.GowsThreadWorker"}  # what gows' own workers run
 PEERS = tuple(PEER_APPS)
-KINDS = ("apache", "nginx", "gows", *PEERS)
+# Every kind of server (the names --only takes) and its name in the table.
+NAMES = {"apache": "Apache", "nginx": "nginx", "gows": "gows", "fileapp": "fileapp",
+         "fileapp-worker": "fileapp (gows worker)", "whitenoise": "gunicorn+whitenoise",
+         "werkzeug": "gunicorn+SharedData"}
+KINDS = tuple(NAMES)
 
 
 class ServerError(RuntimeError):
@@ -46,8 +50,7 @@ class ServerSpec:
     @property
     def name(self) -> str:
         """The server column of the table."""
-        return {"gows": "gows", "apache": "Apache", "nginx": "nginx", "fileapp": "fileapp",
-                "fileapp-worker": "fileapp (gows worker)", "whitenoise": "gunicorn+whitenoise", "werkzeug": "gunicorn+SharedData"}[self.kind]
+        return NAMES[self.kind]
 
     @property
     def workers_label(self) -> str:
@@ -81,6 +84,7 @@ class Running:
     port: int
     proc: subprocess.Popen
     log_path: Path
+    idle: bool = False  # went idle after booting (False: still busy when the boot timeout ran out)
 
     def url(self, file_name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{file_name}"
@@ -263,17 +267,19 @@ def group_usage(pgid: int) -> tuple[int, float]:
     return count, ticks / os.sysconf("SC_CLK_TCK")
 
 
-def settle(running: Running, timeout: float, idle_share: float = 0.05) -> None:
+def settle(running: Running, timeout: float, idle_share: float = 0.05) -> bool:
     """Wait until the server stops spawning processes and uses under `idle_share` of a core, so
-    booting workers (gows or gunicorn with 100 workers) do not compete with the measurement."""
+    booting workers (gows or gunicorn with 100 workers) do not compete with the measurement.
+    False if it was still busy after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     before = group_usage(running.proc.pid)
     while time.monotonic() < deadline and running.proc.poll() is None:
         time.sleep(1.0)
         now = group_usage(running.proc.pid)
         if now[0] == before[0] and now[1] - before[1] < idle_share:
-            return
+            return True
         before = now
+    return False
 
 
 def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
@@ -307,7 +313,7 @@ def serve(spec: ServerSpec, root: Path, workdir: Path) -> Iterator[Running]:
     running = Running(spec, port, proc, log_path)
     try:
         wait_ready(running, spec.boot_timeout)
-        settle(running, spec.boot_timeout)
+        running.idle = settle(running, spec.boot_timeout)
         yield running
     finally:
         stop(proc, grace=30.0 + (spec.workers or 0) * 0.5)

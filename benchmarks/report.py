@@ -184,7 +184,7 @@ def chart(path: Path, series: dict[ServerSpec, list[float]], title: str) -> None
     from matplotlib.ticker import FixedLocator, FuncFormatter
 
     gows_workers = sorted({s.workers for s in series if s.kind == "gows" and s.workers is not None})
-    fig, ax = plt.subplots(figsize=(10, 6), dpi=110)
+    fig, ax = plt.subplots(figsize=(12, 6), dpi=110)
     for spec, times in series.items():
         ax.plot(range(1, len(times) + 1), times, label=spec.label, **line_style(spec, gows_workers))
     # ab records whole milliseconds, so fast servers have requests at 0 ms: linear below 1 ms.
@@ -196,7 +196,7 @@ def chart(path: Path, series: dict[ServerSpec, list[float]], title: str) -> None
     ax.set_ylabel("response time (ms, log scale)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize="small", loc="upper left", ncol=2 if len(series) > 6 else 1)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside the plot, over no line
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

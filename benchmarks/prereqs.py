@@ -40,7 +40,8 @@ def ensure_tools(commands: list[str], log=print) -> dict[str, str]:
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         # Another apt-get may hold the dpkg lock (other jobs on the machine): wait for it, bounded.
         wait_lock = ["-o", "DPkg::Lock::Timeout=300", "-q"]
-        for args in (["apt-get", "update", *wait_lock], ["apt-get", "install", "-y", "--no-install-recommends", *wait_lock, *packages]):
+        for args in (["apt-get", "update", *wait_lock],
+                     ["apt-get", "install", "-y", "--no-install-recommends", *wait_lock, *packages]):
             if subprocess.run(args, env=env, stdout=subprocess.DEVNULL).returncode != 0:
                 raise MissingPrerequisite(f"`{' '.join(args)}` failed; install by hand:\n  {hint}")
         still = [c for c in missing if which(c) is None]

@@ -68,10 +68,12 @@ def ratio(row: Row, rows: list[Row], kind: str, same_workers: bool = False) -> f
 
 
 def fmt_ratio(value: float | None) -> str:
+    """`1.23×`, or a dash when there is nothing to compare with."""
     return "–" if value is None else f"{value:.2f}×"
 
 
 def fmt_number(value: float, digits: int = 0) -> str:
+    """Thousands separated, for req/s and KB/s."""
     return f"{value:,.{digits}f}"
 
 
@@ -123,6 +125,7 @@ def check_targets(suite: str, rows: list[Row]) -> list[dict]:
 
 
 def targets_text(checks: list[dict]) -> str:
+    """One line per checked target: the ratio reached, the threshold, met / MISSED / not measured."""
     lines = []
     for c in checks:
         status = {True: "met", False: "MISSED", None: "not measured"}[c["met"]]
@@ -148,12 +151,14 @@ def markdown(title: str, notes: list[str], rows: list[Row], checks: list[dict], 
 
 
 def row_record(row: Row) -> dict:
+    """A row as plain JSON data."""
     return {"server": row.spec.name, "kind": row.spec.kind, "workers": row.spec.workers,
             "cache": row.spec.cache, "file": row.file, "tool": row.tool,
             "result": asdict(row.result) if row.result else None, "runs_rps": row.runs_rps, "error": row.error}
 
 
 def write_json(path: Path, meta: dict, rows: list[Row], checks: list[dict]) -> None:
+    """The machine-readable record of a run: `meta`, every row and every target check."""
     path.write_text(json.dumps({**meta, "rows": [row_record(r) for r in rows], "targets": checks}, indent=2) + "\n")
 
 

@@ -54,10 +54,12 @@ class ServerSpec:
 
     @property
     def workers_label(self) -> str:
+        """The workers column: a count, or `auto` for the server's own default."""
         return "auto" if self.workers is None else str(self.workers)
 
     @property
     def cache_label(self) -> str:
+        """The cache column: gows' front cache on/off, `-` elsewhere."""
         return "-" if self.cache is None else ("on" if self.cache else "off")
 
     @property
@@ -87,6 +89,7 @@ class Running:
     idle: bool = False  # went idle after booting (False: still busy when the boot timeout ran out)
 
     def url(self, file_name: str) -> str:
+        """The URL of a file of the document root on this server."""
         return f"http://127.0.0.1:{self.port}/{file_name}"
 
 
@@ -222,6 +225,7 @@ def command(spec: ServerSpec, root: Path, port: int, workdir: Path) -> tuple[lis
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
+    """The last lines of a server's log, for error messages."""
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

@@ -244,7 +244,7 @@ def test_chart_pairs_gows_and_whitenoise_of_the_same_worker_count():
     assert on["color"] == off["color"] == wn2["color"] != wn10["color"]
     assert (on["linestyle"], off["linestyle"], wn2["linestyle"]) == ("-", "--", ":")
     # Without gows (the fileapp suite) each peer has its own colour.
-    peers = {report.line_style(ServerSpec(k, 2), [])["color"] for k in ("fileapp", "fileapp-worker", "whitenoise", "werkzeug")}
+    peers = {report.line_style(ServerSpec(k, 2), [])["color"] for k in servers.PEERS}
     assert len(peers) == 4
 
 
@@ -294,6 +294,34 @@ def test_missing_tools_without_root_name_the_packages(monkeypatch):
     with pytest.raises(prereqs.MissingPrerequisite) as exc:
         prereqs.ensure_tools(["ab", "wrk", "nginx"])
     assert "apt-get install -y --no-install-recommends apache2-utils wrk" in str(exc.value)
+
+
+def test_missing_tools_as_root_are_installed_with_apt_get(monkeypatch):
+    installed: set[str] = set()
+    calls: list[list[str]] = []
+
+    def run(args, **kwargs):
+        calls.append(args)
+        if args[1] == "install":
+            installed.update({"ab", "wrk"})
+        return subprocess.CompletedProcess(args, 0)
+
+    present = {"nginx", "apt-get"}
+    monkeypatch.setattr(prereqs, "which", lambda cmd: f"/usr/bin/{cmd}" if cmd in installed | present else None)
+    monkeypatch.setattr(prereqs.subprocess, "run", run)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    paths = prereqs.ensure_tools(["ab", "wrk", "nginx"], log=lambda message: None)
+    assert paths == {"ab": "/usr/bin/ab", "wrk": "/usr/bin/wrk", "nginx": "/usr/bin/nginx"}
+    assert [c[:2] for c in calls] == [["apt-get", "update"], ["apt-get", "install"]]
+    assert calls[1][-2:] == ["apache2-utils", "wrk"] and "--no-install-recommends" in calls[1]
+
+
+def test_failed_apt_get_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(prereqs, "which", lambda cmd: None if cmd == "wrk" else f"/usr/bin/{cmd}")
+    monkeypatch.setattr(prereqs.subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(args, 100))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with pytest.raises(prereqs.MissingPrerequisite, match="install by hand:\n  apt-get install .* wrk"):
+        prereqs.ensure_tools(["wrk"], log=lambda message: None)
 
 
 def test_missing_python_peer_names_the_pip_package(monkeypatch):

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -179,8 +179,9 @@ def run(plan: Plan, keep: bool) -> int:
     title = f"gows benchmark: {plan.suite} suite, {stamp}" + (" (interrupted)" if interrupted else "")
     run_notes = notes(plan, load_before)
     stem.with_suffix(".md").write_text(report.markdown(title, run_notes, rows, checks, chart_path))
-    report.write_json(stem.with_suffix(".json"), {"suite": plan.suite, "stamp": stamp, "notes": run_notes,
-                                                  "interrupted": interrupted}, rows, checks)
+    settings = {k: v for k, v in asdict(plan).items() if k != "specs"}
+    report.write_json(stem.with_suffix(".json"), {"suite": plan.suite, "stamp": stamp, "settings": settings,
+                                                  "notes": run_notes, "interrupted": interrupted}, rows, checks)
     print(report.table(rows))
     if checks:
         print("\nTargets:\n" + report.targets_text(checks))

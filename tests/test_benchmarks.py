@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from support import pid_alive
+from support import pid_alive, wait_until
 
 from benchmarks import __main__ as cli
 from benchmarks import loads, prereqs, report, servers
@@ -419,4 +419,53 @@ def test_group_usage_counts_the_processes_of_a_server_group():
         assert count == 3 and cpu >= 0.0
     finally:
         servers.stop(proc, grace=2)
-    assert servers.group_usage(proc.pid)[0] == 0
+    # The orphaned sleeps got SIGKILL from stop(); they vanish once the kernel has delivered it.
+    wait_until(lambda: servers.group_usage(proc.pid)[0] == 0, timeout=5, message="group emptied")
+
+
+# --- the run as a whole, with servers and load tools replaced by recorded outputs -----------------
+
+def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, capsys):
+    from contextlib import contextmanager
+
+    started: list[str] = []
+    ab_calls: list[tuple[str, int, int]] = []
+
+    @contextmanager
+    def fake_serve(spec, root, workdir):
+        if spec.kind == "nginx":
+            raise servers.ServerError("nginx exited with status 1:\nbind() failed")
+        started.append(spec.label)
+        workdir.mkdir()
+        yield servers.Running(spec, 4242, None, workdir / "server.log", idle=True)  # type: ignore[arg-type]
+
+    def fake_ab(url, requests, concurrency, gnuplot=None):
+        ab_calls.append((url, requests, concurrency))
+        if gnuplot is not None:
+            gnuplot.write_text(fixture("ab-gnuplot.tsv"))
+        result = loads.parse_ab(fixture("ab-nginx-1k.txt"))
+        result.rps += len(ab_calls)  # distinct runs, so the median is a choice
+        return result
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    monkeypatch.setattr(loads, "ab", fake_ab)
+    monkeypatch.setattr(loads, "wrk", lambda url, c, s: loads.parse_wrk(fixture("wrk-nginx-1k.txt")))
+    monkeypatch.setattr(prereqs, "ensure_tools", lambda commands, log: {})
+    monkeypatch.setattr(cli, "RESULTS", tmp_path)
+
+    status = cli.main(["--only", "apache,nginx", "--requests", "300", "--repeat", "3"])
+    assert status == 1  # nginx failed to start
+    assert started == ["Apache"]
+    warm_up, measured = ab_calls[:2], ab_calls[2:]
+    assert [c[2] for c in warm_up] == [50, 50]  # one short warm-up per file, not counted
+    assert len(measured) == 6 and all(c[1:] == (300, 500) for c in measured)  # 3 runs x 2 files
+    out = capsys.readouterr().out
+    assert "| Apache" in out and "error: nginx exited with status 1:" in out
+    (md,) = tmp_path.glob("compare-*.md")
+    assert "error: nginx exited" in md.read_text() and md.with_suffix(".png").exists()
+    record = json.loads(md.with_suffix(".json").read_text())
+    apache_ab = [r for r in record["rows"] if r["kind"] == "apache" and r["tool"] == "ab"]
+    assert len(apache_ab) == 2 and all(sorted(r["runs_rps"])[1] == r["result"]["rps"] for r in apache_ab)
+    nginx = [r for r in record["rows"] if r["kind"] == "nginx"]
+    assert {(r["file"], r["tool"]) for r in nginx} == {("1 KiB", "ab"), ("150 KB", "ab"), ("1 KiB", "wrk")}
+    assert all(r["result"] is None and "bind() failed" in r["error"] for r in nginx)

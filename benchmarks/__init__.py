@@ -1,0 +1,1 @@
+"""Benchmarks: gows against Apache, nginx and Python peers, in one command (`make bench`)."""

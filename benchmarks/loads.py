@@ -1,0 +1,130 @@
+"""Run ApacheBench and wrk against a URL and parse what they print into one Measurement shape."""
+from __future__ import annotations
+
+import re
+import statistics
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class LoadError(RuntimeError):
+    """A load tool failed or printed something we cannot read."""
+
+
+@dataclass
+class Measurement:
+    """One load run, in the same units for ab and wrk."""
+
+    requests: int  # completed requests
+    rps: float  # requests per second
+    mean_ms: float  # mean time per request as one client sees it (ab: per concurrent request; wrk: latency avg)
+    transfer_kbs: float  # KiB/s received
+    failed: int  # ab: "Failed requests"; wrk: socket errors (connect, read, write, timeout)
+    non2xx: int  # responses outside 2xx (wrk: outside 2xx/3xx)
+    p50_ms: float
+    p99_ms: float
+
+
+_WRK_TIME = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
+_WRK_BYTES = {"B": 1 / 1024, "KB": 1.0, "MB": 1024.0, "GB": 1024.0**2, "TB": 1024.0**3}
+
+
+def _search(pattern: str, text: str, tool: str) -> re.Match:
+    match = re.search(pattern, text, re.M)
+    if match is None:
+        tail = "\n".join(text.strip().splitlines()[-5:])
+        raise LoadError(f"{tool} output has no line matching {pattern!r}; it ended with:\n{tail}")
+    return match
+
+
+def _count(pattern: str, text: str) -> int:
+    """An optional counter line (ab and wrk print some only when non-zero)."""
+    match = re.search(pattern, text, re.M)
+    return int(match.group(1)) if match else 0
+
+
+def parse_ab(text: str) -> Measurement:
+    """Parse ApacheBench's report (`ab -n N -c C URL`)."""
+    return Measurement(
+        requests=int(_search(r"^Complete requests:\s+(\d+)", text, "ab").group(1)),
+        rps=float(_search(r"^Requests per second:\s+([\d.]+)", text, "ab").group(1)),
+        mean_ms=float(_search(r"^Time per request:\s+([\d.]+) \[ms\] \(mean\)$", text, "ab").group(1)),
+        transfer_kbs=float(_search(r"^Transfer rate:\s+([\d.]+) \[Kbytes/sec\]", text, "ab").group(1)),
+        failed=int(_search(r"^Failed requests:\s+(\d+)", text, "ab").group(1)),
+        non2xx=_count(r"^Non-2xx responses:\s+(\d+)", text),
+        p50_ms=float(_search(r"^\s+50%\s+(\d+)", text, "ab").group(1)),
+        p99_ms=float(_search(r"^\s+99%\s+(\d+)", text, "ab").group(1)),
+    )
+
+
+def _wrk_ms(value: str, unit: str) -> float:
+    return float(value) * _WRK_TIME[unit]
+
+
+def parse_wrk(text: str) -> Measurement:
+    """Parse wrk's report (`wrk --latency ...`)."""
+    avg = _search(r"^\s+Latency\s+([\d.]+)(us|ms|s|m|h)\s", text, "wrk")
+    p50 = _search(r"^\s+50%\s+([\d.]+)(us|ms|s|m|h)$", text, "wrk")
+    p99 = _search(r"^\s+99%\s+([\d.]+)(us|ms|s|m|h)$", text, "wrk")
+    transfer = _search(r"^Transfer/sec:\s+([\d.]+)([KMGT]?B)$", text, "wrk")
+    errors = re.search(r"^\s+Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text, re.M)
+    return Measurement(
+        requests=int(_search(r"^\s+(\d+) requests in ", text, "wrk").group(1)),
+        rps=float(_search(r"^Requests/sec:\s+([\d.]+)", text, "wrk").group(1)),
+        mean_ms=_wrk_ms(*avg.groups()),
+        transfer_kbs=float(transfer.group(1)) * _WRK_BYTES[transfer.group(2)],
+        failed=sum(int(n) for n in errors.groups()) if errors else 0,
+        non2xx=_count(r"^\s+Non-2xx or 3xx responses:\s+(\d+)", text),
+        p50_ms=_wrk_ms(*p50.groups()),
+        p99_ms=_wrk_ms(*p99.groups()),
+    )
+
+
+def median_run(runs: list[Measurement]) -> Measurement:
+    """The run with the median requests/s (a real run, so its fields stay consistent with each other)."""
+    if not runs:
+        raise ValueError("no runs")
+    ordered = sorted(runs, key=lambda m: m.rps)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def spread(runs: list[Measurement]) -> float:
+    """Relative spread of requests/s across repeated runs, (max - min) / median."""
+    values = [m.rps for m in runs]
+    middle = statistics.median(values)
+    return (max(values) - min(values)) / middle if middle else 0.0
+
+
+def read_gnuplot(path: Path) -> list[float]:
+    """Total time (ms) of each request from `ab -g FILE`, in the order ab writes them (sorted by time)."""
+    times = []
+    for line in path.read_text().splitlines()[1:]:
+        fields = line.split("\t")
+        if len(fields) == 6:
+            times.append(float(fields[4]))
+    return times
+
+
+def _run(argv: list[str], timeout: float) -> str:
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise LoadError(f"{argv[0]} did not finish within {timeout:.0f}s") from None
+    if done.returncode != 0 and not done.stdout:
+        raise LoadError(f"{' '.join(argv)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
+    return done.stdout
+
+
+def ab(url: str, requests: int, concurrency: int, gnuplot: Path | None = None) -> Measurement:
+    """`ab -n requests -c concurrency URL`, no keep-alive; -r counts socket errors instead of aborting."""
+    argv = ["ab", "-q", "-r", "-n", str(requests), "-c", str(concurrency)]
+    if gnuplot is not None:
+        argv += ["-g", str(gnuplot)]
+    return parse_ab(_run(argv + [url], timeout=120 + requests / 50))
+
+
+def wrk(url: str, connections: int, seconds: int) -> Measurement:
+    """`wrk -t1 -cN -dS --latency URL`: keep-alive load from one thread."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+    return parse_wrk(_run(argv, timeout=seconds + 60))

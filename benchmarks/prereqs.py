@@ -1,0 +1,93 @@
+"""What a run needs before any server starts: the load tools and peers, file limits, a document root."""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import resource
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+# Debian package that provides each command.
+PACKAGES = {"ab": "apache2-utils", "wrk": "wrk", "apache2": "apache2", "nginx": "nginx"}
+# pip distribution that provides each importable module.
+PYTHON_MODULES = {"gunicorn": "gunicorn", "whitenoise": "whitenoise", "werkzeug": "werkzeug", "matplotlib": "matplotlib"}
+
+# The files every server serves: (URL name, size in bytes, label in the table).
+FILES = [("1k.txt", 1024, "1 KiB"), ("150k.txt", 150_000, "150 KB")]
+
+
+class MissingPrerequisite(Exception):
+    """The run cannot go on without something the user must install (the CLI exits 2 with the message)."""
+
+
+def which(command: str) -> str | None:
+    """Find a command on PATH or in the sbin directories, where Debian puts the servers."""
+    return shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin:/usr/local/sbin")
+
+
+def ensure_tools(commands: list[str], log=print) -> dict[str, str]:
+    """Return {command: path}; install the missing ones with apt-get when root, else exit 2 saying how."""
+    missing = [c for c in commands if which(c) is None]
+    if missing:
+        packages = sorted({PACKAGES[c] for c in missing})
+        hint = "apt-get install -y --no-install-recommends " + " ".join(packages)
+        if os.geteuid() != 0 or which("apt-get") is None:
+            raise MissingPrerequisite(f"missing {', '.join(missing)}; install them as root with:\n  {hint}")
+        log(f"installing {' '.join(packages)} with apt-get")
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        # Another apt-get may hold the dpkg lock (other jobs on the machine): wait for it, bounded.
+        wait_lock = ["-o", "DPkg::Lock::Timeout=300", "-q"]
+        for args in (["apt-get", "update", *wait_lock],
+                     ["apt-get", "install", "-y", "--no-install-recommends", *wait_lock, *packages]):
+            if subprocess.run(args, env=env, stdout=subprocess.DEVNULL).returncode != 0:
+                raise MissingPrerequisite(f"`{' '.join(args)}` failed; install by hand:\n  {hint}")
+        still = [c for c in missing if which(c) is None]
+        if still:
+            raise MissingPrerequisite(f"still missing after apt-get: {', '.join(still)}")
+    return {c: which(c) for c in commands}  # type: ignore[misc]
+
+
+def ensure_python_modules(modules: list[str]) -> None:
+    """Exit 2 naming the pip packages to install when a peer or the chart library is missing."""
+    missing = [PYTHON_MODULES[m] for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingPrerequisite(
+            f"missing Python packages: {', '.join(missing)}; install with:\n"
+            f"  {sys.executable} -m pip install {' '.join(missing)}   (or: pip install -e '.[bench]')"
+        )
+
+
+def raise_open_file_limit(wanted: int = 65536) -> None:
+    """`ab -c 500` and the servers it talks to need more descriptors than the usual 1024 (children inherit)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def deterministic_text(size: int, seed: str) -> bytes:
+    """`size` bytes of printable text that are the same on every run (so runs are comparable)."""
+    alphabet = b"abcdefghijklmnopqrstuvwxyz      \n"
+    out = bytearray()
+    block = hashlib.sha256(seed.encode()).digest()
+    while len(out) < size:
+        block = hashlib.sha256(block).digest()
+        out.extend(alphabet[b % len(alphabet)] for b in block)
+    return bytes(out[:size])
+
+
+def make_docroot(base: Path) -> Path:
+    """Create the document root under `base`, readable by the servers' unprivileged users."""
+    root = base / "www"
+    root.mkdir()
+    for name, size, _ in FILES:
+        (root / name).write_bytes(deterministic_text(size, name))
+    # Apache and nginx workers run as www-data: every directory up to the files must be traversable.
+    for path in (base, root):
+        path.chmod(0o755)
+    for name, _, _ in FILES:
+        (root / name).chmod(0o644)
+    return root

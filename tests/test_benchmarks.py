@@ -1,0 +1,471 @@
+"""The benchmark harness's own logic: parsing real ab/wrk output, ratios, the table, targets, configs.
+
+No load is run here: the fixtures in tests/data are outputs captured from real ab and wrk runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from support import pid_alive, wait_until
+
+from benchmarks import __main__ as cli
+from benchmarks import loads, prereqs, report, servers
+from benchmarks.loads import LoadError, Measurement
+from benchmarks.report import Row
+from benchmarks.servers import ServerSpec
+
+DATA = Path(__file__).parent / "data"
+
+
+def fixture(name: str) -> str:
+    return (DATA / name).read_text()
+
+
+def m(rps: float, failed: int = 0, non2xx: int = 0) -> Measurement:
+    return Measurement(requests=1000, rps=rps, mean_ms=1.0, transfer_kbs=10.0, failed=failed, non2xx=non2xx,
+                       p50_ms=1.0, p99_ms=2.0)
+
+
+# --- ab ---------------------------------------------------------------------------------------
+
+def test_parse_ab_clean_run():
+    got = loads.parse_ab(fixture("ab-nginx-1k.txt"))
+    assert got == Measurement(requests=2000, rps=27885.06, mean_ms=7.172, transfer_kbs=34284.46,
+                              failed=0, non2xx=0, p50_ms=7.0, p99_ms=10.0)
+
+
+def test_parse_ab_takes_the_per_request_mean_not_the_across_all_concurrent_one():
+    got = loads.parse_ab(fixture("ab-apache-150k.txt"))
+    assert got.mean_ms == 18.251
+    assert got.rps == 10958.06 and got.transfer_kbs == 1608170.73
+    assert (got.p50_ms, got.p99_ms) == (16.0, 37.0)
+
+
+def test_parse_ab_counts_non_2xx_responses():
+    got = loads.parse_ab(fixture("ab-apache-404.txt"))
+    assert got.non2xx == 500 and got.failed == 0
+
+
+def test_parse_ab_counts_failed_requests_from_resets():
+    got = loads.parse_ab(fixture("ab-reset.txt"))
+    assert got.failed == 400 and got.transfer_kbs == 0.0
+
+
+def test_parse_ab_rejects_output_without_a_report():
+    text = "Benchmarking 127.0.0.1 (be patient)...apr_socket_recv: Connection refused (111)\n"
+    with pytest.raises(LoadError, match="Requests per second|Complete requests"):
+        loads.parse_ab(text)
+
+
+# --- wrk --------------------------------------------------------------------------------------
+
+def test_parse_wrk_converts_units_to_ms_and_kib():
+    got = loads.parse_wrk(fixture("wrk-nginx-1k.txt"))
+    assert got.requests == 237091 and got.rps == 118463.58
+    assert got.mean_ms == 0.88
+    assert got.p50_ms == pytest.approx(0.678)  # printed as 678.00us
+    assert got.p99_ms == 4.6
+    assert got.transfer_kbs == pytest.approx(142.80 * 1024)  # 142.80MB
+    assert (got.failed, got.non2xx) == (0, 0)
+
+
+def test_parse_wrk_counts_socket_errors_and_non_2xx():
+    got = loads.parse_wrk(fixture("wrk-apache-404.txt"))
+    assert got.failed == 9 and got.non2xx == 50901
+    reset = loads.parse_wrk(fixture("wrk-reset.txt"))
+    assert reset.failed == 21418 + 60085 and reset.requests == 0 and reset.rps == 0.0
+
+
+def test_parse_wrk_latency_in_seconds():
+    text = fixture("wrk-apache-1k.txt").replace("Latency    13.86ms", "Latency     1.50s ").replace(
+        "99%   94.20ms", "99%    2.10s")
+    got = loads.parse_wrk(text)
+    assert got.mean_ms == 1500.0 and got.p99_ms == 2100.0
+
+
+def test_parse_wrk_rejects_truncated_output():
+    text = "\n".join(fixture("wrk-nginx-1k.txt").splitlines()[:4])
+    with pytest.raises(LoadError):
+        loads.parse_wrk(text)
+
+
+# --- repeats and per-request times --------------------------------------------------------------
+
+def test_median_run_returns_the_middle_run_itself():
+    runs = [m(300), m(100, failed=3), m(200, failed=1)]
+    assert loads.median_run(runs) is runs[2]
+    assert loads.median_run([m(5)]).rps == 5
+    assert loads.median_run([m(100), m(400)]).rps == 100  # lower middle: a real run, never an average
+    with pytest.raises(ValueError):
+        loads.median_run([])
+
+
+def test_spread_is_relative_to_the_median():
+    assert loads.spread([m(90), m(100), m(130)]) == pytest.approx(0.4)
+
+
+def test_read_gnuplot_gives_total_times_in_file_order():
+    assert loads.read_gnuplot(DATA / "ab-gnuplot.tsv") == [4.0] * 5 + [7.0] * 4 + [10.0] * 4
+
+
+# --- ratios, table, targets ---------------------------------------------------------------------
+
+APACHE, NGINX = ServerSpec("apache"), ServerSpec("nginx")
+GOWS_ON, GOWS_OFF = ServerSpec("gows", 2, True), ServerSpec("gows", 2, False)
+WN2, WN10 = ServerSpec("whitenoise", 2), ServerSpec("whitenoise", 10)
+
+
+def sample_rows() -> list[Row]:
+    return [
+        Row(APACHE, "1 KiB", "ab", m(10000), [9000, 10000, 12000]),
+        Row(NGINX, "1 KiB", "ab", m(20000)),
+        Row(NGINX, "1 KiB", "wrk", m(100000)),
+        Row(GOWS_ON, "1 KiB", "ab", m(12500)),
+        Row(GOWS_ON, "1 KiB", "wrk", m(40000)),
+        Row(GOWS_OFF, "1 KiB", "ab", m(3000, failed=2)),
+        Row(WN10, "1 KiB", "ab", m(1000)),
+        Row(WN2, "1 KiB", "ab", m(4000)),
+    ]
+
+
+def test_ratio_against_same_file_and_tool():
+    rows = sample_rows()
+    assert report.ratio(rows[3], rows, "apache") == 1.25
+    assert report.ratio(rows[4], rows, "nginx") == 0.4
+    assert report.ratio(rows[4], rows, "apache") is None  # Apache has no wrk row here
+
+
+def test_ratio_against_whitenoise_uses_the_same_worker_count():
+    rows = sample_rows()
+    assert report.ratio(rows[5], rows, "whitenoise", same_workers=True) == 0.75  # 2 workers, not 10
+
+
+def test_ratio_ignores_a_baseline_that_failed_to_run():
+    rows = [Row(APACHE, "1 KiB", "ab", error="apache2 exited with status 1"), Row(GOWS_ON, "1 KiB", "ab", m(5))]
+    assert report.ratio(rows[1], rows, "apache") is None
+
+
+def test_fmt_ratio():
+    assert report.fmt_ratio(1.2345) == "1.23×"
+    assert report.fmt_ratio(None) == "–"
+
+
+def test_table_has_a_ratio_column_per_measured_baseline_and_aligned_lines():
+    rows = sample_rows()
+    text = report.table(rows)
+    lines = text.splitlines()
+    assert lines[0].split("|")[1].strip() == "server"
+    assert "×Apache" in lines[0] and "×nginx" in lines[0] and "×whitenoise" in lines[0]
+    assert len(lines) == 2 + len(rows)
+    assert len({len(line) for line in lines}) == 1
+    gows_ab = next(line for line in lines if "gows" in line and " on " in line and " ab " in line)
+    assert "12,500" in gows_ab and "1.25×" in gows_ab and "0.62×" in gows_ab
+
+
+def test_table_omits_baselines_that_were_not_measured():
+    text = report.table([Row(ServerSpec("fileapp", 2), "1 KiB", "ab", m(5000)),
+                         Row(WN2, "1 KiB", "ab", m(4000))])
+    assert "×Apache" not in text and "×nginx" not in text
+    assert "1.25×" in text
+
+
+def test_table_shows_errors_in_place_of_figures():
+    rows = [Row(APACHE, "1 KiB", "ab", m(100)),
+            Row(GOWS_ON, "1 KiB", "ab", error="gows 2w cache on not ready after 64s (status 503):\nlog tail")]
+    text = report.table(rows)
+    assert "error: gows 2w cache on not ready after 64s (status 503)" in text
+    assert "log tail" not in text
+
+
+def test_targets_met_and_missed():
+    checks = report.check_targets("compare", sample_rows())
+    by = {(c["target"], c["tool"], c["server"]): c for c in checks}
+    ab_on = by[("front cache on, ab 1 KiB, 0 failed", "ab", "gows 2w cache on")]
+    assert ab_on["met"] and ab_on["ratio"] == 1.25
+    wrk_on = by[("front cache on, wrk keep-alive", "wrk", "gows 2w cache on")]
+    assert not wrk_on["met"] and wrk_on["ratio"] == 0.4
+    off = by[("front cache off vs whitenoise, same workers", "ab", "gows 2w cache off")]
+    assert not off["met"] and off["ratio"] == 0.75
+    assert "MISSED" in report.targets_text(checks) and "met" in report.targets_text(checks)
+
+
+def test_target_without_a_baseline_is_not_measured_rather_than_missed():
+    rows = [Row(GOWS_ON, "1 KiB", "wrk", m(2000))]
+    (check,) = report.check_targets("compare", rows)
+    assert check["met"] is None and check["ratio"] is None
+    assert "no nginx figure" in report.targets_text([check]) and "not measured" in report.targets_text([check])
+
+
+def test_target_requiring_zero_failed_is_missed_with_failures():
+    rows = [Row(APACHE, "1 KiB", "ab", m(1000)), Row(GOWS_ON, "1 KiB", "ab", m(2000, non2xx=1))]
+    (check,) = report.check_targets("compare", rows)
+    assert check["ratio"] == 2.0 and check["failed"] == 1 and not check["met"]
+
+
+def test_fileapp_target_is_against_whitenoise():
+    rows = [Row(ServerSpec("fileapp", 2), "150 KB", "wrk", m(6000)), Row(WN2, "150 KB", "wrk", m(4000))]
+    (check,) = report.check_targets("fileapp", rows)
+    assert check["met"] and check["ratio"] == 1.5 and check["minimum"] == 1.2
+
+
+def test_markdown_and_json_records(tmp_path):
+    rows = sample_rows()
+    checks = report.check_targets("compare", rows)
+    text = report.markdown("title", ["note one"], rows, checks, tmp_path / "x.png")
+    assert text.startswith("# title\n") and "- note one" in text and report.table(rows) in text
+    assert "## Targets" in text and "](x.png)" in text
+    assert "- Apache, 1 KiB: 9,000 / 10,000 / 12,000" in text
+    out = tmp_path / "r.json"
+    report.write_json(out, {"suite": "compare"}, rows, checks)
+    record = json.loads(out.read_text())
+    assert record["suite"] == "compare" and len(record["rows"]) == len(rows)
+    assert record["rows"][0]["runs_rps"] == [9000, 10000, 12000]
+    assert record["rows"][0]["result"]["rps"] == 10000 and record["rows"][0]["workers"] is None
+    assert record["targets"] == json.loads(json.dumps(checks))
+
+
+def test_chart_writes_a_png(tmp_path):
+    path = tmp_path / "chart.png"
+    report.chart(path, {APACHE: [0.0, 1.0, 5.0, 40.0], GOWS_OFF: [2.0, 3.0, 300.0], WN2: [9.0]}, "t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_chart_pairs_gows_and_whitenoise_of_the_same_worker_count():
+    workers = [2, 10]
+    on, off = report.line_style(GOWS_ON, workers), report.line_style(GOWS_OFF, workers)
+    wn2, wn10 = report.line_style(WN2, workers), report.line_style(WN10, workers)
+    assert on["color"] == off["color"] == wn2["color"] != wn10["color"]
+    assert (on["linestyle"], off["linestyle"], wn2["linestyle"]) == ("-", "--", ":")
+    # Without gows (the fileapp suite) each peer has its own colour.
+    peers = {report.line_style(ServerSpec(k, 2), [])["color"] for k in servers.PEERS}
+    assert len(peers) == 4
+
+
+# --- plans and arguments ------------------------------------------------------------------------
+
+def test_default_plan_is_the_issue_4_comparison():
+    plan = cli.build_plan(cli.parse_args([]))
+    labels = [s.label for s in plan.specs]
+    assert labels[:2] == ["Apache", "nginx"]
+    for n in (2, 10, 100):
+        assert {f"gows {n}w cache on", f"gows {n}w cache off", f"gunicorn+whitenoise {n}w"} <= set(labels)
+    assert (plan.ab_requests, plan.ab_concurrency, plan.repeat) == (5000, 500, 3)
+    assert (plan.wrk_connections, plan.wrk_seconds, plan.wrk_files) == (100, 10, ["1 KiB"])
+
+
+def test_fileapp_plan_is_the_issue_2_comparison():
+    plan = cli.build_plan(cli.parse_args(["fileapp", "--requests", "30000"]))
+    assert [(s.kind, s.workers) for s in plan.specs] == [("fileapp", 2), ("fileapp-worker", 2), ("whitenoise", 2),
+                                                         ("werkzeug", 2)]
+    assert plan.ab_requests == 30000 and plan.wrk_files == ["1 KiB", "150 KB"]
+
+
+def test_quick_and_only_shrink_the_plan():
+    plan = cli.build_plan(cli.parse_args(["--quick", "--only", "gows,apache"]))
+    assert [s.label for s in plan.specs] == ["Apache", "gows 2w cache on", "gows 2w cache off"]
+    assert plan.repeat == 1 and plan.wrk_seconds == 2 and plan.ab_requests < 5000
+
+
+@pytest.mark.parametrize("argv", [["--requests", "0"], ["--only", "iis"], ["--workers", "2,x"], ["bogus"]])
+def test_bad_arguments_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.parse_args(argv)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_only_matching_nothing_says_so(capsys):
+    assert cli.main(["fileapp", "--only", "nginx"]) == 2
+    assert "matches no server" in capsys.readouterr().err
+
+
+# --- prerequisites and server configs ------------------------------------------------------------
+
+def test_missing_tools_without_root_name_the_packages(monkeypatch):
+    monkeypatch.setattr(prereqs, "which", lambda cmd: None if cmd in ("wrk", "ab") else f"/usr/bin/{cmd}")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(prereqs.MissingPrerequisite) as exc:
+        prereqs.ensure_tools(["ab", "wrk", "nginx"])
+    assert "apt-get install -y --no-install-recommends apache2-utils wrk" in str(exc.value)
+
+
+def test_missing_tools_as_root_are_installed_with_apt_get(monkeypatch):
+    installed: set[str] = set()
+    calls: list[list[str]] = []
+
+    def run(args, **kwargs):
+        calls.append(args)
+        if args[1] == "install":
+            installed.update({"ab", "wrk"})
+        return subprocess.CompletedProcess(args, 0)
+
+    present = {"nginx", "apt-get"}
+    monkeypatch.setattr(prereqs, "which", lambda cmd: f"/usr/bin/{cmd}" if cmd in installed | present else None)
+    monkeypatch.setattr(prereqs.subprocess, "run", run)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    paths = prereqs.ensure_tools(["ab", "wrk", "nginx"], log=lambda message: None)
+    assert paths == {"ab": "/usr/bin/ab", "wrk": "/usr/bin/wrk", "nginx": "/usr/bin/nginx"}
+    assert [c[:2] for c in calls] == [["apt-get", "update"], ["apt-get", "install"]]
+    assert calls[1][-2:] == ["apache2-utils", "wrk"] and "--no-install-recommends" in calls[1]
+
+
+def test_failed_apt_get_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(prereqs, "which", lambda cmd: None if cmd == "wrk" else f"/usr/bin/{cmd}")
+    monkeypatch.setattr(prereqs.subprocess, "run", lambda args, **kw: subprocess.CompletedProcess(args, 100))
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    with pytest.raises(prereqs.MissingPrerequisite, match="install by hand:\n  apt-get install .* wrk"):
+        prereqs.ensure_tools(["wrk"], log=lambda message: None)
+
+
+def test_missing_python_peer_names_the_pip_package(monkeypatch):
+    monkeypatch.setattr(prereqs.importlib.util, "find_spec", lambda name: None if name == "whitenoise" else object())
+    with pytest.raises(prereqs.MissingPrerequisite, match="pip install whitenoise"):
+        prereqs.ensure_python_modules(["gunicorn", "whitenoise"])
+
+
+def test_docroot_files_are_deterministic_and_readable(tmp_path):
+    root = prereqs.make_docroot(tmp_path)
+    for name, size, _ in prereqs.FILES:
+        data = (root / name).read_bytes()
+        assert len(data) == size and data == prereqs.deterministic_text(size, name)
+        assert (root / name).stat().st_mode & 0o777 == 0o644
+    assert prereqs.deterministic_text(64, "a") != prereqs.deterministic_text(64, "b")
+
+
+def test_apache_config_keeps_debian_defaults_but_listens_only_on_our_port(tmp_path):
+    stock = ("Timeout 300\nIncludeOptional mods-enabled/*.load\nInclude ports.conf\n"
+             "IncludeOptional conf-enabled/*.conf\nIncludeOptional sites-enabled/*.conf\n")
+    conf = servers.apache_config(stock, tmp_path, 4242)
+    assert "IncludeOptional mods-enabled/*.load" in conf and "IncludeOptional conf-enabled/*.conf" in conf
+    assert "ports.conf" not in conf and "sites-enabled" not in conf
+    assert "Listen 127.0.0.1:4242" in conf and f"DocumentRoot {tmp_path}" in conf
+
+
+def test_apache_env_uses_debian_user_and_moves_runtime_dirs(tmp_path):
+    env = servers.apache_env("export APACHE_RUN_USER=www-data\nexport APACHE_RUN_GROUP=www-data\n"
+                             "export APACHE_LOG_DIR=/var/log/apache2$SUFFIX\n", tmp_path)
+    assert env["APACHE_RUN_USER"] == "www-data" and env["APACHE_RUN_GROUP"] == "www-data"
+    assert env["APACHE_LOG_DIR"] == str(tmp_path) and env["APACHE_PID_FILE"].startswith(str(tmp_path))
+
+
+def test_nginx_config(tmp_path):
+    conf = servers.nginx_config(tmp_path / "www", 4242, tmp_path)
+    for line in ("worker_processes auto;", "sendfile on;", "listen 127.0.0.1:4242;", f"root {tmp_path}/www;",
+                 f"pid {tmp_path}/nginx.pid;"):
+        assert line in conf
+
+
+def test_gows_config_follows_the_contract(tmp_path):
+    conf = servers.gows_config(tmp_path, 4242, ServerSpec("gows", 10, False))
+    assert conf["baseDirectory"] == str(tmp_path) and conf["listen"] == "127.0.0.1:4242"
+    assert conf["workerCount"] == 10 and conf["frontCache"] == {"enabled": False}
+    base = conf["workerBasePort"]
+    assert 20000 <= base and base + 10 <= 32000  # below the kernel's ephemeral range
+
+
+def test_peer_command_runs_gunicorn_gthread(tmp_path):
+    argv, env = servers.command(ServerSpec("whitenoise", 2), tmp_path, 4242, tmp_path)
+    assert argv[1:6] == ["-m", "gunicorn", "-k", "gthread", "-w"] and argv[6] == "2"
+    assert argv[-1] == f"benchmarks.apps:whitenoise_app({str(tmp_path)!r})"
+    assert str(servers.REPO) in env["PYTHONPATH"]
+    argv, _ = servers.command(ServerSpec("fileapp-worker", 2), tmp_path, 4242, tmp_path)
+    assert argv[4] == "fileapp.worker.GowsThreadWorker" and "fileapp_app(" in argv[-1]
+
+
+def test_peer_apps_serve_the_docroot(tmp_path):
+    from benchmarks import apps
+    from werkzeug.test import Client
+
+    root = prereqs.make_docroot(tmp_path)
+    for factory in (apps.whitenoise_app, apps.werkzeug_app):
+        client = Client(factory(str(root)))
+        response = client.get("/1k.txt")
+        assert response.status_code == 200 and response.data == (root / "1k.txt").read_bytes()
+        assert client.get("/nope.txt").status_code == 404
+
+
+def test_stop_kills_a_server_that_ignores_term_and_its_orphans():
+    proc = subprocess.Popen(["bash", "-c", "trap '' TERM; sleep 60 & echo $!; wait"], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    child = int(proc.stdout.readline())
+    servers.stop(proc, grace=0.5)
+    assert proc.returncode == -signal.SIGKILL
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and pid_alive(child):
+        time.sleep(0.05)
+    assert not pid_alive(child)
+
+
+def test_free_port_range_is_free():
+    base = servers.free_port_range(5)
+    for port in range(base, base + 5):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+
+
+def test_group_usage_counts_the_processes_of_a_server_group():
+    proc = subprocess.Popen(["bash", "-c", "sleep 30 & sleep 30 & echo ready; wait"], stdout=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        count, cpu = servers.group_usage(proc.pid)
+        assert count == 3 and cpu >= 0.0
+    finally:
+        servers.stop(proc, grace=2)
+    # The orphaned sleeps got SIGKILL from stop(); they vanish once the kernel has delivered it.
+    wait_until(lambda: servers.group_usage(proc.pid)[0] == 0, timeout=5, message="group emptied")
+
+
+# --- the run as a whole, with servers and load tools replaced by recorded outputs -----------------
+
+def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, capsys):
+    from contextlib import contextmanager
+
+    started: list[str] = []
+    ab_calls: list[tuple[str, int, int]] = []
+
+    @contextmanager
+    def fake_serve(spec, root, workdir):
+        if spec.kind == "nginx":
+            raise servers.ServerError("nginx exited with status 1:\nbind() failed")
+        started.append(spec.label)
+        workdir.mkdir()
+        yield servers.Running(spec, 4242, None, workdir / "server.log", idle=True)  # type: ignore[arg-type]
+
+    def fake_ab(url, requests, concurrency, gnuplot=None):
+        ab_calls.append((url, requests, concurrency))
+        if gnuplot is not None:
+            gnuplot.write_text(fixture("ab-gnuplot.tsv"))
+        result = loads.parse_ab(fixture("ab-nginx-1k.txt"))
+        result.rps += len(ab_calls)  # distinct runs, so the median is a choice
+        return result
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    monkeypatch.setattr(loads, "ab", fake_ab)
+    monkeypatch.setattr(loads, "wrk", lambda url, c, s: loads.parse_wrk(fixture("wrk-nginx-1k.txt")))
+    monkeypatch.setattr(prereqs, "ensure_tools", lambda commands, log: {})
+    monkeypatch.setattr(cli, "RESULTS", tmp_path)
+
+    status = cli.main(["--only", "apache,nginx", "--requests", "300", "--repeat", "3"])
+    assert status == 1  # nginx failed to start
+    assert started == ["Apache"]
+    warm_up, measured = ab_calls[:2], ab_calls[2:]
+    assert [c[2] for c in warm_up] == [50, 50]  # one short warm-up per file, not counted
+    assert len(measured) == 6 and all(c[1:] == (300, 500) for c in measured)  # 3 runs x 2 files
+    out = capsys.readouterr().out
+    assert "| Apache" in out and "error: nginx exited with status 1:" in out
+    (md,) = tmp_path.glob("compare-*.md")
+    assert "error: nginx exited" in md.read_text() and md.with_suffix(".png").exists()
+    record = json.loads(md.with_suffix(".json").read_text())
+    apache_ab = [r for r in record["rows"] if r["kind"] == "apache" and r["tool"] == "ab"]
+    assert len(apache_ab) == 2 and all(sorted(r["runs_rps"])[1] == r["result"]["rps"] for r in apache_ab)
+    nginx = [r for r in record["rows"] if r["kind"] == "nginx"]
+    assert {(r["file"], r["tool"]) for r in nginx} == {("1 KiB", "ab"), ("150 KB", "ab"), ("1 KiB", "wrk")}
+    assert all(r["result"] is None and "bind() failed" in r["error"] for r in nginx)

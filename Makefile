@@ -29,7 +29,7 @@ test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 -q
 
 bench: $(VENV)/.installed-test
-	$(PY) -m benchmarks
+	$(PY) -m benchmarks $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -17,6 +17,7 @@ from . import config as config_mod
 from .config import Config, ConfigError
 from .health import HealthChecker
 from .logs import LogSink
+from .proxy import Proxy, ProxySettings
 from .sockets import bind_listener
 from .state import WorkerState, WorkerTable
 from .workers import LocalWorker, WorkerOptions
@@ -42,6 +43,7 @@ class Arbiter:
         self.slots: dict[tuple[str, int], LocalWorker] = {}
         self._worker_sockets = worker_sockets
         self._retiring: dict[asyncio.Task, LocalWorker] = {}  # slots draining after TTOU/HUP
+        self.proxy = Proxy(self.table, ProxySettings(**config.proxy_settings))
         self._signals: asyncio.Queue[int] = asyncio.Queue()
 
     # -- entry point ---------------------------------------------------------------------
@@ -58,7 +60,7 @@ class Arbiter:
                 else:
                     self.table.add(WorkerState(w.host, w.port, local=False))
             self.checker.sync()
-            self._start_front()
+            await self.proxy.start(self.public)
             local = len(self.slots)
             log.info("gows master on %s: %d local and %d remote workers, serving %s", self.config.listen,
                      local, len(self.table) - local, self.config.base_directory)
@@ -70,16 +72,6 @@ class Arbiter:
                 loop.remove_signal_handler(sig)
             for slot in self.slots.values():  # only after an unexpected error: workers quit now
                 slot.stop(graceful=False)
-
-    def _start_front(self) -> None:
-        """Serve the public listener. The front proxy (arbiter/proxy) is started here, and only
-        here, with (self.public, self.table, ProxySettings(**self.config.proxy_settings)); it is
-        stopped in _stop_front. Until it is wired in, the socket is bound and held, and clients'
-        connections wait in its backlog."""
-        log.info("public listener %s is bound and held", self.config.listen)
-
-    async def _stop_front(self, graceful: bool) -> None:
-        """Stop accepting on the public listener and, when graceful, let in-flight requests finish."""
 
     # -- signals -------------------------------------------------------------------------
     async def _serve_signals(self) -> bool:
@@ -238,6 +230,7 @@ class Arbiter:
             log.error("reload failed, keeping the running configuration: %s: %s", path, reason)
             return
         self.config = new
+        self.proxy.update_settings(ProxySettings(**new.proxy_settings))
         self.table.rise, self.table.fall = new.health_check.rise, new.health_check.fall
         self.table.max_fails, self.table.fail_timeout = new.max_fails, new.fail_timeout
         self.checker.settings = new.health_check
@@ -280,7 +273,8 @@ class Arbiter:
         """TERM: stop the front, drain every worker (KILL after the graceful timeout).
         INT/QUIT, or one of them during a graceful stop: workers quit at once."""
         log.info("stopping %s", "gracefully" if graceful else "now")
-        await self._stop_front(graceful)
+        # The front stops first: no new requests, in-flight ones finish while workers still run.
+        await self.proxy.shutdown(self.config.graceful_timeout if graceful else 0.0)
         slots = list(self.slots.values())
         for slot in slots:
             slot.stop(graceful)

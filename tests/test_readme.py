@@ -1,0 +1,33 @@
+"""The README's configuration table documents exactly the keys of the shipped JSON Schema."""
+import json
+import re
+
+from support import REPO
+
+
+def schema_keys(props: dict, prefix: str = "") -> dict[str, object]:
+    keys: dict[str, object] = {}
+    for name, spec in props.items():
+        if name == "$schema":
+            continue
+        keys[prefix + name] = spec.get("default")
+        if "properties" in spec:
+            keys.update(schema_keys(spec["properties"], prefix + name + "."))
+    return keys
+
+
+def readme_keys() -> dict[str, str]:
+    text = (REPO / "README.md").read_text()
+    table = text.split("<!-- config-table", 1)[1].split("<!-- /config-table -->", 1)[0]
+    return {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `([\w.]+)` \|([^|]*)\|", table, re.M)}
+
+
+def test_readme_config_table_matches_the_schema():
+    schema = json.loads((REPO / "arbiter" / "gows.schema.json").read_text())
+    documented = readme_keys()
+    in_schema = schema_keys(schema["properties"])
+    assert set(documented) == set(in_schema)
+    for key, default in in_schema.items():
+        cell = documented[key]
+        if cell and cell != "required":
+            assert json.loads(cell.strip("`")) == default, key

@@ -26,9 +26,10 @@ def site(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory, site):
-    """Front cache on (the default); a short head deadline for the slowloris case."""
+    """Front cache on (the default); a short head deadline for the slowloris case; workers log
+    each request (into the master's log) so tests can tell what reached them."""
     m = serving(tmp_path_factory.mktemp("cached"), site, 2, cache={"ttl": WORKER_TTL},
-                proxy={"headerTimeout": 1})
+                proxy={"headerTimeout": 1}, logging={"accessLog": True})
     yield m
     m.stop()
 
@@ -253,15 +254,15 @@ def test_pipelined_requests_are_answered_in_order(master, site):
 
 # -- hostile input and limits, through the real master -------------------------------------------
 SMUGGLING = {
-    "CL and TE": b"POST /index.html HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-    "duplicate CL": b"POST /index.html HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
-    "plus CL": b"POST /index.html HTTP/1.1\r\nHost: t\r\nContent-Length: +1\r\n\r\nx",
-    "bad TE": b"POST /index.html HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nxxxx",
-    "TE not last chunked": b"POST /index.html HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
-    "bare CR": b"GET /index.html HTTP/1.1\r\nHost: t\r\nX-A: b\rc\r\n\r\n",
-    "NUL": b"GET /index.html HTTP/1.1\r\nHost: t\r\nX-A: b\x00c\r\n\r\n",
+    "CL and TE": b"POST /smuggled HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "duplicate CL": b"POST /smuggled HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nContent-Length: 1\r\n\r\nx",
+    "plus CL": b"POST /smuggled HTTP/1.1\r\nHost: t\r\nContent-Length: +1\r\n\r\nx",
+    "bad TE": b"POST /smuggled HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip\r\n\r\nxxxx",
+    "TE not last chunked": b"POST /smuggled HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+    "bare CR": b"GET /smuggled HTTP/1.1\r\nHost: t\r\nX-A: b\rc\r\n\r\n",
+    "NUL": b"GET /smuggled HTTP/1.1\r\nHost: t\r\nX-A: b\x00c\r\n\r\n",
 }
-FOLLOWER = b"GET /index.html HTTP/1.1\r\nHost: t\r\n\r\n"
+FOLLOWER = b"GET /smuggled-follower HTTP/1.1\r\nHost: t\r\n\r\n"
 
 
 @pytest.mark.parametrize("name", list(SMUGGLING))
@@ -271,6 +272,12 @@ def test_smuggling_is_refused_with_400_and_a_close(cached, name):
     assert closed and len(responses) == 1, data[:300]  # the request riding behind is never answered
     status, headers, _ = responses[0]
     assert status == 400 and headers["connection"] == "close"
+    # Nothing reached a worker: requests sent after it (one per worker) are in their logs, it is not.
+    marker = f"/after-smuggling-{name.replace(' ', '-')}"
+    for _ in cached.worker_ports:
+        assert fetch(cached.port, "GET", marker)[0] == 404
+    cached.wait_log(f'"GET {marker} HTTP/1.1" 404', count=len(cached.worker_ports))
+    assert "smuggled" not in cached.log()
 
 
 @pytest.mark.parametrize("name, data, status", [

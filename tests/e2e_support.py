@@ -89,6 +89,18 @@ def fetch(port: int, method: str, path: str, headers: dict[str, str] | None = No
         return Responses(s).next(method)
 
 
+def read_head(s: socket.socket) -> tuple[bytes, bytes]:
+    """Receive a response head: (the head without its blank line, body bytes read past it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before the end of the head: {data[:300]!r}")
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
 def exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[bytes, bool]:
     """Send `data`, read until the server closes or `timeout`: (bytes received, closed by the
     server with a clean end of stream)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import bundled_site, fetch, patterned
+from e2e_support import bundled_site, fetch, patterned, read_head
 from master_support import Hammer, Master, rss_kib, serving, wait_gone
 from support import pid_alive, wait_until
 
@@ -65,22 +65,12 @@ def test_workers_sigkilled_under_load_fail_no_get(master, site):
     assert len(results) >= 100 and all(c.results for c in clients)
 
 
-def _read_head(s: socket.socket) -> tuple[bytes, bytes]:
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        assert chunk, f"closed before the head: {data!r}"
-        data += chunk
-    head, _, rest = data.partition(b"\r\n\r\n")
-    return head, rest
-
-
 def test_worker_killed_mid_stream_truncates_the_response_cleanly(master, site):
     expected = (site / "stream.bin").read_bytes()
     with socket.create_connection(("127.0.0.1", master.port), timeout=30) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         s.sendall(b"GET /stream.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-        head, body = _read_head(s)
+        head, body = read_head(s)
         assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: %d" % STREAMED in head
         received = bytearray(body)
         while len(received) < 2 * 1024 * 1024:  # a slow start: the worker is mid-file
@@ -116,7 +106,7 @@ def test_gigabyte_to_a_slow_reader_keeps_master_memory_bounded(master):
         for _ in range(10):  # not reading at all for a while: the worker could send it all
             time.sleep(0.1)
             peak = max(peak, rss_kib(master.pid))
-        head, body = _read_head(s)
+        head, body = read_head(s)
         assert b"Content-Length: %d" % GIGABYTE in head
         received = len(body)
         assert body == zeros[:received]

@@ -1,6 +1,6 @@
-"""The master's life cycle seen from a client of the public port: a graceful TERM finishes an
-in-flight download before the master exits 0 leaving no process, and a HUP that changes the
-worker count under load fails no request."""
+"""The master's life cycle seen from a client of the public port: a graceful TERM refuses new
+clients, finishes an in-flight download, then the master exits 0 leaving no process; a HUP
+that changes the worker count under load fails no request."""
 from __future__ import annotations
 
 import signal
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import bundled_site, patterned
+from e2e_support import bundled_site, patterned, read_head
 from master_support import Hammer, children, serving, wait_gone
-from support import free_port, pid_alive
+from support import free_port, pid_alive, wait_until
 
 DOWNLOAD = 24 * 1024 * 1024
 
@@ -24,6 +24,14 @@ def site(tmp_path: Path) -> Path:
     return root
 
 
+def _refused(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
 def test_term_lets_a_slow_download_finish_then_exits_0_leaving_no_process(tmp_path, site):
     m = serving(tmp_path, site, 2, gracefulTimeout=30, frontCache={"enabled": False})
     try:
@@ -32,14 +40,13 @@ def test_term_lets_a_slow_download_finish_then_exits_0_leaving_no_process(tmp_pa
         with socket.create_connection(("127.0.0.1", m.port), timeout=30) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
             s.sendall(b"GET /download.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-            received = b""
-            while b"\r\n\r\n" not in received:
-                received += s.recv(65536)
-            head, _, body = received.partition(b"\r\n\r\n")
+            head, body = read_head(s)
             assert b"Content-Length: %d" % DOWNLOAD in head
             body = bytearray(body)
             m.signal(signal.SIGTERM)
             m.wait_log("stopping gracefully")
+            # No new client is taken on: refused at once, not left waiting in the backlog.
+            wait_until(lambda: _refused(m.port), timeout=10, message="public port refusing")
             # Most of the file is still at the worker: the proxy must keep relaying it. (The
             # master may exit before we read the last bytes: they are in the kernel's buffers.)
             while True:  # slowly: about 1 MiB per 0.05 s at most

@@ -274,6 +274,9 @@ class Arbiter:
         INT/QUIT, or one of them during a graceful stop: workers quit at once."""
         log.info("stopping %s", "gracefully" if graceful else "now")
         # The front stops first: no new requests, in-flight ones finish while workers still run.
+        # Our handle on the public socket goes too (the proxy closes its own): new clients are
+        # refused at once instead of waiting in the backlog for a master that is leaving.
+        self.public.close()
         await self.proxy.shutdown(self.config.graceful_timeout if graceful else 0.0)
         slots = list(self.slots.values())
         for slot in slots:
@@ -293,5 +296,4 @@ class Arbiter:
         for slot in slots:
             slot.close()
         self.slots.clear()
-        self.public.close()
         log.info("master exiting")

@@ -152,7 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"fileapp: error: {e}", file=sys.stderr)
         return USAGE_ERROR
-    title = f"gows: worker :{args.port}"
+    # With --fd the socket's own port is the truth; --port is then only a default.
+    title = f"gows: worker :{listener.getsockname()[1]}"
     try:
         import setproctitle
         setproctitle.setproctitle(title)

@@ -8,12 +8,13 @@ import re
 import signal
 import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
 import requests
 
-from support import PYTHON, pid_alive, python_env, stop_process, wait_until
+from support import PYTHON, free_port, pid_alive, python_env, stop_process, wait_until
 
 
 def free_port_run(count: int, host: str = "127.0.0.1") -> int:
@@ -79,7 +80,19 @@ class Master:
         return self.proc.pid
 
     def write_config(self, config: dict) -> None:
+        self.config = config
         self.config_path.write_text(json.dumps(config, indent=2))
+
+    @property
+    def port(self) -> int:
+        """The public port of the config it was started with (listen or masterPort)."""
+        if "masterPort" in self.config:
+            return self.config["masterPort"]
+        return int(self.config.get("listen", "127.0.0.1:8080").rsplit(":", 1)[1])
+
+    @property
+    def worker_ports(self) -> list[int]:
+        return [w["port"] for w in self.config["workers"]]
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
@@ -130,6 +143,58 @@ class Master:
                 os.kill(pid, signal.SIGKILL)
 
 
+class Hammer:
+    """A client thread sending GETs to a port until stopped, recording each outcome (start, end,
+    status or exception): a new connection per request, or one keep-alive session with
+    `keep_alive`. With `expect` ({path: body}), a wrong body counts as a failure too."""
+
+    def __init__(self, port: int, path: str = "/a.txt", *, paths: tuple[str, ...] | None = None,
+                 keep_alive: bool = False, expect: dict[str, bytes] | None = None,
+                 pause: float = 0.01) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+        self.paths = paths or (path,)
+        self.keep_alive = keep_alive
+        self.expect = expect or {}
+        self.pause = pause
+        self.results: list[tuple[float, float, object]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        session = requests.Session() if self.keep_alive else None
+        i = 0
+        while not self._stop.is_set():
+            path = self.paths[i % len(self.paths)]
+            i += 1
+            t0 = time.monotonic()
+            try:
+                r = (session or requests).get(self.base + path, timeout=30)
+                outcome: object = r.status_code
+                if path in self.expect and r.content != self.expect[path]:
+                    outcome = f"wrong body for {path}: {len(r.content)} bytes"
+            except requests.RequestException as e:
+                outcome = e
+            self.results.append((t0, time.monotonic(), outcome))
+            if self.pause:
+                time.sleep(self.pause)
+        if session is not None:
+            session.close()
+
+    def __enter__(self) -> "Hammer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(40)
+
+    def refused(self) -> list:
+        return [o for _, _, o in self.results if isinstance(o, Exception) and "refused" in str(o).lower()]
+
+    def failed(self) -> list:
+        return [o for _, _, o in self.results if o != 200]
+
+
 def wait_gone(pids, timeout: float = 10.0) -> None:
     wait_until(lambda: not any(pid_alive(p) for p in pids), timeout=timeout,
                message=f"processes {sorted(pids)} gone")
@@ -147,6 +212,29 @@ def base_config(root: Path, listen_port: int, worker_ports: list[int], **extra) 
     }
     config.update(extra)
     return config
+
+
+def serving(directory: Path, root: Path, count: int, **extra) -> Master:
+    """A master serving `root` with `count` local workers on kernel-picked ports, returned once
+    every worker is up in its table (so the proxy sends it requests)."""
+    ports = [free_port() for _ in range(count)]
+    m = Master(directory, base_config(root, free_port(), ports, **extra))
+    try:
+        m.wait_workers(ports)
+        m.wait_log(r"is up \(", count=count)
+    except BaseException:
+        m.stop()
+        raise
+    return m
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, from /proc/PID/status."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def now() -> float:

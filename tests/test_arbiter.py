@@ -7,14 +7,13 @@ import os
 import re
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from master_support import (Master, base_config, children, free_port_run, health, title, wait_gone)
+from master_support import (Hammer, Master, base_config, children, free_port_run, health, title, wait_gone)
 from support import free_port, pid_alive, wait_until
 
 
@@ -38,40 +37,6 @@ def start(masters, directory: Path, config: dict) -> Master:
     m = Master(directory, config)
     masters.append(m)
     return m
-
-
-class Hammer:
-    """A client thread making one new connection per request to a port, recording outcomes."""
-
-    def __init__(self, port: int, path: str = "/a.txt") -> None:
-        self.url = f"http://127.0.0.1:{port}{path}"
-        self.results: list[tuple[float, float, object]] = []  # (start, end, status or error)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            t0 = time.monotonic()
-            try:
-                outcome: object = requests.get(self.url, timeout=30).status_code
-            except requests.RequestException as e:
-                outcome = e
-            self.results.append((t0, time.monotonic(), outcome))
-            time.sleep(0.01)
-
-    def __enter__(self) -> "Hammer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join(40)
-
-    def refused(self) -> list:
-        return [o for _, _, o in self.results if isinstance(o, Exception) and "refused" in str(o).lower()]
-
-    def failed(self) -> list:
-        return [o for _, _, o in self.results if o != 200]
 
 
 def test_seed_config_of_the_proof_of_concept_works(masters, tmp_path, site):

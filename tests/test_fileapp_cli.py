@@ -297,6 +297,25 @@ def test_fd_mode_serves_on_the_inherited_socket_and_hands_it_over(root):
         listener.close()
 
 
+def test_fd_mode_names_the_inherited_sockets_port_not_the_default(root):
+    listener = socket.create_server(("127.0.0.1", 0), backlog=64)
+    port = listener.getsockname()[1]
+    proc = subprocess.Popen(fileapp_cmd("--root", str(root), "--fd", str(listener.fileno())),
+                            env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            pass_fds=[listener.fileno()])
+    try:
+        wait_until(lambda: get(port, "/healthcheck", timeout=2)[0] == 200, timeout=20,
+                   message="worker up")
+        with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+            assert f.read().split(b"\0")[0] == f"gows: worker :{port}".encode()
+    finally:
+        stop_process(proc)
+        listener.close()
+    log = proc.stderr.read().decode()
+    assert f"at http://127.0.0.1:{port} " in log, log
+    assert ":8000" not in log, log
+
+
 def test_parent_pid_worker_exits_when_its_parent_is_killed(root):
     port = free_port()
     parent = subprocess.Popen(

@@ -75,6 +75,9 @@ def test_encoding_class_normalises_order_and_weights():
     assert encoding_class(b"gzip, br;q=0") == encoding_class(b"gzip")
     assert encoding_class(b"gzip;q=0.5, br") != encoding_class(b"gzip, br;q=0.5")
     assert encoding_class(None) != encoding_class(b"identity") != encoding_class(b"gzip")
+    # Identity weighs 1 unless named: here a worker prefers identity, there gzip.
+    assert encoding_class(b"br, gzip;q=0.5") != encoding_class(b"br, gzip")
+    assert encoding_class(b"gzip;q=0.5, identity") == encoding_class(b"gzip;q=0.5")
 
 
 def test_freshness_from_cache_control():

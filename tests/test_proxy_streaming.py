@@ -9,18 +9,11 @@ import time
 import requests
 
 from arbiter.proxy import ProxySettings
+from master_support import rss_kib
 from proxy_harness import TESTS, ProxyThread, Worker
 from support import PYTHON, free_port, python_env, stop_process, wait_for_port, wait_until
 
 BLOCK = bytes(range(256)) * 1025  # covers any recv size up to 256 KiB at any offset
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmRSS")
 
 
 def test_large_download_to_slow_reader_keeps_proxy_memory_bounded():

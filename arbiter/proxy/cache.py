@@ -39,7 +39,11 @@ def encoding_class(accept_encoding: bytes | None, _memo: dict = {}) -> bytes:
         cls = b"-"
     else:
         accept = parse_accept_header(accept_encoding.decode("latin-1"))
-        ranked = sorted((-accept.quality(c), i, c) for i, c in enumerate(_CODINGS) if accept.quality(c) > 0)
+        # Identity is acceptable unless excluded (RFC 9110 12.5.3), and a worker weighs it so:
+        # "br, gzip;q=0.5" (identity wins) and "br, gzip" (gzip wins) are different classes.
+        implicit = not any(value.lower() in ("identity", "*") for value, _ in accept)
+        weights = [(1.0 if implicit and c == "identity" else accept.quality(c), i, c) for i, c in enumerate(_CODINGS)]
+        ranked = sorted((-q, i, c) for q, i, c in weights if q > 0)
         cls = ",".join(c for _, _, c in ranked).encode()
     if len(_memo) >= _MEMO_LIMIT:
         _memo.clear()

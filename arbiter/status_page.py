@@ -235,7 +235,7 @@ workers up <span id="f-workersup">{up} / {len(d["workers"])}</span></span></head
 <tbody id="workers">{rows}</tbody></table>
 <h2>Front cache</h2><dl class="cards">{front}</dl>
 <footer>gows {escape(d["version"])} &middot; master pid {d["pid"]} &middot; config {escape(d["config"])}<br>
-rendered <span id="f-updated">{time.strftime("%H:%M:%S")}</span> &middot; <span id="live">static page</span>
+updated <span id="f-updated">{time.strftime("%H:%M:%S")}</span> &middot; <span id="live">static page, reloads every 10 s</span>
 &middot; <a href="status.json">status.json</a> &middot; <a href="metrics">metrics</a></footer>
 </main>
 <script>{SCRIPT}</script>

@@ -27,10 +27,10 @@ class RequestStats:
         self.buckets = [0] * (len(BOUNDS) + 1)
         self.seconds = 0.0
 
-    def record(self, client: Any, req: Any) -> None:
+    def record(self, client: Any, req: Any, _now=time.perf_counter, _bucket=bisect_right, _bounds=BOUNDS) -> None:
         """One response is complete: count its time since the request began."""
-        dt = time.perf_counter() - req.born
-        self.buckets[bisect_right(BOUNDS, dt)] += 1
+        dt = _now() - req.born
+        self.buckets[_bucket(_bounds, dt)] += 1
         self.seconds += dt
 
     @property

@@ -32,6 +32,7 @@ SEP = b": "
 VIA_SELF = b"1.1 gows"
 TICK = 0.25  # seconds between timeout sweeps; also the resolution of the coarse clock
 MAX_PIPELINE = 16  # queued requests per connection before we stop reading from it
+_now = time.perf_counter  # the clock of request latencies (Request.born)
 
 # Request headers needing attention; everything else is forwarded unchanged.
 _FWD, _HOST, _CONNECTION, _DROP, _CL, _TE, _XFF, _VIA, _AE, _INM, _IMS, _EXPECT, _BYPASS = range(13)
@@ -85,7 +86,6 @@ LAST_CHUNK = b"0\r\n\r\n"
 
 # Parser phases of a client connection.
 IDLE, IN_HEAD, IN_BODY = 0, 1, 2
-_now = time.perf_counter
 # How a relayed response body is written to the client.
 RAW, CHUNKED, NOBODY = 0, 1, 2
 

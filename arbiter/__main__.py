@@ -87,6 +87,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         for w in config.local_workers:
             workers[(w.host, w.port)] = bind_listener(w.host, w.port, w.label)
             sockets.append(workers[(w.host, w.port)])
+        admin = None
+        if config.admin is not None:
+            admin = bind_listener(config.admin.host, config.admin.port, "admin")
+            sockets.append(admin)
+        from .arbiter import Arbiter
+        arbiter = Arbiter(config, public, workers, sink, admin)
         if config.pidfile is not None:
             write_pidfile(config.pidfile)
     except ConfigError as e:
@@ -98,10 +104,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     import setproctitle
     import uvloop
 
-    from .arbiter import Arbiter
     setproctitle.setproctitle("gows: master")
     try:
-        return uvloop.run(Arbiter(config, public, workers, sink).run())
+        return uvloop.run(arbiter.run())
     finally:
         if config.pidfile is not None:
             remove_pidfile(config.pidfile)

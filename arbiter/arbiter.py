@@ -12,11 +12,15 @@ import dataclasses
 import logging
 import signal
 import socket
+import time
 
 from . import config as config_mod
+from .accesslog import AccessLog
+from .admin import AdminServer
 from .config import Config, ConfigError
 from .health import HealthChecker
 from .logs import LogSink
+from .notify import Notifier
 from .proxy import Proxy, ProxySettings
 from .sockets import bind_listener
 from .state import WorkerState, WorkerTable
@@ -32,10 +36,15 @@ class Arbiter:
     """Owns the sockets, the worker table, the health checker and one LocalWorker per local port."""
 
     def __init__(self, config: Config, public: socket.socket,
-                 worker_sockets: dict[tuple[str, int], socket.socket], sink: LogSink) -> None:
+                 worker_sockets: dict[tuple[str, int], socket.socket], sink: LogSink,
+                 admin: socket.socket | None = None) -> None:
+        """ConfigError when the access log cannot be opened."""
         self.config = config
         self.public = public
         self.sink = sink
+        self.started = time.time()
+        self.stopping = False
+        self.notifier = Notifier()
         self.table = WorkerTable(rise=config.health_check.rise, fall=config.health_check.fall,
                                  max_fails=config.max_fails, fail_timeout=config.fail_timeout)
         self.checker = HealthChecker(self.table, config.health_check, on_result=self._on_check)
@@ -45,6 +54,27 @@ class Arbiter:
         self._retiring: dict[asyncio.Task, LocalWorker] = {}  # slots draining after TTOU/HUP
         self.proxy = Proxy(self.table, ProxySettings(**config.proxy_settings))
         self._signals: asyncio.Queue[int] = asyncio.Queue()
+        self._admin_sock = admin
+        self.admin = AdminServer(self) if admin is not None else None
+        self.access_log: AccessLog | None = None
+        self._use_access_log(AccessLog.open(config.logging.access_log, self.proxy.latency.record))
+        self._ready_task: asyncio.Task | None = None
+
+    # -- what the admin listener reads ------------------------------------------------------
+    @property
+    def config_path(self) -> str:
+        return str(self.config.source.resolve())
+
+    @property
+    def access_log_dropped(self) -> int | None:
+        return None if self.access_log is None else self.access_log.dropped
+
+    def _use_access_log(self, access_log: AccessLog | None) -> None:
+        """Switch the proxy's per-response hook to log to `access_log` (None: latency only)."""
+        old, self.access_log = self.access_log, access_log
+        self.proxy.observe = access_log.observe if access_log is not None else self.proxy.latency.record
+        if old is not None:
+            old.close(wait=False)
 
     # -- entry point ---------------------------------------------------------------------
     async def run(self) -> int:
@@ -61,9 +91,12 @@ class Arbiter:
                     self.table.add(WorkerState(w.host, w.port, local=False))
             self.checker.sync()
             await self.proxy.start(self.public)
+            if self.admin is not None:
+                await self.admin.start(self._admin_sock)
             local = len(self.slots)
             log.info("gows master on %s: %d local and %d remote workers, serving %s", self.config.listen,
                      local, len(self.table) - local, self.config.base_directory)
+            self._ready_task = asyncio.ensure_future(self._announce_ready())
             graceful = await self._serve_signals()
             await self._shutdown(graceful)
             return 0
@@ -72,6 +105,25 @@ class Arbiter:
                 loop.remove_signal_handler(sig)
             for slot in self.slots.values():  # only after an unexpected error: workers quit now
                 slot.stop(graceful=False)
+            if self.access_log is not None:
+                self.access_log.close()
+
+    async def _announce_ready(self) -> None:
+        """Tell systemd READY=1 once every worker is healthy (or, after the boot timeout, once at
+        least one is: the rest keep being restarted, and /readyz tells the same)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.health_check.boot_timeout
+        while True:
+            total = len(self.table)
+            up = len(self.table.healthy)
+            if up == total or (up and loop.time() >= deadline):
+                break
+            await asyncio.sleep(0.05)
+        if up < total:
+            log.warning("ready with %d of %d workers up", up, total)
+        else:
+            log.info("ready: all %d workers up", total)
+        self.notifier.ready(f"serving {self.config.listen} with {up} of {total} workers up")
 
     # -- signals -------------------------------------------------------------------------
     async def _serve_signals(self) -> bool:
@@ -82,15 +134,18 @@ class Arbiter:
             if sig in STOP_SIGNALS:
                 return sig == signal.SIGTERM
             if sig == signal.SIGHUP:
+                self.notifier.reloading()
                 stop = await self._while_watching(self._reload())
                 if stop is not None:
                     return stop == signal.SIGTERM
+                up, total = len(self.table.healthy), len(self.table)
+                self.notifier.ready(f"reloaded; serving {self.config.listen} with {up} of {total} workers up")
             elif sig == signal.SIGTTIN:
                 self._scale_up()
             elif sig == signal.SIGTTOU:
                 self._scale_down()
             elif sig == signal.SIGUSR1:
-                self.sink.reopen()
+                self._reopen_logs()
 
     async def _while_watching(self, coro) -> int | None:
         """Run `coro` (a reload) while still answering signals: a stop signal cancels it and is
@@ -112,7 +167,7 @@ class Arbiter:
                     log.warning("reload abandoned: stopping")
                     return sig
                 if sig == signal.SIGUSR1:
-                    self.sink.reopen()
+                    self._reopen_logs()
                 else:
                     deferred.append(sig)
             task.result()
@@ -120,6 +175,12 @@ class Arbiter:
         finally:
             for sig in deferred:
                 self._signals.put_nowait(sig)
+
+    def _reopen_logs(self) -> None:
+        """USR1: reopen the error log and the access log (after logrotate moved them)."""
+        self.sink.reopen()
+        if self.access_log is not None:
+            self.access_log.reopen()
 
     # -- health events ---------------------------------------------------------------------
     def _on_transition(self, worker: WorkerState, up: bool) -> None:
@@ -217,19 +278,27 @@ class Arbiter:
                                   pidfile=self.config.pidfile)
         wanted = {(w.host, w.port): w for w in new.workers}
         fresh: dict[tuple[str, int], socket.socket] = {}
+        access_changed = new.logging.access_log != self.config.logging.access_log
+        access_log = None
         try:
             for key, w in wanted.items():
                 if w.local and key not in self.slots:
                     fresh[key] = bind_listener(w.host, w.port, w.label)
+            if access_changed:
+                access_log = AccessLog.open(new.logging.access_log, self.proxy.latency.record)
             if new.logging != self.config.logging:
                 self.sink.apply(new.logging)
         except (ConfigError, OSError) as e:
             for sock in fresh.values():
                 sock.close()
+            if access_log is not None:
+                access_log.close(wait=False)
             reason = str(e) if isinstance(e, ConfigError) else f"logging.file: {e.strerror or e}"
             log.error("reload failed, keeping the running configuration: %s: %s", path, reason)
             return
         self.config = new
+        if access_changed:
+            self._use_access_log(access_log)
         self.proxy.update_settings(ProxySettings(**new.proxy_settings))
         self.table.rise, self.table.fall = new.health_check.rise, new.health_check.fall
         self.table.max_fails, self.table.fail_timeout = new.max_fails, new.fail_timeout
@@ -273,6 +342,10 @@ class Arbiter:
         """TERM: stop the front, drain every worker (KILL after the graceful timeout).
         INT/QUIT, or one of them during a graceful stop: workers quit at once."""
         log.info("stopping %s", "gracefully" if graceful else "now")
+        self.stopping = True  # /readyz answers 503 from now on
+        self.notifier.stopping()
+        if self._ready_task is not None:
+            self._ready_task.cancel()
         # The front stops first: no new requests, in-flight ones finish while workers still run.
         # Our handle on the public socket goes too (the proxy closes its own): new clients are
         # refused at once instead of waiting in the backlog for a master that is leaving.
@@ -296,4 +369,7 @@ class Arbiter:
         for slot in slots:
             slot.close()
         self.slots.clear()
+        if self.admin is not None:
+            await self.admin.close()
+            self._admin_sock.close()
         log.info("master exiting")

@@ -218,6 +218,27 @@ class FilePath(Kind):
         return {"type": "string", "minLength": 1}
 
 
+class LogTarget(Kind):
+    """Where a log goes: false (off), true or "-" (stdout), or a file path."""
+
+    expect = 'false, true (stdout), "-" (stdout) or a file path'
+
+    def parse(self, value, key, base):
+        if value is False or value is None:
+            return None
+        if value is True or value == "-":
+            return STDOUT
+        if not isinstance(value, str):
+            raise self.fail(value, key)
+        return FilePath().parse(value, key, base)
+
+    def schema(self):
+        return {"anyOf": [{"type": "boolean"}, {"type": "string", "minLength": 1}]}
+
+
+STDOUT = "-"
+
+
 class Nullable(Kind):
     def __init__(self, inner: Kind) -> None:
         self.inner = inner
@@ -360,7 +381,7 @@ class Logging:
     """logging: where and how much the master and its workers log."""
 
     level: str = setting(Choice("debug", "info", "warning", "error", "critical"), "info", "Least severe level that is logged.")
-    access_log: bool = setting(Boolean(), False, "Whether workers log one line per request.")
+    access_log: Path | str | None = setting(LogTarget(), False, "Access log of the master, one line per request in Apache's combined format plus the request time in microseconds: false (off), true or \"-\" (stdout), or a file. SIGUSR1 reopens it.")
     file: Path | None = setting(Nullable(FilePath()), None, "Log file (master and workers); null logs to stderr. SIGUSR1 reopens it.")
 
 

@@ -47,7 +47,6 @@ class WorkerOptions:
     cache_max_file_size: int
     graceful_timeout: float
     log_level: str
-    access_log: bool
     backoff_initial: float
     backoff_max: float
     min_uptime: float
@@ -60,7 +59,7 @@ class WorkerOptions:
             boot_timeout=c.health_check.boot_timeout, cache_ttl=c.cache.ttl,
             cache_max_bytes=c.cache.max_bytes, cache_max_file_size=c.cache.max_file_size,
             graceful_timeout=c.graceful_timeout, log_level=c.logging.level,
-            access_log=c.logging.access_log, backoff_initial=c.restart_backoff.initial,
+            backoff_initial=c.restart_backoff.initial,
             backoff_max=c.restart_backoff.max, min_uptime=c.restart_backoff.min_uptime,
         )
 
@@ -73,7 +72,7 @@ def worker_argv(o: WorkerOptions, fd: int, host: str, port: int) -> list[str]:
             "--cache-max-file-size", str(o.cache_max_file_size),
             "--graceful-timeout", repr(o.graceful_timeout), "--parent-pid", str(os.getpid()),
             "--log-level", o.log_level]
-    return argv + ["--access-log"] if o.access_log else argv
+    return argv  # no --access-log: the master logs every request it proxies
 
 
 def _settle(future: asyncio.Future, value: object) -> None:

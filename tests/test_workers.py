@@ -20,7 +20,8 @@ def test_worker_command_line_is_accepted_by_fileapp_and_carries_the_settings(tmp
     args = make_parser().parse_args(argv[3:])
     assert (args.root, args.fd, args.port, args.threads) == (str((tmp_path / "www").resolve()), 5, 9001, 7)
     assert (args.health_path, args.cache_ttl, args.cache_max_bytes, args.cache_max_file_size) == ("/hc", 0.5, 1000, 10)
-    assert (args.graceful_timeout, args.log_level, args.access_log, args.parent_pid) == (2.5, "warning", True, os.getpid())
+    # The master writes the access log: workers must not log every request a second time.
+    assert (args.graceful_timeout, args.log_level, args.access_log, args.parent_pid) == (2.5, "warning", False, os.getpid())
 
 
 def test_backoff_is_zero_for_one_failure_then_doubles_up_to_the_cap():

@@ -19,6 +19,7 @@ from ..state import WorkerState, WorkerTable
 from .balancer import Balancer
 from .cache import FrontCache, freshness
 from .settings import ProxySettings
+from .stats import RequestStats
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
 log = logging.getLogger("gows.proxy")
@@ -31,6 +32,7 @@ SEP = b": "
 VIA_SELF = b"1.1 gows"
 TICK = 0.25  # seconds between timeout sweeps; also the resolution of the coarse clock
 MAX_PIPELINE = 16  # queued requests per connection before we stop reading from it
+_now = time.perf_counter  # the clock of request latencies (Request.born)
 
 # Request headers needing attention; everything else is forwarded unchanged.
 _FWD, _HOST, _CONNECTION, _DROP, _CL, _TE, _XFF, _VIA, _AE, _INM, _IMS, _EXPECT, _BYPASS = range(13)
@@ -102,7 +104,7 @@ class Request:
                  "connection", "cl", "te", "xff", "via", "ae", "inm", "ims", "expect", "bypass", "body",
                  "body_size", "error", "payload", "worker", "tried", "tries", "fresh", "sent", "started", "t0",
                  "status", "cacheable", "cache_vary", "cache_parts", "cache_size", "cache_ttl", "cache_headers",
-                 "cache_age")
+                 "cache_age", "born", "length")
 
     def __init__(self) -> None:
         self.method = GET
@@ -135,6 +137,8 @@ class Request:
         self.cache_ttl = 0
         self.cache_headers: list[tuple[bytes, bytes]] | None = None
         self.cache_age = 0
+        self.born = _now()  # when its first byte was parsed: the latency metrics start here
+        self.length: Any = None  # the response body's length (int or Content-Length bytes) for the access log
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -413,15 +417,19 @@ class ClientProtocol(asyncio.Protocol):
                 if (req.inm is not None or req.ims is not None) and entry.not_modified(req.inm, req.ims):
                     data = (entry.nm_ka if req.http10 else entry.nm) if keep else entry.nm_close
                     proxy.status_counts[3] += 1
+                    req.status = 304
                 elif method == HEAD:
                     data = (entry.head_ka if req.http10 else entry.head) if keep else entry.head_close
                     proxy.status_counts[2] += 1
+                    req.status = 200
                 else:
                     data = (entry.full_ka if req.http10 else entry.full) if keep else entry.full_close
                     if data is None:
                         self.transport.write((entry.head_ka if req.http10 else entry.head) if keep else entry.head_close)
                         data = entry.body
                     proxy.status_counts[2] += 1
+                    req.status = 200
+                    req.length = len(entry.body)
                 self.transport.write(data)
                 self._finish(req, keep)
                 return
@@ -431,6 +439,7 @@ class ClientProtocol(asyncio.Protocol):
 
     def _finish(self, req: Request, keep: bool) -> None:
         """The response to the current request is written: serve the next one or close."""
+        self.proxy.observe(self, req)
         queue = self.queue
         if queue and queue[0] is req:
             queue.popleft()
@@ -584,6 +593,7 @@ class ClientProtocol(asyncio.Protocol):
         # starts can still be retried: nothing has reached the client).
         self.pending_head = b"".join(out)
         req.status = status
+        req.length = cl if mode != NOBODY else None
         proxy.status_counts[status // 100 if status < 600 else 5] += 1
         if (req.cacheable and status == 200 and not nostore and mode != NOBODY and proxy.cache is not None
                 and (vary is None or vary.strip().lower() == b"accept-encoding")
@@ -738,6 +748,8 @@ class ClientProtocol(asyncio.Protocol):
         parts.append(CRLF)
         if req.method != HEAD:
             parts.append(body)
+            req.length = len(body)
+        req.status = status
         proxy.status_counts[status // 100] += 1
         if not self.closed:
             self.transport.write(b"".join(parts))
@@ -797,6 +809,10 @@ class Proxy:
         self.timeouts = 0
         self.rejected = 0  # connections refused at max_connections
         self.rejected_requests = 0  # malformed or over a limit
+        self.latency = RequestStats()
+        # Called once per completed response: the latency histogram, or (set by the master when
+        # the access log is on) a function that also queues the access-log line.
+        self.observe = self.latency.record
         self.update_settings(settings)
 
     def update_settings(self, settings: ProxySettings) -> None:

@@ -1,0 +1,178 @@
+"""The master's access log: Apache's combined format plus the request time in microseconds
+(Apache's %D), one line per response the front proxy completes.
+
+The event loop only queues the raw fields of a line (a tuple, no formatting); a writer thread
+formats them and writes in batches, so a slow disk never stalls requests. The queue is bounded:
+past MAX_QUEUED unwritten lines, new ones are counted as dropped (and reported) instead of
+growing memory without limit. SIGUSR1 reopens the file (logrotate) in the writer thread.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import STDOUT, ConfigError
+
+log = logging.getLogger("gows.access")
+
+MAX_QUEUED = 65536  # unwritten lines held at most (a few MiB)
+BATCH = 512  # lines formatted and written per write call at most
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_REOPEN, _STOP = object(), object()
+_UNSAFE = re.compile(rb'[^\x20-\x7e]|["\\]')
+
+
+def _escape(value: bytes) -> str:
+    """Quote-safe, printable text as Apache writes request fields (\\" and \\xhh)."""
+    if _UNSAFE.search(value) is not None:
+        value = _UNSAFE.sub(lambda m: b'\\"' if m.group() == b'"' else b"\\\\" if m.group() == b"\\"
+                            else b"\\x%02x" % m.group()[0], value)
+    return value.decode("ascii")
+
+
+def _timestamp(t: float) -> str:
+    """Apache's %t: [10/Oct/2000:13:55:36 -0700], local time, month names not localised."""
+    tm = time.localtime(t)
+    offset = tm.tm_gmtoff // 60
+    sign = "-" if offset < 0 else "+"
+    offset = abs(offset)
+    return (f"[{tm.tm_mday:02d}/{_MONTHS[tm.tm_mon - 1]}/{tm.tm_year}:{tm.tm_hour:02d}:{tm.tm_min:02d}:"
+            f"{tm.tm_sec:02d} {sign}{offset // 60:02d}{offset % 60:02d}]")
+
+
+def _header(fwd: list[bytes], name: bytes) -> bytes | None:
+    """A request header from the proxy's forwarded-header list (name, ": ", value, CRLF)*."""
+    for i in range(0, len(fwd), 4):
+        if fwd[i].lower() == name:
+            return fwd[i + 2]
+    return None
+
+
+def format_line(peer: bytes, end: float, seconds: float, method: bytes, target: bytes, http10: bool,
+                status: int, length: Any, fwd: list[bytes]) -> str:
+    """One combined-format line (with the trailing request time in microseconds)."""
+    referer = _header(fwd, b"referer")
+    agent = _header(fwd, b"user-agent")
+    if isinstance(length, bytes):
+        length = int(length)
+    size = str(length) if length else "-"
+    return (f'{peer.decode("ascii", "replace")} - - {_timestamp(end - seconds)} '
+            f'"{_escape(method)} {_escape(target)} HTTP/1.{0 if http10 else 1}" {status or "-"} {size} '
+            f'"{_escape(referer) if referer is not None else "-"}" '
+            f'"{_escape(agent) if agent is not None else "-"}" {round(seconds * 1e6)}\n')
+
+
+def open_target(target: Path | None) -> Any:
+    """The binary stream for `target`: a file opened for appending, or None for stdout."""
+    if target is None:
+        return None
+    return open(target, "ab", buffering=0)
+
+
+class AccessLog:
+    """Queue of pending lines plus the thread that writes them to a file or stdout."""
+
+    @classmethod
+    def open(cls, setting: Path | str | None, record: Callable[[Any, Any], None]) -> AccessLog | None:
+        """The access log of the `logging.accessLog` setting (None: off; "-": stdout; a path);
+        ConfigError naming the key when the file cannot be opened."""
+        if setting is None:
+            return None
+        target = None if setting == STDOUT else Path(setting)
+        try:
+            return cls(target, record)
+        except OSError as e:
+            raise ConfigError(f"logging.accessLog: cannot open {target}: {e.strerror or e}") from None
+
+    def __init__(self, target: Path | None, record: Callable[[Any, Any], None]) -> None:
+        self.target = target  # None: stdout
+        self.record = record  # the latency hook that stays in place alongside the log
+        self.stream = open_target(target)
+        self.dropped = 0
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._reported = 0
+        self._thread = threading.Thread(target=self._run, name="gows access log", daemon=True)
+        self._thread.start()
+
+    # -- the loop's side ---------------------------------------------------------------------
+    def observe(self, client: Any, req: Any) -> None:
+        """The proxy's per-response hook while the log is on: latency, then queue the line."""
+        self.record(client, req)
+        q = self._queue
+        if q.qsize() >= MAX_QUEUED:
+            self.dropped += 1
+            return
+        peer = client.peer
+        if peer is None:
+            name = client.transport.get_extra_info("peername") if client.transport is not None else None
+            peer = client.peer = (name[0] if isinstance(name, tuple) else "-").encode()
+        q.put((peer, time.time(), time.perf_counter() - req.born, req.method, req.target, req.http10,
+               req.status, req.length, req.fwd))
+
+    def reopen(self) -> None:
+        """Reopen the file (after logrotate moved it); done by the writer, in order with the lines."""
+        self._queue.put(_REOPEN)
+
+    def close(self, wait: bool = True, timeout: float = 5.0) -> None:
+        """Let the writer write what is queued and close the file; `wait` for it (up to `timeout`)."""
+        self._queue.put(_STOP)
+        if wait:
+            self._thread.join(timeout)
+
+    # -- the writer thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            item = q.get()
+            lines: list[str] = []
+            control = None
+            while True:
+                if item is _REOPEN or item is _STOP:
+                    control = item
+                    break
+                try:
+                    lines.append(format_line(*item))
+                except Exception:  # one odd request must not end the log
+                    log.exception("cannot format an access log line")
+                if len(lines) >= BATCH or q.empty():
+                    break
+                item = q.get()
+            if lines:
+                self._write("".join(lines).encode("ascii", "replace"))
+            if self.dropped != self._reported:
+                log.warning("access log: %d lines dropped so far (the writer could not keep up)", self.dropped)
+                self._reported = self.dropped
+            if control is _STOP:
+                if self.stream is not None:
+                    self.stream.close()
+                return
+            if control is _REOPEN:
+                self._reopen()
+
+    def _write(self, data: bytes) -> None:
+        fd = self.stream.fileno() if self.stream is not None else sys.stdout.fileno()
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError as e:
+            log.error("access log: cannot write to %s: %s", self.target or "stdout", e.strerror or e)
+
+    def _reopen(self) -> None:
+        if self.target is None:
+            return
+        try:
+            fresh = open_target(self.target)
+        except OSError as e:
+            log.error("access log: cannot reopen %s: %s; still writing to the old file", self.target, e.strerror or e)
+            return
+        old, self.stream = self.stream, fresh
+        old.close()
+        log.info("reopened access log %s", self.target)

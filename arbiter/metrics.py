@@ -1,0 +1,111 @@
+"""Prometheus exposition of the master's counters (/metrics) with prometheus-client.
+
+Nothing here runs per request: a custom Collector reads the proxy's plain counters, its latency
+histogram and the worker table when scraped. All requests of every worker pass through the
+master's proxy, so these numbers are the whole server's, with no per-process files to merge
+(prometheus-client's multiprocess mode is not needed and not used).
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
+
+from .proxy.stats import BOUNDS
+from .status import VERSION, Master, ready
+
+_PROXY_COUNTERS = (
+    ("retries", "proxy_retries", "Requests retried on another worker after a connection failure."),
+    ("upstream_errors", "proxy_upstream_errors", "Failed attempts to get a response from a worker."),
+    ("timeouts", "proxy_timeouts", "Client or worker timeouts."),
+    ("no_healthy_worker", "proxy_no_healthy_worker", "Requests answered 503 because no worker was up."),
+    ("truncated_responses", "proxy_truncated_responses", "Responses cut off because their worker failed mid-body."),
+    ("rejected_connections", "proxy_rejected_connections", "Client connections refused at proxy.maxConnections."),
+    ("rejected_requests", "proxy_rejected_requests", "Malformed or over-limit requests answered with an error."),
+)
+
+
+class MasterCollector(Collector):
+    """Reads the running master's state into metric families at scrape time."""
+
+    def __init__(self, master: Master) -> None:
+        self.master = master
+
+    def collect(self) -> Iterator[Metric]:
+        master = self.master
+        proxy = master.proxy
+        stats = proxy.stats()
+
+        info = GaugeMetricFamily("gows_build_info", "Version of the running gows master.", labels=["version"])
+        info.add_metric([VERSION], 1)
+        yield info
+        yield GaugeMetricFamily("gows_start_time_seconds", "Unix time the master started.", value=master.started)
+        yield GaugeMetricFamily("gows_ready", "1 while at least one worker is up and the master is not stopping.",
+                                value=1 if ready(master) else 0)
+
+        buckets = proxy.latency.buckets
+        cumulative, running = [], 0
+        for bound, n in zip(BOUNDS, buckets):
+            running += n
+            cumulative.append((repr(bound), running))
+        cumulative.append(("+Inf", running + buckets[-1]))
+        yield HistogramMetricFamily("gows_http_request_duration_seconds",
+                                    "Time from a request's first byte to its complete response, at the front proxy.",
+                                    buckets=cumulative, sum_value=proxy.latency.seconds)
+        responses = CounterMetricFamily("gows_http_responses", "Responses by status class.", labels=["code"])
+        for code, n in stats["responses"].items():
+            responses.add_metric([code], n)
+        yield responses
+        yield CounterMetricFamily("gows_http_requests", "Requests read by the front proxy.", value=stats["requests"])
+        for key, name, doc in _PROXY_COUNTERS:
+            yield CounterMetricFamily(f"gows_{name}", doc, value=stats[key])
+        yield GaugeMetricFamily("gows_proxy_client_connections", "Open client connections.",
+                                value=stats["client_connections"])
+
+        cache = stats["front_cache"]
+        yield CounterMetricFamily("gows_front_cache_hits", "Requests answered from the front cache.", value=cache["hits"])
+        yield CounterMetricFamily("gows_front_cache_misses", "Cacheable requests the front cache could not answer.",
+                                  value=cache["misses"])
+        yield GaugeMetricFamily("gows_front_cache_entries", "Responses held in the front cache.", value=cache["entries"])
+        yield GaugeMetricFamily("gows_front_cache_bytes", "Bytes held in the front cache.", value=cache["bytes"])
+        yield GaugeMetricFamily("gows_front_cache_max_bytes", "Byte budget of the front cache.", value=cache["max_bytes"])
+
+        labels = ["worker", "local"]
+        up = GaugeMetricFamily("gows_worker_up", "1 when the worker passes its health checks.", labels=labels)
+        restarts = CounterMetricFamily("gows_worker_restarts", "Times the master restarted the worker.", labels=labels)
+        served = CounterMetricFamily("gows_worker_requests", "Requests the proxy sent to the worker.", labels=labels)
+        in_flight = GaugeMetricFamily("gows_worker_in_flight", "Requests outstanding on the worker.", labels=labels)
+        failures = GaugeMetricFamily("gows_worker_consecutive_failures", "Health checks failed in a row.", labels=labels)
+        latency = GaugeMetricFamily("gows_worker_health_check_seconds", "Duration of the last passed health check.",
+                                    labels=labels)
+        for w in master.table:
+            values = [w.address, "true" if w.local else "false"]
+            up.add_metric(values, 1 if w.up else 0)
+            restarts.add_metric(values, w.restarts)
+            served.add_metric(values, w.requests)
+            in_flight.add_metric(values, w.in_flight)
+            failures.add_metric(values, w.consecutive_failures)
+            if w.last_check_latency is not None:
+                latency.add_metric(values, w.last_check_latency)
+        yield from (up, restarts, served, in_flight, failures, latency)
+
+        dropped = master.access_log_dropped
+        if dropped is not None:
+            yield CounterMetricFamily("gows_access_log_dropped_lines", "Access log lines dropped because the "
+                                      "writer could not keep up.", value=dropped)
+
+
+def make_registry(master: Master) -> CollectorRegistry:
+    """A registry of its own (not the process-global default) holding only the master's collector."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(MasterCollector(master))
+    return registry
+
+
+def exposition(registry: CollectorRegistry, accept: str) -> tuple[bytes, str]:
+    """The scrape body and its content type, negotiated from the Accept header (OpenMetrics or text)."""
+    encoder, content_type = choose_encoder(accept)
+    return encoder(registry), content_type

@@ -1,0 +1,108 @@
+"""The master's state as one plain dict: what /status.json returns and /status renders.
+
+The shape is stable (fields are added, never renamed or removed); times are Unix seconds,
+durations are seconds, latencies may be null when nothing was measured:
+
+    {"version": str, "pid": int, "config": str, "started": float, "uptime": float,
+     "ready": bool, "stopping": bool,
+     "workers": [{"address": str, "host": str, "port": int, "local": bool, "pid": int|null,
+                  "up": bool, "since": float, "consecutive_failures": int, "restarts": int,
+                  "requests": int, "in_flight": int, "last_check_seconds": float|null,
+                  "last_error": str}],
+     "front_cache": {"enabled": bool, "entries": int, "bytes": int, "max_bytes": int,
+                     "hits": int, "misses": int, "hit_ratio": float|null},
+     "totals": {"requests": int, "responses": {"1xx": int, ..., "5xx": int},
+                "last_10s": WINDOW, "last_5m": WINDOW, "all_time": {"p50_seconds", "p99_seconds"}},
+     "proxy": {"client_connections": int, "retries": int, "upstream_errors": int, "timeouts": int,
+               "no_healthy_worker": int, "truncated_responses": int,
+               "rejected_connections": int, "rejected_requests": int},
+     "access_log": {"enabled": bool, "dropped": int}}
+
+    WINDOW = {"seconds": float, "requests": int, "rate_per_second": float,
+              "p50_seconds": float|null, "p99_seconds": float|null}
+
+`requests` counts completed responses (the latency histogram); `responses` counts them by
+status class; a window covers the samples within reach (shorter just after start).
+"""
+from __future__ import annotations
+
+import os
+import time
+from importlib import metadata
+from typing import Any, Protocol
+
+from .proxy import Proxy
+from .proxy.stats import Window, quantile
+from .state import WorkerTable
+
+try:
+    VERSION = metadata.version("gows")
+except metadata.PackageNotFoundError:  # running from a checkout that was never installed
+    VERSION = "unknown"
+
+
+class Master(Protocol):
+    """What the admin listener reads from the running master."""
+
+    table: WorkerTable
+    proxy: Proxy
+    started: float  # Unix time
+    stopping: bool
+
+    @property
+    def config_path(self) -> str: ...
+
+    @property
+    def access_log_dropped(self) -> int | None: ...  # None: the access log is off
+
+
+def ready(master: Master) -> bool:
+    """At least one worker is up and the master is not stopping (/readyz)."""
+    return bool(master.table.healthy) and not master.stopping
+
+
+def _window(w: dict[str, Any]) -> dict[str, Any]:
+    return {"seconds": w["seconds"], "requests": w["requests"], "rate_per_second": round(w["rate"], 3),
+            "p50_seconds": w["p50"], "p99_seconds": w["p99"]}
+
+
+def snapshot(master: Master, window: Window) -> dict[str, Any]:
+    """The whole status document (see the module docstring for its shape)."""
+    proxy = master.proxy
+    stats = proxy.stats()
+    cache = stats["front_cache"]
+    lookups = cache["hits"] + cache["misses"]
+    buckets = proxy.latency.buckets
+    now = time.time()
+    dropped = master.access_log_dropped
+    return {
+        "version": VERSION,
+        "pid": os.getpid(),
+        "config": master.config_path,
+        "started": master.started,
+        "uptime": round(now - master.started, 3),
+        "ready": ready(master),
+        "stopping": master.stopping,
+        "workers": [{
+            "address": w.address, "host": w.host, "port": w.port, "local": w.local, "pid": w.pid,
+            "up": w.up, "since": w.since, "consecutive_failures": w.consecutive_failures,
+            "restarts": w.restarts, "requests": w.requests, "in_flight": w.in_flight,
+            "last_check_seconds": w.last_check_latency, "last_error": w.last_error,
+        } for w in sorted(master.table, key=lambda w: (w.port, w.host))],
+        "front_cache": {
+            "enabled": cache["enabled"], "entries": cache["entries"], "bytes": cache["bytes"],
+            "max_bytes": cache["max_bytes"], "hits": cache["hits"], "misses": cache["misses"],
+            "hit_ratio": round(cache["hits"] / lookups, 4) if lookups else None,
+        },
+        "totals": {
+            "requests": sum(buckets),
+            "responses": stats["responses"],
+            "last_10s": _window(window.over(10)),
+            "last_5m": _window(window.over(300)),
+            "all_time": {"p50_seconds": quantile(0.5, buckets), "p99_seconds": quantile(0.99, buckets)},
+        },
+        "proxy": {key: stats[key] for key in (
+            "client_connections", "retries", "upstream_errors", "timeouts", "no_healthy_worker",
+            "truncated_responses", "rejected_connections", "rejected_requests")},
+        "access_log": {"enabled": dropped is not None, "dropped": dropped or 0},
+    }

@@ -1,0 +1,243 @@
+"""The /status page for people: one self-contained HTML document (no external assets).
+
+The server renders every number into plain tables, so the page is complete without JavaScript
+(and then refreshes itself every 10 s with a <noscript> meta refresh). With JavaScript, a small
+inline script fetches /status.json every 2 s and updates the same tables in place. Narrow
+screens (phones) show each worker as a labelled card instead of a wide row.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import time
+from html import escape
+from typing import Any
+
+REFRESH_SECONDS = 2
+
+CSS = """
+:root{color-scheme:light dark;--bg:#fff;--fg:#1d2330;--mute:#5d6675;--line:#dde1e8;--card:#f5f7fa;
+--up:#16794a;--upbg:#def5e8;--down:#b42318;--downbg:#fde5e3}
+@media (prefers-color-scheme:dark){:root{--bg:#12151b;--fg:#e6e9ef;--mute:#9aa3b2;--line:#2c323d;
+--card:#1b2029;--up:#5fd39a;--upbg:#173626;--down:#ff8a80;--downbg:#3d1c1a}}
+*{box-sizing:border-box}
+body{margin:0;padding:16px;font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;
+background:var(--bg);color:var(--fg)}
+main{max-width:1100px;margin:0 auto}
+header{display:flex;flex-wrap:wrap;align-items:baseline;gap:8px 16px;margin-bottom:12px}
+h1{font-size:1.35em;margin:0}
+h2{font-size:1.05em;margin:22px 0 8px}
+.mute{color:var(--mute)}
+.badge{display:inline-block;padding:1px 9px;border-radius:10px;font-weight:600;font-size:.85em}
+.up{background:var(--upbg);color:var(--up)}
+.down{background:var(--downbg);color:var(--down)}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(150px,1fr));gap:8px;margin:0;padding:0}
+.cards div{background:var(--card);border:1px solid var(--line);border-radius:8px;padding:8px 10px}
+.cards dt{font-size:.8em;color:var(--mute)}
+.cards dd{margin:2px 0 0;font-size:1.2em;font-weight:600;font-variant-numeric:tabular-nums}
+table{border-collapse:collapse;width:100%;font-variant-numeric:tabular-nums}
+th,td{text-align:left;padding:6px 8px;border-bottom:1px solid var(--line);vertical-align:top}
+th{font-size:.8em;color:var(--mute);font-weight:600}
+td.n,th.n{text-align:right}
+.err{display:block;font-size:.8em;color:var(--down);word-break:break-word}
+footer{margin-top:20px;font-size:.85em;color:var(--mute);word-break:break-all}
+#live.stale{color:var(--down)}
+@media (max-width:640px){
+ body{padding:10px}
+ table.workers thead{display:none}
+ table.workers tr{display:block;border:1px solid var(--line);border-radius:8px;margin:0 0 10px;padding:6px 10px;
+  background:var(--card)}
+ table.workers td{display:flex;justify-content:space-between;gap:12px;border:0;padding:3px 0;text-align:right}
+ table.workers td::before{content:attr(data-label);color:var(--mute);font-size:.85em;text-align:left}
+ table.workers td:first-child{font-weight:600}
+}
+"""
+
+# The client side: fetch /status.json and refresh the page's cells (same formatting as below).
+SCRIPT = """
+(function(){
+"use strict";
+function dur(s){s=Math.max(0,Math.floor(s));var d=Math.floor(s/86400),h=Math.floor(s%86400/3600),
+m=Math.floor(s%3600/60),r=s%60;if(d)return d+"d "+h+"h";if(h)return h+"h "+m+"m";if(m)return m+"m "+r+"s";
+return r+"s";}
+function ms(s){if(s===null||s===undefined)return "\\u2013";var v=s*1000;
+return (v<10?v.toFixed(2):v<100?v.toFixed(1):v.toFixed(0))+" ms";}
+function rate(r){return r<10?r.toFixed(2):r<100?r.toFixed(1):r.toFixed(0);}
+function num(n){return n.toLocaleString("en-US");}
+function bytes(b){var u=["B","KiB","MiB","GiB","TiB"],i=0;while(b>=1024&&i<u.length-1){b/=1024;i++;}
+return (i?b.toFixed(1):b)+" "+u[i];}
+function pct(x){return x===null||x===undefined?"\\u2013":(x*100).toFixed(1)+" %";}
+var fields={
+ ready:function(d){return d.stopping?"stopping":d.ready?"ready":"not ready";},
+ uptime:function(d){return dur(d.uptime);},
+ rate10:function(d){return rate(d.totals.last_10s.rate_per_second);},
+ rate5m:function(d){return rate(d.totals.last_5m.rate_per_second);},
+ p50:function(d){return ms(d.totals.last_5m.p50_seconds);},
+ p99:function(d){return ms(d.totals.last_5m.p99_seconds);},
+ requests:function(d){return num(d.totals.requests);},
+ connections:function(d){return num(d.proxy.client_connections);},
+ r1xx:function(d){return num(d.totals.responses["1xx"]);},
+ r2xx:function(d){return num(d.totals.responses["2xx"]);},
+ r3xx:function(d){return num(d.totals.responses["3xx"]);},
+ r4xx:function(d){return num(d.totals.responses["4xx"]);},
+ r5xx:function(d){return num(d.totals.responses["5xx"]);},
+ cstate:function(d){return d.front_cache.enabled?"on":"off";},
+ centries:function(d){return num(d.front_cache.entries);},
+ cbytes:function(d){return bytes(d.front_cache.bytes)+" / "+bytes(d.front_cache.max_bytes);},
+ cratio:function(d){return pct(d.front_cache.hit_ratio);},
+ workersup:function(d){var n=0;d.workers.forEach(function(w){if(w.up)n++;});return n+" / "+d.workers.length;}
+};
+function cell(row,label,text,cls){var td=document.createElement("td");td.setAttribute("data-label",label);
+if(cls)td.className=cls;td.textContent=text;row.appendChild(td);return td;}
+function render(d){
+ var now=Date.now()/1000;
+ Object.keys(fields).forEach(function(k){var el=document.getElementById("f-"+k);if(el)el.textContent=fields[k](d);});
+ var badge=document.getElementById("f-ready");badge.className="badge "+(d.ready?"up":"down");
+ var body=document.getElementById("workers");var rows=document.createDocumentFragment();
+ d.workers.forEach(function(w){
+  var tr=document.createElement("tr");tr.setAttribute("data-worker",w.address);
+  cell(tr,"Worker",w.address+(w.local?"":" (remote)"));
+  cell(tr,"PID",w.pid===null?"\\u2013":String(w.pid),"n");
+  var st=cell(tr,"State","");var b=document.createElement("span");b.className="badge "+(w.up?"up":"down");
+  b.textContent=w.up?"up":"down";st.appendChild(b);
+  if(!w.up&&w.last_error){var e=document.createElement("span");e.className="err";e.textContent=w.last_error;st.appendChild(e);}
+  cell(tr,"Since",dur(now-w.since)+" ago","n").title=new Date(w.since*1000).toISOString();
+  cell(tr,"Failures",num(w.consecutive_failures),"n");
+  cell(tr,"Restarts",num(w.restarts),"n");
+  cell(tr,"Requests",num(w.requests),"n");
+  cell(tr,"In flight",num(w.in_flight),"n");
+  cell(tr,"Last check",ms(w.last_check_seconds),"n");
+  rows.appendChild(tr);
+ });
+ body.replaceChildren(rows);
+ document.getElementById("f-updated").textContent=new Date().toLocaleTimeString();
+}
+var live=document.getElementById("live");
+function tick(){
+ fetch("status.json",{cache:"no-store"}).then(function(r){if(!r.ok)throw new Error(r.status);return r.json();})
+ .then(function(d){render(d);live.textContent="live";live.className="";})
+ .catch(function(){live.textContent="not updating: master unreachable";live.className="stale";})
+ .then(function(){setTimeout(tick,REFRESH_MS);});
+}
+live.textContent="live";
+setTimeout(tick,REFRESH_MS);
+})();
+""".replace("REFRESH_MS", str(REFRESH_SECONDS * 1000))
+
+# A Content-Security-Policy that allows exactly this inline script and nothing from elsewhere.
+SCRIPT_HASH = base64.b64encode(hashlib.sha256(SCRIPT.encode()).digest()).decode()
+CSP = (f"default-src 'none'; script-src 'sha256-{SCRIPT_HASH}'; style-src 'unsafe-inline'; "
+       "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+def _dur(s: float) -> str:
+    s = max(0, int(s))
+    d, h, m, r = s // 86400, s % 86400 // 3600, s % 3600 // 60, s % 60
+    if d:
+        return f"{d}d {h}h"
+    if h:
+        return f"{h}h {m}m"
+    if m:
+        return f"{m}m {r}s"
+    return f"{r}s"
+
+
+def _ms(s: float | None) -> str:
+    if s is None:
+        return "\u2013"
+    v = s * 1000
+    return (f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}") + " ms"
+
+
+def _rate(r: float) -> str:
+    return f"{r:.2f}" if r < 10 else f"{r:.1f}" if r < 100 else f"{r:.0f}"
+
+
+def _bytes(b: float) -> str:
+    units = ["B", "KiB", "MiB", "GiB", "TiB"]
+    i = 0
+    while b >= 1024 and i < len(units) - 1:
+        b /= 1024
+        i += 1
+    return f"{b:.1f} {units[i]}" if i else f"{int(b)} B"
+
+
+def _pct(x: float | None) -> str:
+    return "\u2013" if x is None else f"{x * 100:.1f} %"
+
+
+def _card(key: str, label: str, value: str) -> str:
+    return f'<div><dt>{escape(label)}</dt><dd id="f-{key}">{escape(value)}</dd></div>'
+
+
+def _worker_row(w: dict[str, Any], now: float) -> str:
+    def td(label: str, text: str, cls: str = "") -> str:
+        klass = f' class="{cls}"' if cls else ""
+        return f'<td data-label="{label}"{klass}>{text}</td>'
+
+    state = f'<span class="badge {"up" if w["up"] else "down"}">{"up" if w["up"] else "down"}</span>'
+    if not w["up"] and w["last_error"]:
+        state += f'<span class="err">{escape(w["last_error"])}</span>'
+    since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(w["since"]))
+    return (f'<tr data-worker="{escape(w["address"])}">'
+            + td("Worker", escape(w["address"] + ("" if w["local"] else " (remote)")))
+            + td("PID", "\u2013" if w["pid"] is None else str(w["pid"]), "n")
+            + td("State", state)
+            + f'<td data-label="Since" class="n" title="{since}">{_dur(now - w["since"])} ago</td>'
+            + td("Failures", f'{w["consecutive_failures"]:,}', "n")
+            + td("Restarts", f'{w["restarts"]:,}', "n")
+            + td("Requests", f'{w["requests"]:,}', "n")
+            + td("In flight", f'{w["in_flight"]:,}', "n")
+            + td("Last check", _ms(w["last_check_seconds"]), "n")
+            + "</tr>")
+
+
+def render(d: dict[str, Any]) -> str:
+    """The page for the status document `d` (arbiter.status.snapshot)."""
+    now = time.time()
+    t, cache, responses = d["totals"], d["front_cache"], d["totals"]["responses"]
+    state = "stopping" if d["stopping"] else "ready" if d["ready"] else "not ready"
+    up = sum(1 for w in d["workers"] if w["up"])
+    traffic = "".join((
+        _card("rate10", "Requests/s, last 10 s", _rate(t["last_10s"]["rate_per_second"])),
+        _card("rate5m", "Requests/s, last 5 min", _rate(t["last_5m"]["rate_per_second"])),
+        _card("p50", "p50 latency, 5 min", _ms(t["last_5m"]["p50_seconds"])),
+        _card("p99", "p99 latency, 5 min", _ms(t["last_5m"]["p99_seconds"])),
+        _card("requests", "Requests served", f'{t["requests"]:,}'),
+        _card("connections", "Open connections", f'{d["proxy"]["client_connections"]:,}'),
+    ))
+    classes = "".join(_card(f"r{c}", c, f"{responses[c]:,}") for c in ("1xx", "2xx", "3xx", "4xx", "5xx"))
+    front = "".join((
+        _card("cstate", "Front cache", "on" if cache["enabled"] else "off"),
+        _card("centries", "Entries", f'{cache["entries"]:,}'),
+        _card("cbytes", "Bytes", f'{_bytes(cache["bytes"])} / {_bytes(cache["max_bytes"])}'),
+        _card("cratio", "Hit ratio", _pct(cache["hit_ratio"])),
+    ))
+    rows = "".join(_worker_row(w, now) for w in d["workers"])
+    heads = "".join(f'<th{" class=n" if n else ""} scope="col">{h}</th>' for h, n in (
+        ("Worker", 0), ("PID", 1), ("State", 0), ("Since", 1), ("Failures", 1), ("Restarts", 1),
+        ("Requests", 1), ("In flight", 1), ("Last check", 1)))
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width,initial-scale=1">
+<title>gows status</title>
+<noscript><meta http-equiv="refresh" content="10"></noscript>
+<style>{CSS}</style></head>
+<body><main>
+<header><h1>gows</h1>
+<span id="f-ready" class="badge {"up" if d["ready"] else "down"}">{state}</span>
+<span class="mute">up <span id="f-uptime">{_dur(d["uptime"])}</span> &middot;
+workers up <span id="f-workersup">{up} / {len(d["workers"])}</span></span></header>
+<h2>Traffic</h2><dl class="cards">{traffic}</dl>
+<h2>Responses by status</h2><dl class="cards">{classes}</dl>
+<h2>Workers</h2>
+<table class="workers"><thead><tr>{heads}</tr></thead>
+<tbody id="workers">{rows}</tbody></table>
+<h2>Front cache</h2><dl class="cards">{front}</dl>
+<footer>gows {escape(d["version"])} &middot; master pid {d["pid"]} &middot; config {escape(d["config"])}<br>
+updated <span id="f-updated">{time.strftime("%H:%M:%S")}</span> &middot; <span id="live">static page, reloads every 10 s</span>
+&middot; <a href="status.json">status.json</a> &middot; <a href="metrics">metrics</a></footer>
+</main>
+<script>{SCRIPT}</script>
+</body></html>
+"""

@@ -1,0 +1,187 @@
+"""The /status page in a real headless Chromium (Debian's chromium + chromium-driver, driven by
+Selenium): it lists the workers, updates in place after a worker is killed (no reload), reads
+as cards on a phone-sized screen, and is a complete plain table without JavaScript.
+Screenshots are saved under test-artifacts/ for a person to look at."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+import requests
+
+from support import REPO, wait_until
+from test_admin import Admin, masters, site  # noqa: F401  (fixtures)
+
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def _install_chromium() -> None:
+    """Install Debian's chromium and chromium-driver when missing (as root, as in CI)."""
+    if os.path.exists(CHROMIUM) and os.path.exists(DRIVER):
+        return
+    if os.geteuid() != 0:
+        pytest.fail("chromium and chromium-driver are needed: run as root (the test installs them with "
+                    "apt-get) or `apt-get install chromium chromium-driver` first")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    install = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "--no-install-recommends",
+               "chromium", "chromium-driver"]
+    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
+        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "update"], env=env, capture_output=True, check=False)
+        done = subprocess.run(install, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            pytest.fail(f"apt-get install chromium chromium-driver failed:\n{done.stderr[-2000:]}")
+
+
+@pytest.fixture(scope="session")
+def chromium():
+    _install_chromium()
+    return CHROMIUM
+
+
+@contextlib.contextmanager
+def _chromium(binary: str, javascript: bool = True):
+    """A headless Chromium with a fresh profile, driven through chromedriver."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="gows-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = binary
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900"):
+        options.add_argument(flag)
+    if not javascript:
+        options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
+    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+@pytest.fixture
+def browser(chromium):
+    with _chromium(chromium) as driver:
+        yield driver
+
+
+def _rows(driver) -> dict[str, dict[str, str]]:
+    """{address: {column label: cell text}} of the workers table as the browser shows it."""
+    return driver.execute_script("""
+        var out = {};
+        document.querySelectorAll('#workers tr').forEach(function (tr) {
+            var row = {};
+            tr.querySelectorAll('td').forEach(function (td) { row[td.dataset.label] = td.innerText.trim(); });
+            out[tr.dataset.worker] = row;
+        });
+        return out;""")
+
+
+def _shot(driver, name: str) -> Path:
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / name
+    driver.get_screenshot_as_file(str(path))
+    assert path.stat().st_size > 5000  # a rendered page, not an empty image
+    return path
+
+
+def test_status_page_shows_workers_and_updates_in_place_after_a_worker_is_killed(masters, tmp_path, site, browser):
+    a = Admin(masters, tmp_path, site)
+    pids = a.ready()
+    for _ in range(30):
+        a.public("/a.txt")
+    browser.get(f"http://127.0.0.1:{a.admin_port}/status")
+    addresses = {f"127.0.0.1:{p}" for p in a.worker_ports}
+    assert set(_rows(browser)) == addresses
+    wait_until(lambda: browser.find_element("id", "live").text == "live", timeout=20, message="page live")
+    for address, row in _rows(browser).items():
+        assert row["State"] == "up" and row["PID"] == str(pids[int(address.rsplit(":", 1)[1])])
+        assert row["Restarts"] == "0" and row["Last check"].endswith(" ms")
+    assert browser.find_element("id", "f-ready").text == "ready"
+    assert browser.find_element("id", "f-workersup").text == "2 / 2"
+    browser.execute_script("window.gowsMarker = 'same page';")  # gone if the page reloads
+
+    victim = a.worker_ports[0]
+    address = f"127.0.0.1:{victim}"
+    os.kill(pids[victim], signal.SIGKILL)
+    wait_until(lambda: _rows(browser)[address]["Restarts"] == "1", timeout=40, message="restart shown")
+    wait_until(lambda: (lambda r: r["State"] == "up" and r["PID"] not in ("\u2013", str(pids[victim])))(
+        _rows(browser)[address]), timeout=40, message="replacement shown up with its new pid")
+    assert browser.execute_script("return window.gowsMarker;") == "same page"
+    assert _rows(browser)[f"127.0.0.1:{a.worker_ports[1]}"]["PID"] == str(pids[a.worker_ports[1]])
+    wait_until(lambda: int(browser.find_element("id", "f-requests").text.replace(",", "")) >= 30, timeout=10)
+    _shot(browser, "admin-status.png")
+
+    # A phone: each worker is a labelled card, nothing wider than the screen.
+    browser.set_window_size(390, 844)
+    wait_until(lambda: browser.execute_script("return window.innerWidth") <= 400, timeout=10)
+    layout = browser.execute_script("""
+        var table = document.querySelector('table.workers');
+        return {head: getComputedStyle(table.querySelector('thead')).display,
+                row: getComputedStyle(table.querySelector('tbody tr')).display,
+                overflow: document.documentElement.scrollWidth - window.innerWidth};""")
+    assert layout["head"] == "none" and layout["row"] == "block" and layout["overflow"] <= 0, layout
+    _shot(browser, "admin-status-phone.png")
+
+
+class _Table(HTMLParser):
+    """Collects the text of every <td> per <tr> of the workers table body."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rows: list[list[str]] = []
+        self.scripts_with_src = 0
+        self._in_body = self._in_td = False
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "tbody" and attrs.get("id") == "workers":
+            self._in_body = True
+        elif tag == "tr" and self._in_body:
+            self.rows.append([])
+        elif tag == "td" and self._in_body:
+            self._in_td = True
+            self.rows[-1].append("")
+        elif tag in ("script", "link", "img") and (attrs.get("src") or attrs.get("href")):
+            self.scripts_with_src += 1
+
+    def handle_endtag(self, tag):
+        if tag == "tbody":
+            self._in_body = False
+        elif tag == "td":
+            self._in_td = False
+
+    def handle_data(self, data):
+        if self._in_td:
+            self.rows[-1][-1] += data
+
+
+def test_status_page_is_a_complete_table_without_javascript(masters, tmp_path, site, chromium):
+    a = Admin(masters, tmp_path, site)
+    pids = a.ready()
+    html = requests.get(f"http://127.0.0.1:{a.admin_port}/status", timeout=10).text
+    table = _Table()
+    table.feed(html)
+    assert table.scripts_with_src == 0  # nothing loaded from anywhere else
+    assert sorted(row[0] for row in table.rows) == sorted(f"127.0.0.1:{p}" for p in a.worker_ports)
+    for row in table.rows:
+        assert row[1] == str(pids[int(row[0].rsplit(":", 1)[1])]) and row[2] == "up"
+    assert '<meta http-equiv="refresh" content="10">' in html  # inside <noscript>
+
+    # And as Chromium shows it with JavaScript off: the same rows, and the page says it is static.
+    with _chromium(chromium, javascript=False) as driver:
+        driver.get(f"http://127.0.0.1:{a.admin_port}/status")
+        assert set(_rows(driver)) == {f"127.0.0.1:{p}" for p in a.worker_ports}  # (WebDriver's own JS still runs)
+        assert driver.find_element("id", "live").text == "static page, reloads every 10 s"
+        _shot(driver, "admin-status-nojs.png")

@@ -1,0 +1,249 @@
+"""Operations pieces in-process: the proxy's per-response hook (every kind of response counted
+once, with its status and length), latency percentiles and windows, the access log's format,
+writer thread, reopen and bound, sd_notify datagrams, and the status page's escaping."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+import socket
+import time
+import types
+
+import pytest
+
+from arbiter import status_page
+from arbiter.accesslog import AccessLog, format_line
+from arbiter.config import ConfigError, load_data
+from arbiter.notify import Notifier
+from arbiter.proxy.stats import BOUNDS, RequestStats, Window, quantile
+from proxy_harness import ProxyThread, RawUpstream, parse_responses, raw
+from support import wait_until
+
+COMBINED = re.compile(r'^(\S+) - - \[(\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4})\] "([^"\\]*(?:\\.[^"\\]*)*)" '
+                      r'(\d{3}) (\d+|-) "([^"\\]*(?:\\.[^"\\]*)*)" "([^"\\]*(?:\\.[^"\\]*)*)" (\d+)$')
+
+
+# -- latency histogram ------------------------------------------------------------------------
+def test_quantile_interpolates_inside_the_bucket_and_is_none_without_data():
+    buckets = [0] * (len(BOUNDS) + 1)
+    assert quantile(0.5, buckets) is None
+    i = BOUNDS.index(0.01)
+    buckets[i] = 100  # all observations in (0.007, 0.01]
+    assert quantile(0.5, buckets) == pytest.approx(0.0085)
+    assert 0.007 < quantile(0.99, buckets) <= 0.01
+    buckets[-1] = 1000  # most beyond the last bound: the answer says "at least the last bound"
+    assert quantile(0.99, buckets) == BOUNDS[-1]
+
+
+def test_record_counts_each_response_in_its_bucket():
+    stats = RequestStats()
+    now = time.perf_counter()
+    for age in (0.0005, 0.0005, 0.2, 3.0):
+        stats.record(None, types.SimpleNamespace(born=now - age))
+    assert stats.count == 4
+    assert stats.seconds == pytest.approx(3.201, abs=0.01)
+    assert quantile(0.5, stats.buckets) < 0.001 < 0.1 < quantile(0.99, stats.buckets)
+
+
+def test_window_rates_cover_only_the_last_seconds():
+    clock = [1000.0]
+    stats = RequestStats()
+    window = Window(stats, clock=lambda: clock[0])
+    req = types.SimpleNamespace(born=time.perf_counter())
+    for second in range(300):  # 10 responses a second for 5 minutes ...
+        for _ in range(10):
+            stats.record(None, req)
+        clock[0] += 1
+        window.sample()
+    for _ in range(290):  # ... then a burst since the last sample
+        stats.record(None, req)
+    short, long = window.over(10), window.over(300)
+    assert short["seconds"] == 10 and short["requests"] == 100 + 290
+    assert short["rate"] == pytest.approx(39.0)
+    assert long["seconds"] == 300 and long["requests"] == 3000 + 290
+    assert long["rate"] == pytest.approx(3290 / 300)
+    clock[0] += 400  # the sampler stopped: the window reaches back to the newest sample it has
+    assert window.over(10)["requests"] == 290 and window.over(10)["seconds"] == 400
+
+
+# -- the proxy's hook: one call per completed response ----------------------------------------
+@pytest.fixture
+def origin():
+    def respond(head: bytes, body: bytes, conn) -> bool:
+        path = head.split(b" ")[1]
+        if path == b"/chunked":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+        elif path == b"/cached":
+            conn.sendall(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nETag: \"v1\"\r\n"
+                         b"Content-Length: 5\r\n\r\n" + (b"" if head.startswith(b"HEAD") else b"hello"))
+        else:
+            conn.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 7\r\n\r\n" + b"missing")
+        return True
+
+    upstream = RawUpstream(respond)
+    yield upstream
+    upstream.stop()
+
+
+def test_every_response_is_observed_once_with_its_status_and_length(origin):
+    proxy = ProxyThread([origin.port])
+    seen: list[tuple[int, object]] = []
+    record = proxy.proxy.latency.record
+
+    def observe(client, req):
+        seen.append((req.status, req.length))
+        record(client, req)
+
+    proxy.call(lambda: setattr(proxy.proxy, "observe", observe))
+    try:
+        get = b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        assert parse_responses(raw(proxy.port, get % b"/cached"))[0][0] == 200  # relayed, stored
+        assert parse_responses(raw(proxy.port, get % b"/cached"))[0][0] == 200  # front cache hit
+        assert parse_responses(raw(proxy.port, b"GET /cached HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"v1\"\r\n"
+                                               b"Connection: close\r\n\r\n"))[0][0] == 304
+        assert parse_responses(raw(proxy.port, b"HEAD /cached HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+                               head_only=True)[0][0] == 200
+        assert parse_responses(raw(proxy.port, get % b"/chunked"))[0][0] == 200
+        assert parse_responses(raw(proxy.port, get % b"/nope"))[0][0] == 404
+        assert parse_responses(raw(proxy.port, b"GET / HTTP/1.1\r\nContent-Length: x\r\n\r\n"))[0][0] == 400
+        proxy.set_up(origin.port, False)
+        assert parse_responses(raw(proxy.port, get % b"/cached?other"))[0][0] == 503
+        wait_until(lambda: len(seen) >= 8, timeout=10)
+        assert [(s, int(n) if isinstance(n, bytes) else n) for s, n in seen] == [
+            (200, 5), (200, 5), (304, None), (200, None), (200, None), (404, 7), (400, 16), (503, 24)]
+        assert proxy.call(lambda: proxy.proxy.latency.count) == 8
+    finally:
+        proxy.stop()
+
+
+# -- access log ---------------------------------------------------------------------------------
+def test_a_line_is_apache_combined_plus_microseconds_with_hostile_fields_escaped():
+    fwd = [b"Referer", b": ", b"http://a/\"x\"", b"\r\n", b"User-Agent", b": ", b"bot\x01\xff", b"\r\n"]
+    line = format_line(b"127.0.0.1", 1700000000.5, 0.0123456, b"GET", b'/a b"c', False, 200, b"1234", fwd)
+    m = COMBINED.match(line.rstrip("\n"))
+    assert m, line
+    assert m.group(3) == 'GET /a b\\"c HTTP/1.1'
+    assert (m.group(4), m.group(5), m.group(6), m.group(7), m.group(8)) == (
+        "200", "1234", 'http://a/\\"x\\"', "bot\\x01\\xff", "12346")
+    stamp = time.strftime("%d/%b/%Y:%H:%M:%S", time.localtime(1700000000.5 - 0.0123456))
+    assert m.group(2).startswith(stamp)
+    empty = format_line(b"::1", 1700000000.0, 0.0, b"HEAD", b"/", True, 304, None, [])
+    assert empty.endswith('"HEAD / HTTP/1.0" 304 - "-" "-" 0\n')
+
+
+def _fake(peer=b"127.0.0.1", status=200, target=b"/x"):
+    client = types.SimpleNamespace(peer=peer, transport=None)
+    req = types.SimpleNamespace(born=time.perf_counter(), method=b"GET", target=target, http10=False,
+                                status=status, length=3, fwd=[])
+    return client, req
+
+
+def test_the_writer_thread_writes_in_order_and_reopens_after_rotation(tmp_path):
+    path = tmp_path / "access.log"
+    stats = RequestStats()
+    log = AccessLog(path, stats.record)
+    try:
+        for i in range(100):
+            log.observe(*_fake(target=b"/before/%d" % i))
+        wait_until(lambda: path.exists() and path.read_text().count("\n") == 100, timeout=10)
+        path.rename(tmp_path / "access.log.1")
+        log.observe(*_fake(target=b"/still-old"))
+        log.reopen()
+        for i in range(50):
+            log.observe(*_fake(target=b"/after/%d" % i))
+    finally:
+        log.close()
+    old = (tmp_path / "access.log.1").read_text().splitlines()
+    new = path.read_text().splitlines()
+    assert [line.split('"')[1] for line in old] == [f"GET /before/{i} HTTP/1.1" for i in range(100)] + [
+        "GET /still-old HTTP/1.1"]
+    assert [line.split('"')[1] for line in new] == [f"GET /after/{i} HTTP/1.1" for i in range(50)]
+    assert all(COMBINED.match(line) for line in old + new)
+    assert stats.count == 151 and log.dropped == 0
+
+
+def test_lines_beyond_the_queue_bound_are_counted_as_dropped_not_held(tmp_path, monkeypatch):
+    import arbiter.accesslog as accesslog
+    monkeypatch.setattr(accesslog, "MAX_QUEUED", 0)
+    path = tmp_path / "access.log"
+    log = AccessLog(path, RequestStats().record)
+    for _ in range(10):
+        log.observe(*_fake())
+    log.close()
+    assert log.dropped == 10
+    assert path.read_text() == ""
+
+
+def test_access_log_setting_forms(tmp_path):
+    (tmp_path / "www").mkdir()
+
+    def setting(value):
+        return load_data({"baseDirectory": "www", "workerCount": 1, "logging": {"accessLog": value}},
+                         tmp_path / "gows.conf.json").logging.access_log
+
+    assert setting(False) is None and setting(None) is None
+    assert setting(True) == "-" and setting("-") == "-"
+    assert setting("logs.txt") == (tmp_path / "logs.txt").resolve()
+    (tmp_path / "ro").mkdir()
+    (tmp_path / "ro" / "access.log").mkdir()  # a directory where the file should be
+    with pytest.raises(ConfigError, match="logging.accessLog: .* is a directory"):
+        setting("ro/access.log")
+    with pytest.raises(ConfigError, match="logging.accessLog: cannot open"):
+        AccessLog.open(tmp_path / "missing" / "a.log", RequestStats().record)
+
+
+# -- sd_notify ------------------------------------------------------------------------------------
+def test_notifier_sends_datagrams_and_removes_the_variable(tmp_path):
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(path)
+        sock.settimeout(5)
+        env = {"NOTIFY_SOCKET": path}
+        n = Notifier(env)
+        assert "NOTIFY_SOCKET" not in env  # children must not inherit it
+        assert n.ready("serving")
+        assert sock.recv(4096) == b"READY=1\nSTATUS=serving"
+        assert n.reloading()
+        assert re.fullmatch(rb"RELOADING=1\nMONOTONIC_USEC=\d+\nSTATUS=reloading the configuration", sock.recv(4096))
+        assert n.stopping()
+        assert sock.recv(4096) == b"STOPPING=1\nSTATUS=stopping"
+
+
+def test_notifier_abstract_address_and_absent_socket():
+    name = f"gows-test-{time.monotonic_ns()}"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind("\0" + name)
+        sock.settimeout(5)
+        assert Notifier({"NOTIFY_SOCKET": "@" + name}).ready("x")
+        assert sock.recv(100).startswith(b"READY=1")
+    assert not Notifier({}).enabled and Notifier({}).ready("x") is False
+    assert Notifier({"NOTIFY_SOCKET": "@" + name}).ready("x") is False  # nobody listening: no exception
+
+
+# -- status page ------------------------------------------------------------------------------------
+def _document(**worker):
+    w = {"address": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9001, "local": True, "pid": 42, "up": False,
+         "since": time.time() - 75, "consecutive_failures": 3, "restarts": 2, "requests": 12345, "in_flight": 1,
+         "last_check_seconds": 0.0012, "last_error": "<script>alert(1)</script>"}
+    w.update(worker)
+    window = {"seconds": 10, "requests": 5, "rate_per_second": 0.5, "p50_seconds": 0.002, "p99_seconds": None}
+    return {"version": "0.1.0", "pid": 1, "config": "/etc/gows/<x>.json", "started": 0, "uptime": 3700,
+            "ready": False, "stopping": False, "workers": [w],
+            "front_cache": {"enabled": True, "entries": 3, "bytes": 2048, "max_bytes": 1 << 20, "hits": 1,
+                            "misses": 3, "hit_ratio": 0.25},
+            "totals": {"requests": 5, "responses": {"1xx": 0, "2xx": 4, "3xx": 0, "4xx": 1, "5xx": 0},
+                       "last_10s": window, "last_5m": window, "all_time": {"p50_seconds": None, "p99_seconds": None}},
+            "proxy": {"client_connections": 2}, "access_log": {"enabled": False, "dropped": 0}}
+
+
+def test_status_page_escapes_worker_errors_and_allows_only_its_own_script():
+    html = status_page.render(_document())
+    assert "<script>alert(1)</script>" not in html and "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "/etc/gows/&lt;x&gt;.json" in html
+    assert re.search(r'<td data-label="Requests" class="n">12,345</td>', html)
+    assert ">1m 15s ago<" in html and ">1h 1m<" in html and "1.20 ms" in html and "25.0 %" in html
+    assert "http://" not in html and "https://" not in html and "src=" not in html  # no external assets
+    digest = base64.b64encode(hashlib.sha256(status_page.SCRIPT.encode()).digest()).decode()
+    assert f"'sha256-{digest}'" in status_page.CSP and f"<script>{status_page.SCRIPT}</script>" in html
+

@@ -3,10 +3,12 @@ the bundled site answers exactly as a worker does (with the front cache on and o
 cache serves hits and 304s itself, HTTP/1.0 keep-alive and pipelining, smuggling and limits."""
 from __future__ import annotations
 
+import json
 import re
 import socket
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import pytest
 from e2e_support import Responses, bundled_site, exchange, fetch, request
 from master_support import Master, serving
 from proxy_harness import parse_responses
-from support import wait_until
+from support import free_port, wait_until
 
 WORKER_TTL = 0.3  # the workers' cache TTL in these masters (cache.ttl)
 
@@ -26,10 +28,11 @@ def site(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cached(tmp_path_factory, site):
-    """Front cache on (the default); a short head deadline for the slowloris case; workers log
-    each request (into the master's log) so tests can tell what reached them."""
+    """Front cache on (the default); a short head deadline for the slowloris case; the master's
+    access log and admin counters tell what it answered itself and what it sent to a worker."""
     m = serving(tmp_path_factory.mktemp("cached"), site, 2, cache={"ttl": WORKER_TTL},
-                proxy={"headerTimeout": 1}, logging={"accessLog": True})
+                proxy={"headerTimeout": 1}, logging={"accessLog": True},
+                admin=f"127.0.0.1:{free_port()}")
     yield m
     m.stop()
 
@@ -252,6 +255,13 @@ def test_pipelined_requests_are_answered_in_order(master, site):
     assert got[6][2] == files["/logo.png"] and got[7][2] == files["/style.css"]
 
 
+def worker_requests(m) -> int:
+    """Requests the master has sent to its workers, from the admin listener's /status.json."""
+    admin_port = int(m.config["admin"].rsplit(":", 1)[1])
+    status = json.loads(urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/status.json", timeout=10).read())
+    return sum(w["requests"] for w in status["workers"])
+
+
 # -- hostile input and limits, through the real master -------------------------------------------
 SMUGGLING = {
     "CL and TE": b"POST /smuggled HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
@@ -267,17 +277,21 @@ FOLLOWER = b"GET /smuggled-follower HTTP/1.1\r\nHost: t\r\n\r\n"
 
 @pytest.mark.parametrize("name", list(SMUGGLING))
 def test_smuggling_is_refused_with_400_and_a_close(cached, name):
+    sent_to_workers = worker_requests(cached)
     data, closed = exchange(cached.port, SMUGGLING[name] + FOLLOWER)
     responses = parse_responses(data)
     assert closed and len(responses) == 1, data[:300]  # the request riding behind is never answered
     status, headers, _ = responses[0]
     assert status == 400 and headers["connection"] == "close"
-    # Nothing reached a worker: requests sent after it (one per worker) are in their logs, it is not.
+    # Nothing reached a worker: requests sent after it (one per worker) are the only ones the
+    # workers got, and the access log shows the master answering it and never the follower.
     marker = f"/after-smuggling-{name.replace(' ', '-')}"
     for _ in cached.worker_ports:
         assert fetch(cached.port, "GET", marker)[0] == 404
     cached.wait_log(f'"GET {marker} HTTP/1.1" 404', count=len(cached.worker_ports))
-    assert "smuggled" not in cached.log()
+    assert worker_requests(cached) == sent_to_workers + len(cached.worker_ports)
+    assert "smuggled-follower" not in cached.log()
+    assert not re.search(r'/smuggled HTTP/1.1" (?!400 )', cached.log())
 
 
 @pytest.mark.parametrize("name, data, status", [

@@ -55,6 +55,11 @@ def test_round_robin_hands_concurrent_requests_out_in_runs():
     assert b.pick(b"/") is second
     # A retry never goes back to the worker it excludes, busy or not.
     assert b.pick(b"/", [second]) not in (second, None)
+    # A run ends after RUN picks even while the worker stays lightly loaded: all take turns.
+    for w in ws:
+        w.in_flight = 1
+    picks = [b.pick(b"/") for _ in range(3 * RUN)]
+    assert Counter(picks) == {w: RUN for w in ws}
     # Once requests no longer overlap, turns alternate one request at a time again.
     for w in ws:
         w.in_flight = 0

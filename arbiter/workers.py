@@ -28,6 +28,21 @@ from .logs import LogSink
 from .state import WorkerState, WorkerTable
 
 log = logging.getLogger("gows.workers")
+
+
+def _schedule_as_batch(pid: int) -> None:
+    """Mark a fresh worker SCHED_BATCH (same CPU share; its threads, made later, inherit it).
+
+    The proxy wakes a worker for every request it forwards; a normal worker then preempts the
+    proxy in the middle of its event-loop pass, so with workers sharing the proxy's cores the
+    one process every request crosses keeps losing the CPU. A batch task never preempts on
+    wake-up: the proxy finishes its pass and workers then take several requests per run.
+    """
+    if hasattr(os, "sched_setscheduler"):
+        try:
+            os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
+        except OSError as exc:  # the worker already exited, or a sandbox forbids it
+            log.debug("could not make worker %d SCHED_BATCH: %s", pid, exc)
 FAST_STOP_TIMEOUT = 5.0  # seconds a worker told to quit at once gets before SIGKILL
 RELOAD_PROBE_SPACING = 0.1  # seconds between the probes that prove a reloaded worker healthy
 
@@ -266,6 +281,7 @@ class LocalWorker:
             pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=stdout,
             stderr=subprocess.STDOUT if stdout is not None else None,
         )
+        _schedule_as_batch(proc.pid)
         inc = Incarnation(proc)
         self._live.add(inc)
         if proc.stdout is not None:

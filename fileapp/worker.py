@@ -15,6 +15,7 @@ import selectors
 import signal
 import socket
 import sys
+import time
 
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
@@ -29,6 +30,9 @@ PR_SET_PDEATHSIG = 1
 PDEATH_SIGNAL = signal.SIGUSR2
 # Bodies up to this size are copied behind the header block and sent with it.
 COALESCE_LIMIT = 64 * 1024
+# gthread asks after every poll whether the parent lives; /proc is read at most this often
+# (the pidfd and PR_SET_PDEATHSIG report a death at once anyway).
+PARENT_CHECK_INTERVAL = 1.0
 
 
 class CoalescingResponse(gunicorn_wsgi.Response):
@@ -108,6 +112,7 @@ class FileAppWorker(GowsThreadWorker):
         super().__init__(*args, **kwargs)
         self.parent_pid = parent_pid
         self._pidfd: int | None = None
+        self._parent_checked = 0.0
 
     def notify(self) -> None:
         """No heartbeat file: nothing watches it here; the master checks health over HTTP."""
@@ -159,11 +164,15 @@ class FileAppWorker(GowsThreadWorker):
         return pid_alive(self.parent_pid)
 
     def is_parent_alive(self) -> bool:
-        """Called by the run loop about once a second; standalone workers have no parent to watch.
+        """Called by the run loop after every poll; standalone workers have no parent to watch.
 
         Without --parent-pid the worker must survive its launching shell, so this is always
         True; with it, a dead parent means exit at once (the master owns our clients anyway).
         """
+        now = time.monotonic()
+        if now - self._parent_checked < PARENT_CHECK_INTERVAL:
+            return True
+        self._parent_checked = now
         if not self._parent_alive():
             self.fast_exit("parent process %s died" % self.parent_pid)
         return True

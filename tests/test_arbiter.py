@@ -281,3 +281,18 @@ def test_hup_whose_new_worker_fails_keeps_the_old_one_serving(masters, tmp_path,
     wait_gone([new])  # told to quit (and continued) by the master
     assert hammer.results and hammer.failed() == []
     assert "reload done: 1 local workers (0 added, 0 replaced, 1 failed to reload, 0 stopped)" in m.log()
+
+
+def test_workers_and_all_their_threads_run_sched_batch(masters, tmp_path, site):
+    """Workers woken by the proxy must not preempt it: they run SCHED_BATCH, threads included."""
+    base = free_port_run(1)
+    listen = free_port()
+    m = start(masters, tmp_path, base_config(site, listen, [base]))
+    pid = m.wait_workers([base])[base]
+    m.wait_log(r"is up \(2 checks passed\)")
+    for _ in range(3):  # requests make gthread start its pool threads
+        assert requests.get(f"http://127.0.0.1:{listen}/a.txt", timeout=10).status_code == 200
+    threads = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    assert len(threads) > 1
+    assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_BATCH}
+    assert os.sched_getscheduler(m.pid) == os.SCHED_OTHER  # the proxy keeps the normal policy

@@ -10,7 +10,7 @@ import pytest
 import requests
 
 from arbiter.proxy import ProxySettings
-from arbiter.proxy.balancer import LOAD_FACTOR, Balancer
+from arbiter.proxy.balancer import LOAD_FACTOR, RUN, Balancer
 from arbiter.state import WorkerState, WorkerTable
 from proxy_harness import ProxyThread, Worker
 from support import wait_until
@@ -37,6 +37,35 @@ def test_round_robin_even_and_only_healthy():
     table.record_check(ws[0], False)
     table.record_check(ws[2], False)
     assert b.pick(b"/") is None
+
+
+def test_round_robin_hands_concurrent_requests_out_in_runs():
+    table, ws = table_of(3)
+    b = Balancer(table, "round-robin")
+    first = b.pick(b"/")
+    # The proxy counts each forwarded request in flight: a busy worker keeps taking new ones...
+    for k in range(1, RUN):
+        first.in_flight = k
+        assert b.pick(b"/") is first
+    # ...until it holds RUN of them, then the next worker in turn starts its own run.
+    first.in_flight = RUN
+    second = b.pick(b"/")
+    assert second is not first
+    second.in_flight = 1
+    assert b.pick(b"/") is second
+    # A retry never goes back to the worker it excludes, busy or not.
+    assert b.pick(b"/", [second]) not in (second, None)
+    # A run ends after RUN picks even while the worker stays lightly loaded: all take turns.
+    for w in ws:
+        w.in_flight = 1
+    picks = [b.pick(b"/") for _ in range(3 * RUN)]
+    assert Counter(picks) == {w: RUN for w in ws}
+    # Once requests no longer overlap, turns alternate one request at a time again.
+    for w in ws:
+        w.in_flight = 0
+    picks = [b.pick(b"/") for _ in range(6)]
+    assert all(picks[i] is not picks[i + 1] for i in range(5))
+    assert Counter(picks) == {w: 2 for w in ws}
 
 
 def test_least_outstanding_prefers_idle_workers_and_rotates_ties():

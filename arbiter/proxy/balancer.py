@@ -12,6 +12,11 @@ from ..state import WorkerState, WorkerTable
 
 VIRTUAL_NODES = 160  # points per worker on the hash ring (ketama uses 160)
 LOAD_FACTOR = 1.25  # bounded load: no worker takes more than c x the mean outstanding requests
+# Round robin hands concurrent requests out in runs: a worker already busy with fewer than this
+# keeps taking new ones, up to this many in a row. Waking one worker for a few requests is much
+# cheaper than waking every worker for one each (context switches, cold caches) when workers
+# outnumber the cores; bounding the run keeps every worker in turn under any load.
+RUN = 8
 
 _in_flight = attrgetter("in_flight")
 
@@ -27,6 +32,7 @@ class Balancer:
         self.table = table
         self.policy = policy
         self._next = 0
+        self._run = 0  # consecutive picks of the current round-robin worker
         self._ring_generation = -1
         self._points: list[int] = []
         self._owners: list[WorkerState] = []
@@ -42,6 +48,11 @@ class Balancer:
         if not n:
             return None
         i = self._next
+        last = healthy[(i - 1) % n]
+        if self._run < RUN and 0 < last.in_flight < RUN and not (exclude and last in exclude):
+            self._run += 1
+            return last
+        self._run = 1
         self._next = i + 1
         worker = healthy[i % n]
         if exclude and worker in exclude:

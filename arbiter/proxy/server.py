@@ -15,6 +15,7 @@ from typing import Any
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from ..sockets import somaxconn
 from ..state import WorkerState, WorkerTable
 from .balancer import Balancer
 from .cache import FrontCache, freshness
@@ -844,7 +845,7 @@ class Proxy:
         # create_server calls listen() again: keep the kernel's full backlog, not asyncio's 100.
         # A duplicate, so closing our server never closes the socket the master owns.
         self._server = await loop.create_server(lambda: ClientProtocol(self), sock=sock.dup(),
-                                                backlog=_somaxconn())
+                                                backlog=somaxconn())
         self._ticker = loop.call_later(TICK, self._tick)
 
     def spawn(self, coro: Any) -> None:
@@ -926,14 +927,6 @@ class Proxy:
             "client_connections": len(self.conns),
             "upstream_connections": self.pool.counts(),
         }
-
-
-def _somaxconn() -> int:
-    try:
-        with open("/proc/sys/net/core/somaxconn") as f:
-            return int(f.read())
-    except (OSError, ValueError):
-        return socket.SOMAXCONN
 
 
 def _raise_fd_limit(wanted: int) -> None:

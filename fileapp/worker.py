@@ -91,6 +91,11 @@ class GowsThreadWorker(ThreadWorker):
         # gunicorn.http.wsgi.create() builds its module-level Response: in this process,
         # which only ever runs this worker, that is the coalescing one.
         gunicorn_wsgi.Response = CoalescingResponse
+        # Accepted sockets inherit TCP_NODELAY: without it gunicorn's separate header and body
+        # writes (bodies too big to coalesce) meet Nagle and delayed ACKs, 40 ms per response.
+        for listener in self.sockets:
+            if listener.family in (socket.AF_INET, socket.AF_INET6):
+                listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         super().init_process()
 
     def set_draining(self) -> None:
@@ -212,9 +217,6 @@ def build_config(options: dict) -> Config:
 
 def serve(listener: socket.socket, app: FileApp, options: dict) -> int:
     """Serve `app` on `listener` until stopped; returns the process exit status."""
-    # Accepted sockets inherit TCP_NODELAY: without it gunicorn's separate header and body
-    # writes meet Nagle and delayed ACKs, costing 40 ms per keep-alive response.
-    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     cfg = build_config(options)
     log = Logger(cfg)
     FileAppWorker.check_config(cfg, log)

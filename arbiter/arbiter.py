@@ -70,9 +70,13 @@ class Arbiter:
         return None if self.access_log is None else self.access_log.dropped
 
     def _use_access_log(self, access_log: AccessLog | None) -> None:
-        """Switch the proxy's per-response hook to log to `access_log` (None: latency only)."""
+        """Set the proxy's per-response hook: log to `access_log` (which also records latency),
+        else record latency for the admin listener, else nothing (nobody could read it)."""
         old, self.access_log = self.access_log, access_log
-        self.proxy.observe = access_log.observe if access_log is not None else self.proxy.latency.record
+        if access_log is not None:
+            self.proxy.observe = access_log.observe
+        else:
+            self.proxy.observe = self.proxy.latency.record if self.admin is not None else None
         if old is not None:
             old.close(wait=False)
 

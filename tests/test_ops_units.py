@@ -247,3 +247,39 @@ def test_status_page_escapes_worker_errors_and_allows_only_its_own_script():
     digest = base64.b64encode(hashlib.sha256(status_page.SCRIPT.encode()).digest()).decode()
     assert f"'sha256-{digest}'" in status_page.CSP and f"<script>{status_page.SCRIPT}</script>" in html
 
+
+
+@pytest.mark.parametrize("admin, access_log, hook", [
+    (False, False, None),  # nothing can read latencies: the proxy records none
+    (True, False, "latency"),
+    (False, True, "access log"),
+    (True, True, "access log"),
+])
+def test_the_response_hook_runs_only_when_something_reads_it(tmp_path, admin, access_log, hook):
+    import logging
+
+    from arbiter.arbiter import Arbiter
+    from arbiter.logs import LogSink
+    from arbiter.sockets import bind_listener
+    from support import free_port
+
+    (tmp_path / "www").mkdir()
+    data = {"baseDirectory": "www", "listen": f"127.0.0.1:{free_port()}", "workerCount": 1,
+            "workerBasePort": free_port(), "logging": {"accessLog": str(tmp_path / "access.log") if access_log else False}}
+    config = load_data(data, tmp_path / "gows.conf.json")
+    public = bind_listener(config.listen.host, config.listen.port, "listen")
+    admin_sock = bind_listener("127.0.0.1", 0, "admin") if admin else None
+    sink = LogSink(config.logging)
+    try:
+        arbiter = Arbiter(config, public, {}, sink, admin_sock)
+        observe = arbiter.proxy.observe
+        expected = {None: None, "latency": arbiter.proxy.latency.record,
+                    "access log": getattr(arbiter.access_log, "observe", object())}[hook]
+        assert observe == expected
+        if arbiter.access_log is not None:
+            arbiter.access_log.close(wait=True)
+    finally:
+        logging.getLogger().removeHandler(sink.handler)
+        public.close()
+        if admin_sock is not None:
+            admin_sock.close()

@@ -11,7 +11,7 @@ import time
 from collections import deque
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Callable
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
@@ -440,7 +440,9 @@ class ClientProtocol(asyncio.Protocol):
 
     def _finish(self, req: Request, keep: bool) -> None:
         """The response to the current request is written: serve the next one or close."""
-        self.proxy.observe(self, req)
+        observe = self.proxy.observe
+        if observe is not None:
+            observe(self, req)
         queue = self.queue
         if queue and queue[0] is req:
             queue.popleft()
@@ -811,9 +813,9 @@ class Proxy:
         self.rejected = 0  # connections refused at max_connections
         self.rejected_requests = 0  # malformed or over a limit
         self.latency = RequestStats()
-        # Called once per completed response: the latency histogram, or (set by the master when
-        # the access log is on) a function that also queues the access-log line.
-        self.observe = self.latency.record
+        # Called once per completed response: the latency histogram, or (set by the master) a
+        # function that also queues the access-log line, or None when nothing reads either.
+        self.observe: Callable[[ClientProtocol, Request], None] | None = self.latency.record
         self.update_settings(settings)
 
     def update_settings(self, settings: ProxySettings) -> None:

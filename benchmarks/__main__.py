@@ -53,6 +53,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         specs = [ServerSpec("apache"), ServerSpec("nginx")]
         for n in workers:
             specs += [ServerSpec("gows", n, True), ServerSpec("gows", n, False), ServerSpec("whitenoise", n)]
+        # The cost of metrics (issue 5): cache on, where the proxy does least besides them.
+        specs.insert(3, ServerSpec("gows-metrics", workers[0], True))
         requests, wrk_files = 5000, [FILES[0][2]]
     if args.only:
         specs = [s for s in specs if s.kind in args.only]

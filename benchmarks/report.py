@@ -44,16 +44,19 @@ TARGETS = {
         Target("front cache on, wrk keep-alive", "gows", True, "nginx", 0.5, tools=("wrk",)),
         Target("front cache off vs whitenoise, same workers", "gows", False, "whitenoise", 0.8,
                files=("1 KiB", "150 KB")),
+        Target("counters and histograms cost at most 5%", "gows-metrics", True, "gows", 0.95),
     ],
     "fileapp": [Target("fileapp on cache hits", "fileapp", None, "whitenoise", 1.2, files=("1 KiB", "150 KB"))],
 }
 
 
 def baseline_row(row: Row, rows: list[Row], kind: str, same_workers: bool) -> Row | None:
-    """The measured row of server `kind` on the same file and tool (and worker count if asked)."""
+    """The measured row of server `kind` on the same file and tool (and worker count if asked,
+    and front cache setting where the baseline has one)."""
     for other in rows:
         if (other.spec.kind == kind and other.file == row.file and other.tool == row.tool
                 and other.result is not None and other.result.rps > 0
+                and (other.spec.cache is None or other.spec.cache == row.spec.cache)
                 and (not same_workers or other.spec.workers == row.spec.workers)):
             return other
     return None
@@ -109,7 +112,7 @@ def check_targets(suite: str, rows: list[Row]) -> list[dict]:
     """Each target of the suite, checked on every row it covers: ratio, threshold and whether it is met."""
     checks = []
     for target in TARGETS.get(suite, []):
-        same_workers = next(same for _, kind, same in BASELINES if kind == target.baseline)
+        same_workers = next((same for _, kind, same in BASELINES if kind == target.baseline), True)
         for row in rows:
             if (row.spec.kind != target.kind or row.spec.cache != target.cache
                     or row.file not in target.files or row.tool not in target.tools):
@@ -172,11 +175,11 @@ _WORKER_COLOURS = ["tab:blue", "tab:purple", "tab:red", "tab:brown", "tab:cyan"]
 
 def line_style(spec: ServerSpec, gows_workers: list[int]) -> dict:
     """Matplotlib keywords for one server's line; `gows_workers` are the gows worker counts charted."""
-    if spec.kind in ("gows", "whitenoise") and spec.workers in gows_workers:
+    if spec.kind in ("gows", "gows-metrics", "whitenoise") and spec.workers in gows_workers:
         colour = _WORKER_COLOURS[gows_workers.index(spec.workers) % len(_WORKER_COLOURS)]
     else:
         colour = _KIND_COLOURS.get(spec.kind, "tab:gray")
-    style = {"whitenoise": ":", "werkzeug": "-."}.get(spec.kind, "--" if spec.cache is False else "-")
+    style = {"whitenoise": ":", "werkzeug": "-.", "gows-metrics": (0, (5, 1, 1, 1))}.get(spec.kind, "--" if spec.cache is False else "-")
     return {"color": colour, "linestyle": style, "linewidth": 2.0 if spec.kind in ("apache", "nginx") else 1.5}
 
 

@@ -29,10 +29,13 @@ PEER_APPS = {"fileapp": "fileapp_app", "fileapp-worker": "fileapp_app", "whiteno
 PEER_WORKERS = {"fileapp-worker": "fileapp.worker.GowsThreadWorker"}  # what gows' own workers run
 PEERS = tuple(PEER_APPS)
 # Every kind of server (the names --only takes) and its name in the table.
-NAMES = {"apache": "Apache", "nginx": "nginx", "gows": "gows", "fileapp": "fileapp",
+NAMES = {"apache": "Apache", "nginx": "nginx", "gows": "gows", "gows-metrics": "gows+metrics", "fileapp": "fileapp",
          "fileapp-worker": "fileapp (gows worker)", "whitenoise": "gunicorn+whitenoise",
          "werkzeug": "gunicorn+SharedData"}
 KINDS = tuple(NAMES)
+# gows-metrics is gows with its admin listener on, so the proxy records every response's latency
+# (with no admin listener nothing could read them and the proxy skips the work).
+GOWS_KINDS = ("gows", "gows-metrics")
 
 
 class ServerError(RuntimeError):
@@ -75,7 +78,7 @@ class ServerSpec:
     @property
     def boot_timeout(self) -> float:
         """Seconds to wait for the first 200: gows' workers must pass health checks first."""
-        return 60.0 + 2.0 * (self.workers or 0) if self.kind == "gows" else 60.0
+        return 60.0 + 2.0 * (self.workers or 0) if self.kind in GOWS_KINDS else 60.0
 
 
 @dataclass
@@ -186,6 +189,7 @@ def gows_config(root: Path, port: int, spec: ServerSpec) -> dict:
         "workerCount": workers,
         "workerBasePort": free_port_range(workers),
         "frontCache": {"enabled": bool(spec.cache)},
+        **({"admin": f"127.0.0.1:{free_port()}"} if spec.kind == "gows-metrics" else {}),
     }
 
 
@@ -211,7 +215,7 @@ def command(spec: ServerSpec, root: Path, port: int, workdir: Path) -> tuple[lis
         argv = [which("nginx") or "nginx", "-p", str(workdir), "-e", str(workdir / "error.log"),
                 "-c", str(conf), "-g", "daemon off;"]
         return argv, dict(os.environ)
-    if spec.kind == "gows":
+    if spec.kind in GOWS_KINDS:
         conf = workdir / "gows.conf.json"
         conf.write_text(json.dumps(gows_config(root, port, spec), indent=2))
         return [sys.executable, "-m", "arbiter", "-c", str(conf)], python_env()

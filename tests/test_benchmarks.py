@@ -209,6 +209,23 @@ def test_target_requiring_zero_failed_is_missed_with_failures():
     assert check["ratio"] == 2.0 and check["failed"] == 1 and not check["met"]
 
 
+def test_metrics_cost_is_against_gows_with_the_same_workers_and_front_cache():
+    metrics = ServerSpec("gows-metrics", 2, True)
+    rows = [Row(GOWS_OFF, "1 KiB", "wrk", m(5000)), Row(GOWS_ON, "1 KiB", "wrk", m(80000)),
+            Row(ServerSpec("gows", 10, True), "1 KiB", "wrk", m(50000)), Row(metrics, "1 KiB", "wrk", m(78000))]
+    (check,) = [c for c in report.check_targets("compare", rows) if c["server"] == "gows+metrics 2w cache on"]
+    assert check["ratio"] == 78000 / 80000 and check["minimum"] == 0.95 and check["met"]
+    rows[-1] = Row(metrics, "1 KiB", "wrk", m(70000))
+    (check,) = [c for c in report.check_targets("compare", rows) if c["server"] == "gows+metrics 2w cache on"]
+    assert check["ratio"] == 70000 / 80000 and not check["met"]
+
+
+def test_metrics_server_has_an_admin_listener(tmp_path):
+    conf = servers.gows_config(tmp_path, 4242, ServerSpec("gows-metrics", 2, True))
+    assert conf["admin"].startswith("127.0.0.1:") and conf["frontCache"] == {"enabled": True}
+    assert "admin" not in servers.gows_config(tmp_path, 4242, GOWS_ON)
+
+
 def test_fileapp_target_is_against_whitenoise():
     rows = [Row(ServerSpec("fileapp", 2), "150 KB", "wrk", m(6000)), Row(WN2, "150 KB", "wrk", m(4000))]
     (check,) = report.check_targets("fileapp", rows)

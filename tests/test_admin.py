@@ -31,14 +31,6 @@ def site(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def masters():
-    started: list[Master] = []
-    yield started
-    for m in started:
-        m.stop()
-
-
 class Admin:
     """A master with an admin listener, and shortcuts to both of its ports."""
 

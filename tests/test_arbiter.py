@@ -25,14 +25,6 @@ def site(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture
-def masters():
-    started: list[Master] = []
-    yield started
-    for m in started:
-        m.stop()
-
-
 def start(masters, directory: Path, config: dict) -> Master:
     m = Master(directory, config)
     masters.append(m)

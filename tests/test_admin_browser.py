@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from support import REPO, wait_until
-from test_admin import Admin, masters, site  # noqa: F401  (fixtures)
+from test_admin import Admin, site  # noqa: F401  (site is a fixture)
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -70,36 +71,60 @@ def build_plan(args: argparse.Namespace) -> Plan:
     )
 
 
+def twin_of(spec: ServerSpec) -> ServerSpec | None:
+    """The server a spec is measured against load by load, when a ratio must resolve a few
+    percent: runs of one server minutes apart differ by more than that."""
+    return ServerSpec("gows", spec.workers, spec.cache) if spec.kind == "gows-metrics" else None
+
+
 def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
             rows: list[Row], series: dict[ServerSpec, list[float]]) -> None:
     """All loads on one server, appended to `rows` as they finish (so an interrupt keeps them); the
-    per-request times of its median ab 1 KiB run go to `series` for the chart."""
+    per-request times of its median ab 1 KiB run go to `series` for the chart. A spec with a twin
+    runs beside it, the two taking turns on every load; the twin's figures go in `Row.paired`."""
     started = time.monotonic()
     progress(f"{spec.label}: starting")
+    twin_spec = twin_of(spec)
     try:
-        with serve(spec, docroot, workdir) as server:
+        with serve(spec, docroot, workdir) as server, \
+                (serve(twin_spec, docroot, workdir / "twin") if twin_spec else nullcontext()) as twin:
             state = "ready and idle" if server.idle else "ready but still busy (measuring anyway)"
             progress(f"{spec.label}: {state} on port {server.port} after {time.monotonic() - started:.1f}s")
-            for name, _, label in FILES:  # warm-up, not counted: caches, worker pools, lazy imports
-                loads.ab(server.url(name), min(1000, plan.ab_requests), 50)
+            for target in filter(None, (server, twin)):
+                for name, _, label in FILES:  # warm-up, not counted: caches, worker pools, lazy imports
+                    loads.ab(target.url(name), min(1000, plan.ab_requests), 50)
+
+            def in_turn(i: int, load) -> tuple[Measurement, Measurement | None]:
+                """`load` on the server and on its twin, the twin first on even rounds."""
+                first = load(twin, False) if twin is not None and i % 2 == 0 else None
+                m = load(server, True)
+                return m, first if first is not None else (load(twin, False) if twin is not None else None)
+
             for name, _, label in FILES:
                 runs: list[tuple[Measurement, Path]] = []
+                twin_runs: list[Measurement] = []
                 for i in range(plan.repeat):
                     tsv = workdir / f"ab-{name}-{i}.tsv"
-                    m = loads.ab(server.url(name), plan.ab_requests, plan.ab_concurrency, gnuplot=tsv)
+                    m, t = in_turn(i, lambda target, own: loads.ab(
+                        target.url(name), plan.ab_requests, plan.ab_concurrency, gnuplot=tsv if own else None))
                     progress(f"{spec.label}: ab {label} run {i + 1}/{plan.repeat}: {m.rps:,.0f} req/s, "
-                             f"{m.failed} failed, {m.non2xx} non-2xx")
+                             f"{m.failed} failed, {m.non2xx} non-2xx" + (f" (twin {t.rps:,.0f})" if t else ""))
                     runs.append((m, tsv))
+                    twin_runs += [t] if t else []
                 median = loads.median_run([m for m, _ in runs])
-                rows.append(Row(spec, label, "ab", median, [m.rps for m, _ in runs]))
+                paired = loads.median_run(twin_runs) if twin_runs else None
+                rows.append(Row(spec, label, "ab", median, [m.rps for m, _ in runs], paired=paired))
                 if name == FILES[0][0]:
                     series[spec] = loads.read_gnuplot(next(t for m, t in runs if m is median))
             for name, _, label in FILES:
                 if label in plan.wrk_files:
-                    m = loads.wrk(server.url(name), plan.wrk_connections, plan.wrk_seconds)
+                    pairs = [in_turn(i, lambda target, own: loads.wrk(
+                        target.url(name), plan.wrk_connections, plan.wrk_seconds)) for i in range(plan.repeat if twin else 1)]
+                    m = loads.median_run([m for m, _ in pairs])
+                    paired = loads.median_run([t for _, t in pairs]) if twin else None
                     progress(f"{spec.label}: wrk {label}: {m.rps:,.0f} req/s, {m.failed} socket errors, "
-                             f"{m.non2xx} non-2xx")
-                    rows.append(Row(spec, label, "wrk", m))
+                             f"{m.non2xx} non-2xx" + (f" (twin {paired.rps:,.0f})" if paired else ""))
+                    rows.append(Row(spec, label, "wrk", m, paired=paired))
     except (ServerError, LoadError) as exc:
         progress(f"{spec.label}: FAILED: {exc}")
         done = {(r.file, r.tool) for r in rows if r.spec == spec}
@@ -139,6 +164,8 @@ def notes(plan: Plan, load_before: float) -> list[str]:
         "'fileapp (gows worker)': the same app under -k fileapp.worker.GowsThreadWorker, as gows' workers run it)",
         "Apache and nginx run with Debian's default configuration, access logs included",
         "ratios are requests/s over the baseline's on the same file and tool (whitenoise: same worker count)",
+        "gows+metrics (admin listener on, so every response's latency is recorded) runs beside a twin gows "
+        "without it, the two taking turns on every ab and wrk run; its cost target is against that twin",
     ]
 
 

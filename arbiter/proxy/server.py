@@ -651,14 +651,20 @@ class ClientProtocol(asyncio.Protocol):
         else:
             transport.write(data)
 
-    def upstream_done(self, conn: UpstreamConnection) -> None:
-        req = self.current
-        proxy = self.proxy
+    def _release_worker(self) -> WorkerState | None:
+        """The current request no longer holds its upstream connection; returns its worker."""
         self.upstream = None
+        req = self.current
         worker = req.worker
         if worker is not None:
             worker.in_flight -= 1
             req.worker = None
+        return worker
+
+    def upstream_done(self, conn: UpstreamConnection) -> None:
+        self._release_worker()
+        req = self.current
+        proxy = self.proxy
         if self.closed:
             return
         head = self.pending_head
@@ -680,13 +686,9 @@ class ClientProtocol(asyncio.Protocol):
         self._finish(req, not self.close_after)
 
     def upstream_failed(self, conn: UpstreamConnection | None, error: UpstreamError) -> None:
+        worker = self._release_worker()
         req = self.current
         proxy = self.proxy
-        self.upstream = None
-        worker = req.worker
-        if worker is not None:
-            worker.in_flight -= 1
-            req.worker = None
         proxy.upstream_errors += 1
         if error.passive and worker is not None:
             proxy.table.record_passive_failure(worker, error.reason)

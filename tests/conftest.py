@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from master_support import Master
+from proxy_harness import Worker
 
 
 @pytest.fixture
@@ -13,3 +14,12 @@ def masters():
     yield started
     for m in started:
         m.stop()
+
+
+@pytest.fixture(scope="module")
+def workers():
+    """Two test upstreams (tests/proxy_upstream_app.py under gunicorn), shared by a module's tests."""
+    ws = [Worker(), Worker()]
+    yield ws
+    for w in ws:
+        w.stop()

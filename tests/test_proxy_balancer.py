@@ -12,7 +12,7 @@ import requests
 from arbiter.proxy import ProxySettings
 from arbiter.proxy.balancer import LOAD_FACTOR, RUN, Balancer
 from arbiter.state import WorkerState, WorkerTable
-from proxy_harness import ProxyThread, Worker
+from proxy_harness import ProxyThread
 from support import wait_until
 
 PATHS = [b"/static/file%d.css?v=%d" % (i, i % 3) for i in range(2000)]
@@ -139,14 +139,6 @@ def test_ring_rebuilt_only_when_the_table_changes():
 
 
 # -- through the proxy --------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def workers():
-    ws = [Worker(), Worker()]
-    yield ws
-    for w in ws:
-        w.stop()
-
-
 def test_consistent_hash_through_the_proxy(workers):
     p = ProxyThread(workers, ProxySettings(balance="consistent-hash", front_cache_enabled=False))
     try:

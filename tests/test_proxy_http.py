@@ -9,15 +9,7 @@ import pytest
 import requests
 
 from arbiter.proxy import ProxySettings
-from proxy_harness import ProxyThread, RawUpstream, Worker, parse_responses, raw, read_all
-
-
-@pytest.fixture(scope="module")
-def workers():
-    ws = [Worker(), Worker()]
-    yield ws
-    for w in ws:
-        w.stop()
+from proxy_harness import ProxyThread, RawUpstream, parse_responses, raw, read_all
 
 
 @pytest.fixture

@@ -10,17 +10,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from fileapp.processes import pid_alive
+
 USAGE_ERROR = 2
-
-
-def _pid_running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def write_pidfile(path: Path) -> None:
@@ -30,7 +22,7 @@ def write_pidfile(path: Path) -> None:
         old = int(path.read_text().strip() or "0")
     except (OSError, ValueError):
         old = 0
-    if old > 0 and old != os.getpid() and _pid_running(old):
+    if old > 0 and old != os.getpid() and pid_alive(old):
         raise ConfigError(f"pidfile: {path} names running process {old}; is gows already running?")
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:

@@ -146,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         listener = _inherited_listener(args.fd) if args.fd is not None else _bind(
             args.host, args.port)
         if args.parent_pid is not None:
-            from .worker import pid_alive
+            from .processes import pid_alive
             if not pid_alive(args.parent_pid):
                 raise UsageError(f"--parent-pid {args.parent_pid}: no such process")
     except UsageError as e:

@@ -23,6 +23,7 @@ from gunicorn.http import wsgi as gunicorn_wsgi
 from gunicorn.workers.gthread import ThreadWorker
 
 from .app import FileApp
+from .processes import pid_alive
 
 PR_SET_PDEATHSIG = 1
 # The kernel sends this when the parent (thread) that forked us dies; the handler then checks
@@ -62,23 +63,6 @@ class _Loaded:
 
     def wsgi(self) -> FileApp:
         return self._wsgi
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 class GowsThreadWorker(ThreadWorker):

@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from fileapp.processes import pid_alive  # noqa: F401  (re-exported for the tests)
+
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 
@@ -42,15 +44,6 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, message
         if time.monotonic() > deadline:
             raise TimeoutError(f"{message} not met after {timeout}s")
         time.sleep(interval)
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import STDOUT, ConfigError
 
@@ -80,20 +80,19 @@ class AccessLog:
     """Queue of pending lines plus the thread that writes them to a file or stdout."""
 
     @classmethod
-    def open(cls, setting: Path | str | None, record: Callable[[Any, Any], None]) -> AccessLog | None:
+    def open(cls, setting: Path | str | None) -> AccessLog | None:
         """The access log of the `logging.accessLog` setting (None: off; "-": stdout; a path);
         ConfigError naming the key when the file cannot be opened."""
         if setting is None:
             return None
         target = None if setting == STDOUT else Path(setting)
         try:
-            return cls(target, record)
+            return cls(target)
         except OSError as e:
             raise ConfigError(f"logging.accessLog: cannot open {target}: {e.strerror or e}") from None
 
-    def __init__(self, target: Path | None, record: Callable[[Any, Any], None]) -> None:
+    def __init__(self, target: Path | None) -> None:
         self.target = target  # None: stdout
-        self.record = record  # the latency hook that stays in place alongside the log
         self.stream = open_target(target)
         self.dropped = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -103,8 +102,7 @@ class AccessLog:
 
     # -- the loop's side ---------------------------------------------------------------------
     def observe(self, client: Any, req: Any) -> None:
-        """The proxy's per-response hook while the log is on: latency, then queue the line."""
-        self.record(client, req)
+        """The proxy's per-response hook while the log is on: queue the line's fields."""
         q = self._queue
         if q.qsize() >= MAX_QUEUED:
             self.dropped += 1
@@ -113,7 +111,7 @@ class AccessLog:
         if peer is None:
             name = client.transport.get_extra_info("peername") if client.transport is not None else None
             peer = client.peer = (name[0] if isinstance(name, tuple) else "-").encode()
-        q.put((peer, time.time(), time.perf_counter() - req.born, req.method, req.target, req.http10,
+        q.put((peer, time.time(), (time.perf_counter_ns() - req.born) / 1e9, req.method, req.target, req.http10,
                req.status, req.length, req.fwd))
 
     def reopen(self) -> None:

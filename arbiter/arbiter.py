@@ -57,7 +57,9 @@ class Arbiter:
         self._admin_sock = admin
         self.admin = AdminServer(self) if admin is not None else None
         self.access_log: AccessLog | None = None
-        self._use_access_log(AccessLog.open(config.logging.access_log, self.proxy.latency.record))
+        # Latencies are counted only while the admin listener is there to read them.
+        self.proxy.timing = self.proxy.latency.counts if self.admin is not None else None
+        self._use_access_log(AccessLog.open(config.logging.access_log))
         self._ready_task: asyncio.Task | None = None
 
     # -- what the admin listener reads ------------------------------------------------------
@@ -70,13 +72,9 @@ class Arbiter:
         return None if self.access_log is None else self.access_log.dropped
 
     def _use_access_log(self, access_log: AccessLog | None) -> None:
-        """Set the proxy's per-response hook: log to `access_log` (which also records latency),
-        else record latency for the admin listener, else nothing (nobody could read it)."""
+        """Log each response to `access_log`, or (None) to nowhere; the old log is closed."""
         old, self.access_log = self.access_log, access_log
-        if access_log is not None:
-            self.proxy.observe = access_log.observe
-        else:
-            self.proxy.observe = self.proxy.latency.record if self.admin is not None else None
+        self.proxy.observe = access_log.observe if access_log is not None else None
         if old is not None:
             old.close(wait=False)
 
@@ -289,7 +287,7 @@ class Arbiter:
                 if w.local and key not in self.slots:
                     fresh[key] = bind_listener(w.host, w.port, w.label)
             if access_changed:
-                access_log = AccessLog.open(new.logging.access_log, self.proxy.latency.record)
+                access_log = AccessLog.open(new.logging.access_log)
             if new.logging != self.config.logging:
                 self.sink.apply(new.logging)
         except (ConfigError, OSError) as e:

@@ -28,36 +28,41 @@ COMBINED = re.compile(r'^(\S+) - - \[(\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4})
 def test_quantile_interpolates_inside_the_bucket_and_is_none_without_data():
     buckets = [0] * (len(BOUNDS) + 1)
     assert quantile(0.5, buckets) is None
-    i = BOUNDS.index(0.01)
-    buckets[i] = 100  # all observations in (0.007, 0.01]
-    assert quantile(0.5, buckets) == pytest.approx(0.0085)
-    assert 0.007 < quantile(0.99, buckets) <= 0.01
+    i = BOUNDS.index(2 ** 23 / 1e9)
+    buckets[i] = 100  # all observations in (4.19 ms, 8.39 ms]
+    assert quantile(0.5, buckets) == pytest.approx(3 * 2 ** 21 / 1e9)
+    assert 2 ** 22 / 1e9 < quantile(0.99, buckets) <= 2 ** 23 / 1e9
     buckets[-1] = 1000  # most beyond the last bound: the answer says "at least the last bound"
     assert quantile(0.99, buckets) == BOUNDS[-1]
 
 
-def test_record_counts_each_response_in_its_bucket():
+def test_add_counts_each_response_in_its_bucket():
     stats = RequestStats()
-    now = time.perf_counter()
-    for age in (0.0005, 0.0005, 0.2, 3.0):
-        stats.record(None, types.SimpleNamespace(born=now - age))
-    assert stats.count == 4
-    assert stats.seconds == pytest.approx(3.201, abs=0.01)
-    assert quantile(0.5, stats.buckets) < 0.001 < 0.1 < quantile(0.99, stats.buckets)
+    for seconds in (0.000001, 0.0005, 0.0005, 0.2, 3.0, 100.0):
+        stats.add(round(seconds * 1e9))
+    assert stats.count == 6
+    assert stats.seconds == pytest.approx(103.201001)
+    buckets = stats.buckets
+    assert len(buckets) == len(BOUNDS) + 1 and sum(buckets) == 6
+    assert buckets[0] == 1  # below the first bound
+    assert buckets[-1] == 1  # beyond the last bound (68.7 s)
+    for seconds, n in ((0.0005, 2), (0.2, 1), (3.0, 1)):  # each in the bucket whose bounds hold it
+        i = next(i for i, bound in enumerate(BOUNDS) if seconds <= bound)
+        assert BOUNDS[i - 1] < seconds and buckets[i] == n
+    assert quantile(0.5, buckets) < 0.001 < 0.1 < quantile(0.8, buckets)
 
 
 def test_window_rates_cover_only_the_last_seconds():
     clock = [1000.0]
     stats = RequestStats()
     window = Window(stats, clock=lambda: clock[0])
-    req = types.SimpleNamespace(born=time.perf_counter())
     for second in range(300):  # 10 responses a second for 5 minutes ...
         for _ in range(10):
-            stats.record(None, req)
+            stats.add(50_000)
         clock[0] += 1
         window.sample()
     for _ in range(290):  # ... then a burst since the last sample
-        stats.record(None, req)
+        stats.add(50_000)
     short, long = window.over(10), window.over(300)
     assert short["seconds"] == 10 and short["requests"] == 100 + 290
     assert short["rate"] == pytest.approx(39.0)
@@ -89,11 +94,9 @@ def origin():
 def test_every_response_is_observed_once_with_its_status_and_length(origin):
     proxy = ProxyThread([origin.port])
     seen: list[tuple[int, object]] = []
-    record = proxy.proxy.latency.record
 
     def observe(client, req):
         seen.append((req.status, req.length))
-        record(client, req)
 
     proxy.call(lambda: setattr(proxy.proxy, "observe", observe))
     try:
@@ -134,15 +137,14 @@ def test_a_line_is_apache_combined_plus_microseconds_with_hostile_fields_escaped
 
 def _fake(peer=b"127.0.0.1", status=200, target=b"/x"):
     client = types.SimpleNamespace(peer=peer, transport=None)
-    req = types.SimpleNamespace(born=time.perf_counter(), method=b"GET", target=target, http10=False,
+    req = types.SimpleNamespace(born=time.perf_counter_ns(), method=b"GET", target=target, http10=False,
                                 status=status, length=3, fwd=[])
     return client, req
 
 
 def test_the_writer_thread_writes_in_order_and_reopens_after_rotation(tmp_path):
     path = tmp_path / "access.log"
-    stats = RequestStats()
-    log = AccessLog(path, stats.record)
+    log = AccessLog(path)
     try:
         for i in range(100):
             log.observe(*_fake(target=b"/before/%d" % i))
@@ -160,14 +162,14 @@ def test_the_writer_thread_writes_in_order_and_reopens_after_rotation(tmp_path):
         "GET /still-old HTTP/1.1"]
     assert [line.split('"')[1] for line in new] == [f"GET /after/{i} HTTP/1.1" for i in range(50)]
     assert all(COMBINED.match(line) for line in old + new)
-    assert stats.count == 151 and log.dropped == 0
+    assert log.dropped == 0
 
 
 def test_lines_beyond_the_queue_bound_are_counted_as_dropped_not_held(tmp_path, monkeypatch):
     import arbiter.accesslog as accesslog
     monkeypatch.setattr(accesslog, "MAX_QUEUED", 0)
     path = tmp_path / "access.log"
-    log = AccessLog(path, RequestStats().record)
+    log = AccessLog(path)
     for _ in range(10):
         log.observe(*_fake())
     log.close()
@@ -190,7 +192,7 @@ def test_access_log_setting_forms(tmp_path):
     with pytest.raises(ConfigError, match="logging.accessLog: .* is a directory"):
         setting("ro/access.log")
     with pytest.raises(ConfigError, match="logging.accessLog: cannot open"):
-        AccessLog.open(tmp_path / "missing" / "a.log", RequestStats().record)
+        AccessLog.open(tmp_path / "missing" / "a.log")
 
 
 # -- sd_notify ------------------------------------------------------------------------------------
@@ -249,13 +251,9 @@ def test_status_page_escapes_worker_errors_and_allows_only_its_own_script():
 
 
 
-@pytest.mark.parametrize("admin, access_log, hook", [
-    (False, False, None),  # nothing can read latencies: the proxy records none
-    (True, False, "latency"),
-    (False, True, "access log"),
-    (True, True, "access log"),
-])
-def test_the_response_hook_runs_only_when_something_reads_it(tmp_path, admin, access_log, hook):
+@pytest.mark.parametrize("admin", [False, True])  # without it nothing reads latencies
+@pytest.mark.parametrize("access_log", [False, True])
+def test_the_per_response_work_runs_only_when_something_reads_it(tmp_path, admin, access_log):
     import logging
 
     from arbiter.arbiter import Arbiter
@@ -272,10 +270,9 @@ def test_the_response_hook_runs_only_when_something_reads_it(tmp_path, admin, ac
     sink = LogSink(config.logging)
     try:
         arbiter = Arbiter(config, public, {}, sink, admin_sock)
-        observe = arbiter.proxy.observe
-        expected = {None: None, "latency": arbiter.proxy.latency.record,
-                    "access log": getattr(arbiter.access_log, "observe", object())}[hook]
-        assert observe == expected
+        proxy = arbiter.proxy
+        assert proxy.timing is (proxy.latency.counts if admin else None)
+        assert proxy.observe == (arbiter.access_log.observe if access_log else None)
         if arbiter.access_log is not None:
             arbiter.access_log.close(wait=True)
     finally:

@@ -20,7 +20,7 @@ from ..state import WorkerState, WorkerTable
 from .balancer import Balancer
 from .cache import FrontCache, freshness
 from .settings import ProxySettings
-from .stats import RequestStats
+from .stats import SUM, RequestStats
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
 
 log = logging.getLogger("gows.proxy")
@@ -33,7 +33,7 @@ SEP = b": "
 VIA_SELF = b"1.1 gows"
 TICK = 0.25  # seconds between timeout sweeps; also the resolution of the coarse clock
 MAX_PIPELINE = 16  # queued requests per connection before we stop reading from it
-_now = time.perf_counter  # the clock of request latencies (Request.born)
+_now_ns = time.perf_counter_ns  # the clock of request latencies (Request.born)
 
 # Request headers needing attention; everything else is forwarded unchanged.
 _FWD, _HOST, _CONNECTION, _DROP, _CL, _TE, _XFF, _VIA, _AE, _INM, _IMS, _EXPECT, _BYPASS = range(13)
@@ -138,7 +138,7 @@ class Request:
         self.cache_ttl = 0
         self.cache_headers: list[tuple[bytes, bytes]] | None = None
         self.cache_age = 0
-        self.born = _now()  # when its first byte was parsed: the latency metrics start here
+        self.born = _now_ns()  # when its first byte was parsed: the latency metrics start here
         self.length: Any = None  # the response body's length (int or Content-Length bytes) for the access log
 
 
@@ -440,14 +440,20 @@ class ClientProtocol(asyncio.Protocol):
 
     def _finish(self, req: Request, keep: bool) -> None:
         """The response to the current request is written: serve the next one or close."""
-        observe = self.proxy.observe
+        proxy = self.proxy
+        timing = proxy.timing
+        if timing is not None:  # RequestStats.add, in line: this runs once per response
+            ns = _now_ns() - req.born
+            timing[ns.bit_length()] += 1
+            timing[SUM] += ns
+        observe = proxy.observe
         if observe is not None:
             observe(self, req)
         queue = self.queue
         if queue and queue[0] is req:
             queue.popleft()
         self.current = None
-        if not keep or self.closed or self.proxy.draining:
+        if not keep or self.closed or proxy.draining:
             self._close()
             return
         if queue:
@@ -457,7 +463,7 @@ class ClientProtocol(asyncio.Protocol):
             self._close()
             return
         if self.phase == IDLE:
-            self.deadline = self.proxy.clock + self.proxy.idle_timeout
+            self.deadline = proxy.clock + proxy.idle_timeout
         if self.read_paused and not self.no_more:
             self.read_paused = False
             self.transport.resume_reading()
@@ -815,9 +821,11 @@ class Proxy:
         self.rejected = 0  # connections refused at max_connections
         self.rejected_requests = 0  # malformed or over a limit
         self.latency = RequestStats()
-        # Called once per completed response: the latency histogram, or (set by the master) a
-        # function that also queues the access-log line, or None when nothing reads either.
-        self.observe: Callable[[ClientProtocol, Request], None] | None = self.latency.record
+        # The master sets these to None when nothing reads them: the latency histogram's counts
+        # (read by the admin listener), and a hook called once per completed response (the
+        # access log).
+        self.timing: list[int] | None = self.latency.counts
+        self.observe: Callable[[ClientProtocol, Request], None] | None = None
         self.update_settings(settings)
 
     def update_settings(self, settings: ProxySettings) -> None:

@@ -1,41 +1,53 @@
-"""Request latency counters of the front proxy: a preallocated fixed-bucket histogram that the
-proxy bumps once per completed response, and a once-a-second sampler that turns it into rates
-and percentiles over sliding windows (the admin page and /metrics read both)."""
+"""Request latency counters of the front proxy: a histogram that the proxy bumps once per
+completed response, and a once-a-second sampler that turns it into rates and percentiles over
+sliding windows (the admin page and /metrics read both)."""
 from __future__ import annotations
 
 import time
-from bisect import bisect_right
 from collections import deque
 from typing import Any, Sequence
 
-# Upper bounds (seconds) of the latency buckets; one more bucket past the last holds the rest.
-BOUNDS: tuple[float, ...] = (
-    0.0001, 0.00015, 0.0002, 0.0003, 0.0005, 0.0007, 0.001, 0.0015, 0.002, 0.003, 0.005, 0.007,
-    0.01, 0.015, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5, 0.7,
-    1.0, 1.5, 2.0, 3.0, 5.0, 7.0, 10.0, 15.0, 20.0, 30.0, 60.0,
-)
+# A duration of d ns is counted in slot d.bit_length(), so slot i holds [2**(i-1), 2**i) ns: one
+# int operation per response. Bisecting float bounds cost twice as much, and on a keep-alive
+# front-cache hit (about 5 µs of master CPU) that alone was 3% of the proxy's requests/s.
+SLOTS = 64
+SUM = SLOTS  # the extra slot after them: the sum of all durations, ns
+_FIRST, _LAST = 13, 36  # the slots shown as buckets: up to 8.192 µs ... up to 68.7 s
+# Upper bounds (seconds) of the latency buckets as read (powers of two, like Prometheus' native
+# histograms); one more bucket past the last holds the rest.
+BOUNDS: tuple[float, ...] = tuple(2 ** i / 1e9 for i in range(_FIRST, _LAST + 1))
 WINDOWS = (10, 300)  # seconds: the "last 10 s" and "last 5 min" of the admin page
 
 
 class RequestStats:
-    """Latency histogram of completed responses. `record` is the proxy's per-request hook: an
-    int bump and a float add, nothing allocated; everything else is read-side."""
+    """Latency histogram of completed responses. The proxy adds to `counts` in line (see `add`);
+    everything else is read-side."""
 
-    __slots__ = ("buckets", "seconds")
+    __slots__ = ("counts",)
 
     def __init__(self) -> None:
-        self.buckets = [0] * (len(BOUNDS) + 1)
-        self.seconds = 0.0
+        self.counts = [0] * (SLOTS + 1)
 
-    def record(self, client: Any, req: Any, _now=time.perf_counter, _bucket=bisect_right, _bounds=BOUNDS) -> None:
-        """One response is complete: count its time since the request began."""
-        dt = _now() - req.born
-        self.buckets[_bucket(_bounds, dt)] += 1
-        self.seconds += dt
+    def add(self, ns: int) -> None:
+        """Count one response that took `ns` nanoseconds (what the proxy does in line)."""
+        counts = self.counts
+        counts[ns.bit_length()] += 1
+        counts[SUM] += ns
+
+    @property
+    def buckets(self) -> list[int]:
+        """Responses per bucket of BOUNDS, the last one for those beyond its last bound."""
+        counts = self.counts
+        return [sum(counts[:_FIRST + 1]), *counts[_FIRST + 1:_LAST + 1], sum(counts[_LAST + 1:SLOTS])]
+
+    @property
+    def seconds(self) -> float:
+        """Sum of all counted durations."""
+        return self.counts[SUM] / 1e9
 
     @property
     def count(self) -> int:
-        return sum(self.buckets)
+        return sum(self.counts[:SLOTS])
 
 
 def quantile(q: float, buckets: Sequence[int]) -> float | None:

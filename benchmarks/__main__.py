@@ -10,7 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
@@ -71,60 +71,90 @@ def build_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-def twin_of(spec: ServerSpec) -> ServerSpec | None:
-    """The server a spec is measured against load by load, when a ratio must resolve a few
-    percent: runs of one server minutes apart differ by more than that."""
-    return ServerSpec("gows", spec.workers, spec.cache) if spec.kind == "gows-metrics" else None
+# A server with twins is measured in TWIN_ROUNDS times as many rounds, wrk runs that long
+# divided by it and ab runs of at least TWIN_AB_REQUESTS: its ratio must resolve a few percent,
+# and two identical servers measured in turn on this machine differ by ±10% run to run (±30% for
+# ab runs of 5000 requests).
+TWIN_ROUNDS = 5
+TWIN_AB_REQUESTS = 20000
+
+
+def twins_of(spec: ServerSpec) -> list[ServerSpec]:
+    """The servers a spec is measured beside, load by load, when a ratio must resolve a few
+    percent: the twin its ratio is taken against, and a second identical twin whose ratio to the
+    first is the noise floor of that method in the same run."""
+    if spec.kind != "gows-metrics":
+        return []
+    twin = ServerSpec("gows", spec.workers, spec.cache)
+    return [twin, twin]
+
+
+def ratios(runs: list[Measurement], twin_runs: list[Measurement]) -> list[float]:
+    """Each round's req/s over the twin's in the same round (empty without a twin)."""
+    return [m.rps / t.rps for m, t in zip(runs, twin_runs) if t.rps > 0]
 
 
 def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
             rows: list[Row], series: dict[ServerSpec, list[float]]) -> None:
     """All loads on one server, appended to `rows` as they finish (so an interrupt keeps them); the
-    per-request times of its median ab 1 KiB run go to `series` for the chart. A spec with a twin
-    runs beside it, the two taking turns on every load; the twin's figures go in `Row.paired`."""
+    per-request times of its median ab 1 KiB run go to `series` for the chart. A spec with twins
+    runs beside them, all taking turns on every load; the first twin's figures go in
+    `Row.paired`, each round's ratios in `Row.paired_ratios` and `Row.control_ratios`."""
     started = time.monotonic()
     progress(f"{spec.label}: starting")
-    twin_spec = twin_of(spec)
     try:
-        with serve(spec, docroot, workdir) as server, \
-                (serve(twin_spec, docroot, workdir / "twin") if twin_spec else nullcontext()) as twin:
+        with ExitStack() as stack:
+            server = stack.enter_context(serve(spec, docroot, workdir))
+            twins = [stack.enter_context(serve(t, docroot, workdir / f"twin{k}")) for k, t in enumerate(twins_of(spec))]
             state = "ready and idle" if server.idle else "ready but still busy (measuring anyway)"
             progress(f"{spec.label}: {state} on port {server.port} after {time.monotonic() - started:.1f}s")
-            for target in filter(None, (server, twin)):
+            targets = [server, *twins]
+            for target in targets:
                 for name, _, label in FILES:  # warm-up, not counted: caches, worker pools, lazy imports
                     loads.ab(target.url(name), min(1000, plan.ab_requests), 50)
 
-            def in_turn(i: int, load) -> tuple[Measurement, Measurement | None]:
-                """`load` on the server and on its twin, the twin first on even rounds."""
-                first = load(twin, False) if twin is not None and i % 2 == 0 else None
-                m = load(server, True)
-                return m, first if first is not None else (load(twin, False) if twin is not None else None)
+            def in_turn(i: int, load) -> list[Measurement]:
+                """`load` on the server and each twin (in that order in the result); which one
+                goes first rotates with the round `i`."""
+                first = i % len(targets)
+                done = {j: load(targets[j], j == 0) for j in (*range(first, len(targets)), *range(first))}
+                return [done[j] for j in range(len(targets))]
 
+            def row(tool: str, label: str, results: list[list[Measurement]], **extra) -> Row:
+                """The row of the server's median run, with its twins' figures when it has them."""
+                mine = [r[0] for r in results]
+                median = loads.median_run(mine)
+                if not twins:
+                    return Row(spec, label, tool, median, **extra)
+                twin, control = [r[1] for r in results], [r[2] for r in results]
+                return Row(spec, label, tool, median, paired=loads.median_run(twin), paired_ratios=ratios(mine, twin),
+                           control_ratios=ratios(control, twin), **extra)
+
+            rounds = plan.repeat * (TWIN_ROUNDS if twins else 1)
+            requests = max(plan.ab_requests, TWIN_AB_REQUESTS) if twins else plan.ab_requests
             for name, _, label in FILES:
-                runs: list[tuple[Measurement, Path]] = []
-                twin_runs: list[Measurement] = []
-                for i in range(plan.repeat):
+                results: list[list[Measurement]] = []
+                for i in range(rounds):
                     tsv = workdir / f"ab-{name}-{i}.tsv"
-                    m, t = in_turn(i, lambda target, own: loads.ab(
-                        target.url(name), plan.ab_requests, plan.ab_concurrency, gnuplot=tsv if own else None))
-                    progress(f"{spec.label}: ab {label} run {i + 1}/{plan.repeat}: {m.rps:,.0f} req/s, "
-                             f"{m.failed} failed, {m.non2xx} non-2xx" + (f" (twin {t.rps:,.0f})" if t else ""))
-                    runs.append((m, tsv))
-                    twin_runs += [t] if t else []
-                median = loads.median_run([m for m, _ in runs])
-                paired = loads.median_run(twin_runs) if twin_runs else None
-                rows.append(Row(spec, label, "ab", median, [m.rps for m, _ in runs], paired=paired))
+                    results.append(in_turn(i, lambda target, own: loads.ab(
+                        target.url(name), requests, plan.ab_concurrency, gnuplot=tsv if own else None)))
+                    m = results[-1][0]
+                    progress(f"{spec.label}: ab {label} run {i + 1}/{rounds}: {m.rps:,.0f} req/s, "
+                             f"{m.failed} failed, {m.non2xx} non-2xx"
+                             + (f" (twins {' / '.join(f'{t.rps:,.0f}' for t in results[-1][1:])})" if twins else ""))
+                rows.append(row("ab", label, results, runs_rps=[r[0].rps for r in results]))
                 if name == FILES[0][0]:
-                    series[spec] = loads.read_gnuplot(next(t for m, t in runs if m is median))
+                    median_round = next(i for i, r in enumerate(results) if r[0] is rows[-1].result)
+                    series[spec] = loads.read_gnuplot(workdir / f"ab-{name}-{median_round}.tsv")
             for name, _, label in FILES:
                 if label in plan.wrk_files:
-                    pairs = [in_turn(i, lambda target, own: loads.wrk(
-                        target.url(name), plan.wrk_connections, plan.wrk_seconds)) for i in range(plan.repeat if twin else 1)]
-                    m = loads.median_run([m for m, _ in pairs])
-                    paired = loads.median_run([t for _, t in pairs]) if twin else None
+                    seconds = max(1, plan.wrk_seconds // TWIN_ROUNDS) if twins else plan.wrk_seconds
+                    results = [in_turn(i, lambda target, own: loads.wrk(
+                        target.url(name), plan.wrk_connections, seconds)) for i in range(rounds if twins else 1)]
+                    rows.append(row("wrk", label, results))
+                    m, paired = rows[-1].result, rows[-1].paired
                     progress(f"{spec.label}: wrk {label}: {m.rps:,.0f} req/s, {m.failed} socket errors, "
                              f"{m.non2xx} non-2xx" + (f" (twin {paired.rps:,.0f})" if paired else ""))
-                    rows.append(Row(spec, label, "wrk", m, paired=paired))
     except (ServerError, LoadError) as exc:
         progress(f"{spec.label}: FAILED: {exc}")
         done = {(r.file, r.tool) for r in rows if r.spec == spec}
@@ -165,7 +195,10 @@ def notes(plan: Plan, load_before: float) -> list[str]:
         "Apache and nginx run with Debian's default configuration, access logs included",
         "ratios are requests/s over the baseline's on the same file and tool (whitenoise: same worker count)",
         "gows+metrics (admin listener on, so every response's latency is recorded) runs beside a twin gows "
-        "without it, the two taking turns on every ab and wrk run; its cost target is against that twin",
+        f"without it and a second identical twin, the three taking turns in {plan.repeat * TWIN_ROUNDS} rounds of "
+        f"each load (ab -n {max(plan.ab_requests, TWIN_AB_REQUESTS)}, wrk {max(1, plan.wrk_seconds // TWIN_ROUNDS)}s "
+        "each); its cost target is the median of the "
+        "rounds' ratios to the twin, and the second twin's ratio to the first is the noise floor",
     ]
 
 

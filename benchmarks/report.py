@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,7 +23,9 @@ class Row:
     result: Measurement | None = None
     runs_rps: list[float] = field(default_factory=list)  # every repeat of an ab run
     error: str | None = None
-    paired: Measurement | None = None  # its twin's figures, measured in turn with it (servers.twin_of)
+    paired: Measurement | None = None  # its twin's figures, measured in turn with it (twins_of)
+    paired_ratios: list[float] = field(default_factory=list)  # req/s over the twin's, round by round
+    control_ratios: list[float] = field(default_factory=list)  # an identical second twin's over the twin's
 
 
 @dataclass
@@ -120,7 +123,9 @@ def check_targets(suite: str, rows: list[Row]) -> list[dict]:
                     or row.file not in target.files or row.tool not in target.tools):
                 continue
             if target.paired:
-                value = row.result.rps / row.paired.rps if row.result and row.paired and row.paired.rps else None
+                # Median of the rounds' ratios: a slow phase of the machine hits both runs of a round.
+                value = statistics.median(row.paired_ratios) if row.result and row.paired_ratios else None
+                control = statistics.median(row.control_ratios) if row.control_ratios else None
             else:
                 value = ratio(row, rows, target.baseline, same_workers)
             failed = row.result.failed + row.result.non2xx if row.result else None
@@ -128,7 +133,7 @@ def check_targets(suite: str, rows: list[Row]) -> list[dict]:
             met = None if value is None else (value >= target.minimum and (not target.zero_failed or failed == 0))
             checks.append({"target": target.text, "server": row.spec.label, "file": row.file, "tool": row.tool,
                            "baseline": target.baseline, "ratio": value, "minimum": target.minimum,
-                           "failed": failed, "met": met})
+                           "failed": failed, "met": met, **({"noise_floor": control} if target.paired else {})})
     return checks
 
 
@@ -138,8 +143,10 @@ def targets_text(checks: list[dict]) -> str:
     for c in checks:
         status = {True: "met", False: "MISSED", None: "not measured"}[c["met"]]
         got = f"no {c['baseline']} figure" if c["ratio"] is None else f"{c['ratio']:.2f}× {c['baseline']}"
-        failed = "" if c["failed"] in (0, None) else f", {c['failed']} failed/non-2xx"
-        lines.append(f"- {c['server']}, {c['tool']} {c['file']}: {got} (target ≥ {c['minimum']}×{failed}) — {status}")
+        extra = "" if c["failed"] in (0, None) else f", {c['failed']} failed/non-2xx"
+        if c.get("noise_floor") is not None:
+            extra += f"; identical twins: {c['noise_floor']:.2f}×"
+        lines.append(f"- {c['server']}, {c['tool']} {c['file']}: {got} (target ≥ {c['minimum']}×{extra}) — {status}")
     return "\n".join(lines)
 
 
@@ -150,6 +157,14 @@ def markdown(title: str, notes: list[str], rows: list[Row], checks: list[dict], 
     if repeats:
         parts += ["## Every ab run (req/s; the table shows the median)", ""]
         parts += [f"- {r.spec.label}, {r.file}: " + " / ".join(fmt_number(v) for v in r.runs_rps) for r in repeats]
+        parts += [""]
+    paired = [r for r in rows if r.paired_ratios]
+    if paired:
+        parts += ["## Paired rounds (req/s over the twin's, each round; the target takes the median)", ""]
+        for r in paired:
+            parts.append(f"- {r.spec.label}, {r.tool} {r.file}: " + " / ".join(f"{v:.3f}" for v in r.paired_ratios))
+            if r.control_ratios:
+                parts.append("  - identical second twin: " + " / ".join(f"{v:.3f}" for v in r.control_ratios))
         parts += [""]
     if checks:
         parts += ["## Targets", "", targets_text(checks), ""]
@@ -163,7 +178,8 @@ def row_record(row: Row) -> dict:
     return {"server": row.spec.name, "kind": row.spec.kind, "workers": row.spec.workers,
             "cache": row.spec.cache, "file": row.file, "tool": row.tool,
             "result": asdict(row.result) if row.result else None, "runs_rps": row.runs_rps, "error": row.error,
-            "paired": asdict(row.paired) if row.paired else None}
+            "paired": asdict(row.paired) if row.paired else None, "paired_ratios": row.paired_ratios,
+            "control_ratios": row.control_ratios}
 
 
 def write_json(path: Path, meta: dict, rows: list[Row], checks: list[dict]) -> None:

@@ -212,20 +212,36 @@ def test_target_requiring_zero_failed_is_missed_with_failures():
 def test_metrics_cost_is_against_the_twin_measured_in_turn():
     metrics = ServerSpec("gows-metrics", 2, True)
     # A separate gows row of the same kind is not the baseline: only the twin measured in turn is.
-    rows = [Row(GOWS_ON, "1 KiB", "wrk", m(50000)), Row(metrics, "1 KiB", "wrk", m(78000), paired=m(80000))]
+    # The target is the median of the rounds' ratios, not the ratio of the two medians.
+    rows = [Row(GOWS_ON, "1 KiB", "wrk", m(50000)),
+            Row(metrics, "1 KiB", "wrk", m(78000), paired=m(80000), paired_ratios=[0.5, 0.97, 1.2])]
     (check,) = [c for c in report.check_targets("compare", rows) if c["server"] == "gows+metrics 2w cache on"]
-    assert check["ratio"] == 78000 / 80000 and check["minimum"] == 0.95 and check["met"]
-    rows[-1] = Row(metrics, "1 KiB", "wrk", m(70000), paired=m(80000))
+    assert check["ratio"] == 0.97 and check["minimum"] == 0.95 and check["met"]
+    rows[-1] = Row(metrics, "1 KiB", "wrk", m(70000), paired=m(80000), paired_ratios=[0.9, 0.94, 1.5, 0.8])
     (check,) = [c for c in report.check_targets("compare", rows) if c["server"] == "gows+metrics 2w cache on"]
-    assert check["ratio"] == 70000 / 80000 and not check["met"]
+    assert check["ratio"] == pytest.approx(0.92) and not check["met"]
     rows[-1] = Row(metrics, "1 KiB", "wrk", m(70000))
     (check,) = [c for c in report.check_targets("compare", rows) if c["server"] == "gows+metrics 2w cache on"]
     assert check["ratio"] is None and check["met"] is None
 
 
-def test_metrics_twin_is_gows_without_admin():
-    assert cli.twin_of(ServerSpec("gows-metrics", 10, True)) == ServerSpec("gows", 10, True)
-    assert cli.twin_of(GOWS_ON) is None and cli.twin_of(ServerSpec("apache")) is None
+def test_paired_ratios_are_taken_round_by_round_and_reported():
+    assert cli.ratios([m(90), m(120), m(50)], [m(100), m(100), m(0)]) == [0.9, 1.2]
+    assert cli.ratios([m(90)], []) == []
+    metrics = ServerSpec("gows-metrics", 2, True)
+    rows = [Row(metrics, "1 KiB", "wrk", m(90), paired=m(100), paired_ratios=[0.9, 1.2, 1.0],
+                control_ratios=[1.03, 0.97, 0.99])]
+    checks = report.check_targets("compare", rows)
+    assert checks[0]["ratio"] == 1.0 and checks[0]["noise_floor"] == 0.99
+    text = report.markdown("t", [], rows, checks, None)
+    assert "gows+metrics 2w cache on, wrk 1 KiB: 0.900 / 1.200 / 1.000" in text
+    assert "identical second twin: 1.030 / 0.970 / 0.990" in text
+    assert "1.00× gows (target ≥ 0.95×; identical twins: 0.99×) — met" in text
+
+
+def test_metrics_twins_are_two_gows_without_admin():
+    assert cli.twins_of(ServerSpec("gows-metrics", 10, True)) == [ServerSpec("gows", 10, True)] * 2
+    assert cli.twins_of(GOWS_ON) == [] and cli.twins_of(ServerSpec("apache")) == []
 
 
 def test_metrics_server_has_an_admin_listener(tmp_path):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from typing import Callable
 
 from .config import HealthCheck
@@ -99,18 +100,17 @@ class HealthChecker:
         return worker not in self._held and (not worker.local or worker.pid is not None)
 
     async def _run(self, worker: WorkerState) -> None:
-        loop = asyncio.get_running_loop()
         kick = self._kicks[worker]
         while True:
             kick.clear()
             if self._wanted(worker):
                 pid, settings = worker.pid, self.settings
-                started = loop.time()
+                started = time.perf_counter()  # uvloop's loop.time() counts whole milliseconds
                 error = await probe(worker.host, worker.port, settings.path, settings.timeout)
                 if worker.pid == pid and self._wanted(worker) and self.table.get(*worker.key) is worker:
                     if error:
                         log.debug("check of %s failed: %s", worker.address, error)
-                    self.table.record_check(worker, error is None, loop.time() - started, error or "")
+                    self.table.record_check(worker, error is None, time.perf_counter() - started, error or "")
                     if self.on_result is not None:
                         self.on_result(worker)
             if kick.is_set():

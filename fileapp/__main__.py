@@ -1,4 +1,4 @@
-"""`python -m fileapp --root DIR --port N`: one standalone fileapp worker under gunicorn gthread.
+"""`python -m fileapp --root DIR --port N`: one standalone fileapp worker (fileapp.worker).
 
 Bad arguments print one line on stderr and exit with status 2, never a traceback.
 """

@@ -1,4 +1,4 @@
-"""Run fileapp under gunicorn's threaded worker (gthread) in this process, without an Arbiter.
+"""Run fileapp under gows' threaded gunicorn worker in this process, without an Arbiter.
 
 The worker serves on listening sockets it is given, drains on SIGTERM (health turns 503, no
 new connections, in-flight requests finish within the graceful timeout), exits at once on
@@ -8,19 +8,26 @@ SIGINT/SIGQUIT, and, when told its parent's pid, exits within a second of that p
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import math
 import os
+import select
 import selectors
 import signal
 import socket
+import struct
 import sys
+import threading
 import time
 
+from gunicorn import http as gunicorn_http
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
 from gunicorn.http import wsgi as gunicorn_wsgi
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.http.body import LengthReader
+from gunicorn import util as gunicorn_util
+from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
 
 from .app import FileApp
 from .processes import pid_alive
@@ -29,30 +36,52 @@ PR_SET_PDEATHSIG = 1
 # The kernel sends this when the parent (thread) that forked us dies; the handler then checks
 # the parent really is gone, since the signal also fires when only the forking thread exits.
 PDEATH_SIGNAL = signal.SIGUSR2
-# Bodies up to this size are copied behind the header block and sent with it.
-COALESCE_LIMIT = 64 * 1024
 # gthread asks after every poll whether the parent lives; /proc is read at most this often
 # (the pidfd and PR_SET_PDEATHSIG report a death at once anyway).
 PARENT_CHECK_INTERVAL = 1.0
+# A client must send each part of a request, and take each part of a response, within these
+# seconds (kernel socket timeouts, SO_RCVTIMEO/SO_SNDTIMEO: no extra poll per call).
+READ_TIMEOUT = 5.0
+WRITE_TIMEOUT = 30.0
+# How often the main thread closes connections that have been idle too long.
+SWEEP_INTERVAL = 1.0
+# Socket errors that only mean the client went away or was too slow: logged at debug level.
+_CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EAGAIN, errno.ETIMEDOUT})
 
 
 class CoalescingResponse(gunicorn_wsgi.Response):
     """gunicorn's Response, except that a body written in one piece leaves with its headers.
 
-    One sendall instead of two for every cached response: one syscall and usually one TCP
-    segment instead of two. Anything else (chunked, streamed, sendfile, no body) is unchanged.
+    One gathering sendmsg instead of two sendall for every cached response: one syscall, no
+    copy, and no small header segment on its own. Anything else (chunked, streamed, sendfile,
+    no body) is unchanged.
     """
 
     def write(self, arg):
         if (self.headers_sent or self.chunked or self._omits_body or type(arg) is not bytes
-                or self.response_length != len(arg) or len(arg) > COALESCE_LIMIT):
+                or self.response_length != len(arg)):
             return super().write(arg)
         lines = self.default_headers()
         lines.extend(["%s: %s\r\n" % (k, v) for k, v in self.headers])
         head = ("%s\r\n" % "".join(lines)).encode("latin-1")
         self.headers_sent = True
         self.sent = len(arg)
-        self.sock.sendall(head + arg)
+        sent = self.sock.sendmsg([head, arg])
+        if sent < len(head):  # a blocking send stops short only on a signal or a send timeout
+            self.sock.sendall(head[sent:])
+            sent = len(head)
+        if sent < len(head) + len(arg):
+            self.sock.sendall(memoryview(arg)[sent - len(head):])
+
+    def sendfile(self, respiter):
+        # socket.sendfile() waits for a full socket buffer without limit unless the socket has a
+        # timeout (SO_SNDTIMEO only makes it wait again): a client that stops reading a download
+        # would hold this thread for good.
+        self.sock.settimeout(WRITE_TIMEOUT)
+        try:
+            return super().sendfile(respiter)
+        finally:
+            self.sock.settimeout(None)
 
 
 class _Loaded:
@@ -65,9 +94,41 @@ class _Loaded:
         return self._wsgi
 
 
-class GowsThreadWorker(ThreadWorker):
-    """gthread with coalesced small responses and fileapp's health turning 503 on SIGTERM.
+def _timeval(seconds: float) -> bytes:
+    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
 
+
+class _Conn:
+    """One client connection of a serving thread: what gthread's request handling reads."""
+
+    __slots__ = ("sock", "client", "server", "parser", "timeout", "busy")
+
+    def __init__(self, sock: socket.socket, client, server, parser, timeout: float) -> None:
+        self.sock = sock
+        self.client = client
+        self.server = server
+        self.parser = parser
+        self.timeout = timeout  # monotonic time after which an idle connection is closed
+        self.busy = False  # a thread is serving it (set and cleared under the worker's lock)
+
+    def close(self) -> None:
+        gunicorn_util.close(self.sock)
+
+
+class GowsThreadWorker(ThreadWorker):
+    """gunicorn's threaded worker, with the threads polling for themselves.
+
+    gthread hands every request across threads twice: the main thread polls, a pool thread
+    serves, then passes the connection back through a pipe to be polled again; about a dozen
+    syscalls and two thread switches per keep-alive request. Here the `threads` threads all
+    wait on one epoll; each connection is registered once, EPOLLONESHOT, so exactly one thread
+    gets its next request, serves it with gunicorn's parser and gunicorn's WSGI request
+    handling, and re-arms it: epoll_wait, recv, send, epoll_ctl per request. A thread stuck on
+    a slow client delays no other connection: any idle thread takes the next ready one.
+
+    Also: bodies written in one piece leave in one write with their headers
+    (CoalescingResponse), and fileapp's health turns 503 on SIGTERM. TLS or HTTP/2 configs run
+    plain gthread.
     Usable under gunicorn's own arbiter too: `gunicorn -k fileapp.worker.GowsThreadWorker`.
     """
 
@@ -76,10 +137,17 @@ class GowsThreadWorker(ThreadWorker):
         # which only ever runs this worker, that is the coalescing one.
         gunicorn_wsgi.Response = CoalescingResponse
         # Accepted sockets inherit TCP_NODELAY: without it gunicorn's separate header and body
-        # writes (bodies too big to coalesce) meet Nagle and delayed ACKs, 40 ms per response.
+        # writes (streamed bodies) meet Nagle and delayed ACKs, 40 ms per response.
         for listener in self.sockets:
             if listener.family in (socket.AF_INET, socket.AF_INET6):
                 listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._ep = select.epoll()
+        self._lock = threading.Lock()  # guards _conns, each _Conn.busy and _accepting
+        self._conns: dict[int, _Conn] = {}
+        self._accepting = False
+        self._room = self.worker_connections  # lowered while the process is out of file descriptors
+        self._stopped = False  # set after the drain: the serving threads return
+        self._wake_r, self._wake_w = os.pipe()  # written once, at the very end: wakes them all
         super().init_process()
 
     def set_draining(self) -> None:
@@ -92,6 +160,187 @@ class GowsThreadWorker(ThreadWorker):
         """SIGTERM: fail health checks, stop accepting, let in-flight requests finish."""
         self.set_draining()
         super().handle_exit(sig, frame)
+
+    # -- the main thread: heartbeat, parent watch, idle timeouts, drain ----------------------
+
+    def run(self) -> None:
+        if self.cfg.is_ssl or self.cfg.http2_cleartext != "off":
+            return super().run()
+        self.poller.register(self.method_queue.fileno(), selectors.EVENT_READ, self.method_queue.run_callbacks)
+        for listener in self.sockets:
+            listener.setblocking(False)
+        self._ep.register(self._wake_r, select.EPOLLIN)
+        with self._lock:
+            self._accept_while_room()
+        threads = [threading.Thread(target=self._serve_forever, name=f"gows serve {i}", daemon=True)
+                   for i in range(self.cfg.threads)]
+        for thread in threads:
+            thread.start()
+        while self.alive:
+            self.notify()
+            self.wait_for_and_dispatch_events(timeout=SWEEP_INTERVAL)
+            if not self.is_parent_alive():
+                break
+            self._close_idle()
+        self.alive = False
+        # Drain: no new connections; kept-alive ones may send one more request (answered with
+        # Connection: close) for STOP_KEEPALIVE_LINGER; in-flight ones get the graceful timeout.
+        now = time.monotonic()
+        with self._lock:
+            self._accept_while_room()
+            for conn in self._conns.values():
+                conn.timeout = min(conn.timeout, now + STOP_KEEPALIVE_LINGER)
+        deadline = now + self.cfg.graceful_timeout
+        while self._conns and time.monotonic() < deadline:
+            self.notify()
+            self.wait_for_and_dispatch_events(timeout=0.1)
+            self._close_idle()
+        self._stopped = True
+        os.write(self._wake_w, b"x")
+        for thread in threads:
+            thread.join(0.5)
+        for listener in self.sockets:
+            listener.close()
+
+    def _accept_while_room(self) -> None:
+        """Poll the listeners while the worker is alive and below worker_connections (under the lock)."""
+        wanted = self.alive and len(self._conns) < self._room
+        if wanted == self._accepting:
+            return
+        for listener in self.sockets:
+            if wanted:
+                # EPOLLEXCLUSIVE: when worker processes share a listener, one of them wakes.
+                self._ep.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
+            else:
+                self._ep.unregister(listener.fileno())
+        self._accepting = wanted
+
+    def _close_idle(self) -> None:
+        """Close the connections that have waited past their timeout for a request."""
+        now = time.monotonic()
+        with self._lock:
+            idle = [fd for fd, conn in self._conns.items() if not conn.busy and conn.timeout <= now]
+            for fd in idle:
+                self._drop(fd)
+            if idle:
+                self._accept_while_room()
+
+    def _drop(self, fd: int) -> None:
+        """Forget and close one connection (under the lock)."""
+        conn = self._conns.pop(fd)
+        try:
+            self._ep.unregister(fd)
+        except OSError:
+            pass
+        conn.close()
+        self._room = self.worker_connections  # a descriptor is free again
+
+    # -- the serving threads ---------------------------------------------------------------
+
+    def _serve_forever(self) -> None:
+        """Take ready connections one at a time, serve them and re-arm them, until stopped."""
+        try:
+            self._serve_ready()
+        except BaseException:
+            # A lost thread would quietly shrink the worker: exit, and let the master restart it.
+            self.log.exception("Serving thread failed; the worker exits")
+            self.alive = False
+            self.method_queue.defer(lambda: None)  # wake the main thread
+
+    def _serve_ready(self) -> None:
+        # The kernel gives a process signal to any thread that does not block it, and Python
+        # runs handlers only in the main thread: sent here, SIGTERM would wait for the main
+        # thread's next wake-up (up to a second) while this thread kept answering "healthy".
+        signal.pthread_sigmask(signal.SIG_BLOCK, {*self.SIGNALS, PDEATH_SIGNAL})
+        ep, lock, conns = self._ep, self._lock, self._conns
+        listeners = {listener.fileno(): listener for listener in self.sockets}
+        rearm = select.EPOLLIN | select.EPOLLONESHOT
+        while not self._stopped:
+            try:
+                events = ep.poll(-1, 1)
+            except OSError:  # closed at exit
+                return
+            for fd, _ in events:
+                listener = listeners.get(fd)
+                if listener is not None:
+                    self._accept(listener)
+                    continue
+                with lock:
+                    conn = conns.get(fd)
+                    if conn is None or conn.busy:  # closed meanwhile, or a stale event
+                        continue
+                    conn.busy = True
+                keep = self._serve(conn)
+                with lock:
+                    conn.busy = False
+                    if keep:
+                        ep.modify(fd, rearm)
+                    else:
+                        self._drop(fd)
+                        self._accept_while_room()
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, addr = listener.accept()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE):
+                # Out of file descriptors: leave new connections in the backlog until one closes.
+                self.log.warning("Out of file descriptors at %d connections: %s", len(self._conns), e)
+                with self._lock:
+                    self._room = len(self._conns)
+                    self._accept_while_room()
+            elif e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED):
+                raise  # (EAGAIN: another worker or thread took it; ECONNABORTED: the client left)
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(READ_TIMEOUT))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(WRITE_TIMEOUT))
+        # Until its first request arrives the connection gets READ_TIMEOUT, then the keep-alive time.
+        conn = _Conn(sock, addr, listener.getsockname(), gunicorn_http.get_parser(self.cfg, sock, addr),
+                     time.monotonic() + READ_TIMEOUT)
+        with self._lock:
+            self._conns[sock.fileno()] = conn
+            self._ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+            self._accept_while_room()
+
+    def _serve(self, conn: _Conn) -> bool:
+        """Answer the requests that `conn` has sent (more than one if pipelined); whether to
+        keep the connection open."""
+        while True:
+            if not self._serve_one(conn):
+                return False
+            if not conn.parser.unreader.buf.getvalue():
+                conn.timeout = time.monotonic() + self.cfg.keepalive
+                return True
+
+    def _serve_one(self, conn: _Conn) -> bool:
+        """Parse and answer one request; whether the connection can carry another."""
+        req = None
+        try:
+            req = next(conn.parser)
+            if not req:
+                return False
+            return self._keepalive_after(conn, self.handle_request(req, conn))
+        except (gunicorn_http.errors.NoMoreData, StopIteration) as e:
+            self.log.debug("Closing connection: %r", e)
+        except OSError as e:
+            if isinstance(e, TimeoutError) or e.errno in _CLIENT_GONE:
+                self.log.debug("Client gone or too slow: %s", e)
+            else:
+                self.log.exception("Socket error processing request.")
+        except Exception as e:
+            self.handle_error(req, conn.sock, conn.client, e)
+        return False
+
+    def _keepalive_after(self, conn, keepalive):
+        """gthread's, minus its socket-timeout dance when the body was read to its end (every
+        request without a body)."""
+        parser = conn.parser
+        body = parser.mesg.body
+        if keepalive and type(body.reader) is LengthReader and body.reader.length == 0:
+            # Nothing left to drain: also spare the parser's own drain before the next request.
+            parser.mesg = None
+            return True
+        return super()._keepalive_after(conn, keepalive)
 
 
 class FileAppWorker(GowsThreadWorker):

@@ -1,11 +1,13 @@
-"""fileapp under its real gthread worker: keep-alive framing across mixed responses, and
-correct bodies under concurrent clients while files change."""
+"""fileapp under its real worker: keep-alive framing across mixed responses, correct bodies
+under concurrent clients while files change, and how the worker's threads share connections
+(pipelining, stalled clients, idle and partial-request timeouts)."""
 from __future__ import annotations
 
 import gzip
 import hashlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,16 +28,52 @@ def server(tmp_path):
     (root / "big.bin").write_bytes(os.urandom(600_000))  # streamed with sendfile
     (root / "app.css").write_bytes(b"a{}" * 300)
     (root / "app.css.gz").write_bytes(gzip.compress(b"a{}" * 300))
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fileapp", "--root", str(root), "--port", str(port),
-         "--threads", "4", "--cache-ttl", "0.2", "--log-level", "warning"],
-        env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc, port = start_worker(root, "--threads", "4", "--cache-ttl", "0.2")
     try:
-        wait_for_port(port, timeout=20)
         yield root, f"http://127.0.0.1:{port}", proc
     finally:
         stop_process(proc)
+
+
+def start_worker(root, *args: str, preexec_fn=None) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fileapp", "--root", str(root), "--port", str(port), "--log-level", "warning", *args],
+        env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec_fn)
+    try:
+        wait_for_port(port, timeout=20)
+    except BaseException:
+        stop_process(proc)
+        raise
+    return proc, port
+
+
+def read_response(s: socket.socket) -> tuple[bytes, bytes]:
+    """One response with a Content-Length body from `s`: (head, body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = s.recv(65536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        chunk = s.recv(65536)
+        assert chunk, "closed mid-body"
+        body += chunk
+    assert len(body) == length, "more bytes than the response announced"
+    return head, body
+
+
+def closed_within(s: socket.socket, seconds: float) -> bool:
+    """Whether the server closes `s` (EOF or reset) within `seconds`."""
+    s.settimeout(seconds)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
 
 
 def test_keepalive_connection_survives_every_kind_of_response(server):
@@ -147,3 +185,109 @@ def test_worker_class_runs_under_gunicorns_own_arbiter(tmp_path):
     finally:
         stop_process(proc)
     assert proc.returncode == 0
+
+
+def test_pipelined_requests_are_answered_in_order(server):
+    root, base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"".join(b"GET /%s HTTP/1.1\r\nHost: t\r\n\r\n" % name
+                           for name in (b"small.txt", b"mid.bin", b"missing", b"small.txt")))
+        bodies = [read_response(s) for _ in range(4)]
+    assert [head.split(b"\r\n")[0] for head, _ in bodies] == [b"HTTP/1.1 200 OK"] * 2 + [
+        b"HTTP/1.1 404 Not Found", b"HTTP/1.1 200 OK"]
+    assert bodies[1][1] == (root / "mid.bin").read_bytes() and bodies[3][1] == b"small body\n"
+
+
+def test_stalled_clients_do_not_hold_up_other_connections(server):
+    """A download nobody reads and a request head that never ends each hold one thread; the
+    other connections, old and new, are served meanwhile by the other threads."""
+    root, base, proc = server
+    port = int(base.rsplit(":", 1)[1])
+    kept = socket.create_connection(("127.0.0.1", port), timeout=10)
+    kept.sendall(b"GET /small.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert read_response(kept)[1] == b"small body\n"
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", port))
+    stalled.sendall(b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+    partial = socket.create_connection(("127.0.0.1", port), timeout=10)
+    partial.sendall(b"GET /small.txt HTTP/1.1\r\nHo")
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        for _ in range(20):
+            kept.sendall(b"GET /small.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert read_response(kept)[1] == b"small body\n"
+            assert requests.get(base + "/mid.bin", timeout=10).content == (root / "mid.bin").read_bytes()
+        assert time.monotonic() - started < 4  # well inside the 5 s the partial head may take
+        # The stalled download was never given up: it still arrives whole.
+        head, body = read_response(stalled)
+        assert body == (root / "big.bin").read_bytes()
+    finally:
+        for s in (kept, stalled, partial):
+            s.close()
+    assert proc.poll() is None
+
+
+def test_a_request_head_that_stops_coming_is_closed_after_the_read_timeout(server):
+    _, base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /small.txt HTTP/1.1\r\nHost: t\r\n")
+        started = time.monotonic()
+        assert closed_within(s, 10)
+        assert 4 < time.monotonic() - started < 8  # READ_TIMEOUT is 5 s
+
+
+def test_idle_connections_are_closed_after_the_keepalive_time(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"a")
+    proc, port = start_worker(tmp_path, "--keepalive", "1")
+    try:
+        silent = socket.create_connection(("127.0.0.1", port), timeout=10)  # never sends anything
+        used = socket.create_connection(("127.0.0.1", port), timeout=10)
+        used.sendall(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert read_response(used)[1] == b"a"
+        started = time.monotonic()
+        assert closed_within(used, 5)
+        assert 0.9 < time.monotonic() - started < 3.5  # 1 s keep-alive, checked every second
+        assert closed_within(silent, 8)  # the first request may take up to the 5 s read timeout
+        silent.close()
+        used.close()
+    finally:
+        stop_process(proc)
+
+
+def test_running_out_of_file_descriptors_defers_new_connections_until_one_closes(tmp_path):
+    import resource
+
+    (tmp_path / "a.txt").write_bytes(b"a")
+    proc, port = start_worker(tmp_path, "--keepalive", "30",
+                              preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64)))
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(100):  # more than the worker can hold open
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            c.sendall(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+            clients.append(c)
+        for c in clients[:20]:  # the first ones were accepted and answered at once
+            assert read_response(c)[1] == b"a"
+
+        def cpu_ticks() -> int:  # the worker's user + system time, in clock ticks (1/100 s)
+            fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])
+
+        before = cpu_ticks()
+        time.sleep(1.0)
+        assert cpu_ticks() - before < 50  # not spinning on a listener it cannot accept from
+        for c in clients[:20]:
+            c.close()
+        for c in clients[20:]:  # the rest, waiting in the backlog, are served as descriptors free up
+            assert read_response(c)[1] == b"a"
+            c.close()
+        assert proc.poll() is None
+        assert requests.get(f"http://127.0.0.1:{port}/a.txt", timeout=10).content == b"a"
+    finally:
+        for c in clients:
+            c.close()
+        stop_process(proc)

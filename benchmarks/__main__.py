@@ -48,7 +48,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
     """The suite's servers and loads, adjusted by --quick, --workers, --requests, --repeat, --duration, --only."""
     workers = args.workers or ([2] if args.quick else [2, 10, 100])
     if args.suite == "fileapp":
-        specs = [ServerSpec(kind, 2) for kind in ("fileapp", "fileapp-worker", "whitenoise", "werkzeug")]
+        kinds = ("fileapp", "fileapp-worker", "whitenoise", "whitenoise-worker", "werkzeug")
+        specs = [ServerSpec(kind, 2) for kind in kinds]
         requests, wrk_files = 20000, [label for _, _, label in FILES]
     else:
         specs = [ServerSpec("apache"), ServerSpec("nginx")]
@@ -191,7 +192,8 @@ def notes(plan: Plan, load_before: float) -> list[str]:
         "errors, which include connections the server closes at its keep-alive limit (Apache: 100 requests)",
         "each server warmed up with ab -n 1000 -c 50 on each file before measuring; Python peers run "
         f"gunicorn -k gthread --threads {PEER_THREADS} with the listed workers (fileapp: create_app(root); "
-        "'fileapp (gows worker)': the same app under -k fileapp.worker.GowsThreadWorker, as gows' workers run it)",
+        "'fileapp (gows worker)', 'whitenoise (gows worker)': the same apps under -k fileapp.worker.GowsThreadWorker, "
+        "as gows' workers run it)",
         "Apache and nginx run with Debian's default configuration, access logs included",
         "ratios are requests/s over the baseline's on the same file and tool (whitenoise: same worker count)",
         "gows+metrics (admin listener on, so every response's latency is recorded) runs beside a twin gows "

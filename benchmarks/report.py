@@ -10,7 +10,8 @@ from .loads import Measurement
 from .servers import ServerSpec
 
 # Baselines that get a ratio column when they were measured: (column title, server kind, same workers?).
-BASELINES = [("×Apache", "apache", False), ("×nginx", "nginx", False), ("×whitenoise", "whitenoise", True)]
+BASELINES = [("×Apache", "apache", False), ("×nginx", "nginx", False), ("×whitenoise", "whitenoise", True),
+             ("×whitenoise (gows worker)", "whitenoise-worker", True)]
 
 
 @dataclass
@@ -51,7 +52,11 @@ TARGETS = {
                files=("1 KiB", "150 KB")),
         Target("counters and histograms cost at most 5%", "gows-metrics", True, "gows", 0.95, paired=True),
     ],
-    "fileapp": [Target("fileapp on cache hits", "fileapp", None, "whitenoise", 1.2, files=("1 KiB", "150 KB"))],
+    "fileapp": [
+        Target("fileapp on cache hits", "fileapp", None, "whitenoise", 1.2, files=("1 KiB", "150 KB")),
+        Target("fileapp on cache hits, under gows' worker", "fileapp-worker", None, "whitenoise", 1.2,
+               files=("1 KiB", "150 KB")),
+    ],
 }
 
 
@@ -190,7 +195,7 @@ def write_json(path: Path, meta: dict, rows: list[Row], checks: list[dict]) -> N
 # Chart styles: gows and the whitenoise run with the same worker count share a colour; the line
 # style tells them apart (gows cache on solid, off dashed; whitenoise dotted).
 _KIND_COLOURS = {"apache": "black", "nginx": "tab:green", "fileapp": "tab:blue", "fileapp-worker": "tab:cyan",
-                 "whitenoise": "tab:orange",
+                 "whitenoise": "tab:orange", "whitenoise-worker": "gold",
                  "werkzeug": "tab:red"}
 _WORKER_COLOURS = ["tab:blue", "tab:purple", "tab:red", "tab:brown", "tab:cyan"]
 

@@ -25,13 +25,15 @@ APACHE_ROOT = Path("/etc/apache2")
 PEER_THREADS = 4
 # Python peers run under gunicorn: the WSGI factory in benchmarks.apps and the worker class of each.
 PEER_APPS = {"fileapp": "fileapp_app", "fileapp-worker": "fileapp_app", "whitenoise": "whitenoise_app",
-             "werkzeug": "werkzeug_app"}
-PEER_WORKERS = {"fileapp-worker": "fileapp.worker.GowsThreadWorker"}  # what gows' own workers run
+             "whitenoise-worker": "whitenoise_app", "werkzeug": "werkzeug_app"}
+# What gows' own workers run; whitenoise under it too, to tell the app's share from the worker's.
+PEER_WORKERS = {"fileapp-worker": "fileapp.worker.GowsThreadWorker",
+                "whitenoise-worker": "fileapp.worker.GowsThreadWorker"}
 PEERS = tuple(PEER_APPS)
 # Every kind of server (the names --only takes) and its name in the table.
 NAMES = {"apache": "Apache", "nginx": "nginx", "gows": "gows", "gows-metrics": "gows+metrics", "fileapp": "fileapp",
          "fileapp-worker": "fileapp (gows worker)", "whitenoise": "gunicorn+whitenoise",
-         "werkzeug": "gunicorn+SharedData"}
+         "whitenoise-worker": "whitenoise (gows worker)", "werkzeug": "gunicorn+SharedData"}
 KINDS = tuple(NAMES)
 # gows-metrics is gows with its admin listener on, so the proxy records every response's latency
 # (with no admin listener nothing could read them and the proxy skips the work).

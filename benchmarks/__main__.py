@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import shutil
@@ -72,11 +73,12 @@ def build_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-# A server with twins is measured in TWIN_ROUNDS times as many rounds, wrk runs that long
-# divided by it and ab runs of at least TWIN_AB_REQUESTS: its ratio must resolve a few percent,
-# and two identical servers measured in turn on this machine differ by ±10% run to run (±30% for
-# ab runs of 5000 requests).
-TWIN_ROUNDS = 5
+# A server with twins is measured in `repeat` sessions, each with fresh processes (identical
+# servers differ by up to ±3% from one start to the next), of TWIN_ROUNDS rounds of each load:
+# wrk runs of wrk_seconds / TWIN_ROUNDS and ab runs of at least TWIN_AB_REQUESTS, since two
+# identical servers measured in turn on this machine differ by ±10% run to run (±30% for ab
+# runs of 5000 requests).
+TWIN_ROUNDS = 8
 TWIN_AB_REQUESTS = 20000
 
 
@@ -90,72 +92,94 @@ def twins_of(spec: ServerSpec) -> list[ServerSpec]:
     return [twin, twin]
 
 
-def ratios(runs: list[Measurement], twin_runs: list[Measurement]) -> list[float]:
-    """Each round's req/s over the twin's in the same round (empty without a twin)."""
-    return [m.rps / t.rps for m, t in zip(runs, twin_runs) if t.rps > 0]
+def ratios(runs: list[Measurement], *baselines: list[Measurement]) -> list[float]:
+    """Each round's req/s over the baselines' in the same round (their geometric mean when
+    there are several); empty without baselines."""
+    out = []
+    for m, *base in zip(runs, *baselines):
+        if base and all(b.rps > 0 for b in base):
+            out.append(m.rps / math.prod(b.rps for b in base) ** (1 / len(base)))
+    return out
 
 
 def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
             rows: list[Row], series: dict[ServerSpec, list[float]]) -> None:
     """All loads on one server, appended to `rows` as they finish (so an interrupt keeps them); the
     per-request times of its median ab 1 KiB run go to `series` for the chart. A spec with twins
-    runs beside them, all taking turns on every load; the first twin's figures go in
-    `Row.paired`, each round's ratios in `Row.paired_ratios` and `Row.control_ratios`."""
+    runs beside them, all taking turns on every load, in several sessions; the first twin's
+    figures go in `Row.paired`, each round's ratios in `Row.paired_ratios` and `Row.control_ratios`."""
     started = time.monotonic()
-    progress(f"{spec.label}: starting")
+    twin_specs = twins_of(spec)
+    sessions = plan.repeat if twin_specs else 1
+    ab_rounds = TWIN_ROUNDS if twin_specs else plan.repeat
+    wrk_rounds = TWIN_ROUNDS if twin_specs else 1
+    requests = max(plan.ab_requests, TWIN_AB_REQUESTS) if twin_specs else plan.ab_requests
+    seconds = max(1, plan.wrk_seconds // TWIN_ROUNDS) if twin_specs else plan.wrk_seconds
+    results: dict[tuple[str, str], list[list[Measurement]]] = {}  # (tool, file): each round, server first
+
+    def row(tool: str, label: str, **extra) -> Row:
+        """The row of the server's median run, with its twins' figures when it has them."""
+        runs = results[tool, label]
+        mine = [r[0] for r in runs]
+        median = loads.median_run(mine)
+        if not twin_specs:
+            return Row(spec, label, tool, median, **extra)
+        twin, control = [r[1] for r in runs], [r[2] for r in runs]
+        return Row(spec, label, tool, median, paired=loads.median_run(twin), paired_ratios=ratios(mine, twin, control),
+                   control_ratios=ratios(control, twin), **extra)
+
     try:
-        with ExitStack() as stack:
-            server = stack.enter_context(serve(spec, docroot, workdir))
-            twins = [stack.enter_context(serve(t, docroot, workdir / f"twin{k}")) for k, t in enumerate(twins_of(spec))]
-            state = "ready and idle" if server.idle else "ready but still busy (measuring anyway)"
-            progress(f"{spec.label}: {state} on port {server.port} after {time.monotonic() - started:.1f}s")
-            targets = [server, *twins]
-            for target in targets:
-                for name, _, label in FILES:  # warm-up, not counted: caches, worker pools, lazy imports
-                    loads.ab(target.url(name), min(1000, plan.ab_requests), 50)
+        for session in range(sessions):
+            last = session == sessions - 1
+            progress(f"{spec.label}: starting" + (f" (session {session + 1}/{sessions})" if sessions > 1 else ""))
+            with ExitStack() as stack:
+                # Each session starts the servers in another order: where a process lands when it
+                # starts is worth a few percent, and that must not always favour the same one.
+                order = [(0, spec, workdir / f"s{session}" if sessions > 1 else workdir)] + [
+                    (k + 1, t, workdir / f"s{session}-twin{k}") for k, t in enumerate(twin_specs)]
+                order = order[session % len(order):] + order[:session % len(order)]
+                started_in_order = {k: stack.enter_context(serve(s, docroot, d)) for k, s, d in order}
+                server, twins = started_in_order[0], [started_in_order[k + 1] for k in range(len(twin_specs))]
+                state = "ready and idle" if server.idle else "ready but still busy (measuring anyway)"
+                progress(f"{spec.label}: {state} on port {server.port} after {time.monotonic() - started:.1f}s")
+                targets = [server, *twins]
+                for target in targets:
+                    for name, _, label in FILES:  # warm-up, not counted: caches, worker pools, lazy imports
+                        loads.ab(target.url(name), min(1000, plan.ab_requests), 50)
 
-            def in_turn(i: int, load) -> list[Measurement]:
-                """`load` on the server and each twin (in that order in the result); which one
-                goes first rotates with the round `i`."""
-                first = i % len(targets)
-                done = {j: load(targets[j], j == 0) for j in (*range(first, len(targets)), *range(first))}
-                return [done[j] for j in range(len(targets))]
+                def in_turn(i: int, load) -> list[Measurement]:
+                    """`load` on the server and each twin (in that order in the result); which one
+                    goes first rotates with the round `i`."""
+                    first = i % len(targets)
+                    done = {j: load(targets[j], j == 0) for j in (*range(first, len(targets)), *range(first))}
+                    return [done[j] for j in range(len(targets))]
 
-            def row(tool: str, label: str, results: list[list[Measurement]], **extra) -> Row:
-                """The row of the server's median run, with its twins' figures when it has them."""
-                mine = [r[0] for r in results]
-                median = loads.median_run(mine)
-                if not twins:
-                    return Row(spec, label, tool, median, **extra)
-                twin, control = [r[1] for r in results], [r[2] for r in results]
-                return Row(spec, label, tool, median, paired=loads.median_run(twin), paired_ratios=ratios(mine, twin),
-                           control_ratios=ratios(control, twin), **extra)
-
-            rounds = plan.repeat * (TWIN_ROUNDS if twins else 1)
-            requests = max(plan.ab_requests, TWIN_AB_REQUESTS) if twins else plan.ab_requests
-            for name, _, label in FILES:
-                results: list[list[Measurement]] = []
-                for i in range(rounds):
-                    tsv = workdir / f"ab-{name}-{i}.tsv"
-                    results.append(in_turn(i, lambda target, own: loads.ab(
-                        target.url(name), requests, plan.ab_concurrency, gnuplot=tsv if own else None)))
-                    m = results[-1][0]
-                    progress(f"{spec.label}: ab {label} run {i + 1}/{rounds}: {m.rps:,.0f} req/s, "
-                             f"{m.failed} failed, {m.non2xx} non-2xx"
-                             + (f" (twins {' / '.join(f'{t.rps:,.0f}' for t in results[-1][1:])})" if twins else ""))
-                rows.append(row("ab", label, results, runs_rps=[r[0].rps for r in results]))
-                if name == FILES[0][0]:
-                    median_round = next(i for i, r in enumerate(results) if r[0] is rows[-1].result)
-                    series[spec] = loads.read_gnuplot(workdir / f"ab-{name}-{median_round}.tsv")
-            for name, _, label in FILES:
-                if label in plan.wrk_files:
-                    seconds = max(1, plan.wrk_seconds // TWIN_ROUNDS) if twins else plan.wrk_seconds
-                    results = [in_turn(i, lambda target, own: loads.wrk(
-                        target.url(name), plan.wrk_connections, seconds)) for i in range(rounds if twins else 1)]
-                    rows.append(row("wrk", label, results))
-                    m, paired = rows[-1].result, rows[-1].paired
-                    progress(f"{spec.label}: wrk {label}: {m.rps:,.0f} req/s, {m.failed} socket errors, "
-                             f"{m.non2xx} non-2xx" + (f" (twin {paired.rps:,.0f})" if paired else ""))
+                for name, _, label in FILES:
+                    runs = results.setdefault(("ab", label), [])
+                    for _ in range(ab_rounds):
+                        tsv = workdir / f"ab-{name}-{len(runs)}.tsv"
+                        runs.append(in_turn(len(runs), lambda target, own: loads.ab(
+                            target.url(name), requests, plan.ab_concurrency, gnuplot=tsv if own else None)))
+                        m = runs[-1][0]
+                        progress(f"{spec.label}: ab {label} run {len(runs)}/{ab_rounds * sessions}: {m.rps:,.0f} "
+                                 f"req/s, {m.failed} failed, {m.non2xx} non-2xx"
+                                 + (f" (twins {' / '.join(f'{t.rps:,.0f}' for t in runs[-1][1:])})" if twins else ""))
+                    if last:
+                        rows.append(row("ab", label, runs_rps=[r[0].rps for r in runs]))
+                        if name == FILES[0][0]:
+                            median_round = next(i for i, r in enumerate(runs) if r[0] is rows[-1].result)
+                            series[spec] = loads.read_gnuplot(workdir / f"ab-{name}-{median_round}.tsv")
+                for name, _, label in FILES:
+                    if label in plan.wrk_files:
+                        runs = results.setdefault(("wrk", label), [])
+                        for _ in range(wrk_rounds):
+                            runs.append(in_turn(len(runs), lambda target, own: loads.wrk(
+                                target.url(name), plan.wrk_connections, seconds)))
+                        if last:
+                            rows.append(row("wrk", label))
+                            m, paired = rows[-1].result, rows[-1].paired
+                            progress(f"{spec.label}: wrk {label}: {m.rps:,.0f} req/s, {m.failed} socket errors, "
+                                     f"{m.non2xx} non-2xx" + (f" (twin {paired.rps:,.0f})" if paired else ""))
     except (ServerError, LoadError) as exc:
         progress(f"{spec.label}: FAILED: {exc}")
         done = {(r.file, r.tool) for r in rows if r.spec == spec}
@@ -197,10 +221,11 @@ def notes(plan: Plan, load_before: float) -> list[str]:
         "Apache and nginx run with Debian's default configuration, access logs included",
         "ratios are requests/s over the baseline's on the same file and tool (whitenoise: same worker count)",
         "gows+metrics (admin listener on, so every response's latency is recorded) runs beside a twin gows "
-        f"without it and a second identical twin, the three taking turns in {plan.repeat * TWIN_ROUNDS} rounds of "
-        f"each load (ab -n {max(plan.ab_requests, TWIN_AB_REQUESTS)}, wrk {max(1, plan.wrk_seconds // TWIN_ROUNDS)}s "
-        "each); its cost target is the median of the "
-        "rounds' ratios to the twin, and the second twin's ratio to the first is the noise floor",
+        f"without it and a second identical twin, the three taking turns in {plan.repeat} sessions (fresh processes) "
+        f"of {TWIN_ROUNDS} rounds of each load (ab -n {max(plan.ab_requests, TWIN_AB_REQUESTS)}, wrk "
+        f"{max(1, plan.wrk_seconds // TWIN_ROUNDS)}s each; each session starts the three in another order); its "
+        "cost target is the median of the rounds' ratios to the twins (their geometric mean), and the second "
+        "twin's ratio to the first is the noise floor",
     ]
 
 

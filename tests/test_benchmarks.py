@@ -227,7 +227,9 @@ def test_metrics_cost_is_against_the_twin_measured_in_turn():
 
 def test_paired_ratios_are_taken_round_by_round_and_reported():
     assert cli.ratios([m(90), m(120), m(50)], [m(100), m(100), m(0)]) == [0.9, 1.2]
-    assert cli.ratios([m(90)], []) == []
+    assert cli.ratios([m(90)], []) == [] and cli.ratios([m(90)]) == []
+    # Against two twins: their geometric mean, round by round.
+    assert cli.ratios([m(90), m(120)], [m(100), m(200)], [m(100), m(50)]) == [0.9, 1.2]
     metrics = ServerSpec("gows-metrics", 2, True)
     rows = [Row(metrics, "1 KiB", "wrk", m(90), paired=m(100), paired_ratios=[0.9, 1.2, 1.0],
                 control_ratios=[1.03, 0.97, 0.99])]

@@ -12,11 +12,12 @@ import os
 import re
 import secrets
 import stat
+import time
 from typing import Callable, Iterable, Pattern
 from urllib.parse import quote
 
 from .cache import ResponseCache
-from .files import Resolver, split_url_path
+from .files import Exhausted, Resolver, split_url_path
 from .representation import (
     SIDECARS,
     STREAM_BLOCK,
@@ -59,6 +60,8 @@ _NOT_FOUND = _plain("404 Not Found", "404 Not Found\n")
 _NOT_ALLOWED = _plain("405 Method Not Allowed", "405 Method Not Allowed\n", [("Allow", ALLOW)])
 _PRECONDITION = _plain("412 Precondition Failed", "412 Precondition Failed\n")
 _BUSY = _plain("503 Service Unavailable", "503 file is changing, retry\n", [("Retry-After", "1")])
+_EXHAUSTED = _plain("503 Service Unavailable", "503 out of file descriptors, retry\n",
+                    [("Retry-After", "1"), ("Cache-Control", "no-store")])
 _HEALTH_OK = _plain("200 OK", "ok", [("Cache-Control", "no-store")])
 _HEALTH_DRAINING = _plain("503 Service Unavailable", "draining", [("Cache-Control", "no-store")])
 _HEALTH_BAD = _plain(
@@ -119,6 +122,7 @@ class FileApp:
         self.health = Health(self.resolver)
         self.cache = ResponseCache(cache_ttl, cache_max_bytes)
         self.cache_max_file_size = cache_max_file_size
+        self._exhausted_logged = -1.0
         self.cache_control = f"public, max-age={int(max_age)}"
         if isinstance(immutable_pattern, str):
             immutable_pattern = re.compile(immutable_pattern)
@@ -147,6 +151,17 @@ class FileApp:
                 start_response("204 No Content", [("Allow", ALLOW)])
                 return []
             return self._send(start_response, _NOT_ALLOWED, environ)
+        try:
+            return self._get(environ, start_response, path)
+        except Exhausted as e:
+            now = time.monotonic()
+            if now - self._exhausted_logged >= 1.0:  # once a second, not once per request
+                self._exhausted_logged = now
+                log.warning("cannot open %s: %s (answering 503)", path, e)
+            return self._send(start_response, _EXHAUSTED, environ)
+
+    def _get(self, environ: dict, start_response: Callable, path: str) -> Iterable[bytes]:
+        """GET or HEAD of `path` (below any prefix)."""
         entry = self.cache.get(path)
         if entry is None:
             entry = self._load(path)

@@ -7,6 +7,7 @@ path swapped for a symlink between the check and the open makes the open fail in
 """
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from dataclasses import dataclass
@@ -55,6 +56,20 @@ class Opened:
         return stat.S_ISDIR(self.st.st_mode)
 
 
+# Errors that say this process is out of a resource, not that the file is missing: such a
+# request fails for now (503) rather than getting a 404 that clients and caches would keep.
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM})
+
+
+class Exhausted(Exception):
+    """A file could not be opened for lack of file descriptors or memory: try again later."""
+
+
+def _unless_exhausted(e: OSError) -> None:
+    if e.errno in _EXHAUSTED:
+        raise Exhausted(e.strerror or str(e)) from e
+
+
 class Resolver:
     """Maps URL path segments to descriptors of regular files or directories inside `root`."""
 
@@ -82,13 +97,15 @@ class Resolver:
         """Open `parts` beneath the root without following any symlink, or None if impossible.
 
         Only regular files and directories are opened; sockets, FIFOs and devices are absent.
+        Raises Exhausted when the process is out of file descriptors or memory.
         """
         rel = self.real_parts(parts)
         if rel is None:
             return None
         try:
             fd = os.open(self.root, _DIR_FLAGS)
-        except OSError:
+        except OSError as e:
+            _unless_exhausted(e)
             return None
         try:
             for name in rel:
@@ -100,8 +117,10 @@ class Resolver:
                 os.close(fd)
                 fd = child
             st = os.fstat(fd)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
             os.close(fd)
+            if isinstance(e, OSError):
+                _unless_exhausted(e)
             return None
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             os.close(fd)
@@ -117,7 +136,9 @@ class Resolver:
         """
         try:
             fd = os.open(path, _FILE_FLAGS)
-        except (OSError, ValueError):
+        except (OSError, ValueError) as e:
+            if isinstance(e, OSError):
+                _unless_exhausted(e)
             return None
         try:
             st = os.fstat(fd)

@@ -45,6 +45,11 @@ READ_TIMEOUT = 5.0
 WRITE_TIMEOUT = 30.0
 # How often the main thread closes connections that have been idle too long.
 SWEEP_INTERVAL = 1.0
+# After running out of file descriptors, a worker holds this many fewer connections than it had
+# (per thread), so that the requests it accepts can still open their files; and it tries for
+# more connections again after FD_RETRY seconds.
+FD_RESERVE = 2
+FD_RETRY = 30.0
 # Socket errors that only mean the client went away or was too slow: logged at debug level.
 _CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EAGAIN, errno.ETIMEDOUT})
 
@@ -145,7 +150,8 @@ class GowsThreadWorker(ThreadWorker):
         self._lock = threading.Lock()  # guards _conns, each _Conn.busy and _accepting
         self._conns: dict[int, _Conn] = {}
         self._accepting = False
-        self._room = self.worker_connections  # lowered while the process is out of file descriptors
+        self._room = self.worker_connections  # lowered after the process ran out of file descriptors
+        self._room_lowered = 0.0
         self._stopped = False  # set after the drain: the serving threads return
         self._wake_r, self._wake_w = os.pipe()  # written once, at the very end: wakes them all
         super().init_process()
@@ -216,14 +222,16 @@ class GowsThreadWorker(ThreadWorker):
         self._accepting = wanted
 
     def _close_idle(self) -> None:
-        """Close the connections that have waited past their timeout for a request."""
+        """Close the connections that have waited past their timeout for a request (and, a
+        while after running out of file descriptors, try for more connections again)."""
         now = time.monotonic()
         with self._lock:
             idle = [fd for fd, conn in self._conns.items() if not conn.busy and conn.timeout <= now]
             for fd in idle:
                 self._drop(fd)
-            if idle:
-                self._accept_while_room()
+            if self._room < self.worker_connections and now - self._room_lowered >= FD_RETRY:
+                self._room = self.worker_connections
+            self._accept_while_room()
 
     def _drop(self, fd: int) -> None:
         """Forget and close one connection (under the lock)."""
@@ -233,7 +241,6 @@ class GowsThreadWorker(ThreadWorker):
         except OSError:
             pass
         conn.close()
-        self._room = self.worker_connections  # a descriptor is free again
 
     # -- the serving threads ---------------------------------------------------------------
 
@@ -284,11 +291,13 @@ class GowsThreadWorker(ThreadWorker):
             sock, addr = listener.accept()
         except OSError as e:
             if e.errno in (errno.EMFILE, errno.ENFILE):
-                # Out of file descriptors: leave new connections in the backlog until one closes.
-                self.log.warning("Out of file descriptors at %d connections: %s", len(self._conns), e)
+                # Out of file descriptors: leave new connections in the backlog until there is room.
                 with self._lock:
-                    self._room = len(self._conns)
+                    self._room = max(1, len(self._conns) - FD_RESERVE * self.cfg.threads)
+                    self._room_lowered = time.monotonic()
                     self._accept_while_room()
+                self.log.warning("Out of file descriptors at %d connections (%s): holding at most %d",
+                                 len(self._conns), e, self._room)
             elif e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED):
                 raise  # (EAGAIN: another worker or thread took it; ECONNABORTED: the client left)
             return

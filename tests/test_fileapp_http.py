@@ -2,6 +2,7 @@
 ranges, content coding, directories, health and middleware use, for cached and streamed files."""
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 from urllib.parse import urljoin
@@ -130,6 +131,25 @@ def test_etag_changes_with_content(client, root):
     write(root / "hello.txt", b"hello there, world\n", mtime=MTIME + 10)
     fresh = Client(create_app(str(root)))
     assert fresh.get("/hello.txt").headers["ETag"] != before
+
+
+@pytest.mark.parametrize("code", [errno.EMFILE, errno.ENFILE, errno.ENOMEM])
+def test_out_of_descriptors_is_a_503_to_retry_not_a_404(client, monkeypatch, code):
+    c, environ = client
+    real_open = os.open
+
+    def failing_open(path, flags, *args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(os, "open", failing_open)
+    for path in ("/hello.txt", "/data.bin", "/sub/", "/missing.txt"):
+        r = c.get(path, environ_overrides=environ)
+        assert r.status_code == 503, path
+        assert r.headers["Retry-After"] == "1" and r.headers["Cache-Control"] == "no-store"
+    monkeypatch.setattr(os, "open", real_open)  # descriptors free again: nothing was kept
+    r = c.get("/hello.txt", environ_overrides=environ)
+    assert r.status_code == 200 and r.data == b"hello world\n"
+    assert c.get("/missing.txt", environ_overrides=environ).status_code == 404
 
 
 # -- content type and cache control -------------------------------------------------------------

@@ -73,12 +73,12 @@ def build_plan(args: argparse.Namespace) -> Plan:
     )
 
 
-# A server with twins is measured in `repeat` sessions, each with fresh processes (identical
+# A server with twins is measured in 2 × `repeat` sessions, each with fresh processes (identical
 # servers differ by up to ±3% from one start to the next), of TWIN_ROUNDS rounds of each load:
 # wrk runs of wrk_seconds / TWIN_ROUNDS and ab runs of at least TWIN_AB_REQUESTS, since two
 # identical servers measured in turn on this machine differ by ±10% run to run (±30% for ab
 # runs of 5000 requests).
-TWIN_ROUNDS = 8
+TWIN_ROUNDS = 4
 TWIN_AB_REQUESTS = 20000
 
 
@@ -110,7 +110,7 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
     figures go in `Row.paired`, each round's ratios in `Row.paired_ratios` and `Row.control_ratios`."""
     started = time.monotonic()
     twin_specs = twins_of(spec)
-    sessions = plan.repeat if twin_specs else 1
+    sessions = 2 * plan.repeat if twin_specs else 1
     ab_rounds = TWIN_ROUNDS if twin_specs else plan.repeat
     wrk_rounds = TWIN_ROUNDS if twin_specs else 1
     requests = max(plan.ab_requests, TWIN_AB_REQUESTS) if twin_specs else plan.ab_requests
@@ -221,7 +221,7 @@ def notes(plan: Plan, load_before: float) -> list[str]:
         "Apache and nginx run with Debian's default configuration, access logs included",
         "ratios are requests/s over the baseline's on the same file and tool (whitenoise: same worker count)",
         "gows+metrics (admin listener on, so every response's latency is recorded) runs beside a twin gows "
-        f"without it and a second identical twin, the three taking turns in {plan.repeat} sessions (fresh processes) "
+        f"without it and a second identical twin, the three taking turns in {2 * plan.repeat} sessions (fresh processes) "
         f"of {TWIN_ROUNDS} rounds of each load (ab -n {max(plan.ab_requests, TWIN_AB_REQUESTS)}, wrk "
         f"{max(1, plan.wrk_seconds // TWIN_ROUNDS)}s each; each session starts the three in another order); its "
         "cost target is the median of the rounds' ratios to the twins (their geometric mean), and the second "

@@ -209,7 +209,8 @@ class GowsThreadWorker(ThreadWorker):
             listener.close()
 
     def _accept_while_room(self) -> None:
-        """Poll the listeners while the worker is alive and below worker_connections (under the lock)."""
+        """Poll the listeners while the worker is alive and below its connection limit:
+        worker_connections, or fewer after running out of file descriptors (under the lock)."""
         wanted = self.alive and len(self._conns) < self._room
         if wanted == self._accepting:
             return

@@ -55,30 +55,48 @@ _CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.E
 
 
 class CoalescingResponse(gunicorn_wsgi.Response):
-    """gunicorn's Response, except that a body written in one piece leaves with its headers.
-
-    One gathering sendmsg instead of two sendall for every cached response: one syscall, no
-    copy, and no small header segment on its own. Anything else (chunked, streamed, sendfile,
-    no body) is unchanged.
+    """gunicorn's Response, with the head held back until the first body bytes, so that both
+    leave in one gathering sendmsg: one syscall, no copy, and no small header segment on its
+    own. A response without body bytes (HEAD, 304, empty) sends its head when it closes.
     """
 
-    def write(self, arg):
-        if (self.headers_sent or self.chunked or self._omits_body or type(arg) is not bytes
-                or self.response_length != len(arg)):
-            return super().write(arg)
-        lines = self.default_headers()
+    held: bytes | None = None  # the head, built but not sent yet
+
+    def send_headers(self):
+        if self.headers_sent:
+            return
+        lines = self.default_headers()  # then as gunicorn's own send_headers
         lines.extend(["%s: %s\r\n" % (k, v) for k, v in self.headers])
-        head = ("%s\r\n" % "".join(lines)).encode("latin-1")
+        self.held = ("%s\r\n" % "".join(lines)).encode("latin-1")
         self.headers_sent = True
-        self.sent = len(arg)
-        sent = self.sock.sendmsg([head, arg])
+
+    def _send_held(self) -> None:
+        if self.held is not None:
+            head, self.held = self.held, None
+            self.sock.sendall(head)
+
+    def _emit_body(self, data):
+        head = self.held
+        if head is None or self.chunked:
+            self._send_held()
+            return super()._emit_body(data)
+        self.held = None
+        sent = self.sock.sendmsg([head, data])
         if sent < len(head):  # a blocking send stops short only on a signal or a send timeout
             self.sock.sendall(head[sent:])
             sent = len(head)
-        if sent < len(head) + len(arg):
-            self.sock.sendall(memoryview(arg)[sent - len(head):])
+        if sent < len(head) + len(data):
+            self.sock.sendall(memoryview(data)[sent - len(head):])
+
+    def close(self):
+        self.send_headers()
+        self._send_held()
+        super().close()
 
     def sendfile(self, respiter):
+        # The file goes straight from the kernel: the head cannot ride along.
+        self.send_headers()
+        self._send_held()
         # socket.sendfile() waits for a full socket buffer without limit unless the socket has a
         # timeout (SO_SNDTIMEO only makes it wait again): a client that stops reading a download
         # would hold this thread for good.
@@ -101,6 +119,9 @@ class _Loaded:
 
 def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+
+
+_READ_TIMEVAL, _WRITE_TIMEVAL = _timeval(READ_TIMEOUT), _timeval(WRITE_TIMEOUT)
 
 
 class _Conn:
@@ -139,8 +160,10 @@ class GowsThreadWorker(ThreadWorker):
 
     def init_process(self) -> None:
         # gunicorn.http.wsgi.create() builds its module-level Response: in this process,
-        # which only ever runs this worker, that is the coalescing one.
-        gunicorn_wsgi.Response = CoalescingResponse
+        # which only ever runs this worker, that is the coalescing one (TLS sockets have no
+        # sendmsg: those run gunicorn's own).
+        if not self.cfg.is_ssl:
+            gunicorn_wsgi.Response = CoalescingResponse
         # Accepted sockets inherit TCP_NODELAY: without it gunicorn's separate header and body
         # writes (streamed bodies) meet Nagle and delayed ACKs, 40 ms per response.
         for listener in self.sockets:
@@ -261,7 +284,8 @@ class GowsThreadWorker(ThreadWorker):
         # thread's next wake-up (up to a second) while this thread kept answering "healthy".
         signal.pthread_sigmask(signal.SIG_BLOCK, {*self.SIGNALS, PDEATH_SIGNAL})
         ep, lock, conns = self._ep, self._lock, self._conns
-        listeners = {listener.fileno(): listener for listener in self.sockets}
+        # fd -> (listener, its address): getsockname once, not once per accepted connection
+        listeners = {listener.fileno(): (listener, listener.getsockname()) for listener in self.sockets}
         rearm = select.EPOLLIN | select.EPOLLONESHOT
         while not self._stopped:
             try:
@@ -271,7 +295,7 @@ class GowsThreadWorker(ThreadWorker):
             for fd, _ in events:
                 listener = listeners.get(fd)
                 if listener is not None:
-                    self._accept(listener)
+                    self._accept(*listener)
                     continue
                 with lock:
                     conn = conns.get(fd)
@@ -287,7 +311,7 @@ class GowsThreadWorker(ThreadWorker):
                         self._drop(fd)
                         self._accept_while_room()
 
-    def _accept(self, listener: socket.socket) -> None:
+    def _accept(self, listener: socket.socket, server) -> None:
         try:
             sock, addr = listener.accept()
         except OSError as e:
@@ -302,10 +326,10 @@ class GowsThreadWorker(ThreadWorker):
             elif e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED):
                 raise  # (EAGAIN: another worker or thread took it; ECONNABORTED: the client left)
             return
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(READ_TIMEOUT))
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(WRITE_TIMEOUT))
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _READ_TIMEVAL)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _WRITE_TIMEVAL)
         # Until its first request arrives the connection gets READ_TIMEOUT, then the keep-alive time.
-        conn = _Conn(sock, addr, listener.getsockname(), gunicorn_http.get_parser(self.cfg, sock, addr),
+        conn = _Conn(sock, addr, server, gunicorn_http.get_parser(self.cfg, sock, addr),
                      time.monotonic() + READ_TIMEOUT)
         with self._lock:
             self._conns[sock.fileno()] = conn

@@ -65,8 +65,9 @@ class Exhausted(Exception):
     """A file could not be opened for lack of file descriptors or memory: try again later."""
 
 
-def _unless_exhausted(e: OSError) -> None:
-    if e.errno in _EXHAUSTED:
+def _unless_exhausted(e: Exception) -> None:
+    """Re-raise an out-of-descriptors or out-of-memory OSError as Exhausted."""
+    if isinstance(e, OSError) and e.errno in _EXHAUSTED:
         raise Exhausted(e.strerror or str(e)) from e
 
 
@@ -119,8 +120,7 @@ class Resolver:
             st = os.fstat(fd)
         except (OSError, ValueError) as e:
             os.close(fd)
-            if isinstance(e, OSError):
-                _unless_exhausted(e)
+            _unless_exhausted(e)
             return None
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             os.close(fd)
@@ -137,8 +137,7 @@ class Resolver:
         try:
             fd = os.open(path, _FILE_FLAGS)
         except (OSError, ValueError) as e:
-            if isinstance(e, OSError):
-                _unless_exhausted(e)
+            _unless_exhausted(e)
             return None
         try:
             st = os.fstat(fd)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import requests
 
-from support import PYTHON, free_port, pid_alive, python_env, stop_process, wait_until
+from support import PYTHON, children, free_port, pid_alive, python_env, stop_process, wait_until
 
 
 def free_port_run(count: int, host: str = "127.0.0.1") -> int:
@@ -43,14 +43,6 @@ def health(port: int, timeout: float = 2.0) -> int | None:
         return requests.get(f"http://127.0.0.1:{port}/healthcheck", timeout=timeout).status_code
     except requests.RequestException:
         return None
-
-
-def children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except FileNotFoundError:
-        return []
 
 
 def title(pid: int) -> str:

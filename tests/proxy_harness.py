@@ -21,7 +21,7 @@ import uvloop  # noqa: E402
 
 from arbiter.proxy import Proxy, ProxySettings  # noqa: E402
 from arbiter.state import WorkerState, WorkerTable  # noqa: E402
-from support import PYTHON, free_port, python_env, stop_process, wait_for_port  # noqa: E402
+from support import PYTHON, children, free_port, python_env, stop_process, wait_for_port  # noqa: E402
 
 
 class Worker:
@@ -47,10 +47,10 @@ class Worker:
     def kill(self) -> None:
         """SIGKILL the gunicorn arbiter and its worker process (both started by this test)."""
         if self.proc and self.proc.poll() is None:
-            children = _children(self.proc.pid)
+            kids = children(self.proc.pid)
             self.proc.kill()
             self.proc.wait(10)
-            for pid in children:
+            for pid in kids:
                 try:
                     os.kill(pid, 9)
                 except ProcessLookupError:
@@ -60,14 +60,6 @@ class Worker:
     def stop(self) -> None:
         if self.proc:
             stop_process(self.proc)
-
-
-def _children(pid: int) -> list[int]:
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
 
 
 def _wait_port_closed(port: int, timeout: float = 10.0) -> None:

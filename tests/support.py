@@ -46,6 +46,15 @@ def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, message
         time.sleep(interval)
 
 
+def children(pid: int) -> list[int]:
+    """The pids of the direct children of `pid` (none once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
     """End a process this test started (by its pid), TERM first, KILL if it lingers."""
     if proc.poll() is None:

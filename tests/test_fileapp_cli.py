@@ -15,6 +15,7 @@ import urllib.request
 
 import pytest
 
+from tests.e2e_support import Responses
 from tests.support import (
     free_port, pid_alive, python_env, stop_process, wait_for_port, wait_until,
 )
@@ -206,20 +207,9 @@ def _read_all(s: socket.socket) -> bytes:
     return total, h.hexdigest()
 
 
-def _keepalive_request(s: socket.socket, path: str) -> bytes:
-    s.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int([line.split(b":")[1] for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length")][0])
-    while len(body) < length:
-        body += s.recv(4096)
-    return head + b"\r\n\r\n" + body
+def _keepalive_request(responses: Responses, path: str) -> tuple[int, dict[str, str], bytes]:
+    responses.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
+    return responses.next()
 
 
 def test_sigterm_drains_in_flight_download_and_exits_0(big_root):
@@ -227,20 +217,21 @@ def test_sigterm_drains_in_flight_download_and_exits_0(big_root):
     try:
         wait_for_port(port, timeout=20)
         idle = socket.create_connection(("127.0.0.1", port), timeout=30)
-        assert _keepalive_request(idle, "/healthcheck").startswith(b"HTTP/1.1 200")
+        on_idle = Responses(idle)
+        assert _keepalive_request(on_idle, "/healthcheck")[0] == 200
         download = _start_download(port, "/big.bin")
         time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
         # Draining: the health check on the kept-alive connection now fails. A serving thread
         # may answer one request that raced the signal before the main thread has run its
         # handler: that one is still a healthy 200 that keeps the connection.
-        response = _keepalive_request(idle, "/healthcheck")
-        if response.startswith(b"HTTP/1.1 200"):
-            assert b"Connection: keep-alive" in response
+        status, headers, body = _keepalive_request(on_idle, "/healthcheck")
+        if status == 200:
+            assert headers["connection"] == "keep-alive"
             time.sleep(0.2)
-            response = _keepalive_request(idle, "/healthcheck")
-        assert response.startswith(b"HTTP/1.1 503"), response[:100]
-        assert response.endswith(b"draining")
+            status, headers, body = _keepalive_request(on_idle, "/healthcheck")
+        assert status == 503, (status, headers)
+        assert body.endswith(b"draining")
         idle.close()
         # ... while the stalled download still holds the worker open ...
         time.sleep(1.0)

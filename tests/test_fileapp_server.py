@@ -16,6 +16,7 @@ import time
 import pytest
 import requests
 
+from tests.e2e_support import Responses
 from tests.support import free_port, python_env, stop_process, wait_for_port
 
 
@@ -46,28 +47,6 @@ def start_worker(root, *args: str, preexec_fn=None) -> tuple[subprocess.Popen, i
         stop_process(proc)
         raise
     return proc, port
-
-
-def read_response(s: socket.socket, rest: bytearray | None = None) -> tuple[bytes, bytes]:
-    """One response with a Content-Length body from `s`: (head, body). Bytes past it (pipelined
-    responses) go to `rest`, and are read from there first next time; without `rest` there
-    must be none."""
-    data = bytes(rest or b"")
-    while b"\r\n\r\n" not in data:
-        chunk = s.recv(65536)
-        assert chunk, f"closed after {data!r}"
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
-    while len(body) < length:
-        chunk = s.recv(65536)
-        assert chunk, "closed mid-body"
-        body += chunk
-    if rest is None:
-        assert len(body) == length, "more bytes than the response announced"
-    else:
-        rest[:] = body[length:]
-    return head, body[:length]
 
 
 def closed_within(s: socket.socket, seconds: float) -> bool:
@@ -198,12 +177,13 @@ def test_pipelined_requests_are_answered_in_order(server):
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"".join(b"GET /%s HTTP/1.1\r\nHost: t\r\n\r\n" % name
                            for name in (b"small.txt", b"mid.bin", b"missing", b"small.txt")))
-        rest = bytearray()
-        bodies = [read_response(s, rest) for _ in range(4)]
-        assert rest == b""
-    assert [head.split(b"\r\n")[0] for head, _ in bodies] == [b"HTTP/1.1 200 OK"] * 2 + [
-        b"HTTP/1.1 404 Not Found", b"HTTP/1.1 200 OK"]
-    assert bodies[1][1] == (root / "mid.bin").read_bytes() and bodies[3][1] == b"small body\n"
+        responses = Responses(s)
+        got = [responses.next() for _ in range(4)]
+        s.settimeout(0.5)
+        with pytest.raises(TimeoutError):  # and not one byte more
+            responses.read(1)
+    assert [status for status, _, _ in got] == [200, 200, 404, 200]
+    assert got[1][2] == (root / "mid.bin").read_bytes() and got[3][2] == b"small body\n"
 
 
 def test_stalled_clients_do_not_hold_up_other_connections(server):
@@ -212,8 +192,9 @@ def test_stalled_clients_do_not_hold_up_other_connections(server):
     root, base, proc = server
     port = int(base.rsplit(":", 1)[1])
     kept = socket.create_connection(("127.0.0.1", port), timeout=10)
+    kept_responses = Responses(kept)
     kept.sendall(b"GET /small.txt HTTP/1.1\r\nHost: t\r\n\r\n")
-    assert read_response(kept)[1] == b"small body\n"
+    assert kept_responses.next()[2] == b"small body\n"
     stalled = socket.socket()
     stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stalled.connect(("127.0.0.1", port))
@@ -225,12 +206,11 @@ def test_stalled_clients_do_not_hold_up_other_connections(server):
         started = time.monotonic()
         for _ in range(20):
             kept.sendall(b"GET /small.txt HTTP/1.1\r\nHost: t\r\n\r\n")
-            assert read_response(kept)[1] == b"small body\n"
+            assert kept_responses.next()[2] == b"small body\n"
             assert requests.get(base + "/mid.bin", timeout=10).content == (root / "mid.bin").read_bytes()
         assert time.monotonic() - started < 4  # well inside the 5 s the partial head may take
         # The stalled download was never given up: it still arrives whole.
-        head, body = read_response(stalled)
-        assert body == (root / "big.bin").read_bytes()
+        assert Responses(stalled).next()[2] == (root / "big.bin").read_bytes()
     finally:
         for s in (kept, stalled, partial):
             s.close()
@@ -254,7 +234,7 @@ def test_idle_connections_are_closed_after_the_keepalive_time(tmp_path):
         silent = socket.create_connection(("127.0.0.1", port), timeout=10)  # never sends anything
         used = socket.create_connection(("127.0.0.1", port), timeout=10)
         used.sendall(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n")
-        assert read_response(used)[1] == b"a"
+        assert Responses(used).next()[2] == b"a"
         started = time.monotonic()
         assert closed_within(used, 5)
         assert 0.9 < time.monotonic() - started < 3.5  # 1 s keep-alive, checked every second
@@ -278,8 +258,8 @@ def test_running_out_of_file_descriptors_defers_new_connections_until_one_closes
             c.sendall(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n")
             clients.append(c)
         for c in clients[:20]:  # the first ones were accepted and answered at once: the file, or
-            head, body = read_response(c)  # a 503 to retry when no descriptor was left to open it
-            assert body == b"a" or head.startswith(b"HTTP/1.1 503") and b"Retry-After: 1" in head, head
+            status, headers, body = Responses(c).next()  # a 503 to retry when no descriptor was left
+            assert body == b"a" or status == 503 and headers["retry-after"] == "1", (status, headers)
 
         def cpu_ticks() -> int:  # the worker's user + system time, in clock ticks (1/100 s)
             fields = open(f"/proc/{proc.pid}/stat").read().rsplit(")", 1)[1].split()
@@ -291,7 +271,7 @@ def test_running_out_of_file_descriptors_defers_new_connections_until_one_closes
         for c in clients[:20]:
             c.close()
         for c in clients[20:]:  # the rest, waiting in the backlog, are served as connections close
-            assert read_response(c)[1] == b"a"
+            assert Responses(c).next()[2] == b"a"
             c.close()
         assert proc.poll() is None
         assert requests.get(f"http://127.0.0.1:{port}/a.txt", timeout=10).content == b"a"

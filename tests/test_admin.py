@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from master_support import Master, base_config, health
-from support import free_port, wait_until
+from master_support import Admin, health
+from support import wait_until
 
 COMBINED = re.compile(r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "GET (\S+) HTTP/1\.1" '
                       r'(\d{3}) (\d+|-) "([^"]*)" "([^"]*)" (\d+)$')
@@ -29,42 +28,6 @@ def site(tmp_path: Path) -> Path:
     (root / "a.txt").write_text("alpha\n")
     (root / "b.txt").write_text("bravo!\n")
     return root
-
-
-class Admin:
-    """A master with an admin listener, and shortcuts to both of its ports."""
-
-    def __init__(self, masters, directory: Path, site: Path, workers: int = 2, **extra) -> None:
-        self.port, self.admin_port = free_port(), free_port()
-        self.worker_ports = [free_port() for _ in range(workers)]
-        config = base_config(site, self.port, self.worker_ports, admin=f"127.0.0.1:{self.admin_port}", **extra)
-        self.master = Master(directory, config)
-        masters.append(self.master)
-
-    def ready(self, timeout: float = 40.0) -> dict[int, int]:
-        pids = self.master.wait_workers(self.worker_ports, timeout=timeout)
-        wait_until(lambda: all(w["up"] for w in self.json()["workers"]), timeout=timeout,
-                   message="every worker up in status.json")
-        return pids
-
-    def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=10, **kw)
-
-    def json(self) -> dict:
-        for _ in range(100):  # the listener opens with the master
-            try:
-                return self.get("/status.json").json()
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise TimeoutError("admin listener never answered")
-
-    def metrics(self) -> dict[tuple[str, tuple], float]:
-        text = self.get("/metrics").text
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
-
-    def public(self, path: str, **kw) -> requests.Response:
-        return requests.get(f"http://127.0.0.1:{self.port}{path}", timeout=10, **kw)
 
 
 WORKER_KEYS = {"address", "host", "port", "local", "pid", "up", "since", "consecutive_failures", "restarts",

@@ -68,10 +68,6 @@ class Arbiter:
     def config_path(self) -> str:
         return str(self.config.source.resolve())
 
-    @property
-    def access_log_dropped(self) -> int | None:
-        return None if self.access_log is None else self.access_log.dropped
-
     def _use_access_log(self, access_log: AccessLog | None) -> None:
         """Log each response to `access_log`, or (None) to nowhere; the old log is closed."""
         old, self.access_log = self.access_log, access_log

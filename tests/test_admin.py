@@ -1,7 +1,8 @@
 """The real master's operations surface: admin endpoints (JSON shape, metrics that move with
 traffic, readiness when every worker is stopped, nothing of it on the public port), the access
-log (combined format, USR1 after rotation loses no line) and sd_notify (READY only once the
-workers are healthy; RELOADING/READY around HUP; STOPPING)."""
+log (combined format, USR1 after rotation loses no line, a full disk counted and logged
+sparingly) and sd_notify (READY only once the workers are healthy; RELOADING/READY around HUP;
+STOPPING)."""
 from __future__ import annotations
 
 import os
@@ -208,6 +209,24 @@ def test_access_log_is_combined_format_and_usr1_reopens_it_after_rotation(master
                (tmp_path / "access.log.1").read_text().splitlines() + log_path.read_text().splitlines()]
     assert targets == [f"/a.txt?n={i}" for i in range(40)]  # none lost, none twice, in order
     assert "/a.txt" not in (tmp_path / "gows.log").read_text()  # workers do not log requests too
+
+
+def test_access_log_on_a_full_disk_counts_every_lost_line_and_logs_the_error_a_few_times(masters, tmp_path, site):
+    a = Admin(masters, tmp_path, site, workers=1, logging={"accessLog": "/dev/full"})  # ENOSPC on every write
+    a.ready()
+    sent = 300
+    with requests.Session() as s:
+        for i in range(sent):
+            assert s.get(f"http://127.0.0.1:{a.port}/a.txt?n={i}", timeout=10).status_code == 200
+    wait_until(lambda: a.json()["access_log"]["dropped"] >= sent, timeout=20, message="every line counted as dropped")
+    status = a.json()["access_log"]
+    assert status == {"enabled": True, "dropped": status["dropped"], "error": "No space left on device"}
+    assert a.metrics()[("gows_access_log_dropped_lines_total", ())] >= sent
+    page = a.get("/status").text
+    assert '<dd id="f-astate">failing: No space left on device</dd>' in page
+    assert re.search(r'<dd id="f-adropped">[\d,]+</dd>', page)
+    errors = a.master.count(r"access log: cannot write to /dev/full: No space left on device")
+    assert 1 <= errors <= 3, a.master.log()[-3000:]
 
 
 def test_access_log_to_stdout(masters, tmp_path, site):

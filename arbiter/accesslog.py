@@ -166,6 +166,9 @@ class AccessLog:
                     log.warning("access log: %d lines dropped: the writer fell %d lines behind (%d dropped in all; "
                                 "reported at most every %gs)", lost, MAX_QUEUED, self.dropped, REPORT_INTERVAL)
             if control is _STOP:
+                unreported = self._failing.flush()
+                if unreported:
+                    log.error("access log: %d more lines were lost (%s) before it was closed", unreported, self.error)
                 if self.stream is not None:
                     self.stream.close()
                 return

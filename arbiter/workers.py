@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from .config import Config
-from .health import HealthChecker, probe
+from .health import HealthChecker, ProbeSkipped, probe
 from .logs import LogSink
 from .state import WorkerState, WorkerTable
 
@@ -475,7 +475,11 @@ class LocalWorker:
         return False
 
     async def _prove(self, new: Incarnation, options: WorkerOptions) -> str | None:
-        """None once `rise` consecutive probes passed (all answered by `new`), else why not."""
+        """None once `rise` consecutive probes passed (all answered by `new`), else why not.
+
+        A probe the master could not make (its own shortage of descriptors or memory) neither
+        passes nor fails: it is tried again, until the boot timeout.
+        """
         deadline = new.started + options.boot_timeout
         passes, error = 0, "did not answer"
         while passes < self.table.rise:
@@ -486,12 +490,17 @@ class LocalWorker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return f"did not become healthy within {options.boot_timeout:g}s ({error})"
-            result = await probe(self.state.host, self.state.port, options.health_path,
-                                 min(options.check_timeout, remaining))
-            if result is None:
-                passes += 1
+            try:
+                result = await probe(self.state.host, self.state.port, options.health_path,
+                                     min(options.check_timeout, remaining))
+            except ProbeSkipped as why:
+                self.checker.skipped(self.state, why)
+                error = f"not probed: {why}"
             else:
-                passes, error = 0, result
+                if result is None:
+                    passes += 1
+                else:
+                    passes, error = 0, result
             if passes < self.table.rise:
                 await asyncio.sleep(min(options.check_interval, RELOAD_PROBE_SPACING))
         return None

@@ -166,9 +166,10 @@ class AccessLog:
                     log.warning("access log: %d lines dropped: the writer fell %d lines behind (%d dropped in all; "
                                 "reported at most every %gs)", lost, MAX_QUEUED, self.dropped, REPORT_INTERVAL)
             if control is _STOP:
-                unreported = self._failing.flush()
-                if unreported:
-                    log.error("access log: %d more lines were lost (%s) before it was closed", unreported, self.error)
+                behind, failed = self._behind.flush(), self._failing.flush()
+                if behind or failed:
+                    log.error("access log: %d more lines were lost before it was closed (%s)", behind + failed,
+                              self.error or "the writer fell behind")
                 if self.stream is not None:
                     self.stream.close()
                 return

@@ -93,9 +93,9 @@ class LogSink:
 class Throttle:
     """Rate limit for the log lines about one recurring problem: the first occurrence is reported
     at once, later ones at most once per `interval` seconds with how many there were meanwhile,
-    so a failure repeating thousands of times a second costs a line per interval, not per time.
+    so a failure repeating thousands of times a second costs a line per interval, not one each.
 
-    Not locked: each instance belongs to one thread.
+    Not thread-safe: each instance belongs to one thread.
     """
 
     def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:

@@ -196,7 +196,7 @@ def test_every_line_a_full_disk_refuses_is_dropped_and_the_error_is_logged_once_
     first, last = [r.getMessage() for r in caplog.records]
     lost = int(re.fullmatch(r"access log: cannot write to /dev/full: No space left on device; (\d+) lines lost "
                             r"\(\d+ dropped in all; reported at most every 10s\)", first).group(1))
-    assert last == f"access log: {1000 - lost} more lines were lost (No space left on device) before it was closed"
+    assert last == f"access log: {1000 - lost} more lines were lost before it was closed (No space left on device)"
 
 
 def test_the_access_log_says_when_writing_works_again_and_how_many_lines_it_lost(tmp_path, monkeypatch, caplog):
@@ -231,7 +231,7 @@ def test_the_access_log_says_when_writing_works_again_and_how_many_lines_it_lost
         f"access log: writing to {path} again after 1 more lines were lost",
         "access log: cannot write to %s: No space left on device; 1 lines lost (3 dropped in all; reported at most "
         "every 10s)" % path,
-        "access log: 1 more lines were lost (No space left on device) before it was closed"]
+        "access log: 1 more lines were lost before it was closed (No space left on device)"]
 
 
 def test_throttle_reports_the_first_occurrence_then_a_count_per_interval():

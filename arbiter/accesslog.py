@@ -3,8 +3,11 @@
 
 The event loop only queues the raw fields of a line (a tuple, no formatting); a writer thread
 formats them and writes in batches, so a slow disk never stalls requests. The queue is bounded:
-past MAX_QUEUED unwritten lines, new ones are counted as dropped (and reported) instead of
-growing memory without limit. SIGUSR1 reopens the file (logrotate) in the writer thread.
+past MAX_QUEUED unwritten lines, new ones are counted as dropped instead of growing memory
+without limit; lines a write fails on (a full disk) are counted as dropped too. Either trouble
+is logged when it starts, then at most once per REPORT_INTERVAL with the count lost meanwhile:
+a full disk must not turn every request into an error line. SIGUSR1 reopens the file
+(logrotate) in the writer thread.
 """
 from __future__ import annotations
 
@@ -19,11 +22,13 @@ from pathlib import Path
 from typing import Any
 
 from .config import STDOUT, ConfigError
+from .logs import Throttle
 
 log = logging.getLogger("gows.access")
 
 MAX_QUEUED = 65536  # unwritten lines held at most (a few MiB)
 BATCH = 512  # lines formatted and written per write call at most
+REPORT_INTERVAL = 10.0  # seconds between two log lines about the same trouble at most
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
 _REOPEN, _STOP = object(), object()
 _UNSAFE = re.compile(rb'[^\x20-\x7e]|["\\]')
@@ -94,18 +99,28 @@ class AccessLog:
     def __init__(self, target: Path | None) -> None:
         self.target = target  # None: stdout
         self.stream = open_target(target)
-        self.dropped = 0
+        # Each counter has one writer thread; readers (status, metrics) only read.
+        self.queue_full = 0  # lines dropped by the loop: the writer was MAX_QUEUED lines behind
+        self.write_failed = 0  # lines the writer could not write
+        self.error = ""  # why the last write failed; "" while writes succeed
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._reported = 0
+        self._seen_full = 0
+        self._behind = Throttle(REPORT_INTERVAL)
+        self._failing = Throttle(REPORT_INTERVAL)
         self._thread = threading.Thread(target=self._run, name="gows access log", daemon=True)
         self._thread.start()
+
+    @property
+    def dropped(self) -> int:
+        """Lines lost so far, for whatever reason."""
+        return self.queue_full + self.write_failed
 
     # -- the loop's side ---------------------------------------------------------------------
     def observe(self, client: Any, req: Any) -> None:
         """The proxy's per-response hook while the log is on: queue the line's fields."""
         q = self._queue
         if q.qsize() >= MAX_QUEUED:
-            self.dropped += 1
+            self.queue_full += 1
             return
         peer = client.peer
         if peer is None:
@@ -144,10 +159,17 @@ class AccessLog:
                 item = q.get()
             if lines:
                 self._write("".join(lines).encode("ascii", "replace"))
-            if self.dropped != self._reported:
-                log.warning("access log: %d lines dropped so far (the writer could not keep up)", self.dropped)
-                self._reported = self.dropped
+            if self.queue_full != self._seen_full:
+                lost = self._behind.due(self.queue_full - self._seen_full)
+                self._seen_full = self.queue_full
+                if lost:
+                    log.warning("access log: %d lines dropped: the writer fell %d lines behind (%d dropped in all; "
+                                "reported at most every %gs)", lost, MAX_QUEUED, self.dropped, REPORT_INTERVAL)
             if control is _STOP:
+                behind, failed = self._behind.flush(), self._failing.flush()
+                if behind or failed:
+                    log.error("access log: %d more lines were lost before it was closed (%s)", behind + failed,
+                              self.error or "the writer fell behind")
                 if self.stream is not None:
                     self.stream.close()
                 return
@@ -155,13 +177,28 @@ class AccessLog:
                 self._reopen()
 
     def _write(self, data: bytes) -> None:
+        """Write whole lines; every line not (completely) written counts as dropped."""
         fd = self.stream.fileno() if self.stream is not None else sys.stdout.fileno()
         view = memoryview(data)
+        written = 0
         try:
-            while view:
-                view = view[os.write(fd, view):]
+            while written < len(data):
+                written += os.write(fd, view[written:])
         except OSError as e:
-            log.error("access log: cannot write to %s: %s", self.target or "stdout", e.strerror or e)
+            lost = data.count(b"\n", written)  # a line cut short is lost too
+            self.write_failed += lost
+            self.error = e.strerror or str(e)
+            reported = self._failing.due(lost)
+            if reported:
+                log.error("access log: cannot write to %s: %s; %d lines lost (%d dropped in all; reported at "
+                          "most every %gs)", self.target or "stdout", self.error, reported, self.dropped,
+                          REPORT_INTERVAL)
+            return
+        if self.error:
+            self.error = ""
+            unreported = self._failing.flush()
+            log.warning("access log: writing to %s again%s", self.target or "stdout",
+                        f" after {unreported} more lines were lost" if unreported else "")
 
     def _reopen(self) -> None:
         if self.target is None:

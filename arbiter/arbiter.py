@@ -24,7 +24,7 @@ from .notify import Notifier
 from .proxy import Proxy, ProxySettings
 from .sockets import bind_listener
 from .state import WorkerState, WorkerTable
-from .workers import LocalWorker, WorkerOptions
+from .workers import LocalWorker, Pool, WorkerOptions
 
 log = logging.getLogger("gows.arbiter")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -50,6 +50,7 @@ class Arbiter:
         self.checker = HealthChecker(self.table, config.health_check, on_result=self._on_check)
         self.table.subscribe(self._on_transition)
         self.slots: dict[tuple[str, int], LocalWorker] = {}
+        self.pool = Pool()  # the same slots, kept from all backing off at once
         self._worker_sockets = worker_sockets
         self._retiring: dict[asyncio.Task, LocalWorker] = {}  # slots draining after TTOU/HUP
         self.proxy = Proxy(self.table, ProxySettings(**config.proxy_settings))
@@ -66,10 +67,6 @@ class Arbiter:
     @property
     def config_path(self) -> str:
         return str(self.config.source.resolve())
-
-    @property
-    def access_log_dropped(self) -> int | None:
-        return None if self.access_log is None else self.access_log.dropped
 
     def _use_access_log(self, access_log: AccessLog | None) -> None:
         """Log each response to `access_log`, or (None) to nowhere; the old log is closed."""
@@ -201,7 +198,7 @@ class Arbiter:
     # -- slots -------------------------------------------------------------------------------
     def _add_slot(self, host: str, port: int, sock: socket.socket, options: WorkerOptions) -> LocalWorker:
         state = self.table.add(WorkerState(host, port, local=True))
-        slot = LocalWorker(state, sock, self.table, self.checker, options, self.sink)
+        slot = LocalWorker(state, sock, self.table, self.checker, options, self.sink, self.pool)
         self.slots[state.key] = slot
         slot.start()
         return slot

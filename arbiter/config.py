@@ -364,7 +364,7 @@ class RestartBackoff:
 
     initial: float = setting(Number(3600), 0.5, "Delay before the second consecutive restart of a failing worker; it doubles each further time.")
     max: float = setting(Number(3600), 30.0, "Upper bound of the restart delay.")
-    min_uptime: float = setting(Number(86400, positive=False), 5.0, "A worker that exits or is replaced sooner than this many seconds after it started (or before it was ever healthy) counts as failing right after start.")
+    min_uptime: float = setting(Number(86400, positive=False), 5.0, "A worker that exits, crashes (SIGSEGV, SIGABRT, ...) or is replaced for failing checks sooner than this many seconds after it started, or before it was ever healthy, counts as failing right after start. One killed from outside (SIGKILL, SIGTERM: the OOM killer, an operator) after it had become healthy does not: it restarts at once.")
 
 
 @dataclass(frozen=True)
@@ -433,7 +433,7 @@ class Config:
     pidfile: Path | None = setting(Nullable(FilePath()), None, "File the master writes its pid to (removed at exit); null for none.")
     admin: Address | None = setting(Nullable(AddressKind()), None, "Address of the admin listener (status page, metrics); null disables it.")
     health_check: HealthCheck = section(HealthCheck, "Active health checks of every worker.")
-    restart_backoff: RestartBackoff = section(RestartBackoff, "Back-off for local workers that keep failing right after start.")
+    restart_backoff: RestartBackoff = section(RestartBackoff, "Back-off for local workers that keep failing right after start (a crash loop). It never leaves the pool without a worker: when no local worker is up or starting, one that is waiting out its delay starts at once.")
     cache: Cache = section(Cache, "Each worker's file cache.")
     logging: Logging = section(Logging, "Logging of the master and its workers.")
     proxy: Proxy = section(Proxy, "The front reverse proxy.")

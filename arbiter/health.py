@@ -2,6 +2,10 @@
 
 A probe is deliberately minimal (connect, one `GET`, read the status line, close) and bounded
 by the configured timeout; it is not a client and parses nothing beyond the status code.
+
+A probe the master cannot make because it is itself out of descriptors or memory (EMFILE,
+ENFILE, ENOBUFS, ENOMEM) is no check at all: it raises ProbeSkipped, nothing is recorded, and
+a warning about the master (not the worker) is logged at most every SHORTAGE_REPORT_INTERVAL.
 """
 from __future__ import annotations
 
@@ -12,19 +16,31 @@ import time
 from typing import Callable
 
 from .config import HealthCheck
+from .logs import Throttle
+from .sockets import local_shortage
 from .state import WorkerState, WorkerTable
 
 log = logging.getLogger("gows.health")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])[ \r\n]")
+SHORTAGE_REPORT_INTERVAL = 10.0  # seconds between two warnings about skipped checks at most
+
+
+class ProbeSkipped(Exception):
+    """The master could not probe: it is out of descriptors or memory itself. The message says
+    what it is short of; the worker was not asked anything."""
 
 
 async def probe(host: str, port: int, path: str, timeout: float) -> str | None:
-    """Check one worker: None when it answered 2xx within `timeout` seconds, else why not."""
+    """Check one worker: None when it answered 2xx within `timeout` seconds, else why not;
+    ProbeSkipped when the master could not ask (see the module docstring)."""
     try:
         return await asyncio.wait_for(_probe(host, port, path), timeout)
     except asyncio.TimeoutError:
         return f"no answer within {timeout:.3g}s"
     except OSError as e:
+        shortage = local_shortage(e)
+        if shortage is not None:
+            raise ProbeSkipped(shortage) from None
         return e.strerror or str(e) or type(e).__name__
 
 
@@ -62,6 +78,7 @@ class HealthChecker:
         self._tasks: dict[WorkerState, asyncio.Task] = {}
         self._kicks: dict[WorkerState, asyncio.Event] = {}
         self._held: set[WorkerState] = set()
+        self._short = Throttle(SHORTAGE_REPORT_INTERVAL)
 
     def sync(self) -> None:
         """Start checking workers added to the table and stop checking removed ones."""
@@ -88,6 +105,13 @@ class HealthChecker:
         self._held.discard(worker)
         self.kick(worker)
 
+    def skipped(self, worker: WorkerState, why: ProbeSkipped) -> None:
+        """A probe of `worker` was skipped (the master's shortage): warn, at most once per interval."""
+        count = self._short.due()
+        if count:
+            log.warning("%s: %d health checks skipped (the last one of worker %s) and not counted against the "
+                        "workers; reported at most every %gs", why, count, worker.address, SHORTAGE_REPORT_INTERVAL)
+
     async def close(self) -> None:
         """Stop every checking task."""
         tasks = list(self._tasks.values())
@@ -106,16 +130,24 @@ class HealthChecker:
             if self._wanted(worker):
                 pid, settings = worker.pid, self.settings
                 started = time.perf_counter()  # uvloop's loop.time() counts whole milliseconds
-                error = await probe(worker.host, worker.port, settings.path, settings.timeout)
-                if worker.pid == pid and self._wanted(worker) and self.table.get(*worker.key) is worker:
-                    if error:
-                        log.debug("check of %s failed: %s", worker.address, error)
-                    self.table.record_check(worker, error is None, time.perf_counter() - started, error or "")
-                    if self.on_result is not None:
-                        self.on_result(worker)
+                try:
+                    error = await probe(worker.host, worker.port, settings.path, settings.timeout)
+                except ProbeSkipped as why:
+                    self.skipped(worker, why)
+                else:
+                    self._record(worker, pid, error, time.perf_counter() - started)
             if kick.is_set():
                 continue
             try:
                 await asyncio.wait_for(kick.wait(), self.settings.interval)
             except asyncio.TimeoutError:
                 pass
+
+    def _record(self, worker: WorkerState, pid: int | None, error: str | None, latency: float) -> None:
+        """Feed one check's result, unless the worker changed process, is held or was removed meanwhile."""
+        if worker.pid == pid and self._wanted(worker) and self.table.get(*worker.key) is worker:
+            if error:
+                log.debug("check of %s failed: %s", worker.address, error)
+            self.table.record_check(worker, error is None, latency, error or "")
+            if self.on_result is not None:
+                self.on_result(worker)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import subprocess
 import sys
+import time
+from typing import Callable
 
 from .config import Logging
 
@@ -85,3 +88,34 @@ class LogSink:
                 os.write(stream.fileno(), data)
             except OSError:
                 pass  # a full disk must not take the master down; the master's own lines report it
+
+
+class Throttle:
+    """Rate limit for the log lines about one recurring problem: the first occurrence is reported
+    at once, later ones at most once per `interval` seconds with how many there were meanwhile,
+    so a failure repeating thousands of times a second costs a line per interval, not one each.
+
+    Not thread-safe: each instance belongs to one thread.
+    """
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.clock = clock
+        self.pending = 0  # occurrences not reported yet
+        self._next = -math.inf
+
+    def due(self, count: int = 1) -> int:
+        """Note `count` occurrences; how many to report now (0: hold the line back)."""
+        self.pending += count
+        now = self.clock()
+        if now < self._next:
+            return 0
+        self._next = now + self.interval
+        reported, self.pending = self.pending, 0
+        return reported
+
+    def flush(self) -> int:
+        """The problem is over: the occurrences not reported yet; the next one is reported at once."""
+        reported, self.pending = self.pending, 0
+        self._next = -math.inf
+        return reported

@@ -92,10 +92,10 @@ class MasterCollector(Collector):
                 latency.add_metric(values, w.last_check_latency)
         yield from (up, restarts, served, in_flight, failures, latency)
 
-        dropped = master.access_log_dropped
-        if dropped is not None:
-            yield CounterMetricFamily("gows_access_log_dropped_lines", "Access log lines dropped because the "
-                                      "writer could not keep up.", value=dropped)
+        access_log = master.access_log
+        if access_log is not None:
+            yield CounterMetricFamily("gows_access_log_dropped_lines", "Access log lines not written: the writer "
+                                      "fell behind or a write failed (a full disk).", value=access_log.dropped)
 
 
 def make_registry(master: Master) -> CollectorRegistry:

@@ -1,4 +1,5 @@
-"""Listening sockets the master binds and keeps: the public listener and each local worker's port."""
+"""Listening sockets the master binds and keeps (the public listener and each local worker's
+port), and how to tell the master's own shortage of sockets from a peer's failure."""
 from __future__ import annotations
 
 import errno
@@ -38,3 +39,16 @@ def bind_listener(host: str, port: int, key: str) -> socket.socket:
                   errno.EACCES: "permission denied"}.get(e.errno, e.strerror or str(e))
         raise ConfigError(f"{key}: cannot listen on {address}: {reason}") from None
     return sock
+
+
+# errno values that say this process (or this host) ran out of descriptors or memory: a socket
+# or connect failing with one of them says nothing about the peer it was meant for.
+LOCAL_SHORTAGES = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors (system-wide)",
+                   errno.ENOBUFS: "socket buffers", errno.ENOMEM: "memory"}
+
+
+def local_shortage(exc: BaseException) -> str | None:
+    """What the master is short of when `exc` is one of LOCAL_SHORTAGES, else None."""
+    if isinstance(exc, OSError) and exc.errno in LOCAL_SHORTAGES:
+        return f"the master is out of {LOCAL_SHORTAGES[exc.errno]} ({exc.strerror or exc})"
+    return None

@@ -16,13 +16,15 @@ durations are seconds, latencies may be null when nothing was measured:
      "proxy": {"client_connections": int, "retries": int, "upstream_errors": int, "timeouts": int,
                "no_healthy_worker": int, "truncated_responses": int,
                "rejected_connections": int, "rejected_requests": int},
-     "access_log": {"enabled": bool, "dropped": int}}
+     "access_log": {"enabled": bool, "dropped": int, "error": str}}
 
     WINDOW = {"seconds": float, "requests": int, "rate_per_second": float,
               "p50_seconds": float|null, "p99_seconds": float|null}
 
 `requests` counts completed responses (the latency histogram); `responses` counts them by
-status class; a window covers the samples within reach (shorter just after start).
+status class; a window covers the samples within reach (shorter just after start). The access
+log's `dropped` counts every line not written (its writer fell behind, or a write failed: a full
+disk), `error` says why the last write failed ("" while writes succeed).
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import time
 from importlib import metadata
 from typing import Any, Protocol
 
+from .accesslog import AccessLog
 from .proxy import Proxy
 from .proxy.stats import Window, quantile
 from .state import WorkerTable
@@ -48,12 +51,10 @@ class Master(Protocol):
     proxy: Proxy
     started: float  # Unix time
     stopping: bool
+    access_log: AccessLog | None  # None: the access log is off
 
     @property
     def config_path(self) -> str: ...
-
-    @property
-    def access_log_dropped(self) -> int | None: ...  # None: the access log is off
 
 
 def ready(master: Master) -> bool:
@@ -74,7 +75,7 @@ def snapshot(master: Master, window: Window) -> dict[str, Any]:
     lookups = cache["hits"] + cache["misses"]
     buckets = proxy.latency.buckets
     now = time.time()
-    dropped = master.access_log_dropped
+    access_log = master.access_log
     return {
         "version": VERSION,
         "pid": os.getpid(),
@@ -104,5 +105,7 @@ def snapshot(master: Master, window: Window) -> dict[str, Any]:
         "proxy": {key: stats[key] for key in (
             "client_connections", "retries", "upstream_errors", "timeouts", "no_healthy_worker",
             "truncated_responses", "rejected_connections", "rejected_requests")},
-        "access_log": {"enabled": dropped is not None, "dropped": dropped or 0},
+        "access_log": {"enabled": access_log is not None,
+                       "dropped": access_log.dropped if access_log is not None else 0,
+                       "error": access_log.error if access_log is not None else ""},
     }

@@ -85,6 +85,8 @@ var fields={
  centries:function(d){return num(d.front_cache.entries);},
  cbytes:function(d){return bytes(d.front_cache.bytes)+" / "+bytes(d.front_cache.max_bytes);},
  cratio:function(d){return pct(d.front_cache.hit_ratio);},
+ astate:function(d){var a=d.access_log;return !a.enabled?"off":a.error?"failing: "+a.error:"on";},
+ adropped:function(d){return num(d.access_log.dropped);},
  workersup:function(d){var n=0;d.workers.forEach(function(w){if(w.up)n++;});return n+" / "+d.workers.length;}
 };
 function cell(row,label,text,cls){var td=document.createElement("td");td.setAttribute("data-label",label);
@@ -166,6 +168,10 @@ def _pct(x: float | None) -> str:
     return "\u2013" if x is None else f"{x * 100:.1f} %"
 
 
+def _access_state(a: dict[str, Any]) -> str:
+    return "off" if not a["enabled"] else f'failing: {a["error"]}' if a["error"] else "on"
+
+
 def _card(key: str, label: str, value: str) -> str:
     return f'<div><dt>{escape(label)}</dt><dd id="f-{key}">{escape(value)}</dd></div>'
 
@@ -213,6 +219,10 @@ def render(d: dict[str, Any]) -> str:
         _card("cbytes", "Bytes", f'{_bytes(cache["bytes"])} / {_bytes(cache["max_bytes"])}'),
         _card("cratio", "Hit ratio", _pct(cache["hit_ratio"])),
     ))
+    access = "".join((
+        _card("astate", "Access log", _access_state(d["access_log"])),
+        _card("adropped", "Lines dropped", f'{d["access_log"]["dropped"]:,}'),
+    ))
     rows = "".join(_worker_row(w, now) for w in d["workers"])
     heads = "".join(f'<th{" class=n" if n else ""} scope="col">{h}</th>' for h, n in (
         ("Worker", 0), ("PID", 1), ("State", 0), ("Since", 1), ("Failures", 1), ("Restarts", 1),
@@ -234,6 +244,7 @@ workers up <span id="f-workersup">{up} / {len(d["workers"])}</span></span></head
 <table class="workers"><thead><tr>{heads}</tr></thead>
 <tbody id="workers">{rows}</tbody></table>
 <h2>Front cache</h2><dl class="cards">{front}</dl>
+<h2>Access log</h2><dl class="cards">{access}</dl>
 <footer>gows {escape(d["version"])} &middot; master pid {d["pid"]} &middot; config {escape(d["config"])}<br>
 updated <span id="f-updated">{time.strftime("%H:%M:%S")}</span> &middot; <span id="live">static page, reloads every 10 s</span>
 &middot; <a href="status.json">status.json</a> &middot; <a href="metrics">metrics</a></footer>

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 
 from .config import Config
-from .health import HealthChecker, probe
+from .health import HealthChecker, ProbeSkipped, probe
 from .logs import LogSink
 from .state import WorkerState, WorkerTable
 
@@ -95,6 +95,18 @@ def _settle(future: asyncio.Future, value: object) -> None:
         future.set_result(value)
 
 
+# Signals whose default action dumps core (signal(7)) are what a process gets for its own fault;
+# SIGQUIT, the one of them only ever sent by another process, is left out.
+_OWN_FAULTS = frozenset({signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGSEGV,
+                         signal.SIGSYS, signal.SIGTRAP, signal.SIGXCPU, signal.SIGXFSZ})
+
+
+def killed_from_outside(returncode: int | None) -> bool:
+    """The process died of a signal another process sent (kill(1), the OOM killer), not of a
+    fault of its own (SIGSEGV, SIGABRT, ...) and not by exiting."""
+    return returncode is not None and returncode < 0 and -returncode not in _OWN_FAULTS
+
+
 def describe_exit(returncode: int) -> str:
     if returncode < 0:
         try:
@@ -106,7 +118,11 @@ def describe_exit(returncode: int) -> str:
 
 class Backoff:
     """Restart delay for a worker failing right after start: none for the first failure, then
-    `initial`, doubling per further consecutive failure, capped at `maximum`."""
+    `initial`, doubling per further consecutive failure, capped at `maximum`.
+
+    Back-off is for crash loops, so only crash-loop evidence counts (LocalWorker._count), and a
+    Pool never lets it leave every local slot without a worker up or starting.
+    """
 
     def __init__(self) -> None:
         self.failures = 0
@@ -140,6 +156,35 @@ class Incarnation:
                 pass
 
 
+class Pool:
+    """The local worker slots of one master, seen together so that back-off never leaves them
+    all without a worker: when no slot has a worker up or starting, one slot waiting out its
+    back-off starts at once (one, not all: a bad config must not spin every slot).
+
+    Checking and claiming happen in one step of the event loop (no await between them), so two
+    slots woken by the same change cannot both take the rescue.
+    """
+
+    def __init__(self) -> None:
+        self._slots: set[LocalWorker] = set()
+
+    def join(self, slot: LocalWorker) -> None:
+        self._slots.add(slot)
+
+    def leave(self, slot: LocalWorker) -> None:
+        self._slots.discard(slot)
+        self.changed()
+
+    def has_worker_on_its_way(self) -> bool:
+        """Some slot has an incarnation (up, booting, or still being checked) or is starting one."""
+        return any(slot.on_its_way for slot in self._slots)
+
+    def changed(self) -> None:
+        """A slot lost its incarnation: slots waiting out a back-off look again."""
+        for slot in list(self._slots):
+            slot.notify()
+
+
 class LocalWorker:
     """The supervisor of one local worker port (see the module docstring).
 
@@ -148,12 +193,15 @@ class LocalWorker:
     """
 
     def __init__(self, state: WorkerState, sock: socket.socket, table: WorkerTable,
-                 checker: HealthChecker, options: WorkerOptions, sink: LogSink) -> None:
+                 checker: HealthChecker, options: WorkerOptions, sink: LogSink, pool: Pool) -> None:
         self.state, self.sock, self.table, self.checker = state, sock, table, checker
         self.options = options
         self.sink = sink
+        self.pool = pool
         self.backoff = Backoff()
         self.current: Incarnation | None = None
+        self._starting = False  # between deciding to start an incarnation and having it
+        self._start_failed = False  # the last start raised OSError: the master's own trouble
         self._live: set[Incarnation] = set()
         self._background: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -164,11 +212,17 @@ class LocalWorker:
 
     # -- requests from the arbiter ---------------------------------------------------------
     def start(self) -> None:
-        """Run the slot's loop as a task on the current loop."""
+        """Join the pool and run the slot's loop as a task on the current loop."""
+        self.pool.join(self)
         self.task = asyncio.get_running_loop().create_task(self.run(), name=f"worker {self.state.address}")
 
+    @property
+    def on_its_way(self) -> bool:
+        """The slot has a worker up or on its way up (see Pool)."""
+        return self._starting or self.current is not None
+
     def notify(self) -> None:
-        """Something about this worker's health changed: re-evaluate."""
+        """Something about this worker's health, or the pool's, changed: re-evaluate."""
         current = self.current
         if current is not None and self.state.up and self.state.pid == current.pid:
             current.was_up = True
@@ -214,16 +268,14 @@ class LocalWorker:
                 if why == "reload":
                     await self._reload(self.current)
                 elif why == "exited":
-                    inc = self.current
-                    self.current = None
+                    inc = self._drop_current()
                     self._live.discard(inc)
                     self._count(inc)
                     reason = describe_exit(inc.proc.returncode)
                     log.warning("worker %s (pid %d) %s", self.state.address, inc.pid, reason)
                     self.table.exited(self.state, reason)
                 else:
-                    inc = self.current
-                    self.current = None
+                    inc = self._drop_current()
                     self._count(inc)
                     reason = (f"did not become healthy within {self.options.boot_timeout:g}s"
                               if why == "boot" else f"failed {self.state.consecutive_failures} health checks")
@@ -234,24 +286,18 @@ class LocalWorker:
         finally:
             await self._shutdown()
 
+    def _drop_current(self) -> Incarnation:
+        """The current incarnation is over (or being replaced): the slot has nothing on its way."""
+        inc, self.current = self.current, None
+        self.pool.changed()
+        return inc
+
     async def _start_next(self) -> None:
         """Start the next incarnation, after the back-off delay when the worker keeps failing."""
         o = self.options
         delay = self.backoff.delay(o.backoff_initial, o.backoff_max)
-        if delay > 0:
-            log.warning("worker %s failed %d times in a row right after starting (last: %s); "
-                        "restarting it in %.2fs", self.state.address, self.backoff.failures,
-                        self.state.last_error or "unknown", delay)
-            deadline = time.monotonic() + delay
-            while self._stop_mode is None and self._pending is None:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                self._wake.clear()
-                try:
-                    await asyncio.wait_for(self._wake.wait(), remaining)
-                except asyncio.TimeoutError:
-                    pass
+        if delay > 0 and self._pending is None:
+            await self._back_off(delay)
             if self._stop_mode is not None:
                 return
         if self._pending is not None:  # a reload while nothing runs: start with its options now
@@ -259,19 +305,57 @@ class LocalWorker:
             self._pending = None
             self.backoff.failures = 0
             _settle(future, True)
+        self._starting = True  # claimed in the same loop step as the decision (see Pool)
         try:
             inc = await self._spawn(self.options)
         except OSError as e:
+            self._starting = False
+            self._start_failed = True
             self.backoff.failures += 1
             self.state.last_error = f"cannot start: {e.strerror or e}"
             log.error("worker %s: cannot start: %s", self.state.address, e.strerror or e)
+            self.pool.changed()
             return
+        self._starting = False
+        self._start_failed = False
         if self._spawned_once:
             self.state.restarts += 1
         self._spawned_once = True
         self.current = inc
         self.table.spawned(self.state, inc.pid)
         self.checker.kick(self.state)
+
+    async def _back_off(self, delay: float) -> None:
+        """Wait `delay` seconds, or less: until a stop or a reload, or until no local worker is up
+        or starting (then this slot starts now, so the pool always has a worker on its way).
+
+        A slot takes that rescue only once its earlier incarnations are gone, so a worker killed
+        for its boot timeout is not replaced faster than it exits; and not when its last start
+        failed with OSError (the master's own shortage, such as EMFILE): that would only fail
+        again, in a loop.
+        """
+        address, failures, last = self.state.address, self.backoff.failures, self.state.last_error or "unknown"
+        if self._may_rescue():
+            log.warning("worker %s failed %d times in a row right after starting (last: %s); restarting "
+                        "it now instead of in %.2fs: no local worker is up or starting", address, failures,
+                        last, delay)
+            return
+        log.warning("worker %s failed %d times in a row right after starting (last: %s); "
+                    "restarting it in %.2fs", address, failures, last, delay)
+        deadline = time.monotonic() + delay
+        while self._stop_mode is None and self._pending is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self._may_rescue():
+                log.warning("worker %s: restarting it now instead of in %.2fs: no local worker is up or "
+                            "starting any more", address, remaining)
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
 
     async def _spawn(self, options: WorkerOptions) -> Incarnation:
         fd = self.sock.fileno()
@@ -316,10 +400,21 @@ class LocalWorker:
             finally:
                 waiter.cancel()
 
+    def _may_rescue(self) -> bool:
+        """This slot may cut its back-off short: the pool has nothing on its way (see _back_off)."""
+        return not self._start_failed and not self._live and not self.pool.has_worker_on_its_way()
+
     def _count(self, inc: Incarnation) -> None:
-        """Feed the back-off: an incarnation that ends unhealthy-from-birth or young is a failure."""
+        """Feed the back-off with crash-loop evidence: an incarnation that never became healthy,
+        or that exited, faulted or failed its checks sooner than `min_uptime` after it started.
+
+        One that had become healthy and was then killed from outside (kill -9, the OOM killer)
+        says nothing about the next one: the slot restarts at once and its count starts over.
+        """
         lived = time.monotonic() - inc.started
-        if not inc.was_up or lived < self.options.min_uptime:
+        if inc.was_up and killed_from_outside(inc.proc.returncode):
+            self.backoff.failures = 0
+        elif not inc.was_up or lived < self.options.min_uptime:
             self.backoff.failures += 1
         else:
             self.backoff.failures = 0
@@ -332,7 +427,7 @@ class LocalWorker:
             # Nothing healthy to keep serving: replace it straight away with the new options.
             self.options = options
             self.backoff.failures = 0
-            self.current = None
+            self._drop_current()
             self.table.exited(self.state, "reloaded")
             self._end_in_background(old, graceful=True)
             _settle(future, True)
@@ -380,7 +475,11 @@ class LocalWorker:
         return False
 
     async def _prove(self, new: Incarnation, options: WorkerOptions) -> str | None:
-        """None once `rise` consecutive probes passed (all answered by `new`), else why not."""
+        """None once `rise` consecutive probes passed (all answered by `new`), else why not.
+
+        A probe the master could not make (its own shortage of descriptors or memory) neither
+        passes nor fails: it is tried again, until the boot timeout.
+        """
         deadline = new.started + options.boot_timeout
         passes, error = 0, "did not answer"
         while passes < self.table.rise:
@@ -391,12 +490,17 @@ class LocalWorker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return f"did not become healthy within {options.boot_timeout:g}s ({error})"
-            result = await probe(self.state.host, self.state.port, options.health_path,
-                                 min(options.check_timeout, remaining))
-            if result is None:
-                passes += 1
+            try:
+                result = await probe(self.state.host, self.state.port, options.health_path,
+                                     min(options.check_timeout, remaining))
+            except ProbeSkipped as why:
+                self.checker.skipped(self.state, why)
+                error = f"not probed: {why}"
             else:
-                passes, error = 0, result
+                if result is None:
+                    passes += 1
+                else:
+                    passes, error = 0, result
             if passes < self.table.rise:
                 await asyncio.sleep(min(options.check_interval, RELOAD_PROBE_SPACING))
         return None
@@ -422,9 +526,11 @@ class LocalWorker:
             inc.send(signal.SIGKILL)
             await inc.exited
         self._live.discard(inc)
+        self._wake.set()  # a back-off may have waited for this process to go (see _back_off)
         log.info("worker %s (pid %d) %s", self.state.address, inc.pid, describe_exit(inc.proc.returncode))
 
     async def _shutdown(self) -> None:
+        self.pool.leave(self)  # a stopping slot is nobody's worker on its way
         if self._pending is not None:
             _settle(self._pending[1], False)
             self._pending = None

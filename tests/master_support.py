@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from support import PYTHON, children, free_port, pid_alive, python_env, stop_process, wait_until
 
@@ -218,6 +219,42 @@ def serving(directory: Path, root: Path, count: int, **extra) -> Master:
         m.stop()
         raise
     return m
+
+
+class Admin:
+    """A master with an admin listener, and shortcuts to both of its ports."""
+
+    def __init__(self, masters, directory: Path, site: Path, workers: int = 2, **extra) -> None:
+        self.port, self.admin_port = free_port(), free_port()
+        self.worker_ports = [free_port() for _ in range(workers)]
+        config = base_config(site, self.port, self.worker_ports, admin=f"127.0.0.1:{self.admin_port}", **extra)
+        self.master = Master(directory, config)
+        masters.append(self.master)
+
+    def ready(self, timeout: float = 40.0) -> dict[int, int]:
+        pids = self.master.wait_workers(self.worker_ports, timeout=timeout)
+        wait_until(lambda: all(w["up"] for w in self.json()["workers"]), timeout=timeout,
+                   message="every worker up in status.json")
+        return pids
+
+    def get(self, path: str, **kw) -> requests.Response:
+        return requests.get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=10, **kw)
+
+    def json(self) -> dict:
+        for _ in range(100):  # the listener opens with the master
+            try:
+                return self.get("/status.json").json()
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        raise TimeoutError("admin listener never answered")
+
+    def metrics(self) -> dict[tuple[str, tuple], float]:
+        text = self.get("/metrics").text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    def public(self, path: str, **kw) -> requests.Response:
+        return requests.get(f"http://127.0.0.1:{self.port}{path}", timeout=10, **kw)
 
 
 def rss_kib(pid: int) -> int:

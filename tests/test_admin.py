@@ -1,7 +1,8 @@
 """The real master's operations surface: admin endpoints (JSON shape, metrics that move with
 traffic, readiness when every worker is stopped, nothing of it on the public port), the access
-log (combined format, USR1 after rotation loses no line) and sd_notify (READY only once the
-workers are healthy; RELOADING/READY around HUP; STOPPING)."""
+log (combined format, USR1 after rotation loses no line, a full disk counted and logged
+sparingly) and sd_notify (READY only once the workers are healthy; RELOADING/READY around HUP;
+STOPPING)."""
 from __future__ import annotations
 
 import os
@@ -13,10 +14,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from prometheus_client.parser import text_string_to_metric_families
 
-from master_support import Master, base_config, health
-from support import free_port, wait_until
+from master_support import Admin, health
+from support import wait_until
 
 COMBINED = re.compile(r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "GET (\S+) HTTP/1\.1" '
                       r'(\d{3}) (\d+|-) "([^"]*)" "([^"]*)" (\d+)$')
@@ -29,42 +29,6 @@ def site(tmp_path: Path) -> Path:
     (root / "a.txt").write_text("alpha\n")
     (root / "b.txt").write_text("bravo!\n")
     return root
-
-
-class Admin:
-    """A master with an admin listener, and shortcuts to both of its ports."""
-
-    def __init__(self, masters, directory: Path, site: Path, workers: int = 2, **extra) -> None:
-        self.port, self.admin_port = free_port(), free_port()
-        self.worker_ports = [free_port() for _ in range(workers)]
-        config = base_config(site, self.port, self.worker_ports, admin=f"127.0.0.1:{self.admin_port}", **extra)
-        self.master = Master(directory, config)
-        masters.append(self.master)
-
-    def ready(self, timeout: float = 40.0) -> dict[int, int]:
-        pids = self.master.wait_workers(self.worker_ports, timeout=timeout)
-        wait_until(lambda: all(w["up"] for w in self.json()["workers"]), timeout=timeout,
-                   message="every worker up in status.json")
-        return pids
-
-    def get(self, path: str, **kw) -> requests.Response:
-        return requests.get(f"http://127.0.0.1:{self.admin_port}{path}", timeout=10, **kw)
-
-    def json(self) -> dict:
-        for _ in range(100):  # the listener opens with the master
-            try:
-                return self.get("/status.json").json()
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise TimeoutError("admin listener never answered")
-
-    def metrics(self) -> dict[tuple[str, tuple], float]:
-        text = self.get("/metrics").text
-        return {(s.name, tuple(sorted(s.labels.items()))): s.value
-                for family in text_string_to_metric_families(text) for s in family.samples}
-
-    def public(self, path: str, **kw) -> requests.Response:
-        return requests.get(f"http://127.0.0.1:{self.port}{path}", timeout=10, **kw)
 
 
 WORKER_KEYS = {"address", "host", "port", "local", "pid", "up", "since", "consecutive_failures", "restarts",
@@ -245,6 +209,24 @@ def test_access_log_is_combined_format_and_usr1_reopens_it_after_rotation(master
                (tmp_path / "access.log.1").read_text().splitlines() + log_path.read_text().splitlines()]
     assert targets == [f"/a.txt?n={i}" for i in range(40)]  # none lost, none twice, in order
     assert "/a.txt" not in (tmp_path / "gows.log").read_text()  # workers do not log requests too
+
+
+def test_access_log_on_a_full_disk_counts_every_lost_line_and_logs_the_error_a_few_times(masters, tmp_path, site):
+    a = Admin(masters, tmp_path, site, workers=1, logging={"accessLog": "/dev/full"})  # ENOSPC on every write
+    a.ready()
+    sent = 300
+    with requests.Session() as s:
+        for i in range(sent):
+            assert s.get(f"http://127.0.0.1:{a.port}/a.txt?n={i}", timeout=10).status_code == 200
+    wait_until(lambda: a.json()["access_log"]["dropped"] >= sent, timeout=20, message="every line counted as dropped")
+    status = a.json()["access_log"]
+    assert status == {"enabled": True, "dropped": status["dropped"], "error": "No space left on device"}
+    assert a.metrics()[("gows_access_log_dropped_lines_total", ())] >= sent
+    page = a.get("/status").text
+    assert '<dd id="f-astate">failing: No space left on device</dd>' in page
+    assert re.search(r'<dd id="f-adropped">[\d,]+</dd>', page)
+    errors = a.master.count(r"access log: cannot write to /dev/full: No space left on device")
+    assert 1 <= errors <= 3, a.master.log()[-3000:]
 
 
 def test_access_log_to_stdout(masters, tmp_path, site):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from master_support import (Hammer, Master, base_config, children, free_port_run, health, title, wait_gone)
+from master_support import (Admin, Hammer, Master, base_config, children, free_port_run, health, title, wait_gone)
 from support import free_port, pid_alive, wait_until
 
 
@@ -105,25 +105,87 @@ def test_stopped_worker_is_replaced_after_fall_checks(masters, tmp_path, site):
             os.kill(before[ports[0]], signal.SIGCONT)
 
 
-def test_crash_loop_backs_off_exponentially_then_recovers(masters, tmp_path, site):
-    ports = [free_port()]
+def test_crash_loop_backs_off_exponentially_but_keeps_one_worker_starting_then_recovers(masters, tmp_path, site):
+    ports = [free_port(), free_port()]
     config = base_config(site, free_port(), ports)
     config["restartBackoff"] = {"initial": 0.2, "max": 1.6, "minUptime": 1}
     m = start(masters, tmp_path, config)
     m.wait_workers(ports)
-    m.wait_log("is up")
+    m.wait_log("is up", count=2)
     hidden = site.with_name("hidden")
     site.rename(hidden)  # health turns 503; every new worker exits: its root is gone
     try:
+        m.wait_log(r"restarting it now instead of in [\d.]+s: no local worker is up or starting", timeout=60)
         log = m.wait_log(r"restarting it in 1\.60s", count=2, timeout=60)
     finally:
         hidden.rename(site)
-    assert f"worker 127.0.0.1:{ports[0]} is down (3 checks failed: HTTP 503)" in log
-    delays = [float(d) for d in re.findall(r"failed \d+ times in a row right after starting \(last: exited with "
-                                           r"status 2\); restarting it in ([\d.]+)s", log)]
-    assert delays[:5] == [0.2, 0.4, 0.8, 1.6, 1.6], delays
+    for port in ports:
+        assert f"worker 127.0.0.1:{port} is down (3 checks failed: HTTP 503)" in log
+    # Each slot that waits doubles its delay up to the cap; one slot at a time is started at once
+    # instead, so the pool always has a worker on its way (but not every slot spins).
+    waited = []
+    for port in ports:
+        delays = [float(d) for d in re.findall(rf"worker 127\.0\.0\.1:{port} failed \d+ times in a row right after "
+                                               r"starting \(last: exited with status 2\); restarting it in ([\d.]+)s", log)]
+        assert delays == sorted(delays) and set(delays) <= {0.2, 0.4, 0.8, 1.6}, delays
+        waited += delays
+    assert waited.count(1.6) >= 2, waited
     m.wait_workers(ports)
-    m.wait_log(rf"worker 127\.0\.0\.1:{ports[0]} is up", count=2, timeout=30)
+    for port in ports:
+        m.wait_log(rf"worker 127\.0\.0\.1:{port} is up", count=2, timeout=30)
+
+
+def worker_pid(admin: Admin, port: int, up: bool = False) -> int | None:
+    """The pid /status.json gives the worker on `port` (with `up`, only once it is up)."""
+    w = next(w for w in admin.json()["workers"] if w["port"] == port)
+    return w["pid"] if w["up"] or not up else None
+
+
+def test_a_healthy_worker_killed_again_and_again_restarts_at_once_every_time(masters, tmp_path, site):
+    """Back-off is for crash loops: a worker that had become healthy and is then SIGKILLed (as the
+    OOM killer does) is restarted at once, however often, while its twin keeps serving."""
+    initial = 3.0
+    a = Admin(masters, tmp_path, site, restartBackoff={"initial": initial, "max": 10, "minUptime": 60})
+    pids = a.ready()
+    victim, twin = a.worker_ports
+    gaps = []
+    for _ in range(4):
+        pid = wait_until(lambda: worker_pid(a, victim, up=True), timeout=30, interval=0.02,
+                         message="the victim up in status.json")
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        wait_until(lambda: worker_pid(a, victim) not in (None, pid), timeout=30, interval=0.005,
+                   message="a new incarnation of the victim")
+        gaps.append(time.monotonic() - killed)
+    assert max(gaps) < initial, f"seconds from each kill to the next incarnation: {gaps}"
+    assert worker_pid(a, twin) == pids[twin]
+    assert "restarting it in" not in a.master.log()
+
+
+def test_workers_killed_as_soon_as_they_start_always_leave_one_starting(masters, tmp_path, site):
+    """Every incarnation of both workers is SIGKILLed as soon as the master reports it: both slots
+    count failures and back off, yet never both at once: when neither has a worker up or
+    starting, one starts at once."""
+    initial = 2.0
+    a = Admin(masters, tmp_path, site, restartBackoff={"initial": initial, "max": 4, "minUptime": 60})
+    a.ready()
+    killed: set[int] = set()
+    empty_since = None
+    while len(killed) < 16:
+        pids = [w["pid"] for w in a.json()["workers"]]
+        now = time.monotonic()
+        if all(p is None for p in pids):
+            empty_since = empty_since or now
+            assert now - empty_since < initial, f"no worker up or starting for {now - empty_since:.2f}s"
+        else:
+            empty_since = None
+        for pid in pids:
+            if pid is not None and pid not in killed and pid in children(a.master.pid):
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+        time.sleep(0.005)
+    assert "restarting it in" in a.master.log()  # back-off still holds the other slot back
+    a.ready()
 
 
 def test_hup_with_changed_worker_count_converges_without_a_failed_request(masters, tmp_path, site):

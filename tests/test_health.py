@@ -1,13 +1,24 @@
-"""The health probe and checker against tiny in-test servers: pass, fail, hang, garbage."""
+"""The health probe and checker against tiny in-test servers: pass, fail, hang, garbage; and
+the master's own shortage of descriptors, which is no verdict on a worker."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
+import logging
+import os
+import resource
+import socket
+import time
+import types
 
+import pytest
 import uvloop
 
 from arbiter.config import HealthCheck
-from arbiter.health import HealthChecker, probe
+from arbiter.health import HealthChecker, ProbeSkipped, probe
 from arbiter.state import WorkerState, WorkerTable
+from arbiter.workers import LocalWorker, Pool, WorkerOptions
 from support import free_port
 
 
@@ -97,5 +108,98 @@ def test_checker_applies_rise_and_fall_and_skips_local_workers_without_a_process
         await asyncio.sleep(0.3)
         assert len(s.requests) <= count + 1  # its checking task is gone
         await checker.close()
+        s.server.close()
+    run(main())
+
+
+@contextlib.contextmanager
+def descriptors_exhausted():
+    """This process at its RLIMIT_NOFILE: every new socket fails with EMFILE until the end."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
+    held = []
+    try:
+        with pytest.raises(OSError) as full:
+            while True:
+                held.append(socket.socket())
+        assert full.value.errno == errno.EMFILE
+        yield
+    finally:
+        for sock in held:
+            sock.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_probe_the_master_has_no_descriptor_for_is_skipped_not_failed():
+    async def main():
+        s = Server()
+        port = await s.start()
+        with descriptors_exhausted():
+            with pytest.raises(ProbeSkipped, match=r"^the master is out of file descriptors \(Too many open files\)$"):
+                await probe("127.0.0.1", port, "/healthcheck", 2)
+        assert await probe("127.0.0.1", port, "/healthcheck", 2) is None
+        s.server.close()
+    run(main())
+
+
+def scripted_connect(monkeypatch, outcome):
+    """Make the n-th probe connect (from 0) do `outcome(n)`: "ok" connects for real, an errno
+    fails as the kernel would. Returns the list of outcomes so far."""
+    real, used = asyncio.open_connection, []
+
+    async def connect(host, port, **kw):
+        now = outcome(len(used))
+        used.append(now)
+        if now != "ok":
+            raise OSError(now, os.strerror(now))
+        return await real(host, port, **kw)
+
+    monkeypatch.setattr(asyncio, "open_connection", connect)
+    return used
+
+
+@pytest.mark.parametrize("shortage", [errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM])
+def test_checks_the_master_cannot_make_keep_a_worker_up_and_warn_once(monkeypatch, caplog, shortage):
+    async def main():
+        s = Server()
+        port = await s.start()
+        table = WorkerTable(rise=2, fall=3)
+        worker = table.add(WorkerState("127.0.0.1", port, local=False))
+        checker = HealthChecker(table, HealthCheck("/hc", 0.02, 1.0, 2, 3, 5.0))
+        checker.sync()
+        await until(lambda: worker.up)
+        used = scripted_connect(monkeypatch, lambda n: shortage)
+        with caplog.at_level(logging.WARNING, logger="gows.health"):
+            await until(lambda: len(used) >= 20)
+        assert worker.up and worker.consecutive_failures == 0 and worker.last_error == ""
+        warnings = [r.getMessage() for r in caplog.records]
+        assert len(warnings) == 1 and warnings[0].startswith("the master is out of "), warnings
+        assert "health checks skipped" in warnings[0] and "not counted against the workers" in warnings[0]
+        monkeypatch.undo()  # descriptors again: a real failure counts as before
+        s.reply = b"HTTP/1.1 500 Internal Server Error\r\n\r\n"
+        await until(lambda: not worker.up)
+        await checker.close()
+        s.server.close()
+    run(main())
+
+
+def test_a_reload_proves_a_worker_through_probes_the_master_could_not_make(monkeypatch, tmp_path):
+    """Passes interleaved with EMFILE: the skipped probes neither pass nor break the streak."""
+    async def main():
+        s = Server()
+        port = await s.start()
+        table = WorkerTable(rise=2, fall=3)
+        state = table.add(WorkerState("127.0.0.1", port, local=True))
+        options = WorkerOptions(root=str(tmp_path), threads=1, health_path="/hc", check_interval=0.01,
+                                check_timeout=1.0, boot_timeout=2.0, cache_ttl=1.0, cache_max_bytes=0,
+                                cache_max_file_size=0, graceful_timeout=1.0, log_level="info",
+                                backoff_initial=0.5, backoff_max=1.0, min_uptime=1.0)
+        with socket.socket() as sock:
+            slot = LocalWorker(state, sock, table, HealthChecker(table, HealthCheck("/hc", 0.01, 1.0, 2, 3, 2.0)),
+                               options, None, Pool())
+            new = types.SimpleNamespace(started=time.monotonic(), alive=True, proc=None)
+            used = scripted_connect(monkeypatch, lambda n: "ok" if n % 2 == 0 else errno.EMFILE)
+            assert await slot._prove(new, options) is None
+        assert used == ["ok", errno.EMFILE, "ok"]
         s.server.close()
     run(main())

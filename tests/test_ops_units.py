@@ -1,20 +1,25 @@
 """Operations pieces in-process: the proxy's per-response hook (every kind of response counted
 once, with its status and length), latency percentiles and windows, the access log's format,
-writer thread, reopen and bound, sd_notify datagrams, and the status page's escaping."""
+writer thread, reopen, bound and full disk, sd_notify datagrams, and the status page's escaping."""
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
+import logging
+import os
 import re
 import socket
 import time
 import types
+from pathlib import Path
 
 import pytest
 
 from arbiter import status_page
 from arbiter.accesslog import AccessLog, format_line
 from arbiter.config import ConfigError, load_data
+from arbiter.logs import Throttle
 from arbiter.notify import Notifier
 from arbiter.proxy.stats import BOUNDS, RequestStats, Window, quantile
 from proxy_harness import ProxyThread, RawUpstream, parse_responses, raw
@@ -177,6 +182,71 @@ def test_lines_beyond_the_queue_bound_are_counted_as_dropped_not_held(tmp_path, 
     assert path.read_text() == ""
 
 
+def test_every_line_a_full_disk_refuses_is_dropped_and_the_error_is_logged_once_per_interval(caplog):
+    log = AccessLog(Path("/dev/full"))  # every write fails with ENOSPC
+    with caplog.at_level(logging.WARNING, logger="gows.access"):
+        for sent in range(200, 1001, 200):  # in several batches, each written (and failed) apart
+            for _ in range(200):
+                log.observe(*_fake())
+            wait_until(lambda: log.dropped >= sent, timeout=10)
+        log.close()
+    assert (log.dropped, log.write_failed, log.queue_full) == (1000, 1000, 0)
+    assert log.error == os.strerror(errno.ENOSPC)
+    # The first failure at once; the rest, held back for REPORT_INTERVAL, when the log closes.
+    first, last = [r.getMessage() for r in caplog.records]
+    lost = int(re.fullmatch(r"access log: cannot write to /dev/full: No space left on device; (\d+) lines lost "
+                            r"\(\d+ dropped in all; reported at most every 10s\)", first).group(1))
+    assert last == f"access log: {1000 - lost} more lines were lost before it was closed (No space left on device)"
+
+
+def test_the_access_log_says_when_writing_works_again_and_how_many_lines_it_lost(tmp_path, monkeypatch, caplog):
+    import arbiter.accesslog as accesslog
+    real_write, full = os.write, [True]
+
+    def write(fd, data):
+        if full[0]:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(accesslog.os, "write", write)
+    path = tmp_path / "access.log"
+    log = AccessLog(path)
+    with caplog.at_level(logging.WARNING, logger="gows.access"):
+        for sent in (1, 2):  # the second failure is held back: within REPORT_INTERVAL of the first
+            log.observe(*_fake(target=b"/lost"))
+            wait_until(lambda: log.write_failed == sent, timeout=10)
+        full[0] = False
+        log.observe(*_fake(target=b"/kept"))
+        wait_until(lambda: path.exists() and path.read_text().count("\n") == 1, timeout=10)
+        assert log.error == ""
+        full[0] = True
+        log.observe(*_fake(target=b"/lost-at-close"))
+        wait_until(lambda: log.write_failed == 3, timeout=10)
+        log.observe(*_fake(target=b"/lost-at-close"))
+        log.close()
+    assert log.dropped == 4 and "/kept" in path.read_text()
+    assert [r.getMessage() for r in caplog.records] == [
+        "access log: cannot write to %s: No space left on device; 1 lines lost (1 dropped in all; reported at most "
+        "every 10s)" % path,
+        f"access log: writing to {path} again after 1 more lines were lost",
+        "access log: cannot write to %s: No space left on device; 1 lines lost (3 dropped in all; reported at most "
+        "every 10s)" % path,
+        "access log: 1 more lines were lost before it was closed (No space left on device)"]
+
+
+def test_throttle_reports_the_first_occurrence_then_a_count_per_interval():
+    clock = [100.0]
+    throttle = Throttle(10.0, clock=lambda: clock[0])
+    assert throttle.due(3) == 3  # the first: reported at once
+    assert [throttle.due() for _ in range(50)] == [0] * 50
+    clock[0] += 9.9
+    assert throttle.due(2) == 0
+    clock[0] += 0.1
+    assert throttle.due() == 53  # everything held back meanwhile
+    assert throttle.due() == 0 and throttle.flush() == 1
+    assert throttle.due() == 1  # over and back again: reported at once
+
+
 def test_access_log_setting_forms(tmp_path):
     (tmp_path / "www").mkdir()
 
@@ -236,7 +306,8 @@ def _document(**worker):
                             "misses": 3, "hit_ratio": 0.25},
             "totals": {"requests": 5, "responses": {"1xx": 0, "2xx": 4, "3xx": 0, "4xx": 1, "5xx": 0},
                        "last_10s": window, "last_5m": window, "all_time": {"p50_seconds": None, "p99_seconds": None}},
-            "proxy": {"client_connections": 2}, "access_log": {"enabled": False, "dropped": 0}}
+            "proxy": {"client_connections": 2},
+            "access_log": {"enabled": True, "dropped": 1234, "error": "No space left on device"}}
 
 
 def test_status_page_escapes_worker_errors_and_allows_only_its_own_script():
@@ -245,6 +316,7 @@ def test_status_page_escapes_worker_errors_and_allows_only_its_own_script():
     assert "/etc/gows/&lt;x&gt;.json" in html
     assert re.search(r'<td data-label="Requests" class="n">12,345</td>', html)
     assert ">1m 15s ago<" in html and ">1h 1m<" in html and "1.20 ms" in html and "25.0 %" in html
+    assert '<dd id="f-astate">failing: No space left on device</dd>' in html and '<dd id="f-adropped">1,234</dd>' in html
     assert "http://" not in html and "https://" not in html and "src=" not in html  # no external assets
     digest = base64.b64encode(hashlib.sha256(status_page.SCRIPT.encode()).digest()).decode()
     assert f"'sha256-{digest}'" in status_page.CSP and f"<script>{status_page.SCRIPT}</script>" in html

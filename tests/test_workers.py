@@ -1,4 +1,4 @@
-"""Worker slot pieces: the command line matches fileapp's CLI, back-off, exit descriptions."""
+"""Worker slot pieces: the command line matches fileapp's CLI, back-off, exit descriptions and causes."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import signal
 import sys
 
 from arbiter.config import load_data
-from arbiter.workers import Backoff, WorkerOptions, describe_exit, worker_argv
+from arbiter.workers import Backoff, WorkerOptions, describe_exit, killed_from_outside, worker_argv
 from fileapp.__main__ import make_parser
 
 
@@ -39,6 +39,14 @@ def test_exit_descriptions():
     assert describe_exit(0) == "exited with status 0"
     assert describe_exit(2) == "exited with status 2"
     assert describe_exit(-signal.SIGKILL) == "was killed by SIGKILL"
+
+
+def test_only_a_signal_from_outside_is_no_crash_loop_evidence():
+    for sig in (signal.SIGKILL, signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP):
+        assert killed_from_outside(-sig), sig.name
+    for sig in (signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL):
+        assert not killed_from_outside(-sig), sig.name  # the worker's own fault
+    assert not killed_from_outside(0) and not killed_from_outside(2) and not killed_from_outside(None)
 
 
 def test_handover_keeps_a_reloaded_worker_up_without_a_transition():

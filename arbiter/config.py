@@ -389,7 +389,7 @@ class Logging:
 class Proxy:
     """proxy: the front reverse proxy on the public listener."""
 
-    balance: str = setting(Choice("round-robin", "least-outstanding", "consistent-hash"), "round-robin", "How a worker is chosen: round-robin (under concurrency a busy worker takes up to 8 requests in a row, sparing context switches), least-outstanding (fewest requests in flight), or consistent-hash (on the path with bounded load, so each worker's cache holds its share).")
+    balance: str = setting(Choice("round-robin", "least-outstanding", "consistent-hash"), "round-robin", "How a worker is chosen: round-robin (under concurrency a busy worker takes up to 8 requests in a row, never more than its threads, sparing context switches), least-outstanding (fewest requests in flight), or consistent-hash (on the path with bounded load, so each worker's cache holds its share). Whatever the policy, a worker with a request in flight on each of its threads is passed over while another has a thread free.")
     retries: int = setting(Integer(0, 10), 2, "Other workers an idempotent request is retried on when a connection fails before any response byte.")
     connect_timeout: float = setting(Number(600), 2.0, "Seconds to connect to a worker.")
     response_timeout: float = setting(Number(3600), 30.0, "Seconds a worker has to start its response.")
@@ -449,6 +449,7 @@ class Config:
         """Keyword arguments for the proxy's ProxySettings."""
         out = {f.name: getattr(self.proxy, f.name) for f in fields(Proxy)}
         out.update({f"front_cache_{f.name}": getattr(self.front_cache, f.name) for f in fields(FrontCache)})
+        out["worker_threads"] = self.threads
         return out
 
 

@@ -67,6 +67,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--graceful-timeout", type=_number(float, 0), default=30.0)
     p.add_argument("--keepalive", type=_number(int, 0), default=5,
                    help="seconds an idle keep-alive connection stays open")
+    p.add_argument("--write-timeout", type=_number(float, 0.001), default=30.0,
+                   help="seconds a client may take nothing of a response before it is closed")
     p.add_argument("--parent-pid", type=_number(int, 1), default=None,
                    help="exit within a second when this process dies")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
@@ -162,7 +164,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .worker import serve
     return serve(listener, app, {
         "threads": args.threads, "graceful_timeout": args.graceful_timeout,
-        "keepalive": args.keepalive, "log_level": args.log_level,
+        "keepalive": args.keepalive, "write_timeout": args.write_timeout,
+        "log_level": args.log_level,
         "access_log": args.access_log, "parent_pid": args.parent_pid, "title": title,
     })
 

@@ -256,7 +256,9 @@ class FileApp:
                 parts += (part_head, body[start:stop])
             parts.append(tail)
             return [b"".join(parts)]
-        return MultipartBody(fd, heads, ranges, tail)
+        body = MultipartBody(fd, heads, ranges, tail)
+        wrapper = environ.get("wsgi.file_wrapper")
+        return body if wrapper is None else wrapper(body, STREAM_BLOCK)
 
     @staticmethod
     def _file_body(environ: dict, fd: int, start: int, stop: int) -> Iterable[bytes]:

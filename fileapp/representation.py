@@ -137,11 +137,30 @@ class StreamBody:
 
 
 class MultipartBody:
-    """multipart/byteranges parts read with pread from an open descriptor; close() frees it."""
+    """multipart/byteranges parts read with pread from an open descriptor; close() frees it.
+
+    As a wsgi.file_wrapper's file it reads block by block; a server that sends files itself
+    (gows' worker) takes `segments()` instead and sends the ranges with sendfile.
+    """
 
     def __init__(self, fd: int, heads: list[bytes], ranges: tuple[tuple[int, int], ...],
                  tail: bytes) -> None:
         self._fd, self._heads, self._ranges, self._tail = fd, heads, ranges, tail
+        self._blocks: Iterator[bytes] | None = None
+
+    def segments(self) -> list[bytes | tuple[int, int, int]]:
+        """The body as byte strings and (fd, start, stop) ranges of the open file, in order."""
+        out: list[bytes | tuple[int, int, int]] = []
+        for part_head, (start, stop) in zip(self._heads, self._ranges):
+            out += (part_head, (self._fd, start, stop))
+        out.append(self._tail)
+        return out
+
+    def read(self, size: int = STREAM_BLOCK) -> bytes:
+        """The next block of the body (b"" at its end), for wsgi.file_wrapper."""
+        if self._blocks is None:
+            self._blocks = iter(self)
+        return next(self._blocks, b"")
 
     def __iter__(self) -> Iterator[bytes]:
         for part_head, (start, stop) in zip(self._heads, self._ranges):

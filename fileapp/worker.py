@@ -31,6 +31,7 @@ from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
 
 from .app import FileApp
 from .processes import pid_alive
+from .transfer import WRITE_TIMEOUT, CoalescingResponse, Transfer, drop_parked, take_parked
 
 PR_SET_PDEATHSIG = 1
 # The kernel sends this when the parent (thread) that forked us dies; the handler then checks
@@ -39,10 +40,9 @@ PDEATH_SIGNAL = signal.SIGUSR2
 # gthread asks after every poll whether the parent lives; /proc is read at most this often
 # (the pidfd and PR_SET_PDEATHSIG report a death at once anyway).
 PARENT_CHECK_INTERVAL = 1.0
-# A client must send each part of a request, and take each part of a response, within these
-# seconds (kernel socket timeouts, SO_RCVTIMEO/SO_SNDTIMEO: no extra poll per call).
+# A client must send each part of a request within these seconds (a kernel socket timeout,
+# SO_RCVTIMEO: no extra poll per call); taking a response, see fileapp.transfer.
 READ_TIMEOUT = 5.0
-WRITE_TIMEOUT = 30.0
 # How often the main thread closes connections that have been idle too long.
 SWEEP_INTERVAL = 1.0
 # After running out of file descriptors, a worker holds this many fewer connections than it had
@@ -52,59 +52,6 @@ FD_RESERVE = 2
 FD_RETRY = 30.0
 # Socket errors that only mean the client went away or was too slow: logged at debug level.
 _CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EAGAIN, errno.ETIMEDOUT})
-
-
-class CoalescingResponse(gunicorn_wsgi.Response):
-    """gunicorn's Response, with the head held back until the first body bytes, so that both
-    leave in one gathering sendmsg: one syscall, no copy, and no small header segment on its
-    own. A response without body bytes (HEAD, 304, empty) sends its head when it closes.
-    """
-
-    held: bytes | None = None  # the head, built but not sent yet
-
-    def send_headers(self):
-        if self.headers_sent:
-            return
-        lines = self.default_headers()  # then as gunicorn's own send_headers
-        lines.extend(["%s: %s\r\n" % (k, v) for k, v in self.headers])
-        self.held = ("%s\r\n" % "".join(lines)).encode("latin-1")
-        self.headers_sent = True
-
-    def _send_held(self) -> None:
-        if self.held is not None:
-            head, self.held = self.held, None
-            self.sock.sendall(head)
-
-    def _emit_body(self, data):
-        head = self.held
-        if head is None or self.chunked:
-            self._send_held()
-            return super()._emit_body(data)
-        self.held = None
-        sent = self.sock.sendmsg([head, data])
-        if sent < len(head):  # a blocking send stops short only on a signal or a send timeout
-            self.sock.sendall(head[sent:])
-            sent = len(head)
-        if sent < len(head) + len(data):
-            self.sock.sendall(memoryview(data)[sent - len(head):])
-
-    def close(self):
-        self.send_headers()
-        self._send_held()
-        super().close()
-
-    def sendfile(self, respiter):
-        # The file goes straight from the kernel: the head cannot ride along.
-        self.send_headers()
-        self._send_held()
-        # socket.sendfile() waits for a full socket buffer without limit unless the socket has a
-        # timeout (SO_SNDTIMEO only makes it wait again): a client that stops reading a download
-        # would hold this thread for good.
-        self.sock.settimeout(WRITE_TIMEOUT)
-        try:
-            return super().sendfile(respiter)
-        finally:
-            self.sock.settimeout(None)
 
 
 class _Loaded:
@@ -121,13 +68,17 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
 
 
-_READ_TIMEVAL, _WRITE_TIMEVAL = _timeval(READ_TIMEOUT), _timeval(WRITE_TIMEOUT)
+_READ_TIMEVAL = _timeval(READ_TIMEOUT)
+# What a serving thread waits for next on a connection: its next request, or room to send more
+# of a response its client has not taken yet.
+_NEXT_REQUEST = select.EPOLLIN | select.EPOLLONESHOT
+_ROOM_TO_SEND = select.EPOLLOUT | select.EPOLLONESHOT
 
 
 class _Conn:
     """One client connection of a serving thread: what gthread's request handling reads."""
 
-    __slots__ = ("sock", "client", "server", "parser", "timeout", "busy")
+    __slots__ = ("sock", "client", "server", "parser", "timeout", "busy", "rest", "keep")
 
     def __init__(self, sock: socket.socket, client, server, parser, timeout: float) -> None:
         self.sock = sock
@@ -136,8 +87,13 @@ class _Conn:
         self.parser = parser
         self.timeout = timeout  # monotonic time after which an idle connection is closed
         self.busy = False  # a thread is serving it (set and cleared under the worker's lock)
+        self.rest: Transfer | None = None  # of the last response, not taken by the client yet
+        self.keep = False  # whether the connection carries another request after the rest
 
     def close(self) -> None:
+        if self.rest is not None:
+            self.rest.close()
+            self.rest = None
         gunicorn_util.close(self.sock)
 
 
@@ -149,8 +105,10 @@ class GowsThreadWorker(ThreadWorker):
     syscalls and two thread switches per keep-alive request. Here the `threads` threads all
     wait on one epoll; each connection is registered once, EPOLLONESHOT, so exactly one thread
     gets its next request, serves it with gunicorn's parser and gunicorn's WSGI request
-    handling, and re-arms it: epoll_wait, recv, send, epoll_ctl per request. A thread stuck on
-    a slow client delays no other connection: any idle thread takes the next ready one.
+    handling, and re-arms it: epoll_wait, recv, send, epoll_ctl per request. A thread never
+    waits for a slow reader: what the client has not taken of a response stays with the
+    connection, re-armed for EPOLLOUT, and any thread sends more when there is room
+    (fileapp.transfer), so health checks always find a thread.
 
     Also: bodies written in one piece leave in one write with their headers
     (CoalescingResponse), and fileapp's health turns 503 on SIGTERM. TLS or HTTP/2 configs run
@@ -158,12 +116,16 @@ class GowsThreadWorker(ThreadWorker):
     Usable under gunicorn's own arbiter too: `gunicorn -k fileapp.worker.GowsThreadWorker`.
     """
 
+    write_timeout = WRITE_TIMEOUT  # seconds a client may take nothing of a response
+
     def init_process(self) -> None:
         # gunicorn.http.wsgi.create() builds its module-level Response: in this process,
-        # which only ever runs this worker, that is the coalescing one (TLS sockets have no
-        # sendmsg: those run gunicorn's own).
-        if not self.cfg.is_ssl:
+        # which only ever runs this worker, that is the coalescing one, whose rests only this
+        # worker's loop sends (TLS and HTTP/2 configs run gthread's loop and gunicorn's own).
+        if not self.cfg.is_ssl and self.cfg.http2_cleartext == "off":
             gunicorn_wsgi.Response = CoalescingResponse
+            CoalescingResponse.write_timeout = self.write_timeout
+        self._write_timeval = _timeval(self.write_timeout)
         # Accepted sockets inherit TCP_NODELAY: without it gunicorn's separate header and body
         # writes (streamed bodies) meet Nagle and delayed ACKs, 40 ms per response.
         for listener in self.sockets:
@@ -213,12 +175,14 @@ class GowsThreadWorker(ThreadWorker):
             self._close_idle()
         self.alive = False
         # Drain: no new connections; kept-alive ones may send one more request (answered with
-        # Connection: close) for STOP_KEEPALIVE_LINGER; in-flight ones get the graceful timeout.
+        # Connection: close) for STOP_KEEPALIVE_LINGER; in-flight ones (a response still being
+        # sent too) get the graceful timeout.
         now = time.monotonic()
         with self._lock:
             self._accept_while_room()
             for conn in self._conns.values():
-                conn.timeout = min(conn.timeout, now + STOP_KEEPALIVE_LINGER)
+                if conn.rest is None:
+                    conn.timeout = min(conn.timeout, now + STOP_KEEPALIVE_LINGER)
         deadline = now + self.cfg.graceful_timeout
         while self._conns and time.monotonic() < deadline:
             self.notify()
@@ -246,8 +210,9 @@ class GowsThreadWorker(ThreadWorker):
         self._accepting = wanted
 
     def _close_idle(self) -> None:
-        """Close the connections that have waited past their timeout for a request (and, a
-        while after running out of file descriptors, try for more connections again)."""
+        """Close the connections that have waited past their timeout for a request or for their
+        client to take more of a response (and, a while after running out of file descriptors,
+        try for more connections again)."""
         now = time.monotonic()
         with self._lock:
             idle = [fd for fd, conn in self._conns.items() if not conn.busy and conn.timeout <= now]
@@ -286,7 +251,6 @@ class GowsThreadWorker(ThreadWorker):
         ep, lock, conns = self._ep, self._lock, self._conns
         # fd -> (listener, its address): getsockname once, not once per accepted connection
         listeners = {listener.fileno(): (listener, listener.getsockname()) for listener in self.sockets}
-        rearm = select.EPOLLIN | select.EPOLLONESHOT
         while not self._stopped:
             try:
                 events = ep.poll(-1, 1)
@@ -302,11 +266,11 @@ class GowsThreadWorker(ThreadWorker):
                     if conn is None or conn.busy:  # closed meanwhile, or a stale event
                         continue
                     conn.busy = True
-                keep = self._serve(conn)
+                wanted = self._serve(conn) if conn.rest is None else self._send_rest(conn)
                 with lock:
                     conn.busy = False
-                    if keep:
-                        ep.modify(fd, rearm)
+                    if wanted is not None:
+                        ep.modify(fd, wanted)
                     else:
                         self._drop(fd)
                         self._accept_while_room()
@@ -327,24 +291,55 @@ class GowsThreadWorker(ThreadWorker):
                 raise  # (EAGAIN: another worker or thread took it; ECONNABORTED: the client left)
             return
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _READ_TIMEVAL)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _WRITE_TIMEVAL)
+        # (Responses never block; gunicorn's own few writes, such as 100 Continue, could.)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._write_timeval)
         # Until its first request arrives the connection gets READ_TIMEOUT, then the keep-alive time.
         conn = _Conn(sock, addr, server, gunicorn_http.get_parser(self.cfg, sock, addr),
                      time.monotonic() + READ_TIMEOUT)
         with self._lock:
             self._conns[sock.fileno()] = conn
-            self._ep.register(sock.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+            self._ep.register(sock.fileno(), _NEXT_REQUEST)
             self._accept_while_room()
 
-    def _serve(self, conn: _Conn) -> bool:
-        """Answer the requests that `conn` has sent (more than one if pipelined); whether to
-        keep the connection open."""
+    def _serve(self, conn: _Conn) -> int | None:
+        """Answer the requests that `conn` has sent (more than one if pipelined), as far as its
+        client takes the answers; what to wait for next on it (None: close it)."""
         while True:
-            if not self._serve_one(conn):
-                return False
+            keep = self._serve_one(conn)
+            if conn.rest is not None:
+                conn.keep = keep
+                conn.timeout = time.monotonic() + self.write_timeout
+                return _ROOM_TO_SEND
+            if not keep:
+                return None
             if not conn.parser.unreader.buf.getvalue():
                 conn.timeout = time.monotonic() + self.cfg.keepalive
-                return True
+                return _NEXT_REQUEST
+
+    def _send_rest(self, conn: _Conn) -> int | None:
+        """Send more of the response `conn`'s client has not taken yet (there is room now); once
+        it is all sent, go on with the connection's next request."""
+        rest = conn.rest
+        sent = rest.sent
+        try:
+            done = rest.send(conn.sock)
+        except OSError as e:
+            if e.errno in _CLIENT_GONE:
+                self.log.debug("Client gone: %s", e)
+            else:
+                self.log.warning("Response cut short: %s", e)
+            return None
+        if not done:
+            if rest.sent != sent:  # only progress earns more time
+                conn.timeout = time.monotonic() + self.write_timeout
+            return _ROOM_TO_SEND
+        conn.rest = None
+        if not conn.keep or not self.alive:
+            return None
+        if conn.parser.unreader.buf.getvalue():  # pipelined requests wait behind it
+            return self._serve(conn)
+        conn.timeout = time.monotonic() + self.cfg.keepalive
+        return _NEXT_REQUEST
 
     def _serve_one(self, conn: _Conn) -> bool:
         """Parse and answer one request; whether the connection can carry another."""
@@ -353,7 +348,9 @@ class GowsThreadWorker(ThreadWorker):
             req = next(conn.parser)
             if not req:
                 return False
-            return self._keepalive_after(conn, self.handle_request(req, conn))
+            keepalive = self.handle_request(req, conn)
+            conn.rest = take_parked()
+            return self._keepalive_after(conn, keepalive)
         except (gunicorn_http.errors.NoMoreData, StopIteration) as e:
             self.log.debug("Closing connection: %r", e)
         except OSError as e:
@@ -363,6 +360,7 @@ class GowsThreadWorker(ThreadWorker):
                 self.log.exception("Socket error processing request.")
         except Exception as e:
             self.handle_error(req, conn.sock, conn.client, e)
+        drop_parked()  # a response the request failed after
         return False
 
     def _keepalive_after(self, conn, keepalive):
@@ -380,9 +378,11 @@ class GowsThreadWorker(ThreadWorker):
 class FileAppWorker(GowsThreadWorker):
     """The standalone worker: also fast quit on SIGINT/SIGQUIT and parent watching."""
 
-    def __init__(self, *args, parent_pid: int | None, **kwargs) -> None:
+    def __init__(self, *args, parent_pid: int | None, write_timeout: float = WRITE_TIMEOUT,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.parent_pid = parent_pid
+        self.write_timeout = write_timeout
         self._pidfd: int | None = None
         self._parent_checked = 0.0
 
@@ -491,6 +491,7 @@ def serve(listener: socket.socket, app: FileApp, options: dict) -> int:
     worker = FileAppWorker(
         0, parent_pid if parent_pid is not None else os.getppid(), [listener], _Loaded(app),
         cfg.timeout, cfg, log, parent_pid=parent_pid,
+        write_timeout=options.get("write_timeout", WRITE_TIMEOUT),
     )
     host, port = listener.getsockname()[:2]
     log.info("fileapp worker %s serving %s at http://%s:%s (fd %s)", os.getpid(), app.root,

@@ -72,6 +72,7 @@ def test_proxy_settings_are_a_plain_snake_case_dict(site):
         "idle_timeout": 15.0, "header_timeout": 10.0, "max_connections": 4096, "max_request_line": 8190,
         "max_header_bytes": 32768, "max_headers": 100, "max_body_bytes": 1048576, "pool_size": 8,
         "front_cache_enabled": False, "front_cache_max_bytes": 67108864, "front_cache_max_object_bytes": 1024,
+        "worker_threads": 4,
     }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import io
 import os
 import signal
 import socket
@@ -16,8 +17,8 @@ import time
 import pytest
 import requests
 
-from tests.e2e_support import Responses
-from tests.support import free_port, python_env, stop_process, wait_for_port
+from tests.e2e_support import Responses, read_head
+from tests.support import free_port, python_env, stop_process, wait_for_port, wait_until
 
 
 @pytest.fixture
@@ -171,6 +172,38 @@ def test_worker_class_runs_under_gunicorns_own_arbiter(tmp_path):
     assert proc.returncode == 0
 
 
+def test_a_streamed_body_to_a_slow_reader_under_gunicorns_arbiter_arrives_whole(tmp_path):
+    """Any WSGI app under the worker class: a chunked body of many parts, more than the worker
+    keeps for a slow client, to a client that reads slowly; then the next pipelined request."""
+    (tmp_path / "streaming.py").write_text(
+        "def app(environ, start_response):\n"
+        "    start_response('200 OK', [('Content-Type', 'application/octet-stream')])\n"
+        "    return (bytes([i % 251]) * 10_000 for i in range(300))\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-k", "fileapp.worker.GowsThreadWorker", "--threads", "1",
+         "-b", f"127.0.0.1:{port}", "--log-level", "warning", "streaming:app"],
+        env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        wait_for_port(port, timeout=30)
+        s = stalled_reader(port, b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n"
+                                 b"GET /b HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        received = []
+        for _ in range(20):  # slowly at first
+            received.append(s.recv(4096))
+            time.sleep(0.01)
+        received.append(read_to_eof(s))
+        s.close()
+        responses = Responses(Received(b"".join(received)))
+        expected = b"".join(bytes([i % 251]) * 10_000 for i in range(300))
+        for _ in range(2):
+            status, headers, body = responses.next()
+            assert (status, headers["transfer-encoding"], body) == (200, "chunked", expected)
+        assert responses.at_eof()
+    finally:
+        stop_process(proc)
+
+
 def test_pipelined_requests_are_answered_in_order(server):
     root, base, _ = server
     port = int(base.rsplit(":", 1)[1])
@@ -187,8 +220,8 @@ def test_pipelined_requests_are_answered_in_order(server):
 
 
 def test_stalled_clients_do_not_hold_up_other_connections(server):
-    """A download nobody reads and a request head that never ends each hold one thread; the
-    other connections, old and new, are served meanwhile by the other threads."""
+    """A download nobody reads holds no thread and a request head that never ends holds one;
+    the other connections, old and new, are served meanwhile by the other threads."""
     root, base, proc = server
     port = int(base.rsplit(":", 1)[1])
     kept = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -278,4 +311,153 @@ def test_running_out_of_file_descriptors_defers_new_connections_until_one_closes
     finally:
         for c in clients:
             c.close()
+        stop_process(proc)
+
+
+# -- slow readers: a response the client does not take holds no serving thread -----------------
+
+SPARSE = 200 * 1024 * 1024
+
+
+@pytest.fixture
+def slow_site(tmp_path):
+    root = tmp_path / "site"
+    root.mkdir()
+    (root / "small.txt").write_bytes(b"small body\n")
+    (root / "mid.bin").write_bytes(os.urandom(200_000))  # cached: one write of its bytes
+    (root / "big.bin").write_bytes(os.urandom(3_000_000))  # streamed with sendfile
+    with open(root / "huge.bin", "wb") as f:
+        f.truncate(SPARSE)  # reads as zeros, takes no disk
+    return root
+
+
+def stalled_reader(port: int, request: bytes) -> socket.socket:
+    """A client that sends `request` and then reads nothing (a small receive buffer, so the
+    server's writes back up at once)."""
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    s.sendall(request)
+    return s
+
+
+class Received:
+    """Bytes already received, for Responses to parse as if they came off a socket."""
+
+    def __init__(self, data: bytes) -> None:
+        self._file = io.BytesIO(data)
+
+    def makefile(self, mode: str) -> io.BytesIO:
+        return self._file
+
+
+def read_to_eof(s: socket.socket) -> bytes:
+    chunks = []
+    while chunk := s.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def read_zeros(s: socket.socket, count: int) -> None:
+    """Read exactly `count` body bytes of the sparse file off `s` (all zeros)."""
+    while count:
+        chunk = s.recv(min(count, 1 << 20))
+        assert chunk and not chunk.strip(b"\0"), "a zero byte was expected"
+        count -= len(chunk)
+
+
+def test_stalled_readers_on_every_thread_leave_health_and_files_answered(slow_site):
+    """Twice as many downloads nobody reads as the worker has threads: each gets its response
+    started, and health checks and other files are still answered at once."""
+    proc, port = start_worker(slow_site, "--threads", "2")
+    readers = [stalled_reader(port, b"GET /huge.bin HTTP/1.1\r\nHost: t\r\n\r\n") for _ in range(4)]
+    try:
+        started = []
+        for s in readers:
+            head, body = read_head(s)
+            assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % SPARSE in head
+            started.append(len(body))
+        base = f"http://127.0.0.1:{port}"
+        session = requests.Session()
+        for _ in range(5):
+            assert session.get(base + "/healthcheck", timeout=5).content == b"ok"
+            assert session.get(base + "/small.txt", timeout=5).content == b"small body\n"
+            assert session.get(base + "/mid.bin", timeout=5).content == (slow_site / "mid.bin").read_bytes()
+        session.close()
+        # The stalled downloads were only set aside: one that is read now arrives whole, and
+        # its connection then carries the next request.
+        readers[0].settimeout(30)
+        read_zeros(readers[0], SPARSE - started[0])
+        readers[0].sendall(b"GET /small.txt HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert Responses(readers[0]).next()[2] == b"small body\n"
+    finally:
+        for s in readers:
+            s.close()
+        stop_process(proc)
+
+
+def test_responses_set_aside_arrive_whole_in_order_and_closed_when_asked(slow_site):
+    """Pipelined responses of every kind to a client that reads nothing for a while: the only
+    thread stays free for others meanwhile, and each response arrives whole, in order."""
+    proc, port = start_worker(slow_site, "--threads", "1")
+    big = (slow_site / "big.bin").read_bytes()
+    pipelined = [
+        b"GET /big.bin HTTP/1.1\r\nHost: t\r\n\r\n",  # sendfile
+        b"GET /mid.bin HTTP/1.1\r\nHost: t\r\n\r\n",  # cached bytes
+        b"GET /big.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=0-99,1000000-2999999\r\n\r\n",
+        b"GET /big.bin HTTP/1.1\r\nHost: t\r\nRange: bytes=100-\r\n\r\n",
+        b"GET /small.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    ]
+    s = stalled_reader(port, b"".join(pipelined))
+    try:
+        session = requests.Session()
+        for _ in range(3):
+            assert session.get(f"http://127.0.0.1:{port}/healthcheck", timeout=5).content == b"ok"
+        session.close()
+        s.settimeout(30)
+        responses = Responses(s)
+        status, _, body = responses.next()
+        assert (status, body) == (200, big)
+        assert responses.next()[2] == (slow_site / "mid.bin").read_bytes()
+        status, headers, body = responses.next()
+        assert status == 206 and headers["content-type"].startswith("multipart/byteranges")
+        assert big[:100] in body and big[1000000:3000000] in body
+        status, _, body = responses.next()
+        assert (status, body) == (206, big[100:])
+        assert responses.next()[2] == b"small body\n"
+        assert responses.at_eof()
+    finally:
+        s.close()
+        stop_process(proc)
+
+
+def test_a_download_nobody_reads_is_closed_after_the_write_timeout(slow_site):
+    proc, port = start_worker(slow_site, "--threads", "1", "--write-timeout", "1")
+
+    def file_open() -> bool:
+        """Whether the worker holds huge.bin open (only for the download in progress)."""
+        fd_dir = f"/proc/{proc.pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                if os.readlink(f"{fd_dir}/{fd}").endswith("/huge.bin"):
+                    return True
+            except FileNotFoundError:  # closed meanwhile
+                pass
+        return False
+
+    s = stalled_reader(port, b"GET /huge.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+    try:
+        _, body = read_head(s)
+        stalled = time.monotonic()
+        assert file_open()
+        # Its one thread is free meanwhile.
+        assert requests.get(f"http://127.0.0.1:{port}/healthcheck", timeout=5).content == b"ok"
+        wait_until(lambda: not file_open(), timeout=10, message="the stalled download closed")
+        assert time.monotonic() - stalled > 0.5  # not at once: after a second without progress
+        # The client gets what was already on its way, then the end of the stream.
+        s.settimeout(10)
+        assert len(body) + len(read_to_eof(s)) < SPARSE
+    finally:
+        s.close()
         stop_process(proc)

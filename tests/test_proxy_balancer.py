@@ -41,7 +41,7 @@ def test_round_robin_even_and_only_healthy():
 
 def test_round_robin_hands_concurrent_requests_out_in_runs():
     table, ws = table_of(3)
-    b = Balancer(table, "round-robin")
+    b = Balancer(table, "round-robin", worker_threads=RUN)
     first = b.pick(b"/")
     # The proxy counts each forwarded request in flight: a busy worker keeps taking new ones...
     for k in range(1, RUN):
@@ -66,6 +66,48 @@ def test_round_robin_hands_concurrent_requests_out_in_runs():
     picks = [b.pick(b"/") for _ in range(6)]
     assert all(picks[i] is not picks[i + 1] for i in range(5))
     assert Counter(picks) == {w: 2 for w in ws}
+
+
+def test_round_robin_runs_stop_at_the_worker_threads():
+    table, ws = table_of(2)
+    b = Balancer(table, "round-robin", worker_threads=2)
+    first = b.pick(b"/")
+    first.in_flight = 1
+    assert b.pick(b"/") is first
+    first.in_flight = 2  # a request per thread: the next one goes to the other worker
+    assert b.pick(b"/") is not first
+
+
+POLICIES = ("round-robin", "least-outstanding", "consistent-hash")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_requests_that_never_finish_fill_every_workers_threads_before_any_waits(policy):
+    """Slow readers: each request stays in flight. Eight of them on two workers of four threads
+    take four threads on each, whatever the policy (not eight on one worker, four waiting while
+    the other worker idles); past that, requests are still placed."""
+    table, ws = table_of(2)
+    b = Balancer(table, policy, worker_threads=4)
+    for i in range(8):
+        w = b.pick(b"/big.bin")
+        w.in_flight += 1
+    assert [w.in_flight for w in ws] == [4, 4]
+    for i in range(8):
+        w = b.pick(b"/big.bin")
+        w.in_flight += 1
+    assert sum(w.in_flight for w in ws) == 16 and all(w.in_flight >= 4 for w in ws)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_worker_with_every_thread_busy_is_passed_over_while_another_has_one_free(policy):
+    table, ws = table_of(3)
+    b = Balancer(table, policy, worker_threads=4)
+    ws[0].in_flight, ws[1].in_flight, ws[2].in_flight = 4, 3, 9
+    assert all(b.pick(p) is ws[1] for p in PATHS[:200])
+    # A retry that excludes the one with a free thread goes to a busy worker, not nowhere.
+    assert b.pick(PATHS[0], [ws[1]]) in (ws[0], ws[2])
+    ws[1].in_flight = 4  # every thread of every worker busy: any worker will do
+    assert {b.pick(p) for p in PATHS[:200]} <= set(ws) and None not in {b.pick(p) for p in PATHS[:200]}
 
 
 def test_least_outstanding_prefers_idle_workers_and_rotates_ties():

@@ -15,7 +15,8 @@ LOAD_FACTOR = 1.25  # bounded load: no worker takes more than c x the mean outst
 # Round robin hands concurrent requests out in runs: a worker already busy with fewer than this
 # keeps taking new ones, up to this many in a row. Waking one worker for a few requests is much
 # cheaper than waking every worker for one each (context switches, cold caches) when workers
-# outnumber the cores; bounding the run keeps every worker in turn under any load.
+# outnumber the cores; bounding the run keeps every worker in turn under any load. A run never
+# goes past the worker's threads either.
 RUN = 8
 
 _in_flight = attrgetter("in_flight")
@@ -26,11 +27,18 @@ def _hash64(data: bytes) -> int:
 
 
 class Balancer:
-    """Picks a worker from `table.healthy`; derived state is rebuilt lazily when the table changes."""
+    """Picks a worker from `table.healthy`; derived state is rebuilt lazily when the table changes.
 
-    def __init__(self, table: WorkerTable, policy: str = "round-robin") -> None:
+    Whatever the policy, a worker with a request in flight per thread (`worker_threads`) is
+    passed over while another has a thread to spare: stacked requests would wait in its queue
+    while the other idles.
+    """
+
+    def __init__(self, table: WorkerTable, policy: str = "round-robin", worker_threads: int = 4) -> None:
         self.table = table
         self.policy = policy
+        self.worker_threads = worker_threads
+        self._run_limit = min(RUN, worker_threads)
         self._next = 0
         self._run = 0  # consecutive picks of the current round-robin worker
         self._ring_generation = -1
@@ -49,19 +57,28 @@ class Balancer:
             return None
         i = self._next
         last = healthy[(i - 1) % n]
-        if self._run < RUN and 0 < last.in_flight < RUN and not (exclude and last in exclude):
+        limit = self._run_limit
+        if self._run < limit and 0 < last.in_flight < limit and not (exclude and last in exclude):
             self._run += 1
             return last
         self._run = 1
-        self._next = i + 1
         worker = healthy[i % n]
-        if exclude and worker in exclude:
-            for k in range(1, n):
-                worker = healthy[(i + k) % n]
-                if worker not in exclude:
-                    return worker
-            return None
-        return worker
+        if worker.in_flight < self.worker_threads and not (exclude and worker in exclude):
+            self._next = i + 1
+            return worker
+        # Busy or excluded: the next one in turn with a thread to spare, else the next allowed.
+        fallback = None
+        for k in range(n):
+            worker = healthy[(i + k) % n]
+            if exclude and worker in exclude:
+                continue
+            if worker.in_flight < self.worker_threads:
+                self._next = i + k + 1
+                return worker
+            if fallback is None:
+                fallback = worker
+        self._next = i + 1
+        return fallback
 
     def _least_outstanding(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
         healthy = self.table.healthy
@@ -99,8 +116,13 @@ class Balancer:
         healthy = self.table.healthy
         n = len(healthy)
         # Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2017): walk the
-        # ring from the key's point to the first worker below ceil(c * (m + 1) / n).
-        capacity = math.ceil(LOAD_FACTOR * (sum(map(_in_flight, healthy)) + 1) / n)
+        # ring from the key's point to the first worker below ceil(c * (m + 1) / n), and below
+        # its thread count while some worker is.
+        loads = list(map(_in_flight, healthy))
+        capacity = math.ceil(LOAD_FACTOR * (sum(loads) + 1) / n)
+        allowed = [w.in_flight for w in healthy if w not in exclude] if exclude else loads
+        if allowed and min(allowed) < self.worker_threads:
+            capacity = min(capacity, self.worker_threads)
         owners = self._owners
         size = len(points)
         start = bisect.bisect_left(points, _hash64(path.partition(b"?")[0]))

@@ -800,7 +800,7 @@ class Proxy:
         self.pool = UpstreamPool(self)
         self.conns: set[ClientProtocol] = set()
         self.cache: FrontCache | None = None
-        self.balancer = Balancer(table, settings.balance)
+        self.balancer = Balancer(table, settings.balance, settings.worker_threads)
         self.clock = time.monotonic()
         self.date_line = b""
         self.draining = False
@@ -832,8 +832,8 @@ class Proxy:
         """Apply new settings (config reload); open connections keep working."""
         old = self.settings
         self.settings = settings
-        if settings.balance != self.balancer.policy:
-            self.balancer = Balancer(self.table, settings.balance)
+        if (settings.balance, settings.worker_threads) != (self.balancer.policy, self.balancer.worker_threads):
+            self.balancer = Balancer(self.table, settings.balance, settings.worker_threads)
         self.retries = settings.retries
         self.response_timeout = settings.response_timeout
         self.idle_timeout = settings.idle_timeout

@@ -22,6 +22,7 @@ class ProxySettings:
     max_headers: int = 100
     max_body_bytes: int = 1048576
     pool_size: int = 64  # idle keep-alive connections kept per worker
+    worker_threads: int = 4  # serving threads per worker: the balancer's bound on stacking requests
     front_cache_enabled: bool = True
     front_cache_max_bytes: int = 64 * 2**20
     front_cache_max_object_bytes: int = 2**20
@@ -34,7 +35,8 @@ class ProxySettings:
                 raise ValueError(f"{name}: must be a positive number of seconds, got {getattr(self, name)!r}")
         if self.retries < 0:
             raise ValueError(f"retries: must be >= 0, got {self.retries!r}")
-        for name in ("max_connections", "max_request_line", "max_header_bytes", "max_headers", "pool_size"):
+        for name in ("max_connections", "max_request_line", "max_header_bytes", "max_headers", "pool_size",
+                     "worker_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
         for name in ("max_body_bytes", "front_cache_max_bytes", "front_cache_max_object_bytes"):

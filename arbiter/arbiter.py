@@ -322,6 +322,9 @@ class Arbiter:
         await self._wait_up(added, options.boot_timeout)
         for slot in removed:
             self._retire_slot(slot)
+        # What the workers serve may have changed (root, cache, headers): nothing stored before
+        # the new workers took over is served after.
+        self.proxy.purge_front_cache()
         log.info("reload done: %d local workers (%d added, %d replaced, %d failed to reload, %d stopped)",
                  len(self.slots), len(added), len(kept) - failed, failed, len(removed))
 

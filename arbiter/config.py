@@ -395,11 +395,12 @@ class Proxy:
     response_timeout: float = setting(Number(3600), 30.0, "Seconds a worker has to start its response.")
     idle_timeout: float = setting(Number(3600), 15.0, "Seconds an idle client keep-alive connection is kept open.")
     header_timeout: float = setting(Number(600), 10.0, "Seconds a client has to send a complete request head.")
-    max_connections: int = setting(Integer(1, 1_000_000), 4096, "Client connections served at once; more wait in the listen backlog.")
+    max_connections: int = setting(Integer(1, 1_000_000), 4096, "Client connections served at once; more wait in the listen backlog, and the longest-idle connections are closed to let them in.")
     max_request_line: int = setting(Integer(256, 1 << 20), 8190, "Longest request line in bytes (414 beyond).")
     max_header_bytes: int = setting(Integer(1024, 1 << 24), 32768, "Largest request head in bytes (431 beyond).")
     max_headers: int = setting(Integer(1, 10000), 100, "Most request header fields (431 beyond).")
     max_body_bytes: int = setting(Integer(0, 1 << 40), 1048576, "Largest request body in bytes (413 beyond).")
+    body_buffer_bytes: int = setting(Integer(0, 1 << 40), 67108864, "Request body bytes held for all clients at once; a request whose body would exceed it is answered 503. A body must arrive at 4 KiB/s on average after its first headerTimeout seconds (408 otherwise).")
     pool_size: int = setting(Integer(1, 100000), 64, "Idle keep-alive connections kept per worker.")
 
 
@@ -408,7 +409,7 @@ class FrontCache:
     """frontCache: hot small responses kept in the master (micro-caching)."""
 
     enabled: bool = setting(Boolean(), True, "Whether the master caches responses.")
-    max_bytes: int = setting(Integer(0, 1 << 40), 67108864, "Byte budget of the front cache.")
+    max_bytes: int = setting(Integer(0, 1 << 40), 67108864, "Byte budget of the front cache (bodies, prepared heads and bookkeeping: what the master really holds).")
     max_object_bytes: int = setting(Integer(0, 1 << 40), 1048576, "Largest response body the front cache keeps.")
 
 
@@ -450,6 +451,7 @@ class Config:
         out = {f.name: getattr(self.proxy, f.name) for f in fields(Proxy)}
         out.update({f"front_cache_{f.name}": getattr(self.front_cache, f.name) for f in fields(FrontCache)})
         out["worker_threads"] = self.threads
+        out["front_cache_revalidate"] = self.cache.ttl  # no staler than the workers' own view
         return out
 
 
@@ -565,6 +567,9 @@ def load_data(raw: Any, source: Path) -> Config:
     fc = values.front_cache
     if fc.max_object_bytes > fc.max_bytes:
         raise ConfigError(f"frontCache.maxObjectBytes: {fc.max_object_bytes} exceeds frontCache.maxBytes {fc.max_bytes}")
+    px = values.proxy
+    if px.max_body_bytes > px.body_buffer_bytes:
+        raise ConfigError(f"proxy.maxBodyBytes: {px.max_body_bytes} exceeds proxy.bodyBufferBytes {px.body_buffer_bytes}")
     config = dataclasses.replace(values, listen=listen, workers=_resolve_workers(raw, values), source=source)
     _check_ports(config, listen_key)
     return config

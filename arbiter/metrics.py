@@ -23,8 +23,11 @@ _PROXY_COUNTERS = (
     ("timeouts", "proxy_timeouts", "Client or worker timeouts."),
     ("no_healthy_worker", "proxy_no_healthy_worker", "Requests answered 503 because no worker was up."),
     ("truncated_responses", "proxy_truncated_responses", "Responses cut off because their worker failed mid-body."),
-    ("rejected_connections", "proxy_rejected_connections", "Client connections refused at proxy.maxConnections."),
+    ("rejected_connections", "proxy_rejected_connections", "Client connections refused while the master stops."),
     ("rejected_requests", "proxy_rejected_requests", "Malformed or over-limit requests answered with an error."),
+    ("shed_idle_connections", "proxy_shed_idle_connections",
+     "Idle keep-alive connections closed at proxy.maxConnections to let waiting clients in."),
+    ("shortages", "proxy_shortages", "Requests answered 503 because the master ran out of descriptors or memory."),
 )
 
 
@@ -72,6 +75,10 @@ class MasterCollector(Collector):
         yield GaugeMetricFamily("gows_front_cache_entries", "Responses held in the front cache.", value=cache["entries"])
         yield GaugeMetricFamily("gows_front_cache_bytes", "Bytes held in the front cache.", value=cache["bytes"])
         yield GaugeMetricFamily("gows_front_cache_max_bytes", "Byte budget of the front cache.", value=cache["max_bytes"])
+        yield CounterMetricFamily("gows_front_cache_revalidations", "Stale responses a worker confirmed unchanged (304).",
+                                  value=cache["revalidated"])
+        yield GaugeMetricFamily("gows_proxy_body_buffer_bytes", "Request body bytes held for clients.",
+                                value=stats["body_buffer_bytes"])
 
         labels = ["worker", "local"]
         up = GaugeMetricFamily("gows_worker_up", "1 when the worker passes its health checks.", labels=labels)

@@ -10,12 +10,13 @@ durations are seconds, latencies may be null when nothing was measured:
                   "requests": int, "in_flight": int, "last_check_seconds": float|null,
                   "last_error": str}],
      "front_cache": {"enabled": bool, "entries": int, "bytes": int, "max_bytes": int,
-                     "hits": int, "misses": int, "hit_ratio": float|null},
+                     "hits": int, "misses": int, "hit_ratio": float|null, "revalidated": int},
      "totals": {"requests": int, "responses": {"1xx": int, ..., "5xx": int},
                 "last_10s": WINDOW, "last_5m": WINDOW, "all_time": {"p50_seconds", "p99_seconds"}},
      "proxy": {"client_connections": int, "retries": int, "upstream_errors": int, "timeouts": int,
                "no_healthy_worker": int, "truncated_responses": int,
-               "rejected_connections": int, "rejected_requests": int},
+               "rejected_connections": int, "rejected_requests": int,
+               "shed_idle_connections": int, "shortages": int, "body_buffer_bytes": int},
      "access_log": {"enabled": bool, "dropped": int, "error": str}}
 
     WINDOW = {"seconds": float, "requests": int, "rate_per_second": float,
@@ -94,6 +95,7 @@ def snapshot(master: Master, window: Window) -> dict[str, Any]:
             "enabled": cache["enabled"], "entries": cache["entries"], "bytes": cache["bytes"],
             "max_bytes": cache["max_bytes"], "hits": cache["hits"], "misses": cache["misses"],
             "hit_ratio": round(cache["hits"] / lookups, 4) if lookups else None,
+            "revalidated": cache["revalidated"],
         },
         "totals": {
             "requests": sum(buckets),
@@ -104,7 +106,8 @@ def snapshot(master: Master, window: Window) -> dict[str, Any]:
         },
         "proxy": {key: stats[key] for key in (
             "client_connections", "retries", "upstream_errors", "timeouts", "no_healthy_worker",
-            "truncated_responses", "rejected_connections", "rejected_requests")},
+            "truncated_responses", "rejected_connections", "rejected_requests", "shed_idle_connections",
+            "shortages", "body_buffer_bytes")},
         "access_log": {"enabled": access_log is not None,
                        "dropped": access_log.dropped if access_log is not None else 0,
                        "error": access_log.error if access_log is not None else ""},

@@ -5,6 +5,7 @@ import json
 import os
 import random
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -38,6 +39,10 @@ def free_port_run(count: int, host: str = "127.0.0.1") -> int:
     raise RuntimeError("no run of free ports found")
 
 
+def _limit_files(count: int) -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (count, count))
+
+
 def health(port: int, timeout: float = 2.0) -> int | None:
     """Status of GET /healthcheck on a worker port, None when the request fails."""
     try:
@@ -57,7 +62,8 @@ def title(pid: int) -> str:
 class Master:
     """A `python -m arbiter` started by a test, with its config file and log in `directory`."""
 
-    def __init__(self, directory: Path, config: dict, name: str = "gows.conf.json") -> None:
+    def __init__(self, directory: Path, config: dict, name: str = "gows.conf.json", nofile: int | None = None) -> None:
+        """`nofile`: the master's open-file limit (RLIMIT_NOFILE, soft and hard), when a test needs it low."""
         self.directory = directory
         self.config_path = directory / name
         self.log_path = directory / "master.log"
@@ -65,7 +71,8 @@ class Master:
         self._log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([PYTHON, "-m", "arbiter", "-c", str(self.config_path)],
                                      cwd=directory, env=python_env(), stdin=subprocess.DEVNULL,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
+                                     stdout=self._log, stderr=subprocess.STDOUT,
+                                     preexec_fn=None if nofile is None else lambda: _limit_files(nofile))
         self.seen_workers: set[int] = set()
 
     @property

@@ -72,10 +72,10 @@ def _wait_port_closed(port: int, timeout: float = 10.0) -> None:
         time.sleep(0.05)
 
 
-def bind_listener(port: int = 0) -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+def bind_listener(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", port))
+    sock.bind((host, port))
     sock.listen(socket.SOMAXCONN)
     return sock
 
@@ -146,9 +146,9 @@ class ProxyThread:
     """A Proxy on a uvloop in a background thread; `call` runs code on that loop."""
 
     def __init__(self, workers: list[Worker] | list[int], settings: ProxySettings | None = None,
-                 up: bool = True, **table_args: Any) -> None:
+                 up: bool = True, listen_host: str = "127.0.0.1", **table_args: Any) -> None:
         self.settings = settings or ProxySettings()
-        self.sock = bind_listener()
+        self.sock = bind_listener(host=listen_host)
         self.port = self.sock.getsockname()[1]
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

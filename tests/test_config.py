@@ -70,10 +70,16 @@ def test_proxy_settings_are_a_plain_snake_case_dict(site):
     assert c.proxy_settings == {
         "balance": "consistent-hash", "retries": 2, "connect_timeout": 2.0, "response_timeout": 30.0,
         "idle_timeout": 15.0, "header_timeout": 10.0, "max_connections": 4096, "max_request_line": 8190,
-        "max_header_bytes": 32768, "max_headers": 100, "max_body_bytes": 1048576, "pool_size": 8,
-        "front_cache_enabled": False, "front_cache_max_bytes": 67108864, "front_cache_max_object_bytes": 1024,
-        "worker_threads": 4,
+        "max_header_bytes": 32768, "max_headers": 100, "max_body_bytes": 1048576, "body_buffer_bytes": 67108864,
+        "pool_size": 8, "front_cache_enabled": False, "front_cache_max_bytes": 67108864,
+        "front_cache_max_object_bytes": 1024, "front_cache_revalidate": 1.0, "worker_threads": 4,
     }
+
+
+def test_a_body_limit_past_the_shared_body_budget_is_refused(site):
+    with pytest.raises(cfg.ConfigError, match=r"^proxy.maxBodyBytes: 2048 exceeds proxy.bodyBufferBytes 1024$"):
+        cfg.load(write(site, {"baseDirectory": "www", "workerCount": 1,
+                              "proxy": {"maxBodyBytes": 2048, "bodyBufferBytes": 1024}}))
 
 
 def test_a_non_local_worker_is_not_spawned_only_checked(site):

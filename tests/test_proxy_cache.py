@@ -21,6 +21,8 @@ class Origin:
     def __init__(self) -> None:
         self.routes: dict[str, tuple[int, list[bytes], bytes]] = {}
         self.hits: dict[str, int] = {}
+        self.conditional: set[str] = set()  # paths answered 304 to If-None-Match: "v1"
+        self.heads: list[bytes] = []
         self.upstream = RawUpstream(self._respond)
         self.port = self.upstream.port
 
@@ -28,7 +30,10 @@ class Origin:
         target = head.split(b" ")[1].decode()
         path = urlsplit(target).path
         self.hits[path] = self.hits.get(path, 0) + 1
+        self.heads.append(head)
         status, headers, payload = self.routes.get(path, (404, [], b"missing"))
+        if path in self.conditional and b'\r\nif-none-match: "v1"' in head.lower():
+            status, payload = 304, b""
         if callable(payload):
             payload = payload(head)
         lines = [b"HTTP/1.1 %d X" % status, *headers]
@@ -60,7 +65,8 @@ def origin():
 
 @pytest.fixture
 def proxy(origin):
-    p = ProxyThread([origin.port], ProxySettings())
+    # Revalidation (after cache.ttl) has its own tests below; here entries live their max-age.
+    p = ProxyThread([origin.port], ProxySettings(front_cache_revalidate=3600))
     yield p
     p.stop()
 
@@ -302,3 +308,97 @@ def test_gunicorn_worker_files_cached_with_validators():
     finally:
         p.stop()
         w.stop()
+
+
+# -- revalidation: an entry older than the workers' cache TTL is checked before it is served ------
+@pytest.fixture
+def revalidating(origin):
+    p = ProxyThread([origin.port], ProxySettings(front_cache_revalidate=0.3))
+    yield p
+    p.stop()
+
+
+def test_a_stale_entry_is_revalidated_and_served_while_the_worker_answers_304(revalidating, origin):
+    origin.route("/r", cc="max-age=600")
+    origin.conditional.add("/r")
+    assert get(revalidating, "/r").content == b"x" * 1024
+    get(revalidating, "/r")
+    assert origin.hits["/r"] == 1
+    time.sleep(0.7)  # older than the revalidation interval (and the proxy's 0.25 s clock)
+    r = get(revalidating, "/r")
+    assert (r.status_code, r.content, origin.hits["/r"]) == (200, b"x" * 1024, 2)
+    assert b'\r\nIf-None-Match: "v1"' in origin.heads[-1]
+    assert "Age" not in r.headers  # confirmed just now
+    get(revalidating, "/r")
+    assert origin.hits["/r"] == 2  # fresh again: a hit
+    assert revalidating.stats()["front_cache"]["revalidated"] == 1
+
+
+def test_a_client_revalidating_a_stale_entry_gets_304_from_it(revalidating, origin):
+    origin.route("/r", cc="max-age=600")
+    origin.conditional.add("/r")
+    get(revalidating, "/r")
+    time.sleep(0.7)
+    r = get(revalidating, "/r", **{"If-None-Match": '"v1"'})
+    assert r.status_code == 304 and origin.hits["/r"] == 2  # its own condition went to the worker
+
+
+def test_a_stale_entry_the_worker_no_longer_has_is_dropped(revalidating, origin):
+    origin.route("/g", cc="max-age=600")
+    origin.conditional.add("/g")
+    get(revalidating, "/g")
+    origin.routes["/g"] = (404, [b"Cache-Control: max-age=600"], b"gone")
+    origin.conditional.discard("/g")
+    time.sleep(0.7)
+    assert get(revalidating, "/g").status_code == 404
+    assert get(revalidating, "/g").status_code == 404
+    assert origin.hits["/g"] == 3 and revalidating.stats()["front_cache"]["entries"] == 0
+
+
+def test_a_changed_entry_is_replaced_by_the_workers_new_answer(revalidating, origin):
+    origin.route("/c", body=b"old", cc="max-age=600")
+    get(revalidating, "/c")
+    origin.route("/c", body=b"new!", cc="max-age=600")  # (not conditional: answers 200 with the new body)
+    time.sleep(0.7)
+    assert get(revalidating, "/c").content == b"new!"
+    assert get(revalidating, "/c").content == b"new!" and origin.hits["/c"] == 2
+
+
+def test_a_reload_purge_drops_entries_and_answers_on_their_way(origin):
+    p = ProxyThread([origin.port], ProxySettings())
+    try:
+        origin.route("/p")
+        get(p, "/p")
+        p.call(p.proxy.purge_front_cache)
+        assert p.stats()["front_cache"]["entries"] == 0
+        get(p, "/p")
+        assert origin.hits["/p"] == 2
+    finally:
+        p.stop()
+
+
+def test_an_entry_weighs_its_body_once():
+    cache = FrontCache(max_bytes=1 << 30, max_object_bytes=1 << 20)
+    cache.store(b"/b", None, False, [(b"etag", b"ETag", b'"x"')], b"b" * 100_000, 60)
+    entry = cache.get(b"/b", None)
+    held = [getattr(entry, name) for name in Entry.__slots__ if isinstance(getattr(entry, name, None), bytes)]
+    assert sum(len(b) for b in held) < 100_000 + 2_000  # no second copy in a prepared variant
+    assert entry.size >= sum(len(b) for b in held)
+
+
+@pytest.mark.parametrize("size", [16, 1024, 16384])
+def test_the_budget_counts_what_entries_really_hold(size):
+    import tracemalloc
+    headers = [(b"etag", b"ETag", b'"18ed5ca4eefc7336-3"'), (b"cache-control", b"Cache-Control", b"public, max-age=60"),
+               (b"last-modified", b"Last-Modified", LM), (b"content-type", b"Content-Type", b"text/plain; charset=utf-8"),
+               (b"accept-ranges", b"Accept-Ranges", b"bytes"), (b"server", b"Server", b"gunicorn")]
+    cache = FrontCache(max_bytes=1 << 30, max_object_bytes=1 << 20)
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(2000):
+            cache.store(b"/files/%d.txt" % i, None, False, headers, b"%d" % i + b"x" * size, 60)
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert held <= cache.bytes <= 1.5 * held, (held, cache.bytes)

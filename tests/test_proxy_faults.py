@@ -411,3 +411,66 @@ def test_request_waiting_too_long_for_a_connection_gets_503():
     finally:
         p.stop()
         w.stop()
+
+
+def test_a_proxy_error_while_relaying_is_logged_closes_the_client_and_spares_the_worker(caplog, monkeypatch):
+    from arbiter.proxy.server import ClientProtocol
+    relay = ClientProtocol.upstream_head
+
+    def failing(self, conn, status, headers):
+        if self.current.target == b"/boom":
+            raise KeyError("a bug of the proxy's")
+        relay(self, conn, status, headers)
+
+    monkeypatch.setattr(ClientProtocol, "upstream_head", failing)
+    up = ok_upstream()
+    p = ProxyThread([up.port], NO_CACHE, max_fails=1)
+    try:
+        data = raw(p.port, b"GET /boom HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert data == b""  # closed: there is nothing right to answer mid-relay
+        assert "proxy error while relaying a response" in caplog.text and "KeyError" in caplog.text
+        worker = p.worker(up.port)
+        assert worker.up and not worker.passive_failure_times  # max_fails=1: one charge would have downed it
+        assert requests.get(p.url + "/fine").status_code == 200
+        assert p.stats()["client_connections"] == 0
+    finally:
+        p.stop()
+        up.stop()
+
+
+def test_switching_the_front_cache_off_mid_response_relays_the_rest():
+    def respond(head, body, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\nContent-Length: 20000\r\n\r\n" + b"a" * 10000)
+        released.wait(10)
+        conn.sendall(b"b" * 10000)
+        return True
+    released = threading.Event()
+    up = RawUpstream(respond)
+    p = ProxyThread([up.port], ProxySettings())
+    try:
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
+            s.sendall(b"GET /c HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            wait_until(lambda: p.stats()["upstream_connections"]["busy"] == 1)
+            p.update(front_cache_enabled=False)  # a reload switched it off
+            released.set()
+            (status, _, body), = parse_responses(read_all(s))
+        assert (status, body) == (200, b"a" * 10000 + b"b" * 10000)
+        assert p.worker(up.port).up and not p.worker(up.port).passive_failure_times
+    finally:
+        p.stop()
+        up.stop()
+
+
+def test_a_pooled_connection_to_a_replaced_worker_process_is_never_reused():
+    up = ok_upstream()
+    p = ProxyThread([up.port], NO_CACHE)
+    try:
+        assert requests.get(p.url + "/one").status_code == 200
+        assert p.stats()["upstream_connections"]["idle"] == 1 and up.connections == 1
+        worker = p.worker(up.port)
+        p.call(lambda: p.table.handover(worker, 4242))  # a reload's new process took over the port
+        assert requests.get(p.url + "/two").status_code == 200
+        assert up.connections == 2  # the old process' connection was closed, not asked again
+    finally:
+        p.stop()
+        up.stop()

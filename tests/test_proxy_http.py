@@ -247,3 +247,30 @@ def test_settings_defaults_are_the_documented_ones():
             s.pool_size) == (4096, 8190, 32768, 100, 1048576, 64)
     assert (s.front_cache_enabled, s.front_cache_max_bytes, s.front_cache_max_object_bytes) == (
         True, 64 * 2**20, 2**20)
+
+
+# -- header hygiene a client cannot turn against the proxy ------------------------------------------
+@pytest.mark.parametrize("named", ["host", "Host, Content-Length", "transfer-encoding, host"])
+def test_a_connection_header_naming_host_keeps_host(proxy, named):
+    data = raw(proxy.port, b"GET /echo HTTP/1.1\r\nHost: named.test\r\nConnection: " + named.encode() +
+               b"\r\nConnection: close\r\n\r\n")
+    (status, _, body), = parse_responses(data)
+    assert status == 200 and echo(body)["h"]["host"] == "named.test"
+
+
+def test_a_named_content_length_still_frames_the_body(proxy):
+    data = raw(proxy.port, b"POST /echo HTTP/1.1\r\nHost: t\r\nConnection: content-length\r\nContent-Length: 3\r\n\r\nabc"
+                           b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    (s1, _, b1), (s2, _, _) = parse_responses(data)
+    assert (s1, echo(b1)["body"], s2) == (200, "abc", 200)
+
+
+def test_an_http10_request_without_host_gets_a_bracketed_ipv6_host(workers):
+    p = ProxyThread(workers, ProxySettings(front_cache_enabled=False), listen_host="::1")
+    try:
+        with socket.create_connection(("::1", p.port), timeout=10) as s:
+            s.sendall(b"GET /echo HTTP/1.0\r\n\r\n")
+            (status, _, body), = parse_responses(read_all(s))
+        assert status == 200 and echo(body)["h"]["host"] == f"[::1]:{p.port}"
+    finally:
+        p.stop()

@@ -1,8 +1,13 @@
 """Front cache: small GET responses the workers marked cacheable, served by the master itself.
 
 Bounded in bytes and per object (cachetools' TLRUCache: least recently used, each entry
-expiring at its own max-age). Each entry keeps its response prepared as bytes, so a hit is
-one dict lookup and one transport.write.
+expiring at its own max-age); an entry weighs what it really holds (one copy of the body, its
+prepared heads and its bookkeeping), so the budget bounds the master's memory. Each entry keeps
+its heads prepared as bytes, so a hit is one dict lookup and one write.
+
+The workers check the disk every `cache.ttl` seconds; an entry older than that is revalidated
+with a worker (a conditional request, answered 304 while the file is unchanged) before it is
+served again, whatever max-age the clients are told.
 """
 from __future__ import annotations
 
@@ -16,7 +21,12 @@ VIA = b"Via: 1.1 gows\r\n"
 _CODINGS = ("br", "zstd", "gzip", "deflate", "identity")
 _MEMO_LIMIT = 1024
 _VARYING_LIMIT = 100_000
-_INLINE_LIMIT = 64 * 1024  # bodies up to this size are kept joined to each head variant
+# While one request revalidates a stale entry with a worker, other requests are answered from
+# the entry for at most this many seconds.
+REVALIDATE_GRACE = 1.0
+# What an entry costs beyond its bytes: the Entry object, its head and 304 variants' objects and
+# TLRUCache's links, timer heap item and dict slots (measured with tracemalloc, rounded up).
+ENTRY_OVERHEAD = 1280
 
 # Headers a 304 carries over from the 200 it stands for (RFC 9110 15.4.5), lower-cased.
 _NOT_MODIFIED_HEADERS = frozenset((b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"))
@@ -80,13 +90,15 @@ def freshness(cache_control: bytes | None, _memo: dict = {}) -> int:
 
 
 class Entry:
-    """One cached 200 response, prepared for keep-alive, HTTP/1.0 keep-alive and closing clients."""
+    """One cached 200 response, its heads prepared for keep-alive, HTTP/1.0 keep-alive and
+    closing clients (the body is held once and written after the head)."""
 
     __slots__ = ("body", "block", "nm_block", "etag", "last_modified", "modified_at", "born", "expires", "size",
-                 "age", "initial_age", "full", "full_ka", "full_close", "head", "head_ka", "head_close", "nm", "nm_ka", "nm_close")
+                 "age", "initial_age", "head", "head_ka", "head_close", "nm", "nm_ka", "nm_close",
+                 "key", "ttl", "fresh_until", "revalidating")
 
     def __init__(self, headers: Sequence[tuple[bytes, bytes, bytes]], body: bytes, ttl: float, now: float,
-                 initial_age: int = 0) -> None:
+                 initial_age: int = 0, revalidate_after: float = float("inf")) -> None:
         block, nm_block = [], []
         self.etag = self.last_modified = None
         for lname, name, value in headers:
@@ -104,9 +116,18 @@ class Entry:
         self.nm_block = b"".join(nm_block) + VIA
         self.modified_at = None
         self.body = body
+        self.key: object = None
+        self.ttl = ttl
+        self.revalidating = 0.0  # when a request went to revalidate it (0: none is on its way)
+        self.renew(now, initial_age, revalidate_after)
+        # The body, six prepared heads, and what an entry costs besides (see ENTRY_OVERHEAD).
+        self.size = len(body) + 3 * len(self.block) + 3 * len(self.nm_block) + 300 + ENTRY_OVERHEAD
+
+    def renew(self, now: float, initial_age: int, revalidate_after: float) -> None:
+        """Start (again) the entry's life: stored, or confirmed unchanged by a worker at `now`."""
         self.born = now
-        self.expires = now + ttl
-        self.size = 2 * len(body) + 4 * len(self.block) + 256 if len(body) <= _INLINE_LIMIT else len(body) + 4 * len(self.block) + 256
+        self.expires = now + self.ttl
+        self.fresh_until = now + min(self.ttl, revalidate_after)
         self.initial_age = initial_age
         self.age = -1
         self.prepare(initial_age)
@@ -123,12 +144,10 @@ class Entry:
         self.nm = nm + b"\r\n"
         self.nm_ka = nm + b"Connection: keep-alive\r\n\r\n"
         self.nm_close = nm + b"Connection: close\r\n\r\n"
-        if len(self.body) <= _INLINE_LIMIT:
-            self.full = self.head + self.body
-            self.full_ka = self.head_ka + self.body
-            self.full_close = self.head_close + self.body
-        else:
-            self.full = self.full_ka = self.full_close = None
+
+    def servable(self, now: float) -> bool:
+        """Fresh, or stale while another request is revalidating it (briefly)."""
+        return now < self.fresh_until or (self.revalidating and now - self.revalidating < REVALIDATE_GRACE)
 
     def not_modified(self, if_none_match: bytes | None, if_modified_since: bytes | None) -> bool:
         """Whether a conditional GET/HEAD is answered with 304 (RFC 9110 13.2.2 order)."""
@@ -168,8 +187,9 @@ class FrontCache:
     is remembered as varying so later lookups add the class.
     """
 
-    def __init__(self, max_bytes: int, max_object_bytes: int) -> None:
+    def __init__(self, max_bytes: int, max_object_bytes: int, revalidate_after: float = float("inf")) -> None:
         self.max_object_bytes = max_object_bytes
+        self.revalidate_after = revalidate_after  # seconds before an entry is checked with a worker
         self.entries: TLRUCache = TLRUCache(max(max_bytes, 1), _ttu, timer=time.monotonic,
                                             getsizeof=lambda e: e.size)
         self.varying: set[bytes] = set()
@@ -177,15 +197,21 @@ class FrontCache:
         self.hits = 0
         self.misses = 0
         self.stores = 0
+        self.revalidated = 0  # stale entries a worker confirmed unchanged (304)
 
-    def get(self, target: bytes, accept_encoding: bytes | None) -> Entry | None:
+    def get(self, target: bytes, accept_encoding: bytes | None, now: float = 0.0) -> Entry | None:
+        """The stored response for a request; a hit when it is servable at `now`, otherwise a
+        miss (the caller revalidates a stale entry it gets)."""
         key = (target, encoding_class(accept_encoding)) if target in self.varying else target
         try:
             entry = self.entries[key]
         except KeyError:
             self.misses += 1
             return None
-        self.hits += 1
+        if entry.servable(now):
+            self.hits += 1
+        else:
+            self.misses += 1
         return entry
 
     def store(self, target: bytes, accept_encoding: bytes | None, vary: bool,
@@ -194,7 +220,7 @@ class FrontCache:
         ttl -= upstream_age
         if ttl <= 0 or len(body) > self.max_object_bytes:
             return False
-        entry = Entry(headers, body, ttl, time.monotonic(), upstream_age)
+        entry = Entry(headers, body, ttl, time.monotonic(), upstream_age, self.revalidate_after)
         if entry.size > self.entries.maxsize:
             return False
         if vary:
@@ -210,9 +236,17 @@ class FrontCache:
             if target in self.varying:
                 self.invalidate(target)
             key = target
+        entry.key = key
         self.entries[key] = entry
         self.stores += 1
         return True
+
+    def refresh(self, entry: Entry) -> None:
+        """A worker confirmed a stale entry unchanged: fresh again, for its whole max-age."""
+        self.revalidated += 1
+        entry.renew(time.monotonic(), 0, self.revalidate_after)
+        if self.entries.get(entry.key) in (entry, None):  # (not replaced meanwhile)
+            self.entries[entry.key] = entry  # re-inserted: TLRUCache takes its new expiry
 
     def invalidate(self, target: bytes) -> None:
         """Drop every variant of a target (after an unsafe method succeeded on it)."""
@@ -225,6 +259,7 @@ class FrontCache:
     def clear(self) -> None:
         self.entries.clear()
         self.varying.clear()
+        self.classes.clear()
 
     @property
     def bytes(self) -> int:

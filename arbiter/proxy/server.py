@@ -4,7 +4,10 @@ response, in order, with keep-alive and back-pressure; and `Proxy`, which owns t
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
+import os
+import re
 import resource
 import socket
 import time
@@ -18,7 +21,7 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 from ..sockets import somaxconn
 from ..state import WorkerState, WorkerTable
 from .balancer import Balancer
-from .cache import FrontCache, freshness
+from .cache import Entry, FrontCache, freshness
 from .settings import ProxySettings
 from .stats import SUM, RequestStats
 from .upstream import UpstreamConnection, UpstreamError, UpstreamPool
@@ -33,6 +36,21 @@ SEP = b": "
 VIA_SELF = b"1.1 gows"
 TICK = 0.25  # seconds between timeout sweeps; also the resolution of the coarse clock
 MAX_PIPELINE = 16  # queued requests per connection before we stop reading from it
+# Request heads are parsed this many bytes at a time, so the queue's length is checked between
+# slices: one read of 256 KiB of tiny pipelined requests must not become thousands of queued ones.
+PIPELINE_SLICE = 1024
+# After its first headerTimeout seconds a request body must keep arriving at this many bytes per
+# second on average: a deadline each byte pushed back would let a trickle hold memory for good.
+MIN_BODY_RATE = 4096
+# At the connection limit, up to this many of the longest-idle connections are closed (as nginx
+# reuses connections) so that the clients waiting in the backlog get their turn; never one idle
+# for less than SHED_AFTER seconds (a new connection whose request is on its way).
+IDLE_SHED = 32
+SHED_AFTER = 1.0
+# Descriptors kept aside beyond two per client (its own and an upstream one): listeners, logs,
+# health probes, pooled connections and the loop's own.
+FD_RESERVE = 16
+_JOIN_LIMIT = 16384  # a head and a body up to this size leave in one joined write, bigger as two
 _now_ns = time.perf_counter_ns  # the clock of request latencies (Request.born)
 
 # Request headers needing attention; everything else is forwarded unchanged.
@@ -75,7 +93,31 @@ def _reason(status: int) -> str:
         return "Error"
 
 
-# Written before any request is read when the proxy is at max_connections.
+# RFC 9110 7.2 and RFC 3986 3.2.2: a bracketed IP literal, or a reg-name or IPv4 address, then an
+# optional port. Anything else (empty, spaces, slashes, two colons) is answered 400, as nginx does.
+_VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
+_MEMO_LIMIT = 1024
+
+
+def valid_host(value: bytes, _memo: dict = {}) -> bool:
+    """Whether a Host header value is a well-formed authority (memoised: clients repeat theirs)."""
+    try:
+        return _memo[value]
+    except KeyError:
+        pass
+    ok = _VALID_HOST.fullmatch(value) is not None
+    if len(_memo) >= _MEMO_LIMIT:
+        _memo.clear()
+    _memo[value] = ok
+    return ok
+
+
+def authority(host: str, port: int) -> bytes:
+    """host:port as a Host header value, with IPv6 addresses in brackets."""
+    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
+
+
+# Written to a connection accepted while the proxy is shutting down.
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
         b"Content-Length: 29\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
         b"503 Service Unavailable: busy")
@@ -105,7 +147,7 @@ class Request:
                  "connection", "cl", "te", "xff", "via", "ae", "inm", "ims", "expect", "bypass", "body",
                  "body_size", "error", "payload", "worker", "tried", "tries", "fresh", "sent", "started", "t0",
                  "status", "cacheable", "cache_vary", "cache_parts", "cache_size", "cache_ttl", "cache_headers",
-                 "cache_age", "born", "length")
+                 "cache_age", "born", "length", "body_reserved", "stale", "epoch")
 
     def __init__(self) -> None:
         self.method = GET
@@ -140,6 +182,9 @@ class Request:
         self.cache_age = 0
         self.born = _now_ns()  # when its first byte was parsed: the latency metrics start here
         self.length: Any = None  # the response body's length (int or Content-Length bytes) for the access log
+        self.body_reserved = 0  # bytes of the proxy's body budget this request holds
+        self.stale: Entry | None = None  # the front-cache entry this request revalidates with the worker
+        self.epoch = 0  # the front cache's epoch when the request was forwarded (a reload purges older ones)
 
 
 class ClientProtocol(asyncio.Protocol):
@@ -147,7 +192,8 @@ class ClientProtocol(asyncio.Protocol):
 
     __slots__ = ("proxy", "transport", "parser", "req", "queue", "current", "phase", "deadline", "raw_head",
                  "closed", "no_more", "eof", "upstream", "pending_head", "out_mode", "close_after",
-                 "write_paused", "read_paused", "stall_since", "peer")
+                 "write_paused", "read_paused", "stall_since", "peer", "held", "pumping", "body_since",
+                 "idle_since")
 
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
@@ -170,29 +216,88 @@ class ClientProtocol(asyncio.Protocol):
         self.read_paused = False
         self.stall_since = 0.0
         self.peer: bytes | None = None
+        self.held: Any = None  # bytes read but not parsed yet, while the queue is full
+        self.pumping = False  # _pump is running: what it calls must not start it again
+        self.body_since = 0.0  # when the current request's head was complete (its body deadline)
+        self.idle_since = 0.0  # when the connection last had no request in progress
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         proxy = self.proxy
-        if len(proxy.conns) >= proxy.max_connections or proxy.draining:
+        if proxy.draining:
+            self.closed = self.no_more = True
             proxy.rejected += 1
-            self.closed = True
             transport.write(BUSY)
             transport.close()
             return
         proxy.conns.add(self)
         self.parser = HttpRequestParser(self)
+        self.idle_since = proxy.clock
         self.deadline = proxy.clock + proxy.header_timeout
 
     def data_received(self, data: bytes) -> None:
-        parser = self.parser
-        if parser is None or self.no_more:
+        if self.held is not None:  # (reading was paused: at most what was already on its way)
+            self.held = bytes(self.held) + data
             return
+        self._feed(data)
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        self.no_more = True
+        if self.current is None and not self.queue:
+            return None  # nothing left to answer: close
+        return True  # half-close: still write the queued responses, then close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = self.no_more = True
+        self._detach_upstream()
+        # Break the cycle with the parser (whose callbacks are our methods) and let go of every
+        # request body now, not whenever the cyclic GC runs.
+        self.parser = None
+        release = self.proxy.release_body
+        for req in (self.req, self.current, *self.queue):
+            if req is not None:
+                release(req)
+        self.req = self.current = self.held = None
+        self.queue.clear()
+        self.proxy.connection_gone(self)
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the worker sends: stop reading the worker.
+        self.write_paused = True
+        self.stall_since = self.proxy.clock
+        if self.upstream is not None:
+            self.upstream.pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.upstream is not None:
+            self.upstream.resume()
+
+    # -- parsing ----------------------------------------------------------------------------
+    def _feed(self, data: Any) -> None:
+        """Parse `data`, heads a slice at a time, keeping the rest (and reading no more) once
+        MAX_PIPELINE requests wait."""
+        view = memoryview(data)
+        while view and not self.no_more:
+            if len(self.queue) >= MAX_PIPELINE:
+                self.held = view
+                self._pause_reading()
+                return
+            if self.phase != IN_BODY and len(view) > PIPELINE_SLICE:
+                chunk, view = view[:PIPELINE_SLICE], view[PIPELINE_SLICE:]
+            else:
+                chunk, view = view, view[:0]
+            if not self._parse(chunk):
+                return
+
+    def _parse(self, data: Any) -> bool:
+        """Feed the parser; False when the connection stops reading (error, upgrade, limit)."""
         if self.phase != IN_BODY:
             self.raw_head += len(data)
         try:
-            parser.feed_data(data)
+            self.parser.feed_data(data)
         except HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, _Reject):
@@ -200,7 +305,7 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 log.error("proxy error while handling a request", exc_info=cause or exc)
                 self._reject(500)
-            return
+            return False
         except HttpParserUpgrade:
             # The request before the upgrade (its Upgrade header is dropped) is answered normally,
             # then the connection closes: we do not tunnel other protocols.
@@ -214,36 +319,19 @@ class ClientProtocol(asyncio.Protocol):
                 self.queue[-1].keep_alive = False
             elif self.current is None:
                 self._close()
-            return
+            return False
         except HttpParserError:
             self._reject(400)
-            return
+            return False
         if self.phase == IN_HEAD and self.raw_head > self.proxy.head_limit:
             self._reject(431 if self.req is not None and self.req.hcount else 414)
+            return False
+        return True
 
-    def eof_received(self) -> bool | None:
-        self.eof = True
-        self.no_more = True
-        if self.current is None and not self.queue:
-            return None  # nothing left to answer: close
-        return True  # half-close: still write the queued responses, then close
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        self.proxy.conns.discard(self)
-        self._detach_upstream()
-
-    def pause_writing(self) -> None:
-        # The client reads slower than the worker sends: stop reading the worker.
-        self.write_paused = True
-        self.stall_since = self.proxy.clock
-        if self.upstream is not None:
-            self.upstream.pause()
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.upstream is not None:
-            self.upstream.resume()
+    def _pause_reading(self) -> None:
+        if not self.read_paused and not self.closed:
+            self.read_paused = True
+            self.transport.pause_reading()
 
     # -- httptools callbacks --------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -264,6 +352,10 @@ class ClientProtocol(asyncio.Protocol):
         req.hsize += len(name) + len(value) + 4
         if req.hcount > proxy.max_headers or req.hsize > proxy.max_header_bytes:
             raise _Reject(431)
+        if self.phase == IN_BODY:
+            # A trailer field (after the last chunk). Merged into the head it would smuggle
+            # Range, Host or X-Forwarded-For past every check made on the head: dropped.
+            return
         lname = name.lower()
         code = REQUEST_HEADERS.get(lname, _FWD)
         if code == _FWD:
@@ -322,8 +414,15 @@ class ClientProtocol(asyncio.Protocol):
                 raise _Reject(413)
             if req.cl != b"0":
                 req.body = []
-        if req.hosts > 1 or (req.hosts == 0 and not http10):
+        if req.hosts > 1 or (req.hosts == 0 and not http10) or (req.hosts and not valid_host(req.host)):
             raise _Reject(400)
+        if req.body is not None:
+            if parser.should_upgrade():
+                # httptools stops at the head of an upgrade: the body would be read as the next
+                # request. We tunnel nothing, so such a request is refused whole.
+                raise _Reject(400)
+            if not proxy.reserve_body(req, int(req.cl) if req.cl is not None else 0):
+                raise _Reject(503)
         if req.connection is not None:
             self._drop_connection_named(req)
         if req.expect is not None:
@@ -333,15 +432,20 @@ class ClientProtocol(asyncio.Protocol):
                 self.transport.write(CONTINUE)
         self.phase = IN_BODY
         self.raw_head = 0
+        self.body_since = proxy.clock
         self.deadline = proxy.clock + proxy.header_timeout
 
     def on_body(self, body: bytes) -> None:
         req = self.req
-        req.body_size += len(body)
-        if req.body_size > self.proxy.max_body_bytes:
+        proxy = self.proxy
+        size = req.body_size = req.body_size + len(body)
+        if size > proxy.max_body_bytes:
             raise _Reject(413)
+        if size > req.body_reserved and not proxy.reserve_body(req, size):  # chunked: as it comes
+            raise _Reject(503)
         req.body.append(body)
-        self.deadline = self.proxy.clock + self.proxy.header_timeout
+        # Progress earns time only at MIN_BODY_RATE: a trickle cannot push the deadline back for good.
+        self.deadline = self.body_since + proxy.header_timeout + size / MIN_BODY_RATE
 
     def on_message_complete(self) -> None:
         req = self.req
@@ -358,7 +462,9 @@ class ClientProtocol(asyncio.Protocol):
 
     @staticmethod
     def _drop_connection_named(req: Request) -> None:
-        named = {t.strip().lower() for t in req.connection.split(b",")} - {b"close", b"keep-alive", b""}
+        # Never Host (nor the framing headers, which are not forwarded as given anyway): a
+        # client naming them in Connection would otherwise make the proxy drop them.
+        named = {t.strip().lower() for t in req.connection.split(b",")} - {b"close", b"keep-alive", b"host", b""}
         if not named:
             return
         fwd = req.fwd
@@ -376,13 +482,9 @@ class ClientProtocol(asyncio.Protocol):
 
     # -- request queue ----------------------------------------------------------------------
     def _enqueue(self, req: Request) -> None:
-        queue = self.queue
-        queue.append(req)
-        if len(queue) == 1 and self.current is None:
-            self._serve(req)
-        elif len(queue) >= MAX_PIPELINE and not self.read_paused and not self.closed:
-            self.read_paused = True
-            self.transport.pause_reading()
+        self.queue.append(req)
+        if self.current is None:
+            self._pump()
 
     def _reject(self, status: int) -> None:
         """Answer a malformed or over-limit request (after those before it) and close."""
@@ -392,16 +494,45 @@ class ClientProtocol(asyncio.Protocol):
         req.keep_alive = False
         self.no_more = True
         self.parser = None
-        if not self.closed and not self.read_paused:
-            self.read_paused = True
-            self.transport.pause_reading()
+        self.held = None
+        self._pause_reading()
         self.proxy.rejected_requests += 1
         self._enqueue(req)
 
+    def _pump(self) -> None:
+        """Serve the queued requests in order and parse held-back bytes as room frees up.
+
+        A loop, never recursion: a front-cache hit is answered at once, and a thousand pipelined
+        hits must not become a thousand nested calls.
+        """
+        if self.pumping:
+            return  # the loop that is already running goes on with it
+        self.pumping = True
+        try:
+            while not self.closed:
+                if self.current is None and self.queue:
+                    self._serve(self.queue[0])
+                elif self.held is not None and len(self.queue) < MAX_PIPELINE:
+                    held, self.held = self.held, None
+                    self._feed(held)
+                else:
+                    break
+        finally:
+            self.pumping = False
+        if self.closed or self.current is not None:
+            return
+        if self.eof:
+            self._close()
+            return
+        if self.phase == IDLE:
+            self.idle_since = self.proxy.clock
+            self.deadline = self.idle_since + self.proxy.idle_timeout
+        if self.read_paused and self.held is None and not self.no_more:
+            self.read_paused = False
+            self.transport.resume_reading()
+
     def _serve(self, req: Request) -> None:
         self.current = req
-        if self.closed:
-            return
         if req.error:
             self._respond_error(req, req.error)
             return
@@ -409,34 +540,47 @@ class ClientProtocol(asyncio.Protocol):
         method = req.method
         cache = proxy.cache
         if cache is not None and (method == GET or method == HEAD) and not req.bypass:
-            entry = cache.get(req.target, req.ae)
+            entry = cache.get(req.target, req.ae, proxy.clock)
             if entry is not None:
-                age = int(proxy.clock - entry.born) + entry.initial_age
-                if age != entry.age:
-                    entry.prepare(age)
-                keep = req.keep_alive and not proxy.draining
-                if (req.inm is not None or req.ims is not None) and entry.not_modified(req.inm, req.ims):
-                    data = (entry.nm_ka if req.http10 else entry.nm) if keep else entry.nm_close
-                    proxy.status_counts[3] += 1
-                    req.status = 304
-                elif method == HEAD:
-                    data = (entry.head_ka if req.http10 else entry.head) if keep else entry.head_close
-                    proxy.status_counts[2] += 1
-                    req.status = 200
-                else:
-                    data = (entry.full_ka if req.http10 else entry.full) if keep else entry.full_close
-                    if data is None:
-                        self.transport.write((entry.head_ka if req.http10 else entry.head) if keep else entry.head_close)
-                        data = entry.body
-                    proxy.status_counts[2] += 1
-                    req.status = 200
-                    req.length = len(entry.body)
-                self.transport.write(data)
-                self._finish(req, keep)
-                return
+                if entry.servable(proxy.clock):
+                    self._answer_from(entry, req)
+                    return
+                # Older than the workers' own cache TTL: ask a worker whether it still holds (one
+                # request does; others get the stored answer meanwhile).
+                if req.inm is None and req.ims is None and (entry.etag is not None or entry.last_modified is not None):
+                    entry.revalidating = proxy.clock
+                    req.stale = entry
             req.cacheable = method == GET
+            req.epoch = proxy.cache_epoch
         req.t0 = proxy.clock
         self._forward(req)
+
+    def _answer_from(self, entry: Entry, req: Request) -> None:
+        """Answer `req` with a stored response (a 304 when its validators match)."""
+        proxy = self.proxy
+        age = int(proxy.clock - entry.born) + entry.initial_age
+        if age != entry.age:
+            entry.prepare(age)
+        keep = req.keep_alive and not proxy.draining
+        http10 = req.http10
+        if (req.inm is not None or req.ims is not None) and entry.not_modified(req.inm, req.ims):
+            self.transport.write((entry.nm_ka if http10 else entry.nm) if keep else entry.nm_close)
+            proxy.status_counts[3] += 1
+            req.status = 304
+        else:
+            head = (entry.head_ka if http10 else entry.head) if keep else entry.head_close
+            if req.method == HEAD:
+                self.transport.write(head)
+            else:
+                body = entry.body
+                if len(body) <= _JOIN_LIMIT:
+                    self.transport.write(head + body)
+                else:
+                    self.transport.writelines((head, body))
+                req.length = len(body)
+            proxy.status_counts[2] += 1
+            req.status = 200
+        self._finish(req, keep)
 
     def _finish(self, req: Request, keep: bool) -> None:
         """The response to the current request is written: serve the next one or close."""
@@ -449,6 +593,8 @@ class ClientProtocol(asyncio.Protocol):
         observe = proxy.observe
         if observe is not None:
             observe(self, req)
+        if req.body_reserved:
+            proxy.release_body(req)
         queue = self.queue
         if queue and queue[0] is req:
             queue.popleft()
@@ -456,23 +602,21 @@ class ClientProtocol(asyncio.Protocol):
         if not keep or self.closed or proxy.draining:
             self._close()
             return
-        if queue:
-            self._serve(queue[0])
-            return
-        if self.eof:
-            self._close()
-            return
-        if self.phase == IDLE:
-            self.deadline = proxy.clock + proxy.idle_timeout
-        if self.read_paused and not self.no_more:
-            self.read_paused = False
-            self.transport.resume_reading()
+        self._pump()
 
     def _close(self) -> None:
         if not self.closed:
-            self.closed = True
+            self.closed = self.no_more = True
             self._detach_upstream()
-            self.transport.close()
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, unsent bytes and all."""
+        self.closed = self.no_more = True
+        self._detach_upstream()
+        if self.transport is not None:
+            self.transport.abort()
 
     def _detach_upstream(self) -> None:
         conn = self.upstream
@@ -516,10 +660,11 @@ class ClientProtocol(asyncio.Protocol):
         req.sent = True
         if self.write_paused:
             conn.pause()
-        conn.send(self, req.payload, req.method == HEAD)
+        conn.send(self, req.payload, req.body, req.method == HEAD)
 
     def _payload(self, req: Request) -> bytes:
-        """The request as the worker gets it: hop-by-hop headers gone, forwarding headers set."""
+        """The request head as the worker gets it: hop-by-hop headers gone, forwarding headers
+        set (the body, if any, follows it as it is)."""
         if self.peer is None:
             peer = self.transport.get_extra_info("peername")
             self.peer = (peer[0] if isinstance(peer, tuple) else "unknown").encode()
@@ -527,15 +672,18 @@ class ClientProtocol(asyncio.Protocol):
         parts += req.fwd
         if req.host is None:  # HTTP/1.0 without Host; HTTP/1.1 requires one upstream
             sock = self.transport.get_extra_info("sockname")
-            host = (f"{sock[0]}:{sock[1]}" if isinstance(sock, tuple) else "localhost").encode()
-            parts += (b"Host: ", host, CRLF)
+            parts += (b"Host: ", authority(sock[0], sock[1]) if isinstance(sock, tuple) else b"localhost", CRLF)
         else:
             parts += (b"X-Forwarded-Host: ", req.host, CRLF)
         parts += (b"X-Forwarded-For: ", req.xff + b", " + self.peer if req.xff else self.peer, CRLF,
                   b"X-Forwarded-Proto: http\r\nVia: ", req.via + b", " + VIA_SELF if req.via else VIA_SELF, CRLF)
+        stale = req.stale
+        if stale is not None:  # revalidating a front-cache entry for the client's plain GET/HEAD
+            parts += (b"If-None-Match: ", stale.etag, CRLF) if stale.etag is not None else \
+                     (b"If-Modified-Since: ", stale.last_modified, CRLF)
         body = req.body
         if body is not None:
-            parts += (b"Content-Length: %d\r\n\r\n" % len(body), body)
+            parts.append(b"Content-Length: %d\r\n\r\n" % len(body))
         elif req.cl is not None or req.method in (b"POST", b"PUT", b"PATCH"):
             parts.append(b"Content-Length: 0\r\n\r\n")
         else:
@@ -546,6 +694,17 @@ class ClientProtocol(asyncio.Protocol):
     def upstream_head(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         req = self.current
         proxy = self.proxy
+        stale = req.stale
+        if stale is not None:
+            stale.revalidating = 0.0
+            if status == 304:  # still current: the stored response answers (see upstream_done)
+                self.out_mode = NOBODY
+                self.pending_head = None
+                self.close_after = not req.keep_alive
+                return
+            req.stale = None
+            if status != 200 and proxy.cache is not None:  # gone, forbidden, broken: not from us
+                proxy.cache.invalidate(req.target)
         out = [status_line(status)]
         cl = te = connection = via = cc = vary = age = None
         nostore = False
@@ -634,7 +793,8 @@ class ClientProtocol(asyncio.Protocol):
         req = self.current
         if req.cache_parts is not None:
             req.cache_size += len(data)
-            if req.cache_size > self.proxy.cache.max_object_bytes:
+            cache = self.proxy.cache
+            if cache is None or req.cache_size > cache.max_object_bytes:  # (or switched off by a reload)
                 req.cache_parts = None
             else:
                 req.cache_parts.append(data)
@@ -650,7 +810,7 @@ class ClientProtocol(asyncio.Protocol):
         elif head is not None:
             self.pending_head = None
             req.started = True
-            if len(data) <= 16384:
+            if len(data) <= _JOIN_LIMIT:
                 transport.write(head + data)
             else:
                 transport.writelines((head, data))
@@ -673,6 +833,14 @@ class ClientProtocol(asyncio.Protocol):
         proxy = self.proxy
         if self.closed:
             return
+        cache = proxy.cache
+        stale = req.stale
+        if stale is not None:  # the worker answered 304 to our revalidation
+            req.stale = None
+            if cache is not None and req.epoch == proxy.cache_epoch:
+                cache.refresh(stale)
+            self._answer_from(stale, req)
+            return
         head = self.pending_head
         if self.out_mode == CHUNKED:
             self.pending_head = None
@@ -682,13 +850,13 @@ class ClientProtocol(asyncio.Protocol):
             self.transport.write(head)
         req.started = True
         if req.cache_parts is not None:
-            if proxy.cache is not None:  # (unless switched off meanwhile)
-                proxy.cache.store(req.target, req.ae, req.cache_vary,
-                                  [(n.lower(), n, v) for n, v in req.cache_headers],
-                                  b"".join(req.cache_parts), req.cache_ttl, req.cache_age)
+            # Unless switched off meanwhile, or purged by a reload since the request left.
+            if cache is not None and req.epoch == proxy.cache_epoch:
+                cache.store(req.target, req.ae, req.cache_vary, [(n.lower(), n, v) for n, v in req.cache_headers],
+                            b"".join(req.cache_parts), req.cache_ttl, req.cache_age)
             req.cache_parts = None
-        elif req.method not in SAFE and proxy.cache is not None and req.status < 400:
-            proxy.cache.invalidate(req.target)
+        elif req.method not in SAFE and cache is not None and req.status < 400:
+            cache.invalidate(req.target)
         self._finish(req, not self.close_after)
 
     def upstream_failed(self, conn: UpstreamConnection | None, error: UpstreamError) -> None:
@@ -713,6 +881,10 @@ class ClientProtocol(asyncio.Protocol):
             # A head was parsed but nothing reached the client: forget its counting.
             proxy.status_counts[req.status // 100 if req.status < 600 else 5] -= 1
             req.status = 0
+        if error.local:  # the master ran short itself: shed this request, blame no worker
+            proxy.shortage()
+            self._respond_error(req, 503)
+            return
         may_resend = not req.sent or req.method in IDEMPOTENT
         if may_resend and proxy.clock - req.t0 < proxy.response_timeout:
             if error.stale and worker is not None:
@@ -770,21 +942,24 @@ class ClientProtocol(asyncio.Protocol):
         """Called by the proxy's sweep: enforce head, idle and send deadlines."""
         if self.closed:
             return
-        if self.current is not None:
-            if self.write_paused and now - self.stall_since > self.proxy.response_timeout:
-                self.closed = True  # the client stopped reading; drop what it did not take
-                self._detach_upstream()
-                self.transport.abort()
+        req = self.current
+        if req is not None:
+            if self.write_paused:
+                if now - self.stall_since > self.proxy.response_timeout:
+                    self.abort()  # the client stopped reading; drop what it did not take
+            elif req.worker is None or (self.upstream is None and not req.started and now - req.t0 > self.proxy.stuck_after):
+                # Neither being written nor waiting for a worker (whose every wait has its own
+                # deadline): only a bug leaves a request so, and nothing else would free it.
+                log.error("closing a connection whose request for %r was left unanswered", req.target[:200])
+                self.abort()
             return
         if now <= self.deadline or self.queue:
             return
         if self.phase == IDLE:
-            self.closed = True
-            self._detach_upstream()
             if self.transport.get_write_buffer_size():
-                self.transport.abort()
+                self.abort()
             else:
-                self.transport.close()
+                self._close()
         else:
             self.proxy.timeouts += 1
             self._reject(408)
@@ -804,7 +979,14 @@ class Proxy:
         self.clock = time.monotonic()
         self.date_line = b""
         self.draining = False
-        self._server: Any = None
+        self._listener: socket.socket | None = None  # the master's listening socket
+        self._server: Any = None  # serving a duplicate of it; None while not accepting
+        self._resuming = False
+        self._pausing = False
+        self._watching = False  # the listener is watched for newcomers while we are full
+        self.fd_cap = 1 << 30  # client connections the open file limit can hold (set by start)
+        self.body_bytes = 0  # request body bytes held for all connections (reserve_body)
+        self.cache_epoch = 0  # bumped by purge_front_cache: responses asked for before are not stored
         self._ticker: asyncio.TimerHandle | None = None
         self._last_date = 0
         self._tasks: set[asyncio.Task] = set()
@@ -818,8 +1000,11 @@ class Proxy:
         self.no_worker = 0
         self.truncated = 0
         self.timeouts = 0
-        self.rejected = 0  # connections refused at max_connections
+        self.rejected = 0  # connections refused while shutting down
         self.rejected_requests = 0  # malformed or over a limit
+        self.shed_idle = 0  # idle keep-alive connections closed at the connection limit
+        self.shortages = 0  # requests shed because the master ran out of descriptors or memory
+        self._shortage_logged = 0.0
         self.latency = RequestStats()
         # The master sets these to None when nothing reads them: the latency histogram's counts
         # (read by the admin listener), and a hook called once per completed response (the
@@ -838,7 +1023,11 @@ class Proxy:
         self.response_timeout = settings.response_timeout
         self.idle_timeout = settings.idle_timeout
         self.header_timeout = settings.header_timeout
-        self.max_connections = settings.max_connections
+        self.max_connections = min(settings.max_connections, self.fd_cap)
+        self.body_budget = settings.body_buffer_bytes
+        # Longer than any legitimate wait of a request for its worker: a retry started just
+        # before the response timeout may queue for a connection for another one.
+        self.stuck_after = 2 * settings.response_timeout + settings.connect_timeout + 1
         self.max_request_line = settings.max_request_line
         self.max_header_bytes = settings.max_header_bytes
         self.max_headers = settings.max_headers
@@ -849,22 +1038,155 @@ class Proxy:
         elif (self.cache is None or settings.front_cache_max_bytes != old.front_cache_max_bytes
               or settings.front_cache_max_object_bytes != old.front_cache_max_object_bytes):
             self.cache = FrontCache(settings.front_cache_max_bytes, settings.front_cache_max_object_bytes)
+        if self.cache is not None:
+            self.cache.revalidate_after = settings.front_cache_revalidate
 
     async def start(self, sock: socket.socket) -> None:
         """Serve the already bound and listening `sock` on the running loop."""
-        self.loop = loop = asyncio.get_running_loop()
-        _raise_fd_limit(2 * self.settings.max_connections + 256)
-        # create_server calls listen() again: keep the kernel's full backlog, not asyncio's 100.
-        # A duplicate, so closing our server never closes the socket the master owns.
-        self._server = await loop.create_server(lambda: ClientProtocol(self), sock=sock.dup(),
-                                                backlog=somaxconn())
-        self._ticker = loop.call_later(TICK, self._tick)
+        self.loop = asyncio.get_running_loop()
+        self._listener = sock
+        self._fit_fd_limit()
+        await self._listen()
+        self._ticker = self.loop.call_later(TICK, self._tick)
+
+    def _fit_fd_limit(self) -> None:
+        """Raise the open file limit to hold max_connections clients, each with an upstream
+        connection; where it cannot be, serve fewer clients at once rather than meet EMFILE."""
+        wanted = 3 * self.settings.max_connections + FD_RESERVE
+        soft = _raise_fd_limit(wanted)
+        if soft >= wanted:
+            return
+        try:
+            in_use = len(os.listdir("/proc/self/fd"))
+        except OSError:
+            in_use = 64
+        # Each client may hold its own descriptor, one to a worker and one pooled for reuse.
+        self.fd_cap = max(1, (soft - in_use - FD_RESERVE) // 3)
+        self.max_connections = min(self.settings.max_connections, self.fd_cap)
+        log.warning("the open file limit (%d) cannot hold proxy.maxConnections (%d; that needs about %d): "
+                    "serving at most %d clients at once, the rest wait in the listen backlog; raise the limit "
+                    "(ulimit -n, or LimitNOFILE= under systemd)", soft, self.settings.max_connections, wanted,
+                    self.max_connections)
+
+    async def _listen(self) -> None:
+        """Accept clients again (at start, and once below the connection limit)."""
+        try:
+            # A duplicate, so closing our server never closes the socket the master owns (nor
+            # drops the connections waiting in its backlog); create_server calls listen() again:
+            # keep the kernel's full backlog, not asyncio's 100.
+            server = await self.loop.create_server(self._accept, sock=self._listener.dup(), backlog=self._backlog())
+        except OSError as exc:  # (out of descriptors for the duplicate: the next close retries)
+            log.error("cannot accept connections: %s", exc)
+            return
+        finally:
+            self._resuming = False
+        self._server = server
+        if self.draining:
+            server.close()
+            self._server = None
+        elif len(self.conns) >= self.max_connections:
+            self._at_limit()
+
+    def _backlog(self) -> int:
+        """The kernel's full backlog, or where descriptors are short about as many connections as
+        we may serve: one pass of accepts takes the whole backlog, and past the open file limit
+        the event loop would have to drop them (it closes what it cannot hold)."""
+        return somaxconn() if self.fd_cap >= self.settings.max_connections else max(8, self.fd_cap)
+
+    def _accept(self) -> ClientProtocol:
+        """The protocol factory, called as each connection is accepted (its connection_made
+        comes later, from the loop: only then does it count in `conns`)."""
+        if len(self.conns) + 1 >= self.max_connections and self._server is not None and not self._pausing:
+            # Not from in here: closing the server now would also close the connection being
+            # accepted. What the same pass of accepts still brings in is served all the same.
+            self._pausing = True
+            self.loop.call_soon(self._at_limit)
+        return ClientProtocol(self)
+
+    def _at_limit(self) -> None:
+        """At the connection limit: stop accepting; newcomers wait in the listen backlog."""
+        self._pausing = False
+        if self._server is None:
+            return
+        self._server.close()
+        self._server = None
+        self._watch_backlog()
+
+    def _watch_backlog(self) -> None:
+        if not self._watching:
+            self._watching = True
+            self.loop.add_reader(self._listener.fileno(), self._backlog_waiting)
+
+    def _backlog_waiting(self) -> None:
+        """Someone waits in the backlog while we are full: close the longest-idle keep-alive
+        connections to make room (as nginx reuses connections). With none idle, the next tick
+        looks again."""
+        self.loop.remove_reader(self._listener.fileno())
+        self._watching = False
+        since = self.clock - SHED_AFTER
+        idle = [c for c in self.conns if c.current is None and not c.queue and c.phase == IDLE
+                and c.idle_since <= since and not c.closed]
+        shed = max(1, min(IDLE_SHED, self.max_connections // 16))
+        for conn in heapq.nsmallest(shed, idle, key=_idle_since):
+            self.shed_idle += 1
+            conn._close()
+
+    def connection_gone(self, conn: ClientProtocol) -> None:
+        """A client connection is closed: it no longer counts against the limit."""
+        conns = self.conns
+        conns.discard(conn)
+        if self._server is None and len(conns) < self.max_connections:
+            self._resume()
+
+    def _resume(self) -> None:
+        if self._resuming or self.draining or self.loop is None:
+            return
+        if self._watching:
+            self.loop.remove_reader(self._listener.fileno())
+            self._watching = False
+        self._resuming = True
+        self.spawn(self._listen())
+
+    def reserve_body(self, req: Request, size: int) -> bool:
+        """Count `req`'s body as `size` bytes against the budget shared by every connection."""
+        extra = size - req.body_reserved
+        if self.body_bytes + extra > self.body_budget:
+            return False
+        self.body_bytes += extra
+        req.body_reserved = size
+        return True
+
+    def release_body(self, req: Request) -> None:
+        self.body_bytes -= req.body_reserved
+        req.body_reserved = 0
+
+    def shortage(self) -> None:
+        """The master ran out of descriptors (or buffers, or memory): shed what it holds idle."""
+        self.shortages += 1
+        self.pool.close_idle()
+        if self.clock - self._shortage_logged >= 10:
+            self._shortage_logged = self.clock
+            log.warning("the master is short of file descriptors or memory: answering 503 and closing idle "
+                        "connections (%d client connections now)", len(self.conns))
+
+    def purge_front_cache(self) -> None:
+        """Forget every stored response, and those on their way (a reload changed what is served);
+        idle connections go too, lest one reach a worker process that is draining."""
+        self.cache_epoch += 1
+        if self.cache is not None:
+            self.cache.clear()
+        self.pool.close_idle()
 
     def spawn(self, coro: Any) -> None:
-        """Run a connect attempt as a task, holding a reference until it is done."""
+        """Run `coro` as a task, holding a reference until it is done; its failure is logged."""
         task = self.loop.create_task(coro)
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("proxy task failed", exc_info=task.exception())
 
     def _update_date(self) -> None:
         now = int(time.time())
@@ -876,12 +1198,21 @@ class Proxy:
         self.clock = now = time.monotonic()
         self._update_date()
         try:
+            if self._server is None and not self._resuming and not self.draining and self._listener is not None:
+                if len(self.conns) < self.max_connections:
+                    self._resume()
+                else:
+                    self._watch_backlog()
             for conn in [c for c in self.conns if c.deadline < now or c.write_paused]:
-                conn.timeout(now)
+                try:
+                    conn.timeout(now)
+                except Exception:
+                    log.exception("proxy error while timing out a connection; closing it")
+                    conn.abort()
             self.pool.expire_waiting(now)
             for up in self.pool.timed_out(now):
                 self.timeouts += 1
-                up._fail(UpstreamError("worker response timed out", 504))
+                up._fail(UpstreamError("worker response timed out", 504, passive=True))
             self.pool.sweep(now)
         except Exception:  # a bug here must not stop every future timeout
             log.exception("proxy timeout sweep failed")
@@ -892,6 +1223,10 @@ class Proxy:
         self.draining = True
         if self._server is not None:
             self._server.close()
+            self._server = None
+        if self._watching:
+            self.loop.remove_reader(self._listener.fileno())
+            self._watching = False
         for conn in list(self.conns):
             if conn.current is None and not conn.queue and conn.phase == IDLE:
                 conn._close()
@@ -900,18 +1235,13 @@ class Proxy:
         while self.conns and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for conn in list(self.conns):
-            conn.closed = True
-            conn._detach_upstream()
-            conn.transport.abort()
+            conn.abort()
         for up in list(self.pool.busy):
             up.close()
         self.pool.close_idle()
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
 
     def stats(self) -> dict[str, Any]:
         """Counters for the admin page and metrics."""
@@ -927,6 +1257,7 @@ class Proxy:
                 "entries": len(cache) if cache else 0,
                 "bytes": cache.bytes if cache else 0,
                 "max_bytes": self.settings.front_cache_max_bytes,
+                "revalidated": cache.revalidated if cache else 0,
             },
             "retries": self.retries_done,
             "stale_retries": self.stale_retries,
@@ -936,20 +1267,31 @@ class Proxy:
             "timeouts": self.timeouts,
             "rejected_connections": self.rejected,
             "rejected_requests": self.rejected_requests,
+            "shed_idle_connections": self.shed_idle,
+            "shortages": self.shortages,
+            "body_buffer_bytes": self.body_bytes,
             "client_connections": len(self.conns),
             "upstream_connections": self.pool.counts(),
         }
 
 
-def _raise_fd_limit(wanted: int) -> None:
-    """Each client connection may hold an upstream one: make room for max_connections of both."""
+def _raise_fd_limit(wanted: int) -> int:
+    """Raise the soft open file limit towards `wanted` (up to the hard limit); the limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return wanted
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft != resource.RLIM_INFINITY and soft < target:
+    if soft < target:
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return target
         except (ValueError, OSError):
-            log.warning("could not raise the open file limit to %d (now %d)", target, soft)
+            pass
+    return soft
+
+
+def _idle_since(conn: ClientProtocol) -> float:
+    return conn.idle_since
 
 
 __all__ = ["ClientProtocol", "Proxy", "Request"]

@@ -21,11 +21,13 @@ class ProxySettings:
     max_header_bytes: int = 32768
     max_headers: int = 100
     max_body_bytes: int = 1048576
+    body_buffer_bytes: int = 64 * 2**20  # request bodies held for all clients at once
     pool_size: int = 64  # idle keep-alive connections kept per worker
     worker_threads: int = 4  # serving threads per worker: the balancer's bound on stacking requests
     front_cache_enabled: bool = True
     front_cache_max_bytes: int = 64 * 2**20
     front_cache_max_object_bytes: int = 2**20
+    front_cache_revalidate: float = 1.0  # seconds before a stored response is checked with a worker (cache.ttl)
 
     def __post_init__(self) -> None:
         if self.balance not in BALANCE_POLICIES:
@@ -39,6 +41,7 @@ class ProxySettings:
                      "worker_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)!r}")
-        for name in ("max_body_bytes", "front_cache_max_bytes", "front_cache_max_object_bytes"):
+        for name in ("max_body_bytes", "body_buffer_bytes", "front_cache_max_bytes", "front_cache_max_object_bytes",
+                     "front_cache_revalidate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)!r}")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
-from httptools import HttpParserError, HttpResponseParser
+from httptools import HttpParserCallbackError, HttpParserError, HttpResponseParser
 
 from ..state import WorkerState
 
@@ -18,24 +19,40 @@ if TYPE_CHECKING:
 # the worker's own keep-alive timeout (gunicorn's default is 2 s), and reusing it then races
 # with the worker closing it.
 REUSE_WITHIN = 1.0
+# Errors that say the master itself ran short (descriptors, buffers, memory, ephemeral ports):
+# never a worker's fault.
+LOCAL_SHORTAGE = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL))
+
+log = logging.getLogger("gows.proxy")
 
 
 class UpstreamError(Exception):
-    """Why a request to a worker failed; `status` is what the client gets if no retry helps."""
+    """Why a request to a worker failed; `status` is what the client gets if no retry helps.
 
-    def __init__(self, reason: str, status: int = 502, passive: bool = True, stale: bool = False) -> None:
+    Only what the worker did (refused, reset, timed out, sent malformed bytes) is `passive`, a
+    failure counted against it; the proxy's own troubles are not the worker's.
+    """
+
+    def __init__(self, reason: str, status: int = 502, passive: bool = False, stale: bool = False,
+                 local: bool = False) -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
         self.passive = passive  # counts as a passive failure of the worker (max_fails)
         self.stale = stale  # a reused keep-alive connection the worker had closed
+        self.local = local  # the master ran short of descriptors or memory
+
+
+class MalformedResponse(Exception):
+    """Raised in a parser callback: the worker's response breaks HTTP in a way httptools allows."""
 
 
 class UpstreamConnection(asyncio.Protocol):
     """One keep-alive connection to a worker, carrying one request at a time."""
 
     __slots__ = ("pool", "worker", "transport", "parser", "client", "headers", "head_done", "head_only",
-                 "interim", "until_close", "keep", "reused", "idle_since", "deadline", "paused", "closed", "active")
+                 "interim", "until_close", "keep", "reused", "idle_since", "deadline", "paused", "closed", "active",
+                 "incarnation")
 
     def __init__(self, pool: UpstreamPool, worker: WorkerState) -> None:
         self.pool = pool
@@ -55,10 +72,15 @@ class UpstreamConnection(asyncio.Protocol):
         self.paused = False
         self.closed = False
         self.active = False  # counted in the pool's per-worker limit (busy or connecting)
+        # The worker's process when this connection was made: a reload's new process shares the
+        # port, and a connection to the old one (about to drain, serving the old settings) is
+        # never reused.
+        self.incarnation = worker.pid
 
     # -- driving a request ----------------------------------------------------------------
-    def send(self, client: ClientProtocol, payload: bytes, head_only: bool) -> None:
-        """Write one prepared request and relay its response to `client`."""
+    def send(self, client: ClientProtocol, head: bytes, body: bytes | None, head_only: bool) -> None:
+        """Write one prepared request (its head, then its body as received) and relay its
+        response to `client`."""
         self.client = client
         self.headers = []
         self.head_done = False
@@ -67,7 +89,10 @@ class UpstreamConnection(asyncio.Protocol):
         pool = self.pool
         self.deadline = pool.proxy.clock + pool.proxy.response_timeout
         pool.busy.add(self)
-        self.transport.write(payload)
+        if body:
+            self.transport.writelines((head, body))
+        else:
+            self.transport.write(head)
 
     def detach(self) -> None:
         """The client went away mid-response: this connection's stream is unusable."""
@@ -105,8 +130,16 @@ class UpstreamConnection(asyncio.Protocol):
             return
         try:
             self.parser.feed_data(data)
+        except HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, MalformedResponse):
+                self._fail(UpstreamError(f"malformed response from worker: {cause}", passive=True))
+            else:  # a bug of the proxy's, in relaying: visible, and no failure of the worker
+                log.error("proxy error while relaying a response", exc_info=cause or exc)
+                self._proxy_error()
+            return
         except HttpParserError:
-            self._fail(UpstreamError("malformed response from worker"))
+            self._fail(UpstreamError("malformed response from worker", passive=True))
             return
         self.deadline = self.pool.proxy.clock + self.pool.proxy.response_timeout
 
@@ -116,6 +149,7 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         already = self.closed
         self.closed = True
+        self.parser = None  # its callbacks are our methods: a cycle no longer needed
         self.pool.forget(self)
         client = self.client
         if client is None or already:
@@ -124,13 +158,13 @@ class UpstreamConnection(asyncio.Protocol):
             self._complete()
             return
         if self.head_done:
-            self._fail(UpstreamError("worker closed the connection mid-response"))
+            self._fail(UpstreamError("worker closed the connection mid-response", passive=True))
         elif self.reused:
             # A pooled connection the worker had closed: not the worker's fault.
-            self._fail(UpstreamError("stale keep-alive connection", passive=False, stale=True))
+            self._fail(UpstreamError("stale keep-alive connection", stale=True))
         else:
             reason = "connection reset by worker" if exc is not None else "worker closed the connection"
-            self._fail(UpstreamError(reason))
+            self._fail(UpstreamError(reason, passive=True))
 
     def pause_writing(self) -> None:  # request bodies are bounded and written at once
         pass
@@ -148,7 +182,7 @@ class UpstreamConnection(asyncio.Protocol):
         if status < 200:
             # 100 Continue / 103 Early Hints: the request body was sent whole, so skip them.
             if status == 101:
-                raise HttpParserError("unexpected protocol switch")
+                raise MalformedResponse("unexpected protocol switch")
             self.interim = True
             self.headers = []
             return
@@ -197,6 +231,14 @@ class UpstreamConnection(asyncio.Protocol):
         if client is not None:
             client.upstream_failed(self, error)
 
+    def _proxy_error(self) -> None:
+        """The proxy itself failed mid-relay: end both connections, charge no one else."""
+        client = self.client
+        self.client = None
+        self.close()
+        if client is not None:
+            client.abort()
+
 
 class UpstreamPool:
     """Connections per worker: at most `pool_size` in use at once (more requests wait here for
@@ -241,6 +283,9 @@ class UpstreamPool:
             conn = idle.pop()
             if conn.closed or conn.transport.is_closing():
                 continue
+            if conn.incarnation != worker.pid:
+                conn.close()
+                continue
             if conn.idle_since < horizon:
                 # Older ones below it are older still.
                 for old in idle:
@@ -268,11 +313,13 @@ class UpstreamPool:
             conn.closed = True
             self._inactive(conn)
             if isinstance(exc, asyncio.TimeoutError):
-                error = UpstreamError("connect timed out", 504)
+                error = UpstreamError("connect timed out", 504, passive=True)
+            elif exc.errno in LOCAL_SHORTAGE:
+                error = UpstreamError(f"cannot connect: {exc.strerror or exc}", 503, local=True)
             elif exc.errno == errno.ECONNREFUSED:
-                error = UpstreamError("connection refused", 502)
+                error = UpstreamError("connection refused", 502, passive=True)
             else:
-                error = UpstreamError(f"connect failed: {exc.strerror or exc}", 502)
+                error = UpstreamError(f"connect failed: {exc.strerror or exc}", 502, passive=True)
             if client.wants(req, worker):
                 client.upstream_failed(None, error)
             return
@@ -288,7 +335,8 @@ class UpstreamPool:
         """A connection finished its response: hand it to a waiting request, keep it, or close it."""
         worker = conn.worker
         proxy = self.proxy
-        if proxy.draining or not worker.up or proxy.table.get(worker.host, worker.port) is not worker:
+        if (proxy.draining or not worker.up or proxy.table.get(worker.host, worker.port) is not worker
+                or conn.incarnation != worker.pid):
             conn.close()
             return
         conn.resume()

@@ -44,7 +44,8 @@ def bind_listener(host: str, port: int, key: str) -> socket.socket:
 # errno values that say this process (or this host) ran out of descriptors or memory: a socket
 # or connect failing with one of them says nothing about the peer it was meant for.
 LOCAL_SHORTAGES = {errno.EMFILE: "file descriptors", errno.ENFILE: "file descriptors (system-wide)",
-                   errno.ENOBUFS: "socket buffers", errno.ENOMEM: "memory"}
+                   errno.ENOBUFS: "socket buffers", errno.ENOMEM: "memory",
+                   errno.EADDRNOTAVAIL: "ephemeral ports"}
 
 
 def local_shortage(exc: BaseException) -> str | None:

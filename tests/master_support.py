@@ -231,11 +231,12 @@ def serving(directory: Path, root: Path, count: int, **extra) -> Master:
 class Admin:
     """A master with an admin listener, and shortcuts to both of its ports."""
 
-    def __init__(self, masters, directory: Path, site: Path, workers: int = 2, **extra) -> None:
+    def __init__(self, masters, directory: Path, site: Path, workers: int = 2, nofile: int | None = None,
+                 **extra) -> None:
         self.port, self.admin_port = free_port(), free_port()
         self.worker_ports = [free_port() for _ in range(workers)]
         config = base_config(site, self.port, self.worker_ports, admin=f"127.0.0.1:{self.admin_port}", **extra)
-        self.master = Master(directory, config)
+        self.master = Master(directory, config, nofile=nofile)
         masters.append(self.master)
 
     def ready(self, timeout: float = 40.0) -> dict[int, int]:

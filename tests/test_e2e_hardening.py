@@ -4,19 +4,17 @@ exhaustion, reloads and changed files behind the front cache, the connection lim
 memory and hostile Host/Connection/Upgrade headers."""
 from __future__ import annotations
 
-import json
 import os
 import socket
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from e2e_support import Responses, bundled_site, exchange, read_head, request
-from master_support import Master, base_config, rss_kib
-from support import free_port, wait_until
+from e2e_support import Responses, bundled_site, exchange, fetch, request
+from master_support import Admin, Master, rss_kib
+from support import wait_until
 
 MiB = 1 << 20
 
@@ -26,73 +24,53 @@ def site(tmp_path_factory) -> Path:
     return bundled_site(tmp_path_factory.mktemp("site"))
 
 
-class Served:
-    """A master with an admin listener, started by a test and stopped by the `masters` fixture."""
+def served(masters: list, directory: Path, root: Path, **extra) -> Admin:
+    """A master with an admin listener, every worker up (stopped by the `masters` fixture)."""
+    a = Admin(masters, directory, root, **extra)
+    a.ready()
+    return a
 
-    def __init__(self, masters: list, directory: Path, root: Path, workers: int = 2, nofile: int | None = None,
-                 **extra) -> None:
-        self.port, self.admin_port = free_port(), free_port()
-        self.worker_ports = [free_port() for _ in range(workers)]
-        config = base_config(root, self.port, self.worker_ports, admin=f"127.0.0.1:{self.admin_port}", **extra)
-        self.master = Master(directory, config, nofile=nofile)
-        masters.append(self.master)
-        self.master.wait_workers(self.worker_ports)
-        wait_until(lambda: all(w["up"] for w in self.status()["workers"]), timeout=30,
-                   message="every worker up in status.json")
 
-    def status(self) -> dict:
-        def answer():
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/status.json", timeout=10) as r:
-                    return json.loads(r.read())
-            except OSError:
-                return None
-        return wait_until(answer, timeout=20, message="an answer from the admin listener")
+def connect(a: Admin, timeout: float = 10.0) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", a.port), timeout=timeout)
 
-    def connect(self, timeout: float = 10.0) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
-    def get(self, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
-        with self.connect() as s:
-            s.sendall(request("GET", path, headers, close=True))
-            return Responses(s).next()
-
-    def restarts(self) -> int:
-        return sum(w["restarts"] for w in self.status()["workers"])
+def get(a: Admin, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    return fetch(a.port, "GET", path, headers)
 
 
 # -- 1. pipelined front-cache hits ----------------------------------------------------------------
 def test_a_thousand_pipelined_cache_hits_behind_a_miss_are_all_answered(masters, tmp_path, site):
-    m = Served(masters, tmp_path, site, proxy={"maxConnections": 20})
+    m = served(masters, tmp_path, site, proxy={"maxConnections": 20})
     expected = (site / "a.txt").read_bytes()
-    assert m.get("/a.txt")[2] == expected  # now in the front cache
+    assert get(m, "/a.txt")[2] == expected  # now in the front cache
     burst = request("GET", "/index.html?uncached") + request("GET", "/a.txt") * 999 + request("GET", "/a.txt", close=True)
     for _ in range(3):
-        with m.connect() as s:
+        with connect(m) as s:
             s.sendall(burst)
             responses = Responses(s)
             got = [responses.next() for _ in range(1001)]
             assert responses.at_eof()
         assert [status for status, _, _ in got] == [200] * 1001
         assert all(body == expected for _, _, body in got[1:])
-    wait_until(lambda: m.status()["proxy"]["client_connections"] == 0, message="no client connection left")
-    assert m.get("/a.txt")[0] == 200
+    wait_until(lambda: m.json()["proxy"]["client_connections"] == 0, message="no client connection left")
+    assert get(m, "/a.txt")[0] == 200
 
 
 def test_a_client_that_leaves_while_its_pipeline_is_paused_frees_its_connection(masters, tmp_path, site):
-    m = Served(masters, tmp_path, site, proxy={"maxConnections": 20}, frontCache={"enabled": False})
+    m = served(masters, tmp_path, site, proxy={"maxConnections": 20}, frontCache={"enabled": False})
     for _ in range(10):
-        with m.connect() as s:  # far more requests than the proxy queues; never read, then leave
+        with connect(m) as s:  # far more requests than the proxy queues; never read, then leave
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.sendall(request("GET", "/big.bin") * 64)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # RST
-    wait_until(lambda: m.status()["proxy"]["client_connections"] == 0, timeout=30,
+    wait_until(lambda: m.json()["proxy"]["client_connections"] == 0, timeout=30,
                message="every abandoned connection closed")
-    assert m.get("/a.txt")[0] == 200
+    assert get(m, "/a.txt")[0] == 200
 
 
 # -- 2. request bodies ----------------------------------------------------------------------------
-def _abort_uploads(m: Served, count: int, size: int) -> None:
+def _abort_uploads(m: Admin, count: int, size: int) -> None:
     """`count` clients at once each send a head announcing `size` body bytes and most of the body,
     wait while the master serves other requests (so their objects age), then all leave."""
     head = request("POST", "/upload", {"Content-Length": str(size)})
@@ -116,34 +94,34 @@ def _abort_uploads(m: Served, count: int, size: int) -> None:
         t.start()
     sent.wait(60)
     for _ in range(200):  # many allocations in the master meanwhile: the uploads' objects grow old
-        m.get("/a.txt?aging")
+        get(m, "/a.txt?aging")
     leave.set()
     for t in threads:
         t.join(60)
 
 
 def test_aborted_uploads_do_not_pin_the_masters_memory(masters, tmp_path, site):
-    m = Served(masters, tmp_path, site)
+    m = served(masters, tmp_path, site)
     rss = []
     for _ in range(3):
         _abort_uploads(m, 300, MiB)
-        wait_until(lambda: m.status()["proxy"]["client_connections"] == 0, timeout=30,
+        wait_until(lambda: m.json()["proxy"]["client_connections"] == 0, timeout=30,
                    message="every aborted upload's connection gone")
         rss.append(rss_kib(m.master.pid))
     # 300 MiB of bodies per round: before the fix each round pinned them until a full GC.
     assert rss[2] - rss[0] < 64 * 1024, f"master RSS after each round: {rss} KiB"
-    assert m.get("/a.txt")[0] == 200
+    assert get(m, "/a.txt")[0] == 200
 
 
 def test_request_bodies_in_flight_share_one_memory_budget(masters, tmp_path, site):
-    m = Served(masters, tmp_path, site, proxy={"maxBodyBytes": MiB, "bodyBufferBytes": 4 * MiB})
+    m = served(masters, tmp_path, site, proxy={"maxBodyBytes": MiB, "bodyBufferBytes": 4 * MiB})
     held = []
     try:
         for _ in range(4):  # 4 x 1 MiB - 1 KiB held: the budget is nearly spent
-            s = m.connect()
+            s = connect(m)
             held.append(s)
             s.sendall(request("POST", "/upload", {"Content-Length": str(MiB)}) + b"x" * (MiB - 1024))
-        wait_until(lambda: m.status()["proxy"]["client_connections"] == 4)
+        wait_until(lambda: m.json()["proxy"]["client_connections"] == 4)
         data, _ = exchange(m.port, request("POST", "/upload", {"Content-Length": str(MiB)}) + b"x" * MiB)
         assert data.startswith(b"HTTP/1.1 503 "), data[:200]
         assert b"Retry-After: 1\r\n" in data
@@ -151,14 +129,14 @@ def test_request_bodies_in_flight_share_one_memory_budget(masters, tmp_path, sit
         for s in held:
             s.close()
     # Once those bodies are gone their share of the budget is back.
-    wait_until(lambda: m.status()["proxy"]["client_connections"] == 0)
+    wait_until(lambda: m.json()["proxy"]["client_connections"] == 0)
     data, _ = exchange(m.port, request("POST", "/upload", {"Content-Length": str(MiB)}, close=True) + b"x" * MiB)
     assert data.startswith(b"HTTP/1.1 405 "), data[:200]
 
 
 def test_a_body_that_trickles_in_is_cut_off_by_its_minimum_rate(masters, tmp_path, site):
-    m = Served(masters, tmp_path, site, proxy={"headerTimeout": 1})
-    with m.connect(timeout=30) as s:
+    m = served(masters, tmp_path, site, proxy={"headerTimeout": 1})
+    with connect(m, timeout=30) as s:
         s.sendall(request("POST", "/upload", {"Content-Length": "100000"}))
         started = time.monotonic()
         answer = b""
@@ -177,12 +155,12 @@ def test_a_body_that_trickles_in_is_cut_off_by_its_minimum_rate(masters, tmp_pat
 
 # -- 4. trailers ----------------------------------------------------------------------------------
 def test_trailer_fields_never_become_request_headers(masters, tmp_path, site):
-    m = Served(masters, tmp_path, site, frontCache={"enabled": False})
+    m = served(masters, tmp_path, site, frontCache={"enabled": False})
     expected = (site / "a.txt").read_bytes()
     trailers = [b"Range: bytes=0-1", b"X-Forwarded-For: 6.6.6.6", b"Host: evil"]
     for trailer in trailers:
         body = b"0\r\n" + trailer + b"\r\n\r\n"
-        with m.connect() as s:
+        with connect(m) as s:
             s.sendall(request("GET", "/a.txt", {"Transfer-Encoding": "chunked"}, close=True) + body)
             status, headers, got = Responses(s).next()
         assert (status, got) == (200, expected), trailer
@@ -217,7 +195,7 @@ def test_a_request_with_a_body_that_asks_for_an_upgrade_is_refused_not_cut(maste
 def masters_module(tmp_path_factory, site):
     """One master for the tests that only send it requests."""
     started: list[Master] = []
-    m = Served(started, tmp_path_factory.mktemp("master"), site, frontCache={"enabled": False})
+    m = served(started, tmp_path_factory.mktemp("master"), site, frontCache={"enabled": False})
     yield m
     for master in started:
         master.stop()
@@ -225,7 +203,7 @@ def masters_module(tmp_path_factory, site):
 
 # -- 5. the master's own descriptor exhaustion ----------------------------------------------------------
 def test_the_masters_descriptor_shortage_sheds_load_and_keeps_the_workers(masters, tmp_path, site):
-    m = Served(masters, tmp_path, site, nofile=64, frontCache={"enabled": False})
+    m = served(masters, tmp_path, site, nofile=64, frontCache={"enabled": False})
     assert "open file limit" in m.master.log()  # warned at start: 64 cannot hold maxConnections
     outcomes: list[object] = []
     stop = threading.Event()
@@ -246,13 +224,13 @@ def test_the_masters_descriptor_shortage_sheds_load_and_keeps_the_workers(master
     stop.set()
     for t in threads:
         t.join(30)
-    status = m.status()
+    status = m.json()
     assert all(w["up"] and w["restarts"] == 0 for w in status["workers"]), status["workers"]
     assert "is down" not in m.master.log()
     # Past what the descriptors hold clients wait (or get 503): never a 502/504 blamed on a worker.
     assert 502 not in outcomes and 504 not in outcomes
     assert outcomes.count(200) >= 0.95 * len(outcomes), {o: outcomes.count(o) for o in set(outcomes)}
-    assert m.get("/a.txt")[0] == 200  # at once: nothing to recover from
+    assert get(m, "/a.txt")[0] == 200  # at once: nothing to recover from
 
 
 # -- 6. reloads and the front cache -------------------------------------------------------------------
@@ -263,16 +241,16 @@ def test_a_reload_that_changes_the_root_serves_the_new_site_at_once(masters, tmp
     (old / "a.txt").write_text("old site\n")
     (old / "only-old.txt").write_text("gone after the reload\n")
     (new / "a.txt").write_text("new site\n")
-    m = Served(masters, tmp_path, old)
+    m = served(masters, tmp_path, old)
     for path in ("/a.txt", "/only-old.txt"):
-        assert m.get(path)[0] == 200
-        assert m.get(path)[0] == 200
-    assert m.status()["front_cache"]["hits"] >= 2
+        assert get(m, path)[0] == 200
+        assert get(m, path)[0] == 200
+    assert m.json()["front_cache"]["hits"] >= 2
     m.master.write_config(dict(m.master.config, baseDirectory=str(new)))
     m.master.signal(1)  # SIGHUP
     m.master.wait_log("reload done")
-    assert m.get("/a.txt")[2] == b"new site\n"
-    assert m.get("/only-old.txt")[0] == 404
+    assert get(m, "/a.txt")[2] == b"new site\n"
+    assert get(m, "/only-old.txt")[0] == 404
 
 
 def test_a_changed_or_deleted_file_leaves_the_front_cache_within_the_cache_ttl(masters, tmp_path):
@@ -280,21 +258,21 @@ def test_a_changed_or_deleted_file_leaves_the_front_cache_within_the_cache_ttl(m
     root.mkdir()
     (root / "a.txt").write_text("version 1\n")
     (root / "b.txt").write_text("short-lived\n")
-    m = Served(masters, tmp_path, root, cache={"ttl": 0.5})
+    m = served(masters, tmp_path, root, cache={"ttl": 0.5})
     for path in ("/a.txt", "/b.txt"):
-        m.get(path)
-        assert m.get(path)[0] == 200
-    hits = m.status()["front_cache"]["hits"]
+        get(m, path)
+        assert get(m, path)[0] == 200
+    hits = m.json()["front_cache"]["hits"]
     assert hits >= 2
     (root / "a.txt").write_text("version 2, longer\n")
     (root / "b.txt").unlink()
     # The workers send max-age=60; the front cache must not hold on to either for that long.
-    wait_until(lambda: m.get("/a.txt")[2] == b"version 2, longer\n", timeout=10, message="the new a.txt")
-    wait_until(lambda: m.get("/b.txt")[0] == 404, timeout=10, message="b.txt gone")
+    wait_until(lambda: get(m, "/a.txt")[2] == b"version 2, longer\n", timeout=10, message="the new a.txt")
+    wait_until(lambda: get(m, "/b.txt")[0] == 404, timeout=10, message="b.txt gone")
     # An unchanged file is revalidated, not fetched again.
     def revalidated() -> int:
-        assert m.get("/a.txt")[2] == b"version 2, longer\n"
-        return m.status()["front_cache"].get("revalidated", 0)
+        assert get(m, "/a.txt")[2] == b"version 2, longer\n"
+        return m.json()["front_cache"].get("revalidated", 0)
     wait_until(revalidated, timeout=10, message="a revalidation answered 304 by a worker")
 
 
@@ -308,19 +286,19 @@ def test_filling_the_front_cache_grows_the_master_by_at_most_its_budget_and_a_qu
         size = sizes[i % len(sizes)]
         (root / f"f{i}.bin").write_bytes(os.urandom(size))
         files.append(f"/f{i}.bin")
-    m = Served(masters, tmp_path, root, frontCache={"maxBytes": budget})
-    with m.connect() as s:  # warm up the proxy's own allocations before measuring
+    m = served(masters, tmp_path, root, frontCache={"maxBytes": budget})
+    with connect(m) as s:  # warm up the proxy's own allocations before measuring
         for path in files[:50]:
             s.sendall(request("GET", path + "?warmup"))
             Responses(s).next()
     before = rss_kib(m.master.pid)
-    with m.connect() as s:
+    with connect(m) as s:
         responses = Responses(s)
         for i in range(0, len(files), 50):
             s.sendall(b"".join(request("GET", path) for path in files[i:i + 50]))
             for _ in files[i:i + 50]:
                 assert responses.next()[0] == 200
-    cache = m.status()["front_cache"]
+    cache = m.json()["front_cache"]
     assert cache["bytes"] > budget * 0.9, cache
     grown = rss_kib(m.master.pid) - before
     assert grown * 1024 <= 1.25 * budget, f"RSS grew {grown} KiB for a {budget // 1024} KiB front cache"
@@ -328,17 +306,17 @@ def test_filling_the_front_cache_grows_the_master_by_at_most_its_budget_and_a_qu
 
 # -- concerns: the connection limit and pipelining memory ---------------------------------------------
 def test_at_the_connection_limit_the_oldest_idle_connections_make_room(masters, tmp_path, site):
-    m = Served(masters, tmp_path, site, proxy={"maxConnections": 50})
+    m = served(masters, tmp_path, site, proxy={"maxConnections": 50})
     idle = []
     try:
         for _ in range(50):
-            s = m.connect()
+            s = connect(m)
             s.sendall(request("GET", "/a.txt"))
             Responses(s).next()
             idle.append(s)
         for _ in range(20):  # each newcomer is served, none is turned away
-            assert m.get("/a.txt")[0] == 200
-        assert m.status()["proxy"]["rejected_connections"] == 0
+            assert get(m, "/a.txt")[0] == 200
+        assert m.json()["proxy"]["rejected_connections"] == 0
         closed = [s for s in idle if Responses(s).at_eof()]
         assert len(closed) >= 20  # idle ones went to make room
     finally:
@@ -347,15 +325,15 @@ def test_at_the_connection_limit_the_oldest_idle_connections_make_room(masters, 
 
 
 def test_at_the_connection_limit_newcomers_wait_in_the_backlog(masters, tmp_path, site):
-    m = Served(masters, tmp_path, site, proxy={"maxConnections": 20, "headerTimeout": 30})
+    m = served(masters, tmp_path, site, proxy={"maxConnections": 20, "headerTimeout": 30})
     busy = []
     try:
         for _ in range(20):  # every connection in the middle of a request head: none can be closed
-            s = m.connect()
+            s = connect(m)
             s.sendall(b"GET /a.txt HTTP/1.1\r\nHost: x\r\n")
             busy.append(s)
-        wait_until(lambda: m.status()["proxy"]["client_connections"] == 20)
-        waiting = m.connect(timeout=20)
+        wait_until(lambda: m.json()["proxy"]["client_connections"] == 20)
+        waiting = connect(m, timeout=20)
         waiting.sendall(request("GET", "/a.txt", close=True))
         waiting.settimeout(0.5)
         with pytest.raises(socket.timeout):
@@ -364,22 +342,22 @@ def test_at_the_connection_limit_newcomers_wait_in_the_backlog(masters, tmp_path
         waiting.settimeout(20)
         assert Responses(waiting).next()[0] == 200
         waiting.close()
-        assert m.status()["proxy"]["rejected_connections"] == 0
+        assert m.json()["proxy"]["rejected_connections"] == 0
     finally:
         for s in busy:
             s.close()
 
 
 def test_memory_for_requests_pipelined_but_never_read_is_bounded(masters, tmp_path, site):
-    m = Served(masters, tmp_path, site, frontCache={"enabled": False})
+    m = served(masters, tmp_path, site, frontCache={"enabled": False})
     burst = request("GET", "/a.txt?x") * 12_000  # 265 KB of requests
     for _ in range(20):  # warm up
-        m.get("/a.txt?x")
+        get(m, "/a.txt?x")
     before = rss_kib(m.master.pid)
     held = []
     try:
         for _ in range(50):
-            s = m.connect()
+            s = connect(m)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             s.setblocking(False)
             try:
@@ -387,7 +365,7 @@ def test_memory_for_requests_pipelined_but_never_read_is_bounded(masters, tmp_pa
             except BlockingIOError:
                 pass
             held.append(s)
-        wait_until(lambda: m.status()["proxy"]["client_connections"] == 50)
+        wait_until(lambda: m.json()["proxy"]["client_connections"] == 50)
         samples = [rss_kib(m.master.pid)]
 
         def settled() -> bool:  # the proxy has read what it will

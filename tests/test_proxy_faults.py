@@ -432,7 +432,7 @@ def test_a_proxy_error_while_relaying_is_logged_closes_the_client_and_spares_the
         worker = p.worker(up.port)
         assert worker.up and not worker.passive_failure_times  # max_fails=1: one charge would have downed it
         assert requests.get(p.url + "/fine").status_code == 200
-        assert p.stats()["client_connections"] == 0
+        wait_until(lambda: p.stats()["client_connections"] == 0, message="both connections gone")
     finally:
         p.stop()
         up.stop()

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpResponseParser
 
+from ..sockets import local_shortage
 from ..state import WorkerState
 
 if TYPE_CHECKING:
@@ -19,9 +20,6 @@ if TYPE_CHECKING:
 # the worker's own keep-alive timeout (gunicorn's default is 2 s), and reusing it then races
 # with the worker closing it.
 REUSE_WITHIN = 1.0
-# Errors that say the master itself ran short (descriptors, buffers, memory, ephemeral ports):
-# never a worker's fault.
-LOCAL_SHORTAGE = frozenset((errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.EADDRNOTAVAIL))
 
 log = logging.getLogger("gows.proxy")
 
@@ -314,8 +312,8 @@ class UpstreamPool:
             self._inactive(conn)
             if isinstance(exc, asyncio.TimeoutError):
                 error = UpstreamError("connect timed out", 504, passive=True)
-            elif exc.errno in LOCAL_SHORTAGE:
-                error = UpstreamError(f"cannot connect: {exc.strerror or exc}", 503, local=True)
+            elif local_shortage(exc):  # the master's own trouble, never the worker's
+                error = UpstreamError(f"cannot connect: {local_shortage(exc)}", 503, local=True)
             elif exc.errno == errno.ECONNREFUSED:
                 error = UpstreamError("connection refused", 502, passive=True)
             else:

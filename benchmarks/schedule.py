@@ -80,11 +80,13 @@ def wrk_run_end(now: float, seconds: int) -> float:
 
 
 def growth_windows(seconds: int) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The samples growth is measured between, as two (first, last) time ranges: the three samples
-    after the first minute and the last three (their medians, so one sample taken in a burst does
-    not decide). A run too short for both windows compares single samples: half-way and the end."""
-    window = 2 * SAMPLE_EVERY
-    if seconds - window >= BASELINE_AT + window + SAMPLE_EVERY:
-        return (BASELINE_AT, BASELINE_AT + window), (seconds - window, seconds)
+    """The samples growth is measured between, as two (first, last) time ranges: the minute after
+    the first one and the last minute. Their medians are compared: each window holds one sample
+    of every phase of the minute (before or after the TTIN, a slow-reader batch, ...), so the
+    phases cancel out and one sample taken in a burst does not decide. A run too short for two
+    such minutes compares single samples: half-way and the end."""
+    last_in_minute = 60 - SAMPLE_EVERY
+    if seconds - last_in_minute >= BASELINE_AT + 60:
+        return (BASELINE_AT, BASELINE_AT + last_in_minute), (seconds - last_in_minute, seconds)
     half = (seconds // 2) // SAMPLE_EVERY * SAMPLE_EVERY
     return (half, half), (seconds, seconds)

@@ -370,6 +370,11 @@ def wrk_table(record: Record) -> str:
     return markdown_table(head, rows)
 
 
+# The master's /status.json proxy counters the summary reports, as changes over the run.
+MASTER_COUNTERS = ("no_healthy_worker", "retries", "upstream_errors", "timeouts", "truncated_responses",
+                   "rejected_connections", "rejected_requests")
+
+
 def client_counts(clients: list[ClientOutcome]) -> dict[str, Counter]:
     """How the soak's own clients ended: {kind: {result: count}}."""
     by_kind: dict[str, Counter] = {}
@@ -384,13 +389,18 @@ def summary(record: Record) -> list[str]:
     near, far = verdict.master_truncations(record.polls, record.kills)
     by_kind = client_counts(record.clients)
     signals = Counter(name for _, name in record.signals)
+    counters = {}
+    if record.master_counters and record.master_counters[-1]:
+        first, last = record.master_counters[0], record.master_counters[-1]
+        counters = {key: last[key] - first.get(key, 0) for key in MASTER_COUNTERS if key in last}
     lines = [
         f"wrk: {wrk.requests:,} requests, statuses {dict(sorted(wrk.statuses.items()))}, socket errors: connect "
         f"{wrk.connect}, read {wrk.read}, write {wrk.write}, timeout {wrk.timeout}",
-        f"chaos: {len(record.kills)} workers SIGKILLed ({len(record.skipped_kills)} kills skipped: fewer than two "
-        "workers up), " + ", ".join(f"{n} {name}" for name, n in sorted(signals.items())),
+        "chaos: " + ", ".join([f"{len(record.kills)} workers SIGKILLed ({len(record.skipped_kills)} kills skipped: "
+                               "fewer than two workers up)", *(f"{n} {name}" for name, n in sorted(signals.items()))]),
         f"truncated by the master: {near} within {verdict.KILL_WINDOW:g} s of a kill, {far} otherwise",
         f"longest silence of /status.json: {record.admin_silence:.1f} s",
+        "the master's counters over the run: " + ", ".join(f"{key} {n:,}" for key, n in counters.items()),
     ]
     lines += [f"{kind}s: " + ", ".join(f"{result} {n}" for result, n in outcomes.most_common())
               for kind, outcomes in sorted(by_kind.items())]
@@ -469,8 +479,11 @@ def soak(seconds: int, connections: int, keep: bool) -> int:
             admin = json.loads((workdir / "gows.conf.json").read_text())["admin"]
             progress(f"gows on port {server.port}, admin {admin}; soaking for {seconds} s")
             asyncio.run(Soak(server, admin, record, script, connections).run())
-            log = log_tail(server.log_path, 40)
-            digest = log_digest(server.log_path.read_text(errors="replace"))
+        # The master is stopped: its log is complete.
+        log = log_tail(server.log_path, 40)
+        digest = log_digest(server.log_path.read_text(errors="replace"))
+        RESULTS.mkdir(exist_ok=True)
+        shutil.copyfile(server.log_path, RESULTS / f"soak-{stamp}.log")
     except ServerError as exc:
         record.problems.append(f"gows did not start: {exc}")
     finally:
@@ -487,7 +500,7 @@ def soak(seconds: int, connections: int, keep: bool) -> int:
     print("\n".join(summary(record)))
     if digest:
         print("master log:\n  " + "\n  ".join(digest))
-    print(f"\nwritten: {stem}.md, .json")
+    print(f"\nwritten: {stem}.md, .json" + (", .log (the master's)" if stem.with_suffix(".log").exists() else ""))
     if reasons:
         print("\nFAILED:\n" + "\n".join(reasons))
         return 1

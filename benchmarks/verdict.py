@@ -155,5 +155,6 @@ def _median(samples: list[Sample], name: str) -> int | None:
 
 
 def span(window: tuple[float, float]) -> str:
+    """A window of samples as the verdict and the notes name it: `60 s`, `60–110 s (median)`."""
     first, last = window
     return f"{first:g} s" if first == last else f"{first:g}–{last:g} s (median)"

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import chaos, loads, prereqs, servers, soak
+from benchmarks import chaos, loads, prereqs, servers, soak, soak_record
 from benchmarks.schedule import Action, growth_windows, per_minute, schedule, wrk_run_end
 from benchmarks.verdict import (ClientOutcome, Sample, Usage, WrkTotals, after_kill, error_reasons,
                                 growth_reasons, master_truncations)
@@ -362,10 +362,10 @@ def test_docroot_holds_the_mix_files(tmp_path):
 
 
 def test_record_sums_wrk_runs_and_writes_the_verdict(tmp_path):
-    record = soak.Record(seconds=30)
-    record.wrk_runs = [soak.WrkRun(0, 10, 1000, 100.0, {"connect": 0, "read": 1, "write": 0, "timeout": 0},
+    record = soak_record.Record(seconds=30)
+    record.wrk_runs = [soak_record.WrkRun(0, 10, 1000, 100.0, {"connect": 0, "read": 1, "write": 0, "timeout": 0},
                                    {200: 990, 206: 10}),
-                       soak.WrkRun(10, 20, 500, 50.0, {"connect": 0, "read": 0, "write": 0, "timeout": 0},
+                       soak_record.WrkRun(10, 20, 500, 50.0, {"connect": 0, "read": 0, "write": 0, "timeout": 0},
                                    {200: 499, 503: 1})]
     totals = record.wrk_totals()
     assert (totals.requests, totals.read, totals.statuses) == (1500, 1, Counter({200: 1489, 206: 10, 503: 1}))
@@ -376,7 +376,7 @@ def test_record_sums_wrk_runs_and_writes_the_verdict(tmp_path):
     record.clients = [ClientOutcome("slow reader", 5.0, 5.6, "truncated", 200), ClientOutcome("slow reader", 1, 2, "ok")]
     reasons = record.reasons()
     assert reasons == ["1 responses outside 2xx/3xx: 503 ×1"]
-    soak.write_record(record, tmp_path / "soak-x", "title", ["a note"], reasons, "log line", ["2 × WARNING w"])
+    soak_record.write_record(record, tmp_path / "soak-x", "title", ["a note"], reasons, "log line", ["2 × WARNING w"])
     md = (tmp_path / "soak-x.md").read_text()
     assert "## Verdict: FAILED\n\n- 1 responses outside 2xx/3xx: 503 ×1" in md and "- a note" in md
     assert "|  30 |" in md and "log line" in md and "- 2 × WARNING w" in md
@@ -394,5 +394,5 @@ def test_log_digest_counts_warnings_and_errors_by_message():
 2026-12-02 06:36:28,993 [19778] [WARNING] gows.workers: worker 127.0.0.1:30620 (pid 20208) was killed by SIGKILL
 2026-12-02 06:36:30,000 [19778] [ERROR] gows.proxy: boom
 """
-    assert soak.log_digest(log) == [
+    assert soak_record.log_digest(log) == [
         "2 × WARNING gows.workers: worker #.#.#.#:# (pid #) was killed by SIGKILL", "1 × ERROR gows.proxy: boom"]

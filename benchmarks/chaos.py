@@ -107,7 +107,7 @@ async def slow_reader(host: str, port: int, path: str, clock: Clock, *, rate: in
 
 
 async def aborted_upload(host: str, port: int, path: str, clock: Clock, *, declared: int = 1 << 20,
-                         sent: int = 512 * 1024, timeout: float = 10.0) -> ClientOutcome:
+                         sent: int = (1 << 20) - (64 << 10), timeout: float = 10.0) -> ClientOutcome:
     """POST with `Content-Length: declared`, send `sent` bytes of the body, close.
 
     "ok": sent and closed; "refused": the server closed or reset first (a body budget may do that,

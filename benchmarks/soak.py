@@ -290,7 +290,7 @@ def notes(seconds: int, connections: int) -> list[str]:
         f"chaos: SIGKILL of a worker every {schedule.KILL_EVERY} s (one of those up, when two are), and each minute "
         + ", ".join(f"{action.value}{f' ×{count}' if count > 1 else ''} at +{offset} s"
                     for offset, action, count in schedule.MINUTE)
-        + f"; aborted upload: 1 MiB declared, 512 KiB sent; slow reader: {BIG_FILE >> 20} MiB file, "
+        + f"; aborted upload: 1 MiB declared, 960 KiB sent; slow reader: {BIG_FILE >> 20} MiB file, "
         "64 KiB/s for 1 s after the head",
         f"samples every {schedule.SAMPLE_EVERY} s; growth compares the median of the samples at "
         f"{verdict.span(baseline)} with the median at {verdict.span(final)}; workers by the largest one "

@@ -28,14 +28,14 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import chaos, loads, prereqs, schedule, verdict
+from . import chaos, loads, prereqs, procstat, schedule, verdict
 from .__main__ import RESULTS, progress
 from .loads import LoadError, MixEntry
 from .prereqs import MissingPrerequisite
 from .schedule import Action, Event
 from .servers import REPO, Running, ServerError, ServerSpec, log_tail, serve
 from .soak_record import Record, WrkRun, log_digest, sample_line, samples_table, summary, write_record, wrk_table
-from .verdict import Sample, Usage
+from .verdict import Sample
 
 WORKERS = 2
 CONNECTIONS = 50  # wrk's keep-alive connections (far below proxy.maxConnections, 4096)
@@ -56,25 +56,6 @@ MIX = [
     MixEntry("/downloads/sample-150k.bin", 4096, SMALL_FILE), MixEntry("/soak/big.bin", 65536, BIG_FILE),
     MixEntry("/150k.txt", 1000, 150_000), MixEntry("/soak/large.bin"),
 ]
-
-
-def usage(pid: int) -> Usage | None:
-    """VmRSS and the number of open descriptors of `pid`; None when it is gone."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
-        return Usage(pid, rss, len(os.listdir(f"/proc/{pid}/fd")))
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def parent_of(pid: int) -> int | None:
-    """The parent pid of `pid` (None when it is gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def make_docroot(base: Path) -> Path:
@@ -145,14 +126,16 @@ class Soak:
         """Pids of the master's own workers in `status` (checked against /proc: our master's children)."""
         pids = [w["pid"] for w in (status or {}).get("workers", [])
                 if w["local"] and w["pid"] and (w["up"] or not up_only)]
-        return [pid for pid in pids if parent_of(pid) == self.master_pid]
+        return [pid for pid in pids if procstat.parent_of(pid) == self.master_pid]
 
     # -- the chaos, one handler per action ----------------------------------------------------
     async def sample(self, event: Event) -> None:
         """RSS and fds of the master and its workers, with the master's counters."""
         status = await self.fetch_status()
-        sample = Sample(event.at, usage(self.master_pid),
-                        [u for u in map(usage, self.local_workers(status)) if u is not None])
+        ports = {w["port"] for w in (status or {}).get("workers", [])}
+        sockets = procstat.tcp_sockets()
+        workers = [procstat.usage(pid, sockets, ports) for pid in self.local_workers(status)]
+        sample = Sample(event.at, procstat.usage(self.master_pid, sockets, ports), [u for u in workers if u])
         self.record.samples.append(sample)
         counters = {"requests": status["totals"]["requests"], "responses": status["totals"]["responses"],
                     **status["proxy"], "front_cache_bytes": status["front_cache"]["bytes"]} if status else {}
@@ -294,7 +277,7 @@ def notes(seconds: int, connections: int) -> list[str]:
         "64 KiB/s for 1 s after the head",
         f"samples every {schedule.SAMPLE_EVERY} s; growth compares the median of the samples at "
         f"{verdict.span(baseline)} with the median at {verdict.span(final)}; workers by the largest one "
-        "(pids change with every kill)",
+        "(pids change with every kill); fds besides the established master-worker connections (the pool)",
     ]
 
 

@@ -74,16 +74,20 @@ def sample_row(sample: Sample, counters: dict[str, Any], start: dict[str, Any]) 
         return "–" if value is None else f"{value - (before or 0):,}"
 
     return [f"{sample.t:g}", mib(master.rss_kib if master else None), str(master.fds) if master else "–",
+            str(master.own_fds) if master else "–",
             str(len(sample.workers)), mib(max(rss, default=None)), mib(sum(rss) if rss else None),
-            str(max(fds, default="–")), str(sum(fds)) if fds else "–",
+            str(max(fds, default="–")), str(max((w.own_fds for w in sample.workers), default="–")),
+            str(sum(fds)) if fds else "–",
             since(counters.get("requests"), start.get("requests")),
             since(counters.get("responses", {}).get("5xx"), start.get("responses", {}).get("5xx")),
             since(counters.get("truncated_responses"), start.get("truncated_responses")),
             str(counters.get("client_connections", "–"))]
 
 
-SAMPLE_HEAD = ["t s", "master RSS MiB", "master fds", "workers", "worker RSS max MiB", "worker RSS sum MiB",
-               "worker fds max", "worker fds sum", "responses", "5xx", "truncated", "client conns"]
+# "besides pool": without the established master-worker connections (benchmarks/procstat.py).
+SAMPLE_HEAD = ["t s", "master RSS MiB", "master fds", "besides pool", "workers", "worker RSS max MiB",
+               "worker RSS sum MiB", "worker fds max", "besides pool", "worker fds sum", "responses", "5xx",
+               "truncated", "client conns"]
 
 
 def sample_line(sample: Sample, counters: dict[str, Any], start: dict[str, Any]) -> str:

@@ -17,11 +17,18 @@ GROWTH_LIMIT = 0.10
 
 @dataclass(frozen=True)
 class Usage:
-    """One process's resident memory and open descriptors."""
+    """One process's resident memory and open descriptors, of which `pooled` are established
+    connections between the master and a worker (benchmarks/procstat.py says why they are apart)."""
 
     pid: int
     rss_kib: int
     fds: int
+    pooled: int = 0
+
+    @property
+    def own_fds(self) -> int:
+        """The descriptors besides the master-worker connections."""
+        return self.fds - self.pooled
 
 
 @dataclass
@@ -37,9 +44,10 @@ class Sample:
         compared by the largest one (a fresh worker is smaller; a leak shows in the survivors)."""
         return {
             "master RSS": self.master.rss_kib if self.master else None,
-            "master fds": self.master.fds if self.master else None,
+            "master fds (besides worker connections)": self.master.own_fds if self.master else None,
             "worker RSS (max over workers)": max((w.rss_kib for w in self.workers), default=None),
-            "worker fds (max over workers)": max((w.fds for w in self.workers), default=None),
+            "worker fds (besides master connections, max over workers)":
+                max((w.own_fds for w in self.workers), default=None),
         }
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import chaos, loads, prereqs, servers, soak, soak_record
+from benchmarks import chaos, loads, prereqs, procstat, servers, soak, soak_record
 from benchmarks.schedule import Action, growth_windows, per_minute, schedule, wrk_run_end
 from benchmarks.verdict import (ClientOutcome, Sample, Usage, WrkTotals, after_kill, error_reasons,
                                 growth_reasons, master_truncations)
@@ -102,7 +102,21 @@ def test_one_sample_in_a_burst_does_not_decide_growth():
     samples = [sample(t, master_fds=300 if t == 290 else 100) for t in range(0, 301, 10)]
     assert growth_reasons(samples, (60, 110), (250, 300)) == []
     samples = [sample(t, master_fds=300 if t >= 270 else 100) for t in range(0, 301, 10)]
-    assert growth_reasons(samples, (60, 110), (250, 300))[0].startswith("master fds grew 200%")
+    assert growth_reasons(samples, (60, 110), (250, 300))[0].startswith(
+        "master fds (besides worker connections) grew 200%: 100 at 60–110 s (median), 300 at 250–300 s")
+
+
+def test_pooled_worker_connections_do_not_count_as_growth():
+    def with_pool(t, pooled):
+        return Sample(t, Usage(1, 100_000, 70 + pooled, pooled), [Usage(2, 50_000, 17 + pooled // 2, pooled // 2)])
+
+    samples = [with_pool(t, 30 if t < 200 else 60) for t in range(0, 301, 10)]
+    assert growth_reasons(samples, (60, 110), (250, 300)) == []
+    # A descriptor the master keeps besides the pool (a CLOSE_WAIT socket, a file) counts.
+    samples = [Sample(t, Usage(1, 100_000, 100 if t < 200 else 115, 30), []) for t in range(0, 301, 10)]
+    reasons = growth_reasons(samples, (60, 110), (250, 300))
+    assert reasons[0] == ("master fds (besides worker connections) grew 21%: 70 at 60–110 s (median), "
+                          "85 at 250–300 s (median) (limit 10%)")
 
 
 def test_workers_are_compared_by_the_largest_one_since_kills_replace_them():
@@ -117,6 +131,7 @@ def test_a_master_that_cannot_be_read_at_the_end_fails():
     samples = [sample(t) for t in (60, 70, 80)] + [Sample(t, None, []) for t in (280, 290, 300)]
     reasons = growth_reasons(samples, (60, 110), (250, 300))
     assert "master RSS: nothing to read at the end" in reasons and len(reasons) == 4
+    assert "worker fds (besides master connections, max over workers): nothing to read at the end" in reasons
 
 
 def test_a_soak_that_ended_early_has_no_growth_to_measure():
@@ -344,12 +359,6 @@ def test_missing_wrk_exits_2_naming_the_package(monkeypatch, capsys):
     assert "missing wrk" in capsys.readouterr().err
 
 
-def test_usage_reads_rss_and_descriptors_of_a_live_process_only():
-    mine = soak.usage(os.getpid())
-    assert mine is not None and mine.rss_kib > 1000 and mine.fds >= 3
-    assert soak.usage(2**22 + 1) is None  # above the kernel's pid_max
-
-
 def test_docroot_holds_the_mix_files(tmp_path):
     root = soak.make_docroot(tmp_path)
     for entry in soak.MIX:
@@ -396,3 +405,46 @@ def test_log_digest_counts_warnings_and_errors_by_message():
 """
     assert soak_record.log_digest(log) == [
         "2 × WARNING gows.workers: worker #.#.#.#:# (pid #) was killed by SIGKILL", "1 × ERROR gows.proxy: boom"]
+
+
+# --- /proc ---------------------------------------------------------------------------------------
+
+TCP_TABLE = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1 0 100 0 0 10 0
+   1: 0100007F:D2F0 0100007F:2329 01 00000000:00000000 00:00000000 00000000     0        0 1002 1 0 20 4 30 10 -1
+   2: 0100007F:2329 0100007F:D2F0 01 00000000:00000000 00:00000000 00000000     0        0 1003 1 0 20 4 30 10 -1
+   3: 0100007F:1F90 0100007F:C350 08 00000000:00000000 00:00000000 00000000     0        0 1004 1 0 20 4 30 10 -1
+   4: 0100007F:1F90 0100007F:C351 01 00000000:00000000 00:00000000 00000000     0        0 1005 1 0 20 4 30 10 -1
+"""
+
+
+def test_tcp_table_is_read_by_inode():
+    sockets = procstat.parse_tcp_table(TCP_TABLE)
+    assert sockets[1001] == (8080, 0, "0A") and sockets[1002] == (54000, 9001, "01")
+    assert sockets[1004] == (8080, 50000, "08") and len(sockets) == 5
+
+
+def test_worker_connections_are_the_established_ones_to_or_from_a_worker_port():
+    sockets = procstat.parse_tcp_table(TCP_TABLE)
+    master = ["socket:[1001]", "socket:[1002]", "socket:[1004]", "socket:[1005]", "pipe:[7]", "/tmp/x.log"]
+    # 1002: master -> worker 9001 (pooled); 1004 is a client in CLOSE_WAIT, 1005 a live client, 1001 the listener.
+    assert procstat.worker_connections(master, sockets, {9001, 9002}) == 1
+    assert procstat.worker_connections(["socket:[1003]", "socket:[9999]"], sockets, {9001}) == 1  # the worker's side
+    assert procstat.worker_connections(master, sockets, set()) == 0
+
+
+def test_usage_reads_this_process_and_its_connections():
+    import socket as sockets_module
+
+    with sockets_module.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with sockets_module.create_connection(("127.0.0.1", port)):
+            accepted, _ = server.accept()
+            with accepted:
+                mine = procstat.usage(os.getpid(), procstat.tcp_sockets(), {port})
+    assert mine is not None and mine.rss_kib > 1000 and mine.fds >= 6
+    assert mine.pooled == 2  # both ends of the connection to `port` (the listener is not established)
+    assert procstat.usage(2**22 + 1) is None  # above the kernel's pid_max
+    assert procstat.parent_of(os.getpid()) == os.getppid()

@@ -53,9 +53,18 @@ def worker_connections(links: list[str], sockets: dict[int, tuple[int, int, str]
     return count
 
 
-def usage(pid: int, sockets: dict[int, tuple[int, int, str]] | None = None,
-          worker_ports: set[int] | frozenset[int] = frozenset()) -> Usage | None:
-    """VmRSS, open descriptors and worker connections of `pid`; None when it is gone."""
+def usage(pids: list[int], worker_ports: set[int] | frozenset[int]) -> dict[int, Usage | None]:
+    """VmRSS, open descriptors and worker connections of each pid (None: gone). The descriptors
+    are listed before the TCP tables are read, so a connection opened in between is still known."""
+    seen: dict[int, tuple[int, list[str]] | None] = {pid: _rss_and_links(pid) for pid in pids}
+    sockets = tcp_sockets()
+    return {pid: None if got is None else Usage(pid, got[0], len(got[1]),
+                                                 worker_connections(got[1], sockets, worker_ports))
+            for pid, got in seen.items()}
+
+
+def _rss_and_links(pid: int) -> tuple[int, list[str]] | None:
+    """VmRSS in KiB and the link target of every open descriptor of `pid`; None when it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             rss = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -68,8 +77,7 @@ def usage(pid: int, sockets: dict[int, tuple[int, int, str]] | None = None,
                 pass
     except (OSError, StopIteration, ValueError):
         return None
-    pooled = worker_connections(links, sockets, worker_ports) if sockets is not None else 0
-    return Usage(pid, rss, len(links), pooled)
+    return rss, links
 
 
 def parent_of(pid: int) -> int | None:

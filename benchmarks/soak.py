@@ -133,9 +133,9 @@ class Soak:
         """RSS and fds of the master and its workers, with the master's counters."""
         status = await self.fetch_status()
         ports = {w["port"] for w in (status or {}).get("workers", [])}
-        sockets = procstat.tcp_sockets()
-        workers = [procstat.usage(pid, sockets, ports) for pid in self.local_workers(status)]
-        sample = Sample(event.at, procstat.usage(self.master_pid, sockets, ports), [u for u in workers if u])
+        found = procstat.usage([self.master_pid, *self.local_workers(status)], ports)
+        master = found.pop(self.master_pid)
+        sample = Sample(event.at, master, [u for u in found.values() if u is not None])
         self.record.samples.append(sample)
         counters = {"requests": status["totals"]["requests"], "responses": status["totals"]["responses"],
                     **status["proxy"], "front_cache_bytes": status["front_cache"]["bytes"]} if status else {}
@@ -226,7 +226,9 @@ class Soak:
         """The whole soak: load, schedule and polling, then the checks at the end."""
         stop = asyncio.Event()
         poller = asyncio.create_task(self.poll(stop))
-        await asyncio.gather(self.run_schedule(schedule.schedule(self.record.seconds)), self.run_wrk())
+        start, *events = schedule.schedule(self.record.seconds)
+        await self.sample(start)  # at rest, before wrk connects
+        await asyncio.gather(self.run_schedule(events), self.run_wrk())
         if self.tasks:  # clients still out: each has its own deadline
             await asyncio.gather(*list(self.tasks))
         stop.set()

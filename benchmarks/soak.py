@@ -262,6 +262,15 @@ class Soak:
                                     f"worker up ({last})")
 
 
+def minute_text() -> str:
+    """The minute's timetable in words: `slow readers ×40 at +1, +11 s; hup at +22 s; ...`."""
+    offsets: dict[tuple[Action, int], list[str]] = {}
+    for offset, action, count in schedule.MINUTE:
+        offsets.setdefault((action, count), []).append(f"+{offset}")
+    return "; ".join(f"{action.value}{f' ×{count}' if count > 1 else ''} at {', '.join(at)} s"
+                     for (action, count), at in offsets.items())
+
+
 def notes(seconds: int, connections: int) -> list[str]:
     """What the reader needs to judge the run: machine, settings, load, chaos, method."""
     baseline, final = schedule.growth_windows(seconds)
@@ -273,12 +282,11 @@ def notes(seconds: int, connections: int) -> list[str]:
         f"through {len(MIX)} requests: " + ", ".join(e.path + (f" (Range {e.range_bytes} B)" if e.range_bytes else "")
                                                      for e in MIX),
         f"chaos: SIGKILL of a worker every {schedule.KILL_EVERY} s (one of those up, when two are), and each minute "
-        + ", ".join(f"{action.value}{f' ×{count}' if count > 1 else ''} at +{offset} s"
-                    for offset, action, count in schedule.MINUTE)
+        + minute_text()
         + f"; aborted upload: 1 MiB declared, 960 KiB sent; slow reader: {BIG_FILE >> 20} MiB file, "
         "64 KiB/s for 1 s after the head",
-        f"samples every {schedule.SAMPLE_EVERY} s; growth compares the median of the samples at "
-        f"{verdict.span(baseline)} with the median at {verdict.span(final)}; workers by the largest one "
+        f"samples every {schedule.SAMPLE_EVERY} s; growth compares the samples at {verdict.span(baseline)} with "
+        f"those at {verdict.span(final)}; workers by the largest one "
         "(pids change with every kill); fds besides the established master-worker connections (the pool)",
     ]
 

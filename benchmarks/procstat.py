@@ -2,8 +2,8 @@
 those are established connections between the master and its workers.
 
 Those connections are the proxy's keep-alive pool: their number follows the load's concurrency
-(up to proxy.poolSize per worker), not a leak, and moved the master's count by 10% from one
-minute of a soak to another. The growth check leaves them out; every other descriptor (client
+(up to proxy.poolSize per worker), not a leak, and alone moved the master's count by 10%
+between two minutes of one soak. The growth check leaves them out; every other descriptor (client
 connections, sockets left in CLOSE_WAIT, files, pipes) counts.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= gows.conf.json
 
-.PHONY: install run test bench clean
+.PHONY: install run test bench soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ test: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks $(ARGS)
+
+# SOAK_SECONDS (default 300) sets the duration, from the environment or the make command line.
+soak: $(VENV)/.installed-test
+	$(if $(SOAK_SECONDS),SOAK_SECONDS=$(SOAK_SECONDS)) $(PY) -m benchmarks.soak $(ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -65,16 +65,15 @@ def _wrk_ms(value: str, unit: str) -> float:
 def parse_wrk(text: str) -> Measurement:
     """Parse wrk's report (`wrk --latency ...`)."""
     avg = _search(r"^\s+Latency\s+([\d.]+)(us|ms|s|m|h)\s", text, "wrk")
-    p50 = _search(r"^\s+50%\s+([\d.]+)(us|ms|s|m|h)$", text, "wrk")
-    p99 = _search(r"^\s+99%\s+([\d.]+)(us|ms|s|m|h)$", text, "wrk")
+    p50 = _search(r"^\s+50%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, "wrk")
+    p99 = _search(r"^\s+99%\s+([\d.]+)(us|ms|s|m|h)\s*$", text, "wrk")
     transfer = _search(r"^Transfer/sec:\s+([\d.]+)([KMGT]?B)$", text, "wrk")
-    errors = re.search(r"^\s+Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text, re.M)
     return Measurement(
         requests=int(_search(r"^\s+(\d+) requests in ", text, "wrk").group(1)),
         rps=float(_search(r"^Requests/sec:\s+([\d.]+)", text, "wrk").group(1)),
         mean_ms=_wrk_ms(*avg.groups()),
         transfer_kbs=float(transfer.group(1)) * _WRK_BYTES[transfer.group(2)],
-        failed=sum(int(n) for n in errors.groups()) if errors else 0,
+        failed=sum(wrk_errors(text).values()),
         non2xx=_count(r"^\s+Non-2xx or 3xx responses:\s+(\d+)", text),
         p50_ms=_wrk_ms(*p50.groups()),
         p99_ms=_wrk_ms(*p99.groups()),
@@ -128,3 +127,91 @@ def wrk(url: str, connections: int, seconds: int) -> Measurement:
     """`wrk -t1 -cN -dS --latency URL`: keep-alive load from one thread."""
     argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
     return parse_wrk(_run(argv, timeout=seconds + 60))
+
+
+@dataclass(frozen=True)
+class MixEntry:
+    """One request of wrk's mixed load: a path, or a random `range_bytes` slice of a file of `size` bytes
+    (a Range request, which the front cache never answers)."""
+
+    path: str
+    range_bytes: int = 0
+    size: int = 0
+
+
+def _lua_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def wrk_mix_script(mix: list[MixEntry]) -> str:
+    """A wrk Lua script that sends the mix's requests in turn (each thread from its own point) and
+    prints `soak-status CODE COUNT` for every status it received, summed over its threads."""
+    entries = ",\n".join(f"  {{{_lua_string(e.path)}, {e.range_bytes}, {e.size}}}" for e in mix)
+    return f"""-- written by benchmarks/loads.py: mixed cacheable and uncacheable requests
+local mix = {{
+{entries}
+}}
+local threads = {{}}
+local next_id = 0
+
+function setup(thread)
+  next_id = next_id + 1
+  thread:set("id", next_id)
+  table.insert(threads, thread)
+end
+
+function init(args)
+  statuses = {{}}
+  math.randomseed(os.time() * 1000 + id)
+  turn = id % #mix
+  prepared = {{}}
+  for i, e in ipairs(mix) do
+    prepared[i] = wrk.format("GET", e[1])
+  end
+end
+
+function request()
+  turn = turn % #mix + 1
+  local e = mix[turn]
+  if e[2] > 0 then
+    local first = math.random(0, e[3] - e[2])
+    return wrk.format("GET", e[1], {{["Range"] = string.format("bytes=%d-%d", first, first + e[2] - 1)}})
+  end
+  return prepared[turn]
+end
+
+function response(status, headers, body)
+  statuses[status] = (statuses[status] or 0) + 1
+end
+
+function done(summary, latency, requests)
+  local total = {{}}
+  for _, thread in ipairs(threads) do
+    for status, n in pairs(thread:get("statuses")) do
+      total[status] = (total[status] or 0) + n
+    end
+  end
+  for status, n in pairs(total) do
+    io.write(string.format("soak-status %d %d\\n", status, n))
+  end
+end
+"""
+
+
+def parse_wrk_statuses(text: str) -> dict[int, int]:
+    """The `soak-status CODE COUNT` lines of wrk_mix_script, as {status: count}."""
+    return {int(code): int(n) for code, n in re.findall(r"^soak-status (\d+) (\d+)$", text, re.M)}
+
+
+def wrk_errors(text: str) -> dict[str, int]:
+    """wrk's socket errors by kind (connect, read, write, timeout); all zero when it printed none."""
+    match = re.search(r"^\s+Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", text, re.M)
+    counts = [int(n) for n in match.groups()] if match else [0, 0, 0, 0]
+    return dict(zip(("connect", "read", "write", "timeout"), counts))
+
+
+def wrk_script_run(url: str, script: Path, connections: int, seconds: int, timeout: int) -> str:
+    """`wrk -t1 -cN -dS --timeout T --latency -s script URL`; its whole output."""
+    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", f"--timeout={timeout}s", "--latency",
+            "-s", str(script), url]
+    return _run(argv, timeout=seconds + timeout + 60)

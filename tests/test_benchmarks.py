@@ -90,6 +90,12 @@ def test_parse_wrk_latency_in_seconds():
     assert got.mean_ms == 1500.0 and got.p99_ms == 2100.0
 
 
+def test_parse_wrk_takes_percentiles_printed_with_trailing_blanks():
+    # wrk pads some values ("99%    1.89s "): a run of the soak's mix printed this one.
+    got = loads.parse_wrk(fixture("wrk-soak-mix.txt"))
+    assert got.requests == 13209 and got.p99_ms == pytest.approx(1890.0) and got.p50_ms == pytest.approx(27.19)
+
+
 def test_parse_wrk_rejects_truncated_output():
     text = "\n".join(fixture("wrk-nginx-1k.txt").splitlines()[:4])
     with pytest.raises(LoadError):

@@ -1,0 +1,168 @@
+"""The soak's verdict: which errors a worker kill explains, and whether memory or descriptors grew.
+
+A SIGKILLed worker takes the responses it was sending with it: the master can only close
+those client connections (it counts them as `truncated_responses`), and wrk sees a read error.
+That, and only that, is excused. A truncation is charged to a kill only when it happened
+within KILL_WINDOW seconds after one; every other error fails the run.
+"""
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field
+
+KILL_WINDOW = 2.0  # seconds after a SIGKILL in which the master may still be cutting its responses
+GROWTH_LIMIT = 0.10
+
+
+@dataclass(frozen=True)
+class Usage:
+    """One process's resident memory and open descriptors, of which `pooled` are established
+    connections between the master and a worker (benchmarks/procstat.py says why they are apart)."""
+
+    pid: int
+    rss_kib: int
+    fds: int
+    pooled: int = 0
+
+    @property
+    def own_fds(self) -> int:
+        """The descriptors besides the master-worker connections."""
+        return self.fds - self.pooled
+
+
+@dataclass
+class Sample:
+    """What the soak read at `t` seconds: the master and every local worker that could be read."""
+
+    t: float
+    master: Usage | None  # None: the master could not be read (gone)
+    workers: list[Usage] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, int | None]:
+        """The values the growth check compares. Worker pids change with every kill, so workers are
+        compared by the largest one (a fresh worker is smaller; a leak shows in the survivors)."""
+        return {
+            "master RSS": self.master.rss_kib if self.master else None,
+            "master fds (besides worker connections)": self.master.own_fds if self.master else None,
+            "worker RSS (max over workers)": max((w.rss_kib for w in self.workers), default=None),
+            "worker fds (besides master connections, max over workers)":
+                max((w.own_fds for w in self.workers), default=None),
+        }
+
+
+@dataclass
+class WrkTotals:
+    """wrk's counts summed over every run of the soak."""
+
+    requests: int = 0
+    connect: int = 0
+    read: int = 0
+    write: int = 0
+    timeout: int = 0
+    statuses: Counter = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class ClientOutcome:
+    """How one of the soak's own clients (a slow reader, an aborted upload) ended.
+
+    `result` is "ok" (it ended as planned), "refused" (an upload the server turned away early,
+    as a body budget may: no error), "truncated" (the response stopped before the client was
+    done with it), or the name of any other error (connect, reset before the head, ...)."""
+
+    kind: str
+    started: float
+    ended: float
+    result: str
+    status: int | None = None
+
+
+def after_kill(start: float, end: float, kills: list[float], window: float = KILL_WINDOW) -> bool:
+    """Whether something that happened between `start` and `end` can be a worker kill's doing:
+    some kill at or before `end` whose window reaches `start`."""
+    return any(kill <= end and start <= kill + window for kill in kills)
+
+
+def master_truncations(polls: list[tuple[float, int]], kills: list[float]) -> tuple[int, int]:
+    """The master's `truncated_responses` counter, polled as (time, value) in time order, split into
+    the increments that fall in a kill's window and the others. A drop of the counter (a new
+    master) counts nothing."""
+    near = far = 0
+    for (before, old), (now, new) in zip(polls, polls[1:]):
+        grew = max(0, new - old)
+        if after_kill(before, now, kills):
+            near += grew
+        else:
+            far += grew
+    return near, far
+
+
+def bad_statuses(counts: Counter) -> Counter:
+    """Statuses outside 2xx/3xx, with their counts."""
+    return Counter({status: n for status, n in counts.items() if not 200 <= status < 400 and n})
+
+
+def _counts(counter: Counter) -> str:
+    return ", ".join(f"{key} ×{n}" for key, n in sorted(counter.items(), key=lambda item: str(item[0])))
+
+
+def error_reasons(wrk: WrkTotals, clients: list[ClientOutcome], polls: list[tuple[float, int]],
+                  kills: list[float]) -> list[str]:
+    """One line per kind of error no worker kill explains (empty when every error is excused)."""
+    reasons = []
+    statuses = bad_statuses(wrk.statuses + Counter(c.status for c in clients if c.status is not None))
+    if statuses:
+        reasons.append(f"{sum(statuses.values())} responses outside 2xx/3xx: {_counts(statuses)}")
+    others = {"connect": wrk.connect, "write": wrk.write, "timeout": wrk.timeout}
+    if any(others.values()):
+        reasons.append("wrk socket errors no kill explains: " + ", ".join(f"{k} {n}" for k, n in others.items() if n))
+    near, far = master_truncations(polls, kills)
+    cut = [c for c in clients if c.result == "truncated"]
+    excused = [c for c in cut if after_kill(c.ended, c.ended, kills)]
+    if len(cut) > len(excused):
+        reasons.append(f"{len(cut) - len(excused)} slow readers cut off with no worker kill in the "
+                       f"{KILL_WINDOW:g} s before")
+    # Truncations the master made near kills and that our own clients did not see went to wrk.
+    read_budget = max(0, near - len(excused))
+    if wrk.read > read_budget:
+        reasons.append(f"{wrk.read - read_budget} wrk read errors beyond the {read_budget} responses the master "
+                       f"truncated within {KILL_WINDOW:g} s of a worker kill")
+    if far:
+        reasons.append(f"the master truncated {far} responses with no worker kill in the {KILL_WINDOW:g} s before")
+    failed = Counter(f"{c.kind}: {c.result}" for c in clients if c.result not in ("ok", "refused", "truncated"))
+    if failed:
+        reasons.append(f"{sum(failed.values())} soak clients failed: {_counts(failed)}")
+    return reasons
+
+
+def growth_reasons(samples: list[Sample], baseline: tuple[float, float], final: tuple[float, float],
+                   limit: float = GROWTH_LIMIT) -> list[str]:
+    """One line per metric whose median over the `final` samples (a time range) exceeds its median
+    over the `baseline` samples by more than `limit`."""
+    first = [s for s in samples if baseline[0] <= s.t <= baseline[1]]
+    last = [s for s in samples if final[0] <= s.t <= final[1]]
+    if not first or not last:
+        missing = "after the first minute" if not first else "at the end"
+        return [f"no sample {missing} to measure growth with (the soak ended early)"]
+    reasons = []
+    for name in first[0].metrics():
+        old, new = _median(first, name), _median(last, name)
+        if old is None or new is None:
+            reasons.append(f"{name}: nothing to read {'after the first minute' if old is None else 'at the end'}")
+        elif new > old * (1 + limit):
+            unit = " KiB" if "RSS" in name else ""
+            reasons.append(f"{name} grew {new / old - 1:.0%}: {old:,}{unit} at {span(baseline)}, "
+                           f"{new:,}{unit} at {span(final)} (limit {limit:.0%})")
+    return reasons
+
+
+def _median(samples: list[Sample], name: str) -> int | None:
+    values = [v for v in (s.metrics()[name] for s in samples) if v is not None]
+    return statistics.median_low(values) if values else None
+
+
+def span(window: tuple[float, float]) -> str:
+    """A window of samples as the verdict and the notes name it: `60 s`, `60–110 s (median)`."""
+    first, last = window
+    return f"{first:g} s" if first == last else f"{first:g}–{last:g} s (median)"

@@ -474,3 +474,28 @@ def test_a_pooled_connection_to_a_replaced_worker_process_is_never_reused():
     finally:
         p.stop()
         up.stop()
+
+
+def test_a_connection_the_worker_closes_as_it_is_made_is_a_failed_attempt_not_a_crash(caplog, monkeypatch):
+    from arbiter.proxy.upstream import UpstreamConnection
+    made = UpstreamConnection.connection_made
+    closed_once = []
+
+    def made_then_lost(self, transport):  # as when the worker is SIGKILLed right at the connect
+        made(self, transport)
+        if not closed_once:
+            closed_once.append(self)
+            transport.abort()
+            self.connection_lost(ConnectionResetError())
+
+    monkeypatch.setattr(UpstreamConnection, "connection_made", made_then_lost)
+    ups = [ok_upstream(), ok_upstream()]
+    p = ProxyThread([u.port for u in ups], NO_CACHE)
+    try:
+        r = requests.get(p.url + "/x", timeout=10)
+        assert r.status_code == 200  # retried on the other worker
+        assert "proxy task failed" not in caplog.text
+    finally:
+        p.stop()
+        for u in ups:
+            u.stop()

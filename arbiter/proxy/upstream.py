@@ -324,7 +324,10 @@ class UpstreamPool:
         finally:
             self.connecting -= 1
         self.opened += 1
-        if client.wants(req, worker):
+        if conn.closed:  # the worker closed it (or died) before we could send on it
+            if client.wants(req, worker):
+                client.upstream_failed(None, UpstreamError("worker closed the connection", passive=True))
+        elif client.wants(req, worker):
             client.start(conn, req)
         else:  # the client left meanwhile; the connection serves someone else
             self.release(conn)

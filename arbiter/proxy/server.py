@@ -96,20 +96,18 @@ def _reason(status: int) -> str:
 # RFC 9110 7.2 and RFC 3986 3.2.2: a bracketed IP literal, or a reg-name or IPv4 address, then an
 # optional port. Anything else (empty, spaces, slashes, two colons) is answered 400, as nginx does.
 _VALID_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~!$&'()*+,;=%-]+)(?::[0-9]*)?")
+_VALID_HOSTS: set[bytes] = set()  # values seen valid (clients repeat theirs); bounded
 _MEMO_LIMIT = 1024
 
 
-def valid_host(value: bytes, _memo: dict = {}) -> bool:
-    """Whether a Host header value is a well-formed authority (memoised: clients repeat theirs)."""
-    try:
-        return _memo[value]
-    except KeyError:
-        pass
-    ok = _VALID_HOST.fullmatch(value) is not None
-    if len(_memo) >= _MEMO_LIMIT:
-        _memo.clear()
-    _memo[value] = ok
-    return ok
+def valid_host(value: bytes) -> bool:
+    """Whether a Host header value is a well-formed authority (remembered in _VALID_HOSTS)."""
+    if _VALID_HOST.fullmatch(value) is None:
+        return False
+    if len(_VALID_HOSTS) >= _MEMO_LIMIT:
+        _VALID_HOSTS.clear()
+    _VALID_HOSTS.add(value)
+    return True
 
 
 def authority(host: str, port: int) -> bytes:
@@ -236,12 +234,6 @@ class ClientProtocol(asyncio.Protocol):
         self.idle_since = proxy.clock
         self.deadline = proxy.clock + proxy.header_timeout
 
-    def data_received(self, data: bytes) -> None:
-        if self.held is not None:  # (reading was paused: at most what was already on its way)
-            self.held = bytes(self.held) + data
-            return
-        self._feed(data)
-
     def eof_received(self) -> bool | None:
         self.eof = True
         self.no_more = True
@@ -276,25 +268,18 @@ class ClientProtocol(asyncio.Protocol):
             self.upstream.resume()
 
     # -- parsing ----------------------------------------------------------------------------
-    def _feed(self, data: Any) -> None:
-        """Parse `data`, heads a slice at a time, keeping the rest (and reading no more) once
-        MAX_PIPELINE requests wait."""
-        view = memoryview(data)
-        while view and not self.no_more:
-            if len(self.queue) >= MAX_PIPELINE:
-                self.held = view
-                self._pause_reading()
-                return
-            if self.phase != IN_BODY and len(view) > PIPELINE_SLICE:
-                chunk, view = view[:PIPELINE_SLICE], view[PIPELINE_SLICE:]
-            else:
-                chunk, view = view, view[:0]
-            if not self._parse(chunk):
-                return
-
-    def _parse(self, data: Any) -> bool:
-        """Feed the parser; False when the connection stops reading (error, upgrade, limit)."""
+    def data_received(self, data: Any) -> None:
+        """Parse what the client sent: at once when it is small (one request, or a few), else
+        through _feed, a slice at a time."""
+        if self.no_more:
+            return
+        if self.held is not None:  # (reading was paused: at most what was already on its way)
+            self.held = bytes(self.held) + data
+            return
         if self.phase != IN_BODY:
+            if len(data) > PIPELINE_SLICE:
+                self._feed(memoryview(data))
+                return
             self.raw_head += len(data)
         try:
             self.parser.feed_data(data)
@@ -305,7 +290,7 @@ class ClientProtocol(asyncio.Protocol):
             else:
                 log.error("proxy error while handling a request", exc_info=cause or exc)
                 self._reject(500)
-            return False
+            return
         except HttpParserUpgrade:
             # The request before the upgrade (its Upgrade header is dropped) is answered normally,
             # then the connection closes: we do not tunnel other protocols.
@@ -319,14 +304,26 @@ class ClientProtocol(asyncio.Protocol):
                 self.queue[-1].keep_alive = False
             elif self.current is None:
                 self._close()
-            return False
+            return
         except HttpParserError:
             self._reject(400)
-            return False
+            return
         if self.phase == IN_HEAD and self.raw_head > self.proxy.head_limit:
             self._reject(431 if self.req is not None and self.req.hcount else 414)
-            return False
-        return True
+
+    def _feed(self, view: memoryview) -> None:
+        """Parse request heads a slice at a time, keeping the rest (and reading no more) once
+        MAX_PIPELINE requests wait."""
+        while view and not self.no_more:
+            if len(self.queue) >= MAX_PIPELINE:
+                self.held = view
+                self._pause_reading()
+                return
+            if self.phase != IN_BODY and len(view) > PIPELINE_SLICE:
+                chunk, view = view[:PIPELINE_SLICE], view[PIPELINE_SLICE:]
+            else:
+                chunk, view = view, view[:0]
+            self.data_received(chunk)
 
     def _pause_reading(self) -> None:
         if not self.read_paused and not self.closed:
@@ -364,6 +361,8 @@ class ClientProtocol(asyncio.Protocol):
             req.ae = value if req.ae is None else req.ae + b", " + value
             req.fwd += (name, SEP, value, CRLF)
         elif code == _HOST:
+            if value not in _VALID_HOSTS and not valid_host(value):
+                raise _Reject(400)
             req.host = value
             req.hosts += 1
             req.fwd += (name, SEP, value, CRLF)
@@ -414,7 +413,7 @@ class ClientProtocol(asyncio.Protocol):
                 raise _Reject(413)
             if req.cl != b"0":
                 req.body = []
-        if req.hosts > 1 or (req.hosts == 0 and not http10) or (req.hosts and not valid_host(req.host)):
+        if req.hosts > 1 or (req.hosts == 0 and not http10):
             raise _Reject(400)
         if req.body is not None:
             if parser.should_upgrade():
@@ -483,7 +482,7 @@ class ClientProtocol(asyncio.Protocol):
     # -- request queue ----------------------------------------------------------------------
     def _enqueue(self, req: Request) -> None:
         self.queue.append(req)
-        if self.current is None:
+        if self.current is None and not self.pumping:
             self._pump()
 
     def _reject(self, status: int) -> None:
@@ -505,8 +504,6 @@ class ClientProtocol(asyncio.Protocol):
         A loop, never recursion: a front-cache hit is answered at once, and a thousand pipelined
         hits must not become a thousand nested calls.
         """
-        if self.pumping:
-            return  # the loop that is already running goes on with it
         self.pumping = True
         try:
             while not self.closed:
@@ -514,7 +511,7 @@ class ClientProtocol(asyncio.Protocol):
                     self._serve(self.queue[0])
                 elif self.held is not None and len(self.queue) < MAX_PIPELINE:
                     held, self.held = self.held, None
-                    self._feed(held)
+                    self._feed(memoryview(held))
                 else:
                     break
         finally:
@@ -573,7 +570,9 @@ class ClientProtocol(asyncio.Protocol):
                 self.transport.write(head)
             else:
                 body = entry.body
-                if len(body) <= _JOIN_LIMIT:
+                if keep and not http10 and entry.full is not None:
+                    self.transport.write(entry.full)  # the usual keep-alive hit, prepared whole
+                elif len(body) <= _JOIN_LIMIT:
                     self.transport.write(head + body)
                 else:
                     self.transport.writelines((head, body))
@@ -601,8 +600,8 @@ class ClientProtocol(asyncio.Protocol):
         self.current = None
         if not keep or self.closed or proxy.draining:
             self._close()
-            return
-        self._pump()
+        elif not self.pumping:  # (else the running loop goes on with the queue)
+            self._pump()
 
     def _close(self) -> None:
         if not self.closed:

@@ -414,15 +414,15 @@ def test_request_waiting_too_long_for_a_connection_gets_503():
 
 
 def test_a_proxy_error_while_relaying_is_logged_closes_the_client_and_spares_the_worker(caplog, monkeypatch):
-    from arbiter.proxy.server import ClientProtocol
-    relay = ClientProtocol.upstream_head
+    from arbiter.proxy.relay import Relay
+    relay = Relay.upstream_head
 
     def failing(self, conn, status, headers):
-        if self.current.target == b"/boom":
+        if self.req.target == b"/boom":
             raise KeyError("a bug of the proxy's")
         relay(self, conn, status, headers)
 
-    monkeypatch.setattr(ClientProtocol, "upstream_head", failing)
+    monkeypatch.setattr(Relay, "upstream_head", failing)
     up = ok_upstream()
     p = ProxyThread([up.port], NO_CACHE, max_fails=1)
     try:

@@ -138,12 +138,3 @@ class Balancer:
             if len(seen) == n:
                 break
         return None
-
-    def owner(self, path: bytes) -> WorkerState | None:
-        """The worker a path hashes to when load does not interfere (for tests and the admin page)."""
-        if self._ring_generation != self.table.generation:
-            self._rebuild_ring()
-        if not self._points:
-            return None
-        i = bisect.bisect_left(self._points, _hash64(path.partition(b"?")[0])) % len(self._points)
-        return self._owners[i]

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
+from .addresses import Address, WorkerAddress
+
 SCHEMA_PATH = Path(__file__).with_name("gows.schema.json")
 _REQUIRED = object()
 
@@ -144,17 +146,6 @@ class Host(Kind):
         return {"type": "string", "minLength": 1}
 
 
-@dataclass(frozen=True)
-class Address:
-    """A bindable address: IP literal (or localhost) and port."""
-
-    host: str
-    port: int
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-
 class AddressKind(Kind):
     expect = 'a "host:port" address such as "127.0.0.1:8080" or "[::1]:8080"'
 
@@ -255,19 +246,6 @@ class Nullable(Kind):
     def schema(self):
         inner = self.inner.schema()
         return {"anyOf": [inner, {"type": "null"}]} if inner else {}
-
-
-@dataclass(frozen=True)
-class WorkerAddress:
-    """A worker's address; `local` workers are spawned here, others only checked."""
-
-    host: str
-    port: int
-    local: bool
-    label: str  # the config key that put it there, for error messages
-
-    def __str__(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 class WorkerList(Kind):

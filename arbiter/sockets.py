@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 
+from .addresses import host_port
 from .config import ConfigError
 
 
@@ -24,7 +25,6 @@ def bind_listener(host: str, port: int, key: str) -> socket.socket:
     mode they need themselves (O_NONBLOCK is shared by every process holding the socket).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -37,7 +37,7 @@ def bind_listener(host: str, port: int, key: str) -> socket.socket:
         reason = {errno.EADDRINUSE: "address already in use",
                   errno.EADDRNOTAVAIL: "address not available on this machine",
                   errno.EACCES: "permission denied"}.get(e.errno, e.strerror or str(e))
-        raise ConfigError(f"{key}: cannot listen on {address}: {reason}") from None
+        raise ConfigError(f"{key}: cannot listen on {host_port(host, port)}: {reason}") from None
     return sock
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from .addresses import Address, WorkerAddress
+from .sockets import ListenError, bind_listener
 
 SCHEMA_PATH = Path(__file__).with_name("gows.schema.json")
 _REQUIRED = object()
@@ -574,6 +575,14 @@ def _reject_constant(name: str) -> Any:
 def listen_key(config: Config) -> str:
     """The key the public address came from, for error messages."""
     return "masterPort" if config.master_port is not None else "listen"
+
+
+def bind_configured(host: str, port: int, key: str) -> socket.socket:
+    """A listening socket on an address the config names; a failure is a ConfigError naming `key`."""
+    try:
+        return bind_listener(host, port)
+    except ListenError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------

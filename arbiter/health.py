@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from .addresses import host_port
-from .config import HealthCheck
+from .config import HealthCheckConfig
 from .logs import Throttle
 from .sockets import local_shortage
 from .state import WorkerState, WorkerTable
@@ -70,7 +70,7 @@ class HealthChecker:
     held (during a reload swap the supervisor probes it itself).
     """
 
-    def __init__(self, table: WorkerTable, settings: HealthCheck,
+    def __init__(self, table: WorkerTable, settings: HealthCheckConfig,
                  on_result: Callable[[WorkerState], None] | None = None) -> None:
         self.table = table
         self.settings = settings

@@ -24,7 +24,8 @@ from .notify import Notifier
 from .proxy import Proxy, ProxySettings
 from .sockets import ListenError, bind_listener
 from .state import WorkerState, WorkerTable
-from .workers import LocalWorker, Pool, WorkerOptions
+from .worker_command import WorkerOptions
+from .workers import LocalWorker, Pool
 
 log = logging.getLogger("gows.arbiter")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)

@@ -18,7 +18,8 @@ import uvloop
 from arbiter.config import HealthCheckConfig
 from arbiter.health import HealthChecker, ProbeSkipped, probe
 from arbiter.state import WorkerState, WorkerTable
-from arbiter.workers import LocalWorker, Pool, WorkerOptions
+from arbiter.worker_command import WorkerOptions
+from arbiter.workers import LocalWorker, Pool
 from support import free_port
 
 

@@ -17,14 +17,15 @@ import time
 from . import config as config_mod
 from .accesslog import AccessLog
 from .admin import AdminServer
-from .config import Config, ConfigError
+from .config import Config, ConfigError, bind_configured
 from .health import HealthChecker
 from .logs import LogSink
 from .notify import Notifier
 from .proxy import Proxy, ProxySettings
-from .sockets import bind_listener
+from .sockets import ListenError, bind_listener
 from .state import WorkerState, WorkerTable
-from .workers import LocalWorker, Pool, WorkerOptions
+from .worker_command import WorkerOptions
+from .workers import LocalWorker, Pool
 
 log = logging.getLogger("gows.arbiter")
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
@@ -235,9 +236,9 @@ class Arbiter:
             if port in taken:
                 continue
             try:
-                sock = bind_listener(last.host, port, "SIGTTIN")
-            except ConfigError as e:
-                log.debug("%s", e)
+                sock = bind_listener(last.host, port)
+            except ListenError as e:
+                log.debug("SIGTTIN: %s", e)
                 continue
             slot = self._add_slot(last.host, port, sock, self._options())
             self.checker.sync()
@@ -282,7 +283,7 @@ class Arbiter:
         try:
             for key, w in wanted.items():
                 if w.local and key not in self.slots:
-                    fresh[key] = bind_listener(w.host, w.port, w.label)
+                    fresh[key] = bind_configured(w.host, w.port, w.label)
             if access_changed:
                 access_log = AccessLog.open(new.logging.access_log)
             if new.logging != self.config.logging:

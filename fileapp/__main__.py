@@ -14,6 +14,8 @@ import stat
 import sys
 from typing import NoReturn, Sequence
 
+from . import cache
+
 USAGE_ERROR = 2
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 
@@ -59,10 +61,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="serve on this inherited listening socket instead of binding")
     p.add_argument("--threads", type=_number(int, 1, 1024), default=4)
     p.add_argument("--health-path", type=_url_path, default="/healthcheck")
-    p.add_argument("--cache-ttl", type=_number(float, 0), default=1.0,
+    p.add_argument("--cache-ttl", type=_number(float, 0), default=cache.DEFAULT_TTL,
                    help="seconds a cached response is trusted without touching the disk")
-    p.add_argument("--cache-max-bytes", type=_number(int, 0), default=64 * 1024 * 1024)
-    p.add_argument("--cache-max-file-size", type=_number(int, 0), default=256 * 1024,
+    p.add_argument("--cache-max-bytes", type=_number(int, 0), default=cache.DEFAULT_MAX_BYTES)
+    p.add_argument("--cache-max-file-size", type=_number(int, 0), default=cache.DEFAULT_MAX_FILE_SIZE,
                    help="files larger than this are streamed from disk (sendfile)")
     p.add_argument("--graceful-timeout", type=_number(float, 0), default=30.0)
     p.add_argument("--keepalive", type=_number(int, 0), default=5,

@@ -16,7 +16,7 @@ import time
 from typing import Callable, Iterable, Pattern
 from urllib.parse import quote
 
-from .cache import ResponseCache
+from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
 from .files import Exhausted, Resolver, split_url_path
 from .representation import (
     SIDECARS,
@@ -100,9 +100,9 @@ class FileApp:
         index_names: Iterable[str] = ("index.html",),
         listing: bool = False,
         health_path: str | None = "/healthcheck",
-        cache_ttl: float = 1.0,
-        cache_max_bytes: int = 64 * 1024 * 1024,
-        cache_max_file_size: int = 256 * 1024,
+        cache_ttl: float = DEFAULT_TTL,
+        cache_max_bytes: int = DEFAULT_MAX_BYTES,
+        cache_max_file_size: int = DEFAULT_MAX_FILE_SIZE,
         max_age: int = 60,
         immutable_pattern: str | Pattern[str] | None = DEFAULT_IMMUTABLE_PATTERN,
     ) -> None:

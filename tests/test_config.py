@@ -12,6 +12,8 @@ import pytest
 
 from arbiter import config as cfg
 from arbiter.__main__ import main
+from arbiter.config.kinds import REQUIRED, Section, Setting, declared
+from arbiter.config.schema import SCHEMA_PATH, json_schema
 from support import PYTHON, REPO, free_port, python_env
 
 SEED = {"workers": [{"host": "127.0.0.1", "port": 9000}, {"host": "127.0.0.1", "port": 9001}],
@@ -54,7 +56,7 @@ def test_shorthand_defaults_and_relative_paths(site):
     assert c.listen == cfg.Address("::1", 8443) and str(c.listen) == "[::1]:8443"
     assert c.pidfile == (site / "run" / "gows.pid").resolve()
     assert c.logging.file == (site / "run" / "gows.log").resolve()
-    assert c.health_check == cfg.HealthCheck("/healthcheck", 1.0, 1.0, 2, 3, 15.0)
+    assert c.health_check == cfg.HealthCheckConfig("/healthcheck", 1.0, 1.0, 2, 3, 15.0)
     assert (c.max_fails, c.fail_timeout, c.graceful_timeout) == (3, 10.0, 30.0)
 
 
@@ -175,7 +177,7 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 def test_unreadable_base_directory(site, capsys, monkeypatch):
-    monkeypatch.setattr(cfg.os, "access", lambda path, mode: False)  # tests may run as root
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # tests may run as root
     code, _, err = check(write(site, {"baseDirectory": "www", "workerCount": 1}), capsys)
     assert code == 2 and "baseDirectory: " in err and "www is not readable" in err
 
@@ -226,11 +228,11 @@ def test_invalid_config_from_the_command_line_is_one_line_without_traceback(site
 
 
 # -- the JSON Schema ------------------------------------------------------------------------
-def documented_keys(cls=cfg.Config, prefix="") -> dict[str, cfg.Setting]:
+def documented_keys(cls=cfg.Config, prefix="") -> dict[str, Setting]:
     out = {}
-    for key, _, s in cfg.declared(cls):
+    for key, _, s in declared(cls):
         out[prefix + key] = s
-        if isinstance(s.kind, cfg.Section):
+        if isinstance(s.kind, Section):
             out.update(documented_keys(s.kind.cls, prefix + key + "."))
     return out
 
@@ -245,26 +247,26 @@ def schema_keys(schema: dict, prefix="") -> dict[str, dict]:
 
 
 def test_published_schema_is_generated_from_the_declarations():
-    shipped = json.loads(cfg.SCHEMA_PATH.read_text())
-    assert shipped == cfg.json_schema(), "regenerate: python -c 'from arbiter.config import write_schema; write_schema()'"
+    shipped = json.loads(SCHEMA_PATH.read_text())
+    assert shipped == json_schema(), "regenerate: python -m arbiter.config.schema"
     jsonschema.Draft202012Validator.check_schema(shipped)
 
 
 def test_every_documented_key_is_in_the_schema_and_vice_versa():
-    shipped = json.loads(cfg.SCHEMA_PATH.read_text())
+    shipped = json.loads(SCHEMA_PATH.read_text())
     documented = documented_keys()
     in_schema = schema_keys(shipped)
     assert set(in_schema) - {"$schema"} == set(documented)
     for key, s in documented.items():
         assert s.doc and in_schema[key]["description"] == s.doc, key
-        if not isinstance(s.kind, cfg.Section) and s.default is not cfg._REQUIRED:
+        if not isinstance(s.kind, Section) and s.default is not REQUIRED:
             assert in_schema[key]["default"] == s.default, key
     assert "baseDirectory" in shipped["required"]
 
 
 def test_schema_agrees_with_the_loader_on_examples(site):
     """What the schema can express (types, ranges, names, exclusive forms) it rejects too."""
-    validator = jsonschema.Draft202012Validator(json.loads(cfg.SCHEMA_PATH.read_text()))
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
     assert not list(validator.iter_errors(SEED))
     assert not list(validator.iter_errors(json.loads((REPO / "gows.conf.json").read_text())))
     structural = [data for data, message in BAD if isinstance(data, dict) and not any(

@@ -18,7 +18,7 @@ import pytest
 
 from arbiter import status_page
 from arbiter.accesslog import AccessLog, format_line
-from arbiter.config import ConfigError, load_data
+from arbiter.config import ConfigError, bind_configured, load_data
 from arbiter.logs import Throttle
 from arbiter.notify import Notifier
 from arbiter.proxy import Proxy
@@ -345,15 +345,14 @@ def test_the_per_response_work_runs_only_when_something_reads_it(tmp_path, admin
 
     from arbiter.arbiter import Arbiter
     from arbiter.logs import LogSink
-    from arbiter.sockets import bind_listener
     from support import free_port
 
     (tmp_path / "www").mkdir()
     data = {"baseDirectory": "www", "listen": f"127.0.0.1:{free_port()}", "workerCount": 1,
             "workerBasePort": free_port(), "logging": {"accessLog": str(tmp_path / "access.log") if access_log else False}}
     config = load_data(data, tmp_path / "gows.conf.json")
-    public = bind_listener(config.listen.host, config.listen.port, "listen")
-    admin_sock = bind_listener("127.0.0.1", 0, "admin") if admin else None
+    public = bind_configured(config.listen.host, config.listen.port, "listen")
+    admin_sock = bind_configured("127.0.0.1", 0, "admin") if admin else None
     sink = LogSink(config.logging)
     try:
         arbiter = Arbiter(config, public, {}, sink, admin_sock)

@@ -6,7 +6,8 @@ import signal
 import sys
 
 from arbiter.config import load_data
-from arbiter.workers import Backoff, WorkerOptions, describe_exit, killed_from_outside, worker_argv
+from arbiter.worker_command import WorkerOptions, worker_argv
+from arbiter.workers import Backoff, describe_exit, killed_from_outside
 from fileapp.__main__ import make_parser
 
 

@@ -18,7 +18,7 @@ import pytest
 
 from arbiter import status_page
 from arbiter.accesslog import AccessLog, format_line
-from arbiter.config import ConfigError, bind_configured, load_data
+from arbiter.config import ConfigError, FrontCacheConfig, ProxyConfig, bind_configured, configured, load_data
 from arbiter.logs import Throttle
 from arbiter.notify import Notifier
 from arbiter.proxy import Proxy
@@ -48,7 +48,7 @@ def test_quantile_interpolates_inside_the_bucket_and_is_none_without_data():
 def _completed(stats: RequestStats, *durations_ns: int) -> None:
     """Complete one response per duration through the proxy's own counting (ClientProtocol.finish),
     each having been born that long ago."""
-    proxy = Proxy(WorkerTable())
+    proxy = Proxy(WorkerTable(), configured(ProxyConfig), configured(FrontCacheConfig), 4, 1.0)
     proxy.timing = stats.counts
     conn = ClientProtocol(proxy)
     conn.transport = types.SimpleNamespace(close=lambda: None)

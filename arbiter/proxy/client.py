@@ -55,7 +55,7 @@ class ClientProtocol(RequestReader):
         proxy.conns.add(self)
         self.parser = HttpRequestParser(self)
         self.idle_since = proxy.clock
-        self.deadline = proxy.clock + proxy.header_timeout
+        self.deadline = proxy.clock + proxy.config.header_timeout
 
     def eof_received(self) -> bool | None:
         self.eof = True
@@ -123,7 +123,7 @@ class ClientProtocol(RequestReader):
             return
         if self.phase == IDLE:
             self.idle_since = self.proxy.clock
-            self.deadline = self.idle_since + self.proxy.idle_timeout
+            self.deadline = self.idle_since + self.proxy.config.idle_timeout
         if self.read_paused and self.held is None and not self.no_more:
             self.read_paused = False
             self.transport.resume_reading()
@@ -255,7 +255,7 @@ class ClientProtocol(RequestReader):
         if req is not None:
             relay = self.relay
             if self.write_paused:
-                if now - self.stall_since > self.proxy.response_timeout:
+                if now - self.stall_since > self.proxy.config.response_timeout:
                     self.abort()  # the client stopped reading; drop what it did not take
             elif relay is None or (relay.upstream is None and not relay.started
                                    and now - relay.t0 > self.proxy.stuck_after):

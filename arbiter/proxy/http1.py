@@ -89,11 +89,6 @@ def valid_host(value: bytes) -> bool:
     return True
 
 
-def authority(host: str, port: int) -> bytes:
-    """host:port as a Host header value, with IPv6 addresses in brackets."""
-    return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode()
-
-
 # Written to a connection accepted while the proxy is shutting down.
 BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
         b"Content-Length: 29\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"

@@ -47,7 +47,7 @@ class UpstreamPool:
                 self.active[worker] = self.active.get(worker, 0) + 1
                 sink.start(conn)
                 return
-        if self.active.get(worker, 0) < self.proxy.settings.pool_size:
+        if self.active.get(worker, 0) < self.proxy.config.pool_size:
             self._open(sink, worker)
         else:
             queue = self.waiting.get(worker)
@@ -89,7 +89,7 @@ class UpstreamPool:
         self.connecting += 1
         try:
             await asyncio.wait_for(loop.create_connection(lambda: conn, worker.host, worker.port),
-                                   self.proxy.settings.connect_timeout)
+                                   self.proxy.config.connect_timeout)
         except (asyncio.TimeoutError, OSError) as exc:
             conn.closed = True
             self._inactive(conn)
@@ -135,7 +135,7 @@ class UpstreamPool:
         idle = self.idle.get(worker)
         if idle is None:
             idle = self.idle[worker] = []
-        if len(idle) >= proxy.settings.pool_size:
+        if len(idle) >= proxy.config.pool_size:
             conn.close()
             return
         conn.idle_since = proxy.clock
@@ -164,7 +164,7 @@ class UpstreamPool:
 
     def expire_waiting(self, now: float) -> None:
         """Requests that waited longer than the response timeout for a connection get 503."""
-        limit = now - self.proxy.response_timeout
+        limit = now - self.proxy.config.response_timeout
         for worker, queue in list(self.waiting.items()):
             while queue and (queue[0][1] < limit or not queue[0][0].wants(worker)):
                 sink, since = queue.popleft()

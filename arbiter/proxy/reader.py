@@ -127,20 +127,20 @@ class RequestReader(asyncio.Protocol):
     def on_message_begin(self) -> None:
         self.req = Request()
         self.phase = IN_HEAD
-        self.deadline = self.proxy.clock + self.proxy.header_timeout
+        self.deadline = self.proxy.clock + self.proxy.config.header_timeout
 
     def on_url(self, url: bytes) -> None:
         req = self.req
         req.target = req.target + url if req.target else url
-        if len(req.target) > self.proxy.max_request_line:
+        if len(req.target) > self.proxy.config.max_request_line:
             raise Reject(414)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         req = self.req
-        proxy = self.proxy
+        config = self.proxy.config
         req.hcount += 1
         req.hsize += len(name) + len(value) + 4
-        if req.hcount > proxy.max_headers or req.hsize > proxy.max_header_bytes:
+        if req.hcount > config.max_headers or req.hsize > config.max_header_bytes:
             raise Reject(431)
         if self.phase == IN_BODY:
             # A trailer field (after the last chunk). Merged into the head it would smuggle
@@ -201,7 +201,7 @@ class RequestReader(asyncio.Protocol):
                 raise Reject(501)  # we only de-chunk; other transfer codings are not implemented
             req.body = []
         elif req.cl is not None:
-            if int(req.cl) > proxy.max_body_bytes:
+            if int(req.cl) > proxy.config.max_body_bytes:
                 raise Reject(413)
             if req.cl != b"0":
                 req.body = []
@@ -224,19 +224,19 @@ class RequestReader(asyncio.Protocol):
         self.phase = IN_BODY
         self.raw_head = 0
         self.body_since = proxy.clock
-        self.deadline = proxy.clock + proxy.header_timeout
+        self.deadline = proxy.clock + proxy.config.header_timeout
 
     def on_body(self, body: bytes) -> None:
         req = self.req
         proxy = self.proxy
         size = req.body_size = req.body_size + len(body)
-        if size > proxy.max_body_bytes:
+        if size > proxy.config.max_body_bytes:
             raise Reject(413)
         if size > req.body_reserved and not proxy.reserve_body(req, size):  # chunked: as it comes
             raise Reject(503)
         req.body.append(body)
         # Progress earns time only at MIN_BODY_RATE: a trickle cannot push the deadline back for good.
-        self.deadline = self.body_since + proxy.header_timeout + size / MIN_BODY_RATE
+        self.deadline = self.body_since + proxy.config.header_timeout + size / MIN_BODY_RATE
 
     def on_message_complete(self) -> None:
         req = self.req

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..addresses import host_port
 from ..state import WorkerState
 from .cache import Entry, freshness
 from .http1 import (CONN_CLOSE, CONN_KEEP, CRLF, HEAD, IDEMPOTENT, LAST_CHUNK, R_AGE, R_CC, R_CL,
                     R_CONNECTION, R_DROP, R_FWD, R_NOSTORE, R_TE, R_VARY, R_VIA, RESPONSE_HEADERS, SAFE, SEP,
-                    TE_CHUNKED, VIA_SELF, authority, drop_named, status_line)
+                    TE_CHUNKED, VIA_SELF, drop_named, status_line)
 from .request import Request
 from .upstream import UpstreamConnection, UpstreamError
 
@@ -149,7 +150,7 @@ class Relay:
         parts += req.fwd
         if req.host is None:  # HTTP/1.0 without Host; HTTP/1.1 requires one upstream
             sock = self.transport.get_extra_info("sockname")
-            parts += (b"Host: ", authority(sock[0], sock[1]) if isinstance(sock, tuple) else b"localhost", CRLF)
+            parts += (b"Host: ", host_port(*sock[:2]).encode() if isinstance(sock, tuple) else b"localhost", CRLF)
         else:
             parts += (b"X-Forwarded-Host: ", req.host, CRLF)
         parts += (b"X-Forwarded-For: ", req.xff + b", " + peer if req.xff else peer, CRLF,
@@ -339,7 +340,7 @@ class Relay:
             self._error(503)
             return
         may_resend = not self.sent or req.method in IDEMPOTENT
-        if may_resend and proxy.clock - self.t0 < proxy.response_timeout:
+        if may_resend and proxy.clock - self.t0 < proxy.config.response_timeout:
             if error.stale and worker is not None:
                 # A keep-alive connection the worker had closed: same worker, fresh connection.
                 self.fresh = True
@@ -347,7 +348,7 @@ class Relay:
                 proxy.stale_retries += 1
                 self._forward_to(worker)
                 return
-            if self.tries < proxy.retries:
+            if self.tries < proxy.config.retries:
                 self.tries += 1
                 self.sent = False
                 if worker is not None:

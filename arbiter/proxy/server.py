@@ -11,7 +11,7 @@ import resource
 import socket
 import time
 from email.utils import formatdate
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ..sockets import somaxconn
 from ..state import WorkerTable
@@ -20,10 +20,12 @@ from .cache import FrontCache
 from .client import IDLE, ClientProtocol
 from .http1 import CRLF
 from .request import Request
-from .settings import ProxySettings
 from .stats import RequestStats
 from .pool import UpstreamPool
 from .upstream import UpstreamError
+
+if TYPE_CHECKING:  # (the proxy never loads the config layer: the master hands it the sections)
+    from ..config import FrontCacheConfig, ProxyConfig
 
 log = logging.getLogger("gows.proxy")
 
@@ -41,14 +43,18 @@ FD_RESERVE = 16
 class Proxy:
     """The front proxy: serves a listening socket, forwarding to `table.healthy` workers."""
 
-    def __init__(self, table: WorkerTable, settings: ProxySettings | None = None) -> None:
+    def __init__(self, table: WorkerTable, config: ProxyConfig, front_cache: FrontCacheConfig,
+                 worker_threads: int, revalidate_after: float) -> None:
+        """`config` and `front_cache`: the config's sections; `worker_threads`: each worker's
+        (the balancer's idea of a busy worker); `revalidate_after`: the workers' cache TTL (a
+        stored response is checked with a worker once older)."""
         self.table = table
-        self.settings = settings = settings or ProxySettings()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pool = UpstreamPool(self)
         self.conns: set[ClientProtocol] = set()
         self.cache: FrontCache | None = None
-        self.balancer = Balancer(table, settings.balance, settings.worker_threads)
+        self.front_cache = front_cache
+        self.balancer = Balancer(table, config.balance, worker_threads)
         self.clock = time.monotonic()
         self.date_line = b""
         self.draining = False
@@ -84,35 +90,28 @@ class Proxy:
         # access log).
         self.timing: list[int] | None = self.latency.counts
         self.observe: Callable[[ClientProtocol, Request], None] | None = None
-        self.update_settings(settings)
+        self.configure(config, front_cache, worker_threads, revalidate_after)
 
-    def update_settings(self, settings: ProxySettings) -> None:
-        """Apply new settings (config reload); open connections keep working."""
-        old = self.settings
-        self.settings = settings
-        if (settings.balance, settings.worker_threads) != (self.balancer.policy, self.balancer.worker_threads):
-            self.balancer = Balancer(self.table, settings.balance, settings.worker_threads)
-        self.retries = settings.retries
-        self.response_timeout = settings.response_timeout
-        self.idle_timeout = settings.idle_timeout
-        self.header_timeout = settings.header_timeout
-        self.max_connections = min(settings.max_connections, self.fd_cap)
-        self.body_budget = settings.body_buffer_bytes
+    def configure(self, config: ProxyConfig, front_cache: FrontCacheConfig, worker_threads: int,
+                  revalidate_after: float) -> None:
+        """Take (new) settings, as at a reload: open connections keep working."""
+        self.config = config
+        if (config.balance, worker_threads) != (self.balancer.policy, self.balancer.worker_threads):
+            self.balancer = Balancer(self.table, config.balance, worker_threads)
+        # What the settings imply, worked out once here rather than per request:
+        self.max_connections = min(config.max_connections, self.fd_cap)
+        self.head_limit = config.max_request_line + config.max_header_bytes + 4096  # raw head bytes read
         # Longer than any legitimate wait of a request for its worker: a retry started just
         # before the response timeout may queue for a connection for another one.
-        self.stuck_after = 2 * settings.response_timeout + settings.connect_timeout + 1
-        self.max_request_line = settings.max_request_line
-        self.max_header_bytes = settings.max_header_bytes
-        self.max_headers = settings.max_headers
-        self.max_body_bytes = settings.max_body_bytes
-        self.head_limit = settings.max_request_line + settings.max_header_bytes + 4096
-        if not settings.front_cache_enabled or settings.front_cache_max_bytes <= 0:
+        self.stuck_after = 2 * config.response_timeout + config.connect_timeout + 1
+        old, self.front_cache = self.front_cache, front_cache
+        if not front_cache.enabled or front_cache.max_bytes <= 0:
             self.cache = None
-        elif (self.cache is None or settings.front_cache_max_bytes != old.front_cache_max_bytes
-              or settings.front_cache_max_object_bytes != old.front_cache_max_object_bytes):
-            self.cache = FrontCache(settings.front_cache_max_bytes, settings.front_cache_max_object_bytes)
+        elif (self.cache is None or front_cache.max_bytes != old.max_bytes
+              or front_cache.max_object_bytes != old.max_object_bytes):
+            self.cache = FrontCache(front_cache.max_bytes, front_cache.max_object_bytes)
         if self.cache is not None:
-            self.cache.revalidate_after = settings.front_cache_revalidate
+            self.cache.revalidate_after = revalidate_after
 
     async def start(self, sock: socket.socket) -> None:
         """Serve the already bound and listening `sock` on the running loop."""
@@ -125,7 +124,7 @@ class Proxy:
     def _fit_fd_limit(self) -> None:
         """Raise the open file limit to hold max_connections clients, each with an upstream
         connection; where it cannot be, serve fewer clients at once rather than meet EMFILE."""
-        wanted = 3 * self.settings.max_connections + FD_RESERVE
+        wanted = 3 * self.config.max_connections + FD_RESERVE
         soft = _raise_fd_limit(wanted)
         if soft >= wanted:
             return
@@ -135,10 +134,10 @@ class Proxy:
             in_use = 64
         # Each client may hold its own descriptor, one to a worker and one pooled for reuse.
         self.fd_cap = max(1, (soft - in_use - FD_RESERVE) // 3)
-        self.max_connections = min(self.settings.max_connections, self.fd_cap)
+        self.max_connections = min(self.config.max_connections, self.fd_cap)
         log.warning("the open file limit (%d) cannot hold proxy.maxConnections (%d; that needs about %d): "
                     "serving at most %d clients at once, the rest wait in the listen backlog; raise the limit "
-                    "(ulimit -n, or LimitNOFILE= under systemd)", soft, self.settings.max_connections, wanted,
+                    "(ulimit -n, or LimitNOFILE= under systemd)", soft, self.config.max_connections, wanted,
                     self.max_connections)
 
     async def _listen(self) -> None:
@@ -164,7 +163,7 @@ class Proxy:
         """The kernel's full backlog, or where descriptors are short about as many connections as
         we may serve: one pass of accepts takes the whole backlog, and past the open file limit
         the event loop would have to drop them (it closes what it cannot hold)."""
-        return somaxconn() if self.fd_cap >= self.settings.max_connections else max(8, self.fd_cap)
+        return somaxconn() if self.fd_cap >= self.config.max_connections else max(8, self.fd_cap)
 
     def _accept(self) -> ClientProtocol:
         """The protocol factory, called as each connection is accepted (its connection_made
@@ -223,7 +222,7 @@ class Proxy:
     def reserve_body(self, req: Request, size: int) -> bool:
         """Count `req`'s body as `size` bytes against the budget shared by every connection."""
         extra = size - req.body_reserved
-        if self.body_bytes + extra > self.body_budget:
+        if self.body_bytes + extra > self.config.body_buffer_bytes:
             return False
         self.body_bytes += extra
         req.body_reserved = size
@@ -329,7 +328,7 @@ class Proxy:
                 "stores": cache.stores if cache else 0,
                 "entries": len(cache) if cache else 0,
                 "bytes": cache.bytes if cache else 0,
-                "max_bytes": self.settings.front_cache_max_bytes,
+                "max_bytes": self.front_cache.max_bytes,
                 "revalidated": cache.revalidated if cache else 0,
             },
             "retries": self.retries_done,

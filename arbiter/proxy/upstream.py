@@ -91,7 +91,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_only = head_only
         self.until_close = False
         pool = self.pool
-        self.deadline = pool.proxy.clock + pool.proxy.response_timeout
+        self.deadline = pool.proxy.clock + pool.proxy.config.response_timeout
         pool.busy.add(self)
         if body:
             self.transport.writelines((head, body))
@@ -119,7 +119,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.paused:
             self.paused = False
             # The response timeout counts the worker's silence, not the client's.
-            self.deadline = self.pool.proxy.clock + self.pool.proxy.response_timeout
+            self.deadline = self.pool.proxy.clock + self.pool.proxy.config.response_timeout
             if not self.closed:
                 self.transport.resume_reading()
 
@@ -145,7 +145,7 @@ class UpstreamConnection(asyncio.Protocol):
         except HttpParserError:
             self._fail(UpstreamError("malformed response from worker", passive=True))
             return
-        self.deadline = self.pool.proxy.clock + self.pool.proxy.response_timeout
+        self.deadline = self.pool.proxy.clock + self.pool.proxy.config.response_timeout
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost follows

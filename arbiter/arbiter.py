@@ -21,7 +21,7 @@ from .config import Config, ConfigError, bind_configured
 from .health import HealthChecker
 from .logs import LogSink
 from .notify import Notifier
-from .proxy import Proxy, ProxySettings
+from .proxy import Proxy
 from .sockets import ListenError, bind_listener
 from .state import WorkerState, WorkerTable
 from .worker_command import WorkerOptions
@@ -54,7 +54,7 @@ class Arbiter:
         self.pool = Pool()  # the same slots, kept from all backing off at once
         self._worker_sockets = worker_sockets
         self._retiring: dict[asyncio.Task, LocalWorker] = {}  # slots draining after TTOU/HUP
-        self.proxy = Proxy(self.table, ProxySettings(**config.proxy_settings))
+        self.proxy = Proxy(self.table, config.proxy, config.front_cache, config.threads, config.cache.ttl)
         self._signals: asyncio.Queue[int] = asyncio.Queue()
         self._admin_sock = admin
         self.admin = AdminServer(self) if admin is not None else None
@@ -299,7 +299,7 @@ class Arbiter:
         self.config = new
         if access_changed:
             self._use_access_log(access_log)
-        self.proxy.update_settings(ProxySettings(**new.proxy_settings))
+        self.proxy.configure(new.proxy, new.front_cache, new.threads, new.cache.ttl)
         self.table.rise, self.table.fall = new.health_check.rise, new.health_check.fall
         self.table.max_fails, self.table.fail_timeout = new.max_fails, new.fail_timeout
         self.checker.settings = new.health_check

@@ -14,6 +14,9 @@ from arbiter import config as cfg
 from arbiter.__main__ import main
 from arbiter.config.kinds import REQUIRED, Section, Setting, declared
 from arbiter.config.schema import SCHEMA_PATH, json_schema
+from arbiter.proxy import Proxy
+from arbiter.proxy.balancer import Balancer
+from arbiter.state import WorkerTable
 from support import PYTHON, REPO, free_port, python_env
 
 SEED = {"workers": [{"host": "127.0.0.1", "port": 9000}, {"host": "127.0.0.1", "port": 9001}],
@@ -65,17 +68,20 @@ def test_default_listen_is_loopback_8080(site):
     assert c.listen == cfg.Address("127.0.0.1", 8080) and c.workers[0].port == 9001
 
 
-def test_proxy_settings_are_a_plain_snake_case_dict(site):
-    c = cfg.load(write(site, {"baseDirectory": "www", "workerCount": 1,
+def test_the_proxy_takes_its_settings_from_the_config_sections(site):
+    c = cfg.load(write(site, {"baseDirectory": "www", "workerCount": 1, "threads": 6, "cache": {"ttl": 2.5},
                               "proxy": {"balance": "consistent-hash", "poolSize": 8},
                               "frontCache": {"enabled": False, "maxObjectBytes": 1024}}))
-    assert c.proxy_settings == {
-        "balance": "consistent-hash", "retries": 2, "connect_timeout": 2.0, "response_timeout": 30.0,
-        "idle_timeout": 15.0, "header_timeout": 10.0, "max_connections": 4096, "max_request_line": 8190,
-        "max_header_bytes": 32768, "max_headers": 100, "max_body_bytes": 1048576, "body_buffer_bytes": 67108864,
-        "pool_size": 8, "front_cache_enabled": False, "front_cache_max_bytes": 67108864,
-        "front_cache_max_object_bytes": 1024, "front_cache_revalidate": 1.0, "worker_threads": 4,
-    }
+    proxy = Proxy(WorkerTable(), c.proxy, c.front_cache, c.threads, c.cache.ttl)
+    assert proxy.config is c.proxy and proxy.config.pool_size == 8 and proxy.cache is None
+    assert (proxy.balancer.policy, proxy.balancer.worker_threads) == ("consistent-hash", 6)
+    on = Proxy(WorkerTable(), c.proxy, cfg.configured(cfg.FrontCacheConfig), c.threads, c.cache.ttl)
+    assert on.cache.revalidate_after == 2.5  # no staler than the workers' own view
+
+
+def test_the_balance_choices_are_the_balancers_policies():
+    choice = next(s for key, _, s in declared(cfg.ProxyConfig) if key == "balance").kind
+    assert set(choice.choices) == set(Balancer.POLICIES)
 
 
 def test_a_body_limit_past_the_shared_body_budget_is_refused(site):

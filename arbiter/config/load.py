@@ -13,12 +13,22 @@ import json
 import os
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ..addresses import Address, WorkerAddress
 from ..sockets import ListenError, bind_listener
 from .kinds import ConfigError, parse_object
 from .settings import Config
+
+
+T = TypeVar("T")
+
+
+def configured(cls: type[T], **given: Any) -> T:
+    """One settings section as a config file would give it: `given` under their JSON keys
+    (`configured(ProxyConfig, maxConnections=5)`), the declared defaults for the rest, checked
+    as a loaded file is (ConfigError naming the key)."""
+    return parse_object(cls, given, "", Path.cwd())
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:

@@ -7,9 +7,8 @@ declarations. The classes end in Config so they never meet the runtime classes t
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fileapp import cache as worker_cache
 
@@ -64,7 +63,7 @@ class ProxyConfig:
     balance: str = setting(Choice("round-robin", "least-outstanding", "consistent-hash"), "round-robin", "How a worker is chosen: round-robin (under concurrency a busy worker takes up to 8 requests in a row, never more than its threads, sparing context switches), least-outstanding (fewest requests in flight), or consistent-hash (on the path with bounded load, so each worker's cache holds its share). Whatever the policy, a worker with a request in flight on each of its threads is passed over while another has a thread free.")
     retries: int = setting(Integer(0, 10), 2, "Other workers an idempotent request is retried on when a connection fails before any response byte.")
     connect_timeout: float = setting(Number(600), 2.0, "Seconds to connect to a worker.")
-    response_timeout: float = setting(Number(3600), 30.0, "Seconds a worker has to start its response.")
+    response_timeout: float = setting(Number(3600), 30.0, "Seconds a worker has to start its response, and then between two reads of it; the same time bounds a client that stops reading a response, a request waiting for a free connection to its worker, and the retries of a failed request.")
     idle_timeout: float = setting(Number(3600), 15.0, "Seconds an idle client keep-alive connection is kept open.")
     header_timeout: float = setting(Number(600), 10.0, "Seconds a client has to send a complete request head.")
     max_connections: int = setting(Integer(1, 1_000_000), 4096, "Client connections served at once; more wait in the listen backlog, and the longest-idle connections are closed to let them in.")
@@ -116,12 +115,3 @@ class Config:
     @property
     def local_workers(self) -> tuple[WorkerAddress, ...]:
         return tuple(w for w in self.workers if w.local)
-
-    @property
-    def proxy_settings(self) -> dict[str, Any]:
-        """Keyword arguments for the proxy's ProxySettings."""
-        out = {f.name: getattr(self.proxy, f.name) for f in fields(ProxyConfig)}
-        out.update({f"front_cache_{f.name}": getattr(self.front_cache, f.name) for f in fields(FrontCacheConfig)})
-        out["worker_threads"] = self.threads
-        out["front_cache_revalidate"] = self.cache.ttl  # no staler than the workers' own view
-        return out

@@ -1,4 +1,4 @@
-"""`python -m fileapp --root DIR --port N`: one standalone fileapp worker (fileapp.worker).
+"""`python -m fileapp --root DIR --port N`: one standalone fileapp worker (fileapp.bootstrap).
 
 Bad arguments print one line on stderr and exit with status 2, never a traceback.
 """
@@ -163,7 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setproctitle.setproctitle(title)
     except ImportError:
         pass
-    from .worker import serve
+    from .bootstrap import serve
     return serve(listener, app, {
         "threads": args.threads, "graceful_timeout": args.graceful_timeout,
         "keepalive": args.keepalive, "write_timeout": args.write_timeout,

@@ -6,10 +6,8 @@ import math
 import os
 import socket
 
-from gunicorn.config import Config
-from gunicorn.glogging import Logger
-
 from .app import FileApp
+from .gunicorn_compat import Config, Logger
 from .response import WRITE_TIMEOUT
 from .standalone import FileAppWorker
 

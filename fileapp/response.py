@@ -14,9 +14,7 @@ import os
 import socket
 import threading
 
-from gunicorn.http import wsgi as gunicorn_wsgi
-from gunicorn.util import has_fileno
-
+from .gunicorn_compat import Response, has_fileno, install_response
 from .transfer import Transfer
 
 # Seconds a client may take nothing at all of a response before the worker gives up on it.
@@ -52,7 +50,7 @@ def drop_parked() -> None:
         transfer.close()
 
 
-class CoalescingResponse(gunicorn_wsgi.Response):
+class CoalescingResponse(Response):
     """gunicorn's Response, writing without waiting for the client.
 
     The head is held back until the first body bytes, so both leave in one gathering sendmsg:
@@ -172,5 +170,4 @@ def use_coalescing_response(write_timeout: float) -> None:
     """Make every response of this process a CoalescingResponse, whose rests only gows' worker
     loop sends; a thread that must wait for a client after all waits `write_timeout` at most."""
     CoalescingResponse.write_timeout = write_timeout
-    # gunicorn.http.wsgi.create() builds its module-level Response.
-    gunicorn_wsgi.Response = CoalescingResponse
+    install_response(CoalescingResponse)

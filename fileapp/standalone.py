@@ -10,11 +10,11 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import selectors
 import signal
 import sys
 import time
 
+from . import gunicorn_compat as compat
 from .processes import pid_alive
 from .response import WRITE_TIMEOUT
 from .worker import GowsThreadWorker
@@ -114,7 +114,7 @@ class FileAppWorker(GowsThreadWorker):
                 self._pidfd = None  # old kernel: the periodic check still covers it
             if self._pidfd is not None:
                 # Readable as soon as the parent exits: no need to wait for the 1 s loop tick.
-                self.poller.register(self._pidfd, selectors.EVENT_READ, self._on_parent_exit)
+                compat.watch_readable(self, self._pidfd, self._on_parent_exit)
         super().run()
 
     def _on_parent_exit(self, _fileobj) -> None:

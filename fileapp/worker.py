@@ -8,18 +8,14 @@ from __future__ import annotations
 import errno
 import os
 import select
-import selectors
 import signal
 import socket
 import struct
 import threading
 import time
 
-from gunicorn import http as gunicorn_http
-from gunicorn import util as gunicorn_util
-from gunicorn.http.body import LengthReader
-from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
-
+from . import gunicorn_compat as compat
+from .gunicorn_compat import STOP_KEEPALIVE_LINGER, ThreadWorker
 from .response import WRITE_TIMEOUT, drop_parked, take_parked, use_coalescing_response
 from .transfer import Transfer
 
@@ -67,7 +63,7 @@ class _Conn:
         if self.rest is not None:
             self.rest.close()
             self.rest = None
-        gunicorn_util.close(self.sock)
+        compat.close_socket(self.sock)
 
 
 class GowsThreadWorker(ThreadWorker):
@@ -130,7 +126,7 @@ class GowsThreadWorker(ThreadWorker):
     def run(self) -> None:
         if self.cfg.is_ssl or self.cfg.http2_cleartext != "off":
             return super().run()
-        self.poller.register(self.method_queue.fileno(), selectors.EVENT_READ, self.method_queue.run_callbacks)
+        compat.watch_method_queue(self)
         for listener in self.sockets:
             listener.setblocking(False)
         self._ep.register(self._wake_r, select.EPOLLIN)
@@ -214,7 +210,7 @@ class GowsThreadWorker(ThreadWorker):
             # A lost thread would quietly shrink the worker: exit, and let the master restart it.
             self.log.exception("Serving thread failed; the worker exits")
             self.alive = False
-            self.method_queue.defer(lambda: None)  # wake the main thread
+            compat.wake_main_loop(self)
 
     def _serve_ready(self) -> None:
         # The kernel gives a process signal to any thread that does not block it, and Python
@@ -267,7 +263,7 @@ class GowsThreadWorker(ThreadWorker):
         # (Responses never block; gunicorn's own few writes, such as 100 Continue, could.)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._write_timeval)
         # Until its first request arrives the connection gets READ_TIMEOUT, then the keep-alive time.
-        conn = _Conn(sock, addr, server, gunicorn_http.get_parser(self.cfg, sock, addr),
+        conn = _Conn(sock, addr, server, compat.get_parser(self.cfg, sock, addr),
                      time.monotonic() + READ_TIMEOUT)
         with self._lock:
             self._conns[sock.fileno()] = conn
@@ -285,7 +281,7 @@ class GowsThreadWorker(ThreadWorker):
                 return _ROOM_TO_SEND
             if not keep:
                 return None
-            if not conn.parser.unreader.buf.getvalue():
+            if not compat.has_buffered_request(conn.parser):
                 conn.timeout = time.monotonic() + self.cfg.keepalive
                 return _NEXT_REQUEST
 
@@ -309,7 +305,7 @@ class GowsThreadWorker(ThreadWorker):
         conn.rest = None
         if not conn.keep or not self.alive:
             return None
-        if conn.parser.unreader.buf.getvalue():  # pipelined requests wait behind it
+        if compat.has_buffered_request(conn.parser):  # pipelined requests wait behind it
             return self._serve(conn)
         conn.timeout = time.monotonic() + self.cfg.keepalive
         return _NEXT_REQUEST
@@ -324,7 +320,7 @@ class GowsThreadWorker(ThreadWorker):
             keepalive = self.handle_request(req, conn)
             conn.rest = take_parked()
             return self._keepalive_after(conn, keepalive)
-        except (gunicorn_http.errors.NoMoreData, StopIteration) as e:
+        except (compat.NoMoreData, StopIteration) as e:
             self.log.debug("Closing connection: %r", e)
         except OSError as e:
             if isinstance(e, TimeoutError) or e.errno in _CLIENT_GONE:
@@ -339,10 +335,8 @@ class GowsThreadWorker(ThreadWorker):
     def _keepalive_after(self, conn, keepalive):
         """gthread's, minus its socket-timeout dance when the body was read to its end (every
         request without a body)."""
-        parser = conn.parser
-        body = parser.mesg.body
-        if keepalive and type(body.reader) is LengthReader and body.reader.length == 0:
+        if keepalive and compat.body_read_to_end(conn.parser):
             # Nothing left to drain: also spare the parser's own drain before the next request.
-            parser.mesg = None
+            compat.forget_request(conn.parser)
             return True
         return super()._keepalive_after(conn, keepalive)

@@ -6,6 +6,7 @@ import math
 import os
 import socket
 
+from . import logs
 from .app import FileApp
 from .gunicorn_compat import Config, Logger
 from .response import WRITE_TIMEOUT
@@ -20,6 +21,20 @@ class LoadedApp:
 
     def wsgi(self) -> FileApp:
         return self._wsgi
+
+
+class WorkerLogger(Logger):
+    """gunicorn's logger (error lines to stderr, access lines to stdout when enabled), writing
+    in the format of fileapp.logs with the worker's port on every line."""
+
+    def __init__(self, cfg: Config, log_format: str = "text", port: int | None = None) -> None:
+        self.log_format, self.port = log_format, port  # read by setup(), which __init__ runs
+        super().__init__(cfg)
+
+    def setup(self, cfg: Config) -> None:
+        super().setup(cfg)
+        for handler in (*self.error_log.handlers, *self.access_log.handlers):
+            handler.setFormatter(logs.formatter(self.log_format, self.port))
 
 
 def build_config(options: dict) -> Config:
@@ -42,7 +57,7 @@ def serve(listener: socket.socket, app: FileApp, options: dict) -> int:
     """Serve `app` on `listener` until stopped; returns the process exit status."""
     cfg = build_config(options)
     host, port = listener.getsockname()[:2]
-    log = Logger(cfg)
+    log = WorkerLogger(cfg, options.get("log_format", "text"), port)
     FileAppWorker.check_config(cfg, log)
     parent_pid = options.get("parent_pid")
     worker = FileAppWorker(

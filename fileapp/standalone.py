@@ -76,8 +76,7 @@ class FileAppWorker(GowsThreadWorker):
         self.set_draining()
         try:
             self.log.info("Worker exiting (pid: %s): %s", os.getpid(), reason)
-            for handler in logging.getLogger("gunicorn.error").handlers:
-                handler.flush()
+            logging.shutdown()  # flushes every handler (gunicorn's and fileapp.logs')
             sys.stdout.flush()
             sys.stderr.flush()
         finally:

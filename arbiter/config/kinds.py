@@ -168,13 +168,23 @@ class AddressKind(Kind):
         return {"type": "string", "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):" + port + "$"}
 
 
-class Directory(Kind):
-    expect = "a readable directory"
+class _PathKind(Kind):
+    """A non-empty path string, resolved against the config file's directory."""
+
+    def resolve(self, value: Any, key: str, base: Path) -> Path:
+        if not isinstance(value, str) or not value:
+            raise self.fail(value, key)
+        return (base / value).resolve()
+
+    def schema(self):
+        return {"type": "string", "minLength": 1}
+
+
+class Directory(_PathKind):
+    expect = "a directory path"
 
     def parse(self, value, key, base):
-        if not isinstance(value, str) or not value:
-            raise ConfigError(f"{key}: must be a directory path, got {_got(value)}")
-        path = (base / value).resolve()
+        path = self.resolve(value, key, base)
         if not path.exists():
             raise ConfigError(f"{key}: {path} does not exist")
         if not path.is_dir():
@@ -183,27 +193,19 @@ class Directory(Kind):
             raise ConfigError(f"{key}: {path} is not readable")
         return path
 
-    def schema(self):
-        return {"type": "string", "minLength": 1}
 
-
-class FilePath(Kind):
+class FilePath(_PathKind):
     """A file the master writes (log, pidfile): its directory must exist."""
 
     expect = "a file path"
 
     def parse(self, value, key, base):
-        if not isinstance(value, str) or not value:
-            raise self.fail(value, key)
-        path = (base / value).resolve()
+        path = self.resolve(value, key, base)
         if not path.parent.is_dir():
             raise ConfigError(f"{key}: directory {path.parent} does not exist")
         if path.is_dir():
             raise ConfigError(f"{key}: {path} is a directory")
         return path
-
-    def schema(self):
-        return {"type": "string", "minLength": 1}
 
 
 class LogTarget(Kind):

@@ -269,12 +269,9 @@ class RequestReader(asyncio.Protocol):
     def _reject(self, status: int) -> None:
         """Answer a malformed or over-limit request (after those before it) and close."""
         req = self.req or Request()
-        self.req = None
-        req.error = status
-        req.keep_alive = False
+        req.error, req.keep_alive = status, False
+        self.req = self.parser = self.held = None  # nothing more is read from this connection
         self.no_more = True
-        self.parser = None
-        self.held = None
         self._pause_reading()
         self.proxy.rejected_requests += 1
         self._enqueue(req)

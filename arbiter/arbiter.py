@@ -15,12 +15,12 @@ import socket
 import time
 
 from . import config as config_mod
-from .accesslog import AccessLog
-from .admin import AdminServer
+from .ops.accesslog import AccessLog
+from .ops.admin import AdminServer
 from .config import Config, ConfigError
 from .health import HealthChecker
-from .logs import LogSink
-from .notify import Notifier
+from .ops.logs import LogSink
+from .ops.notify import Notifier
 from .proxy import Proxy, ProxySettings
 from .sockets import bind_listener
 from .state import WorkerState, WorkerTable

@@ -16,7 +16,7 @@ import time
 from typing import Callable
 
 from .config import HealthCheck
-from .logs import Throttle
+from .ops.logs import Throttle
 from .sockets import local_shortage
 from .state import WorkerState, WorkerTable
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from .config import Config
 from .health import HealthChecker, ProbeSkipped, probe
-from .logs import LogSink
+from .ops.logs import LogSink
 from .state import WorkerState, WorkerTable
 
 log = logging.getLogger("gows.workers")

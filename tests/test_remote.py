@@ -15,7 +15,7 @@ import uvloop
 
 from arbiter.arbiter import Arbiter
 from arbiter.config import load_data
-from arbiter.logs import LogSink
+from arbiter.ops.logs import LogSink
 from arbiter.sockets import bind_listener
 from master_support import children
 from support import free_port

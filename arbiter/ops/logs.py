@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Callable
 
-from .config import Logging
+from ..config import Logging
 
 FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 log = logging.getLogger("gows.logs")

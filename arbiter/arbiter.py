@@ -2,9 +2,7 @@
 
 Signals are registered with loop.add_signal_handler: the real handler only writes to the loop's
 wakeup fd, and the signal is queued and handled here, in the loop, where logging is safe. One
-wait serves the master's whole life (serving, reloading, draining): each signal goes to the
-method named after it (handle_hup, as in gunicorn), and while a reload or the drain runs, the
-signals it does not answer wait in the queue.
+wait for the master's whole life hands each to the method named after it (signals.py).
 SIGCHLD is the loop's own: uvloop reaps its child processes on it and completes each worker's
 wait() at once, so an exit is seen immediately, not at the next health round.
 """
@@ -12,12 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import enum
 import logging
-import signal
 import socket
 import time
-from typing import Collection
 
 from . import config as config_mod
 from .config import Config, ConfigError
@@ -27,26 +22,13 @@ from .ops.admin import AdminServer
 from .ops.logs import LogSink
 from .ops.notify import Notifier
 from .proxy import Proxy, ProxySettings
+from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_STOP, SignalQueue, Stop
 from .sockets import bind_listener
 from .state import WorkerState, WorkerTable
 from .workers import LocalWorker, Pool, WorkerOptions
 
 log = logging.getLogger("gows.arbiter")
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
-                   signal.SIGTTOU, signal.SIGUSR1)
-# Each signal's handler is the Arbiter method named after it, as in gunicorn: SIGTTIN -> handle_ttin.
-HANDLERS = {sig: f"handle_{sig.name[3:].lower()}" for sig in HANDLED_SIGNALS}
-# What a busy master answers at once; any other signal waits in the queue until it is done.
-ANSWERED_DURING_RELOAD = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1})
-ANSWERED_DURING_STOP = frozenset({signal.SIGINT, signal.SIGQUIT})  # the rest are moot: it is leaving
 MAX_TTIN_PORT_TRIES = 100
-
-
-class Stop(enum.Enum):
-    """How the master stops: the workers drain first (TERM) or quit at once (INT, QUIT)."""
-
-    GRACEFUL = "gracefully"
-    NOW = "now"
 
 
 class Arbiter:
@@ -71,7 +53,7 @@ class Arbiter:
         self._worker_sockets = worker_sockets
         self._retiring: dict[asyncio.Task, LocalWorker] = {}  # slots draining after TTOU/HUP
         self.proxy = Proxy(self.table, ProxySettings(**config.proxy_settings))
-        self._signals: asyncio.Queue[int] = asyncio.Queue()
+        self._signals = SignalQueue()
         self._admin_sock = admin
         self.admin = AdminServer(self) if admin is not None else None
         self.access_log: AccessLog | None = None
@@ -101,8 +83,7 @@ class Arbiter:
     async def run(self) -> int:
         """Start everything, then handle signals until a stop signal; returns the exit status."""
         loop = asyncio.get_running_loop()
-        for sig in HANDLED_SIGNALS:
-            loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+        self._signals.install(loop)
         try:
             options = WorkerOptions.from_config(self.config)
             for w in self.config.workers:
@@ -118,13 +99,12 @@ class Arbiter:
             log.info("gows master on %s: %d local and %d remote workers, serving %s", self.config.listen,
                      local, len(self.table) - local, self.config.base_directory)
             self._ready_task = asyncio.ensure_future(self._announce_ready())
-            stop = await self._answer_signals()
+            stop = await self._signals.answer(self)
             assert stop is not None  # with nothing busy, only a stop signal ends the wait
             await self._shutdown(stop)
             return 0
         finally:
-            for sig in HANDLED_SIGNALS:
-                loop.remove_signal_handler(sig)
+            self._signals.remove(loop)
             for slot in self.slots.values():  # only after an unexpected error: workers quit now
                 slot.stop(graceful=False)
             if self.access_log is not None:
@@ -147,36 +127,7 @@ class Arbiter:
             log.info("ready: all %d workers up", total)
         self.notifier.ready(f"serving {self.config.listen} with {up} of {total} workers up")
 
-    # -- signals: one wait, handlers looked up by name ---------------------------------------
-    async def _answer_signals(self, busy: asyncio.Future | None = None,
-                              answered: Collection[int] = HANDLED_SIGNALS) -> Stop | None:
-        """The master's one wait: for the next signal, or for `busy` (a reload, the drain) to end.
-
-        A signal in `answered` goes to its handler (HANDLERS); any other waits in the queue until
-        this wait is over. Returns the stop a handler asked for, or None once `busy` is done.
-        """
-        waiting: list[int] = []
-        try:
-            while busy is None or not busy.done():
-                getter = asyncio.ensure_future(self._signals.get())
-                await asyncio.wait({getter} if busy is None else {busy, getter},
-                                   return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    continue
-                sig = getter.result()
-                log.info("received %s", signal.Signals(sig).name)
-                if sig not in answered:
-                    waiting.append(sig)
-                    continue
-                stop = await getattr(self, HANDLERS[sig])()
-                if stop is not None:
-                    return stop
-            return None
-        finally:
-            for sig in waiting:
-                self._signals.put_nowait(sig)
-
+    # -- signals (signals.py hands each to the method named after it) -------------------------
     async def handle_term(self) -> Stop | None:
         """TERM: stop gracefully (see _shutdown)."""
         return self._stop_requested(Stop.GRACEFUL)
@@ -203,7 +154,7 @@ class Arbiter:
         """HUP: reload (see _reload), still answering stop signals and USR1 meanwhile."""
         self.notifier.reloading()
         reload = asyncio.ensure_future(self._reload())
-        stop = await self._answer_signals(reload, ANSWERED_DURING_RELOAD)
+        stop = await self._signals.answer(self, reload, ANSWERED_DURING_RELOAD)
         if stop is not None:
             reload.cancel()
             await asyncio.gather(reload, return_exceptions=True)
@@ -397,7 +348,7 @@ class Arbiter:
         for slot in slots:
             slot.stop(graceful)
         drained = asyncio.ensure_future(asyncio.gather(*(s.task for s in slots), *self._retiring))
-        await self._answer_signals(drained, ANSWERED_DURING_STOP)
+        await self._signals.answer(self, drained, ANSWERED_DURING_STOP)
         await self.checker.close()
         for slot in slots:
             slot.close()

@@ -12,6 +12,7 @@ loop until the child has exec'd, and Python code run between fork and exec would
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
 import os
@@ -114,6 +115,16 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             return f"was killed by signal {-returncode}"
     return f"exited with status {returncode}"
+
+
+class Outcome(enum.Enum):
+    """Why a slot stops watching its current incarnation (LocalWorker._watch)."""
+
+    STOP = "stop"  # the slot is ending
+    EXITED = "exited"  # the process is gone
+    RELOAD = "reload"  # new options are waiting
+    UNHEALTHY = "unhealthy"  # it was up, then failed `fall` checks in a row
+    BOOT = "boot"  # it did not become healthy within the boot timeout
 
 
 class Backoff:
@@ -262,12 +273,12 @@ class LocalWorker:
                 if self.current is None:
                     await self._start_next()
                     continue
-                why = await self._watch(self.current)
-                if why == "stop":
+                outcome = await self._watch(self.current)
+                if outcome is Outcome.STOP:
                     break
-                if why == "reload":
+                if outcome is Outcome.RELOAD:
                     await self._reload(self.current)
-                elif why == "exited":
+                elif outcome is Outcome.EXITED:
                     inc = self._drop_current()
                     self._live.discard(inc)
                     self._count(inc)
@@ -278,7 +289,7 @@ class LocalWorker:
                     inc = self._drop_current()
                     self._count(inc)
                     reason = (f"did not become healthy within {self.options.boot_timeout:g}s"
-                              if why == "boot" else f"failed {self.state.consecutive_failures} health checks")
+                              if outcome is Outcome.BOOT else f"failed {self.state.consecutive_failures} health checks")
                     log.warning("worker %s (pid %d) %s (%s); replacing it", self.state.address, inc.pid,
                                 reason, self.state.last_error or "no answer")
                     self.table.exited(self.state, reason)
@@ -373,27 +384,27 @@ class LocalWorker:
         log.info("started worker %s (pid %d)", self.state.address, inc.pid)
         return inc
 
-    async def _watch(self, inc: Incarnation) -> str:
+    async def _watch(self, inc: Incarnation) -> Outcome:
         """Wait until the incarnation must end or be replaced; say why."""
         while True:
             self._wake.clear()
             if self._stop_mode is not None:
-                return "stop"
+                return Outcome.STOP
             if not inc.alive:
-                return "exited"
+                return Outcome.EXITED
             if self._pending is not None:
-                return "reload"
+                return Outcome.RELOAD
             state = self.state
             if state.up and state.pid == inc.pid:
                 inc.was_up = True
             if inc.was_up:
                 if not state.up and state.consecutive_failures >= self.table.fall:
-                    return "unhealthy"
+                    return Outcome.UNHEALTHY
                 timeout = None
             else:
                 timeout = inc.started + self.options.boot_timeout - time.monotonic()
                 if timeout <= 0:
-                    return "boot"
+                    return Outcome.BOOT
             waiter = asyncio.ensure_future(self._wake.wait())
             try:
                 await asyncio.wait({waiter, inc.exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

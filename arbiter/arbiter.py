@@ -15,6 +15,7 @@ import socket
 import time
 
 from . import config as config_mod
+from .backoff import Pool
 from .config import Config, ConfigError
 from .health import HealthChecker
 from .ops.accesslog import AccessLog
@@ -25,7 +26,7 @@ from .proxy import Proxy, ProxySettings
 from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_STOP, SignalQueue, Stop
 from .sockets import bind_listener
 from .state import WorkerState, WorkerTable
-from .workers import LocalWorker, Pool, WorkerOptions
+from .workers import LocalWorker, WorkerOptions
 
 log = logging.getLogger("gows.arbiter")
 MAX_TTIN_PORT_TRIES = 100

@@ -15,10 +15,11 @@ import types
 import pytest
 import uvloop
 
+from arbiter.backoff import Pool
 from arbiter.config import HealthCheck
 from arbiter.health import HealthChecker, ProbeSkipped, probe
 from arbiter.state import WorkerState, WorkerTable
-from arbiter.workers import LocalWorker, Pool, WorkerOptions
+from arbiter.workers import LocalWorker, WorkerOptions
 from support import free_port
 
 

@@ -5,8 +5,10 @@ import os
 import signal
 import sys
 
+from arbiter.backoff import Backoff
 from arbiter.config import load_data
-from arbiter.workers import Backoff, WorkerOptions, describe_exit, killed_from_outside, worker_argv
+from arbiter.incarnation import describe_exit, killed_from_outside
+from arbiter.workers import WorkerOptions, worker_argv
 from fileapp.__main__ import make_parser
 
 

@@ -16,17 +16,18 @@ import time
 
 from . import config as config_mod
 from .backoff import Pool
-from .config import Config, ConfigError
+from .config import Config, ConfigError, bind_configured
 from .health import HealthChecker
 from .ops.accesslog import AccessLog
 from .ops.admin import AdminServer
 from .ops.logs import LogSink
 from .ops.notify import Notifier
-from .proxy import Proxy, ProxySettings
+from .proxy import Proxy
 from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_STOP, SignalQueue, Stop
-from .sockets import bind_listener
+from .sockets import ListenError, bind_listener
 from .state import WorkerState, WorkerTable
-from .workers import LocalWorker, WorkerOptions
+from .worker_command import WorkerOptions
+from .workers import LocalWorker
 
 log = logging.getLogger("gows.arbiter")
 MAX_TTIN_PORT_TRIES = 100
@@ -53,7 +54,7 @@ class Arbiter:
         self.pool = Pool()  # the same slots, kept from all backing off at once
         self._worker_sockets = worker_sockets
         self._retiring: dict[asyncio.Task, LocalWorker] = {}  # slots draining after TTOU/HUP
-        self.proxy = Proxy(self.table, ProxySettings(**config.proxy_settings))
+        self.proxy = Proxy(self.table, config.proxy, config.front_cache, config.threads, config.cache.ttl)
         self._signals = SignalQueue()
         self._admin_sock = admin
         self.admin = AdminServer(self) if admin is not None else None
@@ -226,9 +227,9 @@ class Arbiter:
             if port in taken:
                 continue
             try:
-                sock = bind_listener(last.host, port, "SIGTTIN")
-            except ConfigError as e:
-                log.debug("%s", e)
+                sock = bind_listener(last.host, port)
+            except ListenError as e:
+                log.debug("SIGTTIN: %s", e)
                 continue
             slot = self._add_slot(last.host, port, sock, self._options())
             self.checker.sync()
@@ -273,7 +274,7 @@ class Arbiter:
         try:
             for key, w in wanted.items():
                 if w.local and key not in self.slots:
-                    fresh[key] = bind_listener(w.host, w.port, w.label)
+                    fresh[key] = bind_configured(w.host, w.port, w.label)
             if access_changed:
                 access_log = AccessLog.open(new.logging.access_log)
             if new.logging != self.config.logging:
@@ -289,7 +290,7 @@ class Arbiter:
         self.config = new
         if access_changed:
             self._use_access_log(access_log)
-        self.proxy.update_settings(ProxySettings(**new.proxy_settings))
+        self.proxy.configure(new.proxy, new.front_cache, new.threads, new.cache.ttl)
         self.table.rise, self.table.fall = new.health_check.rise, new.health_check.fall
         self.table.max_fails, self.table.fail_timeout = new.max_fails, new.fail_timeout
         self.checker.settings = new.health_check

@@ -8,65 +8,19 @@ import asyncio
 import enum
 import logging
 import math
-import os
 import signal
 import socket
-import sys
 import time
-from dataclasses import dataclass
 
 from .backoff import Backoff, Pool
-from .config import Config
 from .health import HealthChecker
 from .incarnation import Incarnation, describe_exit
 from .ops.logs import LogSink
 from .state import WorkerState, WorkerTable
+from .worker_command import WorkerOptions, worker_argv
 
 log = logging.getLogger("gows.workers")
 FAST_STOP_TIMEOUT = 5.0  # seconds a worker told to quit at once gets before SIGKILL
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """Everything a local worker slot needs from the config."""
-
-    root: str
-    threads: int
-    health_path: str
-    check_interval: float
-    check_timeout: float
-    boot_timeout: float
-    cache_ttl: float
-    cache_max_bytes: int
-    cache_max_file_size: int
-    graceful_timeout: float
-    log_level: str
-    backoff_initial: float
-    backoff_max: float
-    min_uptime: float
-
-    @classmethod
-    def from_config(cls, c: Config) -> "WorkerOptions":
-        return cls(
-            root=str(c.base_directory), threads=c.threads, health_path=c.health_check.path,
-            check_interval=c.health_check.interval, check_timeout=c.health_check.timeout,
-            boot_timeout=c.health_check.boot_timeout, cache_ttl=c.cache.ttl,
-            cache_max_bytes=c.cache.max_bytes, cache_max_file_size=c.cache.max_file_size,
-            graceful_timeout=c.graceful_timeout, log_level=c.logging.level,
-            backoff_initial=c.restart_backoff.initial,
-            backoff_max=c.restart_backoff.max, min_uptime=c.restart_backoff.min_uptime,
-        )
-
-
-def worker_argv(o: WorkerOptions, fd: int, host: str, port: int) -> list[str]:
-    """The command line of one worker incarnation serving the inherited socket `fd`."""
-    argv = [sys.executable, "-m", "fileapp", "--root", o.root, "--fd", str(fd), "--host", host,
-            "--port", str(port), "--threads", str(o.threads), "--health-path", o.health_path,
-            "--cache-ttl", repr(o.cache_ttl), "--cache-max-bytes", str(o.cache_max_bytes),
-            "--cache-max-file-size", str(o.cache_max_file_size),
-            "--graceful-timeout", repr(o.graceful_timeout), "--parent-pid", str(os.getpid()),
-            "--log-level", o.log_level]
-    return argv  # no --access-log: the master logs every request it proxies
 
 
 def _settle(future: asyncio.Future, value: object) -> None:

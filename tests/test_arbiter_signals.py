@@ -16,9 +16,8 @@ import pytest
 import uvloop
 
 from arbiter.arbiter import Arbiter
-from arbiter.config import load_data
+from arbiter.config import bind_configured, load_data
 from arbiter.ops.logs import LogSink
-from arbiter.sockets import bind_listener
 from support import free_port
 
 LIMIT = 30.0  # seconds: a safety net for each wait, far above what any of them takes
@@ -43,7 +42,7 @@ async def master(tmp_path):
     config = dataclasses.replace(config, workers=(dataclasses.replace(config.workers[0], local=False),))
     root = logging.getLogger()
     level = root.level
-    public = bind_listener(config.listen.host, config.listen.port, "listen")
+    public = bind_configured(config.listen.host, config.listen.port, "listen")
     sink = LogSink(config.logging)
     try:
         arbiter = Arbiter(config, public, {}, sink)

@@ -8,7 +8,7 @@ import sys
 from arbiter.backoff import Backoff
 from arbiter.config import load_data
 from arbiter.incarnation import describe_exit, killed_from_outside
-from arbiter.workers import WorkerOptions, worker_argv
+from arbiter.worker_command import WorkerOptions, worker_argv
 from fileapp.__main__ import make_parser
 
 

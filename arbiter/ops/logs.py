@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Callable
 
-from ..config import Logging
+from ..config import LoggingConfig
 
 FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 log = logging.getLogger("gows.logs")
@@ -23,11 +23,11 @@ log = logging.getLogger("gows.logs")
 class LogSink:
     """The master's log handler plus the relay of workers' output into the same file."""
 
-    def __init__(self, settings: Logging) -> None:
+    def __init__(self, settings: LoggingConfig) -> None:
         self.handler: logging.Handler | None = None
         self.apply(settings)
 
-    def apply(self, settings: Logging) -> None:
+    def apply(self, settings: LoggingConfig) -> None:
         """Install (or switch to) the handler and level of `settings`; OSError if the file cannot be opened."""
         if settings.file is not None:
             handler: logging.Handler = logging.FileHandler(settings.file, encoding="utf-8")

@@ -13,11 +13,10 @@ import asyncio
 import logging
 import re
 import time
-from typing import Callable, Protocol
+from typing import Callable
 
 from .addresses import host_port
 from .config import HealthCheckConfig
-from .incarnation import Incarnation, describe_exit
 from .ops.logs import Throttle
 from .sockets import local_shortage
 from .state import WorkerState, WorkerTable
@@ -25,7 +24,6 @@ from .state import WorkerState, WorkerTable
 log = logging.getLogger("gows.health")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])[ \r\n]")
 SHORTAGE_REPORT_INTERVAL = 10.0  # seconds between two warnings about skipped checks at most
-PROOF_PROBE_SPACING = 0.1  # seconds between the probes that prove a reloaded worker healthy
 
 
 class ProbeSkipped(Exception):
@@ -64,25 +62,12 @@ async def _probe(host: str, port: int, path: str) -> str | None:
     return None if 200 <= status < 300 else f"HTTP {status}"
 
 
-class ProofSettings(Protocol):
-    """The settings a new incarnation is proved healthy with (workers.WorkerOptions has them)."""
-
-    @property
-    def health_path(self) -> str: ...
-    @property
-    def check_timeout(self) -> float: ...
-    @property
-    def check_interval(self) -> float: ...
-    @property
-    def boot_timeout(self) -> float: ...
-
-
 class HealthChecker:
     """One checking task per worker in the table: probe every `interval`, record the result.
 
     Local workers with no running process are skipped (nothing would answer); a result is
     dropped when the worker's process changed while the probe was in flight or the worker is
-    held (during a reload swap, when its supervisor has the new process proved with prove()).
+    held (during a reload swap the supervisor probes it itself).
     """
 
     def __init__(self, table: WorkerTable, settings: HealthCheckConfig,
@@ -119,39 +104,6 @@ class HealthChecker:
         """Resume checking `worker`, starting now."""
         self._held.discard(worker)
         self.kick(worker)
-
-    async def prove(self, worker: WorkerState, new: Incarnation, settings: ProofSettings,
-                    stopping: Callable[[], bool]) -> str | None:
-        """None once `rise` consecutive probes of `worker` passed, else why not; its owner makes
-        sure that only the `new` incarnation can answer them (see LocalWorker._swap).
-
-        A probe the master could not make (its own shortage of descriptors or memory) neither
-        passes nor fails: it is tried again, until the boot timeout.
-        """
-        deadline = new.started + settings.boot_timeout
-        passes, error = 0, "did not answer"
-        while passes < self.table.rise:
-            if stopping():
-                return "was abandoned: the master is stopping"
-            if not new.alive:
-                return describe_exit(new.proc.returncode)
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return f"did not become healthy within {settings.boot_timeout:g}s ({error})"
-            try:
-                result = await probe(worker.host, worker.port, settings.health_path,
-                                     min(settings.check_timeout, remaining))
-            except ProbeSkipped as why:
-                self.skipped(worker, why)
-                error = f"not probed: {why}"
-            else:
-                if result is None:
-                    passes += 1
-                else:
-                    passes, error = 0, result
-            if passes < self.table.rise:
-                await asyncio.sleep(min(settings.check_interval, PROOF_PROBE_SPACING))
-        return None
 
     def skipped(self, worker: WorkerState, why: ProbeSkipped) -> None:
         """A probe of `worker` was skipped (the master's shortage): warn, at most once per interval."""

@@ -13,7 +13,7 @@ import socket
 import time
 
 from .backoff import Backoff, Pool
-from .health import HealthChecker
+from .health import HealthChecker, ProbeSkipped, probe
 from .incarnation import Incarnation, describe_exit
 from .ops.logs import LogSink
 from .state import WorkerState, WorkerTable
@@ -21,6 +21,7 @@ from .worker_command import WorkerOptions, worker_argv
 
 log = logging.getLogger("gows.workers")
 FAST_STOP_TIMEOUT = 5.0  # seconds a worker told to quit at once gets before SIGKILL
+RELOAD_PROBE_SPACING = 0.1  # seconds between the probes that prove a reloaded worker healthy
 
 
 def _settle(future: asyncio.Future, value: object) -> None:
@@ -307,8 +308,35 @@ class LocalWorker:
         return False
 
     async def _prove(self, new: Incarnation, options: WorkerOptions) -> str | None:
-        """None once the new incarnation proved healthy with `options`, else why not."""
-        return await self.checker.prove(self.state, new, options, lambda: self._stop_mode is not None)
+        """None once `rise` consecutive probes passed (all answered by `new`), else why not.
+
+        A probe the master could not make (its own shortage of descriptors or memory) neither
+        passes nor fails: it is tried again, until the boot timeout.
+        """
+        deadline = new.started + options.boot_timeout
+        passes, error = 0, "did not answer"
+        while passes < self.table.rise:
+            if self._stop_mode is not None:
+                return "was abandoned: the master is stopping"
+            if not new.alive:
+                return describe_exit(new.proc.returncode)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return f"did not become healthy within {options.boot_timeout:g}s ({error})"
+            try:
+                result = await probe(self.state.host, self.state.port, options.health_path,
+                                     min(options.check_timeout, remaining))
+            except ProbeSkipped as why:
+                self.checker.skipped(self.state, why)
+                error = f"not probed: {why}"
+            else:
+                if result is None:
+                    passes += 1
+                else:
+                    passes, error = 0, result
+            if passes < self.table.rise:
+                await asyncio.sleep(min(options.check_interval, RELOAD_PROBE_SPACING))
+        return None
 
     # -- ending incarnations -------------------------------------------------------------
     def _track(self, task: asyncio.Future) -> None:

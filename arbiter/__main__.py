@@ -64,7 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"listening on {config.listen})")
         return 0
 
-    from .logs import LogSink
+    from .ops.logs import LogSink
     try:
         sink = LogSink(config.logging)
     except OSError as e:

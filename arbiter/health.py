@@ -17,7 +17,7 @@ from typing import Callable
 
 from .addresses import host_port
 from .config import HealthCheckConfig
-from .logs import Throttle
+from .ops.logs import Throttle
 from .sockets import local_shortage
 from .state import WorkerState, WorkerTable
 

@@ -12,7 +12,7 @@ import pytest
 from fileapp import logs
 from fileapp.bootstrap import WorkerLogger, build_config
 
-# The master's line format (arbiter/logs.py) that the text format keeps.
+# The master's line format (arbiter/ops/logs.py) that the text format keeps.
 MASTER_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 
 

@@ -15,11 +15,12 @@ import types
 import pytest
 import uvloop
 
+from arbiter.backoff import Pool
 from arbiter.config import HealthCheckConfig
 from arbiter.health import HealthChecker, ProbeSkipped, probe
 from arbiter.state import WorkerState, WorkerTable
 from arbiter.worker_command import WorkerOptions
-from arbiter.workers import LocalWorker, Pool
+from arbiter.workers import LocalWorker
 from support import free_port
 
 

@@ -1,4 +1,5 @@
-"""Who imports whom: the proxy and the socket code stay below the config layer, fileapp below arbiter."""
+"""Who imports whom: the proxy and the socket code stay below the config layer and the operations
+modules, fileapp below arbiter."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,13 @@ def test_importing_the_proxy_loads_no_part_of_the_config_layer():
     modules = loaded_modules("import arbiter.proxy")
     assert "arbiter.proxy.server" in modules
     assert [m for m in modules if m.startswith("arbiter.config")] == []
+
+
+def test_importing_the_proxy_loads_no_operations_module():
+    """Ops (admin, status, metrics, access log, ...) read the proxy; the hot path never loads them."""
+    modules = loaded_modules("import arbiter.proxy")
+    assert "arbiter.proxy.server" in modules
+    assert [m for m in modules if m == "arbiter.ops" or m.startswith("arbiter.ops.")] == []
 
 
 def test_fileapp_imports_nothing_of_the_master():

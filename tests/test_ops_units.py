@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from arbiter import status_page
-from arbiter.accesslog import AccessLog, format_line
 from arbiter.config import ConfigError, FrontCacheConfig, ProxyConfig, bind_configured, configured, load_data
-from arbiter.logs import Throttle
-from arbiter.notify import Notifier
+from arbiter.ops import status_page
+from arbiter.ops.accesslog import AccessLog, format_line
+from arbiter.ops.logs import Throttle
+from arbiter.ops.notify import Notifier
 from arbiter.proxy import Proxy
 from arbiter.proxy.client import ClientProtocol
 from arbiter.proxy.request import Request, now_ns
@@ -186,7 +186,7 @@ def test_the_writer_thread_writes_in_order_and_reopens_after_rotation(tmp_path):
 
 
 def test_lines_beyond_the_queue_bound_are_counted_as_dropped_not_held(tmp_path, monkeypatch):
-    import arbiter.accesslog as accesslog
+    import arbiter.ops.accesslog as accesslog
     monkeypatch.setattr(accesslog, "MAX_QUEUED", 0)
     path = tmp_path / "access.log"
     log = AccessLog(path)
@@ -215,7 +215,7 @@ def test_every_line_a_full_disk_refuses_is_dropped_and_the_error_is_logged_once_
 
 
 def test_the_access_log_says_when_writing_works_again_and_how_many_lines_it_lost(tmp_path, monkeypatch, caplog):
-    import arbiter.accesslog as accesslog
+    import arbiter.ops.accesslog as accesslog
     real_write, full = os.write, [True]
 
     def write(fd, data):
@@ -344,7 +344,7 @@ def test_the_per_response_work_runs_only_when_something_reads_it(tmp_path, admin
     import logging
 
     from arbiter.arbiter import Arbiter
-    from arbiter.logs import LogSink
+    from arbiter.ops.logs import LogSink
     from support import free_port
 
     (tmp_path / "www").mkdir()

@@ -15,7 +15,7 @@ import uvloop
 
 from arbiter.arbiter import Arbiter
 from arbiter.config import bind_configured, load_data
-from arbiter.logs import LogSink
+from arbiter.ops.logs import LogSink
 from master_support import children
 from support import free_port
 from test_health import Server, until

@@ -5,9 +5,10 @@ import os
 import signal
 import sys
 
+from arbiter.backoff import Backoff
 from arbiter.config import load_data
+from arbiter.incarnation import describe_exit, killed_from_outside
 from arbiter.worker_command import WorkerOptions, worker_argv
-from arbiter.workers import Backoff, describe_exit, killed_from_outside
 from fileapp.__main__ import make_parser
 
 

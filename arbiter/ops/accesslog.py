@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import STDOUT, ConfigError
+from ..config import STDOUT, ConfigError
 from .logs import Throttle
 
 log = logging.getLogger("gows.access")

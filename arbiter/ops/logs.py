@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Callable
 
-from .config import LoggingConfig
+from ..config import LoggingConfig
 
 FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 log = logging.getLogger("gows.logs")

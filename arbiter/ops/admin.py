@@ -1,9 +1,9 @@
 """The admin listener: status page, status JSON, Prometheus metrics and health/readiness probes,
 served by the master's own event loop on its own (loopback by default) address.
 
-    /status       HTML for people (arbiter/status_page.py)
-    /status.json  the same data for machines (shape documented in arbiter/status.py)
-    /metrics      Prometheus exposition (arbiter/metrics.py)
+    /status       HTML for people (arbiter/ops/status_page.py)
+    /status.json  the same data for machines (shape documented in arbiter/ops/status.py)
+    /metrics      Prometheus exposition (arbiter/ops/metrics.py)
     /healthz      200 while the master's loop answers
     /readyz       200 when at least one worker is up, else 503 (load balancers, Kubernetes)
 
@@ -21,10 +21,10 @@ from typing import Any, Callable
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
 
+from ..addresses import host_port
+from ..proxy.stats import Window
 from . import status_page
-from .addresses import host_port
 from .metrics import exposition, make_registry
-from .proxy.stats import Window
 from .status import Master, ready, snapshot
 
 log = logging.getLogger("gows.admin")

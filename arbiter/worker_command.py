@@ -38,6 +38,7 @@ class WorkerOptions:
     cache_max_file_size: int = option("cache.max_file_size", "--cache-max-file-size")
     graceful_timeout: float = option("graceful_timeout", "--graceful-timeout")
     log_level: str = option("logging.level", "--log-level")
+    log_format: str = option("logging.format", "--log-format")
     backoff_initial: float = option("restart_backoff.initial")
     backoff_max: float = option("restart_backoff.max")
     min_uptime: float = option("restart_backoff.min_uptime")

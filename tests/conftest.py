@@ -1,6 +1,8 @@
 """Fixtures shared by the test modules that start real masters."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from master_support import Master
@@ -23,3 +25,13 @@ def workers():
     yield ws
     for w in ws:
         w.stop()
+
+
+@pytest.fixture(autouse=True)
+def root_log_level_restored():
+    """A test that configures the master's logging (LogSink) leaves the root logger's level as it
+    found it: at INFO it would let other tests' log captures see records they do not expect."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)

@@ -194,7 +194,7 @@ def test_a_reload_proves_a_worker_through_probes_the_master_could_not_make(monke
         state = table.add(WorkerState("127.0.0.1", port, local=True))
         options = WorkerOptions(root=str(tmp_path), threads=1, health_path="/hc", check_interval=0.01,
                                 check_timeout=1.0, boot_timeout=2.0, cache_ttl=1.0, cache_max_bytes=0,
-                                cache_max_file_size=0, graceful_timeout=1.0, log_level="info",
+                                cache_max_file_size=0, graceful_timeout=1.0, log_level="info", log_format="text",
                                 backoff_initial=0.5, backoff_max=1.0, min_uptime=1.0)
         with socket.socket() as sock:
             slot = LocalWorker(state, sock, table, HealthChecker(table, HealthCheckConfig("/hc", 0.01, 1.0, 2, 3, 2.0)),

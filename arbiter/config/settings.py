@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fileapp import cache as worker_cache
+from fileapp import logs as worker_logs
 
 from ..addresses import Address, WorkerAddress
 from .kinds import (REQUIRED, AddressKind, Boolean, Choice, Directory, FilePath, Host, Integer, LogTarget,
@@ -54,6 +55,7 @@ class LoggingConfig:
     level: str = setting(Choice("debug", "info", "warning", "error", "critical"), "info", "Least severe level that is logged.")
     access_log: Path | str | None = setting(LogTarget(), False, "Access log of the master, one line per request in Apache's combined format plus the request time in microseconds: false (off), true or \"-\" (stdout), or a file. SIGUSR1 reopens it.")
     file: Path | None = setting(Nullable(FilePath()), None, "Log file (master and workers); null logs to stderr. SIGUSR1 reopens it.")
+    format: str = setting(Choice(*worker_logs.FORMATS), "text", "Line format of the master's and the workers' logs: text (time [pid] [LEVEL] logger[:worker port]: message) or json (one object per line, for log shippers).")
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ import sys
 import time
 from typing import Callable
 
+from fileapp import logs as worker_logs
+
 from ..config import LoggingConfig
 
-FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 log = logging.getLogger("gows.logs")
 
 
@@ -33,14 +34,9 @@ class LogSink:
             handler: logging.Handler = logging.FileHandler(settings.file, encoding="utf-8")
         else:
             handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(FORMAT))
-        root = logging.getLogger()
-        if self.handler is not None:
-            root.removeHandler(self.handler)
-            self.handler.close()
-        root.addHandler(handler)
-        root.setLevel(settings.level.upper())
-        self.handler, self.settings = handler, settings
+        # The workers' own format (fileapp.logs), so that master and workers read as one program.
+        self.handler = worker_logs.configure(settings.format, settings.level, handler=handler)
+        self.settings = settings
 
     def reopen(self) -> None:
         """Reopen the log file (after rotation); a no-op on stderr."""

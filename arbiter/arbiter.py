@@ -148,6 +148,7 @@ class Arbiter:
         if stop is Stop.NOW and self._stop is Stop.GRACEFUL:
             self._stop = Stop.NOW
             log.info("stopping now")
+            self.proxy.hurry()
             for slot in [*self.slots.values(), *self._retiring.values()]:
                 slot.stop(graceful=False)
         return None
@@ -344,9 +345,11 @@ class Arbiter:
         # Our handle on the public socket goes too (the proxy closes its own): new clients are
         # refused at once instead of waiting in the backlog for a master that is leaving.
         self.public.close()
-        graceful = stop is Stop.GRACEFUL
-        await self.proxy.shutdown(self.config.graceful_timeout if graceful else 0.0)
+        drain = asyncio.ensure_future(self.proxy.shutdown(self.config.graceful_timeout if stop is Stop.GRACEFUL else 0.0))
+        await self._signals.answer(self, drain, ANSWERED_DURING_STOP)  # INT/QUIT cut it short
+        await drain
         slots = list(self.slots.values())
+        graceful = self._stop is Stop.GRACEFUL
         for slot in slots:
             slot.stop(graceful)
         drained = asyncio.ensure_future(asyncio.gather(*(s.task for s in slots), *self._retiring))

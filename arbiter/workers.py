@@ -16,6 +16,7 @@ from .backoff import Backoff, Pool
 from .health import HealthChecker, ProbeSkipped, probe
 from .incarnation import Incarnation, describe_exit
 from .ops.logs import LogSink
+from .signals import Stop
 from .state import WorkerState, WorkerTable
 from .worker_command import WorkerOptions, worker_argv
 
@@ -59,7 +60,7 @@ class LocalWorker:
         self._live: set[Incarnation] = set()
         self._background: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
-        self._stop_mode: str | None = None  # None, "graceful" or "fast"
+        self._stop_mode: Stop | None = None  # set once the slot is to end
         self._pending: tuple[WorkerOptions, asyncio.Future[bool]] | None = None
         self._spawned_once = False
         self.task: asyncio.Task | None = None
@@ -85,9 +86,9 @@ class LocalWorker:
     def stop(self, graceful: bool = True) -> None:
         """End the slot: drain (TERM, KILL after the graceful timeout) or quit at once (QUIT)."""
         if graceful:
-            self._stop_mode = self._stop_mode or "graceful"
-        elif self._stop_mode != "fast":
-            self._stop_mode = "fast"
+            self._stop_mode = self._stop_mode or Stop.GRACEFUL
+        elif self._stop_mode is not Stop.NOW:
+            self._stop_mode = Stop.NOW
             for inc in list(self._live):
                 inc.send(signal.SIGQUIT)
                 inc.send(signal.SIGCONT)
@@ -348,7 +349,7 @@ class LocalWorker:
 
     async def _end(self, inc: Incarnation, graceful: bool) -> None:
         """Stop one incarnation: TERM (drain) or QUIT (at once); KILL if it outstays its time."""
-        graceful = graceful and self._stop_mode != "fast"
+        graceful = graceful and self._stop_mode is not Stop.NOW
         limit = math.ceil(self.options.graceful_timeout) + 1 if graceful else FAST_STOP_TIMEOUT
         inc.send(signal.SIGTERM if graceful else signal.SIGQUIT)
         inc.send(signal.SIGCONT)  # a stopped process cannot act on either signal
@@ -368,7 +369,7 @@ class LocalWorker:
             _settle(self._pending[1], False)
             self._pending = None
         if self.current is not None:
-            self._end_in_background(self.current, graceful=self._stop_mode != "fast")
+            self._end_in_background(self.current, graceful=self._stop_mode is not Stop.NOW)
             self.current = None
             self.table.exited(self.state, "stopped")
         while self._background:

@@ -372,3 +372,24 @@ def test_the_master_and_its_workers_log_lines_of_one_format(masters, tmp_path, s
     workers_lines = [e for e in entries if e["logger"] == "gows.worker"]
     assert masters_lines and {int(e["port"]) for e in workers_lines} == set(ports)
     assert {int(e["pid"]) for e in masters_lines} == {m.pid}
+
+
+def test_int_during_a_graceful_stop_ends_the_wait_for_in_flight_downloads(masters, tmp_path, site):
+    with open(site / "huge.bin", "wb") as f:
+        f.truncate(1 << 30)  # sparse: costs no disk
+    ports = [free_port()]
+    m = start(masters, tmp_path, base_config(site, free_port(), ports, gracefulTimeout=120,
+                                             proxy={"responseTimeout": 300}))
+    m.wait_workers(ports)
+    m.wait_log(r"ready: all 1 workers up")
+    with socket.create_connection(("127.0.0.1", m.port), timeout=10) as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.sendall(b"GET /huge.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert reader.recv(100).startswith(b"HTTP/1.1 200")  # then it reads no more: a download in flight
+        m.signal(signal.SIGTERM)
+        m.wait_log(r"stopping gracefully")
+        m.signal(signal.SIGINT)
+        started = time.monotonic()
+        m.proc.wait(150)  # the graceful timeout (120 s) no longer applies
+        assert time.monotonic() - started < 30, f"exited {time.monotonic() - started:.1f}s after SIGINT"
+    assert "stopping now" in m.log()

@@ -67,6 +67,7 @@ class Proxy:
         self.body_bytes = 0  # request body bytes held for all connections (reserve_body)
         self.cache_epoch = 0  # bumped by purge_front_cache: responses asked for before are not stored
         self._ticker: asyncio.TimerHandle | None = None
+        self._drain_until = 0.0  # while shutting down: when in-flight requests stop being waited for
         self._last_date = 0
         self._tasks: set[asyncio.Task] = set()
         self._update_date()
@@ -303,8 +304,8 @@ class Proxy:
             if conn.current is None and not conn.queue and conn.phase == IDLE:
                 conn.close()
         self.pool.close_idle()
-        deadline = time.monotonic() + timeout
-        while self.conns and time.monotonic() < deadline:
+        self._drain_until = time.monotonic() + timeout
+        while self.conns and time.monotonic() < self._drain_until:
             await asyncio.sleep(0.05)
         for conn in list(self.conns):
             conn.abort()
@@ -314,6 +315,10 @@ class Proxy:
         if self._ticker is not None:
             self._ticker.cancel()
             self._ticker = None
+
+    def hurry(self) -> None:
+        """End a shutdown's wait for in-flight requests now (a fast stop during a graceful one)."""
+        self._drain_until = 0.0
 
     def stats(self) -> dict[str, Any]:
         """Counters for the admin page and metrics."""

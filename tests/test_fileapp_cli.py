@@ -15,8 +15,8 @@ import urllib.request
 
 import pytest
 
-from tests.e2e_support import Responses
-from tests.support import (
+from e2e_support import Responses
+from support import (
     free_port, pid_alive, python_env, stop_process, wait_for_port, wait_until,
 )
 

@@ -17,7 +17,7 @@ from werkzeug.test import Client, EnvironBuilder, run_wsgi_app
 
 from fileapp import create_app
 from fileapp.files import Resolver
-from tests.support import free_port, python_env, stop_process, wait_for_port
+from support import free_port, python_env, stop_process, wait_for_port
 
 SECRET = b"TOP-SECRET-" + secrets.token_hex(8).encode()
 DOT_SECRET = b"DOT-SECRET-" + secrets.token_hex(8).encode()

@@ -17,8 +17,8 @@ import time
 import pytest
 import requests
 
-from tests.e2e_support import Responses, read_head
-from tests.support import free_port, python_env, stop_process, wait_for_port, wait_until
+from e2e_support import Responses, read_head
+from support import free_port, python_env, stop_process, wait_for_port, wait_until
 
 
 @pytest.fixture

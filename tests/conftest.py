@@ -1,6 +1,8 @@
 """Fixtures shared by the test modules that start real masters."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from master_support import Master
@@ -14,6 +16,17 @@ def masters():
     yield started
     for m in started:
         m.stop()
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A small document root (a.txt, b.txt) for the admin tests; a module that needs another
+    tree defines its own `site`."""
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "a.txt").write_text("alpha\n")
+    (root / "b.txt").write_text("bravo!\n")
+    return root
 
 
 @pytest.fixture(scope="module")

@@ -22,15 +22,6 @@ COMBINED = re.compile(r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]
                       r'(\d{3}) (\d+|-) "([^"]*)" "([^"]*)" (\d+)$')
 
 
-@pytest.fixture
-def site(tmp_path: Path) -> Path:
-    root = tmp_path / "www"
-    root.mkdir()
-    (root / "a.txt").write_text("alpha\n")
-    (root / "b.txt").write_text("bravo!\n")
-    return root
-
-
 WORKER_KEYS = {"address", "host", "port", "local", "pid", "up", "since", "consecutive_failures", "restarts",
                "requests", "in_flight", "last_check_seconds", "last_error"}
 WINDOW_KEYS = {"seconds", "requests", "rate_per_second", "p50_seconds", "p99_seconds"}

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import requests
 
+from master_support import Admin
 from support import REPO, wait_until
-from test_admin import Admin, site  # noqa: F401  (site is a fixture)
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"

@@ -17,9 +17,9 @@ from arbiter.arbiter import Arbiter
 from arbiter.config import load_data
 from arbiter.logs import LogSink
 from arbiter.sockets import bind_listener
+from async_support import Server, until
 from master_support import children
 from support import free_port
-from test_health import Server, until
 
 
 def test_remote_worker_is_checked_and_reported_never_spawned(tmp_path, caplog):

@@ -32,7 +32,5 @@ def site(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def workers():
     """Two test upstreams (tests/proxy_upstream_app.py under gunicorn), shared by a module's tests."""
-    ws = [Worker(), Worker()]
-    yield ws
-    for w in ws:
-        w.stop()
+    with Worker() as a, Worker() as b:
+        yield [a, b]

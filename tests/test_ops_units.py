@@ -104,7 +104,7 @@ def test_every_response_is_observed_once_with_its_status_and_length(origin):
         seen.append((req.status, req.length))
 
     proxy.call(lambda: setattr(proxy.proxy, "observe", observe))
-    try:
+    with proxy:
         get = b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         assert parse_responses(raw(proxy.port, get % b"/cached"))[0][0] == 200  # relayed, stored
         assert parse_responses(raw(proxy.port, get % b"/cached"))[0][0] == 200  # front cache hit
@@ -121,8 +121,6 @@ def test_every_response_is_observed_once_with_its_status_and_length(origin):
         assert [(s, int(n) if isinstance(n, bytes) else n) for s, n in seen] == [
             (200, 5), (200, 5), (304, None), (200, None), (200, None), (404, 7), (400, 16), (503, 24)]
         assert proxy.call(lambda: proxy.proxy.latency.count) == 8
-    finally:
-        proxy.stop()
 
 
 # -- access log ---------------------------------------------------------------------------------

@@ -183,7 +183,7 @@ def test_ring_rebuilt_only_when_the_table_changes():
 # -- through the proxy --------------------------------------------------------------------
 def test_consistent_hash_through_the_proxy(workers):
     p = ProxyThread(workers, ProxySettings(balance="consistent-hash", front_cache_enabled=False))
-    try:
+    with p:
         seen = {}
         for i in range(40):
             path = f"/file/f{i}?max_age=0"
@@ -191,13 +191,11 @@ def test_consistent_hash_through_the_proxy(workers):
             assert len(owners) == 1  # sticky
             seen[path] = owners.pop()
         assert set(seen.values()) == {str(w.port) for w in workers}  # and spread
-    finally:
-        p.stop()
 
 
 def test_least_outstanding_through_the_proxy_avoids_the_busy_worker(workers):
     p = ProxyThread(workers, ProxySettings(balance="least-outstanding", front_cache_enabled=False))
-    try:
+    with p:
         slow = {}
         t = threading.Thread(target=lambda: slow.update(r=requests.get(p.url + "/sleep?s=1.5")))
         t.start()
@@ -207,16 +205,12 @@ def test_least_outstanding_through_the_proxy_avoids_the_busy_worker(workers):
         assert fast == {str(w.port) for w in workers if w.port != busy}
         t.join(10)
         assert slow["r"].headers["X-Worker"] == str(busy)
-    finally:
-        p.stop()
 
 
 def test_policy_switch_on_reload(workers):
     p = ProxyThread(workers, ProxySettings(front_cache_enabled=False))
-    try:
+    with p:
         path = "/file/sticky?max_age=0"
         assert len({requests.get(p.url + path).headers["X-Worker"] for _ in range(4)}) == 2
         p.update(balance="consistent-hash")
         assert len({requests.get(p.url + path).headers["X-Worker"] for _ in range(4)}) == 1
-    finally:
-        p.stop()

@@ -11,7 +11,7 @@ import requests
 
 from arbiter.proxy import ProxySettings
 from proxy_harness import ProxyThread, RawUpstream, parse_responses, raw, read_all
-from support import wait_until
+from support import closing_all, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +202,7 @@ def test_connection_that_sends_nothing_is_closed(proxy):
 def test_at_max_connections_the_longest_idle_connection_makes_room(upstream):
     p = ProxyThread([upstream.port], ProxySettings(front_cache_enabled=False, max_connections=5))
     held = []
-    try:
+    with p, closing_all(held):
         for _ in range(5):
             held.append(socket.create_connection(("127.0.0.1", p.port)))
             wait_until(lambda: p.stats()["client_connections"] == len(held), message="connection counted")
@@ -211,16 +211,12 @@ def test_at_max_connections_the_longest_idle_connection_makes_room(upstream):
         assert held[0].recv(1) == b""  # the oldest, still waiting for its first request, was closed
         stats = p.stats()
         assert stats["rejected_connections"] == 0 and stats["shed_idle_connections"] >= 1
-    finally:
-        for s in held:
-            s.close()
-        p.stop()
 
 
 def test_at_max_connections_busy_ones_keep_newcomers_in_the_backlog(upstream):
     p = ProxyThread([upstream.port], ProxySettings(front_cache_enabled=False, max_connections=5))
     held = []
-    try:
+    with p, closing_all(held):
         for _ in range(5):  # each in the middle of a request head: none is idle
             s = socket.create_connection(("127.0.0.1", p.port))
             s.sendall(b"GET / HTTP/1.1\r\n")
@@ -236,10 +232,6 @@ def test_at_max_connections_busy_ones_keep_newcomers_in_the_backlog(upstream):
             (status, _, _), = parse_responses(read_all(waiting))
             assert status == 200
         assert p.stats()["rejected_connections"] == 0
-    finally:
-        for s in held:
-            s.close()
-        p.stop()
 
 
 def test_connection_flood_never_crashes(upstream):
@@ -256,7 +248,7 @@ def test_connection_flood_never_crashes(upstream):
         with lock:
             statuses.append(status)
 
-    try:
+    with p:
         threads = [threading.Thread(target=client) for _ in range(200)]
         for t in threads:
             t.start()
@@ -266,8 +258,6 @@ def test_connection_flood_never_crashes(upstream):
         assert statuses == [200] * 200  # past the limit clients wait their turn, none is turned away
         (status, _, _), = parse_responses(raw(p.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
         assert status == 200
-    finally:
-        p.stop()
 
 
 def test_bad_requests_do_not_affect_pipelined_good_ones_before_them(proxy):

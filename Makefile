@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= gows.conf.json
 
-.PHONY: install run test bench soak clean
+.PHONY: install run test test-unit bench soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ run: install
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -n 2 -q
+
+# The tests that run in the test process alone (no server processes, no browser): seconds.
+test-unit: $(VENV)/.installed-test
+	$(PY) -m pytest -n 2 -q -m "unit and not integration"
 
 bench: $(VENV)/.installed-test
 	$(PY) -m benchmarks $(ARGS)

@@ -1,4 +1,4 @@
-"""Fixtures shared by the test modules that start real masters."""
+"""Fixtures shared by the test modules, and the rule that every test says its kind."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,6 +7,17 @@ import pytest
 
 from master_support import Master
 from proxy_harness import Worker
+
+
+KINDS = ("unit", "integration", "browser")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a test without a kind marker: it would silently drop out of `make test-unit`."""
+    unmarked = sorted({item.nodeid.split("::")[0] for item in items
+                       if not any(item.get_closest_marker(kind) for kind in KINDS)})
+    if unmarked:
+        raise pytest.UsageError(f"set `pytestmark = pytest.mark.<{'|'.join(KINDS)}>` in {', '.join(unmarked)}")
 
 
 @pytest.fixture

@@ -18,6 +18,8 @@ import requests
 from master_support import Admin, health
 from support import wait_until
 
+pytestmark = pytest.mark.integration
+
 COMBINED = re.compile(r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "GET (\S+) HTTP/1\.1" '
                       r'(\d{3}) (\d+|-) "([^"]*)" "([^"]*)" (\d+)$')
 

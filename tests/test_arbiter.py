@@ -16,6 +16,8 @@ import requests
 from master_support import (Admin, Hammer, Master, base_config, children, free_port_run, health, title, wait_gone)
 from support import free_port, pid_alive, wait_until
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def site(tmp_path: Path) -> Path:

@@ -14,6 +14,8 @@ from arbiter import config as cfg
 from arbiter.__main__ import main
 from support import PYTHON, REPO, free_port, python_env
 
+pytestmark = pytest.mark.unit
+
 SEED = {"workers": [{"host": "127.0.0.1", "port": 9000}, {"host": "127.0.0.1", "port": 9001}],
         "baseDirectory": "www", "masterPort": 9090}
 

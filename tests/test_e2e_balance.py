@@ -12,6 +12,8 @@ import pytest
 from e2e_support import fetch
 from master_support import Master, serving
 
+pytestmark = pytest.mark.integration
+
 WORKERS = 3
 
 

@@ -15,6 +15,8 @@ from e2e_support import bundled_site, fetch, patterned, read_head
 from master_support import Hammer, Master, rss_kib, serving, wait_gone
 from support import pid_alive, together, wait_until
 
+pytestmark = pytest.mark.integration
+
 STREAMED = 50 * 1024 * 1024
 GIGABYTE = 1 << 30
 

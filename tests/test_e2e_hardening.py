@@ -16,6 +16,8 @@ from e2e_support import Responses, bundled_site, exchange, fetch, request
 from master_support import Admin, Master, rss_kib
 from support import closing_all, wait_until
 
+pytestmark = pytest.mark.integration
+
 MiB = 1 << 20
 
 

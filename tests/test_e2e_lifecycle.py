@@ -14,6 +14,8 @@ from e2e_support import bundled_site, patterned, read_head
 from master_support import Hammer, children, serving, wait_gone
 from support import free_port, pid_alive, together, wait_until
 
+pytestmark = pytest.mark.integration
+
 DOWNLOAD = 24 * 1024 * 1024
 
 

@@ -14,6 +14,8 @@ from e2e_support import read_head
 from master_support import Master, base_config
 from support import closing_all, free_port, wait_until
 
+pytestmark = pytest.mark.integration
+
 HUGE = 200 * 1024 * 1024
 READERS = 16
 # Long enough for a worker whose threads were all stuck to fail its checks several times over

@@ -15,6 +15,8 @@ from fileapp import create_app
 from fileapp.cache import ResponseCache
 from support import wait_until
 
+pytestmark = pytest.mark.unit
+
 
 class Sized:
     def __init__(self, nbytes: int) -> None:

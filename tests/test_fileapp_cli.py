@@ -20,6 +20,8 @@ from support import (
     free_port, pid_alive, python_env, stop_process, wait_for_port, wait_until,
 )
 
+pytestmark = pytest.mark.integration
+
 BIG_SIZE = 48 * 1024 * 1024
 
 

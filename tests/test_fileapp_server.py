@@ -20,6 +20,8 @@ import requests
 from e2e_support import Responses, read_head
 from support import free_port, python_env, stop_process, wait_for_port, wait_until
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def server(tmp_path):

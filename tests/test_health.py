@@ -22,6 +22,8 @@ from arbiter.workers import LocalWorker, Pool, WorkerOptions
 from async_support import Server, until
 from support import free_port
 
+pytestmark = pytest.mark.unit
+
 
 def run(coro):
     return uvloop.run(coro)

@@ -25,6 +25,8 @@ from arbiter.proxy.stats import BOUNDS, RequestStats, Window, quantile
 from proxy_harness import ProxyThread, RawUpstream, parse_responses, raw
 from support import wait_until
 
+pytestmark = pytest.mark.unit
+
 COMBINED = re.compile(r'^(\S+) - - \[(\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4})\] "([^"\\]*(?:\\.[^"\\]*)*)" '
                       r'(\d{3}) (\d+|-) "([^"\\]*(?:\\.[^"\\]*)*)" "([^"\\]*(?:\\.[^"\\]*)*)" (\d+)$')
 

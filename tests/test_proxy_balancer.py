@@ -15,6 +15,8 @@ from arbiter.state import WorkerState, WorkerTable
 from proxy_harness import ProxyThread
 from support import wait_until
 
+pytestmark = pytest.mark.unit
+
 PATHS = [b"/static/file%d.css?v=%d" % (i, i % 3) for i in range(2000)]
 
 
@@ -181,6 +183,7 @@ def test_ring_rebuilt_only_when_the_table_changes():
 
 
 # -- through the proxy --------------------------------------------------------------------
+@pytest.mark.integration  # starts a server process
 def test_consistent_hash_through_the_proxy(workers):
     p = ProxyThread(workers, ProxySettings(balance="consistent-hash", front_cache_enabled=False))
     with p:
@@ -193,6 +196,7 @@ def test_consistent_hash_through_the_proxy(workers):
         assert set(seen.values()) == {str(w.port) for w in workers}  # and spread
 
 
+@pytest.mark.integration  # starts a server process
 def test_least_outstanding_through_the_proxy_avoids_the_busy_worker(workers):
     p = ProxyThread(workers, ProxySettings(balance="least-outstanding", front_cache_enabled=False))
     with p:
@@ -207,6 +211,7 @@ def test_least_outstanding_through_the_proxy_avoids_the_busy_worker(workers):
         assert slow["r"].headers["X-Worker"] == str(busy)
 
 
+@pytest.mark.integration  # starts a server process
 def test_policy_switch_on_reload(workers):
     p = ProxyThread(workers, ProxySettings(front_cache_enabled=False))
     with p:

@@ -12,6 +12,8 @@ from arbiter.proxy import ProxySettings
 from arbiter.proxy.cache import Entry, FrontCache, encoding_class, freshness
 from proxy_harness import ProxyThread, RawUpstream, Worker, parse_responses, raw
 
+pytestmark = pytest.mark.unit
+
 LM = b"Tue, 14 Nov 2023 22:13:20 GMT"
 
 
@@ -287,6 +289,7 @@ def test_chunked_cacheable_response_stored_with_content_length(proxy, origin):
     assert "Transfer-Encoding" not in r2.headers and origin.hits["/ch"] == 1
 
 
+@pytest.mark.integration  # starts a server process
 def test_gunicorn_worker_files_cached_with_validators():
     w = Worker()
     p = ProxyThread([w])

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 
+import pytest
 import requests
 
 from arbiter.proxy import ProxySettings
@@ -14,6 +15,8 @@ from master_support import Hammer
 from proxy_harness import ProxyThread, RawUpstream, Worker, parse_responses, raw, read_all
 from proxy_upstream_app import pattern
 from support import free_port, together, wait_until
+
+pytestmark = pytest.mark.integration
 
 NO_CACHE = ProxySettings(front_cache_enabled=False)
 

@@ -11,6 +11,8 @@ import requests
 from arbiter.proxy import ProxySettings
 from proxy_harness import ProxyThread, RawUpstream, parse_responses, raw, read_all
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def proxy(workers):

@@ -13,6 +13,8 @@ from arbiter.proxy import ProxySettings
 from proxy_harness import ProxyThread, RawUpstream, parse_responses, raw, read_all
 from support import closing_all, wait_until
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def upstream():

@@ -6,12 +6,15 @@ import socket
 import subprocess
 import time
 
+import pytest
 import requests
 
 from arbiter.proxy import ProxySettings
 from master_support import rss_kib
 from proxy_harness import TESTS, ProxyThread, Worker
 from support import PYTHON, free_port, python_env, running, wait_for_port, wait_until
+
+pytestmark = pytest.mark.integration
 
 BLOCK = bytes(range(256)) * 1025  # covers any recv size up to 256 KiB at any offset
 

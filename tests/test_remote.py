@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 
+import pytest
 import uvloop
 
 from arbiter.arbiter import Arbiter
@@ -20,6 +21,8 @@ from arbiter.sockets import bind_listener
 from async_support import Server, until
 from master_support import children
 from support import free_port
+
+pytestmark = pytest.mark.unit
 
 
 def test_remote_worker_is_checked_and_reported_never_spawned(tmp_path, caplog):

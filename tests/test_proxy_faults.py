@@ -139,7 +139,7 @@ def test_connect_timeout_is_504():
         started = time.monotonic()
         r = requests.get(p.url + "/x", timeout=20)
         assert r.status_code == 504
-        assert time.monotonic() - started < 10
+        assert time.monotonic() - started < 10, f"504 after {time.monotonic() - started:.1f}s"
         assert "timed out" in p.worker(blackhole.getsockname()[1]).last_error
 
 
@@ -148,9 +148,9 @@ def test_response_timeout_is_504_and_not_retried():
     p = ProxyThread([w], ProxySettings(front_cache_enabled=False, response_timeout=1.0))
     with w, p:
         started = time.monotonic()
-        r = requests.get(p.url + "/sleep?s=4", timeout=20)
+        r = requests.get(p.url + "/sleep?s=30", timeout=20)
         assert r.status_code == 504
-        assert time.monotonic() - started < 3.5
+        assert time.monotonic() - started < 15, f"504 only after {time.monotonic() - started:.1f}s"
         assert p.stats()["retries"] == 0
         assert requests.get(p.url + "/sleep?s=0.1").status_code == 200  # the worker is fine
 
@@ -268,8 +268,8 @@ def test_graceful_shutdown_finishes_in_flight_and_closes_idle():
         t.start()
         wait_until(lambda: p.worker(w.port).in_flight == 1, message="request in flight")
         started = time.monotonic()
-        p.run(p.proxy.shutdown(10), 30)
-        assert time.monotonic() - started < 8
+        p.run(p.proxy.shutdown(60), 90)
+        assert time.monotonic() - started < 30, f"shutdown took {time.monotonic() - started:.1f}s of its 60 s"
         t.join(10)
         (status, headers, body), = parse_responses(result["data"])
         assert status == 200 and b"slept" in body and headers["connection"] == "close"
@@ -286,12 +286,12 @@ def test_shutdown_timeout_bounds_a_slow_request():
     with w, p:
         result = {}
         t = threading.Thread(target=lambda: result.update(
-            data=raw(p.port, b"GET /sleep?s=6 HTTP/1.1\r\nHost: t\r\n\r\n", timeout=15)))
+            data=raw(p.port, b"GET /sleep?s=60 HTTP/1.1\r\nHost: t\r\n\r\n", timeout=15)))
         t.start()
         wait_until(lambda: p.worker(w.port).in_flight == 1, message="request in flight")
         started = time.monotonic()
         p.run(p.proxy.shutdown(0.5), 30)
-        assert time.monotonic() - started < 4
+        assert time.monotonic() - started < 15, f"shutdown took {time.monotonic() - started:.1f}s, not its 0.5 s"
         t.join(15)
         assert result["data"] == b""  # cut off, without a partial response
 
@@ -331,7 +331,8 @@ def test_request_waiting_too_long_for_a_connection_gets_503():
         started = time.monotonic()
         r = requests.get(p.url + "/echo", timeout=30)
         assert r.status_code == 503 and r.headers["Retry-After"] == "1"
-        assert time.monotonic() - started < 2.5  # the queue wait is bounded by the response timeout
+        waited = time.monotonic() - started
+        assert waited < 10, f"503 after {waited:.1f}s"  # the queue wait is bounded by the response timeout
         blocker.join(10)
 
 

@@ -115,7 +115,7 @@ def test_worker_stalling_mid_body_is_cut_off_after_the_response_timeout():
     with worker, p:
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", p.port)) as s:
-            s.sendall(b"GET /stream?size=%d&chunk=65536&delay=5 HTTP/1.1\r\nHost: t\r\n\r\n" % (1 << 20))
+            s.sendall(b"GET /stream?size=%d&chunk=65536&delay=60 HTTP/1.1\r\nHost: t\r\n\r\n" % (1 << 20))
             data = b""
             s.settimeout(15)
             while True:
@@ -125,5 +125,6 @@ def test_worker_stalling_mid_body_is_cut_off_after_the_response_timeout():
                 data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and 0 < len(body) < 1 << 20
-        assert time.monotonic() - started < 4.5  # well before the worker's next chunk at 5 s
+        cut = time.monotonic() - started
+        assert cut < 30, f"cut off after {cut:.1f}s"  # well before the worker's next chunk at 60 s
         assert p.stats()["truncated_responses"] == 1

@@ -12,7 +12,7 @@ from proxy_harness import Worker
 KINDS = ("unit", "integration", "browser")
 
 
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Refuse a test without a kind marker: it would silently drop out of `make test-unit`."""
     unmarked = sorted({item.nodeid.split("::")[0] for item in items
                        if not any(item.get_closest_marker(kind) for kind in KINDS)})

@@ -202,7 +202,7 @@ def test_worker_killed_under_load_loses_no_get():
     a, b = Worker(), Worker()
     p = ProxyThread([a, b], NO_CACHE, max_fails=2)
     clients = hammers(p, 8, ("/echo", "/sleep?s=0.05"))
-    with b, a, p:
+    with a, b, p:
         with together(clients):
             wait_until(lambda: answered(clients) > 200, timeout=30, message="load running")
             a.kill()

@@ -51,7 +51,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "(ports are not bound: a running server holds its own)")
     args = parser.parse_args(argv)
 
-    from .config import ConfigError, listen_key, load
+    from .config import ConfigError, bind_configured, listen_key, load
     name = args.config
     try:
         config = load(args.config)
@@ -64,8 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"listening on {config.listen})")
         return 0
 
-    from .logs import LogSink
-    from .sockets import bind_listener
+    from .ops.logs import LogSink
     try:
         sink = LogSink(config.logging)
     except OSError as e:
@@ -73,15 +72,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     sockets = []
     try:
-        public = bind_listener(config.listen.host, config.listen.port, listen_key(config))
+        public = bind_configured(config.listen.host, config.listen.port, listen_key(config))
         sockets.append(public)
         workers = {}
         for w in config.local_workers:
-            workers[(w.host, w.port)] = bind_listener(w.host, w.port, w.label)
+            workers[(w.host, w.port)] = bind_configured(w.host, w.port, w.label)
             sockets.append(workers[(w.host, w.port)])
         admin = None
         if config.admin is not None:
-            admin = bind_listener(config.admin.host, config.admin.port, "admin")
+            admin = bind_configured(config.admin.host, config.admin.port, "admin")
             sockets.append(admin)
         from .arbiter import Arbiter
         arbiter = Arbiter(config, public, workers, sink, admin)

@@ -1,7 +1,8 @@
 """The master's main loop (gunicorn's Arbiter on asyncio/uvloop): signals, worker slots, reload.
 
 Signals are registered with loop.add_signal_handler: the real handler only writes to the loop's
-wakeup fd, and the signal is queued and handled here, in the loop, where logging is safe.
+wakeup fd, and the signal is queued and handled here, in the loop, where logging is safe. One
+wait for the master's whole life hands each to the method named after it (signals.py).
 SIGCHLD is the loop's own: uvloop reaps its child processes on it and completes each worker's
 wait() at once, so an exit is seen immediately, not at the next health round.
 """
@@ -10,25 +11,25 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import signal
 import socket
 import time
 
 from . import config as config_mod
-from .accesslog import AccessLog
-from .admin import AdminServer
-from .config import Config, ConfigError
+from .backoff import Pool
+from .config import Config, ConfigError, bind_configured
 from .health import HealthChecker
-from .logs import LogSink
-from .notify import Notifier
-from .proxy import Proxy, ProxySettings
-from .sockets import bind_listener
+from .ops.accesslog import AccessLog
+from .ops.admin import AdminServer
+from .ops.logs import LogSink
+from .ops.notify import Notifier
+from .proxy import Proxy
+from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_STOP, SignalQueue, Stop
+from .sockets import ListenError, bind_listener
 from .state import WorkerState, WorkerTable
-from .workers import LocalWorker, Pool, WorkerOptions
+from .worker_command import WorkerOptions
+from .workers import LocalWorker
 
 log = logging.getLogger("gows.arbiter")
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-HANDLED_SIGNALS = STOP_SIGNALS + (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 MAX_TTIN_PORT_TRIES = 100
 
 
@@ -43,7 +44,7 @@ class Arbiter:
         self.public = public
         self.sink = sink
         self.started = time.time()
-        self.stopping = False
+        self._stop: Stop | None = None  # set once the master is stopping
         self.notifier = Notifier()
         self.table = WorkerTable(rise=config.health_check.rise, fall=config.health_check.fall,
                                  max_fails=config.max_fails, fail_timeout=config.fail_timeout)
@@ -53,8 +54,8 @@ class Arbiter:
         self.pool = Pool()  # the same slots, kept from all backing off at once
         self._worker_sockets = worker_sockets
         self._retiring: dict[asyncio.Task, LocalWorker] = {}  # slots draining after TTOU/HUP
-        self.proxy = Proxy(self.table, ProxySettings(**config.proxy_settings))
-        self._signals: asyncio.Queue[int] = asyncio.Queue()
+        self.proxy = Proxy(self.table, config.proxy, config.front_cache, config.threads, config.cache.ttl)
+        self._signals = SignalQueue()
         self._admin_sock = admin
         self.admin = AdminServer(self) if admin is not None else None
         self.access_log: AccessLog | None = None
@@ -68,6 +69,11 @@ class Arbiter:
     def config_path(self) -> str:
         return str(self.config.source.resolve())
 
+    @property
+    def stopping(self) -> bool:
+        """The master is stopping (/readyz answers 503)."""
+        return self._stop is not None
+
     def _use_access_log(self, access_log: AccessLog | None) -> None:
         """Log each response to `access_log`, or (None) to nowhere; the old log is closed."""
         old, self.access_log = self.access_log, access_log
@@ -79,8 +85,7 @@ class Arbiter:
     async def run(self) -> int:
         """Start everything, then handle signals until a stop signal; returns the exit status."""
         loop = asyncio.get_running_loop()
-        for sig in HANDLED_SIGNALS:
-            loop.add_signal_handler(sig, self._signals.put_nowait, sig)
+        self._signals.install(loop)
         try:
             options = WorkerOptions.from_config(self.config)
             for w in self.config.workers:
@@ -96,12 +101,12 @@ class Arbiter:
             log.info("gows master on %s: %d local and %d remote workers, serving %s", self.config.listen,
                      local, len(self.table) - local, self.config.base_directory)
             self._ready_task = asyncio.ensure_future(self._announce_ready())
-            graceful = await self._serve_signals()
-            await self._shutdown(graceful)
+            stop = await self._signals.answer(self)
+            assert stop is not None  # with nothing busy, only a stop signal ends the wait
+            await self._shutdown(stop)
             return 0
         finally:
-            for sig in HANDLED_SIGNALS:
-                loop.remove_signal_handler(sig)
+            self._signals.remove(loop)
             for slot in self.slots.values():  # only after an unexpected error: workers quit now
                 slot.stop(graceful=False)
             if self.access_log is not None:
@@ -124,58 +129,45 @@ class Arbiter:
             log.info("ready: all %d workers up", total)
         self.notifier.ready(f"serving {self.config.listen} with {up} of {total} workers up")
 
-    # -- signals -------------------------------------------------------------------------
-    async def _serve_signals(self) -> bool:
-        """Handle queued signals until a stop signal; True for a graceful stop (TERM)."""
-        while True:
-            sig = await self._signals.get()
-            log.info("received %s", signal.Signals(sig).name)
-            if sig in STOP_SIGNALS:
-                return sig == signal.SIGTERM
-            if sig == signal.SIGHUP:
-                self.notifier.reloading()
-                stop = await self._while_watching(self._reload())
-                if stop is not None:
-                    return stop == signal.SIGTERM
-                up, total = len(self.table.healthy), len(self.table)
-                self.notifier.ready(f"reloaded; serving {self.config.listen} with {up} of {total} workers up")
-            elif sig == signal.SIGTTIN:
-                self._scale_up()
-            elif sig == signal.SIGTTOU:
-                self._scale_down()
-            elif sig == signal.SIGUSR1:
-                self._reopen_logs()
+    # -- signals (signals.py hands each to the method named after it) -------------------------
+    async def handle_term(self) -> Stop | None:
+        """TERM: stop gracefully (see _shutdown)."""
+        return self._stop_requested(Stop.GRACEFUL)
 
-    async def _while_watching(self, coro) -> int | None:
-        """Run `coro` (a reload) while still answering signals: a stop signal cancels it and is
-        returned; USR1 is handled; others wait until it is done."""
-        task = asyncio.ensure_future(coro)
-        deferred: list[int] = []
-        try:
-            while not task.done():
-                getter = asyncio.ensure_future(self._signals.get())
-                await asyncio.wait({task, getter}, return_when=asyncio.FIRST_COMPLETED)
-                if not getter.done():
-                    getter.cancel()
-                    continue
-                sig = getter.result()
-                log.info("received %s", signal.Signals(sig).name)
-                if sig in STOP_SIGNALS:
-                    task.cancel()
-                    await asyncio.gather(task, return_exceptions=True)
-                    log.warning("reload abandoned: stopping")
-                    return sig
-                if sig == signal.SIGUSR1:
-                    self._reopen_logs()
-                else:
-                    deferred.append(sig)
-            task.result()
-            return None
-        finally:
-            for sig in deferred:
-                self._signals.put_nowait(sig)
+    async def handle_int(self) -> Stop | None:
+        """INT (and QUIT): stop at once, also when a graceful stop is under way."""
+        return self._stop_requested(Stop.NOW)
 
-    def _reopen_logs(self) -> None:
+    handle_quit = handle_int
+
+    def _stop_requested(self, stop: Stop) -> Stop | None:
+        """A stop signal ends the wait (and a reload under way); during a graceful stop, a fast
+        one makes the draining workers quit at once instead."""
+        if self._stop is None:
+            return stop
+        if stop is Stop.NOW and self._stop is Stop.GRACEFUL:
+            self._stop = Stop.NOW
+            log.info("stopping now")
+            for slot in [*self.slots.values(), *self._retiring.values()]:
+                slot.stop(graceful=False)
+        return None
+
+    async def handle_hup(self) -> Stop | None:
+        """HUP: reload (see _reload), still answering stop signals and USR1 meanwhile."""
+        self.notifier.reloading()
+        reload = asyncio.ensure_future(self._reload())
+        stop = await self._signals.answer(self, reload, ANSWERED_DURING_RELOAD)
+        if stop is not None:
+            reload.cancel()
+            await asyncio.gather(reload, return_exceptions=True)
+            log.warning("reload abandoned: stopping")
+            return stop
+        reload.result()
+        up, total = len(self.table.healthy), len(self.table)
+        self.notifier.ready(f"reloaded; serving {self.config.listen} with {up} of {total} workers up")
+        return None
+
+    async def handle_usr1(self) -> None:
         """USR1: reopen the error log and the access log (after logrotate moved them)."""
         self.sink.reopen()
         if self.access_log is not None:
@@ -218,7 +210,7 @@ class Arbiter:
         self._retiring[task] = slot
         task.add_done_callback(self._retiring.pop)
 
-    def _scale_up(self) -> None:
+    async def handle_ttin(self) -> None:
         """TTIN: one more local worker, on the next free port after the highest local one."""
         if not self.slots:
             log.warning("SIGTTIN ignored: there is no local worker to add one next to")
@@ -235,9 +227,9 @@ class Arbiter:
             if port in taken:
                 continue
             try:
-                sock = bind_listener(last.host, port, "SIGTTIN")
-            except ConfigError as e:
-                log.debug("%s", e)
+                sock = bind_listener(last.host, port)
+            except ListenError as e:
+                log.debug("SIGTTIN: %s", e)
                 continue
             slot = self._add_slot(last.host, port, sock, self._options())
             self.checker.sync()
@@ -245,7 +237,7 @@ class Arbiter:
             return
         log.error("SIGTTIN ignored: no free port after %d", last.port)
 
-    def _scale_down(self) -> None:
+    async def handle_ttou(self) -> None:
         """TTOU: one local worker fewer (the highest port), never below one."""
         if len(self.slots) <= 1:
             log.warning("SIGTTOU ignored: keeping the last local worker")
@@ -282,7 +274,7 @@ class Arbiter:
         try:
             for key, w in wanted.items():
                 if w.local and key not in self.slots:
-                    fresh[key] = bind_listener(w.host, w.port, w.label)
+                    fresh[key] = bind_configured(w.host, w.port, w.label)
             if access_changed:
                 access_log = AccessLog.open(new.logging.access_log)
             if new.logging != self.config.logging:
@@ -298,7 +290,7 @@ class Arbiter:
         self.config = new
         if access_changed:
             self._use_access_log(access_log)
-        self.proxy.update_settings(ProxySettings(**new.proxy_settings))
+        self.proxy.configure(new.proxy, new.front_cache, new.threads, new.cache.ttl)
         self.table.rise, self.table.fall = new.health_check.rise, new.health_check.fall
         self.table.max_fails, self.table.fail_timeout = new.max_fails, new.fail_timeout
         self.checker.settings = new.health_check
@@ -340,11 +332,11 @@ class Arbiter:
                             s.state.last_error or "starting")
 
     # -- stopping ------------------------------------------------------------------------
-    async def _shutdown(self, graceful: bool) -> None:
+    async def _shutdown(self, stop: Stop) -> None:
         """TERM: stop the front, drain every worker (KILL after the graceful timeout).
         INT/QUIT, or one of them during a graceful stop: workers quit at once."""
-        log.info("stopping %s", "gracefully" if graceful else "now")
-        self.stopping = True  # /readyz answers 503 from now on
+        log.info("stopping %s", stop.value)
+        self._stop = stop  # /readyz answers 503 from now on
         self.notifier.stopping()
         if self._ready_task is not None:
             self._ready_task.cancel()
@@ -352,21 +344,13 @@ class Arbiter:
         # Our handle on the public socket goes too (the proxy closes its own): new clients are
         # refused at once instead of waiting in the backlog for a master that is leaving.
         self.public.close()
+        graceful = stop is Stop.GRACEFUL
         await self.proxy.shutdown(self.config.graceful_timeout if graceful else 0.0)
         slots = list(self.slots.values())
         for slot in slots:
             slot.stop(graceful)
-        done = asyncio.ensure_future(asyncio.gather(*(s.task for s in slots), *self._retiring))
-        while not done.done():
-            getter = asyncio.ensure_future(self._signals.get())
-            await asyncio.wait({done, getter}, return_when=asyncio.FIRST_COMPLETED)
-            if not getter.done():
-                getter.cancel()
-            elif getter.result() in (signal.SIGINT, signal.SIGQUIT) and graceful:
-                log.info("received %s: stopping now", signal.Signals(getter.result()).name)
-                graceful = False
-                for slot in slots + list(self._retiring.values()):
-                    slot.stop(graceful=False)
+        drained = asyncio.ensure_future(asyncio.gather(*(s.task for s in slots), *self._retiring))
+        await self._signals.answer(self, drained, ANSWERED_DURING_STOP)
         await self.checker.close()
         for slot in slots:
             slot.close()

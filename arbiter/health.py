@@ -15,8 +15,9 @@ import re
 import time
 from typing import Callable
 
-from .config import HealthCheck
-from .logs import Throttle
+from .addresses import host_port
+from .config import HealthCheckConfig
+from .ops.logs import Throttle
 from .sockets import local_shortage
 from .state import WorkerState, WorkerTable
 
@@ -47,8 +48,7 @@ async def probe(host: str, port: int, path: str, timeout: float) -> str | None:
 async def _probe(host: str, port: int, path: str) -> str | None:
     reader, writer = await asyncio.open_connection(host, port)
     try:
-        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: gows-health\r\n"
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host_port(host, port)}\r\nUser-Agent: gows-health\r\n"
                      f"Connection: close\r\n\r\n".encode("ascii"))
         line = await reader.readline()
     finally:
@@ -70,7 +70,7 @@ class HealthChecker:
     held (during a reload swap the supervisor probes it itself).
     """
 
-    def __init__(self, table: WorkerTable, settings: HealthCheck,
+    def __init__(self, table: WorkerTable, settings: HealthCheckConfig,
                  on_result: Callable[[WorkerState], None] | None = None) -> None:
         self.table = table
         self.settings = settings

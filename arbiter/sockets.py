@@ -1,11 +1,19 @@
 """Listening sockets the master binds and keeps (the public listener and each local worker's
-port), and how to tell the master's own shortage of sockets from a peer's failure."""
+port), and how to tell the master's own shortage of sockets from a peer's failure.
+
+The proxy imports this module: it raises its own ListenError and knows nothing of the config
+(arbiter.config.bind_configured turns a failure into a ConfigError naming the key).
+"""
 from __future__ import annotations
 
 import errno
 import socket
 
-from .config import ConfigError
+from .addresses import host_port
+
+
+class ListenError(Exception):
+    """An address cannot be listened on; the message is one line ("cannot listen on ...: why")."""
 
 
 def somaxconn() -> int:
@@ -17,14 +25,13 @@ def somaxconn() -> int:
         return socket.SOMAXCONN
 
 
-def bind_listener(host: str, port: int, key: str) -> socket.socket:
-    """A listening TCP socket on host:port; a failure is a ConfigError naming `key`.
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port; ListenError when it cannot be had.
 
     The socket stays blocking and non-inheritable: workers get it through pass_fds and set the
     mode they need themselves (O_NONBLOCK is shared by every process holding the socket).
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -37,7 +44,7 @@ def bind_listener(host: str, port: int, key: str) -> socket.socket:
         reason = {errno.EADDRINUSE: "address already in use",
                   errno.EADDRNOTAVAIL: "address not available on this machine",
                   errno.EACCES: "permission denied"}.get(e.errno, e.strerror or str(e))
-        raise ConfigError(f"{key}: cannot listen on {address}: {reason}") from None
+        raise ListenError(f"cannot listen on {host_port(host, port)}: {reason}") from None
     return sock
 
 

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
+from .addresses import host_port
+
 log = logging.getLogger("gows.state")
 
 
@@ -35,7 +37,7 @@ class WorkerState:
 
     @property
     def address(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        return host_port(self.host, self.port)
 
     @property
     def key(self) -> tuple[str, int]:

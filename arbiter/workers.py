@@ -1,93 +1,27 @@
 """Local workers: one slot per worker port, owning the port's listening socket for the slot's
-whole life and the processes ("incarnations") that serve it: spawn, watch, replace, back off, stop.
-
-Workers are exec'd (`python -m fileapp --fd N`), never forked from the master: a forked child
-would inherit the uvloop loop, the proxy's sockets and connections and any threads, none of which
-a worker must touch. Exec gives a clean process that also picks up new code on every (re)start.
-
-A worker never outlives the master: it gets `--parent-pid` and arms PR_SET_PDEATHSIG, a pidfd
-and a periodic check itself. There is deliberately no preexec_fn here: the spawn blocks the
-loop until the child has exec'd, and Python code run between fork and exec would widen that.
+whole life and the processes ("incarnations", incarnation.py) that serve it: spawn, watch,
+replace, back off (backoff.py), stop.
 """
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import math
-import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 
-from .config import Config
+from .backoff import Backoff, Pool
 from .health import HealthChecker, ProbeSkipped, probe
-from .logs import LogSink
+from .incarnation import Incarnation, describe_exit
+from .ops.logs import LogSink
 from .state import WorkerState, WorkerTable
+from .worker_command import WorkerOptions, worker_argv
 
 log = logging.getLogger("gows.workers")
-
-
-def _schedule_as_batch(pid: int) -> None:
-    """Mark a fresh worker SCHED_BATCH (same CPU share; its threads, made later, inherit it).
-
-    The proxy wakes a worker for every request it forwards; a normal worker then preempts the
-    proxy in the middle of its event-loop pass, so with workers sharing the proxy's cores the
-    one process every request crosses keeps losing the CPU. A batch task never preempts on
-    wake-up: the proxy finishes its pass and workers then take several requests per run.
-    """
-    if hasattr(os, "sched_setscheduler"):
-        try:
-            os.sched_setscheduler(pid, os.SCHED_BATCH, os.sched_param(0))
-        except OSError as exc:  # the worker already exited, or a sandbox forbids it
-            log.debug("could not make worker %d SCHED_BATCH: %s", pid, exc)
 FAST_STOP_TIMEOUT = 5.0  # seconds a worker told to quit at once gets before SIGKILL
 RELOAD_PROBE_SPACING = 0.1  # seconds between the probes that prove a reloaded worker healthy
-
-
-@dataclass(frozen=True)
-class WorkerOptions:
-    """Everything a local worker slot needs from the config."""
-
-    root: str
-    threads: int
-    health_path: str
-    check_interval: float
-    check_timeout: float
-    boot_timeout: float
-    cache_ttl: float
-    cache_max_bytes: int
-    cache_max_file_size: int
-    graceful_timeout: float
-    log_level: str
-    backoff_initial: float
-    backoff_max: float
-    min_uptime: float
-
-    @classmethod
-    def from_config(cls, c: Config) -> "WorkerOptions":
-        return cls(
-            root=str(c.base_directory), threads=c.threads, health_path=c.health_check.path,
-            check_interval=c.health_check.interval, check_timeout=c.health_check.timeout,
-            boot_timeout=c.health_check.boot_timeout, cache_ttl=c.cache.ttl,
-            cache_max_bytes=c.cache.max_bytes, cache_max_file_size=c.cache.max_file_size,
-            graceful_timeout=c.graceful_timeout, log_level=c.logging.level,
-            backoff_initial=c.restart_backoff.initial,
-            backoff_max=c.restart_backoff.max, min_uptime=c.restart_backoff.min_uptime,
-        )
-
-
-def worker_argv(o: WorkerOptions, fd: int, host: str, port: int) -> list[str]:
-    """The command line of one worker incarnation serving the inherited socket `fd`."""
-    argv = [sys.executable, "-m", "fileapp", "--root", o.root, "--fd", str(fd), "--host", host,
-            "--port", str(port), "--threads", str(o.threads), "--health-path", o.health_path,
-            "--cache-ttl", repr(o.cache_ttl), "--cache-max-bytes", str(o.cache_max_bytes),
-            "--cache-max-file-size", str(o.cache_max_file_size),
-            "--graceful-timeout", repr(o.graceful_timeout), "--parent-pid", str(os.getpid()),
-            "--log-level", o.log_level]
-    return argv  # no --access-log: the master logs every request it proxies
 
 
 def _settle(future: asyncio.Future, value: object) -> None:
@@ -95,94 +29,14 @@ def _settle(future: asyncio.Future, value: object) -> None:
         future.set_result(value)
 
 
-# Signals whose default action dumps core (signal(7)) are what a process gets for its own fault;
-# SIGQUIT, the one of them only ever sent by another process, is left out.
-_OWN_FAULTS = frozenset({signal.SIGABRT, signal.SIGBUS, signal.SIGFPE, signal.SIGILL, signal.SIGSEGV,
-                         signal.SIGSYS, signal.SIGTRAP, signal.SIGXCPU, signal.SIGXFSZ})
+class Outcome(enum.Enum):
+    """Why a slot stops watching its current incarnation (LocalWorker._watch)."""
 
-
-def killed_from_outside(returncode: int | None) -> bool:
-    """The process died of a signal another process sent (kill(1), the OOM killer), not of a
-    fault of its own (SIGSEGV, SIGABRT, ...) and not by exiting."""
-    return returncode is not None and returncode < 0 and -returncode not in _OWN_FAULTS
-
-
-def describe_exit(returncode: int) -> str:
-    if returncode < 0:
-        try:
-            return f"was killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"was killed by signal {-returncode}"
-    return f"exited with status {returncode}"
-
-
-class Backoff:
-    """Restart delay for a worker failing right after start: none for the first failure, then
-    `initial`, doubling per further consecutive failure, capped at `maximum`.
-
-    Back-off is for crash loops, so only crash-loop evidence counts (LocalWorker._count), and a
-    Pool never lets it leave every local slot without a worker up or starting.
-    """
-
-    def __init__(self) -> None:
-        self.failures = 0
-
-    def delay(self, initial: float, maximum: float) -> float:
-        if self.failures <= 1:
-            return 0.0
-        return min(maximum, initial * 2 ** (self.failures - 2))
-
-
-class Incarnation:
-    """One process serving a worker slot."""
-
-    def __init__(self, proc: asyncio.subprocess.Process) -> None:
-        self.proc = proc
-        self.pid: int = proc.pid
-        self.started = time.monotonic()
-        self.was_up = False
-        # uvloop reaps its children itself on SIGCHLD and completes this at once.
-        self.exited: asyncio.Future[int] = asyncio.ensure_future(proc.wait())
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.returncode is None
-
-    def send(self, sig: int) -> None:
-        if self.alive:
-            try:
-                self.proc.send_signal(sig)
-            except ProcessLookupError:
-                pass
-
-
-class Pool:
-    """The local worker slots of one master, seen together so that back-off never leaves them
-    all without a worker: when no slot has a worker up or starting, one slot waiting out its
-    back-off starts at once (one, not all: a bad config must not spin every slot).
-
-    Checking and claiming happen in one step of the event loop (no await between them), so two
-    slots woken by the same change cannot both take the rescue.
-    """
-
-    def __init__(self) -> None:
-        self._slots: set[LocalWorker] = set()
-
-    def join(self, slot: LocalWorker) -> None:
-        self._slots.add(slot)
-
-    def leave(self, slot: LocalWorker) -> None:
-        self._slots.discard(slot)
-        self.changed()
-
-    def has_worker_on_its_way(self) -> bool:
-        """Some slot has an incarnation (up, booting, or still being checked) or is starting one."""
-        return any(slot.on_its_way for slot in self._slots)
-
-    def changed(self) -> None:
-        """A slot lost its incarnation: slots waiting out a back-off look again."""
-        for slot in list(self._slots):
-            slot.notify()
+    STOP = "stop"  # the slot is ending
+    EXITED = "exited"  # the process is gone
+    RELOAD = "reload"  # new options are waiting
+    UNHEALTHY = "unhealthy"  # it was up, then failed `fall` checks in a row
+    BOOT = "boot"  # it did not become healthy within the boot timeout
 
 
 class LocalWorker:
@@ -262,23 +116,23 @@ class LocalWorker:
                 if self.current is None:
                     await self._start_next()
                     continue
-                why = await self._watch(self.current)
-                if why == "stop":
+                outcome = await self._watch(self.current)
+                if outcome is Outcome.STOP:
                     break
-                if why == "reload":
+                if outcome is Outcome.RELOAD:
                     await self._reload(self.current)
-                elif why == "exited":
+                elif outcome is Outcome.EXITED:
                     inc = self._drop_current()
                     self._live.discard(inc)
-                    self._count(inc)
+                    self.backoff.record(inc, self.options.min_uptime)
                     reason = describe_exit(inc.proc.returncode)
                     log.warning("worker %s (pid %d) %s", self.state.address, inc.pid, reason)
                     self.table.exited(self.state, reason)
                 else:
                     inc = self._drop_current()
-                    self._count(inc)
+                    self.backoff.record(inc, self.options.min_uptime)
                     reason = (f"did not become healthy within {self.options.boot_timeout:g}s"
-                              if why == "boot" else f"failed {self.state.consecutive_failures} health checks")
+                              if outcome is Outcome.BOOT else f"failed {self.state.consecutive_failures} health checks")
                     log.warning("worker %s (pid %d) %s (%s); replacing it", self.state.address, inc.pid,
                                 reason, self.state.last_error or "no answer")
                     self.table.exited(self.state, reason)
@@ -359,41 +213,35 @@ class LocalWorker:
 
     async def _spawn(self, options: WorkerOptions) -> Incarnation:
         fd = self.sock.fileno()
-        stdout = self.sink.worker_stdout
-        proc = await asyncio.create_subprocess_exec(
-            *worker_argv(options, fd, self.state.host, self.state.port),
-            pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=stdout,
-            stderr=subprocess.STDOUT if stdout is not None else None,
-        )
-        _schedule_as_batch(proc.pid)
-        inc = Incarnation(proc)
+        argv = worker_argv(options, fd, self.state.host, self.state.port)
+        inc = await Incarnation.spawn(argv, fd, self.sink.worker_stdout)
         self._live.add(inc)
-        if proc.stdout is not None:
-            self._track(asyncio.ensure_future(self.sink.relay(proc.stdout)))
+        if inc.proc.stdout is not None:
+            self._track(asyncio.ensure_future(self.sink.relay(inc.proc.stdout)))
         log.info("started worker %s (pid %d)", self.state.address, inc.pid)
         return inc
 
-    async def _watch(self, inc: Incarnation) -> str:
+    async def _watch(self, inc: Incarnation) -> Outcome:
         """Wait until the incarnation must end or be replaced; say why."""
         while True:
             self._wake.clear()
             if self._stop_mode is not None:
-                return "stop"
+                return Outcome.STOP
             if not inc.alive:
-                return "exited"
+                return Outcome.EXITED
             if self._pending is not None:
-                return "reload"
+                return Outcome.RELOAD
             state = self.state
             if state.up and state.pid == inc.pid:
                 inc.was_up = True
             if inc.was_up:
                 if not state.up and state.consecutive_failures >= self.table.fall:
-                    return "unhealthy"
+                    return Outcome.UNHEALTHY
                 timeout = None
             else:
                 timeout = inc.started + self.options.boot_timeout - time.monotonic()
                 if timeout <= 0:
-                    return "boot"
+                    return Outcome.BOOT
             waiter = asyncio.ensure_future(self._wake.wait())
             try:
                 await asyncio.wait({waiter, inc.exited}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -403,21 +251,6 @@ class LocalWorker:
     def _may_rescue(self) -> bool:
         """This slot may cut its back-off short: the pool has nothing on its way (see _back_off)."""
         return not self._start_failed and not self._live and not self.pool.has_worker_on_its_way()
-
-    def _count(self, inc: Incarnation) -> None:
-        """Feed the back-off with crash-loop evidence: an incarnation that never became healthy,
-        or that exited, faulted or failed its checks sooner than `min_uptime` after it started.
-
-        One that had become healthy and was then killed from outside (kill -9, the OOM killer)
-        says nothing about the next one: the slot restarts at once and its count starts over.
-        """
-        lived = time.monotonic() - inc.started
-        if inc.was_up and killed_from_outside(inc.proc.returncode):
-            self.backoff.failures = 0
-        elif not inc.was_up or lived < self.options.min_uptime:
-            self.backoff.failures += 1
-        else:
-            self.backoff.failures = 0
 
     # -- reload --------------------------------------------------------------------------
     async def _reload(self, old: Incarnation) -> None:

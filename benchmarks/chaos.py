@@ -12,6 +12,8 @@ from typing import Callable
 
 import httptools
 
+from arbiter.addresses import host_port
+
 from .verdict import ClientOutcome
 
 Clock = Callable[[], float]
@@ -70,7 +72,7 @@ async def slow_reader(host: str, port: int, path: str, clock: Clock, *, rate: in
     response = _Response()
     parser = httptools.HttpResponseParser(response)
     try:
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: gows-soak\r\n\r\n".encode())
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: {host_port(host, port)}\r\nUser-Agent: gows-soak\r\n\r\n".encode())
         loop = asyncio.get_running_loop()
         deadline = loop.time() + head_timeout
         while not response.head:
@@ -119,7 +121,7 @@ async def aborted_upload(host: str, port: int, path: str, clock: Clock, *, decla
         return ClientOutcome("aborted upload", started, clock(), f"connect failed ({type(exc).__name__})")
     result = "ok"
     try:
-        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: gows-soak\r\n"
+        writer.write(f"POST {path} HTTP/1.1\r\nHost: {host_port(host, port)}\r\nUser-Agent: gows-soak\r\n"
                      f"Content-Type: application/octet-stream\r\nContent-Length: {declared}\r\n\r\n".encode())
         writer.write(b"x" * sent)
         # A server that stops reading (back-pressure) keeps the rest in our buffer: close anyway.

@@ -28,6 +28,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from arbiter.addresses import host_port
+
 from . import chaos, loads, prereqs, procstat, schedule, verdict
 from .__main__ import RESULTS, progress
 from .loads import LoadError, MixEntry
@@ -98,6 +100,11 @@ class Soak:
     def clock(self) -> float:
         """Seconds since the load started."""
         return time.monotonic() - self.t0
+
+    @property
+    def origin(self) -> str:
+        """The master's public URL, without a path."""
+        return f"http://{host_port(self.host, self.server.port)}"
 
     @property
     def master_pid(self) -> int:
@@ -193,7 +200,7 @@ class Soak:
 
     async def run_wrk(self) -> None:
         """wrk runs back to back until the soak's time is up, each ending at the next kill's time."""
-        url = f"http://{self.host}:{self.server.port}/"
+        url = f"{self.origin}/"
         while self.record.seconds - self.clock() >= 1 and self.master_alive():
             started = self.clock()
             seconds = max(1, round(schedule.wrk_run_end(started, self.record.seconds) - started))
@@ -247,9 +254,9 @@ class Soak:
             up = len(self.local_workers(status, up_only=True))
             if up == WORKERS:
                 try:
-                    small, _ = await asyncio.to_thread(fetch, f"http://{self.host}:{self.server.port}/1k.txt")
+                    small, _ = await asyncio.to_thread(fetch, f"{self.origin}/1k.txt")
                     large, body = await asyncio.to_thread(
-                        fetch, f"http://{self.host}:{self.server.port}/soak/large.bin", 30.0)
+                        fetch, f"{self.origin}/soak/large.bin", 30.0)
                     if small == 200 and large == 200 and len(body) == LARGE_FILE:
                         return
                     last = f"GET /1k.txt: {small}, GET /soak/large.bin: {large} with {len(body):,} bytes"

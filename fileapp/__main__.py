@@ -1,4 +1,4 @@
-"""`python -m fileapp --root DIR --port N`: one standalone fileapp worker (fileapp.worker).
+"""`python -m fileapp --root DIR --port N`: one standalone fileapp worker (fileapp.bootstrap).
 
 Bad arguments print one line on stderr and exit with status 2, never a traceback.
 """
@@ -13,6 +13,8 @@ import socket
 import stat
 import sys
 from typing import NoReturn, Sequence
+
+from . import cache, logs
 
 USAGE_ERROR = 2
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -59,10 +61,10 @@ def make_parser() -> argparse.ArgumentParser:
                    help="serve on this inherited listening socket instead of binding")
     p.add_argument("--threads", type=_number(int, 1, 1024), default=4)
     p.add_argument("--health-path", type=_url_path, default="/healthcheck")
-    p.add_argument("--cache-ttl", type=_number(float, 0), default=1.0,
+    p.add_argument("--cache-ttl", type=_number(float, 0), default=cache.DEFAULT_TTL,
                    help="seconds a cached response is trusted without touching the disk")
-    p.add_argument("--cache-max-bytes", type=_number(int, 0), default=64 * 1024 * 1024)
-    p.add_argument("--cache-max-file-size", type=_number(int, 0), default=256 * 1024,
+    p.add_argument("--cache-max-bytes", type=_number(int, 0), default=cache.DEFAULT_MAX_BYTES)
+    p.add_argument("--cache-max-file-size", type=_number(int, 0), default=cache.DEFAULT_MAX_FILE_SIZE,
                    help="files larger than this are streamed from disk (sendfile)")
     p.add_argument("--graceful-timeout", type=_number(float, 0), default=30.0)
     p.add_argument("--keepalive", type=_number(int, 0), default=5,
@@ -72,6 +74,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--parent-pid", type=_number(int, 1), default=None,
                    help="exit within a second when this process dies")
     p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    p.add_argument("--log-format", choices=logs.FORMATS, default="text",
+                   help="text lines (default) or JSON lines, one object per line")
     p.add_argument("--access-log", action="store_true", help="log each request to stdout (errors go to stderr)")
     return p
 
@@ -136,7 +140,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = make_parser().parse_args(argv)
         root = _check_root(args.root)
+        listener = _inherited_listener(args.fd) if args.fd is not None else _bind(
+            args.host, args.port)
+        # With --fd the socket's own port is the truth; --port is then only a default.
+        port = listener.getsockname()[1]
         from . import create_app  # after the cheap checks: a usage error stays instant
+        logs.configure(args.log_format, args.log_level, port=port)  # before the app warns
         try:
             app = create_app(
                 root, health_path=args.health_path, cache_ttl=args.cache_ttl,
@@ -145,8 +154,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         except ValueError as e:
             raise UsageError(str(e)) from None
-        listener = _inherited_listener(args.fd) if args.fd is not None else _bind(
-            args.host, args.port)
         if args.parent_pid is not None:
             from .processes import pid_alive
             if not pid_alive(args.parent_pid):
@@ -154,18 +161,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"fileapp: error: {e}", file=sys.stderr)
         return USAGE_ERROR
-    # With --fd the socket's own port is the truth; --port is then only a default.
-    title = f"gows: worker :{listener.getsockname()[1]}"
+    title = f"gows: worker :{port}"
     try:
         import setproctitle
         setproctitle.setproctitle(title)
     except ImportError:
         pass
-    from .worker import serve
+    from .bootstrap import serve
     return serve(listener, app, {
         "threads": args.threads, "graceful_timeout": args.graceful_timeout,
         "keepalive": args.keepalive, "write_timeout": args.write_timeout,
-        "log_level": args.log_level,
+        "log_level": args.log_level, "log_format": args.log_format,
         "access_log": args.access_log, "parent_pid": args.parent_pid, "title": title,
     })
 

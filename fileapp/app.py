@@ -1,4 +1,5 @@
-"""The fileapp WSGI callable: routing, health, prepared responses, middleware fall-through.
+"""The fileapp WSGI callable: routing, health, prepared responses, middleware fall-through
+(entries are loaded from disk by fileapp.loader).
 
 Per request on a cache hit: one dict lookup under a lock, then the prepared header list and
 body bytes are handed to the server; conditional, Range and Accept-Encoding headers are only
@@ -9,26 +10,15 @@ from __future__ import annotations
 import html
 import logging
 import os
-import re
 import secrets
-import stat
 import time
 from typing import Callable, Iterable, Pattern
 from urllib.parse import quote
 
-from .cache import ResponseCache
+from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
 from .files import Exhausted, Resolver, split_url_path
-from .representation import (
-    SIDECARS,
-    STREAM_BLOCK,
-    Entry,
-    FileStream,
-    MultipartBody,
-    Rep,
-    StreamBody,
-    content_type,
-    read_exactly,
-)
+from .loader import EntryLoader
+from .representation import STREAM_BLOCK, Entry, FileStream, MultipartBody, Rep, StreamBody
 from .semantics import (
     NOT_MODIFIED,
     byte_ranges,
@@ -44,7 +34,6 @@ WSGIApp = Callable[[dict, Callable], Iterable[bytes]]
 # Names carrying a content hash, e.g. app.3f2a9c1b.js or chunk-8d0e2f6a71.css: hex of 8+
 # digits with at least one letter and one digit, so dates like report-20240101.pdf don't match.
 DEFAULT_IMMUTABLE_PATTERN = r"[.-](?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{8,64}\.[A-Za-z0-9]+$"
-IMMUTABLE_CACHE_CONTROL = "public, max-age=31536000, immutable"
 
 ALLOW = "GET, HEAD, OPTIONS"
 _QUERY_SAFE = "!#$%&'()*+,-./:;=?@[]~_"
@@ -100,9 +89,9 @@ class FileApp:
         index_names: Iterable[str] = ("index.html",),
         listing: bool = False,
         health_path: str | None = "/healthcheck",
-        cache_ttl: float = 1.0,
-        cache_max_bytes: int = 64 * 1024 * 1024,
-        cache_max_file_size: int = 256 * 1024,
+        cache_ttl: float = DEFAULT_TTL,
+        cache_max_bytes: int = DEFAULT_MAX_BYTES,
+        cache_max_file_size: int = DEFAULT_MAX_FILE_SIZE,
         max_age: int = 60,
         immutable_pattern: str | Pattern[str] | None = DEFAULT_IMMUTABLE_PATTERN,
     ) -> None:
@@ -116,17 +105,14 @@ class FileApp:
         self.root = self.resolver.root
         self.app = app
         self.prefix = prefix
-        self.index_names = tuple(index_names)
         self.listing = listing
         self.health_path = health_path
         self.health = Health(self.resolver)
         self.cache = ResponseCache(cache_ttl, cache_max_bytes)
-        self.cache_max_file_size = cache_max_file_size
+        self.loader = EntryLoader(self.resolver, self.cache, index_names=tuple(index_names),
+                                  max_file_size=cache_max_file_size, max_age=max_age,
+                                  immutable_pattern=immutable_pattern)
         self._exhausted_logged = -1.0
-        self.cache_control = f"public, max-age={int(max_age)}"
-        if isinstance(immutable_pattern, str):
-            immutable_pattern = re.compile(immutable_pattern)
-        self.immutable = immutable_pattern
         if health_path and os.path.lexists(os.path.join(self.root, health_path.lstrip("/"))):
             log.warning("the health path %s shadows a file of that name under %s",
                         health_path, self.root)
@@ -164,7 +150,7 @@ class FileApp:
         """GET or HEAD of `path` (below any prefix)."""
         entry = self.cache.get(path)
         if entry is None:
-            entry = self._load(path)
+            entry = self.loader.load(path)
             if entry is None:
                 return self._not_found(environ, start_response, path)
         if entry.redirect:
@@ -280,7 +266,7 @@ class FileApp:
                 os.close(fd)
             # Changed, replaced or gone: resolve the path from scratch.
             self.cache.discard(path)
-            entry = self._load(path)
+            entry = self.loader.load(path)
             if entry is None:
                 return self._not_found(environ, start_response, path)
             if entry.redirect:
@@ -337,77 +323,6 @@ class FileApp:
             ("Content-Length", str(len(text))),
         ])
         return [] if environ["REQUEST_METHOD"] == "HEAD" else [text]
-
-    # -- loading entries --------------------------------------------------------------------
-
-    def _load(self, path: str) -> Entry | None:
-        """Resolve `path` on disk and prepare (and cache) its entry; None when nothing to serve."""
-        parts = split_url_path(path)
-        if parts is None:
-            return None
-        opened = self.resolver.open(parts)
-        if opened is None:
-            return None
-        if opened.is_dir:
-            os.close(opened.fd)
-            if not path.endswith("/"):
-                entry = Entry(redirect=True)
-                self.cache.put(path, entry)
-                return entry
-            for index in self.index_names:
-                entry = self._load_file(parts + [index])
-                if entry is not None:
-                    self.cache.put(path, entry)
-                    return entry
-            return None
-        try:
-            if path.endswith("/"):
-                return None
-        finally:
-            os.close(opened.fd)
-        entry = self._load_file(parts)
-        if entry is not None:
-            self.cache.put(path, entry)
-        return entry
-
-    def _load_file(self, parts: list[str]) -> Entry | None:
-        name = parts[-1]
-        encoded_parts = {}
-        if not name.endswith((".br", ".gz")):
-            for coding, suffix in SIDECARS:
-                encoded_parts[coding] = parts[:-1] + [name + suffix]
-        ctype = content_type(name)
-        cache_control = (IMMUTABLE_CACHE_CONTROL if self.immutable is not None
-                         and self.immutable.search(name) else self.cache_control)
-        sidecars = {}
-        for coding, sidecar in encoded_parts.items():
-            rep = self._load_rep(sidecar, ctype, coding, cache_control, True)
-            if rep is not None:
-                sidecars[coding] = rep
-        identity = self._load_rep(parts, ctype, None, cache_control, bool(sidecars))
-        if identity is None:
-            return None
-        # A sidecar older than its original was not made from it: stale, never served.
-        encoded = {c: r for c, r in sidecars.items() if r.mtime_ns >= identity.mtime_ns}
-        return Entry(identity, encoded)
-
-    def _load_rep(self, parts: list[str], ctype: str, encoding: str | None,
-                  cache_control: str, vary: bool) -> Rep | None:
-        for _ in range(3):  # a file truncated while being read is read again
-            opened = self.resolver.open(parts)
-            if opened is None:
-                return None
-            try:
-                if not stat.S_ISREG(opened.st.st_mode):
-                    return None
-                if opened.st.st_size > self.cache_max_file_size or not self.cache.enabled:
-                    return Rep(opened.path, opened.st, None, ctype, encoding, cache_control, vary)
-                body = read_exactly(opened.fd, opened.st.st_size)
-                if body is not None:
-                    return Rep(opened.path, opened.st, body, ctype, encoding, cache_control, vary)
-            finally:
-                os.close(opened.fd)
-        return None
 
     def _listing(self, environ: dict, path: str):
         parts = split_url_path(path)

@@ -12,6 +12,12 @@ from typing import Any, Callable, Hashable
 
 from cachetools import TTLCache
 
+# The worker cache's defaults, declared here once: fileapp's CLI and FileApp use them, and so
+# does the master's config (its `cache` section), which passes them on to the workers.
+DEFAULT_TTL = 1.0  # seconds an entry is served before the file is looked at again
+DEFAULT_MAX_BYTES = 64 * 2**20  # byte budget of the whole cache
+DEFAULT_MAX_FILE_SIZE = 256 * 2**10  # largest file whose bytes are cached; bigger ones are streamed
+
 
 class _CountingTTLCache(TTLCache):
     """TTLCache that counts what it drops: evictions (size pressure) and expirations (age)."""

@@ -1,47 +1,26 @@
-"""Run fileapp under gows' threaded gunicorn worker in this process, without an Arbiter.
+"""gows' epoll thread worker: gunicorn's threaded worker, with the threads polling for themselves.
 
-The worker serves on listening sockets it is given, drains on SIGTERM (health turns 503, no
-new connections, in-flight requests finish within the graceful timeout), exits at once on
-SIGINT/SIGQUIT, and, when told its parent's pid, exits within a second of that parent dying
-(PR_SET_PDEATHSIG, a pidfd in the worker's poller, and gunicorn's periodic parent check).
+Usable on its own under gunicorn's arbiter (`gunicorn -k fileapp.worker.GowsThreadWorker`);
+`python -m fileapp` runs it as gows' standalone worker (fileapp.standalone, fileapp.bootstrap).
 """
 from __future__ import annotations
 
-import ctypes
 import errno
-import logging
-import math
 import os
 import select
-import selectors
 import signal
 import socket
 import struct
-import sys
 import threading
 import time
 
-from gunicorn import http as gunicorn_http
-from gunicorn.config import Config
-from gunicorn.glogging import Logger
-from gunicorn.http import wsgi as gunicorn_wsgi
-from gunicorn.http.body import LengthReader
-from gunicorn import util as gunicorn_util
-from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
+from . import gunicorn_compat as compat
+from .gunicorn_compat import STOP_KEEPALIVE_LINGER, ThreadWorker
+from .response import WRITE_TIMEOUT, drop_parked, take_parked, use_coalescing_response
+from .transfer import Transfer
 
-from .app import FileApp
-from .processes import pid_alive
-from .transfer import WRITE_TIMEOUT, CoalescingResponse, Transfer, drop_parked, take_parked
-
-PR_SET_PDEATHSIG = 1
-# The kernel sends this when the parent (thread) that forked us dies; the handler then checks
-# the parent really is gone, since the signal also fires when only the forking thread exits.
-PDEATH_SIGNAL = signal.SIGUSR2
-# gthread asks after every poll whether the parent lives; /proc is read at most this often
-# (the pidfd and PR_SET_PDEATHSIG report a death at once anyway).
-PARENT_CHECK_INTERVAL = 1.0
 # A client must send each part of a request within these seconds (a kernel socket timeout,
-# SO_RCVTIMEO: no extra poll per call); taking a response, see fileapp.transfer.
+# SO_RCVTIMEO: no extra poll per call); taking a response, see fileapp.response.
 READ_TIMEOUT = 5.0
 # How often the main thread closes connections that have been idle too long.
 SWEEP_INTERVAL = 1.0
@@ -52,16 +31,6 @@ FD_RESERVE = 2
 FD_RETRY = 30.0
 # Socket errors that only mean the client went away or was too slow: logged at debug level.
 _CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EAGAIN, errno.ETIMEDOUT})
-
-
-class _Loaded:
-    """The minimal stand-in for a gunicorn Application: it only hands out the WSGI callable."""
-
-    def __init__(self, wsgi: FileApp) -> None:
-        self._wsgi = wsgi
-
-    def wsgi(self) -> FileApp:
-        return self._wsgi
 
 
 def _timeval(seconds: float) -> bytes:
@@ -94,7 +63,7 @@ class _Conn:
         if self.rest is not None:
             self.rest.close()
             self.rest = None
-        gunicorn_util.close(self.sock)
+        compat.close_socket(self.sock)
 
 
 class GowsThreadWorker(ThreadWorker):
@@ -108,7 +77,7 @@ class GowsThreadWorker(ThreadWorker):
     handling, and re-arms it: epoll_wait, recv, send, epoll_ctl per request. A thread never
     waits for a slow reader: what the client has not taken of a response stays with the
     connection, re-armed for EPOLLOUT, and any thread sends more when there is room
-    (fileapp.transfer), so health checks always find a thread.
+    (fileapp.response, fileapp.transfer), so health checks always find a thread.
 
     Also: bodies written in one piece leave in one write with their headers
     (CoalescingResponse), and fileapp's health turns 503 on SIGTERM. TLS or HTTP/2 configs run
@@ -117,14 +86,14 @@ class GowsThreadWorker(ThreadWorker):
     """
 
     write_timeout = WRITE_TIMEOUT  # seconds a client may take nothing of a response
+    # Signals whose handlers run in the main thread: the serving threads block them.
+    main_thread_signals: frozenset[int] = frozenset(ThreadWorker.SIGNALS)
 
     def init_process(self) -> None:
-        # gunicorn.http.wsgi.create() builds its module-level Response: in this process,
-        # which only ever runs this worker, that is the coalescing one, whose rests only this
-        # worker's loop sends (TLS and HTTP/2 configs run gthread's loop and gunicorn's own).
+        # This process only ever runs this worker: every response is the coalescing one
+        # (TLS and HTTP/2 configs run gthread's loop and gunicorn's own Response).
         if not self.cfg.is_ssl and self.cfg.http2_cleartext == "off":
-            gunicorn_wsgi.Response = CoalescingResponse
-            CoalescingResponse.write_timeout = self.write_timeout
+            use_coalescing_response(self.write_timeout)
         self._write_timeval = _timeval(self.write_timeout)
         # Accepted sockets inherit TCP_NODELAY: without it gunicorn's separate header and body
         # writes (streamed bodies) meet Nagle and delayed ACKs, 40 ms per response.
@@ -157,7 +126,7 @@ class GowsThreadWorker(ThreadWorker):
     def run(self) -> None:
         if self.cfg.is_ssl or self.cfg.http2_cleartext != "off":
             return super().run()
-        self.poller.register(self.method_queue.fileno(), selectors.EVENT_READ, self.method_queue.run_callbacks)
+        compat.watch_method_queue(self)
         for listener in self.sockets:
             listener.setblocking(False)
         self._ep.register(self._wake_r, select.EPOLLIN)
@@ -241,13 +210,13 @@ class GowsThreadWorker(ThreadWorker):
             # A lost thread would quietly shrink the worker: exit, and let the master restart it.
             self.log.exception("Serving thread failed; the worker exits")
             self.alive = False
-            self.method_queue.defer(lambda: None)  # wake the main thread
+            compat.wake_main_loop(self)
 
     def _serve_ready(self) -> None:
         # The kernel gives a process signal to any thread that does not block it, and Python
         # runs handlers only in the main thread: sent here, SIGTERM would wait for the main
         # thread's next wake-up (up to a second) while this thread kept answering "healthy".
-        signal.pthread_sigmask(signal.SIG_BLOCK, {*self.SIGNALS, PDEATH_SIGNAL})
+        signal.pthread_sigmask(signal.SIG_BLOCK, self.main_thread_signals)
         ep, lock, conns = self._ep, self._lock, self._conns
         # fd -> (listener, its address): getsockname once, not once per accepted connection
         listeners = {listener.fileno(): (listener, listener.getsockname()) for listener in self.sockets}
@@ -294,7 +263,7 @@ class GowsThreadWorker(ThreadWorker):
         # (Responses never block; gunicorn's own few writes, such as 100 Continue, could.)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._write_timeval)
         # Until its first request arrives the connection gets READ_TIMEOUT, then the keep-alive time.
-        conn = _Conn(sock, addr, server, gunicorn_http.get_parser(self.cfg, sock, addr),
+        conn = _Conn(sock, addr, server, compat.get_parser(self.cfg, sock, addr),
                      time.monotonic() + READ_TIMEOUT)
         with self._lock:
             self._conns[sock.fileno()] = conn
@@ -312,7 +281,7 @@ class GowsThreadWorker(ThreadWorker):
                 return _ROOM_TO_SEND
             if not keep:
                 return None
-            if not conn.parser.unreader.buf.getvalue():
+            if not compat.has_buffered_request(conn.parser):
                 conn.timeout = time.monotonic() + self.cfg.keepalive
                 return _NEXT_REQUEST
 
@@ -336,7 +305,7 @@ class GowsThreadWorker(ThreadWorker):
         conn.rest = None
         if not conn.keep or not self.alive:
             return None
-        if conn.parser.unreader.buf.getvalue():  # pipelined requests wait behind it
+        if compat.has_buffered_request(conn.parser):  # pipelined requests wait behind it
             return self._serve(conn)
         conn.timeout = time.monotonic() + self.cfg.keepalive
         return _NEXT_REQUEST
@@ -351,7 +320,7 @@ class GowsThreadWorker(ThreadWorker):
             keepalive = self.handle_request(req, conn)
             conn.rest = take_parked()
             return self._keepalive_after(conn, keepalive)
-        except (gunicorn_http.errors.NoMoreData, StopIteration) as e:
+        except (compat.NoMoreData, StopIteration) as e:
             self.log.debug("Closing connection: %r", e)
         except OSError as e:
             if isinstance(e, TimeoutError) or e.errno in _CLIENT_GONE:
@@ -366,140 +335,8 @@ class GowsThreadWorker(ThreadWorker):
     def _keepalive_after(self, conn, keepalive):
         """gthread's, minus its socket-timeout dance when the body was read to its end (every
         request without a body)."""
-        parser = conn.parser
-        body = parser.mesg.body
-        if keepalive and type(body.reader) is LengthReader and body.reader.length == 0:
+        if keepalive and compat.body_read_to_end(conn.parser):
             # Nothing left to drain: also spare the parser's own drain before the next request.
-            parser.mesg = None
+            compat.forget_request(conn.parser)
             return True
         return super()._keepalive_after(conn, keepalive)
-
-
-class FileAppWorker(GowsThreadWorker):
-    """The standalone worker: also fast quit on SIGINT/SIGQUIT and parent watching."""
-
-    def __init__(self, *args, parent_pid: int | None, write_timeout: float = WRITE_TIMEOUT,
-                 **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.parent_pid = parent_pid
-        self.write_timeout = write_timeout
-        self._pidfd: int | None = None
-        self._parent_checked = 0.0
-
-    def notify(self) -> None:
-        """No heartbeat file: nothing watches it here; the master checks health over HTTP."""
-
-    # -- signals ----------------------------------------------------------------------------
-
-    def init_signals(self) -> None:
-        super().init_signals()
-        # A closing terminal must not stop a standalone worker; there is no config to reload.
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        if self.parent_pid is None:
-            return
-        signal.signal(PDEATH_SIGNAL, self._on_pdeath_signal)
-        signal.siginterrupt(PDEATH_SIGNAL, False)
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(PR_SET_PDEATHSIG, int(PDEATH_SIGNAL), 0, 0, 0)
-        except (OSError, AttributeError):
-            self.log.debug("prctl(PR_SET_PDEATHSIG) unavailable; relying on the parent check")
-        if not self._parent_alive():  # died before the watch was armed
-            self.fast_exit("parent process %s is gone" % self.parent_pid)
-
-    def handle_quit(self, sig, frame) -> None:
-        """SIGINT/SIGQUIT: leave now, without waiting for requests or threads."""
-        self.fast_exit("received %s" % signal.Signals(sig).name)
-
-    def _on_pdeath_signal(self, sig, frame) -> None:
-        if not self._parent_alive():
-            self.fast_exit("parent process %s died" % self.parent_pid)
-
-    def fast_exit(self, reason: str, code: int = 0) -> None:
-        """Exit the process immediately (no graceful drain), after flushing the logs."""
-        self.alive = False
-        self.set_draining()
-        try:
-            self.log.info("Worker exiting (pid: %s): %s", os.getpid(), reason)
-            for handler in logging.getLogger("gunicorn.error").handlers:
-                handler.flush()
-            sys.stdout.flush()
-            sys.stderr.flush()
-        finally:
-            os._exit(code)
-
-    # -- parent watch -----------------------------------------------------------------------
-
-    def _parent_alive(self) -> bool:
-        if self.parent_pid is None:
-            return True
-        return pid_alive(self.parent_pid)
-
-    def is_parent_alive(self) -> bool:
-        """Called by the run loop after every poll; standalone workers have no parent to watch.
-
-        Without --parent-pid the worker must survive its launching shell, so this is always
-        True; with it, a dead parent means exit at once (the master owns our clients anyway).
-        """
-        now = time.monotonic()
-        if now - self._parent_checked < PARENT_CHECK_INTERVAL:
-            return True
-        self._parent_checked = now
-        if not self._parent_alive():
-            self.fast_exit("parent process %s died" % self.parent_pid)
-        return True
-
-    def run(self) -> None:
-        if self.parent_pid is not None and hasattr(os, "pidfd_open"):
-            try:
-                self._pidfd = os.pidfd_open(self.parent_pid)
-            except ProcessLookupError:
-                self.fast_exit("parent process %s is gone" % self.parent_pid)
-            except OSError:
-                self._pidfd = None  # old kernel: the periodic check still covers it
-            if self._pidfd is not None:
-                # Readable as soon as the parent exits: no need to wait for the 1 s loop tick.
-                self.poller.register(self._pidfd, selectors.EVENT_READ, self._on_parent_exit)
-        super().run()
-
-    def _on_parent_exit(self, _fileobj) -> None:
-        self.fast_exit("parent process %s exited" % self.parent_pid)
-
-
-def build_config(options: dict) -> Config:
-    """A gunicorn Config for one gthread worker from the CLI's options."""
-    cfg = Config(prog="fileapp")
-    cfg.set("worker_class", "gthread")
-    cfg.set("threads", options["threads"])
-    # gunicorn takes whole seconds; round up so a drain is never cut shorter than asked.
-    cfg.set("graceful_timeout", math.ceil(options["graceful_timeout"]))
-    cfg.set("keepalive", options["keepalive"])
-    cfg.set("loglevel", options["log_level"])
-    cfg.set("errorlog", "-")
-    if options["access_log"]:
-        cfg.set("accesslog", "-")
-    cfg.set("proc_name", options["title"])
-    return cfg
-
-
-def serve(listener: socket.socket, app: FileApp, options: dict) -> int:
-    """Serve `app` on `listener` until stopped; returns the process exit status."""
-    cfg = build_config(options)
-    log = Logger(cfg)
-    FileAppWorker.check_config(cfg, log)
-    parent_pid = options.get("parent_pid")
-    worker = FileAppWorker(
-        0, parent_pid if parent_pid is not None else os.getppid(), [listener], _Loaded(app),
-        cfg.timeout, cfg, log, parent_pid=parent_pid,
-        write_timeout=options.get("write_timeout", WRITE_TIMEOUT),
-    )
-    host, port = listener.getsockname()[:2]
-    log.info("fileapp worker %s serving %s at http://%s:%s (fd %s)", os.getpid(), app.root,
-             f"[{host}]" if ":" in host else host, port, listener.fileno())
-    worker.pid = os.getpid()
-    try:
-        worker.init_process()
-    finally:
-        worker.tmp.close()
-    log.info("Worker exiting (pid: %s)", os.getpid())
-    return 0

@@ -1,6 +1,7 @@
 """Fixtures shared by the test modules, and the rule that every test says its kind."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -45,3 +46,13 @@ def workers():
     """Two test upstreams (tests/proxy_upstream_app.py under gunicorn), shared by a module's tests."""
     with Worker() as a, Worker() as b:
         yield [a, b]
+
+
+@pytest.fixture(autouse=True)
+def root_log_level_restored():
+    """A test that configures the master's logging (LogSink) leaves the root logger's level as it
+    found it: at INFO it would let other tests' log captures see records they do not expect."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    root.setLevel(level)

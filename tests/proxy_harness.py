@@ -19,9 +19,12 @@ sys.path.insert(0, str(TESTS.parent))
 
 import uvloop  # noqa: E402
 
-from arbiter.proxy import Proxy, ProxySettings  # noqa: E402
+from arbiter.config import FrontCacheConfig, ProxyConfig, WorkerCacheConfig, configured  # noqa: E402
+from arbiter.proxy import Proxy  # noqa: E402
 from arbiter.state import WorkerState, WorkerTable  # noqa: E402
 from support import PYTHON, StoppedOnExit, children, free_port, python_env, stop_process, wait_for_port  # noqa: E402
+
+NO_CACHE = configured(FrontCacheConfig, enabled=False)  # the front cache off: every request reaches a worker
 
 
 class Worker(StoppedOnExit):
@@ -149,16 +152,21 @@ class RawUpstream(StoppedOnExit):
 class ProxyThread(StoppedOnExit):
     """A Proxy on a uvloop in a background thread; `call` runs code on that loop."""
 
-    def __init__(self, workers: list[Worker] | list[int], settings: ProxySettings | None = None,
-                 up: bool = True, listen_host: str = "127.0.0.1", **table_args: Any) -> None:
-        self.settings = settings or ProxySettings()
+    def __init__(self, workers: list[Worker] | list[int], proxy: ProxyConfig = configured(ProxyConfig),
+                 front_cache: FrontCacheConfig = configured(FrontCacheConfig), worker_threads: int = 4,
+                 revalidate_after: float = configured(WorkerCacheConfig).ttl, up: bool = True,
+                 listen_host: str = "127.0.0.1", **table_args: Any) -> None:
+        """`proxy`, `front_cache`: the config's sections (defaults unless given); `worker_threads`
+        and `revalidate_after` as the master passes them from `threads` and `cache.ttl`."""
+        self.config, self.front_cache = proxy, front_cache
+        self.worker_threads, self.revalidate_after = worker_threads, revalidate_after
         self.sock = bind_listener(host=listen_host)
         self.port = self.sock.getsockname()[1]
         self.loop = uvloop.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.table = WorkerTable(**table_args)
-        self.proxy = Proxy(self.table, self.settings)
+        self.proxy = Proxy(self.table, proxy, front_cache, worker_threads, revalidate_after)
         ports = [w.port if isinstance(w, Worker) else w for w in workers]
         self.call(lambda: [self._add(p, up) for p in ports])
         self.run(self.proxy.start(self.sock))
@@ -205,10 +213,12 @@ class ProxyThread(StoppedOnExit):
     def stats(self) -> dict:
         return self.call(self.proxy.stats)
 
-    def update(self, **changes: Any) -> None:
-        from dataclasses import replace
-        self.settings = replace(self.settings, **changes)
-        self.call(lambda: self.proxy.update_settings(self.settings))
+    def update(self, proxy: ProxyConfig | None = None, front_cache: FrontCacheConfig | None = None) -> None:
+        """Reconfigure the running proxy, as a reload does."""
+        self.config = proxy or self.config
+        self.front_cache = front_cache or self.front_cache
+        self.call(lambda: self.proxy.configure(self.config, self.front_cache, self.worker_threads,
+                                               self.revalidate_after))
 
     @property
     def url(self) -> str:
@@ -296,7 +306,7 @@ def serve_main() -> None:
             w = table.add(WorkerState("127.0.0.1", p))
             for _ in range(table.rise):
                 table.record_check(w, True, 0.001)
-        proxy = Proxy(table, ProxySettings())
+        proxy = Proxy(table, configured(ProxyConfig), configured(FrontCacheConfig), 4, configured(WorkerCacheConfig).ttl)
         await proxy.start(bind_listener(port))
         print("ready", flush=True)
         await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)

@@ -351,3 +351,25 @@ def test_workers_and_all_their_threads_run_sched_batch(masters, tmp_path, site):
     assert len(threads) > 1
     assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_BATCH}
     assert os.sched_getscheduler(m.pid) == os.SCHED_OTHER  # the proxy keeps the normal policy
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_the_master_and_its_workers_log_lines_of_one_format(masters, tmp_path, site, fmt):
+    ports = [free_port(), free_port()]
+    m = start(masters, tmp_path, base_config(site, free_port(), ports, logging={"format": fmt}))
+    m.wait_workers(ports)
+    m.wait_log(r"ready: all 2 workers up")
+    m.signal(signal.SIGTERM)
+    m.proc.wait(30)
+    lines = [line for line in m.log().splitlines() if line.strip()]
+    if fmt == "json":
+        entries = [json.loads(line) for line in lines]  # every line, the master's and the workers'
+    else:
+        pattern = re.compile(r"(\S+ \S+) \[(\d+)\] \[([A-Z]+)\] ([\w.]+)(?::(\d+))?: (.*)")
+        assert all(pattern.fullmatch(line) for line in lines), [x for x in lines if not pattern.fullmatch(x)][:3]
+        entries = [dict(zip(("time", "pid", "level", "logger", "port", "message"), pattern.fullmatch(line).groups()))
+                   for line in lines]
+    masters_lines = [e for e in entries if e["logger"] == "gows.arbiter"]
+    workers_lines = [e for e in entries if e["logger"] == "gows.worker"]
+    assert masters_lines and {int(e["port"]) for e in workers_lines} == set(ports)
+    assert {int(e["pid"]) for e in masters_lines} == {m.pid}

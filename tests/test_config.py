@@ -12,6 +12,11 @@ import pytest
 
 from arbiter import config as cfg
 from arbiter.__main__ import main
+from arbiter.config.kinds import REQUIRED, Section, Setting, declared
+from arbiter.config.schema import SCHEMA_PATH, json_schema
+from arbiter.proxy import Proxy
+from arbiter.proxy.balancer import Balancer
+from arbiter.state import WorkerTable
 from support import PYTHON, REPO, free_port, python_env
 
 pytestmark = pytest.mark.unit
@@ -56,7 +61,7 @@ def test_shorthand_defaults_and_relative_paths(site):
     assert c.listen == cfg.Address("::1", 8443) and str(c.listen) == "[::1]:8443"
     assert c.pidfile == (site / "run" / "gows.pid").resolve()
     assert c.logging.file == (site / "run" / "gows.log").resolve()
-    assert c.health_check == cfg.HealthCheck("/healthcheck", 1.0, 1.0, 2, 3, 15.0)
+    assert c.health_check == cfg.HealthCheckConfig("/healthcheck", 1.0, 1.0, 2, 3, 15.0)
     assert (c.max_fails, c.fail_timeout, c.graceful_timeout) == (3, 10.0, 30.0)
 
 
@@ -65,17 +70,20 @@ def test_default_listen_is_loopback_8080(site):
     assert c.listen == cfg.Address("127.0.0.1", 8080) and c.workers[0].port == 9001
 
 
-def test_proxy_settings_are_a_plain_snake_case_dict(site):
-    c = cfg.load(write(site, {"baseDirectory": "www", "workerCount": 1,
+def test_the_proxy_takes_its_settings_from_the_config_sections(site):
+    c = cfg.load(write(site, {"baseDirectory": "www", "workerCount": 1, "threads": 6, "cache": {"ttl": 2.5},
                               "proxy": {"balance": "consistent-hash", "poolSize": 8},
                               "frontCache": {"enabled": False, "maxObjectBytes": 1024}}))
-    assert c.proxy_settings == {
-        "balance": "consistent-hash", "retries": 2, "connect_timeout": 2.0, "response_timeout": 30.0,
-        "idle_timeout": 15.0, "header_timeout": 10.0, "max_connections": 4096, "max_request_line": 8190,
-        "max_header_bytes": 32768, "max_headers": 100, "max_body_bytes": 1048576, "body_buffer_bytes": 67108864,
-        "pool_size": 8, "front_cache_enabled": False, "front_cache_max_bytes": 67108864,
-        "front_cache_max_object_bytes": 1024, "front_cache_revalidate": 1.0, "worker_threads": 4,
-    }
+    proxy = Proxy(WorkerTable(), c.proxy, c.front_cache, c.threads, c.cache.ttl)
+    assert proxy.config is c.proxy and proxy.config.pool_size == 8 and proxy.cache is None
+    assert (proxy.balancer.policy, proxy.balancer.worker_threads) == ("consistent-hash", 6)
+    on = Proxy(WorkerTable(), c.proxy, cfg.configured(cfg.FrontCacheConfig), c.threads, c.cache.ttl)
+    assert on.cache.revalidate_after == 2.5  # no staler than the workers' own view
+
+
+def test_the_balance_choices_are_the_balancers_policies():
+    choice = next(s for key, _, s in declared(cfg.ProxyConfig) if key == "balance").kind
+    assert set(choice.choices) == set(Balancer.POLICIES)
 
 
 def test_a_body_limit_past_the_shared_body_budget_is_refused(site):
@@ -177,7 +185,7 @@ def test_missing_config_file(tmp_path, capsys):
 
 
 def test_unreadable_base_directory(site, capsys, monkeypatch):
-    monkeypatch.setattr(cfg.os, "access", lambda path, mode: False)  # tests may run as root
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # tests may run as root
     code, _, err = check(write(site, {"baseDirectory": "www", "workerCount": 1}), capsys)
     assert code == 2 and "baseDirectory: " in err and "www is not readable" in err
 
@@ -228,11 +236,11 @@ def test_invalid_config_from_the_command_line_is_one_line_without_traceback(site
 
 
 # -- the JSON Schema ------------------------------------------------------------------------
-def documented_keys(cls=cfg.Config, prefix="") -> dict[str, cfg.Setting]:
+def documented_keys(cls=cfg.Config, prefix="") -> dict[str, Setting]:
     out = {}
-    for key, _, s in cfg.declared(cls):
+    for key, _, s in declared(cls):
         out[prefix + key] = s
-        if isinstance(s.kind, cfg.Section):
+        if isinstance(s.kind, Section):
             out.update(documented_keys(s.kind.cls, prefix + key + "."))
     return out
 
@@ -247,26 +255,26 @@ def schema_keys(schema: dict, prefix="") -> dict[str, dict]:
 
 
 def test_published_schema_is_generated_from_the_declarations():
-    shipped = json.loads(cfg.SCHEMA_PATH.read_text())
-    assert shipped == cfg.json_schema(), "regenerate: python -c 'from arbiter.config import write_schema; write_schema()'"
+    shipped = json.loads(SCHEMA_PATH.read_text())
+    assert shipped == json_schema(), "regenerate: python -m arbiter.config.schema"
     jsonschema.Draft202012Validator.check_schema(shipped)
 
 
 def test_every_documented_key_is_in_the_schema_and_vice_versa():
-    shipped = json.loads(cfg.SCHEMA_PATH.read_text())
+    shipped = json.loads(SCHEMA_PATH.read_text())
     documented = documented_keys()
     in_schema = schema_keys(shipped)
     assert set(in_schema) - {"$schema"} == set(documented)
     for key, s in documented.items():
         assert s.doc and in_schema[key]["description"] == s.doc, key
-        if not isinstance(s.kind, cfg.Section) and s.default is not cfg._REQUIRED:
+        if not isinstance(s.kind, Section) and s.default is not REQUIRED:
             assert in_schema[key]["default"] == s.default, key
     assert "baseDirectory" in shipped["required"]
 
 
 def test_schema_agrees_with_the_loader_on_examples(site):
     """What the schema can express (types, ranges, names, exclusive forms) it rejects too."""
-    validator = jsonschema.Draft202012Validator(json.loads(cfg.SCHEMA_PATH.read_text()))
+    validator = jsonschema.Draft202012Validator(json.loads(SCHEMA_PATH.read_text()))
     assert not list(validator.iter_errors(SEED))
     assert not list(validator.iter_errors(json.loads((REPO / "gows.conf.json").read_text())))
     structural = [data for data, message in BAD if isinstance(data, dict) and not any(

@@ -2,8 +2,11 @@
 inherited listening sockets (--fd) and parent watching (--parent-pid)."""
 from __future__ import annotations
 
+import datetime
 import hashlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -48,11 +51,11 @@ def fileapp_cmd(*args: str) -> list[str]:
 
 
 def start(root, *args: str, port: int | None = None, pass_fds=(),
-          stdout=subprocess.DEVNULL) -> tuple[subprocess.Popen, int]:
+          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) -> tuple[subprocess.Popen, int]:
     port = port or free_port()
     proc = subprocess.Popen(
         fileapp_cmd("--root", str(root), "--port", str(port), *args), env=python_env(),
-        stdout=stdout, stderr=subprocess.DEVNULL, pass_fds=pass_fds)
+        stdout=stdout, stderr=stderr, pass_fds=pass_fds)
     return proc, port
 
 
@@ -100,6 +103,7 @@ def assert_usage_error(result: subprocess.CompletedProcess, needle: str) -> None
     (["--root", "{root}", "--parent-pid", "{dead_pid}"], "no such process"),
     (["--root", "{root}", "--health-path", "health"], "--health-path"),
     (["--root", "{root}", "--log-level", "loud"], "--log-level"),
+    (["--root", "{root}", "--log-format", "xml"], "--log-format"),
     (["--root", "{root}", "--bogus"], "--bogus"),
     (["--root", "{root}", "--host", "203.0.113.7"], "cannot listen"),
 ])
@@ -146,6 +150,45 @@ def test_serves_files_health_and_sets_process_title(root):
     assert proc.returncode == 0
     log = proc.stdout.read().decode()
     assert '"GET /hello.txt HTTP/1.1" 200' in log  # --access-log
+
+
+def serve_briefly(root, *args: str) -> tuple[subprocess.Popen, int, list[str], list[str]]:
+    """Start a worker with the access log on, GET /hello.txt, stop it; (process, port, stderr
+    lines, stdout lines)."""
+    proc, port = start(root, "--access-log", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_for_port(port, timeout=20)
+        assert get(port, "/hello.txt") == (200, b"hello\n")
+    finally:
+        stop_process(proc)
+    return proc, port, proc.stderr.read().decode().splitlines(), proc.stdout.read().decode().splitlines()
+
+
+def test_logs_every_line_in_the_masters_format_with_the_workers_port(root):
+    (root / "healthcheck").write_text("shadowed")  # the app's own warning at start
+    proc, port, errors, access = serve_briefly(root)
+    shape = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} \[(\d+)\] \[[A-Z]+\] ([\w.]+):(\d+): .*"
+    for line in errors + access:
+        match = re.fullmatch(shape, line)
+        assert match and (int(match[1]), int(match[3])) == (proc.pid, port), line
+    assert any(f"[WARNING] fileapp:{port}: the health path /healthcheck shadows" in line for line in errors), errors
+    assert any(f"[INFO] gows.worker:{port}: fileapp worker {proc.pid} serving" in line for line in errors), errors
+    assert any(f"[INFO] gows.worker.access:{port}: " in line and '"GET /hello.txt HTTP/1.1" 200' in line
+               for line in access), access
+
+
+def test_log_format_json_writes_one_object_per_line(root):
+    (root / "healthcheck").write_text("shadowed")
+    proc, port, errors, access = serve_briefly(root, "--log-format", "json")
+    entries = [json.loads(line) for line in errors + access]
+    for entry in entries:
+        assert list(entry) == ["time", "pid", "level", "logger", "port", "message"], entry
+        assert (entry["pid"], entry["port"]) == (proc.pid, port)
+        assert datetime.datetime.fromisoformat(entry["time"]).tzinfo is not None
+    seen = {(e["level"], e["logger"], e["message"].split(" ")[0]) for e in entries}
+    assert {("WARNING", "fileapp", "the"), ("INFO", "gows.worker", "fileapp")} <= seen, seen
+    assert any(e["logger"] == "gows.worker.access" and '"GET /hello.txt HTTP/1.1" 200' in e["message"]
+               for e in entries), entries
 
 
 def test_health_is_503_when_the_root_disappears(root, tmp_path):

@@ -15,10 +15,12 @@ import types
 import pytest
 import uvloop
 
-from arbiter.config import HealthCheck
+from arbiter.backoff import Pool
+from arbiter.config import HealthCheckConfig
 from arbiter.health import HealthChecker, ProbeSkipped, probe
 from arbiter.state import WorkerState, WorkerTable
-from arbiter.workers import LocalWorker, Pool, WorkerOptions
+from arbiter.worker_command import WorkerOptions
+from arbiter.workers import LocalWorker
 from async_support import Server, until
 from support import free_port
 
@@ -58,7 +60,7 @@ def test_checker_applies_rise_and_fall_and_skips_local_workers_without_a_process
         remote = table.add(WorkerState("127.0.0.1", port, local=False))
         idle = table.add(WorkerState("127.0.0.1", free_port(), local=True))  # local, no process yet
         results = []
-        checker = HealthChecker(table, HealthCheck("/hc", 0.05, 1.0, 2, 3, 5.0), on_result=results.append)
+        checker = HealthChecker(table, HealthCheckConfig("/hc", 0.05, 1.0, 2, 3, 5.0), on_result=results.append)
         checker.sync()
         await until(lambda: remote.up)
         assert remote.consecutive_successes >= 2 and remote.last_check_latency is not None
@@ -136,7 +138,7 @@ def test_checks_the_master_cannot_make_keep_a_worker_up_and_warn_once(monkeypatc
         port = await s.start()
         table = WorkerTable(rise=2, fall=3)
         worker = table.add(WorkerState("127.0.0.1", port, local=False))
-        checker = HealthChecker(table, HealthCheck("/hc", 0.02, 1.0, 2, 3, 5.0))
+        checker = HealthChecker(table, HealthCheckConfig("/hc", 0.02, 1.0, 2, 3, 5.0))
         checker.sync()
         await until(lambda: worker.up)
         used = scripted_connect(monkeypatch, lambda n: shortage)
@@ -163,10 +165,10 @@ def test_a_reload_proves_a_worker_through_probes_the_master_could_not_make(monke
         state = table.add(WorkerState("127.0.0.1", port, local=True))
         options = WorkerOptions(root=str(tmp_path), threads=1, health_path="/hc", check_interval=0.01,
                                 check_timeout=1.0, boot_timeout=2.0, cache_ttl=1.0, cache_max_bytes=0,
-                                cache_max_file_size=0, graceful_timeout=1.0, log_level="info",
+                                cache_max_file_size=0, graceful_timeout=1.0, log_level="info", log_format="text",
                                 backoff_initial=0.5, backoff_max=1.0, min_uptime=1.0)
         with socket.socket() as sock:
-            slot = LocalWorker(state, sock, table, HealthChecker(table, HealthCheck("/hc", 0.01, 1.0, 2, 3, 2.0)),
+            slot = LocalWorker(state, sock, table, HealthChecker(table, HealthCheckConfig("/hc", 0.01, 1.0, 2, 3, 2.0)),
                                options, None, Pool())
             new = types.SimpleNamespace(started=time.monotonic(), alive=True, proc=None)
             used = scripted_connect(monkeypatch, lambda n: "ok" if n % 2 == 0 else errno.EMFILE)

@@ -16,12 +16,16 @@ from pathlib import Path
 
 import pytest
 
-from arbiter import status_page
-from arbiter.accesslog import AccessLog, format_line
-from arbiter.config import ConfigError, load_data
-from arbiter.logs import Throttle
-from arbiter.notify import Notifier
+from arbiter.config import ConfigError, FrontCacheConfig, ProxyConfig, bind_configured, configured, load_data
+from arbiter.ops import status_page
+from arbiter.ops.accesslog import AccessLog, format_line
+from arbiter.ops.logs import Throttle
+from arbiter.ops.notify import Notifier
+from arbiter.proxy import Proxy
+from arbiter.proxy.client import ClientProtocol
+from arbiter.proxy.request import Request, now_ns
 from arbiter.proxy.stats import BOUNDS, RequestStats, Window, quantile
+from arbiter.state import WorkerTable
 from proxy_harness import ProxyThread, RawUpstream, parse_responses, raw
 from support import wait_until
 
@@ -43,12 +47,25 @@ def test_quantile_interpolates_inside_the_bucket_and_is_none_without_data():
     assert quantile(0.99, buckets) == BOUNDS[-1]
 
 
-def test_add_counts_each_response_in_its_bucket():
+def _completed(stats: RequestStats, *durations_ns: int) -> None:
+    """Complete one response per duration through the proxy's own counting (ClientProtocol.finish),
+    each having been born that long ago."""
+    proxy = Proxy(WorkerTable(), configured(ProxyConfig), configured(FrontCacheConfig), 4, 1.0)
+    proxy.timing = stats.counts
+    conn = ClientProtocol(proxy)
+    conn.transport = types.SimpleNamespace(close=lambda: None)
+    for ns in durations_ns:
+        req = Request()
+        req.born = now_ns() - ns
+        conn.current = req
+        conn.finish(req, keep=True)
+
+
+def test_each_response_is_counted_in_its_bucket():
     stats = RequestStats()
-    for seconds in (0.000001, 0.0005, 0.0005, 0.2, 3.0, 100.0):
-        stats.add(round(seconds * 1e9))
+    _completed(stats, *(round(seconds * 1e9) for seconds in (0.000001, 0.0005, 0.0005, 0.2, 3.0, 100.0)))
     assert stats.count == 6
-    assert stats.seconds == pytest.approx(103.201001)
+    assert stats.seconds == pytest.approx(103.201001, abs=0.001)  # (plus the microseconds counting takes)
     buckets = stats.buckets
     assert len(buckets) == len(BOUNDS) + 1 and sum(buckets) == 6
     assert buckets[0] == 1  # below the first bound
@@ -64,12 +81,10 @@ def test_window_rates_cover_only_the_last_seconds():
     stats = RequestStats()
     window = Window(stats, clock=lambda: clock[0])
     for second in range(300):  # 10 responses a second for 5 minutes ...
-        for _ in range(10):
-            stats.add(50_000)
+        _completed(stats, *[50_000] * 10)
         clock[0] += 1
         window.sample()
-    for _ in range(290):  # ... then a burst since the last sample
-        stats.add(50_000)
+    _completed(stats, *[50_000] * 290)  # ... then a burst since the last sample
     short, long = window.over(10), window.over(300)
     assert short["seconds"] == 10 and short["requests"] == 100 + 290
     assert short["rate"] == pytest.approx(39.0)
@@ -141,7 +156,7 @@ def test_a_line_is_apache_combined_plus_microseconds_with_hostile_fields_escaped
 
 
 def _fake(peer=b"127.0.0.1", status=200, target=b"/x"):
-    client = types.SimpleNamespace(peer=peer, transport=None)
+    client = types.SimpleNamespace(remote=lambda: peer)
     req = types.SimpleNamespace(born=time.perf_counter_ns(), method=b"GET", target=target, http10=False,
                                 status=status, length=3, fwd=[])
     return client, req
@@ -171,7 +186,7 @@ def test_the_writer_thread_writes_in_order_and_reopens_after_rotation(tmp_path):
 
 
 def test_lines_beyond_the_queue_bound_are_counted_as_dropped_not_held(tmp_path, monkeypatch):
-    import arbiter.accesslog as accesslog
+    import arbiter.ops.accesslog as accesslog
     monkeypatch.setattr(accesslog, "MAX_QUEUED", 0)
     path = tmp_path / "access.log"
     log = AccessLog(path)
@@ -200,7 +215,7 @@ def test_every_line_a_full_disk_refuses_is_dropped_and_the_error_is_logged_once_
 
 
 def test_the_access_log_says_when_writing_works_again_and_how_many_lines_it_lost(tmp_path, monkeypatch, caplog):
-    import arbiter.accesslog as accesslog
+    import arbiter.ops.accesslog as accesslog
     real_write, full = os.write, [True]
 
     def write(fd, data):
@@ -329,16 +344,15 @@ def test_the_per_response_work_runs_only_when_something_reads_it(tmp_path, admin
     import logging
 
     from arbiter.arbiter import Arbiter
-    from arbiter.logs import LogSink
-    from arbiter.sockets import bind_listener
+    from arbiter.ops.logs import LogSink
     from support import free_port
 
     (tmp_path / "www").mkdir()
     data = {"baseDirectory": "www", "listen": f"127.0.0.1:{free_port()}", "workerCount": 1,
             "workerBasePort": free_port(), "logging": {"accessLog": str(tmp_path / "access.log") if access_log else False}}
     config = load_data(data, tmp_path / "gows.conf.json")
-    public = bind_listener(config.listen.host, config.listen.port, "listen")
-    admin_sock = bind_listener("127.0.0.1", 0, "admin") if admin else None
+    public = bind_configured(config.listen.host, config.listen.port, "listen")
+    admin_sock = bind_configured("127.0.0.1", 0, "admin") if admin else None
     sink = LogSink(config.logging)
     try:
         arbiter = Arbiter(config, public, {}, sink, admin_sock)

@@ -9,10 +9,10 @@ from collections import Counter
 import pytest
 import requests
 
-from arbiter.proxy import ProxySettings
+from arbiter.config import ProxyConfig, configured
 from arbiter.proxy.balancer import LOAD_FACTOR, RUN, Balancer
 from arbiter.state import WorkerState, WorkerTable
-from proxy_harness import ProxyThread
+from proxy_harness import NO_CACHE, ProxyThread
 from support import wait_until
 
 pytestmark = pytest.mark.unit
@@ -155,7 +155,7 @@ def test_consistent_hash_bounded_load():
     table, ws = table_of(4)
     b = Balancer(table, "consistent-hash")
     hot = b"/hot.js"
-    owner = b.owner(hot)
+    owner = b.pick(hot)  # where the path hashes to while no worker has a request
     # Requests to one hot path that never finish: they overflow to the next workers on the
     # ring instead of piling onto the owner.
     for i in range(1, 201):
@@ -185,7 +185,7 @@ def test_ring_rebuilt_only_when_the_table_changes():
 # -- through the proxy --------------------------------------------------------------------
 @pytest.mark.integration  # starts a server process
 def test_consistent_hash_through_the_proxy(workers):
-    p = ProxyThread(workers, ProxySettings(balance="consistent-hash", front_cache_enabled=False))
+    p = ProxyThread(workers, proxy=configured(ProxyConfig, balance="consistent-hash"), front_cache=NO_CACHE)
     with p:
         seen = {}
         for i in range(40):
@@ -198,7 +198,7 @@ def test_consistent_hash_through_the_proxy(workers):
 
 @pytest.mark.integration  # starts a server process
 def test_least_outstanding_through_the_proxy_avoids_the_busy_worker(workers):
-    p = ProxyThread(workers, ProxySettings(balance="least-outstanding", front_cache_enabled=False))
+    p = ProxyThread(workers, proxy=configured(ProxyConfig, balance="least-outstanding"), front_cache=NO_CACHE)
     with p:
         slow = {}
         t = threading.Thread(target=lambda: slow.update(r=requests.get(p.url + "/sleep?s=1.5")))
@@ -213,9 +213,9 @@ def test_least_outstanding_through_the_proxy_avoids_the_busy_worker(workers):
 
 @pytest.mark.integration  # starts a server process
 def test_policy_switch_on_reload(workers):
-    p = ProxyThread(workers, ProxySettings(front_cache_enabled=False))
+    p = ProxyThread(workers, front_cache=NO_CACHE)
     with p:
         path = "/file/sticky?max_age=0"
         assert len({requests.get(p.url + path).headers["X-Worker"] for _ in range(4)}) == 2
-        p.update(balance="consistent-hash")
+        p.update(proxy=configured(ProxyConfig, balance="consistent-hash"))
         assert len({requests.get(p.url + path).headers["X-Worker"] for _ in range(4)}) == 1

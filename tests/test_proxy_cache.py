@@ -8,9 +8,9 @@ from urllib.parse import urlsplit
 import pytest
 import requests
 
-from arbiter.proxy import ProxySettings
+from arbiter.config import FrontCacheConfig, configured
 from arbiter.proxy.cache import Entry, FrontCache, encoding_class, freshness
-from proxy_harness import ProxyThread, RawUpstream, Worker, parse_responses, raw
+from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, Worker, parse_responses, raw
 
 pytestmark = pytest.mark.unit
 
@@ -68,7 +68,7 @@ def origin():
 @pytest.fixture
 def proxy(origin):
     # Revalidation (after cache.ttl) has its own tests below; here entries live their max-age.
-    p = ProxyThread([origin.port], ProxySettings(front_cache_revalidate=3600))
+    p = ProxyThread([origin.port], revalidate_after=3600)
     yield p
     p.stop()
 
@@ -233,7 +233,7 @@ def test_cache_keyed_on_negotiated_encoding_class(proxy, origin):
 
 
 def test_object_larger_than_limit_passes_uncached(origin):
-    p = ProxyThread([origin.port], ProxySettings(front_cache_max_object_bytes=2000))
+    p = ProxyThread([origin.port], front_cache=configured(FrontCacheConfig, maxObjectBytes=2000))
     with p:
         origin.route("/big", body=b"b" * 3000)
         origin.route("/small", body=b"s" * 1000)
@@ -244,7 +244,7 @@ def test_object_larger_than_limit_passes_uncached(origin):
 
 
 def test_bytes_bound_holds_through_the_proxy(origin):
-    p = ProxyThread([origin.port], ProxySettings(front_cache_max_bytes=40_000))
+    p = ProxyThread([origin.port], front_cache=configured(FrontCacheConfig, maxBytes=40_000))
     with p:
         for i in range(60):
             origin.route(f"/f{i}")
@@ -254,17 +254,17 @@ def test_bytes_bound_holds_through_the_proxy(origin):
 
 
 def test_off_switch_and_reload(origin):
-    p = ProxyThread([origin.port], ProxySettings(front_cache_enabled=False))
+    p = ProxyThread([origin.port], front_cache=NO_CACHE)
     with p:
         origin.route("/o")
         for _ in range(3):
             get(p, "/o")
         assert origin.hits["/o"] == 3 and p.stats()["front_cache"]["enabled"] is False
-        p.update(front_cache_enabled=True)
+        p.update(front_cache=configured(FrontCacheConfig))
         get(p, "/o")
         get(p, "/o")
         assert origin.hits["/o"] == 4
-        p.update(front_cache_enabled=False)
+        p.update(front_cache=NO_CACHE)
         get(p, "/o")
         assert origin.hits["/o"] == 5
 
@@ -307,7 +307,7 @@ def test_gunicorn_worker_files_cached_with_validators():
 # -- revalidation: an entry older than the workers' cache TTL is checked before it is served ------
 @pytest.fixture
 def revalidating(origin):
-    p = ProxyThread([origin.port], ProxySettings(front_cache_revalidate=0.3))
+    p = ProxyThread([origin.port], revalidate_after=0.3)
     yield p
     p.stop()
 
@@ -359,7 +359,7 @@ def test_a_changed_entry_is_replaced_by_the_workers_new_answer(revalidating, ori
 
 
 def test_a_reload_purge_drops_entries_and_answers_on_their_way(origin):
-    p = ProxyThread([origin.port], ProxySettings())
+    p = ProxyThread([origin.port])
     with p:
         origin.route("/p")
         get(p, "/p")

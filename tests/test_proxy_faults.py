@@ -10,15 +10,13 @@ import time
 import pytest
 import requests
 
-from arbiter.proxy import ProxySettings
+from arbiter.config import ProxyConfig, configured
 from master_support import Hammer
-from proxy_harness import ProxyThread, RawUpstream, Worker, parse_responses, raw, read_all
+from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, Worker, parse_responses, raw, read_all
 from proxy_upstream_app import pattern
 from support import free_port, together, wait_until
 
 pytestmark = pytest.mark.integration
-
-NO_CACHE = ProxySettings(front_cache_enabled=False)
 
 
 def ok_upstream(tag: bytes = b"ok") -> RawUpstream:
@@ -36,7 +34,7 @@ def dropping_upstream() -> RawUpstream:
 def test_refused_worker_is_retried_elsewhere_and_marked_down():
     good = ok_upstream()
     dead = free_port()  # nothing listens there
-    p = ProxyThread([dead, good.port], NO_CACHE, max_fails=3, fail_timeout=30)
+    p = ProxyThread([dead, good.port], front_cache=NO_CACHE, max_fails=3, fail_timeout=30)
     with good, p:
         for _ in range(12):
             r = requests.get(p.url + "/x")
@@ -48,7 +46,7 @@ def test_refused_worker_is_retried_elsewhere_and_marked_down():
 
 
 def test_all_workers_refusing_gives_502_not_a_hang():
-    p = ProxyThread([free_port(), free_port()], NO_CACHE)
+    p = ProxyThread([free_port(), free_port()], front_cache=NO_CACHE)
     with p:
         r = requests.get(p.url + "/x", timeout=10)
         assert r.status_code == 502
@@ -57,7 +55,7 @@ def test_all_workers_refusing_gives_502_not_a_hang():
 
 def test_get_retried_when_worker_drops_the_connection_before_answering():
     bad, good = dropping_upstream(), ok_upstream(b"good")
-    p = ProxyThread([bad.port, good.port], NO_CACHE)
+    p = ProxyThread([bad.port, good.port], front_cache=NO_CACHE)
     with good, bad, p:
         for _ in range(6):
             assert requests.get(p.url + "/x").text == "good"
@@ -66,7 +64,7 @@ def test_get_retried_when_worker_drops_the_connection_before_answering():
 
 def test_post_is_never_resent_after_it_was_sent():
     bad, good = dropping_upstream(), ok_upstream(b"good")
-    p = ProxyThread([bad.port, good.port], NO_CACHE, max_fails=1000)
+    p = ProxyThread([bad.port, good.port], front_cache=NO_CACHE, max_fails=1000)
     with good, bad, p:
         statuses = [requests.post(p.url + "/x", data=b"id=%d" % i).status_code for i in range(8)]
         assert statuses.count(502) == 4 and statuses.count(200) == 4  # round robin: half hit `bad`
@@ -75,7 +73,7 @@ def test_post_is_never_resent_after_it_was_sent():
 
 def test_post_is_retried_when_it_was_never_sent():
     good = ok_upstream(b"good")
-    p = ProxyThread([free_port(), good.port], NO_CACHE)
+    p = ProxyThread([free_port(), good.port], front_cache=NO_CACHE)
     with good, p:
         for i in range(4):
             assert requests.post(p.url + "/x", data=b"id=%d" % i).text == "good"
@@ -99,7 +97,7 @@ def stale_upstream() -> RawUpstream:
 
 def test_stale_pooled_connection_retried_on_a_fresh_one():
     up = stale_upstream()
-    p = ProxyThread([up.port], NO_CACHE)
+    p = ProxyThread([up.port], front_cache=NO_CACHE)
     with up, p:
         for _ in range(5):
             assert requests.get(p.url + "/x").text == "ok"
@@ -110,7 +108,7 @@ def test_stale_pooled_connection_retried_on_a_fresh_one():
 
 def test_stale_pooled_connection_not_resent_for_post():
     up = stale_upstream()
-    p = ProxyThread([up.port], NO_CACHE)
+    p = ProxyThread([up.port], front_cache=NO_CACHE)
     with up, p:
         assert requests.post(p.url + "/x", data=b"1").status_code == 200
         assert requests.post(p.url + "/x", data=b"2").status_code == 502
@@ -122,7 +120,7 @@ def test_malformed_worker_response_is_502():
         conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nabc")
         return False
     up = RawUpstream(respond)
-    p = ProxyThread([up.port], NO_CACHE, max_fails=1000)
+    p = ProxyThread([up.port], front_cache=NO_CACHE, max_fails=1000)
     with up, p:
         r = requests.get(p.url + "/x")
         assert r.status_code == 502 and "abc" not in r.text
@@ -134,7 +132,7 @@ def test_connect_timeout_is_504():
     blackhole.bind(("127.0.0.1", 0))
     blackhole.listen(0)
     filler = socket.create_connection(blackhole.getsockname())
-    p = ProxyThread([blackhole.getsockname()[1]], ProxySettings(front_cache_enabled=False, connect_timeout=0.5))
+    p = ProxyThread([blackhole.getsockname()[1]], proxy=configured(ProxyConfig, connectTimeout=0.5), front_cache=NO_CACHE)
     with blackhole, filler, p:
         started = time.monotonic()
         r = requests.get(p.url + "/x", timeout=20)
@@ -145,7 +143,7 @@ def test_connect_timeout_is_504():
 
 def test_response_timeout_is_504_and_not_retried():
     w = Worker()
-    p = ProxyThread([w], ProxySettings(front_cache_enabled=False, response_timeout=1.0))
+    p = ProxyThread([w], proxy=configured(ProxyConfig, responseTimeout=1.0), front_cache=NO_CACHE)
     with w, p:
         started = time.monotonic()
         r = requests.get(p.url + "/sleep?s=30", timeout=20)
@@ -166,7 +164,7 @@ def read_response(port: int, request: bytes, timeout: float = 30) -> tuple[bytes
 
 def test_worker_killed_mid_stream_truncates_cleanly():
     w = Worker()
-    p = ProxyThread([w], NO_CACHE)
+    p = ProxyThread([w], front_cache=NO_CACHE)
     with w, p:
         size = 8 << 20
         head, body = read_response(
@@ -179,7 +177,7 @@ def test_worker_killed_mid_stream_truncates_cleanly():
 
 def test_worker_killed_mid_chunked_stream_never_sends_the_last_chunk():
     w = Worker()
-    p = ProxyThread([w], NO_CACHE)
+    p = ProxyThread([w], front_cache=NO_CACHE)
     with w, p:
         head, body = read_response(
             p.port, b"GET /stream?size=%d&chunk=65536&die_after=524288&nolength=1 HTTP/1.1\r\nHost: t\r\n\r\n"
@@ -200,7 +198,7 @@ def answered(clients: list[Hammer]) -> int:
 
 def test_worker_killed_under_load_loses_no_get():
     a, b = Worker(), Worker()
-    p = ProxyThread([a, b], NO_CACHE, max_fails=2)
+    p = ProxyThread([a, b], front_cache=NO_CACHE, max_fails=2)
     clients = hammers(p, 8, ("/echo", "/sleep?s=0.05"))
     with a, b, p:
         with together(clients):
@@ -215,7 +213,7 @@ def test_worker_killed_under_load_loses_no_get():
 def test_worker_set_swapped_under_load_loses_no_request():
     """What a reload does: new workers join healthy, then old ones leave (and drain)."""
     old, new = [Worker(), Worker()], [Worker(), Worker()]
-    p = ProxyThread(old, NO_CACHE)
+    p = ProxyThread(old, front_cache=NO_CACHE)
     clients = hammers(p, 6, ("/echo", "/sleep?s=0.2"))
     with together(old + new), p:
         with together(clients):
@@ -234,7 +232,7 @@ def test_worker_set_swapped_under_load_loses_no_request():
 def test_leaving_worker_finishes_in_flight_and_its_idle_connections_close():
     w = Worker()
     other = ok_upstream(b"other")
-    p = ProxyThread([w], NO_CACHE)
+    p = ProxyThread([w], front_cache=NO_CACHE)
     with other, w, p:
         for _ in range(3):
             requests.get(p.url + "/echo")
@@ -253,7 +251,7 @@ def test_leaving_worker_finishes_in_flight_and_its_idle_connections_close():
 
 def test_graceful_shutdown_finishes_in_flight_and_closes_idle():
     w = Worker()
-    p = ProxyThread([w], NO_CACHE)
+    p = ProxyThread([w], front_cache=NO_CACHE)
     with w, p:
         idle = socket.create_connection(("127.0.0.1", p.port))
         idle.sendall(b"GET /file/x?size=10 HTTP/1.1\r\nHost: t\r\n\r\n")
@@ -282,7 +280,7 @@ def test_graceful_shutdown_finishes_in_flight_and_closes_idle():
 
 def test_shutdown_timeout_bounds_a_slow_request():
     w = Worker()
-    p = ProxyThread([w], NO_CACHE)
+    p = ProxyThread([w], front_cache=NO_CACHE)
     with w, p:
         result = {}
         t = threading.Thread(target=lambda: result.update(
@@ -298,7 +296,7 @@ def test_shutdown_timeout_bounds_a_slow_request():
 
 def test_connections_per_worker_capped_excess_requests_wait_for_one():
     w = Worker(threads=8)
-    p = ProxyThread([w], ProxySettings(front_cache_enabled=False, pool_size=3))
+    p = ProxyThread([w], proxy=configured(ProxyConfig, poolSize=3), front_cache=NO_CACHE)
     results: list[int] = []
     lock = threading.Lock()
 
@@ -323,7 +321,7 @@ def test_connections_per_worker_capped_excess_requests_wait_for_one():
 
 def test_request_waiting_too_long_for_a_connection_gets_503():
     w = Worker(threads=2)
-    p = ProxyThread([w], ProxySettings(front_cache_enabled=False, pool_size=1, response_timeout=1.0))
+    p = ProxyThread([w], proxy=configured(ProxyConfig, poolSize=1, responseTimeout=1.0), front_cache=NO_CACHE)
     with w, p:
         blocker = threading.Thread(target=lambda: requests.get(p.url + "/sleep?s=3", timeout=30))
         blocker.start()
@@ -337,17 +335,17 @@ def test_request_waiting_too_long_for_a_connection_gets_503():
 
 
 def test_a_proxy_error_while_relaying_is_logged_closes_the_client_and_spares_the_worker(caplog, monkeypatch):
-    from arbiter.proxy.server import ClientProtocol
-    relay = ClientProtocol.upstream_head
+    from arbiter.proxy.relay import Relay
+    relay = Relay.upstream_head
 
     def failing(self, conn, status, headers):
-        if self.current.target == b"/boom":
+        if self.req.target == b"/boom":
             raise KeyError("a bug of the proxy's")
         relay(self, conn, status, headers)
 
-    monkeypatch.setattr(ClientProtocol, "upstream_head", failing)
+    monkeypatch.setattr(Relay, "upstream_head", failing)
     up = ok_upstream()
-    p = ProxyThread([up.port], NO_CACHE, max_fails=1)
+    p = ProxyThread([up.port], front_cache=NO_CACHE, max_fails=1)
     with up, p:
         data = raw(p.port, b"GET /boom HTTP/1.1\r\nHost: t\r\n\r\n")
         assert data == b""  # closed: there is nothing right to answer mid-relay
@@ -366,12 +364,12 @@ def test_switching_the_front_cache_off_mid_response_relays_the_rest():
         return True
     released = threading.Event()
     up = RawUpstream(respond)
-    p = ProxyThread([up.port], ProxySettings())
+    p = ProxyThread([up.port])
     with up, p:
         with socket.create_connection(("127.0.0.1", p.port), timeout=10) as s:
             s.sendall(b"GET /c HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             wait_until(lambda: p.stats()["upstream_connections"]["busy"] == 1)
-            p.update(front_cache_enabled=False)  # a reload switched it off
+            p.update(front_cache=NO_CACHE)  # a reload switched it off
             released.set()
             (status, _, body), = parse_responses(read_all(s))
         assert (status, body) == (200, b"a" * 10000 + b"b" * 10000)
@@ -380,7 +378,7 @@ def test_switching_the_front_cache_off_mid_response_relays_the_rest():
 
 def test_a_pooled_connection_to_a_replaced_worker_process_is_never_reused():
     up = ok_upstream()
-    p = ProxyThread([up.port], NO_CACHE)
+    p = ProxyThread([up.port], front_cache=NO_CACHE)
     with up, p:
         assert requests.get(p.url + "/one").status_code == 200
         assert p.stats()["upstream_connections"]["idle"] == 1 and up.connections == 1
@@ -404,7 +402,7 @@ def test_a_connection_the_worker_closes_as_it_is_made_is_a_failed_attempt_not_a_
 
     monkeypatch.setattr(UpstreamConnection, "connection_made", made_then_lost)
     ups = [ok_upstream(), ok_upstream()]
-    p = ProxyThread([u.port for u in ups], NO_CACHE)
+    p = ProxyThread([u.port for u in ups], front_cache=NO_CACHE)
     with together(ups), p:
         r = requests.get(p.url + "/x", timeout=10)
         assert r.status_code == 200  # retried on the other worker

@@ -8,15 +8,14 @@ import socket
 import pytest
 import requests
 
-from arbiter.proxy import ProxySettings
-from proxy_harness import ProxyThread, RawUpstream, parse_responses, raw, read_all
+from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, parse_responses, raw, read_all
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
 def proxy(workers):
-    p = ProxyThread(workers, ProxySettings(front_cache_enabled=False))
+    p = ProxyThread(workers, front_cache=NO_CACHE)
     yield p
     p.stop()
 
@@ -67,7 +66,7 @@ def test_response_hop_by_hop_headers_removed():
                      b"Content-Length: 3\r\n\r\nhop")
         return True
     upstream = RawUpstream(respond)
-    p = ProxyThread([upstream.port], ProxySettings(front_cache_enabled=False))
+    p = ProxyThread([upstream.port], front_cache=NO_CACHE)
     with upstream, p:
         r = requests.get(p.url + "/hop")
         assert r.text == "hop" and r.headers["X-Kept"] == "yes"
@@ -226,26 +225,6 @@ def test_stats_count_requests_and_status_classes(proxy):
     assert after["responses"]["4xx"] - before["responses"]["4xx"] == 1
 
 
-@pytest.mark.parametrize("changes,key", [
-    ({"balance": "random"}, "balance"), ({"connect_timeout": 0}, "connect_timeout"),
-    ({"retries": -1}, "retries"), ({"max_connections": 0}, "max_connections"),
-    ({"front_cache_max_bytes": -1}, "front_cache_max_bytes"),
-])
-def test_settings_reject_bad_values_naming_the_key(changes, key):
-    with pytest.raises(ValueError, match=key):
-        ProxySettings(**changes)
-
-
-def test_settings_defaults_are_the_documented_ones():
-    s = ProxySettings()
-    assert (s.balance, s.retries, s.connect_timeout, s.response_timeout, s.idle_timeout, s.header_timeout) == (
-        "round-robin", 2, 2.0, 30.0, 15.0, 10.0)
-    assert (s.max_connections, s.max_request_line, s.max_header_bytes, s.max_headers, s.max_body_bytes,
-            s.pool_size) == (4096, 8190, 32768, 100, 1048576, 64)
-    assert (s.front_cache_enabled, s.front_cache_max_bytes, s.front_cache_max_object_bytes) == (
-        True, 64 * 2**20, 2**20)
-
-
 # -- header hygiene a client cannot turn against the proxy ------------------------------------------
 @pytest.mark.parametrize("named", ["host", "Host, Content-Length", "transfer-encoding, host"])
 def test_a_connection_header_naming_host_keeps_host(proxy, named):
@@ -263,7 +242,7 @@ def test_a_named_content_length_still_frames_the_body(proxy):
 
 
 def test_an_http10_request_without_host_gets_a_bracketed_ipv6_host(workers):
-    p = ProxyThread(workers, ProxySettings(front_cache_enabled=False), listen_host="::1")
+    p = ProxyThread(workers, front_cache=NO_CACHE, listen_host="::1")
     with p:
         with socket.create_connection(("::1", p.port), timeout=10) as s:
             s.sendall(b"GET /echo HTTP/1.0\r\n\r\n")

@@ -10,8 +10,8 @@ import time
 import pytest
 import requests
 
-from arbiter.proxy import ProxySettings
-from proxy_harness import ProxyThread, RawUpstream, parse_responses, raw, read_all
+from arbiter.config import ProxyConfig, configured
+from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, parse_responses, raw, read_all
 from support import closing_all, wait_until
 
 pytestmark = pytest.mark.unit
@@ -30,9 +30,7 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def proxy(upstream):
-    p = ProxyThread([upstream.port], ProxySettings(
-        front_cache_enabled=False, max_request_line=1024, max_header_bytes=4096, max_headers=20,
-        max_body_bytes=10_000, header_timeout=1.0, idle_timeout=1.0))
+    p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxRequestLine=1024, maxHeaderBytes=4096, maxHeaders=20, maxBodyBytes=10_000, headerTimeout=1.0, idleTimeout=1.0), front_cache=NO_CACHE)
     yield p
     p.stop()
 
@@ -205,7 +203,7 @@ def test_connection_that_sends_nothing_is_closed(proxy):
 
 
 def test_at_max_connections_the_longest_idle_connection_makes_room(upstream):
-    p = ProxyThread([upstream.port], ProxySettings(front_cache_enabled=False, max_connections=5))
+    p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=5), front_cache=NO_CACHE)
     held = []
     with p, closing_all(held):
         for _ in range(5):
@@ -223,7 +221,7 @@ def test_at_max_connections_the_longest_idle_connection_makes_room(upstream):
 
 
 def test_at_max_connections_busy_ones_keep_newcomers_in_the_backlog(upstream):
-    p = ProxyThread([upstream.port], ProxySettings(front_cache_enabled=False, max_connections=5))
+    p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=5), front_cache=NO_CACHE)
     held = []
     with p, closing_all(held):
         for _ in range(5):  # each in the middle of a request head: none is idle
@@ -244,7 +242,7 @@ def test_at_max_connections_busy_ones_keep_newcomers_in_the_backlog(upstream):
 
 
 def test_connection_flood_never_crashes(upstream):
-    p = ProxyThread([upstream.port], ProxySettings(front_cache_enabled=False, max_connections=50))
+    p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=50), front_cache=NO_CACHE)
     statuses: list[int] = []
     lock = threading.Lock()
 

@@ -9,9 +9,9 @@ import time
 import pytest
 import requests
 
-from arbiter.proxy import ProxySettings
+from arbiter.config import ProxyConfig, configured
 from master_support import rss_kib
-from proxy_harness import TESTS, ProxyThread, Worker
+from proxy_harness import NO_CACHE, ProxyThread, TESTS, Worker
 from support import PYTHON, free_port, python_env, running, wait_for_port, wait_until
 
 pytestmark = pytest.mark.integration
@@ -65,7 +65,7 @@ def test_large_download_to_slow_reader_keeps_proxy_memory_bounded():
 
 def test_slow_client_pauses_the_worker_connection_and_resumes():
     worker = Worker()
-    p = ProxyThread([worker], ProxySettings(front_cache_enabled=False))
+    p = ProxyThread([worker], front_cache=NO_CACHE)
     with worker, p:
         with socket.create_connection(("127.0.0.1", p.port)) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
@@ -86,7 +86,7 @@ def test_slow_client_pauses_the_worker_connection_and_resumes():
 
 def test_large_upload_is_forwarded_whole():
     worker = Worker()
-    p = ProxyThread([worker], ProxySettings(front_cache_enabled=False, max_body_bytes=4 << 20))
+    p = ProxyThread([worker], proxy=configured(ProxyConfig, maxBodyBytes=4 << 20), front_cache=NO_CACHE)
     with worker, p:
         body = BLOCK * 3
         r = requests.post(p.url + "/echo", data=body)
@@ -95,7 +95,7 @@ def test_large_upload_is_forwarded_whole():
 
 def test_client_that_stops_reading_is_cut_off_and_frees_the_worker():
     worker = Worker()
-    p = ProxyThread([worker], ProxySettings(front_cache_enabled=False, response_timeout=1.0))
+    p = ProxyThread([worker], proxy=configured(ProxyConfig, responseTimeout=1.0), front_cache=NO_CACHE)
     with worker, p:
         with socket.create_connection(("127.0.0.1", p.port)) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
@@ -111,7 +111,7 @@ def test_client_that_stops_reading_is_cut_off_and_frees_the_worker():
 
 def test_worker_stalling_mid_body_is_cut_off_after_the_response_timeout():
     worker = Worker()
-    p = ProxyThread([worker], ProxySettings(front_cache_enabled=False, response_timeout=1.0))
+    p = ProxyThread([worker], proxy=configured(ProxyConfig, responseTimeout=1.0), front_cache=NO_CACHE)
     with worker, p:
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", p.port)) as s:

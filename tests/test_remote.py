@@ -15,9 +15,8 @@ import pytest
 import uvloop
 
 from arbiter.arbiter import Arbiter
-from arbiter.config import load_data
-from arbiter.logs import LogSink
-from arbiter.sockets import bind_listener
+from arbiter.config import bind_configured, load_data
+from arbiter.ops.logs import LogSink
 from async_support import Server, until
 from master_support import children
 from support import free_port
@@ -35,7 +34,7 @@ def test_remote_worker_is_checked_and_reported_never_spawned(tmp_path, caplog):
                             "workers": [{"host": "127.0.0.1", "port": port}],
                             "healthCheck": {"interval": 0.05, "rise": 2, "fall": 2}}, tmp_path / "gows.conf.json")
         config = dataclasses.replace(config, workers=(dataclasses.replace(config.workers[0], local=False),))
-        public = bind_listener(config.listen.host, config.listen.port, "listen")
+        public = bind_configured(config.listen.host, config.listen.port, "listen")
         sink = LogSink(config.logging)
         try:
             arbiter = Arbiter(config, public, {}, sink)

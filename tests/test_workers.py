@@ -7,8 +7,10 @@ import sys
 
 import pytest
 
+from arbiter.backoff import Backoff
 from arbiter.config import load_data
-from arbiter.workers import Backoff, WorkerOptions, describe_exit, killed_from_outside, worker_argv
+from arbiter.incarnation import describe_exit, killed_from_outside
+from arbiter.worker_command import WorkerOptions, worker_argv
 from fileapp.__main__ import make_parser
 
 pytestmark = pytest.mark.unit

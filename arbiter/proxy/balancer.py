@@ -34,6 +34,9 @@ class Balancer:
     while the other idles.
     """
 
+    POLICIES = {"round-robin": "_round_robin", "least-outstanding": "_least_outstanding",
+                "consistent-hash": "_consistent_hash"}  # the config's proxy.balance choices
+
     def __init__(self, table: WorkerTable, policy: str = "round-robin", worker_threads: int = 4) -> None:
         self.table = table
         self.policy = policy
@@ -44,11 +47,7 @@ class Balancer:
         self._ring_generation = -1
         self._points: list[int] = []
         self._owners: list[WorkerState] = []
-        self.pick = {
-            "round-robin": self._round_robin,
-            "least-outstanding": self._least_outstanding,
-            "consistent-hash": self._consistent_hash,
-        }[policy]
+        self.pick = getattr(self, self.POLICIES[policy])
 
     def _round_robin(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
         healthy = self.table.healthy
@@ -138,12 +137,3 @@ class Balancer:
             if len(seen) == n:
                 break
         return None
-
-    def owner(self, path: bytes) -> WorkerState | None:
-        """The worker a path hashes to when load does not interfere (for tests and the admin page)."""
-        if self._ring_generation != self.table.generation:
-            self._rebuild_ring()
-        if not self._points:
-            return None
-        i = bisect.bisect_left(self._points, _hash64(path.partition(b"?")[0])) % len(self._points)
-        return self._owners[i]

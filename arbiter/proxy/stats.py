@@ -20,19 +20,14 @@ WINDOWS = (10, 300)  # seconds: the "last 10 s" and "last 5 min" of the admin pa
 
 
 class RequestStats:
-    """Latency histogram of completed responses. The proxy adds to `counts` in line (see `add`);
+    """Latency histogram of completed responses. The proxy counts into `counts` in line, once per
+    response (ClientProtocol.finish: slot `ns.bit_length()`, and the sum in slot SUM);
     everything else is read-side."""
 
     __slots__ = ("counts",)
 
     def __init__(self) -> None:
         self.counts = [0] * (SLOTS + 1)
-
-    def add(self, ns: int) -> None:
-        """Count one response that took `ns` nanoseconds (what the proxy does in line)."""
-        counts = self.counts
-        counts[ns.bit_length()] += 1
-        counts[SUM] += ns
 
     @property
     def buckets(self) -> list[int]:

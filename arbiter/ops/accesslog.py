@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import STDOUT, ConfigError
+from ..config import STDOUT, ConfigError
 from .logs import Throttle
 
 log = logging.getLogger("gows.access")
@@ -122,11 +122,7 @@ class AccessLog:
         if q.qsize() >= MAX_QUEUED:
             self.queue_full += 1
             return
-        peer = client.peer
-        if peer is None:
-            name = client.transport.get_extra_info("peername") if client.transport is not None else None
-            peer = client.peer = (name[0] if isinstance(name, tuple) else "-").encode()
-        q.put((peer, time.time(), (time.perf_counter_ns() - req.born) / 1e9, req.method, req.target, req.http10,
+        q.put((client.remote(), time.time(), (time.perf_counter_ns() - req.born) / 1e9, req.method, req.target, req.http10,
                req.status, req.length, req.fwd))
 
     def reopen(self) -> None:

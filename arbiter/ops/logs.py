@@ -14,33 +14,29 @@ import sys
 import time
 from typing import Callable
 
-from .config import Logging
+from fileapp import logs as worker_logs
 
-FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
+from ..config import LoggingConfig
+
 log = logging.getLogger("gows.logs")
 
 
 class LogSink:
     """The master's log handler plus the relay of workers' output into the same file."""
 
-    def __init__(self, settings: Logging) -> None:
+    def __init__(self, settings: LoggingConfig) -> None:
         self.handler: logging.Handler | None = None
         self.apply(settings)
 
-    def apply(self, settings: Logging) -> None:
+    def apply(self, settings: LoggingConfig) -> None:
         """Install (or switch to) the handler and level of `settings`; OSError if the file cannot be opened."""
         if settings.file is not None:
             handler: logging.Handler = logging.FileHandler(settings.file, encoding="utf-8")
         else:
             handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter(FORMAT))
-        root = logging.getLogger()
-        if self.handler is not None:
-            root.removeHandler(self.handler)
-            self.handler.close()
-        root.addHandler(handler)
-        root.setLevel(settings.level.upper())
-        self.handler, self.settings = handler, settings
+        # The workers' own format (fileapp.logs), so that master and workers read as one program.
+        self.handler = worker_logs.configure(settings.format, settings.level, handler=handler)
+        self.settings = settings
 
     def reopen(self) -> None:
         """Reopen the log file (after rotation); a no-op on stderr."""

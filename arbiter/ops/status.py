@@ -34,10 +34,10 @@ import time
 from importlib import metadata
 from typing import Any, Protocol
 
+from ..proxy import Proxy
+from ..proxy.stats import Window, quantile
+from ..state import WorkerTable
 from .accesslog import AccessLog
-from .proxy import Proxy
-from .proxy.stats import Window, quantile
-from .state import WorkerTable
 
 try:
     VERSION = metadata.version("gows")

@@ -199,7 +199,7 @@ def _worker_row(w: dict[str, Any], now: float) -> str:
 
 
 def render(d: dict[str, Any]) -> str:
-    """The page for the status document `d` (arbiter.status.snapshot)."""
+    """The page for the status document `d` (arbiter.ops.status.snapshot)."""
     now = time.time()
     t, cache, responses = d["totals"], d["front_cache"], d["totals"]["responses"]
     state = "stopping" if d["stopping"] else "ready" if d["ready"] else "not ready"

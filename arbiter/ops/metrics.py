@@ -14,7 +14,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from .proxy.stats import BOUNDS
+from ..proxy.stats import BOUNDS
 from .status import VERSION, Master, ready
 
 _PROXY_COUNTERS = (

@@ -1,9 +1,9 @@
 """The admin listener: status page, status JSON, Prometheus metrics and health/readiness probes,
 served by the master's own event loop on its own (loopback by default) address.
 
-    /status       HTML for people (arbiter/status_page.py)
-    /status.json  the same data for machines (shape documented in arbiter/status.py)
-    /metrics      Prometheus exposition (arbiter/metrics.py)
+    /status       HTML for people (arbiter/ops/status_page.py)
+    /status.json  the same data for machines (shape documented in arbiter/ops/status.py)
+    /metrics      Prometheus exposition (arbiter/ops/metrics.py)
     /healthz      200 while the master's loop answers
     /readyz       200 when at least one worker is up, else 503 (load balancers, Kubernetes)
 
@@ -21,9 +21,10 @@ from typing import Any, Callable
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser, parse_url
 
+from ..addresses import host_port
+from ..proxy.stats import Window
 from . import status_page
 from .metrics import exposition, make_registry
-from .proxy.stats import Window
 from .status import Master, ready, snapshot
 
 log = logging.getLogger("gows.admin")
@@ -154,7 +155,7 @@ class AdminServer:
         self._server = await loop.create_server(lambda: AdminProtocol(self), sock=sock.dup())
         self._sampler = loop.call_later(SAMPLE_EVERY, self._sample)
         log.info("admin listener on %s: /status /status.json /metrics /healthz /readyz",
-                 _address(sock.getsockname()))
+                 host_port(*sock.getsockname()[:2]))
 
     def _sample(self) -> None:
         self.window.sample()
@@ -206,8 +207,3 @@ class AdminServer:
             return _text(200, f"ready: {len(master.table.healthy)} of {len(master.table)} workers up\n")
         why = "stopping" if master.stopping else f"no worker is up (0 of {len(master.table)})"
         return _text(503, f"not ready: {why}\n", [("Retry-After", "1")])
-
-
-def _address(sockname: Any) -> str:
-    host, port = sockname[0], sockname[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -1,0 +1,38 @@
+"""Addresses the master listens on or talks to, and the one way gows writes `host:port`.
+
+An IPv6 literal is written in brackets (`[::1]:8080`, RFC 3986's authority), everywhere: in
+logs, error messages, Host headers and URLs. Without them `::1:8080` is ambiguous, and a Host
+header or URL written that way is malformed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 literal in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+@dataclass(frozen=True)
+class Address:
+    """A bindable address: IP literal (or localhost) and port."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return host_port(self.host, self.port)
+
+
+@dataclass(frozen=True)
+class WorkerAddress:
+    """A worker's address; `local` workers are spawned here, others only checked."""
+
+    host: str
+    port: int
+    local: bool
+    label: str  # the config key that put it there, for error messages
+
+    def __str__(self) -> str:
+        return host_port(self.host, self.port)

@@ -1,0 +1,119 @@
+"""The settings of gows.conf.json, one frozen dataclass per section: start reading here.
+
+Each field declares one setting once (its kind, default as JSON, and doc; see kinds.py); the
+loader, the error messages, gows.schema.json and the README's table are derived from these
+declarations. The classes end in Config so they never meet the runtime classes they configure
+(the proxy's Proxy and FrontCache, the logging module) under the same name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fileapp import cache as worker_cache
+from fileapp import logs as worker_logs
+
+from ..addresses import Address, WorkerAddress
+from .kinds import (REQUIRED, AddressKind, Boolean, Choice, Directory, FilePath, Host, Integer, LogTarget,
+                    Nullable, Number, UrlPath, WorkerList, section, setting)
+
+
+@dataclass(frozen=True)
+class HealthCheckConfig:
+    """healthCheck: active HTTP checks of every worker (HAProxy's inter/rise/fall)."""
+
+    path: str = setting(UrlPath(), "/healthcheck", "URL path requested on each worker; a 2xx answer is a pass.")
+    interval: float = setting(Number(3600), 1.0, "Seconds between two checks of one worker.")
+    timeout: float = setting(Number(600), 1.0, "Seconds a check may take (connect to status line) before it fails.")
+    rise: int = setting(Integer(1, 100), 2, "Consecutive passes that mark a worker up.")
+    fall: int = setting(Integer(1, 100), 3, "Consecutive failures that mark a worker down (a local one is then replaced).")
+    boot_timeout: float = setting(Number(3600), 15.0, "Seconds a newly started local worker has to become healthy before it is killed and retried.")
+
+
+@dataclass(frozen=True)
+class RestartBackoffConfig:
+    """restartBackoff: how fast a local worker that keeps failing right after start is retried."""
+
+    initial: float = setting(Number(3600), 0.5, "Delay before the second consecutive restart of a failing worker; it doubles each further time.")
+    max: float = setting(Number(3600), 30.0, "Upper bound of the restart delay.")
+    min_uptime: float = setting(Number(86400, positive=False), 5.0, "A worker that exits, crashes (SIGSEGV, SIGABRT, ...) or is replaced for failing checks sooner than this many seconds after it started, or before it was ever healthy, counts as failing right after start. One killed from outside (SIGKILL, SIGTERM: the OOM killer, an operator) after it had become healthy does not: it restarts at once.")
+
+
+@dataclass(frozen=True)
+class WorkerCacheConfig:
+    """cache: each worker's file cache (passed to the workers)."""
+
+    ttl: float = setting(Number(86400, positive=False), worker_cache.DEFAULT_TTL, "Seconds a cached file is served before it is checked against the disk again.")
+    max_bytes: int = setting(Integer(0, 1 << 40), worker_cache.DEFAULT_MAX_BYTES, "Byte budget of each worker's cache.")
+    max_file_size: int = setting(Integer(0, 1 << 40), worker_cache.DEFAULT_MAX_FILE_SIZE, "Largest file whose bytes are cached; bigger files are streamed with sendfile.")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """logging: where and how much the master and its workers log."""
+
+    level: str = setting(Choice("debug", "info", "warning", "error", "critical"), "info", "Least severe level that is logged.")
+    access_log: Path | str | None = setting(LogTarget(), False, "Access log of the master, one line per request in Apache's combined format plus the request time in microseconds: false (off), true or \"-\" (stdout), or a file. SIGUSR1 reopens it.")
+    file: Path | None = setting(Nullable(FilePath()), None, "Log file (master and workers); null logs to stderr. SIGUSR1 reopens it.")
+    format: str = setting(Choice(*worker_logs.FORMATS), "text", "Line format of the master's and the workers' logs: text (time [pid] [LEVEL] logger[:worker port]: message) or json (one object per line, for log shippers).")
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """proxy: the front reverse proxy on the public listener."""
+
+    balance: str = setting(Choice("round-robin", "least-outstanding", "consistent-hash"), "round-robin", "How a worker is chosen: round-robin (under concurrency a busy worker takes up to 8 requests in a row, never more than its threads, sparing context switches), least-outstanding (fewest requests in flight), or consistent-hash (on the path with bounded load, so each worker's cache holds its share). Whatever the policy, a worker with a request in flight on each of its threads is passed over while another has a thread free.")
+    retries: int = setting(Integer(0, 10), 2, "Other workers an idempotent request is retried on when a connection fails before any response byte.")
+    connect_timeout: float = setting(Number(600), 2.0, "Seconds to connect to a worker.")
+    response_timeout: float = setting(Number(3600), 30.0, "Seconds a worker has to start its response, and then between two reads of it; the same time bounds a client that stops reading a response, a request waiting for a free connection to its worker, and the retries of a failed request.")
+    idle_timeout: float = setting(Number(3600), 15.0, "Seconds an idle client keep-alive connection is kept open.")
+    header_timeout: float = setting(Number(600), 10.0, "Seconds a client has to send a complete request head.")
+    max_connections: int = setting(Integer(1, 1_000_000), 4096, "Client connections served at once; more wait in the listen backlog, and the longest-idle connections are closed to let them in.")
+    max_request_line: int = setting(Integer(256, 1 << 20), 8190, "Longest request line in bytes (414 beyond).")
+    max_header_bytes: int = setting(Integer(1024, 1 << 24), 32768, "Largest request head in bytes (431 beyond).")
+    max_headers: int = setting(Integer(1, 10000), 100, "Most request header fields (431 beyond).")
+    max_body_bytes: int = setting(Integer(0, 1 << 40), 1048576, "Largest request body in bytes (413 beyond).")
+    body_buffer_bytes: int = setting(Integer(0, 1 << 40), 67108864, "Request body bytes held for all clients at once; a request whose body would exceed it is answered 503. A body must arrive at 4 KiB/s on average after its first headerTimeout seconds (408 otherwise).")
+    pool_size: int = setting(Integer(1, 100000), 64, "Idle keep-alive connections kept per worker.")
+
+
+@dataclass(frozen=True)
+class FrontCacheConfig:
+    """frontCache: hot small responses kept in the master (micro-caching)."""
+
+    enabled: bool = setting(Boolean(), True, "Whether the master caches responses.")
+    max_bytes: int = setting(Integer(0, 1 << 40), 67108864, "Byte budget of the front cache (bodies, prepared heads and bookkeeping: what the master really holds).")
+    max_object_bytes: int = setting(Integer(0, 1 << 40), 1048576, "Largest response body the front cache keeps.")
+
+
+_PORT = Integer(1, 65535)
+
+
+@dataclass(frozen=True)
+class Config:
+    """A validated gows.conf.json. `listen` and `workers` are resolved from whichever form was given."""
+
+    listen: Address = setting(AddressKind(), "127.0.0.1:8080", "Public address the master serves on; IPv6 as \"[::1]:8080\".")
+    master_port: int | None = setting(Nullable(_PORT), None, "Legacy (proof of concept): public port on 127.0.0.1. Give either this or listen.")
+    workers: tuple[WorkerAddress, ...] = setting(Nullable(WorkerList()), None, "The workers as a list of {host, port}. Workers on this machine are spawned here; others are only health-checked. Give either this or workerCount.")
+    worker_count: int | None = setting(Nullable(Integer(1, 1024)), None, "Shorthand for workers: this many local workers on consecutive ports from workerBasePort.")
+    worker_base_port: int = setting(_PORT, 9001, "First worker port of the workerCount form.")
+    worker_host: str = setting(Host(), "127.0.0.1", "Address the workers of the workerCount form listen on.")
+    base_directory: Path = setting(Directory(), REQUIRED, "The directory served (the document root).")
+    threads: int = setting(Integer(1, 1024), 4, "Threads per worker.")
+    graceful_timeout: float = setting(Number(3600), 30.0, "Seconds a stopping worker has to finish in-flight requests before it is killed.")
+    max_fails: int = setting(Integer(1, 1000), 3, "Proxy connection failures within failTimeout that mark a worker down.")
+    fail_timeout: float = setting(Number(3600), 10.0, "Window in seconds for maxFails.")
+    pidfile: Path | None = setting(Nullable(FilePath()), None, "File the master writes its pid to (removed at exit); null for none.")
+    admin: Address | None = setting(Nullable(AddressKind()), None, "Address of the admin listener (status page, metrics); null disables it.")
+    health_check: HealthCheckConfig = section(HealthCheckConfig, "Active health checks of every worker.")
+    restart_backoff: RestartBackoffConfig = section(RestartBackoffConfig, "Back-off for local workers that keep failing right after start (a crash loop). It never leaves the pool without a worker: when no local worker is up or starting, one that is waiting out its delay starts at once.")
+    cache: WorkerCacheConfig = section(WorkerCacheConfig, "Each worker's file cache.")
+    logging: LoggingConfig = section(LoggingConfig, "Logging of the master and its workers.")
+    proxy: ProxyConfig = section(ProxyConfig, "The front reverse proxy.")
+    front_cache: FrontCacheConfig = section(FrontCacheConfig, "Responses cached in the master.")
+    source: Path = field(default=Path("gows.conf.json"), metadata={})  # the file this came from
+
+    @property
+    def local_workers(self) -> tuple[WorkerAddress, ...]:
+        return tuple(w for w in self.workers if w.local)

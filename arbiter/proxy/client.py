@@ -1,0 +1,276 @@
+"""The client side of the front proxy: one asyncio Protocol per client connection, reading
+requests (reader.py) and answering them in order: from the front cache, with a response of its
+own, or through a Relay to a worker, with keep-alive and back-pressure.
+
+A connection object and a request object (uvicorn's HttpToolsProtocol and RequestResponseCycle):
+what lives as long as the connection is here, what lives as long as one request is in Request,
+and a worker's answer in its Relay.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from httptools import HttpRequestParser
+
+from .cache import Entry
+from .http1 import BUSY, GET, HEAD, error_response
+from .reader import IDLE, MAX_PIPELINE, RequestReader
+from .relay import JOIN_LIMIT, Relay
+from .request import Request, now_ns
+from .stats import SUM
+
+if TYPE_CHECKING:
+    from .server import Proxy
+
+log = logging.getLogger("gows.proxy")
+
+
+class ClientProtocol(RequestReader):
+    """One client connection: read requests, queue them in order, answer each from the cache,
+    with an error of the proxy's own, or through a Relay to a worker."""
+
+    __slots__ = ("relay", "eof", "write_paused", "stall_since", "peer", "pumping", "idle_since")
+
+    def __init__(self, proxy: Proxy) -> None:
+        super().__init__(proxy)
+        self.relay: Relay | None = None  # the current request's way to a worker, when it has one
+        self.eof = False
+        self.write_paused = False
+        self.stall_since = 0.0
+        self.peer: bytes | None = None
+        self.pumping = False  # _pump is running: what it calls must not start it again
+        self.idle_since = 0.0  # when the connection last had no request in progress
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        proxy = self.proxy
+        if proxy.draining:
+            self.closed = self.no_more = True
+            proxy.rejected += 1
+            transport.write(BUSY)
+            transport.close()
+            return
+        proxy.conns.add(self)
+        self.parser = HttpRequestParser(self)
+        self.idle_since = proxy.clock
+        self.deadline = proxy.clock + proxy.config.header_timeout
+
+    def eof_received(self) -> bool | None:
+        self.eof = True
+        self.no_more = True
+        if self.current is None and not self.queue:
+            return None  # nothing left to answer: close
+        return True  # half-close: still write the queued responses, then close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = self.no_more = True
+        self._detach()
+        # Break the cycle with the parser (whose callbacks are our methods) and let go of every
+        # request body now, not whenever the cyclic GC runs.
+        self.parser = None
+        release = self.proxy.release_body
+        for req in (self.req, self.current, *self.queue):
+            if req is not None:
+                release(req)
+        self.req = self.current = self.held = None
+        self.queue.clear()
+        self.proxy.connection_gone(self)
+
+    def pause_writing(self) -> None:
+        # The client reads slower than the worker sends: stop reading the worker.
+        self.write_paused = True
+        self.stall_since = self.proxy.clock
+        relay = self.relay
+        if relay is not None and relay.upstream is not None:
+            relay.upstream.pause()
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        relay = self.relay
+        if relay is not None and relay.upstream is not None:
+            relay.upstream.resume()
+
+    # -- request queue ----------------------------------------------------------------------
+    def _enqueue(self, req: Request) -> None:
+        self.queue.append(req)
+        if self.current is None and not self.pumping:
+            self._pump()
+
+    def _pump(self) -> None:
+        """Serve the queued requests in order and parse held-back bytes as room frees up.
+
+        A loop, never recursion: a front-cache hit is answered at once, and a thousand pipelined
+        hits must not become a thousand nested calls.
+        """
+        self.pumping = True
+        try:
+            while not self.closed:
+                if self.current is None and self.queue:
+                    self._serve(self.queue[0])
+                elif self.held is not None and len(self.queue) < MAX_PIPELINE:
+                    held, self.held = self.held, None
+                    self._feed(memoryview(held))
+                else:
+                    break
+        finally:
+            self.pumping = False
+        if self.closed or self.current is not None:
+            return
+        if self.eof:
+            self.close()
+            return
+        if self.phase == IDLE:
+            self.idle_since = self.proxy.clock
+            self.deadline = self.idle_since + self.proxy.config.idle_timeout
+        if self.read_paused and self.held is None and not self.no_more:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def _serve(self, req: Request) -> None:
+        self.current = req
+        if req.error:
+            self.respond_error(req, req.error)
+            return
+        proxy = self.proxy
+        method = req.method
+        cache = proxy.cache
+        stale = None
+        cacheable = False
+        if cache is not None and (method == GET or method == HEAD) and not req.bypass:
+            entry = cache.get(req.target, req.ae, proxy.clock)
+            if entry is not None:
+                if entry.servable(proxy.clock):
+                    self.answer_from(entry, req)
+                    return
+                # Older than the workers' own cache TTL: ask a worker whether it still holds (one
+                # request does; others get the stored answer meanwhile).
+                if req.inm is None and req.ims is None and (entry.etag is not None or entry.last_modified is not None):
+                    entry.revalidating = proxy.clock
+                    stale = entry
+            cacheable = method == GET
+        relay = self.relay = Relay(self, req, proxy, cacheable, stale)
+        relay.forward()
+
+    # -- answers (the Client side of a Relay) -----------------------------------------------
+    def answer_from(self, entry: Entry, req: Request) -> None:
+        """Answer `req` with a stored response (a 304 when its validators match)."""
+        proxy = self.proxy
+        age = int(proxy.clock - entry.born) + entry.initial_age
+        if age != entry.age:
+            entry.prepare(age)
+        keep = req.keep_alive and not proxy.draining
+        http10 = req.http10
+        if (req.inm is not None or req.ims is not None) and entry.not_modified(req.inm, req.ims):
+            self.transport.write((entry.nm_ka if http10 else entry.nm) if keep else entry.nm_close)
+            proxy.status_counts[3] += 1
+            req.status = 304
+        else:
+            head = (entry.head_ka if http10 else entry.head) if keep else entry.head_close
+            if req.method == HEAD:
+                self.transport.write(head)
+            else:
+                body = entry.body
+                if keep and not http10 and entry.full is not None:
+                    self.transport.write(entry.full)  # the usual keep-alive hit, prepared whole
+                elif len(body) <= JOIN_LIMIT:
+                    self.transport.write(head + body)
+                else:
+                    self.transport.writelines((head, body))
+                req.length = len(body)
+            proxy.status_counts[2] += 1
+            req.status = 200
+        self.finish(req, keep)
+
+    def respond_error(self, req: Request, status: int) -> None:
+        """Answer `req` with a response of the proxy's own."""
+        proxy = self.proxy
+        keep = req.keep_alive and not req.error and not proxy.draining
+        data, req.length = error_response(status, proxy.date_line, keep, req.http10, req.method != HEAD)
+        req.status = status
+        proxy.status_counts[status // 100] += 1
+        if not self.closed:
+            self.transport.write(data)
+        self.finish(req, keep)
+
+    def finish(self, req: Request, keep: bool) -> None:
+        """The response to the current request is written: serve the next one or close."""
+        proxy = self.proxy
+        timing = proxy.timing
+        if timing is not None:  # RequestStats.counts, in line: this runs once per response
+            ns = now_ns() - req.born
+            timing[ns.bit_length()] += 1
+            timing[SUM] += ns
+        observe = proxy.observe
+        if observe is not None:
+            observe(self, req)
+        if req.body_reserved:
+            proxy.release_body(req)
+        queue = self.queue
+        if queue and queue[0] is req:
+            queue.popleft()
+        self.current = None
+        self.relay = None
+        if not keep or self.closed or proxy.draining:
+            self.close()
+        elif not self.pumping:  # (else the running loop goes on with the queue)
+            self._pump()
+
+    def remote(self) -> bytes:
+        """The client's IP address, as X-Forwarded-For and the access log give it."""
+        peer = self.peer
+        if peer is None:
+            name = self.transport.get_extra_info("peername")
+            peer = self.peer = (name[0] if isinstance(name, tuple) else "unknown").encode()
+        return peer
+
+    def close(self) -> None:
+        """Close once what was written has left."""
+        if not self.closed:
+            self.closed = self.no_more = True
+            self._detach()
+            if self.transport is not None:
+                self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection now, unsent bytes and all."""
+        self.closed = self.no_more = True
+        self._detach()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _detach(self) -> None:
+        relay = self.relay
+        if relay is not None:
+            self.relay = None
+            relay.detach()
+
+    # -- deadlines --------------------------------------------------------------------------
+    def timeout(self, now: float) -> None:
+        """Called by the proxy's sweep: enforce head, idle and send deadlines."""
+        if self.closed:
+            return
+        req = self.current
+        if req is not None:
+            relay = self.relay
+            if self.write_paused:
+                if now - self.stall_since > self.proxy.config.response_timeout:
+                    self.abort()  # the client stopped reading; drop what it did not take
+            elif relay is None or (relay.upstream is None and not relay.started
+                                   and now - relay.t0 > self.proxy.stuck_after):
+                # Neither being written nor waiting for a worker (whose every wait has its own
+                # deadline): only a bug leaves a request so, and nothing else would free it.
+                log.error("closing a connection whose request for %r was left unanswered", req.target[:200])
+                self.abort()
+            return
+        if now <= self.deadline or self.queue:
+            return
+        if self.phase == IDLE:
+            if self.transport.get_write_buffer_size():
+                self.abort()
+            else:
+                self.close()
+        else:
+            self.proxy.timeouts += 1
+            self._reject(408)

@@ -1,0 +1,208 @@
+"""Connections to workers, pooled: at most `pool_size` in use per worker (more requests wait
+for one, as behind HAProxy's maxconn, instead of piling connections onto the worker) and at
+most `pool_size` idle ones kept, newest reused first."""
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections import deque
+from typing import TYPE_CHECKING
+
+from ..sockets import local_shortage
+from ..state import WorkerState
+from .upstream import ResponseSink, UpstreamConnection, UpstreamError
+
+if TYPE_CHECKING:
+    from .server import Proxy
+
+# A pooled connection idle longer than this is closed rather than reused: reusing one that is
+# about to meet the worker's own keep-alive timeout races with the worker closing it. gows'
+# workers keep idle connections 5 s (fileapp's --keepalive); a remote gunicorn's default is 2 s.
+REUSE_WITHIN = 1.0
+
+
+class UpstreamPool:
+    """Connections per worker: at most `pool_size` in use at once (more requests wait here for
+    one, as behind HAProxy's maxconn, instead of piling connections onto the worker) and at
+    most `pool_size` idle ones kept, newest reused first."""
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.idle: dict[WorkerState, list[UpstreamConnection]] = {}
+        self.busy: set[UpstreamConnection] = set()
+        self.active: dict[WorkerState, int] = {}
+        self.waiting: dict[WorkerState, deque[tuple[ResponseSink, float]]] = {}
+        self.connecting = 0
+        self.opened = 0  # connections ever made: against requests, how well the pool reuses
+
+    def checkout(self, sink: ResponseSink, worker: WorkerState, fresh: bool = False) -> None:
+        """Get `sink` a connection to `worker`: an idle one, a new one, or a place in the queue.
+
+        It hears back through `sink.start(conn)` or `sink.upstream_failed`.
+        """
+        if not fresh:
+            conn = self._idle(worker)
+            if conn is not None:
+                conn.active = True
+                self.active[worker] = self.active.get(worker, 0) + 1
+                sink.start(conn)
+                return
+        if self.active.get(worker, 0) < self.proxy.config.pool_size:
+            self._open(sink, worker)
+        else:
+            queue = self.waiting.get(worker)
+            if queue is None:
+                queue = self.waiting[worker] = deque()
+            queue.append((sink, self.proxy.clock))
+
+    def _idle(self, worker: WorkerState) -> UpstreamConnection | None:
+        idle = self.idle.get(worker)
+        if not idle:
+            return None
+        horizon = self.proxy.clock - REUSE_WITHIN
+        while idle:
+            conn = idle.pop()
+            if conn.closed or conn.transport.is_closing():
+                continue
+            if conn.incarnation != worker.pid:
+                conn.close()
+                continue
+            if conn.idle_since < horizon:
+                # Older ones below it are older still.
+                for old in idle:
+                    old.close()
+                conn.close()
+                idle.clear()
+                return None
+            conn.reused = True
+            return conn
+        return None
+
+    def _open(self, sink: ResponseSink, worker: WorkerState) -> None:
+        self.active[worker] = self.active.get(worker, 0) + 1
+        self.proxy.spawn(self._connect(sink, worker))
+
+    async def _connect(self, sink: ResponseSink, worker: WorkerState) -> None:
+        loop = asyncio.get_running_loop()
+        conn = UpstreamConnection(self, worker)
+        conn.active = True
+        self.connecting += 1
+        try:
+            await asyncio.wait_for(loop.create_connection(lambda: conn, worker.host, worker.port),
+                                   self.proxy.config.connect_timeout)
+        except (asyncio.TimeoutError, OSError) as exc:
+            conn.closed = True
+            self._inactive(conn)
+            if isinstance(exc, asyncio.TimeoutError):
+                error = UpstreamError("connect timed out", 504, passive=True)
+            elif local_shortage(exc):  # the master's own trouble, never the worker's
+                error = UpstreamError(f"cannot connect: {local_shortage(exc)}", 503, local=True)
+            elif exc.errno == errno.ECONNREFUSED:
+                error = UpstreamError("connection refused", 502, passive=True)
+            else:
+                error = UpstreamError(f"connect failed: {exc.strerror or exc}", 502, passive=True)
+            if sink.wants(worker):
+                sink.upstream_failed(None, error)
+            return
+        finally:
+            self.connecting -= 1
+        self.opened += 1
+        if conn.closed:  # the worker closed it (or died) before we could send on it
+            if sink.wants(worker):
+                sink.upstream_failed(None, UpstreamError("worker closed the connection", passive=True))
+        elif sink.wants(worker):
+            sink.start(conn)
+        else:  # the client left meanwhile; the connection serves someone else
+            self.release(conn)
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """A connection finished its response: hand it to a waiting request, keep it, or close it."""
+        worker = conn.worker
+        proxy = self.proxy
+        if (proxy.draining or not worker.up or proxy.table.get(worker.host, worker.port) is not worker
+                or conn.incarnation != worker.pid):
+            conn.close()
+            return
+        conn.resume()
+        queue = self.waiting.get(worker)
+        while queue:
+            sink, _ = queue.popleft()
+            if sink.wants(worker):
+                conn.reused = True
+                sink.start(conn)
+                return
+        self._inactive(conn)
+        idle = self.idle.get(worker)
+        if idle is None:
+            idle = self.idle[worker] = []
+        if len(idle) >= proxy.config.pool_size:
+            conn.close()
+            return
+        conn.idle_since = proxy.clock
+        idle.append(conn)
+
+    def _inactive(self, conn: UpstreamConnection) -> None:
+        if conn.active:
+            conn.active = False
+            worker = conn.worker
+            self.active[worker] -= 1
+            queue = self.waiting.get(worker)
+            if queue:
+                # A slot opened: the next live waiter gets a new connection.
+                while queue:
+                    sink, _ = queue.popleft()
+                    if sink.wants(worker):
+                        self._open(sink, worker)
+                        break
+
+    def forget(self, conn: UpstreamConnection) -> None:
+        self.busy.discard(conn)
+        self._inactive(conn)
+        idle = self.idle.get(conn.worker)
+        if idle and conn in idle:
+            idle.remove(conn)
+
+    def expire_waiting(self, now: float) -> None:
+        """Requests that waited longer than the response timeout for a connection get 503."""
+        limit = now - self.proxy.config.response_timeout
+        for worker, queue in list(self.waiting.items()):
+            while queue and (queue[0][1] < limit or not queue[0][0].wants(worker)):
+                sink, since = queue.popleft()
+                if sink.wants(worker):
+                    sink.upstream_failed(None, UpstreamError("no free connection to the worker", 503, False))
+            if not queue:
+                del self.waiting[worker]
+
+    def sweep(self, now: float) -> None:
+        """Close idle connections that are too old to reuse or whose worker left or went down."""
+        table = self.proxy.table
+        horizon = now - REUSE_WITHIN
+        for worker, idle in list(self.idle.items()):
+            gone = not worker.up or table.get(worker.host, worker.port) is not worker
+            if gone or any(c.idle_since < horizon for c in idle):
+                keep = [] if gone else [c for c in idle if c.idle_since >= horizon and not c.closed]
+                for conn in idle:
+                    if conn not in keep:
+                        conn.closed = True
+                        if conn.transport is not None:
+                            conn.transport.close()
+                idle[:] = keep
+            if not idle:
+                del self.idle[worker]
+
+    def timed_out(self, now: float) -> list[UpstreamConnection]:
+        """Busy connections whose worker has not answered (or sent more) within the response timeout."""
+        return [c for c in self.busy if c.deadline < now and not c.paused]
+
+    def close_idle(self) -> None:
+        for idle in self.idle.values():
+            for conn in idle:
+                conn.closed = True
+                if conn.transport is not None:
+                    conn.transport.close()
+        self.idle.clear()
+
+    def counts(self) -> dict[str, int]:
+        return {"idle": sum(len(v) for v in self.idle.values()), "busy": len(self.busy),
+                "connecting": self.connecting, "opened": self.opened,
+                "waiting": sum(len(q) for q in self.waiting.values())}

@@ -30,9 +30,11 @@ test: $(VENV)/.installed-test browser-deps
 
 # The tests that run in the test process alone (no server processes, no browser): seconds.
 # They write thousands of small files under tmp_path: in memory (/dev/shm, where there is one)
-# rather than through a disk's journal, which on a slow virtual disk costs more than the tests.
+# rather than through a disk's journal, which on a slow virtual disk costs more than the tests;
+# only a failed test's files are kept there.
 test-unit: $(VENV)/.installed-test
-	$(if $(wildcard /dev/shm),TMPDIR=/dev/shm) $(PY) -m pytest -n 2 --dist worksteal -q -m "unit and not integration"
+	$(if $(wildcard /dev/shm),TMPDIR=/dev/shm) $(PY) -m pytest -n 2 --dist worksteal -q \
+		-o tmp_path_retention_policy=failed -m "unit and not integration"
 
 # The browser tests drive Debian's chromium through chromium-driver. No test installs system
 # packages: this step does, in plain sight, when they are missing (as root, with apt-get).

@@ -1,12 +1,24 @@
-"""Fixtures shared by the test modules that start real masters."""
+"""Fixtures shared by the test modules, and the rule that every test says its kind."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 
 from master_support import Master
 from proxy_harness import Worker
+
+
+KINDS = ("unit", "integration", "browser")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Refuse a test without a kind marker: it would silently drop out of `make test-unit`."""
+    unmarked = sorted({item.nodeid.split("::")[0] for item in items
+                       if not any(item.get_closest_marker(kind) for kind in KINDS)})
+    if unmarked:
+        raise pytest.UsageError(f"set `pytestmark = pytest.mark.<{'|'.join(KINDS)}>` in {', '.join(unmarked)}")
 
 
 @pytest.fixture
@@ -18,13 +30,22 @@ def masters():
         m.stop()
 
 
+@pytest.fixture
+def site(tmp_path: Path) -> Path:
+    """A small document root (a.txt, b.txt) for the admin tests; a module that needs another
+    tree defines its own `site`."""
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "a.txt").write_text("alpha\n")
+    (root / "b.txt").write_text("bravo!\n")
+    return root
+
+
 @pytest.fixture(scope="module")
 def workers():
     """Two test upstreams (tests/proxy_upstream_app.py under gunicorn), shared by a module's tests."""
-    ws = [Worker(), Worker()]
-    yield ws
-    for w in ws:
-        w.stop()
+    with Worker() as a, Worker() as b:
+        yield [a, b]
 
 
 @pytest.fixture(autouse=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import PYTHON, children, free_port, pid_alive, python_env, stop_process, wait_until
+from support import PYTHON, StoppedOnExit, children, free_port, pid_alive, python_env, stop_process, wait_until
 
 
 def free_port_run(count: int, host: str = "127.0.0.1") -> int:
@@ -59,7 +59,7 @@ def title(pid: int) -> str:
         return ""
 
 
-class Master:
+class Master(StoppedOnExit):
     """A `python -m arbiter` started by a test, with its config file and log in `directory`."""
 
     def __init__(self, directory: Path, config: dict, name: str = "gows.conf.json", nofile: int | None = None) -> None:

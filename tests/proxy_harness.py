@@ -22,12 +22,12 @@ import uvloop  # noqa: E402
 from arbiter.config import FrontCacheConfig, ProxyConfig, WorkerCacheConfig, configured  # noqa: E402
 from arbiter.proxy import Proxy  # noqa: E402
 from arbiter.state import WorkerState, WorkerTable  # noqa: E402
-from support import PYTHON, children, free_port, python_env, stop_process, wait_for_port  # noqa: E402
+from support import PYTHON, StoppedOnExit, children, free_port, python_env, stop_process, wait_for_port  # noqa: E402
 
 NO_CACHE = configured(FrontCacheConfig, enabled=False)  # the front cache off: every request reaches a worker
 
 
-class Worker:
+class Worker(StoppedOnExit):
     """A gunicorn gthread worker serving tests/proxy_upstream_app.py on its own port."""
 
     def __init__(self, threads: int = 8, keepalive: int = 2) -> None:
@@ -45,7 +45,11 @@ class Worker:
              "--keep-alive", str(self.keepalive), "-b", f"127.0.0.1:{self.port}", "--chdir", str(TESTS),
              "--graceful-timeout", "1", "--log-level", "warning", "proxy_upstream_app:app"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for_port(self.port, timeout=30)
+        try:
+            wait_for_port(self.port, timeout=30)
+        except TimeoutError:
+            self.stop()
+            raise
 
     def kill(self) -> None:
         """SIGKILL the gunicorn arbiter and its worker process (both started by this test)."""
@@ -83,7 +87,7 @@ def bind_listener(port: int = 0, host: str = "127.0.0.1") -> socket.socket:
     return sock
 
 
-class RawUpstream:
+class RawUpstream(StoppedOnExit):
     """A scripted worker on a raw socket, for answers gunicorn would never send.
 
     `respond(head, body, conn)` writes whatever the test needs to `conn` and returns whether
@@ -145,7 +149,7 @@ class RawUpstream:
                 pass
 
 
-class ProxyThread:
+class ProxyThread(StoppedOnExit):
     """A Proxy on a uvloop in a background thread; `call` runs code on that loop."""
 
     def __init__(self, workers: list[Worker] | list[int], proxy: ProxyConfig = configured(ProxyConfig),

@@ -1,6 +1,9 @@
-"""Helpers shared by the integration tests: free ports, waiting for servers, owned processes."""
+"""Helpers shared by the integration tests: free ports, waiting for servers, owned processes, and
+context managers that end whatever a test started, however the test ends."""
 from __future__ import annotations
 
+import abc
+import contextlib
 import os
 import signal
 import socket
@@ -8,6 +11,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import ContextManager, Iterable, Iterator, TypeVar
 
 from fileapp.processes import pid_alive  # noqa: F401  (re-exported for the tests)
 
@@ -72,3 +76,52 @@ def python_env() -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+# -- ending what a test starts, however the test ends ---------------------------------------
+_S = TypeVar("_S", bound="StoppedOnExit")
+_T = TypeVar("_T")
+
+
+class StoppedOnExit(abc.ABC):
+    """For what a test starts in its constructor and ends with `stop()`: `with Thing(...) as t:`
+    stops it on the way out, whatever happened inside."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """End what the constructor started; safe to call more than once."""
+
+    def __enter__(self: _S) -> _S:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@contextlib.contextmanager
+def closing_all(sockets: list[socket.socket]) -> Iterator[list[socket.socket]]:
+    """Close every socket `sockets` holds when the block ends (the test appends them as it goes)."""
+    try:
+        yield sockets
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@contextlib.contextmanager
+def running(proc: subprocess.Popen, timeout: float = 10.0) -> Iterator[subprocess.Popen]:
+    """End `proc`, a process this test started, when the block ends: its stdin closed when it is
+    a pipe (a child reading it sees the end), then TERM, then KILL if it lingers."""
+    try:
+        yield proc
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()
+        stop_process(proc, timeout)
+
+
+@contextlib.contextmanager
+def together(things: Iterable[ContextManager[_T]]) -> Iterator[list[_T]]:
+    """Enter each of `things` in turn, and leave them all (the last first) when the block ends."""
+    with contextlib.ExitStack() as stack:
+        yield [stack.enter_context(t) for t in things]

@@ -4,9 +4,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from arbiter.addresses import Address, WorkerAddress, host_port
 from arbiter.state import WorkerState
 from benchmarks import chaos
+
+pytestmark = pytest.mark.unit
 
 
 def test_an_ipv6_literal_is_written_in_brackets_and_others_as_they_are():

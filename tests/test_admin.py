@@ -18,17 +18,10 @@ import requests
 from master_support import Admin, health
 from support import wait_until
 
+pytestmark = pytest.mark.integration
+
 COMBINED = re.compile(r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4}\] "GET (\S+) HTTP/1\.1" '
                       r'(\d{3}) (\d+|-) "([^"]*)" "([^"]*)" (\d+)$')
-
-
-@pytest.fixture
-def site(tmp_path: Path) -> Path:
-    root = tmp_path / "www"
-    root.mkdir()
-    (root / "a.txt").write_text("alpha\n")
-    (root / "b.txt").write_text("bravo!\n")
-    return root
 
 
 WORKER_KEYS = {"address", "host", "port", "local", "pid", "up", "since", "consecutive_failures", "restarts",

@@ -1,14 +1,14 @@
 """The /status page in a real headless Chromium (Debian's chromium + chromium-driver, driven by
 Selenium): it lists the workers, updates in place after a worker is killed (no reload), reads
 as cards on a phone-sized screen, and is a complete plain table without JavaScript.
-Screenshots are saved under test-artifacts/ for a person to look at."""
+Screenshots are saved under test-artifacts/ for a person to look at. `make browser-deps`
+installs the browser (`make test` runs it first); the tests never install anything."""
 from __future__ import annotations
 
 import contextlib
 import os
 import shutil
 import signal
-import subprocess
 import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
@@ -16,33 +16,21 @@ from pathlib import Path
 import pytest
 import requests
 
+from master_support import Admin
 from support import REPO, wait_until
-from test_admin import Admin, site  # noqa: F401  (site is a fixture)
+
+pytestmark = pytest.mark.browser
 
 ARTIFACTS = REPO / "test-artifacts"
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
-def _install_chromium() -> None:
-    """Install Debian's chromium and chromium-driver when missing (as root, as in CI)."""
-    if os.path.exists(CHROMIUM) and os.path.exists(DRIVER):
-        return
-    if os.geteuid() != 0:
-        pytest.fail("chromium and chromium-driver are needed: run as root (the test installs them with "
-                    "apt-get) or `apt-get install chromium chromium-driver` first")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    install = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "--no-install-recommends",
-               "chromium", "chromium-driver"]
-    if subprocess.run(install, env=env, capture_output=True).returncode != 0:
-        subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "update"], env=env, capture_output=True, check=False)
-        done = subprocess.run(install, env=env, capture_output=True, text=True)
-        if done.returncode != 0:
-            pytest.fail(f"apt-get install chromium chromium-driver failed:\n{done.stderr[-2000:]}")
-
-
 @pytest.fixture(scope="session")
-def chromium():
-    _install_chromium()
+def chromium() -> str:
+    """The browser binary, once it and its driver are there; a missing one fails the test."""
+    missing = [path for path in (CHROMIUM, DRIVER) if not os.path.exists(path)]
+    if missing:
+        pytest.fail(f"{' and '.join(missing)} missing: run `make browser-deps` first", pytrace=False)
     return CHROMIUM
 
 

@@ -20,6 +20,8 @@ from arbiter.config import bind_configured, load_data
 from arbiter.ops.logs import LogSink
 from support import free_port
 
+pytestmark = pytest.mark.unit
+
 LIMIT = 30.0  # seconds: a safety net for each wait, far above what any of them takes
 
 

@@ -21,6 +21,8 @@ from benchmarks.loads import LoadError, Measurement
 from benchmarks.report import Row
 from benchmarks.servers import ServerSpec
 
+pytestmark = pytest.mark.unit
+
 DATA = Path(__file__).parent / "data"
 
 

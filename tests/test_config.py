@@ -19,6 +19,8 @@ from arbiter.proxy.balancer import Balancer
 from arbiter.state import WorkerTable
 from support import PYTHON, REPO, free_port, python_env
 
+pytestmark = pytest.mark.unit
+
 SEED = {"workers": [{"host": "127.0.0.1", "port": 9000}, {"host": "127.0.0.1", "port": 9001}],
         "baseDirectory": "www", "masterPort": 9090}
 

@@ -12,6 +12,8 @@ import pytest
 from e2e_support import fetch
 from master_support import Master, serving
 
+pytestmark = pytest.mark.integration
+
 WORKERS = 3
 
 
@@ -46,7 +48,7 @@ def _served_by(m: Master, site: Path, paths: list[str], requests: int) -> dict[s
 def test_round_robin_spreads_consistent_hash_keeps_a_path_on_one_worker_and_moves_only_a_leavers_share(tmp_path, site):
     m = serving(tmp_path, site, WORKERS, cache={"ttl": 600}, frontCache={"enabled": False},
                 proxy={"balance": "round-robin"})
-    try:
+    with m:
         # Round robin: 12 paths once each, in turn over the 3 workers; one path 3 times in a row.
         served = _served_by(m, site, [f"/rr{i:02}.txt" for i in range(12)], 1)
         assert all(len(ports) == 1 for ports in served.values()), served
@@ -76,5 +78,3 @@ def test_round_robin_spreads_consistent_hash_keeps_a_path_on_one_worker_and_move
         for p, port in owner.items():
             body = fetch(m.port, "GET", p)[2]
             assert body == (b"the new " if port == leaver else b"old ") + p.encode(), (p, port, leaver)
-    finally:
-        m.stop()

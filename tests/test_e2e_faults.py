@@ -13,7 +13,9 @@ import pytest
 
 from e2e_support import bundled_site, fetch, patterned, read_head
 from master_support import Hammer, Master, rss_kib, serving, wait_gone
-from support import pid_alive, wait_until
+from support import pid_alive, together, wait_until
+
+pytestmark = pytest.mark.integration
 
 STREAMED = 50 * 1024 * 1024
 GIGABYTE = 1 << 30
@@ -48,16 +50,11 @@ def test_workers_sigkilled_under_load_fail_no_get(master, site):
     small = {p: (site / p[1:]).read_bytes() for p in ("/index.html", "/style.css", "/logo.png", "/a.txt")}
     paths = tuple(small)
     clients = [Hammer(master.port, paths=paths, keep_alive=k, expect=small, pause=0) for k in (True, False) * 3]
-    for c in clients:
-        c.__enter__()
-    try:
+    with together(clients):
         time.sleep(0.5)
         for port in master.worker_ports:  # each worker in turn, while the other serves
             _kill_and_wait_back(master, port)
             time.sleep(0.3)
-    finally:
-        for c in clients:
-            c.__exit__()
     results = [r for c in clients for r in c.results]
     failed = [o for c in clients for o in c.failed()]
     print(f"{len(results)} GETs, {len(failed)} failed")

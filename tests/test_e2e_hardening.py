@@ -14,7 +14,9 @@ import pytest
 
 from e2e_support import Responses, bundled_site, exchange, fetch, request
 from master_support import Admin, Master, rss_kib
-from support import wait_until
+from support import closing_all, wait_until
+
+pytestmark = pytest.mark.integration
 
 MiB = 1 << 20
 
@@ -116,7 +118,7 @@ def test_aborted_uploads_do_not_pin_the_masters_memory(masters, tmp_path, site):
 def test_request_bodies_in_flight_share_one_memory_budget(masters, tmp_path, site):
     m = served(masters, tmp_path, site, proxy={"maxBodyBytes": MiB, "bodyBufferBytes": 4 * MiB})
     held = []
-    try:
+    with closing_all(held):
         for _ in range(4):  # 4 x 1 MiB - 1 KiB held: the budget is nearly spent
             s = connect(m)
             held.append(s)
@@ -125,9 +127,6 @@ def test_request_bodies_in_flight_share_one_memory_budget(masters, tmp_path, sit
         data, _ = exchange(m.port, request("POST", "/upload", {"Content-Length": str(MiB)}) + b"x" * MiB)
         assert data.startswith(b"HTTP/1.1 503 "), data[:200]
         assert b"Retry-After: 1\r\n" in data
-    finally:
-        for s in held:
-            s.close()
     # Once those bodies are gone their share of the budget is back.
     wait_until(lambda: m.json()["proxy"]["client_connections"] == 0)
     data, _ = exchange(m.port, request("POST", "/upload", {"Content-Length": str(MiB)}, close=True) + b"x" * MiB)
@@ -308,7 +307,7 @@ def test_filling_the_front_cache_grows_the_master_by_at_most_its_budget_and_a_qu
 def test_at_the_connection_limit_the_oldest_idle_connections_make_room(masters, tmp_path, site):
     m = served(masters, tmp_path, site, proxy={"maxConnections": 50})
     idle = []
-    try:
+    with closing_all(idle):
         for _ in range(50):
             s = connect(m)
             s.sendall(request("GET", "/a.txt"))
@@ -319,15 +318,12 @@ def test_at_the_connection_limit_the_oldest_idle_connections_make_room(masters, 
         assert m.json()["proxy"]["rejected_connections"] == 0
         closed = [s for s in idle if Responses(s).at_eof()]
         assert len(closed) >= 20  # idle ones went to make room
-    finally:
-        for s in idle:
-            s.close()
 
 
 def test_at_the_connection_limit_newcomers_wait_in_the_backlog(masters, tmp_path, site):
     m = served(masters, tmp_path, site, proxy={"maxConnections": 20, "headerTimeout": 30})
     busy = []
-    try:
+    with closing_all(busy):
         for _ in range(20):  # every connection in the middle of a request head: none can be closed
             s = connect(m)
             s.sendall(b"GET /a.txt HTTP/1.1\r\nHost: x\r\n")
@@ -343,9 +339,6 @@ def test_at_the_connection_limit_newcomers_wait_in_the_backlog(masters, tmp_path
         assert Responses(waiting).next()[0] == 200
         waiting.close()
         assert m.json()["proxy"]["rejected_connections"] == 0
-    finally:
-        for s in busy:
-            s.close()
 
 
 def test_memory_for_requests_pipelined_but_never_read_is_bounded(masters, tmp_path, site):
@@ -355,7 +348,7 @@ def test_memory_for_requests_pipelined_but_never_read_is_bounded(masters, tmp_pa
         get(m, "/a.txt?x")
     before = rss_kib(m.master.pid)
     held = []
-    try:
+    with closing_all(held):
         for _ in range(50):
             s = connect(m)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
@@ -374,6 +367,3 @@ def test_memory_for_requests_pipelined_but_never_read_is_bounded(masters, tmp_pa
         wait_until(settled, timeout=20, interval=0.3, message="the master's memory settled")
         grown = samples[-1] - before
         assert grown < 50 * 400, f"{grown / 50:.0f} KiB per connection"  # was 2 MB each
-    finally:
-        for s in held:
-            s.close()

@@ -18,6 +18,8 @@ from master_support import Master, serving
 from proxy_harness import parse_responses
 from support import free_port, wait_until
 
+pytestmark = pytest.mark.integration
+
 WORKER_TTL = 0.3  # the workers' cache TTL in these masters (cache.ttl)
 
 

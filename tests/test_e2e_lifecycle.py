@@ -12,7 +12,9 @@ import pytest
 
 from e2e_support import bundled_site, patterned, read_head
 from master_support import Hammer, children, serving, wait_gone
-from support import free_port, pid_alive, wait_until
+from support import free_port, pid_alive, together, wait_until
+
+pytestmark = pytest.mark.integration
 
 DOWNLOAD = 24 * 1024 * 1024
 
@@ -34,7 +36,7 @@ def _refused(port: int) -> bool:
 
 def test_term_lets_a_slow_download_finish_then_exits_0_leaving_no_process(tmp_path, site):
     m = serving(tmp_path, site, 2, gracefulTimeout=30, frontCache={"enabled": False})
-    try:
+    with m:
         workers = m.workers()
         expected = (site / "download.bin").read_bytes()
         with socket.create_connection(("127.0.0.1", m.port), timeout=30) as s:
@@ -60,20 +62,16 @@ def test_term_lets_a_slow_download_finish_then_exits_0_leaving_no_process(tmp_pa
         assert m.proc.wait(60) == 0
         assert not any(pid_alive(p) for p in workers.values()) and children(m.pid) == []
         assert "master exiting" in m.log()
-    finally:
-        m.stop()
 
 
 def test_hup_changing_the_worker_count_under_load_fails_no_request(tmp_path, site):
     small = {p: (site / p[1:]).read_bytes() for p in ("/index.html", "/style.css", "/logo.png", "/a.txt")}
     m = serving(tmp_path, site, 2, frontCache={"enabled": False})
-    try:
+    with m:
         first = m.workers()
         clients = [Hammer(m.port, paths=tuple(small), keep_alive=k, expect=small, pause=0.002)
                    for k in (True, False, True, False)]
-        for c in clients:
-            c.__enter__()
-        try:
+        with together(clients):
             time.sleep(0.3)
             grown = m.config["workers"] + [{"host": "127.0.0.1", "port": free_port()}]
             m.write_config({**m.config, "workers": grown, "threads": 2})
@@ -86,9 +84,6 @@ def test_hup_changing_the_worker_count_under_load_fails_no_request(tmp_path, sit
             m.wait_log(r"reload done: 2 local workers \(0 added, 2 replaced, 0 failed to reload, 1 stopped\)",
                        timeout=60)
             time.sleep(0.3)
-        finally:
-            for c in clients:
-                c.__exit__()
         wait_gone(first.values())
         assert sorted(m.wait_workers(m.worker_ports)) == sorted(w["port"] for w in grown[1:])
         results = [r for c in clients for r in c.results]
@@ -96,5 +91,3 @@ def test_hup_changing_the_worker_count_under_load_fails_no_request(tmp_path, sit
         print(f"{len(results)} requests during two reloads, {len(failed)} failed")
         assert failed == [], failed[:10]
         assert all(c.results for c in clients)
-    finally:
-        m.stop()

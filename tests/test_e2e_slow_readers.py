@@ -12,7 +12,9 @@ import requests
 
 from e2e_support import read_head
 from master_support import Master, base_config
-from support import free_port, wait_until
+from support import closing_all, free_port, wait_until
+
+pytestmark = pytest.mark.integration
 
 HUGE = 200 * 1024 * 1024
 READERS = 16
@@ -63,7 +65,7 @@ def test_slow_readers_get_no_healthy_worker_replaced(masters, tmp_path, site):
     before = wait_until(lambda: (lambda w: w if all(up for _, up, _, _ in w.values()) else None)(workers()),
                         timeout=30, message="every worker up in status.json")
     readers = [slow_reader(port) for _ in range(READERS)]
-    try:
+    with closing_all(readers):
         for s in readers:
             head, _ = read_head(s)
             assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % HUGE in head
@@ -76,9 +78,6 @@ def test_slow_readers_get_no_healthy_worker_replaced(masters, tmp_path, site):
                     assert (r.status_code, r.content) == (200, body), path
                 assert workers() == before
                 time.sleep(0.05)
-    finally:
-        for s in readers:
-            s.close()
     wait_until(lambda: sum(w["in_flight"] for w in status()["workers"]) == 0, timeout=30,
                message="the closed downloads ended")
     assert workers() == before

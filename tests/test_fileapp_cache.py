@@ -13,7 +13,9 @@ from werkzeug.wsgi import FileWrapper
 
 from fileapp import create_app
 from fileapp.cache import ResponseCache
-from tests.support import wait_until
+from support import wait_until
+
+pytestmark = pytest.mark.unit
 
 
 class Sized:

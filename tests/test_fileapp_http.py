@@ -14,6 +14,8 @@ from werkzeug.wsgi import FileWrapper
 
 from fileapp import create_app
 
+pytestmark = pytest.mark.unit
+
 DATA = bytes(range(256)) * 4  # 1024 bytes, every offset recognisable
 CSS = b"body { color: #333; }\n" * 20
 CSS_GZ = gzip.compress(CSS)

@@ -12,6 +12,8 @@ import pytest
 from fileapp import logs
 from fileapp.bootstrap import WorkerLogger, build_config
 
+pytestmark = pytest.mark.unit
+
 # The master's line format (arbiter/ops/logs.py) that the text format keeps.
 MASTER_FORMAT = "%(asctime)s [%(process)d] [%(levelname)s] %(name)s: %(message)s"
 

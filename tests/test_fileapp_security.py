@@ -17,7 +17,9 @@ from werkzeug.test import Client, EnvironBuilder, run_wsgi_app
 
 from fileapp import create_app
 from fileapp.files import Resolver
-from tests.support import free_port, python_env, stop_process, wait_for_port
+from support import free_port, python_env, stop_process, wait_for_port
+
+pytestmark = pytest.mark.unit
 
 SECRET = b"TOP-SECRET-" + secrets.token_hex(8).encode()
 DOT_SECRET = b"DOT-SECRET-" + secrets.token_hex(8).encode()
@@ -270,6 +272,7 @@ def _raw_request(port: int, target: str) -> tuple[int, bytes]:
     return status, response
 
 
+@pytest.mark.integration  # starts a server process
 def test_traversal_corpus_over_gunicorn(tree):
     port = free_port()
     proc = subprocess.Popen(

@@ -17,8 +17,10 @@ import time
 import pytest
 import requests
 
-from tests.e2e_support import Responses, read_head
-from tests.support import free_port, python_env, stop_process, wait_for_port, wait_until
+from e2e_support import Responses, read_head
+from support import free_port, python_env, stop_process, wait_for_port, wait_until
+
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
@@ -241,7 +243,8 @@ def test_stalled_clients_do_not_hold_up_other_connections(server):
             kept.sendall(b"GET /small.txt HTTP/1.1\r\nHost: t\r\n\r\n")
             assert kept_responses.next()[2] == b"small body\n"
             assert requests.get(base + "/mid.bin", timeout=10).content == (root / "mid.bin").read_bytes()
-        assert time.monotonic() - started < 4  # well inside the 5 s the partial head may take
+        # All of that while the partial head still held its thread (its 5 s read timeout not yet up).
+        assert not closed_within(partial, 0.01), f"partial head closed first: {time.monotonic() - started:.1f}s"
         # The stalled download was never given up: it still arrives whole.
         assert Responses(stalled).next()[2] == (root / "big.bin").read_bytes()
     finally:
@@ -256,8 +259,9 @@ def test_a_request_head_that_stops_coming_is_closed_after_the_read_timeout(serve
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"GET /small.txt HTTP/1.1\r\nHost: t\r\n")
         started = time.monotonic()
-        assert closed_within(s, 10)
-        assert 4 < time.monotonic() - started < 8  # READ_TIMEOUT is 5 s
+        assert closed_within(s, 30)
+        elapsed = time.monotonic() - started
+        assert 4 < elapsed < 20, f"closed after {elapsed:.1f}s; READ_TIMEOUT is 5 s"
 
 
 def test_idle_connections_are_closed_after_the_keepalive_time(tmp_path):
@@ -269,9 +273,10 @@ def test_idle_connections_are_closed_after_the_keepalive_time(tmp_path):
         used.sendall(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n")
         assert Responses(used).next()[2] == b"a"
         started = time.monotonic()
-        assert closed_within(used, 5)
-        assert 0.9 < time.monotonic() - started < 3.5  # 1 s keep-alive, checked every second
-        assert closed_within(silent, 8)  # the first request may take up to the 5 s read timeout
+        assert closed_within(used, 15)
+        elapsed = time.monotonic() - started
+        assert 0.9 < elapsed < 10, f"closed after {elapsed:.1f}s; 1 s keep-alive, checked every second"
+        assert closed_within(silent, 20)  # the first request may take up to the 5 s read timeout
         silent.close()
         used.close()
     finally:

@@ -9,6 +9,8 @@ import pytest
 
 from fileapp.transfer import Transfer
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture
 def pair():

@@ -17,6 +17,8 @@ import pytest
 from fileapp import gunicorn_compat as compat
 from fileapp.bootstrap import LoadedApp, build_config
 
+pytestmark = pytest.mark.unit
+
 FILEAPP = Path(__file__).resolve().parent.parent / "fileapp"
 
 # ThreadWorker members GowsThreadWorker overrides or calls: name -> parameters after self.

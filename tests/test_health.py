@@ -21,31 +21,10 @@ from arbiter.health import HealthChecker, ProbeSkipped, probe
 from arbiter.state import WorkerState, WorkerTable
 from arbiter.worker_command import WorkerOptions
 from arbiter.workers import LocalWorker
+from async_support import Server, until
 from support import free_port
 
-
-class Server:
-    """An asyncio TCP server whose answer to every request the test can change."""
-
-    def __init__(self) -> None:
-        self.reply: bytes | None = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-        self.requests: list[bytes] = []
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader, writer) -> None:
-        try:
-            self.requests.append(await reader.readuntil(b"\r\n\r\n"))
-            if self.reply is None:
-                await asyncio.sleep(30)  # never answers
-            writer.write(self.reply)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
+pytestmark = pytest.mark.unit
 
 
 def run(coro):
@@ -71,14 +50,6 @@ def test_probe_outcomes():
         s.server.close()
         assert "refused" in (await probe("127.0.0.1", free_port(), "/healthcheck", 2)).lower()
     run(main())
-
-
-async def until(predicate, timeout: float = 10.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not met"
-        await asyncio.sleep(0.01)
 
 
 def test_checker_applies_rise_and_fall_and_skips_local_workers_without_a_process():

@@ -12,6 +12,8 @@ from arbiter.config import ConfigError, bind_configured
 from arbiter.sockets import ListenError, bind_listener
 from support import PYTHON, python_env
 
+pytestmark = pytest.mark.unit
+
 
 def loaded_modules(statement: str) -> list[str]:
     """The modules a fresh interpreter has loaded after running `statement`."""

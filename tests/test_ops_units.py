@@ -29,6 +29,8 @@ from arbiter.state import WorkerTable
 from proxy_harness import ProxyThread, RawUpstream, parse_responses, raw
 from support import wait_until
 
+pytestmark = pytest.mark.unit
+
 COMBINED = re.compile(r'^(\S+) - - \[(\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]\d{4})\] "([^"\\]*(?:\\.[^"\\]*)*)" '
                       r'(\d{3}) (\d+|-) "([^"\\]*(?:\\.[^"\\]*)*)" "([^"\\]*(?:\\.[^"\\]*)*)" (\d+)$')
 
@@ -119,7 +121,7 @@ def test_every_response_is_observed_once_with_its_status_and_length(origin):
         seen.append((req.status, req.length))
 
     proxy.call(lambda: setattr(proxy.proxy, "observe", observe))
-    try:
+    with proxy:
         get = b"GET %s HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
         assert parse_responses(raw(proxy.port, get % b"/cached"))[0][0] == 200  # relayed, stored
         assert parse_responses(raw(proxy.port, get % b"/cached"))[0][0] == 200  # front cache hit
@@ -136,8 +138,6 @@ def test_every_response_is_observed_once_with_its_status_and_length(origin):
         assert [(s, int(n) if isinstance(n, bytes) else n) for s, n in seen] == [
             (200, 5), (200, 5), (304, None), (200, None), (200, None), (404, 7), (400, 16), (503, 24)]
         assert proxy.call(lambda: proxy.proxy.latency.count) == 8
-    finally:
-        proxy.stop()
 
 
 # -- access log ---------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from arbiter.state import WorkerState, WorkerTable
 from proxy_harness import NO_CACHE, ProxyThread
 from support import wait_until
 
+pytestmark = pytest.mark.unit
+
 PATHS = [b"/static/file%d.css?v=%d" % (i, i % 3) for i in range(2000)]
 
 
@@ -181,9 +183,10 @@ def test_ring_rebuilt_only_when_the_table_changes():
 
 
 # -- through the proxy --------------------------------------------------------------------
+@pytest.mark.integration  # starts a server process
 def test_consistent_hash_through_the_proxy(workers):
     p = ProxyThread(workers, proxy=configured(ProxyConfig, balance="consistent-hash"), front_cache=NO_CACHE)
-    try:
+    with p:
         seen = {}
         for i in range(40):
             path = f"/file/f{i}?max_age=0"
@@ -191,13 +194,12 @@ def test_consistent_hash_through_the_proxy(workers):
             assert len(owners) == 1  # sticky
             seen[path] = owners.pop()
         assert set(seen.values()) == {str(w.port) for w in workers}  # and spread
-    finally:
-        p.stop()
 
 
+@pytest.mark.integration  # starts a server process
 def test_least_outstanding_through_the_proxy_avoids_the_busy_worker(workers):
     p = ProxyThread(workers, proxy=configured(ProxyConfig, balance="least-outstanding"), front_cache=NO_CACHE)
-    try:
+    with p:
         slow = {}
         t = threading.Thread(target=lambda: slow.update(r=requests.get(p.url + "/sleep?s=1.5")))
         t.start()
@@ -207,16 +209,13 @@ def test_least_outstanding_through_the_proxy_avoids_the_busy_worker(workers):
         assert fast == {str(w.port) for w in workers if w.port != busy}
         t.join(10)
         assert slow["r"].headers["X-Worker"] == str(busy)
-    finally:
-        p.stop()
 
 
+@pytest.mark.integration  # starts a server process
 def test_policy_switch_on_reload(workers):
     p = ProxyThread(workers, front_cache=NO_CACHE)
-    try:
+    with p:
         path = "/file/sticky?max_age=0"
         assert len({requests.get(p.url + path).headers["X-Worker"] for _ in range(4)}) == 2
         p.update(proxy=configured(ProxyConfig, balance="consistent-hash"))
         assert len({requests.get(p.url + path).headers["X-Worker"] for _ in range(4)}) == 1
-    finally:
-        p.stop()

@@ -12,6 +12,8 @@ from arbiter.config import FrontCacheConfig, configured
 from arbiter.proxy.cache import Entry, FrontCache, encoding_class, freshness
 from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, Worker, parse_responses, raw
 
+pytestmark = pytest.mark.unit
+
 LM = b"Tue, 14 Nov 2023 22:13:20 GMT"
 
 
@@ -232,32 +234,28 @@ def test_cache_keyed_on_negotiated_encoding_class(proxy, origin):
 
 def test_object_larger_than_limit_passes_uncached(origin):
     p = ProxyThread([origin.port], front_cache=configured(FrontCacheConfig, maxObjectBytes=2000))
-    try:
+    with p:
         origin.route("/big", body=b"b" * 3000)
         origin.route("/small", body=b"s" * 1000)
         for _ in range(2):
             assert len(get(p, "/big").content) == 3000
             assert len(get(p, "/small").content) == 1000
         assert origin.hits == {"/big": 2, "/small": 1}
-    finally:
-        p.stop()
 
 
 def test_bytes_bound_holds_through_the_proxy(origin):
     p = ProxyThread([origin.port], front_cache=configured(FrontCacheConfig, maxBytes=40_000))
-    try:
+    with p:
         for i in range(60):
             origin.route(f"/f{i}")
             get(p, f"/f{i}")
         fc = p.stats()["front_cache"]
         assert 0 < fc["entries"] < 60 and fc["bytes"] <= 40_000
-    finally:
-        p.stop()
 
 
 def test_off_switch_and_reload(origin):
     p = ProxyThread([origin.port], front_cache=NO_CACHE)
-    try:
+    with p:
         origin.route("/o")
         for _ in range(3):
             get(p, "/o")
@@ -269,8 +267,6 @@ def test_off_switch_and_reload(origin):
         p.update(front_cache=NO_CACHE)
         get(p, "/o")
         assert origin.hits["/o"] == 5
-    finally:
-        p.stop()
 
 
 def test_cached_responses_honour_client_connection_handling(proxy, origin):
@@ -293,10 +289,11 @@ def test_chunked_cacheable_response_stored_with_content_length(proxy, origin):
     assert "Transfer-Encoding" not in r2.headers and origin.hits["/ch"] == 1
 
 
+@pytest.mark.integration  # starts a server process
 def test_gunicorn_worker_files_cached_with_validators():
     w = Worker()
     p = ProxyThread([w])
-    try:
+    with w, p:
         a = requests.get(p.url + "/file/a")
         b = requests.get(p.url + "/file/a")
         assert a.headers["X-Count"] == b.headers["X-Count"] and a.content == b.content  # one worker visit
@@ -305,9 +302,6 @@ def test_gunicorn_worker_files_cached_with_validators():
         r = requests.get(p.url + "/file/a", headers={"Range": "bytes=0-3"})
         assert r.status_code == 206 and r.content == bytes(range(4))  # ranges go to the worker
         assert p.stats()["front_cache"]["hits"] == 2
-    finally:
-        p.stop()
-        w.stop()
 
 
 # -- revalidation: an entry older than the workers' cache TTL is checked before it is served ------
@@ -366,15 +360,13 @@ def test_a_changed_entry_is_replaced_by_the_workers_new_answer(revalidating, ori
 
 def test_a_reload_purge_drops_entries_and_answers_on_their_way(origin):
     p = ProxyThread([origin.port])
-    try:
+    with p:
         origin.route("/p")
         get(p, "/p")
         p.call(p.proxy.purge_front_cache)
         assert p.stats()["front_cache"]["entries"] == 0
         get(p, "/p")
         assert origin.hits["/p"] == 2
-    finally:
-        p.stop()
 
 
 def test_an_entry_weighs_its_body_once():

@@ -10,6 +10,8 @@ import requests
 
 from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, parse_responses, raw, read_all
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.fixture
 def proxy(workers):
@@ -65,14 +67,11 @@ def test_response_hop_by_hop_headers_removed():
         return True
     upstream = RawUpstream(respond)
     p = ProxyThread([upstream.port], front_cache=NO_CACHE)
-    try:
+    with upstream, p:
         r = requests.get(p.url + "/hop")
         assert r.text == "hop" and r.headers["X-Kept"] == "yes"
         for gone in ("X-Secret", "Keep-Alive", "Proxy-Authenticate", "Trailer", "Upgrade", "Connection"):
             assert gone not in r.headers, gone
-    finally:
-        p.stop()
-        upstream.stop()
 
 
 def test_keep_alive_http11_reuses_one_connection(proxy):
@@ -191,14 +190,12 @@ def test_range_and_conditional_requests_pass_through_unchanged(proxy):
 
 def test_503_with_retry_after_when_no_worker_is_healthy(workers):
     p = ProxyThread(workers, up=False)
-    try:
+    with p:
         r = requests.get(p.url + "/echo")
         assert r.status_code == 503 and r.headers["Retry-After"].isdigit()
         assert p.stats()["no_healthy_worker"] == 1
         p.set_up(workers[0].port, True)
         assert requests.get(p.url + "/echo").json()["worker"] == str(workers[0].port)
-    finally:
-        p.stop()
 
 
 def test_expect_100_continue(proxy):
@@ -246,10 +243,8 @@ def test_a_named_content_length_still_frames_the_body(proxy):
 
 def test_an_http10_request_without_host_gets_a_bracketed_ipv6_host(workers):
     p = ProxyThread(workers, front_cache=NO_CACHE, listen_host="::1")
-    try:
+    with p:
         with socket.create_connection(("::1", p.port), timeout=10) as s:
             s.sendall(b"GET /echo HTTP/1.0\r\n\r\n")
             (status, _, body), = parse_responses(read_all(s))
         assert status == 200 and echo(body)["h"]["host"] == f"[::1]:{p.port}"
-    finally:
-        p.stop()

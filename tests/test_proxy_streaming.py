@@ -6,12 +6,15 @@ import socket
 import subprocess
 import time
 
+import pytest
 import requests
 
 from arbiter.config import ProxyConfig, configured
 from master_support import rss_kib
 from proxy_harness import NO_CACHE, ProxyThread, TESTS, Worker
-from support import PYTHON, free_port, python_env, stop_process, wait_for_port, wait_until
+from support import PYTHON, free_port, python_env, running, wait_for_port, wait_until
+
+pytestmark = pytest.mark.integration
 
 BLOCK = bytes(range(256)) * 1025  # covers any recv size up to 256 KiB at any offset
 
@@ -22,7 +25,7 @@ def test_large_download_to_slow_reader_keeps_proxy_memory_bounded():
     port = free_port()
     proc = subprocess.Popen([PYTHON, str(TESTS / "proxy_harness.py"), str(port), str(worker.port)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=python_env())
-    try:
+    with worker, running(proc):
         assert proc.stdout.readline().strip() == b"ready"
         wait_for_port(port)
         baseline = rss_kib(proc.pid)
@@ -58,16 +61,12 @@ def test_large_download_to_slow_reader_keeps_proxy_memory_bounded():
         growth_mib = (peak - baseline) / 1024
         print(f"RSS growth {growth_mib:.1f} MiB")
         assert growth_mib < 32, f"proxy RSS grew by {growth_mib:.1f} MiB streaming {size >> 20} MiB"
-    finally:
-        proc.stdin.close()
-        stop_process(proc)
-        worker.stop()
 
 
 def test_slow_client_pauses_the_worker_connection_and_resumes():
     worker = Worker()
     p = ProxyThread([worker], front_cache=NO_CACHE)
-    try:
+    with worker, p:
         with socket.create_connection(("127.0.0.1", p.port)) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
             s.sendall(b"GET /stream?size=%d&chunk=65536 HTTP/1.1\r\nHost: t\r\n\r\n" % (64 << 20))
@@ -83,27 +82,21 @@ def test_slow_client_pauses_the_worker_connection_and_resumes():
             assert received == 64 << 20
         # The connection was resumed and went back to the pool in a reusable state.
         assert requests.get(p.url + "/echo").status_code == 200
-    finally:
-        p.stop()
-        worker.stop()
 
 
 def test_large_upload_is_forwarded_whole():
     worker = Worker()
     p = ProxyThread([worker], proxy=configured(ProxyConfig, maxBodyBytes=4 << 20), front_cache=NO_CACHE)
-    try:
+    with worker, p:
         body = BLOCK * 3
         r = requests.post(p.url + "/echo", data=body)
         assert r.status_code == 200 and len(r.json()["body"]) == len(body)
-    finally:
-        p.stop()
-        worker.stop()
 
 
 def test_client_that_stops_reading_is_cut_off_and_frees_the_worker():
     worker = Worker()
     p = ProxyThread([worker], proxy=configured(ProxyConfig, responseTimeout=1.0), front_cache=NO_CACHE)
-    try:
+    with worker, p:
         with socket.create_connection(("127.0.0.1", p.port)) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
             s.sendall(b"GET /stream?size=%d&chunk=65536 HTTP/1.1\r\nHost: t\r\n\r\n" % (256 << 20))
@@ -114,18 +107,15 @@ def test_client_that_stops_reading_is_cut_off_and_frees_the_worker():
             wait_until(lambda: p.call(lambda: not p.proxy.pool.busy), message="worker connection closed")
         assert p.worker(worker.port).in_flight == 0
         assert requests.get(p.url + "/echo").status_code == 200
-    finally:
-        p.stop()
-        worker.stop()
 
 
 def test_worker_stalling_mid_body_is_cut_off_after_the_response_timeout():
     worker = Worker()
     p = ProxyThread([worker], proxy=configured(ProxyConfig, responseTimeout=1.0), front_cache=NO_CACHE)
-    try:
+    with worker, p:
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", p.port)) as s:
-            s.sendall(b"GET /stream?size=%d&chunk=65536&delay=5 HTTP/1.1\r\nHost: t\r\n\r\n" % (1 << 20))
+            s.sendall(b"GET /stream?size=%d&chunk=65536&delay=60 HTTP/1.1\r\nHost: t\r\n\r\n" % (1 << 20))
             data = b""
             s.settimeout(15)
             while True:
@@ -135,8 +125,6 @@ def test_worker_stalling_mid_body_is_cut_off_after_the_response_timeout():
                 data += chunk
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200") and 0 < len(body) < 1 << 20
-        assert time.monotonic() - started < 4.5  # well before the worker's next chunk at 5 s
+        cut = time.monotonic() - started
+        assert cut < 30, f"cut off after {cut:.1f}s"  # well before the worker's next chunk at 60 s
         assert p.stats()["truncated_responses"] == 1
-    finally:
-        p.stop()
-        worker.stop()

@@ -2,7 +2,11 @@
 import json
 import re
 
+import pytest
+
 from support import REPO
+
+pytestmark = pytest.mark.unit
 
 
 def schema_keys(props: dict, prefix: str = "") -> dict[str, dict]:

@@ -11,14 +11,17 @@ import logging
 import os
 import signal
 
+import pytest
 import uvloop
 
 from arbiter.arbiter import Arbiter
 from arbiter.config import bind_configured, load_data
 from arbiter.ops.logs import LogSink
+from async_support import Server, until
 from master_support import children
 from support import free_port
-from test_health import Server, until
+
+pytestmark = pytest.mark.unit
 
 
 def test_remote_worker_is_checked_and_reported_never_spawned(tmp_path, caplog):

@@ -19,6 +19,8 @@ from benchmarks.schedule import Action, growth_windows, per_minute, schedule, wr
 from benchmarks.verdict import (ClientOutcome, Sample, Usage, WrkTotals, after_kill, error_reasons,
                                 growth_reasons, master_truncations)
 
+pytestmark = pytest.mark.unit
+
 DATA = Path(__file__).parent / "data"
 
 

@@ -1,5 +1,9 @@
 """WorkerTable transitions: rise/fall for active checks, max_fails/fail_timeout for passive ones."""
+import pytest
+
 from arbiter.state import WorkerState, WorkerTable
+
+pytestmark = pytest.mark.unit
 
 
 def make(rise=2, fall=3, max_fails=3, fail_timeout=10.0):

@@ -4,9 +4,13 @@ from __future__ import annotations
 import dataclasses
 from operator import attrgetter
 
+import pytest
+
 from arbiter.config import Config, load_data
 from arbiter.worker_command import WorkerOptions, worker_argv
 from fileapp.__main__ import make_parser
+
+pytestmark = pytest.mark.unit
 
 # Values unlike every default, so a setting that fell off the command line would show.
 SETTINGS = {"baseDirectory": "www", "workerCount": 1, "threads": 7, "gracefulTimeout": 2.5,

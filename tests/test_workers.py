@@ -5,11 +5,15 @@ import os
 import signal
 import sys
 
+import pytest
+
 from arbiter.backoff import Backoff
 from arbiter.config import load_data
 from arbiter.incarnation import describe_exit, killed_from_outside
 from arbiter.worker_command import WorkerOptions, worker_argv
 from fileapp.__main__ import make_parser
+
+pytestmark = pytest.mark.unit
 
 
 def test_worker_command_line_is_accepted_by_fileapp_and_carries_the_settings(tmp_path):

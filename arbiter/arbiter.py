@@ -22,7 +22,7 @@ from .ops.accesslog import AccessLog
 from .ops.admin import AdminServer
 from .ops.logs import LogSink
 from .ops.notify import Notifier
-from .proxy import Proxy
+from .proxies import AccessLogState, ProxyFleet
 from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_STOP, SignalQueue, Stop
 from .sockets import ListenError, bind_listener
 from .state import WorkerState, WorkerTable
@@ -54,14 +54,12 @@ class Arbiter:
         self.pool = Pool()  # the same slots, kept from all backing off at once
         self._worker_sockets = worker_sockets
         self._retiring: dict[asyncio.Task, LocalWorker] = {}  # slots draining after TTOU/HUP
-        self.proxy = Proxy(self.table, config.proxy, config.front_cache, config.threads, config.cache.ttl)
+        _check_access_log(config)
+        # Latencies are measured only while the admin listener is there to read them.
+        self.proxy = ProxyFleet(config, self.table, public, sink, timing=admin is not None)
         self._signals = SignalQueue()
         self._admin_sock = admin
         self.admin = AdminServer(self) if admin is not None else None
-        self.access_log: AccessLog | None = None
-        # Latencies are counted only while the admin listener is there to read them.
-        self.proxy.timing = self.proxy.latency.counts if self.admin is not None else None
-        self._use_access_log(AccessLog.open(config.logging.access_log))
         self._ready_task: asyncio.Task | None = None
 
     # -- what the admin listener reads ------------------------------------------------------
@@ -74,12 +72,10 @@ class Arbiter:
         """The master is stopping (/readyz answers 503)."""
         return self._stop is not None
 
-    def _use_access_log(self, access_log: AccessLog | None) -> None:
-        """Log each response to `access_log`, or (None) to nowhere; the old log is closed."""
-        old, self.access_log = self.access_log, access_log
-        self.proxy.observe = access_log.observe if access_log is not None else None
-        if old is not None:
-            old.close(wait=False)
+    @property
+    def access_log(self) -> AccessLogState | None:
+        """What the proxies, which write the access log, report of it; None while it is off."""
+        return self.proxy.access_log
 
     # -- entry point ---------------------------------------------------------------------
     async def run(self) -> int:
@@ -94,7 +90,7 @@ class Arbiter:
                 else:
                     self.table.add(WorkerState(w.host, w.port, local=False))
             self.checker.sync()
-            await self.proxy.start(self.public)
+            await self.proxy.start()
             if self.admin is not None:
                 await self.admin.start(self._admin_sock)
             local = len(self.slots)
@@ -109,8 +105,8 @@ class Arbiter:
             self._signals.remove(loop)
             for slot in self.slots.values():  # only after an unexpected error: workers quit now
                 slot.stop(graceful=False)
-            if self.access_log is not None:
-                self.access_log.close()
+            for proxy in self.proxy.slots:
+                proxy.stop(graceful=False)
 
     async def _announce_ready(self) -> None:
         """Tell systemd READY=1 once every worker is healthy (or, after the boot timeout, once at
@@ -171,8 +167,7 @@ class Arbiter:
     async def handle_usr1(self) -> None:
         """USR1: reopen the error log and the access log (after logrotate moved them)."""
         self.sink.reopen()
-        if self.access_log is not None:
-            self.access_log.reopen()
+        self.proxy.reopen_logs()
 
     # -- health events ---------------------------------------------------------------------
     def _on_transition(self, worker: WorkerState, up: bool) -> None:
@@ -270,28 +265,22 @@ class Arbiter:
                                   pidfile=self.config.pidfile)
         wanted = {(w.host, w.port): w for w in new.workers}
         fresh: dict[tuple[str, int], socket.socket] = {}
-        access_changed = new.logging.access_log != self.config.logging.access_log
-        access_log = None
         try:
             for key, w in wanted.items():
                 if w.local and key not in self.slots:
                     fresh[key] = bind_configured(w.host, w.port, w.label)
-            if access_changed:
-                access_log = AccessLog.open(new.logging.access_log)
+            if new.logging.access_log != self.config.logging.access_log:
+                _check_access_log(new)
             if new.logging != self.config.logging:
                 self.sink.apply(new.logging)
         except (ConfigError, OSError) as e:
             for sock in fresh.values():
                 sock.close()
-            if access_log is not None:
-                access_log.close(wait=False)
             reason = str(e) if isinstance(e, ConfigError) else f"logging.file: {e.strerror or e}"
             log.error("reload failed, keeping the running configuration: %s: %s", path, reason)
             return
         self.config = new
-        if access_changed:
-            self._use_access_log(access_log)
-        self.proxy.configure(new.proxy, new.front_cache, new.threads, new.cache.ttl)
+        await self.proxy.configure(new)
         self.table.rise, self.table.fall = new.health_check.rise, new.health_check.fall
         self.table.max_fails, self.table.fail_timeout = new.max_fails, new.fail_timeout
         self.checker.settings = new.health_check
@@ -317,7 +306,7 @@ class Arbiter:
             self._retire_slot(slot)
         # What the workers serve may have changed (root, cache, headers): nothing stored before
         # the new workers took over is served after.
-        self.proxy.purge_front_cache()
+        await self.proxy.purge()
         log.info("reload done: %d local workers (%d added, %d replaced, %d failed to reload, %d stopped)",
                  len(self.slots), len(added), len(kept) - failed, failed, len(removed))
 
@@ -345,7 +334,7 @@ class Arbiter:
         # Our handle on the public socket goes too (the proxy closes its own): new clients are
         # refused at once instead of waiting in the backlog for a master that is leaving.
         self.public.close()
-        drain = asyncio.ensure_future(self.proxy.shutdown(self.config.graceful_timeout if stop is Stop.GRACEFUL else 0.0))
+        drain = asyncio.ensure_future(self.proxy.shutdown(stop))
         await self._signals.answer(self, drain, ANSWERED_DURING_STOP)  # INT/QUIT cut it short
         await drain
         slots = list(self.slots.values())
@@ -361,4 +350,12 @@ class Arbiter:
         if self.admin is not None:
             await self.admin.close()
             self._admin_sock.close()
+        self.proxy.close()
         log.info("master exiting")
+
+
+def _check_access_log(config: Config) -> None:
+    """ConfigError naming logging.accessLog when the proxies will not be able to open it."""
+    access_log = AccessLog.open(config.logging.access_log)
+    if access_log is not None:
+        access_log.close()

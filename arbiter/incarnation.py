@@ -68,15 +68,19 @@ class Incarnation:
         self.exited: asyncio.Future[int] = asyncio.ensure_future(proc.wait())
 
     @classmethod
-    async def spawn(cls, argv: list[str], fd: int, stdout: int | None) -> Incarnation:
-        """Exec `argv`, which serves the inherited listening socket `fd`; its output goes to
-        `stdout` (a pipe for the master to relay) or, when None, to the master's stderr.
-        OSError when it cannot be started."""
+    async def spawn(cls, argv: list[str], fds: tuple[int, ...], output: int | None, *,
+                    batch: bool = True, stdout: bool = True) -> Incarnation:
+        """Exec `argv`, which inherits the descriptors `fds`; its stderr (and its stdout, unless
+        `stdout` is False: then the master's own is inherited) goes to `output` (a pipe for the
+        master to relay) or, when None, to the master's stderr. `batch`: SCHED_BATCH (workers,
+        see _schedule_as_batch). OSError when it cannot be started."""
         proc = await asyncio.create_subprocess_exec(
-            *argv, pass_fds=(fd,), stdin=subprocess.DEVNULL, stdout=stdout,
-            stderr=subprocess.STDOUT if stdout is not None else None,
+            *argv, pass_fds=fds, stdin=subprocess.DEVNULL,
+            stdout=output if stdout else None,
+            stderr=(subprocess.STDOUT if stdout else output) if output is not None else None,
         )
-        _schedule_as_batch(proc.pid)
+        if batch:
+            _schedule_as_batch(proc.pid)
         return cls(proc)
 
     @property

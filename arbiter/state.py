@@ -64,6 +64,7 @@ class WorkerTable:
         self._workers: dict[tuple[str, int], WorkerState] = {}
         self._healthy: tuple[WorkerState, ...] = ()
         self._listeners: list[Listener] = []
+        self._watchers: list[Callable[[], None]] = []
         # Bumped whenever membership or up/down changes, so readers (the balancer's hash
         # ring) can rebuild lazily instead of on every request.
         self.generation = 0
@@ -96,6 +97,11 @@ class WorkerTable:
         """Call `listener(worker, up)` after every up/down transition."""
         self._listeners.append(listener)
 
+    def watch(self, watcher: Callable[[], None]) -> None:
+        """Call `watcher()` after any change a reader's copy must follow: membership, up/down,
+        a worker's pid (the proxy processes' tables are kept so)."""
+        self._watchers.append(watcher)
+
     # -- transitions ---------------------------------------------------------------------
     def spawned(self, worker: WorkerState, pid: int) -> None:
         """A new incarnation of a local worker started: it is down until checks pass `rise` times."""
@@ -105,18 +111,21 @@ class WorkerTable:
         worker.consecutive_successes = 0
         worker.passive_failure_times.clear()
         self._set(worker, False, "spawned")
+        self._notify()
 
     def handover(self, worker: WorkerState, pid: int) -> None:
         """A reloaded incarnation proved healthy and took over from the old one: still up."""
         worker.pid = pid
         worker.started_at = time.monotonic()
         worker.passive_failure_times.clear()
+        self._notify()
 
     def exited(self, worker: WorkerState, reason: str) -> None:
         """The worker's process is gone; it serves nothing until it is replaced."""
         worker.pid = None
         worker.last_error = reason
         self._set(worker, False, reason)
+        self._notify()
 
     def record_check(self, worker: WorkerState, ok: bool, latency: float | None = None, error: str = "") -> None:
         """Feed one active health-check result."""
@@ -160,3 +169,8 @@ class WorkerTable:
     def _changed(self) -> None:
         self.generation += 1
         self._healthy = tuple(sorted((w for w in self._workers.values() if w.up), key=lambda w: (w.port, w.host)))
+        self._notify()
+
+    def _notify(self) -> None:
+        for watcher in self._watchers:
+            watcher()

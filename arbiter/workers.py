@@ -215,7 +215,7 @@ class LocalWorker:
     async def _spawn(self, options: WorkerOptions) -> Incarnation:
         fd = self.sock.fileno()
         argv = worker_argv(options, fd, self.state.host, self.state.port)
-        inc = await Incarnation.spawn(argv, fd, self.sink.worker_stdout)
+        inc = await Incarnation.spawn(argv, (fd,), self.sink.worker_stdout)
         self._live.add(inc)
         if inc.proc.stdout is not None:
             self._track(asyncio.ensure_future(self.sink.relay(inc.proc.stdout)))

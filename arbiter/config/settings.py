@@ -62,13 +62,14 @@ class LoggingConfig:
 class ProxyConfig:
     """proxy: the front reverse proxy on the public listener."""
 
+    processes: int | None = setting(Nullable(Integer(1, 1024)), None, "Proxy processes serving clients, each accepting on the public port; null: one per CPU the master may run on. Connections, request body and front cache budgets below are the whole server's, split between them.")
     balance: str = setting(Choice("round-robin", "least-outstanding", "consistent-hash"), "round-robin", "How a worker is chosen: round-robin (under concurrency a busy worker takes up to 8 requests in a row, never more than its threads, sparing context switches), least-outstanding (fewest requests in flight), or consistent-hash (on the path with bounded load, so each worker's cache holds its share). Whatever the policy, a worker with a request in flight on each of its threads is passed over while another has a thread free.")
     retries: int = setting(Integer(0, 10), 2, "Other workers an idempotent request is retried on when a connection fails before any response byte.")
     connect_timeout: float = setting(Number(600), 2.0, "Seconds to connect to a worker.")
     response_timeout: float = setting(Number(3600), 30.0, "Seconds a worker has to start its response, and then between two reads of it; the same time bounds a client that stops reading a response, a request waiting for a free connection to its worker, and the retries of a failed request.")
     idle_timeout: float = setting(Number(3600), 15.0, "Seconds an idle client keep-alive connection is kept open.")
     header_timeout: float = setting(Number(600), 10.0, "Seconds a client has to send a complete request head.")
-    max_connections: int = setting(Integer(1, 1_000_000), 4096, "Client connections served at once; more wait in the listen backlog, and the longest-idle connections are closed to let them in.")
+    max_connections: int = setting(Integer(1, 1_000_000), 10000, "Client connections served at once (by all proxy processes together); more wait in the listen backlog, and the longest-idle connections are closed to let them in.")
     max_request_line: int = setting(Integer(256, 1 << 20), 8190, "Longest request line in bytes (414 beyond).")
     max_header_bytes: int = setting(Integer(1024, 1 << 24), 32768, "Largest request head in bytes (431 beyond).")
     max_headers: int = setting(Integer(1, 10000), 100, "Most request header fields (431 beyond).")
@@ -82,7 +83,7 @@ class FrontCacheConfig:
     """frontCache: hot small responses kept in the master (micro-caching)."""
 
     enabled: bool = setting(Boolean(), True, "Whether the master caches responses.")
-    max_bytes: int = setting(Integer(0, 1 << 40), 67108864, "Byte budget of the front cache (bodies, prepared heads and bookkeeping: what the master really holds).")
+    max_bytes: int = setting(Integer(0, 1 << 40), 67108864, "Byte budget of the front cache of the whole server (bodies, prepared heads and bookkeeping: what the proxies really hold), split between the proxy processes.")
     max_object_bytes: int = setting(Integer(0, 1 << 40), 1048576, "Largest response body the front cache keeps.")
 
 

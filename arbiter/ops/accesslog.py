@@ -15,6 +15,8 @@ import logging
 import os
 import queue
 import re
+import select
+import stat
 import sys
 import threading
 import time
@@ -173,13 +175,23 @@ class AccessLog:
                 self._reopen()
 
     def _write(self, data: bytes) -> None:
-        """Write whole lines; every line not (completely) written counts as dropped."""
+        """Write whole lines; every line not (completely) written counts as dropped.
+
+        Every proxy process appends to the same log. A file opened for appending takes each
+        write whole; a pipe or terminal (stdout) only up to PIPE_BUF bytes, so there the lines
+        go in pieces of at most that many, cut between lines, and never tear."""
         fd = self.stream.fileno() if self.stream is not None else sys.stdout.fileno()
         view = memoryview(data)
         written = 0
+        piece = len(data) if self._whole_writes(fd) else select.PIPE_BUF
         try:
             while written < len(data):
-                written += os.write(fd, view[written:])
+                end = len(data)
+                if end - written > piece:
+                    cut = data.rfind(b"\n", written, written + piece)
+                    end = cut + 1 if cut >= 0 else data.find(b"\n", written + piece) + 1 or len(data)
+                while written < end:
+                    written += os.write(fd, view[written:end])
         except OSError as e:
             lost = data.count(b"\n", written)  # a line cut short is lost too
             self.write_failed += lost
@@ -195,6 +207,14 @@ class AccessLog:
             unreported = self._failing.flush()
             log.warning("access log: writing to %s again%s", self.target or "stdout",
                         f" after {unreported} more lines were lost" if unreported else "")
+
+    @staticmethod
+    def _whole_writes(fd: int) -> bool:
+        """Whether one write of any size lands whole among other processes' (a regular file)."""
+        try:
+            return stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError:
+            return False
 
     def _reopen(self) -> None:
         if self.target is None:

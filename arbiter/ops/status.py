@@ -17,6 +17,8 @@ durations are seconds, latencies may be null when nothing was measured:
                "no_healthy_worker": int, "truncated_responses": int,
                "rejected_connections": int, "rejected_requests": int,
                "shed_idle_connections": int, "shortages": int, "body_buffer_bytes": int},
+     "proxies": [{"index": int, "pid": int|null, "ready": bool, "restarts": int, "requests": int,
+                  "client_connections": int, "rate": float}],
      "access_log": {"enabled": bool, "dropped": int, "error": str}}
 
     WINDOW = {"seconds": float, "requests": int, "rate_per_second": float,
@@ -32,12 +34,13 @@ from __future__ import annotations
 import os
 import time
 from importlib import metadata
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from ..proxy import Proxy
-from ..proxy.stats import Window, quantile
+from ..proxy.stats import RequestStats, Window, quantile
 from ..state import WorkerTable
-from .accesslog import AccessLog
+
+if TYPE_CHECKING:
+    from ..proxies import AccessLogState
 
 try:
     VERSION = metadata.version("gows")
@@ -45,14 +48,26 @@ except metadata.PackageNotFoundError:  # running from a checkout that was never 
     VERSION = "unknown"
 
 
+class ProxyCounters(Protocol):
+    """What the admin listener reads of the proxies (proxies.ProxyFleet)."""
+
+    latency: RequestStats
+
+    def stats(self) -> dict[str, Any]:
+        """All proxies' counters together, in Proxy.stats' shape."""
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per proxy process."""
+
+
 class Master(Protocol):
     """What the admin listener reads from the running master."""
 
     table: WorkerTable
-    proxy: Proxy
+    proxy: ProxyCounters
     started: float  # Unix time
     stopping: bool
-    access_log: AccessLog | None  # None: the access log is off
+    access_log: AccessLogState | None  # None: the access log is off
 
     @property
     def config_path(self) -> str: ...
@@ -108,6 +123,7 @@ def snapshot(master: Master, window: Window) -> dict[str, Any]:
             "client_connections", "retries", "upstream_errors", "timeouts", "no_healthy_worker",
             "truncated_responses", "rejected_connections", "rejected_requests", "shed_idle_connections",
             "shortages", "body_buffer_bytes")},
+        "proxies": master.proxy.rows(),
         "access_log": {"enabled": access_log is not None,
                        "dropped": access_log.dropped if access_log is not None else 0,
                        "error": access_log.error if access_log is not None else ""},

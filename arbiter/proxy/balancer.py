@@ -8,7 +8,8 @@ from hashlib import blake2b
 from operator import attrgetter
 from typing import Collection
 
-from ..state import WorkerState, WorkerTable
+from ..state import WorkerState
+from .view import WorkerView
 
 VIRTUAL_NODES = 160  # points per worker on the hash ring (ketama uses 160)
 LOAD_FACTOR = 1.25  # bounded load: no worker takes more than c x the mean outstanding requests
@@ -37,7 +38,7 @@ class Balancer:
     POLICIES = {"round-robin": "_round_robin", "least-outstanding": "_least_outstanding",
                 "consistent-hash": "_consistent_hash"}  # the config's proxy.balance choices
 
-    def __init__(self, table: WorkerTable, policy: str = "round-robin", worker_threads: int = 4) -> None:
+    def __init__(self, table: WorkerView, policy: str = "round-robin", worker_threads: int = 4) -> None:
         self.table = table
         self.policy = policy
         self.worker_threads = worker_threads

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from httptools import HttpRequestParser
 
 from .cache import Entry
+from .counters import REJECTED, TIMEOUTS
 from .http1 import BUSY, GET, HEAD, error_response
 from .reader import IDLE, MAX_PIPELINE, RequestReader
 from .relay import JOIN_LIMIT, Relay
@@ -48,7 +49,7 @@ class ClientProtocol(RequestReader):
         proxy = self.proxy
         if proxy.draining:
             self.closed = self.no_more = True
-            proxy.rejected += 1
+            proxy.counts[REJECTED] += 1
             transport.write(BUSY)
             transport.close()
             return
@@ -272,5 +273,5 @@ class ClientProtocol(RequestReader):
             else:
                 self.close()
         else:
-            self.proxy.timeouts += 1
+            self.proxy.counts[TIMEOUTS] += 1
             self._reject(408)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from .counters import REJECTED_REQUESTS, REQUESTS
 from .http1 import (CONTINUE, CRLF, H_AE, H_BYPASS, H_CL, H_CONNECTION, H_EXPECT, H_FWD, H_HOST, H_IMS, H_INM,
                     H_TE, H_VIA, H_XFF, REQUEST_HEADERS, SEP, VALID_HOSTS, drop_named, valid_host)
 from .request import Reject, Request
@@ -246,7 +247,7 @@ class RequestReader(asyncio.Protocol):
             return
         if req.body is not None:
             req.body = b"".join(req.body)
-        self.proxy.requests += 1
+        self.proxy.counts[REQUESTS] += 1
         if not req.keep_alive:
             self.no_more = True  # later pipelined requests are not answered
         self._enqueue(req)
@@ -273,5 +274,5 @@ class RequestReader(asyncio.Protocol):
         self.req = self.parser = self.held = None  # nothing more is read from this connection
         self.no_more = True
         self._pause_reading()
-        self.proxy.rejected_requests += 1
+        self.proxy.counts[REJECTED_REQUESTS] += 1
         self._enqueue(req)

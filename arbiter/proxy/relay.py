@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..addresses import host_port
 from ..state import WorkerState
 from .cache import Entry, freshness
+from .counters import NO_WORKER, RETRIES, STALE_RETRIES, TRUNCATED, UPSTREAM_ERRORS
 from .http1 import (CONN_CLOSE, CONN_KEEP, CRLF, HEAD, IDEMPOTENT, LAST_CHUNK, R_AGE, R_CC, R_CL,
                     R_CONNECTION, R_DROP, R_FWD, R_NOSTORE, R_TE, R_VARY, R_VIA, RESPONSE_HEADERS, SAFE, SEP,
                     TE_CHUNKED, VIA_SELF, drop_named, status_line)
@@ -87,11 +88,11 @@ class Relay:
             if failed is not None:  # no other worker left to retry on
                 self._error(failed.status)
             else:
-                proxy.no_worker += 1
+                proxy.counts[NO_WORKER] += 1
                 self._error(503)
             return
         if failed is not None:
-            proxy.retries_done += 1
+            proxy.counts[RETRIES] += 1
         self.worker = worker
         worker.in_flight += 1
         worker.requests += 1
@@ -318,7 +319,7 @@ class Relay:
         worker = self._release_worker()
         req = self.req
         proxy = self.proxy
-        proxy.upstream_errors += 1
+        proxy.counts[UPSTREAM_ERRORS] += 1
         if error.passive and worker is not None:
             proxy.table.record_passive_failure(worker, error.reason)
         if not self.live:
@@ -327,7 +328,7 @@ class Relay:
         if self.started:
             # Bytes of this response already reached the client: all we can do is end the
             # connection so the client sees the truncation (never bytes of another response).
-            proxy.truncated += 1
+            proxy.counts[TRUNCATED] += 1
             self.client.close()
             return
         self.cache_parts = None
@@ -345,7 +346,7 @@ class Relay:
                 # A keep-alive connection the worker had closed: same worker, fresh connection.
                 self.fresh = True
                 self.sent = False
-                proxy.stale_retries += 1
+                proxy.counts[STALE_RETRIES] += 1
                 self._forward_to(worker)
                 return
             if self.tries < proxy.config.retries:

@@ -14,10 +14,12 @@ from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..sockets import somaxconn
-from ..state import WorkerTable
+from .view import WorkerView
 from .balancer import Balancer
 from .cache import FrontCache
 from .client import IDLE, ClientProtocol
+from .counters import (CACHE_HITS, CACHE_MISSES, CACHE_REVALIDATED, CACHE_STORES, SHED_IDLE, SHORTAGES,
+                       TIMEOUTS, Counters, report)
 from .http1 import CRLF
 from .request import Request
 from .stats import RequestStats
@@ -43,11 +45,12 @@ FD_RESERVE = 16
 class Proxy:
     """The front proxy: serves a listening socket, forwarding to `table.healthy` workers."""
 
-    def __init__(self, table: WorkerTable, config: ProxyConfig, front_cache: FrontCacheConfig,
-                 worker_threads: int, revalidate_after: float) -> None:
+    def __init__(self, table: WorkerView, config: ProxyConfig, front_cache: FrontCacheConfig,
+                 worker_threads: int, revalidate_after: float, counters: Counters | None = None) -> None:
         """`config` and `front_cache`: the config's sections; `worker_threads`: each worker's
         (the balancer's idea of a busy worker); `revalidate_after`: the workers' cache TTL (a
-        stored response is checked with a worker once older)."""
+        stored response is checked with a worker once older); `counters`: where to count (a
+        proxy process: memory the master reads), private memory by default."""
         self.table = table
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pool = UpstreamPool(self)
@@ -71,21 +74,13 @@ class Proxy:
         self._last_date = 0
         self._tasks: set[asyncio.Task] = set()
         self._update_date()
-        # counters
-        self.requests = 0
-        self.status_counts = [0] * 6  # by status class: index 1..5
-        self.retries_done = 0
-        self.stale_retries = 0
-        self.upstream_errors = 0
-        self.no_worker = 0
-        self.truncated = 0
-        self.timeouts = 0
-        self.rejected = 0  # connections refused while shutting down
-        self.rejected_requests = 0  # malformed or over a limit
-        self.shed_idle = 0  # idle keep-alive connections closed at the connection limit
-        self.shortages = 0  # requests shed because the master ran out of descriptors or memory
+        # Counted in line as `counts[NAME] += 1` (counters.py names the slots).
+        self.counters = counters if counters is not None else Counters.private()
+        self.counts = self.counters.values
+        self.status_counts = self.counters.status  # by status class: index 1..5
+        self.latency = RequestStats(self.counters.latency)
+        self._cache_counted = (0, 0, 0, 0)  # the cache's own counters as last added to `counts`
         self._shortage_logged = 0.0
-        self.latency = RequestStats()
         # The master sets these to None when nothing reads them: the latency histogram's counts
         # (read by the admin listener), and a hook called once per completed response (the
         # access log).
@@ -107,10 +102,13 @@ class Proxy:
         self.stuck_after = 2 * config.response_timeout + config.connect_timeout + 1
         old, self.front_cache = self.front_cache, front_cache
         if not front_cache.enabled or front_cache.max_bytes <= 0:
+            self._count_cache()
             self.cache = None
         elif (self.cache is None or front_cache.max_bytes != old.max_bytes
               or front_cache.max_object_bytes != old.max_object_bytes):
+            self._count_cache()
             self.cache = FrontCache(front_cache.max_bytes, front_cache.max_object_bytes)
+            self._cache_counted = (0, 0, 0, 0)
         if self.cache is not None:
             self.cache.revalidate_after = revalidate_after
 
@@ -201,7 +199,7 @@ class Proxy:
                 and c.idle_since <= since and not c.closed]
         shed = max(1, min(IDLE_SHED, self.max_connections // 16))
         for conn in heapq.nsmallest(shed, idle, key=_idle_since):
-            self.shed_idle += 1
+            self.counts[SHED_IDLE] += 1
             conn.close()
 
     def connection_gone(self, conn: ClientProtocol) -> None:
@@ -235,7 +233,7 @@ class Proxy:
 
     def shortage(self) -> None:
         """The master ran out of descriptors (or buffers, or memory): shed what it holds idle."""
-        self.shortages += 1
+        self.counts[SHORTAGES] += 1
         self.pool.close_idle()
         if self.clock - self._shortage_logged >= 10:
             self._shortage_logged = self.clock
@@ -284,9 +282,10 @@ class Proxy:
                     conn.abort()
             self.pool.expire_waiting(now)
             for up in self.pool.timed_out(now):
-                self.timeouts += 1
+                self.counts[TIMEOUTS] += 1
                 up._fail(UpstreamError("worker response timed out", 504, passive=True))
             self.pool.sweep(now)
+            self._count_gauges()
         except Exception:  # a bug here must not stop every future timeout
             log.exception("proxy timeout sweep failed")
         self._ticker = self.loop.call_later(TICK, self._tick)
@@ -320,36 +319,33 @@ class Proxy:
         """End a shutdown's wait for in-flight requests now (a fast stop during a graceful one)."""
         self._drain_until = 0.0
 
+    def _count_cache(self) -> None:
+        """Add what the front cache counted since the last call to `counts`."""
+        cache = self.cache
+        if cache is None:
+            return
+        now = (cache.hits, cache.misses, cache.stores, cache.revalidated)
+        counts, before = self.counts, self._cache_counted
+        for slot, n, old in zip((CACHE_HITS, CACHE_MISSES, CACHE_STORES, CACHE_REVALIDATED), now, before):
+            counts[slot] += n - old
+        self._cache_counted = now
+
+    def _count_gauges(self) -> None:
+        """Refresh the gauges in `counts` (every tick: the master reads them from there)."""
+        self._count_cache()
+        pool = self.pool.counts()
+        cache = self.cache
+        self.counters.set_gauges(client_connections=len(self.conns), body_buffer_bytes=self.body_bytes,
+                                 cache_entries=len(cache) if cache else 0, cache_bytes=cache.bytes if cache else 0,
+                                 upstream_busy=pool["busy"], upstream_idle=pool["idle"],
+                                 upstream_waiting=pool["waiting"])
+
     def stats(self) -> dict[str, Any]:
         """Counters for the admin page and metrics."""
-        cache = self.cache
-        return {
-            "requests": self.requests,
-            "responses": {f"{i}xx": self.status_counts[i] for i in range(1, 6)},
-            "front_cache": {
-                "enabled": cache is not None,
-                "hits": cache.hits if cache else 0,
-                "misses": cache.misses if cache else 0,
-                "stores": cache.stores if cache else 0,
-                "entries": len(cache) if cache else 0,
-                "bytes": cache.bytes if cache else 0,
-                "max_bytes": self.front_cache.max_bytes,
-                "revalidated": cache.revalidated if cache else 0,
-            },
-            "retries": self.retries_done,
-            "stale_retries": self.stale_retries,
-            "upstream_errors": self.upstream_errors,
-            "no_healthy_worker": self.no_worker,
-            "truncated_responses": self.truncated,
-            "timeouts": self.timeouts,
-            "rejected_connections": self.rejected,
-            "rejected_requests": self.rejected_requests,
-            "shed_idle_connections": self.shed_idle,
-            "shortages": self.shortages,
-            "body_buffer_bytes": self.body_bytes,
-            "client_connections": len(self.conns),
-            "upstream_connections": self.pool.counts(),
-        }
+        self._count_gauges()
+        stats = report(self.counts, self.cache is not None, self.front_cache.max_bytes)
+        stats["upstream_connections"] = self.pool.counts()
+        return stats
 
 
 def _raise_fd_limit(wanted: int) -> int:

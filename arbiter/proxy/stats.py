@@ -26,8 +26,8 @@ class RequestStats:
 
     __slots__ = ("counts",)
 
-    def __init__(self) -> None:
-        self.counts = [0] * (SLOTS + 1)
+    def __init__(self, counts: list[int] | memoryview | None = None) -> None:
+        self.counts = counts if counts is not None else [0] * (SLOTS + 1)
 
     @property
     def buckets(self) -> list[int]:

@@ -1,0 +1,205 @@
+"""A proxy process (`python -m arbiter.proxy`): one of the `proxy.processes` that serve clients.
+
+The master execs it (never forks it from its running loop) with the shared listening socket, its
+end of the control channel (control.py) and its slot's counters (counters.py) as inherited
+descriptors. Settings and the worker table arrive over the channel; the proxy answers "ready"
+once it accepts. It never outlives the master: PR_SET_PDEATHSIG kills it when the master dies,
+even of SIGKILL, and end of file on the channel makes it leave too.
+
+Signals as a worker's: TERM stops accepting and lets in-flight requests finish (up to the
+graceful timeout), INT/QUIT stop at once. HUP and USR1 are the master's: it reloads and then
+tells every proxy what changed.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import socket
+import sys
+from typing import Any
+
+from fileapp import logs as worker_logs
+
+from ..config import FrontCacheConfig, ProxyConfig
+from ..ops.accesslog import AccessLog
+from ..state import WorkerState
+from .control import Channel, Message
+from .counters import Counters
+from .server import Proxy
+from .view import MirrorTable
+
+log = logging.getLogger("gows.proxy")
+PR_SET_PDEATHSIG = 1
+SETTINGS_TIMEOUT = 30.0  # seconds to wait for the master's first settings before giving up
+LOAD_INTERVAL = 1.0  # seconds between two load reports to the master
+
+
+class ProxyProcess:
+    """The proxy process's life: settings in, serve, report, stop."""
+
+    def __init__(self, index: int, listener: socket.socket, control: socket.socket, counters: Counters) -> None:
+        self.index = index
+        self.listener = listener
+        self.control = control
+        self.counters = counters
+        self.channel: Channel | None = None
+        self.proxy: Proxy | None = None
+        self.table = MirrorTable(self._report_failure)
+        self.access_log: AccessLog | None = None
+        self.access_target: Any = None
+        self.graceful_timeout = 30.0
+        self._settings: asyncio.Future[Message] | None = None
+        self._stop: asyncio.Future[float] | None = None  # the drain time the stop allows
+        self._reported: dict[tuple[str, int], int] = {}  # requests per worker, as last reported
+        self._reporter: asyncio.TimerHandle | None = None
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._settings = loop.create_future()
+        self._stop = loop.create_future()
+        self.channel = await Channel.open(self.control, self._on_message, self._on_master_gone)
+        try:
+            first = await asyncio.wait_for(asyncio.shield(self._settings), SETTINGS_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.error("proxy %d: no settings from the master within %gs; exiting", self.index, SETTINGS_TIMEOUT)
+            return 1
+        if self._stop.done():
+            return 0
+        proxy = self.proxy = Proxy(self.table, ProxyConfig(**first["proxy"]), FrontCacheConfig(**first["front_cache"]),
+                                   first["threads"], first["ttl"], self.counters)
+        self._apply(first)
+        for sig, now in ((signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGQUIT, True)):
+            loop.add_signal_handler(sig, self._stop_signal, now)
+        for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
+            loop.add_signal_handler(sig, lambda: None)  # the master's signals: it tells us what to do
+        await proxy.start(self.listener)
+        self.channel.send({"op": "ready", "pid": os.getpid(), "max_connections": proxy.max_connections})
+        self._reporter = loop.call_later(LOAD_INTERVAL, self._report_load)
+        drain = await self._stop
+        self._reporter.cancel()
+        shutdown = asyncio.ensure_future(proxy.shutdown(drain))
+        await asyncio.sleep(0)  # its first step stops accepting: then our copy of the socket goes too
+        self.listener.close()
+        await shutdown
+        self._report_load(again=False)
+        if self.access_log is not None:
+            self.access_log.close()
+        self.channel.close()
+        return 0
+
+    # -- from the master ---------------------------------------------------------------------
+    def _on_message(self, message: Message) -> None:
+        op = message.get("op")
+        if op == "settings":
+            if not self._settings.done():
+                self._settings.set_result(message)
+            else:
+                self._apply(message)
+        elif op == "workers":
+            self.table.apply(tuple(row) for row in message["workers"])
+        elif op == "purge":
+            if self.proxy is not None:
+                self.proxy.purge_front_cache()
+            self.channel.send({"op": "ack", "seq": message["seq"]})
+        elif op == "reopen":
+            if self.access_log is not None:
+                self.access_log.reopen()
+        elif op == "hurry":
+            if self.proxy is not None:
+                self.proxy.hurry()
+        else:
+            log.warning("proxy %d: unknown control message %r", self.index, op)
+
+    def _apply(self, settings: Message) -> None:
+        """Take (new) settings: the proxy's, the logs', the access log's."""
+        proxy = self.proxy
+        worker_logs.configure(settings["log_format"], settings["log_level"])
+        proxy.configure(ProxyConfig(**settings["proxy"]), FrontCacheConfig(**settings["front_cache"]),
+                        settings["threads"], settings["ttl"])
+        proxy.timing = proxy.latency.counts if settings["timing"] else None
+        self.graceful_timeout = settings["graceful_timeout"]
+        target = settings["access_log"]
+        if target != self.access_target or self.access_log is None and target is not None:
+            old = self.access_log
+            try:
+                self.access_log = AccessLog.open(target)
+            except Exception as e:  # the master opened it a moment ago; a race with the disk
+                log.error("proxy %d: %s", self.index, e)
+                self.access_log = None
+            self.access_target = target
+            if old is not None:
+                old.close(wait=False)
+            proxy.observe = self.access_log.observe if self.access_log is not None else None
+
+    def _on_master_gone(self) -> None:
+        """End of file on the channel: the master is gone (or broke it); leave at once."""
+        if not self._stop.done():
+            log.warning("proxy %d: the master is gone; exiting", self.index)
+            self._stop.set_result(0.0)
+        if self._settings is not None and not self._settings.done():
+            self._settings.cancel()
+
+    def _stop_signal(self, now: bool) -> None:
+        if not self._stop.done():
+            self._stop.set_result(0.0 if now else self.graceful_timeout)
+        elif now and self.proxy is not None:
+            self.proxy.hurry()  # a fast stop during a graceful one
+
+    # -- to the master ------------------------------------------------------------------------
+    def _report_failure(self, worker: WorkerState, error: str) -> None:
+        self.channel.send({"op": "fail", "host": worker.host, "port": worker.port, "pid": worker.pid,
+                           "error": error})
+
+    def _report_load(self, again: bool = True) -> None:
+        """Each worker's requests in flight here and those sent since the last report; the
+        access log's losses."""
+        rows = []
+        for w in self.table:
+            sent = w.requests - self._reported.get(w.key, 0)
+            self._reported[w.key] = w.requests
+            rows.append((w.host, w.port, w.in_flight, sent))
+        access = self.access_log
+        self.channel.send({"op": "load", "workers": rows,
+                           "access_log": {"dropped": access.dropped if access else 0,
+                                          "error": access.error if access else ""}})
+        if again:
+            self._reporter = asyncio.get_running_loop().call_later(LOAD_INTERVAL, self._report_load)
+
+
+def _die_with_parent(parent: int) -> None:
+    """SIGKILL when the master dies (it must never be left serving alone)."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # the control channel's end of file still tells
+    if os.getppid() != parent:  # it died before the watch was armed
+        os._exit(1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m arbiter.proxy", description="A gows proxy process (started by the master).")
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--control-fd", type=int, required=True)
+    parser.add_argument("--counters-fd", type=int, required=True)
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    import setproctitle
+    import uvloop
+
+    setproctitle.setproctitle(f"gows: proxy {args.index}")
+    worker_logs.configure("text", "info")
+    listener = socket.socket(fileno=args.listen_fd)
+    control = socket.socket(fileno=args.control_fd)
+    process = ProxyProcess(args.index, listener, control, Counters.attach(args.counters_fd))
+    try:
+        return uvloop.run(process.run())
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        sys.stderr.flush()

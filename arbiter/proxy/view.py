@@ -1,0 +1,81 @@
+"""What the proxy sees of worker health, and the proxy process's copy of it.
+
+The master's WorkerTable is the one writer of worker state (checks, rise/fall, up/down). The
+proxy only reads it and reports what it saw go wrong: in the master that is the table itself; in
+a proxy process it is a MirrorTable, which the master keeps current by pushing every change over
+the control channel, and which passes passive failures back the same way.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, Iterator, Protocol
+
+from ..state import WorkerState
+
+# One worker as the master pushes it: host, port, local, pid (None: no process), up.
+Row = tuple[str, int, bool, "int | None", bool]
+
+
+class WorkerView(Protocol):
+    """The proxy's side of worker health (the balancer, the pool and the relay use only this)."""
+
+    generation: int  # changes whenever membership or up/down changes
+
+    @property
+    def healthy(self) -> tuple[WorkerState, ...]:
+        """The workers that may be chosen, in a stable order."""
+
+    def get(self, host: str, port: int) -> WorkerState | None: ...
+
+    def __iter__(self) -> Iterator[WorkerState]: ...
+
+    def record_passive_failure(self, worker: WorkerState, error: str) -> None:
+        """A connection to `worker` failed while forwarding a request (refused, reset, timed out)."""
+
+
+def rows(workers: Iterable[WorkerState]) -> list[Row]:
+    """The master's table as pushed to proxies."""
+    return [(w.host, w.port, w.local, w.pid, w.up) for w in workers]
+
+
+class MirrorTable:
+    """A proxy process's copy of the master's worker table.
+
+    A worker keeps its WorkerState object while its address stays in the table, so the balancer's
+    and the pool's references stay valid; its pid changes when the master replaces its process,
+    which is what makes the pool drop connections opened to the old one.
+    """
+
+    def __init__(self, report: Callable[[WorkerState, str], None]) -> None:
+        self._report = report
+        self._workers: dict[tuple[str, int], WorkerState] = {}
+        self._healthy: tuple[WorkerState, ...] = ()
+        self.generation = 0
+
+    @property
+    def healthy(self) -> tuple[WorkerState, ...]:
+        return self._healthy
+
+    def get(self, host: str, port: int) -> WorkerState | None:
+        return self._workers.get((host, port))
+
+    def __iter__(self) -> Iterator[WorkerState]:
+        return iter(list(self._workers.values()))
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def record_passive_failure(self, worker: WorkerState, error: str) -> None:
+        self._report(worker, error)
+
+    def apply(self, pushed: Iterable[Row]) -> None:
+        """Take the master's current table."""
+        fresh: dict[tuple[str, int], WorkerState] = {}
+        for host, port, local, pid, up in pushed:
+            worker = self._workers.get((host, port))
+            if worker is None or worker.local != local:
+                worker = WorkerState(host, port, local=local)
+            worker.pid, worker.up = pid, up
+            fresh[worker.key] = worker
+        self._workers = fresh
+        self.generation += 1
+        self._healthy = tuple(sorted((w for w in fresh.values() if w.up), key=lambda w: (w.port, w.host)))

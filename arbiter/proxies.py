@@ -26,11 +26,11 @@ from .config import Config
 from .incarnation import Incarnation, describe_exit
 from .ops.logs import LogSink
 from .proxy.control import Channel, Message
-from .proxy.counters import LATENCY, REQUESTS, Counters, report, total
+from .proxy.counters import LATENCY, REQUESTS, WORKERS, Counters, report, total
 from .proxy.stats import SLOTS, RequestStats
 from .proxy.view import rows
 from .signals import Stop
-from .state import WorkerTable
+from .state import WorkerState, WorkerTable
 
 log = logging.getLogger("gows.proxies")
 FAST_STOP_TIMEOUT = 5.0  # seconds a proxy told to quit at once gets before SIGKILL
@@ -253,13 +253,9 @@ class ProxySlot:
             log.warning("proxy %d: unknown control message %r", self.index, op)
 
     def _load(self, message: Message) -> None:
-        table = self.fleet.table
         in_flight: dict[tuple[str, int], int] = {}
-        for host, port, busy, sent in message["workers"]:
+        for host, port, busy in message["workers"]:
             in_flight[(host, port)] = busy
-            worker = table.get(host, port)
-            if worker is not None:
-                worker.requests += sent
         self.in_flight = in_flight
         self.fleet.sum_in_flight()
         self.access_log = AccessLogState(**message["access_log"])
@@ -301,6 +297,8 @@ class ProxyFleet:
         self._background: set[asyncio.Future] = set()
         self._seq = 0
         self._push_pending = False
+        # Each worker with what its counter held when it joined (a counter slot may be reused).
+        self._counted: dict[tuple[str, int], tuple[WorkerState, int]] = {}
         table.watch(self._table_changed)
 
     # -- what the proxies are told -----------------------------------------------------------
@@ -320,6 +318,11 @@ class ProxyFleet:
 
     def _table_changed(self) -> None:
         """The worker table changed: push it to every proxy, once per pass of the loop."""
+        for worker in self.table:
+            if worker.key not in self._counted:  # new here: its requests count from now
+                self._counted[worker.key] = (worker, self._total(WORKERS + worker.slot))
+        for key in [k for k, (w, _) in self._counted.items() if self.table.get(*k) is not w]:
+            del self._counted[key]
         if not self._push_pending:
             self._push_pending = True
             asyncio.get_running_loop().call_soon(self._push_workers)
@@ -430,10 +433,17 @@ class ProxyFleet:
     def totals(self) -> list[int]:
         return total([*(s.counters for s in self.slots), *self.retired])
 
+    def _total(self, index: int) -> int:
+        return sum(c.values[index] for c in (*(s.counters for s in self.slots), *self.retired))
+
     def stats(self) -> dict[str, Any]:
-        """The whole server's proxy counters (Proxy.stats' shape)."""
+        """The whole server's proxy counters (Proxy.stats' shape); each worker's `requests`
+        in the table is brought up to date too."""
         front = self.config.front_cache
-        return report(self.totals(), front.enabled and front.max_bytes > 0, front.max_bytes)
+        totals = self.totals()
+        for worker, base in self._counted.values():
+            worker.requests = totals[WORKERS + worker.slot] - base
+        return report(totals, front.enabled and front.max_bytes > 0, front.max_bytes)
 
     def rows(self) -> list[dict[str, Any]]:
         """One row per proxy process."""

@@ -13,6 +13,7 @@ from typing import Callable, Iterator
 from .addresses import host_port
 
 log = logging.getLogger("gows.state")
+WORKER_SLOTS = 1024  # workers whose requests the proxies count apart (proxy/counters.py)
 
 
 @dataclass(eq=False)
@@ -32,8 +33,9 @@ class WorkerState:
     last_check_latency: float | None = None  # seconds, of the last successful active check
     last_error: str = ""
     passive_failure_times: list[float] = field(default_factory=list)
-    requests: int = 0  # requests the proxy sent to this worker
+    requests: int = 0  # requests the proxies sent to this worker (kept current by the master)
     in_flight: int = 0  # requests the proxy has outstanding on this worker
+    slot: int = 0  # its place among the proxies' per-worker counters (WORKER_SLOTS: none of its own)
 
     @property
     def address(self) -> str:
@@ -71,6 +73,8 @@ class WorkerTable:
 
     # -- membership ---------------------------------------------------------------------
     def add(self, worker: WorkerState) -> WorkerState:
+        taken = {w.slot for w in self._workers.values()}
+        worker.slot = next((i for i in range(WORKER_SLOTS) if i not in taken), WORKER_SLOTS)
         self._workers[worker.key] = worker
         self._changed()
         return worker

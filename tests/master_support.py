@@ -274,5 +274,13 @@ def rss_kib(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def proxies_rss_kib(master_pid: int) -> int:
+    """Resident set size of all the master's proxy processes together (they hold the client
+    connections, their buffers and the front cache)."""
+    pids = [p for p in children(master_pid) if title(p).startswith("gows: proxy")]
+    assert pids, f"master {master_pid} has no proxy process"
+    return sum(rss_kib(p) for p in pids)
+
+
 def now() -> float:
     return time.monotonic()

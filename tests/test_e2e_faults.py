@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from e2e_support import bundled_site, fetch, patterned, read_head
-from master_support import Hammer, Master, rss_kib, serving, wait_gone
+from master_support import Hammer, Master, proxies_rss_kib, serving, wait_gone
 from support import pid_alive, together, wait_until
 
 pytestmark = pytest.mark.integration
@@ -95,14 +95,14 @@ def test_worker_killed_mid_stream_truncates_the_response_cleanly(master, site):
 def test_gigabyte_to_a_slow_reader_keeps_master_memory_bounded(master):
     for _ in range(20):  # warm up the proxy's pools and buffers first
         assert fetch(master.port, "GET", "/downloads/sample-150k.bin")[0] == 200
-    baseline = peak = rss_kib(master.pid)
+    baseline = peak = proxies_rss_kib(master.pid)
     zeros = bytes(1 << 20)
     with socket.create_connection(("127.0.0.1", master.port), timeout=60) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
         s.sendall(b"GET /sparse.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         for _ in range(10):  # not reading at all for a while: the worker could send it all
             time.sleep(0.1)
-            peak = max(peak, rss_kib(master.pid))
+            peak = max(peak, proxies_rss_kib(master.pid))
         head, body = read_head(s)
         assert b"Content-Length: %d" % GIGABYTE in head
         received = len(body)
@@ -116,7 +116,7 @@ def test_gigabyte_to_a_slow_reader_keeps_master_memory_bounded(master):
             received += len(data)
             reads += 1
             if reads % 32 == 0:
-                peak = max(peak, rss_kib(master.pid))
+                peak = max(peak, proxies_rss_kib(master.pid))
                 if received < 64 << 20:
                     time.sleep(0.05)  # slowly at first, then as fast as the machine allows
     assert received == GIGABYTE

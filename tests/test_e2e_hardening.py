@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from e2e_support import Responses, bundled_site, exchange, fetch, request
-from master_support import Admin, Master, rss_kib
+from master_support import Admin, Master, proxies_rss_kib
 from support import closing_all, wait_until
 
 pytestmark = pytest.mark.integration
@@ -109,14 +109,15 @@ def test_aborted_uploads_do_not_pin_the_masters_memory(masters, tmp_path, site):
         _abort_uploads(m, 300, MiB)
         wait_until(lambda: m.json()["proxy"]["client_connections"] == 0, timeout=30,
                    message="every aborted upload's connection gone")
-        rss.append(rss_kib(m.master.pid))
+        rss.append(proxies_rss_kib(m.master.pid))
     # 300 MiB of bodies per round: before the fix each round pinned them until a full GC.
     assert rss[2] - rss[0] < 64 * 1024, f"master RSS after each round: {rss} KiB"
     assert get(m, "/a.txt")[0] == 200
 
 
 def test_request_bodies_in_flight_share_one_memory_budget(masters, tmp_path, site):
-    m = served(masters, tmp_path, site, proxy={"maxBodyBytes": MiB, "bodyBufferBytes": 4 * MiB})
+    # One proxy process: the budget is the whole server's, split between the proxies.
+    m = served(masters, tmp_path, site, proxy={"maxBodyBytes": MiB, "bodyBufferBytes": 4 * MiB, "processes": 1})
     held = []
     with closing_all(held):
         for _ in range(4):  # 4 x 1 MiB - 1 KiB held: the budget is nearly spent
@@ -240,7 +241,7 @@ def test_a_reload_that_changes_the_root_serves_the_new_site_at_once(masters, tmp
     (old / "a.txt").write_text("old site\n")
     (old / "only-old.txt").write_text("gone after the reload\n")
     (new / "a.txt").write_text("new site\n")
-    m = served(masters, tmp_path, old)
+    m = served(masters, tmp_path, old, proxy={"processes": 1})  # (one front cache to count hits in)
     for path in ("/a.txt", "/only-old.txt"):
         assert get(m, path)[0] == 200
         assert get(m, path)[0] == 200
@@ -257,7 +258,7 @@ def test_a_changed_or_deleted_file_leaves_the_front_cache_within_the_cache_ttl(m
     root.mkdir()
     (root / "a.txt").write_text("version 1\n")
     (root / "b.txt").write_text("short-lived\n")
-    m = served(masters, tmp_path, root, cache={"ttl": 0.5})
+    m = served(masters, tmp_path, root, cache={"ttl": 0.5}, proxy={"processes": 1})
     for path in ("/a.txt", "/b.txt"):
         get(m, path)
         assert get(m, path)[0] == 200
@@ -285,12 +286,13 @@ def test_filling_the_front_cache_grows_the_master_by_at_most_its_budget_and_a_qu
         size = sizes[i % len(sizes)]
         (root / f"f{i}.bin").write_bytes(os.urandom(size))
         files.append(f"/f{i}.bin")
-    m = served(masters, tmp_path, root, frontCache={"maxBytes": budget})
+    # One proxy process: a single connection fills one proxy's cache, and the whole budget is its.
+    m = served(masters, tmp_path, root, frontCache={"maxBytes": budget}, proxy={"processes": 1})
     with connect(m) as s:  # warm up the proxy's own allocations before measuring
         for path in files[:50]:
             s.sendall(request("GET", path + "?warmup"))
             Responses(s).next()
-    before = rss_kib(m.master.pid)
+    before = proxies_rss_kib(m.master.pid)
     with connect(m) as s:
         responses = Responses(s)
         for i in range(0, len(files), 50):
@@ -299,7 +301,7 @@ def test_filling_the_front_cache_grows_the_master_by_at_most_its_budget_and_a_qu
                 assert responses.next()[0] == 200
     cache = m.json()["front_cache"]
     assert cache["bytes"] > budget * 0.9, cache
-    grown = rss_kib(m.master.pid) - before
+    grown = proxies_rss_kib(m.master.pid) - before
     assert grown * 1024 <= 1.25 * budget, f"RSS grew {grown} KiB for a {budget // 1024} KiB front cache"
 
 
@@ -346,7 +348,7 @@ def test_memory_for_requests_pipelined_but_never_read_is_bounded(masters, tmp_pa
     burst = request("GET", "/a.txt?x") * 12_000  # 265 KB of requests
     for _ in range(20):  # warm up
         get(m, "/a.txt?x")
-    before = rss_kib(m.master.pid)
+    before = proxies_rss_kib(m.master.pid)
     held = []
     with closing_all(held):
         for _ in range(50):
@@ -359,10 +361,10 @@ def test_memory_for_requests_pipelined_but_never_read_is_bounded(masters, tmp_pa
                 pass
             held.append(s)
         wait_until(lambda: m.json()["proxy"]["client_connections"] == 50)
-        samples = [rss_kib(m.master.pid)]
+        samples = [proxies_rss_kib(m.master.pid)]
 
         def settled() -> bool:  # the proxy has read what it will
-            samples.append(rss_kib(m.master.pid))
+            samples.append(proxies_rss_kib(m.master.pid))
             return abs(samples[-1] - samples[-2]) < 256
         wait_until(settled, timeout=20, interval=0.3, message="the master's memory settled")
         grown = samples[-1] - before

@@ -69,7 +69,9 @@ def test_slow_readers_get_no_healthy_worker_replaced(masters, tmp_path, site):
         for s in readers:
             head, _ = read_head(s)
             assert head.startswith(b"HTTP/1.1 200") and b"Content-Length: %d" % HUGE in head
-        assert sum(w["in_flight"] for w in status()["workers"]) == READERS  # all of them held
+        # All of them held (the proxies report their in-flight counts every second).
+        wait_until(lambda: sum(w["in_flight"] for w in status()["workers"]) == READERS, timeout=10,
+                   message="every download in flight in status.json")
         with requests.Session() as session:
             held_until = time.monotonic() + HOLD
             while time.monotonic() < held_until:

@@ -345,6 +345,8 @@ def test_the_per_response_work_runs_only_when_something_reads_it(tmp_path, admin
 
     from arbiter.arbiter import Arbiter
     from arbiter.ops.logs import LogSink
+    from arbiter.proxy.counters import Counters
+    from arbiter.proxy.process import ProxyProcess
     from support import free_port
 
     (tmp_path / "www").mkdir()
@@ -356,11 +358,19 @@ def test_the_per_response_work_runs_only_when_something_reads_it(tmp_path, admin
     sink = LogSink(config.logging)
     try:
         arbiter = Arbiter(config, public, {}, sink, admin_sock)
-        proxy = arbiter.proxy
+        settings = arbiter.proxy.settings()  # what every proxy process is told
+        assert settings["timing"] is admin
+        assert settings["access_log"] == (str(tmp_path / "access.log") if access_log else None)
+        process = ProxyProcess(1, public, socket.socket(), Counters.private())
+        process.proxy = Proxy(process.table, config.proxy, config.front_cache, config.threads, config.cache.ttl,
+                              process.counters)
+        process._apply(settings)
+        proxy = process.proxy
         assert proxy.timing is (proxy.latency.counts if admin else None)
-        assert proxy.observe == (arbiter.access_log.observe if access_log else None)
-        if arbiter.access_log is not None:
-            arbiter.access_log.close(wait=True)
+        assert proxy.observe == (process.access_log.observe if access_log else None)
+        if process.access_log is not None:
+            process.access_log.close(wait=True)
+        process.control.close()
     finally:
         logging.getLogger().removeHandler(sink.handler)
         public.close()

@@ -12,10 +12,12 @@ served again, whatever max-age the clients are told.
 from __future__ import annotations
 
 import time
-from typing import Sequence
+from typing import MutableSequence, Sequence
 
 from cachetools import TLRUCache
 from werkzeug.http import parse_accept_header, parse_date
+
+from .counters import CACHE_HITS, CACHE_MISSES, CACHE_REVALIDATED, CACHE_STORES, SIZE
 
 VIA = b"Via: 1.1 gows\r\n"
 _CODINGS = ("br", "zstd", "gzip", "deflate", "identity")
@@ -192,17 +194,33 @@ class FrontCache:
     is remembered as varying so later lookups add the class.
     """
 
-    def __init__(self, max_bytes: int, max_object_bytes: int, revalidate_after: float = float("inf")) -> None:
+    def __init__(self, max_bytes: int, max_object_bytes: int, revalidate_after: float = float("inf"),
+                 counts: MutableSequence[int] | None = None) -> None:
+        """`counts`: the proxy's counters (counters.py) that lookups and stores are counted in."""
         self.max_object_bytes = max_object_bytes
         self.revalidate_after = revalidate_after  # seconds before an entry is checked with a worker
         self.entries: TLRUCache = TLRUCache(max(max_bytes, 1), _ttu, timer=time.monotonic,
                                             getsizeof=lambda e: e.size)
         self.varying: set[bytes] = set()
         self.classes: set[bytes] = set()  # encoding classes in use, to find a target's variants
-        self.hits = 0
-        self.misses = 0
-        self.stores = 0
-        self.revalidated = 0  # stale entries a worker confirmed unchanged (304)
+        self.counts = counts if counts is not None else [0] * SIZE
+
+    @property
+    def hits(self) -> int:
+        return self.counts[CACHE_HITS]
+
+    @property
+    def misses(self) -> int:
+        return self.counts[CACHE_MISSES]
+
+    @property
+    def stores(self) -> int:
+        return self.counts[CACHE_STORES]
+
+    @property
+    def revalidated(self) -> int:
+        """Stale entries a worker confirmed unchanged (304)."""
+        return self.counts[CACHE_REVALIDATED]
 
     def get(self, target: bytes, accept_encoding: bytes | None, now: float = 0.0) -> Entry | None:
         """The stored response for a request; a hit when it is servable at `now`, otherwise a
@@ -211,12 +229,12 @@ class FrontCache:
         try:
             entry = self.entries[key]
         except KeyError:
-            self.misses += 1
+            self.counts[CACHE_MISSES] += 1
             return None
         if now < entry.fresh_until or entry.servable(now):  # (the first test in line: a hit's path)
-            self.hits += 1
+            self.counts[CACHE_HITS] += 1
         else:
-            self.misses += 1
+            self.counts[CACHE_MISSES] += 1
         return entry
 
     def store(self, target: bytes, accept_encoding: bytes | None, vary: bool,
@@ -243,12 +261,12 @@ class FrontCache:
             key = target
         entry.key = key
         self.entries[key] = entry
-        self.stores += 1
+        self.counts[CACHE_STORES] += 1
         return True
 
     def refresh(self, entry: Entry) -> None:
         """A worker confirmed a stale entry unchanged: fresh again, for its whole max-age."""
-        self.revalidated += 1
+        self.counts[CACHE_REVALIDATED] += 1
         entry.renew(time.monotonic(), 0, self.revalidate_after)
         if self.entries.get(entry.key) in (entry, None):  # (not replaced meanwhile)
             self.entries[entry.key] = entry  # re-inserted: TLRUCache takes its new expiry

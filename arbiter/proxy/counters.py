@@ -15,6 +15,7 @@ import mmap
 import os
 from typing import Iterable
 
+from ..state import WORKER_SLOTS
 from .stats import SLOTS
 
 # Counters: they only grow, across every incarnation of a slot.
@@ -31,7 +32,10 @@ _INDEX = {name: i for i, name in enumerate(COUNTERS + GAUGES)}
  CACHE_REVALIDATED) = range(len(COUNTERS))
 STATUS = len(_INDEX)  # 6 slots: responses by status class, index 1..5
 LATENCY = STATUS + 6  # SLOTS + 1 slots: the latency histogram and its sum (stats.RequestStats)
-SIZE = LATENCY + SLOTS + 1
+# Requests sent to each worker, by the worker's slot in the master's table (WorkerState.slot);
+# one more for workers past the last slot, which are not counted apart.
+WORKERS = LATENCY + SLOTS + 1
+SIZE = WORKERS + WORKER_SLOTS + 1
 NBYTES = SIZE * 8
 
 

@@ -54,7 +54,6 @@ class ProxyProcess:
         self.graceful_timeout = 30.0
         self._settings: asyncio.Future[Message] | None = None
         self._stop: asyncio.Future[float] | None = None  # the drain time the stop allows
-        self._reported: dict[tuple[str, int], int] = {}  # requests per worker, as last reported
         self._reporter: asyncio.TimerHandle | None = None
 
     async def run(self) -> int:
@@ -155,13 +154,8 @@ class ProxyProcess:
                            "error": error})
 
     def _report_load(self, again: bool = True) -> None:
-        """Each worker's requests in flight here and those sent since the last report; the
-        access log's losses."""
-        rows = []
-        for w in self.table:
-            sent = w.requests - self._reported.get(w.key, 0)
-            self._reported[w.key] = w.requests
-            rows.append((w.host, w.port, w.in_flight, sent))
+        """Each worker's requests in flight here; the access log's losses."""
+        rows = [(w.host, w.port, w.in_flight) for w in self.table]
         access = self.access_log
         self.channel.send({"op": "load", "workers": rows,
                            "access_log": {"dropped": access.dropped if access else 0,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..addresses import host_port
 from ..state import WorkerState
 from .cache import Entry, freshness
-from .counters import NO_WORKER, RETRIES, STALE_RETRIES, TRUNCATED, UPSTREAM_ERRORS
+from .counters import NO_WORKER, RETRIES, STALE_RETRIES, TRUNCATED, UPSTREAM_ERRORS, WORKERS
 from .http1 import (CONN_CLOSE, CONN_KEEP, CRLF, HEAD, IDEMPOTENT, LAST_CHUNK, R_AGE, R_CC, R_CL,
                     R_CONNECTION, R_DROP, R_FWD, R_NOSTORE, R_TE, R_VARY, R_VIA, RESPONSE_HEADERS, SAFE, SEP,
                     TE_CHUNKED, VIA_SELF, drop_named, status_line)
@@ -95,7 +95,7 @@ class Relay:
             proxy.counts[RETRIES] += 1
         self.worker = worker
         worker.in_flight += 1
-        worker.requests += 1
+        proxy.counts[WORKERS + worker.slot] += 1
         if not self.payload:
             self.payload = self._rewrite()
         fresh = self.fresh

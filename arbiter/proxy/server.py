@@ -18,8 +18,7 @@ from .view import WorkerView
 from .balancer import Balancer
 from .cache import FrontCache
 from .client import IDLE, ClientProtocol
-from .counters import (CACHE_HITS, CACHE_MISSES, CACHE_REVALIDATED, CACHE_STORES, SHED_IDLE, SHORTAGES,
-                       TIMEOUTS, Counters, report)
+from .counters import SHED_IDLE, SHORTAGES, TIMEOUTS, Counters, report
 from .http1 import CRLF
 from .request import Request
 from .stats import RequestStats
@@ -79,7 +78,6 @@ class Proxy:
         self.counts = self.counters.values
         self.status_counts = self.counters.status  # by status class: index 1..5
         self.latency = RequestStats(self.counters.latency)
-        self._cache_counted = (0, 0, 0, 0)  # the cache's own counters as last added to `counts`
         self._shortage_logged = 0.0
         # The master sets these to None when nothing reads them: the latency histogram's counts
         # (read by the admin listener), and a hook called once per completed response (the
@@ -102,13 +100,10 @@ class Proxy:
         self.stuck_after = 2 * config.response_timeout + config.connect_timeout + 1
         old, self.front_cache = self.front_cache, front_cache
         if not front_cache.enabled or front_cache.max_bytes <= 0:
-            self._count_cache()
             self.cache = None
         elif (self.cache is None or front_cache.max_bytes != old.max_bytes
               or front_cache.max_object_bytes != old.max_object_bytes):
-            self._count_cache()
-            self.cache = FrontCache(front_cache.max_bytes, front_cache.max_object_bytes)
-            self._cache_counted = (0, 0, 0, 0)
+            self.cache = FrontCache(front_cache.max_bytes, front_cache.max_object_bytes, counts=self.counts)
         if self.cache is not None:
             self.cache.revalidate_after = revalidate_after
 
@@ -319,20 +314,8 @@ class Proxy:
         """End a shutdown's wait for in-flight requests now (a fast stop during a graceful one)."""
         self._drain_until = 0.0
 
-    def _count_cache(self) -> None:
-        """Add what the front cache counted since the last call to `counts`."""
-        cache = self.cache
-        if cache is None:
-            return
-        now = (cache.hits, cache.misses, cache.stores, cache.revalidated)
-        counts, before = self.counts, self._cache_counted
-        for slot, n, old in zip((CACHE_HITS, CACHE_MISSES, CACHE_STORES, CACHE_REVALIDATED), now, before):
-            counts[slot] += n - old
-        self._cache_counted = now
-
     def _count_gauges(self) -> None:
         """Refresh the gauges in `counts` (every tick: the master reads them from there)."""
-        self._count_cache()
         pool = self.pool.counts()
         cache = self.cache
         self.counters.set_gauges(client_connections=len(self.conns), body_buffer_bytes=self.body_bytes,

@@ -11,8 +11,9 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 from ..state import WorkerState
 
-# One worker as the master pushes it: host, port, local, pid (None: no process), up.
-Row = tuple[str, int, bool, "int | None", bool]
+# One worker as the master pushes it: host, port, local, pid (None: no process), up, and where
+# its requests are counted (WorkerState.slot).
+Row = tuple[str, int, bool, "int | None", bool, int]
 
 
 class WorkerView(Protocol):
@@ -34,7 +35,7 @@ class WorkerView(Protocol):
 
 def rows(workers: Iterable[WorkerState]) -> list[Row]:
     """The master's table as pushed to proxies."""
-    return [(w.host, w.port, w.local, w.pid, w.up) for w in workers]
+    return [(w.host, w.port, w.local, w.pid, w.up, w.slot) for w in workers]
 
 
 class MirrorTable:
@@ -70,11 +71,11 @@ class MirrorTable:
     def apply(self, pushed: Iterable[Row]) -> None:
         """Take the master's current table."""
         fresh: dict[tuple[str, int], WorkerState] = {}
-        for host, port, local, pid, up in pushed:
+        for host, port, local, pid, up, slot in pushed:
             worker = self._workers.get((host, port))
             if worker is None or worker.local != local:
                 worker = WorkerState(host, port, local=local)
-            worker.pid, worker.up = pid, up
+            worker.pid, worker.up, worker.slot = pid, up, slot
             fresh[worker.key] = worker
         self._workers = fresh
         self.generation += 1

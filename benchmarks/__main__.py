@@ -16,11 +16,11 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 
-from . import loads, prereqs, report
-from .loads import LoadError, Measurement
+from . import loads, prereqs, proxies, report
+from .loads import MANY_CLIENTS, MANY_THREADS, MANY_TOOL, LoadError, Measurement
 from .prereqs import FILES, MissingPrerequisite
 from .report import Row
-from .servers import KINDS, PEER_THREADS, ServerError, ServerSpec, serve
+from .servers import KINDS, NAMES, NGINX_CONNECTIONS, PEER_THREADS, ServerError, ServerSpec, serve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STARTED = time.monotonic()
@@ -43,6 +43,11 @@ class Plan:
     wrk_connections: int
     wrk_seconds: int
     wrk_files: list[str]  # labels of the files wrk loads
+    # wrk -t{many_threads} -c{many_clients} keep-alive on the 1 KiB file, for these kinds of server
+    # only (issue 11: gows' proxy processes against nginx and Apache with many clients).
+    many_kinds: list[str]
+    many_clients: int = MANY_CLIENTS
+    many_threads: int = MANY_THREADS
 
 
 def build_plan(args: argparse.Namespace) -> Plan:
@@ -51,7 +56,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
     if args.suite == "fileapp":
         kinds = ("fileapp", "fileapp-worker", "whitenoise", "whitenoise-worker", "werkzeug")
         specs = [ServerSpec(kind, 2) for kind in kinds]
-        requests, wrk_files = 20000, [label for _, _, label in FILES]
+        requests, wrk_files, many_kinds = 20000, [label for _, _, label in FILES], []
     else:
         specs = [ServerSpec("apache"), ServerSpec("nginx")]
         for n in workers:
@@ -59,6 +64,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         # The cost of metrics (issue 5): cache on, where the proxy does least besides them.
         specs.insert(3, ServerSpec("gows-metrics", workers[0], True))
         requests, wrk_files = 5000, [FILES[0][2]]
+        # Not gunicorn+whitenoise: a gthread worker holds 1000 connections; nor the metrics cost's twins.
+        many_kinds = ["apache", "nginx", "gows"]
     if args.only:
         specs = [s for s in specs if s.kind in args.only]
     return Plan(
@@ -70,7 +77,17 @@ def build_plan(args: argparse.Namespace) -> Plan:
         wrk_connections=100,
         wrk_seconds=args.duration or (2 if args.quick else 10),
         wrk_files=wrk_files,
+        many_kinds=many_kinds,
     )
+
+
+def planned_loads(spec: ServerSpec, plan: Plan) -> list[tuple[str, str]]:
+    """The (tool, file label) of every row a server gets, in the order they are measured."""
+    out = [("ab", label) for _, _, label in FILES]
+    out += [("wrk", label) for _, _, label in FILES if label in plan.wrk_files]
+    if spec.kind in plan.many_kinds:
+        out.append((MANY_TOOL, FILES[0][2]))
+    return out
 
 
 # A server with twins is measured in 2 × `repeat` sessions, each with fresh processes (identical
@@ -88,7 +105,7 @@ def twins_of(spec: ServerSpec) -> list[ServerSpec]:
     first is the noise floor of that method in the same run."""
     if spec.kind != "gows-metrics":
         return []
-    twin = ServerSpec("gows", spec.workers, spec.cache)
+    twin = ServerSpec("gows-noadmin", spec.workers, spec.cache)
     return [twin, twin]
 
 
@@ -158,11 +175,12 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
                     runs = results.setdefault(("ab", label), [])
                     for _ in range(ab_rounds):
                         tsv = workdir / f"ab-{name}-{len(runs)}.tsv"
-                        runs.append(in_turn(len(runs), lambda target, own: loads.ab(
-                            target.url(name), requests, plan.ab_concurrency, gnuplot=tsv if own else None)))
+                        runs.append(in_turn(len(runs), lambda target, own: proxies.counted(
+                            target.admin_port, lambda: loads.ab(target.url(name), requests, plan.ab_concurrency,
+                                                                gnuplot=tsv if own else None))))
                         m = runs[-1][0]
                         progress(f"{spec.label}: ab {label} run {len(runs)}/{ab_rounds * sessions}: {m.rps:,.0f} "
-                                 f"req/s, {m.failed} failed, {m.non2xx} non-2xx"
+                                 f"req/s, {m.failed} failed, {m.non2xx} non-2xx{per_proxy(m)}"
                                  + (f" (twins {' / '.join(f'{t.rps:,.0f}' for t in runs[-1][1:])})" if twins else ""))
                     if last:
                         rows.append(row("ab", label, runs_rps=[r[0].rps for r in runs]))
@@ -173,21 +191,34 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
                     if label in plan.wrk_files:
                         runs = results.setdefault(("wrk", label), [])
                         for _ in range(wrk_rounds):
-                            runs.append(in_turn(len(runs), lambda target, own: loads.wrk(
-                                target.url(name), plan.wrk_connections, seconds)))
+                            runs.append(in_turn(len(runs), lambda target, own: proxies.counted(
+                                target.admin_port, lambda: loads.wrk(target.url(name), plan.wrk_connections, seconds))))
                         if last:
                             rows.append(row("wrk", label))
                             m, paired = rows[-1].result, rows[-1].paired
                             progress(f"{spec.label}: wrk {label}: {m.rps:,.0f} req/s, {m.failed} socket errors, "
-                                     f"{m.non2xx} non-2xx" + (f" (twin {paired.rps:,.0f})" if paired else ""))
+                                     f"{m.non2xx} non-2xx{per_proxy(m)}"
+                                     + (f" (twin {paired.rps:,.0f})" if paired else ""))
+                if last and spec.kind in plan.many_kinds:
+                    # Last, so the other loads never meet the churn of 5000 connections closing.
+                    name, _, label = FILES[0]
+                    m = proxies.counted(server.admin_port, lambda: loads.wrk(
+                        server.url(name), plan.many_clients, plan.wrk_seconds, plan.many_threads))
+                    rows.append(Row(spec, label, MANY_TOOL, m))
+                    progress(f"{spec.label}: {MANY_TOOL} {label}: {m.rps:,.0f} req/s, p99 {m.p99_ms:g} ms, "
+                             f"{m.failed} socket errors, {m.non2xx} non-2xx{per_proxy(m)}")
     except (ServerError, LoadError) as exc:
         progress(f"{spec.label}: FAILED: {exc}")
-        done = {(r.file, r.tool) for r in rows if r.spec == spec}
-        for _, _, label in FILES:
-            for tool in ("ab", "wrk"):
-                if (label, tool) not in done and (tool == "ab" or label in plan.wrk_files):
-                    rows.append(Row(spec, label, tool, error=str(exc)))
+        done = {(r.tool, r.file) for r in rows if r.spec == spec}
+        rows += [Row(spec, label, tool, error=str(exc)) for tool, label in planned_loads(spec, plan)
+                 if (tool, label) not in done]
     progress(f"{spec.label}: stopped")
+
+
+def per_proxy(m: Measurement) -> str:
+    """`, per proxy 51%/49%` for a progress line; "" when the proxies were not counted."""
+    text = proxies.fmt_shares(m.proxies)
+    return f", per proxy {text}" if text else ""
 
 
 def version(argv: list[str]) -> str:
@@ -201,8 +232,9 @@ def version(argv: list[str]) -> str:
     return line.removeprefix("This is ").split(" <$")[0].split(" Copyright")[0].strip()
 
 
-def notes(plan: Plan, load_before: float) -> list[str]:
+def notes(plan: Plan, load_before: float, fd_limit: int) -> list[str]:
     """What the reader needs to trust the numbers: tools, settings, machine, method."""
+    limit = "unlimited" if fd_limit == sys.maxsize else f"{fd_limit:,}"
     tools = {"ab": ["ab", "-V"], "wrk": ["wrk", "-v"], "apache": ["apache2", "-v"], "nginx": ["nginx", "-v"]}
     kinds = {s.kind for s in plan.specs}
     used = [k for k in tools if k in ("ab", "wrk") or k in kinds]
@@ -214,14 +246,23 @@ def notes(plan: Plan, load_before: float) -> list[str]:
         f"{plan.repeat} run(s) by req/s; p50/p99 are ab's whole milliseconds",
         f"wrk -t1 -c{plan.wrk_connections} -d{plan.wrk_seconds}s --latency (keep-alive); its 'failed' counts socket "
         "errors, which include connections the server closes at its keep-alive limit (Apache: 100 requests)",
+        *([f"{MANY_TOOL}: wrk -t{plan.many_threads} -c{plan.many_clients} -d{plan.wrk_seconds}s --latency "
+           f"(keep-alive, wrk's default 2 s timeout) on the 1 KiB file, last on each server, for "
+           f"{', '.join(NAMES[k] for k in plan.many_kinds)}; open file limit {limit} (wrk and the servers "
+           f"inherit it); nginx with worker_connections {NGINX_CONNECTIONS} (Debian's 768 cannot hold them), "
+           "Apache and gows with their defaults"] if plan.many_kinds else []),
         "each server warmed up with ab -n 1000 -c 50 on each file before measuring; Python peers run "
         f"gunicorn -k gthread --threads {PEER_THREADS} with the listed workers (fileapp: create_app(root); "
         "'fileapp (gows worker)', 'whitenoise (gows worker)': the same apps under -k fileapp.worker.GowsThreadWorker, "
         "as gows' workers run it)",
-        "Apache and nginx run with Debian's default configuration, access logs included",
+        "Apache and nginx run with Debian's default configuration, access logs included (nginx: but for "
+        f"worker_connections {NGINX_CONNECTIONS})",
         "ratios are requests/s over the baseline's on the same file and tool (whitenoise: same worker count)",
-        "gows+metrics (admin listener on, so every response's latency is recorded) runs beside a twin gows "
-        f"without it and a second identical twin, the three taking turns in {2 * plan.repeat} sessions (fresh processes) "
+        "gows runs with its admin listener on (so every response's latency is recorded); 'per proxy' is each "
+        "proxy process's share of a run's requests, from /status.json's proxies before and after it "
+        "(empty when the master lists none)",
+        "gows+metrics (the same server) runs beside a twin 'gows (no admin)' without the admin listener and a "
+        f"second identical twin, the three taking turns in {2 * plan.repeat} sessions (fresh processes) "
         f"of {TWIN_ROUNDS} rounds of each load (ab -n {max(plan.ab_requests, TWIN_AB_REQUESTS)}, wrk "
         f"{max(1, plan.wrk_seconds // TWIN_ROUNDS)}s each; each session starts the three in another order); its "
         "cost target is the median of the rounds' ratios to the twins (their geometric mean), and the second "
@@ -235,7 +276,10 @@ def run(plan: Plan, keep: bool) -> int:
     prereqs.ensure_tools(["ab", "wrk"] + [cmd for kind, cmd in (("apache", "apache2"), ("nginx", "nginx"))
                                           if kind in kinds], log=progress)
     prereqs.ensure_python_modules(["gunicorn", "matplotlib"] + sorted(kinds & {"whitenoise", "werkzeug"}))
-    prereqs.raise_open_file_limit()
+    fd_limit = prereqs.raise_open_file_limit()
+    if plan.many_kinds and fd_limit < plan.many_clients + 1024:
+        progress(f"the open file limit ({fd_limit}) is below {MANY_TOOL}'s {plan.many_clients} connections: "
+                 "expect connect errors from wrk itself (raise the hard limit, ulimit -Hn)")
     load_before = os.getloadavg()[0]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     base = Path(tempfile.mkdtemp(prefix="gows-bench-"))
@@ -266,7 +310,7 @@ def run(plan: Plan, keep: bool) -> int:
                                          f"(median of {plan.repeat} runs): response time of each request")
     checks = report.check_targets(plan.suite, rows)
     title = f"gows benchmark: {plan.suite} suite, {stamp}" + (" (interrupted)" if interrupted else "")
-    run_notes = notes(plan, load_before)
+    run_notes = notes(plan, load_before, fd_limit)
     stem.with_suffix(".md").write_text(report.markdown(title, run_notes, rows, checks, chart_path))
     settings = {k: v for k, v in asdict(plan).items() if k != "specs"}
     report.write_json(stem.with_suffix(".json"), {"suite": plan.suite, "stamp": stamp, "settings": settings,
@@ -290,16 +334,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
     parser.add_argument("suite", nargs="?", default="compare", choices=["compare", "fileapp"],
                         help="compare: Apache, nginx, gows (2/10/100 workers, front cache on/off) and "
-                             "gunicorn+whitenoise (issue 4); fileapp: fileapp (also under gows' worker "
+                             "gunicorn+whitenoise (issue 4), with wrk -t2 -c5000 on Apache, nginx and gows "
+                             "(issue 11); fileapp: fileapp (also under gows' worker "
                              "class) vs whitenoise vs SharedDataMiddleware under gunicorn gthread, 2 workers (issue 2)")
-    parser.add_argument("--quick", action="store_true", help="smoke run: ab -n 1000 -c 100 once, wrk 2s, 2 workers")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: ab -n 1000 -c 100 once, wrk 2s (-c100 and -c5000), 2 workers")
     parser.add_argument("--only", type=lambda s: s.split(","), action="extend",
                         metavar="SERVER[,SERVER]", help=f"measure only these servers: {', '.join(KINDS)}")
     parser.add_argument("--workers", type=int_list, metavar="N[,N]",
                         help="gows/whitenoise worker counts for the compare suite (default 2,10,100)")
     parser.add_argument("--requests", type=int, metavar="N", help="requests per ab run (default 5000; fileapp 20000)")
     parser.add_argument("--repeat", type=int, metavar="R", help="ab runs per file, the median is reported (default 3)")
-    parser.add_argument("--duration", type=int, metavar="S", help="seconds per wrk run (default 10)")
+    parser.add_argument("--duration", type=int, metavar="S", help="seconds per wrk run, -c100 and -c5000 (default 10)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, server logs, ab -g files)")
     args = parser.parse_args(argv)
     for name in ("requests", "repeat", "duration"):

@@ -6,6 +6,15 @@ import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .proxies import ProxyShare
+
+
+# The many-clients keep-alive load (issue 11): wrk from two threads holding 5000 connections.
+MANY_CLIENTS, MANY_THREADS = 5000, 2
+MANY_TOOL = f"wrk -c{MANY_CLIENTS}"  # the tool column of its rows ("wrk" alone is -t1 -c100)
 
 
 class LoadError(RuntimeError):
@@ -24,6 +33,8 @@ class Measurement:
     non2xx: int  # responses outside 2xx (wrk: outside 2xx/3xx)
     p50_ms: float
     p99_ms: float
+    # Each gows proxy process's share of this run (benchmarks/proxies.py); None: not counted.
+    proxies: list[ProxyShare] | None = None
 
 
 _WRK_TIME = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -123,9 +134,10 @@ def ab(url: str, requests: int, concurrency: int, gnuplot: Path | None = None) -
     return parse_ab(_run(argv + [url], timeout=120 + requests / 50))
 
 
-def wrk(url: str, connections: int, seconds: int) -> Measurement:
-    """`wrk -t1 -cN -dS --latency URL`: keep-alive load from one thread."""
-    argv = ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", url]
+def wrk(url: str, connections: int, seconds: int, threads: int = 1) -> Measurement:
+    """`wrk -tT -cN -dS --latency URL`: keep-alive load (each connection needs a descriptor in wrk
+    and in the server: the caller raises RLIMIT_NOFILE, which both inherit)."""
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
     return parse_wrk(_run(argv, timeout=seconds + 60))
 
 

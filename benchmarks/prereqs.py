@@ -60,12 +60,17 @@ def ensure_python_modules(modules: list[str]) -> None:
         )
 
 
-def raise_open_file_limit(wanted: int = 65536) -> None:
-    """`ab -c 500` and the servers it talks to need more descriptors than the usual 1024 (children inherit)."""
+def raise_open_file_limit(wanted: int = 65536) -> int:
+    """Raise the soft open file limit towards `wanted` (up to the hard limit) and return it: `ab -c 500`,
+    `wrk -c5000` and the servers they talk to need more descriptors than the usual 1024 (children inherit)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return sys.maxsize
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return target
+    return soft
 
 
 def deterministic_text(size: int, seed: str) -> bytes:

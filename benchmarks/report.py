@@ -6,7 +6,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .loads import Measurement
+from .loads import MANY_TOOL, Measurement
+from .proxies import evenness, fmt_counts, fmt_shares
 from .servers import ServerSpec
 
 # Baselines that get a ratio column when they were measured: (column title, server kind, same workers?).
@@ -42,6 +43,8 @@ class Target:
     tools: tuple[str, ...] = ("ab", "wrk")
     zero_failed: bool = False
     paired: bool = False  # against the row's twin, measured in turn with it, not a separate run
+    # Set: a latency target instead, p99 at most the baseline's p99 + this many ms (`minimum` unused).
+    p99_slack_ms: float | None = None
 
 
 TARGETS = {
@@ -50,7 +53,11 @@ TARGETS = {
         Target("front cache on, wrk keep-alive", "gows", True, "nginx", 0.5, tools=("wrk",)),
         Target("front cache off vs whitenoise, same workers", "gows", False, "whitenoise", 0.8,
                files=("1 KiB", "150 KB")),
-        Target("counters and histograms cost at most 5%", "gows-metrics", True, "gows", 0.95, paired=True),
+        Target("counters and histograms cost at most 5%", "gows-metrics", True, "gows-noadmin", 0.95, paired=True),
+        Target("issue 11: proxy processes at least as fast as nginx, front cache on, 0 failed", "gows", True,
+               "nginx", 1.0, files=("1 KiB", "150 KB"), tools=("ab", "wrk", MANY_TOOL), zero_failed=True),
+        Target("issue 11: p99 at most nginx's p99 + 1 ms, wrk -c100", "gows", True, "nginx", 0.0, tools=("wrk",),
+               p99_slack_ms=1.0),
     ],
     "fileapp": [
         Target("fileapp on cache hits", "fileapp", None, "whitenoise", 1.2, files=("1 KiB", "150 KB")),
@@ -91,11 +98,13 @@ def fmt_number(value: float, digits: int = 0) -> str:
 
 
 def table(rows: list[Row]) -> str:
-    """A Markdown table of every row, with a ratio column for each baseline that was measured."""
+    """A Markdown table of every row, with a ratio column for each baseline that was measured and a
+    `per proxy` column when some row's proxy processes were counted."""
     kinds = {r.spec.kind for r in rows if r.result is not None}
     baselines = [b for b in BASELINES if b[1] in kinds]
+    counted = any(r.result is not None and fmt_shares(r.result.proxies) for r in rows)
     head = ["server", "workers", "cache", "file", "tool", "req/s", "mean ms", "KB/s", "failed", "non-2xx",
-            "p50 ms", "p99 ms", *(title for title, _, _ in baselines)]
+            "p50 ms", "p99 ms", *(title for title, _, _ in baselines), *(["per proxy"] if counted else [])]
     lines = [head]
     for row in rows:
         cells = [row.spec.name, row.spec.workers_label, row.spec.cache_label, row.file, row.tool]
@@ -106,6 +115,7 @@ def table(rows: list[Row]) -> str:
             cells += [fmt_number(m.rps), f"{m.mean_ms:.2f}", fmt_number(m.transfer_kbs), str(m.failed),
                       str(m.non2xx), f"{m.p50_ms:g}", f"{m.p99_ms:g}"]
             cells += [fmt_ratio(ratio(row, rows, kind, same)) for _, kind, same in baselines]
+            cells += [fmt_shares(m.proxies)] if counted else []
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     right = set(range(5, len(head)))
@@ -119,39 +129,71 @@ def table(rows: list[Row]) -> str:
 
 
 def check_targets(suite: str, rows: list[Row]) -> list[dict]:
-    """Each target of the suite, checked on every row it covers: ratio, threshold and whether it is met."""
-    checks = []
-    for target in TARGETS.get(suite, []):
-        same_workers = next((same for _, kind, same in BASELINES if kind == target.baseline), True)
-        for row in rows:
-            if (row.spec.kind != target.kind or row.spec.cache != target.cache
-                    or row.file not in target.files or row.tool not in target.tools):
-                continue
-            if target.paired:
-                # Median of the rounds' ratios: a slow phase of the machine hits both runs of a round.
-                value = statistics.median(row.paired_ratios) if row.result and row.paired_ratios else None
-                control = statistics.median(row.control_ratios) if row.control_ratios else None
-            else:
-                value = ratio(row, rows, target.baseline, same_workers)
-            failed = row.result.failed + row.result.non2xx if row.result else None
-            # None when the row or its baseline was not measured: neither met nor missed.
-            met = None if value is None else (value >= target.minimum and (not target.zero_failed or failed == 0))
-            checks.append({"target": target.text, "server": row.spec.label, "file": row.file, "tool": row.tool,
-                           "baseline": target.baseline, "ratio": value, "minimum": target.minimum,
-                           "failed": failed, "met": met, **({"noise_floor": control} if target.paired else {})})
-    return checks
+    """Each target of the suite, checked on every row it covers (see `check`)."""
+    return [check(target, row, rows) for target in TARGETS.get(suite, []) for row in rows
+            if row.spec.kind == target.kind and row.spec.cache == target.cache
+            and row.file in target.files and row.tool in target.tools]
+
+
+def check(target: Target, row: Row, rows: list[Row]) -> dict:
+    """One target on one row: the figure reached (a ratio, or a p99 and its bound), whether it is met
+    (None when the row or its baseline was not measured: neither met nor missed), and each proxy's
+    share of the row's requests where they were counted."""
+    m = row.result
+    failed = m.failed + m.non2xx if m else None
+    out: dict = {"target": target.text, "server": row.spec.label, "file": row.file, "tool": row.tool,
+                 "baseline": target.baseline, "failed": failed}
+    same_workers = next((same for _, kind, same in BASELINES if kind == target.baseline), True)
+    if target.p99_slack_ms is not None:
+        base = baseline_row(row, rows, target.baseline, same_workers)
+        limit = base.result.p99_ms + target.p99_slack_ms if base and base.result else None
+        value = m.p99_ms if m and limit is not None else None
+        out |= {"p99_ms": value, "baseline_p99_ms": None if limit is None else limit - target.p99_slack_ms,
+                "slack_ms": target.p99_slack_ms, "limit_ms": limit}
+        good = value is not None and limit is not None and value <= limit
+    elif target.paired:
+        # Median of the rounds' ratios: a slow phase of the machine hits both runs of a round.
+        value = statistics.median(row.paired_ratios) if m and row.paired_ratios else None
+        control = statistics.median(row.control_ratios) if row.control_ratios else None
+        out |= {"ratio": value, "minimum": target.minimum, "noise_floor": control}
+        good = value is not None and value >= target.minimum
+    else:
+        value = ratio(row, rows, target.baseline, same_workers)
+        out |= {"ratio": value, "minimum": target.minimum}
+        good = value is not None and value >= target.minimum
+    out["met"] = None if value is None else (good and (not target.zero_failed or failed == 0))
+    if m is not None and fmt_shares(m.proxies):
+        out |= {"per_proxy": fmt_shares(m.proxies), "evenness": evenness(m.proxies)}
+    return out
+
+
+def check_line(c: dict) -> str:
+    """A check as one line: the figure reached, the bound, failures, the per-proxy spread and the verdict."""
+    status = {True: "met", False: "MISSED", None: "not measured"}[c["met"]]
+    extra = "" if c["failed"] in (0, None) else f", {c['failed']} failed/non-2xx"
+    if "limit_ms" in c:
+        got = (f"no {c['baseline']} figure" if c["p99_ms"] is None
+               else f"p99 {c['p99_ms']:g} ms, {c['baseline']} {c['baseline_p99_ms']:g} ms")
+        bound = f"target ≤ {c['baseline']}'s + {c['slack_ms']:g} ms"
+    else:
+        got = f"no {c['baseline']} figure" if c["ratio"] is None else f"{c['ratio']:.2f}× {c['baseline']}"
+        bound = f"target ≥ {c['minimum']}×"
+    if c.get("noise_floor") is not None:
+        extra += f"; identical twins: {c['noise_floor']:.2f}×"
+    if c.get("per_proxy"):
+        extra += f"; per proxy {c['per_proxy']}"
+    return f"{c['server']}, {c['tool']} {c['file']}: {got} ({bound}{extra}) — {status}"
 
 
 def targets_text(checks: list[dict]) -> str:
-    """One line per checked target: the ratio reached, the threshold, met / MISSED / not measured."""
-    lines = []
+    """The checks under their target, one line each (check_line)."""
+    lines: list[str] = []
+    heading = None
     for c in checks:
-        status = {True: "met", False: "MISSED", None: "not measured"}[c["met"]]
-        got = f"no {c['baseline']} figure" if c["ratio"] is None else f"{c['ratio']:.2f}× {c['baseline']}"
-        extra = "" if c["failed"] in (0, None) else f", {c['failed']} failed/non-2xx"
-        if c.get("noise_floor") is not None:
-            extra += f"; identical twins: {c['noise_floor']:.2f}×"
-        lines.append(f"- {c['server']}, {c['tool']} {c['file']}: {got} (target ≥ {c['minimum']}×{extra}) — {status}")
+        if c["target"] != heading:
+            heading = c["target"]
+            lines.append(f"- {heading}:")
+        lines.append(f"  - {check_line(c)}")
     return "\n".join(lines)
 
 
@@ -162,6 +204,13 @@ def markdown(title: str, notes: list[str], rows: list[Row], checks: list[dict], 
     if repeats:
         parts += ["## Every ab run (req/s; the table shows the median)", ""]
         parts += [f"- {r.spec.label}, {r.file}: " + " / ".join(fmt_number(v) for v in r.runs_rps) for r in repeats]
+        parts += [""]
+    counted = [r for r in rows if r.result is not None and fmt_shares(r.result.proxies)]
+    if counted:
+        parts += ["## Requests per proxy process (in the run the table shows; least: the least-loaded "
+                  "proxy's requests over an even share)", ""]
+        parts += [f"- {r.spec.label}, {r.tool} {r.file}: {fmt_counts(r.result.proxies)}"  # type: ignore[union-attr]
+                  for r in counted]
         parts += [""]
     paired = [r for r in rows if r.paired_ratios]
     if paired:

@@ -30,14 +30,24 @@ PEER_APPS = {"fileapp": "fileapp_app", "fileapp-worker": "fileapp_app", "whiteno
 PEER_WORKERS = {"fileapp-worker": "fileapp.worker.GowsThreadWorker",
                 "whitenoise-worker": "fileapp.worker.GowsThreadWorker"}
 PEERS = tuple(PEER_APPS)
-# Every kind of server (the names --only takes) and its name in the table.
-NAMES = {"apache": "Apache", "nginx": "nginx", "gows": "gows", "gows-metrics": "gows+metrics", "fileapp": "fileapp",
-         "fileapp-worker": "fileapp (gows worker)", "whitenoise": "gunicorn+whitenoise",
-         "whitenoise-worker": "whitenoise (gows worker)", "werkzeug": "gunicorn+SharedData"}
-KINDS = tuple(NAMES)
-# gows-metrics is gows with its admin listener on, so the proxy records every response's latency
-# (with no admin listener nothing could read them and the proxy skips the work).
-GOWS_KINDS = ("gows", "gows-metrics")
+# Every kind of server and its name in the table.
+NAMES = {"apache": "Apache", "nginx": "nginx", "gows": "gows", "gows-metrics": "gows+metrics",
+         "gows-noadmin": "gows (no admin)", "fileapp": "fileapp", "fileapp-worker": "fileapp (gows worker)",
+         "whitenoise": "gunicorn+whitenoise", "whitenoise-worker": "whitenoise (gows worker)",
+         "werkzeug": "gunicorn+SharedData"}
+# Kinds measured only as twins beside another row (benchmarks.__main__.twins_of), never on their own.
+TWIN_KINDS = ("gows-noadmin",)
+# The names --only takes.
+KINDS = tuple(kind for kind in NAMES if kind not in TWIN_KINDS)
+GOWS_KINDS = ("gows", "gows-metrics", "gows-noadmin")
+# gows with its admin listener on: /status.json tells each proxy process's share of a load. The
+# proxy then also records every response's latency (with no admin listener nothing could read
+# them and it skips the work); gows-metrics is the same server, measured in turn with two
+# gows-noadmin twins to tell what that costs.
+ADMIN_KINDS = ("gows", "gows-metrics")
+# nginx's events.worker_connections: Debian's 768 cannot hold wrk's 5000 keep-alive clients,
+# and one worker may accept most of them. Twice that in descriptors (a file open per request).
+NGINX_CONNECTIONS = 8192
 
 
 class ServerError(RuntimeError):
@@ -78,6 +88,11 @@ class ServerSpec:
         return " ".join(parts)
 
     @property
+    def admin(self) -> bool:
+        """Whether the server runs an admin listener (/status.json)."""
+        return self.kind in ADMIN_KINDS
+
+    @property
     def boot_timeout(self) -> float:
         """Seconds to wait for the first 200: gows' workers must pass health checks first."""
         return 60.0 + 2.0 * (self.workers or 0) if self.kind in GOWS_KINDS else 60.0
@@ -92,6 +107,7 @@ class Running:
     proc: subprocess.Popen
     log_path: Path
     idle: bool = False  # went idle after booting (False: still busy when the boot timeout ran out)
+    admin_port: int | None = None  # gows' admin listener (ServerSpec.admin), None without one
 
     def url(self, file_name: str) -> str:
         """The URL of a file of the document root on this server."""
@@ -151,16 +167,18 @@ Listen 127.0.0.1:{port}
 
 
 def nginx_config(root: Path, port: int, workdir: Path) -> str:
-    """Debian's nginx.conf defaults (auto workers, sendfile, access log, gzip) with one site on our port."""
+    """Debian's nginx.conf defaults (auto workers, sendfile, access log, gzip) with one site on our
+    port, and room for wrk's 5000 clients (NGINX_CONNECTIONS)."""
     user = "user www-data;\n" if os.geteuid() == 0 else ""
     temp = "".join(f"\t{kind}_temp_path {workdir}/{kind}_temp;\n"
                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return f"""{user}worker_processes auto;
+worker_rlimit_nofile {2 * NGINX_CONNECTIONS};
 pid {workdir}/nginx.pid;
 error_log {workdir}/error.log;
 include /etc/nginx/modules-enabled/*.conf;
 events {{
-\tworker_connections 768;
+\tworker_connections {NGINX_CONNECTIONS};
 }}
 http {{
 \tsendfile on;
@@ -182,8 +200,9 @@ http {{
 """
 
 
-def gows_config(root: Path, port: int, spec: ServerSpec) -> dict:
-    """The arbiter's config for this run (keys as in gows.conf.json)."""
+def gows_config(root: Path, port: int, spec: ServerSpec, admin_port: int | None = None) -> dict:
+    """The arbiter's config for this run (keys as in gows.conf.json); the admin listener on
+    `admin_port` when given. Everything else is gows' default."""
     workers = spec.workers or 2
     return {
         "baseDirectory": str(root),
@@ -191,7 +210,7 @@ def gows_config(root: Path, port: int, spec: ServerSpec) -> dict:
         "workerCount": workers,
         "workerBasePort": free_port_range(workers),
         "frontCache": {"enabled": bool(spec.cache)},
-        **({"admin": f"127.0.0.1:{free_port()}"} if spec.kind == "gows-metrics" else {}),
+        **({"admin": f"127.0.0.1:{admin_port}"} if admin_port is not None else {}),
     }
 
 
@@ -203,8 +222,10 @@ def python_env() -> dict[str, str]:
     return env
 
 
-def command(spec: ServerSpec, root: Path, port: int, workdir: Path) -> tuple[list[str], dict[str, str]]:
-    """The argv and environment that run `spec` in the foreground, with its files written to `workdir`."""
+def command(spec: ServerSpec, root: Path, port: int, workdir: Path,
+            admin_port: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run `spec` in the foreground, with its files written to `workdir`
+    (gows: its admin listener on `admin_port` when given)."""
     if spec.kind == "apache":
         conf = workdir / "apache2.conf"
         conf.write_text(apache_config((APACHE_ROOT / "apache2.conf").read_text(), root, port))
@@ -219,7 +240,7 @@ def command(spec: ServerSpec, root: Path, port: int, workdir: Path) -> tuple[lis
         return argv, dict(os.environ)
     if spec.kind in GOWS_KINDS:
         conf = workdir / "gows.conf.json"
-        conf.write_text(json.dumps(gows_config(root, port, spec), indent=2))
+        conf.write_text(json.dumps(gows_config(root, port, spec, admin_port), indent=2))
         return [sys.executable, "-m", "arbiter", "-c", str(conf)], python_env()
     if spec.kind in PEERS:
         app = f"benchmarks.apps:{PEER_APPS[spec.kind]}({str(root)!r})"
@@ -317,12 +338,13 @@ def serve(spec: ServerSpec, root: Path, workdir: Path) -> Iterator[Running]:
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o755)
     port = free_port()
-    argv, env = command(spec, root, port, workdir)
+    admin_port = free_port() if spec.admin else None
+    argv, env = command(spec, root, port, workdir, admin_port)
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    running = Running(spec, port, proc, log_path)
+    running = Running(spec, port, proc, log_path, admin_port=admin_port)
     try:
         wait_ready(running, spec.boot_timeout)
         running.idle = settle(running, spec.boot_timeout)

@@ -16,7 +16,7 @@ import pytest
 from support import pid_alive, wait_until
 
 from benchmarks import __main__ as cli
-from benchmarks import loads, prereqs, report, servers
+from benchmarks import loads, prereqs, proxies, report, servers
 from benchmarks.loads import LoadError, Measurement
 from benchmarks.report import Row
 from benchmarks.servers import ServerSpec
@@ -206,14 +206,14 @@ def test_targets_met_and_missed():
 
 def test_target_without_a_baseline_is_not_measured_rather_than_missed():
     rows = [Row(GOWS_ON, "1 KiB", "wrk", m(2000))]
-    (check,) = report.check_targets("compare", rows)
+    (check,) = [c for c in report.check_targets("compare", rows) if c["target"] == "front cache on, wrk keep-alive"]
     assert check["met"] is None and check["ratio"] is None
     assert "no nginx figure" in report.targets_text([check]) and "not measured" in report.targets_text([check])
 
 
 def test_target_requiring_zero_failed_is_missed_with_failures():
     rows = [Row(APACHE, "1 KiB", "ab", m(1000)), Row(GOWS_ON, "1 KiB", "ab", m(2000, non2xx=1))]
-    (check,) = report.check_targets("compare", rows)
+    (check,) = [c for c in report.check_targets("compare", rows) if c["baseline"] == "apache"]
     assert check["ratio"] == 2.0 and check["failed"] == 1 and not check["met"]
 
 
@@ -246,18 +246,46 @@ def test_paired_ratios_are_taken_round_by_round_and_reported():
     text = report.markdown("t", [], rows, checks, None)
     assert "gows+metrics 2w cache on, wrk 1 KiB: 0.900 / 1.200 / 1.000" in text
     assert "identical second twin: 1.030 / 0.970 / 0.990" in text
-    assert "1.00× gows (target ≥ 0.95×; identical twins: 0.99×) — met" in text
+    assert "1.00× gows-noadmin (target ≥ 0.95×; identical twins: 0.99×) — met" in text
 
 
 def test_metrics_twins_are_two_gows_without_admin():
-    assert cli.twins_of(ServerSpec("gows-metrics", 10, True)) == [ServerSpec("gows", 10, True)] * 2
+    twins = cli.twins_of(ServerSpec("gows-metrics", 10, True))
+    assert twins == [ServerSpec("gows-noadmin", 10, True)] * 2 and not twins[0].admin
+    assert twins[0].name == "gows (no admin)"
     assert cli.twins_of(GOWS_ON) == [] and cli.twins_of(ServerSpec("apache")) == []
 
 
-def test_metrics_server_has_an_admin_listener(tmp_path):
-    conf = servers.gows_config(tmp_path, 4242, ServerSpec("gows-metrics", 2, True))
-    assert conf["admin"].startswith("127.0.0.1:") and conf["frontCache"] == {"enabled": True}
-    assert "admin" not in servers.gows_config(tmp_path, 4242, GOWS_ON)
+def test_gows_rows_and_the_metrics_row_have_an_admin_listener_the_twins_none(tmp_path):
+    assert GOWS_ON.admin and GOWS_OFF.admin and ServerSpec("gows-metrics", 2, True).admin
+    assert not ServerSpec("gows-noadmin", 2, True).admin and not NGINX.admin
+    conf = servers.gows_config(tmp_path, 4242, ServerSpec("gows-metrics", 2, True), admin_port=4343)
+    assert conf["admin"] == "127.0.0.1:4343" and conf["frontCache"] == {"enabled": True}
+    assert "admin" not in servers.gows_config(tmp_path, 4242, ServerSpec("gows-noadmin", 2, True))
+
+
+def test_serve_gives_an_admin_listener_exactly_to_the_servers_that_want_one(tmp_path, monkeypatch):
+    written = {}
+
+    def fake_command(spec, root, port, workdir, admin_port=None):
+        written[spec.kind] = admin_port
+        return ["true"], {}
+
+    monkeypatch.setattr(servers, "command", fake_command)
+    monkeypatch.setattr(servers, "wait_ready", lambda running, timeout: None)
+    monkeypatch.setattr(servers, "settle", lambda running, timeout: True)
+    for kind in ("gows", "gows-noadmin", "nginx"):
+        with servers.serve(ServerSpec(kind, 2, True), tmp_path, tmp_path / kind) as running:
+            assert running.admin_port == written[kind]
+    assert isinstance(written["gows"], int) and written["gows"] > 0
+    assert written["gows-noadmin"] is None and written["nginx"] is None
+
+
+def test_twin_kinds_are_not_servers_to_choose(capsys):
+    assert "gows-noadmin" not in servers.KINDS and "gows-metrics" in servers.KINDS
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--only", "gows-noadmin"])
+    assert "unknown server gows-noadmin" in capsys.readouterr().err
 
 
 def test_fileapp_target_is_against_whitenoise():
@@ -299,6 +327,222 @@ def test_chart_pairs_gows_and_whitenoise_of_the_same_worker_count():
     assert len(peers) == len(servers.PEERS)
 
 
+# --- per-proxy counts (issue 11) --------------------------------------------------------------------
+
+def status(*proxies_rows: tuple[int, int, int], **extra) -> dict:
+    """A /status.json document with one `proxies` row per (index, requests, restarts)."""
+    rows = [{"index": i, "pid": 1000 + i, "requests": n, "client_connections": 3, "restarts": r, "rate": 1.5}
+            for i, n, r in proxies_rows]
+    return {"version": "x", "workers": [], "proxies": rows, **extra}
+
+
+def test_status_without_proxies_gives_no_counts():
+    assert proxies.parse_status({"version": "x", "workers": [], "proxy": {"client_connections": 4}}) is None
+    assert proxies.parse_status(None) is None and proxies.parse_status([1, 2]) is None
+    assert proxies.parse_status({"proxies": []}) is None
+    # A row the benchmark cannot read makes the whole reading unusable, never a wrong share.
+    assert proxies.parse_status({"proxies": [{"index": 1, "requests": "12"}]}) is None
+    assert proxies.parse_status({"proxies": [{"index": 1, "requests": True}]}) is None
+
+
+def test_status_proxies_are_read_in_index_order():
+    got = proxies.parse_status(status((2, 70, 1), (1, 30, 0)))
+    assert got == [proxies.ProxyCount(1, 1001, 30, 0), proxies.ProxyCount(2, 1002, 70, 1)]
+    # restarts and pid are optional
+    assert proxies.parse_status({"proxies": [{"index": 1, "requests": 5}]}) == [proxies.ProxyCount(1, None, 5, 0)]
+
+
+def test_shares_are_differences_by_index_across_a_restart():
+    before = proxies.parse_status(status((1, 1000, 0), (2, 900, 0)))
+    # Proxy 2 was restarted (new pid, counters kept exact by the master), proxy 3 was added.
+    after = proxies.parse_status({"proxies": [{"index": 1, "pid": 1, "requests": 3550, "restarts": 0},
+                                              {"index": 2, "pid": 99, "requests": 3350, "restarts": 1},
+                                              {"index": 3, "pid": 7, "requests": 100, "restarts": 0}]})
+    assert proxies.shares(before, after) == [proxies.ProxyShare(1, 2550, 0), proxies.ProxyShare(2, 2450, 1),
+                                             proxies.ProxyShare(3, 100, 0)]
+    assert proxies.shares(None, after) is None and proxies.shares(before, None) is None
+
+
+def test_shares_are_printed_as_percentages_with_restarts():
+    even = [proxies.ProxyShare(1, 2550), proxies.ProxyShare(2, 2450)]
+    assert proxies.fmt_shares(even) == "51%/49%"
+    assert proxies.fmt_shares([proxies.ProxyShare(1, 1), proxies.ProxyShare(2, 3, restarts=2)]) == "25%/75% (2 restarts)"
+    assert proxies.fmt_shares(None) == "" and proxies.fmt_shares([]) == ""
+    assert proxies.fmt_shares([proxies.ProxyShare(1, 0), proxies.ProxyShare(2, 0)]) == ""
+    assert proxies.fmt_counts(even) == "proxy 1 2,550 (51%), proxy 2 2,450 (49%); least 0.98× even"
+    assert proxies.fmt_counts([proxies.ProxyShare(1, 10, 1)]) == "proxy 1 10 (100%), 1 restart; least 1.00× even"
+
+
+def test_evenness_is_the_least_loaded_proxy_over_an_even_share():
+    assert proxies.evenness([proxies.ProxyShare(1, 2550), proxies.ProxyShare(2, 2450)]) == pytest.approx(0.98)
+    assert proxies.evenness([proxies.ProxyShare(i, n) for i, n in ((1, 500), (2, 2000), (3, 500))]) == 0.5
+    assert proxies.evenness([]) is None and proxies.evenness([proxies.ProxyShare(1, 0)]) is None
+
+
+def test_counted_reads_status_before_and_after_the_load(monkeypatch):
+    events: list[str] = []
+    readings = iter([status((1, 100, 0), (2, 100, 0)), status((1, 3100, 0), (2, 2100, 0))])
+
+    def read(port):
+        events.append(f"read {port}")
+        return next(readings)
+
+    def load():
+        events.append("load")
+        return m(5000)
+
+    monkeypatch.setattr(proxies, "read_status", read)
+    got = proxies.counted(4343, load)
+    assert events == ["read 4343", "load", "read 4343"]
+    assert got.proxies == [proxies.ProxyShare(1, 3000), proxies.ProxyShare(2, 2000)]
+
+
+def test_counted_without_admin_or_proxies_leaves_the_measurement_alone(monkeypatch):
+    reads: list[int] = []
+    monkeypatch.setattr(proxies, "read_status", lambda port: reads.append(port) or {"workers": []})
+    assert proxies.counted(None, lambda: m(10)).proxies is None and reads == []
+    # Today's master: /status.json has no proxies; read once, nothing reported, nothing fails.
+    assert proxies.counted(4343, lambda: m(10)).proxies is None and reads == [4343]
+    # The status went unreadable after the load: no shares rather than wrong ones.
+    readings = iter([status((1, 5, 0)), None])
+    monkeypatch.setattr(proxies, "read_status", lambda port: next(readings))
+    assert proxies.counted(4343, lambda: m(10)).proxies is None
+
+
+def test_read_status_fetches_the_admin_json_and_tolerates_no_listener():
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(status((1, 7, 0)) if self.path == "/status.json" else {}).encode()
+            self.send_response(200 if self.path == "/status.json" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.HTTPServer(("127.0.0.1", 0), Handler) as server:
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        try:
+            got = proxies.read_status(server.server_address[1])
+        finally:
+            server.shutdown()
+            thread.join()
+    assert proxies.parse_status(got) == [proxies.ProxyCount(1, 1001, 7, 0)]
+    assert proxies.read_status(servers.free_port(), timeout=2) is None  # nothing listening
+
+
+def test_table_has_a_per_proxy_column_only_when_some_row_was_counted():
+    rows = sample_rows()
+    assert "per proxy" not in report.table(rows)
+    rows[4].result.proxies = [proxies.ProxyShare(1, 20000), proxies.ProxyShare(2, 20000)]  # gows wrk
+    rows[3].result.proxies = [proxies.ProxyShare(1, 0), proxies.ProxyShare(2, 0)]  # nothing counted: blank
+    lines = report.table(rows).splitlines()
+    assert lines[0].rstrip(" |").endswith("per proxy") and len({len(line) for line in lines}) == 1
+    gows_wrk = next(line for line in lines if "gows" in line and " on " in line and " wrk " in line)
+    assert gows_wrk.rstrip(" |").endswith("50%/50%")
+    gows_ab = next(line for line in lines if "gows" in line and " on " in line and " ab " in line)
+    assert gows_ab.split("|")[-2].strip() == ""
+    text = report.markdown("t", [], rows, [], None)
+    assert "## Requests per proxy process" in text
+    assert "- gows 2w cache on, wrk 1 KiB: proxy 1 20,000 (50%), proxy 2 20,000 (50%); least 1.00× even" in text
+    record = report.row_record(rows[4])
+    assert record["result"]["proxies"] == [{"index": 1, "requests": 20000, "restarts": 0},
+                                           {"index": 2, "requests": 20000, "restarts": 0}]
+
+
+# --- issue 11 targets ----------------------------------------------------------------------------
+
+ISSUE_11 = "issue 11: proxy processes at least as fast as nginx, front cache on, 0 failed"
+ISSUE_11_P99 = "issue 11: p99 at most nginx's p99 + 1 ms, wrk -c100"
+
+
+def lat(rps: float, p99: float, failed: int = 0) -> Measurement:
+    return Measurement(requests=1000, rps=rps, mean_ms=1.0, transfer_kbs=1.0, failed=failed, non2xx=0,
+                       p50_ms=0.5, p99_ms=p99)
+
+
+def issue_11_rows() -> list[Row]:
+    gows10 = ServerSpec("gows", 10, True)
+    return [
+        Row(NGINX, "1 KiB", "ab", m(34000)), Row(NGINX, "150 KB", "ab", m(18000)),
+        Row(NGINX, "1 KiB", "wrk", lat(140000, 4.5)), Row(NGINX, "1 KiB", "wrk -c5000", lat(96000, 129.0)),
+        Row(GOWS_ON, "1 KiB", "ab", m(38000)), Row(GOWS_ON, "150 KB", "ab", m(18000)),
+        Row(GOWS_ON, "1 KiB", "wrk", lat(150000, 5.4)), Row(GOWS_ON, "1 KiB", "wrk -c5000", lat(100000, 90.0, failed=3)),
+        Row(gows10, "1 KiB", "wrk", lat(120000, 5.6)),
+        Row(GOWS_OFF, "1 KiB", "wrk -c5000", lat(10000, 900.0)),  # cache off: no issue-11 target
+    ]
+
+
+def test_issue_11_speed_targets_cover_every_load_and_require_zero_failed():
+    checks = [c for c in report.check_targets("compare", issue_11_rows()) if c["target"] == ISSUE_11]
+    got = {(c["server"], c["tool"], c["file"]): (round(c["ratio"], 3), c["failed"], c["met"]) for c in checks}
+    assert got == {
+        ("gows 2w cache on", "ab", "1 KiB"): (1.118, 0, True),
+        ("gows 2w cache on", "ab", "150 KB"): (1.0, 0, True),  # "at least as fast": 1.0× is met
+        ("gows 2w cache on", "wrk", "1 KiB"): (1.071, 0, True),
+        ("gows 2w cache on", "wrk -c5000", "1 KiB"): (1.042, 3, False),  # faster, but 3 socket errors
+        ("gows 10w cache on", "wrk", "1 KiB"): (0.857, 0, False),
+    }
+
+
+def test_issue_11_p99_target_is_nginx_p99_plus_one_ms_on_wrk_c100():
+    checks = [c for c in report.check_targets("compare", issue_11_rows()) if c["target"] == ISSUE_11_P99]
+    by = {c["server"]: c for c in checks}
+    assert set(by) == {"gows 2w cache on", "gows 10w cache on"}  # wrk -c100 only, cache on only
+    assert by["gows 2w cache on"]["met"] and by["gows 2w cache on"]["limit_ms"] == pytest.approx(5.5)
+    assert by["gows 10w cache on"]["met"] is False and by["gows 10w cache on"]["p99_ms"] == 5.6
+    text = report.targets_text(checks)
+    assert "gows 2w cache on, wrk 1 KiB: p99 5.4 ms, nginx 4.5 ms (target ≤ nginx's + 1 ms) — met" in text
+    assert "gows 10w cache on, wrk 1 KiB: p99 5.6 ms, nginx 4.5 ms (target ≤ nginx's + 1 ms) — MISSED" in text
+    # Without an nginx figure: not measured, not missed.
+    (alone,) = [c for c in report.check_targets("compare", [Row(GOWS_ON, "1 KiB", "wrk", lat(1, 0.1))])
+                if c["target"] == ISSUE_11_P99]
+    assert alone["met"] is None and "no nginx figure" in report.targets_text([alone])
+
+
+def test_targets_are_printed_under_their_target_with_the_per_proxy_spread():
+    rows = issue_11_rows()
+    rows[6].result.proxies = [proxies.ProxyShare(1, 760000), proxies.ProxyShare(2, 740000)]
+    checks = report.check_targets("compare", rows)
+    lines = report.targets_text(checks).splitlines()
+    assert lines[lines.index(f"- {ISSUE_11}:") + 1].startswith("  - gows 2w cache on, ab 1 KiB: 1.12× nginx")
+    assert ("  - gows 2w cache on, wrk 1 KiB: 1.07× nginx (target ≥ 1.0×; per proxy 51%/49%) — met" in lines)
+    assert ("  - gows 2w cache on, wrk -c5000 1 KiB: 1.04× nginx (target ≥ 1.0×, 3 failed/non-2xx) — MISSED"
+            in lines)
+    (wrk,) = [c for c in checks if c["target"] == ISSUE_11 and c["tool"] == "wrk" and c["server"].startswith("gows 2w")]
+    assert wrk["per_proxy"] == "51%/49%" and wrk["evenness"] == pytest.approx(740000 / 750000)
+    assert all("per_proxy" not in c for c in checks if c["tool"] != "wrk" or not c["server"].startswith("gows 2w"))
+
+
+def test_wrk_runs_with_the_threads_and_connections_asked(monkeypatch):
+    argvs: list[list[str]] = []
+    monkeypatch.setattr(loads, "_run", lambda argv, timeout: argvs.append(argv) or fixture("wrk-nginx-1k.txt"))
+    loads.wrk("http://127.0.0.1:1/1k.txt", 5000, 10, threads=2)
+    loads.wrk("http://127.0.0.1:1/1k.txt", 100, 10)
+    assert argvs[0][:5] == ["wrk", "-t2", "-c5000", "-d10s", "--latency"]
+    assert argvs[1][:4] == ["wrk", "-t1", "-c100", "-d10s"]
+
+
+def test_open_file_limit_is_raised_towards_the_hard_limit_and_returned(monkeypatch):
+    import resource
+
+    limits = {"now": (1024, 20000)}
+    monkeypatch.setattr(prereqs.resource, "getrlimit", lambda which: limits["now"])
+    monkeypatch.setattr(prereqs.resource, "setrlimit", lambda which, value: limits.update(now=value))
+    assert prereqs.raise_open_file_limit(65536) == 20000 and limits["now"] == (20000, 20000)
+    limits["now"] = (30000, resource.RLIM_INFINITY)
+    assert prereqs.raise_open_file_limit(65536) == 65536 and limits["now"] == (65536, resource.RLIM_INFINITY)
+    limits["now"] = (100000, 200000)
+    assert prereqs.raise_open_file_limit(65536) == 100000  # never lowered
+    limits["now"] = (resource.RLIM_INFINITY, resource.RLIM_INFINITY)
+    assert prereqs.raise_open_file_limit(65536) > 10**9 and limits["now"][0] == resource.RLIM_INFINITY
+
+
 # --- plans and arguments ------------------------------------------------------------------------
 
 def test_default_plan_is_the_issue_4_comparison():
@@ -309,6 +553,18 @@ def test_default_plan_is_the_issue_4_comparison():
         assert {f"gows {n}w cache on", f"gows {n}w cache off", f"gunicorn+whitenoise {n}w"} <= set(labels)
     assert (plan.ab_requests, plan.ab_concurrency, plan.repeat) == (5000, 500, 3)
     assert (plan.wrk_connections, plan.wrk_seconds, plan.wrk_files) == (100, 10, ["1 KiB"])
+    assert (plan.many_threads, plan.many_clients, plan.many_kinds) == (2, 5000, ["apache", "nginx", "gows"])
+
+
+def test_many_clients_load_is_planned_for_apache_nginx_and_gows_only():
+    plan = cli.build_plan(cli.parse_args([]))
+    many = {s.label for s in plan.specs if (loads.MANY_TOOL, "1 KiB") in cli.planned_loads(s, plan)}
+    assert many == {"Apache", "nginx"} | {f"gows {n}w cache {c}" for n in (2, 10, 100) for c in ("on", "off")}
+    assert cli.planned_loads(NGINX, plan) == [("ab", "1 KiB"), ("ab", "150 KB"), ("wrk", "1 KiB"),
+                                              ("wrk -c5000", "1 KiB")]
+    fileapp = cli.build_plan(cli.parse_args(["fileapp"]))
+    assert fileapp.many_kinds == [] and all(t != loads.MANY_TOOL for s in fileapp.specs
+                                            for t, _ in cli.planned_loads(s, fileapp))
 
 
 def test_fileapp_plan_is_the_issue_2_comparison():
@@ -322,6 +578,7 @@ def test_quick_and_only_shrink_the_plan():
     plan = cli.build_plan(cli.parse_args(["--quick", "--only", "gows,apache"]))
     assert [s.label for s in plan.specs] == ["Apache", "gows 2w cache on", "gows 2w cache off"]
     assert plan.repeat == 1 and plan.wrk_seconds == 2 and plan.ab_requests < 5000
+    assert plan.many_clients == 5000  # the smoke run tries the many-clients load too, for 2 s
 
 
 @pytest.mark.parametrize("argv", [["--requests", "0"], ["--only", "iis"], ["--workers", "2,x"], ["bogus"]])
@@ -411,6 +668,10 @@ def test_nginx_config(tmp_path):
     for line in ("worker_processes auto;", "sendfile on;", "listen 127.0.0.1:4242;", f"root {tmp_path}/www;",
                  f"pid {tmp_path}/nginx.pid;"):
         assert line in conf
+    # Room for wrk's 5000 clients in one worker (Debian's 768 would refuse most of them).
+    connections = int(conf.split("worker_connections ")[1].split(";")[0])
+    rlimit = int(conf.split("worker_rlimit_nofile ")[1].split(";")[0])
+    assert connections >= loads.MANY_CLIENTS + 100 and rlimit >= 2 * connections
 
 
 def test_gows_config_follows_the_contract(tmp_path):
@@ -500,13 +761,20 @@ def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(cli, "serve", fake_serve)
     monkeypatch.setattr(loads, "ab", fake_ab)
-    monkeypatch.setattr(loads, "wrk", lambda url, c, s: loads.parse_wrk(fixture("wrk-nginx-1k.txt")))
+    wrk_calls: list[tuple[int, int, int]] = []
+
+    def fake_wrk(url, connections, seconds, threads=1):
+        wrk_calls.append((threads, connections, seconds))
+        return loads.parse_wrk(fixture("wrk-nginx-1k.txt"))
+
+    monkeypatch.setattr(loads, "wrk", fake_wrk)
     monkeypatch.setattr(prereqs, "ensure_tools", lambda commands, log: {})
     monkeypatch.setattr(cli, "RESULTS", tmp_path)
 
     status = cli.main(["--only", "apache,nginx", "--requests", "300", "--repeat", "3"])
     assert status == 1  # nginx failed to start
     assert started == ["Apache"]
+    assert wrk_calls == [(1, 100, 10), (2, 5000, 10)]  # -c100, then the many-clients load last
     warm_up, measured = ab_calls[:2], ab_calls[2:]
     assert [c[2] for c in warm_up] == [50, 50]  # one short warm-up per file, not counted
     assert len(measured) == 6 and all(c[1:] == (300, 500) for c in measured)  # 3 runs x 2 files
@@ -518,5 +786,51 @@ def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, c
     apache_ab = [r for r in record["rows"] if r["kind"] == "apache" and r["tool"] == "ab"]
     assert len(apache_ab) == 2 and all(sorted(r["runs_rps"])[1] == r["result"]["rps"] for r in apache_ab)
     nginx = [r for r in record["rows"] if r["kind"] == "nginx"]
-    assert {(r["file"], r["tool"]) for r in nginx} == {("1 KiB", "ab"), ("150 KB", "ab"), ("1 KiB", "wrk")}
+    assert {(r["file"], r["tool"]) for r in nginx} == {("1 KiB", "ab"), ("150 KB", "ab"), ("1 KiB", "wrk"),
+                                                       ("1 KiB", "wrk -c5000")}
     assert all(r["result"] is None and "bind() failed" in r["error"] for r in nginx)
+    apache_many = [r for r in record["rows"] if r["kind"] == "apache" and r["tool"] == "wrk -c5000"]
+    assert len(apache_many) == 1 and apache_many[0]["result"]["proxies"] is None
+    assert "per proxy" not in out  # no server listed proxy processes: no column
+    assert any("wrk -t2 -c5000" in note for note in record["notes"])
+
+
+def test_run_reports_each_proxy_share_of_every_gows_load(tmp_path, monkeypatch, capsys):
+    from contextlib import contextmanager
+
+    @contextmanager
+    def fake_serve(spec, root, workdir):
+        workdir.mkdir()
+        yield servers.Running(spec, 4242, None, workdir / "server.log", idle=True,  # type: ignore[arg-type]
+                              admin_port=4343 if spec.admin else None)
+
+    served = {"n": 0}
+
+    def fake_status(port):
+        assert port == 4343
+        return status((1, 3 * served["n"], 0), (2, 2 * served["n"], 0))
+
+    def load(text):
+        served["n"] += 1000
+        return text
+
+    monkeypatch.setattr(cli, "serve", fake_serve)
+    monkeypatch.setattr(proxies, "read_status", fake_status)
+    monkeypatch.setattr(loads, "ab", lambda url, n, c, gnuplot=None: (
+        gnuplot.write_text(fixture("ab-gnuplot.tsv")) if gnuplot else None,
+        loads.parse_ab(load(fixture("ab-nginx-1k.txt"))))[1])
+    monkeypatch.setattr(loads, "wrk", lambda url, c, s, threads=1: loads.parse_wrk(load(fixture("wrk-nginx-1k.txt"))))
+    monkeypatch.setattr(prereqs, "ensure_tools", lambda commands, log: {})
+    monkeypatch.setattr(cli, "RESULTS", tmp_path)
+
+    assert cli.main(["--only", "gows", "--workers", "2", "--repeat", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "per proxy" in out
+    record = json.loads(next(tmp_path.glob("compare-*.json")).read_text())
+    cache_on = {r["tool"] + " " + r["file"]: r["result"]["proxies"] for r in record["rows"] if r["cache"]}
+    assert set(cache_on) == {"ab 1 KiB", "ab 150 KB", "wrk 1 KiB", "wrk -c5000 1 KiB"}
+    assert all(p == [{"index": 1, "requests": 3000, "restarts": 0}, {"index": 2, "requests": 2000, "restarts": 0}]
+               for p in cache_on.values())
+    md = next(tmp_path.glob("compare-*.md")).read_text()
+    assert "- gows 2w cache on, wrk -c5000 1 KiB: proxy 1 3,000 (60%), proxy 2 2,000 (40%); least 0.80× even" in md
+    assert "per proxy 60%/40%" in md  # beside the issue-11 targets

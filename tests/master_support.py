@@ -73,7 +73,7 @@ class Master(StoppedOnExit):
                                      cwd=directory, env=python_env(), stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      preexec_fn=None if nofile is None else lambda: _limit_files(nofile))
-        self.seen_workers: set[int] = set()
+        self.seen_children: set[int] = set()  # workers and proxies: what stop() makes sure is gone
 
     @property
     def pid(self) -> int:
@@ -118,7 +118,17 @@ class Master(StoppedOnExit):
             m = re.fullmatch(r"gows: worker :(\d+)", title(pid))
             if m and pid_alive(pid):
                 out[int(m.group(1))] = pid
-                self.seen_workers.add(pid)
+                self.seen_children.add(pid)
+        return out
+
+    def proxies(self) -> dict[int, int]:
+        """{index: pid} of the master's live proxy processes, from their process titles."""
+        out = {}
+        for pid in children(self.pid):
+            m = re.fullmatch(r"gows: proxy (\d+)", title(pid))
+            if m and pid_alive(pid):
+                out[int(m.group(1))] = pid
+                self.seen_children.add(pid)
         return out
 
     def wait_workers(self, ports: list[int], timeout: float = 30.0) -> dict[int, int]:
@@ -135,10 +145,11 @@ class Master(StoppedOnExit):
 
     def stop(self) -> None:
         self.workers()
+        self.proxies()
         stop_process(self.proc, timeout=30)
         self._log.close()
         # Only processes this test's master started; they should be gone already.
-        for pid in self.seen_workers:
+        for pid in self.seen_children:
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
 

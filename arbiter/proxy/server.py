@@ -36,6 +36,8 @@ TICK = 0.25  # seconds between timeout sweeps; also the resolution of the coarse
 # for less than SHED_AFTER seconds (a new connection whose request is on its way).
 IDLE_SHED = 32
 SHED_AFTER = 1.0
+# Seconds a stopping proxy keeps idle keep-alive connections open, for their clients' next request.
+IDLE_GRACE = 1.0
 # Descriptors kept aside beyond three per client (its own, one to a worker, one pooled):
 # listeners, logs, health probes and the loop's own.
 FD_RESERVE = 16
@@ -294,12 +296,19 @@ class Proxy:
         if self._watching:
             self.loop.remove_reader(self._listener.fileno())
             self._watching = False
-        for conn in list(self.conns):
-            if conn.current is None and not conn.queue and conn.phase == IDLE:
-                conn.close()
         self.pool.close_idle()
-        self._drain_until = time.monotonic() + timeout
+        start = time.monotonic()
+        self._drain_until = start + timeout
+        idle_closed = False
         while self.conns and time.monotonic() < self._drain_until:
+            if not idle_closed and time.monotonic() - start >= min(IDLE_GRACE, timeout):
+                # Closing an idle keep-alive connection races with the client's next request on
+                # it; a client that is using it sends one within the grace and gets its answer
+                # with "Connection: close". The rest were not using it.
+                idle_closed = True
+                for conn in list(self.conns):
+                    if conn.current is None and not conn.queue and conn.phase == IDLE:
+                        conn.close()
             await asyncio.sleep(0.05)
         for conn in list(self.conns):
             conn.abort()

@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import math
 import os
+import resource
 import signal
 import socket
 import sys
@@ -22,11 +23,12 @@ import time
 from typing import Any
 
 from .backoff import Backoff
-from .config import Config
+from .config import Config, ProxyConfig
 from .incarnation import Incarnation, describe_exit
 from .ops.logs import LogSink
 from .proxy.control import Channel, Message
 from .proxy.counters import LATENCY, REQUESTS, WORKERS, Counters, report, total
+from .proxy.server import FDS_PER_CLIENT, fd_need
 from .proxy.stats import SLOTS, RequestStats
 from .proxy.view import rows
 from .signals import Stop
@@ -347,7 +349,21 @@ class ProxyFleet:
     async def start(self) -> None:
         """Start the proxies; return once all accept, or after the boot timeout."""
         self._resize(process_count(self.config))
+        self._check_fd_limit()
         await self._wait_ready(self.slots)
+
+    def _check_fd_limit(self) -> None:
+        """Say at start, in the master's log, when the open file limit cannot hold the configured
+        connections (each proxy raises its own soft limit up to the hard one it inherits)."""
+        share = ProxyConfig(**self.settings()["proxy"])
+        need = fd_need(share)
+        _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and hard < need:
+            fit = max(1, (hard - need + share.max_connections * FDS_PER_CLIENT) // FDS_PER_CLIENT)
+            log.warning("the open file limit (hard: %d) cannot hold proxy.maxConnections (%d over %d proxies: "
+                        "each needs %d open files): at most about %d clients will be served at once; raise "
+                        "it (ulimit -Hn, or LimitNOFILE= under systemd)", hard, self.config.proxy.max_connections,
+                        len(self.slots), need, fit * len(self.slots))
 
     async def _wait_ready(self, slots: list[ProxySlot]) -> None:
         loop = asyncio.get_running_loop()

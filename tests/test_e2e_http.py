@@ -170,8 +170,10 @@ def test_front_cache_answers_hits_and_its_own_304_then_sees_a_change_after_the_c
     # The clients are told max-age=60, but the master checks with a worker after cache.ttl.
     wait_until(lambda: fetch(cached.port, "GET", "/fc.txt")[2] == new, timeout=10, message="the change served")
     # Requests the cache must not answer go to a worker: a range, and a different validator.
-    status, headers, body = fetch(cached.port, "GET", "/fc.txt", {"Range": "bytes=0-2"})
-    assert (status, body) == (206, new[:3])
+    # (With several proxies, another worker may still hold the old bytes for up to its own
+    # cache.ttl: the range is answered by whichever worker a proxy picks.)
+    wait_until(lambda: fetch(cached.port, "GET", "/fc.txt", {"Range": "bytes=0-2"})[::2] == (206, new[:3]),
+               timeout=10, message="the range of the new version")
 
 
 def test_front_cache_never_keeps_an_error(cached, site):

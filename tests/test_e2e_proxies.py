@@ -3,6 +3,7 @@ worker health seen by every proxy, resizing at a reload, graceful stop, the shar
 from __future__ import annotations
 
 import os
+import resource
 import re
 import signal
 import socket
@@ -15,7 +16,7 @@ import requests
 
 from e2e_support import fetch, patterned, read_head, request
 from master_support import Admin, Hammer, title, wait_gone
-from support import pid_alive, wait_until
+from support import closing_all, pid_alive, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -183,3 +184,42 @@ def test_proxies_die_with_the_master_even_on_sigkill(masters, tmp_path, site):
     wait_gone(proxies, timeout=5)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", a.port), timeout=2).close()
+
+
+CLIENTS = 10_000
+
+
+def _answer(s: socket.socket) -> bytes:
+    """One response to GET /a.txt (its body is 6 bytes) read off a keep-alive connection."""
+    data = b""
+    while not (b"\r\n\r\n" in data and len(data.split(b"\r\n\r\n", 1)[1]) >= 6):
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionError(f"closed after {data!r}")
+        data += chunk
+    return data
+
+
+def test_ten_thousand_keep_alive_clients_are_served_at_once_with_the_default_limits(masters, tmp_path, site):
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert hard == resource.RLIM_INFINITY or hard >= CLIENTS + 1000, f"the test needs {CLIENTS + 1000} open files"
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # (the master inherits it, as under systemd)
+    try:
+        a = served(masters, tmp_path, site, processes=2)  # proxy.maxConnections: its default
+        held: list[socket.socket] = []
+        with closing_all(held):
+            for _ in range(CLIENTS):
+                s = socket.create_connection(("127.0.0.1", a.port), timeout=30)
+                held.append(s)
+                s.sendall(request("GET", "/a.txt"))
+                assert _answer(s).startswith(b"HTTP/1.1 200 ")
+            wait_until(lambda: print(a.json()["proxy"], time.monotonic()) or a.json()["proxy"]["client_connections"] == CLIENTS, timeout=30,
+                       message=f"{CLIENTS} client connections open")
+            for s in held:  # every one of them is still served: none was closed to make room
+                s.sendall(request("GET", "/a.txt"))
+            assert all(_answer(s).startswith(b"HTTP/1.1 200 ") for s in held)
+            status = a.json()["proxy"]
+            assert status["shed_idle_connections"] == 0 and status["rejected_connections"] == 0
+        print("connections per proxy:", [p["requests"] for p in a.json()["proxies"]])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -8,6 +8,7 @@ import heapq
 import logging
 import os
 import resource
+import select
 import socket
 import time
 from email.utils import formatdate
@@ -38,9 +39,13 @@ IDLE_SHED = 32
 SHED_AFTER = 1.0
 # Seconds a stopping proxy keeps idle keep-alive connections open, for their clients' next request.
 IDLE_GRACE = 1.0
-# Descriptors kept aside beyond three per client (its own, one to a worker, one pooled):
-# listeners, logs, health probes and the loop's own.
-FD_RESERVE = 16
+# Descriptors per client: its own and one to a worker while a request is on its way there; and
+# aside from those, beyond the idle pool: listeners, logs, the control channel, the loop's own.
+FDS_PER_CLIENT = 2
+FD_RESERVE = 32
+# Full, a proxy closes idle connections for a newcomer only if no other proxy sharing the
+# listening socket took it within this many seconds.
+SHED_CHECK = 0.1
 
 
 class Proxy:
@@ -67,6 +72,7 @@ class Proxy:
         self._resuming = False
         self._pausing = False
         self._watching = False  # the listener is watched for newcomers while we are full
+        self._shed_pending = False  # _shed_idle is due
         self.fd_cap = 1 << 30  # client connections the open file limit can hold (set by start)
         self.body_bytes = 0  # request body bytes held for all connections (reserve_body)
         self.cache_epoch = 0  # bumped by purge_front_cache: responses asked for before are not stored
@@ -118,20 +124,21 @@ class Proxy:
         self._ticker = self.loop.call_later(TICK, self._tick)
 
     def _fit_fd_limit(self) -> None:
-        """Raise the open file limit to hold max_connections clients, each with an upstream
-        connection; where it cannot be, serve fewer clients at once rather than meet EMFILE."""
-        wanted = 3 * self.config.max_connections + FD_RESERVE
+        """Raise the open file limit to hold max_connections clients, each with a connection to
+        a worker; where it cannot be, serve fewer clients at once rather than meet EMFILE."""
+        wanted = fd_need(self.config)
         soft = _raise_fd_limit(wanted)
         if soft >= wanted:
+            log.info("open file limit %d: room for proxy.maxConnections (%d clients here)", soft,
+                     self.config.max_connections)
             return
         try:
             in_use = len(os.listdir("/proc/self/fd"))
         except OSError:
             in_use = 64
-        # Each client may hold its own descriptor, one to a worker and one pooled for reuse.
-        self.fd_cap = max(1, (soft - in_use - FD_RESERVE) // 3)
+        self.fd_cap = max(1, (soft - in_use - FD_RESERVE - self.config.pool_size) // FDS_PER_CLIENT)
         self.max_connections = min(self.config.max_connections, self.fd_cap)
-        log.warning("the open file limit (%d) cannot hold proxy.maxConnections (%d; that needs about %d): "
+        log.warning("the open file limit (%d) cannot hold proxy.maxConnections (%d here; that needs about %d): "
                     "serving at most %d clients at once, the rest wait in the listen backlog; raise the limit "
                     "(ulimit -n, or LimitNOFILE= under systemd)", soft, self.config.max_connections, wanted,
                     self.max_connections)
@@ -186,11 +193,20 @@ class Proxy:
             self.loop.add_reader(self._listener.fileno(), self._backlog_waiting)
 
     def _backlog_waiting(self) -> None:
-        """Someone waits in the backlog while we are full: close the longest-idle keep-alive
-        connections to make room (as nginx reuses connections). With none idle, the next tick
-        looks again."""
+        """Someone waits in the backlog while we are full: unless another proxy sharing the
+        socket takes them, make room (_shed_idle)."""
         self.loop.remove_reader(self._listener.fileno())
         self._watching = False
+        if not self._shed_pending:
+            self._shed_pending = True
+            self.loop.call_later(SHED_CHECK, self._shed_idle)
+
+    def _shed_idle(self) -> None:
+        """Still someone in the backlog: close the longest-idle keep-alive connections to make
+        room (as nginx reuses connections). With none idle, the next tick looks again."""
+        self._shed_pending = False
+        if self._server is not None or self.draining or not _readable(self._listener):
+            return
         since = self.clock - SHED_AFTER
         idle = [c for c in self.conns if c.current is None and not c.queue and c.phase == IDLE
                 and c.idle_since <= since and not c.closed]
@@ -340,6 +356,11 @@ class Proxy:
         return stats
 
 
+def fd_need(config: ProxyConfig) -> int:
+    """Open files a proxy needs to serve `config.max_connections` clients."""
+    return FDS_PER_CLIENT * config.max_connections + config.pool_size + FD_RESERVE
+
+
 def _raise_fd_limit(wanted: int) -> int:
     """Raise the soft open file limit towards `wanted` (up to the hard limit); the limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -353,6 +374,13 @@ def _raise_fd_limit(wanted: int) -> int:
         except (ValueError, OSError):
             pass
     return soft
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Whether a connection waits in `sock`'s backlog now (poll: descriptors past 1024 too)."""
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def _idle_since(conn: ClientProtocol) -> float:

@@ -45,7 +45,7 @@ FDS_PER_CLIENT = 2
 FD_RESERVE = 32
 # Full, a proxy closes idle connections for a newcomer only if no other proxy sharing the
 # listening socket took it within this many seconds.
-SHED_CHECK = 0.1
+SHED_CHECK = 0.5
 
 
 class Proxy:

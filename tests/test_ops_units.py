@@ -1,6 +1,7 @@
 """Operations pieces in-process: the proxy's per-response hook (every kind of response counted
 once, with its status and length), latency percentiles and windows, the access log's format,
-writer thread, reopen, bound and full disk, sd_notify datagrams, and the status page's escaping."""
+writer thread, reopen, bound and full disk, sd_notify datagrams, the status page's escaping and
+proxy rows."""
 from __future__ import annotations
 
 import base64
@@ -309,6 +310,15 @@ def test_notifier_abstract_address_and_absent_socket():
 
 
 # -- status page ------------------------------------------------------------------------------------
+# One proxy accepting, one spawned but not yet accepting, one between two incarnations.
+_PROXY_ROWS = [
+    {"index": 1, "pid": 4242, "ready": True, "restarts": 0, "requests": 1234567, "client_connections": 1500,
+     "rate": 812.345},
+    {"index": 2, "pid": 4343, "ready": False, "restarts": 1, "requests": 7, "client_connections": 0, "rate": 0.0},
+    {"index": 3, "pid": None, "ready": False, "restarts": 12, "requests": 0, "client_connections": 0, "rate": 0.0},
+]
+
+
 def _document(**worker):
     w = {"address": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9001, "local": True, "pid": 42, "up": False,
          "since": time.time() - 75, "consecutive_failures": 3, "restarts": 2, "requests": 12345, "in_flight": 1,
@@ -322,6 +332,7 @@ def _document(**worker):
             "totals": {"requests": 5, "responses": {"1xx": 0, "2xx": 4, "3xx": 0, "4xx": 1, "5xx": 0},
                        "last_10s": window, "last_5m": window, "all_time": {"p50_seconds": None, "p99_seconds": None}},
             "proxy": {"client_connections": 2},
+            "proxies": _PROXY_ROWS,
             "access_log": {"enabled": True, "dropped": 1234, "error": "No space left on device"}}
 
 
@@ -336,6 +347,23 @@ def test_status_page_escapes_worker_errors_and_allows_only_its_own_script():
     digest = base64.b64encode(hashlib.sha256(status_page.SCRIPT.encode()).digest()).decode()
     assert f"'sha256-{digest}'" in status_page.CSP and f"<script>{status_page.SCRIPT}</script>" in html
 
+
+def test_status_page_has_a_row_per_proxy_process_with_its_state_and_counts():
+    html = status_page.render(_document())
+    body = re.search(r'<tbody id="proxies">(.*?)</tbody>', html).group(1)
+    rows = {int(m.group(1)): dict(re.findall(r'<td data-label="([^"]+)"[^>]*>(.*?)</td>', m.group(2)))
+            for m in re.finditer(r'<tr data-proxy="(\d+)">(.*?)</tr>', body)}
+    assert rows == {
+        1: {"Proxy": "1", "PID": "4242", "State": '<span class="badge up">ready</span>', "Connections": "1,500",
+            "Requests/s": "812", "Requests": "1,234,567", "Restarts": "0"},
+        2: {"Proxy": "2", "PID": "4343", "State": '<span class="badge down">starting</span>', "Connections": "0",
+            "Requests/s": "0.00", "Requests": "7", "Restarts": "1"},
+        3: {"Proxy": "3", "PID": "\u2013", "State": '<span class="badge down">down</span>', "Connections": "0",
+            "Requests/s": "0.00", "Requests": "0", "Restarts": "12"},
+    }
+    assert '<span id="f-proxiesup">1 / 3</span>' in html
+    # The script rebuilds the same rows from /status.json (the browser tests run it).
+    assert 'getElementById("proxies")' in status_page.SCRIPT
 
 
 @pytest.mark.parametrize("admin", [False, True])  # without it nothing reads latencies

@@ -1,7 +1,7 @@
 """Operations pieces in-process: the proxy's per-response hook (every kind of response counted
 once, with its status and length), latency percentiles and windows, the access log's format,
 writer thread, reopen, bound and full disk, sd_notify datagrams, the status page's escaping and
-proxy rows."""
+proxy rows, and the metrics' names and labels."""
 from __future__ import annotations
 
 import base64
@@ -19,11 +19,13 @@ import pytest
 
 from arbiter.config import ConfigError, FrontCacheConfig, ProxyConfig, bind_configured, configured, load_data
 from arbiter.ops import status_page
+from arbiter.ops.metrics import exposition, make_registry
 from arbiter.ops.accesslog import AccessLog, format_line
 from arbiter.ops.logs import Throttle
 from arbiter.ops.notify import Notifier
 from arbiter.proxy import Proxy
 from arbiter.proxy.client import ClientProtocol
+from arbiter.proxy.counters import SIZE, report
 from arbiter.proxy.request import Request, now_ns
 from arbiter.proxy.stats import BOUNDS, RequestStats, Window, quantile
 from arbiter.state import WorkerTable
@@ -364,6 +366,53 @@ def test_status_page_has_a_row_per_proxy_process_with_its_state_and_counts():
     assert '<span id="f-proxiesup">1 / 3</span>' in html
     # The script rebuilds the same rows from /status.json (the browser tests run it).
     assert 'getElementById("proxies")' in status_page.SCRIPT
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+class _Fleet:
+    """The proxies as the admin listener reads them (status.ProxyCounters), with fixed numbers."""
+
+    def __init__(self) -> None:
+        self.latency = RequestStats()
+
+    def stats(self):
+        return report([0] * SIZE, True, 1 << 20)
+
+    def rows(self):
+        return _PROXY_ROWS
+
+
+def test_metrics_give_each_proxy_process_labelled_series_and_no_family_twice():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    master = types.SimpleNamespace(table=WorkerTable(), proxy=_Fleet(), started=1.0, stopping=False,
+                                   access_log=None, config_path="gows.conf.json")
+    text = exposition(make_registry(master), "text/plain")[0].decode()
+    families = list(text_string_to_metric_families(text))
+    names = [f.name for f in families]
+    assert [n for n in set(names) if names.count(n) > 1] == []  # (gows_proxy_client_connections was a total)
+    by_name = {f.name: f for f in families}
+
+    def series(name):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in by_name[name].samples}
+
+    assert (by_name["gows_proxy_up"].type, series("gows_proxy_up")) == ("gauge", {
+        ("gows_proxy_up", (("proxy", "1"),)): 1, ("gows_proxy_up", (("proxy", "2"),)): 0,
+        ("gows_proxy_up", (("proxy", "3"),)): 0})
+    assert (by_name["gows_proxy_requests"].type, series("gows_proxy_requests")) == ("counter", {
+        ("gows_proxy_requests_total", (("proxy", "1"),)): 1234567,
+        ("gows_proxy_requests_total", (("proxy", "2"),)): 7, ("gows_proxy_requests_total", (("proxy", "3"),)): 0})
+    assert (by_name["gows_proxy_restarts"].type, series("gows_proxy_restarts")) == ("counter", {
+        ("gows_proxy_restarts_total", (("proxy", "1"),)): 0,
+        ("gows_proxy_restarts_total", (("proxy", "2"),)): 1, ("gows_proxy_restarts_total", (("proxy", "3"),)): 12})
+    # Open connections only per proxy: no unlabelled total beside its parts.
+    assert (by_name["gows_proxy_client_connections"].type, series("gows_proxy_client_connections")) == ("gauge", {
+        ("gows_proxy_client_connections", (("proxy", "1"),)): 1500,
+        ("gows_proxy_client_connections", (("proxy", "2"),)): 0,
+        ("gows_proxy_client_connections", (("proxy", "3"),)): 0})
+    # The whole server's families stay unlabelled.
+    assert series("gows_http_requests") == {("gows_http_requests_total", ()): 0}
+
 
 
 @pytest.mark.parametrize("admin", [False, True])  # without it nothing reads latencies

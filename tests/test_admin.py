@@ -1,8 +1,8 @@
 """The real master's operations surface: admin endpoints (JSON shape, metrics that move with
-traffic, readiness when every worker is stopped, nothing of it on the public port), the access
-log (combined format, USR1 after rotation loses no line, a full disk counted and logged
-sparingly) and sd_notify (READY only once the workers are healthy; RELOADING/READY around HUP;
-STOPPING)."""
+traffic, a row and labelled metrics per proxy process that add up to the server's, readiness
+when every worker is stopped, nothing of it on the public port), the access log (combined
+format, USR1 after rotation loses no line, a full disk counted and logged sparingly) and
+sd_notify (READY only once the workers are healthy; RELOADING/READY around HUP; STOPPING)."""
 from __future__ import annotations
 
 import os
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from master_support import Admin, health
-from support import wait_until
+from master_support import Admin, health, title
+from support import children, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -27,6 +27,7 @@ COMBINED = re.compile(r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]
 WORKER_KEYS = {"address", "host", "port", "local", "pid", "up", "since", "consecutive_failures", "restarts",
                "requests", "in_flight", "last_check_seconds", "last_error"}
 WINDOW_KEYS = {"seconds", "requests", "rate_per_second", "p50_seconds", "p99_seconds"}
+PROXY_KEYS = {"index", "pid", "ready", "restarts", "requests", "client_connections", "rate"}
 
 
 def test_status_json_has_the_documented_shape_and_moves_with_traffic(masters, tmp_path, site):
@@ -83,6 +84,80 @@ def test_status_json_has_the_documented_shape_and_moves_with_traffic(masters, tm
         assert metrics_after[("gows_worker_restarts_total", labels)] == 0
     assert metrics_after[("gows_ready", ())] == 1
     assert metrics_after[("gows_build_info", (("version", after["version"]),))] == 1
+
+
+def _per_proxy(metrics: dict[tuple[str, tuple], float], name: str) -> dict[int, float]:
+    """{proxy index: value} of a family labelled by proxy process."""
+    return {int(dict(labels)["proxy"]): value for (n, labels), value in metrics.items() if n == name}
+
+
+def _held_connection(port: int) -> socket.socket:
+    """A keep-alive client connection that a proxy has accepted and answered once, left open."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /a.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(4096)
+        assert chunk, data
+        data += chunk
+    assert data.startswith(b"HTTP/1.1 200 "), data
+    return sock
+
+
+def test_each_proxy_process_has_a_row_and_labelled_metrics_that_add_up_to_the_servers(masters, tmp_path, site):
+    a = Admin(masters, tmp_path, site, workers=1, proxy={"processes": 2})
+    a.ready()
+    wait_until(lambda: all(p["ready"] for p in a.json()["proxies"]), timeout=30, message="every proxy ready")
+    before, metrics_before = a.json(), a.metrics()
+    assert [p["index"] for p in before["proxies"]] == [1, 2]
+    for p in before["proxies"]:
+        assert set(p) == PROXY_KEYS
+        assert p["pid"] in children(a.master.pid) and title(p["pid"]) == f"gows: proxy {p['index']}"
+        assert p["restarts"] == 0 and p["rate"] >= 0
+    assert _per_proxy(metrics_before, "gows_proxy_up") == {1: 1, 2: 1}
+    assert _per_proxy(metrics_before, "gows_proxy_restarts_total") == {1: 0, 2: 0}
+
+    # Requests: each proxy counts its own in shared memory; together they are the server's.
+    sent = 40
+    for i in range(sent):  # a new connection each, taken by whichever proxy accepts first
+        assert a.public(f"/a.txt?n={i}").status_code == 200
+    wait_until(lambda: a.json()["totals"]["requests"] - before["totals"]["requests"] == sent, timeout=20,
+               message=f"{sent} responses counted")
+    after, metrics_after = a.json(), a.metrics()
+    served = {p["index"]: p["requests"] - q["requests"] for p, q in zip(after["proxies"], before["proxies"])}
+    assert sum(served.values()) == sent, served
+    requests_before = _per_proxy(metrics_before, "gows_proxy_requests_total")
+    requests_after = _per_proxy(metrics_after, "gows_proxy_requests_total")
+    assert {i: requests_after[i] - requests_before[i] for i in requests_after} == served
+    total = ("gows_http_requests_total", ())
+    assert sum(requests_after.values()) == metrics_after[total] and metrics_after[total] - metrics_before[total] == sent
+
+    # Open connections: each proxy's gauge (refreshed every 0.25 s), summed to the server's.
+    held = [_held_connection(a.port) for _ in range(3)]
+    try:
+        wait_until(lambda: sum(p["client_connections"] for p in a.json()["proxies"]) == 3, timeout=20,
+                   message="3 held connections in the proxy rows")
+        status, metrics = a.json(), a.metrics()
+        assert status["proxy"]["client_connections"] == 3
+        assert sum(_per_proxy(metrics, "gows_proxy_client_connections").values()) == 3
+        assert ("gows_proxy_client_connections", ()) not in metrics  # only per proxy
+    finally:
+        for sock in held:
+            sock.close()
+    wait_until(lambda: sum(_per_proxy(a.metrics(), "gows_proxy_client_connections").values()) == 0, timeout=20,
+               message="closed connections gone from the metrics")
+
+    # A proxy killed: its row shows the restart and the new pid, and keeps its count.
+    victim = a.json()["proxies"][0]
+    os.kill(victim["pid"], signal.SIGKILL)
+    respawned = wait_until(lambda: (lambda p: p if p["restarts"] == 1 and p["ready"] else None)(
+        a.json()["proxies"][0]), timeout=30, message="proxy 1 restarted and ready")
+    assert respawned["pid"] not in (None, victim["pid"]) and title(respawned["pid"]) == "gows: proxy 1"
+    assert respawned["requests"] == victim["requests"]
+    metrics = a.metrics()
+    assert _per_proxy(metrics, "gows_proxy_restarts_total") == {1: 1, 2: 0}
+    assert _per_proxy(metrics, "gows_proxy_up") == {1: 1, 2: 1}
+    assert _per_proxy(metrics, "gows_proxy_requests_total")[1] == victim["requests"]
 
 
 def test_metrics_count_a_killed_worker_as_down_then_restarted(masters, tmp_path, site):

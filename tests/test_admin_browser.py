@@ -1,6 +1,7 @@
 """The /status page in a real headless Chromium (Debian's chromium + chromium-driver, driven by
-Selenium): it lists the workers, updates in place after a worker is killed (no reload), reads
-as cards on a phone-sized screen, and is a complete plain table without JavaScript.
+Selenium): it lists the workers and the proxy processes, updates both in place (a worker
+killed, traffic counted per proxy; no reload), reads as cards on a phone-sized screen, and is a
+complete plain page without JavaScript.
 Screenshots are saved under test-artifacts/ for a person to look at. `make browser-deps`
 installs the browser (`make test` runs it first); the tests never install anything."""
 from __future__ import annotations
@@ -64,16 +65,28 @@ def browser(chromium):
         yield driver
 
 
-def _rows(driver) -> dict[str, dict[str, str]]:
-    """{address: {column label: cell text}} of the workers table as the browser shows it."""
+def _rows(driver, table: str = "workers") -> dict[str, dict[str, str]]:
+    """{row key: {column label: cell text}} of a table ("workers": by address, "proxies": by
+    index) as the browser shows it."""
     return driver.execute_script("""
         var out = {};
-        document.querySelectorAll('#workers tr').forEach(function (tr) {
+        document.querySelectorAll('#' + arguments[0] + ' tr').forEach(function (tr) {
             var row = {};
             tr.querySelectorAll('td').forEach(function (td) { row[td.dataset.label] = td.innerText.trim(); });
-            out[tr.dataset.worker] = row;
+            out[tr.dataset.worker || tr.dataset.proxy] = row;
         });
-        return out;""")
+        return out;""", table)
+
+
+def _proxy_pids(a: Admin) -> dict[str, str]:
+    """{index: pid} of the master's proxy processes, once every one accepts clients."""
+    rows = wait_until(lambda: (lambda ps: ps if ps and all(p["ready"] for p in ps) else None)(a.json()["proxies"]),
+                      timeout=30, message="every proxy ready")
+    return {str(p["index"]): str(p["pid"]) for p in rows}
+
+
+def _requests(rows: dict[str, dict[str, str]]) -> int:
+    return sum(int(row["Requests"].replace(",", "")) for row in rows.values())
 
 
 def _shot(driver, name: str) -> Path:
@@ -85,8 +98,9 @@ def _shot(driver, name: str) -> Path:
 
 
 def test_status_page_shows_workers_and_updates_in_place_after_a_worker_is_killed(masters, tmp_path, site, browser):
-    a = Admin(masters, tmp_path, site)
+    a = Admin(masters, tmp_path, site, proxy={"processes": 2})
     pids = a.ready()
+    proxies = _proxy_pids(a)
     for _ in range(30):
         a.public("/a.txt")
     browser.get(f"http://127.0.0.1:{a.admin_port}/status")
@@ -98,6 +112,10 @@ def test_status_page_shows_workers_and_updates_in_place_after_a_worker_is_killed
         assert row["Restarts"] == "0" and row["Last check"].endswith(" ms")
     assert browser.find_element("id", "f-ready").text == "ready"
     assert browser.find_element("id", "f-workersup").text == "2 / 2"
+    assert browser.find_element("id", "f-proxiesup").text == "2 / 2"
+    shown = _rows(browser, "proxies")
+    assert {index: row["PID"] for index, row in shown.items()} == proxies
+    assert all(row["State"] == "ready" and row["Restarts"] == "0" for row in shown.values()), shown
     browser.execute_script("window.gowsMarker = 'same page';")  # gone if the page reloads
 
     victim = a.worker_ports[0]
@@ -109,32 +127,43 @@ def test_status_page_shows_workers_and_updates_in_place_after_a_worker_is_killed
     assert browser.execute_script("return window.gowsMarker;") == "same page"
     assert _rows(browser)[f"127.0.0.1:{a.worker_ports[1]}"]["PID"] == str(pids[a.worker_ports[1]])
     wait_until(lambda: int(browser.find_element("id", "f-requests").text.replace(",", "")) >= 30, timeout=10)
+
+    # Traffic after the page loaded: the proxy rows follow each proxy's count (read at once from
+    # shared memory), still without a reload.
+    for _ in range(40):
+        a.public("/b.txt")
+    counted = sum(p["requests"] for p in a.json()["proxies"])
+    assert counted >= 70
+    wait_until(lambda: _requests(_rows(browser, "proxies")) == counted, timeout=20, message="proxy rows updated")
+    assert browser.execute_script("return window.gowsMarker;") == "same page"
     _shot(browser, "admin-status.png")
 
-    # A phone: each worker is a labelled card, nothing wider than the screen.
+    # A phone: each worker and each proxy is a labelled card, nothing wider than the screen.
     browser.set_window_size(390, 844)
     wait_until(lambda: browser.execute_script("return window.innerWidth") <= 400, timeout=10)
-    layout = browser.execute_script("""
-        var table = document.querySelector('table.workers');
-        return {head: getComputedStyle(table.querySelector('thead')).display,
-                row: getComputedStyle(table.querySelector('tbody tr')).display,
-                overflow: document.documentElement.scrollWidth - window.innerWidth};""")
-    assert layout["head"] == "none" and layout["row"] == "block" and layout["overflow"] <= 0, layout
+    for table in ("workers", "proxies"):
+        layout = browser.execute_script("""
+            var table = document.querySelector('table.' + arguments[0]);
+            return {head: getComputedStyle(table.querySelector('thead')).display,
+                    row: getComputedStyle(table.querySelector('tbody tr')).display,
+                    overflow: document.documentElement.scrollWidth - window.innerWidth};""", table)
+        assert layout["head"] == "none" and layout["row"] == "block" and layout["overflow"] <= 0, (table, layout)
     _shot(browser, "admin-status-phone.png")
 
 
 class _Table(HTMLParser):
-    """Collects the text of every <td> per <tr> of the workers table body."""
+    """Collects the text of every <td> per <tr> of one table body (`body`: its id)."""
 
-    def __init__(self) -> None:
+    def __init__(self, body: str = "workers") -> None:
         super().__init__()
+        self.body = body
         self.rows: list[list[str]] = []
         self.scripts_with_src = 0
         self._in_body = self._in_td = False
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
-        if tag == "tbody" and attrs.get("id") == "workers":
+        if tag == "tbody" and attrs.get("id") == self.body:
             self._in_body = True
         elif tag == "tr" and self._in_body:
             self.rows.append([])
@@ -156,8 +185,9 @@ class _Table(HTMLParser):
 
 
 def test_status_page_is_a_complete_table_without_javascript(masters, tmp_path, site, chromium):
-    a = Admin(masters, tmp_path, site)
+    a = Admin(masters, tmp_path, site, proxy={"processes": 2})
     pids = a.ready()
+    proxies = _proxy_pids(a)
     html = requests.get(f"http://127.0.0.1:{a.admin_port}/status", timeout=10).text
     table = _Table()
     table.feed(html)
@@ -165,11 +195,18 @@ def test_status_page_is_a_complete_table_without_javascript(masters, tmp_path, s
     assert sorted(row[0] for row in table.rows) == sorted(f"127.0.0.1:{p}" for p in a.worker_ports)
     for row in table.rows:
         assert row[1] == str(pids[int(row[0].rsplit(":", 1)[1])]) and row[2] == "up"
+    proxy_table = _Table("proxies")
+    proxy_table.feed(html)
+    # Proxy, PID, State, Connections, Requests/s, Requests, Restarts
+    assert {row[0]: row[1:3] + row[6:] for row in proxy_table.rows} == {
+        index: [pid, "ready", "0"] for index, pid in proxies.items()}
+    assert all(len(row) == 7 for row in proxy_table.rows)
     assert '<meta http-equiv="refresh" content="10">' in html  # inside <noscript>
 
     # And as Chromium shows it with JavaScript off: the same rows, and the page says it is static.
     with _chromium(chromium, javascript=False) as driver:
         driver.get(f"http://127.0.0.1:{a.admin_port}/status")
         assert set(_rows(driver)) == {f"127.0.0.1:{p}" for p in a.worker_ports}  # (WebDriver's own JS still runs)
+        assert {index: row["PID"] for index, row in _rows(driver, "proxies").items()} == proxies
         assert driver.find_element("id", "live").text == "static page, reloads every 10 s"
         _shot(driver, "admin-status-nojs.png")

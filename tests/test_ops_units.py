@@ -1,6 +1,7 @@
 """Operations pieces in-process: the proxy's per-response hook (every kind of response counted
 once, with its status and length), latency percentiles and windows, the access log's format,
-writer thread, reopen, bound and full disk, sd_notify datagrams, and the status page's escaping."""
+writer thread, reopen, bound and full disk, sd_notify datagrams, the status page's escaping and
+proxy rows, and the metrics' names and labels."""
 from __future__ import annotations
 
 import base64
@@ -18,11 +19,13 @@ import pytest
 
 from arbiter.config import ConfigError, FrontCacheConfig, ProxyConfig, bind_configured, configured, load_data
 from arbiter.ops import status_page
+from arbiter.ops.metrics import exposition, make_registry
 from arbiter.ops.accesslog import AccessLog, format_line
 from arbiter.ops.logs import Throttle
 from arbiter.ops.notify import Notifier
 from arbiter.proxy import Proxy
 from arbiter.proxy.client import ClientProtocol
+from arbiter.proxy.counters import SIZE, report
 from arbiter.proxy.request import Request, now_ns
 from arbiter.proxy.stats import BOUNDS, RequestStats, Window, quantile
 from arbiter.state import WorkerTable
@@ -310,6 +313,15 @@ def test_notifier_abstract_address_and_absent_socket():
 
 
 # -- status page ------------------------------------------------------------------------------------
+# One proxy accepting, one spawned but not yet accepting, one between two incarnations.
+_PROXY_ROWS = [
+    {"index": 1, "pid": 4242, "ready": True, "restarts": 0, "requests": 1234567, "client_connections": 1500,
+     "rate": 812.345},
+    {"index": 2, "pid": 4343, "ready": False, "restarts": 1, "requests": 7, "client_connections": 0, "rate": 0.0},
+    {"index": 3, "pid": None, "ready": False, "restarts": 12, "requests": 0, "client_connections": 0, "rate": 0.0},
+]
+
+
 def _document(**worker):
     w = {"address": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9001, "local": True, "pid": 42, "up": False,
          "since": time.time() - 75, "consecutive_failures": 3, "restarts": 2, "requests": 12345, "in_flight": 1,
@@ -323,6 +335,7 @@ def _document(**worker):
             "totals": {"requests": 5, "responses": {"1xx": 0, "2xx": 4, "3xx": 0, "4xx": 1, "5xx": 0},
                        "last_10s": window, "last_5m": window, "all_time": {"p50_seconds": None, "p99_seconds": None}},
             "proxy": {"client_connections": 2},
+            "proxies": _PROXY_ROWS,
             "access_log": {"enabled": True, "dropped": 1234, "error": "No space left on device"}}
 
 
@@ -336,6 +349,70 @@ def test_status_page_escapes_worker_errors_and_allows_only_its_own_script():
     assert "http://" not in html and "https://" not in html and "src=" not in html  # no external assets
     digest = base64.b64encode(hashlib.sha256(status_page.SCRIPT.encode()).digest()).decode()
     assert f"'sha256-{digest}'" in status_page.CSP and f"<script>{status_page.SCRIPT}</script>" in html
+
+
+def test_status_page_has_a_row_per_proxy_process_with_its_state_and_counts():
+    html = status_page.render(_document())
+    body = re.search(r'<tbody id="proxies">(.*?)</tbody>', html).group(1)
+    rows = {int(m.group(1)): dict(re.findall(r'<td data-label="([^"]+)"[^>]*>(.*?)</td>', m.group(2)))
+            for m in re.finditer(r'<tr data-proxy="(\d+)">(.*?)</tr>', body)}
+    assert rows == {
+        1: {"Proxy": "1", "PID": "4242", "State": '<span class="badge up">ready</span>', "Connections": "1,500",
+            "Requests/s": "812", "Requests": "1,234,567", "Restarts": "0"},
+        2: {"Proxy": "2", "PID": "4343", "State": '<span class="badge down">starting</span>', "Connections": "0",
+            "Requests/s": "0.00", "Requests": "7", "Restarts": "1"},
+        3: {"Proxy": "3", "PID": "\u2013", "State": '<span class="badge down">down</span>', "Connections": "0",
+            "Requests/s": "0.00", "Requests": "0", "Restarts": "12"},
+    }
+    assert '<span id="f-proxiesup">1 / 3</span>' in html
+    # The script rebuilds the same rows from /status.json (the browser tests run it).
+    assert 'getElementById("proxies")' in status_page.SCRIPT
+
+
+# -- metrics ------------------------------------------------------------------------------------------
+class _Fleet:
+    """The proxies as the admin listener reads them (status.ProxyCounters), with fixed numbers."""
+
+    def __init__(self) -> None:
+        self.latency = RequestStats()
+
+    def stats(self):
+        return report([0] * SIZE, True, 1 << 20)
+
+    def rows(self):
+        return _PROXY_ROWS
+
+
+def test_metrics_give_each_proxy_process_labelled_series_and_no_family_twice():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    master = types.SimpleNamespace(table=WorkerTable(), proxy=_Fleet(), started=1.0, stopping=False,
+                                   access_log=None, config_path="gows.conf.json")
+    text = exposition(make_registry(master), "text/plain")[0].decode()
+    families = list(text_string_to_metric_families(text))
+    names = [f.name for f in families]
+    assert [n for n in set(names) if names.count(n) > 1] == []  # (gows_proxy_client_connections was a total)
+    by_name = {f.name: f for f in families}
+
+    def series(name):
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value for s in by_name[name].samples}
+
+    assert (by_name["gows_proxy_up"].type, series("gows_proxy_up")) == ("gauge", {
+        ("gows_proxy_up", (("proxy", "1"),)): 1, ("gows_proxy_up", (("proxy", "2"),)): 0,
+        ("gows_proxy_up", (("proxy", "3"),)): 0})
+    assert (by_name["gows_proxy_requests"].type, series("gows_proxy_requests")) == ("counter", {
+        ("gows_proxy_requests_total", (("proxy", "1"),)): 1234567,
+        ("gows_proxy_requests_total", (("proxy", "2"),)): 7, ("gows_proxy_requests_total", (("proxy", "3"),)): 0})
+    assert (by_name["gows_proxy_restarts"].type, series("gows_proxy_restarts")) == ("counter", {
+        ("gows_proxy_restarts_total", (("proxy", "1"),)): 0,
+        ("gows_proxy_restarts_total", (("proxy", "2"),)): 1, ("gows_proxy_restarts_total", (("proxy", "3"),)): 12})
+    # Open connections only per proxy: no unlabelled total beside its parts.
+    assert (by_name["gows_proxy_client_connections"].type, series("gows_proxy_client_connections")) == ("gauge", {
+        ("gows_proxy_client_connections", (("proxy", "1"),)): 1500,
+        ("gows_proxy_client_connections", (("proxy", "2"),)): 0,
+        ("gows_proxy_client_connections", (("proxy", "3"),)): 0})
+    # The whole server's families stay unlabelled.
+    assert series("gows_http_requests") == {("gows_http_requests_total", ()): 0}
 
 
 

@@ -1,13 +1,17 @@
 """Prometheus exposition of the master's counters (/metrics) with prometheus-client.
 
-Nothing here runs per request: a custom Collector reads the proxy's plain counters, its latency
-histogram and the worker table when scraped. All requests of every worker pass through the
-master's proxy, so these numbers are the whole server's, with no per-process files to merge
-(prometheus-client's multiprocess mode is not needed and not used).
+Nothing here runs per request: a custom Collector reads the proxies' counters, their latency
+histogram and the worker table when scraped. Every proxy process counts into shared memory the
+master sums (arbiter/proxies.py), so the unlabelled numbers are the whole server's, with no
+per-process files to merge (prometheus-client's multiprocess mode is not needed and not used).
+The `gows_proxy_*{proxy="N"}` families are each proxy process's own: one series per slot N
+(1, 2, ...), counting on across the restarts of its process; a slot retired at a reload drops
+its series (its counts stay in the totals). Open client connections are only given per proxy,
+so one family never mixes a total with its parts: sum(gows_proxy_client_connections) is the server's.
 """
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
@@ -65,8 +69,6 @@ class MasterCollector(Collector):
         yield CounterMetricFamily("gows_http_requests", "Requests read by the front proxy.", value=stats["requests"])
         for key, name, doc in _PROXY_COUNTERS:
             yield CounterMetricFamily(f"gows_{name}", doc, value=stats[key])
-        yield GaugeMetricFamily("gows_proxy_client_connections", "Open client connections.",
-                                value=stats["client_connections"])
 
         cache = stats["front_cache"]
         yield CounterMetricFamily("gows_front_cache_hits", "Requests answered from the front cache.", value=cache["hits"])
@@ -79,6 +81,8 @@ class MasterCollector(Collector):
                                   value=cache["revalidated"])
         yield GaugeMetricFamily("gows_proxy_body_buffer_bytes", "Request body bytes held for clients.",
                                 value=stats["body_buffer_bytes"])
+
+        yield from _per_proxy(proxy.rows())
 
         labels = ["worker", "local"]
         up = GaugeMetricFamily("gows_worker_up", "1 when the worker passes its health checks.", labels=labels)
@@ -103,6 +107,23 @@ class MasterCollector(Collector):
         if access_log is not None:
             yield CounterMetricFamily("gows_access_log_dropped_lines", "Access log lines not written: the writer "
                                       "fell behind or a write failed (a full disk).", value=access_log.dropped)
+
+
+def _per_proxy(rows: list[dict[str, Any]]) -> Iterator[Metric]:
+    """Families labelled by proxy process (its slot index), from ProxyFleet.rows()."""
+    up = GaugeMetricFamily("gows_proxy_up", "1 while the proxy process accepts clients.", labels=["proxy"])
+    restarts = CounterMetricFamily("gows_proxy_restarts", "Times the master restarted the proxy process.",
+                                   labels=["proxy"])
+    served = CounterMetricFamily("gows_proxy_requests", "Requests read by the proxy process.", labels=["proxy"])
+    connections = GaugeMetricFamily("gows_proxy_client_connections", "Open client connections of the proxy process.",
+                                    labels=["proxy"])
+    for row in rows:
+        label = [str(row["index"])]
+        up.add_metric(label, 1 if row["ready"] else 0)
+        restarts.add_metric(label, row["restarts"])
+        served.add_metric(label, row["requests"])
+        connections.add_metric(label, row["client_connections"])
+    yield from (up, restarts, served, connections)
 
 
 def make_registry(master: Master) -> CollectorRegistry:

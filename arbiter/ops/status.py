@@ -25,9 +25,13 @@ durations are seconds, latencies may be null when nothing was measured:
               "p50_seconds": float|null, "p99_seconds": float|null}
 
 `requests` counts completed responses (the latency histogram); `responses` counts them by
-status class; a window covers the samples within reach (shorter just after start). The access
-log's `dropped` counts every line not written (its writer fell behind, or a write failed: a full
-disk), `error` says why the last write failed ("" while writes succeed).
+status class; a window covers the samples within reach (shorter just after start). `proxies`
+has one row per proxy process slot: its current pid (null between two incarnations), `ready`
+while it accepts clients, the requests it has read (across its restarts), its open client
+connections (refreshed every 0.25 s) and its requests per second between its last two load
+reports (about a second apart); a slot retired at a reload leaves the rows, its counts stay in
+the totals. The access log's `dropped` counts every line not written (its writer fell behind,
+or a write failed: a full disk), `error` says why the last write failed ("" while writes succeed).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 The server renders every number into plain tables, so the page is complete without JavaScript
 (and then refreshes itself every 10 s with a <noscript> meta refresh). With JavaScript, a small
 inline script fetches /status.json every 2 s and updates the same tables in place. Narrow
-screens (phones) show each worker as a labelled card instead of a wide row.
+screens (phones) show each worker and each proxy process as a labelled card instead of a wide row.
 """
 from __future__ import annotations
 
@@ -44,12 +44,12 @@ footer{margin-top:20px;font-size:.85em;color:var(--mute);word-break:break-all}
 #live.stale{color:var(--down)}
 @media (max-width:640px){
  body{padding:10px}
- table.workers thead{display:none}
- table.workers tr{display:block;border:1px solid var(--line);border-radius:8px;margin:0 0 10px;padding:6px 10px;
+ table.list thead{display:none}
+ table.list tr{display:block;border:1px solid var(--line);border-radius:8px;margin:0 0 10px;padding:6px 10px;
   background:var(--card)}
- table.workers td{display:flex;justify-content:space-between;gap:12px;border:0;padding:3px 0;text-align:right}
- table.workers td::before{content:attr(data-label);color:var(--mute);font-size:.85em;text-align:left}
- table.workers td:first-child{font-weight:600}
+ table.list td{display:flex;justify-content:space-between;gap:12px;border:0;padding:3px 0;text-align:right}
+ table.list td::before{content:attr(data-label);color:var(--mute);font-size:.85em;text-align:left}
+ table.list td:first-child{font-weight:600}
 }
 """
 
@@ -87,10 +87,14 @@ var fields={
  cratio:function(d){return pct(d.front_cache.hit_ratio);},
  astate:function(d){var a=d.access_log;return !a.enabled?"off":a.error?"failing: "+a.error:"on";},
  adropped:function(d){return num(d.access_log.dropped);},
- workersup:function(d){var n=0;d.workers.forEach(function(w){if(w.up)n++;});return n+" / "+d.workers.length;}
+ workersup:function(d){var n=0;d.workers.forEach(function(w){if(w.up)n++;});return n+" / "+d.workers.length;},
+ proxiesup:function(d){var n=0;d.proxies.forEach(function(p){if(p.ready)n++;});return n+" / "+d.proxies.length;}
 };
 function cell(row,label,text,cls){var td=document.createElement("td");td.setAttribute("data-label",label);
 if(cls)td.className=cls;td.textContent=text;row.appendChild(td);return td;}
+function stateBadge(td,up,text){var b=document.createElement("span");b.className="badge "+(up?"up":"down");
+b.textContent=text;td.appendChild(b);}
+function pstate(p){return p.ready?"ready":p.pid===null?"down":"starting";}
 function render(d){
  var now=Date.now()/1000;
  Object.keys(fields).forEach(function(k){var el=document.getElementById("f-"+k);if(el)el.textContent=fields[k](d);});
@@ -100,8 +104,7 @@ function render(d){
   var tr=document.createElement("tr");tr.setAttribute("data-worker",w.address);
   cell(tr,"Worker",w.address+(w.local?"":" (remote)"));
   cell(tr,"PID",w.pid===null?"\\u2013":String(w.pid),"n");
-  var st=cell(tr,"State","");var b=document.createElement("span");b.className="badge "+(w.up?"up":"down");
-  b.textContent=w.up?"up":"down";st.appendChild(b);
+  var st=cell(tr,"State","");stateBadge(st,w.up,w.up?"up":"down");
   if(!w.up&&w.last_error){var e=document.createElement("span");e.className="err";e.textContent=w.last_error;st.appendChild(e);}
   cell(tr,"Since",dur(now-w.since)+" ago","n").title=new Date(w.since*1000).toISOString();
   cell(tr,"Failures",num(w.consecutive_failures),"n");
@@ -112,6 +115,19 @@ function render(d){
   rows.appendChild(tr);
  });
  body.replaceChildren(rows);
+ var prows=document.createDocumentFragment();
+ d.proxies.forEach(function(p){
+  var tr=document.createElement("tr");tr.setAttribute("data-proxy",String(p.index));
+  cell(tr,"Proxy",String(p.index));
+  cell(tr,"PID",p.pid===null?"\\u2013":String(p.pid),"n");
+  stateBadge(cell(tr,"State",""),p.ready,pstate(p));
+  cell(tr,"Connections",num(p.client_connections),"n");
+  cell(tr,"Requests/s",rate(p.rate),"n");
+  cell(tr,"Requests",num(p.requests),"n");
+  cell(tr,"Restarts",num(p.restarts),"n");
+  prows.appendChild(tr);
+ });
+ document.getElementById("proxies").replaceChildren(prows);
  document.getElementById("f-updated").textContent=new Date().toLocaleTimeString();
 }
 var live=document.getElementById("live");
@@ -176,25 +192,52 @@ def _card(key: str, label: str, value: str) -> str:
     return f'<div><dt>{escape(label)}</dt><dd id="f-{key}">{escape(value)}</dd></div>'
 
 
-def _worker_row(w: dict[str, Any], now: float) -> str:
-    def td(label: str, text: str, cls: str = "") -> str:
-        klass = f' class="{cls}"' if cls else ""
-        return f'<td data-label="{label}"{klass}>{text}</td>'
+def _td(label: str, text: str, cls: str = "") -> str:
+    klass = f' class="{cls}"' if cls else ""
+    return f'<td data-label="{label}"{klass}>{text}</td>'
 
-    state = f'<span class="badge {"up" if w["up"] else "down"}">{"up" if w["up"] else "down"}</span>'
+
+def _badge(up: bool, text: str) -> str:
+    return f'<span class="badge {"up" if up else "down"}">{text}</span>'
+
+
+def _heads(*columns: tuple[str, bool]) -> str:
+    """Column headings; numeric ones (True) right-aligned like their cells."""
+    return "".join(f'<th{" class=n" if n else ""} scope="col">{h}</th>' for h, n in columns)
+
+
+def _worker_row(w: dict[str, Any], now: float) -> str:
+    state = _badge(w["up"], "up" if w["up"] else "down")
     if not w["up"] and w["last_error"]:
         state += f'<span class="err">{escape(w["last_error"])}</span>'
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(w["since"]))
     return (f'<tr data-worker="{escape(w["address"])}">'
-            + td("Worker", escape(w["address"] + ("" if w["local"] else " (remote)")))
-            + td("PID", "\u2013" if w["pid"] is None else str(w["pid"]), "n")
-            + td("State", state)
+            + _td("Worker", escape(w["address"] + ("" if w["local"] else " (remote)")))
+            + _td("PID", "\u2013" if w["pid"] is None else str(w["pid"]), "n")
+            + _td("State", state)
             + f'<td data-label="Since" class="n" title="{since}">{_dur(now - w["since"])} ago</td>'
-            + td("Failures", f'{w["consecutive_failures"]:,}', "n")
-            + td("Restarts", f'{w["restarts"]:,}', "n")
-            + td("Requests", f'{w["requests"]:,}', "n")
-            + td("In flight", f'{w["in_flight"]:,}', "n")
-            + td("Last check", _ms(w["last_check_seconds"]), "n")
+            + _td("Failures", f'{w["consecutive_failures"]:,}', "n")
+            + _td("Restarts", f'{w["restarts"]:,}', "n")
+            + _td("Requests", f'{w["requests"]:,}', "n")
+            + _td("In flight", f'{w["in_flight"]:,}', "n")
+            + _td("Last check", _ms(w["last_check_seconds"]), "n")
+            + "</tr>")
+
+
+def _proxy_state(p: dict[str, Any]) -> str:
+    """ready: accepting clients; starting: spawned, not yet accepting; down: between incarnations."""
+    return "ready" if p["ready"] else "down" if p["pid"] is None else "starting"
+
+
+def _proxy_row(p: dict[str, Any]) -> str:
+    return (f'<tr data-proxy="{p["index"]}">'
+            + _td("Proxy", str(p["index"]))
+            + _td("PID", "\u2013" if p["pid"] is None else str(p["pid"]), "n")
+            + _td("State", _badge(p["ready"], _proxy_state(p)))
+            + _td("Connections", f'{p["client_connections"]:,}', "n")
+            + _td("Requests/s", _rate(p["rate"]), "n")
+            + _td("Requests", f'{p["requests"]:,}', "n")
+            + _td("Restarts", f'{p["restarts"]:,}', "n")
             + "</tr>")
 
 
@@ -204,6 +247,7 @@ def render(d: dict[str, Any]) -> str:
     t, cache, responses = d["totals"], d["front_cache"], d["totals"]["responses"]
     state = "stopping" if d["stopping"] else "ready" if d["ready"] else "not ready"
     up = sum(1 for w in d["workers"] if w["up"])
+    proxies_up = sum(1 for p in d["proxies"] if p["ready"])
     traffic = "".join((
         _card("rate10", "Requests/s, last 10 s", _rate(t["last_10s"]["rate_per_second"])),
         _card("rate5m", "Requests/s, last 5 min", _rate(t["last_5m"]["rate_per_second"])),
@@ -224,9 +268,11 @@ def render(d: dict[str, Any]) -> str:
         _card("adropped", "Lines dropped", f'{d["access_log"]["dropped"]:,}'),
     ))
     rows = "".join(_worker_row(w, now) for w in d["workers"])
-    heads = "".join(f'<th{" class=n" if n else ""} scope="col">{h}</th>' for h, n in (
-        ("Worker", 0), ("PID", 1), ("State", 0), ("Since", 1), ("Failures", 1), ("Restarts", 1),
-        ("Requests", 1), ("In flight", 1), ("Last check", 1)))
+    heads = _heads(("Worker", False), ("PID", True), ("State", False), ("Since", True), ("Failures", True),
+                   ("Restarts", True), ("Requests", True), ("In flight", True), ("Last check", True))
+    proxy_rows = "".join(_proxy_row(p) for p in d["proxies"])
+    proxy_heads = _heads(("Proxy", False), ("PID", True), ("State", False), ("Connections", True),
+                         ("Requests/s", True), ("Requests", True), ("Restarts", True))
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width,initial-scale=1">
@@ -237,12 +283,16 @@ def render(d: dict[str, Any]) -> str:
 <header><h1>gows</h1>
 <span id="f-ready" class="badge {"up" if d["ready"] else "down"}">{state}</span>
 <span class="mute">up <span id="f-uptime">{_dur(d["uptime"])}</span> &middot;
-workers up <span id="f-workersup">{up} / {len(d["workers"])}</span></span></header>
+workers up <span id="f-workersup">{up} / {len(d["workers"])}</span> &middot;
+proxies ready <span id="f-proxiesup">{proxies_up} / {len(d["proxies"])}</span></span></header>
 <h2>Traffic</h2><dl class="cards">{traffic}</dl>
 <h2>Responses by status</h2><dl class="cards">{classes}</dl>
 <h2>Workers</h2>
-<table class="workers"><thead><tr>{heads}</tr></thead>
+<table class="list workers"><thead><tr>{heads}</tr></thead>
 <tbody id="workers">{rows}</tbody></table>
+<h2>Proxies</h2>
+<table class="list proxies"><thead><tr>{proxy_heads}</tr></thead>
+<tbody id="proxies">{proxy_rows}</tbody></table>
 <h2>Front cache</h2><dl class="cards">{front}</dl>
 <h2>Access log</h2><dl class="cards">{access}</dl>
 <footer>gows {escape(d["version"])} &middot; master pid {d["pid"]} &middot; config {escape(d["config"])}<br>

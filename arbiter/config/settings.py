@@ -53,7 +53,7 @@ class LoggingConfig:
     """logging: where and how much the master and its workers log."""
 
     level: str = setting(Choice("debug", "info", "warning", "error", "critical"), "info", "Least severe level that is logged.")
-    access_log: Path | str | None = setting(LogTarget(), False, "Access log of the master, one line per request in Apache's combined format plus the request time in microseconds: false (off), true or \"-\" (stdout), or a file. SIGUSR1 reopens it.")
+    access_log: Path | str | None = setting(LogTarget(), False, "Access log of the proxy processes, one line per request in Apache's combined format plus the request time in microseconds: false (off), true or \"-\" (stdout), or a file. SIGUSR1 reopens it.")
     file: Path | None = setting(Nullable(FilePath()), None, "Log file (master and workers); null logs to stderr. SIGUSR1 reopens it.")
     format: str = setting(Choice(*worker_logs.FORMATS), "text", "Line format of the master's and the workers' logs: text (time [pid] [LEVEL] logger[:worker port]: message) or json (one object per line, for log shippers).")
 
@@ -80,9 +80,9 @@ class ProxyConfig:
 
 @dataclass(frozen=True)
 class FrontCacheConfig:
-    """frontCache: hot small responses kept in the master (micro-caching)."""
+    """frontCache: hot small responses kept in the proxy processes (micro-caching)."""
 
-    enabled: bool = setting(Boolean(), True, "Whether the master caches responses.")
+    enabled: bool = setting(Boolean(), True, "Whether the proxies cache responses.")
     max_bytes: int = setting(Integer(0, 1 << 40), 67108864, "Byte budget of the front cache of the whole server (bodies, prepared heads and bookkeeping: what the proxies really hold), split between the proxy processes.")
     max_object_bytes: int = setting(Integer(0, 1 << 40), 1048576, "Largest response body the front cache keeps.")
 
@@ -112,7 +112,7 @@ class Config:
     cache: WorkerCacheConfig = section(WorkerCacheConfig, "Each worker's file cache.")
     logging: LoggingConfig = section(LoggingConfig, "Logging of the master and its workers.")
     proxy: ProxyConfig = section(ProxyConfig, "The front reverse proxy.")
-    front_cache: FrontCacheConfig = section(FrontCacheConfig, "Responses cached in the master.")
+    front_cache: FrontCacheConfig = section(FrontCacheConfig, "Responses cached in the proxy processes.")
     source: Path = field(default=Path("gows.conf.json"), metadata={})  # the file this came from
 
     @property

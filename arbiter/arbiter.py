@@ -22,7 +22,8 @@ from .ops.accesslog import AccessLog
 from .ops.admin import AdminServer
 from .ops.logs import LogSink
 from .ops.notify import Notifier
-from .proxies import AccessLogState, ProxyFleet
+from .proxies import ProxyFleet
+from .proxy_slot import AccessLogState
 from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_STOP, SignalQueue, Stop
 from .sockets import ListenError, bind_listener
 from .state import WorkerState, WorkerTable

@@ -7,12 +7,10 @@ import resource
 import re
 import signal
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import requests
 
 from e2e_support import fetch, patterned, read_head, request
 from master_support import Admin, Hammer, title, wait_gone
@@ -88,7 +86,6 @@ def test_a_proxy_killed_with_sigkill_is_respawned_within_a_second_and_no_count_i
     total = 500 + len(hammer.results)
     status = a.json()
     assert status["totals"]["requests"] in range(total - len(hammer.failed()), total + 1)
-    assert sum(p["requests"] for p in rows) == status["proxy"]["requests"] if "requests" in status["proxy"] else True
     before = status["totals"]["requests"]
     assert many(a.port, 300) == [200] * 300
     wait_until(lambda: a.json()["totals"]["requests"] == before + 300, message="exactly 300 more")
@@ -125,11 +122,10 @@ def test_a_worker_marked_down_gets_no_request_from_any_proxy(masters, tmp_path, 
             os.kill(pid, signal.SIGCONT)
 
 
-@pytest.mark.parametrize("steps", [(3, 1)])
-def test_hup_changing_the_number_of_proxies_under_load_fails_no_request(masters, tmp_path, site, steps):
+def test_hup_changing_the_number_of_proxies_2_3_1_under_load_fails_no_request(masters, tmp_path, site):
     a = served(masters, tmp_path, site, processes=2)
     with Hammer(a.port, pause=0.002) as fresh, Hammer(a.port, keep_alive=True, pause=0.002) as kept:
-        for n, count in zip(steps, range(1, len(steps) + 1)):
+        for count, n in enumerate((3, 1), start=1):
             a.master.write_config(dict(a.master.config, proxy={"processes": n}))
             a.master.signal(signal.SIGHUP)
             a.master.wait_log(r"reload done", count=count, timeout=60)

@@ -44,7 +44,7 @@ from ..proxy.stats import RequestStats, Window, quantile
 from ..state import WorkerTable
 
 if TYPE_CHECKING:
-    from ..proxies import AccessLogState
+    from ..proxy_slot import AccessLogState
 
 try:
     VERSION = metadata.version("gows")

@@ -63,6 +63,8 @@ class ProxyProcess:
         self.channel = await Channel.open(self.control, self._on_message, self._on_master_gone)
         try:
             first = await asyncio.wait_for(asyncio.shield(self._settings), SETTINGS_TIMEOUT)
+        except asyncio.CancelledError:  # the master went away before sending them
+            return 0
         except asyncio.TimeoutError:
             log.error("proxy %d: no settings from the master within %gs; exiting", self.index, SETTINGS_TIMEOUT)
             return 1
@@ -76,7 +78,7 @@ class ProxyProcess:
         for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
             loop.add_signal_handler(sig, lambda: None)  # the master's signals: it tells us what to do
         await proxy.start(self.listener)
-        self.channel.send({"op": "ready", "pid": os.getpid(), "max_connections": proxy.max_connections})
+        self.channel.send({"op": "ready"})
         self._reporter = loop.call_later(LOAD_INTERVAL, self._report_load)
         drain = await self._stop
         self._reporter.cancel()
@@ -107,9 +109,6 @@ class ProxyProcess:
         elif op == "reopen":
             if self.access_log is not None:
                 self.access_log.reopen()
-        elif op == "hurry":
-            if self.proxy is not None:
-                self.proxy.hurry()
         else:
             log.warning("proxy %d: unknown control message %r", self.index, op)
 

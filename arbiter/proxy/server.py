@@ -245,7 +245,7 @@ class Proxy:
         req.body_reserved = 0
 
     def shortage(self) -> None:
-        """The master ran out of descriptors (or buffers, or memory): shed what it holds idle."""
+        """This process ran out of descriptors (or buffers, or memory): shed what it holds idle."""
         self.counts[SHORTAGES] += 1
         self.pool.close_idle()
         if self.clock - self._shortage_logged >= 10:

@@ -106,8 +106,7 @@ class Arbiter:
             self._signals.remove(loop)
             for slot in self.slots.values():  # only after an unexpected error: workers quit now
                 slot.stop(graceful=False)
-            for proxy in self.proxy.slots:
-                proxy.stop(graceful=False)
+            self.proxy.stop(Stop.NOW)
 
     async def _announce_ready(self) -> None:
         """Tell systemd READY=1 once every worker is healthy (or, after the boot timeout, once at
@@ -332,10 +331,12 @@ class Arbiter:
         if self._ready_task is not None:
             self._ready_task.cancel()
         # The front stops first: no new requests, in-flight ones finish while workers still run.
-        # Our handle on the public socket goes too (the proxy closes its own): new clients are
-        # refused at once instead of waiting in the backlog for a master that is leaving.
+        # Our handle on the public socket goes too (each proxy closes its own): new clients are
+        # refused at once instead of waiting in the backlog for a master that is leaving. (The
+        # proxies are told first: a proxy that exits now is not started again on a closed socket.)
+        self.proxy.stop(stop)
         self.public.close()
-        drain = asyncio.ensure_future(self.proxy.shutdown(stop))
+        drain = asyncio.ensure_future(self.proxy.stopped())
         await self._signals.answer(self, drain, ANSWERED_DURING_STOP)  # INT/QUIT cut it short
         await drain
         slots = list(self.slots.values())

@@ -195,10 +195,13 @@ class ProxyFleet:
         for slot in self.slots:
             slot.send({"op": "reopen"})
 
-    async def shutdown(self, stop: Stop) -> None:
-        """Every proxy stops accepting and drains (TERM) or quits (QUIT); return once all exited."""
+    def stop(self, stop: Stop) -> None:
+        """Every proxy stops accepting and drains (TERM) or quits (QUIT); none is started again."""
         for slot in self.slots:
             slot.stop(graceful=stop is Stop.GRACEFUL)
+
+    async def stopped(self) -> None:
+        """Return once every proxy process stop() ended has exited."""
         await asyncio.gather(*(s.task for s in self.slots if s.task is not None), *self._background,
                              return_exceptions=True)
 

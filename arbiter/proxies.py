@@ -162,13 +162,14 @@ class ProxyFleet:
             added.append(slot)
         while len(self.slots) > count:
             slot = self.slots.pop()
+            # Still summed, from now on and for good: counters never go back, also while it drains.
+            self.retired.append(slot.counters)
             slot.stop(graceful=True)
             self.track(asyncio.ensure_future(self._retire(slot)))
         return added
 
     async def _retire(self, slot: ProxySlot) -> None:
         await slot.task
-        self.retired.append(slot.counters)
         log.info("proxy %d retired", slot.index)
 
     async def configure(self, config: Config) -> None:

@@ -124,18 +124,26 @@ def test_a_worker_marked_down_gets_no_request_from_any_proxy(masters, tmp_path, 
 
 def test_hup_changing_the_number_of_proxies_2_3_1_under_load_fails_no_request(masters, tmp_path, site):
     a = served(masters, tmp_path, site, processes=2)
+    seen: list[int] = []  # the responses counted, as read while the proxies change
     with Hammer(a.port, pause=0.002) as fresh, Hammer(a.port, keep_alive=True, pause=0.002) as kept:
         for count, n in enumerate((3, 1), start=1):
             a.master.write_config(dict(a.master.config, proxy={"processes": n}))
             a.master.signal(signal.SIGHUP)
+            seen.append(a.json()["totals"]["requests"])
             a.master.wait_log(r"reload done", count=count, timeout=60)
-            wait_until(lambda: len(a.master.proxies()) == n and len(a.json()["proxies"]) == n, timeout=30,
-                       message=f"{n} proxies")
+
+            def settled() -> bool:
+                status = a.json()
+                seen.append(status["totals"]["requests"])
+                return len(a.master.proxies()) == n and len(status["proxies"]) == n
+
+            wait_until(settled, timeout=30, message=f"{n} proxies")
             assert all(p["ready"] for p in a.json()["proxies"])
             time.sleep(0.3)
     assert fresh.results and kept.results
     assert fresh.failed() == [] and kept.failed() == []
     assert a.json()["totals"]["requests"] >= len(fresh.results) + len(kept.results)
+    assert seen == sorted(seen)  # never went back, also while a retired proxy drained
 
 
 def test_term_lets_a_download_in_progress_finish_then_every_proxy_exits(masters, tmp_path, site):

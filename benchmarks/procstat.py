@@ -1,14 +1,16 @@
-"""What /proc says about a process of the soak: resident memory, open descriptors, and how many of
-those are established connections between the master and its workers.
+"""What /proc says about a process of the soak: resident memory, open descriptors, how many of
+those are established connections between a proxy and its workers, and which of the master's
+children are its proxy processes.
 
-Those connections are the proxy's keep-alive pool: their number follows the load's concurrency
-(up to proxy.poolSize per worker), not a leak, and alone moved the master's count by 10%
-between two minutes of one soak. The growth check leaves them out; every other descriptor (client
+Those connections are the proxies' keep-alive pool: their number follows the load's concurrency
+(up to proxy.poolSize per worker), not a leak, and alone moved the count by 10% between two
+minutes of one soak. The growth check leaves them out; every other descriptor (client
 connections, sockets left in CLOSE_WAIT, files, pipes) counts.
 """
 from __future__ import annotations
 
 import os
+import re
 
 from .verdict import Usage
 
@@ -54,13 +56,23 @@ def worker_connections(links: list[str], sockets: dict[int, tuple[int, int, str]
 
 
 def usage(pids: list[int], worker_ports: set[int] | frozenset[int]) -> dict[int, Usage | None]:
-    """VmRSS, open descriptors and worker connections of each pid (None: gone). The descriptors
-    are listed before the TCP tables are read, so a connection opened in between is still known."""
+    """VmRSS, open descriptors, worker connections and start time of each pid (None: gone). The
+    descriptors are listed before the TCP tables are read, so a connection opened in between is
+    still known."""
     seen: dict[int, tuple[int, list[str]] | None] = {pid: _rss_and_links(pid) for pid in pids}
+    started = {pid: start_time(pid) for pid in pids}
     sockets = tcp_sockets()
     return {pid: None if got is None else Usage(pid, got[0], len(got[1]),
-                                                 worker_connections(got[1], sockets, worker_ports))
+                                                 worker_connections(got[1], sockets, worker_ports),
+                                                 started[pid] or 0)
             for pid, got in seen.items()}
+
+
+def established(pid: int, ports: set[int] | frozenset[int]) -> int | None:
+    """How many established TCP connections `pid` has from or to one of `ports` (None: gone); with
+    the public port, the client connections a proxy holds."""
+    found = usage([pid], ports)[pid]
+    return None if found is None else found.pooled
 
 
 def _rss_and_links(pid: int) -> tuple[int, list[str]] | None:
@@ -80,10 +92,59 @@ def _rss_and_links(pid: int) -> tuple[int, list[str]] | None:
     return rss, links
 
 
-def parent_of(pid: int) -> int | None:
-    """The parent pid of `pid` (None when it is gone)."""
+def _stat_field(pid: int, index: int) -> int | None:
+    """Field `index` (counted from the state, the one after the command name) of /proc/PID/stat;
+    None when the process is gone. The name may hold spaces and parentheses: split after the last."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
+            return int(f.read().rsplit(")", 1)[1].split()[index])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def parent_of(pid: int) -> int | None:
+    """The parent pid of `pid` (None when it is gone)."""
+    return _stat_field(pid, 1)
+
+
+def start_time(pid: int) -> int | None:
+    """When `pid` started, in clock ticks since boot (None when it is gone): orders processes by age."""
+    return _stat_field(pid, 19)
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is `pid`, by a walk over /proc (a children file lists only those of
+    one thread, and is not in every kernel)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit() and parent_of(int(name)) == pid:
+            found.append(int(name))
+    return sorted(found)
+
+
+def title(pid: int) -> str:
+    """The process title (its first argument, which setproctitle sets); "" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode(errors="replace")
+    except OSError:
+        return ""
+
+
+PROXY_TITLE = re.compile(r"gows: proxy (\d+)")
+
+
+def proxy_index(process_title: str) -> int | None:
+    """N in a proxy process's title `gows: proxy N`; None for any other title."""
+    match = PROXY_TITLE.fullmatch(process_title)
+    return int(match.group(1)) if match else None
+
+
+def proxies(master_pid: int) -> dict[int, int]:
+    """{index: pid} of the master's proxy processes: its children titled `gows: proxy N`."""
+    found = {}
+    for pid in children(master_pid):
+        index = proxy_index(title(pid))
+        if index is not None:
+            found[index] = pid
+    return found

@@ -1,18 +1,24 @@
-"""The soak's timetable: when it samples, kills a worker, reloads, scales and attacks.
+"""The soak's timetable: when it samples, kills a worker or a proxy, reloads, scales and attacks.
 
 Every minute repeats the same pattern. Samples fall on multiples of 10 s and everything else
-in between: a kill 5 s after each sample, the attacks 1-3 s after one (done before the next
-sample, so a sample counts no client of ours), wrk's runs end 5 s after one. TTIN and TTOU
+in between: a worker kill 5 s after each sample, the attacks 1-3 s after one (done before the
+next sample, so a sample counts no client of ours), wrk's runs end 5 s after one. TTIN and TTOU
 come after the minute's HUP, which re-reads the worker count from the config (as gunicorn's
-does): across a HUP they would not cancel out.
+does): across a HUP they would not cancel out. A proxy kill comes once a minute, at +16 s (a
+second after a worker kill, when the attacks of that slot are over), and the wrk run it falls
+in ends KILL_WINDOW after it: its errors are that kill's. Every growth window (a whole minute)
+holds one sample 4 s after a proxy kill, and the last sample still sees wrk's connections.
 """
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
 
+from .verdict import KILL_WINDOW
+
 SAMPLE_EVERY = 10  # seconds between two samples of RSS and fds
 KILL_EVERY, KILL_OFFSET = 10, 5  # SIGKILL of one worker
+PROXY_KILL_OFFSET = 16  # SIGKILL of one proxy, in each minute
 BASELINE_AT = 60  # growth is measured "after the first minute"
 
 
@@ -24,6 +30,7 @@ class Action(enum.Enum):
     HUP = "hup"
     TTIN = "ttin"
     TTOU = "ttou"
+    PROXY_KILL = "proxy kill"
     SLOW_READERS = "slow readers"
     ABORTED_UPLOADS = "aborted uploads"
 
@@ -36,6 +43,7 @@ MINUTE = [
     (22, Action.HUP, 1),
     (37, Action.TTIN, 1),
     (52, Action.TTOU, 1),
+    (PROXY_KILL_OFFSET, Action.PROXY_KILL, 1),
 ]
 
 
@@ -70,13 +78,20 @@ def schedule(seconds: int) -> list[Event]:
     return sorted(events, key=lambda e: (e.at, order.index(e.action)))
 
 
+def wrk_run_ends(seconds: int) -> list[float]:
+    """When wrk's runs end: at each worker kill's time (between two samples, so a sample never
+    sees wrk's connections being replaced), KILL_WINDOW after each proxy kill (so the run a proxy
+    kill falls in counts the errors of its window), and at the end of the soak."""
+    events = schedule(seconds)
+    ends = {e.at for e in events if e.action is Action.KILL}
+    ends |= {e.at + KILL_WINDOW for e in events if e.action is Action.PROXY_KILL}
+    return sorted(end for end in ends if end < seconds) + [float(seconds)]
+
+
 def wrk_run_end(now: float, seconds: int) -> float:
-    """When the wrk run starting `now` ends: at the next kill's time (between two samples, so a
-    sample never sees wrk's connections being replaced), or at the end of the soak."""
-    next_end = (now - KILL_OFFSET) // KILL_EVERY * KILL_EVERY + KILL_EVERY + KILL_OFFSET
-    if next_end - now < 1:  # too short a run: wrk needs a second at least
-        next_end += KILL_EVERY
-    return min(next_end, float(seconds))
+    """When the wrk run starting `now` ends: the first of wrk_run_ends at least a second away
+    (wrk needs a second at least), or the end of the soak."""
+    return next((end for end in wrk_run_ends(seconds) if end - now >= 1), float(seconds))
 
 
 def growth_windows(seconds: int) -> tuple[tuple[float, float], tuple[float, float]]:

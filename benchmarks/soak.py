@@ -2,12 +2,14 @@
 
 It starts its own master (admin listener, 2 local workers, front cache on) on free loopback
 ports and keeps wrk's mixed cacheable/uncacheable load on it while it SIGKILLs a worker every
-10 s, reloads every minute, adds and removes a worker, and sends 200 aborted uploads and 200
-slow readers a minute (benchmarks/schedule.py has the timetable). Every 10 s it samples the
-master's and the workers' RSS and open descriptors. It fails (exit 1, one line per reason) on
-any response outside 2xx/3xx or socket error that no worker kill explains (benchmarks/verdict.py),
-when RSS or descriptors grew by more than 10% after the first minute, or when the master does
-not serve with all its workers up at the end.
+10 s and a proxy process every minute, reloads every minute, adds and removes a worker, and
+sends 200 aborted uploads and 200 slow readers a minute (benchmarks/schedule.py has the
+timetable). Every 10 s it samples the RSS and open descriptors of the master, the workers and
+the proxy processes (which hold the client connections, their buffers and the front cache). It
+fails (exit 1, one line per reason) on any response outside 2xx/3xx or socket error that no
+worker or proxy kill explains (benchmarks/verdict.py), when RSS or descriptors grew by more than
+10% after the first minute, when a killed proxy is not replaced, or when the master does not
+serve with all its workers and proxies up at the end.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from typing import Any
 
 from arbiter.addresses import host_port
 
-from . import chaos, loads, prereqs, procstat, schedule, verdict
+from . import chaos, loads, prereqs, procstat, schedule, soak_proxies, verdict
 from .__main__ import RESULTS, progress
 from .loads import LoadError, MixEntry
 from .prereqs import MissingPrerequisite
@@ -93,9 +95,11 @@ class Soak:
         self.t0 = time.monotonic()
         self.tasks: set[asyncio.Task] = set()
         self.rng = random.Random()
+        self.proxies_at_start: list[dict[str, Any]] = []  # /status.json's "proxies" rows at the start
         self.handlers = {Action.SAMPLE: self.sample, Action.KILL: self.kill, Action.HUP: self.signal_master,
                          Action.TTIN: self.signal_master, Action.TTOU: self.signal_master,
-                         Action.SLOW_READERS: self.slow_readers, Action.ABORTED_UPLOADS: self.aborted_uploads}
+                         Action.SLOW_READERS: self.slow_readers, Action.ABORTED_UPLOADS: self.aborted_uploads,
+                         Action.PROXY_KILL: lambda event: soak_proxies.kill(self, event)}
 
     def clock(self) -> float:
         """Seconds since the load started."""
@@ -105,6 +109,11 @@ class Soak:
     def origin(self) -> str:
         """The master's public URL, without a path."""
         return f"http://{host_port(self.host, self.server.port)}"
+
+    @property
+    def public_port(self) -> int:
+        """The master's public port (the proxies' shared listening socket)."""
+        return self.server.port
 
     @property
     def master_pid(self) -> int:
@@ -137,15 +146,18 @@ class Soak:
 
     # -- the chaos, one handler per action ----------------------------------------------------
     async def sample(self, event: Event) -> None:
-        """RSS and fds of the master and its workers, with the master's counters."""
+        """RSS and fds of the master, its workers and its proxy processes (its children titled
+        `gows: proxy N`), with the master's counters and its rows of the proxies."""
         status = await self.fetch_status()
         ports = {w["port"] for w in (status or {}).get("workers", [])}
-        found = procstat.usage([self.master_pid, *self.local_workers(status)], ports)
-        master = found.pop(self.master_pid)
-        sample = Sample(event.at, master, [u for u in found.values() if u is not None])
+        workers, proxies = self.local_workers(status), sorted(procstat.proxies(self.master_pid).values())
+        found = procstat.usage([self.master_pid, *workers, *proxies], ports)
+        read = lambda pids: [u for u in (found[pid] for pid in pids) if u is not None]  # noqa: E731
+        sample = Sample(event.at, found[self.master_pid], read(workers), read(proxies))
         self.record.samples.append(sample)
         counters = {"requests": status["totals"]["requests"], "responses": status["totals"]["responses"],
-                    **status["proxy"], "front_cache_bytes": status["front_cache"]["bytes"]} if status else {}
+                    **status["proxy"], "front_cache_bytes": status["front_cache"]["bytes"],
+                    "proxies": status.get("proxies", [])} if status else {}
         self.record.master_counters.append(counters)
         progress(sample_line(sample, counters, self.record.master_counters[0]))
 
@@ -235,6 +247,9 @@ class Soak:
         poller = asyncio.create_task(self.poll(stop))
         start, *events = schedule.schedule(self.record.seconds)
         await self.sample(start)  # at rest, before wrk connects
+        self.proxies_at_start = self.record.master_counters[0].get("proxies", [])
+        if not self.proxies_at_start:
+            self.record.problems.append("/status.json listed no proxy process at the start")
         await asyncio.gather(self.run_schedule(events), self.run_wrk())
         if self.tasks:  # clients still out: each has its own deadline
             await asyncio.gather(*list(self.tasks))
@@ -246,13 +261,19 @@ class Soak:
             await self.check_end()
 
     async def check_end(self) -> None:
-        """After the load: the master serves the small and the large file, with every worker up."""
+        """After the load: the master serves the small and the large file, with every worker up and
+        as many proxies ready as at the start; it restarted proxies only when the soak killed one."""
         deadline = time.monotonic() + END_TIMEOUT
         last = "no answer"
         while time.monotonic() < deadline:
             status = await self.fetch_status()
             up = len(self.local_workers(status, up_only=True))
-            if up == WORKERS:
+            proxies = soak_proxies.ready(status, self.master_pid)
+            if proxies is None or len(proxies) != len(self.proxies_at_start):
+                last = f"{len(proxies or ())} of {len(self.proxies_at_start)} proxies ready"
+            elif up == WORKERS:
+                if self.record.proxy_restarts is None:
+                    soak_proxies.check_restarts(self.record, self.proxies_at_start, status["proxies"])
                 try:
                     small, _ = await asyncio.to_thread(fetch, f"{self.origin}/1k.txt")
                     large, body = await asyncio.to_thread(
@@ -266,7 +287,7 @@ class Soak:
                 last = f"{up} of {WORKERS} workers up"
             await asyncio.sleep(0.5)
         self.record.problems.append(f"{END_TIMEOUT:g} s after the load the master did not serve with every "
-                                    f"worker up ({last})")
+                                    f"worker and proxy up ({last})")
 
 
 def minute_text() -> str:
@@ -284,17 +305,20 @@ def notes(seconds: int, connections: int) -> list[str]:
     return [
         f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}; "
         f"load average at the start {os.getloadavg()[0]:.2f}",
-        f"master: {WORKERS} local workers, front cache on, admin listener on, other settings default",
-        f"load: wrk -t1 -c{connections} --timeout {WRK_TIMEOUT}s in runs of {schedule.KILL_EVERY} s, each connection cycling "
-        f"through {len(MIX)} requests: " + ", ".join(e.path + (f" (Range {e.range_bytes} B)" if e.range_bytes else "")
-                                                     for e in MIX),
+        f"master: {WORKERS} local workers, front cache on, admin listener on, other settings default (one proxy "
+        "process per CPU)",
+        f"load: wrk -t1 -c{connections} --timeout {WRK_TIMEOUT}s in runs of {schedule.KILL_EVERY} s (the one a proxy "
+        f"kill falls in ends {verdict.KILL_WINDOW:g} s after it), each connection cycling through {len(MIX)} "
+        "requests: " + ", ".join(e.path + (f" (Range {e.range_bytes} B)" if e.range_bytes else "") for e in MIX),
         f"chaos: SIGKILL of a worker every {schedule.KILL_EVERY} s (one of those up, when two are), and each minute "
-        + minute_text()
+        + minute_text() + " (proxy kill: SIGKILL of a proxy process other than the longest-running one, when "
+        "every proxy is ready and there are two at least)"
         + f"; aborted upload: 1 MiB declared, 960 KiB sent; slow reader: {BIG_FILE >> 20} MiB file, "
         "64 KiB/s for 1 s after the head",
         f"samples every {schedule.SAMPLE_EVERY} s; growth compares the samples at {verdict.span(baseline)} with "
-        f"those at {verdict.span(final)}; workers by the largest one "
-        "(pids change with every kill); fds besides the established master-worker connections (the pool)",
+        f"those at {verdict.span(final)}; workers by the largest one (pids change with every kill), proxies' RSS "
+        "by the longest-running one (never killed), proxies' fds by their sum; fds besides the established "
+        "connections to or from a worker (the proxies' keep-alive pool)",
     ]
 
 
@@ -344,8 +368,8 @@ def soak(seconds: int, connections: int, keep: bool) -> int:
     if reasons:
         print("\nFAILED:\n" + "\n".join(reasons))
         return 1
-    print("\npassed: every error explained by a worker kill, no growth above "
-          f"{verdict.GROWTH_LIMIT:.0%}, master serving with every worker up")
+    print("\npassed: every error explained by a worker or proxy kill, every killed proxy replaced, no growth "
+          f"above {verdict.GROWTH_LIMIT:.0%}, master serving with every worker and proxy up")
     return 0
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import schedule, verdict
-from .verdict import ClientOutcome, Sample, WrkTotals
+from .verdict import ClientOutcome, ProxyKill, Sample, WrkTotals, longest_running
 
 
 @dataclass
@@ -36,6 +36,9 @@ class Record:
     kills: list[float] = field(default_factory=list)
     killed_pids: list[int] = field(default_factory=list)
     skipped_kills: list[float] = field(default_factory=list)  # fewer than two workers were up
+    proxy_kills: list[ProxyKill] = field(default_factory=list)
+    skipped_proxy_kills: list[float] = field(default_factory=list)  # not every proxy ready, or only one
+    proxy_restarts: int | None = None  # the master's count over the run ("restarts" of /status.json's proxies)
     signals: list[tuple[float, str]] = field(default_factory=list)
     polls: list[tuple[float, int]] = field(default_factory=list)  # (t, truncated_responses)
     admin_silence: float = 0.0  # longest time without an answer from /status.json
@@ -54,7 +57,8 @@ class Record:
     def reasons(self) -> list[str]:
         """Every reason the soak failed (empty: it held)."""
         return (list(self.problems)
-                + verdict.error_reasons(self.wrk_totals(), self.clients, self.polls, self.kills)
+                + verdict.error_reasons(self.wrk_totals(), self.clients, self.polls, self.kills, self.wrk_runs,
+                                        self.proxy_kills)
                 + verdict.growth_reasons(self.samples, *schedule.growth_windows(self.seconds)))
 
 
@@ -68,6 +72,8 @@ def sample_row(sample: Sample, counters: dict[str, Any], start: dict[str, Any]) 
     got 503s before any worker was up)."""
     rss = [w.rss_kib for w in sample.workers]
     fds = [w.fds for w in sample.workers]
+    proxy_rss = [p.rss_kib for p in sample.proxies]
+    oldest = longest_running(sample.proxies)
     master = sample.master
 
     def since(value: Any, before: Any) -> str:
@@ -78,16 +84,22 @@ def sample_row(sample: Sample, counters: dict[str, Any], start: dict[str, Any]) 
             str(len(sample.workers)), mib(max(rss, default=None)), mib(sum(rss) if rss else None),
             str(max(fds, default="–")), str(max((w.own_fds for w in sample.workers), default="–")),
             str(sum(fds)) if fds else "–",
+            str(len(sample.proxies)), mib(max(proxy_rss, default=None)), mib(sum(proxy_rss) if proxy_rss else None),
+            mib(oldest.rss_kib if oldest else None),
+            str(sum(p.fds for p in sample.proxies)) if sample.proxies else "–",
+            str(sum(p.own_fds for p in sample.proxies)) if sample.proxies else "–",
             since(counters.get("requests"), start.get("requests")),
             since(counters.get("responses", {}).get("5xx"), start.get("responses", {}).get("5xx")),
             since(counters.get("truncated_responses"), start.get("truncated_responses")),
             str(counters.get("client_connections", "–"))]
 
 
-# "besides pool": without the established master-worker connections (benchmarks/procstat.py).
+# "besides pool": without the established connections to or from a worker (benchmarks/procstat.py);
+# "proxy RSS oldest": the longest-running proxy, the one the growth check follows.
 SAMPLE_HEAD = ["t s", "master RSS MiB", "master fds", "besides pool", "workers", "worker RSS max MiB",
-               "worker RSS sum MiB", "worker fds max", "besides pool", "worker fds sum", "responses", "5xx",
-               "truncated", "client conns"]
+               "worker RSS sum MiB", "worker fds max", "besides pool", "worker fds sum", "proxies",
+               "proxy RSS max MiB", "proxy RSS sum MiB", "proxy RSS oldest MiB", "proxy fds sum", "besides pool",
+               "responses", "5xx", "truncated", "client conns"]
 
 
 def sample_line(sample: Sample, counters: dict[str, Any], start: dict[str, Any]) -> str:
@@ -132,8 +144,38 @@ def client_counts(clients: list[ClientOutcome]) -> dict[str, Counter]:
     return by_kind
 
 
+def rss_at(record: Record, t: float) -> str:
+    """RSS in MiB of the master, the proxies together and the longest-running proxy in the sample at
+    `t` seconds: `a / b / c`."""
+    found = next((s for s in record.samples if s.t == t), None)
+    if found is None:
+        return "– / – / –"
+    oldest = longest_running(found.proxies)
+    return (f"{mib(found.master.rss_kib if found.master else None)} / "
+            f"{mib(sum(p.rss_kib for p in found.proxies) if found.proxies else None)} / "
+            f"{mib(oldest.rss_kib if oldest else None)}")
+
+
+def proxy_lines(record: Record) -> list[str]:
+    """The proxy kills: the connections each took, how soon every proxy was ready again, the
+    wrk errors they explain, and the master's count of proxy restarts."""
+    kills = record.proxy_kills
+    back = sorted(k.back_after for k in kills if k.back_after is not None)
+    _, by_proxy = verdict.charge_cuts(record.clients, record.kills, kills)
+    read, write = verdict.proxy_kill_errors(record.wrk_runs, kills, by_proxy)
+    restarts = "–" if record.proxy_restarts is None else str(record.proxy_restarts)
+    return [
+        "proxy kills: " + (", ".join(f"proxy {k.index} at {k.at:.1f} s holding {k.connections} client connections"
+                                     for k in kills) or "none"),
+        "every proxy ready again after a kill: " + (f"within {back[0]:.1f}–{back[-1]:.1f} s" if back else "–")
+        + (f", {len(kills) - len(back)} times not in time" if len(back) < len(kills) else ""),
+        f"errors explained by the proxy kills: wrk read {read}, wrk write {write}, soak clients {len(by_proxy)}; "
+        f"proxy restarts counted by the master over the run: {restarts}",
+    ]
+
+
 def summary(record: Record) -> list[str]:
-    """The soak in a few lines: load, chaos, client outcomes, truncations."""
+    """The soak in a few lines: load, chaos, client outcomes, truncations, memory."""
     wrk = record.wrk_totals()
     near, far = verdict.master_truncations(record.polls, record.kills)
     by_kind = client_counts(record.clients)
@@ -146,10 +188,17 @@ def summary(record: Record) -> list[str]:
         f"wrk: {wrk.requests:,} requests, statuses {dict(sorted(wrk.statuses.items()))}, socket errors: connect "
         f"{wrk.connect}, read {wrk.read}, write {wrk.write}, timeout {wrk.timeout}",
         "chaos: " + ", ".join([f"{len(record.kills)} workers SIGKILLed ({len(record.skipped_kills)} kills skipped: "
-                               "fewer than two workers up)", *(f"{n} {name}" for name, n in sorted(signals.items()))]),
-        f"truncated by the master: {near} within {verdict.KILL_WINDOW:g} s of a kill, {far} otherwise",
+                               "fewer than two workers up)",
+                               f"{len(record.proxy_kills)} proxies SIGKILLed ({len(record.skipped_proxy_kills)} kills "
+                               "skipped: not every proxy ready, or fewer than two)",
+                               *(f"{n} {name}" for name, n in sorted(signals.items()))]),
+        *proxy_lines(record),
+        f"truncated by the master: {near} within {verdict.KILL_WINDOW:g} s of a worker kill, {far} otherwise",
         f"longest silence of /status.json: {record.admin_silence:.1f} s",
         "the master's counters over the run: " + ", ".join(f"{key} {n:,}" for key, n in counters.items()),
+        "RSS MiB, master / proxies together / longest-running proxy: "
+        + ", ".join(f"{rss_at(record, t)} at {t:g} s" for t in sorted({0, min(schedule.BASELINE_AT, record.seconds),
+                                                                        record.seconds})),
     ]
     lines += [f"{kind}s: " + ", ".join(f"{result} {n}" for result, n in outcomes.most_common())
               for kind, outcomes in sorted(by_kind.items())]

@@ -1,5 +1,6 @@
 """The soak's own logic: its timetable, the verdict (growth, error accounting), wrk's mixed-load
-script and output, and its hostile clients against a scripted loopback server.
+script and output, its hostile clients against a scripted loopback server, and its proxy kills
+against processes the tests start under a proxy's title.
 
 No soak runs here (it needs wrk and minutes): tests/data/wrk-soak-mix.txt is the output of a real
 wrk run of the mix script.
@@ -9,15 +10,21 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import random
+import shutil
+import signal
+import subprocess
+import time
 from collections import Counter
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
 
-from benchmarks import chaos, loads, prereqs, procstat, servers, soak, soak_record
-from benchmarks.schedule import Action, growth_windows, per_minute, schedule, wrk_run_end
-from benchmarks.verdict import (ClientOutcome, Sample, Usage, WrkTotals, after_kill, error_reasons,
-                                growth_reasons, master_truncations)
+from benchmarks import chaos, loads, prereqs, procstat, servers, soak, soak_proxies, soak_record
+from benchmarks.schedule import Action, Event, growth_windows, per_minute, schedule, wrk_run_end, wrk_run_ends
+from benchmarks.verdict import (ClientOutcome, ProxyKill, Sample, Usage, WrkTotals, after_kill, error_reasons,
+                                growth_reasons, master_truncations, proxy_kill_errors)
 
 pytestmark = pytest.mark.unit
 
@@ -34,6 +41,7 @@ def test_five_minute_schedule_has_the_issues_rates():
     events = schedule(300)
     assert times(events, Action.SAMPLE) == [float(t) for t in range(0, 301, 10)]
     assert times(events, Action.KILL) == [float(t) for t in range(5, 300, 10)]
+    assert times(events, Action.PROXY_KILL) == [16.0, 76.0, 136.0, 196.0, 256.0]
     for minute in range(5):
         in_minute = [e for e in events if 60 * minute <= e.at < 60 * (minute + 1)]
         assert sum(e.count for e in in_minute if e.action is Action.SLOW_READERS) == 200
@@ -66,8 +74,25 @@ def test_every_ttin_has_its_ttou_so_the_run_ends_with_the_workers_it_began_with(
 def test_wrk_runs_end_at_kill_times_between_samples():
     assert wrk_run_end(0.0, 300) == 5.0
     assert wrk_run_end(5.03, 300) == 15.0
-    assert wrk_run_end(14.5, 300) == 25.0  # half a second is too short a run
+    assert wrk_run_end(24.5, 300) == 35.0  # half a second is too short a run
     assert wrk_run_end(291.0, 300) == 295.0 and wrk_run_end(296.0, 300) == 300.0
+    assert wrk_run_end(15.1, 300) == 18.0 and wrk_run_end(18.2, 300) == 25.0  # a proxy kill at 16 s
+
+
+@pytest.mark.parametrize("seconds", [60, 100, 300])
+def test_a_proxy_kill_falls_alone_in_a_wrk_run_that_ends_two_seconds_after_it(seconds):
+    events = schedule(seconds)
+    proxy_kills = times(events, Action.PROXY_KILL)
+    assert proxy_kills and len(proxy_kills) == len(range(16, seconds, 60))  # one a minute, never two at once
+    ends = wrk_run_ends(seconds)
+    assert not set(times(events, Action.SAMPLE)) & set(ends[:-1])  # a sample never sees wrk reconnecting
+    for at in proxy_kills:
+        # Nothing else happens in its window: its run's errors are its own (and the worker kill's before).
+        assert [e.action for e in events if at <= e.at <= at + 2] == [Action.PROXY_KILL]
+        # The run it falls in began at the worker kill a second before (wrk's connections are all up)
+        # and ends two seconds after it.
+        assert at - 1 in times(events, Action.KILL) and max(end for end in ends if end < at) == at - 1
+        assert wrk_run_end(at - 1 + 0.03, seconds) == at + 2
 
 
 def test_growth_compares_the_second_minute_with_the_last_or_single_samples_in_short_runs():
@@ -80,8 +105,11 @@ def test_growth_compares_the_second_minute_with_the_last_or_single_samples_in_sh
 
 # --- growth ----------------------------------------------------------------------------------------
 
-def sample(t, master_rss=100_000, master_fds=100, workers=((50_000, 40), (60_000, 30))):
-    return Sample(t, Usage(1, master_rss, master_fds), [Usage(10 + i, r, f) for i, (r, f) in enumerate(workers)])
+def sample(t, master_rss=100_000, master_fds=100, workers=((50_000, 40), (60_000, 30)),
+           proxies=((40_000, 60), (45_000, 50))):
+    """A sample; proxies as (RSS, fds), the first the longest-running (the lowest start time)."""
+    return Sample(t, Usage(1, master_rss, master_fds), [Usage(10 + i, r, f) for i, (r, f) in enumerate(workers)],
+                  [Usage(20 + i, r, f, started=1000 + i) for i, (r, f) in enumerate(proxies)])
 
 
 def test_flat_or_slightly_growing_usage_passes():
@@ -109,16 +137,19 @@ def test_one_sample_in_a_burst_does_not_decide_growth():
 
 
 def test_pooled_worker_connections_do_not_count_as_growth():
-    def with_pool(t, pooled):
-        return Sample(t, Usage(1, 100_000, 70 + pooled, pooled), [Usage(2, 50_000, 17 + pooled // 2, pooled // 2)])
+    def with_pool(t, pooled, master_fds=25):
+        # The proxies' keep-alive connections to the workers: both ends are left out.
+        return Sample(t, Usage(1, 100_000, master_fds), [Usage(2, 50_000, 17 + pooled, pooled)],
+                      [Usage(3, 40_000, 70 + pooled // 2, pooled // 2, 1),
+                       Usage(4, 40_000, 60 + pooled // 2, pooled // 2, 2)])
 
     samples = [with_pool(t, 30 if t < 200 else 60) for t in range(0, 301, 10)]
     assert growth_reasons(samples, (60, 110), (250, 300)) == []
-    # A descriptor the master keeps besides the pool (a CLOSE_WAIT socket, a file) counts.
-    samples = [Sample(t, Usage(1, 100_000, 100 if t < 200 else 115, 30), []) for t in range(0, 301, 10)]
-    reasons = growth_reasons(samples, (60, 110), (250, 300))
-    assert reasons[0] == ("master fds (besides worker connections) grew 21%: 70 at 60–110 s (median), "
-                          "85 at 250–300 s (median) (limit 10%)")
+    # A descriptor kept besides the pool (a CLOSE_WAIT socket, a file) counts.
+    samples = [with_pool(t, 30, master_fds=100 if t < 200 else 115) for t in range(0, 301, 10)]
+    assert growth_reasons(samples, (60, 110), (250, 300)) == [
+        "master fds (besides worker connections) grew 15%: 100 at 60–110 s (median), 115 at 250–300 s (median) "
+        "(limit 10%)"]
 
 
 def test_workers_are_compared_by_the_largest_one_since_kills_replace_them():
@@ -129,11 +160,32 @@ def test_workers_are_compared_by_the_largest_one_since_kills_replace_them():
     assert reason.startswith("worker RSS (max over workers) grew 20%")
 
 
-def test_a_master_that_cannot_be_read_at_the_end_fails():
+def test_proxies_are_compared_by_the_longest_running_one_and_their_descriptors_summed():
+    # The young proxy, killed every minute, is smaller or bigger at random; the old one holds steady
+    # and wrk's 50 connections move between them: no growth.
+    def steady(t):
+        young, held = (30_000 if t % 20 else 50_000), (10 if t % 20 else 40)
+        return sample(t, proxies=((40_000, 20 + 50 - held), (young, 20 + held)))
+
+    samples = [steady(t) for t in range(0, 301, 10)]
+    assert growth_reasons(samples, (60, 110), (250, 300)) == []
+    # The longest-running one grows 15% while the young one stays the largest: that is growth.
+    samples = [sample(t, proxies=((40_000 if t < 200 else 46_000, 60), (50_000, 50))) for t in range(0, 301, 10)]
+    (reason,) = growth_reasons(samples, (60, 110), (250, 300))
+    assert reason == ("proxy RSS (the longest-running proxy) grew 15%: 40,000 KiB at 60–110 s (median), "
+                      "46,000 KiB at 250–300 s (median) (limit 10%)")
+    # Descriptors besides the pool grow in one proxy: their sum shows it.
+    samples = [sample(t, proxies=((40_000, 60 if t < 200 else 77), (40_000, 50))) for t in range(0, 301, 10)]
+    (reason,) = growth_reasons(samples, (60, 110), (250, 300))
+    assert reason.startswith("proxy fds (besides worker connections, sum over proxies) grew 15%: 110 at")
+
+
+def test_a_master_or_proxies_that_cannot_be_read_at_the_end_fail():
     samples = [sample(t) for t in (60, 70, 80)] + [Sample(t, None, []) for t in (280, 290, 300)]
     reasons = growth_reasons(samples, (60, 110), (250, 300))
-    assert "master RSS: nothing to read at the end" in reasons and len(reasons) == 4
-    assert "worker fds (besides master connections, max over workers): nothing to read at the end" in reasons
+    assert "master RSS: nothing to read at the end" in reasons and len(reasons) == 6
+    assert "worker fds (besides proxy connections, max over workers): nothing to read at the end" in reasons
+    assert "proxy RSS (the longest-running proxy): nothing to read at the end" in reasons
 
 
 def test_a_soak_that_ended_early_has_no_growth_to_measure():
@@ -184,7 +236,7 @@ def test_a_slow_readers_truncation_is_not_also_spent_on_wrk():
 def test_truncations_with_no_kill_before_them_fail():
     clients = [ClientOutcome("slow reader", 20.0, 21.0, "truncated", 200)]
     reasons = error_reasons(WrkTotals(read=2), clients, [(20.0, 0), (21.0, 3)], kills=[5.0])
-    assert reasons == ["1 slow readers cut off with no worker kill in the 2 s before",
+    assert reasons == ["1 slow readers cut off with no worker or proxy kill in the 2 s before",
                        "2 wrk read errors beyond the 0 responses the master truncated within 2 s of a worker kill",
                        "the master truncated 3 responses with no worker kill in the 2 s before"]
 
@@ -204,6 +256,52 @@ def test_other_socket_errors_and_client_failures_are_never_excused():
     assert reasons == ["wrk socket errors no kill explains: connect 3, timeout 2",
                        "2 soak clients failed: aborted upload: connect failed (ConnectionRefusedError) ×1, "
                        "slow reader: no head within 15 s ×1"]
+
+
+def run(started, ended, read=0, write=0, connect=0, timeout=0, requests=1000):
+    return soak_record.WrkRun(started, ended, requests, requests / (ended - started),
+                              {"connect": connect, "read": read, "write": write, "timeout": timeout}, {200: requests})
+
+
+def totals(runs):
+    record = soak_record.Record(seconds=300)
+    record.wrk_runs = runs
+    return record.wrk_totals()
+
+
+def test_wrk_errors_of_the_run_a_proxy_kill_falls_in_are_excused_up_to_its_connections():
+    runs = [run(5, 15), run(15, 18, read=20, write=2), run(18, 25)]
+    kill = ProxyKill(16.0, 2, 4321, connections=25, back_after=0.6)
+    assert error_reasons(totals(runs), [], [], kills=[15.0], runs=runs, proxy_kills=[kill]) == []
+    assert proxy_kill_errors(runs, [kill]) == (20, 2)
+    # It held 10 connections: 10 errors at most, write errors first (nothing else explains them).
+    kill.connections = 10
+    assert proxy_kill_errors(runs, [kill]) == (8, 2)
+    assert error_reasons(totals(runs), [], [], kills=[15.0], runs=runs, proxy_kills=[kill]) == [
+        "12 wrk read errors beyond the 0 responses the master truncated within 2 s of a worker kill "
+        "(and 8 the proxy kills explain)"]
+
+
+def test_a_proxy_kill_explains_no_error_of_another_run_nor_other_kinds_of_errors():
+    runs = [run(5, 15, read=5, write=1), run(15, 18, connect=3, timeout=2), run(18, 25)]
+    kill = ProxyKill(16.0, 2, 4321, connections=25)
+    assert proxy_kill_errors(runs, [kill]) == (0, 0)
+    assert error_reasons(totals(runs), [], [], kills=[15.0], runs=runs, proxy_kills=[kill]) == [
+        "wrk socket errors no kill explains: connect 3, write 1, timeout 2",
+        "5 wrk read errors beyond the 0 responses the master truncated within 2 s of a worker kill"]
+
+
+def test_soak_clients_cut_by_a_proxy_kill_are_excused_and_not_also_spent_on_wrk():
+    runs = [run(15, 18, read=2), run(18, 25)]
+    kill = ProxyKill(16.0, 1, 4321, connections=3)  # two of ours and one of wrk's
+    cut = [ClientOutcome("slow reader", 15.5, 16.2, "closed before the head"),
+           ClientOutcome("slow reader", 15.0, 16.1, "truncated", 200),
+           ClientOutcome("aborted upload", 15.5, 16.0, "refused")]
+    late = ClientOutcome("slow reader", 17.0, 18.5, "reset before the head")  # 2.5 s after the kill
+    reasons = error_reasons(totals(runs), [*cut, late], [], kills=[5.0], runs=runs, proxy_kills=[kill])
+    assert reasons == ["1 wrk read errors beyond the 0 responses the master truncated within 2 s of a worker kill "
+                       "(and 1 the proxy kills explain)",
+                       "1 soak clients failed: slow reader: reset before the head ×1"]
 
 
 # --- wrk ---------------------------------------------------------------------------------------------
@@ -385,15 +483,32 @@ def test_record_sums_wrk_runs_and_writes_the_verdict(tmp_path):
                                "client_connections": 50} for t in (0, 10, 20, 30)]
     record.kills, record.polls = [5.0], [(5.5, 0), (6.0, 2)]  # one for wrk, one for the slow reader
     record.clients = [ClientOutcome("slow reader", 5.0, 5.6, "truncated", 200), ClientOutcome("slow reader", 1, 2, "ok")]
+    record.proxy_kills, record.proxy_restarts = [ProxyKill(16.0, 2, 4321, 24, 0.7)], 1
+    record.skipped_proxy_kills = [76.0]
     reasons = record.reasons()
     assert reasons == ["1 responses outside 2xx/3xx: 503 ×1"]
+    lines = soak_record.summary(record)
+    assert ("chaos: 1 workers SIGKILLed (0 kills skipped: fewer than two workers up), 1 proxies SIGKILLed "
+            "(1 kills skipped: not every proxy ready, or fewer than two)") in lines
+    assert "proxy kills: proxy 2 at 16.0 s holding 24 client connections" in lines
+    assert "every proxy ready again after a kill: within 0.7–0.7 s" in lines
+    assert ("errors explained by the proxy kills: wrk read 0, wrk write 0, soak clients 0; "
+            "proxy restarts counted by the master over the run: 1") in lines
+    assert ("RSS MiB, master / proxies together / longest-running proxy: 97.7 / 83.0 / 39.1 at 0 s, "
+            "97.7 / 83.0 / 39.1 at 30 s") in lines
     soak_record.write_record(record, tmp_path / "soak-x", "title", ["a note"], reasons, "log line", ["2 × WARNING w"])
     md = (tmp_path / "soak-x.md").read_text()
     assert "## Verdict: FAILED\n\n- 1 responses outside 2xx/3xx: 503 ×1" in md and "- a note" in md
     assert "|  30 |" in md and "log line" in md and "- 2 × WARNING w" in md
+    head, rule, first = md.split("## Samples\n\n")[1].splitlines()[:3]
+    assert [c.strip() for c in head.split("|")[11:17]] == [
+        "proxies", "proxy RSS max MiB", "proxy RSS sum MiB", "proxy RSS oldest MiB", "proxy fds sum", "besides pool"]
+    assert [c.strip() for c in first.split("|")[11:17]] == ["2", "43.9", "83.0", "39.1", "110", "110"]
     data = json.loads((tmp_path / "soak-x.json").read_text())
     assert data["passed"] is False and data["wrk_runs"][1]["statuses"] == {"200": 499, "503": 1}
     assert len(data["samples"]) == 4
+    assert data["samples"][0]["proxies"][1] == {"pid": 21, "rss_kib": 45_000, "fds": 50, "pooled": 0, "started": 1001}
+    assert data["proxy_kills"] == [{"at": 16.0, "index": 2, "pid": 4321, "connections": 24, "back_after": 0.7}]
     assert data["clients"] == [{"kind": "slow reader", "started": 5.0, "ended": 5.6, "result": "truncated",
                                 "status": 200}]
     assert data["client_counts"] == {"slow reader": {"truncated": 1, "ok": 1}}
@@ -451,3 +566,109 @@ def test_usage_reads_this_process_and_its_connections():
     assert mine.pooled == 2  # both ends of the connection to `port` (the listener is not established)
     assert found[2**22 + 1] is None
     assert procstat.parent_of(os.getpid()) == os.getppid()
+
+
+# --- the proxy processes: found by title, killed, replaced --------------------------------------
+
+def titled(stack: ExitStack, title: str) -> subprocess.Popen:
+    """A child of this test whose title in /proc (its first argument) is `title`; ended by pid."""
+    proc = subprocess.Popen([title, "60"], executable=shutil.which("sleep"))
+    stack.callback(lambda: (proc.kill(), proc.wait()))
+    return proc
+
+
+def test_the_masters_proxies_are_its_children_titled_gows_proxy_n():
+    assert procstat.proxy_index("gows: proxy 12") == 12
+    assert procstat.proxy_index("gows: worker :9001") is None and procstat.proxy_index("gows: proxy 1x") is None
+    with ExitStack() as stack:
+        first, worker, second = (titled(stack, t) for t in ("gows: proxy 1", "gows: worker :9001", "gows: proxy 2"))
+        assert {first.pid, worker.pid, second.pid} <= set(procstat.children(os.getpid()))
+        assert procstat.title(worker.pid) == "gows: worker :9001"
+        assert procstat.proxies(os.getpid()) == {1: first.pid, 2: second.pid}
+        found = procstat.usage([first.pid, second.pid], frozenset())
+        assert procstat.start_time(os.getpid()) <= found[first.pid].started <= found[second.pid].started
+    assert procstat.proxies(os.getpid()) == {} and procstat.title(first.pid) == ""
+
+
+def test_a_proxy_kill_may_take_any_proxy_but_the_longest_running():
+    younger, oldest, same_tick = Usage(30, 1, 1, started=500), Usage(31, 1, 1, started=400), Usage(32, 1, 1, started=400)
+    assert soak_proxies.victims([younger, same_tick, oldest]) == [30, 32]  # equal starts: the lower pid is older
+    assert soak_proxies.victims([younger]) == []
+
+
+class FakeSoak:
+    """The soak as a proxy kill sees it: this test process plays the master, its children titled
+    `gows: proxy N` its proxies, and /status.json shows a new one for each that died (`respawn`)."""
+
+    def __init__(self, stack: ExitStack, count: int, respawn: bool = True) -> None:
+        self.stack, self.respawn = stack, respawn
+        self.procs = {index: titled(stack, f"gows: proxy {index}") for index in range(1, count + 1)}
+        self.restarts = dict.fromkeys(self.procs, 0)
+        self.not_ready: set[int] = set()
+        self.record = soak_record.Record(seconds=60)
+        self.rng = random.Random(7)
+        self.master_pid = os.getpid()
+        self.public_port = servers.free_port()
+        self.t0 = time.monotonic()
+
+    def clock(self) -> float:
+        return time.monotonic() - self.t0
+
+    def master_alive(self) -> bool:
+        return True
+
+    async def fetch_status(self):
+        rows = []
+        for index, proc in self.procs.items():
+            if proc.poll() is not None and self.respawn:
+                self.procs[index], self.restarts[index] = titled(self.stack, f"gows: proxy {index}"), self.restarts[index] + 1
+            alive = self.procs[index].poll() is None
+            rows.append({"index": index, "pid": self.procs[index].pid if alive else None,
+                         "ready": alive and index not in self.not_ready, "restarts": self.restarts[index]})
+        return {"proxies": rows}
+
+
+def kill_proxy(soak: FakeSoak) -> None:
+    asyncio.run(asyncio.wait_for(soak_proxies.kill(soak, Event(16.0, Action.PROXY_KILL)), 30))
+
+
+def test_a_proxy_kill_spares_the_longest_running_proxy_and_waits_for_its_replacement():
+    with ExitStack() as stack:
+        soak = FakeSoak(stack, 2)
+        oldest, victim = soak.procs[1], soak.procs[2]
+        start_rows = asyncio.run(soak.fetch_status())["proxies"]
+        kill_proxy(soak)
+        assert victim.wait(10) == -signal.SIGKILL and oldest.poll() is None
+        (kill,) = soak.record.proxy_kills
+        assert (kill.index, kill.pid, kill.connections) == (2, victim.pid, 0)
+        assert kill.back_after is not None and 0 <= kill.back_after < soak_proxies.BACK_TIMEOUT
+        assert soak.procs[2].pid != victim.pid and soak.record.problems == []
+        # The master's count of restarts matches the soak's kills; one more is a proxy that died of its own.
+        now = asyncio.run(soak.fetch_status())["proxies"]
+        soak_proxies.check_restarts(soak.record, start_rows, now)
+        assert soak.record.proxy_restarts == 1 and soak.record.problems == []
+        soak_proxies.check_restarts(soak.record, start_rows, [*now[:1], {**now[1], "restarts": 2}])
+        assert soak.record.problems == ["the master restarted proxies 2 times, the soak killed 1"]
+
+
+def test_no_proxy_kill_while_a_proxy_is_not_ready_or_only_one_runs():
+    with ExitStack() as stack:
+        alone = FakeSoak(stack, 1)
+        kill_proxy(alone)
+        assert alone.record.proxy_kills == [] and alone.record.skipped_proxy_kills == [16.0]
+        pair = FakeSoak(stack, 2)
+        pair.not_ready = {1}
+        kill_proxy(pair)
+        assert pair.record.proxy_kills == [] and pair.record.skipped_proxy_kills == [16.0]
+        assert all(proc.poll() is None for proc in (*alone.procs.values(), *pair.procs.values()))
+
+
+def test_a_killed_proxy_the_master_does_not_replace_in_time_is_a_problem(monkeypatch):
+    monkeypatch.setattr(soak_proxies, "BACK_TIMEOUT", 0.3)
+    with ExitStack() as stack:
+        soak = FakeSoak(stack, 3, respawn=False)
+        kill_proxy(soak)
+        (kill,) = soak.record.proxy_kills
+        assert kill.index in (2, 3) and kill.back_after is None  # never proxy 1, the longest-running
+        assert soak.record.problems == [f"proxy {kill.index} SIGKILLed at {kill.at:.1f} s: not every proxy "
+                                        "was ready again within 0.3 s"]

@@ -49,7 +49,37 @@ class WorkerState:
 Listener = Callable[[WorkerState, bool], None]
 
 
-class WorkerTable:
+class WorkerIndex:
+    """Workers by address, and the ones up: what every reader of worker health looks at (the
+    master's WorkerTable, a proxy process's MirrorTable)."""
+
+    def __init__(self) -> None:
+        self._workers: dict[tuple[str, int], WorkerState] = {}
+        self._healthy: tuple[WorkerState, ...] = ()
+        # Bumped whenever membership or up/down changes, so readers (the balancer's hash
+        # ring) can rebuild lazily instead of on every request.
+        self.generation = 0
+
+    @property
+    def healthy(self) -> tuple[WorkerState, ...]:
+        """Workers the proxy may choose, in a stable order (by port, then host)."""
+        return self._healthy
+
+    def get(self, host: str, port: int) -> WorkerState | None:
+        return self._workers.get((host, port))
+
+    def __iter__(self) -> Iterator[WorkerState]:
+        return iter(list(self._workers.values()))
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def _reindex(self) -> None:
+        self.generation += 1
+        self._healthy = tuple(sorted((w for w in self._workers.values() if w.up), key=lambda w: (w.port, w.host)))
+
+
+class WorkerTable(WorkerIndex):
     """All workers, their up/down state and the rules that move a worker between the two.
 
     Active checks need `fall` consecutive failures to mark a worker down and `rise` consecutive
@@ -59,17 +89,13 @@ class WorkerTable:
     """
 
     def __init__(self, rise: int = 2, fall: int = 3, max_fails: int = 3, fail_timeout: float = 10.0) -> None:
+        super().__init__()
         self.rise = rise
         self.fall = fall
         self.max_fails = max_fails
         self.fail_timeout = fail_timeout
-        self._workers: dict[tuple[str, int], WorkerState] = {}
-        self._healthy: tuple[WorkerState, ...] = ()
         self._listeners: list[Listener] = []
         self._watchers: list[Callable[[], None]] = []
-        # Bumped whenever membership or up/down changes, so readers (the balancer's hash
-        # ring) can rebuild lazily instead of on every request.
-        self.generation = 0
 
     # -- membership ---------------------------------------------------------------------
     def add(self, worker: WorkerState) -> WorkerState:
@@ -82,20 +108,6 @@ class WorkerTable:
     def remove(self, worker: WorkerState) -> None:
         if self._workers.pop(worker.key, None) is not None:
             self._changed()
-
-    def get(self, host: str, port: int) -> WorkerState | None:
-        return self._workers.get((host, port))
-
-    def __iter__(self) -> Iterator[WorkerState]:
-        return iter(list(self._workers.values()))
-
-    def __len__(self) -> int:
-        return len(self._workers)
-
-    @property
-    def healthy(self) -> tuple[WorkerState, ...]:
-        """Workers the proxy may choose, in a stable order (by port, then host)."""
-        return self._healthy
 
     def subscribe(self, listener: Listener) -> None:
         """Call `listener(worker, up)` after every up/down transition."""
@@ -171,8 +183,7 @@ class WorkerTable:
             listener(worker, up)
 
     def _changed(self) -> None:
-        self.generation += 1
-        self._healthy = tuple(sorted((w for w in self._workers.values() if w.up), key=lambda w: (w.port, w.host)))
+        self._reindex()
         self._notify()
 
     def _notify(self) -> None:

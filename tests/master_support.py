@@ -113,19 +113,17 @@ class Master(StoppedOnExit):
 
     def workers(self) -> dict[int, int]:
         """{port: pid} of the master's live worker processes, from their process titles."""
-        out = {}
-        for pid in children(self.pid):
-            m = re.fullmatch(r"gows: worker :(\d+)", title(pid))
-            if m and pid_alive(pid):
-                out[int(m.group(1))] = pid
-                self.seen_children.add(pid)
-        return out
+        return self._children_titled(r"gows: worker :(\d+)")
 
     def proxies(self) -> dict[int, int]:
         """{index: pid} of the master's live proxy processes, from their process titles."""
+        return self._children_titled(r"gows: proxy (\d+)")
+
+    def _children_titled(self, pattern: str) -> dict[int, int]:
+        """{number in the title: pid} of the live children whose title matches `pattern`."""
         out = {}
         for pid in children(self.pid):
-            m = re.fullmatch(r"gows: proxy (\d+)", title(pid))
+            m = re.fullmatch(pattern, title(pid))
             if m and pid_alive(pid):
                 out[int(m.group(1))] = pid
                 self.seen_children.add(pid)

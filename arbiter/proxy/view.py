@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator, Protocol
 
-from ..state import WorkerState
+from ..state import WorkerIndex, WorkerState
 
 # One worker as the master pushes it: host, port, local, pid (None: no process), up, and where
 # its requests are counted (WorkerState.slot).
@@ -38,7 +38,7 @@ def rows(workers: Iterable[WorkerState]) -> list[Row]:
     return [(w.host, w.port, w.local, w.pid, w.up, w.slot) for w in workers]
 
 
-class MirrorTable:
+class MirrorTable(WorkerIndex):
     """A proxy process's copy of the master's worker table.
 
     A worker keeps its WorkerState object while its address stays in the table, so the balancer's
@@ -47,23 +47,8 @@ class MirrorTable:
     """
 
     def __init__(self, report: Callable[[WorkerState, str], None]) -> None:
+        super().__init__()
         self._report = report
-        self._workers: dict[tuple[str, int], WorkerState] = {}
-        self._healthy: tuple[WorkerState, ...] = ()
-        self.generation = 0
-
-    @property
-    def healthy(self) -> tuple[WorkerState, ...]:
-        return self._healthy
-
-    def get(self, host: str, port: int) -> WorkerState | None:
-        return self._workers.get((host, port))
-
-    def __iter__(self) -> Iterator[WorkerState]:
-        return iter(list(self._workers.values()))
-
-    def __len__(self) -> int:
-        return len(self._workers)
 
     def record_passive_failure(self, worker: WorkerState, error: str) -> None:
         self._report(worker, error)
@@ -78,5 +63,4 @@ class MirrorTable:
             worker.pid, worker.up, worker.slot = pid, up, slot
             fresh[worker.key] = worker
         self._workers = fresh
-        self.generation += 1
-        self._healthy = tuple(sorted((w for w in fresh.values() if w.up), key=lambda w: (w.port, w.host)))
+        self._reindex()

@@ -17,7 +17,7 @@ import resource
 import socket
 from typing import Any
 
-from .config import Config, ProxyConfig
+from .config import Config, FrontCacheConfig, ProxyConfig
 from .ops.logs import LogSink
 from .proxy.control import Message
 from .proxy.counters import LATENCY, REQUESTS, WORKERS, Counters, report, total
@@ -56,6 +56,17 @@ class FleetLatency(RequestStats):
         return sums[LATENCY:LATENCY + SLOTS + 1]
 
 
+def share(config: Config, n: int) -> tuple[ProxyConfig, FrontCacheConfig]:
+    """The proxy and front cache sections one of `n` proxies is told: the whole server's budgets
+    split between them. Each may take 10% over its even share of the connections: proxies
+    accepting on one socket never split them exactly, and a client must not wait while another
+    proxy has room."""
+    connections = config.proxy.max_connections if n == 1 else -(-config.proxy.max_connections * 11 // (10 * n))
+    return (dataclasses.replace(config.proxy, max_connections=connections,
+                                body_buffer_bytes=config.proxy.body_buffer_bytes // n),
+            dataclasses.replace(config.front_cache, max_bytes=config.front_cache.max_bytes // n))
+
+
 class ProxyFleet:
     """All proxy processes of the master (status, metrics and the arbiter use this)."""
 
@@ -81,10 +92,8 @@ class ProxyFleet:
     def settings(self) -> Message:
         """The settings message: the config's sections, with the whole server's budgets split
         between the proxies (connections, request bodies, front cache)."""
-        config, n = self.config, max(1, len(self.slots))
-        proxy = dataclasses.replace(config.proxy, max_connections=max(1, -(-config.proxy.max_connections // n)),
-                                    body_buffer_bytes=config.proxy.body_buffer_bytes // n)
-        front = dataclasses.replace(config.front_cache, max_bytes=config.front_cache.max_bytes // n)
+        config = self.config
+        proxy, front = share(config, max(1, len(self.slots)))
         access = config.logging.access_log
         return {"op": "settings", "proxy": dataclasses.asdict(proxy), "front_cache": dataclasses.asdict(front),
                 "threads": config.threads, "ttl": config.cache.ttl, "timing": self.timing,

@@ -16,7 +16,8 @@ from pathlib import Path
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from support import PYTHON, StoppedOnExit, children, free_port, pid_alive, python_env, stop_process, wait_until
+from support import (PYTHON, StoppedOnExit, children, free_ports, pid_alive, python_env, stop_process,
+                     wait_until)
 
 
 def free_port_run(count: int, host: str = "127.0.0.1") -> int:
@@ -226,8 +227,8 @@ def base_config(root: Path, listen_port: int, worker_ports: list[int], **extra) 
 def serving(directory: Path, root: Path, count: int, **extra) -> Master:
     """A master serving `root` with `count` local workers on kernel-picked ports, returned once
     every worker is up in its table (so the proxy sends it requests)."""
-    ports = [free_port() for _ in range(count)]
-    m = Master(directory, base_config(root, free_port(), ports, **extra))
+    listen, *ports = free_ports(1 + count)
+    m = Master(directory, base_config(root, listen, ports, **extra))
     try:
         m.wait_workers(ports)
         m.wait_log(r"is up \(", count=count)
@@ -242,8 +243,7 @@ class Admin:
 
     def __init__(self, masters, directory: Path, site: Path, workers: int = 2, nofile: int | None = None,
                  **extra) -> None:
-        self.port, self.admin_port = free_port(), free_port()
-        self.worker_ports = [free_port() for _ in range(workers)]
+        self.port, self.admin_port, *self.worker_ports = free_ports(2 + workers)
         config = base_config(site, self.port, self.worker_ports, admin=f"127.0.0.1:{self.admin_port}", **extra)
         self.master = Master(directory, config, nofile=nofile)
         masters.append(self.master)

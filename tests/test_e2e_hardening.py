@@ -307,7 +307,7 @@ def test_filling_the_front_cache_grows_the_master_by_at_most_its_budget_and_a_qu
 
 # -- concerns: the connection limit and pipelining memory ---------------------------------------------
 def test_at_the_connection_limit_the_oldest_idle_connections_make_room(masters, tmp_path, site):
-    m = served(masters, tmp_path, site, proxy={"maxConnections": 50})
+    m = served(masters, tmp_path, site, proxy={"maxConnections": 50, "processes": 1})  # (one proxy's limit)
     idle = []
     with closing_all(idle):
         for _ in range(50):
@@ -323,7 +323,7 @@ def test_at_the_connection_limit_the_oldest_idle_connections_make_room(masters, 
 
 
 def test_at_the_connection_limit_newcomers_wait_in_the_backlog(masters, tmp_path, site):
-    m = served(masters, tmp_path, site, proxy={"maxConnections": 20, "headerTimeout": 30})
+    m = served(masters, tmp_path, site, proxy={"maxConnections": 20, "headerTimeout": 30, "processes": 1})
     busy = []
     with closing_all(busy):
         for _ in range(20):  # every connection in the middle of a request head: none can be closed

@@ -8,6 +8,8 @@ import socket
 
 import pytest
 
+from arbiter.config import load_data
+from arbiter.proxies import share
 from arbiter.proxy.control import MAX_LINE, Channel
 from arbiter.proxy.counters import GAUGES, REQUESTS, WORKERS, Counters, named, report, total
 from arbiter.proxy.view import MirrorTable, rows
@@ -99,3 +101,14 @@ def test_the_channel_reassembles_split_messages_and_closes_on_an_oversized_one()
 
     got, closed = asyncio.run(scenario())
     assert got == [{"op": "a", "n": 1}, {"op": "b"}] and closed
+
+
+def test_each_proxy_may_take_a_tenth_over_its_even_share_of_the_connections(tmp_path):
+    (tmp_path / "www").mkdir()
+    config = load_data({"baseDirectory": "www", "workerCount": 1, "proxy": {"maxConnections": 10_000},
+                        "frontCache": {"maxBytes": 3_000_000}}, tmp_path / "gows.conf.json")
+    for n, connections in ((1, 10_000), (2, 5_500), (3, 3_667)):
+        proxy, front = share(config, n)
+        assert proxy.max_connections == connections
+        assert front.max_bytes == 3_000_000 // n  # (memory budgets are split exactly)
+        assert proxy.body_buffer_bytes == config.proxy.body_buffer_bytes // n

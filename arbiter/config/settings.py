@@ -69,7 +69,7 @@ class ProxyConfig:
     response_timeout: float = setting(Number(3600), 30.0, "Seconds a worker has to start its response, and then between two reads of it; the same time bounds a client that stops reading a response, a request waiting for a free connection to its worker, and the retries of a failed request.")
     idle_timeout: float = setting(Number(3600), 15.0, "Seconds an idle client keep-alive connection is kept open.")
     header_timeout: float = setting(Number(600), 10.0, "Seconds a client has to send a complete request head.")
-    max_connections: int = setting(Integer(1, 1_000_000), 10000, "Client connections served at once (by all proxy processes together); more wait in the listen backlog, and the longest-idle connections are closed to let them in.")
+    max_connections: int = setting(Integer(1, 1_000_000), 10000, "Client connections served at once by all proxy processes together (each takes up to 10% over its even share, as connections never spread exactly); more wait in the listen backlog, and the longest-idle connections are closed to let them in.")
     max_request_line: int = setting(Integer(256, 1 << 20), 8190, "Longest request line in bytes (414 beyond).")
     max_header_bytes: int = setting(Integer(1024, 1 << 24), 32768, "Largest request head in bytes (431 beyond).")
     max_headers: int = setting(Integer(1, 10000), 100, "Most request header fields (431 beyond).")

@@ -1,4 +1,5 @@
-"""The master's L7 reverse proxy: client protocol, upstream pool, balancer, front cache."""
+"""gows' L7 reverse proxy, run by each proxy process: client protocol, upstream pool, balancer,
+front cache."""
 from .server import Proxy
 
 __all__ = ["Proxy"]

@@ -1,8 +1,8 @@
-"""Front cache: small GET responses the workers marked cacheable, served by the master itself.
+"""Front cache: small GET responses the workers marked cacheable, served by the proxy itself.
 
 Bounded in bytes and per object (cachetools' TLRUCache: least recently used, each entry
 expiring at its own max-age); an entry weighs what it really holds (one copy of the body, its
-prepared heads and its bookkeeping), so the budget bounds the master's memory. Each entry keeps
+prepared heads and its bookkeeping), so the budget bounds the proxy's memory. Each entry keeps
 its heads prepared as bytes, so a hit is one dict lookup and one write.
 
 The workers check the disk every `cache.ttl` seconds; an entry older than that is revalidated

@@ -95,7 +95,7 @@ class UpstreamPool:
             self._inactive(conn)
             if isinstance(exc, asyncio.TimeoutError):
                 error = UpstreamError("connect timed out", 504, passive=True)
-            elif local_shortage(exc):  # the master's own trouble, never the worker's
+            elif local_shortage(exc):  # the proxy's own trouble, never the worker's
                 error = UpstreamError(f"cannot connect: {local_shortage(exc)}", 503, local=True)
             elif exc.errno == errno.ECONNREFUSED:
                 error = UpstreamError("connection refused", 502, passive=True)

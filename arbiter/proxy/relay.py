@@ -336,7 +336,7 @@ class Relay:
             # A head was parsed but nothing reached the client: forget its counting.
             proxy.status_counts[req.status // 100 if req.status < 600 else 5] -= 1
             req.status = 0
-        if error.local:  # the master ran short itself: shed this request, blame no worker
+        if error.local:  # the proxy ran short itself: shed this request, blame no worker
             proxy.shortage()
             self._error(503)
             return

@@ -87,7 +87,7 @@ class Proxy:
         self.status_counts = self.counters.status  # by status class: index 1..5
         self.latency = RequestStats(self.counters.latency)
         self._shortage_logged = 0.0
-        # The master sets these to None when nothing reads them: the latency histogram's counts
+        # Set to None when nothing reads them: the latency histogram's counts
         # (read by the admin listener), and a hook called once per completed response (the
         # access log).
         self.timing: list[int] | None = self.latency.counts
@@ -250,7 +250,7 @@ class Proxy:
         self.pool.close_idle()
         if self.clock - self._shortage_logged >= 10:
             self._shortage_logged = self.clock
-            log.warning("the master is short of file descriptors or memory: answering 503 and closing idle "
+            log.warning("this proxy is short of file descriptors or memory: answering 503 and closing idle "
                         "connections (%d client connections now)", len(self.conns))
 
     def purge_front_cache(self) -> None:

@@ -32,7 +32,7 @@ class UpstreamError(Exception):
         self.status = status
         self.passive = passive  # counts as a passive failure of the worker (max_fails)
         self.stale = stale  # a reused keep-alive connection the worker had closed
-        self.local = local  # the master ran short of descriptors or memory
+        self.local = local  # the proxy ran short of descriptors or memory
 
 
 class ResponseSink(Protocol):

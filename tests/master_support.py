@@ -53,10 +53,11 @@ def health(port: int, timeout: float = 2.0) -> int | None:
 
 
 def title(pid: int) -> str:
+    """A process's title; "" once it is gone (reading a process that exits meanwhile gives ESRCH)."""
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().split(b"\0")[0].decode(errors="replace")
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         return ""
 
 

@@ -205,23 +205,6 @@ class FrontCache:
         self.classes: set[bytes] = set()  # encoding classes in use, to find a target's variants
         self.counts = counts if counts is not None else [0] * SIZE
 
-    @property
-    def hits(self) -> int:
-        return self.counts[CACHE_HITS]
-
-    @property
-    def misses(self) -> int:
-        return self.counts[CACHE_MISSES]
-
-    @property
-    def stores(self) -> int:
-        return self.counts[CACHE_STORES]
-
-    @property
-    def revalidated(self) -> int:
-        """Stale entries a worker confirmed unchanged (304)."""
-        return self.counts[CACHE_REVALIDATED]
-
     def get(self, target: bytes, accept_encoding: bytes | None, now: float = 0.0) -> Entry | None:
         """The stored response for a request; a hit when it is servable at `now`, otherwise a
         miss (the caller revalidates a stale entry it gets)."""

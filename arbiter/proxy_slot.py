@@ -27,6 +27,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("gows.proxies")
 FAST_STOP_TIMEOUT = 5.0  # seconds a proxy told to quit at once gets before SIGKILL
+# A proxy reports its load every second (process.LOAD_INTERVAL); one silent this long is hung (a
+# blocked loop, SIGSTOP) and holds its clients for nothing: it is killed and replaced.
+SILENCE_LIMIT = 10.0
 
 
 @dataclasses.dataclass
@@ -53,6 +56,7 @@ class ProxySlot:
         self.access_log = AccessLogState()
         self.rate = 0.0  # requests per second, between the last two load reports
         self._rate_base = (time.monotonic(), 0)
+        self._heard = 0.0  # when the current incarnation last sent a message
         self._stop: Stop | None = None
         self._wake = asyncio.Event()
         self._acks: dict[int, asyncio.Future] = {}
@@ -146,11 +150,10 @@ class ProxySlot:
         return inc
 
     async def _watch(self, inc: Incarnation) -> None:
-        """Until the incarnation exits, misses its boot timeout, or the slot stops."""
+        """Until the incarnation exits, misses its boot timeout, goes silent, or the slot stops."""
         boot_timeout = self.fleet.config.health_check.boot_timeout
         while self._stop is None and inc.alive:
             self._wake.clear()
-            timeout = None
             if not self.ready:
                 timeout = inc.started + boot_timeout - time.monotonic()
                 if timeout <= 0:
@@ -159,18 +162,27 @@ class ProxySlot:
                     inc.send(signal.SIGKILL)
                     await inc.exited
                     return
-            if self.channel is not None and self.channel.closed and self.ready:
+            elif self.channel is not None and self.channel.closed:
                 timeout = 1.0  # it broke the channel: it exits on its own, or is killed after a second
+            else:
+                timeout = self._heard + SILENCE_LIMIT - time.monotonic()
             waiter = asyncio.ensure_future(self._wake.wait())
             try:
-                done, _ = await asyncio.wait({waiter, inc.exited}, timeout=timeout,
+                done, _ = await asyncio.wait({waiter, inc.exited}, timeout=max(timeout, 0),
                                              return_when=asyncio.FIRST_COMPLETED)
             finally:
                 waiter.cancel()
-            if not done and self.ready and inc.alive:
-                log.error("proxy %d (pid %d) closed its control channel; killing it", self.index, inc.pid)
-                inc.send(signal.SIGKILL)
-                await inc.exited
+            if done or not self.ready or not inc.alive:
+                continue
+            if self.channel is None or self.channel.closed:
+                why = "closed its control channel"
+            elif time.monotonic() - self._heard >= SILENCE_LIMIT:
+                why = f"sent nothing for {SILENCE_LIMIT:g}s (hung)"
+            else:
+                continue  # it spoke meanwhile (messages do not wake this wait)
+            log.error("proxy %d (pid %d) %s; killing it", self.index, inc.pid, why)
+            inc.send(signal.SIGKILL)
+            await inc.exited
 
     def _ended(self, inc: Incarnation) -> None:
         """The incarnation is gone (not stopped by us): count it, forget its gauges, respawn."""
@@ -215,6 +227,7 @@ class ProxySlot:
 
     # -- messages from the proxy ---------------------------------------------------------------
     def _on_message(self, message: Message) -> None:
+        self._heard = time.monotonic()
         op = message.get("op")
         if op == "ready":
             self.ready = True

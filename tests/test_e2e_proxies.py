@@ -91,6 +91,19 @@ def test_a_proxy_killed_with_sigkill_is_respawned_within_a_second_and_no_count_i
     wait_until(lambda: a.json()["totals"]["requests"] == before + 300, message="exactly 300 more")
 
 
+def test_a_hung_proxy_is_killed_and_replaced_while_the_other_serves(masters, tmp_path, site):
+    a = served(masters, tmp_path, site, processes=2)
+    hung, alive = a.master.proxies()[1], a.master.proxies()[2]
+    os.kill(hung, signal.SIGSTOP)  # alive, holding its share of the socket, answering nothing
+    a.master.wait_log(rf"proxy 1 \(pid {hung}\) sent nothing for 10s \(hung\); killing it", timeout=30)
+    wait_until(lambda: a.json()["proxies"][0]["ready"] and a.json()["proxies"][0]["pid"] != hung, timeout=10,
+               message="proxy 1 replaced")
+    assert not pid_alive(hung) and a.json()["proxies"][0]["restarts"] == 1
+    # The one that kept reporting (every second) was never taken for hung, over the same 10 s.
+    assert a.master.proxies()[2] == alive and a.json()["proxies"][1]["restarts"] == 0
+    assert many(a.port, 200) == [200] * 200
+
+
 def test_a_worker_killed_under_load_fails_no_get_through_any_proxy(masters, tmp_path, site):
     a = served(masters, tmp_path, site, processes=2, frontCache={"enabled": False})
     with Hammer(a.port, pause=0.002) as fresh, Hammer(a.port, keep_alive=True, pause=0.002) as kept:

@@ -37,6 +37,9 @@ def create_app(root: str, **options) -> FileApp:
       immutable_pattern: regex (str or compiled) searched in a file's name; a match marks a
            content-hashed name served with "public, max-age=31536000, immutable"
            (default DEFAULT_IMMUTABLE_PATTERN, e.g. app.3f2a9c1b.js); None disables it.
+      handoff_token: a secret; requests carrying it in `X-Gows-Handoff` (gows' proxy) get file
+           bodies of 32 KiB and more as an `X-Gows-File` header naming the file, which the
+           proxy sends itself (fileapp.handoff). gows' master sets it for its own workers.
 
     The returned FileApp also exposes `health` (set `health.draining = True` to fail health
     checks while shutting down) and `cache` (`cache.stats()` gives hit/miss/evict counters).

@@ -15,6 +15,7 @@ import sys
 from typing import NoReturn, Sequence
 
 from . import cache, logs
+from .handoff import TOKEN_ENV
 
 USAGE_ERROR = 2
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -151,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 root, health_path=args.health_path, cache_ttl=args.cache_ttl,
                 cache_max_bytes=args.cache_max_bytes,
                 cache_max_file_size=args.cache_max_file_size,
+                # Set by gows' master for its own workers (fileapp.handoff).
+                handoff_token=os.environ.get(TOKEN_ENV),
             )
         except ValueError as e:
             raise UsageError(str(e)) from None

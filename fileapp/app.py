@@ -7,6 +7,7 @@ looked at when the request carries them.
 """
 from __future__ import annotations
 
+import hmac
 import html
 import logging
 import os
@@ -17,6 +18,7 @@ from urllib.parse import quote
 
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
 from .files import Exhausted, Resolver, split_url_path
+from .handoff import FILE_HEADER, MIN_SIZE, REQUEST_KEY, file_header
 from .loader import EntryLoader
 from .representation import STREAM_BLOCK, Entry, FileStream, MultipartBody, Rep, StreamBody
 from .semantics import (
@@ -94,6 +96,7 @@ class FileApp:
         cache_max_file_size: int = DEFAULT_MAX_FILE_SIZE,
         max_age: int = 60,
         immutable_pattern: str | Pattern[str] | None = DEFAULT_IMMUTABLE_PATTERN,
+        handoff_token: str | None = None,
     ) -> None:
         if not os.path.isdir(root):
             raise ValueError(f"root is not a directory: {root}")
@@ -113,6 +116,9 @@ class FileApp:
                                   max_file_size=cache_max_file_size, max_age=max_age,
                                   immutable_pattern=immutable_pattern)
         self._exhausted_logged = -1.0
+        # Requests carrying this secret in X-Gows-Handoff come from gows' proxy, which sends
+        # file bodies itself (fileapp.handoff).
+        self._handoff_token = handoff_token.encode() if handoff_token else None
         if health_path and os.path.lexists(os.path.join(self.root, health_path.lstrip("/"))):
             log.warning("the health path %s shadows a file of that name under %s",
                         health_path, self.root)
@@ -184,6 +190,8 @@ class FileApp:
                 if ranges is not None:
                     return self._serve_ranges(start_response, rep, body, fd, ranges, head,
                                               environ)
+        if not head and rep.size >= MIN_SIZE and self._handoff_asked(environ):
+            return self._hand_off(start_response, "200 OK", rep.headers, rep, fd, 0, rep.size)
         start_response("200 OK", list(rep.headers))
         if head:
             if fd is not None:
@@ -192,6 +200,24 @@ class FileApp:
         if fd is None:
             return (body,)
         return self._file_body(environ, fd, 0, rep.size)
+
+    def _handoff_asked(self, environ: dict) -> bool:
+        """Whether the request comes from gows' proxy, which sends file bodies itself."""
+        token = environ.get(REQUEST_KEY)
+        return (token is not None and self._handoff_token is not None
+                and hmac.compare_digest(token.encode("latin-1"), self._handoff_token))
+
+    @staticmethod
+    def _hand_off(start_response: Callable, status: str, headers: list[tuple[str, str]], rep: Rep,
+                  fd: int | None, start: int, count: int) -> Iterable[bytes]:
+        """Answer with the head alone and name the file and range the proxy is to send."""
+        if fd is not None:
+            os.close(fd)
+        out = [(k, "0") if k == "Content-Length" else (k, v) for k, v in headers]
+        out.append((FILE_HEADER, file_header(rep.path, rep.dev, rep.ino, rep.size, rep.mtime_ns,
+                                             start, count)))
+        start_response(status, out)
+        return []
 
     def _serve_ranges(self, start_response: Callable, rep: Rep, body: bytes | None,
                       fd: int | None, ranges: tuple[tuple[int, int], ...], head: bool,
@@ -208,11 +234,15 @@ class FileApp:
             return [] if head else [text]
         if len(ranges) == 1:
             start, stop = ranges[0]
-            start_response("206 Partial Content", rep.common + [
+            headers = rep.common + [
                 ("Content-Type", rep.type),
                 ("Content-Range", f"bytes {start}-{stop - 1}/{rep.size}"),
                 ("Content-Length", str(stop - start)),
-            ])
+            ]
+            if not head and stop - start >= MIN_SIZE and self._handoff_asked(environ):
+                return self._hand_off(start_response, "206 Partial Content", headers, rep, fd, start,
+                                      stop - start)
+            start_response("206 Partial Content", headers)
             if head:
                 if fd is not None:
                     os.close(fd)

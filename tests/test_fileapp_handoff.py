@@ -1,0 +1,157 @@
+"""fileapp's hand-off of file bodies to gows' proxy (fileapp.handoff): who gets it, what the
+X-Gows-File header names, and the proxy's check that the named file is still the one decided on."""
+from __future__ import annotations
+
+import os
+
+import pytest
+from werkzeug.test import Client
+
+from fileapp import create_app
+from fileapp.handoff import FILE_HEADER, MIN_SIZE, FileRef, open_verified, parse_file_header
+
+pytestmark = pytest.mark.unit
+
+TOKEN = "s3cret-token"
+BIG = bytes(range(256)) * (MIN_SIZE // 256 + 4)  # a little over MIN_SIZE
+ASK = {"X-Gows-Handoff": TOKEN}
+
+
+@pytest.fixture
+def root(tmp_path):
+    r = tmp_path / "root"
+    r.mkdir()
+    (r / "big.bin").write_bytes(BIG)
+    (r / "small.txt").write_bytes(b"small\n")
+    (r / "huge.bin").write_bytes(BIG * 16)  # past the worker's cache limit below: streamed
+    return r
+
+
+@pytest.fixture
+def client(root):
+    return Client(create_app(str(root), handoff_token=TOKEN, cache_max_file_size=len(BIG) + 1))
+
+
+def ref_of(response) -> FileRef:
+    ref = parse_file_header(response.headers[FILE_HEADER].encode())
+    assert ref is not None
+    return ref
+
+
+@pytest.mark.parametrize("name", ["big.bin", "huge.bin"])
+def test_handed_off_head_names_the_file_and_has_no_body(client, root, name):
+    r = client.get(f"/{name}", headers=ASK)
+    assert r.status_code == 200
+    assert r.data == b""
+    assert r.headers["Content-Length"] == "0"
+    ref = ref_of(r)
+    st = os.stat(root / name)
+    assert ref == FileRef(os.fsencode(root / name), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, 0,
+                          st.st_size)
+    assert r.headers["ETag"] and r.headers["Content-Type"] == "application/octet-stream"
+
+
+def test_single_range_is_handed_off_with_its_offset(client, root):
+    r = client.get("/huge.bin", headers={**ASK, "Range": f"bytes=100-{100 + MIN_SIZE}"})
+    assert r.status_code == 206
+    assert r.headers["Content-Range"] == f"bytes 100-{100 + MIN_SIZE}/{len(BIG) * 16}"
+    ref = ref_of(r)
+    assert (ref.offset, ref.count) == (100, MIN_SIZE + 1)
+
+
+@pytest.mark.parametrize("headers", [
+    {},  # not asked
+    {"X-Gows-Handoff": "wrong"},  # asked by someone without the secret
+    {"X-Gows-Handoff": "s3cret-token\u00e9"},  # not even ASCII
+])
+def test_only_the_secret_gets_a_hand_off(client, headers):
+    r = client.get("/big.bin", headers=headers)
+    assert r.status_code == 200 and r.data == BIG
+    assert FILE_HEADER not in r.headers
+
+
+def test_without_a_token_configured_nothing_is_handed_off(root):
+    r = Client(create_app(str(root))).get("/big.bin", headers=ASK)
+    assert r.data == BIG and FILE_HEADER not in r.headers
+
+
+@pytest.mark.parametrize("path, headers, status", [
+    ("/small.txt", {}, 200),  # small bodies go with the head
+    ("/big.bin", {"Range": "bytes=0-9"}, 206),  # so do small ranges
+    ("/big.bin", {"Range": "bytes=0-9,100-40000"}, 206),  # and multipart ones
+])
+def test_small_and_multipart_bodies_are_sent_by_the_worker(client, path, headers, status):
+    r = client.get(path, headers={**ASK, **headers})
+    assert r.status_code == status and r.data and FILE_HEADER not in r.headers
+
+
+def test_head_conditionals_and_errors_are_never_handed_off(client):
+    head = client.head("/big.bin", headers=ASK)
+    assert head.headers["Content-Length"] == str(len(BIG)) and FILE_HEADER not in head.headers
+    etag = head.headers["ETag"]
+    r = client.get("/big.bin", headers={**ASK, "If-None-Match": etag})
+    assert r.status_code == 304 and FILE_HEADER not in r.headers
+    assert client.get("/missing", headers=ASK).status_code == 404
+
+
+def test_parse_refuses_malformed_values():
+    good = b"1 2 30 4 0 30 /srv/a%20b"
+    assert parse_file_header(good) == FileRef(b"/srv/a b", 1, 2, 30, 4, 0, 30)
+    for bad in (b"", b"1 2 3", b"1 2 30 4 0 31 /srv/a", b"1 2 30 4 -1 3 /srv/a", b"x 2 30 4 0 3 /a",
+                b"1 2 30 4 0 3 relative", b"1 2 30 4 0 3 /a%00b"):
+        assert parse_file_header(bad) is None, bad
+
+
+def _ref(of, **changes) -> FileRef:
+    st = os.stat(of)
+    fields = dict(path=os.fsencode(of), dev=st.st_dev, ino=st.st_ino, size=st.st_size,
+                  mtime_ns=st.st_mtime_ns, offset=0, count=st.st_size)
+    fields.update(changes)
+    return FileRef(**fields)
+
+
+def test_open_verified_opens_the_same_file_only(root, tmp_path):
+    path = root / "big.bin"
+    ref = _ref(path)
+    fd = open_verified(ref)
+    assert fd is not None
+    try:
+        assert os.pread(fd, 16, 0) == BIG[:16]
+    finally:
+        os.close(fd)
+    assert open_verified(ref._replace(mtime_ns=ref.mtime_ns + 1)) is None
+    assert open_verified(ref._replace(size=ref.size + 1, count=1)) is None
+    assert open_verified(ref._replace(ino=ref.ino + 1)) is None
+    # Replaced by another file (a new inode) at the same path.
+    (root / "new.bin").write_bytes(BIG)
+    os.replace(root / "new.bin", path)
+    assert open_verified(ref) is None
+    # Deleted.
+    os.unlink(path)
+    assert open_verified(ref) is None
+
+
+def test_open_verified_never_follows_a_symlink_swapped_in(root, tmp_path):
+    outside = tmp_path / "secret.bin"
+    outside.write_bytes(BIG)
+    path = root / "big.bin"
+    ref = _ref(outside, path=os.fsencode(path))  # even naming the outside file's identity
+    os.unlink(path)
+    os.symlink(outside, path)
+    assert open_verified(ref) is None
+    # A directory on the way swapped for a symlink to outside the root.
+    (root / "sub").mkdir()
+    (root / "sub" / "f.bin").write_bytes(BIG)
+    inside = _ref(root / "sub" / "f.bin")
+    os.rename(root / "sub", root / "old")
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "f.bin").write_bytes(BIG)
+    os.symlink(tmp_path / "elsewhere", root / "sub")
+    assert open_verified(inside) is None
+
+
+def test_open_verified_refuses_a_fifo_without_blocking(root):
+    fifo = root / "pipe"
+    os.mkfifo(fifo)
+    st = os.stat(fifo)
+    assert open_verified(FileRef(os.fsencode(fifo), st.st_dev, st.st_ino, 0, st.st_mtime_ns, 0, 0)) is None

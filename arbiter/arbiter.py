@@ -11,8 +11,12 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
+import secrets
 import socket
 import time
+
+from fileapp.handoff import TOKEN_ENV
 
 from . import config as config_mod
 from .backoff import Pool
@@ -56,6 +60,9 @@ class Arbiter:
         self._worker_sockets = worker_sockets
         self._retiring: dict[asyncio.Task, LocalWorker] = {}  # slots draining after TTOU/HUP
         _check_access_log(config)
+        # The secret with which proxies ask this master's own workers to name file bodies
+        # rather than send them (fileapp.handoff): every process it starts inherits it.
+        os.environ.setdefault(TOKEN_ENV, secrets.token_hex(16))
         # Latencies are measured only while the admin listener is there to read them.
         self.proxy = ProxyFleet(config, self.table, public, sink, timing=admin is not None)
         self._signals = SignalQueue()

@@ -62,34 +62,67 @@ def test_workers_sigkilled_under_load_fail_no_get(master, site):
     assert len(results) >= 100 and all(c.results for c in clients)
 
 
-def test_worker_killed_mid_stream_truncates_the_response_cleanly(master, site):
-    expected = (site / "stream.bin").read_bytes()
-    with socket.create_connection(("127.0.0.1", master.port), timeout=30) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
-        s.sendall(b"GET /stream.bin HTTP/1.1\r\nHost: t\r\n\r\n")
-        head, body = read_head(s)
-        assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: %d" % STREAMED in head
-        received = bytearray(body)
-        while len(received) < 2 * 1024 * 1024:  # a slow start: the worker is mid-file
-            received += s.recv(65536)
-            time.sleep(0.002)
-        workers = master.workers()
-        for pid in workers.values():  # whichever one serves this download
-            os.kill(pid, signal.SIGKILL)
-        s.settimeout(30)
-        while True:
-            chunk = s.recv(1 << 20)  # a clean end of stream; a reset or a hang would raise
-            if not chunk:
-                break
-            received += chunk
-    print(f"received {len(received)} of {STREAMED} bytes")
-    assert len(received) < STREAMED
-    assert received == expected[:len(received)]  # a prefix of the file: never foreign bytes
+def _start_slowly(s: socket.socket, request: bytes) -> tuple[bytes, bytearray]:
+    """Send `request`, read its head and the first 2 MiB of the body slowly."""
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+    s.sendall(request)
+    head, body = read_head(s)
+    received = bytearray(body)
+    while len(received) < 2 * 1024 * 1024:
+        received += s.recv(65536)
+        time.sleep(0.002)
+    return head, received
+
+
+def _kill_workers(master: Master) -> dict[int, int]:
+    workers = master.workers()
+    for pid in workers.values():  # whichever one serves this download
+        os.kill(pid, signal.SIGKILL)
+    return workers
+
+
+def _read_to_end(s: socket.socket, received: bytearray) -> None:
+    s.settimeout(30)
+    while True:
+        chunk = s.recv(1 << 20)  # a clean end of stream; a reset or a hang would raise
+        if not chunk:
+            return
+        received += chunk
+
+
+def _served_again(master: Master, workers: dict[int, int]) -> None:
     wait_until(lambda: not any(pid_alive(p) for p in workers.values()), timeout=10)
     for port in master.worker_ports:
         master.wait_log(rf"worker 127\.0\.0\.1:{port} \(pid {workers[port]}\) was killed by SIGKILL")
     wait_until(lambda: fetch(master.port, "GET", "/a.txt")[2] == b"alpha\n", timeout=30,
                message="served again")
+
+
+def test_worker_killed_mid_relayed_stream_truncates_the_response_cleanly(master, site):
+    # A multipart range response is sent by the worker itself, through the proxy.
+    expected = (site / "stream.bin").read_bytes()
+    with socket.create_connection(("127.0.0.1", master.port), timeout=30) as s:
+        head, received = _start_slowly(s, b"GET /stream.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n"
+                                          b"Range: bytes=0-0,1-%d\r\n\r\n" % (STREAMED - 1))
+        assert head.startswith(b"HTTP/1.1 206 ") and b"multipart/byteranges" in head
+        workers = _kill_workers(master)
+        _read_to_end(s, received)
+    print(f"received {len(received)} bytes of a multipart body of over {STREAMED}")
+    assert len(received) < STREAMED
+    start = received.index(b"\r\n\r\n", received.index(b"bytes 1-")) + 4
+    assert received[start:] == expected[1:1 + len(received) - start]  # a prefix: never foreign bytes
+    _served_again(master, workers)
+
+
+def test_worker_killed_after_handing_off_a_download_does_not_truncate_it(master, site):
+    expected = (site / "stream.bin").read_bytes()
+    with socket.create_connection(("127.0.0.1", master.port), timeout=30) as s:
+        head, received = _start_slowly(s, b"GET /stream.bin HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ") and b"Content-Length: %d" % STREAMED in head
+        workers = _kill_workers(master)
+        _read_to_end(s, received)
+    assert len(received) == STREAMED and received == expected
+    _served_again(master, workers)
 
 
 def test_gigabyte_to_a_slow_reader_keeps_master_memory_bounded(master):

@@ -32,6 +32,9 @@ _PROXY_COUNTERS = (
     ("shed_idle_connections", "proxy_shed_idle_connections",
      "Idle keep-alive connections closed at proxy.maxConnections to let waiting clients in."),
     ("shortages", "proxy_shortages", "Requests answered 503 because the master ran out of descriptors or memory."),
+    ("file_bodies", "proxy_file_bodies", "File bodies the proxy sent itself with sendfile (named by a local worker)."),
+    ("file_refused", "proxy_file_refused",
+     "Files named by a worker that had changed by the time the proxy opened them (the worker sent the bytes)."),
 )
 
 

@@ -24,18 +24,21 @@ REQUEST_HEADERS = {
     b"keep-alive": H_DROP, b"proxy-connection": H_DROP, b"te": H_DROP, b"trailer": H_DROP, b"upgrade": H_DROP,
     b"proxy-authorization": H_DROP, b"proxy-authenticate": H_DROP,
     b"x-forwarded-host": H_DROP, b"x-forwarded-proto": H_DROP,
+    # Only the proxy asks a worker to hand it a file body (fileapp.handoff), never a client.
+    b"x-gows-handoff": H_DROP,
     # Forwarded, but the answer is the worker's to give, not the front cache's.
     b"range": H_BYPASS, b"if-range": H_BYPASS, b"authorization": H_BYPASS, b"if-match": H_BYPASS,
     b"if-unmodified-since": H_BYPASS, b"cookie": H_BYPASS,
 }
 # Response header fields needing attention.
-R_FWD, R_CL, R_TE, R_CONNECTION, R_DROP, R_VIA, R_CC, R_NOSTORE, R_VARY, R_AGE = range(10)
+R_FWD, R_CL, R_TE, R_CONNECTION, R_DROP, R_VIA, R_CC, R_NOSTORE, R_VARY, R_AGE, R_FILE = range(11)
 RESPONSE_HEADERS = {
     b"content-length": R_CL, b"transfer-encoding": R_TE, b"connection": R_CONNECTION, b"via": R_VIA,
     b"keep-alive": R_DROP, b"proxy-connection": R_DROP, b"te": R_DROP, b"trailer": R_DROP,
     b"upgrade": R_DROP, b"proxy-authenticate": R_DROP,
     b"cache-control": R_CC, b"vary": R_VARY, b"age": R_AGE,
     b"set-cookie": R_NOSTORE, b"content-range": R_NOSTORE,
+    b"x-gows-file": R_FILE,  # a file body named by a local worker (fileapp.handoff): never forwarded
 }
 # Never dropped because a peer named them in Connection: Host, and the framing fields (which
 # are not forwarded as received anyway).

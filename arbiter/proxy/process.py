@@ -23,6 +23,7 @@ import sys
 from typing import Any
 
 from fileapp import logs as worker_logs
+from fileapp.handoff import TOKEN_ENV
 
 from ..config import FrontCacheConfig, ProxyConfig
 from ..ops.accesslog import AccessLog
@@ -71,7 +72,7 @@ class ProxyProcess:
         if self._stop.done():
             return 0
         proxy = self.proxy = Proxy(self.table, ProxyConfig(**first["proxy"]), FrontCacheConfig(**first["front_cache"]),
-                                   first["threads"], first["ttl"], self.counters)
+                                   first["threads"], first["ttl"], self.counters, os.environ.get(TOKEN_ENV))
         self._apply(first)
         for sig, now in ((signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGQUIT, True)):
             loop.add_signal_handler(sig, self._stop_signal, now)

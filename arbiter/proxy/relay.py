@@ -9,17 +9,26 @@ connection talks to it as a `ResponseSink`, and it talks to its client connectio
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import TYPE_CHECKING, Any, Protocol
+
+from fileapp.handoff import parse_file_header
+
 
 from ..addresses import host_port
 from ..state import WorkerState
 from .cache import Entry, freshness
-from .counters import NO_WORKER, RETRIES, STALE_RETRIES, TRUNCATED, UPSTREAM_ERRORS, WORKERS
-from .http1 import (CONN_CLOSE, CONN_KEEP, CRLF, HEAD, IDEMPOTENT, LAST_CHUNK, R_AGE, R_CC, R_CL,
-                    R_CONNECTION, R_DROP, R_FWD, R_NOSTORE, R_TE, R_VARY, R_VIA, RESPONSE_HEADERS, SAFE, SEP,
-                    TE_CHUNKED, VIA_SELF, drop_named, status_line)
+from .counters import (FILE_BODIES, FILE_REFUSED, NO_WORKER, RETRIES, STALE_RETRIES, TRUNCATED,
+                       UPSTREAM_ERRORS, WORKERS)
+from .filebody import FileSender, open_file
+from .http1 import (CONN_CLOSE, CONN_KEEP, CRLF, GET, HEAD, IDEMPOTENT, LAST_CHUNK, R_AGE, R_CC, R_CL,
+                    R_CONNECTION, R_DROP, R_FILE, R_FWD, R_NOSTORE, R_TE, R_VARY, R_VIA, RESPONSE_HEADERS,
+                    SAFE, SEP, TE_CHUNKED, VIA_SELF, drop_named, status_line)
 from .request import Request
 from .upstream import UpstreamConnection, UpstreamError
+
+log = logging.getLogger("gows.proxy")
 
 if TYPE_CHECKING:
     from .server import Proxy
@@ -49,7 +58,8 @@ class Relay:
 
     __slots__ = ("client", "req", "proxy", "transport", "worker", "tried", "tries", "fresh", "sent", "started",
                  "t0", "upstream", "payload", "pending_head", "out_mode", "close_after", "cacheable", "cache_vary",
-                 "cache_parts", "cache_size", "cache_ttl", "cache_headers", "cache_age", "stale", "epoch", "live")
+                 "cache_parts", "cache_size", "cache_ttl", "cache_headers", "cache_age", "stale", "epoch", "live",
+                 "handoff", "no_handoff", "refetch", "file", "sender")
 
     def __init__(self, client: Client, req: Request, proxy: Proxy, cacheable: bool, stale: Entry | None) -> None:
         self.client = client
@@ -78,6 +88,11 @@ class Relay:
         self.stale = stale  # the front-cache entry this request revalidates with the worker
         self.epoch = proxy.cache_epoch  # a reload purges the front cache: older answers are not stored
         self.live = True  # its client still waits for it
+        self.handoff = False  # the payload asks the worker to name the file rather than send it
+        self.no_handoff = False  # the named file failed the check: the worker sends the bytes
+        self.refetch = False  # ask again without a hand-off once the worker's empty answer ends
+        self.file: tuple[int, int, int] | None = None  # (fd, offset, count) the proxy sends
+        self.sender: FileSender | None = None
 
     # -- choosing a worker -----------------------------------------------------------------
     def forward(self, failed: UpstreamError | None = None) -> None:
@@ -96,7 +111,11 @@ class Relay:
         self.worker = worker
         worker.in_flight += 1
         proxy.counts[WORKERS + worker.slot] += 1
-        if not self.payload:
+        # A local worker names a file body rather than send it (fileapp.handoff).
+        handoff = (worker.local and proxy.handoff_line is not None and self.req.method == GET
+                   and not self.no_handoff)
+        if not self.payload or handoff != self.handoff:
+            self.handoff = handoff
             self.payload = self._rewrite()
         fresh = self.fresh
         self.fresh = False
@@ -128,6 +147,7 @@ class Relay:
     def detach(self) -> None:
         """The client went away: let go of the worker and the connection (its stream is unusable)."""
         self.live = False
+        self._drop_file()
         conn = self.upstream
         if conn is not None:
             self.upstream = None
@@ -148,6 +168,8 @@ class Relay:
         req = self.req
         peer = self.client.remote()
         parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
+        if self.handoff:
+            parts.append(self.proxy.handoff_line)
         parts += req.fwd
         if req.host is None:  # HTTP/1.0 without Host; HTTP/1.1 requires one upstream
             sock = self.transport.get_extra_info("sockname")
@@ -181,10 +203,10 @@ class Relay:
                 self.close_after = not req.keep_alive
                 return
             self.stale = None
-            if status != 200 and proxy.cache is not None:  # gone, forbidden, broken: not from us
+            if proxy.cache is not None:  # changed (stored anew below if it may be), gone, broken
                 proxy.cache.invalidate(req.target)
         out = [status_line(status)]
-        cl = te = connection = via = cc = vary = age = None
+        cl = te = connection = via = cc = vary = age = named = None
         nostore = False
         for name, value in headers:
             code = RESPONSE_HEADERS.get(name.lower(), R_FWD)
@@ -198,6 +220,8 @@ class Relay:
                 connection = value if connection is None else connection + b"," + value
             elif code == R_VIA:
                 via = value if via is None else via + b", " + value
+            elif code == R_FILE:
+                named = value  # never forwarded; honoured only as asked for, below
             elif code != R_DROP:
                 out += (name, SEP, value, CRLF)
                 if code == R_CC:
@@ -210,6 +234,10 @@ class Relay:
                     age = value
         if connection is not None:
             out = drop_named(out, connection, start=1)
+        if named is not None and self.handoff and (status == 200 or status == 206) and self.file is None:
+            if not self._take_file(named, cl):
+                return
+            cl = b"%d" % self.file[2]
         keep = req.keep_alive and not proxy.draining
         if req.method == HEAD or status == 304 or status == 204:
             mode = NOBODY
@@ -242,6 +270,7 @@ class Relay:
         proxy.status_counts[status // 100 if status < 600 else 5] += 1
         cache = proxy.cache
         if (self.cacheable and status == 200 and not nostore and mode != NOBODY and cache is not None
+                and self.file is None
                 and (vary is None or vary.strip().lower() == b"accept-encoding")
                 and (cl is None or int(cl) <= cache.max_object_bytes)):
             ttl = freshness(cc)
@@ -283,12 +312,69 @@ class Relay:
         else:
             transport.write(data)
 
+    def _take_file(self, named: bytes, cl: bytes | None) -> bool:
+        """Open the file a worker named for the body and check it is the one the worker saw;
+        False (and ask again, for the bytes) when it is not (fileapp.handoff)."""
+        ref = parse_file_header(named)
+        fd = open_file(ref) if ref is not None and cl == b"0" else None
+        if fd is None:
+            self.proxy.counts[FILE_REFUSED] += 1
+            self.refetch = True
+            self.out_mode = NOBODY
+            return False
+        self.file = (fd, ref.offset, ref.count)
+        return True
+
+    def _drop_file(self) -> None:
+        sender = self.sender
+        if sender is not None:
+            self.sender = None
+            sender.cancel()
+        elif self.file is not None:
+            os.close(self.file[0])
+        self.file = None
+
+    def _send_file(self) -> None:
+        """Send the file body ourselves, after the head (already written)."""
+        fd, offset, count = self.file
+        client = self.client
+        proxy = self.proxy
+        proxy.counts[FILE_BODIES] += 1
+        # While the body leaves, the client's stall clock tells whether it still reads.
+        client.write_paused = True
+        client.stall_since = proxy.clock
+        self.sender = FileSender(proxy.loop, self.transport, fd, offset, count, self._file_sent,
+                                 self._file_failed, self._file_progress)
+        self.sender.start()
+
+    def _file_progress(self) -> None:
+        self.client.stall_since = self.proxy.clock
+
+    def _file_sent(self) -> None:
+        self.sender = None
+        self.file = None
+        self.client.write_paused = False
+        self.client.finish(self.req, not self.close_after)
+
+    def _file_failed(self, reason: str) -> None:
+        self.sender = None
+        self.file = None
+        log.warning("file body of %r cut short: %s", self.req.target[:200], reason)
+        self.proxy.counts[TRUNCATED] += 1
+        self.client.abort()
+
     def upstream_done(self, conn: UpstreamConnection) -> None:
         self._release_worker()
         if not self.live:
             return
         req = self.req
         proxy = self.proxy
+        if self.refetch:  # the named file failed its check: ask for the bytes instead
+            self.refetch = False
+            self.no_handoff = True
+            self.sent = False
+            self.forward()
+            return
         cache = proxy.cache
         stale = self.stale
         if stale is not None:  # the worker answered 304 to our revalidation
@@ -305,6 +391,9 @@ class Relay:
             self.pending_head = None
             self.transport.write(head)
         self.started = True
+        if self.file is not None:
+            self._send_file()
+            return
         if self.cache_parts is not None:
             # Unless switched off meanwhile, or purged by a reload since the request left.
             if cache is not None and self.epoch == proxy.cache_epoch:
@@ -317,6 +406,9 @@ class Relay:
 
     def upstream_failed(self, conn: UpstreamConnection | None, error: UpstreamError) -> None:
         worker = self._release_worker()
+        self.refetch = False
+        if self.sender is None:
+            self._drop_file()
         req = self.req
         proxy = self.proxy
         proxy.counts[UPSTREAM_ERRORS] += 1

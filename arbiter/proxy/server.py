@@ -52,12 +52,16 @@ class Proxy:
     """The front proxy: serves a listening socket, forwarding to `table.healthy` workers."""
 
     def __init__(self, table: WorkerView, config: ProxyConfig, front_cache: FrontCacheConfig,
-                 worker_threads: int, revalidate_after: float, counters: Counters | None = None) -> None:
+                 worker_threads: int, revalidate_after: float, counters: Counters | None = None,
+                 handoff_token: str | None = None) -> None:
         """`config` and `front_cache`: the config's sections; `worker_threads`: each worker's
         (the balancer's idea of a busy worker); `revalidate_after`: the workers' cache TTL (a
         stored response is checked with a worker once older); `counters`: where to count (a
-        proxy process: memory the master reads), private memory by default."""
+        proxy process: memory the master reads), private memory by default; `handoff_token`:
+        the secret with which local workers are asked to name file bodies rather than send
+        them (fileapp.handoff), None to relay every body."""
         self.table = table
+        self.handoff_line = b"X-Gows-Handoff: %s\r\n" % handoff_token.encode() if handoff_token else None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.pool = UpstreamPool(self)
         self.conns: set[ClientProtocol] = set()

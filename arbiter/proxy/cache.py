@@ -1,4 +1,6 @@
-"""Front cache: small GET responses the workers marked cacheable, served by the proxy itself.
+"""Front cache: small GET responses the workers marked cacheable, served by the proxy itself,
+and for bigger files which file and which head a URL maps to (as nginx's open_file_cache):
+the proxy sends such a file itself, if it still is the very file the worker named.
 
 Bounded in bytes and per object (cachetools' TLRUCache: least recently used, each entry
 expiring at its own max-age); an entry weighs what it really holds (one copy of the body, its
@@ -16,6 +18,8 @@ from typing import MutableSequence, Sequence
 
 from cachetools import TLRUCache
 from werkzeug.http import parse_accept_header, parse_date
+
+from fileapp.handoff import FileRef
 
 from .counters import CACHE_HITS, CACHE_MISSES, CACHE_REVALIDATED, CACHE_STORES, SIZE
 
@@ -98,10 +102,11 @@ class Entry:
 
     __slots__ = ("body", "block", "nm_block", "etag", "last_modified", "modified_at", "born", "expires", "size",
                  "age", "initial_age", "head", "head_ka", "head_close", "nm", "nm_ka", "nm_close", "full",
-                 "key", "ttl", "fresh_until", "revalidating")
+                 "key", "ttl", "fresh_until", "revalidating", "file")
 
     def __init__(self, headers: Sequence[tuple[bytes, bytes, bytes]], body: bytes, ttl: float, now: float,
-                 initial_age: int = 0, revalidate_after: float = float("inf")) -> None:
+                 initial_age: int = 0, revalidate_after: float = float("inf"), file: FileRef | None = None) -> None:
+        """`file`: the body is that file's range, sent from disk (and `body` is empty)."""
         block, nm_block = [], []
         self.etag = self.last_modified = None
         for lname, name, value in headers:
@@ -115,7 +120,8 @@ class Entry:
                 self.etag = value
             elif lname == b"last-modified":
                 self.last_modified = value
-        self.block = b"".join(block) + b"Content-Length: %d\r\n" % len(body) + VIA
+        self.file = file
+        self.block = b"".join(block) + b"Content-Length: %d\r\n" % (file.count if file else len(body)) + VIA
         self.nm_block = b"".join(nm_block) + VIA
         self.modified_at = None
         self.body = body
@@ -144,7 +150,7 @@ class Entry:
         base = b"HTTP/1.1 200 OK\r\n" + self.block + age_line
         self.head = base + b"\r\n"
         # The usual hit (HTTP/1.1 keep-alive) leaves in one write of one prepared object.
-        self.full = self.head + self.body if len(self.body) <= JOIN_LIMIT else None
+        self.full = self.head + self.body if len(self.body) <= JOIN_LIMIT and self.file is None else None
         self.head_ka = base + b"Connection: keep-alive\r\n\r\n"
         self.head_close = base + b"Connection: close\r\n\r\n"
         nm = b"HTTP/1.1 304 Not Modified\r\n" + self.nm_block + age_line
@@ -221,12 +227,14 @@ class FrontCache:
         return entry
 
     def store(self, target: bytes, accept_encoding: bytes | None, vary: bool,
-              headers: Sequence[tuple[bytes, bytes, bytes]], body: bytes, ttl: float, upstream_age: int = 0) -> bool:
-        """Keep a complete 200 response for `ttl` seconds (minus the Age it already had)."""
+              headers: Sequence[tuple[bytes, bytes, bytes]], body: bytes, ttl: float, upstream_age: int = 0,
+              file: FileRef | None = None) -> bool:
+        """Keep a complete 200 response for `ttl` seconds (minus the Age it already had); with
+        `file`, its body is that file's range (fileapp.handoff), whatever its size."""
         ttl -= upstream_age
         if ttl <= 0 or len(body) > self.max_object_bytes:
             return False
-        entry = Entry(headers, body, ttl, time.monotonic(), upstream_age, self.revalidate_after)
+        entry = Entry(headers, body, ttl, time.monotonic(), upstream_age, self.revalidate_after, file)
         if entry.size > self.entries.maxsize:
             return False
         if vary:

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any
 from httptools import HttpRequestParser
 
 from .cache import Entry
-from .counters import REJECTED, TIMEOUTS
+from .counters import FILE_BODIES, FILE_REFUSED, REJECTED, TIMEOUTS, TRUNCATED
+from .filebody import FileSender, open_file
 from .http1 import BUSY, GET, HEAD, error_response
 from .reader import IDLE, MAX_PIPELINE, RequestReader
 from .relay import JOIN_LIMIT, Relay
@@ -31,7 +32,8 @@ class ClientProtocol(RequestReader):
     """One client connection: read requests, queue them in order, answer each from the cache,
     with an error of the proxy's own, or through a Relay to a worker."""
 
-    __slots__ = ("relay", "eof", "write_paused", "stall_since", "peer", "pumping", "idle_since")
+    __slots__ = ("relay", "eof", "write_paused", "stall_since", "peer", "pumping", "idle_since", "sender",
+                 "sending")
 
     def __init__(self, proxy: Proxy) -> None:
         super().__init__(proxy)
@@ -42,6 +44,8 @@ class ClientProtocol(RequestReader):
         self.peer: bytes | None = None
         self.pumping = False  # _pump is running: what it calls must not start it again
         self.idle_since = 0.0  # when the connection last had no request in progress
+        self.sender: FileSender | None = None  # sending a file body
+        self.sending: tuple[Request, bool] | None = None  # its request, and whether to keep alive after
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -143,11 +147,12 @@ class ClientProtocol(RequestReader):
             entry = cache.get(req.target, req.ae, proxy.clock)
             if entry is not None:
                 if entry.servable(proxy.clock):
-                    self.answer_from(entry, req)
-                    return
+                    if self.answer_from(entry, req):
+                        return
+                    cache.invalidate(req.target)  # a stored file that changed: ask a worker
                 # Older than the workers' own cache TTL: ask a worker whether it still holds (one
                 # request does; others get the stored answer meanwhile).
-                if req.inm is None and req.ims is None and (entry.etag is not None or entry.last_modified is not None):
+                elif req.inm is None and req.ims is None and (entry.etag is not None or entry.last_modified is not None):
                     entry.revalidating = proxy.clock
                     stale = entry
             cacheable = method == GET
@@ -155,8 +160,9 @@ class ClientProtocol(RequestReader):
         relay.forward()
 
     # -- answers (the Client side of a Relay) -----------------------------------------------
-    def answer_from(self, entry: Entry, req: Request) -> None:
-        """Answer `req` with a stored response (a 304 when its validators match)."""
+    def answer_from(self, entry: Entry, req: Request) -> bool:
+        """Answer `req` with a stored response (a 304 when its validators match); False (and
+        nothing written) when it names a file that is no longer the one stored."""
         proxy = self.proxy
         age = int(proxy.clock - entry.born) + entry.initial_age
         if age != entry.age:
@@ -171,6 +177,18 @@ class ClientProtocol(RequestReader):
             head = (entry.head_ka if http10 else entry.head) if keep else entry.head_close
             if req.method == HEAD:
                 self.transport.write(head)
+            elif entry.file is not None:
+                ref = entry.file
+                fd = open_file(ref)
+                if fd is None:
+                    proxy.counts[FILE_REFUSED] += 1
+                    return False
+                self.transport.write(head)
+                proxy.status_counts[2] += 1
+                req.status = 200
+                req.length = ref.count
+                self.send_file(fd, ref.offset, ref.count, req, keep)
+                return True
             else:
                 body = entry.body
                 if keep and not http10 and entry.full is not None:
@@ -183,6 +201,36 @@ class ClientProtocol(RequestReader):
             proxy.status_counts[2] += 1
             req.status = 200
         self.finish(req, keep)
+        return True
+
+    def send_file(self, fd: int, offset: int, count: int, req: Request, keep: bool) -> None:
+        """Send `count` bytes of the open file `fd` from `offset` as the body of `req`, whose
+        head is written, then finish it (filebody.FileSender; `fd` is its to close)."""
+        proxy = self.proxy
+        proxy.counts[FILE_BODIES] += 1
+        # While the body leaves, the stall clock tells whether the client still reads.
+        self.write_paused = True
+        self.stall_since = proxy.clock
+        self.sending = (req, keep)
+        self.sender = FileSender(proxy.loop, self.transport, fd, offset, count, self._file_sent,
+                                 self._file_failed, self._file_progress)
+        self.sender.start()
+
+    def _file_progress(self) -> None:
+        self.stall_since = self.proxy.clock
+
+    def _file_sent(self) -> None:
+        req, keep = self.sending
+        self.sender = self.sending = None
+        self.write_paused = False
+        self.finish(req, keep)
+
+    def _file_failed(self, reason: str) -> None:
+        req, _ = self.sending
+        self.sender = self.sending = None
+        log.warning("file body of %r cut short: %s", req.target[:200], reason)
+        self.proxy.counts[TRUNCATED] += 1
+        self.abort()
 
     def respond_error(self, req: Request, status: int) -> None:
         """Answer `req` with a response of the proxy's own."""
@@ -242,6 +290,10 @@ class ClientProtocol(RequestReader):
             self.transport.abort()
 
     def _detach(self) -> None:
+        sender = self.sender
+        if sender is not None:
+            self.sender = self.sending = None
+            sender.cancel()
         relay = self.relay
         if relay is not None:
             self.relay = None

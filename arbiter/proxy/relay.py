@@ -13,15 +13,14 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fileapp.handoff import parse_file_header
+from fileapp.handoff import FileRef, parse_file_header
 
 
 from ..addresses import host_port
 from ..state import WorkerState
 from .cache import Entry, freshness
-from .counters import (FILE_BODIES, FILE_REFUSED, NO_WORKER, RETRIES, STALE_RETRIES, TRUNCATED,
-                       UPSTREAM_ERRORS, WORKERS)
-from .filebody import FileSender, open_file
+from .counters import FILE_REFUSED, NO_WORKER, RETRIES, STALE_RETRIES, TRUNCATED, UPSTREAM_ERRORS, WORKERS
+from .filebody import open_file
 from .http1 import (CONN_CLOSE, CONN_KEEP, CRLF, GET, HEAD, IDEMPOTENT, LAST_CHUNK, R_AGE, R_CC, R_CL,
                     R_CONNECTION, R_DROP, R_FILE, R_FWD, R_NOSTORE, R_TE, R_VARY, R_VIA, RESPONSE_HEADERS,
                     SAFE, SEP, TE_CHUNKED, VIA_SELF, drop_named, status_line)
@@ -47,6 +46,7 @@ class Client(Protocol):
 
     def remote(self) -> bytes: ...
     def finish(self, req: Request, keep: bool) -> None: ...
+    def send_file(self, fd: int, offset: int, count: int, req: Request, keep: bool) -> None: ...
     def respond_error(self, req: Request, status: int) -> None: ...
     def answer_from(self, entry: Entry, req: Request) -> None: ...
     def close(self) -> None: ...
@@ -59,7 +59,7 @@ class Relay:
     __slots__ = ("client", "req", "proxy", "transport", "worker", "tried", "tries", "fresh", "sent", "started",
                  "t0", "upstream", "payload", "pending_head", "out_mode", "close_after", "cacheable", "cache_vary",
                  "cache_parts", "cache_size", "cache_ttl", "cache_headers", "cache_age", "stale", "epoch", "live",
-                 "handoff", "no_handoff", "refetch", "file", "sender")
+                 "handoff", "no_handoff", "refetch", "file")
 
     def __init__(self, client: Client, req: Request, proxy: Proxy, cacheable: bool, stale: Entry | None) -> None:
         self.client = client
@@ -91,8 +91,7 @@ class Relay:
         self.handoff = False  # the payload asks the worker to name the file rather than send it
         self.no_handoff = False  # the named file failed the check: the worker sends the bytes
         self.refetch = False  # ask again without a hand-off once the worker's empty answer ends
-        self.file: tuple[int, int, int] | None = None  # (fd, offset, count) the proxy sends
-        self.sender: FileSender | None = None
+        self.file: tuple[int, FileRef] | None = None  # a file body the proxy sends: (open fd, what)
 
     # -- choosing a worker -----------------------------------------------------------------
     def forward(self, failed: UpstreamError | None = None) -> None:
@@ -237,7 +236,7 @@ class Relay:
         if named is not None and self.handoff and (status == 200 or status == 206) and self.file is None:
             if not self._take_file(named, cl):
                 return
-            cl = b"%d" % self.file[2]
+            cl = b"%d" % self.file[1].count
         keep = req.keep_alive and not proxy.draining
         if req.method == HEAD or status == 304 or status == 204:
             mode = NOBODY
@@ -270,15 +269,15 @@ class Relay:
         proxy.status_counts[status // 100 if status < 600 else 5] += 1
         cache = proxy.cache
         if (self.cacheable and status == 200 and not nostore and mode != NOBODY and cache is not None
-                and self.file is None
                 and (vary is None or vary.strip().lower() == b"accept-encoding")
-                and (cl is None or int(cl) <= cache.max_object_bytes)):
+                # (a file body is stored as the file's name: it weighs nothing)
+                and (cl is None or self.file is not None or int(cl) <= cache.max_object_bytes)):
             ttl = freshness(cc)
             if ttl > 0:
                 self.cache_vary = vary is not None
                 self.cache_ttl = ttl
                 self.cache_headers = headers
-                self.cache_parts = []
+                self.cache_parts = [] if self.file is None else None
                 self.cache_size = 0
                 self.cache_age = int(age) if age is not None and age.isdigit() else 0
 
@@ -322,46 +321,13 @@ class Relay:
             self.refetch = True
             self.out_mode = NOBODY
             return False
-        self.file = (fd, ref.offset, ref.count)
+        self.file = (fd, ref)
         return True
 
     def _drop_file(self) -> None:
-        sender = self.sender
-        if sender is not None:
-            self.sender = None
-            sender.cancel()
-        elif self.file is not None:
+        if self.file is not None:
             os.close(self.file[0])
-        self.file = None
-
-    def _send_file(self) -> None:
-        """Send the file body ourselves, after the head (already written)."""
-        fd, offset, count = self.file
-        client = self.client
-        proxy = self.proxy
-        proxy.counts[FILE_BODIES] += 1
-        # While the body leaves, the client's stall clock tells whether it still reads.
-        client.write_paused = True
-        client.stall_since = proxy.clock
-        self.sender = FileSender(proxy.loop, self.transport, fd, offset, count, self._file_sent,
-                                 self._file_failed, self._file_progress)
-        self.sender.start()
-
-    def _file_progress(self) -> None:
-        self.client.stall_since = self.proxy.clock
-
-    def _file_sent(self) -> None:
-        self.sender = None
-        self.file = None
-        self.client.write_paused = False
-        self.client.finish(self.req, not self.close_after)
-
-    def _file_failed(self, reason: str) -> None:
-        self.sender = None
-        self.file = None
-        log.warning("file body of %r cut short: %s", self.req.target[:200], reason)
-        self.proxy.counts[TRUNCATED] += 1
-        self.client.abort()
+            self.file = None
 
     def upstream_done(self, conn: UpstreamConnection) -> None:
         self._release_worker()
@@ -381,7 +347,11 @@ class Relay:
             self.stale = None
             if cache is not None and self.epoch == proxy.cache_epoch:
                 cache.refresh(stale)
-            self.client.answer_from(stale, req)
+            if not self.client.answer_from(stale, req):  # a stored file that changed meanwhile
+                if cache is not None:
+                    cache.invalidate(req.target)
+                self.payload = b""
+                self.forward()
             return
         head = self.pending_head
         if self.out_mode == CHUNKED:
@@ -392,7 +362,12 @@ class Relay:
             self.transport.write(head)
         self.started = True
         if self.file is not None:
-            self._send_file()
+            fd, ref = self.file
+            self.file = None
+            if self.cache_headers is not None and cache is not None and self.epoch == proxy.cache_epoch:
+                cache.store(req.target, req.ae, self.cache_vary, [(n.lower(), n, v) for n, v in self.cache_headers],
+                            b"", self.cache_ttl, self.cache_age, ref)
+            self.client.send_file(fd, ref.offset, ref.count, req, not self.close_after)
             return
         if self.cache_parts is not None:
             # Unless switched off meanwhile, or purged by a reload since the request left.
@@ -407,8 +382,7 @@ class Relay:
     def upstream_failed(self, conn: UpstreamConnection | None, error: UpstreamError) -> None:
         worker = self._release_worker()
         self.refetch = False
-        if self.sender is None:
-            self._drop_file()
+        self._drop_file()
         req = self.req
         proxy = self.proxy
         proxy.counts[UPSTREAM_ERRORS] += 1

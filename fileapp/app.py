@@ -18,7 +18,8 @@ from urllib.parse import quote
 
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
 from .files import Exhausted, Resolver, split_url_path
-from .handoff import FILE_HEADER, MIN_SIZE, REQUEST_KEY, file_header, sendfile_header_for
+from .handoff import (FILE_HEADER, MIN_SIZE, REQUEST_KEY, file_header, handed_off_head,
+                      sendfile_header_for)
 from .loader import EntryLoader
 from .representation import STREAM_BLOCK, Entry, FileStream, MultipartBody, Rep, StreamBody
 from .semantics import (
@@ -227,9 +228,7 @@ class FileApp:
         """Answer with the head alone and the header naming the body the server in front sends."""
         if fd is not None:
             os.close(fd)
-        out = [(k, "0") if k == "Content-Length" else (k, v) for k, v in headers]
-        out.append(handoff)
-        start_response(status, out)
+        start_response(status, handed_off_head(headers, handoff))
         return []
 
     def _serve_ranges(self, start_response: Callable, rep: Rep, body: bytes | None,

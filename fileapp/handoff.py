@@ -98,6 +98,15 @@ def same_file(st: os.stat_result, ref: FileRef) -> bool:
             and st.st_size == ref.size and st.st_mtime_ns == ref.mtime_ns)
 
 
+def handed_off_head(headers: list[tuple[str, str]], handoff: tuple[str, str]) -> list[tuple[str, str]]:
+    """The head of a handed-off response: `headers` for an empty body, less what the server in
+    front adds itself (nginx its own Accept-Ranges: a second would repeat it), and `handoff`."""
+    drop = "Accept-Ranges" if handoff[0] == X_ACCEL_REDIRECT else None
+    out = [(k, "0") if k == "Content-Length" else (k, v) for k, v in headers if k != drop]
+    out.append(handoff)
+    return out
+
+
 X_ACCEL_REDIRECT = "X-Accel-Redirect"  # nginx: a URI under an internal location
 X_SENDFILE = "X-Sendfile"  # Apache's mod_xsendfile: the file's absolute path
 SENDFILE_HEADERS = (X_ACCEL_REDIRECT, X_SENDFILE)

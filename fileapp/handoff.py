@@ -98,15 +98,6 @@ def same_file(st: os.stat_result, ref: FileRef) -> bool:
             and st.st_size == ref.size and st.st_mtime_ns == ref.mtime_ns)
 
 
-def handed_off_head(headers: list[tuple[str, str]], handoff: tuple[str, str]) -> list[tuple[str, str]]:
-    """The head of a handed-off response: `headers` for an empty body, less what the server in
-    front adds itself (nginx its own Accept-Ranges: a second would repeat it), and `handoff`."""
-    drop = "Accept-Ranges" if handoff[0] == X_ACCEL_REDIRECT else None
-    out = [(k, "0") if k == "Content-Length" else (k, v) for k, v in headers if k != drop]
-    out.append(handoff)
-    return out
-
-
 X_ACCEL_REDIRECT = "X-Accel-Redirect"  # nginx: a URI under an internal location
 X_SENDFILE = "X-Sendfile"  # Apache's mod_xsendfile: the file's absolute path
 SENDFILE_HEADERS = (X_ACCEL_REDIRECT, X_SENDFILE)
@@ -117,6 +108,16 @@ DEFAULT_SENDFILE_PREFIX = "/_fileapp/"
 _REDECIDED = ("HTTP_RANGE", "HTTP_IF_RANGE", "HTTP_IF_MATCH", "HTTP_IF_NONE_MATCH",
               "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_UNMODIFIED_SINCE")
 _BAD_PREFIX_CHARS = frozenset("?#%\\") | {chr(c) for c in range(33)} | {chr(127)}
+
+
+def handed_off_head(headers: list[tuple[str, str]],
+                    handoff: tuple[str, str]) -> list[tuple[str, str]]:
+    """The head of a handed-off response: `headers` for an empty body, less what the server in
+    front adds itself (nginx its own Accept-Ranges: a second would repeat it), and `handoff`."""
+    drop = "Accept-Ranges" if handoff[0] == X_ACCEL_REDIRECT else None
+    out = [(k, "0") if k == "Content-Length" else (k, v) for k, v in headers if k != drop]
+    out.append(handoff)
+    return out
 
 
 class SendfileHeader:
@@ -159,7 +160,8 @@ class SendfileHeader:
         return self.name, quote_from_bytes(self._lead + raw[len(self._root):], "/")
 
 
-def sendfile_header_for(header: str | None, root: str, prefix: str | None) -> SendfileHeader | None:
+def sendfile_header_for(header: str | None, root: str,
+                        prefix: str | None) -> SendfileHeader | None:
     """create_app's sendfile_header and sendfile_prefix options checked (ValueError); None
     when no server in front is to send bodies."""
     if header is None:

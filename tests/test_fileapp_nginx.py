@@ -63,6 +63,8 @@ def site(tmp_path):
     (root / "big.bin").write_bytes(BIG)
     (root / ODD).write_bytes(BIG[::-1])
     (root / "small.txt").write_bytes(b"small\n")
+    (root / "page.html").write_bytes(b"<p>" * 20_000)
+    (root / "page.html.gz").write_bytes(b"\x1f\x8b" + BIG[:40_000])  # a precompressed sidecar
     (tmp_path / "secret.bin").write_bytes(SECRET)
     (root / "escape.bin").symlink_to(tmp_path / "secret.bin")
     return root
@@ -133,6 +135,18 @@ def test_the_handed_off_answer_carries_fileapps_own_headers(nginx):
     for name in ("ETag", "Last-Modified", "Cache-Control", "Content-Type", "Content-Length"):
         assert sent.get_all(name) == own.get_all(name), name
     assert sent.get_all("Accept-Ranges") == ["bytes"]
+
+
+def test_a_file_with_a_sidecar_keeps_its_vary_and_the_sidecar_is_sent_by_fileapp(nginx):
+    port, log = nginx
+    status, headers, body = get(port, "/page.html")
+    assert (status, body) == (200, b"<p>" * 20_000)
+    assert headers.get_all("Vary") == ["Accept-Encoding"] and "Content-Encoding" not in headers
+    status, headers, body = get(port, "/page.html", {"Accept-Encoding": "gzip"})
+    assert (status, body) == (200, b"\x1f\x8b" + BIG[:40_000])
+    assert headers["Content-Encoding"] == "gzip" and headers.get_all("Vary") == ["Accept-Encoding"]
+    assert [line.split(" ", 2)[2] for line in logged(log, "/page.html", 2)] == [
+        '"/_fileapp/page.html" 60000', '"-" 40002']
 
 
 def test_conditional_requests_get_fileapps_answer(nginx):

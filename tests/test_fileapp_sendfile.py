@@ -109,7 +109,8 @@ def test_the_identity_of_a_file_with_a_sidecar_is_handed_off_with_its_vary(nginx
 
 def test_head_conditionals_and_errors_are_never_handed_off(nginx):
     head = nginx.head("/big.bin")
-    assert head.headers["Content-Length"] == str(len(BIG)) and "X-Accel-Redirect" not in head.headers
+    assert head.headers["Content-Length"] == str(len(BIG))
+    assert "X-Accel-Redirect" not in head.headers
     r = nginx.get("/big.bin", headers={"If-None-Match": head.headers["ETag"]})
     assert r.status_code == 304 and "X-Accel-Redirect" not in r.headers
     assert nginx.get("/big.bin", headers={"If-Match": '"other"'}).status_code == 412
@@ -143,7 +144,8 @@ def test_a_handed_off_stream_leaves_no_descriptor_open(nginx):
     ({"sendfile_header": "X-Accel"}, "sendfile_header must be one of"),
     ({"sendfile_header": "x-sendfile"}, "sendfile_header must be one of"),
     ({"sendfile_prefix": "/_fileapp/"}, "sendfile_prefix needs sendfile_header"),
-    ({"sendfile_header": "X-Sendfile", "sendfile_prefix": "/x/"}, "applies to X-Accel-Redirect only"),
+    ({"sendfile_header": "X-Sendfile", "sendfile_prefix": "/x/"},
+     "applies to X-Accel-Redirect only"),
     *[({"sendfile_header": "X-Accel-Redirect", "sendfile_prefix": bad}, "sendfile_prefix must be")
       for bad in ("_fileapp/", "/_fileapp", "", "/a/../b/", "/a/./b/", "/a?b/", "/a#/",
                   "/a%2e/", "/a b/", "/a\nb/", "@named/")],

@@ -40,6 +40,21 @@ def create_app(root: str, **options) -> FileApp:
       handoff_token: a secret; requests carrying it in `X-Gows-Handoff` (gows' proxy) get file
            bodies of 32 KiB and more as an `X-Gows-File` header naming the file, which the
            proxy sends itself (fileapp.handoff). gows' master sets it for its own workers.
+      sendfile_header: "X-Accel-Redirect" (nginx) or "X-Sendfile" (Apache's mod_xsendfile), or
+           None (default: fileapp sends every body). When set, a GET answered with a full 200 of
+           32 KiB or more, to a request with no Range and no If-* header and without a
+           Content-Encoding, gets the head with an empty body and this header naming the file,
+           for the server in front to send; the rest (HEAD, 206, 304, 412, sidecars, small
+           files) fileapp sends itself, as nginx and Apache would evaluate ranges and
+           preconditions again against their own validators. X-Sendfile's value is the file's
+           absolute real path, percent-encoded (mod_xsendfile decodes it by default).
+           Only for servers every request comes through: a client reaching fileapp directly
+           would get an empty body. See the README's "Embedding behind nginx / Apache".
+      sendfile_prefix: for X-Accel-Redirect, the URI prefix of the nginx `internal` location
+           that maps to `root` (default "/_fileapp/": `location /_fileapp/ { internal; alias
+           /srv/www/; }`); the value is that prefix and the file's percent-encoded path below
+           the root. Must start and end with "/".
+      Bad values of either raise ValueError.
 
     The returned FileApp also exposes `health` (set `health.draining = True` to fail health
     checks while shutting down) and `cache` (`cache.stats()` gives hit/miss/evict counters).

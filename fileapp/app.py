@@ -18,7 +18,8 @@ from urllib.parse import quote
 
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
 from .files import Exhausted, Resolver, split_url_path
-from .handoff import FILE_HEADER, MIN_SIZE, REQUEST_KEY, file_header
+from .handoff import (FILE_HEADER, MIN_SIZE, REQUEST_KEY, file_header, handed_off_head,
+                      sendfile_header_for)
 from .loader import EntryLoader
 from .representation import STREAM_BLOCK, Entry, FileStream, MultipartBody, Rep, StreamBody
 from .semantics import (
@@ -97,6 +98,8 @@ class FileApp:
         max_age: int = 60,
         immutable_pattern: str | Pattern[str] | None = DEFAULT_IMMUTABLE_PATTERN,
         handoff_token: str | None = None,
+        sendfile_header: str | None = None,
+        sendfile_prefix: str | None = None,
     ) -> None:
         if not os.path.isdir(root):
             raise ValueError(f"root is not a directory: {root}")
@@ -119,6 +122,7 @@ class FileApp:
         # Requests carrying this secret in X-Gows-Handoff come from gows' proxy, which sends
         # file bodies itself (fileapp.handoff).
         self._handoff_token = handoff_token.encode() if handoff_token else None
+        self._sendfile = sendfile_header_for(sendfile_header, self.root, sendfile_prefix)
         if health_path and os.path.lexists(os.path.join(self.root, health_path.lstrip("/"))):
             log.warning("the health path %s shadows a file of that name under %s",
                         health_path, self.root)
@@ -190,8 +194,10 @@ class FileApp:
                 if ranges is not None:
                     return self._serve_ranges(start_response, rep, body, fd, ranges, head,
                                               environ)
-        if not head and rep.size >= MIN_SIZE and self._handoff_asked(environ):
-            return self._hand_off(start_response, "200 OK", rep.headers, rep, fd, 0, rep.size)
+        if not head and rep.size >= MIN_SIZE:
+            handoff = self._handoff_header(environ, rep, rep.headers, 0, rep.size)
+            if handoff is not None:
+                return self._hand_off(start_response, "200 OK", rep.headers, fd, handoff)
         start_response("200 OK", list(rep.headers))
         if head:
             if fd is not None:
@@ -201,22 +207,28 @@ class FileApp:
             return (body,)
         return self._file_body(environ, fd, 0, rep.size)
 
-    def _handoff_asked(self, environ: dict) -> bool:
-        """Whether the request comes from gows' proxy, which sends file bodies itself."""
+    def _handoff_header(self, environ: dict, rep: Rep, headers: list[tuple[str, str]],
+                        start: int, count: int) -> tuple[str, str] | None:
+        """The header handing this GET's body (`count` bytes of `rep` from `start`, at least
+        MIN_SIZE) to the server in front, or None to send it here: gows' proxy when it asks
+        with its secret, else nginx or Apache when configured and they may (SendfileHeader)."""
         token = environ.get(REQUEST_KEY)
-        return (token is not None and self._handoff_token is not None
-                and hmac.compare_digest(token.encode("latin-1"), self._handoff_token))
+        if (token is not None and self._handoff_token is not None
+                and hmac.compare_digest(token.encode("latin-1"), self._handoff_token)):
+            return FILE_HEADER, file_header(rep.path, rep.dev, rep.ino, rep.size, rep.mtime_ns,
+                                            start, count)
+        sendfile = self._sendfile
+        if sendfile is None or count != rep.size or not sendfile.takes(environ, headers):
+            return None
+        return sendfile.header(rep.path)
 
     @staticmethod
-    def _hand_off(start_response: Callable, status: str, headers: list[tuple[str, str]], rep: Rep,
-                  fd: int | None, start: int, count: int) -> Iterable[bytes]:
-        """Answer with the head alone and name the file and range the proxy is to send."""
+    def _hand_off(start_response: Callable, status: str, headers: list[tuple[str, str]],
+                  fd: int | None, handoff: tuple[str, str]) -> Iterable[bytes]:
+        """Answer with the head alone and the header naming the body the server in front sends."""
         if fd is not None:
             os.close(fd)
-        out = [(k, "0") if k == "Content-Length" else (k, v) for k, v in headers]
-        out.append((FILE_HEADER, file_header(rep.path, rep.dev, rep.ino, rep.size, rep.mtime_ns,
-                                             start, count)))
-        start_response(status, out)
+        start_response(status, handed_off_head(headers, handoff))
         return []
 
     def _serve_ranges(self, start_response: Callable, rep: Rep, body: bytes | None,
@@ -239,9 +251,11 @@ class FileApp:
                 ("Content-Range", f"bytes {start}-{stop - 1}/{rep.size}"),
                 ("Content-Length", str(stop - start)),
             ]
-            if not head and stop - start >= MIN_SIZE and self._handoff_asked(environ):
-                return self._hand_off(start_response, "206 Partial Content", headers, rep, fd, start,
-                                      stop - start)
+            if not head and stop - start >= MIN_SIZE:
+                handoff = self._handoff_header(environ, rep, headers, start, stop - start)
+                if handoff is not None:
+                    return self._hand_off(start_response, "206 Partial Content", headers, fd,
+                                          handoff)
             start_response("206 Partial Content", headers)
             if head:
                 if fd is not None:

@@ -8,13 +8,17 @@ the worker saw (device, inode, size, mtime) and the byte range to send. The prox
 itself and sends it only if the identity still matches (open_verified), so no path is served
 that the worker would have refused: a symlink swapped in, or a file replaced, moved or truncated
 in between, fails the check and the proxy asks the worker for the bytes instead.
+
+Embedded behind nginx or Apache, fileapp hands bodies off the same way with the header those
+servers read (SendfileHeader): X-Accel-Redirect names a URI under an internal nginx location
+mapped to the root, X-Sendfile the file's absolute path (Apache's mod_xsendfile).
 """
 from __future__ import annotations
 
 import errno
 import os
 import stat
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 TOKEN_ENV = "GOWS_HANDOFF_TOKEN"
@@ -92,3 +96,76 @@ def same_file(st: os.stat_result, ref: FileRef) -> bool:
     """Whether `st` is the regular file `ref` names, unchanged."""
     return (stat.S_ISREG(st.st_mode) and st.st_ino == ref.ino and st.st_dev == ref.dev
             and st.st_size == ref.size and st.st_mtime_ns == ref.mtime_ns)
+
+
+X_ACCEL_REDIRECT = "X-Accel-Redirect"  # nginx: a URI under an internal location
+X_SENDFILE = "X-Sendfile"  # Apache's mod_xsendfile: the file's absolute path
+SENDFILE_HEADERS = (X_ACCEL_REDIRECT, X_SENDFILE)
+DEFAULT_SENDFILE_PREFIX = "/_fileapp/"
+# Request headers nginx and Apache would evaluate once more after the hand-off, against
+# validators of their own (nginx's ETag is not fileapp's: If-Match would get a 412 from nginx
+# that fileapp had passed). Such requests are answered by fileapp from start to end.
+_REDECIDED = ("HTTP_RANGE", "HTTP_IF_RANGE", "HTTP_IF_MATCH", "HTTP_IF_NONE_MATCH",
+              "HTTP_IF_MODIFIED_SINCE", "HTTP_IF_UNMODIFIED_SINCE")
+_BAD_PREFIX_CHARS = frozenset("?#%\\") | {chr(c) for c in range(33)} | {chr(127)}
+
+
+def handed_off_head(headers: list[tuple[str, str]],
+                    handoff: tuple[str, str]) -> list[tuple[str, str]]:
+    """The head of a handed-off response: `headers` for an empty body, less what the server in
+    front adds itself (nginx its own Accept-Ranges: a second would repeat it), and `handoff`."""
+    drop = "Accept-Ranges" if handoff[0] == X_ACCEL_REDIRECT else None
+    out = [(k, "0") if k == "Content-Length" else (k, v) for k, v in headers if k != drop]
+    out.append(handoff)
+    return out
+
+
+class SendfileHeader:
+    """The header by which fileapp, behind nginx or Apache, hands them a file body to send.
+
+    Both servers drop Content-Encoding (mod_xsendfile) or most upstream headers (nginx) and
+    decide conditionals and ranges themselves, so only what needs none of that is handed off:
+    a full 200 of an identity representation to a request with no Range and no precondition.
+    """
+
+    def __init__(self, header: str, root: str, prefix: str | None = None) -> None:
+        if header not in SENDFILE_HEADERS:
+            raise ValueError(f"sendfile_header must be one of {', '.join(SENDFILE_HEADERS)}, "
+                             f"got {header!r}")
+        if prefix is not None and header != X_ACCEL_REDIRECT:
+            raise ValueError(f"sendfile_prefix applies to {X_ACCEL_REDIRECT} only")
+        prefix = DEFAULT_SENDFILE_PREFIX if prefix is None else prefix
+        if (not prefix.startswith("/") or not prefix.endswith("/") or "/../" in prefix + "/"
+                or "/./" in prefix or any(c in _BAD_PREFIX_CHARS for c in prefix)):
+            raise ValueError("sendfile_prefix must be a plain URI path starting and ending with"
+                             f" '/' (the internal nginx location, e.g. {DEFAULT_SENDFILE_PREFIX!r}),"
+                             f" got {prefix!r}")
+        self.name = header
+        self._root = os.fsencode(root.rstrip("/") + "/")
+        self._lead = os.fsencode(prefix) if header == X_ACCEL_REDIRECT else self._root
+
+    @staticmethod
+    def takes(environ: Mapping[str, object], headers: list[tuple[str, str]]) -> bool:
+        """Whether a full 200 with `headers` to this request may be handed off."""
+        return (not any(key in environ for key in _REDECIDED)
+                and not any(name == "Content-Encoding" for name, _ in headers))
+
+    def header(self, path: str) -> tuple[str, str] | None:
+        """The header naming the file at the real path `path`, percent-encoded (nginx decodes
+        the URI, mod_xsendfile the path: XSendFileUnescape is on by default); None for a path
+        outside the root, which is never handed off."""
+        raw = os.fsencode(path)
+        if not raw.startswith(self._root):
+            return None
+        return self.name, quote_from_bytes(self._lead + raw[len(self._root):], "/")
+
+
+def sendfile_header_for(header: str | None, root: str,
+                        prefix: str | None) -> SendfileHeader | None:
+    """create_app's sendfile_header and sendfile_prefix options checked (ValueError); None
+    when no server in front is to send bodies."""
+    if header is None:
+        if prefix is not None:
+            raise ValueError(f"sendfile_prefix needs sendfile_header={X_ACCEL_REDIRECT!r}")
+        return None
+    return SendfileHeader(header, root, prefix)

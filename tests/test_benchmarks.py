@@ -511,9 +511,10 @@ def test_targets_are_printed_under_their_target_with_the_per_proxy_spread():
     checks = report.check_targets("compare", rows)
     lines = report.targets_text(checks).splitlines()
     assert lines[lines.index(f"- {ISSUE_11}:") + 1].startswith("  - gows 2w cache on, ab 1 KiB: 1.12× nginx")
-    assert ("  - gows 2w cache on, wrk 1 KiB: 1.07× nginx (target ≥ 1.0×; per proxy 51%/49%) — met" in lines)
-    assert ("  - gows 2w cache on, wrk -c5000 1 KiB: 1.04× nginx (target ≥ 1.0×, 3 failed/non-2xx) — MISSED"
-            in lines)
+    assert ("  - gows 2w cache on, wrk 1 KiB: 1.07× nginx (target ≥ 1.0×; per proxy 51%/49%) — met (7.1% above the "
+            "target)" in lines)
+    assert ("  - gows 2w cache on, wrk -c5000 1 KiB: 1.04× nginx (target ≥ 1.0×, 3 failed/non-2xx) — MISSED: 3 "
+            "failed/non-2xx (4.2% above the target)" in lines)
     (wrk,) = [c for c in checks if c["target"] == ISSUE_11 and c["tool"] == "wrk" and c["server"].startswith("gows 2w")]
     assert wrk["per_proxy"] == "51%/49%" and wrk["evenness"] == pytest.approx(740000 / 750000)
     assert all("per_proxy" not in c for c in checks if c["tool"] != "wrk" or not c["server"].startswith("gows 2w"))
@@ -561,7 +562,8 @@ def test_many_clients_load_is_planned_for_apache_nginx_and_gows_only():
     many = {s.label for s in plan.specs if (loads.MANY_TOOL, "1 KiB") in cli.planned_loads(s, plan)}
     assert many == {"Apache", "nginx"} | {f"gows {n}w cache {c}" for n in (2, 10, 100) for c in ("on", "off")}
     assert cli.planned_loads(NGINX, plan) == [("ab", "1 KiB"), ("ab", "150 KB"), ("wrk", "1 KiB"),
-                                              ("wrk -c5000", "1 KiB")]
+                                              ("wrk -c8", "10 MiB"), ("wrk -c8", "100 MiB"),
+                                              ("wrk files", "4096 × 64 KiB"), ("wrk -c5000", "1 KiB")]
     fileapp = cli.build_plan(cli.parse_args(["fileapp"]))
     assert fileapp.many_kinds == [] and all(t != loads.MANY_TOOL for s in fileapp.specs
                                             for t, _ in cli.planned_loads(s, fileapp))
@@ -761,20 +763,27 @@ def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(cli, "serve", fake_serve)
     monkeypatch.setattr(loads, "ab", fake_ab)
-    wrk_calls: list[tuple[int, int, int]] = []
+    wrk_calls: list[tuple[str, int, int, int, int | None, str | None]] = []
 
-    def fake_wrk(url, connections, seconds, threads=1):
-        wrk_calls.append((threads, connections, seconds))
+    def fake_wrk(url, connections, seconds, threads=1, timeout=None, script=None):
+        wrk_calls.append((url.split("/", 3)[-1], threads, connections, seconds, timeout,
+                          script and script.read_text().count(".bin")))
         return loads.parse_wrk(fixture("wrk-nginx-1k.txt"))
 
+    written: list[Path] = []
     monkeypatch.setattr(loads, "wrk", fake_wrk)
+    monkeypatch.setattr(prereqs, "add_big_files", lambda root, files: written.append(root))
     monkeypatch.setattr(prereqs, "ensure_tools", lambda commands, log: {})
     monkeypatch.setattr(cli, "RESULTS", tmp_path)
 
     status = cli.main(["--only", "apache,nginx", "--requests", "300", "--repeat", "3"])
     assert status == 1  # nginx failed to start
     assert started == ["Apache"]
-    assert wrk_calls == [(1, 100, 10), (2, 5000, 10)]  # -c100, then the many-clients load last
+    # -c100, the downloads (10 s timeout), the 4096 files (in the Lua script), the many-clients load last.
+    assert wrk_calls == [("1k.txt", 1, 100, 10, None, None), ("10m.bin", 1, 8, 10, 10, None),
+                         ("100m.bin", 1, 8, 10, 10, None), ("", 1, 100, 10, None, 4096),
+                         ("1k.txt", 2, 5000, 10, None, None)]
+    assert len(written) == 1  # the big files are written once, into the docroot every server shares
     warm_up, measured = ab_calls[:2], ab_calls[2:]
     assert [c[2] for c in warm_up] == [50, 50]  # one short warm-up per file, not counted
     assert len(measured) == 6 and all(c[1:] == (300, 500) for c in measured)  # 3 runs x 2 files
@@ -787,7 +796,8 @@ def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, c
     assert len(apache_ab) == 2 and all(sorted(r["runs_rps"])[1] == r["result"]["rps"] for r in apache_ab)
     nginx = [r for r in record["rows"] if r["kind"] == "nginx"]
     assert {(r["file"], r["tool"]) for r in nginx} == {("1 KiB", "ab"), ("150 KB", "ab"), ("1 KiB", "wrk"),
-                                                       ("1 KiB", "wrk -c5000")}
+                                                       ("10 MiB", "wrk -c8"), ("100 MiB", "wrk -c8"),
+                                                       ("4096 × 64 KiB", "wrk files"), ("1 KiB", "wrk -c5000")}
     assert all(r["result"] is None and "bind() failed" in r["error"] for r in nginx)
     apache_many = [r for r in record["rows"] if r["kind"] == "apache" and r["tool"] == "wrk -c5000"]
     assert len(apache_many) == 1 and apache_many[0]["result"]["proxies"] is None
@@ -819,7 +829,9 @@ def test_run_reports_each_proxy_share_of_every_gows_load(tmp_path, monkeypatch, 
     monkeypatch.setattr(loads, "ab", lambda url, n, c, gnuplot=None: (
         gnuplot.write_text(fixture("ab-gnuplot.tsv")) if gnuplot else None,
         loads.parse_ab(load(fixture("ab-nginx-1k.txt"))))[1])
-    monkeypatch.setattr(loads, "wrk", lambda url, c, s, threads=1: loads.parse_wrk(load(fixture("wrk-nginx-1k.txt"))))
+    monkeypatch.setattr(loads, "wrk", lambda url, c, s, threads=1, timeout=None, script=None: loads.parse_wrk(
+        load(fixture("wrk-nginx-1k.txt"))))
+    monkeypatch.setattr(prereqs, "add_big_files", lambda root, files: None)
     monkeypatch.setattr(prereqs, "ensure_tools", lambda commands, log: {})
     monkeypatch.setattr(cli, "RESULTS", tmp_path)
 
@@ -828,7 +840,8 @@ def test_run_reports_each_proxy_share_of_every_gows_load(tmp_path, monkeypatch, 
     assert "per proxy" in out
     record = json.loads(next(tmp_path.glob("compare-*.json")).read_text())
     cache_on = {r["tool"] + " " + r["file"]: r["result"]["proxies"] for r in record["rows"] if r["cache"]}
-    assert set(cache_on) == {"ab 1 KiB", "ab 150 KB", "wrk 1 KiB", "wrk -c5000 1 KiB"}
+    assert set(cache_on) == {"ab 1 KiB", "ab 150 KB", "wrk 1 KiB", "wrk -c8 10 MiB", "wrk -c8 100 MiB",
+                             "wrk files 4096 × 64 KiB", "wrk -c5000 1 KiB"}
     assert all(p == [{"index": 1, "requests": 3000, "restarts": 0}, {"index": 2, "requests": 2000, "restarts": 0}]
                for p in cache_on.values())
     md = next(tmp_path.glob("compare-*.md")).read_text()

@@ -7,7 +7,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -235,17 +234,6 @@ def per_proxy(m: Measurement) -> str:
     return f", per proxy {text}" if text else ""
 
 
-def version(argv: list[str]) -> str:
-    """First line a tool prints about its version (for the report's notes)."""
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    line = next((l for l in lines if any(ch.isdigit() for ch in l)), "?")
-    return line.removeprefix("This is ").split(" <$")[0].split(" Copyright")[0].strip()
-
-
 def notes(plan: Plan, load_before: float, fd_limit: int) -> list[str]:
     """What the reader needs to trust the numbers: tools, settings, machine, method."""
     limit = "unlimited" if fd_limit == sys.maxsize else f"{fd_limit:,}"
@@ -255,7 +243,7 @@ def notes(plan: Plan, load_before: float, fd_limit: int) -> list[str]:
     return [
         f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}; "
         f"load average before the run {load_before:.2f} (other jobs may share the machine)",
-        "tools: " + "; ".join(version([prereqs.which(tools[k][0]) or tools[k][0], *tools[k][1:]]) for k in used),
+        "tools: " + "; ".join(prereqs.version([prereqs.which(tools[k][0]) or tools[k][0], *tools[k][1:]]) for k in used),
         f"ab -n {plan.ab_requests} -c {plan.ab_concurrency} (no keep-alive): figures are the median of "
         f"{plan.repeat} run(s) by req/s; p50/p99 are ab's whole milliseconds",
         f"wrk -t1 -c{plan.wrk_connections} -d{plan.wrk_seconds}s --latency (keep-alive); its 'failed' counts socket "

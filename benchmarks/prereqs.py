@@ -70,6 +70,17 @@ def which(command: str) -> str | None:
     return shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin:/usr/local/sbin")
 
 
+def version(argv: list[str]) -> str:
+    """First line a tool prints about its version (for the report's notes)."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    line = next((l for l in lines if any(ch.isdigit() for ch in l)), "?")
+    return line.removeprefix("This is ").split(" <$")[0].split(" Copyright")[0].strip()
+
+
 def ensure_tools(commands: list[str], log=print) -> dict[str, str]:
     """Return {command: path}; install the missing ones with apt-get when root, else exit 2 saying how."""
     missing = [c for c in commands if which(c) is None]

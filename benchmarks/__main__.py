@@ -243,7 +243,8 @@ def notes(plan: Plan, load_before: float, fd_limit: int) -> list[str]:
     return [
         f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}; "
         f"load average before the run {load_before:.2f} (other jobs may share the machine)",
-        "tools: " + "; ".join(prereqs.version([prereqs.which(tools[k][0]) or tools[k][0], *tools[k][1:]]) for k in used),
+        "tools: " + "; ".join(prereqs.version([prereqs.which(tools[k][0]) or tools[k][0], *tools[k][1:]])
+                              for k in used),
         f"ab -n {plan.ab_requests} -c {plan.ab_concurrency} (no keep-alive): figures are the median of "
         f"{plan.repeat} run(s) by req/s; p50/p99 are ab's whole milliseconds",
         f"wrk -t1 -c{plan.wrk_connections} -d{plan.wrk_seconds}s --latency (keep-alive); its 'failed' counts socket "

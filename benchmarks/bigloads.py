@@ -31,6 +31,7 @@ def runs(server: Running, files: FileSet, seconds: int, workdir: Path
     for name, _, label in DOWNLOADS:
         yield DOWNLOAD_TOOL, label, lambda name=name: loads.wrk(
             server.url(name), DOWNLOAD_CONNECTIONS, seconds, timeout=DOWNLOAD_TIMEOUT)
+    workdir.mkdir(parents=True, exist_ok=True)
     script = workdir / "many-files.lua"
     script.write_text(loads.wrk_files_script(["/" + name for name in files.names]))
     yield FILES_TOOL, files.label, lambda: loads.wrk(server.url(""), FILES_CONNECTIONS, seconds, script=script)

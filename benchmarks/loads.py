@@ -223,7 +223,7 @@ end
 def wrk_files_script(paths: list[str], seed: int = 12) -> str:
     """A wrk Lua script that requests one of `paths` at random, uniformly, for each request; the
     same sequence on every run (a fixed seed per thread), so every server gets the same requests.
-    No `response` hook: wrk then hands each response to Lua, which costs more than the request."""
+    No `response` hook: with one, wrk hands every response to Lua, which costs more than the request."""
     entries = ",\n".join(f"  {_lua_string(path)}" for path in paths)
     return f"""-- written by benchmarks/loads.py: {len(paths)} distinct files, one at random per request
 local paths = {{

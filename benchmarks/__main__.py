@@ -7,18 +7,17 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from . import loads, prereqs, proxies, report
+from . import bigloads, loads, prereqs, proxies, report
 from .loads import MANY_CLIENTS, MANY_THREADS, MANY_TOOL, LoadError, Measurement
-from .prereqs import FILES, MissingPrerequisite
+from .prereqs import FILES, FileSet, MissingPrerequisite
 from .report import Row
 from .servers import KINDS, NAMES, NGINX_CONNECTIONS, PEER_THREADS, ServerError, ServerSpec, serve
 
@@ -46,6 +45,9 @@ class Plan:
     # wrk -t{many_threads} -c{many_clients} keep-alive on the 1 KiB file, for these kinds of server
     # only (issue 11: gows' proxy processes against nginx and Apache with many clients).
     many_kinds: list[str]
+    # Big downloads and the many-files load (issue 12, benchmarks/bigloads.py) for these kinds.
+    big_kinds: list[str] = field(default_factory=list)
+    files: FileSet = field(default_factory=prereqs.many_files)
     many_clients: int = MANY_CLIENTS
     many_threads: int = MANY_THREADS
 
@@ -57,6 +59,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         kinds = ("fileapp", "fileapp-worker", "whitenoise", "whitenoise-worker", "werkzeug")
         specs = [ServerSpec(kind, 2) for kind in kinds]
         requests, wrk_files, many_kinds = 20000, [label for _, _, label in FILES], []
+        big_kinds: list[str] = []
     else:
         specs = [ServerSpec("apache"), ServerSpec("nginx")]
         for n in workers:
@@ -66,6 +69,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         requests, wrk_files = 5000, [FILES[0][2]]
         # Not gunicorn+whitenoise: a gthread worker holds 1000 connections; nor the metrics cost's twins.
         many_kinds = ["apache", "nginx", "gows"]
+        # Every gows row (cache on and off): about 31 s a server, 4 minutes of a full run.
+        big_kinds = ["apache", "nginx", "gows"]
     if args.only:
         specs = [s for s in specs if s.kind in args.only]
     return Plan(
@@ -78,6 +83,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         wrk_seconds=args.duration or (2 if args.quick else 10),
         wrk_files=wrk_files,
         many_kinds=many_kinds,
+        big_kinds=big_kinds,
     )
 
 
@@ -85,6 +91,8 @@ def planned_loads(spec: ServerSpec, plan: Plan) -> list[tuple[str, str]]:
     """The (tool, file label) of every row a server gets, in the order they are measured."""
     out = [("ab", label) for _, _, label in FILES]
     out += [("wrk", label) for _, _, label in FILES if label in plan.wrk_files]
+    if spec.kind in plan.big_kinds:
+        out += bigloads.planned(plan.files)
     if spec.kind in plan.many_kinds:
         out.append((MANY_TOOL, FILES[0][2]))
     return out
@@ -199,6 +207,11 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
                             progress(f"{spec.label}: wrk {label}: {m.rps:,.0f} req/s, {m.failed} socket errors, "
                                      f"{m.non2xx} non-2xx{per_proxy(m)}"
                                      + (f" (twin {paired.rps:,.0f})" if paired else ""))
+                if last and spec.kind in plan.big_kinds:
+                    for tool, label, load in bigloads.runs(server, plan.files, plan.wrk_seconds, workdir):
+                        m = proxies.counted(server.admin_port, load)
+                        rows.append(Row(spec, label, tool, m))
+                        progress(f"{spec.label}: {tool} {label}: {bigloads.describe(m, tool)}{per_proxy(m)}")
                 if last and spec.kind in plan.many_kinds:
                     # Last, so the other loads never meet the churn of 5000 connections closing.
                     name, _, label = FILES[0]
@@ -221,17 +234,6 @@ def per_proxy(m: Measurement) -> str:
     return f", per proxy {text}" if text else ""
 
 
-def version(argv: list[str]) -> str:
-    """First line a tool prints about its version (for the report's notes)."""
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return "?"
-    lines = (done.stdout + done.stderr).strip().splitlines()
-    line = next((l for l in lines if any(ch.isdigit() for ch in l)), "?")
-    return line.removeprefix("This is ").split(" <$")[0].split(" Copyright")[0].strip()
-
-
 def notes(plan: Plan, load_before: float, fd_limit: int) -> list[str]:
     """What the reader needs to trust the numbers: tools, settings, machine, method."""
     limit = "unlimited" if fd_limit == sys.maxsize else f"{fd_limit:,}"
@@ -241,7 +243,8 @@ def notes(plan: Plan, load_before: float, fd_limit: int) -> list[str]:
     return [
         f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}; "
         f"load average before the run {load_before:.2f} (other jobs may share the machine)",
-        "tools: " + "; ".join(version([prereqs.which(tools[k][0]) or tools[k][0], *tools[k][1:]]) for k in used),
+        "tools: " + "; ".join(prereqs.version([prereqs.which(tools[k][0]) or tools[k][0], *tools[k][1:]])
+                              for k in used),
         f"ab -n {plan.ab_requests} -c {plan.ab_concurrency} (no keep-alive): figures are the median of "
         f"{plan.repeat} run(s) by req/s; p50/p99 are ab's whole milliseconds",
         f"wrk -t1 -c{plan.wrk_connections} -d{plan.wrk_seconds}s --latency (keep-alive); its 'failed' counts socket "
@@ -251,6 +254,7 @@ def notes(plan: Plan, load_before: float, fd_limit: int) -> list[str]:
            f"{', '.join(NAMES[k] for k in plan.many_kinds)}; open file limit {limit} (wrk and the servers "
            f"inherit it); nginx with worker_connections {NGINX_CONNECTIONS} (Debian's 768 cannot hold them), "
            "Apache and gows with their defaults"] if plan.many_kinds else []),
+        *bigloads.notes(plan.big_kinds, plan.files, plan.wrk_seconds),
         "each server warmed up with ab -n 1000 -c 50 on each file before measuring; Python peers run "
         f"gunicorn -k gthread --threads {PEER_THREADS} with the listed workers (fileapp: create_app(root); "
         "'fileapp (gows worker)', 'whitenoise (gows worker)': the same apps under -k fileapp.worker.GowsThreadWorker, "
@@ -288,6 +292,9 @@ def run(plan: Plan, keep: bool) -> int:
     interrupted = False
     try:
         docroot = prereqs.make_docroot(base)
+        if any(s.kind in plan.big_kinds for s in plan.specs):
+            progress(f"writing {len(prereqs.DOWNLOADS)} downloads and {plan.files.label} files")
+            prereqs.add_big_files(docroot, plan.files)
         for i, spec in enumerate(plan.specs, 1):
             progress(f"[{i}/{len(plan.specs)}] {spec.label} (load average {os.getloadavg()[0]:.2f})")
             measure(spec, plan, docroot, base / f"{i:02d}-{spec.kind}", rows, series)
@@ -335,17 +342,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("suite", nargs="?", default="compare", choices=["compare", "fileapp"],
                         help="compare: Apache, nginx, gows (2/10/100 workers, front cache on/off) and "
                              "gunicorn+whitenoise (issue 4), with wrk -t2 -c5000 on Apache, nginx and gows "
-                             "(issue 11); fileapp: fileapp (also under gows' worker "
+                             "(issue 11), 10/100 MiB downloads and many files on them (issue 12); fileapp: "
+                             "fileapp (also under gows' worker "
                              "class) vs whitenoise vs SharedDataMiddleware under gunicorn gthread, 2 workers (issue 2)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: ab -n 1000 -c 100 once, wrk 2s (-c100 and -c5000), 2 workers")
+                        help="smoke run: ab -n 1000 -c 100 once, every wrk load 2s, 2 workers")
     parser.add_argument("--only", type=lambda s: s.split(","), action="extend",
                         metavar="SERVER[,SERVER]", help=f"measure only these servers: {', '.join(KINDS)}")
     parser.add_argument("--workers", type=int_list, metavar="N[,N]",
                         help="gows/whitenoise worker counts for the compare suite (default 2,10,100)")
     parser.add_argument("--requests", type=int, metavar="N", help="requests per ab run (default 5000; fileapp 20000)")
     parser.add_argument("--repeat", type=int, metavar="R", help="ab runs per file, the median is reported (default 3)")
-    parser.add_argument("--duration", type=int, metavar="S", help="seconds per wrk run, -c100 and -c5000 (default 10)")
+    parser.add_argument("--duration", type=int, metavar="S", help="seconds per wrk run, every wrk load (default 10)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, server logs, ab -g files)")
     args = parser.parse_args(argv)
     for name in ("requests", "repeat", "duration"):

@@ -15,6 +15,13 @@ if TYPE_CHECKING:
 # The many-clients keep-alive load (issue 11): wrk from two threads holding 5000 connections.
 MANY_CLIENTS, MANY_THREADS = 5000, 2
 MANY_TOOL = f"wrk -c{MANY_CLIENTS}"  # the tool column of its rows ("wrk" alone is -t1 -c100)
+# Big downloads (issue 12): wrk from one thread over 8 connections, judged by bytes per second.
+# A timeout is a download not done in DOWNLOAD_TIMEOUT s: wrk's default 2 s would flag a 100 MiB
+# response at 8 connections whenever a server is below 420 MB/s, which nginx is on a busy 2-core box.
+DOWNLOAD_CONNECTIONS, DOWNLOAD_TIMEOUT = 8, 10
+DOWNLOAD_TOOL = f"wrk -c{DOWNLOAD_CONNECTIONS}"
+# Many distinct files (issue 12): wrk -t1 -c100 with a Lua script picking a file at random per request.
+FILES_TOOL = "wrk files"
 
 
 class LoadError(RuntimeError):
@@ -134,11 +141,14 @@ def ab(url: str, requests: int, concurrency: int, gnuplot: Path | None = None) -
     return parse_ab(_run(argv + [url], timeout=120 + requests / 50))
 
 
-def wrk(url: str, connections: int, seconds: int, threads: int = 1) -> Measurement:
-    """`wrk -tT -cN -dS --latency URL`: keep-alive load (each connection needs a descriptor in wrk
-    and in the server: the caller raises RLIMIT_NOFILE, which both inherit)."""
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", url]
-    return parse_wrk(_run(argv, timeout=seconds + 60))
+def wrk(url: str, connections: int, seconds: int, threads: int = 1, timeout: int | None = None,
+        script: Path | None = None) -> Measurement:
+    """`wrk -tT -cN -dS --latency [--timeout T] [-s script] URL`: keep-alive load (each connection
+    needs a descriptor in wrk and in the server: the caller raises RLIMIT_NOFILE, which both inherit)."""
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
+    argv += [f"--timeout={timeout}s"] if timeout is not None else []
+    argv += ["-s", str(script)] if script is not None else []
+    return parse_wrk(_run(argv + [url], timeout=seconds + (timeout or 2) + 60))
 
 
 @dataclass(frozen=True)
@@ -206,6 +216,36 @@ function done(summary, latency, requests)
   for status, n in pairs(total) do
     io.write(string.format("soak-status %d %d\\n", status, n))
   end
+end
+"""
+
+
+def wrk_files_script(paths: list[str], seed: int = 12) -> str:
+    """A wrk Lua script that requests one of `paths` at random, uniformly, for each request; the
+    same sequence on every run (a fixed seed per thread), so every server gets the same requests.
+    No `response` hook: with one, wrk hands every response to Lua, which costs more than the request."""
+    entries = ",\n".join(f"  {_lua_string(path)}" for path in paths)
+    return f"""-- written by benchmarks/loads.py: {len(paths)} distinct files, one at random per request
+local paths = {{
+{entries}
+}}
+local next_id = 0
+
+function setup(thread)
+  next_id = next_id + 1
+  thread:set("id", next_id)
+end
+
+function init(args)
+  math.randomseed({seed} * 1000 + id)
+  prepared = {{}}
+  for i, path in ipairs(paths) do
+    prepared[i] = wrk.format("GET", path)
+  end
+end
+
+function request()
+  return prepared[math.random(#prepared)]
 end
 """
 

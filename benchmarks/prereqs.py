@@ -4,11 +4,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import random
 import resource
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+
+from arbiter.config import FrontCacheConfig, configured
 
 # Debian package that provides each command.
 PACKAGES = {"ab": "apache2-utils", "wrk": "wrk", "apache2": "apache2", "nginx": "nginx"}
@@ -17,6 +21,44 @@ PYTHON_MODULES = {"gunicorn": "gunicorn", "whitenoise": "whitenoise", "werkzeug"
 
 # The files every server serves: (URL name, size in bytes, label in the table).
 FILES = [("1k.txt", 1024, "1 KiB"), ("150k.txt", 150_000, "150 KB")]
+MIB = 2**20
+# Big downloads (issue 12), same shape: random bytes written out (no sparse holes a server could
+# send without reading the disk), far above the front cache's object limit (1 MiB).
+DOWNLOADS = [("10m.bin", 10 * MIB, "10 MiB"), ("100m.bin", 100 * MIB, "100 MiB")]
+
+
+@dataclass(frozen=True)
+class FileSet:
+    """The many-files load's files (issue 12): `count` files of `size` random bytes in `directory`."""
+
+    directory: str
+    count: int
+    size: int
+    front_cache: int  # gows' default front cache budget, which the set outgrows
+
+    @property
+    def total(self) -> int:
+        """Bytes of the whole set."""
+        return self.count * self.size
+
+    @property
+    def label(self) -> str:
+        """The file column of its rows: `4096 × 64 KiB`."""
+        return f"{self.count} × {self.size // 1024} KiB"
+
+    @property
+    def names(self) -> list[str]:
+        """Each file's path under the document root, `many/0000.bin` ..."""
+        digits = len(str(self.count - 1))
+        return [f"{self.directory}/{i:0{digits}d}.bin" for i in range(self.count)]
+
+
+def many_files(multiple: int = 4, size: int = 64 * 1024) -> FileSet:
+    """Files of `size` bytes whose total is `multiple` × gows' default front cache (frontCache.maxBytes
+    as arbiter/config declares it: 64 MiB, so 4096 files of 64 KiB). One size, below both the front
+    cache's and the workers' per-object limits, so that only the budget keeps a file out of a cache."""
+    budget = configured(FrontCacheConfig).max_bytes
+    return FileSet("many", multiple * budget // size, size, budget)
 
 
 class MissingPrerequisite(Exception):
@@ -26,6 +68,17 @@ class MissingPrerequisite(Exception):
 def which(command: str) -> str | None:
     """Find a command on PATH or in the sbin directories, where Debian puts the servers."""
     return shutil.which(command) or shutil.which(command, path="/usr/sbin:/sbin:/usr/local/sbin")
+
+
+def version(argv: list[str]) -> str:
+    """First line a tool prints about its version (for the report's notes)."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    line = next((l for l in lines if any(ch.isdigit() for ch in l)), "?")
+    return line.removeprefix("This is ").split(" <$")[0].split(" Copyright")[0].strip()
 
 
 def ensure_tools(commands: list[str], log=print) -> dict[str, str]:
@@ -96,3 +149,23 @@ def make_docroot(base: Path) -> Path:
     for name, _, _ in FILES:
         (root / name).chmod(0o644)
     return root
+
+
+def write_random(path: Path, size: int, rng: random.Random, chunk: int = MIB) -> None:
+    """`size` bytes from `rng`, written out in `chunk`s, readable by the servers' users."""
+    with open(path, "wb") as f:
+        for done in range(0, size, chunk):
+            f.write(rng.randbytes(min(chunk, size - done)))
+    path.chmod(0o644)
+
+
+def add_big_files(root: Path, files: FileSet) -> None:
+    """The issue-12 loads' files under `root`: DOWNLOADS and `files`, the same bytes on every run
+    (seeded), about 370 MiB on disk."""
+    for name, size, _ in DOWNLOADS:
+        write_random(root / name, size, random.Random(name))
+    (root / files.directory).mkdir()
+    (root / files.directory).chmod(0o755)
+    rng = random.Random(files.directory)
+    for name in files.names:
+        write_random(root / name, files.size, rng)

@@ -16,7 +16,7 @@ import pytest
 from support import pid_alive, wait_until
 
 from benchmarks import __main__ as cli
-from benchmarks import loads, prereqs, proxies, report, servers
+from benchmarks import bigloads, loads, prereqs, proxies, report, servers
 from benchmarks.loads import LoadError, Measurement
 from benchmarks.report import Row
 from benchmarks.servers import ServerSpec
@@ -511,9 +511,10 @@ def test_targets_are_printed_under_their_target_with_the_per_proxy_spread():
     checks = report.check_targets("compare", rows)
     lines = report.targets_text(checks).splitlines()
     assert lines[lines.index(f"- {ISSUE_11}:") + 1].startswith("  - gows 2w cache on, ab 1 KiB: 1.12× nginx")
-    assert ("  - gows 2w cache on, wrk 1 KiB: 1.07× nginx (target ≥ 1.0×; per proxy 51%/49%) — met" in lines)
-    assert ("  - gows 2w cache on, wrk -c5000 1 KiB: 1.04× nginx (target ≥ 1.0×, 3 failed/non-2xx) — MISSED"
-            in lines)
+    assert ("  - gows 2w cache on, wrk 1 KiB: 1.07× nginx (target ≥ 1.0×; per proxy 51%/49%) — met (7.1% above the "
+            "target)" in lines)
+    assert ("  - gows 2w cache on, wrk -c5000 1 KiB: 1.04× nginx (target ≥ 1.0×, 3 failed/non-2xx) — MISSED: 3 "
+            "failed/non-2xx (4.2% above the target)" in lines)
     (wrk,) = [c for c in checks if c["target"] == ISSUE_11 and c["tool"] == "wrk" and c["server"].startswith("gows 2w")]
     assert wrk["per_proxy"] == "51%/49%" and wrk["evenness"] == pytest.approx(740000 / 750000)
     assert all("per_proxy" not in c for c in checks if c["tool"] != "wrk" or not c["server"].startswith("gows 2w"))
@@ -561,7 +562,8 @@ def test_many_clients_load_is_planned_for_apache_nginx_and_gows_only():
     many = {s.label for s in plan.specs if (loads.MANY_TOOL, "1 KiB") in cli.planned_loads(s, plan)}
     assert many == {"Apache", "nginx"} | {f"gows {n}w cache {c}" for n in (2, 10, 100) for c in ("on", "off")}
     assert cli.planned_loads(NGINX, plan) == [("ab", "1 KiB"), ("ab", "150 KB"), ("wrk", "1 KiB"),
-                                              ("wrk -c5000", "1 KiB")]
+                                              ("wrk -c8", "10 MiB"), ("wrk -c8", "100 MiB"),
+                                              ("wrk files", "4096 × 64 KiB"), ("wrk -c5000", "1 KiB")]
     fileapp = cli.build_plan(cli.parse_args(["fileapp"]))
     assert fileapp.many_kinds == [] and all(t != loads.MANY_TOOL for s in fileapp.specs
                                             for t, _ in cli.planned_loads(s, fileapp))
@@ -761,20 +763,27 @@ def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(cli, "serve", fake_serve)
     monkeypatch.setattr(loads, "ab", fake_ab)
-    wrk_calls: list[tuple[int, int, int]] = []
+    wrk_calls: list[tuple[str, int, int, int, int | None, str | None]] = []
 
-    def fake_wrk(url, connections, seconds, threads=1):
-        wrk_calls.append((threads, connections, seconds))
+    def fake_wrk(url, connections, seconds, threads=1, timeout=None, script=None):
+        wrk_calls.append((url.split("/", 3)[-1], threads, connections, seconds, timeout,
+                          script and script.read_text().count(".bin")))
         return loads.parse_wrk(fixture("wrk-nginx-1k.txt"))
 
+    written: list[Path] = []
     monkeypatch.setattr(loads, "wrk", fake_wrk)
+    monkeypatch.setattr(prereqs, "add_big_files", lambda root, files: written.append(root))
     monkeypatch.setattr(prereqs, "ensure_tools", lambda commands, log: {})
     monkeypatch.setattr(cli, "RESULTS", tmp_path)
 
     status = cli.main(["--only", "apache,nginx", "--requests", "300", "--repeat", "3"])
     assert status == 1  # nginx failed to start
     assert started == ["Apache"]
-    assert wrk_calls == [(1, 100, 10), (2, 5000, 10)]  # -c100, then the many-clients load last
+    # -c100, the downloads (10 s timeout), the 4096 files (in the Lua script), the many-clients load last.
+    assert wrk_calls == [("1k.txt", 1, 100, 10, None, None), ("10m.bin", 1, 8, 10, 10, None),
+                         ("100m.bin", 1, 8, 10, 10, None), ("", 1, 100, 10, None, 4096),
+                         ("1k.txt", 2, 5000, 10, None, None)]
+    assert len(written) == 1  # the big files are written once, into the docroot every server shares
     warm_up, measured = ab_calls[:2], ab_calls[2:]
     assert [c[2] for c in warm_up] == [50, 50]  # one short warm-up per file, not counted
     assert len(measured) == 6 and all(c[1:] == (300, 500) for c in measured)  # 3 runs x 2 files
@@ -787,7 +796,8 @@ def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, c
     assert len(apache_ab) == 2 and all(sorted(r["runs_rps"])[1] == r["result"]["rps"] for r in apache_ab)
     nginx = [r for r in record["rows"] if r["kind"] == "nginx"]
     assert {(r["file"], r["tool"]) for r in nginx} == {("1 KiB", "ab"), ("150 KB", "ab"), ("1 KiB", "wrk"),
-                                                       ("1 KiB", "wrk -c5000")}
+                                                       ("10 MiB", "wrk -c8"), ("100 MiB", "wrk -c8"),
+                                                       ("4096 × 64 KiB", "wrk files"), ("1 KiB", "wrk -c5000")}
     assert all(r["result"] is None and "bind() failed" in r["error"] for r in nginx)
     apache_many = [r for r in record["rows"] if r["kind"] == "apache" and r["tool"] == "wrk -c5000"]
     assert len(apache_many) == 1 and apache_many[0]["result"]["proxies"] is None
@@ -819,7 +829,9 @@ def test_run_reports_each_proxy_share_of_every_gows_load(tmp_path, monkeypatch, 
     monkeypatch.setattr(loads, "ab", lambda url, n, c, gnuplot=None: (
         gnuplot.write_text(fixture("ab-gnuplot.tsv")) if gnuplot else None,
         loads.parse_ab(load(fixture("ab-nginx-1k.txt"))))[1])
-    monkeypatch.setattr(loads, "wrk", lambda url, c, s, threads=1: loads.parse_wrk(load(fixture("wrk-nginx-1k.txt"))))
+    monkeypatch.setattr(loads, "wrk", lambda url, c, s, threads=1, timeout=None, script=None: loads.parse_wrk(
+        load(fixture("wrk-nginx-1k.txt"))))
+    monkeypatch.setattr(prereqs, "add_big_files", lambda root, files: None)
     monkeypatch.setattr(prereqs, "ensure_tools", lambda commands, log: {})
     monkeypatch.setattr(cli, "RESULTS", tmp_path)
 
@@ -828,9 +840,193 @@ def test_run_reports_each_proxy_share_of_every_gows_load(tmp_path, monkeypatch, 
     assert "per proxy" in out
     record = json.loads(next(tmp_path.glob("compare-*.json")).read_text())
     cache_on = {r["tool"] + " " + r["file"]: r["result"]["proxies"] for r in record["rows"] if r["cache"]}
-    assert set(cache_on) == {"ab 1 KiB", "ab 150 KB", "wrk 1 KiB", "wrk -c5000 1 KiB"}
+    assert set(cache_on) == {"ab 1 KiB", "ab 150 KB", "wrk 1 KiB", "wrk -c8 10 MiB", "wrk -c8 100 MiB",
+                             "wrk files 4096 × 64 KiB", "wrk -c5000 1 KiB"}
     assert all(p == [{"index": 1, "requests": 3000, "restarts": 0}, {"index": 2, "requests": 2000, "restarts": 0}]
                for p in cache_on.values())
     md = next(tmp_path.glob("compare-*.md")).read_text()
     assert "- gows 2w cache on, wrk -c5000 1 KiB: proxy 1 3,000 (60%), proxy 2 2,000 (40%); least 0.80× even" in md
     assert "per proxy 60%/40%" in md  # beside the issue-11 targets
+
+
+# --- issue 12: downloads and many files -----------------------------------------------------------
+
+def dl(mb_s: float, rps: float = 1.0, failed: int = 0) -> Measurement:
+    """A download run: `mb_s` in wrk's MB (2**20 bytes) per second, `rps` completed responses a second."""
+    return Measurement(requests=10, rps=rps, mean_ms=500.0, transfer_kbs=mb_s * 1024, failed=failed, non2xx=0,
+                       p50_ms=400.0, p99_ms=900.0)
+
+
+def test_parse_wrk_download_gives_mb_per_second():
+    got = loads.parse_wrk(fixture("wrk-nginx-10m.txt"))
+    assert got.requests == 156 and got.rps == 73.87 and got.p99_ms == pytest.approx(207.15)
+    assert bigloads.mb_per_s(got) == pytest.approx(738.74)
+    text = fixture("wrk-nginx-10m.txt").replace("Transfer/sec:    738.74MB", "Transfer/sec:      1.38GB")
+    assert bigloads.mb_per_s(loads.parse_wrk(text)) == pytest.approx(1.38 * 1024)
+
+
+def test_parse_wrk_of_the_many_files_script():
+    got = loads.parse_wrk(fixture("wrk-nginx-files.txt"))
+    assert got.requests == 16438 and got.rps == 7953.82 and (got.failed, got.non2xx) == (0, 0)
+
+
+def test_wrk_passes_the_timeout_and_the_script(monkeypatch, tmp_path):
+    argvs: list[list[str]] = []
+    monkeypatch.setattr(loads, "_run", lambda argv, timeout: argvs.append(argv) or fixture("wrk-nginx-10m.txt"))
+    loads.wrk("http://127.0.0.1:1/10m.bin", 8, 10, timeout=10)
+    loads.wrk("http://127.0.0.1:1/", 100, 10, script=tmp_path / "x.lua")
+    assert argvs[0] == ["wrk", "-t1", "-c8", "-d10s", "--latency", "--timeout=10s", "http://127.0.0.1:1/10m.bin"]
+    assert argvs[1] == ["wrk", "-t1", "-c100", "-d10s", "--latency", "-s", str(tmp_path / "x.lua"),
+                        "http://127.0.0.1:1/"]
+
+
+def test_many_files_are_four_times_the_default_front_cache():
+    from arbiter.config import FrontCacheConfig, configured
+
+    files = prereqs.many_files()
+    assert files.total == 4 * configured(FrontCacheConfig).max_bytes == 256 * 2**20
+    assert (files.count, files.size, files.label) == (4096, 65536, "4096 × 64 KiB")
+    names = files.names
+    assert len(set(names)) == 4096 and names[0] == "many/0000.bin" and names[-1] == "many/4095.bin"
+    # Each file is small enough for both caches: only their budgets keep the set out.
+    assert files.size <= configured(FrontCacheConfig).max_object_bytes
+
+
+def test_many_files_script_requests_every_file_at_random_without_a_response_hook():
+    paths = [f"/many/{i}.bin" for i in range(3)] + ['/odd "name".bin']
+    script = loads.wrk_files_script(paths, seed=7)
+    assert all(loads._lua_string(p) in script for p in paths)
+    assert "math.random(#prepared)" in script and "math.randomseed(7 * 1000 + id)" in script
+    assert "function response" not in script  # wrk would hand every response to Lua
+    assert loads.wrk_files_script(paths, seed=7) == script
+
+
+def test_big_files_are_random_deterministic_written_out_and_readable(tmp_path, monkeypatch):
+    import zlib
+
+    monkeypatch.setattr(prereqs, "DOWNLOADS", [("a.bin", 3 * 2**20 + 5, "3 MiB")])
+    files = prereqs.FileSet("many", 5, 4096, 8192)
+    roots = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        prereqs.add_big_files(tmp_path / name, files)
+        roots.append(tmp_path / name)
+    for rel, size in [("a.bin", 3 * 2**20 + 5)] + [(n, 4096) for n in files.names]:
+        one, two = roots[0] / rel, roots[1] / rel
+        data = one.read_bytes()
+        assert len(data) == size and data == two.read_bytes()  # the same bytes on every run
+        assert one.stat().st_blocks * 512 >= size  # no sparse holes
+        assert len(zlib.compress(data)) > 0.99 * size  # random: nothing for gzip to gain
+        assert one.stat().st_mode & 0o777 == 0o644
+    assert len({(roots[0] / n).read_bytes() for n in files.names}) == 5
+    assert (roots[0] / "many").stat().st_mode & 0o777 == 0o755
+
+
+def test_big_loads_are_planned_for_apache_nginx_and_every_gows_row_of_the_compare_suite():
+    plan = cli.build_plan(cli.parse_args([]))
+    assert plan.big_kinds == ["apache", "nginx", "gows"] and plan.files == prereqs.many_files()
+    big = {s.label for s in plan.specs if ("wrk -c8", "10 MiB") in cli.planned_loads(s, plan)}
+    assert big == {"Apache", "nginx"} | {f"gows {n}w cache {c}" for n in (2, 10, 100) for c in ("on", "off")}
+    assert cli.build_plan(cli.parse_args(["fileapp"])).big_kinds == []
+    quick = cli.build_plan(cli.parse_args(["--quick"]))
+    assert quick.big_kinds == plan.big_kinds and quick.wrk_seconds == 2
+    notes = bigloads.notes(plan.big_kinds, plan.files, 10)
+    assert "wrk -t1 -c8 -d10s --timeout=10s" in notes[0] and "MB/s" in notes[0]
+    assert "4096 distinct files of 64 KiB (256 MiB, 4× gows' default front cache of 64 MiB)" in notes[1]
+    assert bigloads.notes([], plan.files, 10) == []
+
+
+def test_download_ratios_and_the_mb_column_are_in_bytes_per_second():
+    rows = [Row(NGINX, "10 MiB", "wrk -c8", dl(1000, rps=100)), Row(GOWS_ON, "10 MiB", "wrk -c8", dl(850, rps=10)),
+            Row(NGINX, "1 KiB", "wrk", m(1000)), Row(GOWS_ON, "1 KiB", "wrk", m(500))]
+    assert report.ratio(rows[1], rows, "nginx") == pytest.approx(0.85)  # MB/s, not 10 req/s against 100
+    assert report.ratio(rows[3], rows, "nginx") == 0.5
+    lines = report.table(rows).splitlines()
+    head = [c.strip() for c in lines[0].split("|")]
+    mb = head.index("MB/s")
+    assert head.index("req/s") + 1 == mb and len({len(line) for line in lines}) == 1
+    cells = {(r.spec.label, r.tool): [c.strip() for c in line.split("|")] for r, line in zip(rows, lines[2:])}
+    assert cells["gows 2w cache on", "wrk -c8"][mb] == "850" and cells["gows 2w cache on", "wrk"][mb] == ""
+    assert "MB/s" not in report.table(rows[2:])  # no download row: no column
+
+
+def test_download_speed_counts_although_no_response_completed():
+    # A 100 MiB download over 2 s may complete none: wrk still counts the bytes received.
+    rows = [Row(NGINX, "100 MiB", "wrk -c8", dl(400, rps=0.0)), Row(GOWS_OFF, "100 MiB", "wrk -c8", dl(360, rps=0.0))]
+    assert report.ratio(rows[1], rows, "nginx") == pytest.approx(0.9)
+
+
+ISSUE_12_OFF = "issue 12: front cache off at least as fast as Apache, 0 failed"
+
+
+def issue_12_rows() -> list[Row]:
+    files = prereqs.many_files().label
+    off10, off100 = ServerSpec("gows", 10, False), ServerSpec("gows", 100, False)
+    return [
+        Row(APACHE, "1 KiB", "ab", m(18000)), Row(APACHE, "150 KB", "ab", m(13000)),
+        Row(APACHE, "1 KiB", "wrk", m(30000, failed=900)),  # Apache's keep-alive closes are its own
+        Row(APACHE, files, "wrk files", m(8000, failed=700)),
+        Row(NGINX, "10 MiB", "wrk -c8", dl(2000)), Row(NGINX, "100 MiB", "wrk -c8", dl(1400)),
+        Row(GOWS_OFF, "1 KiB", "ab", m(18000)), Row(GOWS_OFF, "150 KB", "ab", m(12000)),
+        Row(GOWS_OFF, "1 KiB", "wrk", m(36000, non2xx=2)),
+        Row(off10, "1 KiB", "ab", m(19800)), Row(off100, "1 KiB", "wrk", m(30000)),
+        Row(GOWS_OFF, "10 MiB", "wrk -c8", dl(1700)), Row(GOWS_OFF, "100 MiB", "wrk -c8", dl(700, failed=1)),
+        Row(GOWS_ON, "10 MiB", "wrk -c8", dl(1600)),
+        Row(GOWS_ON, files, "wrk files", m(8800)), Row(GOWS_OFF, files, "wrk files", m(6000)),
+        Row(GOWS_ON, "1 KiB", "ab", m(40000)),  # cache on: not an issue-12 row
+    ]
+
+
+def test_issue_12_cache_off_target_covers_ab_and_wrk_at_every_worker_count_with_zero_failed():
+    checks = [c for c in report.check_targets("compare", issue_12_rows()) if c["target"] == ISSUE_12_OFF]
+    got = {(c["server"], c["tool"], c["file"]): (round(c["ratio"], 3), c["failed"], c["met"]) for c in checks}
+    assert got == {
+        ("gows 2w cache off", "ab", "1 KiB"): (1.0, 0, True),  # "at least as fast": 1.0× is met
+        ("gows 2w cache off", "ab", "150 KB"): (0.923, 0, False),
+        ("gows 2w cache off", "wrk", "1 KiB"): (1.2, 2, False),  # faster, but 2 non-2xx
+        ("gows 10w cache off", "ab", "1 KiB"): (1.1, 0, True),
+        ("gows 100w cache off", "wrk", "1 KiB"): (1.0, 0, True),
+    }
+    lines = report.targets_text(checks).splitlines()
+    assert lines[0] == f"- {ISSUE_12_OFF}:"
+    assert "  - gows 2w cache off, ab 150 KB: 0.92× apache (target ≥ 1.0×) — MISSED (7.7% below the target)" in lines
+    assert ("  - gows 2w cache off, wrk 1 KiB: 1.20× apache (target ≥ 1.0×, 2 failed/non-2xx) — MISSED: 2 "
+            "failed/non-2xx (20.0% above the target)") in lines
+    assert "  - gows 10w cache off, ab 1 KiB: 1.10× apache (target ≥ 1.0×) — met (10.0% above the target)" in lines
+
+
+def test_issue_12_download_targets_are_mb_per_s_against_nginx_cache_on_and_off():
+    checks = [c for c in report.check_targets("compare", issue_12_rows()) if "downloads" in c["target"]]
+    got = {(c["server"], c["file"]): (round(c["ratio"], 3), c["met"], round(c["margin"], 4)) for c in checks}
+    assert got == {("gows 2w cache off", "10 MiB"): (0.85, True, 0.0625),
+                   ("gows 2w cache off", "100 MiB"): (0.5, False, -0.375),
+                   ("gows 2w cache on", "10 MiB"): (0.8, True, 0.0)}
+    text = report.targets_text(checks)
+    assert ("gows 2w cache off, wrk -c8 100 MiB: 0.50× nginx, 700 MB/s against 1,400 (target ≥ 0.8×, 1 "
+            "failed/non-2xx) — MISSED (37.5% below the target)") in text
+    assert "front cache on:" in text and "front cache off:" in text
+
+
+def test_issue_12_many_files_target_is_against_apache_cache_on_and_off():
+    checks = [c for c in report.check_targets("compare", issue_12_rows()) if "many files" in c["target"]]
+    assert {c["server"]: (round(c["ratio"], 2), c["met"]) for c in checks} == {
+        "gows 2w cache on": (1.1, True), "gows 2w cache off": (0.75, False)}
+    # A download or many-files row without its baseline is not measured, not missed.
+    alone = [c for c in report.check_targets("compare", issue_12_rows()[4:]) if "many files" in c["target"]]
+    assert alone and all(c["met"] is None and c["margin"] is None for c in alone)
+
+
+def test_verdict_says_by_how_much_a_target_is_met_or_missed():
+    base = {"failed": 0, "ratio": 1.0, "minimum": 1.0}
+    assert report.verdict({**base, "met": True, "margin": 0.123}) == "met (12.3% above the target)"
+    assert report.verdict({**base, "met": False, "margin": -0.05}) == "MISSED (5.0% below the target)"
+    assert report.verdict({**base, "met": False, "failed": 3, "margin": 0.0}) == \
+        "MISSED: 3 failed/non-2xx (0.0% above the target)"
+    assert report.verdict({**base, "met": None, "margin": None}) == "not measured"
+    p99 = {"failed": 0, "limit_ms": 5.5, "p99_ms": 5.6}
+    assert report.verdict({**p99, "met": False, "margin": -0.1}) == "MISSED (0.10 ms over the bound)"
+    assert report.verdict({**p99, "met": True, "margin": 0.25}) == "met (0.25 ms under the bound)"
+    # The p99 target's margin is the limit less the p99 reached.
+    (check,) = [c for c in report.check_targets("compare", issue_11_rows())
+                if c["target"] == ISSUE_11_P99 and c["server"] == "gows 10w cache on"]
+    assert check["margin"] == pytest.approx(-0.1)

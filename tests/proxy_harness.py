@@ -155,9 +155,10 @@ class ProxyThread(StoppedOnExit):
     def __init__(self, workers: list[Worker] | list[int], proxy: ProxyConfig = configured(ProxyConfig),
                  front_cache: FrontCacheConfig = configured(FrontCacheConfig), worker_threads: int = 4,
                  revalidate_after: float = configured(WorkerCacheConfig).ttl, up: bool = True,
-                 listen_host: str = "127.0.0.1", **table_args: Any) -> None:
+                 listen_host: str = "127.0.0.1", handoff_token: str | None = None, **table_args: Any) -> None:
         """`proxy`, `front_cache`: the config's sections (defaults unless given); `worker_threads`
-        and `revalidate_after` as the master passes them from `threads` and `cache.ttl`."""
+        and `revalidate_after` as the master passes them from `threads` and `cache.ttl`;
+        `handoff_token` as a proxy process gets it (fileapp.handoff)."""
         self.config, self.front_cache = proxy, front_cache
         self.worker_threads, self.revalidate_after = worker_threads, revalidate_after
         self.sock = bind_listener(host=listen_host)
@@ -166,7 +167,8 @@ class ProxyThread(StoppedOnExit):
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.table = WorkerTable(**table_args)
-        self.proxy = Proxy(self.table, proxy, front_cache, worker_threads, revalidate_after)
+        self.proxy = Proxy(self.table, proxy, front_cache, worker_threads, revalidate_after,
+                           handoff_token=handoff_token)
         ports = [w.port if isinstance(w, Worker) else w for w in workers]
         self.call(lambda: [self._add(p, up) for p in ports])
         self.run(self.proxy.start(self.sock))

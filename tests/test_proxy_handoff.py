@@ -1,0 +1,292 @@
+"""The proxy's side of file hand-offs (fileapp.handoff): who is asked, what is honoured, and every
+race between a worker naming a file and the proxy sending it, played by a scripted worker."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+import pytest
+
+from arbiter.config import FrontCacheConfig, configured
+from arbiter.state import WorkerState
+from fileapp.handoff import file_header
+from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, parse_responses, raw
+from support import wait_until
+
+pytestmark = pytest.mark.integration
+
+TOKEN = "t0ken"
+BODY = bytes(range(256)) * 1024  # 256 KiB, every offset recognisable
+WORKER_BYTES = b"bytes the worker sent itself"
+
+
+class Namer:
+    """A scripted local worker that names `path`'s file, as seen now (`see()`), for each request
+    carrying the proxy's secret, and sends WORKER_BYTES to those without it."""
+
+    def __init__(self, path, cache_control: bytes = b"no-cache", status: int = 200) -> None:
+        self.path = path
+        self.cache_control = cache_control
+        self.status = status
+        self.range = (0, None)
+        self.seen: os.stat_result | None = None
+        self.before_answer = lambda: None  # what happens between the decision and the proxy's open
+        self.content_length = b"0"
+        self.upstream = RawUpstream(self._respond)
+        self.port = self.upstream.port
+
+    def see(self) -> None:
+        self.seen = os.stat(self.path)
+
+    @property
+    def heads(self) -> list[bytes]:
+        return self.upstream.heads
+
+    def _respond(self, head: bytes, body: bytes, conn: socket.socket) -> bool:
+        common = b'HTTP/1.1 %d X\r\nETag: "e1"\r\nCache-Control: %s\r\nContent-Type: application/octet-stream\r\n' % (
+            self.status, self.cache_control)
+        if b"\r\nX-Gows-Handoff: " + TOKEN.encode() + b"\r\n" in head:
+            st = self.seen or os.stat(self.path)
+            start, count = self.range
+            count = st.st_size - start if count is None else count
+            named = file_header(str(self.path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, start, count)
+            self.before_answer()
+            conn.sendall(common + b"Content-Length: %s\r\nX-Gows-File: %s\r\n\r\n" % (
+                self.content_length, named.encode()))
+        else:
+            conn.sendall(common + b"Content-Length: %d\r\n\r\n%s" % (len(WORKER_BYTES), WORKER_BYTES))
+        return True
+
+    def stop(self) -> None:
+        self.upstream.stop()
+
+
+@pytest.fixture
+def big(tmp_path):
+    path = tmp_path / "big.bin"
+    path.write_bytes(BODY)
+    return path
+
+
+@pytest.fixture
+def namer(big):
+    n = Namer(big)
+    yield n
+    n.stop()
+
+
+@pytest.fixture
+def proxy(namer):
+    p = ProxyThread([namer.port], front_cache=NO_CACHE, handoff_token=TOKEN)
+    yield p
+    p.stop()
+
+
+def get(port: int, path: str = "/big.bin", extra: bytes = b"", method: bytes = b"GET") -> tuple[int, dict, bytes]:
+    data = raw(port, method + b" " + path.encode() + b" HTTP/1.1\r\nHost: t\r\n" + extra + b"Connection: close\r\n\r\n",
+               timeout=10)
+    [(status, headers, body)] = parse_responses(data, head_only=method == b"HEAD")
+    return status, headers, body
+
+
+def test_a_named_file_is_sent_by_the_proxy_with_the_workers_head(proxy, namer):
+    status, headers, body = get(proxy.port)
+    assert status == 200 and body == BODY
+    assert headers["content-length"] == str(len(BODY)) and headers["etag"] == '"e1"'
+    assert "x-gows-file" not in headers
+    assert proxy.stats()["file_bodies"] == 1
+
+
+def test_a_named_range_is_sent_from_its_offset(proxy, namer):
+    namer.status = 206
+    namer.range = (1000, 70000)
+    status, headers, body = get(proxy.port)
+    assert status == 206 and body == BODY[1000:71000]
+    assert headers["content-length"] == "70000"
+
+
+def test_only_local_workers_get_the_secret_and_only_on_get(proxy, namer):
+    get(proxy.port, method=b"HEAD")
+    get(proxy.port, extra=b"X-Gows-Handoff: guessed\r\n")
+    heads = namer.heads
+    assert b"X-Gows-Handoff" not in heads[0]  # HEAD: nothing to hand off
+    assert heads[1].count(b"X-Gows-Handoff") == 1 and b"guessed" not in heads[1]  # the client's is dropped
+
+
+def test_a_remote_workers_file_header_is_neither_honoured_nor_forwarded(big):
+    namer = Namer(big)
+    # A remote worker that names a file anyway (it cannot know the secret: it is never sent one).
+    namer.upstream.respond = lambda head, body, conn: conn.sendall(
+        b"HTTP/1.1 200 X\r\nContent-Length: 5\r\nX-Gows-File: %s\r\n\r\nhello" % file_header(
+            str(big), *(lambda st: (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))(os.stat(big)), 0,
+            len(BODY)).encode()) or True
+    proxy = ProxyThread([], front_cache=NO_CACHE, handoff_token=TOKEN)
+    try:
+        def add_remote():
+            worker = proxy.table.add(WorkerState("127.0.0.1", namer.port, local=False))
+            proxy._mark(worker, True)
+        proxy.call(add_remote)
+        status, headers, body = get(proxy.port)
+        assert (status, body) == (200, b"hello") and "x-gows-file" not in headers
+        assert b"X-Gows-Handoff" not in namer.heads[0]
+        assert proxy.stats()["file_bodies"] == 0
+    finally:
+        proxy.stop()
+        namer.stop()
+
+
+def _replace(path, data: bytes) -> None:
+    new = path.with_name("new.tmp")
+    new.write_bytes(data)
+    os.replace(new, path)
+
+
+@pytest.mark.parametrize("change", ["replaced", "rewritten", "truncated", "deleted", "symlink", "dir-symlink"])
+def test_a_file_changed_after_the_decision_is_asked_for_again_as_bytes(tmp_path, change):
+    sub = tmp_path / "root" / "sub"
+    sub.mkdir(parents=True)
+    path = sub / "big.bin"
+    path.write_bytes(BODY)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big.bin").write_bytes(b"S" * len(BODY))  # what must never be served
+
+    def swap() -> None:
+        if change == "replaced":
+            _replace(path, b"R" * len(BODY))
+        elif change == "rewritten":  # same inode, new contents and mtime
+            with open(path, "r+b") as f:
+                f.write(b"W" * 10)
+            os.utime(path, ns=(time.time_ns(), namer.seen.st_mtime_ns + 1))
+        elif change == "truncated":
+            os.truncate(path, 100)
+        elif change == "deleted":
+            os.unlink(path)
+        elif change == "symlink":
+            os.unlink(path)
+            os.symlink(outside / "big.bin", path)
+        else:
+            os.rename(sub, tmp_path / "root" / "old")
+            os.symlink(outside, sub)
+
+    namer = Namer(path)
+    namer.see()  # the worker decides on the file as it is now...
+    namer.before_answer = swap  # ...and it changes before the proxy opens it
+    proxy = ProxyThread([namer.port], front_cache=NO_CACHE, handoff_token=TOKEN)
+    try:
+        status, headers, body = get(proxy.port)
+        assert (status, body) == (200, WORKER_BYTES)  # what the worker sends when asked without the secret
+        assert [b"X-Gows-Handoff" in h for h in namer.heads] == [True, False]
+        stats = proxy.stats()
+        assert (stats["file_refused"], stats["file_bodies"]) == (1, 0)
+    finally:
+        proxy.stop()
+        namer.stop()
+
+
+def test_a_file_named_with_a_body_length_breaks_the_contract_and_is_refused(proxy, namer):
+    namer.content_length = b"0\r\nX-Extra: 1"  # (still framed as empty)
+    assert get(proxy.port)[2] == BODY  # a well-formed hand-off
+    namer.content_length = b"3\r\nX-Pad: 1"
+    namer.upstream.respond = _with_body(namer.upstream.respond)
+    status, _, body = get(proxy.port)
+    assert (status, body) == (200, WORKER_BYTES)
+    assert proxy.stats()["file_refused"] == 1
+
+
+def _with_body(respond):
+    def wrapped(head, body, conn):
+        class Appending:
+            def sendall(self, data):
+                conn.sendall(data + (b"abc" if b"X-Gows-File" in data else b""))
+        return respond(head, body, Appending())
+    return wrapped
+
+
+def test_a_file_truncated_while_being_sent_ends_the_connection_short(tmp_path):
+    path = tmp_path / "huge.bin"
+    size = 256 << 20
+    with open(path, "wb") as f:
+        f.write(BODY)
+        f.truncate(size)
+    namer = Namer(path)
+    proxy = ProxyThread([namer.port], front_cache=NO_CACHE, handoff_token=TOKEN)
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(b"GET /huge.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+            received = b""
+            while len(received) < len(BODY) + 1024:
+                received += s.recv(65536)
+            os.truncate(path, len(BODY) + (4 << 20))  # shorter than the Content-Length sent
+            while True:
+                data = s.recv(1 << 20)
+                if not data:
+                    break
+                received += data
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert b"Content-Length: %d" % size in head
+        assert len(BODY) < len(body) <= len(BODY) + (4 << 20)  # short, and closed
+        assert body[:len(BODY)] == BODY and not body[len(BODY):].strip(b"\0")
+        wait_until(lambda: proxy.stats()["truncated_responses"] == 1, timeout=5)
+    finally:
+        proxy.stop()
+        namer.stop()
+
+
+def test_a_slow_reader_of_a_named_file_is_dropped_after_the_response_timeout(tmp_path, namer):
+    path = tmp_path / "huge.bin"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+    namer.path = path
+    from arbiter.config import ProxyConfig
+    proxy = ProxyThread([namer.port], proxy=configured(ProxyConfig, responseTimeout=1), front_cache=NO_CACHE,
+                        handoff_token=TOKEN)
+    try:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.sendall(b"GET /huge.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+            wait_until(lambda: proxy.stats()["file_bodies"] == 1, timeout=5)
+            # Not reading at all: the proxy gives up on it, and holds no buffer meanwhile.
+            wait_until(lambda: proxy.stats()["client_connections"] == 0, timeout=10,
+                       message="the stalled client dropped")
+    finally:
+        proxy.stop()
+
+
+def test_the_front_cache_remembers_a_named_file_and_rechecks_it(big):
+    namer = Namer(big, cache_control=b"max-age=60")
+    proxy = ProxyThread([namer.port], front_cache=configured(FrontCacheConfig), revalidate_after=60,
+                        handoff_token=TOKEN)
+    try:
+        for _ in range(3):
+            status, headers, body = get(proxy.port)
+            assert (status, body) == (200, BODY) and headers["content-length"] == str(len(BODY))
+        assert len(namer.heads) == 1  # the next two needed no worker
+        assert get(proxy.port, method=b"HEAD")[1]["content-length"] == str(len(BODY))
+        assert get(proxy.port, extra=b'If-None-Match: "e1"\r\n')[0] == 304
+        stats = proxy.stats()
+        assert stats["file_bodies"] == 3 and stats["front_cache"]["bytes"] < 8192
+        _replace(big, b"N" * len(BODY))  # changed on disk: the stored name no longer holds
+        status, _, body = get(proxy.port)
+        assert (status, body) == (200, b"N" * len(BODY))  # named again by the worker, sent by us
+        assert len(namer.heads) == 2
+    finally:
+        proxy.stop()
+        namer.stop()
+
+
+def test_no_descriptor_is_left_behind(proxy, namer):
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    get(proxy.port)
+    before = fds()
+    for _ in range(300):
+        assert get(proxy.port)[2] == BODY
+    namer.see()
+    namer.before_answer = lambda: os.utime(namer.path)  # every one refused from now on
+    for _ in range(100):
+        assert get(proxy.port)[2] == WORKER_BYTES
+    wait_until(lambda: fds() <= before, timeout=5, message=f"descriptors back to {before}")

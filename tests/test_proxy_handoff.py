@@ -263,6 +263,7 @@ def test_the_front_cache_remembers_a_named_file_and_rechecks_it(big):
         for _ in range(3):
             status, headers, body = get(proxy.port)
             assert (status, body) == (200, BODY) and headers["content-length"] == str(len(BODY))
+            assert "x-gows-file" not in headers and headers["etag"] == '"e1"'
         assert len(namer.heads) == 1  # the next two needed no worker
         assert get(proxy.port, method=b"HEAD")[1]["content-length"] == str(len(BODY))
         assert get(proxy.port, extra=b'If-None-Match: "e1"\r\n')[0] == 304

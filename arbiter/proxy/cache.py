@@ -39,7 +39,8 @@ ENTRY_OVERHEAD = 1280
 _NOT_MODIFIED_HEADERS = frozenset((b"cache-control", b"content-location", b"date", b"etag", b"expires", b"vary"))
 # Never stored: framing and hop-by-hop (recomputed or per connection), and Age (we add our own).
 _DROP = frozenset((b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"te", b"trailer",
-                   b"upgrade", b"proxy-authenticate", b"content-length", b"age"))
+                   b"upgrade", b"proxy-authenticate", b"content-length", b"age",
+                   b"x-gows-file"))  # (a worker's hand-off: never repeated to a client)
 
 
 def encoding_class(accept_encoding: bytes | None, _memo: dict = {}) -> bytes:

@@ -115,6 +115,8 @@ class FileApp:
         self.health_path = health_path
         self.health = Health(self.resolver)
         self.cache = ResponseCache(cache_ttl, cache_max_bytes)
+        if handoff_token:  # gows' proxy sends bodies from MIN_SIZE up: keep only their metadata
+            cache_max_file_size = min(cache_max_file_size, MIN_SIZE - 1)
         self.loader = EntryLoader(self.resolver, self.cache, index_names=tuple(index_names),
                                   max_file_size=cache_max_file_size, max_age=max_age,
                                   immutable_pattern=immutable_pattern)
@@ -166,8 +168,9 @@ class FileApp:
         if entry.redirect:
             return self._redirect(environ, start_response)
         rep = self._pick(entry, environ) if entry.codings else entry.identity
-        if rep.body is None:
+        if rep.body is None and ("HTTP_RANGE" in environ or not self._from_proxy(environ)):
             return self._serve_stream(environ, start_response, path, rep, entry)
+        # (gows' proxy checks the file it is handed is still this one: no need to reopen it here)
         return self._serve(environ, start_response, rep, rep.body, None)
 
     # -- responses --------------------------------------------------------------------------
@@ -212,15 +215,19 @@ class FileApp:
         """The header handing this GET's body (`count` bytes of `rep` from `start`, at least
         MIN_SIZE) to the server in front, or None to send it here: gows' proxy when it asks
         with its secret, else nginx or Apache when configured and they may (SendfileHeader)."""
-        token = environ.get(REQUEST_KEY)
-        if (token is not None and self._handoff_token is not None
-                and hmac.compare_digest(token.encode("latin-1"), self._handoff_token)):
+        if self._from_proxy(environ):
             return FILE_HEADER, file_header(rep.path, rep.dev, rep.ino, rep.size, rep.mtime_ns,
                                             start, count)
         sendfile = self._sendfile
         if sendfile is None or count != rep.size or not sendfile.takes(environ, headers):
             return None
         return sendfile.header(rep.path)
+
+    def _from_proxy(self, environ: dict) -> bool:
+        """Whether the request comes from gows' proxy, which sends file bodies itself."""
+        token = environ.get(REQUEST_KEY)
+        return (token is not None and self._handoff_token is not None
+                and hmac.compare_digest(token.encode("latin-1"), self._handoff_token))
 
     @staticmethod
     def _hand_off(start_response: Callable, status: str, headers: list[tuple[str, str]],

@@ -155,3 +155,13 @@ def test_open_verified_refuses_a_fifo_without_blocking(root):
     os.mkfifo(fifo)
     st = os.stat(fifo)
     assert open_verified(FileRef(os.fsencode(fifo), st.st_dev, st.st_ino, 0, st.st_mtime_ns, 0, 0)) is None
+
+
+def test_with_a_token_the_worker_keeps_no_bytes_of_files_it_hands_off(root):
+    app = create_app(str(root), handoff_token=TOKEN)
+    client = Client(app)
+    assert client.get("/big.bin", headers=ASK).data == b""
+    assert client.get("/big.bin").data == BIG  # a client without the secret: streamed from disk
+    assert client.get("/small.txt").data == b"small\n"
+    assert app.cache.get("/big.bin").identity.body is None
+    assert app.cache.get("/small.txt").identity.body == b"small\n"

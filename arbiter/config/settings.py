@@ -84,7 +84,7 @@ class FrontCacheConfig:
 
     enabled: bool = setting(Boolean(), True, "Whether the proxies cache responses.")
     max_bytes: int = setting(Integer(0, 1 << 40), 67108864, "Byte budget of the front cache of the whole server (bodies, prepared heads and bookkeeping: what the proxies really hold), split between the proxy processes.")
-    max_object_bytes: int = setting(Integer(0, 1 << 40), 1048576, "Largest response body the front cache keeps.")
+    max_object_bytes: int = setting(Integer(0, 1 << 40), 1048576, "Largest response body the front cache keeps (a file body a worker hands off is kept as the file's name, whatever its size).")
 
 
 _PORT = Integer(1, 65535)

@@ -27,8 +27,7 @@ FILE_HEADER = "X-Gows-File"
 # Smaller bodies go along with the head: cheaper than an open and a sendfile in the proxy.
 MIN_SIZE = 32 * 1024
 
-_PATH_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
-_READ_FLAGS = os.O_RDONLY | os.O_CLOEXEC
+_OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
 class FileRef(NamedTuple):
@@ -69,27 +68,26 @@ def open_verified(ref: FileRef) -> int | None:
     """A descriptor open for reading on the file `ref` names, if it still is the very file the
     worker saw (device, inode, size and mtime; a regular file); else None.
 
-    The path is first opened with O_PATH, which reads nothing and has no side effect even on a
-    FIFO or a device swapped in; only once it is proven to be the same file is it opened for
-    reading, through that very descriptor (/proc/self/fd), so it cannot be swapped in between.
+    Opened as the worker's resolver opens files (fileapp.files): never following a symlink in
+    the last component, never blocking on a FIFO swapped in, never taking a terminal; then the
+    open descriptor itself is checked, so whatever the path led to, only that file is sent.
     OSError (EMFILE and the like) is the caller's to handle.
     """
     try:
-        pfd = os.open(ref.path, _PATH_FLAGS)
+        fd = os.open(ref.path, _OPEN_FLAGS)
     except (FileNotFoundError, NotADirectoryError, PermissionError):
         return None
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # the last component is a symlink now
+        if exc.errno in (errno.ELOOP, errno.ENXIO):  # a symlink now; a FIFO with no writer
             return None
         raise
     try:
-        st = os.fstat(pfd)
-        if not same_file(st, ref):
-            return None
-        fd = os.open(f"/proc/self/fd/{pfd}", _READ_FLAGS)
-    finally:
-        os.close(pfd)
-    return fd
+        if same_file(os.fstat(fd), ref):
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def same_file(st: os.stat_result, ref: FileRef) -> bool:

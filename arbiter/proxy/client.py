@@ -92,6 +92,8 @@ class ClientProtocol(RequestReader):
             relay.upstream.pause()
 
     def resume_writing(self) -> None:
+        if self.sender is not None:  # the file body's stall clock runs on (send_file)
+            return
         self.write_paused = False
         relay = self.relay
         if relay is not None and relay.upstream is not None:

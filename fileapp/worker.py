@@ -13,10 +13,12 @@ import socket
 import struct
 import threading
 import time
+from datetime import timedelta
 
 from . import gunicorn_compat as compat
 from .gunicorn_compat import STOP_KEEPALIVE_LINGER, ThreadWorker
-from .response import WRITE_TIMEOUT, drop_parked, take_parked, use_coalescing_response
+from .http1 import Request, RequestReader, base_environ, build_environ
+from .response import WRITE_TIMEOUT, Response
 from .transfer import Transfer
 
 # A client must send each part of a request within these seconds (a kernel socket timeout,
@@ -45,15 +47,16 @@ _ROOM_TO_SEND = select.EPOLLOUT | select.EPOLLONESHOT
 
 
 class _Conn:
-    """One client connection of a serving thread: what gthread's request handling reads."""
+    """One client connection of the serving threads."""
 
-    __slots__ = ("sock", "client", "server", "parser", "timeout", "busy", "rest", "keep")
+    __slots__ = ("sock", "client", "server", "reader", "timeout", "busy", "rest", "keep")
 
-    def __init__(self, sock: socket.socket, client, server, parser, timeout: float) -> None:
+    def __init__(self, sock: socket.socket, client, server, reader: RequestReader,
+                 timeout: float) -> None:
         self.sock = sock
         self.client = client
         self.server = server
-        self.parser = parser
+        self.reader = reader
         self.timeout = timeout  # monotonic time after which an idle connection is closed
         self.busy = False  # a thread is serving it (set and cleared under the worker's lock)
         self.rest: Transfer | None = None  # of the last response, not taken by the client yet
@@ -73,15 +76,14 @@ class GowsThreadWorker(ThreadWorker):
     serves, then passes the connection back through a pipe to be polled again; about a dozen
     syscalls and two thread switches per keep-alive request. Here the `threads` threads all
     wait on one epoll; each connection is registered once, EPOLLONESHOT, so exactly one thread
-    gets its next request, serves it with gunicorn's parser and gunicorn's WSGI request
-    handling, and re-arms it: epoll_wait, recv, send, epoll_ctl per request. A thread never
+    gets its next request, parses it with httptools (fileapp.http1), answers it (fileapp.response)
+    and re-arms it: epoll_wait, recv, sendmsg, epoll_ctl per request. A thread never
     waits for a slow reader: what the client has not taken of a response stays with the
     connection, re-armed for EPOLLOUT, and any thread sends more when there is room
     (fileapp.response, fileapp.transfer), so health checks always find a thread.
 
-    Also: bodies written in one piece leave in one write with their headers
-    (CoalescingResponse), and fileapp's health turns 503 on SIGTERM. TLS or HTTP/2 configs run
-    plain gthread.
+    Also: bodies written in one piece leave in one write with their headers, and fileapp's
+    health turns 503 on SIGTERM. TLS or HTTP/2 configs run plain gthread.
     Usable under gunicorn's own arbiter too: `gunicorn -k fileapp.worker.GowsThreadWorker`.
     """
 
@@ -90,10 +92,7 @@ class GowsThreadWorker(ThreadWorker):
     main_thread_signals: frozenset[int] = frozenset(ThreadWorker.SIGNALS)
 
     def init_process(self) -> None:
-        # This process only ever runs this worker: every response is the coalescing one
-        # (TLS and HTTP/2 configs run gthread's loop and gunicorn's own Response).
-        if not self.cfg.is_ssl and self.cfg.http2_cleartext == "off":
-            use_coalescing_response(self.write_timeout)
+        self._base_environ = base_environ(self.cfg)
         self._write_timeval = _timeval(self.write_timeout)
         # Accepted sockets inherit TCP_NODELAY: without it gunicorn's separate header and body
         # writes (streamed bodies) meet Nagle and delayed ACKs, 40 ms per response.
@@ -263,7 +262,7 @@ class GowsThreadWorker(ThreadWorker):
         # (Responses never block; gunicorn's own few writes, such as 100 Continue, could.)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._write_timeval)
         # Until its first request arrives the connection gets READ_TIMEOUT, then the keep-alive time.
-        conn = _Conn(sock, addr, server, compat.get_parser(self.cfg, sock, addr),
+        conn = _Conn(sock, addr, server, RequestReader(self.cfg, sock, addr),
                      time.monotonic() + READ_TIMEOUT)
         with self._lock:
             self._conns[sock.fileno()] = conn
@@ -271,9 +270,17 @@ class GowsThreadWorker(ThreadWorker):
             self._accept_while_room()
 
     def _serve(self, conn: _Conn) -> int | None:
-        """Answer the requests that `conn` has sent (more than one if pipelined), as far as its
-        client takes the answers; what to wait for next on it (None: close it)."""
-        while True:
+        """Read what `conn`'s client has sent and answer the requests in it (more than one if
+        pipelined), as far as the client takes the answers; what to wait for next on it (None:
+        close it)."""
+        reader = conn.reader
+        try:
+            if not reader.has_request() and not reader.receive():
+                return None  # the client closed the connection
+        except OSError as e:
+            self._socket_error(e)
+            return None
+        while reader.has_request():
             keep = self._serve_one(conn)
             if conn.rest is not None:
                 conn.keep = keep
@@ -281,9 +288,10 @@ class GowsThreadWorker(ThreadWorker):
                 return _ROOM_TO_SEND
             if not keep:
                 return None
-            if not compat.has_buffered_request(conn.parser):
-                conn.timeout = time.monotonic() + self.cfg.keepalive
-                return _NEXT_REQUEST
+        # A head begun but not complete gets READ_TIMEOUT to arrive, an idle connection keepalive.
+        wait = READ_TIMEOUT if reader.in_head else self.cfg.keepalive
+        conn.timeout = time.monotonic() + wait
+        return _NEXT_REQUEST
 
     def _send_rest(self, conn: _Conn) -> int | None:
         """Send more of the response `conn`'s client has not taken yet (there is room now); once
@@ -305,38 +313,79 @@ class GowsThreadWorker(ThreadWorker):
         conn.rest = None
         if not conn.keep or not self.alive:
             return None
-        if compat.has_buffered_request(conn.parser):  # pipelined requests wait behind it
+        if conn.reader.has_request():  # pipelined requests wait behind it
             return self._serve(conn)
         conn.timeout = time.monotonic() + self.cfg.keepalive
         return _NEXT_REQUEST
 
     def _serve_one(self, conn: _Conn) -> bool:
-        """Parse and answer one request; whether the connection can carry another."""
+        """Answer the next parsed request; whether the connection can carry another."""
         req = None
         try:
-            req = next(conn.parser)
-            if not req:
-                return False
-            keepalive = self.handle_request(req, conn)
-            conn.rest = take_parked()
-            return self._keepalive_after(conn, keepalive)
-        except (compat.NoMoreData, StopIteration) as e:
+            req = conn.reader.next_request()
+            return self._answer(req, conn)
+        except compat.NoMoreData as e:
             self.log.debug("Closing connection: %r", e)
         except OSError as e:
-            if isinstance(e, TimeoutError) or e.errno in _CLIENT_GONE:
-                self.log.debug("Client gone or too slow: %s", e)
-            else:
-                self.log.exception("Socket error processing request.")
+            self._socket_error(e)
         except Exception as e:
             self.handle_error(req, conn.sock, conn.client, e)
-        drop_parked()  # a response the request failed after
         return False
 
-    def _keepalive_after(self, conn, keepalive):
-        """gthread's, minus its socket-timeout dance when the body was read to its end (every
-        request without a body)."""
-        if keepalive and compat.body_read_to_end(conn.parser):
-            # Nothing left to drain: also spare the parser's own drain before the next request.
-            compat.forget_request(conn.parser)
-            return True
-        return super()._keepalive_after(conn, keepalive)
+    def _socket_error(self, e: OSError) -> None:
+        if isinstance(e, TimeoutError) or e.errno in _CLIENT_GONE:
+            self.log.debug("Client gone or too slow: %s", e)
+        else:
+            self.log.exception("Socket error processing request.")
+
+    def _answer(self, req: Request, conn: _Conn) -> bool:
+        """Run the app for `req` and send its response (what the client does not take at once
+        is left in conn.rest); whether the connection can carry another request. As gthread's
+        handle_request, with gows' own environ and response."""
+        self.cfg.pre_request(self, req)
+        resp = Response(req, conn.sock, self.write_timeout)
+        environ = build_environ(req, conn.sock, conn.client, conn.server, self._base_environ)
+        self.nr += 1
+        if self.nr >= self.max_requests:
+            if self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            resp.force_close()
+        if not self.alive or not self.cfg.keepalive:
+            resp.force_close()
+        logged = self.log.access_log_enabled
+        started = time.monotonic() if logged else 0.0
+        try:
+            respiter = self.wsgi(environ, resp.start_response)
+            try:
+                if isinstance(respiter, compat.FileWrapper):
+                    resp.write_file(respiter)
+                else:
+                    for item in respiter:
+                        resp.write(item)
+                conn.rest = resp.close()
+            finally:
+                if logged:
+                    self.log.access(resp, req, environ,
+                                    timedelta(seconds=time.monotonic() - started))
+                if hasattr(respiter, "close"):
+                    respiter.close()
+        except OSError:
+            resp.discard()
+            raise
+        except Exception:
+            resp.discard()
+            if resp.headers_sent:  # a 500 now would corrupt the response begun
+                self.log.exception("Error handling request")
+                return False
+            raise
+        finally:
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+        if resp.should_close():
+            return False
+        # The app left part of the body unread: what has arrived of it is skipped; a body
+        # still coming would hold a thread, so the connection ends instead.
+        return req.complete or conn.reader.drain(req)

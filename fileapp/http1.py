@@ -163,11 +163,13 @@ class RequestReader:
 
     def read_body(self, req: Request) -> None:
         """Read more of `req`'s body from the socket (for wsgi.input); raises NoMoreData when
-        the client closed the connection before its end."""
+        the client closed the connection before its end, gunicorn's error when it is malformed."""
         if getattr(req, "_expected_100_continue", False):
             req._expected_100_continue = False
             self.sock.sendall(_CONTINUE)
-        if self._error is not None or not self.receive():
+        if self._error is not None:  # the body is malformed (400 if nothing is sent yet)
+            raise self._error
+        if not self.receive():
             raise compat.NoMoreData()
 
     def drain(self, req: Request) -> bool:
@@ -210,8 +212,6 @@ class RequestReader:
     def _fail(self, error: Exception) -> None:
         if self._error is None:
             self._error = error
-        if self._current is not None:  # a body cut short by a framing error ends here
-            self._current.complete = True
 
     # -- httptools callbacks --------------------------------------------------------------
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import socket
 from collections import deque
+from typing import Callable
 from urllib.parse import unquote_to_bytes, urlsplit
 
 import httptools
@@ -113,8 +114,10 @@ class RequestReader:
     """The requests of one connection: bytes read from its socket are fed to httptools, and
     each request is handed out once its head is complete (its body may still be coming)."""
 
-    def __init__(self, cfg, sock: socket.socket, peer) -> None:
+    def __init__(self, cfg, sock: socket.socket, peer,
+                 before_wait: Callable[[], None] | None = None) -> None:
         self.cfg, self.sock, self.peer = cfg, sock, peer
+        self._before_wait = before_wait  # called before a read that may wait for the client
         self.scheme = "https" if cfg.is_ssl else "http"
         self._parser = httptools.HttpRequestParser(self)
         self._ready: deque[Request] = deque()  # heads complete, not handed out yet
@@ -169,6 +172,8 @@ class RequestReader:
             self.sock.sendall(_CONTINUE)
         if self._error is not None:  # the body is malformed (400 if nothing is sent yet)
             raise self._error
+        if self._before_wait is not None:
+            self._before_wait()
         if not self.receive():
             raise compat.NoMoreData()
 

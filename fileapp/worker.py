@@ -10,20 +10,27 @@ import os
 import select
 import signal
 import socket
-import struct
 import threading
 import time
+from collections import deque
 from datetime import timedelta
 
 from . import gunicorn_compat as compat
 from .gunicorn_compat import STOP_KEEPALIVE_LINGER, ThreadWorker
+from .connection import Connection, timeval
 from .http1 import Request, RequestReader, base_environ, build_environ
 from .response import WRITE_TIMEOUT, Response
-from .transfer import Transfer
 
 # A client must send each part of a request within these seconds (a kernel socket timeout,
 # SO_RCVTIMEO: no extra poll per call); taking a response, see fileapp.response.
 READ_TIMEOUT = 5.0
+# A serving thread takes up to BATCH ready connections from the poller at once and serves them
+# in turn: each thread that sleeps and wakes, and each that contends for the GIL, costs more CPU
+# than the request (threads=4, wrk -c100: about 2 context switches a request with one at a time).
+# What it has not served after BATCH_TIME seconds, or before it waits for a client (a request
+# body), it hands back to the poller for the other threads.
+BATCH = 8
+BATCH_TIME = 0.002
 # How often the main thread closes connections that have been idle too long.
 SWEEP_INTERVAL = 1.0
 # After running out of file descriptors, a worker holds this many fewer connections than it had
@@ -35,38 +42,11 @@ FD_RETRY = 30.0
 _CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EAGAIN, errno.ETIMEDOUT})
 
 
-def _timeval(seconds: float) -> bytes:
-    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
-
-
-_READ_TIMEVAL = _timeval(READ_TIMEOUT)
+_READ_TIMEVAL = timeval(READ_TIMEOUT)
 # What a serving thread waits for next on a connection: its next request, or room to send more
 # of a response its client has not taken yet.
 _NEXT_REQUEST = select.EPOLLIN | select.EPOLLONESHOT
 _ROOM_TO_SEND = select.EPOLLOUT | select.EPOLLONESHOT
-
-
-class _Conn:
-    """One client connection of the serving threads."""
-
-    __slots__ = ("sock", "client", "server", "reader", "timeout", "busy", "rest", "keep")
-
-    def __init__(self, sock: socket.socket, client, server, reader: RequestReader,
-                 timeout: float) -> None:
-        self.sock = sock
-        self.client = client
-        self.server = server
-        self.reader = reader
-        self.timeout = timeout  # monotonic time after which an idle connection is closed
-        self.busy = False  # a thread is serving it (set and cleared under the worker's lock)
-        self.rest: Transfer | None = None  # of the last response, not taken by the client yet
-        self.keep = False  # whether the connection carries another request after the rest
-
-    def close(self) -> None:
-        if self.rest is not None:
-            self.rest.close()
-            self.rest = None
-        compat.close_socket(self.sock)
 
 
 class GowsThreadWorker(ThreadWorker):
@@ -93,20 +73,21 @@ class GowsThreadWorker(ThreadWorker):
 
     def init_process(self) -> None:
         self._base_environ = base_environ(self.cfg)
-        self._write_timeval = _timeval(self.write_timeout)
+        self._write_timeval = timeval(self.write_timeout)
         # Accepted sockets inherit TCP_NODELAY: without it gunicorn's separate header and body
         # writes (streamed bodies) meet Nagle and delayed ACKs, 40 ms per response.
         for listener in self.sockets:
             if listener.family in (socket.AF_INET, socket.AF_INET6):
                 listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._ep = select.epoll()
-        self._lock = threading.Lock()  # guards _conns, each _Conn.busy and _accepting
-        self._conns: dict[int, _Conn] = {}
+        self._lock = threading.Lock()  # guards _conns, each Connection.busy and _accepting
+        self._conns: dict[int, Connection] = {}
         self._accepting = False
         self._room = self.worker_connections  # lowered after the process ran out of file descriptors
         self._room_lowered = 0.0
         self._stopped = False  # set after the drain: the serving threads return
         self._wake_r, self._wake_w = os.pipe()  # written once, at the very end: wakes them all
+        self._pending = threading.local()  # .batch: what a thread took from the poller, not served yet
         super().init_process()
 
     def set_draining(self) -> None:
@@ -219,19 +200,27 @@ class GowsThreadWorker(ThreadWorker):
         ep, lock, conns = self._ep, self._lock, self._conns
         # fd -> (listener, its address): getsockname once, not once per accepted connection
         listeners = {listener.fileno(): (listener, listener.getsockname()) for listener in self.sockets}
+        pending = self._pending.batch = deque()
         while not self._stopped:
             try:
-                events = ep.poll(-1, 1)
+                events = ep.poll(-1, BATCH)
             except OSError:  # closed at exit
                 return
-            for fd, _ in events:
-                listener = listeners.get(fd)
-                if listener is not None:
-                    self._accept(*listener)
-                    continue
-                with lock:
+            ready = []
+            with lock:
+                for fd, _ in events:
                     conn = conns.get(fd)
-                    if conn is None or conn.busy:  # closed meanwhile, or a stale event
+                    if conn is not None:
+                        pending.append((fd, conn))
+                    elif fd in listeners:
+                        ready.append(listeners[fd])
+            for listener in ready:
+                self._accept(*listener)
+            started = time.monotonic()
+            while pending:
+                fd, conn = pending.popleft()
+                with lock:
+                    if conns.get(fd) is not conn or conn.busy:  # closed meanwhile, or stale
                         continue
                     conn.busy = True
                 wanted = self._serve(conn) if conn.rest is None else self._send_rest(conn)
@@ -242,6 +231,21 @@ class GowsThreadWorker(ThreadWorker):
                     else:
                         self._drop(fd)
                         self._accept_while_room()
+                if pending and time.monotonic() - started > BATCH_TIME:
+                    self._hand_back()
+
+    def _hand_back(self) -> None:
+        """Re-arm the connections this thread took from the poller but has not served yet, so
+        that another thread serves them (before this one waits for a client, or when it has
+        spent BATCH_TIME on its batch)."""
+        pending = getattr(self._pending, "batch", None)
+        if not pending:
+            return
+        with self._lock:
+            while pending:
+                fd, conn = pending.popleft()
+                if self._conns.get(fd) is conn and not conn.busy:
+                    self._ep.modify(fd, _NEXT_REQUEST if conn.rest is None else _ROOM_TO_SEND)
 
     def _accept(self, listener: socket.socket, server) -> None:
         try:
@@ -262,14 +266,14 @@ class GowsThreadWorker(ThreadWorker):
         # (Responses never block; gunicorn's own few writes, such as 100 Continue, could.)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._write_timeval)
         # Until its first request arrives the connection gets READ_TIMEOUT, then the keep-alive time.
-        conn = _Conn(sock, addr, server, RequestReader(self.cfg, sock, addr),
+        conn = Connection(sock, addr, server, RequestReader(self.cfg, sock, addr, self._hand_back),
                      time.monotonic() + READ_TIMEOUT)
         with self._lock:
             self._conns[sock.fileno()] = conn
             self._ep.register(sock.fileno(), _NEXT_REQUEST)
             self._accept_while_room()
 
-    def _serve(self, conn: _Conn) -> int | None:
+    def _serve(self, conn: Connection) -> int | None:
         """Read what `conn`'s client has sent and answer the requests in it (more than one if
         pipelined), as far as the client takes the answers; what to wait for next on it (None:
         close it)."""
@@ -293,7 +297,7 @@ class GowsThreadWorker(ThreadWorker):
         conn.timeout = time.monotonic() + wait
         return _NEXT_REQUEST
 
-    def _send_rest(self, conn: _Conn) -> int | None:
+    def _send_rest(self, conn: Connection) -> int | None:
         """Send more of the response `conn`'s client has not taken yet (there is room now); once
         it is all sent, go on with the connection's next request."""
         rest = conn.rest
@@ -318,7 +322,7 @@ class GowsThreadWorker(ThreadWorker):
         conn.timeout = time.monotonic() + self.cfg.keepalive
         return _NEXT_REQUEST
 
-    def _serve_one(self, conn: _Conn) -> bool:
+    def _serve_one(self, conn: Connection) -> bool:
         """Answer the next parsed request; whether the connection can carry another."""
         req = None
         try:
@@ -338,7 +342,7 @@ class GowsThreadWorker(ThreadWorker):
         else:
             self.log.exception("Socket error processing request.")
 
-    def _answer(self, req: Request, conn: _Conn) -> bool:
+    def _answer(self, req: Request, conn: Connection) -> bool:
         """Run the app for `req` and send its response (what the client does not take at once
         is left in conn.rest); whether the connection can carry another request. As gthread's
         handle_request, with gows' own environ and response."""

@@ -1,19 +1,20 @@
 """Every piece of gunicorn that gows' worker relies on, reached from here and nowhere else.
 
 gows runs inside gunicorn's threaded worker and builds on parts gunicorn does not promise to
-keep: its module-level Response (replaced), the parser's read-ahead buffer, gthread's hooks and
-main-loop helpers. tests/test_gunicorn_compat.py names each one with the shape relied on, so a
-gunicorn upgrade fails there first, by name, rather than somewhere in a request.
+keep: its request header policy and error classes, the rules and constants of its Response,
+gthread's hooks and main-loop helpers. tests/test_gunicorn_compat.py names each one with the
+shape relied on, so a gunicorn upgrade fails there first, by name, rather than somewhere in a
+request.
 
 Besides what is exported below, GowsThreadWorker overrides or calls these ThreadWorker members:
 `init_process`, `init_signals`, `run`, `notify`, `handle_exit`, `handle_quit`, `is_parent_alive`,
-`wait_for_and_dispatch_events(timeout)`, `handle_request(req, conn)` (which reads `conn.sock`,
-`conn.client`, `conn.server`, and `keepalived_conns`, left empty), `_keepalive_after(conn,
-keepalive)`, `handle_error(req, client, addr, exc)`, `check_config(cfg, log)`, and the attributes
-`SIGNALS`, `alive`, `cfg`, `log`, `sockets`, `worker_connections`, `wsgi`, `pid`, `tmp`.
-CoalescingResponse overrides Response's `send_headers`, `_emit_body(data)`, `sendfile(respiter)`
-and `close`, and reads `default_headers()`, `can_sendfile()`, `headers`, `headers_sent`,
-`chunked`, `response_length`, `_omits_body` and `sock`.
+`wait_for_and_dispatch_events(timeout)`, `handle_error(req, client, addr, exc)`,
+`check_config(cfg, log)`, and the attributes `SIGNALS`, `alive`, `cfg`, `log` (with
+`access_log_enabled` and `access(resp, req, environ, request_time)`), `sockets`,
+`worker_connections`, `wsgi`, `pid`, `tmp`, `nr`, `max_requests`. fileapp.http1's Request is a
+HeaderPolicy and calls its `_peer_trusted_for_forwarded()` and `_apply_header_policy(name,
+value, scheme_state, seen, secure_scheme_headers, forwarder_headers)`, which read `cfg`,
+`peer_addr`, `scheme` and `version` and set `_expected_100_continue`.
 """
 from __future__ import annotations
 
@@ -22,47 +23,46 @@ from typing import Any, Callable
 
 from gunicorn.config import Config
 from gunicorn.glogging import Logger
-from gunicorn.http import get_parser
 from gunicorn.http import wsgi as _wsgi
-from gunicorn.http.body import LengthReader
-from gunicorn.http.errors import NoMoreData
+from gunicorn.http.errors import (
+    ConfigurationProblem,
+    InvalidHeader,
+    InvalidRequestLine,
+    InvalidRequestMethod,
+    LimitRequestHeaders,
+    LimitRequestLine,
+    NoMoreData,
+)
+from gunicorn.http.message import (
+    DEFAULT_MAX_HEADERFIELD_SIZE,
+    MAX_HEADERS,
+    MAX_REQUEST_LINE,
+    TOKEN_RE,
+    HeaderPolicy,
+)
 from gunicorn.util import close as close_socket
-from gunicorn.util import has_fileno
+from gunicorn.util import has_fileno, hop_headers, http_date
 from gunicorn.workers.gthread import STOP_KEEPALIVE_LINGER, ThreadWorker
 
-# gunicorn's HTTP/1 response writer, which gows' coalescing response extends.
-Response = _wsgi.Response
+# gunicorn's response rules and constants, which gows' own Response keeps.
+FileWrapper = _wsgi.FileWrapper
+HEADER_VALUE_RE = _wsgi.HEADER_VALUE_RE
+STATUS_RE = _wsgi.STATUS_RE
+InvalidResponseHeader = _wsgi.InvalidResponseHeader
+InvalidResponseHeaderName = _wsgi.InvalidResponseHeaderName
+SERVER = _wsgi.SERVER
+HOP_HEADERS = frozenset(hop_headers)
+base_environ = _wsgi.base_environ
 
 __all__ = [
-    "Config", "Logger", "LengthReader", "NoMoreData", "Response", "STOP_KEEPALIVE_LINGER",
-    "ThreadWorker", "close_socket", "get_parser", "has_fileno", "install_response",
-    "has_buffered_request", "body_read_to_end", "forget_request", "watch_readable",
-    "watch_method_queue", "wake_main_loop",
+    "Config", "Logger", "NoMoreData", "STOP_KEEPALIVE_LINGER", "ThreadWorker", "close_socket",
+    "has_fileno", "http_date", "HeaderPolicy", "TOKEN_RE", "MAX_HEADERS", "MAX_REQUEST_LINE",
+    "DEFAULT_MAX_HEADERFIELD_SIZE", "ConfigurationProblem", "InvalidHeader", "InvalidRequestLine",
+    "InvalidRequestMethod", "LimitRequestHeaders", "LimitRequestLine", "FileWrapper",
+    "HEADER_VALUE_RE", "STATUS_RE", "InvalidResponseHeader", "InvalidResponseHeaderName",
+    "SERVER", "HOP_HEADERS", "base_environ", "watch_readable", "watch_method_queue",
+    "wake_main_loop",
 ]
-
-
-def install_response(cls: type) -> None:
-    """Make `cls` the response class of every request in this process: gunicorn's
-    `wsgi.create` looks its module-level `Response` up at each call."""
-    _wsgi.Response = cls
-
-
-def has_buffered_request(parser: Any) -> bool:
-    """Whether the parser has already read bytes of a next (pipelined) request: they no longer
-    make the socket readable, so the connection must be served again without a poll."""
-    return bool(parser.unreader.buf.getvalue())
-
-
-def body_read_to_end(parser: Any) -> bool:
-    """Whether the current request's body is known to be read to its end without draining:
-    a Content-Length body of 0 bytes (every request without a body)."""
-    reader = parser.mesg.body.reader
-    return type(reader) is LengthReader and reader.length == 0
-
-
-def forget_request(parser: Any) -> None:
-    """Drop the parser's current request, so that its next one starts without a drain."""
-    parser.mesg = None
 
 
 def watch_readable(worker: ThreadWorker, fd: int, callback: Callable[[Any], None]) -> None:

@@ -1,21 +1,29 @@
 """How a response leaves gows' worker without a serving thread ever waiting for its client.
 
-A thread sends what the socket takes at once (a head and its body in one gathering sendmsg,
-files with sendfile). What a slow client has not taken yet is left with the connection as a
-Transfer (fileapp.transfer), and the worker's poller finishes it whenever the socket turns
-writable: so a few slow readers cannot take every thread and starve health checks and other
-clients. The request is over for gunicorn (access log, keep-alive) when handle_request returns;
-sending the rest is the worker's business.
+The app's status and headers become the head in one string join (with a Date line made once a
+second); the head waits for the first body bytes, so both leave in one gathering sendmsg. Files
+go with sendfile. What a slow client has not taken yet is returned to the worker as a Transfer
+(fileapp.transfer), which its poller finishes whenever the socket turns writable: so a few slow
+readers cannot take every thread and starve health checks and other clients.
+
+The rules are gunicorn's Response's, kept here so that gunicorn's per-request machinery (about
+40 µs a request) is not: header names and values checked, hop-by-hop headers dropped, no body
+on HEAD/1xx/204/304, no Content-Length on 1xx/204, never more than Content-Length bytes,
+chunked framing for HTTP/1.1 bodies of unknown length, "Connection: close" when the length is
+unknown otherwise.
 """
 from __future__ import annotations
 
 import io
+import logging
 import os
 import socket
-import threading
+import time
 
-from .gunicorn_compat import Response, has_fileno, install_response
+from . import gunicorn_compat as compat
 from .transfer import Transfer
+
+log = logging.getLogger("fileapp.response")
 
 # Seconds a client may take nothing at all of a response before the worker gives up on it.
 WRITE_TIMEOUT = 30.0
@@ -24,62 +32,147 @@ WRITE_TIMEOUT = 30.0
 # (one byte string, files, multipart ranges as file ranges) never get there.
 HELD_LIMIT = 1 << 20
 _LAST_CHUNK = b"0\r\n\r\n"
+_SERVER_LINE = "Server: %s\r\n" % compat.SERVER
+_NAMES_KNOWN = 512  # header names remembered as valid tokens (a bound: apps may invent names)
+
+_valid_names: set[str] = set()
+_date: tuple[int, str] = (0, "")
 
 
-class _Parked(threading.local):
-    transfer: Transfer | None = None
+def date_line() -> str:
+    """The Date header line, made once a second (a tuple swap: safe from any thread)."""
+    global _date
+    now = int(time.time())
+    if _date[0] != now:
+        _date = (now, "Date: %s\r\n" % compat.http_date(now))
+    return _date[1]
 
 
-# gunicorn's handle_request keeps its Response to itself: the rest a response leaves is handed
-# to the serving thread here.
-_parked = _Parked()
+def _check_name(name) -> None:
+    if name in _valid_names:
+        return
+    if not isinstance(name, str):
+        raise TypeError("%r is not a string" % name)
+    if not compat.TOKEN_RE.fullmatch(name):
+        raise compat.InvalidResponseHeaderName("%r" % name)
+    if len(_valid_names) < _NAMES_KNOWN:
+        _valid_names.add(name)
 
 
-def take_parked() -> Transfer | None:
-    """The rest of the response this thread has just served, if the client has not taken it all."""
-    transfer = _parked.transfer
-    if transfer is not None:
-        _parked.transfer = None
-    return transfer
+class Response:
+    """One response: start_response, write and close for the app, as gunicorn's Response."""
 
+    __slots__ = ("req", "sock", "status", "status_code", "headers", "response_length", "chunked",
+                 "must_close", "upgrade", "headers_sent", "sent", "omits_body", "held", "rest",
+                 "write_timeout")
 
-def drop_parked() -> None:
-    """Forget the rest of a response whose request failed after all."""
-    transfer = take_parked()
-    if transfer is not None:
-        transfer.close()
+    def __init__(self, req, sock: socket.socket, write_timeout: float = WRITE_TIMEOUT) -> None:
+        self.req, self.sock = req, sock
+        self.status: str | None = None
+        self.status_code: int | None = None
+        self.headers: list[tuple[str, str]] = []
+        self.response_length: int | None = None
+        self.chunked = False
+        self.must_close = False
+        self.upgrade = False
+        self.headers_sent = False
+        self.sent = 0  # body bytes, for the access log
+        self.omits_body = False
+        self.held: bytes | None = None  # the head, built but not sent yet
+        self.rest: Transfer | None = None  # what the client has not taken yet
+        self.write_timeout = write_timeout  # for when a thread must wait after all
 
+    def force_close(self) -> None:
+        self.must_close = True
 
-class CoalescingResponse(Response):
-    """gunicorn's Response, writing without waiting for the client.
+    def should_close(self) -> bool:
+        if self.must_close or not self.req.keep_alive:
+            return True
+        if self.response_length is not None or self.chunked or self.omits_body:
+            return False
+        return True  # a body delimited by the end of the connection
 
-    The head is held back until the first body bytes, so both leave in one gathering sendmsg:
-    one syscall, no copy, and no small header segment on its own (a response without body bytes
-    sends its head when it closes). Whatever the socket does not take at once is kept as a
-    Transfer (the body's own bytes, not a copy) and handed to the worker when the response
-    closes. Files go with sendfile; a body object with `segments()` (fileapp's multipart
-    ranges) goes as its byte strings and file ranges.
-    """
+    def start_response(self, status, headers, exc_info=None):
+        if exc_info:
+            try:
+                if self.status and self.headers_sent:
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+            self.headers, self.response_length, self.upgrade = [], None, False
+        elif self.status is not None:
+            raise AssertionError("Response headers already set!")
+        if not isinstance(status, str):
+            raise TypeError("%r is not a string" % status)
+        if not compat.STATUS_RE.fullmatch(status):
+            raise ValueError("Invalid status %r" % status)
+        self.status = status
+        code = self.status_code = int(status[:3])
+        kept = self.headers
+        value_ok = compat.HEADER_VALUE_RE.fullmatch
+        for name, value in headers:
+            _check_name(name)
+            if not isinstance(value, str):
+                raise TypeError("%r is not a string" % value)
+            if not value_ok(value):
+                raise compat.InvalidResponseHeader("%r" % name)  # (the value may be secret)
+            value = value.strip(" \t")
+            lname = name.lower()
+            if lname == "content-length":
+                self.response_length = int(value)
+            elif lname in compat.HOP_HEADERS:
+                if lname == "connection":
+                    if value.lower() == "upgrade":
+                        self.upgrade = True
+                elif lname == "upgrade" and value.lower() == "websocket":
+                    kept.append((name, value))
+                continue
+            kept.append((name, value))
+        self.omits_body = self.req.method == "HEAD" or code in (204, 304) or 100 <= code < 200
+        if code == 204 or 100 <= code < 200:  # RFC 9110 6.4.2: no Content-Length there
+            self.headers = [(k, v) for k, v in kept if k.lower() != "content-length"]
+            self.response_length = None
+        self.chunked = (self.response_length is None and self.req.version > (1, 0)
+                        and not self.omits_body)
+        return self.write
 
-    write_timeout = WRITE_TIMEOUT  # the worker's, for when a thread must wait after all
-    held: bytes | None = None  # the head, built but not sent yet
-    rest: Transfer | None = None  # what the client has not taken yet
-
-    def send_headers(self):
+    def send_headers(self) -> None:
+        """Build the head; it leaves with the first body bytes, or when the response closes."""
         if self.headers_sent:
             return
-        lines = self.default_headers()  # then as gunicorn's own send_headers
-        lines.extend(["%s: %s\r\n" % (k, v) for k, v in self.headers])
-        self.held = ("%s\r\n" % "".join(lines)).encode("latin-1")
+        connection = ("upgrade" if self.upgrade else "close" if self.should_close()
+                      else "keep-alive")
+        lines = ["HTTP/1.%d %s\r\n%s%sConnection: %s\r\n" % (
+            self.req.version[1], self.status, _SERVER_LINE, date_line(), connection)]
+        if self.chunked:
+            lines.append("Transfer-Encoding: chunked\r\n")
+        lines += ["%s: %s\r\n" % header for header in self.headers]
+        lines.append("\r\n")
+        self.held = "".join(lines).encode("latin-1")
         self.headers_sent = True
 
-    def _emit_body(self, data):
-        head = self.held
+    def write(self, data: bytes) -> None:
+        self.send_headers()
+        if not isinstance(data, bytes):
+            raise TypeError("%r is not a byte" % data)
+        if self.omits_body:
+            return
+        size = len(data)
+        if self.response_length is not None:
+            if self.sent >= self.response_length:
+                return  # never more than Content-Length
+            if size > self.response_length - self.sent:
+                size = self.response_length - self.sent
+                data = data[:size]
+        if not size:
+            return
+        self.sent += size
         if self.chunked:
-            buffers = [b"%X\r\n" % len(data), data, b"\r\n"]
-            size = len(data) + len(buffers[0]) + 2
+            buffers = [b"%X\r\n" % size, data, b"\r\n"]
+            size += len(buffers[0]) + 2
         else:
-            buffers, size = [data], len(data)
+            buffers = [data]
+        head = self.held
         if head is not None:
             self.held = None
             buffers.insert(0, head)
@@ -104,14 +197,18 @@ class CoalescingResponse(Response):
             rest.finish(self.sock, self.write_timeout)
         rest.add(buffers)
 
-    def sendfile(self, respiter):
-        if not self.can_sendfile():  # (sendfile switched off in gunicorn's config)
-            return False
+    def write_file(self, respiter) -> None:
+        """A wsgi.file_wrapper body: sent with sendfile when it has a descriptor."""
+        if not self.sendfile(respiter):
+            for item in respiter:
+                self.write(item)
+
+    def sendfile(self, respiter) -> bool:
         filelike = respiter.filelike
         segments = getattr(filelike, "segments", None)
         if segments is not None and not self.chunked:
-            parts = segments()
-        elif has_fileno(filelike):
+            parts = segments()  # fileapp's multipart ranges: byte strings and file ranges
+        elif compat.has_fileno(filelike):
             fd = filelike.fileno()
             try:  # as gunicorn's: from the current offset, Content-Length bytes or to the end
                 offset = os.lseek(fd, 0, os.SEEK_CUR)
@@ -124,14 +221,16 @@ class CoalescingResponse(Response):
         else:
             return False
         self.send_headers()
-        if self._omits_body:  # HEAD: the head alone, sent on close
+        if self.omits_body:  # HEAD: the head alone, sent on close
             return True
         rest = self.rest = self.rest or Transfer()
         if self.held is not None:
             rest.add([self.held])
             self.held = None
+        size = sum(len(p) if isinstance(p, bytes) else p[2] - p[1] for p in parts)
+        self.sent += size
         if self.chunked:
-            rest.add([b"%X\r\n" % sum(stop - start for _, start, stop in parts)])
+            rest.add([b"%X\r\n" % size])
         for part in parts:
             if isinstance(part, bytes):
                 rest.add([part])
@@ -144,7 +243,9 @@ class CoalescingResponse(Response):
             self.rest = None
         return True
 
-    def close(self):
+    def close(self) -> Transfer | None:
+        """End the response; what the client has not taken yet, on descriptors of its own (the
+        app closes its files), for the worker's poller to send, or None."""
         self.send_headers()
         buffers = [] if self.held is None else [self.held]
         self.held = None
@@ -154,7 +255,7 @@ class CoalescingResponse(Response):
             self._send(buffers, sum(map(len, buffers)))
         rest, self.rest = self.rest, None
         if not rest:
-            return
+            return None
         try:
             rest.own()
         except OSError:  # no descriptor to spare: this thread sends the rest after all
@@ -162,12 +263,11 @@ class CoalescingResponse(Response):
                 rest.finish(self.sock, self.write_timeout)
             finally:
                 rest.close()
-            return
-        _parked.transfer = rest
+            return None
+        return rest
 
-
-def use_coalescing_response(write_timeout: float) -> None:
-    """Make every response of this process a CoalescingResponse, whose rests only gows' worker
-    loop sends; a thread that must wait for a client after all waits `write_timeout` at most."""
-    CoalescingResponse.write_timeout = write_timeout
-    install_response(CoalescingResponse)
+    def discard(self) -> None:
+        """Forget what is left of a response whose request failed after all."""
+        if self.rest is not None:
+            self.rest.close()
+            self.rest = None

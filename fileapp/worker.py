@@ -10,18 +10,27 @@ import os
 import select
 import signal
 import socket
-import struct
 import threading
 import time
+from collections import deque
+from datetime import timedelta
 
 from . import gunicorn_compat as compat
 from .gunicorn_compat import STOP_KEEPALIVE_LINGER, ThreadWorker
-from .response import WRITE_TIMEOUT, drop_parked, take_parked, use_coalescing_response
-from .transfer import Transfer
+from .connection import Connection, timeval
+from .http1 import Request, RequestReader, base_environ, build_environ
+from .response import WRITE_TIMEOUT, Response
 
 # A client must send each part of a request within these seconds (a kernel socket timeout,
 # SO_RCVTIMEO: no extra poll per call); taking a response, see fileapp.response.
 READ_TIMEOUT = 5.0
+# A serving thread takes up to BATCH ready connections from the poller at once and serves them
+# in turn: each thread that sleeps and wakes, and each that contends for the GIL, costs more CPU
+# than the request (threads=4, wrk -c100: about 2 context switches a request with one at a time).
+# What it has not served after BATCH_TIME seconds, or before it waits for a client (a request
+# body), it hands back to the poller for the other threads.
+BATCH = 8
+BATCH_TIME = 0.002
 # How often the main thread closes connections that have been idle too long.
 SWEEP_INTERVAL = 1.0
 # After running out of file descriptors, a worker holds this many fewer connections than it had
@@ -33,37 +42,11 @@ FD_RETRY = 30.0
 _CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EAGAIN, errno.ETIMEDOUT})
 
 
-def _timeval(seconds: float) -> bytes:
-    return struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
-
-
-_READ_TIMEVAL = _timeval(READ_TIMEOUT)
+_READ_TIMEVAL = timeval(READ_TIMEOUT)
 # What a serving thread waits for next on a connection: its next request, or room to send more
 # of a response its client has not taken yet.
 _NEXT_REQUEST = select.EPOLLIN | select.EPOLLONESHOT
 _ROOM_TO_SEND = select.EPOLLOUT | select.EPOLLONESHOT
-
-
-class _Conn:
-    """One client connection of a serving thread: what gthread's request handling reads."""
-
-    __slots__ = ("sock", "client", "server", "parser", "timeout", "busy", "rest", "keep")
-
-    def __init__(self, sock: socket.socket, client, server, parser, timeout: float) -> None:
-        self.sock = sock
-        self.client = client
-        self.server = server
-        self.parser = parser
-        self.timeout = timeout  # monotonic time after which an idle connection is closed
-        self.busy = False  # a thread is serving it (set and cleared under the worker's lock)
-        self.rest: Transfer | None = None  # of the last response, not taken by the client yet
-        self.keep = False  # whether the connection carries another request after the rest
-
-    def close(self) -> None:
-        if self.rest is not None:
-            self.rest.close()
-            self.rest = None
-        compat.close_socket(self.sock)
 
 
 class GowsThreadWorker(ThreadWorker):
@@ -73,15 +56,14 @@ class GowsThreadWorker(ThreadWorker):
     serves, then passes the connection back through a pipe to be polled again; about a dozen
     syscalls and two thread switches per keep-alive request. Here the `threads` threads all
     wait on one epoll; each connection is registered once, EPOLLONESHOT, so exactly one thread
-    gets its next request, serves it with gunicorn's parser and gunicorn's WSGI request
-    handling, and re-arms it: epoll_wait, recv, send, epoll_ctl per request. A thread never
+    gets its next request, parses it with httptools (fileapp.http1), answers it (fileapp.response)
+    and re-arms it: epoll_wait, recv, sendmsg, epoll_ctl per request. A thread never
     waits for a slow reader: what the client has not taken of a response stays with the
     connection, re-armed for EPOLLOUT, and any thread sends more when there is room
     (fileapp.response, fileapp.transfer), so health checks always find a thread.
 
-    Also: bodies written in one piece leave in one write with their headers
-    (CoalescingResponse), and fileapp's health turns 503 on SIGTERM. TLS or HTTP/2 configs run
-    plain gthread.
+    Also: bodies written in one piece leave in one write with their headers, and fileapp's
+    health turns 503 on SIGTERM. TLS, HTTP/2 or PROXY-protocol configs run plain gthread.
     Usable under gunicorn's own arbiter too: `gunicorn -k fileapp.worker.GowsThreadWorker`.
     """
 
@@ -90,24 +72,22 @@ class GowsThreadWorker(ThreadWorker):
     main_thread_signals: frozenset[int] = frozenset(ThreadWorker.SIGNALS)
 
     def init_process(self) -> None:
-        # This process only ever runs this worker: every response is the coalescing one
-        # (TLS and HTTP/2 configs run gthread's loop and gunicorn's own Response).
-        if not self.cfg.is_ssl and self.cfg.http2_cleartext == "off":
-            use_coalescing_response(self.write_timeout)
-        self._write_timeval = _timeval(self.write_timeout)
+        self._base_environ = base_environ(self.cfg)
+        self._write_timeval = timeval(self.write_timeout)
         # Accepted sockets inherit TCP_NODELAY: without it gunicorn's separate header and body
         # writes (streamed bodies) meet Nagle and delayed ACKs, 40 ms per response.
         for listener in self.sockets:
             if listener.family in (socket.AF_INET, socket.AF_INET6):
                 listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._ep = select.epoll()
-        self._lock = threading.Lock()  # guards _conns, each _Conn.busy and _accepting
-        self._conns: dict[int, _Conn] = {}
+        self._lock = threading.Lock()  # guards _conns, each Connection.busy and _accepting
+        self._conns: dict[int, Connection] = {}
         self._accepting = False
         self._room = self.worker_connections  # lowered after the process ran out of file descriptors
         self._room_lowered = 0.0
         self._stopped = False  # set after the drain: the serving threads return
         self._wake_r, self._wake_w = os.pipe()  # written once, at the very end: wakes them all
+        self._pending = threading.local()  # .batch: what a thread took from the poller, not served yet
         super().init_process()
 
     def set_draining(self) -> None:
@@ -124,7 +104,8 @@ class GowsThreadWorker(ThreadWorker):
     # -- the main thread: heartbeat, parent watch, idle timeouts, drain ----------------------
 
     def run(self) -> None:
-        if self.cfg.is_ssl or self.cfg.http2_cleartext != "off":
+        # TLS, HTTP/2 and PROXY-protocol lines are gthread's to read: its own loop serves them.
+        if self.cfg.is_ssl or self.cfg.http2_cleartext != "off" or self.cfg.proxy_protocol != "off":
             return super().run()
         compat.watch_method_queue(self)
         for listener in self.sockets:
@@ -220,19 +201,27 @@ class GowsThreadWorker(ThreadWorker):
         ep, lock, conns = self._ep, self._lock, self._conns
         # fd -> (listener, its address): getsockname once, not once per accepted connection
         listeners = {listener.fileno(): (listener, listener.getsockname()) for listener in self.sockets}
+        pending = self._pending.batch = deque()
         while not self._stopped:
             try:
-                events = ep.poll(-1, 1)
+                events = ep.poll(-1, BATCH)
             except OSError:  # closed at exit
                 return
-            for fd, _ in events:
-                listener = listeners.get(fd)
-                if listener is not None:
-                    self._accept(*listener)
-                    continue
-                with lock:
+            ready = []
+            with lock:
+                for fd, _ in events:
                     conn = conns.get(fd)
-                    if conn is None or conn.busy:  # closed meanwhile, or a stale event
+                    if conn is not None:
+                        pending.append((fd, conn))
+                    elif fd in listeners:
+                        ready.append(listeners[fd])
+            for listener in ready:
+                self._accept(*listener)
+            started = time.monotonic()
+            while pending:
+                fd, conn = pending.popleft()
+                with lock:
+                    if conns.get(fd) is not conn or conn.busy:  # closed meanwhile, or stale
                         continue
                     conn.busy = True
                 wanted = self._serve(conn) if conn.rest is None else self._send_rest(conn)
@@ -243,6 +232,21 @@ class GowsThreadWorker(ThreadWorker):
                     else:
                         self._drop(fd)
                         self._accept_while_room()
+                if pending and time.monotonic() - started > BATCH_TIME:
+                    self._hand_back()
+
+    def _hand_back(self) -> None:
+        """Re-arm the connections this thread took from the poller but has not served yet, so
+        that another thread serves them (before this one waits for a client, or when it has
+        spent BATCH_TIME on its batch)."""
+        pending = getattr(self._pending, "batch", None)
+        if not pending:
+            return
+        with self._lock:
+            while pending:
+                fd, conn = pending.popleft()
+                if self._conns.get(fd) is conn and not conn.busy:
+                    self._ep.modify(fd, _NEXT_REQUEST if conn.rest is None else _ROOM_TO_SEND)
 
     def _accept(self, listener: socket.socket, server) -> None:
         try:
@@ -263,17 +267,25 @@ class GowsThreadWorker(ThreadWorker):
         # (Responses never block; gunicorn's own few writes, such as 100 Continue, could.)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._write_timeval)
         # Until its first request arrives the connection gets READ_TIMEOUT, then the keep-alive time.
-        conn = _Conn(sock, addr, server, compat.get_parser(self.cfg, sock, addr),
+        conn = Connection(sock, addr, server, RequestReader(self.cfg, sock, addr, self._hand_back),
                      time.monotonic() + READ_TIMEOUT)
         with self._lock:
             self._conns[sock.fileno()] = conn
             self._ep.register(sock.fileno(), _NEXT_REQUEST)
             self._accept_while_room()
 
-    def _serve(self, conn: _Conn) -> int | None:
-        """Answer the requests that `conn` has sent (more than one if pipelined), as far as its
-        client takes the answers; what to wait for next on it (None: close it)."""
-        while True:
+    def _serve(self, conn: Connection) -> int | None:
+        """Read what `conn`'s client has sent and answer the requests in it (more than one if
+        pipelined), as far as the client takes the answers; what to wait for next on it (None:
+        close it)."""
+        reader = conn.reader
+        try:
+            if not reader.has_request() and not reader.receive():
+                return None  # the client closed the connection
+        except OSError as e:
+            self._socket_error(e)
+            return None
+        while reader.has_request():
             keep = self._serve_one(conn)
             if conn.rest is not None:
                 conn.keep = keep
@@ -281,11 +293,12 @@ class GowsThreadWorker(ThreadWorker):
                 return _ROOM_TO_SEND
             if not keep:
                 return None
-            if not compat.has_buffered_request(conn.parser):
-                conn.timeout = time.monotonic() + self.cfg.keepalive
-                return _NEXT_REQUEST
+        # A head begun but not complete gets READ_TIMEOUT to arrive, an idle connection keepalive.
+        wait = READ_TIMEOUT if reader.in_head else self.cfg.keepalive
+        conn.timeout = time.monotonic() + wait
+        return _NEXT_REQUEST
 
-    def _send_rest(self, conn: _Conn) -> int | None:
+    def _send_rest(self, conn: Connection) -> int | None:
         """Send more of the response `conn`'s client has not taken yet (there is room now); once
         it is all sent, go on with the connection's next request."""
         rest = conn.rest
@@ -305,38 +318,79 @@ class GowsThreadWorker(ThreadWorker):
         conn.rest = None
         if not conn.keep or not self.alive:
             return None
-        if compat.has_buffered_request(conn.parser):  # pipelined requests wait behind it
+        if conn.reader.has_request():  # pipelined requests wait behind it
             return self._serve(conn)
         conn.timeout = time.monotonic() + self.cfg.keepalive
         return _NEXT_REQUEST
 
-    def _serve_one(self, conn: _Conn) -> bool:
-        """Parse and answer one request; whether the connection can carry another."""
+    def _serve_one(self, conn: Connection) -> bool:
+        """Answer the next parsed request; whether the connection can carry another."""
         req = None
         try:
-            req = next(conn.parser)
-            if not req:
-                return False
-            keepalive = self.handle_request(req, conn)
-            conn.rest = take_parked()
-            return self._keepalive_after(conn, keepalive)
-        except (compat.NoMoreData, StopIteration) as e:
+            req = conn.reader.next_request()
+            return self._answer(req, conn)
+        except compat.NoMoreData as e:
             self.log.debug("Closing connection: %r", e)
         except OSError as e:
-            if isinstance(e, TimeoutError) or e.errno in _CLIENT_GONE:
-                self.log.debug("Client gone or too slow: %s", e)
-            else:
-                self.log.exception("Socket error processing request.")
+            self._socket_error(e)
         except Exception as e:
             self.handle_error(req, conn.sock, conn.client, e)
-        drop_parked()  # a response the request failed after
         return False
 
-    def _keepalive_after(self, conn, keepalive):
-        """gthread's, minus its socket-timeout dance when the body was read to its end (every
-        request without a body)."""
-        if keepalive and compat.body_read_to_end(conn.parser):
-            # Nothing left to drain: also spare the parser's own drain before the next request.
-            compat.forget_request(conn.parser)
-            return True
-        return super()._keepalive_after(conn, keepalive)
+    def _socket_error(self, e: OSError) -> None:
+        if isinstance(e, TimeoutError) or e.errno in _CLIENT_GONE:
+            self.log.debug("Client gone or too slow: %s", e)
+        else:
+            self.log.exception("Socket error processing request.")
+
+    def _answer(self, req: Request, conn: Connection) -> bool:
+        """Run the app for `req` and send its response (what the client does not take at once
+        is left in conn.rest); whether the connection can carry another request. As gthread's
+        handle_request, with gows' own environ and response."""
+        self.cfg.pre_request(self, req)
+        resp = Response(req, conn.sock, self.write_timeout)
+        environ = build_environ(req, conn.sock, conn.client, conn.server, self._base_environ)
+        self.nr += 1
+        if self.nr >= self.max_requests:
+            if self.alive:
+                self.log.info("Autorestarting worker after current request.")
+                self.alive = False
+            resp.force_close()
+        if not self.alive or not self.cfg.keepalive:
+            resp.force_close()
+        logged = self.log.access_log_enabled
+        started = time.monotonic() if logged else 0.0
+        try:
+            respiter = self.wsgi(environ, resp.start_response)
+            try:
+                if isinstance(respiter, compat.FileWrapper):
+                    resp.write_file(respiter)
+                else:
+                    for item in respiter:
+                        resp.write(item)
+                conn.rest = resp.close()
+            finally:
+                if logged:
+                    self.log.access(resp, req, environ,
+                                    timedelta(seconds=time.monotonic() - started))
+                if hasattr(respiter, "close"):
+                    respiter.close()
+        except OSError:
+            resp.discard()
+            raise
+        except Exception:
+            resp.discard()
+            if resp.headers_sent:  # a 500 now would corrupt the response begun
+                self.log.exception("Error handling request")
+                return False
+            raise
+        finally:
+            try:
+                self.cfg.post_request(self, req, environ, resp)
+            except Exception:
+                self.log.exception("Exception in post_request hook")
+        if resp.should_close():
+            return False
+        # The app left part of the body unread: what has arrived of it is skipped; a body
+        # still coming would hold a thread, so the connection ends instead.
+        return req.complete or conn.reader.drain(req)

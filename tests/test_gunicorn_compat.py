@@ -31,21 +31,8 @@ THREAD_WORKER_METHODS = {
     "handle_exit": ("sig", "frame"),
     "handle_quit": ("sig", "frame"),
     "wait_for_and_dispatch_events": ("timeout",),
-    "handle_request": ("req", "conn"),
-    "_keepalive_after": ("conn", "keepalive"),
     "handle_error": ("req", "client", "addr", "exc"),
 }
-# Response members CoalescingResponse overrides or calls: name -> parameters after self.
-RESPONSE_METHODS = {
-    "send_headers": (),
-    "default_headers": (),
-    "_emit_body": ("data",),
-    "can_sendfile": (),
-    "sendfile": ("respiter",),
-    "write_file": ("respiter",),
-    "close": (),
-}
-RESPONSE_ATTRIBUTES = ("sock", "headers", "headers_sent", "chunked", "response_length", "_omits_body")
 # Settings the standalone worker sets (fileapp.bootstrap.build_config) or reads.
 SETTINGS = ("worker_class", "threads", "graceful_timeout", "keepalive", "loglevel", "errorlog",
             "accesslog", "proc_name", "timeout", "worker_connections", "sendfile")
@@ -54,11 +41,6 @@ SETTINGS = ("worker_class", "threads", "graceful_timeout", "keepalive", "logleve
 def app(environ, start_response):
     start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "5")])
     return [b"hello"]
-
-
-def file_app(environ, start_response):
-    start_response("200 OK", [("Content-Type", "text/plain"), ("Content-Length", "4")])
-    return environ["wsgi.file_wrapper"](io.BytesIO(b"data"))
 
 
 def new_worker(cfg=None) -> compat.ThreadWorker:
@@ -80,14 +62,6 @@ def peers():
     yield server, client
     server.close()
     client.close()
-
-
-def parser_for(peers, data: bytes, end: bool = True):
-    server, client = peers
-    client.sendall(data)
-    if end:
-        client.shutdown(socket.SHUT_WR)
-    return compat.get_parser(compat.Config(), server, ("127.0.0.1", 1))
 
 
 def received(sock: socket.socket) -> bytes:
@@ -113,7 +87,7 @@ def test_thread_worker_check_config_is_a_classmethod_of_cfg_and_log():
 
 
 @pytest.mark.parametrize("name", ["SIGNALS", "alive", "cfg", "log", "sockets", "worker_connections",
-                                  "pid", "tmp", "method_queue", "keepalived_conns"])
+                                  "pid", "tmp", "method_queue", "nr", "max_requests"])
 def test_thread_worker_has_the_attribute(worker, name):
     assert hasattr(worker, name)
 
@@ -122,8 +96,7 @@ def test_thread_worker_attributes_have_the_shapes_relied_on(worker):
     assert worker.alive is True and worker.sockets == []
     assert isinstance(worker.worker_connections, int) and worker.worker_connections > 0
     assert all(isinstance(sig, int) for sig in compat.ThreadWorker.SIGNALS)
-    # handle_request closes a connection when keepalived_conns is full: gows leaves it empty.
-    assert len(worker.keepalived_conns) == 0
+    assert worker.nr == 0 and isinstance(worker.max_requests, int) and worker.max_requests > 0
     assert callable(worker.tmp.close)
 
 
@@ -167,101 +140,112 @@ def test_init_process_loads_the_app_and_readies_the_main_loop_before_run():
     assert seen == {"wsgi": app, "readable": b"x", "queue drained": True}
 
 
-# -- the parser --------------------------------------------------------------------------------
+# -- the header policy (fileapp.http1's Request is a HeaderPolicy) ----------------------------
 
-def test_parser_keeps_a_pipelined_request_in_its_read_ahead_buffer(peers):
-    parser = parser_for(peers, b"GET /a HTTP/1.1\r\nHost: t\r\n\r\nGET /b HTTP/1.1\r\nHost: t\r\n\r\n")
-    assert next(parser).path == "/a"
-    assert compat.has_buffered_request(parser)
-    assert compat.body_read_to_end(parser)  # no body: a LengthReader of 0 bytes
-    compat.forget_request(parser)
-    assert parser.mesg is None
-    assert next(parser).path == "/b"
-    assert not compat.has_buffered_request(parser)
+def policy(peer=("127.0.0.1", 1), version=(1, 1)):
+    request = compat.HeaderPolicy()
+    request.cfg, request.peer_addr, request.scheme, request.version = (
+        compat.Config(), peer, "http", version)
+    return request
 
 
-def test_a_request_body_is_not_read_to_its_end_before_the_app_reads_it(peers):
-    parser = parser_for(peers, b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
-    next(parser)
-    assert isinstance(parser.mesg.body.reader, compat.LengthReader)
-    assert parser.mesg.body.reader.length == 5
-    assert not compat.body_read_to_end(parser)
+def apply(request, headers):
+    """The headers kept, as _apply_header_policy leaves them (names upper case)."""
+    state, seen = [False], set()
+    trusted = request._peer_trusted_for_forwarded()
+    kept = [request._apply_header_policy(name, value, state, seen, *trusted)
+            for name, value in headers]
+    return [header for header in kept if header is not None]
 
 
-def test_a_request_cut_short_raises_no_more_data(peers):
-    parser = parser_for(peers, b"GET / HTTP/1.1\r\nHost:")
-    with pytest.raises(compat.NoMoreData):
-        next(parser)
+def test_apply_header_policy_has_the_parameters_relied_on():
+    method = compat.HeaderPolicy._apply_header_policy
+    assert tuple(inspect.signature(method).parameters)[1:7] == (
+        "name", "value", "scheme_state", "seen", "secure_scheme_headers", "forwarder_headers")
 
 
-def test_a_connection_closed_before_a_request_stops_the_parser(peers):
-    parser = parser_for(peers, b"")
-    with pytest.raises(StopIteration):
-        next(parser)
+def test_header_policy_keeps_plain_headers_and_drops_names_with_underscores():
+    assert apply(policy(), [("HOST", "t"), ("X_SPOOF", "1"), ("ACCEPT", "*/*")]) == [
+        ("HOST", "t"), ("ACCEPT", "*/*")]
 
 
-# -- handle_request and the Response it builds ------------------------------------------------
-
-@pytest.mark.parametrize("name", RESPONSE_METHODS)
-def test_response_method_has_the_parameters_relied_on(name):
-    method = getattr(compat.Response, name)
-    assert tuple(inspect.signature(method).parameters)[1:] == RESPONSE_METHODS[name]
+def test_header_policy_refuses_a_repeated_singleton_field():
+    with pytest.raises(compat.InvalidHeader):
+        apply(policy(), [("HOST", "a"), ("HOST", "b")])
 
 
-@pytest.fixture
-def recording_response():
-    """The calls a Response subclass, installed for the test's requests, sees."""
-    calls = []
-
-    class Recording(compat.Response):
-        def _emit_body(self, data):
-            calls.append(("_emit_body", data))
-            super()._emit_body(data)
-
-        def sendfile(self, respiter):
-            calls.append(("sendfile", respiter.filelike.read()))
-            respiter.filelike.seek(0)
-            return False  # then write_file writes it
-
-    original = compat.Response
-    compat.install_response(Recording)
-    try:
-        yield calls
-    finally:
-        compat.install_response(original)
+def test_header_policy_notes_expect_100_continue_on_http_1_1_only():
+    request = policy()
+    apply(request, [("EXPECT", "100-continue")])
+    assert request._expected_100_continue is True
+    old = policy(version=(1, 0))
+    apply(old, [("EXPECT", "100-continue")])
+    assert old._expected_100_continue is False
 
 
-def serve_one(worker, peers, wsgi):
-    """handle_request on a connection shaped like gows' _Conn; (keep-alive, the response head)."""
+def test_header_policy_takes_the_scheme_from_a_trusted_peer_only():
+    trusted = policy(("127.0.0.1", 1))
+    apply(trusted, [("X-FORWARDED-PROTO", "https")])
+    assert trusted.scheme == "https"
+    untrusted = policy(("192.0.2.1", 1))
+    apply(untrusted, [("X-FORWARDED-PROTO", "https")])
+    assert untrusted.scheme == "http"
+
+
+def test_request_limits_and_their_defaults_are_numbers():
+    cfg = compat.Config()
+    assert (cfg.limit_request_line, cfg.limit_request_fields, cfg.limit_request_field_size) == (
+        4094, 100, 8190)
+    assert compat.MAX_REQUEST_LINE == 8190 and compat.MAX_HEADERS > 100
+    assert compat.DEFAULT_MAX_HEADERFIELD_SIZE == 8190
+    assert cfg.casefold_http_method in (True, False)
+
+
+# -- handle_error: the answers to malformed requests ------------------------------------------
+
+@pytest.mark.parametrize("error, status", [
+    (compat.InvalidRequestLine("x"), b"400"),
+    (compat.InvalidRequestMethod("x"), b"400"),
+    (compat.InvalidHeader("x"), b"400"),
+    (compat.LimitRequestLine(9000, 4094), b"414"),
+    (compat.LimitRequestHeaders("limit request headers fields"), b"431"),
+    (compat.ConfigurationProblem("x"), b"500"),
+    (ValueError("an app's error"), b"500"),
+])
+def test_handle_error_answers_each_error_class_with_its_status(worker, peers, error, status):
     server, client = peers
-    parser = parser_for(peers, b"GET / HTTP/1.1\r\nHost: t\r\n\r\n", end=False)
-    conn = SimpleNamespace(sock=server, client=("127.0.0.1", 1), server=("127.0.0.1", 80), parser=parser)
-    worker.wsgi = wsgi
-    keep = worker.handle_request(next(parser), conn)
-    return keep and worker._keepalive_after(conn, keep), received(client)
+    worker.handle_error(None, server, ("127.0.0.1", 1), error)
+    assert received(client).startswith(b"HTTP/1.1 " + status + b" ")
 
 
-def test_handle_request_answers_through_the_installed_response_class(worker, peers, recording_response):
-    calls = recording_response
-    keep, head = serve_one(worker, peers, app)
-    assert calls == [("_emit_body", b"hello")]
-    assert keep is True and head.startswith(b"HTTP/1.1 200 OK\r\n")
-    assert b"Connection: keep-alive\r\n" in head  # the empty keepalived_conns closes nothing
+# -- the response rules fileapp.response keeps ------------------------------------------------
+
+def test_status_and_header_patterns_tell_good_from_bad():
+    assert compat.STATUS_RE.fullmatch("200 OK") and not compat.STATUS_RE.fullmatch("200 OK\r\nX: 1")
+    assert compat.TOKEN_RE.fullmatch("Content-Type") and not compat.TOKEN_RE.fullmatch("Bad Name")
+    assert compat.HEADER_VALUE_RE.fullmatch("text/plain; charset=utf-8")
+    assert not compat.HEADER_VALUE_RE.fullmatch("a\r\nSet-Cookie: x")
 
 
-def test_write_file_offers_a_file_body_to_sendfile_first(worker, peers, recording_response):
-    calls = recording_response
-    keep, head = serve_one(worker, peers, file_app)
-    assert calls == [("sendfile", b"data"), ("_emit_body", b"data")]
-    assert keep is True and head.startswith(b"HTTP/1.1 200 OK\r\n")
+def test_hop_headers_server_and_date():
+    assert {"connection", "transfer-encoding", "keep-alive", "upgrade", "server", "date"} <= compat.HOP_HEADERS
+    assert isinstance(compat.SERVER, str) and compat.SERVER
+    assert compat.http_date(0) == "Thu, 01 Jan 1970 00:00:00 GMT"
 
 
-def test_response_has_the_attributes_relied_on(peers):
-    resp = compat.Response(SimpleNamespace(), peers[0], compat.Config())
-    for name in RESPONSE_ATTRIBUTES:
-        assert hasattr(resp, name), name
-    assert (resp.headers_sent, resp.chunked, resp.response_length, resp._omits_body) == (
-        False, False, None, False)
+def test_base_environ_and_file_wrapper_have_the_shapes_relied_on():
+    env = compat.base_environ(compat.Config())
+    assert env["wsgi.version"] == (1, 0) and env["wsgi.file_wrapper"] is compat.FileWrapper
+    assert {"wsgi.errors", "wsgi.multiprocess", "wsgi.run_once", "SERVER_SOFTWARE"} <= set(env)
+    body = io.BytesIO(b"data")
+    assert compat.FileWrapper(body, 8192).filelike is body
+
+
+def test_response_header_errors_are_gunicorn_errors_answered_500(worker, peers):
+    server, client = peers
+    worker.handle_error(None, server, ("127.0.0.1", 1), compat.InvalidResponseHeaderName("'x y'"))
+    assert received(client).startswith(b"HTTP/1.1 500 ")
+    assert issubclass(compat.InvalidResponseHeader, Exception)
 
 
 # -- config, logger, util ----------------------------------------------------------------------
@@ -295,6 +279,7 @@ def test_logger_sets_itself_up_from_its_constructor_with_error_and_access_logger
     assert log.error_log.handlers and log.access_log.handlers
     for name in ("debug", "info", "warning", "exception", "access"):  # what the worker calls
         assert callable(getattr(log, name)), name
+    assert log.access_log_enabled is True
 
 
 def test_close_socket_closes_and_tolerates_a_closed_socket():

@@ -317,7 +317,7 @@ class FileApp:
                 os.close(fd)
             # Changed, replaced or gone: resolve the path from scratch.
             self.cache.discard(path)
-            entry = self.loader.load(path)
+            entry = self.loader.load(path, recheck=False)
             if entry is None:
                 return self._not_found(environ, start_response, path)
             if entry.redirect:

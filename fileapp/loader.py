@@ -3,13 +3,24 @@ file, or a redirect to the directory's URL with a slash), with its precompressed
 
 Files up to `max_file_size` are read into the entry, larger ones only described (streamed from
 disk on each request); a file truncated while being read is read again.
+
+An entry of files only described (streamed or handed off, so checked by identity whenever
+sent) whose time in the cache is up is first checked cheaply, as nginx's open_file_cache does:
+if the URL path still leads to the very same file (device, inode, size, mtime, by one stat that
+follows the path as the kernel does) and its sidecars are as they were, the entry lives on;
+only otherwise is the path resolved from scratch (every component opened beneath the root). A
+site of many big files then costs a few stats per file and TTL, not a resolution. Entries
+holding bytes are always read again: an in-place rewrite keeping size and mtime is seen.
 """
 from __future__ import annotations
 
 import os
 import re
 import stat
+import threading
 from typing import Pattern
+
+from cachetools import LRUCache
 
 from .cache import ResponseCache
 from .files import Resolver, split_url_path
@@ -32,12 +43,55 @@ class EntryLoader:
         if isinstance(immutable_pattern, str):
             immutable_pattern = re.compile(immutable_pattern)
         self.immutable = immutable_pattern
+        # Entries whose time in the cache is up, kept for the cheap check (bounded in bytes).
+        self._expired: LRUCache = LRUCache(max(cache.max_bytes // 4, 1), getsizeof=lambda e: e.nbytes)
+        self._lock = threading.Lock()
 
-    def load(self, path: str) -> Entry | None:
-        """Resolve `path` on disk and prepare (and cache) its entry; None when nothing to serve."""
+    def load(self, path: str, recheck: bool = True) -> Entry | None:
+        """Prepare (and cache) `path`'s entry: the one it had if its files are unchanged (unless
+        `recheck` is False), else resolved on disk anew; None when nothing is to be served."""
         parts = split_url_path(path)
         if parts is None:
             return None
+        if recheck and self.cache.enabled:
+            with self._lock:
+                old = self._expired.get(path)
+            if old is not None and self._unchanged(parts, old):
+                self.cache.put(path, old)
+                return old
+        entry = self._resolve(path, parts)
+        if entry is not None and _described_only(entry) and not path.endswith("/") and self.cache.enabled:
+            with self._lock:
+                self._expired[path] = entry
+        return entry
+
+    def _unchanged(self, parts: list[str], entry: Entry) -> bool:
+        """Whether the file at `parts` and its sidecars are still those of `entry`."""
+        base = os.path.join(self.resolver.root, *parts)
+        try:
+            st = os.stat(base)
+        except (OSError, ValueError):
+            return False
+        identity = entry.identity
+        if not (stat.S_ISREG(st.st_mode) and identity.same_file(st)):
+            return False
+        if base.endswith((".br", ".gz")):
+            return True
+        for coding, suffix in SIDECARS:
+            try:
+                side = os.stat(base + suffix)
+            except OSError:
+                side = None
+            rep = entry.encoded.get(coding)
+            if rep is None:
+                # (absent, or older than the file: never served)
+                if side is not None and side.st_mtime_ns >= identity.mtime_ns:
+                    return False
+            elif side is None or not (stat.S_ISREG(side.st_mode) and rep.same_file(side)):
+                return False
+        return True
+
+    def _resolve(self, path: str, parts: list[str]) -> Entry | None:
         opened = self.resolver.open(parts)
         if opened is None:
             return None
@@ -101,3 +155,9 @@ class EntryLoader:
             finally:
                 os.close(opened.fd)
         return None
+
+
+def _described_only(entry: Entry) -> bool:
+    """Whether `entry` is a file's whose bytes it does not hold (nor its sidecars')."""
+    return (entry.identity is not None and entry.identity.body is None
+            and all(rep.body is None for rep in entry.encoded.values()))

@@ -2,6 +2,7 @@
 and deleted files, the byte bound and its counters, and consistency under concurrent threads."""
 from __future__ import annotations
 
+import gzip
 import os
 import random
 import threading
@@ -248,3 +249,44 @@ def test_concurrent_requests_stay_consistent_while_files_change(tmp_path):
     assert stats["hits"] + stats["misses"] == 16 * 150
     assert stats["hits"] > 0 and stats["evictions"] > 0
     assert stats["bytes"] <= 30_000
+
+
+def test_an_expired_streamed_entry_is_kept_after_one_cheap_check(tmp_path):
+    """Past its TTL an entry of a file served from disk is checked with stats, not resolved
+    anew, while the file and its sidecars are unchanged; any change is seen."""
+    root = tmp_path / "site"
+    root.mkdir()
+    big = b"b" * 5000
+    (root / "big.txt").write_bytes(big)
+    now = [0.0]
+    app = create_app(str(root), cache_ttl=1, cache_max_file_size=1000)
+    app.cache = app.loader.cache = ResponseCache(1, 1 << 20, timer=lambda: now[0])  # a clock moved by hand
+    opened = []
+    real_open = app.resolver.open
+    app.resolver.open = lambda parts: opened.append(parts) or real_open(parts)
+    c = Client(app)
+
+    def get(headers=None):
+        now[0] += 2  # past the TTL every time
+        r = c.get("/big.txt", headers=headers or {})
+        return r.status_code, r.headers.get("Content-Encoding"), r.data
+
+    assert get() == (200, None, big)
+    resolutions = len(opened)
+    assert resolutions >= 1
+    for _ in range(3):
+        assert get() == (200, None, big)
+    assert len(opened) == resolutions  # checked, not resolved again
+    (root / "big.txt.gz").write_bytes(gzip.compress(big))  # a sidecar appears
+    os.utime(root / "big.txt.gz", ns=(time.time_ns(), os.stat(root / "big.txt").st_mtime_ns + 1))
+    assert get({"Accept-Encoding": "gzip"})[:2] == (200, "gzip")
+    (root / "big.txt.gz").unlink()  # and goes
+    assert get({"Accept-Encoding": "gzip"}) == (200, None, big)
+    replaced = root / "new.tmp"
+    replaced.write_bytes(b"n" * 5000)
+    os.replace(replaced, root / "big.txt")  # same size, a new inode
+    assert get() == (200, None, b"n" * 5000)
+    os.unlink(root / "big.txt")
+    os.symlink(tmp_path / "elsewhere.txt", root / "big.txt")  # to outside the root
+    (tmp_path / "elsewhere.txt").write_bytes(big)
+    assert get()[0] == 404

@@ -1,6 +1,6 @@
-"""Local workers: one slot per worker port, owning the port's listening socket for the slot's
-whole life and the processes ("incarnations", incarnation.py) that serve it: spawn, watch,
-replace, back off (backoff.py), stop.
+"""Local workers: one slot per worker port, owning the port's listening sockets (TCP, and the
+Unix socket the proxies use) for the slot's whole life and the processes ("incarnations",
+incarnation.py) that serve them: spawn, watch, replace, back off (backoff.py), stop.
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from .health import HealthChecker, ProbeSkipped, probe
 from .incarnation import Incarnation, describe_exit
 from .ops.logs import LogSink
 from .signals import Stop
+from .sockets import UnixListener
 from .state import WorkerState, WorkerTable
 from .worker_command import WorkerOptions, worker_argv
 
@@ -48,8 +49,10 @@ class LocalWorker:
     """
 
     def __init__(self, state: WorkerState, sock: socket.socket, table: WorkerTable,
-                 checker: HealthChecker, options: WorkerOptions, sink: LogSink, pool: Pool) -> None:
+                 checker: HealthChecker, options: WorkerOptions, sink: LogSink, pool: Pool,
+                 unix: UnixListener | None = None) -> None:
         self.state, self.sock, self.table, self.checker = state, sock, table, checker
+        self.unix = unix  # state.unix_path names it
         self.options = options
         self.sink = sink
         self.pool = pool
@@ -107,8 +110,11 @@ class LocalWorker:
         return await future
 
     def close(self) -> None:
-        """Close the port's listening socket, once the slot's processes are gone."""
+        """Close the port's listening sockets (and remove the Unix socket's file), once the
+        slot's processes are gone."""
         self.sock.close()
+        if self.unix is not None:
+            self.unix.close()
 
     # -- the slot's loop -------------------------------------------------------------------
     async def run(self) -> None:
@@ -214,8 +220,10 @@ class LocalWorker:
 
     async def _spawn(self, options: WorkerOptions) -> Incarnation:
         fd = self.sock.fileno()
-        argv = worker_argv(options, fd, self.state.host, self.state.port)
-        inc = await Incarnation.spawn(argv, (fd,), self.sink.worker_stdout)
+        unix_fd = self.unix.sock.fileno() if self.unix is not None else None
+        argv = worker_argv(options, fd, self.state.host, self.state.port, unix_fd)
+        fds = (fd,) if unix_fd is None else (fd, unix_fd)
+        inc = await Incarnation.spawn(argv, fds, self.sink.worker_stdout)
         self._live.add(inc)
         if inc.proc.stdout is not None:
             self._track(asyncio.ensure_future(self.sink.relay(inc.proc.stdout)))

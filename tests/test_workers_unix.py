@@ -4,11 +4,13 @@ Unix socket, the proxy's pool connecting over it, and the socket outliving worke
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
@@ -263,12 +265,19 @@ def _tcp_peers(pid: int) -> list[int]:
     return ports
 
 
-def _master(tmp_path: Path, workers: int, **extra) -> tuple[Master, Path]:
+@pytest.fixture
+def run():
+    """A short $XDG_RUNTIME_DIR for a master: pytest's tmp_path can be too long for a socket
+    path (sun_path's 108 bytes), and the master would then fall back to TCP."""
+    path = Path(tempfile.mkdtemp(prefix="gows-test-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _master(tmp_path: Path, run: Path, workers: int, **extra) -> Master:
     site = tmp_path / "site"
     site.mkdir()
     (site / "a.txt").write_bytes(b"hello over unix\n")
-    run = tmp_path / "run"
-    run.mkdir()
     listen, *ports = free_ports(1 + workers)
     m = Master(tmp_path, base_config(site, listen, ports, frontCache={"enabled": False}, **extra),
                env={"XDG_RUNTIME_DIR": str(run)})
@@ -278,7 +287,7 @@ def _master(tmp_path: Path, workers: int, **extra) -> tuple[Master, Path]:
     except BaseException:
         m.stop()
         raise
-    return m, run
+    return m
 
 
 def _sockets(run: Path) -> dict[int, Path]:
@@ -288,8 +297,8 @@ def _sockets(run: Path) -> dict[int, Path]:
 
 
 @pytest.mark.integration
-def test_the_proxies_reach_local_workers_over_their_unix_sockets_and_exit_removes_them(tmp_path):
-    m, run = _master(tmp_path, 2)
+def test_the_proxies_reach_local_workers_over_their_unix_sockets_and_exit_removes_them(tmp_path, run):
+    m = _master(tmp_path, run, 2)
     with m:
         (runtime,) = run.iterdir()
         assert stat.S_IMODE(runtime.stat().st_mode) == 0o700
@@ -335,8 +344,8 @@ def test_the_proxies_reach_local_workers_over_their_unix_sockets_and_exit_remove
 
 
 @pytest.mark.integration
-def test_a_restarted_worker_keeps_serving_the_same_unix_socket_and_its_queued_connections(tmp_path):
-    m, run = _master(tmp_path, 1)
+def test_a_restarted_worker_keeps_serving_the_same_unix_socket_and_its_queued_connections(tmp_path, run):
+    m = _master(tmp_path, run, 1)
     with m:
         (port,) = m.worker_ports
         (path,) = _sockets(run).values()

@@ -94,8 +94,7 @@ class Arbiter:
         loop = asyncio.get_running_loop()
         self._signals.install(loop)
         try:
-            if os.environ.get("GOWS_WORKER_UNIX") != "0":  # (measurement switch, for this branch)
-                self.runtime = RuntimeDir.create()
+            self.runtime = RuntimeDir.create()
             options = WorkerOptions.from_config(self.config)
             for w in self.config.workers:
                 if w.local:

@@ -29,7 +29,7 @@ from .ops.notify import Notifier
 from .proxies import ProxyFleet
 from .proxy_slot import AccessLogState
 from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_STOP, SignalQueue, Stop
-from .sockets import ListenError, bind_listener
+from .sockets import ListenError, RuntimeDir, bind_listener
 from .state import WorkerState, WorkerTable
 from .worker_command import WorkerOptions
 from .workers import LocalWorker
@@ -58,6 +58,9 @@ class Arbiter:
         self.slots: dict[tuple[str, int], LocalWorker] = {}
         self.pool = Pool()  # the same slots, kept from all backing off at once
         self._worker_sockets = worker_sockets
+        # Where local workers' Unix sockets live, made by run() (None: the proxies reach them
+        # over TCP).
+        self.runtime: RuntimeDir | None = None
         self._retiring: dict[asyncio.Task, LocalWorker] = {}  # slots draining after TTOU/HUP
         _check_access_log(config)
         # The secret with which proxies ask this master's own workers to name file bodies
@@ -91,6 +94,7 @@ class Arbiter:
         loop = asyncio.get_running_loop()
         self._signals.install(loop)
         try:
+            self.runtime = RuntimeDir.create()
             options = WorkerOptions.from_config(self.config)
             for w in self.config.workers:
                 if w.local:
@@ -114,6 +118,8 @@ class Arbiter:
             for slot in self.slots.values():  # only after an unexpected error: workers quit now
                 slot.stop(graceful=False)
             self.proxy.stop(Stop.NOW)
+            if self.runtime is not None:
+                self.runtime.remove()
 
     async def _announce_ready(self) -> None:
         """Tell systemd READY=1 once every worker is healthy (or, after the boot timeout, once at
@@ -192,8 +198,12 @@ class Arbiter:
 
     # -- slots -------------------------------------------------------------------------------
     def _add_slot(self, host: str, port: int, sock: socket.socket, options: WorkerOptions) -> LocalWorker:
-        state = self.table.add(WorkerState(host, port, local=True))
-        slot = LocalWorker(state, sock, self.table, self.checker, options, self.sink, self.pool)
+        unix = self.runtime.bind(port) if self.runtime is not None else None
+        state = self.table.add(WorkerState(host, port, local=True,
+                                           unix_path=unix.path if unix is not None else None))
+        runtime = self.runtime
+        slot = LocalWorker(state, sock, self.table, self.checker, options, self.sink, self.pool, unix,
+                           (lambda: runtime.bind(port)) if runtime is not None else None)
         self.slots[state.key] = slot
         slot.start()
         return slot

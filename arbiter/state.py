@@ -23,6 +23,9 @@ class WorkerState:
     host: str
     port: int
     local: bool = True
+    # The worker's Unix socket, which the proxies connect to instead of host:port (health checks
+    # stay on TCP); None for remote workers, or when the master could not bind one.
+    unix_path: str | None = None
     pid: int | None = None
     up: bool = False
     since: float = field(default_factory=time.time)  # wall clock of the last up/down change

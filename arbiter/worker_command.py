@@ -48,12 +48,16 @@ class WorkerOptions:
         return cls(**{f.name: attrgetter(f.metadata["source"])(config) for f in fields(cls)})
 
 
-def worker_argv(options: WorkerOptions, fd: int, host: str, port: int) -> list[str]:
-    """The command line of one worker incarnation serving the inherited socket `fd`.
+def worker_argv(options: WorkerOptions, fd: int, host: str, port: int,
+                unix_fd: int | None = None) -> list[str]:
+    """The command line of one worker incarnation serving the inherited TCP socket `fd` and,
+    when given, the inherited Unix socket `unix_fd` too (which the proxies use).
 
     No --access-log: the master logs every request it proxies."""
     argv = [sys.executable, "-m", "fileapp", "--fd", str(fd), "--host", host, "--port", str(port),
             "--parent-pid", str(os.getpid())]
+    if unix_fd is not None:
+        argv += ["--unix-fd", str(unix_fd)]
     for f in fields(options):
         if f.metadata["flag"] is not None:
             argv += [f.metadata["flag"], str(getattr(options, f.name))]

@@ -1,6 +1,6 @@
-"""Local workers: one slot per worker port, owning the port's listening socket for the slot's
-whole life and the processes ("incarnations", incarnation.py) that serve it: spawn, watch,
-replace, back off (backoff.py), stop.
+"""Local workers: one slot per worker port, owning the port's listening sockets (TCP, and the
+Unix socket the proxies use) for the slot's whole life and the processes ("incarnations",
+incarnation.py) that serve them: spawn, watch, replace, back off (backoff.py), stop.
 """
 from __future__ import annotations
 
@@ -11,12 +11,14 @@ import math
 import signal
 import socket
 import time
+from typing import Callable
 
 from .backoff import Backoff, Pool
 from .health import HealthChecker, ProbeSkipped, probe
 from .incarnation import Incarnation, describe_exit
 from .ops.logs import LogSink
 from .signals import Stop
+from .sockets import UnixListener
 from .state import WorkerState, WorkerTable
 from .worker_command import WorkerOptions, worker_argv
 
@@ -48,8 +50,14 @@ class LocalWorker:
     """
 
     def __init__(self, state: WorkerState, sock: socket.socket, table: WorkerTable,
-                 checker: HealthChecker, options: WorkerOptions, sink: LogSink, pool: Pool) -> None:
+                 checker: HealthChecker, options: WorkerOptions, sink: LogSink, pool: Pool,
+                 unix: UnixListener | None = None,
+                 bind_unix: Callable[[], UnixListener | None] | None = None) -> None:
+        """`unix`: the Unix socket the proxies reach the worker on; `bind_unix` makes another
+        (each reloaded incarnation gets its own, see _swap)."""
         self.state, self.sock, self.table, self.checker = state, sock, table, checker
+        self.unix = unix  # state.unix_path names it
+        self._bind_unix = bind_unix
         self.options = options
         self.sink = sink
         self.pool = pool
@@ -107,8 +115,11 @@ class LocalWorker:
         return await future
 
     def close(self) -> None:
-        """Close the port's listening socket, once the slot's processes are gone."""
+        """Close the port's listening sockets (and remove the Unix socket's file), once the
+        slot's processes are gone."""
         self.sock.close()
+        if self.unix is not None:
+            self.unix.close()
 
     # -- the slot's loop -------------------------------------------------------------------
     async def run(self) -> None:
@@ -212,10 +223,13 @@ class LocalWorker:
             except asyncio.TimeoutError:
                 pass
 
-    async def _spawn(self, options: WorkerOptions) -> Incarnation:
+    async def _spawn(self, options: WorkerOptions, unix: UnixListener | None = None) -> Incarnation:
         fd = self.sock.fileno()
-        argv = worker_argv(options, fd, self.state.host, self.state.port)
-        inc = await Incarnation.spawn(argv, (fd,), self.sink.worker_stdout)
+        unix = unix or self.unix
+        unix_fd = unix.sock.fileno() if unix is not None else None
+        argv = worker_argv(options, fd, self.state.host, self.state.port, unix_fd)
+        fds = (fd,) if unix_fd is None else (fd, unix_fd)
+        inc = await Incarnation.spawn(argv, fds, self.sink.worker_stdout)
         self._live.add(inc)
         if inc.proc.stdout is not None:
             self._track(asyncio.ensure_future(self.sink.relay(inc.proc.stdout)))
@@ -276,13 +290,19 @@ class LocalWorker:
         one's. Clients are delayed, never refused: the kernel queues their connections, and the
         old one's in-flight requests resume on SIGCONT. If the new one fails, the old one resumes
         and keeps serving with the previous settings.
+
+        The new incarnation gets a Unix socket of its own, which the proxies switch to at the
+        handover: a connection they make afterwards can only reach the new process, never the
+        old one between its SIGCONT and its SIGTERM (on the shared TCP port it could). The old
+        socket goes with the old process.
         """
         address = self.state.address
         self.checker.hold(self.state)
         new: Incarnation | None = None
+        fresh = self._bind_unix() if self.unix is not None and self._bind_unix is not None else None
         try:
             try:
-                new = await self._spawn(options)
+                new = await self._spawn(options, fresh)
             except OSError as e:
                 error = f"cannot start: {e.strerror or e}"
             else:
@@ -298,14 +318,20 @@ class LocalWorker:
             self.current = new
             new.was_up = True
             self.backoff.failures = 0
+            retired = None
+            if fresh is not None:
+                retired, self.unix = self.unix, fresh
+                self.state.unix_path = fresh.path
             self.table.handover(self.state, new.pid)
             log.info("reloaded worker %s: pid %d took over from pid %d", address, new.pid, old.pid)
-            self._end_in_background(old, graceful=True)
+            self._end_in_background(old, graceful=True, then_close=retired)
             return True
         log.error("reload of worker %s failed: the new process %s; pid %d keeps serving with the "
                   "previous settings", address, error, old.pid)
         if new is not None:
-            self._end_in_background(new, graceful=False)
+            self._end_in_background(new, graceful=False, then_close=fresh)
+        elif fresh is not None:
+            fresh.close()
         return False
 
     async def _prove(self, new: Incarnation, options: WorkerOptions) -> str | None:
@@ -344,8 +370,12 @@ class LocalWorker:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _end_in_background(self, inc: Incarnation, graceful: bool) -> None:
-        self._track(asyncio.ensure_future(self._end(inc, graceful)))
+    def _end_in_background(self, inc: Incarnation, graceful: bool, then_close: UnixListener | None = None) -> None:
+        """End `inc` without waiting for it; then close `then_close`, the socket only it served."""
+        task = asyncio.ensure_future(self._end(inc, graceful))
+        if then_close is not None:
+            task.add_done_callback(lambda _: then_close.close())
+        self._track(task)
 
     async def _end(self, inc: Incarnation, graceful: bool) -> None:
         """Stop one incarnation: TERM (drain) or QUIT (at once); KILL if it outstays its time."""

@@ -60,6 +60,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="TCP port (default 8000)")
     p.add_argument("--fd", type=_number(int, 0), default=None,
                    help="serve on this inherited listening socket instead of binding")
+    p.add_argument("--unix-fd", type=_number(int, 0), default=None,
+                   help="also serve on this inherited listening Unix socket (a local proxy's way in)")
     p.add_argument("--threads", type=_number(int, 1, 1024), default=4)
     p.add_argument("--health-path", type=_url_path, default="/healthcheck")
     p.add_argument("--cache-ttl", type=_number(float, 0), default=cache.DEFAULT_TTL,
@@ -95,21 +97,22 @@ def _check_root(root: str) -> str:
     return root
 
 
-def _inherited_listener(fd: int) -> socket.socket:
+def _inherited_listener(fd: int, flag: str = "--fd", families=(socket.AF_INET, socket.AF_INET6),
+                        kind: str = "TCP") -> socket.socket:
+    """The inherited listening stream socket `fd` of one of `families` (UsageError otherwise)."""
     try:
         if not stat.S_ISSOCK(os.fstat(fd).st_mode):
-            raise UsageError(f"--fd {fd} is not a socket")
+            raise UsageError(f"{flag} {fd} is not a socket")
         sock = socket.socket(fileno=fd)
     except OSError as e:
-        raise UsageError(f"--fd {fd}: {e.strerror or e}") from None
+        raise UsageError(f"{flag} {fd}: {e.strerror or e}") from None
     try:
         listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     except OSError:
         listening = 0
-    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM \
-            or not listening:
+    if sock.family not in families or sock.type != socket.SOCK_STREAM or not listening:
         sock.detach()
-        raise UsageError(f"--fd {fd} is not a listening TCP socket")
+        raise UsageError(f"{flag} {fd} is not a listening {kind} socket")
     return sock
 
 
@@ -145,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.host, args.port)
         # With --fd the socket's own port is the truth; --port is then only a default.
         port = listener.getsockname()[1]
+        listeners = [listener]
+        if args.unix_fd is not None:
+            listeners.append(_inherited_listener(args.unix_fd, "--unix-fd", (socket.AF_UNIX,), "Unix"))
         from . import create_app  # after the cheap checks: a usage error stays instant
         logs.configure(args.log_format, args.log_level, port=port)  # before the app warns
         try:
@@ -171,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ImportError:
         pass
     from .bootstrap import serve
-    return serve(listener, app, {
+    return serve(listeners, app, {
         "threads": args.threads, "graceful_timeout": args.graceful_timeout,
         "keepalive": args.keepalive, "write_timeout": args.write_timeout,
         "log_level": args.log_level, "log_format": args.log_format,

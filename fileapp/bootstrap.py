@@ -53,20 +53,26 @@ def build_config(options: dict) -> Config:
     return cfg
 
 
-def serve(listener: socket.socket, app: FileApp, options: dict) -> int:
-    """Serve `app` on `listener` until stopped; returns the process exit status."""
+def serve(listeners: list[socket.socket], app: FileApp, options: dict) -> int:
+    """Serve `app` on `listeners` until stopped (the first, a TCP one, names the worker; any
+    other is an extra way in, such as the Unix socket gows' proxies use); returns the process
+    exit status."""
     cfg = build_config(options)
+    listener = listeners[0]
     host, port = listener.getsockname()[:2]
     log = WorkerLogger(cfg, options.get("log_format", "text"), port)
     FileAppWorker.check_config(cfg, log)
     parent_pid = options.get("parent_pid")
     worker = FileAppWorker(
-        0, parent_pid if parent_pid is not None else os.getppid(), [listener], LoadedApp(app),
+        0, parent_pid if parent_pid is not None else os.getppid(), listeners, LoadedApp(app),
         cfg.timeout, cfg, log, parent_pid=parent_pid,
         write_timeout=options.get("write_timeout", WRITE_TIMEOUT),
     )
     log.info("fileapp worker %s serving %s at http://%s:%s (fd %s)", os.getpid(), app.root,
              f"[{host}]" if ":" in host else host, port, listener.fileno())
+    for extra in listeners[1:]:
+        log.info("fileapp worker %s also serving at %s (fd %s)", os.getpid(), extra.getsockname(),
+                 extra.fileno())
     worker.pid = os.getpid()
     try:
         worker.init_process()

@@ -87,9 +87,12 @@ class UpstreamPool:
         conn = UpstreamConnection(self, worker)
         conn.active = True
         self.connecting += 1
+        # A local worker's Unix socket when it has one: no TCP stack, port or TIME_WAIT.
+        unix_path = worker.unix_path
+        connecting = (loop.create_unix_connection(lambda: conn, unix_path) if unix_path is not None
+                      else loop.create_connection(lambda: conn, worker.host, worker.port))
         try:
-            await asyncio.wait_for(loop.create_connection(lambda: conn, worker.host, worker.port),
-                                   self.proxy.config.connect_timeout)
+            await asyncio.wait_for(connecting, self.proxy.config.connect_timeout)
         except (asyncio.TimeoutError, OSError) as exc:
             conn.closed = True
             self._inactive(conn)
@@ -99,6 +102,10 @@ class UpstreamPool:
                 error = UpstreamError(f"cannot connect: {local_shortage(exc)}", 503, local=True)
             elif exc.errno == errno.ECONNREFUSED:
                 error = UpstreamError("connection refused", 502, passive=True)
+            elif exc.errno == errno.EAGAIN and unix_path is not None:
+                # A Unix socket's connect fails at once when the worker's backlog is full, where
+                # TCP's would wait and time out: the same failure, the worker's.
+                error = UpstreamError("the worker's backlog is full", 504, passive=True)
             else:
                 error = UpstreamError(f"connect failed: {exc.strerror or exc}", 502, passive=True)
             if sink.wants(worker):

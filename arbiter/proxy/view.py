@@ -11,9 +11,9 @@ from typing import Callable, Iterable, Iterator, Protocol
 
 from ..state import WorkerIndex, WorkerState
 
-# One worker as the master pushes it: host, port, local, pid (None: no process), up, and where
-# its requests are counted (WorkerState.slot).
-Row = tuple[str, int, bool, "int | None", bool, int]
+# One worker as the master pushes it: host, port, local, its Unix socket (None: reach it over
+# TCP), pid (None: no process), up, and where its requests are counted (WorkerState.slot).
+Row = tuple[str, int, bool, "str | None", "int | None", bool, int]
 
 
 class WorkerView(Protocol):
@@ -35,7 +35,7 @@ class WorkerView(Protocol):
 
 def rows(workers: Iterable[WorkerState]) -> list[Row]:
     """The master's table as pushed to proxies."""
-    return [(w.host, w.port, w.local, w.pid, w.up, w.slot) for w in workers]
+    return [(w.host, w.port, w.local, w.unix_path, w.pid, w.up, w.slot) for w in workers]
 
 
 class MirrorTable(WorkerIndex):
@@ -56,11 +56,11 @@ class MirrorTable(WorkerIndex):
     def apply(self, pushed: Iterable[Row]) -> None:
         """Take the master's current table."""
         fresh: dict[tuple[str, int], WorkerState] = {}
-        for host, port, local, pid, up, slot in pushed:
+        for host, port, local, unix_path, pid, up, slot in pushed:
             worker = self._workers.get((host, port))
             if worker is None or worker.local != local:
                 worker = WorkerState(host, port, local=local)
-            worker.pid, worker.up, worker.slot = pid, up, slot
+            worker.unix_path, worker.pid, worker.up, worker.slot = unix_path, pid, up, slot
             fresh[worker.key] = worker
         self._workers = fresh
         self._reindex()

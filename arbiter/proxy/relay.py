@@ -35,6 +35,8 @@ if TYPE_CHECKING:
 # How a relayed response body is written to the client.
 RAW, CHUNKED, NOBODY = 0, 1, 2
 JOIN_LIMIT = 16384  # a head and a body chunk up to this size leave in one joined write, bigger as two
+# Connection values that name no header to drop (gunicorn sends "keep-alive" on every response).
+PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close"))
 
 
 class Client(Protocol):
@@ -231,7 +233,7 @@ class Relay:
                     vary = value if vary is None else vary + b", " + value
                 elif code == R_AGE:
                     age = value
-        if connection is not None:
+        if connection is not None and connection not in PLAIN_CONNECTION:
             out = drop_named(out, connection, start=1)
         if named is not None and self.handoff and (status == 200 or status == 206) and self.file is None:
             if not self._take_file(named, cl):

@@ -291,3 +291,27 @@ def test_no_descriptor_is_left_behind(proxy, namer):
     for _ in range(100):
         assert get(proxy.port)[2] == WORKER_BYTES
     wait_until(lambda: fds() <= before, timeout=5, message=f"descriptors back to {before}")
+
+
+def test_a_client_leaving_mid_file_is_no_truncation(tmp_path, caplog):
+    path = tmp_path / "huge.bin"
+    with open(path, "wb") as f:
+        f.truncate(256 << 20)
+    namer = Namer(path)
+    proxy = ProxyThread([namer.port], front_cache=NO_CACHE, handoff_token=TOKEN)
+    try:
+        with caplog.at_level("DEBUG", logger="gows.proxy"):
+            for _ in range(3):
+                s = socket.create_connection(("127.0.0.1", proxy.port), timeout=10)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                s.sendall(b"GET /huge.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+                s.recv(4096)
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # reset on close
+                s.close()
+            wait_until(lambda: proxy.stats()["client_connections"] == 0, timeout=10)
+        stats = proxy.stats()
+        assert (stats["file_bodies"], stats["truncated_responses"]) == (3, 0)
+        assert not [r for r in caplog.records if r.levelname == "WARNING" and "file body" in r.getMessage()]
+    finally:
+        proxy.stop()
+        namer.stop()

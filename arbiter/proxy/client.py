@@ -227,11 +227,14 @@ class ClientProtocol(RequestReader):
         self.write_paused = False
         self.finish(req, keep)
 
-    def _file_failed(self, reason: str) -> None:
+    def _file_failed(self, reason: str, gone: bool) -> None:
         req, _ = self.sending
         self.sender = self.sending = None
-        log.warning("file body of %r cut short: %s", req.target[:200], reason)
-        self.proxy.counts[TRUNCATED] += 1
+        if gone:  # the client's doing: nothing for the operator to act on
+            log.debug("client gone during the file body of %r: %s", req.target[:200], reason)
+        else:
+            log.warning("file body of %r cut short: %s", req.target[:200], reason)
+            self.proxy.counts[TRUNCATED] += 1
         self.abort()
 
     def respond_error(self, req: Request, status: int) -> None:

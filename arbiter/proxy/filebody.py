@@ -19,6 +19,8 @@ from fileapp.handoff import FileRef, open_verified
 # Bytes sent per turn of the event loop to one client, so that a fast reader of a big file
 # cannot keep the others waiting.
 TURN_BYTES = 4 * 2**20
+# Socket errors that only mean the client went away.
+CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 
 
 def open_file(ref: FileRef) -> int | None:
@@ -32,13 +34,14 @@ def open_file(ref: FileRef) -> int | None:
 
 class FileSender:
     """Sends `count` bytes of the open file `fd` from `offset` to a client's socket, then calls
-    `done()`; calls `failed(reason)` if the file shrank or the socket failed. Owns `fd`."""
+    `done()`; calls `failed(reason, gone)` if the file shrank or the socket failed (`gone`: the
+    client went away). Owns `fd`."""
 
     __slots__ = ("loop", "transport", "sock", "fd", "offset", "left", "done", "failed", "progress",
                  "watch")
 
     def __init__(self, loop: Any, transport: Any, fd: int, offset: int, count: int,
-                 done: Callable[[], None], failed: Callable[[str], None], progress: Callable[[], None]) -> None:
+                 done: Callable[[], None], failed: Callable[[str, bool], None], progress: Callable[[], None]) -> None:
         self.loop = loop
         self.transport = transport
         self.sock = transport.get_extra_info("socket").fileno()
@@ -95,26 +98,26 @@ class FileSender:
                 except BlockingIOError:
                     return False
                 if not sent:
-                    self._finish(f"the file shrank: {self.left} bytes could not be sent")
+                    self._finish(f"the file shrank: {self.left} bytes could not be sent", False)
                     return True
                 sent_any = True
                 self.offset += sent
                 self.left -= sent
                 budget -= sent
         except OSError as exc:
-            self._finish(exc.strerror or errno.errorcode.get(exc.errno, str(exc)))
+            self._finish(exc.strerror or errno.errorcode.get(exc.errno, str(exc)), exc.errno in CLIENT_GONE)
             return True
         finally:
             if sent_any:
                 self.progress()
         if self.left:
             return False  # this turn's share is sent: wait for the next (the socket had room)
-        self._finish(None)
+        self._finish(None, False)
         return True
 
-    def _finish(self, failure: str | None) -> None:
+    def _finish(self, failure: str | None, gone: bool) -> None:
         self.cancel()
         if failure is None:
             self.done()
         else:
-            self.failed(failure)
+            self.failed(failure, gone)

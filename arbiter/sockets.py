@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -93,9 +94,13 @@ class RuntimeDir:
         when none can be made: workers are then reached over TCP."""
         for parent in (os.environ.get("XDG_RUNTIME_DIR") or None, None):
             try:
-                return cls(tempfile.mkdtemp(prefix="gows-", dir=parent))  # mkdtemp: mode 0700
+                # mkdtemp: mode 0700. The pid in the name tells a later master whether it is stale.
+                made = cls(tempfile.mkdtemp(prefix=f"gows-{os.getpid()}-", dir=parent))
             except OSError as e:
                 error = e
+                continue
+            _remove_stale(os.path.dirname(made.path))
+            return made
         log.warning("cannot make a directory for the workers' Unix sockets (%s); the proxies "
                     "reach local workers over TCP", error.strerror or error)
         return None
@@ -123,6 +128,40 @@ class RuntimeDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _remove_stale(parent: str) -> None:
+    """Remove the runtime directories that masters killed with SIGKILL left in `parent`: ours
+    (same owner), named for a process that no longer exists."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    uid = os.geteuid()
+    for name in names:
+        match = _RUNTIME_NAME.fullmatch(name)
+        if match is None or _alive(int(match.group(1))):
+            continue
+        path = os.path.join(parent, name)
+        try:
+            if os.lstat(path).st_uid != uid:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+
+
+_RUNTIME_NAME = re.compile(r"gows-(\d+)-\w+")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # errno values that say this process (or this host) ran out of descriptors or memory: a socket

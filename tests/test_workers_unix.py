@@ -39,7 +39,8 @@ def _read_to_end(s: socket.socket) -> bytes:
 # -- the master's runtime directory (unit) --------------------------------------------------
 
 @pytest.mark.unit
-def test_runtime_dir_is_private_and_its_sockets_listen_and_are_removed(tmp_path, monkeypatch):
+def test_runtime_dir_is_private_and_its_sockets_listen_and_are_removed(run, monkeypatch):
+    tmp_path = run  # (short enough for a socket path: sun_path's 108 bytes)
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
     runtime = RuntimeDir.create()
     try:
@@ -58,6 +59,26 @@ def test_runtime_dir_is_private_and_its_sockets_listen_and_are_removed(tmp_path,
     finally:
         runtime.remove()
     assert not os.path.exists(runtime.path)
+
+
+@pytest.mark.unit
+def test_a_new_runtime_dir_removes_those_of_masters_that_are_gone(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer exists
+    stale = tmp_path / f"gows-{gone.pid}-abc123"
+    stale.mkdir(mode=0o700)
+    (stale / "worker-9001-1.sock").touch()
+    live = tmp_path / f"gows-{os.getppid()}-def456"  # a master still running (our parent stands in)
+    live.mkdir(mode=0o700)
+    other = tmp_path / "gows-notapid"
+    other.mkdir()
+    runtime = RuntimeDir.create()
+    try:
+        assert Path(runtime.path).name.startswith(f"gows-{os.getpid()}-")
+        assert not stale.exists() and live.exists() and other.exists()
+    finally:
+        runtime.remove()
 
 
 @pytest.mark.unit

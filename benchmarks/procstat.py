@@ -5,7 +5,10 @@ children are its proxy processes.
 Those connections are the proxies' keep-alive pool: their number follows the load's concurrency
 (up to proxy.poolSize per worker), not a leak, and alone moved the count by 10% between two
 minutes of one soak. The growth check leaves them out; every other descriptor (client
-connections, sockets left in CLOSE_WAIT, files, pipes) counts.
+connections, sockets left in CLOSE_WAIT, files, pipes) counts. Local workers are reached over
+Unix sockets: a worker's side of such a connection is named for the worker's socket in
+/proc/net/unix; the proxy's side has no name, and every connected unnamed Unix socket of a
+process (also its few fixed socketpairs with the master) counts as pooled.
 """
 from __future__ import annotations
 
@@ -16,6 +19,29 @@ from .verdict import Usage
 
 ESTABLISHED = "01"  # the state column of /proc/net/tcp
 TCP_TABLES = ("/proc/net/tcp", "/proc/net/tcp6")
+UNIX_CONNECTED = "03"  # the St column of /proc/net/unix
+_WORKER_SOCKET = re.compile(r"/gows-[^/]+/worker-\d+-\d+\.sock$")
+
+
+def parse_unix_table(text: str) -> set[int]:
+    """The inodes of the connected Unix sockets in /proc/net/unix that are pool connections
+    to or from a worker: unnamed ones (a connecting side), or named for a worker's socket."""
+    pooled = set()
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 7 or fields[5] != UNIX_CONNECTED:
+            continue
+        if len(fields) == 7 or _WORKER_SOCKET.search(fields[7]):
+            pooled.add(int(fields[6]))
+    return pooled
+
+
+def unix_pool_sockets() -> set[int]:
+    try:
+        with open("/proc/net/unix") as f:
+            return parse_unix_table(f.read())
+    except OSError:
+        return set()
 
 
 def parse_tcp_table(text: str) -> dict[int, tuple[int, int, str]]:
@@ -43,27 +69,29 @@ def tcp_sockets() -> dict[int, tuple[int, int, str]]:
 
 
 def worker_connections(links: list[str], sockets: dict[int, tuple[int, int, str]],
-                       worker_ports: set[int] | frozenset[int]) -> int:
+                       worker_ports: set[int] | frozenset[int], unix: set[int] = frozenset()) -> int:
     """How many of a process's descriptors (their /proc/PID/fd link targets) are established TCP
-    connections from or to one of `worker_ports`."""
+    connections from or to one of `worker_ports`, or Unix pool sockets (`unix`'s inodes)."""
     count = 0
     for link in links:
         if link.startswith("socket:["):
-            local, remote, state = sockets.get(int(link[8:-1]), (0, 0, ""))
-            if state == ESTABLISHED and (local in worker_ports or remote in worker_ports):
+            inode = int(link[8:-1])
+            local, remote, state = sockets.get(inode, (0, 0, ""))
+            if state == ESTABLISHED and (local in worker_ports or remote in worker_ports) or inode in unix:
                 count += 1
     return count
 
 
-def usage(pids: list[int], worker_ports: set[int] | frozenset[int]) -> dict[int, Usage | None]:
-    """VmRSS, open descriptors, worker connections and start time of each pid (None: gone). The
-    descriptors are listed before the TCP tables are read, so a connection opened in between is
-    still known."""
+def usage(pids: list[int], worker_ports: set[int] | frozenset[int], unix: bool = True) -> dict[int, Usage | None]:
+    """VmRSS, open descriptors, worker connections (`unix`: also over Unix sockets) and start
+    time of each pid (None: gone). The descriptors are listed before the socket tables are read,
+    so a connection opened in between is still known."""
     seen: dict[int, tuple[int, list[str]] | None] = {pid: _rss_and_links(pid) for pid in pids}
     started = {pid: start_time(pid) for pid in pids}
     sockets = tcp_sockets()
+    pooled = unix_pool_sockets() if unix else set()
     return {pid: None if got is None else Usage(pid, got[0], len(got[1]),
-                                                 worker_connections(got[1], sockets, worker_ports),
+                                                 worker_connections(got[1], sockets, worker_ports, pooled),
                                                  started[pid] or 0)
             for pid, got in seen.items()}
 
@@ -71,7 +99,7 @@ def usage(pids: list[int], worker_ports: set[int] | frozenset[int]) -> dict[int,
 def established(pid: int, ports: set[int] | frozenset[int]) -> int | None:
     """How many established TCP connections `pid` has from or to one of `ports` (None: gone); with
     the public port, the client connections a proxy holds."""
-    found = usage([pid], ports)[pid]
+    found = usage([pid], ports, unix=False)[pid]
     return None if found is None else found.pooled
 
 

@@ -550,6 +550,27 @@ def test_worker_connections_are_the_established_ones_to_or_from_a_worker_port():
     assert procstat.worker_connections(master, sockets, set()) == 0
 
 
+UNIX_TABLE = """Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000001: 00000002 00000000 00010000 0001 01 2001 /run/gows-42-abc/worker-9001-1.sock
+0000000000000002: 00000003 00000000 00000000 0001 03 2002 /run/gows-42-abc/worker-9001-1.sock
+0000000000000003: 00000003 00000000 00000000 0001 03 2003
+0000000000000004: 00000003 00000000 00000000 0001 03 2004 /run/systemd/journal/stdout
+0000000000000005: 00000002 00000000 00000000 0002 01 2005 /dev/log
+0000000000000006: 00000003 00000000 00000000 0001 04 2006
+"""
+
+
+def test_unix_pool_connections_are_the_connected_worker_sockets_and_unnamed_ones():
+    pooled = procstat.parse_unix_table(UNIX_TABLE)
+    # 2002: a worker's side (named for its socket); 2003: a proxy's side (unnamed); not the
+    # listener (2001), another service's connection (2004), a datagram socket (2005) or one
+    # disconnecting (2006).
+    assert pooled == {2002, 2003}
+    sockets = procstat.parse_tcp_table(TCP_TABLE)
+    links = ["socket:[2002]", "socket:[2003]", "socket:[2004]", "socket:[1002]"]
+    assert procstat.worker_connections(links, sockets, {9001}, pooled) == 3
+
+
 def test_usage_reads_this_process_and_its_connections():
     import socket as sockets_module
 

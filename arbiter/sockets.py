@@ -15,6 +15,8 @@ import socket
 import tempfile
 from dataclasses import dataclass
 
+from fileapp.processes import pid_alive
+
 from .addresses import host_port
 
 log = logging.getLogger("gows.sockets")
@@ -140,7 +142,7 @@ def _remove_stale(parent: str) -> None:
     uid = os.geteuid()
     for name in names:
         match = _RUNTIME_NAME.fullmatch(name)
-        if match is None or _alive(int(match.group(1))):
+        if match is None or pid_alive(int(match.group(1))):
             continue
         path = os.path.join(parent, name)
         try:
@@ -153,15 +155,6 @@ def _remove_stale(parent: str) -> None:
 
 _RUNTIME_NAME = re.compile(r"gows-(\d+)-\w+")
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # errno values that say this process (or this host) ran out of descriptors or memory: a socket

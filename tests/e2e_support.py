@@ -4,6 +4,7 @@ every byte the server sent, so tests see framing, order and connection closes as
 from __future__ import annotations
 
 import gzip
+import hashlib
 import http.client
 import random
 import shutil
@@ -122,3 +123,15 @@ def exchange(port: int, data: bytes, timeout: float = 10.0) -> tuple[bytes, bool
             if not chunk:
                 return bytes(out), True
             out += chunk
+
+
+def digest_to_end(s: socket.socket, start: bytes = b"") -> tuple[int, str]:
+    """Read `s` until the peer closes: (bytes, sha256 hex digest) of `start` and all read."""
+    h = hashlib.sha256(start)
+    total = len(start)
+    while True:
+        data = s.recv(1 << 20)
+        if not data:
+            return total, h.hexdigest()
+        h.update(data)
+        total += len(data)

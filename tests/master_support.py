@@ -227,11 +227,12 @@ def base_config(root: Path, listen_port: int, worker_ports: list[int], **extra) 
     return config
 
 
-def serving(directory: Path, root: Path, count: int, **extra) -> Master:
+def serving(directory: Path, root: Path, count: int, env: dict[str, str] | None = None, **extra) -> Master:
     """A master serving `root` with `count` local workers on kernel-picked ports, returned once
-    every worker is up in its table (so the proxy sends it requests)."""
+    every worker is up in its table (so the proxy sends it requests); `env`: added to its
+    environment."""
     listen, *ports = free_ports(1 + count)
-    m = Master(directory, base_config(root, listen, ports, **extra))
+    m = Master(directory, base_config(root, listen, ports, **extra), env=env)
     try:
         m.wait_workers(ports)
         m.wait_log(r"is up \(", count=count)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from e2e_support import bundled_site, fetch, read_head, request
+from e2e_support import bundled_site, digest_to_end, fetch, read_head, request
 from master_support import Admin, Hammer
 from support import together, wait_until
 
@@ -62,19 +62,10 @@ def _sha256_of(path: Path, start: int = 0, stop: int | None = None) -> str:
 
 def _download(port: int, headers: dict[str, str]) -> tuple[bytes, int, str]:
     """GET /giga.bin: (head, body length, body sha256), the body read to the connection's end."""
-    h = hashlib.sha256()
     with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
         s.sendall(request("GET", "/giga.bin", headers, close=True))
         head, body = read_head(s)
-        h.update(body)
-        n = len(body)
-        while True:
-            data = s.recv(4 << 20)
-            if not data:
-                break
-            h.update(data)
-            n += len(data)
-    return head, n, h.hexdigest()
+        return (head, *digest_to_end(s, body))
 
 
 def test_a_gigabyte_is_sent_byte_exact_whole_and_by_range(admin, site):

@@ -18,7 +18,7 @@ import urllib.request
 
 import pytest
 
-from e2e_support import Responses
+from e2e_support import Responses, digest_to_end
 from support import (
     free_port, pid_alive, python_env, stop_process, wait_for_port, wait_until,
 )
@@ -240,18 +240,6 @@ def _start_download(port: int, path: str) -> socket.socket:
     return s
 
 
-def _read_all(s: socket.socket) -> bytes:
-    h = hashlib.sha256()
-    total = 0
-    while True:
-        data = s.recv(1 << 20)
-        if not data:
-            break
-        h.update(data)
-        total += len(data)
-    return total, h.hexdigest()
-
-
 def _keepalive_request(responses: Responses, path: str) -> tuple[int, dict[str, str], bytes]:
     responses.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
     return responses.next()
@@ -282,7 +270,7 @@ def test_sigterm_drains_in_flight_download_and_exits_0(big_root):
         time.sleep(1.0)
         assert proc.poll() is None
         # ... and completes in full.
-        total, digest = _read_all(download)
+        total, digest = digest_to_end(download)
         download.close()
         expected = hashlib.sha256((big_root / "big.bin").read_bytes()).hexdigest()
         assert (total, digest) == (BIG_SIZE, expected)
@@ -300,7 +288,7 @@ def test_sigint_and_sigquit_exit_fast_despite_in_flight_requests(big_root, sig):
         time.sleep(0.3)
         proc.send_signal(sig)
         assert proc.wait(10) == 0  # far less than the 60 s a drain would be allowed
-        total, _ = _read_all(download)
+        total, _ = digest_to_end(download)
         assert total < BIG_SIZE
         download.close()
     finally:

@@ -22,9 +22,9 @@ from arbiter.sockets import UNIX_PATH_MAX, RuntimeDir
 from arbiter.state import WorkerState, WorkerTable
 from arbiter.worker_command import WorkerOptions, worker_argv
 from fileapp.__main__ import make_parser
-from master_support import Master, base_config
+from master_support import Master, serving
 from proxy_harness import NO_CACHE, ProxyThread, raw
-from support import free_port, free_ports, pid_alive, python_env, stop_process, wait_until
+from support import free_port, pid_alive, python_env, stop_process, wait_until
 
 REQUEST = b"GET /a.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
 
@@ -299,16 +299,8 @@ def _master(tmp_path: Path, run: Path, workers: int, **extra) -> Master:
     site = tmp_path / "site"
     site.mkdir()
     (site / "a.txt").write_bytes(b"hello over unix\n")
-    listen, *ports = free_ports(1 + workers)
-    m = Master(tmp_path, base_config(site, listen, ports, frontCache={"enabled": False}, **extra),
-               env={"XDG_RUNTIME_DIR": str(run)})
-    try:
-        m.wait_workers(ports)
-        m.wait_log(r"is up \(", count=workers)
-    except BaseException:
-        m.stop()
-        raise
-    return m
+    return serving(tmp_path, site, workers, env={"XDG_RUNTIME_DIR": str(run)}, frontCache={"enabled": False},
+                   **extra)
 
 
 def _sockets(run: Path) -> dict[int, Path]:

@@ -83,9 +83,11 @@ def test_a_proxy_killed_with_sigkill_is_respawned_within_a_second_and_no_count_i
     rows = a.json()["proxies"]
     assert rows[0]["restarts"] == 1 and rows[1]["restarts"] == 0
     # Exact: the counts the killed proxy had made survive it (they live in the master's memory).
+    # A response is counted just after it is written: the kill may land in between for the one
+    # response the killed proxy was writing, which its client got but no one counted.
     total = 500 + len(hammer.results)
     status = a.json()
-    assert status["totals"]["requests"] in range(total - len(hammer.failed()), total + 1)
+    assert status["totals"]["requests"] in range(total - len(hammer.failed()) - 1, total + 1)
     before = status["totals"]["requests"]
     assert many(a.port, 300) == [200] * 300
     wait_until(lambda: a.json()["totals"]["requests"] == before + 300, message="exactly 300 more")
@@ -232,8 +234,12 @@ def test_ten_thousand_keep_alive_clients_are_served_at_once_with_the_default_lim
                 held.append(s)
                 s.sendall(request("GET", "/a.txt"))
                 assert _answer(s).startswith(b"HTTP/1.1 200 ")
-            wait_until(lambda: a.json()["proxy"]["client_connections"] == CLIENTS, timeout=30,
-                       message=f"{CLIENTS} client connections open")
+            seen = []
+            try:
+                wait_until(lambda: seen.append(a.json()["proxy"]) or seen[-1]["client_connections"] == CLIENTS,
+                           timeout=30, message=f"{CLIENTS} client connections open")
+            except TimeoutError as e:
+                raise TimeoutError(f"{e}; last seen: {seen[-1]}") from None
             for s in held:  # every one of them is still served: none was closed to make room
                 s.sendall(request("GET", "/a.txt"))
             assert all(_answer(s).startswith(b"HTTP/1.1 200 ") for s in held)

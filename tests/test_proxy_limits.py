@@ -222,6 +222,32 @@ def test_at_max_connections_the_longest_idle_connection_makes_room(upstream):
         assert stats["rejected_connections"] == 0 and stats["shed_idle_connections"] >= 1
 
 
+@pytest.mark.parametrize("looks, shed", [((True, True, False), False), ((True,) * 8, True)])
+def test_a_full_proxy_sheds_only_for_a_newcomer_that_keeps_waiting(upstream, monkeypatch, looks, shed):
+    """Another proxy sharing the socket may take each newcomer promptly: a look that meets a
+    connection just arrived in the backlog must not close anyone's idle connection; finding
+    the backlog waiting at every look does."""
+    import arbiter.proxy.server as server
+    taken: list[bool] = []
+    monkeypatch.setattr(server, "_readable", lambda sock: taken.append(looks[len(taken)]) or taken[-1])
+    p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=2), front_cache=NO_CACHE)
+    held = []
+    with p, closing_all(held):
+        for _ in range(2):
+            held.append(socket.create_connection(("127.0.0.1", p.port)))
+            wait_until(lambda: p.stats()["client_connections"] == len(held), message="connection counted")
+        opened = p.call(lambda: p.proxy.clock)
+        wait_until(lambda: p.call(lambda: p.proxy.clock) > opened + server.SHED_AFTER, message="idle long enough")
+        held.append(socket.create_connection(("127.0.0.1", p.port)))  # waits in the backlog
+        if shed:
+            wait_until(lambda: p.stats()["shed_idle_connections"] >= 1, message="an idle connection shed")
+            assert len(taken) >= server.SHED_LOOKS and all(taken)
+        else:
+            wait_until(lambda: len(taken) == 3 and not p.call(lambda: p.proxy._shed_pending),
+                       message="three looks, the last finding no one waiting")
+            assert p.stats()["shed_idle_connections"] == 0
+
+
 def test_at_max_connections_busy_ones_keep_newcomers_in_the_backlog(upstream):
     p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=5), front_cache=NO_CACHE)
     held = []

@@ -44,8 +44,12 @@ IDLE_GRACE = 1.0
 FDS_PER_CLIENT = 2
 FD_RESERVE = 32
 # Full, a proxy closes idle connections for a newcomer only if no other proxy sharing the
-# listening socket took it within this many seconds.
+# listening socket took it within this many seconds: the backlog must be found waiting at each
+# of SHED_LOOKS looks, SHED_LOOK_GAP seconds apart, from then on. (One look could meet a newcomer
+# that has just arrived while another proxy takes them all promptly.)
 SHED_CHECK = 0.5
+SHED_LOOKS = 4
+SHED_LOOK_GAP = 0.05
 
 
 class Proxy:
@@ -203,14 +207,19 @@ class Proxy:
         self._watching = False
         if not self._shed_pending:
             self._shed_pending = True
-            self.loop.call_later(SHED_CHECK, self._shed_idle)
+            self.loop.call_later(SHED_CHECK, self._shed_idle, SHED_LOOKS)
 
-    def _shed_idle(self) -> None:
-        """Still someone in the backlog: close the longest-idle keep-alive connections to make
-        room (as nginx reuses connections). With none idle, the next tick looks again."""
-        self._shed_pending = False
+    def _shed_idle(self, looks: int = 1) -> None:
+        """Still someone in the backlog (at each of `looks` looks): close the longest-idle
+        keep-alive connections to make room (as nginx reuses connections). With none idle, the
+        next tick looks again."""
         if self._server is not None or self.draining or not _readable(self._listener):
+            self._shed_pending = False
             return
+        if looks > 1:
+            self.loop.call_later(SHED_LOOK_GAP, self._shed_idle, looks - 1)
+            return
+        self._shed_pending = False
         since = self.clock - SHED_AFTER
         idle = [c for c in self.conns if c.current is None and not c.queue and c.phase == IDLE
                 and c.idle_since <= since and not c.closed]

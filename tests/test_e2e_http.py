@@ -158,6 +158,7 @@ def test_front_cache_answers_hits_and_its_own_304_then_sees_a_change_after_the_c
     status, first, body = fetch(cached.port, "GET", "/fc.txt")
     assert (status, body) == (200, old) and "max-age=60" in first["cache-control"]
     sent = worker_requests(cached)
+    started = time.monotonic()
     for _ in range(4):  # the master's stored copy, whichever worker is next in turn
         status, headers, body = fetch(cached.port, "GET", "/fc.txt")
         assert (status, body, headers["etag"]) == (200, old, first["etag"])
@@ -165,7 +166,10 @@ def test_front_cache_answers_hits_and_its_own_304_then_sees_a_change_after_the_c
     assert (status, headers["content-length"], body) == (200, str(len(old)), b"")
     status, headers, body = fetch(cached.port, "GET", "/fc.txt", {"If-None-Match": first["etag"]})
     assert (status, headers["etag"], body) == (304, first["etag"], b"")
-    assert worker_requests(cached) - sent <= 1  # the master answered (one revalidation, were it slow)
+    # The proxies answered these 6 from their stored copies: each proxy (its own front cache)
+    # may miss once and revalidate once per cache.ttl that went by on a slow machine.
+    rounds = 1 + int((time.monotonic() - started) / WORKER_TTL)
+    assert worker_requests(cached) - sent <= len(cached.proxies()) * (1 + rounds) - 1
     (site / "fc.txt").write_bytes(new)
     # The clients are told max-age=60, but the master checks with a worker after cache.ttl.
     wait_until(lambda: fetch(cached.port, "GET", "/fc.txt")[2] == new, timeout=10, message="the change served")

@@ -43,11 +43,14 @@ RESPONSE_HEADERS = {
 # Never dropped because a peer named them in Connection: Host, and the framing fields (which
 # are not forwarded as received anyway).
 _NEVER_NAMED = frozenset((b"close", b"keep-alive", b"host", b"content-length", b"transfer-encoding", b""))
+_PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close"))  # name no field
 
 
 def drop_named(fields: list[bytes], connection: bytes, start: int = 0) -> list[bytes]:
     """`fields` (flat name, ": ", value, CRLF runs from `start`) without the fields that the
     `Connection` value names as hop-by-hop: one rule for requests and responses alike."""
+    if connection in _PLAIN_CONNECTION:  # (gunicorn sends "keep-alive" on every response)
+        return fields
     named = {t.strip().lower() for t in connection.split(b",")} - _NEVER_NAMED
     if not named:
         return fields

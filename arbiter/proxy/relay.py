@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from fileapp.handoff import FileRef, parse_file_header
 
-from ..addresses import host_port
 from ..state import WorkerState
 from .cache import Entry, freshness
 from .counters import FILE_REFUSED, NO_WORKER, RETRIES, STALE_RETRIES, TRUNCATED, UPSTREAM_ERRORS, WORKERS
@@ -24,6 +23,7 @@ from .http1 import (CONN_CLOSE, CONN_KEEP, CRLF, GET, HEAD, IDEMPOTENT, LAST_CHU
                     R_CONNECTION, R_DROP, R_FILE, R_FWD, R_NOSTORE, R_TE, R_VARY, R_VIA, RESPONSE_HEADERS,
                     SAFE, SEP, TE_CHUNKED, VIA_SELF, drop_named, status_line)
 from .request import Request
+from .rewrite import worker_request_head
 from .upstream import UpstreamConnection, UpstreamError
 
 log = logging.getLogger("gows.proxy")
@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 # How a relayed response body is written to the client.
 RAW, CHUNKED, NOBODY = 0, 1, 2
 JOIN_LIMIT = 16384  # a head and a body chunk up to this size leave in one joined write, bigger as two
-# Connection values that name no header to drop (gunicorn sends "keep-alive" on every response).
-PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close"))
 
 
 class Client(Protocol):
@@ -163,32 +161,9 @@ class Relay:
         return worker
 
     def _rewrite(self) -> bytes:
-        """The request head as the worker gets it: hop-by-hop fields gone, forwarding fields
-        set (the body, if any, follows it as it is)."""
-        req = self.req
-        peer = self.client.remote()
-        parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
-        if self.handoff:
-            parts.append(self.proxy.handoff_line)
-        parts += req.fwd
-        if req.host is None:  # HTTP/1.0 without Host; HTTP/1.1 requires one upstream
-            sock = self.transport.get_extra_info("sockname")
-            parts += (b"Host: ", host_port(*sock[:2]).encode() if isinstance(sock, tuple) else b"localhost", CRLF)
-        else:
-            parts += (b"X-Forwarded-Host: ", req.host, CRLF)
-        parts += (b"X-Forwarded-For: ", req.xff + b", " + peer if req.xff else peer, CRLF,
-                  b"X-Forwarded-Proto: http\r\nVia: ", req.via + b", " + VIA_SELF if req.via else VIA_SELF, CRLF)
-        stale = self.stale
-        if stale is not None:  # revalidating a front-cache entry for the client's plain GET/HEAD
-            parts += (b"If-None-Match: ", stale.etag, CRLF) if stale.etag is not None else \
-                     (b"If-Modified-Since: ", stale.last_modified, CRLF)
-        if req.body is not None:
-            parts.append(b"Content-Length: %d\r\n\r\n" % len(req.body))
-        elif req.cl is not None or req.method in (b"POST", b"PUT", b"PATCH"):
-            parts.append(b"Content-Length: 0\r\n\r\n")
-        else:
-            parts.append(CRLF)
-        return b"".join(parts)
+        """The request head as the worker gets it (rewrite.worker_request_head)."""
+        handoff_line = self.proxy.handoff_line if self.handoff else None
+        return worker_request_head(self.req, self.client.remote(), self.transport, handoff_line, self.stale)
 
     # -- the worker's answer (a ResponseSink, called by UpstreamConnection) ---------------------
     def upstream_head(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -232,7 +207,7 @@ class Relay:
                     vary = value if vary is None else vary + b", " + value
                 elif code == R_AGE:
                     age = value
-        if connection is not None and connection not in PLAIN_CONNECTION:
+        if connection is not None:
             out = drop_named(out, connection, start=1)
         if named is not None and self.handoff and (status == 200 or status == 206) and self.file is None:
             if not self._take_file(named, cl):

@@ -204,16 +204,22 @@ def test_connection_that_sends_nothing_is_closed(proxy):
         assert s.recv(65536) == b""
 
 
+def _fill(p: ProxyThread, held: list[socket.socket], count: int) -> None:
+    """Open `count` more idle connections to `p`, each counted by the proxy before the next."""
+    for _ in range(count):
+        held.append(socket.create_connection(("127.0.0.1", p.port)))
+        wait_until(lambda: p.stats()["client_connections"] == len(held), message="connection counted")
+
+
 def test_at_max_connections_the_longest_idle_connection_makes_room(upstream):
     p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=5), front_cache=NO_CACHE)
     held = []
     with p, closing_all(held):
-        for _ in range(5):
-            held.append(socket.create_connection(("127.0.0.1", p.port)))
-            wait_until(lambda: p.stats()["client_connections"] == len(held), message="connection counted")
-            if len(held) == 1:  # the proxy's clock is coarse (a tick): let the first be the longest idle
-                opened = p.call(lambda: p.proxy.clock)
-                wait_until(lambda: p.call(lambda: p.proxy.clock) > opened, message="a tick of the proxy's clock")
+        _fill(p, held, 1)
+        # The proxy's clock is coarse (a tick): let the first be the longest idle.
+        opened = p.call(lambda: p.proxy.clock)
+        wait_until(lambda: p.call(lambda: p.proxy.clock) > opened, message="a tick of the proxy's clock")
+        _fill(p, held, 4)
         (status, _, _), = parse_responses(raw(p.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
         assert status == 200
         held[0].settimeout(5)  # well inside the 10 s header timeout, which would close it too
@@ -233,9 +239,7 @@ def test_a_full_proxy_sheds_only_for_a_newcomer_that_keeps_waiting(upstream, mon
     p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=2), front_cache=NO_CACHE)
     held = []
     with p, closing_all(held):
-        for _ in range(2):
-            held.append(socket.create_connection(("127.0.0.1", p.port)))
-            wait_until(lambda: p.stats()["client_connections"] == len(held), message="connection counted")
+        _fill(p, held, 2)
         opened = p.call(lambda: p.proxy.clock)
         wait_until(lambda: p.call(lambda: p.proxy.clock) > opened + server.SHED_AFTER, message="idle long enough")
         held.append(socket.create_connection(("127.0.0.1", p.port)))  # waits in the backlog

@@ -279,13 +279,16 @@ class GowsThreadWorker(ThreadWorker):
         pipelined), as far as the client takes the answers; what to wait for next on it (None:
         close it)."""
         reader = conn.reader
+        was_in_head = reader.in_head
         try:
             if not reader.has_request() and not reader.receive():
                 return None  # the client closed the connection
         except OSError as e:
             self._socket_error(e)
             return None
+        served = False
         while reader.has_request():
+            served = True
             keep = self._serve_one(conn)
             if conn.rest is not None:
                 conn.keep = keep
@@ -293,9 +296,13 @@ class GowsThreadWorker(ThreadWorker):
                 return _ROOM_TO_SEND
             if not keep:
                 return None
-        # A head begun but not complete gets READ_TIMEOUT to arrive, an idle connection keepalive.
-        wait = READ_TIMEOUT if reader.in_head else self.cfg.keepalive
-        conn.timeout = time.monotonic() + wait
+        # A head gets READ_TIMEOUT from its first bytes to arrive whole (more bytes of the same
+        # head never push that back: a slowloris would hold the connection forever); an idle
+        # connection gets the keep-alive time.
+        if not reader.in_head:
+            conn.timeout = time.monotonic() + self.cfg.keepalive
+        elif served or not was_in_head:
+            conn.timeout = time.monotonic() + READ_TIMEOUT
         return _NEXT_REQUEST
 
     def _send_rest(self, conn: Connection) -> int | None:

@@ -264,6 +264,30 @@ def test_a_request_head_that_stops_coming_is_closed_after_the_read_timeout(serve
         assert 4 < elapsed < 20, f"closed after {elapsed:.1f}s; READ_TIMEOUT is 5 s"
 
 
+def test_a_request_head_trickling_in_cannot_push_its_deadline_back(server):
+    """Each byte of a head arriving does not earn it more time: the head as a whole must
+    arrive within the read timeout (a slowloris would otherwise hold the connection forever)."""
+    _, base, _ = server
+    port = int(base.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /small.txt HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        started = time.monotonic()
+        closed = False
+        while not closed and time.monotonic() - started < 20:
+            s.settimeout(0.5)
+            try:
+                closed = s.recv(65536) == b""
+            except socket.timeout:
+                try:
+                    s.sendall(b"x")  # one more byte of the head, every half second
+                except OSError:
+                    closed = True
+            except OSError:
+                closed = True
+        elapsed = time.monotonic() - started
+        assert closed and elapsed < 12, f"still open after {elapsed:.1f}s of a trickling head; READ_TIMEOUT is 5 s"
+
+
 def test_idle_connections_are_closed_after_the_keepalive_time(tmp_path):
     (tmp_path / "a.txt").write_bytes(b"a")
     proc, port = start_worker(tmp_path, "--keepalive", "1")

@@ -407,3 +407,32 @@ def test_a_connection_the_worker_closes_as_it_is_made_is_a_failed_attempt_not_a_
         r = requests.get(p.url + "/x", timeout=10)
         assert r.status_code == 200  # retried on the other worker
         assert "proxy task failed" not in caplog.text
+
+
+def test_a_connection_that_reached_a_replaced_process_is_no_failure_of_its_successor():
+    """At a reload the master replaces a worker's process: a connection the old one drops
+    without an answer is retried on a fresh one, and the worker now serving is not charged."""
+    proxy: ProxyThread | None = None
+    answered = []
+
+    def respond(head: bytes, body: bytes, conn: socket.socket) -> bool:
+        if not answered:  # the first: the old process, handed over meanwhile, drops it
+            answered.append(False)
+            proxy.call(lambda: setattr(proxy.worker(upstream.port), "pid", 2))
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\1\0\0\0\0\0\0\0")  # a reset
+            return False
+        answered.append(True)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        return True
+
+    upstream = RawUpstream(respond)
+    proxy = ProxyThread([upstream.port], front_cache=NO_CACHE, max_fails=1)
+    try:
+        proxy.call(lambda: setattr(proxy.worker(upstream.port), "pid", 1))
+        [(status, _, body)] = parse_responses(raw(proxy.port, b"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
+        assert (status, body) == (200, b"ok") and answered == [False, True]
+        worker = proxy.worker(upstream.port)
+        assert worker.up and worker.passive_failure_times == []
+    finally:
+        proxy.stop()
+        upstream.stop()

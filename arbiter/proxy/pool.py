@@ -96,7 +96,11 @@ class UpstreamPool:
         except (asyncio.TimeoutError, OSError) as exc:
             conn.closed = True
             self._inactive(conn)
-            if isinstance(exc, asyncio.TimeoutError):
+            if unix_path is not None and worker.unix_path != unix_path:
+                # The socket of a process replaced meanwhile (a reload), retired with it: not
+                # the fault of the worker now serving, and worth a fresh connection to it.
+                error = UpstreamError(f"connect failed: {getattr(exc, 'strerror', None) or exc}", 502, stale=True)
+            elif isinstance(exc, asyncio.TimeoutError):
                 error = UpstreamError("connect timed out", 504, passive=True)
             elif local_shortage(exc):  # the proxy's own trouble, never the worker's
                 error = UpstreamError(f"cannot connect: {local_shortage(exc)}", 503, local=True)

@@ -163,9 +163,11 @@ class UpstreamConnection(asyncio.Protocol):
             return
         if self.head_done:
             self._fail(UpstreamError("worker closed the connection mid-response", passive=True))
-        elif self.reused:
-            # A pooled connection the worker had closed: not the worker's fault.
-            self._fail(UpstreamError("stale keep-alive connection", stale=True))
+        elif self.reused or self.incarnation != self.worker.pid:
+            # A pooled connection the worker had closed, or one that reached a process the
+            # master has replaced since (its draining process, at a reload): not the fault of
+            # the worker now serving, and worth a fresh connection to it.
+            self._fail(UpstreamError("stale connection", stale=True))
         else:
             reason = "connection reset by worker" if exc is not None else "worker closed the connection"
             self._fail(UpstreamError(reason, passive=True))

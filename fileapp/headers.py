@@ -62,9 +62,9 @@ class HeaderRules:
             if not isinstance(rule, dict) or set(rule) != {"match", "set"}:
                 raise ValueError(f'{where}: must be an object with "match" and "set" exactly')
             match, values = rule["match"], rule["set"]
-            if not isinstance(match, str) or not match.startswith("/"):
-                raise ValueError(f"{where}.match: must be a URL path glob starting with '/', "
-                                 f"got {match!r}")
+            if not isinstance(match, str) or not match.startswith(("/", "*")):
+                raise ValueError(f"{where}.match: must be a URL path glob starting with '/' or "
+                                 f"'*', got {match!r}")
             if not isinstance(values, dict) or not values:
                 raise ValueError(f"{where}.set: must be a non-empty object of headers")
             checked = tuple(check_header(k, v, f"{where}.set") for k, v in values.items())

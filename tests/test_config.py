@@ -178,7 +178,7 @@ BAD = [
     ({"baseDirectory": "www", "workerCount": 1, "headers": [{"match": "/a", "set": {"X-A": "a\r\nSet-Cookie: b"}}]},
      "headers[0].set.X-A: the value must be non-empty visible ASCII"),
     ({"baseDirectory": "www", "workerCount": 1, "headers": [{"match": "assets/*", "set": {"X-A": "b"}}]},
-     "headers[0].match: must be a URL path glob starting with '/'"),
+     "headers[0].match: must be a URL path glob starting with '/' or '*'"),
     ({"baseDirectory": "www", "workerCount": 1, "headers": [{"match": "/a"}]},
      'headers[0]: must be an object with "match" and "set" exactly'),
     ({"baseDirectory": "www", "workerCount": 1, "headers": {"/a": {"X-A": "b"}}}, "headers: must be a list of"),

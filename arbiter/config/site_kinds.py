@@ -70,7 +70,7 @@ class HeaderRuleList(Kind):
 
     def schema(self):
         rule = {"type": "object", "required": ["match", "set"], "additionalProperties": False,
-                "properties": {"match": {"type": "string", "pattern": "^/"},
+                "properties": {"match": {"type": "string", "pattern": "^[/*]"},
                                "set": {"type": "object", "minProperties": 1,
                                        "propertyNames": {"pattern": r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$",
                                                          "not": {"pattern": _REFUSED_NAME}},

@@ -155,7 +155,7 @@ def as_json(url_path: str, page: Page) -> bytes:
 
 _STYLE = ("body{font:15px/1.5 system-ui,sans-serif;margin:2em auto;max-width:60em;padding:0 1em}"
           "table{border-collapse:collapse;width:100%}th,td{padding:.2em .8em;text-align:left}"
-          "td.n{text-align:right;font-variant-numeric:tabular-nums}tr:nth-child(even){background:#f4f4f4}"
+          "td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}tr:nth-child(even){background:#f4f4f4}"
           "nav a{margin-right:1em}")
 
 
@@ -183,7 +183,7 @@ def as_html(url_path: str, page: Page, parent: bool) -> bytes:
             f"<title>Index of {title}</title><style>{_STYLE}</style>\n"
             f"<h1>Index of {title}</h1>\n<p id=\"summary\">{summary}</p>\n"
             + (f"<nav>{nav}</nav>\n" if nav else "")
-            + '<table id="listing"><thead><tr><th>Name</th><th>Size</th><th>Modified (UTC)</th>'
+            + '<table id="listing"><thead><tr><th>Name</th><th class="n">Size</th><th>Modified (UTC)</th>'
             "</tr></thead><tbody>\n" + "\n".join(rows) + "\n</tbody></table>\n"
             + (f"<nav>{nav}</nav>\n" if nav else "") + "</html>\n").encode()
 

@@ -24,8 +24,9 @@ REFUSED = frozenset((
     "connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
     "upgrade", "content-length", "content-range", "content-encoding", "etag", "last-modified",
     "accept-ranges", "vary", "location", "age", "date", "server", "allow", "retry-after",
-    "x-accel-redirect", "x-sendfile", "x-gows-file", "x-gows-handoff",
+    "x-accel-redirect", "x-sendfile",
 ))
+REFUSED_PREFIXES = ("proxy-", "x-gows-")  # (Proxy-Authorization, ...; gows' own hand-off headers)
 # Headers a 304 repeats from its 200 (RFC 9110 15.4.5); the others go on 200/206/416 only.
 NOT_MODIFIED_NAMES = frozenset(("cache-control", "expires", "content-location"))
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -39,7 +40,7 @@ def check_header(name: Any, value: Any, where: str) -> tuple[str, str]:
     if not isinstance(name, str) or not _TOKEN.fullmatch(name):
         raise ValueError(f"{where}: {name!r} is not a header name")
     lower = name.lower()
-    if lower in REFUSED or lower.startswith("proxy-"):
+    if lower in REFUSED or lower.startswith(REFUSED_PREFIXES):
         raise ValueError(f"{where}.{name}: hop-by-hop, framing and computed headers cannot be set")
     # Visible ASCII only: no CR/LF (header injection), no control bytes, no edge whitespace.
     if not isinstance(value, str) or not _VALUE.fullmatch(value):

@@ -2,7 +2,7 @@
 master refuses at config time (one line naming the key, exit 2) exactly what a worker would."""
 from __future__ import annotations
 
-from fileapp.headers import REFUSED, HeaderRules
+from fileapp.headers import REFUSED, REFUSED_PREFIXES, HeaderRules
 from fileapp.site import check_error_pages, site_path
 
 from .kinds import ConfigError, Kind
@@ -16,7 +16,8 @@ def _any_case(name: str) -> str:
     return "".join(f"[{c.upper()}{c.lower()}]" if c.isalpha() else c for c in name)
 
 
-_REFUSED_NAME = "^(" + "|".join(_any_case(n) for n in sorted(REFUSED)) + "|" + _any_case("proxy-") + ".*)$"
+_REFUSED_NAME = ("^(" + "|".join(_any_case(n) for n in sorted(REFUSED)) + "|("
+                 + "|".join(_any_case(p) for p in REFUSED_PREFIXES) + ").*)$")
 
 
 class SitePath(Kind):

@@ -137,6 +137,9 @@ class FileApp:
         # file bodies itself (fileapp.handoff).
         self._handoff_token = handoff_token.encode() if handoff_token else None
         self._sendfile = sendfile_header_for(sendfile_header, self.root, sendfile_prefix)
+        if fallback is not None and not os.path.isfile(os.path.join(self.root, fallback.lstrip("/"))):
+            log.warning("the fallback %s is not a file under %s: unknown paths get 404 until it is",
+                        fallback, self.root)
         if health_path and os.path.lexists(os.path.join(self.root, health_path.lstrip("/"))):
             log.warning("the health path %s shadows a file of that name under %s",
                         health_path, self.root)

@@ -193,12 +193,12 @@ class Lister:
 
     def __init__(self, resolver: Resolver) -> None:
         self.resolver = resolver
-        self._slots = threading.BoundedSemaphore(LISTINGS_AT_ONCE)
+        self.slots = threading.BoundedSemaphore(LISTINGS_AT_ONCE)  # one per listing under way
 
     def render(self, environ: dict, parts: list[str], url_path: str) -> Response | None:
         """The listing of the directory at URL segments `parts` (shown as `url_path`); None
         when it is not a directory fileapp may list; a 503 while others are being listed."""
-        if not self._slots.acquire(blocking=False):
+        if not self.slots.acquire(blocking=False):
             return _BUSY
         try:
             real = self.resolver.real_parts(parts)
@@ -217,7 +217,7 @@ class Lister:
             finally:
                 os.close(opened.fd)
         finally:
-            self._slots.release()
+            self.slots.release()
         if wants_json(environ):
             body, ctype = as_json(url_path, page), "application/json"
         else:

@@ -188,10 +188,10 @@ def test_listing_memory_is_bounded_by_the_page_not_the_directory(tmp_path, monke
 def test_listings_beyond_the_limit_at_once_get_503(root, monkeypatch):
     app = create_app(str(root), listing=True)
     for _ in range(listing.LISTINGS_AT_ONCE):
-        assert app.lister._slots.acquire(blocking=False)
+        assert app.lister.slots.acquire(blocking=False)
     r = Client(app).get("/files/")
     assert r.status_code == 503 and r.headers["Retry-After"] == "1"
-    app.lister._slots.release()
+    app.lister.slots.release()
     assert Client(app).get("/files/").status_code == 200
 
 

@@ -77,6 +77,3 @@ class HeaderRuleList(Kind):
                                                          "not": {"pattern": _REFUSED_NAME}},
                                        "additionalProperties": {"type": "string", "pattern": _VALUE}}}}
         return {"type": "array", "items": rule}
-
-
-

@@ -7,20 +7,43 @@ added here reaches the worker without a second copy to keep in step.
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass, field, fields
 from operator import attrgetter
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import Config
 
 
-def option(source: str, flag: str | None = None) -> Any:
+def _value(flag: str, value: Any) -> list[str]:
+    return [flag, str(value)]
+
+
+def _switch(flag: str, value: bool) -> list[str]:
+    return [flag] if value else []
+
+
+def _optional(flag: str, value: Any) -> list[str]:
+    return [] if value is None else [flag, str(value)]
+
+
+def _error_pages(flag: str, value: tuple[tuple[str, str], ...]) -> list[str]:
+    return [flag, json.dumps(dict(value))] if value else []
+
+
+def _header_rules(flag: str, value: tuple[tuple[str, tuple[tuple[str, str], ...]], ...]) -> list[str]:
+    return [flag, json.dumps([{"match": m, "set": dict(s)} for m, s in value])] if value else []
+
+
+def option(source: str, flag: str | None = None,
+           argv: Callable[[str, Any], list[str]] = _value, **default: Any) -> Any:
     """A WorkerOptions field read from the config attribute `source` (dotted for a section),
-    passed to the worker as `flag` when one is given."""
-    return field(metadata={"source": source, "flag": flag})
+    passed to the worker as `flag` when one is given, written by `argv(flag, value)`; a site
+    setting has a `default=` (off), so a slot built by hand need not name it."""
+    return field(metadata={"source": source, "flag": flag, "argv": argv}, **default)
 
 
 @dataclass(frozen=True)
@@ -42,6 +65,10 @@ class WorkerOptions:
     backoff_initial: float = option("restart_backoff.initial")
     backoff_max: float = option("restart_backoff.max")
     min_uptime: float = option("restart_backoff.min_uptime")
+    listing: bool = option("listing", "--listing", _switch, default=False)
+    fallback: str | None = option("fallback", "--fallback", _optional, default=None)
+    error_pages: tuple = option("error_pages", "--error-pages", _error_pages, default=())
+    headers: tuple = option("headers", "--headers", _header_rules, default=())
 
     @classmethod
     def from_config(cls, config: Config) -> "WorkerOptions":
@@ -60,5 +87,5 @@ def worker_argv(options: WorkerOptions, fd: int, host: str, port: int,
         argv += ["--unix-fd", str(unix_fd)]
     for f in fields(options):
         if f.metadata["flag"] is not None:
-            argv += [f.metadata["flag"], str(getattr(options, f.name))]
+            argv += f.metadata["argv"](f.metadata["flag"], getattr(options, f.name))
     return argv

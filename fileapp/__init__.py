@@ -30,7 +30,18 @@ def create_app(root: str, **options) -> FileApp:
            methods other than GET/HEAD), making fileapp a middleware.
       prefix: URL prefix the files are served under, e.g. "/static" (default: the whole URL space).
       index_names: file names served for a directory URL ending in "/" (default ("index.html",)).
-      listing: HTML directory listings when there is no index file (default False).
+      listing: directory listings when there is no index file (default False): HTML, or JSON
+           on Accept: application/json, sorted by name, hidden entries left out, 1000 entries
+           a page (fileapp.listing).
+      fallback: a file under the root, e.g. "index.html", answering (200) the GET/HEAD of an
+           unknown path whose Accept names text/html and whose last segment has no extension,
+           as `try_files $uri /index.html` does for single-page apps (default None; fileapp.site).
+      error_pages: {status: file under the root}, e.g. {"404": "404.html"}: the body of
+           fileapp's own 4xx/5xx answers (404, 405, 412, 503); a missing or unreadable page
+           leaves the built-in one (default None).
+      headers: [{"match": "/assets/*", "set": {"Cache-Control": "..."}}]: headers set on the
+           answers about the files and listings whose URL path matches the glob (fnmatch: `*`
+           crosses "/"); hop-by-hop, framing and computed headers are refused (fileapp.headers).
       health_path: path of the health endpoint, or None for none (default "/healthcheck").
       cache_ttl, cache_max_bytes, cache_max_file_size: see the module docstring.
       max_age: Cache-Control max-age in seconds for ordinary files (default 60).

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import math
 import os
 import signal
@@ -51,6 +52,13 @@ def _url_path(text: str) -> str:
     return text
 
 
+def _json(text: str):
+    try:
+        return json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON: {e}") from None
+
+
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m fileapp",
                 description="Serve a directory with fileapp under gunicorn's threaded worker.")
@@ -80,6 +88,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-format", choices=logs.FORMATS, default="text",
                    help="text lines (default) or JSON lines, one object per line")
     p.add_argument("--access-log", action="store_true", help="log each request to stdout (errors go to stderr)")
+    p.add_argument("--listing", action="store_true",
+                   help="list directories without an index file (HTML, or JSON on Accept: application/json)")
+    p.add_argument("--fallback", default=None, metavar="FILE",
+                   help="file under the root answering unknown HTML paths (single-page apps), e.g. index.html")
+    p.add_argument("--error-pages", type=_json, default=None, metavar="JSON",
+                   help='error pages by status, e.g. \'{"404": "404.html"}\'')
+    p.add_argument("--headers", type=_json, default=None, metavar="JSON",
+                   help='headers by URL path glob, e.g. \'[{"match": "/assets/*", "set": {"Cache-Control": "max-age=600"}}]\'')
     return p
 
 
@@ -158,6 +174,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 root, health_path=args.health_path, cache_ttl=args.cache_ttl,
                 cache_max_bytes=args.cache_max_bytes,
                 cache_max_file_size=args.cache_max_file_size,
+                listing=args.listing, fallback=args.fallback, error_pages=args.error_pages,
+                headers=args.headers,
                 # Set by gows' master for its own workers (fileapp.handoff).
                 handoff_token=os.environ.get(TOKEN_ENV),
             )

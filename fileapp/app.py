@@ -8,18 +8,19 @@ looked at when the request carries them.
 from __future__ import annotations
 
 import hmac
-import html
 import logging
 import os
 import secrets
 import time
-from typing import Callable, Iterable, Pattern
+from typing import Any, Callable, Iterable, Mapping, Pattern
 from urllib.parse import quote
 
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
 from .files import Exhausted, Resolver, split_url_path
+from .headers import HeaderRules, apply
 from .handoff import (FILE_HEADER, MIN_SIZE, REQUEST_KEY, file_header, handed_off_head,
                       sendfile_header_for)
+from .listing import Lister
 from .loader import EntryLoader
 from .representation import STREAM_BLOCK, Entry, FileStream, MultipartBody, Rep, StreamBody
 from .semantics import (
@@ -29,6 +30,7 @@ from .semantics import (
     evaluate_preconditions,
     if_range_allows,
 )
+from .site import ErrorPages, fallback_allowed, site_path, with_vary_accept
 
 log = logging.getLogger("fileapp")
 
@@ -100,6 +102,9 @@ class FileApp:
         handoff_token: str | None = None,
         sendfile_header: str | None = None,
         sendfile_prefix: str | None = None,
+        fallback: str | None = None,
+        error_pages: Mapping[Any, str] | None = None,
+        headers: Iterable[Mapping[str, Any]] | None = None,
     ) -> None:
         if not os.path.isdir(root):
             raise ValueError(f"root is not a directory: {root}")
@@ -117,14 +122,24 @@ class FileApp:
         self.cache = ResponseCache(cache_ttl, cache_max_bytes)
         if handoff_token:  # gows' proxy sends bodies from MIN_SIZE up: keep only their metadata
             cache_max_file_size = min(cache_max_file_size, MIN_SIZE - 1)
+        self.header_rules = HeaderRules(headers)
         self.loader = EntryLoader(self.resolver, self.cache, index_names=tuple(index_names),
                                   max_file_size=cache_max_file_size, max_age=max_age,
-                                  immutable_pattern=immutable_pattern)
+                                  immutable_pattern=immutable_pattern,
+                                  header_rules=self.header_rules, prefix=prefix)
+        self.lister = Lister(self.resolver)
+        # The SPA fallback page as a PATH_INFO below the prefix (UTF-8 bytes as latin-1).
+        self.fallback = None if fallback is None else (
+            "/" + "/".join(site_path(fallback, "fallback"))).encode().decode("latin-1")
+        self.error_pages = ErrorPages(error_pages, self.resolver, self.cache)
         self._exhausted_logged = -1.0
         # Requests carrying this secret in X-Gows-Handoff come from gows' proxy, which sends
         # file bodies itself (fileapp.handoff).
         self._handoff_token = handoff_token.encode() if handoff_token else None
         self._sendfile = sendfile_header_for(sendfile_header, self.root, sendfile_prefix)
+        if fallback is not None and not os.path.isfile(os.path.join(self.root, fallback.lstrip("/"))):
+            log.warning("the fallback %s is not a file under %s: unknown paths get 404 until it is",
+                        fallback, self.root)
         if health_path and os.path.lexists(os.path.join(self.root, health_path.lstrip("/"))):
             log.warning("the health path %s shadows a file of that name under %s",
                         health_path, self.root)
@@ -139,7 +154,7 @@ class FileApp:
             if path == self.prefix or path.startswith(self.prefix + "/"):
                 path = path[len(self.prefix):]
             else:
-                return self.app(environ, start_response) if self.app else self._send(
+                return self.app(environ, start_response) if self.app else self._error(
                     start_response, _NOT_FOUND, environ)
         method = environ["REQUEST_METHOD"]
         if method != "GET" and method != "HEAD":
@@ -148,7 +163,7 @@ class FileApp:
             if method == "OPTIONS":
                 start_response("204 No Content", [("Allow", ALLOW)])
                 return []
-            return self._send(start_response, _NOT_ALLOWED, environ)
+            return self._error(start_response, _NOT_ALLOWED, environ)
         try:
             return self._get(environ, start_response, path)
         except Exhausted as e:
@@ -156,7 +171,7 @@ class FileApp:
             if now - self._exhausted_logged >= 1.0:  # once a second, not once per request
                 self._exhausted_logged = now
                 log.warning("cannot open %s: %s (answering 503)", path, e)
-            return self._send(start_response, _EXHAUSTED, environ)
+            return self._error(start_response, _EXHAUSTED, environ)
 
     def _get(self, environ: dict, start_response: Callable, path: str) -> Iterable[bytes]:
         """GET or HEAD of `path` (below any prefix)."""
@@ -187,7 +202,7 @@ class FileApp:
                 if outcome == NOT_MODIFIED:
                     start_response("304 Not Modified", list(rep.not_modified))
                     return []
-                return self._send(start_response, _PRECONDITION, environ)
+                return self._error(start_response, _PRECONDITION, environ)
         head = environ["REQUEST_METHOD"] == "HEAD"
         range_header = environ.get("HTTP_RANGE")
         if range_header is not None:
@@ -325,7 +340,7 @@ class FileApp:
             rep = self._pick(entry, environ)
             if rep.body is not None:
                 return self._serve(environ, start_response, rep, rep.body, None)
-        return self._send(start_response, _BUSY, environ)
+        return self._error(start_response, _BUSY, environ)
 
     @staticmethod
     def _pick(entry: Entry, environ: dict) -> Rep:
@@ -343,13 +358,27 @@ class FileApp:
         return self._send(start_response, self.health.status(), environ)
 
     def _not_found(self, environ: dict, start_response: Callable, path: str) -> Iterable[bytes]:
+        """No file for `path`: the wrapped app, else a listing, the SPA fallback or a 404."""
         if self.app is not None:
             return self.app(environ, start_response)
         if self.listing and path.endswith("/"):
             listing = self._listing(environ, path)
             if listing is not None:
-                return self._send(start_response, listing, environ)
-        return self._send(start_response, _NOT_FOUND, environ)
+                return self._error(start_response, listing, environ)
+        if (self.fallback is not None and path != self.fallback and path != self.health_path
+                and fallback_allowed(environ, path, self.resolver)):
+            # As nginx's `try_files $uri /index.html`: the fallback file's own answer (its
+            # headers, validators, ranges), varying by Accept since only HTML requests get it.
+            def vary_accept(status: str, headers: list, exc_info=None):
+                return start_response(status, with_vary_accept(headers), exc_info)
+            return self._get(environ, vary_accept, self.fallback)
+        return self._error(start_response, _NOT_FOUND, environ)
+
+    def _error(self, start_response: Callable, response, environ: dict) -> Iterable[bytes]:
+        """Send `response`, a built-in answer, with the configured error page for its status."""
+        if self.error_pages and response[0][0] in "45":
+            response = self.error_pages.replace(response)
+        return self._send(start_response, response, environ)
 
     @staticmethod
     def _send(start_response: Callable, response, environ: dict) -> Iterable[bytes]:
@@ -376,31 +405,14 @@ class FileApp:
         return [] if environ["REQUEST_METHOD"] == "HEAD" else [text]
 
     def _listing(self, environ: dict, path: str):
+        """The listing of the directory at `path` with its headers rules; None if none."""
         parts = split_url_path(path)
-        opened = self.resolver.open(parts) if parts is not None else None
-        if opened is None:
+        if parts is None:
             return None
-        try:
-            if not opened.is_dir:
-                return None
-            rows = []
-            with os.scandir(opened.fd) as it:
-                for item in it:
-                    if item.name.startswith("."):
-                        continue
-                    suffix = "/" if item.is_dir(follow_symlinks=False) else ""
-                    raw = os.fsencode(item.name)
-                    rows.append((raw.decode("utf-8", "replace") + suffix,
-                                 quote(raw, safe="") + suffix))
-        except OSError:
-            return None
-        finally:
-            os.close(opened.fd)
-        title = html.escape("/" + "/".join(parts) + ("/" if parts else ""))
-        lines = [f'<li><a href="./{html.escape(href)}">{html.escape(text)}</a></li>'
-                 for text, href in sorted(rows)]
-        page = (f"<!doctype html>\n<meta charset=\"utf-8\">\n<title>Index of {title}</title>\n"
-                f"<h1>Index of {title}</h1>\n<ul>\n" + "\n".join(lines) + "\n</ul>\n").encode()
-        return ("200 OK", [("Content-Type", "text/html; charset=utf-8"),
-                           ("Content-Length", str(len(page))), ("Cache-Control", "no-cache")],
-                page)
+        shown = (environ.get("SCRIPT_NAME", "") + self.prefix + path).encode("latin-1").decode(
+            "utf-8", "replace")
+        response = self.lister.render(environ, parts, shown)
+        if response is None or response[0][0] != "2":
+            return response
+        status, headers, body = response
+        return status, apply(headers, self.loader.extra_headers(path)), body

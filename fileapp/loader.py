@@ -24,6 +24,7 @@ from cachetools import LRUCache
 
 from .cache import ResponseCache
 from .files import Resolver, split_url_path
+from .headers import Headers, HeaderRules
 from .representation import SIDECARS, Entry, Rep, content_type, read_exactly
 
 IMMUTABLE_CACHE_CONTROL = "public, max-age=31536000, immutable"
@@ -33,9 +34,12 @@ class EntryLoader:
     """Prepares (and caches) the entries of the files under a resolver's root."""
 
     def __init__(self, resolver: Resolver, cache: ResponseCache, *, index_names: tuple[str, ...],
-                 max_file_size: int, max_age: int, immutable_pattern: str | Pattern[str] | None
-                 ) -> None:
+                 max_file_size: int, max_age: int, immutable_pattern: str | Pattern[str] | None,
+                 header_rules: HeaderRules | None = None, prefix: str = "") -> None:
+        """`header_rules` match the URL path, that is `prefix` and the path `load` is given."""
         self.resolver = resolver
+        self.header_rules = header_rules or HeaderRules()
+        self.prefix = prefix
         self.cache = cache
         self.index_names = index_names
         self.max_file_size = max_file_size
@@ -102,7 +106,7 @@ class EntryLoader:
                 self.cache.put(path, entry)
                 return entry
             for index in self.index_names:
-                entry = self._load_file(parts + [index])
+                entry = self._load_file(parts + [index], self.extra_headers(path))
                 if entry is not None:
                     self.cache.put(path, entry)
                     return entry
@@ -112,12 +116,22 @@ class EntryLoader:
                 return None
         finally:
             os.close(opened.fd)
-        entry = self._load_file(parts)
+        entry = self._load_file(parts, self.extra_headers(path))
         if entry is not None:
             self.cache.put(path, entry)
         return entry
 
-    def _load_file(self, parts: list[str]) -> Entry | None:
+    def extra_headers(self, path: str) -> Headers:
+        """What the headers rules set for the URL path of `path` (a PATH_INFO below the prefix)."""
+        if not self.header_rules:
+            return ()
+        try:
+            url_path = (self.prefix + path).encode("latin-1").decode("utf-8")
+        except UnicodeError:
+            return ()
+        return self.header_rules.for_path(url_path)
+
+    def _load_file(self, parts: list[str], extra: Headers = ()) -> Entry | None:
         name = parts[-1]
         encoded_parts = {}
         if not name.endswith((".br", ".gz")):
@@ -128,10 +142,10 @@ class EntryLoader:
                          and self.immutable.search(name) else self.cache_control)
         sidecars = {}
         for coding, sidecar in encoded_parts.items():
-            rep = self._load_rep(sidecar, ctype, coding, cache_control, True)
+            rep = self._load_rep(sidecar, ctype, coding, cache_control, True, extra)
             if rep is not None:
                 sidecars[coding] = rep
-        identity = self._load_rep(parts, ctype, None, cache_control, bool(sidecars))
+        identity = self._load_rep(parts, ctype, None, cache_control, bool(sidecars), extra)
         if identity is None:
             return None
         # A sidecar older than its original was not made from it: stale, never served.
@@ -139,7 +153,7 @@ class EntryLoader:
         return Entry(identity, encoded)
 
     def _load_rep(self, parts: list[str], ctype: str, encoding: str | None,
-                  cache_control: str, vary: bool) -> Rep | None:
+                  cache_control: str, vary: bool, extra: Headers = ()) -> Rep | None:
         for _ in range(3):  # a file truncated while being read is read again
             opened = self.resolver.open(parts)
             if opened is None:
@@ -148,10 +162,10 @@ class EntryLoader:
                 if not stat.S_ISREG(opened.st.st_mode):
                     return None
                 if opened.st.st_size > self.max_file_size or not self.cache.enabled:
-                    return Rep(opened.path, opened.st, None, ctype, encoding, cache_control, vary)
+                    return Rep(opened.path, opened.st, None, ctype, encoding, cache_control, vary, extra)
                 body = read_exactly(opened.fd, opened.st.st_size)
                 if body is not None:
-                    return Rep(opened.path, opened.st, body, ctype, encoding, cache_control, vary)
+                    return Rep(opened.path, opened.st, body, ctype, encoding, cache_control, vary, extra)
             finally:
                 os.close(opened.fd)
         return None

@@ -9,6 +9,8 @@ from typing import Iterator
 from werkzeug.http import http_date
 from werkzeug.utils import get_content_type
 
+from .headers import NOT_MODIFIED_NAMES, Headers, apply
+
 # Sidecar suffix per content coding, smallest first (the tie-break order of choose_encoding).
 SIDECARS = (("br", ".br"), ("gzip", ".gz"))
 STREAM_BLOCK = 64 * 1024
@@ -48,7 +50,9 @@ class Rep:
     )
 
     def __init__(self, path: str, st: os.stat_result, body: bytes | None, ctype: str,
-                 encoding: str | None, cache_control: str, vary: bool) -> None:
+                 encoding: str | None, cache_control: str, vary: bool, extra: Headers = ()) -> None:
+        """`extra`: the headers rules set for this URL path (fileapp.headers); they replace
+        fileapp's own of the same names (Content-Type included)."""
         self.path = path
         self.dev, self.ino = st.st_dev, st.st_ino
         self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
@@ -56,18 +60,22 @@ class Rep:
         tag = f"{self.mtime_ns:x}-{self.size:x}"
         self.etag = f"{tag}-{'br' if encoding == 'br' else 'gz'}" if encoding else tag
         self.body = body
-        self.type = ctype
+        self.type = next((v for k, v in extra if k.lower() == "content-type"), ctype)
         # Headers every response about this representation carries (200, 206, 304, 416).
         self.not_modified = [("ETag", f'"{self.etag}"'), ("Cache-Control", cache_control)]
         if vary:
             self.not_modified.append(("Vary", "Accept-Encoding"))
+        self.not_modified = apply(self.not_modified,
+                                  tuple(h for h in extra if h[0].lower() in NOT_MODIFIED_NAMES))
         self.common = self.not_modified + [
             ("Last-Modified", http_date(self.mtime)), ("Accept-Ranges", "bytes"),
         ]
         if encoding:
             self.common.append(("Content-Encoding", encoding))
+        self.common += [h for h in extra
+                        if h[0].lower() not in NOT_MODIFIED_NAMES and h[0].lower() != "content-type"]
         self.headers = self.common + [
-            ("Content-Type", ctype), ("Content-Length", str(self.size)),
+            ("Content-Type", self.type), ("Content-Length", str(self.size)),
         ]
 
     def same_file(self, st: os.stat_result) -> bool:

@@ -163,6 +163,25 @@ BAD = [
     ({"baseDirectory": "www", "workerCount": 1, "restartBackoff": {"max": 0}}, "restartBackoff.max: must be a number > 0"),
     ({"baseDirectory": "www", "workerCount": 1, "frontCache": {"maxBytes": 10, "maxObjectBytes": 11}},
      "frontCache.maxObjectBytes: 11 exceeds frontCache.maxBytes 10"),
+    ({"baseDirectory": "www", "workerCount": 1, "listing": "yes"}, 'listing: must be true or false, got "yes"'),
+    ({"baseDirectory": "www", "workerCount": 1, "fallback": ".env"}, "fallback: '.env' is not a file fileapp would serve"),
+    ({"baseDirectory": "www", "workerCount": 1, "fallback": "../index.html"}, "fallback: '../index.html' is not a file"),
+    ({"baseDirectory": "www", "workerCount": 1, "errorPages": {"200": "ok.html"}},
+     "errorPages.200: keys must be 4xx or 5xx status codes"),
+    ({"baseDirectory": "www", "workerCount": 1, "errorPages": {"404": "errors/.404.html"}},
+     "errorPages.404: 'errors/.404.html' is not a file fileapp would serve"),
+    ({"baseDirectory": "www", "workerCount": 1, "errorPages": ["404.html"]}, "errorPages: must be an object like"),
+    *[({"baseDirectory": "www", "workerCount": 1, "headers": [{"match": "/assets/*", "set": {name: "x"}}]},
+       f"headers[0].set.{name}: hop-by-hop, framing and computed headers cannot be set")
+      for name in ("Connection", "keep-alive", "Transfer-Encoding", "Content-Length", "TE", "Trailer", "Upgrade",
+                   "Proxy-Authorization", "Content-Range", "ETag", "Vary", "X-Accel-Redirect")],
+    ({"baseDirectory": "www", "workerCount": 1, "headers": [{"match": "/a", "set": {"X-A": "a\r\nSet-Cookie: b"}}]},
+     "headers[0].set.X-A: the value must be non-empty visible ASCII"),
+    ({"baseDirectory": "www", "workerCount": 1, "headers": [{"match": "assets/*", "set": {"X-A": "b"}}]},
+     "headers[0].match: must be a URL path glob starting with '/' or '*'"),
+    ({"baseDirectory": "www", "workerCount": 1, "headers": [{"match": "/a"}]},
+     'headers[0]: must be an object with "match" and "set" exactly'),
+    ({"baseDirectory": "www", "workerCount": 1, "headers": {"/a": {"X-A": "b"}}}, "headers: must be a list of"),
     ('{"baseDirectory": "www", "workerCount": 1,}', "invalid JSON at line 1 column"),
     ('{"baseDirectory": "www", "workerCount": 1, "threads": 2, "threads": 3}', "threads: given twice"),
     ('{"baseDirectory": "www", "workerCount": 1, "threads": NaN}', "invalid JSON: NaN is not a JSON number"),
@@ -233,6 +252,27 @@ def test_invalid_config_from_the_command_line_is_one_line_without_traceback(site
     result = run_master(path)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == f'{path}: healthCheck.interval: must be a number > 0 and <= 3600, got "fast"\n'
+
+
+def test_a_refused_header_stops_the_master_at_start_with_one_line(site):
+    path = write(site, {"baseDirectory": "www", "listen": f"127.0.0.1:{free_port()}",
+                        "workers": [{"host": "127.0.0.1", "port": free_port()}],
+                        "headers": [{"match": "/*", "set": {"Transfer-Encoding": "chunked"}}]})
+    result = run_master(path)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == (f"{path}: headers[0].set.Transfer-Encoding: hop-by-hop, framing and computed "
+                             "headers cannot be set\n")
+
+
+def test_site_settings_load_as_the_workers_take_them(site):
+    c = cfg.load(write(site, {"baseDirectory": "www", "workerCount": 1, "listing": True, "fallback": "index.html",
+                              "errorPages": {"404": "errors/404.html", "503": "busy.html"},
+                              "headers": [{"match": "/assets/*", "set": {"Cache-Control": "max-age=600"}}]}))
+    assert c.listing is True and c.fallback == "index.html"
+    assert c.error_pages == (("404", "errors/404.html"), ("503", "busy.html"))
+    assert c.headers == (("/assets/*", (("Cache-Control", "max-age=600"),)),)
+    default = cfg.load(write(site, {"baseDirectory": "www", "workerCount": 1}))
+    assert (default.listing, default.fallback, default.error_pages, default.headers) == (False, None, (), ())
 
 
 # -- the JSON Schema ------------------------------------------------------------------------

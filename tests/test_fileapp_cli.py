@@ -106,6 +106,11 @@ def assert_usage_error(result: subprocess.CompletedProcess, needle: str) -> None
     (["--root", "{root}", "--log-format", "xml"], "--log-format"),
     (["--root", "{root}", "--bogus"], "--bogus"),
     (["--root", "{root}", "--host", "203.0.113.7"], "cannot listen"),
+    (["--root", "{root}", "--fallback", ".env"], "fallback: '.env' is not a file fileapp would serve"),
+    (["--root", "{root}", "--error-pages", '{{"200": "ok.html"}}'], "errorPages.200: keys must be 4xx or 5xx"),
+    (["--root", "{root}", "--error-pages", "{{"], "--error-pages"),
+    (["--root", "{root}", "--headers", '[{{"match": "/*", "set": {{"Connection": "close"}}}}]'],
+     "headers[0].set.Connection: hop-by-hop, framing and computed headers cannot be set"),
 ])
 def test_bad_arguments_exit_2_with_one_line(root, tmp_path, args, needle):
     (tmp_path / "file.txt").write_text("x")

@@ -17,7 +17,12 @@ SETTINGS = {"baseDirectory": "www", "workerCount": 1, "threads": 7, "gracefulTim
             "healthCheck": {"path": "/hc", "interval": 0.25, "timeout": 0.75, "bootTimeout": 9.0},
             "cache": {"ttl": 0.5, "maxBytes": 1000, "maxFileSize": 10},
             "restartBackoff": {"initial": 0.125, "max": 3.0, "minUptime": 1.5},
-            "logging": {"level": "warning"}}
+            "logging": {"level": "warning"}, "listing": True, "fallback": "index.html",
+            "errorPages": {"404": "404.html"},
+            "headers": [{"match": "/assets/*", "set": {"X-Content-Type-Options": "nosniff"}}]}
+# How fileapp's parser gives back the settings passed as JSON or switches.
+PARSED = {"root": str, "error_pages": lambda pairs: dict(pairs),
+          "headers": lambda rules: [{"match": m, "set": dict(s)} for m, s in rules]}
 
 
 def options(tmp_path) -> tuple[WorkerOptions, Config]:
@@ -37,11 +42,11 @@ def test_every_option_with_a_flag_reaches_fileapp_with_its_value(tmp_path):
     opts, _ = options(tmp_path)
     args = make_parser().parse_args(worker_argv(opts, 5, "127.0.0.1", 9001)[3:])
     flagged = [f for f in dataclasses.fields(WorkerOptions) if f.metadata["flag"] is not None]
-    assert len(flagged) == 9
+    assert len(flagged) == 13
     for f in flagged:
         dest = f.metadata["flag"].removeprefix("--").replace("-", "_")
         value = getattr(opts, f.name)
-        assert getattr(args, dest) == (str(value) if f.name == "root" else value), f.name
+        assert getattr(args, dest) == PARSED.get(f.name, lambda v: v)(value), f.name
 
 
 def test_options_the_master_applies_itself_are_not_passed_to_the_worker(tmp_path):
@@ -51,4 +56,4 @@ def test_options_the_master_applies_itself_are_not_passed_to_the_worker(tmp_path
     assert unflagged == ["check_interval", "check_timeout", "boot_timeout", "backoff_initial", "backoff_max",
                          "min_uptime"]
     flags = [a for a in argv if a.startswith("--")]
-    assert len(flags) == len(set(flags)) == 9 + 4  # the table's flags plus --fd, --host, --port, --parent-pid
+    assert len(flags) == len(set(flags)) == 13 + 4  # the table's flags plus --fd, --host, --port, --parent-pid

@@ -16,6 +16,7 @@ from fileapp import logs as worker_logs
 from ..addresses import Address, WorkerAddress
 from .kinds import (REQUIRED, AddressKind, Boolean, Choice, Directory, FilePath, Host, Integer, LogTarget,
                     Nullable, Number, UrlPath, WorkerList, section, setting)
+from .site_kinds import ErrorPages, HeaderRuleList, SitePath
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,10 @@ class Config:
     fail_timeout: float = setting(Number(3600), 10.0, "Window in seconds for maxFails.")
     pidfile: Path | None = setting(Nullable(FilePath()), None, "File the master writes its pid to (removed at exit); null for none.")
     admin: Address | None = setting(Nullable(AddressKind()), None, "Address of the admin listener (status page, metrics); null disables it.")
+    listing: bool = setting(Boolean(), False, "List a directory that has no index.html: an HTML page (sorted by name, sizes, modification times, parent link, 1000 entries a page), or JSON on Accept: application/json. Hidden names (dotfiles) and whatever the workers refuse to serve are left out.")
+    fallback: str | None = setting(Nullable(SitePath()), None, "Single-page apps: a file under baseDirectory (e.g. \"index.html\") that answers, with 200, a GET or HEAD of a path with no file when the request's Accept names text/html and the path's last segment has no extension (as try_files $uri /index.html); never for the health path or a path refused for security. null: none.")
+    error_pages: tuple[tuple[str, str], ...] = setting(ErrorPages(), {}, "Error pages by status, e.g. {\"404\": \"404.html\"}: files under baseDirectory sent as the body of the workers' own 4xx/5xx answers (404, 405, 412, 503) with that status; a missing or unreadable page leaves the built-in one.")
+    headers: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = setting(HeaderRuleList(), [], "Headers by path, e.g. [{\"match\": \"/assets/*\", \"set\": {\"Cache-Control\": \"max-age=600\"}}]: set by the workers on the answers about files and listings (200, 206, 304, 416) whose URL path matches the glob (fnmatch, case-sensitive; * also matches /), later rules winning; kept by the front cache. Hop-by-hop, framing and computed headers (Connection, Transfer-Encoding, Content-Length, Content-Range, ETag, Vary, Proxy-*, ...) are refused.")
     health_check: HealthCheckConfig = section(HealthCheckConfig, "Active health checks of every worker.")
     restart_backoff: RestartBackoffConfig = section(RestartBackoffConfig, "Back-off for local workers that keep failing right after start (a crash loop). It never leaves the pool without a worker: when no local worker is up or starting, one that is waiting out its delay starts at once.")
     cache: WorkerCacheConfig = section(WorkerCacheConfig, "Each worker's file cache.")

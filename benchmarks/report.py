@@ -349,8 +349,9 @@ def chart(path: Path, series: dict[ServerSpec, list[float]], title: str) -> None
                 ax.plot([q * 100], [value], marker=marker, color=style["color"], markersize=5, linestyle="none")
     for q, name, _ in MARKS:
         ax.axvline(q * 100, color="gray", linewidth=0.8, linestyle=":")
-        ax.annotate(name, (q * 100, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
-                    textcoords="offset points", color="gray", fontsize="small")
+        inside = q < 0.9  # a label near the right edge goes left of its line
+        ax.annotate(name, (q * 100, 1.0), xycoords=("data", "axes fraction"), xytext=(3 if inside else -3, -12),
+                    textcoords="offset points", ha="left" if inside else "right", color="gray", fontsize="small")
     # ab records whole milliseconds, so fast servers have requests at 0 ms: linear below 1 ms.
     ax.set_yscale("symlog", linthresh=1.0, linscale=0.3)
     ax.set_ylim(bottom=0)

@@ -15,8 +15,8 @@ import requests
 from arbiter.__main__ import main
 from arbiter.config import ConfigError
 from arbiter.config.source import SERVE_WORKERS, ConfigSource
-from master_support import free_port_run
-from support import PYTHON, free_port, python_env, running, wait_until
+from master_support import free_port_run, title
+from support import PYTHON, children, free_port, python_env, running, wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -121,6 +121,30 @@ def test_a_reload_reads_the_file_again_under_the_same_flags(conf, capsys):
     conf.write_text(conf.read_text().replace('"threads": 7', '"threads": 9'))
     again = source.load()  # what the master does on HUP (Arbiter._reload)
     assert again.threads == 9 and str(again.listen) == "127.0.0.1:8500"
+
+
+@pytest.mark.integration
+def test_a_hup_reload_keeps_the_flags_over_the_file(site, tmp_path):
+    listen, base = free_port(), free_port_run(3)
+    conf = tmp_path / "gows.conf.json"
+    conf.write_text(json.dumps({"baseDirectory": str(site), "workerCount": 1, "workerBasePort": base,
+                                "listen": f"127.0.0.1:{listen}", "healthCheck": {"interval": 0.2, "rise": 1}}))
+    log_path = tmp_path / "master.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen([str(GOWS), "-c", str(conf), "serve", "--workers", "2"], env=python_env(),
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+    with running(proc):
+        def worker_ports() -> list[int]:
+            titles = (title(pid) for pid in children(proc.pid))
+            # a set: a replaced worker may still be draining beside its successor on the same port
+            return sorted({int(t.rsplit(":", 1)[1]) for t in titles if t.startswith("gows: worker :")})
+
+        wait_until(lambda: worker_ports() == [base, base + 1], timeout=30, message="the flag's 2 workers")
+        conf.write_text(conf.read_text().replace('"workerCount": 1', '"workerCount": 3'))
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "reload done" in log_path.read_text(), timeout=60, message="reload done")
+        assert worker_ports() == [base, base + 1]  # the file now says 3, the flag still says 2
+        assert requests.get(f"http://127.0.0.1:{listen}/hello.txt", timeout=10).text == "hello from serve\n"
 
 
 def test_the_command_without_serve_is_unchanged(conf, capsys):

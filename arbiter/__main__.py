@@ -1,6 +1,12 @@
-"""`python -m arbiter [-c PATH] [--check-config]`: validate the config, bind, and run the master.
+"""The gows command (`gows`, `python -m arbiter`): validate the config, bind, and run the master.
 
-User mistakes (config, ports, pidfile) print one line naming the key and exit with status 2.
+    gows [-c FILE] [--check-config]                     serve as a config file says (./gows.conf.json)
+    gows [-c FILE] serve [DIR] [--listen ADDR] [--workers N] [--admin ADDR] [--check-config]
+                                                        serve DIR (default .), flags over the file if any
+    gows --version
+
+User mistakes (config, flags, ports, pidfile) print one line naming the key or flag and exit
+with status 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -8,9 +14,11 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import NoReturn, Sequence
 
 from fileapp.processes import pid_alive
+
+from .config.source import SERVE_WORKERS, ConfigSource
 
 USAGE_ERROR = 2
 
@@ -42,23 +50,87 @@ def remove_pidfile(path: Path) -> None:
         pass
 
 
+class UsageError(Exception):
+    """A mistake on the command line, reported as one line with status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # one line naming the problem, not the usage block
+        raise UsageError(f"{self.prog}: {message}")
+
+
+def make_parser() -> argparse.ArgumentParser:
+    """The command line: today's `-c FILE [--check-config]`, and the `serve` subcommand."""
+    from fileapp.version import VERSION
+
+    version = f"gows {VERSION}"
+    parser = _Parser(prog="gows", description="The gows master: supervise a pool of fileapp workers "
+                     "and serve their files.")
+    parser.add_argument("--version", action="version", version=version)
+    parser.add_argument("-c", "--config", metavar="FILE", help="config file (default ./gows.conf.json; with serve: none)")
+    parser.add_argument("--check-config", action="store_true", help="validate the config and exit "
+                        "(ports are not bound: a running server holds its own)")
+    commands = parser.add_subparsers(dest="command", metavar="{serve}")
+    serve = commands.add_parser("serve", help="serve a directory, no config file needed",
+                                description="Serve DIR with the defaults of every setting; the flags "
+                                "override a config file's keys when one is given with -c.")
+    serve.add_argument("--version", action="version", version=version)
+    serve.add_argument("directory", nargs="?", metavar="DIR", help="directory to serve (default: ., or the "
+                       "config's baseDirectory)")
+    # Each flag is a config key (SERVE_FLAGS), validated exactly as in a file: strings go through as given.
+    serve.add_argument("-c", "--config", dest="serve_config", metavar="FILE", help="config file whose keys the flags override")
+    serve.add_argument("--listen", metavar="ADDR", help='public address, "host:port" (listen; default '
+                       '127.0.0.1:8080)')
+    serve.add_argument("--workers", metavar="N", type=int, help=f"local workers (workerCount; default "
+                       f"{SERVE_WORKERS} without a config file)")
+    serve.add_argument("--worker-base-port", metavar="PORT", type=int, help="first worker port (workerBasePort; "
+                       "default 9001)")
+    serve.add_argument("--admin", metavar="ADDR", help='admin listener (status page, metrics), "host:port"')
+    serve.add_argument("--check-config", dest="serve_check", action="store_true",
+                       help="validate the config and flags and exit")
+    return parser
+
+
+# serve's flags and the config keys they give: (attribute, key, the flag's name in messages).
+SERVE_FLAGS = (("directory", "baseDirectory", "directory"), ("listen", "listen", "--listen"),
+               ("workers", "workerCount", "--workers"), ("worker_base_port", "workerBasePort", "--worker-base-port"),
+               ("admin", "admin", "--admin"))
+
+
+def config_source(args: argparse.Namespace) -> ConfigSource:
+    """Where the config comes from, for the parsed command line `args`."""
+    if args.command != "serve":
+        return ConfigSource(Path(args.config or "gows.conf.json"))
+    if args.config and args.serve_config:
+        raise UsageError("gows serve: -c: give the config file once, before or after serve")
+    path = args.config or args.serve_config
+    flags = {}
+    for attr, key, flag in SERVE_FLAGS:
+        value = getattr(args, attr)
+        if value is not None:
+            if attr == "directory":  # as typed on the command line: relative to the working directory
+                value = os.path.abspath(value)
+            flags[key] = (flag, value)
+    return ConfigSource(Path(path) if path else None, flags)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the gows master; returns the process exit status."""
-    parser = argparse.ArgumentParser(prog="python -m arbiter", description="The gows master: supervise "
-                                     "a pool of fileapp workers and serve their files.")
-    parser.add_argument("-c", "--config", default="gows.conf.json", help="config file (default ./gows.conf.json)")
-    parser.add_argument("--check-config", action="store_true", help="validate the config file and exit "
-                        "(ports are not bound: a running server holds its own)")
-    args = parser.parse_args(argv)
+    from .config import ConfigError, bind_configured, listen_key
 
-    from .config import ConfigError, bind_configured, listen_key, load
-    name = args.config
     try:
-        config = load(args.config)
+        args = make_parser().parse_args(argv)
+        source = config_source(args)
+    except UsageError as e:
+        print(e, file=sys.stderr)
+        return USAGE_ERROR
+    name = str(source.path) if source.path is not None else "gows serve"
+    try:
+        config = source.load()
     except ConfigError as e:
         print(f"{name}: {e}", file=sys.stderr)
         return USAGE_ERROR
-    if args.check_config:
+    if args.check_config or getattr(args, "serve_check", False):
         local = len(config.local_workers)
         print(f"{name}: OK ({local} local and {len(config.workers) - local} remote workers, "
               f"listening on {config.listen})")
@@ -83,13 +155,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             admin = bind_configured(config.admin.host, config.admin.port, "admin")
             sockets.append(admin)
         from .arbiter import Arbiter
-        arbiter = Arbiter(config, public, workers, sink, admin)
+        arbiter = Arbiter(config, public, workers, sink, admin, source=source)
         if config.pidfile is not None:
             write_pidfile(config.pidfile)
     except ConfigError as e:
         for sock in sockets:
             sock.close()
-        print(f"{name}: {e}", file=sys.stderr)
+        print(f"{name}: {source.name_flag(str(e))}", file=sys.stderr)
         return USAGE_ERROR
 
     import setproctitle

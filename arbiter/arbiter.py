@@ -18,9 +18,9 @@ import time
 
 from fileapp.handoff import TOKEN_ENV
 
-from . import config as config_mod
 from .backoff import Pool
 from .config import Config, ConfigError, bind_configured
+from .config.source import ConfigSource
 from .health import HealthChecker
 from .ops.accesslog import AccessLog
 from .ops.admin import AdminServer
@@ -43,9 +43,11 @@ class Arbiter:
 
     def __init__(self, config: Config, public: socket.socket,
                  worker_sockets: dict[tuple[str, int], socket.socket], sink: LogSink,
-                 admin: socket.socket | None = None) -> None:
-        """ConfigError when the access log cannot be opened."""
+                 admin: socket.socket | None = None, source: ConfigSource | None = None) -> None:
+        """`source`: where HUP reads the config again (default: config.source, the file it came
+        from). ConfigError when the access log cannot be opened."""
         self.config = config
+        self.source = source if source is not None else ConfigSource(config.source)
         self.public = public
         self.sink = sink
         self.started = time.time()
@@ -76,7 +78,7 @@ class Arbiter:
     # -- what the admin listener reads ------------------------------------------------------
     @property
     def config_path(self) -> str:
-        return str(self.config.source.resolve())
+        return self.source.describe()
 
     @property
     def stopping(self) -> bool:
@@ -267,9 +269,9 @@ class Arbiter:
         """Re-read the config and converge: new workers started and healthy, kept ones replaced
         one at a time (new healthy before old drains), dropped ones drained. A bad config (or a
         port that cannot be bound) changes nothing."""
-        path = self.config.source
+        path = self.source.describe()
         try:
-            new = config_mod.load(path)
+            new = self.source.load()
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s: %s", path, e)
             return

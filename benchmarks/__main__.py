@@ -314,7 +314,7 @@ def run(plan: Plan, keep: bool) -> int:
     if series:
         chart_path = stem.with_suffix(".png")
         report.chart(chart_path, series, f"ab -n {plan.ab_requests} -c {plan.ab_concurrency}, 1 KiB file "
-                                         f"(median of {plan.repeat} runs): response time of each request")
+                                         f"(median of {plan.repeat} runs): response time by percentile of requests")
     checks = report.check_targets(plan.suite, rows)
     title = f"gows benchmark: {plan.suite} suite, {stamp}" + (" (interrupted)" if interrupted else "")
     run_notes = notes(plan, load_before, fd_limit)

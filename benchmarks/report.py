@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -271,7 +272,7 @@ def markdown(title: str, notes: list[str], rows: list[Row], checks: list[dict], 
     if checks:
         parts += ["## Targets", "", targets_text(checks), ""]
     if chart is not None:
-        parts += [f"![response time of each request]({chart.name})", ""]
+        parts += [f"![response time by percentile of requests]({chart.name})", ""]
     return "\n".join(parts)
 
 
@@ -307,8 +308,29 @@ def line_style(spec: ServerSpec, gows_workers: list[int]) -> dict:
     return {"color": colour, "linestyle": style, "linewidth": 2.0 if spec.kind in ("apache", "nginx") else 1.5}
 
 
+def percentile_points(times: list[float]) -> tuple[list[float], list[float]]:
+    """Each request's response time (sorted) against its percentile rank, 100·i/n for the i-th of n:
+    runs of any length share the 0–100 axis, and the last request sits at 100%."""
+    ordered = sorted(times)
+    n = len(ordered)
+    return [100.0 * i / n for i in range(1, n + 1)], ordered
+
+
+def nearest_rank(times: list[float], q: float) -> float | None:
+    """The q-quantile (0 < q <= 1) by nearest rank: the smallest time with at least q of the requests
+    at or below it (as ab's "percentage served within" table); None for no requests."""
+    if not times:
+        return None
+    ordered = sorted(times)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)]
+
+
+MARKS = ((0.5, "p50", "o"), (0.99, "p99", "D"))  # the percentiles marked on every line
+
+
 def chart(path: Path, series: dict[ServerSpec, list[float]], title: str) -> None:
-    """Response time of each request (ms, log scale) by request number, one line per server (2018 style)."""
+    """Response time (ms, log scale) against the percentile of requests, one line per server, with
+    each line's p50 and p99 marked: runs of 5,000 and 20,000 requests share the axis."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -318,13 +340,28 @@ def chart(path: Path, series: dict[ServerSpec, list[float]], title: str) -> None
     gows_workers = sorted({s.workers for s in series if s.kind == "gows" and s.workers is not None})
     fig, ax = plt.subplots(figsize=(12, 6), dpi=110)
     for spec, times in series.items():
-        ax.plot(range(1, len(times) + 1), times, label=spec.label, **line_style(spec, gows_workers))
+        style = line_style(spec, gows_workers)
+        xs, ys = percentile_points(times)
+        ax.plot(xs, ys, label=f"{spec.label} ({len(times):,} requests)", **style)
+        for q, _, marker in MARKS:
+            value = nearest_rank(times, q)
+            if value is not None:
+                ax.plot([q * 100], [value], marker=marker, color=style["color"], markersize=5, linestyle="none")
+    for q, name, _ in MARKS:
+        ax.axvline(q * 100, color="gray", linewidth=0.8, linestyle=":")
+        inside = q < 0.9  # a label near the right edge goes left of its line
+        ax.annotate(name, (q * 100, 1.0), xycoords=("data", "axes fraction"), xytext=(3 if inside else -3, -12),
+                    textcoords="offset points", ha="left" if inside else "right", color="gray", fontsize="small")
     # ab records whole milliseconds, so fast servers have requests at 0 ms: linear below 1 ms.
     ax.set_yscale("symlog", linthresh=1.0, linscale=0.3)
     ax.set_ylim(bottom=0)
     ax.yaxis.set_major_locator(FixedLocator([0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000]))
     ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
-    ax.set_xlabel("request number (ordered by response time, as ab -g writes them)")
+    ax.set_xlim(0, 100)
+    ax.xaxis.set_major_locator(FixedLocator(range(0, 101, 10)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}%"))
+    ax.set_xlabel("percentile of requests (each run's requests ordered by response time; "
+                  "markers: ○ p50, ◇ p99)")
     ax.set_ylabel("response time (ms, log scale)")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

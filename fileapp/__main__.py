@@ -17,6 +17,7 @@ from typing import NoReturn, Sequence
 
 from . import cache, logs
 from .handoff import TOKEN_ENV
+from .version import VERSION
 
 USAGE_ERROR = 2
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -62,6 +63,7 @@ def _json(text: str):
 def make_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m fileapp",
                 description="Serve a directory with fileapp under gunicorn's threaded worker.")
+    p.add_argument("--version", action="version", version=f"gows {VERSION}")
     p.add_argument("--root", required=True, help="document root directory")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=_number(int, 0, 65535), default=8000,

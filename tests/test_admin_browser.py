@@ -1,7 +1,7 @@
 """The /status page in a real headless Chromium (Debian's chromium + chromium-driver, driven by
-Selenium): it lists the workers and the proxy processes, updates both in place (a worker
-killed, traffic counted per proxy; no reload), reads as cards on a phone-sized screen, and is a
-complete plain page without JavaScript.
+Selenium): it lists the workers and the proxy processes and charts requests/s and p99 latency,
+updates them in place (a worker killed, traffic counted per proxy, charts redrawn; no reload),
+reads as cards on a phone-sized screen, and is a complete plain page without JavaScript.
 Screenshots are saved under test-artifacts/ for a person to look at. `make browser-deps`
 installs the browser (`make test` runs it first); the tests never install anything."""
 from __future__ import annotations
@@ -210,3 +210,52 @@ def test_status_page_is_a_complete_table_without_javascript(masters, tmp_path, s
         assert {index: row["PID"] for index, row in _rows(driver, "proxies").items()} == proxies
         assert driver.find_element("id", "live").text == "static page, reloads every 10 s"
         _shot(driver, "admin-status-nojs.png")
+
+
+def _charts(driver) -> dict[str, dict]:
+    """{chart id: what the browser shows of it}: its box, its line's length and its summary."""
+    return driver.execute_script("""
+        var out = {};
+        document.querySelectorAll('#charts figure.chart').forEach(function (f) {
+            var svg = f.querySelector('svg'), line = f.querySelector('path.line'), box = svg.getBoundingClientRect();
+            out[f.id] = {width: box.width, height: box.height, line: line ? line.getTotalLength() : 0,
+                         stroke: line ? getComputedStyle(line).stroke : '',
+                         title: svg.querySelector('title').textContent,
+                         summary: f.querySelector('.summary').textContent};
+        });
+        return out;""")
+
+
+def test_status_page_charts_requests_and_p99_and_redraws_them_in_place(masters, tmp_path, site, browser):
+    a = Admin(masters, tmp_path, site)
+    a.ready()
+    served = [0]
+
+    def traffic_charted() -> bool:  # requests in two sampled seconds at least: a line, not a dot
+        for _ in range(20):
+            a.public("/a.txt")
+        served[0] += 20
+        return a.get("/status/charts").text.count(" L") >= 1
+
+    wait_until(traffic_charted, timeout=30, interval=0.3, message="a line in /status/charts")
+    browser.get(f"http://127.0.0.1:{a.admin_port}/status")
+    shown = _charts(browser)
+    assert sorted(shown) == ["chart-p99", "chart-rate"]
+    for chart in shown.values():
+        assert chart["width"] > 200 and chart["height"] > 40 and chart["line"] > 0, shown
+        assert chart["stroke"] not in ("", "none") and chart["title"].endswith(", last 5 minutes")
+    assert "req/s" in shown["chart-rate"]["summary"] and " ms" in shown["chart-p99"]["summary"]
+    wait_until(lambda: browser.find_element("id", "live").text == "live", timeout=20, message="page live")
+    browser.execute_script("window.gowsMarker = 'same page';")
+    before = _charts(browser)["chart-rate"]["summary"]
+
+    for _ in range(150):  # a burst: the script swaps in the server's new charts, no reload
+        a.public("/b.txt")
+    wait_until(lambda: _charts(browser)["chart-rate"]["summary"] != before, timeout=20, message="charts redrawn")
+    assert browser.execute_script("return window.gowsMarker;") == "same page"
+    browser.execute_script("window.scrollTo(0, 0);")  # the traffic cards and their charts
+    _shot(browser, "admin-status-charts.png")
+
+    # Without JavaScript the charts are there all the same: plain SVG in the page.
+    html = a.get("/status").text
+    assert html.count('<figure class="chart"') == 2 and html.count('<path class="line"') == 2

@@ -316,6 +316,36 @@ def test_chart_writes_a_png(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_chart_puts_runs_of_any_length_on_one_percentile_axis():
+    short, long = [5.0, 1.0, 3.0, 2.0], [float(i % 7) for i in range(20000)]
+    for times in (short, long):
+        xs, ys = report.percentile_points(times)
+        assert xs[-1] == 100.0 and 0 < xs[0] <= 25.0 and len(xs) == len(times)
+        assert ys == sorted(times)
+    assert report.percentile_points([]) == ([], [])
+
+
+def test_chart_marks_p50_and_p99_by_nearest_rank():
+    times = [float(i) for i in range(100, 0, -1)]  # 1 .. 100 ms, unordered
+    assert report.nearest_rank(times, 0.5) == 50.0 and report.nearest_rank(times, 0.99) == 99.0
+    assert report.nearest_rank([7.0], 0.99) == 7.0 and report.nearest_rank([], 0.5) is None
+
+
+def test_chart_axis_is_the_percentile_with_p50_and_p99_drawn(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+    saved = []
+    monkeypatch.setattr(plt.Figure, "savefig", lambda fig, path: saved.append(fig))
+    report.chart(tmp_path / "c.png", {APACHE: [float(i) for i in range(5000)], GOWS_OFF: [1.0] * 20000}, "t")
+    (ax,) = saved[0].axes
+    assert ax.get_xlim() == (0.0, 100.0) and "percentile" in ax.get_xlabel()
+    lines = [line for line in ax.get_lines() if line.get_label().startswith(("Apache", "gows"))]
+    assert {round(line.get_xdata()[-1]) for line in lines} == {100}
+    assert [a.get_text() for a in ax.texts] == ["p50", "p99"]
+    marks = sorted((float(line.get_xdata()[0]), float(line.get_ydata()[0])) for line in ax.get_lines()
+                   if line.get_marker() in ("o", "D"))
+    assert marks == [(50.0, 1.0), (50.0, 2499.0), (99.0, 1.0), (99.0, 4949.0)]
+
+
 def test_chart_pairs_gows_and_whitenoise_of_the_same_worker_count():
     workers = [2, 10]
     on, off = report.line_style(GOWS_ON, workers), report.line_style(GOWS_OFF, workers)

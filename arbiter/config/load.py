@@ -123,18 +123,22 @@ def load_data(raw: Any, source: Path) -> Config:
     return config
 
 
-def load(path: str | os.PathLike) -> Config:
-    """Read, parse and validate the config file at `path` (ConfigError on any problem)."""
-    source = Path(path)
+def read(path: str | os.PathLike) -> Any:
+    """The parsed JSON of the config file at `path`, not yet validated (ConfigError when it cannot
+    be read or is not strict JSON: no duplicate keys, no NaN or Infinity)."""
     try:
-        text = source.read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"cannot read: {getattr(e, 'strerror', None) or e}") from None
     try:
-        raw = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
+        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise ConfigError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-    return load_data(raw, source)
+
+
+def load(path: str | os.PathLike) -> Config:
+    """Read, parse and validate the config file at `path` (ConfigError on any problem)."""
+    return load_data(read(path), Path(path))
 
 
 def _reject_constant(name: str) -> Any:

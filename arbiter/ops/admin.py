@@ -2,6 +2,7 @@
 served by the master's own event loop on its own (loopback by default) address.
 
     /status       HTML for people (arbiter/ops/status_page.py)
+    /status/charts  its charts alone (an HTML fragment of inline SVG), for the page's script
     /status.json  the same data for machines (shape documented in arbiter/ops/status.py)
     /metrics      Prometheus exposition (arbiter/ops/metrics.py)
     /healthz      200 while the master's loop answers
@@ -39,6 +40,8 @@ _REASONS = {200: "OK", 302: "Found", 400: "Bad Request", 404: "Not Found", 405: 
             408: "Request Timeout", 431: "Request Header Fields Too Large", 500: "Internal Server Error",
             503: "Service Unavailable"}
 _COMMON = [("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff")]
+_PAGE_HEADERS = [("Content-Type", "text/html; charset=utf-8"), ("Content-Security-Policy", status_page.CSP),
+                 ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer")]
 
 
 def _text(status: int, body: str, extra: list[tuple[str, str]] | None = None) -> Response:
@@ -141,6 +144,7 @@ class AdminServer:
         self._sampler: asyncio.TimerHandle | None = None
         self.routes: dict[bytes, Callable[[str], Response]] = {
             b"/status": self._status_page,
+            b"/status/charts": self._status_charts,
             b"/status.json": self._status_json,
             b"/metrics": self._metrics,
             b"/healthz": lambda accept: _text(200, "ok\n"),
@@ -193,9 +197,11 @@ class AdminServer:
         return 200, [("Content-Type", "application/json")], body
 
     def _status_page(self, accept: str) -> Response:
-        html = status_page.render(snapshot(self.master, self.window))
-        return 200, [("Content-Type", "text/html; charset=utf-8"), ("Content-Security-Policy", status_page.CSP),
-                     ("X-Frame-Options", "DENY"), ("Referrer-Policy", "no-referrer")], html.encode()
+        html = status_page.render(snapshot(self.master, self.window), self.window.history())
+        return 200, _PAGE_HEADERS, html.encode()
+
+    def _status_charts(self, accept: str) -> Response:
+        return 200, _PAGE_HEADERS, status_page.chart_figures(self.window.history()).encode()
 
     def _metrics(self, accept: str) -> Response:
         body, content_type = exposition(self.registry, accept)

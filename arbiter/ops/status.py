@@ -38,8 +38,9 @@ from __future__ import annotations
 
 import os
 import time
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol
+
+from fileapp.version import VERSION
 
 from ..proxy.stats import RequestStats, Window, quantile
 from ..state import WorkerTable
@@ -47,10 +48,6 @@ from ..state import WorkerTable
 if TYPE_CHECKING:
     from ..proxy_slot import AccessLogState
 
-try:
-    VERSION = metadata.version("gows")
-except metadata.PackageNotFoundError:  # running from a checkout that was never installed
-    VERSION = "unknown"
 
 
 class ProxyCounters(Protocol):

@@ -1,8 +1,10 @@
 """The /status page for people: one self-contained HTML document (no external assets).
 
-The server renders every number into plain tables, so the page is complete without JavaScript
-(and then refreshes itself every 10 s with a <noscript> meta refresh). With JavaScript, a small
-inline script fetches /status.json every 2 s and updates the same tables in place. Narrow
+The server renders every number into plain tables, and the last 5 minutes' requests/s and p99
+latency into inline SVG charts (charts.py), so the page is complete without JavaScript (and then
+refreshes itself every 10 s with a <noscript> meta refresh). With JavaScript, a small inline
+script fetches /status.json every 2 s and updates the same tables in place, and swaps in the
+charts the server renders at /status/charts (one renderer, on the server). Narrow
 screens (phones) show each worker and each proxy process as a labelled card instead of a wide row.
 """
 from __future__ import annotations
@@ -11,7 +13,10 @@ import base64
 import hashlib
 import time
 from html import escape
-from typing import Any
+from typing import Any, Sequence
+
+from ..proxy.stats import Second
+from . import charts
 
 REFRESH_SECONDS = 2
 
@@ -94,6 +99,10 @@ function cell(row,label,text,cls){var td=document.createElement("td");td.setAttr
 if(cls)td.className=cls;td.textContent=text;row.appendChild(td);return td;}
 function stateBadge(td,up,text){var b=document.createElement("span");b.className="badge "+(up?"up":"down");
 b.textContent=text;td.appendChild(b);}
+function redraw(){
+ fetch("status/charts",{cache:"no-store"}).then(function(r){if(!r.ok)throw new Error(r.status);return r.text();})
+ .then(function(t){document.getElementById("charts").innerHTML=t;}).catch(function(){});
+}
 function pstate(p){return p.ready?"ready":p.pid===null?"down":"starting";}
 function render(d){
  var now=Date.now()/1000;
@@ -133,7 +142,7 @@ function render(d){
 var live=document.getElementById("live");
 function tick(){
  fetch("status.json",{cache:"no-store"}).then(function(r){if(!r.ok)throw new Error(r.status);return r.json();})
- .then(function(d){render(d);live.textContent="live";live.className="";})
+ .then(function(d){render(d);redraw();live.textContent="live";live.className="";})
  .catch(function(){live.textContent="not updating: master unreachable";live.className="stale";})
  .then(function(){setTimeout(tick,REFRESH_MS);});
 }
@@ -241,8 +250,15 @@ def _proxy_row(p: dict[str, Any]) -> str:
             + "</tr>")
 
 
-def render(d: dict[str, Any]) -> str:
-    """The page for the status document `d` (arbiter.ops.status.snapshot)."""
+def chart_figures(history: Sequence[Second]) -> str:
+    """The traffic charts (requests/s, p99 latency) of the admin sampler's `history`: the page's
+    #charts block, and what /status/charts answers for the script to swap in."""
+    return charts.traffic_charts(history, lambda r: f"{_rate(r)} req/s", _ms)
+
+
+def render(d: dict[str, Any], history: Sequence[Second] = ()) -> str:
+    """The page for the status document `d` (arbiter.ops.status.snapshot), with charts of the
+    admin sampler's `history` (Window.history)."""
     now = time.time()
     t, cache, responses = d["totals"], d["front_cache"], d["totals"]["responses"]
     state = "stopping" if d["stopping"] else "ready" if d["ready"] else "not ready"
@@ -278,7 +294,7 @@ def render(d: dict[str, Any]) -> str:
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <title>gows status</title>
 <noscript><meta http-equiv="refresh" content="10"></noscript>
-<style>{CSS}</style></head>
+<style>{CSS}{charts.CSS}</style></head>
 <body><main>
 <header><h1>gows</h1>
 <span id="f-ready" class="badge {"up" if d["ready"] else "down"}">{state}</span>
@@ -286,6 +302,7 @@ def render(d: dict[str, Any]) -> str:
 workers up <span id="f-workersup">{up} / {len(d["workers"])}</span> &middot;
 proxies ready <span id="f-proxiesup">{proxies_up} / {len(d["proxies"])}</span></span></header>
 <h2>Traffic</h2><dl class="cards">{traffic}</dl>
+<div id="charts" class="charts">{chart_figures(history)}</div>
 <h2>Responses by status</h2><dl class="cards">{classes}</dl>
 <h2>Workers</h2>
 <table class="list workers"><thead><tr>{heads}</tr></thead>

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 # A duration of d ns is counted in slot d.bit_length(), so slot i holds [2**(i-1), 2**i) ns: one
 # int operation per response. Bisecting float bounds cost twice as much, and on a keep-alive
@@ -63,8 +63,18 @@ def quantile(q: float, buckets: Sequence[int]) -> float | None:
     return BOUNDS[-1]
 
 
+class Second(NamedTuple):
+    """One interval between two samples (about a second): its end as seconds before now, its
+    requests per second, and its p99 latency (None when no response completed in it)."""
+
+    age: float
+    rate: float
+    p99: float | None
+
+
 class Window:
-    """Once-a-second samples of the counters, enough to answer "over the last N seconds"."""
+    """Once-a-second samples of the counters, enough to answer "over the last N seconds": a
+    ring of the last 302 samples (5 minutes and the two ends), the master's only history."""
 
     def __init__(self, stats: RequestStats, clock=time.monotonic) -> None:
         self.stats = stats
@@ -96,3 +106,15 @@ class Window:
             "p50": quantile(0.5, diff),
             "p99": quantile(0.99, diff),
         }
+
+    def history(self) -> list[Second]:
+        """Each interval between two consecutive samples in the ring, oldest first (at most
+        max(WINDOWS) + 1): its rate, and its p99 from the difference of the two histograms."""
+        now = self.clock()
+        out = []
+        samples = list(self.samples)
+        for (t0, before), (t1, after) in zip(samples, samples[1:]):
+            diff = [a - b for a, b in zip(after, before)]
+            span = t1 - t0
+            out.append(Second(now - t1, sum(diff) / span if span > 0 else 0.0, quantile(0.99, diff)))
+        return out

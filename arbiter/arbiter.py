@@ -320,7 +320,9 @@ class Arbiter:
         for slot in kept:  # one at a time, so the others keep serving meanwhile
             if not await slot.reload(options):
                 failed += 1
-        await self._wait_up(added, options.boot_timeout)
+        # A kept slot that was still booting at the HUP was replaced outright: it is waited for
+        # like an added one, so "reload done" always means workers that serve.
+        await self._wait_up(added + kept, options.boot_timeout)
         for slot in removed:
             self._retire_slot(slot)
         # What the workers serve may have changed (root, cache, headers): nothing stored before

@@ -9,10 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import requests
 
 from e2e_support import bundled_site, patterned, read_head
-from master_support import Hammer, children, serving, wait_gone
-from support import free_port, pid_alive, together, wait_until
+from master_support import Hammer, Master, base_config, children, serving, wait_gone
+from support import free_port, free_ports, pid_alive, together, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -91,3 +92,15 @@ def test_hup_changing_the_worker_count_under_load_fails_no_request(tmp_path, sit
         print(f"{len(results)} requests during two reloads, {len(failed)} failed")
         assert failed == [], failed[:10]
         assert all(c.results for c in clients)
+
+
+def test_a_hup_while_the_workers_still_boot_ends_with_workers_that_serve(tmp_path, site):
+    """A HUP the moment the master is ready, before any worker passed its checks: the booting
+    workers are replaced at once, and "reload done" waits for their successors to be up (it
+    used to be logged while none was, and the next request got 503)."""
+    listen, *ports = free_ports(3)
+    with Master(tmp_path, base_config(site, listen, ports)) as m:
+        m.wait_log(r"gows master on ")
+        m.signal(signal.SIGHUP)
+        m.wait_log(r"reload done: 2 local workers \(0 added, 2 replaced", timeout=60)
+        assert requests.get(f"http://127.0.0.1:{listen}/a.txt", timeout=10).status_code == 200

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import gzip
 import os
-import threading
 import zlib
+from threading import Event, Lock
 from typing import Callable
 
 import brotli
@@ -92,8 +92,8 @@ class Compressor:
         self.resolver = resolver
         self.max_size = max_size
         self.compressions = 0  # bodies compressed, for tests and stats
-        self._lock = threading.Lock()
-        self._making: dict[tuple, threading.Event] = {}
+        self._lock = Lock()
+        self._making: dict[tuple, Event] = {}
 
     def eligible(self, content_type: str, size: int) -> bool:
         """Whether a file of this type and size is compressed on the fly (when it has no
@@ -117,7 +117,7 @@ class Compressor:
             with self._lock:
                 making = self._making.get(key)
                 if making is None:
-                    self._making[key] = threading.Event()
+                    self._making[key] = Event()
                     break
             # Another thread is compressing it: a wait of one compression, then look again.
             if not making.wait(5.0):

@@ -3,7 +3,7 @@
 Entries live `ttl` seconds (cachetools.TLRUCache); while one lives, serving it touches no file.
 Kept items (`keep`: bodies compressed on the fly, fileapp.compress) share the same byte budget
 but never expire by age: they carry the file version they were made from and are replaced when
-it changes. The byte bound counts each item's body bytes plus a fixed overhead for its headers;
+it changes (a deleted file's stay until evicted for room). The byte bound counts each item's body bytes plus a fixed overhead for its headers;
 the least recently used items are evicted first when it is exceeded.
 """
 from __future__ import annotations

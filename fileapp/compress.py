@@ -77,11 +77,12 @@ class Compressed:
     (None when compressing did not make the body smaller: identity is served)."""
 
     __slots__ = ("version", "rep", "nbytes")
+    OVERHEAD = 512  # bytes counted for its headers and bookkeeping, as for a cache entry
 
     def __init__(self, version: tuple, rep: Rep | None) -> None:
         self.version = version
         self.rep = rep
-        self.nbytes = 512 + (len(rep.body) if rep is not None else 0)
+        self.nbytes = self.OVERHEAD + (len(rep.body) if rep is not None else 0)
 
 
 class Compressor:
@@ -98,7 +99,8 @@ class Compressor:
     def eligible(self, content_type: str, size: int) -> bool:
         """Whether a file of this type and size is compressed on the fly (when it has no
         precompressed sidecar): its compressed body could be kept within the cache's budget."""
-        return (self.cache.enabled and MIN_SIZE <= size <= min(self.max_size, self.cache.max_bytes)
+        room = self.cache.max_bytes - Compressed.OVERHEAD  # a body smaller than the file fits
+        return (self.cache.enabled and MIN_SIZE <= size <= min(self.max_size, room)
                 and compressible_type(content_type))
 
     def pick(self, identity: Rep, accept_encoding: str) -> Rep | None:

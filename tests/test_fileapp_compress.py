@@ -202,7 +202,7 @@ def test_compress_false_turns_it_off(root):
 
 
 @pytest.mark.parametrize("options", [{"cache_ttl": 0}, {"cache_max_bytes": 0},
-                                     {"cache_max_bytes": len(TEXT) - 1},
+                                     {"cache_max_bytes": len(TEXT) + 511},
                                      {"cache_max_file_size": len(TEXT) - 1}])
 def test_a_body_that_could_not_be_kept_is_never_compressed(root, options):
     app = create_app(str(root), **options)

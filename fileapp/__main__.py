@@ -53,9 +53,6 @@ def _boolean(text: str) -> bool:
     return value
 
 
-_boolean.__name__ = "boolean"
-
-
 def _url_path(text: str) -> str:
     if not text.startswith("/"):
         raise argparse.ArgumentTypeError(f"{text!r} must start with '/'")

@@ -3,8 +3,9 @@
 Entries live `ttl` seconds (cachetools.TLRUCache); while one lives, serving it touches no file.
 Kept items (`keep`: bodies compressed on the fly, fileapp.compress) share the same byte budget
 but never expire by age: they carry the file version they were made from and are replaced when
-it changes (a deleted file's stay until evicted for room). The byte bound counts each item's body bytes plus a fixed overhead for its headers;
-the least recently used items are evicted first when it is exceeded.
+it changes (a deleted file's stay until evicted for room). The byte bound counts each item's
+body bytes plus a fixed overhead for its headers; the least recently used items are evicted
+first when it is exceeded.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ DEFAULT_MAX_BYTES = 64 * 2**20  # byte budget of the whole cache
 DEFAULT_MAX_FILE_SIZE = 256 * 2**10  # largest file whose bytes are cached; bigger ones are streamed
 
 
-class _CountingTTLCache(TLRUCache):
+class _CountingCache(TLRUCache):
     """TLRUCache that counts what it drops: evictions (size pressure) and expirations (age)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -42,7 +43,8 @@ class _CountingTTLCache(TLRUCache):
 
 
 class ResponseCache:
-    """Maps a request path to a prepared entry; entries report their size via `nbytes`."""
+    """Maps a request path to a prepared entry, and a tuple key to a kept item (`keep`); both
+    report their size via `nbytes`."""
 
     def __init__(self, ttl: float, max_bytes: int, timer: Callable[[], float] = time.monotonic):
         self.ttl = ttl
@@ -50,7 +52,7 @@ class ResponseCache:
         self.enabled = ttl > 0 and max_bytes > 0
         self._lock = threading.Lock()
         lifetime = max(ttl, 1e-9)
-        self._data = _CountingTTLCache(
+        self._data = _CountingCache(
             maxsize=max(max_bytes, 1), timer=timer, getsizeof=lambda entry: entry.nbytes,
             # Path keys are str; kept items' keys are tuples (see `keep`).
             ttu=lambda key, _, now: now + lifetime if key.__class__ is str else math.inf,

@@ -52,3 +52,10 @@ def test_options_the_master_applies_itself_are_not_passed_to_the_worker(tmp_path
                          "min_uptime"]
     flags = [a for a in argv if a.startswith("--")]
     assert len(flags) == len(set(flags)) == 10 + 4  # the table's flags plus --fd, --host, --port, --parent-pid
+
+
+@pytest.mark.parametrize("text, value", [("True", True), ("False", False), ("true", True), ("off", False),
+                                         ("1", True), ("0", False)])
+def test_compress_flag_takes_what_the_master_writes_and_the_usual_spellings(text, value):
+    assert make_parser().parse_args(["--root", "www", "--compress", text]).compress is value
+    assert make_parser().parse_args(["--root", "www"]).compress is True

@@ -59,6 +59,7 @@ class WorkerOptions:
     cache_ttl: float = option("cache.ttl", "--cache-ttl")
     cache_max_bytes: int = option("cache.max_bytes", "--cache-max-bytes")
     cache_max_file_size: int = option("cache.max_file_size", "--cache-max-file-size")
+    compress: bool = option("compress", "--compress")
     graceful_timeout: float = option("graceful_timeout", "--graceful-timeout")
     log_level: str = option("logging.level", "--log-level")
     log_format: str = option("logging.format", "--log-format")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from . import bigloads, loads, prereqs, proxies, report
+from . import bigloads, compressloads, loads, prereqs, proxies, report
 from .loads import MANY_CLIENTS, MANY_THREADS, MANY_TOOL, LoadError, Measurement
 from .prereqs import FILES, FileSet, MissingPrerequisite
 from .report import Row
@@ -47,6 +47,8 @@ class Plan:
     many_kinds: list[str]
     # Big downloads and the many-files load (issue 12, benchmarks/bigloads.py) for these kinds.
     big_kinds: list[str] = field(default_factory=list)
+    # The compression load (issue 15, benchmarks/compressloads.py) for these kinds.
+    compress_kinds: list[str] = field(default_factory=list)
     files: FileSet = field(default_factory=prereqs.many_files)
     many_clients: int = MANY_CLIENTS
     many_threads: int = MANY_THREADS
@@ -60,6 +62,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         specs = [ServerSpec(kind, 2) for kind in kinds]
         requests, wrk_files, many_kinds = 20000, [label for _, _, label in FILES], []
         big_kinds: list[str] = []
+        compress_kinds: list[str] = []
     else:
         specs = [ServerSpec("apache"), ServerSpec("nginx")]
         for n in workers:
@@ -71,6 +74,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         many_kinds = ["apache", "nginx", "gows"]
         # Every gows row (cache on and off): about 31 s a server, 4 minutes of a full run.
         big_kinds = ["apache", "nginx", "gows"]
+        compress_kinds = compressloads.KINDS
     if args.only:
         specs = [s for s in specs if s.kind in args.only]
     return Plan(
@@ -84,6 +88,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         wrk_files=wrk_files,
         many_kinds=many_kinds,
         big_kinds=big_kinds,
+        compress_kinds=compress_kinds,
     )
 
 
@@ -93,6 +98,8 @@ def planned_loads(spec: ServerSpec, plan: Plan) -> list[tuple[str, str]]:
     out += [("wrk", label) for _, _, label in FILES if label in plan.wrk_files]
     if spec.kind in plan.big_kinds:
         out += bigloads.planned(plan.files)
+    if spec.kind in plan.compress_kinds:
+        out += compressloads.planned()
     if spec.kind in plan.many_kinds:
         out.append((MANY_TOOL, FILES[0][2]))
     return out
@@ -212,6 +219,16 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
                         m = proxies.counted(server.admin_port, load)
                         rows.append(Row(spec, label, tool, m))
                         progress(f"{spec.label}: {tool} {label}: {bigloads.describe(m, tool)}{per_proxy(m)}")
+                if last and spec.kind in plan.compress_kinds:
+                    compressloads.warm_up(server.url, plan.ab_requests)
+                    for label, runs in compressloads.run(
+                            server.url, plan.ab_requests, plan.ab_concurrency, plan.repeat,
+                            lambda load: proxies.counted(server.admin_port, load)).items():
+                        rows.append(Row(spec, label, compressloads.TOOL, loads.median_run(runs),
+                                        runs_rps=[m.rps for m in runs]))
+                        m = rows[-1].result
+                        progress(f"{spec.label}: {compressloads.TOOL} {label}: {m.rps:,.0f} req/s, "
+                                 f"{m.failed} failed, {m.non2xx} non-2xx{per_proxy(m)}")
                 if last and spec.kind in plan.many_kinds:
                     # Last, so the other loads never meet the churn of 5000 connections closing.
                     name, _, label = FILES[0]
@@ -255,6 +272,7 @@ def notes(plan: Plan, load_before: float, fd_limit: int) -> list[str]:
            f"inherit it); nginx with worker_connections {NGINX_CONNECTIONS} (Debian's 768 cannot hold them), "
            "Apache and gows with their defaults"] if plan.many_kinds else []),
         *bigloads.notes(plan.big_kinds, plan.files, plan.wrk_seconds),
+        *compressloads.notes(plan.compress_kinds, plan.ab_requests, plan.ab_concurrency),
         "each server warmed up with ab -n 1000 -c 50 on each file before measuring; Python peers run "
         f"gunicorn -k gthread --threads {PEER_THREADS} with the listed workers (fileapp: create_app(root); "
         "'fileapp (gows worker)', 'whitenoise (gows worker)': the same apps under -k fileapp.worker.GowsThreadWorker, "
@@ -295,6 +313,8 @@ def run(plan: Plan, keep: bool) -> int:
         if any(s.kind in plan.big_kinds for s in plan.specs):
             progress(f"writing {len(prereqs.DOWNLOADS)} downloads and {plan.files.label} files")
             prereqs.add_big_files(docroot, plan.files)
+        if any(s.kind in plan.compress_kinds for s in plan.specs):
+            compressloads.add_files(docroot)
         for i, spec in enumerate(plan.specs, 1):
             progress(f"[{i}/{len(plan.specs)}] {spec.label} (load average {os.getloadavg()[0]:.2f})")
             measure(spec, plan, docroot, base / f"{i:02d}-{spec.kind}", rows, series)

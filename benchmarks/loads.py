@@ -133,9 +133,13 @@ def _run(argv: list[str], timeout: float) -> str:
     return done.stdout
 
 
-def ab(url: str, requests: int, concurrency: int, gnuplot: Path | None = None) -> Measurement:
-    """`ab -n requests -c concurrency URL`, no keep-alive; -r counts socket errors instead of aborting."""
+def ab(url: str, requests: int, concurrency: int, gnuplot: Path | None = None,
+       headers: dict[str, str] | None = None) -> Measurement:
+    """`ab -n requests -c concurrency [-H 'Name: value'...] URL`, no keep-alive; -r counts socket
+    errors instead of aborting."""
     argv = ["ab", "-q", "-r", "-n", str(requests), "-c", str(concurrency)]
+    for name, value in (headers or {}).items():
+        argv += ["-H", f"{name}: {value}"]
     if gnuplot is not None:
         argv += ["-g", str(gnuplot)]
     return parse_ab(_run(argv + [url], timeout=120 + requests / 50))

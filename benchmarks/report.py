@@ -7,6 +7,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import compressloads
 from .loads import DOWNLOAD_TOOL, FILES_TOOL, MANY_TOOL, Measurement
 from .prereqs import DOWNLOADS, many_files
 from .proxies import evenness, fmt_counts, fmt_shares
@@ -47,6 +48,8 @@ class Target:
     paired: bool = False  # against the row's twin, measured in turn with it, not a separate run
     # Set: a latency target instead, p99 at most the baseline's p99 + this many ms (`minimum` unused).
     p99_slack_ms: float | None = None
+    # Set: the baseline is the same server's row on this file (same tool); `baseline` names it.
+    baseline_file: str | None = None
 
 
 DOWNLOAD_LABELS = tuple(label for _, _, label in DOWNLOADS)
@@ -71,6 +74,10 @@ TARGETS = {
         *(Target(f"issue 12: many files (4× the front cache) at least as fast as Apache, front cache {state}",
                  "gows", cache, "apache", 1.0, files=(ISSUE_12_FILES,), tools=(FILES_TOOL,))
           for cache, state in ((True, "on"), (False, "off"))),
+        Target("issue 15: a 100 KB text compressed on the fly at least 0.9× the req/s of a precompressed "
+               "sidecar, front cache on (the default)", "gows", True, "br sidecar", 0.9,
+               files=(compressloads.ON_THE_FLY[1],), tools=(compressloads.TOOL,),
+               baseline_file=compressloads.SIDECAR[1]),
     ],
     "fileapp": [
         Target("fileapp on cache hits", "fileapp", None, "whitenoise", 1.2, files=("1 KiB", "150 KB")),
@@ -83,6 +90,12 @@ TARGETS = {
 def rate(m: Measurement, tool: str) -> float:
     """What a row is judged by: bytes per second (KiB/s) for a download, requests per second otherwise."""
     return m.transfer_kbs if tool == DOWNLOAD_TOOL else m.rps
+
+
+def same_server_row(row: Row, rows: list[Row], file: str) -> Row | None:
+    """The measured row of the same server and tool on `file`."""
+    return next((o for o in rows if o.spec == row.spec and o.file == file and o.tool == row.tool
+                 and o.result is not None and o.result.rps > 0), None)
 
 
 def baseline_row(row: Row, rows: list[Row], kind: str, same_workers: bool) -> Row | None:
@@ -173,6 +186,12 @@ def check(target: Target, row: Row, rows: list[Row]) -> dict:
                 "slack_ms": target.p99_slack_ms, "limit_ms": limit}
         good = value is not None and limit is not None and value <= limit
         margin = None if value is None else limit - value  # type: ignore[operator]
+    elif target.baseline_file is not None:
+        base = same_server_row(row, rows, target.baseline_file)
+        value = m.rps / base.result.rps if m and base else None  # type: ignore[union-attr]
+        out |= {"ratio": value, "minimum": target.minimum}
+        good = value is not None and value >= target.minimum
+        margin = None if value is None else value / target.minimum - 1
     elif target.paired:
         # Median of the rounds' ratios: a slow phase of the machine hits both runs of a round.
         value = statistics.median(row.paired_ratios) if m and row.paired_ratios else None

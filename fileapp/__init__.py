@@ -66,8 +66,13 @@ def create_app(root: str, **options) -> FileApp:
            /srv/www/; }`); the value is that prefix and the file's percent-encoded path below
            the root. Must start and end with "/".
       Bad values of either raise ValueError.
+      compress: compress compressible files (text/*, JSON, JavaScript, SVG, XML, wasm...) of
+           1 KiB up to cache_max_file_size without a precompressed sidecar on the fly, with zstd,
+           brotli or gzip as the client's Accept-Encoding prefers (default True); once per file
+           version and coding, kept in the cache (fileapp.compress). Ranges stay on identity.
 
     The returned FileApp also exposes `health` (set `health.draining = True` to fail health
-    checks while shutting down) and `cache` (`cache.stats()` gives hit/miss/evict counters).
+    checks while shutting down), `cache` (`cache.stats()` gives hit/miss/evict counters) and
+    `compressor` (`compressor.compressions` counts the bodies compressed on the fly).
     """
     return FileApp(root, **options)

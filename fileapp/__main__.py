@@ -47,6 +47,14 @@ def _number(kind: type, minimum: float, maximum: float | None = None):
     return parse
 
 
+def _boolean(text: str) -> bool:
+    value = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}.get(
+        text.lower())
+    if value is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+    return value
+
+
 def _url_path(text: str) -> str:
     if not text.startswith("/"):
         raise argparse.ArgumentTypeError(f"{text!r} must start with '/'")
@@ -79,6 +87,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-max-bytes", type=_number(int, 0), default=cache.DEFAULT_MAX_BYTES)
     p.add_argument("--cache-max-file-size", type=_number(int, 0), default=cache.DEFAULT_MAX_FILE_SIZE,
                    help="files larger than this are streamed from disk (sendfile)")
+    p.add_argument("--compress", type=_boolean, default=True, metavar="{true,false}",
+                   help="compress text files without a sidecar on the fly (default true)")
     p.add_argument("--graceful-timeout", type=_number(float, 0), default=30.0)
     p.add_argument("--keepalive", type=_number(int, 0), default=5,
                    help="seconds an idle keep-alive connection stays open")
@@ -175,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = create_app(
                 root, health_path=args.health_path, cache_ttl=args.cache_ttl,
                 cache_max_bytes=args.cache_max_bytes,
-                cache_max_file_size=args.cache_max_file_size,
+                cache_max_file_size=args.cache_max_file_size, compress=args.compress,
                 listing=args.listing, fallback=args.fallback, error_pages=args.error_pages,
                 headers=args.headers,
                 # Set by gows' master for its own workers (fileapp.handoff).

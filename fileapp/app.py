@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Mapping, Pattern
 from urllib.parse import quote
 
 from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
+from .compress import Compressor
 from .files import Exhausted, Resolver, split_url_path
 from .headers import HeaderRules, apply
 from .handoff import (FILE_HEADER, MIN_SIZE, REQUEST_KEY, file_header, handed_off_head,
@@ -105,6 +106,7 @@ class FileApp:
         fallback: str | None = None,
         error_pages: Mapping[Any, str] | None = None,
         headers: Iterable[Mapping[str, Any]] | None = None,
+        compress: bool = True,
     ) -> None:
         if not os.path.isdir(root):
             raise ValueError(f"root is not a directory: {root}")
@@ -120,13 +122,16 @@ class FileApp:
         self.health_path = health_path
         self.health = Health(self.resolver)
         self.cache = ResponseCache(cache_ttl, cache_max_bytes)
+        # Up to the configured largest cached file, whatever the proxy takes from disk below.
+        self.compressor = Compressor(self.cache, self.resolver, cache_max_file_size)
         if handoff_token:  # gows' proxy sends bodies from MIN_SIZE up: keep only their metadata
             cache_max_file_size = min(cache_max_file_size, MIN_SIZE - 1)
         self.header_rules = HeaderRules(headers)
         self.loader = EntryLoader(self.resolver, self.cache, index_names=tuple(index_names),
                                   max_file_size=cache_max_file_size, max_age=max_age,
                                   immutable_pattern=immutable_pattern,
-                                  header_rules=self.header_rules, prefix=prefix)
+                                  header_rules=self.header_rules, prefix=prefix,
+                                  compressible=self.compressor.eligible if compress else None)
         self.lister = Lister(self.resolver)
         # The SPA fallback page as a PATH_INFO below the prefix (UTF-8 bytes as latin-1).
         self.fallback = None if fallback is None else (
@@ -183,6 +188,8 @@ class FileApp:
         if entry.redirect:
             return self._redirect(environ, start_response)
         rep = self._pick(entry, environ) if entry.codings else entry.identity
+        if entry.compressible and "HTTP_ACCEPT_ENCODING" in environ and "HTTP_RANGE" not in environ:
+            rep = self.compressor.pick(rep, environ["HTTP_ACCEPT_ENCODING"]) or rep
         if rep.body is None and ("HTTP_RANGE" in environ or not self._from_proxy(environ)):
             return self._serve_stream(environ, start_response, path, rep, entry)
         # (gows' proxy checks the file it is handed is still this one: no need to reopen it here)
@@ -229,7 +236,10 @@ class FileApp:
                         start: int, count: int) -> tuple[str, str] | None:
         """The header handing this GET's body (`count` bytes of `rep` from `start`, at least
         MIN_SIZE) to the server in front, or None to send it here: gows' proxy when it asks
-        with its secret, else nginx or Apache when configured and they may (SendfileHeader)."""
+        with its secret, else nginx or Apache when configured and they may (SendfileHeader).
+        A body compressed on the fly has no file (path None): it is always sent from here."""
+        if rep.path is None:
+            return None
         if self._from_proxy(environ):
             return FILE_HEADER, file_header(rep.path, rep.dev, rep.ino, rep.size, rep.mtime_ns,
                                             start, count)

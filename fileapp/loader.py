@@ -18,7 +18,7 @@ import os
 import re
 import stat
 import threading
-from typing import Pattern
+from typing import Callable, Pattern
 
 from cachetools import LRUCache
 
@@ -35,11 +35,15 @@ class EntryLoader:
 
     def __init__(self, resolver: Resolver, cache: ResponseCache, *, index_names: tuple[str, ...],
                  max_file_size: int, max_age: int, immutable_pattern: str | Pattern[str] | None,
-                 header_rules: HeaderRules | None = None, prefix: str = "") -> None:
-        """`header_rules` match the URL path, that is `prefix` and the path `load` is given."""
+                 header_rules: HeaderRules | None = None, prefix: str = "",
+                 compressible: Callable[[str, int], bool] | None = None) -> None:
+        """`header_rules` match the URL path, that is `prefix` and the path `load` is given;
+        `compressible(content_type, size)`: whether a file without sidecars is compressed on the
+        fly (its identity then varies on Accept-Encoding too); None: never."""
         self.resolver = resolver
         self.header_rules = header_rules or HeaderRules()
         self.prefix = prefix
+        self.compressible = compressible
         self.cache = cache
         self.index_names = index_names
         self.max_file_size = max_file_size
@@ -150,7 +154,11 @@ class EntryLoader:
             return None
         # A sidecar older than its original was not made from it: stale, never served.
         encoded = {c: r for c, r in sidecars.items() if r.mtime_ns >= identity.mtime_ns}
-        return Entry(identity, encoded)
+        return Entry(identity, encoded, compressible=not encoded and self._compressible(
+            ctype, identity.size))
+
+    def _compressible(self, ctype: str, size: int) -> bool:
+        return self.compressible is not None and self.compressible(ctype, size)
 
     def _load_rep(self, parts: list[str], ctype: str, encoding: str | None,
                   cache_control: str, vary: bool, extra: Headers = ()) -> Rep | None:
@@ -161,6 +169,8 @@ class EntryLoader:
             try:
                 if not stat.S_ISREG(opened.st.st_mode):
                     return None
+                if encoding is None and not vary:
+                    vary = self._compressible(ctype, opened.st.st_size)
                 if opened.st.st_size > self.max_file_size or not self.cache.enabled:
                     return Rep(opened.path, opened.st, None, ctype, encoding, cache_control, vary, extra)
                 body = read_exactly(opened.fd, opened.st.st_size)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mimetypes
 import os
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
 from werkzeug.http import http_date
 from werkzeug.utils import get_content_type
@@ -13,6 +13,8 @@ from .headers import NOT_MODIFIED_NAMES, Headers, apply
 
 # Sidecar suffix per content coding, smallest first (the tie-break order of choose_encoding).
 SIDECARS = (("br", ".br"), ("gzip", ".gz"))
+# What an encoded representation's ETag ends in, sidecar or compressed on the fly alike.
+ETAG_SUFFIX = {"br": "br", "gzip": "gz", "zstd": "zst"}
 STREAM_BLOCK = 64 * 1024
 
 # Stable, modern types whatever /etc/mime.types says; everything else comes from mimetypes.
@@ -41,26 +43,43 @@ def content_type(name: str) -> str:
 
 
 
+class FileVersion(NamedTuple):
+    """The stat fields a representation is built from (an os.stat_result has them too)."""
+
+    st_dev: int
+    st_ino: int
+    st_size: int
+    st_mtime_ns: int
+
+
 class Rep:
-    """One representation (identity or a precompressed sidecar) with its prepared headers."""
+    """One representation (identity, a precompressed sidecar, or compressed on the fly) with
+    its prepared headers. `path` is None for one that exists only in memory (`coded`)."""
 
     __slots__ = (
         "path", "dev", "ino", "size", "mtime_ns", "mtime", "etag", "body", "type",
-        "headers", "not_modified", "common",
+        "headers", "not_modified", "common", "cache_control", "extra", "digest",
     )
 
-    def __init__(self, path: str, st: os.stat_result, body: bytes | None, ctype: str,
-                 encoding: str | None, cache_control: str, vary: bool, extra: Headers = ()) -> None:
+    def __init__(self, path: str | None, st: os.stat_result | FileVersion, body: bytes | None,
+                 ctype: str, encoding: str | None, cache_control: str, vary: bool, extra: Headers = (),
+                 etag: str | None = None) -> None:
         """`extra`: the headers rules set for this URL path (fileapp.headers); they replace
         fileapp's own of the same names (Content-Type included)."""
         self.path = path
         self.dev, self.ino = st.st_dev, st.st_ino
         self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
         self.mtime = st.st_mtime_ns // 1_000_000_000
-        tag = f"{self.mtime_ns:x}-{self.size:x}"
-        self.etag = f"{tag}-{'br' if encoding == 'br' else 'gz'}" if encoding else tag
+        if etag is None:
+            etag = f"{self.mtime_ns:x}-{self.size:x}"
+            if encoding:
+                etag += "-" + ETAG_SUFFIX[encoding]
+        self.etag = etag
         self.body = body
         self.type = next((v for k, v in extra if k.lower() == "content-type"), ctype)
+        self.cache_control = cache_control
+        self.extra = extra
+        self.digest: int | None = None  # CRC-32 of body, computed when first needed
         # Headers every response about this representation carries (200, 206, 304, 416).
         self.not_modified = [("ETag", f'"{self.etag}"'), ("Cache-Control", cache_control)]
         if vary:
@@ -78,6 +97,14 @@ class Rep:
             ("Content-Type", self.type), ("Content-Length", str(self.size)),
         ]
 
+    @classmethod
+    def coded(cls, identity: Rep, body: bytes, coding: str) -> Rep:
+        """`identity`'s bytes compressed on the fly into `body`: same validators' source and
+        Last-Modified, its ETag with the coding's suffix; no file (never handed off)."""
+        version = FileVersion(identity.dev, identity.ino, len(body), identity.mtime_ns)
+        return cls(None, version, body, identity.type, coding, identity.cache_control, True,
+                   identity.extra, etag=f"{identity.etag}-{ETAG_SUFFIX[coding]}")
+
     def same_file(self, st: os.stat_result) -> bool:
         """True when `st` describes the file this representation was built from."""
         return (st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns) == (
@@ -85,16 +112,19 @@ class Rep:
 
 
 class Entry:
-    """What a request path maps to: a file (its representations) or a directory redirect."""
+    """What a request path maps to: a file (its representations) or a directory redirect.
 
-    __slots__ = ("identity", "encoded", "codings", "redirect", "nbytes")
+    `compressible`: a file without sidecars that fileapp.compress may compress on the fly."""
+
+    __slots__ = ("identity", "encoded", "codings", "redirect", "nbytes", "compressible")
 
     def __init__(self, identity: Rep | None = None, encoded: dict[str, Rep] | None = None,
-                 redirect: bool = False) -> None:
+                 redirect: bool = False, compressible: bool = False) -> None:
         self.identity = identity
         self.encoded = encoded or {}
         self.codings = tuple(c for c, _ in SIDECARS if c in self.encoded)
         self.redirect = redirect
+        self.compressible = compressible and not self.codings
         reps = [identity, *self.encoded.values()] if identity else []
         self.nbytes = 512 + sum(512 + len(r.body or b"") for r in reps)
 

@@ -12,11 +12,12 @@ import subprocess
 import time
 from pathlib import Path
 
+import brotli
 import pytest
 from support import pid_alive, wait_until
 
 from benchmarks import __main__ as cli
-from benchmarks import bigloads, loads, prereqs, proxies, report, servers
+from benchmarks import bigloads, compressloads, loads, prereqs, proxies, report, servers
 from benchmarks.loads import LoadError, Measurement
 from benchmarks.report import Row
 from benchmarks.servers import ServerSpec
@@ -856,7 +857,7 @@ def test_run_reports_each_proxy_share_of_every_gows_load(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(cli, "serve", fake_serve)
     monkeypatch.setattr(proxies, "read_status", fake_status)
-    monkeypatch.setattr(loads, "ab", lambda url, n, c, gnuplot=None: (
+    monkeypatch.setattr(loads, "ab", lambda url, n, c, gnuplot=None, headers=None: (
         gnuplot.write_text(fixture("ab-gnuplot.tsv")) if gnuplot else None,
         loads.parse_ab(load(fixture("ab-nginx-1k.txt"))))[1])
     monkeypatch.setattr(loads, "wrk", lambda url, c, s, threads=1, timeout=None, script=None: loads.parse_wrk(
@@ -871,7 +872,8 @@ def test_run_reports_each_proxy_share_of_every_gows_load(tmp_path, monkeypatch, 
     record = json.loads(next(tmp_path.glob("compare-*.json")).read_text())
     cache_on = {r["tool"] + " " + r["file"]: r["result"]["proxies"] for r in record["rows"] if r["cache"]}
     assert set(cache_on) == {"ab 1 KiB", "ab 150 KB", "wrk 1 KiB", "wrk -c8 10 MiB", "wrk -c8 100 MiB",
-                             "wrk files 4096 × 64 KiB", "wrk -c5000 1 KiB"}
+                             "wrk files 4096 × 64 KiB", "wrk -c5000 1 KiB", "ab br 100 KB text, on the fly",
+                             "ab br 100 KB text, br sidecar"}
     assert all(p == [{"index": 1, "requests": 3000, "restarts": 0}, {"index": 2, "requests": 2000, "restarts": 0}]
                for p in cache_on.values())
     md = next(tmp_path.glob("compare-*.md")).read_text()
@@ -1060,3 +1062,43 @@ def test_verdict_says_by_how_much_a_target_is_met_or_missed():
     (check,) = [c for c in report.check_targets("compare", issue_11_rows())
                 if c["target"] == ISSUE_11_P99 and c["server"] == "gows 10w cache on"]
     assert check["margin"] == pytest.approx(-0.1)
+
+
+# --- issue 15: compression on the fly against a sidecar -------------------------------------------
+
+def test_compression_rows_are_planned_for_every_gows_row_only():
+    plan = cli.build_plan(cli.parse_args([]))
+    rows = [("ab br", "100 KB text, on the fly"), ("ab br", "100 KB text, br sidecar")]
+    assert cli.planned_loads(GOWS_ON, plan)[-3:-1] == rows  # before the many-clients load
+    assert not set(rows) & set(cli.planned_loads(NGINX, plan))
+    assert cli.build_plan(cli.parse_args(["fileapp"])).compress_kinds == []
+
+
+def test_compression_target_is_the_ratio_to_the_same_servers_sidecar_row():
+    rows = [Row(GOWS_ON, "100 KB text, on the fly", "ab br", m(950)),
+            Row(GOWS_ON, "100 KB text, br sidecar", "ab br", m(1000)),
+            Row(GOWS_OFF, "100 KB text, on the fly", "ab br", m(100)),  # front cache off: not the target's
+            Row(GOWS_OFF, "100 KB text, br sidecar", "ab br", m(1000))]
+    (check,) = [c for c in report.check_targets("compare", rows) if c["target"].startswith("issue 15")]
+    assert (check["server"], check["ratio"], check["met"]) == ("gows 2w cache on", 0.95, True)
+    assert "0.95× br sidecar (target ≥ 0.9×" in report.check_line(check)
+    rows[0] = Row(GOWS_ON, "100 KB text, on the fly", "ab br", m(850))
+    (check,) = [c for c in report.check_targets("compare", rows) if c["target"].startswith("issue 15")]
+    assert check["met"] is False
+    (check,) = [c for c in report.check_targets("compare", rows[:1]) if c["target"].startswith("issue 15")]
+    assert check["met"] is None  # no sidecar row: not measured
+
+
+def test_compression_load_sends_accept_encoding_and_alternates_which_file_goes_first(monkeypatch, tmp_path):
+    argvs = []
+    monkeypatch.setattr(loads, "_run", lambda argv, timeout: argvs.append(argv) or fixture("ab-nginx-1k.txt"))
+    runs = compressloads.run(lambda name: f"http://h/{name}", 100, 10, 2)
+    assert {label: len(r) for label, r in runs.items()} == {"100 KB text, on the fly": 2, "100 KB text, br sidecar": 2}
+    assert [a[-1] for a in argvs] == ["http://h/text-100k.txt", "http://h/text-100k-sidecar.txt",
+                                      "http://h/text-100k-sidecar.txt", "http://h/text-100k.txt"]
+    assert all(a[a.index("-H") + 1] == "Accept-Encoding: br" for a in argvs)
+    compressloads.add_files(tmp_path)
+    text = (tmp_path / "text-100k.txt").read_bytes()
+    assert len(text) == 100_000 and (tmp_path / "text-100k-sidecar.txt").read_bytes() == text
+    assert brotli.decompress((tmp_path / "text-100k-sidecar.txt.br").read_bytes()) == text
+    assert not (tmp_path / "text-100k.txt.br").exists()

@@ -104,6 +104,7 @@ def assert_usage_error(result: subprocess.CompletedProcess, needle: str) -> None
     (["--root", "{root}", "--health-path", "health"], "--health-path"),
     (["--root", "{root}", "--log-level", "loud"], "--log-level"),
     (["--root", "{root}", "--log-format", "xml"], "--log-format"),
+    (["--root", "{root}", "--compress", "maybe"], "--compress"),
     (["--root", "{root}", "--bogus"], "--bogus"),
     (["--root", "{root}", "--host", "203.0.113.7"], "cannot listen"),
     (["--root", "{root}", "--fallback", ".env"], "fallback: '.env' is not a file fileapp would serve"),

@@ -13,7 +13,7 @@ from fileapp.__main__ import make_parser
 pytestmark = pytest.mark.unit
 
 # Values unlike every default, so a setting that fell off the command line would show.
-SETTINGS = {"baseDirectory": "www", "workerCount": 1, "threads": 7, "gracefulTimeout": 2.5,
+SETTINGS = {"baseDirectory": "www", "workerCount": 1, "threads": 7, "gracefulTimeout": 2.5, "compress": False,
             "healthCheck": {"path": "/hc", "interval": 0.25, "timeout": 0.75, "bootTimeout": 9.0},
             "cache": {"ttl": 0.5, "maxBytes": 1000, "maxFileSize": 10},
             "restartBackoff": {"initial": 0.125, "max": 3.0, "minUptime": 1.5},
@@ -42,7 +42,7 @@ def test_every_option_with_a_flag_reaches_fileapp_with_its_value(tmp_path):
     opts, _ = options(tmp_path)
     args = make_parser().parse_args(worker_argv(opts, 5, "127.0.0.1", 9001)[3:])
     flagged = [f for f in dataclasses.fields(WorkerOptions) if f.metadata["flag"] is not None]
-    assert len(flagged) == 13
+    assert len(flagged) == 14
     for f in flagged:
         dest = f.metadata["flag"].removeprefix("--").replace("-", "_")
         value = getattr(opts, f.name)
@@ -56,4 +56,11 @@ def test_options_the_master_applies_itself_are_not_passed_to_the_worker(tmp_path
     assert unflagged == ["check_interval", "check_timeout", "boot_timeout", "backoff_initial", "backoff_max",
                          "min_uptime"]
     flags = [a for a in argv if a.startswith("--")]
-    assert len(flags) == len(set(flags)) == 13 + 4  # the table's flags plus --fd, --host, --port, --parent-pid
+    assert len(flags) == len(set(flags)) == 14 + 4  # the table's flags plus --fd, --host, --port, --parent-pid
+
+
+@pytest.mark.parametrize("text, value", [("True", True), ("False", False), ("true", True), ("off", False),
+                                         ("1", True), ("0", False)])
+def test_compress_flag_takes_what_the_master_writes_and_the_usual_spellings(text, value):
+    assert make_parser().parse_args(["--root", "www", "--compress", text]).compress is value
+    assert make_parser().parse_args(["--root", "www"]).compress is True

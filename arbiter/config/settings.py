@@ -104,6 +104,7 @@ class Config:
     base_directory: Path = setting(Directory(), REQUIRED, "The directory served (the document root).")
     threads: int = setting(Integer(1, 1024), 4, "Threads per worker.")
     graceful_timeout: float = setting(Number(3600), 30.0, "Seconds a stopping worker has to finish in-flight requests before it is killed.")
+    compress: bool = setting(Boolean(), True, "Compress text, JSON, JavaScript, SVG, XML and wasm files from 1 KiB up to cache.maxFileSize without a precompressed .br/.gz sidecar on the fly (zstd, brotli or gzip, as the client prefers), once per file version, kept in each worker's cache.")
     max_fails: int = setting(Integer(1, 1000), 3, "Proxy connection failures within failTimeout that mark a worker down.")
     fail_timeout: float = setting(Number(3600), 10.0, "Window in seconds for maxFails.")
     pidfile: Path | None = setting(Nullable(FilePath()), None, "File the master writes its pid to (removed at exit); null for none.")

@@ -7,8 +7,8 @@ from ..addresses import Address, WorkerAddress
 from .kinds import STDOUT, ConfigError
 from .load import bind_configured, configured, listen_key, load, load_data
 from .settings import (Config, FrontCacheConfig, HealthCheckConfig, LoggingConfig, ProxyConfig,
-                       RestartBackoffConfig, WorkerCacheConfig)
+                       RestartBackoffConfig, TlsConfig, WorkerCacheConfig)
 
 __all__ = ["Address", "WorkerAddress", "STDOUT", "ConfigError", "bind_configured", "configured", "listen_key", "load",
            "load_data", "Config", "FrontCacheConfig", "HealthCheckConfig", "LoggingConfig", "ProxyConfig",
-           "RestartBackoffConfig", "WorkerCacheConfig"]
+           "RestartBackoffConfig", "TlsConfig", "WorkerCacheConfig"]

@@ -92,6 +92,11 @@ class Arbiter:
         return self._stop is not None
 
     @property
+    def tls_listen(self) -> str | None:
+        """The HTTPS address (admin page); None without HTTPS."""
+        return str(self.config.tls.listen) if "tls" in self.tls_sockets else None
+
+    @property
     def serving(self) -> str:
         """The public addresses, as logs and systemd's status give them."""
         parts = [] if self.config.listen is None else [f"http://{self.config.listen}"]

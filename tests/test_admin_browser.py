@@ -36,8 +36,9 @@ def chromium() -> str:
 
 
 @contextlib.contextmanager
-def _chromium(binary: str, javascript: bool = True):
-    """A headless Chromium with a fresh profile, driven through chromedriver."""
+def _chromium(binary: str, javascript: bool = True, flags: tuple[str, ...] = ()):
+    """A headless Chromium with a fresh profile, driven through chromedriver; `flags`: more
+    command-line switches."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -46,7 +47,7 @@ def _chromium(binary: str, javascript: bool = True):
     options.binary_location = binary
     for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900"):
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900", *flags):
         options.add_argument(flag)
     if not javascript:
         options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})

@@ -20,7 +20,7 @@ from fileapp.handoff import TOKEN_ENV
 
 from . import config as config_mod
 from .backoff import Pool
-from .config import Config, ConfigError, bind_configured
+from .config import Config, ConfigError, TlsConfig, bind_configured
 from .health import HealthChecker
 from .ops.accesslog import AccessLog
 from .ops.admin import AdminServer
@@ -299,19 +299,8 @@ class Arbiter:
                 log.warning("reload: %s changed to %s; that takes a restart, still using %s",
                             "masterPort" if key == "listen" and new.master_port is not None else key,
                             getattr(new, key), getattr(self.config, key))
-        old_tls = self.config.tls
-        for key, value, now in (("tls.listen", new.tls.listen, old_tls.listen),
-                                ("tls.redirectListen", new.tls.redirect_listen, old_tls.redirect_listen),
-                                ("tls.certificate", new.tls.enabled, old_tls.enabled)):
-            if value != now and (key == "tls.certificate" or old_tls.enabled):
-                log.warning("reload: %s changed (HTTPS %s); that takes a restart", key,
-                            "turned on" if new.tls.enabled and not old_tls.enabled else "turned off"
-                            if not new.tls.enabled and old_tls.enabled else "moved")
-        tls = dataclasses.replace(new.tls, listen=old_tls.listen, redirect_listen=old_tls.redirect_listen)
-        if new.tls.enabled != old_tls.enabled:
-            tls = old_tls
         new = dataclasses.replace(new, listen=self.config.listen, admin=self.config.admin,
-                                  pidfile=self.config.pidfile, tls=tls)
+                                  pidfile=self.config.pidfile, tls=self._tls_kept(new.tls))
         wanted = {(w.host, w.port): w for w in new.workers}
         fresh: dict[tuple[str, int], socket.socket] = {}
         try:
@@ -369,6 +358,19 @@ class Arbiter:
         await self.proxy.purge()
         log.info("reload done: %d local workers (%d added, %d replaced, %d failed to reload, %d stopped)",
                  len(self.slots), len(added), len(kept) - failed, failed, len(removed))
+
+    def _tls_kept(self, tls: TlsConfig) -> TlsConfig:
+        """The reloaded tls section, with what takes a restart (its listeners, HTTPS turned on or
+        off) as it runs: the certificate, key and HSTS change."""
+        old = self.config.tls
+        if tls.enabled != old.enabled:
+            log.warning("reload: HTTPS turned %s; that takes a restart", "on" if tls.enabled else "off")
+            return old
+        for key, value, running in (("tls.listen", tls.listen, old.listen),
+                                    ("tls.redirectListen", tls.redirect_listen, old.redirect_listen)):
+            if value != running and old.enabled:
+                log.warning("reload: %s changed to %s; that takes a restart, still using %s", key, value, running)
+        return dataclasses.replace(tls, listen=old.listen, redirect_listen=old.redirect_listen)
 
     async def _wait_up(self, slots: list[LocalWorker], timeout: float) -> None:
         """Wait until every slot is up, or `timeout` seconds (their supervisors keep trying after)."""

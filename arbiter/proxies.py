@@ -22,7 +22,7 @@ from .config import Config, FrontCacheConfig, ProxyConfig
 from .ops.logs import LogSink
 from .proxy.control import Message
 from .proxy.counters import LATENCY, REQUESTS, WORKERS, Counters, report, total
-from .proxy.server import FDS_PER_CLIENT, fd_need
+from .proxy.fdlimit import FDS_PER_CLIENT, fd_need
 from .proxy.stats import SLOTS, RequestStats
 from .proxy.view import rows
 from .proxy_slot import AccessLogState, ProxySlot

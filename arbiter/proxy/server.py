@@ -7,7 +7,6 @@ import asyncio
 import heapq
 import logging
 import os
-import resource
 import select
 import socket
 import time
@@ -21,6 +20,7 @@ from .balancer import Balancer
 from .cache import FrontCache
 from .client import IDLE, ClientProtocol
 from .https import PLAIN, PROTOCOLS, REDIRECT, TLS, TlsState
+from .fdlimit import FD_RESERVE, FDS_PER_CLIENT, fd_need, raise_fd_limit
 from .counters import SHED_IDLE, SHORTAGES, TIMEOUTS, Counters, report
 from .http1 import CRLF
 from .request import Request
@@ -41,10 +41,6 @@ IDLE_SHED = 32
 SHED_AFTER = 1.0
 # Seconds a stopping proxy keeps idle keep-alive connections open, for their clients' next request.
 IDLE_GRACE = 1.0
-# Descriptors per client: its own and one to a worker while a request is on its way there; and
-# aside from those, beyond the idle pool: listeners, logs, the control channel, the loop's own.
-FDS_PER_CLIENT = 2
-FD_RESERVE = 32
 # Full, a proxy closes idle connections for a newcomer only if no other proxy sharing the
 # listening socket took it within this many seconds: the backlog must be found waiting at each
 # of SHED_LOOKS looks, SHED_LOOK_GAP seconds apart, from then on. (One look could meet a newcomer
@@ -144,7 +140,7 @@ class Proxy:
         """Raise the open file limit to hold max_connections clients, each with a connection to
         a worker; where it cannot be, serve fewer clients at once rather than meet EMFILE."""
         wanted = fd_need(self.config)
-        soft = _raise_fd_limit(wanted)
+        soft = raise_fd_limit(wanted)
         if soft >= wanted:
             log.info("open file limit %d: room for proxy.maxConnections (%d clients here)", soft,
                      self.config.max_connections)
@@ -400,26 +396,6 @@ class Proxy:
         stats = report(self.counts, self.cache is not None, self.front_cache.max_bytes)
         stats["upstream_connections"] = self.pool.counts()
         return stats
-
-
-def fd_need(config: ProxyConfig) -> int:
-    """Open files a proxy needs to serve `config.max_connections` clients."""
-    return FDS_PER_CLIENT * config.max_connections + config.pool_size + FD_RESERVE
-
-
-def _raise_fd_limit(wanted: int) -> int:
-    """Raise the soft open file limit towards `wanted` (up to the hard limit); the limit now."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return target
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -128,7 +128,7 @@ class Proxy:
     async def start(self, sock: socket.socket | None, tls: socket.socket | None = None,
                     redirect: socket.socket | None = None) -> None:
         """Serve the already bound and listening sockets on the running loop: `sock` plain HTTP,
-        `tls` HTTPS (once configure_tls gave it a context), `redirect` redirects to HTTPS."""
+        `tls` HTTPS (once `self.tls` has a context), `redirect` redirects to HTTPS."""
         self.loop = asyncio.get_running_loop()
         self._listeners = [(s, kind) for s, kind in ((sock, PLAIN), (tls, TLS), (redirect, REDIRECT))
                            if s is not None]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
 from pathlib import Path
 
@@ -99,3 +100,19 @@ def test_a_certificate_that_fails_to_load_keeps_the_old_one(proxy, ca, tmp_path,
     assert not proxy.call(lambda: proxy.proxy.tls.configure(broken))
     assert "keeping the certificate loaded before" in caplog.text
     assert serial(connect(proxy, ca)) == old
+
+
+@pytest.mark.parametrize("version", [ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_3])
+def test_a_client_resumes_its_session_on_the_same_proxy_process(proxy, ca, version):
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    ctx.maximum_version = version
+    first = http.client.HTTPSConnection("127.0.0.1", proxy.tls_port, context=ctx, timeout=10)
+    assert get(first, "/echo")[0] == 200  # (TLS 1.3: the ticket comes after the handshake)
+    session = first.sock.session
+    assert not first.sock.session_reused
+    with socket.create_connection(("127.0.0.1", proxy.tls_port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1", session=session) as again:
+            assert again.session_reused  # an abbreviated handshake
+            again.sendall(b"GET /echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            assert again.recv(12) == b"HTTP/1.1 200"

@@ -17,8 +17,8 @@ import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from browser_support import chromium_session, screenshot
 from e2e_support import bundled_site
-from test_admin_browser import _chromium, _shot, chromium  # noqa: F401 (a fixture)
 from master_support import Master, base_config
 from support import free_ports, wait_until
 
@@ -60,26 +60,26 @@ def _page_state(driver) -> dict:
 
 def test_the_demo_site_loads_over_https_with_no_certificate_error(https_master, chromium):
     https, admin, spki = https_master
-    with _chromium(chromium, flags=(f"--ignore-certificate-errors-spki-list={spki}",)) as driver:
+    with chromium_session(chromium, flags=(f"--ignore-certificate-errors-spki-list={spki}",)) as driver:
         driver.get(f"https://localhost:{https}/")
         state = _page_state(driver)
         assert state["title"] == "gows is serving this page", state
         assert state["secure"] and state["protocol"] == "https:" and state["logo"] and state["styled"], state
         entry = driver.execute_script("return performance.getEntriesByType('navigation')[0].nextHopProtocol;")
         assert entry == "http/1.1"  # the ALPN gows advertises
-        _shot(driver, "tls-demo-site.png")
+        screenshot(driver, "tls-demo-site.png")
         driver.get(f"http://127.0.0.1:{admin}/status")
         wait_until(lambda: "HTTPS certificate" in driver.page_source, timeout=10, message="the certificate cards")
         sans = driver.find_element("id", "f-tlssans")
         assert sans.text == "localhost, 127.0.0.1"
         driver.execute_script("arguments[0].scrollIntoView();", sans)
-        _shot(driver, "tls-admin-certificate.png")
+        screenshot(driver, "tls-admin-certificate.png")
 
 
 def test_without_the_key_trusted_the_browser_refuses_the_certificate(https_master, chromium):
     """The control case: the trust above comes from the flag, not from a lax browser."""
     https, _, _ = https_master
-    with _chromium(chromium) as driver:
+    with chromium_session(chromium) as driver:
         driver.get(f"https://localhost:{https}/")
         state = _page_state(driver)
         assert state["title"] != "gows is serving this page", state

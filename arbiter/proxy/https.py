@@ -22,8 +22,6 @@ from .request import Request
 if TYPE_CHECKING:
     import ssl
 
-    from .server import Proxy
-
 log = logging.getLogger("gows.proxy")
 
 PLAIN, TLS, REDIRECT = "plain", "tls", "redirect"  # kinds of listener

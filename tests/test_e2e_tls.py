@@ -333,16 +333,17 @@ def test_hup_with_a_new_certificate_under_load_fails_no_request(tmp_path, site, 
     m = TlsMaster(tmp_path, site, ca)
     try:
         old = m.serial
-        seen: list[tuple[float, object]] = []  # (when, serial or the exception)
+        seen: list[tuple[float, object]] = []  # (when it started, serial or what went wrong)
         stop = threading.Event()
 
         def load() -> None:
             while not stop.is_set():
+                t0 = time.monotonic()
                 try:
                     status, _, body, serial = m.get("/a.txt")  # a handshake per request
-                    seen.append((time.monotonic(), serial if (status, body) == (200, b"alpha\n") else status))
+                    seen.append((t0, serial if (status, body) == (200, b"alpha\n") else status))
                 except Exception as e:  # noqa: BLE001 (counted as a failure)
-                    seen.append((time.monotonic(), e))
+                    seen.append((t0, e))
 
         threads = [threading.Thread(target=load) for _ in range(4)]
         for t in threads:

@@ -116,3 +116,15 @@ def test_a_client_resumes_its_session_on_the_same_proxy_process(proxy, ca, versi
             assert again.session_reused  # an abbreviated handshake
             again.sendall(b"GET /echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
             assert again.recv(12) == b"HTTP/1.1 200"
+
+
+def test_a_front_cache_304_gets_hsts_over_https_only(proxy, ca):
+    path = "/file/d?size=2000&max_age=60"
+    conn, plain = connect(proxy, ca), http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=10)
+    etag = get(plain, path)[1]["etag"]
+    for c, expected in ((plain, False), (conn, True)):
+        c.request("GET", path, headers={"If-None-Match": etag})
+        r = c.getresponse()
+        r.read()
+        assert r.status == 304 and (r.getheader("Strict-Transport-Security") is not None) == expected
+    assert proxy.stats()["front_cache"]["hits"] >= 2

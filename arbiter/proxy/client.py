@@ -180,14 +180,15 @@ class ClientProtocol(RequestReader):
             entry.prepare(age)
         keep = req.keep_alive and not proxy.draining
         http10 = req.http10
+        hsts = proxy.tls.hsts if self.scheme is not PLAIN_SCHEME else None  # (stored heads have none)
         if (req.inm is not None or req.ims is not None) and entry.not_modified(req.inm, req.ims):
-            self.transport.write((entry.nm_ka if http10 else entry.nm) if keep else entry.nm_close)
+            nm = (entry.nm_ka if http10 else entry.nm) if keep else entry.nm_close
+            self.transport.write(nm if hsts is None else nm[:-2] + hsts + b"\r\n")
             proxy.status_counts[3] += 1
             req.status = 304
         else:
             head = (entry.head_ka if http10 else entry.head) if keep else entry.head_close
-            hsts = proxy.tls.hsts
-            if hsts is not None and self.scheme is not PLAIN_SCHEME:  # (stored heads are the plain listener's)
+            if hsts is not None:
                 head = head[:-2] + hsts + b"\r\n"
             if req.method == HEAD:
                 self.transport.write(head)

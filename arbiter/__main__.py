@@ -132,8 +132,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     if args.check_config or getattr(args, "serve_check", False):
         local = len(config.local_workers)
+        listening = [str(a) for a in (config.listen, config.tls.enabled and config.tls.listen) if a]
         print(f"{name}: OK ({local} local and {len(config.workers) - local} remote workers, "
-              f"listening on {config.listen})")
+              f"listening on {' and '.join(listening)})")
+        if config.tls.enabled:
+            from .config import tls_certificate
+            from .tls import expiry_warning, iso_date
+            cert = tls_certificate(config)
+            print(f"{name}: tls.certificate: {cert.subject}, names {', '.join(cert.names) or 'none'}, "
+                  f"expires {iso_date(cert.not_after)}")
+            soon = expiry_warning(cert)
+            if soon:
+                print(f"{name}: warning: {soon}", file=sys.stderr)
         return 0
 
     from .ops.logs import LogSink
@@ -144,8 +154,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USAGE_ERROR
     sockets = []
     try:
-        public = bind_configured(config.listen.host, config.listen.port, listen_key(config))
-        sockets.append(public)
+        public = None
+        if config.listen is not None:
+            public = bind_configured(config.listen.host, config.listen.port, listen_key(config))
+            sockets.append(public)
+        tls = {}
+        if config.tls.enabled:
+            tls["tls"] = bind_configured(config.tls.listen.host, config.tls.listen.port, "tls.listen")
+            sockets.append(tls["tls"])
+            if config.tls.redirect_listen is not None:
+                where = config.tls.redirect_listen
+                tls["redirect"] = bind_configured(where.host, where.port, "tls.redirectListen")
+                sockets.append(tls["redirect"])
         workers = {}
         for w in config.local_workers:
             workers[(w.host, w.port)] = bind_configured(w.host, w.port, w.label)
@@ -155,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             admin = bind_configured(config.admin.host, config.admin.port, "admin")
             sockets.append(admin)
         from .arbiter import Arbiter
-        arbiter = Arbiter(config, public, workers, sink, admin, source=source)
+        arbiter = Arbiter(config, public, workers, sink, admin, tls, source=source)
         if config.pidfile is not None:
             write_pidfile(config.pidfile)
     except ConfigError as e:

@@ -18,8 +18,9 @@ import time
 
 from fileapp.handoff import TOKEN_ENV
 
+from . import config as config_mod
 from .backoff import Pool
-from .config import Config, ConfigError, bind_configured
+from .config import Config, ConfigError, TlsConfig, bind_configured
 from .config.source import ConfigSource
 from .health import HealthChecker
 from .ops.accesslog import AccessLog
@@ -32,6 +33,7 @@ from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_STOP, SignalQueue, 
 from .sockets import ListenError, RuntimeDir, bind_listener
 from .state import WorkerState, WorkerTable
 from .worker_command import WorkerOptions
+from .tls import expiry_warning, iso_date
 from .workers import LocalWorker
 
 log = logging.getLogger("gows.arbiter")
@@ -41,11 +43,14 @@ MAX_TTIN_PORT_TRIES = 100
 class Arbiter:
     """Owns the sockets, the worker table, the health checker and one LocalWorker per local port."""
 
-    def __init__(self, config: Config, public: socket.socket,
+    def __init__(self, config: Config, public: socket.socket | None,
                  worker_sockets: dict[tuple[str, int], socket.socket], sink: LogSink,
-                 admin: socket.socket | None = None, source: ConfigSource | None = None) -> None:
-        """`source`: where HUP reads the config again (default: config.source, the file it came
-        from). ConfigError when the access log cannot be opened."""
+                 admin: socket.socket | None = None, tls: dict[str, socket.socket] | None = None,
+                 source: ConfigSource | None = None) -> None:
+        """`public`: the plain HTTP listener (None: HTTPS only); `tls`: the HTTPS listener
+        ("tls") and the redirecting one ("redirect"), as configured; `source`: where HUP reads the
+        config again (default: config.source, the file it came from). ConfigError when the access
+        log cannot be opened or the certificate does not serve."""
         self.config = config
         self.source = source if source is not None else ConfigSource(config.source)
         self.public = public
@@ -69,7 +74,12 @@ class Arbiter:
         # rather than send them (fileapp.handoff): every process it starts inherits it.
         os.environ.setdefault(TOKEN_ENV, secrets.token_hex(16))
         # Latencies are measured only while the admin listener is there to read them.
-        self.proxy = ProxyFleet(config, self.table, public, sink, timing=admin is not None)
+        self.tls_sockets = tls or {}
+        self.certificate = config_mod.tls_certificate(config)  # what it says: admin page, metrics
+        if self.certificate is not None and (soon := expiry_warning(self.certificate)):
+            log.warning("%s", soon)
+        self.proxy = ProxyFleet(config, self.table, public, sink, timing=admin is not None, tls=self.tls_sockets,
+                                certificate=self.certificate)
         self._signals = SignalQueue()
         self._admin_sock = admin
         self.admin = AdminServer(self) if admin is not None else None
@@ -84,6 +94,19 @@ class Arbiter:
     def stopping(self) -> bool:
         """The master is stopping (/readyz answers 503)."""
         return self._stop is not None
+
+    @property
+    def tls_listen(self) -> str | None:
+        """The HTTPS address (admin page); None without HTTPS."""
+        return str(self.config.tls.listen) if "tls" in self.tls_sockets else None
+
+    @property
+    def serving(self) -> str:
+        """The public addresses, as logs and systemd's status give them."""
+        parts = [] if self.config.listen is None else [f"http://{self.config.listen}"]
+        if "tls" in self.tls_sockets:
+            parts.append(f"https://{self.config.tls.listen}")
+        return " and ".join(parts)
 
     @property
     def access_log(self) -> AccessLogState | None:
@@ -108,7 +131,7 @@ class Arbiter:
             if self.admin is not None:
                 await self.admin.start(self._admin_sock)
             local = len(self.slots)
-            log.info("gows master on %s: %d local and %d remote workers, serving %s", self.config.listen,
+            log.info("gows master on %s: %d local and %d remote workers, serving %s", self.serving,
                      local, len(self.table) - local, self.config.base_directory)
             self._ready_task = asyncio.ensure_future(self._announce_ready())
             stop = await self._signals.answer(self)
@@ -138,7 +161,7 @@ class Arbiter:
             log.warning("ready with %d of %d workers up", up, total)
         else:
             log.info("ready: all %d workers up", total)
-        self.notifier.ready(f"serving {self.config.listen} with {up} of {total} workers up")
+        self.notifier.ready(f"serving {self.serving} with {up} of {total} workers up")
 
     # -- signals (signals.py hands each to the method named after it) -------------------------
     async def handle_term(self) -> Stop | None:
@@ -176,7 +199,7 @@ class Arbiter:
             return stop
         reload.result()
         up, total = len(self.table.healthy), len(self.table)
-        self.notifier.ready(f"reloaded; serving {self.config.listen} with {up} of {total} workers up")
+        self.notifier.ready(f"reloaded; serving {self.serving} with {up} of {total} workers up")
         return None
 
     async def handle_usr1(self) -> None:
@@ -231,7 +254,7 @@ class Arbiter:
             log.warning("SIGTTIN ignored: there is no local worker to add one next to")
             return
         last = max(self.slots.values(), key=lambda s: s.state.port).state
-        taken = {w.port for w in self.table} | {self.config.listen.port}
+        taken = {w.port for w in self.table} | {sock.getsockname()[1] for sock in self.proxy.listeners.values()}
         if self.config.admin is not None:
             taken.add(self.config.admin.port)
         port = last.port
@@ -281,7 +304,7 @@ class Arbiter:
                             "masterPort" if key == "listen" and new.master_port is not None else key,
                             getattr(new, key), getattr(self.config, key))
         new = dataclasses.replace(new, listen=self.config.listen, admin=self.config.admin,
-                                  pidfile=self.config.pidfile)
+                                  pidfile=self.config.pidfile, tls=self._tls_kept(new.tls))
         wanted = {(w.host, w.port): w for w in new.workers}
         fresh: dict[tuple[str, int], socket.socket] = {}
         try:
@@ -298,6 +321,17 @@ class Arbiter:
             reason = str(e) if isinstance(e, ConfigError) else f"logging.file: {e.strerror or e}"
             log.error("reload failed, keeping the running configuration: %s: %s", path, reason)
             return
+        try:
+            certificate = config_mod.tls_certificate(new)  # (the files may have changed since load)
+        except ConfigError as e:
+            log.error("reload failed, keeping the running configuration and certificate: %s: %s", path, e)
+            return
+        if certificate is not None and certificate != self.certificate:
+            log.info("reload: TLS certificate %s (serial %x, expires %s) for new handshakes", certificate.subject,
+                     certificate.serial, iso_date(certificate.not_after))
+            if soon := expiry_warning(certificate):
+                log.warning("%s", soon)
+        self.certificate = self.proxy.certificate = certificate
         self.config = new
         await self.proxy.configure(new)
         self.table.rise, self.table.fall = new.health_check.rise, new.health_check.fall
@@ -331,6 +365,19 @@ class Arbiter:
         log.info("reload done: %d local workers (%d added, %d replaced, %d failed to reload, %d stopped)",
                  len(self.slots), len(added), len(kept) - failed, failed, len(removed))
 
+    def _tls_kept(self, tls: TlsConfig) -> TlsConfig:
+        """The reloaded tls section, with what takes a restart (its listeners, HTTPS turned on or
+        off) as it runs: the certificate, key and HSTS change."""
+        old = self.config.tls
+        if tls.enabled != old.enabled:
+            log.warning("reload: HTTPS turned %s; that takes a restart", "on" if tls.enabled else "off")
+            return old
+        for key, value, running in (("tls.listen", tls.listen, old.listen),
+                                    ("tls.redirectListen", tls.redirect_listen, old.redirect_listen)):
+            if value != running and old.enabled:
+                log.warning("reload: %s changed to %s; that takes a restart, still using %s", key, value, running)
+        return dataclasses.replace(tls, listen=old.listen, redirect_listen=old.redirect_listen)
+
     async def _wait_up(self, slots: list[LocalWorker], timeout: float) -> None:
         """Wait until every slot is up, or `timeout` seconds (their supervisors keep trying after)."""
         loop = asyncio.get_running_loop()
@@ -356,7 +403,8 @@ class Arbiter:
         # refused at once instead of waiting in the backlog for a master that is leaving. (The
         # proxies are told first: a proxy that exits now is not started again on a closed socket.)
         self.proxy.stop(stop)
-        self.public.close()
+        for sock in self.proxy.listeners.values():
+            sock.close()
         drain = asyncio.ensure_future(self.proxy.stopped())
         await self._signals.answer(self, drain, ANSWERED_DURING_STOP)  # INT/QUIT cut it short
         await drain

@@ -17,16 +17,18 @@ import resource
 import socket
 from typing import Any
 
+from .addresses import host_port
 from .config import Config, FrontCacheConfig, ProxyConfig
 from .ops.logs import LogSink
 from .proxy.control import Message
 from .proxy.counters import LATENCY, REQUESTS, WORKERS, Counters, report, total
-from .proxy.server import FDS_PER_CLIENT, fd_need
+from .proxy.fdlimit import FDS_PER_CLIENT, fd_need
 from .proxy.stats import SLOTS, RequestStats
 from .proxy.view import rows
 from .proxy_slot import AccessLogState, ProxySlot
 from .signals import Stop
 from .state import WorkerState, WorkerTable
+from .tls import CertificateInfo, host_names
 
 log = logging.getLogger("gows.proxies")
 ACK_TIMEOUT = 5.0  # seconds to wait for every proxy to confirm a purge
@@ -56,6 +58,25 @@ class FleetLatency(RequestStats):
         return sums[LATENCY:LATENCY + SLOTS + 1]
 
 
+def tls_settings(config: Config, certificate: CertificateInfo | None) -> Message | None:
+    """What a proxy needs to serve HTTPS: the files to load, the HSTS header, and where a
+    redirect may send a client (the certificate's names); None without TLS."""
+    tls = config.tls
+    if not tls.enabled or certificate is None:
+        return None
+    names = host_names(certificate)
+    default = next((n for n in names if not n.startswith("*")), None)
+    if default is None:  # (a certificate naming only wildcards: the address itself)
+        default = host_port(tls.listen.host, tls.listen.port).rsplit(":", 1)[0]
+    hsts = None
+    if tls.hsts.max_age:
+        hsts = f"Strict-Transport-Security: max-age={tls.hsts.max_age}"
+        if tls.hsts.include_sub_domains:
+            hsts += "; includeSubDomains"
+    return {"certificate": str(tls.certificate), "key": str(tls.key), "names": list(names), "default_host": default,
+            "port": tls.listen.port, "hsts": hsts}
+
+
 def share(config: Config, n: int) -> tuple[ProxyConfig, FrontCacheConfig]:
     """The proxy and front cache sections one of `n` proxies is told: the whole server's budgets
     split between them. Each may take 10% over its even share of the connections: proxies
@@ -70,11 +91,17 @@ def share(config: Config, n: int) -> tuple[ProxyConfig, FrontCacheConfig]:
 class ProxyFleet:
     """All proxy processes of the master (status, metrics and the arbiter use this)."""
 
-    def __init__(self, config: Config, table: WorkerTable, listener: socket.socket, sink: LogSink,
-                 timing: bool) -> None:
+    def __init__(self, config: Config, table: WorkerTable, listener: socket.socket | None, sink: LogSink,
+                 timing: bool, tls: dict[str, socket.socket] | None = None,
+                 certificate: CertificateInfo | None = None) -> None:
+        """`listener`: the plain HTTP listener (None: HTTPS only); `tls`: the "tls" and
+        "redirect" listeners there are; `certificate`: what the configured one says."""
         self.config = config
         self.table = table
-        self.listener = listener
+        # Every listening socket a proxy serves, by the name of its proxy argument (--listen-fd).
+        self.listeners = {"listen": listener} if listener is not None else {}
+        self.listeners.update(tls or {})
+        self.certificate = certificate
         self.sink = sink
         self.timing = timing  # latencies are measured (the admin listener reads them)
         self.slots: list[ProxySlot] = []
@@ -99,7 +126,8 @@ class ProxyFleet:
                 "threads": config.threads, "ttl": config.cache.ttl, "timing": self.timing,
                 "graceful_timeout": config.graceful_timeout,
                 "access_log": str(access) if access is not None else None,
-                "log_format": config.logging.format, "log_level": config.logging.level}
+                "log_format": config.logging.format, "log_level": config.logging.level,
+                "tls": tls_settings(config, self.certificate)}
 
     def _table_changed(self) -> None:
         """The worker table changed: push it to every proxy, once per pass of the loop."""

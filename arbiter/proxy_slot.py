@@ -130,10 +130,13 @@ class ProxySlot:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             argv = [sys.executable, "-m", "arbiter.proxy", "--index", str(self.index),
-                    "--listen-fd", str(fleet.listener.fileno()), "--control-fd", str(theirs.fileno()),
+                    "--control-fd", str(theirs.fileno()),
                     "--counters-fd", str(self.counters.fd), "--parent-pid", str(os.getpid())]
-            inc = await Incarnation.spawn(argv, (fleet.listener.fileno(), theirs.fileno(), self.counters.fd),
-                                          fleet.sink.worker_stdout, batch=False, stdout=False)
+            fds = [theirs.fileno(), self.counters.fd]
+            for kind, sock in fleet.listeners.items():
+                argv += [f"--{kind}-fd", str(sock.fileno())]
+                fds.append(sock.fileno())
+            inc = await Incarnation.spawn(argv, tuple(fds), fleet.sink.worker_stdout, batch=False, stdout=False)
         except BaseException:
             ours.close()
             raise

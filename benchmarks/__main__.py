@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from . import bigloads, compressloads, loads, prereqs, proxies, report
+from . import bigloads, compressloads, loads, prereqs, proxies, report, tlsloads
 from .loads import MANY_CLIENTS, MANY_THREADS, MANY_TOOL, LoadError, Measurement
 from .prereqs import FILES, FileSet, MissingPrerequisite
 from .report import Row
@@ -49,6 +49,8 @@ class Plan:
     big_kinds: list[str] = field(default_factory=list)
     # The compression load (issue 15, benchmarks/compressloads.py) for these kinds.
     compress_kinds: list[str] = field(default_factory=list)
+    # HTTPS loads (issue 13, benchmarks/tlsloads.py) for these kinds (gows: front cache on only).
+    tls_kinds: list[str] = field(default_factory=list)
     files: FileSet = field(default_factory=prereqs.many_files)
     many_clients: int = MANY_CLIENTS
     many_threads: int = MANY_THREADS
@@ -63,6 +65,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         requests, wrk_files, many_kinds = 20000, [label for _, _, label in FILES], []
         big_kinds: list[str] = []
         compress_kinds: list[str] = []
+        tls_kinds: list[str] = []
     else:
         specs = [ServerSpec("apache"), ServerSpec("nginx")]
         for n in workers:
@@ -75,6 +78,8 @@ def build_plan(args: argparse.Namespace) -> Plan:
         # Every gows row (cache on and off): about 31 s a server, 4 minutes of a full run.
         big_kinds = ["apache", "nginx", "gows"]
         compress_kinds = compressloads.KINDS
+        # nginx and gows with its front cache on (each worker count): about 20 s a server.
+        tls_kinds = ["nginx", "gows"]
     if args.only:
         specs = [s for s in specs if s.kind in args.only]
     return Plan(
@@ -89,7 +94,13 @@ def build_plan(args: argparse.Namespace) -> Plan:
         many_kinds=many_kinds,
         big_kinds=big_kinds,
         compress_kinds=compress_kinds,
+        tls_kinds=tls_kinds,
     )
+
+
+def wants_tls(spec: ServerSpec, plan: Plan) -> bool:
+    """Whether a server gets the HTTPS loads (and so is started with an HTTPS listener)."""
+    return spec.kind in plan.tls_kinds and spec.cache is not False
 
 
 def planned_loads(spec: ServerSpec, plan: Plan) -> list[tuple[str, str]]:
@@ -100,6 +111,8 @@ def planned_loads(spec: ServerSpec, plan: Plan) -> list[tuple[str, str]]:
         out += bigloads.planned(plan.files)
     if spec.kind in plan.compress_kinds:
         out += compressloads.planned()
+    if wants_tls(spec, plan):
+        out += tlsloads.planned()
     if spec.kind in plan.many_kinds:
         out.append((MANY_TOOL, FILES[0][2]))
     return out
@@ -135,7 +148,8 @@ def ratios(runs: list[Measurement], *baselines: list[Measurement]) -> list[float
 
 
 def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
-            rows: list[Row], series: dict[ServerSpec, list[float]]) -> None:
+            rows: list[Row], series: dict[ServerSpec, list[float]],
+            certificate: tuple[Path, Path] | None = None) -> None:
     """All loads on one server, appended to `rows` as they finish (so an interrupt keeps them); the
     per-request times of its median ab 1 KiB run go to `series` for the chart. A spec with twins
     runs beside them, all taking turns on every load, in several sessions; the first twin's
@@ -170,7 +184,9 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
                 order = [(0, spec, workdir / f"s{session}" if sessions > 1 else workdir)] + [
                     (k + 1, t, workdir / f"s{session}-twin{k}") for k, t in enumerate(twin_specs)]
                 order = order[session % len(order):] + order[:session % len(order)]
-                started_in_order = {k: stack.enter_context(serve(s, docroot, d)) for k, s, d in order}
+                started_in_order = {k: stack.enter_context(serve(s, docroot, d, certificate if k == 0 and
+                                                                 wants_tls(spec, plan) else None))
+                                    for k, s, d in order}
                 server, twins = started_in_order[0], [started_in_order[k + 1] for k in range(len(twin_specs))]
                 state = "ready and idle" if server.idle else "ready but still busy (measuring anyway)"
                 progress(f"{spec.label}: {state} on port {server.port} after {time.monotonic() - started:.1f}s")
@@ -229,6 +245,13 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
                         m = rows[-1].result
                         progress(f"{spec.label}: {compressloads.TOOL} {label}: {m.rps:,.0f} req/s, "
                                  f"{m.failed} failed, {m.non2xx} non-2xx{per_proxy(m)}")
+                if last and wants_tls(spec, plan):
+                    for tool, label, load in tlsloads.runs(server, plan.ab_requests, plan.ab_concurrency,
+                                                           plan.wrk_connections, plan.wrk_seconds):
+                        m = proxies.counted(server.admin_port, load)
+                        rows.append(Row(spec, label, tool, m))
+                        progress(f"{spec.label}: {tool} {label}: {m.rps:,.0f} req/s, p99 {m.p99_ms:g} ms, "
+                                 f"{m.failed} failed, {m.non2xx} non-2xx{per_proxy(m)}")
                 if last and spec.kind in plan.many_kinds:
                     # Last, so the other loads never meet the churn of 5000 connections closing.
                     name, _, label = FILES[0]
@@ -273,6 +296,8 @@ def notes(plan: Plan, load_before: float, fd_limit: int) -> list[str]:
            "Apache and gows with their defaults"] if plan.many_kinds else []),
         *bigloads.notes(plan.big_kinds, plan.files, plan.wrk_seconds),
         *compressloads.notes(plan.compress_kinds, plan.ab_requests, plan.ab_concurrency),
+        *tlsloads.notes([k for k in plan.tls_kinds if k in kinds], plan.ab_requests, plan.ab_concurrency,
+                        plan.wrk_connections, plan.wrk_seconds),
         "each server warmed up with ab -n 1000 -c 50 on each file before measuring; Python peers run "
         f"gunicorn -k gthread --threads {PEER_THREADS} with the listed workers (fileapp: create_app(root); "
         "'fileapp (gows worker)', 'whitenoise (gows worker)': the same apps under -k fileapp.worker.GowsThreadWorker, "
@@ -295,8 +320,9 @@ def notes(plan: Plan, load_before: float, fd_limit: int) -> list[str]:
 def run(plan: Plan, keep: bool) -> int:
     """Measure every server of the plan, then print and write the report; exit status 1 if a server failed."""
     kinds = {s.kind for s in plan.specs}
+    tls = any(wants_tls(s, plan) for s in plan.specs)
     prereqs.ensure_tools(["ab", "wrk"] + [cmd for kind, cmd in (("apache", "apache2"), ("nginx", "nginx"))
-                                          if kind in kinds], log=progress)
+                                          if kind in kinds] + (["openssl"] if tls else []), log=progress)
     prereqs.ensure_python_modules(["gunicorn", "matplotlib"] + sorted(kinds & {"whitenoise", "werkzeug"}))
     fd_limit = prereqs.raise_open_file_limit()
     if plan.many_kinds and fd_limit < plan.many_clients + 1024:
@@ -315,9 +341,10 @@ def run(plan: Plan, keep: bool) -> int:
             prereqs.add_big_files(docroot, plan.files)
         if any(s.kind in plan.compress_kinds for s in plan.specs):
             compressloads.add_files(docroot)
+        certificate = tlsloads.make_certificate(base) if tls else None
         for i, spec in enumerate(plan.specs, 1):
             progress(f"[{i}/{len(plan.specs)}] {spec.label} (load average {os.getloadavg()[0]:.2f})")
-            measure(spec, plan, docroot, base / f"{i:02d}-{spec.kind}", rows, series)
+            measure(spec, plan, docroot, base / f"{i:02d}-{spec.kind}", rows, series, certificate)
     except KeyboardInterrupt:
         interrupted = True
         progress("interrupted: servers stopped, writing what was measured")

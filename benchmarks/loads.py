@@ -134,12 +134,14 @@ def _run(argv: list[str], timeout: float) -> str:
 
 
 def ab(url: str, requests: int, concurrency: int, gnuplot: Path | None = None,
-       headers: dict[str, str] | None = None) -> Measurement:
+       headers: dict[str, str] | None = None, protocol: str | None = None) -> Measurement:
     """`ab -n requests -c concurrency [-H 'Name: value'...] URL`, no keep-alive; -r counts socket
-    errors instead of aborting."""
+    errors instead of aborting; `protocol`: ab's -f for an https URL (TLS1.2: that version only)."""
     argv = ["ab", "-q", "-r", "-n", str(requests), "-c", str(concurrency)]
     for name, value in (headers or {}).items():
         argv += ["-H", f"{name}: {value}"]
+    if protocol is not None:
+        argv += ["-f", protocol]
     if gnuplot is not None:
         argv += ["-g", str(gnuplot)]
     return parse_ab(_run(argv + [url], timeout=120 + requests / 50))

@@ -15,7 +15,7 @@ from pathlib import Path
 from arbiter.config import FrontCacheConfig, configured
 
 # Debian package that provides each command.
-PACKAGES = {"ab": "apache2-utils", "wrk": "wrk", "apache2": "apache2", "nginx": "nginx"}
+PACKAGES = {"ab": "apache2-utils", "wrk": "wrk", "apache2": "apache2", "nginx": "nginx", "openssl": "openssl"}
 # pip distribution that provides each importable module.
 PYTHON_MODULES = {"gunicorn": "gunicorn", "whitenoise": "whitenoise", "werkzeug": "werkzeug", "matplotlib": "matplotlib"}
 

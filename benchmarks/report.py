@@ -9,6 +9,7 @@ from pathlib import Path
 
 from . import compressloads
 from .loads import DOWNLOAD_TOOL, FILES_TOOL, MANY_TOOL, Measurement
+from .tlsloads import TLS_TOOLS
 from .prereqs import DOWNLOADS, many_files
 from .proxies import evenness, fmt_counts, fmt_shares
 from .servers import ServerSpec
@@ -71,6 +72,8 @@ TARGETS = {
         *(Target(f"issue 12: 10 MiB and 100 MiB downloads at least 0.8× nginx's MB/s, front cache {state}",
                  "gows", cache, "nginx", 0.8, files=DOWNLOAD_LABELS, tools=(DOWNLOAD_TOOL,))
           for cache, state in ((True, "on"), (False, "off"))),
+        Target("issue 13: HTTPS at least 0.8× nginx with the same certificate, front cache on, 0 failed", "gows",
+               True, "nginx", 0.8, tools=TLS_TOOLS, zero_failed=True),
         *(Target(f"issue 12: many files (4× the front cache) at least as fast as Apache, front cache {state}",
                  "gows", cache, "apache", 1.0, files=(ISSUE_12_FILES,), tools=(FILES_TOOL,))
           for cache, state in ((True, "on"), (False, "off"))),

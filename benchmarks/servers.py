@@ -108,10 +108,33 @@ class Running:
     log_path: Path
     idle: bool = False  # went idle after booting (False: still busy when the boot timeout ran out)
     admin_port: int | None = None  # gows' admin listener (ServerSpec.admin), None without one
+    https_port: int | None = None  # its HTTPS listener (serve's `tls`), None without one
 
     def url(self, file_name: str) -> str:
         """The URL of a file of the document root on this server."""
         return f"http://127.0.0.1:{self.port}/{file_name}"
+
+    def https_url(self, file_name: str) -> str:
+        return f"https://127.0.0.1:{self.https_port}/{file_name}"
+
+
+@dataclass(frozen=True)
+class Tls:
+    """An HTTPS listener for a server: its port, certificate and key (benchmarks.tlsloads)."""
+
+    port: int
+    certificate: Path
+    key: Path
+
+
+# Mozilla's intermediate profile for nginx, as gows' proxies apply it (arbiter/tls.py).
+NGINX_TLS = """\t\tssl_protocols TLSv1.2 TLSv1.3;
+\t\tssl_ciphers {ciphers};
+\t\tssl_prefer_server_ciphers off;
+\t\tssl_session_cache shared:MozSSL:10m;
+\t\tssl_session_timeout 1d;
+\t\tssl_session_tickets off;
+"""
 
 
 def free_port() -> int:
@@ -166,9 +189,15 @@ Listen 127.0.0.1:{port}
 """
 
 
-def nginx_config(root: Path, port: int, workdir: Path) -> str:
+def nginx_config(root: Path, port: int, workdir: Path, tls: Tls | None = None) -> str:
     """Debian's nginx.conf defaults (auto workers, sendfile, access log, gzip) with one site on our
-    port, and room for wrk's 5000 clients (NGINX_CONNECTIONS)."""
+    port, and room for wrk's 5000 clients (NGINX_CONNECTIONS); with `tls`, the same site over
+    HTTPS on its port too."""
+    https = ""
+    if tls is not None:
+        from arbiter.tls import INTERMEDIATE_CIPHERS
+        https = (f"\t\tlisten 127.0.0.1:{tls.port} ssl;\n\t\tssl_certificate {tls.certificate};\n"
+                 f"\t\tssl_certificate_key {tls.key};\n" + NGINX_TLS.format(ciphers=INTERMEDIATE_CIPHERS))
     user = "user www-data;\n" if os.geteuid() == 0 else ""
     temp = "".join(f"\t{kind}_temp_path {workdir}/{kind}_temp;\n"
                    for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
@@ -190,7 +219,7 @@ http {{
 \tgzip on;
 {temp}\tserver {{
 \t\tlisten 127.0.0.1:{port};
-\t\troot {root};
+{https}\t\troot {root};
 \t\tindex index.html index.htm;
 \t\tlocation / {{
 \t\t\ttry_files $uri $uri/ =404;
@@ -200,9 +229,10 @@ http {{
 """
 
 
-def gows_config(root: Path, port: int, spec: ServerSpec, admin_port: int | None = None) -> dict:
+def gows_config(root: Path, port: int, spec: ServerSpec, admin_port: int | None = None,
+                tls: Tls | None = None) -> dict:
     """The arbiter's config for this run (keys as in gows.conf.json); the admin listener on
-    `admin_port` when given. Everything else is gows' default."""
+    `admin_port` when given, HTTPS with `tls`. Everything else is gows' default."""
     workers = spec.workers or 2
     return {
         "baseDirectory": str(root),
@@ -211,6 +241,8 @@ def gows_config(root: Path, port: int, spec: ServerSpec, admin_port: int | None 
         "workerBasePort": free_port_range(workers),
         "frontCache": {"enabled": bool(spec.cache)},
         **({"admin": f"127.0.0.1:{admin_port}"} if admin_port is not None else {}),
+        **({"tls": {"certificate": str(tls.certificate), "key": str(tls.key), "listen": f"127.0.0.1:{tls.port}"}}
+           if tls is not None else {}),
     }
 
 
@@ -223,9 +255,9 @@ def python_env() -> dict[str, str]:
 
 
 def command(spec: ServerSpec, root: Path, port: int, workdir: Path,
-            admin_port: int | None = None) -> tuple[list[str], dict[str, str]]:
+            admin_port: int | None = None, tls: Tls | None = None) -> tuple[list[str], dict[str, str]]:
     """The argv and environment that run `spec` in the foreground, with its files written to `workdir`
-    (gows: its admin listener on `admin_port` when given)."""
+    (gows: its admin listener on `admin_port` when given; nginx and gows: HTTPS with `tls`)."""
     if spec.kind == "apache":
         conf = workdir / "apache2.conf"
         conf.write_text(apache_config((APACHE_ROOT / "apache2.conf").read_text(), root, port))
@@ -234,13 +266,13 @@ def command(spec: ServerSpec, root: Path, port: int, workdir: Path,
         return argv, apache_env(envvars.read_text() if envvars.exists() else "", workdir)
     if spec.kind == "nginx":
         conf = workdir / "nginx.conf"
-        conf.write_text(nginx_config(root, port, workdir))
+        conf.write_text(nginx_config(root, port, workdir, tls))
         argv = [which("nginx") or "nginx", "-p", str(workdir), "-e", str(workdir / "error.log"),
                 "-c", str(conf), "-g", "daemon off;"]
         return argv, dict(os.environ)
     if spec.kind in GOWS_KINDS:
         conf = workdir / "gows.conf.json"
-        conf.write_text(json.dumps(gows_config(root, port, spec, admin_port), indent=2))
+        conf.write_text(json.dumps(gows_config(root, port, spec, admin_port, tls), indent=2))
         return [sys.executable, "-m", "arbiter", "-c", str(conf)], python_env()
     if spec.kind in PEERS:
         app = f"benchmarks.apps:{PEER_APPS[spec.kind]}({str(root)!r})"
@@ -333,18 +365,22 @@ def stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
 
 
 @contextmanager
-def serve(spec: ServerSpec, root: Path, workdir: Path) -> Iterator[Running]:
-    """Run `spec` serving `root` until the block ends (also on errors and Ctrl-C)."""
+def serve(spec: ServerSpec, root: Path, workdir: Path,
+          certificate: tuple[Path, Path] | None = None) -> Iterator[Running]:
+    """Run `spec` serving `root` until the block ends (also on errors and Ctrl-C); with
+    `certificate` (and its key), over HTTPS too (nginx and gows)."""
     workdir.mkdir(parents=True, exist_ok=True)
     workdir.chmod(0o755)
     port = free_port()
     admin_port = free_port() if spec.admin else None
-    argv, env = command(spec, root, port, workdir, admin_port)
+    tls = Tls(free_port(), *certificate) if certificate is not None else None
+    argv, env = command(spec, root, port, workdir, admin_port, tls)
     log_path = workdir / "server.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, env=env, cwd=REPO, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-    running = Running(spec, port, proc, log_path, admin_port=admin_port)
+    running = Running(spec, port, proc, log_path, admin_port=admin_port,
+                      https_port=tls.port if tls is not None else None)
     try:
         wait_ready(running, spec.boot_timeout)
         running.idle = settle(running, spec.boot_timeout)

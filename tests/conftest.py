@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from browser_support import require_chromium
 from master_support import Master
 from proxy_harness import Worker
 
@@ -19,6 +20,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
                        if not any(item.get_closest_marker(kind) for kind in KINDS)})
     if unmarked:
         raise pytest.UsageError(f"set `pytestmark = pytest.mark.<{'|'.join(KINDS)}>` in {', '.join(unmarked)}")
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """The browser of the browser tests (browser_support), once it and its driver are there."""
+    return require_chromium()
 
 
 @pytest.fixture

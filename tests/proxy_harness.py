@@ -155,10 +155,12 @@ class ProxyThread(StoppedOnExit):
     def __init__(self, workers: list[Worker] | list[int], proxy: ProxyConfig = configured(ProxyConfig),
                  front_cache: FrontCacheConfig = configured(FrontCacheConfig), worker_threads: int = 4,
                  revalidate_after: float = configured(WorkerCacheConfig).ttl, up: bool = True,
-                 listen_host: str = "127.0.0.1", handoff_token: str | None = None, **table_args: Any) -> None:
+                 listen_host: str = "127.0.0.1", handoff_token: str | None = None,
+                 tls: dict[str, Any] | None = None, **table_args: Any) -> None:
         """`proxy`, `front_cache`: the config's sections (defaults unless given); `worker_threads`
         and `revalidate_after` as the master passes them from `threads` and `cache.ttl`;
-        `handoff_token` as a proxy process gets it (fileapp.handoff)."""
+        `handoff_token` as a proxy process gets it (fileapp.handoff); `tls`: the settings
+        message's tls part (proxies.tls_settings), to serve HTTPS on `tls_port` too."""
         self.config, self.front_cache = proxy, front_cache
         self.worker_threads, self.revalidate_after = worker_threads, revalidate_after
         self.sock = bind_listener(host=listen_host)
@@ -171,7 +173,11 @@ class ProxyThread(StoppedOnExit):
                            handoff_token=handoff_token)
         ports = [w.port if isinstance(w, Worker) else w for w in workers]
         self.call(lambda: [self._add(p, up) for p in ports])
-        self.run(self.proxy.start(self.sock))
+        self.tls_sock = bind_listener(host=listen_host) if tls is not None else None
+        self.tls_port = self.tls_sock.getsockname()[1] if self.tls_sock is not None else None
+        if tls is not None:
+            self.proxy.tls.configure(tls)
+        self.run(self.proxy.start(self.sock, self.tls_sock))
 
     # -- running code on the proxy's loop ------------------------------------------------
     def call(self, fn: Callable[[], Any], timeout: float = 30) -> Any:
@@ -234,6 +240,8 @@ class ProxyThread(StoppedOnExit):
                 self.loop.call_soon_threadsafe(self.loop.stop)
                 self.thread.join(10)
         self.sock.close()
+        if self.tls_sock is not None:
+            self.tls_sock.close()
 
 
 # -- raw HTTP over sockets, for what clients libraries refuse to send --------------------

@@ -35,7 +35,8 @@ def test_status_json_has_the_documented_shape_and_moves_with_traffic(masters, tm
     pids = a.ready()
     before, metrics_before = a.json(), a.metrics()
     assert set(before) == {"version", "pid", "config", "started", "uptime", "ready", "stopping", "workers",
-                           "front_cache", "totals", "proxy", "proxies", "access_log"}
+                           "front_cache", "totals", "proxy", "proxies", "access_log", "tls"}
+    assert before["tls"] == {"enabled": False}
     assert before["pid"] == a.master.pid and before["config"] == str(a.master.config_path.resolve())
     assert before["ready"] is True and before["stopping"] is False
     assert [w["port"] for w in before["workers"]] == sorted(a.worker_ports)

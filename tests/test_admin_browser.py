@@ -6,62 +6,23 @@ Screenshots are saved under test-artifacts/ for a person to look at. `make brows
 installs the browser (`make test` runs it first); the tests never install anything."""
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import signal
-import tempfile
 from html.parser import HTMLParser
-from pathlib import Path
 
 import pytest
 import requests
 
+from browser_support import chromium_session, screenshot
 from master_support import Admin
-from support import REPO, wait_until
+from support import wait_until
 
 pytestmark = pytest.mark.browser
-
-ARTIFACTS = REPO / "test-artifacts"
-CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """The browser binary, once it and its driver are there; a missing one fails the test."""
-    missing = [path for path in (CHROMIUM, DRIVER) if not os.path.exists(path)]
-    if missing:
-        pytest.fail(f"{' and '.join(missing)} missing: run `make browser-deps` first", pytrace=False)
-    return CHROMIUM
-
-
-@contextlib.contextmanager
-def _chromium(binary: str, javascript: bool = True):
-    """A headless Chromium with a fresh profile, driven through chromedriver."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    profile = tempfile.mkdtemp(prefix="gows-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = binary
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run",
-                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=1280,900"):
-        options.add_argument(flag)
-    if not javascript:
-        options.add_experimental_option("prefs", {"profile.managed_default_content_settings.javascript": 2})
-    driver = webdriver.Chrome(service=Service(DRIVER), options=options)
-    driver.set_page_load_timeout(30)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
 
 
 @pytest.fixture
 def browser(chromium):
-    with _chromium(chromium) as driver:
+    with chromium_session(chromium) as driver:
         yield driver
 
 
@@ -89,12 +50,6 @@ def _requests(rows: dict[str, dict[str, str]]) -> int:
     return sum(int(row["Requests"].replace(",", "")) for row in rows.values())
 
 
-def _shot(driver, name: str) -> Path:
-    ARTIFACTS.mkdir(exist_ok=True)
-    path = ARTIFACTS / name
-    driver.get_screenshot_as_file(str(path))
-    assert path.stat().st_size > 5000  # a rendered page, not an empty image
-    return path
 
 
 def test_status_page_shows_workers_and_updates_in_place_after_a_worker_is_killed(masters, tmp_path, site, browser):
@@ -136,7 +91,7 @@ def test_status_page_shows_workers_and_updates_in_place_after_a_worker_is_killed
     assert counted >= 70
     wait_until(lambda: _requests(_rows(browser, "proxies")) == counted, timeout=20, message="proxy rows updated")
     assert browser.execute_script("return window.gowsMarker;") == "same page"
-    _shot(browser, "admin-status.png")
+    screenshot(browser, "admin-status.png")
 
     # A phone: each worker and each proxy is a labelled card, nothing wider than the screen.
     browser.set_window_size(390, 844)
@@ -148,7 +103,7 @@ def test_status_page_shows_workers_and_updates_in_place_after_a_worker_is_killed
                     row: getComputedStyle(table.querySelector('tbody tr')).display,
                     overflow: document.documentElement.scrollWidth - window.innerWidth};""", table)
         assert layout["head"] == "none" and layout["row"] == "block" and layout["overflow"] <= 0, (table, layout)
-    _shot(browser, "admin-status-phone.png")
+    screenshot(browser, "admin-status-phone.png")
 
 
 class _Table(HTMLParser):
@@ -204,12 +159,12 @@ def test_status_page_is_a_complete_table_without_javascript(masters, tmp_path, s
     assert '<meta http-equiv="refresh" content="10">' in html  # inside <noscript>
 
     # And as Chromium shows it with JavaScript off: the same rows, and the page says it is static.
-    with _chromium(chromium, javascript=False) as driver:
+    with chromium_session(chromium, javascript=False) as driver:
         driver.get(f"http://127.0.0.1:{a.admin_port}/status")
         assert set(_rows(driver)) == {f"127.0.0.1:{p}" for p in a.worker_ports}  # (WebDriver's own JS still runs)
         assert {index: row["PID"] for index, row in _rows(driver, "proxies").items()} == proxies
         assert driver.find_element("id", "live").text == "static page, reloads every 10 s"
-        _shot(driver, "admin-status-nojs.png")
+        screenshot(driver, "admin-status-nojs.png")
 
 
 def _charts(driver) -> dict[str, dict]:
@@ -254,7 +209,7 @@ def test_status_page_charts_requests_and_p99_and_redraws_them_in_place(masters, 
     wait_until(lambda: _charts(browser)["chart-rate"]["summary"] != before, timeout=20, message="charts redrawn")
     assert browser.execute_script("return window.gowsMarker;") == "same page"
     browser.execute_script("window.scrollTo(0, 0);")  # the traffic cards and their charts
-    _shot(browser, "admin-status-charts.png")
+    screenshot(browser, "admin-status-charts.png")
 
     # Without JavaScript the charts are there all the same: plain SVG in the page.
     html = a.get("/status").text

@@ -268,7 +268,7 @@ def test_gows_rows_and_the_metrics_row_have_an_admin_listener_the_twins_none(tmp
 def test_serve_gives_an_admin_listener_exactly_to_the_servers_that_want_one(tmp_path, monkeypatch):
     written = {}
 
-    def fake_command(spec, root, port, workdir, admin_port=None):
+    def fake_command(spec, root, port, workdir, admin_port=None, tls=None):
         written[spec.kind] = admin_port
         return ["true"], {}
 
@@ -594,10 +594,29 @@ def test_many_clients_load_is_planned_for_apache_nginx_and_gows_only():
     assert many == {"Apache", "nginx"} | {f"gows {n}w cache {c}" for n in (2, 10, 100) for c in ("on", "off")}
     assert cli.planned_loads(NGINX, plan) == [("ab", "1 KiB"), ("ab", "150 KB"), ("wrk", "1 KiB"),
                                               ("wrk -c8", "10 MiB"), ("wrk -c8", "100 MiB"),
-                                              ("wrk files", "4096 × 64 KiB"), ("wrk -c5000", "1 KiB")]
+                                              ("wrk files", "4096 × 64 KiB"), ("ab TLS1.2", "1 KiB"),
+                                              ("wrk TLS", "1 KiB"), ("wrk -c5000", "1 KiB")]
     fileapp = cli.build_plan(cli.parse_args(["fileapp"]))
     assert fileapp.many_kinds == [] and all(t != loads.MANY_TOOL for s in fileapp.specs
                                             for t, _ in cli.planned_loads(s, fileapp))
+
+
+def test_https_loads_are_planned_for_nginx_and_gows_with_its_front_cache_on():
+    plan = cli.build_plan(cli.parse_args([]))
+    tls = {s.label for s in plan.specs if ("ab TLS1.2", "1 KiB") in cli.planned_loads(s, plan)}
+    assert tls == {"nginx"} | {f"gows {n}w cache on" for n in (2, 10, 100)}
+    assert all(not cli.wants_tls(s, cli.build_plan(cli.parse_args(["fileapp"]))) for s in plan.specs)
+
+
+def test_nginx_and_gows_serve_https_with_the_same_certificate_and_profile(tmp_path):
+    tls = servers.Tls(8443, tmp_path / "c.crt", tmp_path / "c.key")
+    conf = servers.nginx_config(tmp_path, 8080, tmp_path, tls)
+    assert "listen 127.0.0.1:8080;" in conf and "listen 127.0.0.1:8443 ssl;" in conf
+    assert f"ssl_certificate {tmp_path / 'c.crt'};" in conf and "ssl_protocols TLSv1.2 TLSv1.3;" in conf
+    assert "ssl_prefer_server_ciphers off;" in conf and "ECDHE-ECDSA-AES128-GCM-SHA256" in conf
+    assert "ssl" not in servers.nginx_config(tmp_path, 8080, tmp_path)
+    gows = servers.gows_config(tmp_path, 8080, servers.ServerSpec("gows", 2, True), tls=tls)
+    assert gows["tls"] == {"certificate": str(tls.certificate), "key": str(tls.key), "listen": "127.0.0.1:8443"}
 
 
 def test_fileapp_plan_is_the_issue_2_comparison():
@@ -777,14 +796,14 @@ def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, c
     ab_calls: list[tuple[str, int, int]] = []
 
     @contextmanager
-    def fake_serve(spec, root, workdir):
+    def fake_serve(spec, root, workdir, certificate=None):
         if spec.kind == "nginx":
             raise servers.ServerError("nginx exited with status 1:\nbind() failed")
         started.append(spec.label)
         workdir.mkdir()
         yield servers.Running(spec, 4242, None, workdir / "server.log", idle=True)  # type: ignore[arg-type]
 
-    def fake_ab(url, requests, concurrency, gnuplot=None):
+    def fake_ab(url, requests, concurrency, gnuplot=None, protocol=None):
         ab_calls.append((url, requests, concurrency))
         if gnuplot is not None:
             gnuplot.write_text(fixture("ab-gnuplot.tsv"))
@@ -828,7 +847,8 @@ def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, c
     nginx = [r for r in record["rows"] if r["kind"] == "nginx"]
     assert {(r["file"], r["tool"]) for r in nginx} == {("1 KiB", "ab"), ("150 KB", "ab"), ("1 KiB", "wrk"),
                                                        ("10 MiB", "wrk -c8"), ("100 MiB", "wrk -c8"),
-                                                       ("4096 × 64 KiB", "wrk files"), ("1 KiB", "wrk -c5000")}
+                                                       ("4096 × 64 KiB", "wrk files"), ("1 KiB", "ab TLS1.2"),
+                                                       ("1 KiB", "wrk TLS"), ("1 KiB", "wrk -c5000")}
     assert all(r["result"] is None and "bind() failed" in r["error"] for r in nginx)
     apache_many = [r for r in record["rows"] if r["kind"] == "apache" and r["tool"] == "wrk -c5000"]
     assert len(apache_many) == 1 and apache_many[0]["result"]["proxies"] is None
@@ -840,7 +860,7 @@ def test_run_reports_each_proxy_share_of_every_gows_load(tmp_path, monkeypatch, 
     from contextlib import contextmanager
 
     @contextmanager
-    def fake_serve(spec, root, workdir):
+    def fake_serve(spec, root, workdir, certificate=None):
         workdir.mkdir()
         yield servers.Running(spec, 4242, None, workdir / "server.log", idle=True,  # type: ignore[arg-type]
                               admin_port=4343 if spec.admin else None)
@@ -857,7 +877,7 @@ def test_run_reports_each_proxy_share_of_every_gows_load(tmp_path, monkeypatch, 
 
     monkeypatch.setattr(cli, "serve", fake_serve)
     monkeypatch.setattr(proxies, "read_status", fake_status)
-    monkeypatch.setattr(loads, "ab", lambda url, n, c, gnuplot=None, headers=None: (
+    monkeypatch.setattr(loads, "ab", lambda url, n, c, gnuplot=None, headers=None, protocol=None: (
         gnuplot.write_text(fixture("ab-gnuplot.tsv")) if gnuplot else None,
         loads.parse_ab(load(fixture("ab-nginx-1k.txt"))))[1])
     monkeypatch.setattr(loads, "wrk", lambda url, c, s, threads=1, timeout=None, script=None: loads.parse_wrk(
@@ -873,7 +893,7 @@ def test_run_reports_each_proxy_share_of_every_gows_load(tmp_path, monkeypatch, 
     cache_on = {r["tool"] + " " + r["file"]: r["result"]["proxies"] for r in record["rows"] if r["cache"]}
     assert set(cache_on) == {"ab 1 KiB", "ab 150 KB", "wrk 1 KiB", "wrk -c8 10 MiB", "wrk -c8 100 MiB",
                              "wrk files 4096 × 64 KiB", "wrk -c5000 1 KiB", "ab br 100 KB text, on the fly",
-                             "ab br 100 KB text, br sidecar"}
+                             "ab br 100 KB text, br sidecar", "ab TLS1.2 1 KiB", "wrk TLS 1 KiB"}
     assert all(p == [{"index": 1, "requests": 3000, "restarts": 0}, {"index": 2, "requests": 2000, "restarts": 0}]
                for p in cache_on.values())
     md = next(tmp_path.glob("compare-*.md")).read_text()
@@ -1069,7 +1089,9 @@ def test_verdict_says_by_how_much_a_target_is_met_or_missed():
 def test_compression_rows_are_planned_for_every_gows_row_only():
     plan = cli.build_plan(cli.parse_args([]))
     rows = [("ab br", "100 KB text, on the fly"), ("ab br", "100 KB text, br sidecar")]
-    assert cli.planned_loads(GOWS_ON, plan)[-3:-1] == rows  # before the many-clients load
+    planned = cli.planned_loads(GOWS_ON, plan)
+    assert [load for load in planned if load[0] == "ab br"] == rows
+    assert planned[-1][0] == cli.MANY_TOOL  # both before the many-clients load
     assert not set(rows) & set(cli.planned_loads(NGINX, plan))
     assert cli.build_plan(cli.parse_args(["fileapp"])).compress_kinds == []
 

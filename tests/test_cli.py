@@ -164,7 +164,7 @@ MISTAKES = [
     (["serve", "site/hello.txt"], "gows serve: directory: {cwd}/site/hello.txt is not a directory"),
     (["serve", "--workers", "x"], "gows serve: argument --workers: invalid int value: 'x'"),
     (["serve", "--workers", "0"], "gows serve: --workers: must be null or an integer from 1 to 1024, got 0"),
-    (["serve", "--listen", "8080"], 'gows serve: --listen: must be a "host:port" address'),
+    (["serve", "--listen", "8080"], 'gows serve: --listen: must be null or a "host:port" address'),
     (["serve", "--admin", "127.0.0.1:8080"], "gows serve: --admin: port 8080 is already used by listen"),
     (["serve", "--worker-base-port", "70000"], "gows serve: --worker-base-port: must be an integer from 1 to 65535"),
     (["serve", "--bogus"], "gows: unrecognized arguments: --bogus"),

@@ -387,7 +387,8 @@ def test_metrics_give_each_proxy_process_labelled_series_and_no_family_twice():
     from prometheus_client.parser import text_string_to_metric_families
 
     master = types.SimpleNamespace(table=WorkerTable(), proxy=_Fleet(), started=1.0, stopping=False,
-                                   access_log=None, config_path="gows.conf.json")
+                                   access_log=None, config_path="gows.conf.json", certificate=None,
+                                   tls_listen=None)
     text = exposition(make_registry(master), "text/plain")[0].decode()
     families = list(text_string_to_metric_families(text))
     names = [f.name for f in families]

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from browser_support import chromium_session, screenshot
 from master_support import serving
-from test_admin_browser import _chromium, _shot, chromium  # noqa: F401  (a fixture)
 
 pytestmark = pytest.mark.browser
 
@@ -36,8 +36,8 @@ def _names(driver) -> list[str]:
 
 
 @pytest.mark.parametrize("javascript", [True, False], ids=["js", "nojs"])
-def test_listing_shows_names_as_text_and_links_to_them(listed, chromium, javascript):  # noqa: F811
-    with _chromium(chromium, javascript=javascript) as driver:
+def test_listing_shows_names_as_text_and_links_to_them(listed, chromium, javascript):
+    with chromium_session(chromium, javascript=javascript) as driver:
         driver.get(f"http://127.0.0.1:{listed.port}/docs/")
         assert driver.title == "Index of /docs/"
         assert _names(driver) == ["../", XSS, "<xss>.txt", "guides/", "notes.md", "report 2026.pdf"]
@@ -46,7 +46,7 @@ def test_listing_shows_names_as_text_and_links_to_them(listed, chromium, javascr
         cells = driver.execute_script(
             "return Array.from(document.querySelectorAll('#listing tbody tr')).map(r => r.innerText);")
         assert any("report 2026.pdf" in row and "146.5 KiB" in row for row in cells)
-        _shot(driver, f"site-listing{'' if javascript else '-nojs'}.png")
+        screenshot(driver, f"site-listing{'' if javascript else '-nojs'}.png")
         driver.find_element("link text", XSS).click()
         assert driver.find_element("tag name", "body").text == "just a file"
         driver.back()

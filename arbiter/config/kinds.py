@@ -208,6 +208,22 @@ class FilePath(_PathKind):
         return path
 
 
+class InputFile(_PathKind):
+    """A file the master reads (a certificate, a key): it must exist and be readable."""
+
+    expect = "a file path"
+
+    def parse(self, value, key, base):
+        path = self.resolve(value, key, base)
+        if not path.exists():
+            raise ConfigError(f"{key}: {path} does not exist")
+        if not path.is_file():
+            raise ConfigError(f"{key}: {path} is not a file")
+        if not os.access(path, os.R_OK):
+            raise ConfigError(f"{key}: {path} is not readable")
+        return path
+
+
 class LogTarget(Kind):
     """Where a log goes: false (off), true or "-" (stdout), or a file path."""
 

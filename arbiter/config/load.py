@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 from ..addresses import Address, WorkerAddress
 from ..sockets import ListenError, bind_listener
+from ..tls import CertificateInfo, TlsError, check
 from .kinds import ConfigError, parse_object
 from .settings import Config
 
@@ -93,7 +94,13 @@ def _check_ports(config: Config, listen_key: str) -> None:
             raise ConfigError(f"{label}: {what} is already used by {seen[key]}")
         seen[key] = label
 
-    claim(("local", config.listen.port), listen_key, f"port {config.listen.port}")
+    if config.listen is not None:
+        claim(("local", config.listen.port), listen_key, f"port {config.listen.port}")
+    if config.tls.enabled:
+        claim(("local", config.tls.listen.port), "tls.listen", f"port {config.tls.listen.port}")
+        if config.tls.redirect_listen is not None:
+            claim(("local", config.tls.redirect_listen.port), "tls.redirectListen",
+                  f"port {config.tls.redirect_listen.port}")
     if config.admin is not None:
         claim(("local", config.admin.port), "admin", f"port {config.admin.port}")
     for w in config.workers:
@@ -118,9 +125,36 @@ def load_data(raw: Any, source: Path) -> Config:
     px = values.proxy
     if px.max_body_bytes > px.body_buffer_bytes:
         raise ConfigError(f"proxy.maxBodyBytes: {px.max_body_bytes} exceeds proxy.bodyBufferBytes {px.body_buffer_bytes}")
+    _check_tls(values, listen)
     config = dataclasses.replace(values, listen=listen, workers=_resolve_workers(raw, values), source=source)
     _check_ports(config, listen_key)
+    tls_certificate(config)
     return config
+
+
+def _check_tls(values: Config, listen: Address | None) -> None:
+    """The tls section's settings fit together, and something is served."""
+    tls = values.tls
+    if (tls.certificate is None) != (tls.key is None):
+        raise ConfigError("tls.key: required with tls.certificate" if tls.key is None
+                          else "tls.certificate: required with tls.key")
+    if not tls.enabled:
+        if tls.redirect_listen is not None:
+            raise ConfigError("tls.redirectListen: needs tls.certificate (there is no HTTPS to redirect to)")
+        if listen is None:
+            raise ConfigError("listen: null serves nothing without tls.certificate (HTTPS only needs a certificate)")
+
+
+def tls_certificate(config: Config) -> CertificateInfo | None:
+    """Check the configured certificate and key as a proxy will load them; what the certificate
+    says (None without TLS). ConfigError naming the key when they cannot serve (missing, not
+    matching, protected by a passphrase, expired: the message gives the date)."""
+    if not config.tls.enabled:
+        return None
+    try:
+        return check(config.tls.certificate, config.tls.key)
+    except TlsError as e:
+        raise ConfigError(str(e)) from None
 
 
 def read(path: str | os.PathLike) -> Any:

@@ -14,7 +14,7 @@ from fileapp import cache as worker_cache
 from fileapp import logs as worker_logs
 
 from ..addresses import Address, WorkerAddress
-from .kinds import (REQUIRED, AddressKind, Boolean, Choice, Directory, FilePath, Host, Integer, LogTarget,
+from .kinds import (REQUIRED, AddressKind, Boolean, Choice, Directory, FilePath, Host, InputFile, Integer, LogTarget,
                     Nullable, Number, UrlPath, WorkerList, section, setting)
 from .site_kinds import ErrorPages, HeaderRuleList, SitePath
 
@@ -88,6 +88,29 @@ class FrontCacheConfig:
     max_object_bytes: int = setting(Integer(0, 1 << 40), 1048576, "Largest response body the front cache keeps (a file body a worker hands off is kept as the file's name, whatever its size).")
 
 
+@dataclass(frozen=True)
+class HstsConfig:
+    """tls.hsts: Strict-Transport-Security on HTTPS responses (opt-in)."""
+
+    max_age: int = setting(Integer(0, 1 << 31), 0, "Seconds a browser keeps to HTTPS only for this host once it has seen the header; 0 sends no Strict-Transport-Security header (off). Start small (300) and raise it (31536000, a year) once every page works over HTTPS: a browser cannot be told to forget it early.")
+    include_sub_domains: bool = setting(Boolean(), False, "Add includeSubDomains: every subdomain becomes HTTPS-only too.")
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """tls: HTTPS, terminated in the proxy processes."""
+
+    certificate: Path | None = setting(Nullable(InputFile()), None, "PEM certificate chain, the server's certificate first; null: no HTTPS. SIGHUP loads it again (a broken one keeps the old serving).")
+    key: Path | None = setting(Nullable(InputFile()), None, "PEM private key of the certificate, without a passphrase (gows never prompts for one).")
+    listen: Address = setting(AddressKind(), "127.0.0.1:8443", "Address of the HTTPS listener (TLS 1.2 and 1.3, Mozilla's intermediate profile, ALPN http/1.1).")
+    redirect_listen: Address | None = setting(Nullable(AddressKind()), None, "Address of a plain-HTTP listener answering every request with a 308 redirect to the same path on HTTPS (the host is the request's when the certificate names it, else the certificate's first name); null: none.")
+    hsts: HstsConfig = section(HstsConfig, "Strict-Transport-Security on HTTPS responses.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
 _PORT = Integer(1, 65535)
 
 
@@ -95,7 +118,7 @@ _PORT = Integer(1, 65535)
 class Config:
     """A validated gows.conf.json. `listen` and `workers` are resolved from whichever form was given."""
 
-    listen: Address = setting(AddressKind(), "127.0.0.1:8080", "Public address the master serves on; IPv6 as \"[::1]:8080\".")
+    listen: Address | None = setting(Nullable(AddressKind()), "127.0.0.1:8080", "Public address the master serves plain HTTP on; IPv6 as \"[::1]:8080\"; null: none (HTTPS only, with tls).")
     master_port: int | None = setting(Nullable(_PORT), None, "Legacy (proof of concept): public port on 127.0.0.1. Give either this or listen.")
     workers: tuple[WorkerAddress, ...] = setting(Nullable(WorkerList()), None, "The workers as a list of {host, port}. Workers on this machine are spawned here; others are only health-checked. Give either this or workerCount.")
     worker_count: int | None = setting(Nullable(Integer(1, 1024)), None, "Shorthand for workers: this many local workers on consecutive ports from workerBasePort.")
@@ -119,6 +142,7 @@ class Config:
     logging: LoggingConfig = section(LoggingConfig, "Logging of the master and its workers.")
     proxy: ProxyConfig = section(ProxyConfig, "The front reverse proxy.")
     front_cache: FrontCacheConfig = section(FrontCacheConfig, "Responses cached in the proxy processes.")
+    tls: TlsConfig = section(TlsConfig, "HTTPS in the proxy processes (off until a certificate is given).")
     source: Path = field(default=Path("gows.conf.json"), metadata={})  # the file this came from
 
     @property

@@ -106,6 +106,16 @@ class MasterCollector(Collector):
                 latency.add_metric(values, w.last_check_latency)
         yield from (up, restarts, served, in_flight, failures, latency)
 
+        cert = master.certificate
+        if cert is not None:
+            yield GaugeMetricFamily("gows_tls_certificate_expiry_timestamp_seconds",
+                                    "Unix time the HTTPS certificate new handshakes get expires (alert on it minus time()).",
+                                    value=cert.not_after)
+            info = GaugeMetricFamily("gows_tls_certificate_info", "The HTTPS certificate new handshakes get.",
+                                     labels=["subject", "serial"])
+            info.add_metric([cert.subject, format(cert.serial, "x")], 1)
+            yield info
+
         access_log = master.access_log
         if access_log is not None:
             yield CounterMetricFamily("gows_access_log_dropped_lines", "Access log lines not written: the writer "

@@ -20,7 +20,9 @@ durations are seconds, latencies may be null when nothing was measured:
                "file_bodies": int, "file_refused": int},
      "proxies": [{"index": int, "pid": int|null, "ready": bool, "restarts": int, "requests": int,
                   "client_connections": int, "rate": float}],
-     "access_log": {"enabled": bool, "dropped": int, "error": str}}
+     "access_log": {"enabled": bool, "dropped": int, "error": str},
+     "tls": {"enabled": bool, "listen": str|null, "subject": str, "issuer": str, "sans": [str],
+             "serial": str, "not_before": float, "not_after": float, "expires_in_seconds": float}}
 
     WINDOW = {"seconds": float, "requests": int, "rate_per_second": float,
               "p50_seconds": float|null, "p99_seconds": float|null}
@@ -33,6 +35,8 @@ connections (refreshed every 0.25 s) and its requests per second between its las
 reports (about a second apart); a slot retired at a reload leaves the rows, its counts stay in
 the totals. The access log's `dropped` counts every line not written (its writer fell behind,
 or a write failed: a full disk), `error` says why the last write failed ("" while writes succeed).
+`tls` is {"enabled": false} without HTTPS; with it, the certificate new handshakes get (the one
+loaded at start or at the last reload): its serial in hexadecimal, its validity in Unix seconds.
 """
 from __future__ import annotations
 
@@ -47,6 +51,7 @@ from ..state import WorkerTable
 
 if TYPE_CHECKING:
     from ..proxy_slot import AccessLogState
+    from ..tls import CertificateInfo
 
 
 
@@ -70,6 +75,8 @@ class Master(Protocol):
     started: float  # Unix time
     stopping: bool
     access_log: AccessLogState | None  # None: the access log is off
+    certificate: CertificateInfo | None  # the HTTPS certificate; None without HTTPS
+    tls_listen: str | None  # the HTTPS address; None without HTTPS
 
     @property
     def config_path(self) -> str: ...
@@ -129,4 +136,13 @@ def snapshot(master: Master, window: Window) -> dict[str, Any]:
         "access_log": {"enabled": access_log is not None,
                        "dropped": access_log.dropped if access_log is not None else 0,
                        "error": access_log.error if access_log is not None else ""},
+        "tls": tls_status(master, now),
     }
+
+
+def tls_status(master: Master, now: float) -> dict[str, Any]:
+    cert = master.certificate
+    if cert is None:
+        return {"enabled": False}
+    return {"enabled": True, "listen": master.tls_listen, **cert.as_dict(),
+            "expires_in_seconds": round(cert.not_after - now, 3)}

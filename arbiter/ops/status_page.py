@@ -92,6 +92,7 @@ var fields={
  cratio:function(d){return pct(d.front_cache.hit_ratio);},
  astate:function(d){var a=d.access_log;return !a.enabled?"off":a.error?"failing: "+a.error:"on";},
  adropped:function(d){return num(d.access_log.dropped);},
+ tlsexpires:function(d){return d.tls&&d.tls.enabled?dur(d.tls.expires_in_seconds):"";},
  workersup:function(d){var n=0;d.workers.forEach(function(w){if(w.up)n++;});return n+" / "+d.workers.length;},
  proxiesup:function(d){var n=0;d.proxies.forEach(function(p){if(p.ready)n++;});return n+" / "+d.proxies.length;}
 };
@@ -250,6 +251,22 @@ def _proxy_row(p: dict[str, Any]) -> str:
             + "</tr>")
 
 
+def _tls_section(t: dict[str, Any]) -> str:
+    """The HTTPS certificate's cards (none without HTTPS): what an operator renews, and when."""
+    if not t["enabled"]:
+        return ""
+    expires = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(t["not_after"]))
+    cards = "".join((
+        _card("tlslisten", "HTTPS on", t["listen"] or ""),
+        _card("tlssubject", "Subject", t["subject"]),
+        _card("tlssans", "Names (SANs)", ", ".join(t["sans"]) or "none"),
+        _card("tlsnotafter", "Expires", expires),
+        _card("tlsexpires", "Expires in", _dur(t["expires_in_seconds"])),
+        _card("tlsserial", "Serial", t["serial"]),
+    ))
+    return f'<h2>HTTPS certificate</h2><dl class="cards">{cards}</dl>\n'
+
+
 def chart_figures(history: Sequence[Second]) -> str:
     """The traffic charts (requests/s, p99 latency) of the admin sampler's `history`: the page's
     #charts block, and what /status/charts answers for the script to swap in."""
@@ -284,6 +301,7 @@ def render(d: dict[str, Any], history: Sequence[Second] = ()) -> str:
         _card("adropped", "Lines dropped", f'{d["access_log"]["dropped"]:,}'),
     ))
     rows = "".join(_worker_row(w, now) for w in d["workers"])
+    tls = _tls_section(d.get("tls", {"enabled": False}))
     heads = _heads(("Worker", False), ("PID", True), ("State", False), ("Since", True), ("Failures", True),
                    ("Restarts", True), ("Requests", True), ("In flight", True), ("Last check", True))
     proxy_rows = "".join(_proxy_row(p) for p in d["proxies"])
@@ -312,7 +330,7 @@ proxies ready <span id="f-proxiesup">{proxies_up} / {len(d["proxies"])}</span></
 <tbody id="proxies">{proxy_rows}</tbody></table>
 <h2>Front cache</h2><dl class="cards">{front}</dl>
 <h2>Access log</h2><dl class="cards">{access}</dl>
-<footer>gows {escape(d["version"])} &middot; master pid {d["pid"]} &middot; config {escape(d["config"])}<br>
+{tls}<footer>gows {escape(d["version"])} &middot; master pid {d["pid"]} &middot; config {escape(d["config"])}<br>
 updated <span id="f-updated">{time.strftime("%H:%M:%S")}</span> &middot; <span id="live">static page, reloads every 10 s</span>
 &middot; <a href="status.json">status.json</a> &middot; <a href="metrics">metrics</a></footer>
 </main>

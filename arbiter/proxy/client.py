@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from .server import Proxy
 
 log = logging.getLogger("gows.proxy")
+PLAIN_SCHEME = b"http"
 
 
 class ClientProtocol(RequestReader):
@@ -33,7 +34,9 @@ class ClientProtocol(RequestReader):
     with an error of the proxy's own, or through a Relay to a worker."""
 
     __slots__ = ("relay", "eof", "write_paused", "stall_since", "peer", "pumping", "idle_since", "sender",
-                 "sending")
+                 "sending", "accepted", "full")
+    scheme = PLAIN_SCHEME  # as workers are told it (X-Forwarded-Proto)
+    sender_class: Any = FileSender  # what sends a file body (sendfile to the socket: not over TLS)
 
     def __init__(self, proxy: Proxy) -> None:
         super().__init__(proxy)
@@ -46,6 +49,8 @@ class ClientProtocol(RequestReader):
         self.idle_since = 0.0  # when the connection last had no request in progress
         self.sender: FileSender | None = None  # sending a file body
         self.sending: tuple[Request, bool] | None = None  # its request, and whether to keep alive after
+        self.full = False  # between the transport's pause_writing and resume_writing
+        self.accepted = proxy.clock  # the TLS handshake, if any, counts against the head's deadline
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -60,7 +65,7 @@ class ClientProtocol(RequestReader):
         proxy.conns.add(self)
         self.parser = HttpRequestParser(self)
         self.idle_since = proxy.clock
-        self.deadline = proxy.clock + proxy.config.header_timeout
+        self.deadline = self.accepted + proxy.config.header_timeout
 
     def eof_received(self) -> bool | None:
         self.eof = True
@@ -85,14 +90,18 @@ class ClientProtocol(RequestReader):
 
     def pause_writing(self) -> None:
         # The client reads slower than the worker sends: stop reading the worker.
-        self.write_paused = True
+        self.write_paused = self.full = True
         self.stall_since = self.proxy.clock
+        if self.sender is not None:
+            self.sender.pause()
         relay = self.relay
         if relay is not None and relay.upstream is not None:
             relay.upstream.pause()
 
     def resume_writing(self) -> None:
+        self.full = False
         if self.sender is not None:  # the file body's stall clock runs on (send_file)
+            self.sender.resume()
             return
         self.write_paused = False
         relay = self.relay
@@ -171,12 +180,16 @@ class ClientProtocol(RequestReader):
             entry.prepare(age)
         keep = req.keep_alive and not proxy.draining
         http10 = req.http10
+        hsts = proxy.tls.hsts if self.scheme is not PLAIN_SCHEME else None  # (stored heads have none)
         if (req.inm is not None or req.ims is not None) and entry.not_modified(req.inm, req.ims):
-            self.transport.write((entry.nm_ka if http10 else entry.nm) if keep else entry.nm_close)
+            nm = (entry.nm_ka if http10 else entry.nm) if keep else entry.nm_close
+            self.transport.write(nm if hsts is None else nm[:-2] + hsts + b"\r\n")
             proxy.status_counts[3] += 1
             req.status = 304
         else:
             head = (entry.head_ka if http10 else entry.head) if keep else entry.head_close
+            if hsts is not None:
+                head = head[:-2] + hsts + b"\r\n"
             if req.method == HEAD:
                 self.transport.write(head)
             elif entry.file is not None:
@@ -193,7 +206,7 @@ class ClientProtocol(RequestReader):
                 return True
             else:
                 body = entry.body
-                if keep and not http10 and entry.full is not None:
+                if keep and not http10 and entry.full is not None and head is entry.head:
                     self.transport.write(entry.full)  # the usual keep-alive hit, prepared whole
                 elif len(body) <= JOIN_LIMIT:
                     self.transport.write(head + body)
@@ -214,8 +227,10 @@ class ClientProtocol(RequestReader):
         self.write_paused = True
         self.stall_since = proxy.clock
         self.sending = (req, keep)
-        self.sender = FileSender(proxy.loop, self.transport, fd, offset, count, self._file_sent,
+        self.sender = self.sender_class(proxy.loop, self.transport, fd, offset, count, self._file_sent,
                                  self._file_failed, self._file_progress)
+        if self.full:  # (the head filled the transport's buffer: wait for resume_writing)
+            self.sender.pause()
         self.sender.start()
 
     def _file_progress(self) -> None:

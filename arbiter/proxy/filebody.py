@@ -7,6 +7,11 @@ written before (the head), sendfile writes straight to the socket, as much as it
 is full, a second descriptor of the socket (a dup: the loop refuses a writer on the transport's
 own) is watched for room. Memory stays bounded whatever the file size or the client's speed:
 the kernel's socket buffer holds what is in flight.
+
+Over TLS the transport must encrypt every byte, so sendfile to the socket underneath would send
+the file in clear text into the middle of a TLS stream: StreamSender reads the file a chunk at a
+time into the transport instead, and stops while the transport asks it to (pause_writing), so
+memory stays bounded there too (a chunk plus the transport's high-water mark).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from fileapp.handoff import FileRef, open_verified
 # Bytes sent per turn of the event loop to one client, so that a fast reader of a big file
 # cannot keep the others waiting.
 TURN_BYTES = 4 * 2**20
+CHUNK = 64 * 1024  # bytes read from the file per write into a TLS transport
 # Socket errors that only mean the client went away.
 CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 
@@ -56,6 +62,12 @@ class FileSender:
     def start(self) -> None:
         if self.transport.get_write_buffer_size() or not self._send():
             self._wait()
+
+    def pause(self) -> None:
+        """(The transport's buffer is full: only the head, which this sender waits for anyway.)"""
+
+    def resume(self) -> None:
+        pass
 
     def cancel(self) -> None:
         """Stop (the client went away or the connection is being closed): let go of everything."""
@@ -114,6 +126,81 @@ class FileSender:
             return False  # this turn's share is sent: wait for the next (the socket had room)
         self._finish(None, False)
         return True
+
+    def _finish(self, failure: str | None, gone: bool) -> None:
+        self.cancel()
+        if failure is None:
+            self.done()
+        else:
+            self.failed(failure, gone)
+
+
+class StreamSender:
+    """FileSender's counterpart for a transport that must see every byte (TLS): reads `count`
+    bytes of `fd` from `offset` a CHUNK at a time and writes them to the transport, as long as
+    the transport does not ask to pause (the client protocol forwards pause/resume). Owns `fd`."""
+
+    __slots__ = ("loop", "transport", "fd", "offset", "left", "done", "failed", "progress", "paused", "handle")
+
+    def __init__(self, loop: Any, transport: Any, fd: int, offset: int, count: int,
+                 done: Callable[[], None], failed: Callable[[str, bool], None], progress: Callable[[], None]) -> None:
+        self.loop = loop
+        self.transport = transport
+        self.fd = fd
+        self.offset = offset
+        self.left = count
+        self.done = done
+        self.failed = failed
+        self.progress = progress
+        self.paused = False
+        self.handle: Any = None  # the next turn, when this one used its share
+
+    def start(self) -> None:
+        self._pump()
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+        if self.handle is None and self.fd >= 0:
+            self._pump()
+
+    def cancel(self) -> None:
+        if self.handle is not None:
+            self.handle.cancel()
+            self.handle = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _pump(self) -> None:
+        """Write chunks until the transport pauses us, this turn's share is sent, or the end."""
+        self.handle = None
+        budget = TURN_BYTES
+        transport = self.transport
+        while self.left and not self.paused and self.fd >= 0:
+            if transport.is_closing():
+                self._finish("the connection closed", True)
+                return
+            if budget <= 0:
+                self.handle = self.loop.call_soon(self._pump)
+                return
+            try:
+                data = os.pread(self.fd, min(CHUNK, self.left), self.offset)
+            except OSError as exc:
+                self._finish(exc.strerror or str(exc), False)
+                return
+            if not data:
+                self._finish(f"the file shrank: {self.left} bytes could not be sent", False)
+                return
+            self.offset += len(data)
+            self.left -= len(data)
+            budget -= len(data)
+            transport.write(data)  # (may call pause(), through the client's pause_writing)
+            self.progress()
+        if not self.left and self.fd >= 0:
+            self._finish(None, False)
 
     def _finish(self, failure: str | None, gone: bool) -> None:
         self.cancel()

@@ -42,9 +42,12 @@ LOAD_INTERVAL = 1.0  # seconds between two load reports to the master
 class ProxyProcess:
     """The proxy process's life: settings in, serve, report, stop."""
 
-    def __init__(self, index: int, listener: socket.socket, control: socket.socket, counters: Counters) -> None:
+    def __init__(self, index: int, listener: socket.socket | None, control: socket.socket, counters: Counters,
+                 tls: socket.socket | None = None, redirect: socket.socket | None = None) -> None:
         self.index = index
         self.listener = listener
+        self.tls_listener = tls
+        self.redirect_listener = redirect
         self.control = control
         self.counters = counters
         self.channel: Channel | None = None
@@ -78,14 +81,16 @@ class ProxyProcess:
             loop.add_signal_handler(sig, self._stop_signal, now)
         for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
             loop.add_signal_handler(sig, lambda: None)  # the master's signals: it tells us what to do
-        await proxy.start(self.listener)
+        await proxy.start(self.listener, self.tls_listener, self.redirect_listener)
         self.channel.send({"op": "ready"})
         self._reporter = loop.call_later(LOAD_INTERVAL, self._report_load)
         drain = await self._stop
         self._reporter.cancel()
         shutdown = asyncio.ensure_future(proxy.shutdown(drain))
         await asyncio.sleep(0)  # its first step stops accepting: then our copy of the socket goes too
-        self.listener.close()
+        for sock in (self.listener, self.tls_listener, self.redirect_listener):
+            if sock is not None:
+                sock.close()
         await shutdown
         self._report_load(again=False)
         if self.access_log is not None:
@@ -120,6 +125,8 @@ class ProxyProcess:
         proxy.configure(ProxyConfig(**settings["proxy"]), FrontCacheConfig(**settings["front_cache"]),
                         settings["threads"], settings["ttl"])
         proxy.timing = proxy.latency.counts if settings["timing"] else None
+        if proxy.tls.configure(settings.get("tls")):
+            proxy.relisten()  # new handshakes get the new certificate; open connections go on
         self.graceful_timeout = settings["graceful_timeout"]
         target = settings["access_log"]
         if target != self.access_target or self.access_log is None and target is not None:
@@ -177,7 +184,9 @@ def _die_with_parent(parent: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m arbiter.proxy", description="A gows proxy process (started by the master).")
     parser.add_argument("--index", type=int, required=True)
-    parser.add_argument("--listen-fd", type=int, required=True)
+    parser.add_argument("--listen-fd", type=int, help="the plain HTTP listener (none: HTTPS only)")
+    parser.add_argument("--tls-fd", type=int, help="the HTTPS listener")
+    parser.add_argument("--redirect-fd", type=int, help="the listener redirecting to HTTPS")
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--counters-fd", type=int, required=True)
     parser.add_argument("--parent-pid", type=int, required=True)
@@ -188,9 +197,10 @@ def main(argv: list[str] | None = None) -> int:
 
     setproctitle.setproctitle(f"gows: proxy {args.index}")
     worker_logs.configure("text", "info")
-    listener = socket.socket(fileno=args.listen_fd)
+    listener, tls, redirect = (socket.socket(fileno=fd) if fd is not None else None
+                               for fd in (args.listen_fd, args.tls_fd, args.redirect_fd))
     control = socket.socket(fileno=args.control_fd)
-    process = ProxyProcess(args.index, listener, control, Counters.attach(args.counters_fd))
+    process = ProxyProcess(args.index, listener, control, Counters.attach(args.counters_fd), tls, redirect)
     try:
         return uvloop.run(process.run())
     except KeyboardInterrupt:

@@ -42,6 +42,7 @@ class Client(Protocol):
     transport: Any
     closed: bool
     write_paused: bool
+    scheme: bytes  # b"http" or b"https": the client's, as the worker is told it
 
     def remote(self) -> bytes: ...
     def finish(self, req: Request, keep: bool) -> None: ...
@@ -163,7 +164,8 @@ class Relay:
     def _rewrite(self) -> bytes:
         """The request head as the worker gets it (rewrite.worker_request_head)."""
         handoff_line = self.proxy.handoff_line if self.handoff else None
-        return worker_request_head(self.req, self.client.remote(), self.transport, handoff_line, self.stale)
+        return worker_request_head(self.req, self.client.remote(), self.transport, handoff_line, self.stale,
+                                   self.client.scheme)
 
     # -- the worker's answer (a ResponseSink, called by UpstreamConnection) ---------------------
     def upstream_head(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
@@ -234,6 +236,9 @@ class Relay:
             out.append(CONN_CLOSE)
         elif req.http10:
             out.append(CONN_KEEP)
+        hsts = proxy.tls.hsts
+        if hsts is not None and self.client.scheme == b"https":
+            out.append(hsts)
         out += (b"Via: ", via + b", " + VIA_SELF if via else VIA_SELF, CRLF, CRLF)
         self.close_after = not keep
         self.out_mode = mode

@@ -12,10 +12,10 @@ from .request import Request
 
 
 def worker_request_head(req: Request, peer: bytes, transport: Any, handoff_line: bytes | None,
-                        stale: Entry | None) -> bytes:
+                        stale: Entry | None, scheme: bytes = b"http") -> bytes:
     """The head for `req` from the client at `peer` (the body, if any, follows it as it is);
     `handoff_line`: asks the worker to name a file body rather than send it (fileapp.handoff);
-    `stale`: the front-cache entry the request revalidates."""
+    `stale`: the front-cache entry the request revalidates; `scheme`: the client's (http, https)."""
     parts = [req.method, b" ", req.target, b" HTTP/1.1\r\n"]
     if handoff_line is not None:
         parts.append(handoff_line)
@@ -26,7 +26,7 @@ def worker_request_head(req: Request, peer: bytes, transport: Any, handoff_line:
     else:
         parts += (b"X-Forwarded-Host: ", req.host, CRLF)
     parts += (b"X-Forwarded-For: ", req.xff + b", " + peer if req.xff else peer, CRLF,
-              b"X-Forwarded-Proto: http\r\nVia: ", req.via + b", " + VIA_SELF if req.via else VIA_SELF, CRLF)
+              b"X-Forwarded-Proto: ", scheme, b"\r\nVia: ", req.via + b", " + VIA_SELF if req.via else VIA_SELF, CRLF)
     if stale is not None:  # revalidating a front-cache entry for the client's plain GET/HEAD
         parts += (b"If-None-Match: ", stale.etag, CRLF) if stale.etag is not None else \
                  (b"If-Modified-Since: ", stale.last_modified, CRLF)

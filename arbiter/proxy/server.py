@@ -7,10 +7,10 @@ import asyncio
 import heapq
 import logging
 import os
-import resource
 import select
 import socket
 import time
+from functools import partial
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -19,6 +19,8 @@ from .view import WorkerView
 from .balancer import Balancer
 from .cache import FrontCache
 from .client import IDLE, ClientProtocol
+from .https import PLAIN, PROTOCOLS, REDIRECT, TLS, TlsState
+from .fdlimit import FD_RESERVE, FDS_PER_CLIENT, fd_need, raise_fd_limit
 from .counters import SHED_IDLE, SHORTAGES, TIMEOUTS, Counters, report
 from .http1 import CRLF
 from .request import Request
@@ -39,10 +41,6 @@ IDLE_SHED = 32
 SHED_AFTER = 1.0
 # Seconds a stopping proxy keeps idle keep-alive connections open, for their clients' next request.
 IDLE_GRACE = 1.0
-# Descriptors per client: its own and one to a worker while a request is on its way there; and
-# aside from those, beyond the idle pool: listeners, logs, the control channel, the loop's own.
-FDS_PER_CLIENT = 2
-FD_RESERVE = 32
 # Full, a proxy closes idle connections for a newcomer only if no other proxy sharing the
 # listening socket took it within this many seconds: the backlog must be found waiting at each
 # of SHED_LOOKS looks, SHED_LOOK_GAP seconds apart, from then on. (One look could meet a newcomer
@@ -75,9 +73,13 @@ class Proxy:
         self.clock = time.monotonic()
         self.date_line = b""
         self.draining = False
-        self._listener: socket.socket | None = None  # the master's listening socket
-        self._server: Any = None  # serving a duplicate of it; None while not accepting
+        # The master's listening sockets, each with the kind of connection it takes (PLAIN,
+        # TLS, REDIRECT: https.py); each served through a duplicate while accepting.
+        self._listeners: list[tuple[socket.socket, str]] = []
+        self._server: list[Any] | None = None  # the servers; None while not accepting
+        self.tls = TlsState()  # the HTTPS listener's context, reloaded with the settings
         self._resuming = False
+        self._stale = False  # the servers being made use a TLS context replaced since
         self._pausing = False
         self._watching = False  # the listener is watched for newcomers while we are full
         self._shed_pending = False  # _shed_idle is due
@@ -123,10 +125,13 @@ class Proxy:
         if self.cache is not None:
             self.cache.revalidate_after = revalidate_after
 
-    async def start(self, sock: socket.socket) -> None:
-        """Serve the already bound and listening `sock` on the running loop."""
+    async def start(self, sock: socket.socket | None, tls: socket.socket | None = None,
+                    redirect: socket.socket | None = None) -> None:
+        """Serve the already bound and listening sockets on the running loop: `sock` plain HTTP,
+        `tls` HTTPS (once `self.tls` has a context), `redirect` redirects to HTTPS."""
         self.loop = asyncio.get_running_loop()
-        self._listener = sock
+        self._listeners = [(s, kind) for s, kind in ((sock, PLAIN), (tls, TLS), (redirect, REDIRECT))
+                           if s is not None]
         self._fit_fd_limit()
         await self._listen()
         self._ticker = self.loop.call_later(TICK, self._tick)
@@ -135,7 +140,7 @@ class Proxy:
         """Raise the open file limit to hold max_connections clients, each with a connection to
         a worker; where it cannot be, serve fewer clients at once rather than meet EMFILE."""
         wanted = fd_need(self.config)
-        soft = _raise_fd_limit(wanted)
+        soft = raise_fd_limit(wanted)
         if soft >= wanted:
             log.info("open file limit %d: room for proxy.maxConnections (%d clients here)", soft,
                      self.config.max_connections)
@@ -153,22 +158,34 @@ class Proxy:
 
     async def _listen(self) -> None:
         """Accept clients again (at start, and once below the connection limit)."""
+        server: list[Any] = []
         try:
-            # A duplicate, so closing our server never closes the socket the master owns (nor
-            # drops the connections waiting in its backlog); create_server calls listen() again:
-            # keep the kernel's full backlog, not asyncio's 100.
-            server = await self.loop.create_server(self._accept, sock=self._listener.dup(), backlog=self._backlog())
+            for sock, kind in self._listeners:
+                # A duplicate, so closing our server never closes the socket the master owns (nor
+                # drops the connections waiting in its backlog); create_server calls listen()
+                # again: keep the kernel's full backlog, not asyncio's 100. The handshake counts
+                # against the head's deadline (ClientProtocol.accepted); the loop's timer ends a
+                # handshake that never finishes.
+                tls = self.tls.context if kind == TLS else None
+                if kind == TLS and tls is None:
+                    continue  # (no certificate could be loaded: the backlog waits for one)
+                server.append(await self.loop.create_server(
+                    partial(self._accept, kind), sock=sock.dup(), backlog=self._backlog(), ssl=tls,
+                    ssl_handshake_timeout=self.config.header_timeout if tls is not None else None))
         except OSError as exc:  # (out of descriptors for the duplicate: the next close retries)
             log.error("cannot accept connections: %s", exc)
+            for started in server:
+                started.close()
             return
         finally:
             self._resuming = False
         self._server = server
         if self.draining:
-            server.close()
-            self._server = None
+            self._close_servers()
         elif len(self.conns) >= self.max_connections:
             self._at_limit()
+        elif self._stale:  # a new TLS context came while these servers were being made
+            self.relisten()
 
     def _backlog(self) -> int:
         """The kernel's full backlog, or where descriptors are short about as many connections as
@@ -176,35 +193,53 @@ class Proxy:
         the event loop would have to drop them (it closes what it cannot hold)."""
         return somaxconn() if self.fd_cap >= self.config.max_connections else max(8, self.fd_cap)
 
-    def _accept(self) -> ClientProtocol:
+    def _accept(self, kind: str) -> ClientProtocol:
         """The protocol factory, called as each connection is accepted (its connection_made
-        comes later, from the loop: only then does it count in `conns`)."""
+        comes later, from the loop, after the TLS handshake: only then does it count in `conns`)."""
         if len(self.conns) + 1 >= self.max_connections and self._server is not None and not self._pausing:
             # Not from in here: closing the server now would also close the connection being
             # accepted. What the same pass of accepts still brings in is served all the same.
             self._pausing = True
             self.loop.call_soon(self._at_limit)
-        return ClientProtocol(self)
+        return PROTOCOLS[kind](self)
 
     def _at_limit(self) -> None:
         """At the connection limit: stop accepting; newcomers wait in the listen backlog."""
         self._pausing = False
         if self._server is None:
             return
-        self._server.close()
-        self._server = None
+        self._close_servers()
         self._watch_backlog()
+
+    def _close_servers(self) -> None:
+        for server in self._server or ():
+            server.close()
+        self._server = None
+
+    def relisten(self) -> None:
+        """Accept anew (a new TLS context for new connections): open connections go on; those
+        arriving meanwhile wait in the kernel's backlog."""
+        self._stale = self._resuming
+        if self._server is not None and not self.draining:
+            self._close_servers()
+            self._resume()
 
     def _watch_backlog(self) -> None:
         if not self._watching:
             self._watching = True
-            self.loop.add_reader(self._listener.fileno(), self._backlog_waiting)
+            for sock, _ in self._listeners:
+                self.loop.add_reader(sock.fileno(), self._backlog_waiting)
+
+    def _unwatch_backlog(self) -> None:
+        if self._watching:
+            self._watching = False
+            for sock, _ in self._listeners:
+                self.loop.remove_reader(sock.fileno())
 
     def _backlog_waiting(self) -> None:
         """Someone waits in the backlog while we are full: unless another proxy sharing the
         socket takes them, make room (_shed_idle)."""
-        self.loop.remove_reader(self._listener.fileno())
-        self._watching = False
+        self._unwatch_backlog()
         if not self._shed_pending:
             self._shed_pending = True
             self.loop.call_later(SHED_CHECK, self._shed_idle, SHED_LOOKS)
@@ -213,7 +248,7 @@ class Proxy:
         """Still someone in the backlog (at each of `looks` looks): close the longest-idle
         keep-alive connections to make room (as nginx reuses connections). With none idle, the
         next tick looks again."""
-        if self._server is not None or self.draining or not _readable(self._listener):
+        if self._server is not None or self.draining or not any(_readable(s) for s, _ in self._listeners):
             self._shed_pending = False
             return
         if looks > 1:
@@ -238,9 +273,7 @@ class Proxy:
     def _resume(self) -> None:
         if self._resuming or self.draining or self.loop is None:
             return
-        if self._watching:
-            self.loop.remove_reader(self._listener.fileno())
-            self._watching = False
+        self._unwatch_backlog()
         self._resuming = True
         self.spawn(self._listen())
 
@@ -295,7 +328,7 @@ class Proxy:
         self.clock = now = time.monotonic()
         self._update_date()
         try:
-            if self._server is None and not self._resuming and not self.draining and self._listener is not None:
+            if self._server is None and not self._resuming and not self.draining and self._listeners:
                 if len(self.conns) < self.max_connections:
                     self._resume()
                 else:
@@ -319,12 +352,8 @@ class Proxy:
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish (up to `timeout`), close the rest."""
         self.draining = True
-        if self._server is not None:
-            self._server.close()
-            self._server = None
-        if self._watching:
-            self.loop.remove_reader(self._listener.fileno())
-            self._watching = False
+        self._close_servers()
+        self._unwatch_backlog()
         self.pool.close_idle()
         start = time.monotonic()
         self._drain_until = start + timeout
@@ -367,26 +396,6 @@ class Proxy:
         stats = report(self.counts, self.cache is not None, self.front_cache.max_bytes)
         stats["upstream_connections"] = self.pool.counts()
         return stats
-
-
-def fd_need(config: ProxyConfig) -> int:
-    """Open files a proxy needs to serve `config.max_connections` clients."""
-    return FDS_PER_CLIENT * config.max_connections + config.pool_size + FD_RESERVE
-
-
-def _raise_fd_limit(wanted: int) -> int:
-    """Raise the soft open file limit towards `wanted` (up to the hard limit); the limit now."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
-        return wanted
-    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-    if soft < target:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            return target
-        except (ValueError, OSError):
-            pass
-    return soft
 
 
 def _readable(sock: socket.socket) -> bool:

@@ -40,6 +40,7 @@ class WorkerState:
     requests: int = 0  # requests the proxies sent to this worker (kept current by the master)
     in_flight: int = 0  # requests the proxy has outstanding on this worker
     slot: int = 0  # its place among the proxies' per-worker counters (WORKER_SLOTS: none of its own)
+    name: str = ""  # how the config names it (a host name), when not its address
     weight: int = 1  # its share of the requests against the others' (the config's workers[].weight)
     slow_start: float = 0.0  # seconds a comeback ramps over (workers[].slowStart); 0: none
     # Monotonic time (CLOCK_MONOTONIC: the same in the master and its proxies) it last came back
@@ -55,6 +56,11 @@ class WorkerState:
     @property
     def address(self) -> str:
         return host_port(self.host, self.port)
+
+    @property
+    def label(self) -> str:
+        """Its name where the config gives one, else its address (status page, metrics)."""
+        return self.name or self.address
 
     @property
     def key(self) -> tuple[str, int]:

@@ -15,6 +15,7 @@ from .addresses import host_port
 
 log = logging.getLogger("gows.state")
 WORKER_SLOTS = 1024  # workers whose requests the proxies count apart (proxy/counters.py)
+KEPT_LOG_INTERVAL = 10.0  # seconds between two warnings about a worker too many to eject
 
 
 @dataclass(eq=False)
@@ -145,6 +146,7 @@ class WorkerTable(WorkerIndex):
         self.ejection_max = ejection_max
         self.ejection_percent = ejection_percent
         self.clock = clock
+        self._kept_logged = -KEPT_LOG_INTERVAL  # when a worker too many to eject was last logged
         self.schedule = schedule or (lambda delay, callback: asyncio.get_running_loop().call_later(delay, callback))
         self._listeners: list[Listener] = []
         self._watchers: list[Callable[[], None]] = []
@@ -237,8 +239,12 @@ class WorkerTable(WorkerIndex):
             return False
         ejected = sum(1 for w in self._workers.values() if w.ejected_until is not None)
         if (ejected + 1) * 100 > self.ejection_percent * len(self._workers) or self._healthy == (worker,):
-            log.warning("worker %s failed %s, but is not ejected: %d of %d workers are already out", worker.address,
-                        reason, ejected + sum(1 for w in self._workers.values() if not w.up), len(self._workers))
+            now = self.clock()
+            if now - self._kept_logged >= KEPT_LOG_INTERVAL:
+                self._kept_logged = now
+                log.warning("worker %s: %s, but not ejected: %d of %d workers are out already (outlierDetection."
+                            "maxEjectionPercent, or the last one up; logged at most every %gs)", worker.address,
+                            reason, len(self._workers) - len(self._healthy), len(self._workers), KEPT_LOG_INTERVAL)
             return False
         now = self.clock()
         if worker.ejections and now - worker.ejection_ended > self.ejection_max:

@@ -173,7 +173,8 @@ class Relay:
     def upstream_head(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         req = self.req
         proxy = self.proxy
-        proxy.outliers.answered(conn.worker, status)
+        if status >= 500 or conn.worker.failure_streak:
+            proxy.outliers.answered(conn.worker, status)
         stale = self.stale
         if stale is not None:
             stale.revalidating = 0.0

@@ -154,3 +154,24 @@ def test_an_ejection_ending_ramps_up_too_and_a_new_master_does_not():
     timers[0][1]()
     assert ws[0].ejected_until is None and ws[0].recovered_at == clock.now
     assert ramp(ws[0], clock.now)[0] == 1 / SLOW_START_STEPS
+
+
+def test_a_reload_changing_a_weight_is_followed_at_once():
+    table, ws = weighted([1, 1])
+    b = Balancer(table, "round-robin")
+    table.tune(ws[1], 3, 0.0)
+    assert_shares(shares(Counter(b.pick(b"/") for _ in range(4000)), ws), [1, 3])
+
+
+def test_weights_and_ramps_reach_the_proxy_processes_copy():
+    from arbiter.proxy.view import MirrorTable, rows
+
+    clock = Clock()
+    table, ws = weighted([2, 5], slow_start=30.0, clock=clock)
+    table.record_check(ws[0], False)
+    table.record_check(ws[0], True)
+    mirror = MirrorTable(lambda w, error: None)
+    mirror.apply(rows(table))
+    copy = {w.port: w for w in mirror}
+    assert [(copy[w.port].weight, copy[w.port].slow_start, copy[w.port].recovered_at) for w in ws] == [
+        (2, 30.0, clock.now), (5, 30.0, None)]

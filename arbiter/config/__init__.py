@@ -10,5 +10,5 @@ from .settings import (Config, FrontCacheConfig, HealthCheckConfig, LoggingConfi
                        ProxyConfig, RestartBackoffConfig, WorkerCacheConfig)
 
 __all__ = ["Address", "WorkerAddress", "STDOUT", "ConfigError", "bind_configured", "configured", "listen_key", "load",
-           "load_data", "Config", "FrontCacheConfig", "HealthCheckConfig", "LoggingConfig", "OutlierDetectionConfig", "ProxyConfig",
-           "RestartBackoffConfig", "WorkerCacheConfig"]
+           "load_data", "Config", "FrontCacheConfig", "HealthCheckConfig", "LoggingConfig", "OutlierDetectionConfig",
+           "ProxyConfig", "RestartBackoffConfig", "WorkerCacheConfig"]

@@ -27,12 +27,15 @@ class Address:
 
 @dataclass(frozen=True)
 class WorkerAddress:
-    """A worker's address; `local` workers are spawned here, others only checked."""
+    """A worker's address; `local` workers are spawned here, others only checked. `weight` and
+    `slow_start` say how the proxies balance onto it (see arbiter/proxy/balancer.py)."""
 
     host: str
     port: int
     local: bool
     label: str  # the config key that put it there, for error messages
+    weight: int = 1
+    slow_start: float = 0.0  # seconds
 
     def __str__(self) -> str:
         return host_port(self.host, self.port)

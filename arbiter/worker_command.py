@@ -15,6 +15,8 @@ from operator import attrgetter
 from pathlib import Path
 from typing import Any, Callable
 
+from fileapp.cache import DEFAULT_ETAG
+
 from .config import Config
 
 
@@ -70,6 +72,7 @@ class WorkerOptions:
     fallback: str | None = option("fallback", "--fallback", _optional, default=None)
     error_pages: tuple = option("error_pages", "--error-pages", _error_pages, default=())
     headers: tuple = option("headers", "--headers", _header_rules, default=())
+    cache_etag: str = option("cache.etag", "--etag", default=DEFAULT_ETAG)
 
     @classmethod
     def from_config(cls, config: Config) -> "WorkerOptions":

@@ -89,6 +89,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="files larger than this are streamed from disk (sendfile)")
     p.add_argument("--compress", type=_boolean, default=True, metavar="{true,false}",
                    help="compress text files without a sidecar on the fly (default true)")
+    p.add_argument("--etag", choices=cache.ETAG_KINDS, default=cache.DEFAULT_ETAG,
+                   help="ETags from mtime and size (default) or from a hash of the content")
     p.add_argument("--graceful-timeout", type=_number(float, 0), default=30.0)
     p.add_argument("--keepalive", type=_number(int, 0), default=5,
                    help="seconds an idle keep-alive connection stays open")
@@ -185,7 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = create_app(
                 root, health_path=args.health_path, cache_ttl=args.cache_ttl,
                 cache_max_bytes=args.cache_max_bytes,
-                cache_max_file_size=args.cache_max_file_size, compress=args.compress,
+                cache_max_file_size=args.cache_max_file_size, compress=args.compress, etag=args.etag,
                 listing=args.listing, fallback=args.fallback, error_pages=args.error_pages,
                 headers=args.headers,
                 # Set by gows' master for its own workers (fileapp.handoff).

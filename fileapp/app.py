@@ -15,7 +15,7 @@ import time
 from typing import Any, Callable, Iterable, Mapping, Pattern
 from urllib.parse import quote
 
-from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
+from .cache import DEFAULT_ETAG, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
 from .compress import Compressor
 from .files import Exhausted, Resolver, split_url_path
 from .headers import HeaderRules, apply
@@ -98,6 +98,7 @@ class FileApp:
         cache_ttl: float = DEFAULT_TTL,
         cache_max_bytes: int = DEFAULT_MAX_BYTES,
         cache_max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+        etag: str = DEFAULT_ETAG,
         max_age: int = 60,
         immutable_pattern: str | Pattern[str] | None = DEFAULT_IMMUTABLE_PATTERN,
         handoff_token: str | None = None,
@@ -129,7 +130,7 @@ class FileApp:
         self.header_rules = HeaderRules(headers)
         self.loader = EntryLoader(self.resolver, self.cache, index_names=tuple(index_names),
                                   max_file_size=cache_max_file_size, max_age=max_age,
-                                  immutable_pattern=immutable_pattern,
+                                  immutable_pattern=immutable_pattern, etag=etag,
                                   header_rules=self.header_rules, prefix=prefix,
                                   compressible=self.compressor.eligible if compress else None)
         self.lister = Lister(self.resolver)

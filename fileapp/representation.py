@@ -63,15 +63,17 @@ class Rep:
 
     def __init__(self, path: str | None, st: os.stat_result | FileVersion, body: bytes | None,
                  ctype: str, encoding: str | None, cache_control: str, vary: bool, extra: Headers = (),
-                 etag: str | None = None) -> None:
+                 tag: str | None = None, etag: str | None = None) -> None:
         """`extra`: the headers rules set for this URL path (fileapp.headers); they replace
-        fileapp's own of the same names (Content-Type included)."""
+        fileapp's own of the same names (Content-Type included). `tag`: the entity tag before
+        its coding suffix (None: from mtime and size); `etag`: the whole tag (a body coded on
+        the fly: its identity's with the coding's suffix)."""
         self.path = path
         self.dev, self.ino = st.st_dev, st.st_ino
         self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
         self.mtime = st.st_mtime_ns // 1_000_000_000
         if etag is None:
-            etag = f"{self.mtime_ns:x}-{self.size:x}"
+            etag = tag if tag is not None else f"{self.mtime_ns:x}-{self.size:x}"
             if encoding:
                 etag += "-" + ETAG_SUFFIX[encoding]
         self.etag = etag

@@ -42,7 +42,7 @@ def test_every_option_with_a_flag_reaches_fileapp_with_its_value(tmp_path):
     opts, _ = options(tmp_path)
     args = make_parser().parse_args(worker_argv(opts, 5, "127.0.0.1", 9001)[3:])
     flagged = [f for f in dataclasses.fields(WorkerOptions) if f.metadata["flag"] is not None]
-    assert len(flagged) == 14
+    assert len(flagged) == 15
     for f in flagged:
         dest = f.metadata["flag"].removeprefix("--").replace("-", "_")
         value = getattr(opts, f.name)
@@ -56,7 +56,7 @@ def test_options_the_master_applies_itself_are_not_passed_to_the_worker(tmp_path
     assert unflagged == ["check_interval", "check_timeout", "boot_timeout", "backoff_initial", "backoff_max",
                          "min_uptime"]
     flags = [a for a in argv if a.startswith("--")]
-    assert len(flags) == len(set(flags)) == 14 + 4  # the table's flags plus --fd, --host, --port, --parent-pid
+    assert len(flags) == len(set(flags)) == 15 + 4  # the table's flags plus --fd, --host, --port, --parent-pid
 
 
 @pytest.mark.parametrize("text, value", [("True", True), ("False", False), ("true", True), ("off", False),

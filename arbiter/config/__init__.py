@@ -6,9 +6,9 @@ This package is the config layer: the proxy and the socket code never import it.
 from ..addresses import Address, WorkerAddress
 from .kinds import STDOUT, ConfigError
 from .load import bind_configured, configured, listen_key, load, load_data, tls_certificate
-from .settings import (Config, FrontCacheConfig, HealthCheckConfig, LoggingConfig, ProxyConfig,
-                       RestartBackoffConfig, TlsConfig, WorkerCacheConfig)
+from .settings import (Config, FrontCacheConfig, HealthCheckConfig, LoggingConfig, OutlierDetectionConfig,
+                       ProxyConfig, RestartBackoffConfig, TlsConfig, WorkerCacheConfig)
 
 __all__ = ["Address", "WorkerAddress", "STDOUT", "ConfigError", "bind_configured", "configured", "listen_key", "load",
-           "load_data", "tls_certificate", "Config", "FrontCacheConfig", "HealthCheckConfig", "LoggingConfig", "ProxyConfig",
-           "RestartBackoffConfig", "TlsConfig", "WorkerCacheConfig"]
+           "load_data", "tls_certificate", "Config", "FrontCacheConfig", "HealthCheckConfig", "LoggingConfig",
+           "OutlierDetectionConfig", "ProxyConfig", "RestartBackoffConfig", "TlsConfig", "WorkerCacheConfig"]

@@ -263,6 +263,12 @@ class Nullable(Kind):
 class WorkerList(Kind):
     expect = 'a non-empty list of {"host": ..., "port": ...} objects'
     _item = {"host": Host(), "port": Integer(1, 65535)}
+    # Optional per upstream (HAProxy's server line: weight, slowstart): what to use when absent,
+    # and what it means (the schema's descriptions).
+    _optional = {
+        "weight": (Integer(1, 1000), 1, "Share of the requests relative to the other workers' weights, whatever proxy.balance is."),
+        "slowStart": (Number(3600, positive=False), 0, "Seconds over which a worker coming back (down to up, or out of an ejection) ramps from a small share to its weight; 0 takes it back at full weight at once. Not applied to the workers of a master that has just started."),
+    }
 
     def parse(self, value, key, base):
         if not isinstance(value, list) or not 1 <= len(value) <= 1024:
@@ -272,18 +278,24 @@ class WorkerList(Kind):
             where = f"{key}[{i}]"
             if not isinstance(item, dict):
                 raise ConfigError(f'{where}: must be an object like {{"host": "127.0.0.1", "port": 9001}}, got {_got(item)}')
-            _reject_unknown(item, self._item, where + ".")
+            _reject_unknown(item, [*self._item, *self._optional], where + ".")
             for name in self._item:
                 if name not in item:
                     raise ConfigError(f"{where}.{name}: required")
+            weight, slow_start = (kind.parse(item.get(name, default), f"{where}.{name}", base)
+                                  for name, (kind, default, _) in self._optional.items())
             out.append((self._item["host"].parse(item["host"], f"{where}.host", base),
-                        self._item["port"].parse(item["port"], f"{where}.port", base), f"{where}.port"))
+                        self._item["port"].parse(item["port"], f"{where}.port", base), f"{where}.port",
+                        weight, slow_start))
         return tuple(out)
 
     def schema(self):
         props = {name: kind.schema() for name, kind in self._item.items()}
+        required = list(props)
+        for name, (kind, default, doc) in self._optional.items():
+            props[name] = {**kind.schema(), "description": doc, "default": default}
         return {"type": "array", "minItems": 1, "maxItems": 1024,
-                "items": {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}}
+                "items": {"type": "object", "properties": props, "required": required, "additionalProperties": False}}
 
 
 class Section(Kind):

@@ -74,14 +74,15 @@ def _resolve_workers(raw: dict, values: Config) -> tuple[WorkerAddress, ...]:
         last = values.worker_base_port + values.worker_count - 1
         if last > 65535:
             raise ConfigError(f"workerCount: {values.worker_count} ports from workerBasePort {values.worker_base_port} run past 65535")
-        pairs = [(values.worker_host, values.worker_base_port + i, "workerBasePort") for i in range(values.worker_count)]
+        pairs = [(values.worker_host, values.worker_base_port + i, "workerBasePort", 1, 0.0)
+                 for i in range(values.worker_count)]
     out = []
-    for host, port, label in pairs:
+    for host, port, label, weight, slow_start in pairs:
         try:
             local = is_local(host)
         except ConfigError as e:
             raise ConfigError(f"{label.rsplit('.', 1)[0] + '.host' if label != 'workerBasePort' else 'workerHost'}: {e}") from None
-        out.append(WorkerAddress(host, port, local, label))
+        out.append(WorkerAddress(host, port, local, label, weight, slow_start))
     return tuple(out)
 
 

@@ -47,6 +47,17 @@ class WorkerCacheConfig:
     ttl: float = setting(Number(86400, positive=False), worker_cache.DEFAULT_TTL, "Seconds a cached file is served before it is checked against the disk again.")
     max_bytes: int = setting(Integer(0, 1 << 40), worker_cache.DEFAULT_MAX_BYTES, "Byte budget of each worker's cache.")
     max_file_size: int = setting(Integer(0, 1 << 40), worker_cache.DEFAULT_MAX_FILE_SIZE, "Largest file whose bytes are cached; bigger files are streamed with sendfile.")
+    etag: str = setting(Choice(*worker_cache.ETAG_KINDS), worker_cache.DEFAULT_ETAG, "How ETags are made: mtime (from the file's modification time and size: equal across hosts only when files are deployed with their mtimes, as rsync -a does) or content (a hash of the bytes, computed once per file version and kept in the worker's cache: equal across hosts for equal bytes).")
+
+
+@dataclass(frozen=True)
+class OutlierDetectionConfig:
+    """outlierDetection: passive ejection of workers that keep failing (Envoy's outlier detection)."""
+
+    consecutive_failures: int = setting(Integer(0, 1000), 5, "Consecutive failures a proxy sees from one worker (500, 502, 503 or 504 answered by it, or a refused, reset or timed-out connection) that eject it from balancing; 0 turns ejection off. Any other answer starts the count again.")
+    base_ejection_time: float = setting(Number(86400), 30.0, "Seconds of a worker's first ejection; each further one lasts twice the one before.")
+    max_ejection_time: float = setting(Number(86400), 300.0, "Upper bound of an ejection; a worker not ejected for this long starts again from baseEjectionTime.")
+    max_ejection_percent: int = setting(Integer(0, 100), 50, "Most workers ejected at once, in percent of all workers; never the last worker up.")
 
 
 @dataclass(frozen=True)
@@ -120,7 +131,7 @@ class Config:
 
     listen: Address | None = setting(Nullable(AddressKind()), "127.0.0.1:8080", "Public address the master serves plain HTTP on; IPv6 as \"[::1]:8080\"; null: none (HTTPS only, with tls).")
     master_port: int | None = setting(Nullable(_PORT), None, "Legacy (proof of concept): public port on 127.0.0.1. Give either this or listen.")
-    workers: tuple[WorkerAddress, ...] = setting(Nullable(WorkerList()), None, "The workers as a list of {host, port}. Workers on this machine are spawned here; others are only health-checked. Give either this or workerCount.")
+    workers: tuple[WorkerAddress, ...] = setting(Nullable(WorkerList()), None, "The workers as a list of {host, port}, each optionally with a weight (its share of the requests against the others' weights, 1 to 1000, default 1) and slowStart (seconds over which a worker coming back from down or from an ejection ramps up to its weight, default 0: at once; never at the master's start). Workers on this machine are spawned here; others are only health-checked. Give either this or workerCount.")
     worker_count: int | None = setting(Nullable(Integer(1, 1024)), None, "Shorthand for workers: this many local workers on consecutive ports from workerBasePort.")
     worker_base_port: int = setting(_PORT, 9001, "First worker port of the workerCount form.")
     worker_host: str = setting(Host(), "127.0.0.1", "Address the workers of the workerCount form listen on.")
@@ -138,6 +149,7 @@ class Config:
     headers: tuple[tuple[str, tuple[tuple[str, str], ...]], ...] = setting(HeaderRuleList(), [], "Headers by path, e.g. [{\"match\": \"/assets/*\", \"set\": {\"Cache-Control\": \"max-age=600\"}}]: set by the workers on the answers about files and listings (200, 206, 304, 416) whose URL path matches the glob (fnmatch, case-sensitive; * also matches /), later rules winning; kept by the front cache. Hop-by-hop, framing and computed headers (Connection, Transfer-Encoding, Content-Length, Content-Range, ETag, Vary, Proxy-*, ...) are refused.")
     health_check: HealthCheckConfig = section(HealthCheckConfig, "Active health checks of every worker.")
     restart_backoff: RestartBackoffConfig = section(RestartBackoffConfig, "Back-off for local workers that keep failing right after start (a crash loop). It never leaves the pool without a worker: when no local worker is up or starting, one that is waiting out its delay starts at once.")
+    outlier_detection: OutlierDetectionConfig = section(OutlierDetectionConfig, "Workers taken out of balancing for a while after consecutive failures the proxies saw.")
     cache: WorkerCacheConfig = section(WorkerCacheConfig, "Each worker's file cache.")
     logging: LoggingConfig = section(LoggingConfig, "Logging of the master and its workers.")
     proxy: ProxyConfig = section(ProxyConfig, "The front reverse proxy.")

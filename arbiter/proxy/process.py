@@ -52,7 +52,7 @@ class ProxyProcess:
         self.counters = counters
         self.channel: Channel | None = None
         self.proxy: Proxy | None = None
-        self.table = MirrorTable(self._report_failure)
+        self.table = MirrorTable(self._report_failure, self._report_outlier)
         self.access_log: AccessLog | None = None
         self.access_target: Any = None
         self.graceful_timeout = 30.0
@@ -127,6 +127,7 @@ class ProxyProcess:
         proxy.timing = proxy.latency.counts if settings["timing"] else None
         if proxy.tls.configure(settings.get("tls")):
             proxy.relisten()  # new handshakes get the new certificate; open connections go on
+        proxy.outliers.threshold = settings["outlier_failures"]
         self.graceful_timeout = settings["graceful_timeout"]
         target = settings["access_log"]
         if target != self.access_target or self.access_log is None and target is not None:
@@ -158,6 +159,10 @@ class ProxyProcess:
     # -- to the master ------------------------------------------------------------------------
     def _report_failure(self, worker: WorkerState, error: str) -> None:
         self.channel.send({"op": "fail", "host": worker.host, "port": worker.port, "pid": worker.pid,
+                           "error": error})
+
+    def _report_outlier(self, worker: WorkerState, error: str) -> None:
+        self.channel.send({"op": "outlier", "host": worker.host, "port": worker.port, "pid": worker.pid,
                            "error": error})
 
     def _report_load(self, again: bool = True) -> None:

@@ -27,12 +27,17 @@ class Address:
 
 @dataclass(frozen=True)
 class WorkerAddress:
-    """A worker's address; `local` workers are spawned here, others only checked."""
+    """A worker's address; `local` workers are spawned here, others only checked.
+
+    A `named` one's host is a DNS name the master resolves (at start and every resolveInterval):
+    each address it yields is a member of its own (arbiter/resolve.py).
+    """
 
     host: str
     port: int
     local: bool
     label: str  # the config key that put it there, for error messages
+    named: bool = False
 
     def __str__(self) -> str:
         return host_port(self.host, self.port)

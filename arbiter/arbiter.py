@@ -27,7 +27,9 @@ from .ops.admin import AdminServer
 from .ops.logs import LogSink
 from .ops.notify import Notifier
 from .proxies import ProxyFleet
+from .proxy.process import LOAD_INTERVAL
 from .proxy_slot import AccessLogState
+from .resolve import NamedUpstreams
 from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_STOP, SignalQueue, Stop
 from .sockets import ListenError, RuntimeDir, bind_listener
 from .state import WorkerState, WorkerTable
@@ -72,6 +74,8 @@ class Arbiter:
         self._admin_sock = admin
         self.admin = AdminServer(self) if admin is not None else None
         self._ready_task: asyncio.Task | None = None
+        self._lame_wait: asyncio.Future | None = None  # the lame-duck period under way (a fast stop ends it)
+        self.names = NamedUpstreams(self.table, self.checker)
 
     # -- what the admin listener reads ------------------------------------------------------
     @property
@@ -99,8 +103,9 @@ class Arbiter:
             for w in self.config.workers:
                 if w.local:
                     self._add_slot(w.host, w.port, self._worker_sockets.pop((w.host, w.port)), options)
-                else:
+                elif not w.named:
                     self.table.add(WorkerState(w.host, w.port, local=False))
+            await self.names.configure(self.config)
             self.checker.sync()
             await self.proxy.start()
             if self.admin is not None:
@@ -157,6 +162,8 @@ class Arbiter:
         if stop is Stop.NOW and self._stop is Stop.GRACEFUL:
             self._stop = Stop.NOW
             log.info("stopping now")
+            if self._lame_wait is not None:
+                self._lame_wait.cancel()
             self.proxy.hurry()
             for slot in [*self.slots.values(), *self._retiring.values()]:
                 slot.stop(graceful=False)
@@ -304,11 +311,12 @@ class Arbiter:
         options = WorkerOptions.from_config(new)
 
         for worker in self.table:
-            if not worker.local and worker.key not in wanted:
+            if not worker.local and worker.name is None and worker.key not in wanted:
                 self.table.remove(worker)
         for key, w in wanted.items():
-            if not w.local and self.table.get(*key) is None:
+            if not w.local and not w.named and self.table.get(*key) is None:
                 self.table.add(WorkerState(w.host, w.port, local=False))
+        await self.names.configure(new)
         added = [self._add_slot(host, port, sock, options) for (host, port), sock in fresh.items()]
         self.checker.sync()
         kept = [s for k, s in self.slots.items() if k in wanted and s not in added]
@@ -339,6 +347,25 @@ class Arbiter:
                             s.state.last_error or "starting")
 
     # -- stopping ------------------------------------------------------------------------
+    async def _lame_duck(self) -> None:
+        """Before a graceful stop of a node that an edge checks: answer the health path 503 for
+        lameDuck seconds while still serving everything, so that the edge marks this node down
+        and sends it nothing more before its proxies stop accepting. Nobody asked the health
+        path within that time (no edge checks it): nobody to tell, no wait."""
+        period = self.config.lame_duck
+        asked = self.proxy.health_asked_at
+        # (The proxies report what they counted every LOAD_INTERVAL: a check may be that late.)
+        if period <= 0 or asked is None or time.monotonic() - asked > period + LOAD_INTERVAL:
+            return
+        log.info("lame duck for %gs: the health path answers 503, requests are still served", period)
+        self.proxy.lame_duck()
+        self._lame_wait = asyncio.ensure_future(asyncio.sleep(period))
+        try:
+            await self._signals.answer(self, self._lame_wait, ANSWERED_DURING_STOP)  # INT/QUIT end it
+        finally:
+            self._lame_wait.cancel()
+            self._lame_wait = None
+
     async def _shutdown(self, stop: Stop) -> None:
         """TERM: stop the front, drain every worker (KILL after the graceful timeout).
         INT/QUIT, or one of them during a graceful stop: workers quit at once."""
@@ -347,6 +374,9 @@ class Arbiter:
         self.notifier.stopping()
         if self._ready_task is not None:
             self._ready_task.cancel()
+        await self.names.close()
+        if stop is Stop.GRACEFUL:
+            await self._lame_duck()
         # The front stops first: no new requests, in-flight ones finish while workers still run.
         # Our handle on the public socket goes too (each proxy closes its own): new clients are
         # refused at once instead of waiting in the backlog for a master that is leaving. (The

@@ -84,6 +84,8 @@ class ProxyFleet:
         self._background: set[asyncio.Future] = set()
         self._seq = 0
         self._push_pending = False
+        self.serving = True  # False while the master is a lame duck (its health path answers 503)
+        self.health_asked_at: float | None = None  # monotonic time a proxy last saw its health path asked
         # Each worker with what its counter held when it joined (a counter slot may be reused).
         self._counted: dict[tuple[str, int], tuple[WorkerState, int]] = {}
         table.watch(self._table_changed)
@@ -98,6 +100,7 @@ class ProxyFleet:
         return {"op": "settings", "proxy": dataclasses.asdict(proxy), "front_cache": dataclasses.asdict(front),
                 "threads": config.threads, "ttl": config.cache.ttl, "timing": self.timing,
                 "graceful_timeout": config.graceful_timeout,
+                "health_path": config.health_check.path, "serving": self.serving,
                 "access_log": str(access) if access is not None else None,
                 "log_format": config.logging.format, "log_level": config.logging.level}
 
@@ -200,6 +203,12 @@ class ProxyFleet:
             await asyncio.wait_for(asyncio.gather(*waits), ACK_TIMEOUT)
         except asyncio.TimeoutError:
             log.warning("not every proxy confirmed the front cache purge within %gs", ACK_TIMEOUT)
+
+    def lame_duck(self) -> None:
+        """Every proxy (and any started from now on) answers the health path 503, still serving."""
+        self.serving = False
+        for slot in self.slots:
+            slot.send({"op": "serving", "serving": False})
 
     def reopen_logs(self) -> None:
         for slot in self.slots:

@@ -39,6 +39,7 @@ class WorkerState:
     requests: int = 0  # requests the proxies sent to this worker (kept current by the master)
     in_flight: int = 0  # requests the proxy has outstanding on this worker
     slot: int = 0  # its place among the proxies' per-worker counters (WORKER_SLOTS: none of its own)
+    name: str | None = None  # the DNS name this address was resolved from (resolve.py), if any
 
     @property
     def address(self) -> str:

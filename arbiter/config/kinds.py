@@ -247,6 +247,8 @@ class Nullable(Kind):
 class WorkerList(Kind):
     expect = 'a non-empty list of {"host": ..., "port": ...} objects'
     _item = {"host": Host(), "port": Integer(1, 65535)}
+    # Optional keys of an entry, with their default when left out.
+    _optional = {"spawn": (Boolean(), True)}
 
     def parse(self, value, key, base):
         if not isinstance(value, list) or not 1 <= len(value) <= 1024:
@@ -256,18 +258,21 @@ class WorkerList(Kind):
             where = f"{key}[{i}]"
             if not isinstance(item, dict):
                 raise ConfigError(f'{where}: must be an object like {{"host": "127.0.0.1", "port": 9001}}, got {_got(item)}')
-            _reject_unknown(item, self._item, where + ".")
+            _reject_unknown(item, [*self._item, *self._optional], where + ".")
             for name in self._item:
                 if name not in item:
                     raise ConfigError(f"{where}.{name}: required")
+            spawn = self._optional["spawn"][0].parse(item["spawn"], f"{where}.spawn", base) if "spawn" in item else True
             out.append((self._item["host"].parse(item["host"], f"{where}.host", base),
-                        self._item["port"].parse(item["port"], f"{where}.port", base), f"{where}.port"))
+                        self._item["port"].parse(item["port"], f"{where}.port", base), f"{where}.port", spawn))
         return tuple(out)
 
     def schema(self):
         props = {name: kind.schema() for name, kind in self._item.items()}
+        required = list(props)
+        props.update({name: kind.schema() for name, (kind, _) in self._optional.items()})
         return {"type": "array", "minItems": 1, "maxItems": 1024,
-                "items": {"type": "object", "properties": props, "required": list(props), "additionalProperties": False}}
+                "items": {"type": "object", "properties": props, "required": required, "additionalProperties": False}}
 
 
 class Section(Kind):

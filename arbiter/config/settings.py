@@ -96,7 +96,7 @@ class Config:
 
     listen: Address = setting(AddressKind(), "127.0.0.1:8080", "Public address the master serves on; IPv6 as \"[::1]:8080\".")
     master_port: int | None = setting(Nullable(_PORT), None, "Legacy (proof of concept): public port on 127.0.0.1. Give either this or listen.")
-    workers: tuple[WorkerAddress, ...] = setting(Nullable(WorkerList()), None, "The workers as a list of {host, port}. Workers on this machine are spawned here; others are only health-checked. Give either this or workerCount.")
+    workers: tuple[WorkerAddress, ...] = setting(Nullable(WorkerList()), None, "The workers as a list of {host, port} (and optionally spawn). Workers on this machine are spawned here; others are only health-checked. \"spawn\": false: never started here, even when local (another gows, a worker systemd runs). A host given by DNS name is resolved at start and every resolveInterval: each address it yields is a worker (one that vanishes is drained); a name that does not resolve is a warning, not an error. Give either this or workerCount.")
     worker_count: int | None = setting(Nullable(Integer(1, 1024)), None, "Shorthand for workers: this many local workers on consecutive ports from workerBasePort.")
     worker_base_port: int = setting(_PORT, 9001, "First worker port of the workerCount form.")
     worker_host: str = setting(Host(), "127.0.0.1", "Address the workers of the workerCount form listen on.")
@@ -105,6 +105,8 @@ class Config:
     graceful_timeout: float = setting(Number(3600), 30.0, "Seconds a stopping worker has to finish in-flight requests before it is killed.")
     max_fails: int = setting(Integer(1, 1000), 3, "Proxy connection failures within failTimeout that mark a worker down.")
     fail_timeout: float = setting(Number(3600), 10.0, "Window in seconds for maxFails.")
+    resolve_interval: float = setting(Number(86400), 30.0, "Seconds between two resolutions of a worker host given by DNS name (done off the master's loop).")
+    lame_duck: float = setting(Number(3600, positive=False), 5.0, "Seconds a master told to stop (TERM) answers its own health path (healthCheck.path on the public listener) 503 while still serving, before it drains: an edge gows checking it with default healthCheck settings (fall 3 x interval 1s + timeout 1s) marks it down meanwhile, so no request is sent to a node that is leaving. Skipped when nothing asked the health path in that time; 0 disables it.")
     pidfile: Path | None = setting(Nullable(FilePath()), None, "File the master writes its pid to (removed at exit); null for none.")
     admin: Address | None = setting(Nullable(AddressKind()), None, "Address of the admin listener (status page, metrics); null disables it.")
     health_check: HealthCheckConfig = section(HealthCheckConfig, "Active health checks of every worker.")

@@ -87,7 +87,7 @@ class MasterCollector(Collector):
 
         yield from _per_proxy(proxy.rows())
 
-        labels = ["worker", "local"]
+        labels = ["worker", "local", "name"]  # name: the DNS name the address came from, "" for none
         up = GaugeMetricFamily("gows_worker_up", "1 when the worker passes its health checks.", labels=labels)
         restarts = CounterMetricFamily("gows_worker_restarts", "Times the master restarted the worker.", labels=labels)
         served = CounterMetricFamily("gows_worker_requests", "Requests the proxy sent to the worker.", labels=labels)
@@ -96,7 +96,7 @@ class MasterCollector(Collector):
         latency = GaugeMetricFamily("gows_worker_health_check_seconds", "Duration of the last passed health check.",
                                     labels=labels)
         for w in master.table:
-            values = [w.address, "true" if w.local else "false"]
+            values = [w.address, "true" if w.local else "false", w.name or ""]
             up.add_metric(values, 1 if w.up else 0)
             restarts.add_metric(values, w.restarts)
             served.add_metric(values, w.requests)

@@ -106,7 +106,7 @@ def snapshot(master: Master, window: Window) -> dict[str, Any]:
         "ready": ready(master),
         "stopping": master.stopping,
         "workers": [{
-            "address": w.address, "host": w.host, "port": w.port, "local": w.local, "pid": w.pid,
+            "address": w.address, "host": w.host, "port": w.port, "local": w.local, "name": w.name, "pid": w.pid,
             "up": w.up, "since": w.since, "consecutive_failures": w.consecutive_failures,
             "restarts": w.restarts, "requests": w.requests, "in_flight": w.in_flight,
             "last_check_seconds": w.last_check_latency, "last_error": w.last_error,

@@ -102,7 +102,7 @@ function render(d){
  var body=document.getElementById("workers");var rows=document.createDocumentFragment();
  d.workers.forEach(function(w){
   var tr=document.createElement("tr");tr.setAttribute("data-worker",w.address);
-  cell(tr,"Worker",w.address+(w.local?"":" (remote)"));
+  cell(tr,"Worker",(w.name?w.name+" ":"")+w.address+(w.local?"":" (remote)"));
   cell(tr,"PID",w.pid===null?"\\u2013":String(w.pid),"n");
   var st=cell(tr,"State","");stateBadge(st,w.up,w.up?"up":"down");
   if(!w.up&&w.last_error){var e=document.createElement("span");e.className="err";e.textContent=w.last_error;st.appendChild(e);}

@@ -107,6 +107,9 @@ class ProxyProcess:
             if self.proxy is not None:
                 self.proxy.purge_front_cache()
             self.channel.send({"op": "ack", "seq": message["seq"]})
+        elif op == "serving":
+            if self.proxy is not None:
+                self.proxy.serving = message["serving"]
         elif op == "reopen":
             if self.access_log is not None:
                 self.access_log.reopen()
@@ -120,6 +123,8 @@ class ProxyProcess:
         proxy.configure(ProxyConfig(**settings["proxy"]), FrontCacheConfig(**settings["front_cache"]),
                         settings["threads"], settings["ttl"])
         proxy.timing = proxy.latency.counts if settings["timing"] else None
+        proxy.health_target = settings["health_path"].encode()
+        proxy.serving = settings["serving"]
         self.graceful_timeout = settings["graceful_timeout"]
         target = settings["access_log"]
         if target != self.access_target or self.access_log is None and target is not None:

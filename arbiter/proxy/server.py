@@ -75,6 +75,11 @@ class Proxy:
         self.clock = time.monotonic()
         self.date_line = b""
         self.draining = False
+        # The master's health path (bytes), answered here with the master's readiness
+        # (ClientProtocol.respond_health); None: forwarded like any path. `serving` is False
+        # while the master is a lame duck: it still serves, but fails its health checks.
+        self.health_target: bytes | None = None
+        self.serving = True
         self._listener: socket.socket | None = None  # the master's listening socket
         self._server: Any = None  # serving a duplicate of it; None while not accepting
         self._resuming = False

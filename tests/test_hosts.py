@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from master_support import Master
-from netns_support import Host, Network, inside, remove_leftovers, thread_pool
+from netns_support import Host, Network, inside, network, thread_pool  # noqa: F401 (network: a fixture)
 from support import wait_until
 
 pytestmark = pytest.mark.integration
@@ -189,19 +189,15 @@ class Load:
 
 
 @pytest.fixture(scope="module")
-def fleet(tmp_path_factory):
-    assert os.geteuid() == 0, "the multi-host tests make network namespaces: run them as root (CI does)"
-    remove_leftovers()
-    net = Network()
+def fleet(network, tmp_path_factory):
     f = None
     try:
-        f = Fleet(net, tmp_path_factory.mktemp("hosts"))
+        f = Fleet(network, tmp_path_factory.mktemp("hosts"))
         f.wait_whole()
         yield f
     finally:
         if f is not None:
             f.close()
-        net.close()
 
 
 def test_the_harness_gives_each_host_its_own_namespace_and_nothing_outside_198_18(fleet):

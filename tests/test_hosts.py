@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ import pytest
 import requests
 
 from master_support import Master
+from benchmarks.netns import PREFIX, ip, namespaces, remove_leftovers
 from netns_support import Host, Network, inside, network, thread_pool  # noqa: F401 (network: a fixture)
 from support import wait_until
 
@@ -315,3 +317,18 @@ def test_consistent_hashing_keeps_each_path_on_one_node_and_moves_only_the_lost_
     assert moved == {p for p in paths if first[p] == lost.name}
     assert lost.name not in after.values()
     fleet.wait_whole()
+
+
+def test_leftovers_of_a_crashed_run_are_removed_and_live_runs_are_not(network):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = f"{PREFIX}{dead.pid}x1-br"
+    ip("netns", "add", stale)
+    try:
+        remove_leftovers()
+        left = namespaces()
+    finally:
+        if stale in namespaces():
+            ip("netns", "delete", stale)
+    assert stale not in left
+    assert network.bridge_ns in left  # ours: its owner (this process) is alive

@@ -25,7 +25,10 @@ from .netns import Host, Network, inside, remove_leftovers
 PYTHON = sys.executable
 PORT, ADMIN, WORKER = 8080, 9000, 9001
 FILE_BYTES = 8 * 1024  # under fileapp.handoff.MIN_SIZE: the front cache keeps the bytes
-ENTRY_BYTES = FILE_BYTES + 2300  # what one such entry costs the front cache (cache.ENTRY_OVERHEAD, heads)
+# What one such entry costs a front cache: the body twice (also joined to its head, proxy/cache.py
+# JOIN_LIMIT), its prepared heads and ENTRY_OVERHEAD; measured 19,400 B (status.json bytes / entries).
+ENTRY_BYTES = 2 * FILE_BYTES + 3300
+EDGE_THREADS = 64
 POLICIES = ("round-robin", "consistent-hash")
 
 
@@ -103,6 +106,9 @@ class Run:
             "baseDirectory": str(self.site), "listen": f"{self.edge.address}:{PORT}", "admin": f"127.0.0.1:{ADMIN}",
             "workers": [{"host": n.address, "port": PORT, "spawn": False} for n in self.nodes],
             "proxy": {"processes": 1, "balance": policy}, "frontCache": {"enabled": False},
+            # An edge has no threads of its own: this is how many requests in flight make a node
+            # busy to its balancer (which spills a hashed path past a busy node).
+            "threads": EDGE_THREADS,
             "healthCheck": {"interval": 0.5}})
         _wait("edge", lambda: sum(w["up"] for w in _status(self.edge, ADMIN)["workers"]) == 3)
 
@@ -139,6 +145,9 @@ def measure(run: Run, policy: str, seconds: int, connections: int) -> dict:
     _progress(f"{policy}: measuring ({seconds}s)")
     result = run.wrk(seconds, connections)
     hits1, lookups1 = run.cache_counts()
+    held = [_status(n, ADMIN)["front_cache"] for n in run.nodes]
+    _progress(f"{policy}: the nodes' front caches hold {[c['entries'] for c in held]} of {run.files} files "
+              f"({[c['bytes'] for c in held]} bytes)")
     lookups = lookups1 - lookups0
     result["hit_ratio"] = round((hits1 - hits0) / lookups, 4) if lookups else None
     result["policy"] = policy

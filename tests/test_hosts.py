@@ -127,12 +127,15 @@ class Fleet:
         except requests.RequestException:
             return set()
 
-    def wait_whole(self, timeout: float = 40.0) -> None:
+    def wait_whole(self, timeout: float = 90.0) -> None:
         """Every edge has every node up."""
         want = {n.address for n in self.nodes}
         for edge in EDGES:
-            wait_until(lambda: self.up(edge) == want, timeout=timeout, interval=0.1,
-                       message=f"edge {edge} with all nodes up (has {self.up(edge)})")
+            try:
+                wait_until(lambda: self.up(edge) == want, timeout=timeout, interval=0.1)
+            except TimeoutError:
+                raise TimeoutError(f"edge {edge} has {self.up(edge)} of the nodes up; its log:\n"
+                                   f"{self.masters[edge].log()[-2000:]}") from None
 
     def get(self, edge: str, path: str) -> tuple[int, str]:
         """One GET through `edge` from its namespace: (status, body)."""

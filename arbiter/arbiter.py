@@ -27,7 +27,6 @@ from .ops.admin import AdminServer
 from .ops.logs import LogSink
 from .ops.notify import Notifier
 from .proxies import ProxyFleet
-from .proxy.process import LOAD_INTERVAL
 from .proxy_slot import AccessLogState
 from .resolve import NamedUpstreams
 from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_STOP, SignalQueue, Stop
@@ -353,12 +352,10 @@ class Arbiter:
         and sends it nothing more before its proxies stop accepting. Nobody asked the health
         path within that time (no edge checks it): nobody to tell, no wait."""
         period = self.config.lame_duck
-        asked = self.proxy.health_asked_at
-        # (The proxies report what they counted every LOAD_INTERVAL: a check may be that late.)
-        if period <= 0 or asked is None or time.monotonic() - asked > period + LOAD_INTERVAL:
+        self.proxy.fail_health()
+        if period <= 0 or not self.proxy.health_asked_within(period):
             return
         log.info("lame duck for %gs: the health path answers 503, requests are still served", period)
-        self.proxy.lame_duck()
         self._lame_wait = asyncio.ensure_future(asyncio.sleep(period))
         try:
             await self._signals.answer(self, self._lame_wait, ANSWERED_DURING_STOP)  # INT/QUIT end it

@@ -15,12 +15,14 @@ import logging
 import os
 import resource
 import socket
+import time
 from typing import Any
 
 from .config import Config, FrontCacheConfig, ProxyConfig
 from .ops.logs import LogSink
 from .proxy.control import Message
 from .proxy.counters import LATENCY, REQUESTS, WORKERS, Counters, report, total
+from .proxy.process import LOAD_INTERVAL
 from .proxy.server import FDS_PER_CLIENT, fd_need
 from .proxy.stats import SLOTS, RequestStats
 from .proxy.view import rows
@@ -204,11 +206,18 @@ class ProxyFleet:
         except asyncio.TimeoutError:
             log.warning("not every proxy confirmed the front cache purge within %gs", ACK_TIMEOUT)
 
-    def lame_duck(self) -> None:
-        """Every proxy (and any started from now on) answers the health path 503, still serving."""
+    def fail_health(self) -> None:
+        """Every proxy (and any started from now on) answers the health path 503, still serving
+        (the master is stopping: a lame duck, then the drain)."""
         self.serving = False
         for slot in self.slots:
             slot.send({"op": "serving", "serving": False})
+
+    def health_asked_within(self, seconds: float) -> bool:
+        """Whether a proxy answered the health path in the last `seconds` (an edge checks us).
+        The proxies report their counts every LOAD_INTERVAL: one may be that late."""
+        asked = self.health_asked_at
+        return asked is not None and time.monotonic() - asked <= seconds + LOAD_INTERVAL
 
     def reopen_logs(self) -> None:
         for slot in self.slots:

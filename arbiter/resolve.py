@@ -22,9 +22,16 @@ from .state import WorkerState, WorkerTable
 log = logging.getLogger("gows.resolve")
 
 
+RESOLVE_TIMEOUT = 5.0  # seconds one resolution may take before it counts as failed (a start waits for it)
+
+
 async def addresses(name: str, port: int) -> set[str]:
     """The IP addresses `name` resolves to now (TCP), off the event loop; OSError when none."""
-    infos = await asyncio.get_running_loop().getaddrinfo(name, port, type=socket.SOCK_STREAM)
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await asyncio.wait_for(loop.getaddrinfo(name, port, type=socket.SOCK_STREAM), RESOLVE_TIMEOUT)
+    except asyncio.TimeoutError:
+        raise OSError(f"no answer within {RESOLVE_TIMEOUT:g}s") from None
     return {info[4][0] for info in infos}
 
 
@@ -61,8 +68,8 @@ class NamedUpstreams:
                 if (name, port) not in self._failing:
                     self._failing.add((name, port))
                     log.warning("worker %s:%d: cannot resolve %r (%s); keeping its %d members, trying again "
-                                "every %gs", name, port, name, result.strerror or result, len(self._members(name, port)),
-                                self.interval)
+                                "every %gs", name, port, name, result.strerror or result,
+                                len(self._members(name, port)), self.interval)
                 continue
             if (name, port) in self._failing:
                 self._failing.discard((name, port))

@@ -262,7 +262,8 @@ class ClientProtocol(RequestReader):
         data, req.length = error_response(status, proxy.date_line, keep, req.http10, req.method != HEAD, NO_STORE)
         req.status = status
         proxy.status_counts[status // 100] += 1
-        self.transport.write(data)
+        if not self.closed:
+            self.transport.write(data)
         self.finish(req, keep)
 
     def finish(self, req: Request, keep: bool) -> None:

@@ -146,6 +146,8 @@ class Network:
         self.bridge_ns = f"{self.tag}-br"
         ip("netns", "add", self.bridge_ns)
         ip("-n", self.bridge_ns, "link", "add", "br0", "type", "bridge")
+        # No IPv6 link-local address (fe80::) on any link either: 198.18.0.0/15 and loopback only.
+        ip("-n", self.bridge_ns, "link", "set", "br0", "addrgenmode", "none")
         ip("-n", self.bridge_ns, "link", "set", "br0", "up")
         self._lock = threading.Lock()
 
@@ -157,8 +159,10 @@ class Network:
             ip("netns", "add", ns)
             ip("-n", ns, "link", "set", "lo", "up")
             ip("-n", self.bridge_ns, "link", "add", link, "type", "veth", "peer", "name", "eth0", "netns", ns)
+            ip("-n", self.bridge_ns, "link", "set", link, "addrgenmode", "none")
             ip("-n", self.bridge_ns, "link", "set", link, "master", "br0", "up")
             address = f"{SUBNET}.{index}"
+            ip("-n", ns, "link", "set", "eth0", "addrgenmode", "none")
             ip("-n", ns, "addr", "add", f"{address}/24", "dev", "eth0")
             ip("-n", ns, "link", "set", "eth0", "up")
             host = self.hosts[name] = Host(name, ns, address, link)

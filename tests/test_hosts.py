@@ -14,6 +14,7 @@ are off so that every request reaches a node.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 import signal
 import subprocess
@@ -26,7 +27,7 @@ import pytest
 import requests
 
 from master_support import Master
-from benchmarks.netns import PREFIX, ip, namespaces, remove_leftovers
+from benchmarks.netns import ADDRESS_RANGE, PREFIX, ip, namespaces, remove_leftovers
 from netns_support import Host, Network, inside, network, thread_pool  # noqa: F401 (network: a fixture)
 from support import wait_until
 
@@ -205,14 +206,24 @@ def fleet(network, tmp_path_factory):
             f.close()
 
 
+def addresses(*ns: str) -> list[str]:
+    """Every IPv4 and IPv6 address of a namespace (the root one without `ns`)."""
+    out = ip(*(("-n", ns[0]) if ns else ()), "-o", "addr", "show")
+    return [line.split()[3] for line in out.splitlines()]
+
+
 def test_the_harness_gives_each_host_its_own_namespace_and_nothing_outside_198_18(fleet):
     assert set(fleet.net.hosts) == {*NODES, "edge"}
+    benchmark_range = ipaddress.ip_network(ADDRESS_RANGE)
     for host in fleet.net.hosts.values():
-        addresses = [line.split()[3] for line in os.popen(f"ip -n {host.ns} -o -4 addr show").read().splitlines()]
-        assert sorted(addresses) == sorted(["127.0.0.1/8", f"{host.address}/24"]), addresses
-        assert host.address.startswith("198.18.")
-    # The root namespace got no link of the harness.
-    assert not any(fleet.net.tag in line for line in os.popen("ip -o link show").read().splitlines())
+        found = {ipaddress.ip_interface(a) for a in addresses(host.ns)}
+        outside_loopback = {a for a in found if not a.ip.is_loopback}
+        assert outside_loopback == {ipaddress.ip_interface(f"{host.address}/24")}, found
+        assert ipaddress.ip_address(host.address) in benchmark_range
+    assert addresses(fleet.net.bridge_ns) == []  # the bridge only switches
+    # The root namespace got no link and no address of the harness.
+    assert not any(fleet.net.tag in line for line in ip("-o", "link", "show").splitlines())
+    assert not any(ipaddress.ip_interface(a).ip in benchmark_range for a in addresses())
 
 
 def test_a_node_answers_its_health_path_with_its_own_readiness(fleet):

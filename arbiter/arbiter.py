@@ -20,7 +20,7 @@ from fileapp.handoff import TOKEN_ENV
 
 from . import config as config_mod
 from .backoff import Pool
-from .config import Config, ConfigError, bind_configured
+from .config import Config, ConfigError, WorkerAddress, bind_configured
 from .health import HealthChecker
 from .ops.accesslog import AccessLog
 from .ops.admin import AdminServer
@@ -52,8 +52,11 @@ class Arbiter:
         self.started = time.time()
         self._stop: Stop | None = None  # set once the master is stopping
         self.notifier = Notifier()
+        outliers = config.outlier_detection
         self.table = WorkerTable(rise=config.health_check.rise, fall=config.health_check.fall,
-                                 max_fails=config.max_fails, fail_timeout=config.fail_timeout)
+                                 max_fails=config.max_fails, fail_timeout=config.fail_timeout,
+                                 ejection_base=outliers.base_ejection_time, ejection_max=outliers.max_ejection_time,
+                                 ejection_percent=outliers.max_ejection_percent)
         self.checker = HealthChecker(self.table, config.health_check, on_result=self._on_check)
         self.table.subscribe(self._on_transition)
         self.slots: dict[tuple[str, int], LocalWorker] = {}
@@ -103,7 +106,7 @@ class Arbiter:
                 if w.local:
                     self._add_slot(w.host, w.port, self._worker_sockets.pop((w.host, w.port)), options)
                 elif not w.named:
-                    self.table.add(WorkerState(w.host, w.port, local=False))
+                    self.table.add(WorkerState(w.host, w.port, local=False, weight=w.weight, slow_start=w.slow_start))
             await self.names.configure(self.config)
             self.checker.sync()
             await self.proxy.start()
@@ -205,14 +208,19 @@ class Arbiter:
     # -- slots -------------------------------------------------------------------------------
     def _add_slot(self, host: str, port: int, sock: socket.socket, options: WorkerOptions) -> LocalWorker:
         unix = self.runtime.bind(port) if self.runtime is not None else None
-        state = self.table.add(WorkerState(host, port, local=True,
-                                           unix_path=unix.path if unix is not None else None))
+        w = self._configured(host, port)
+        state = self.table.add(WorkerState(host, port, local=True, unix_path=unix.path if unix is not None else None,
+                                           weight=w.weight if w else 1, slow_start=w.slow_start if w else 0.0))
         runtime = self.runtime
         slot = LocalWorker(state, sock, self.table, self.checker, options, self.sink, self.pool, unix,
                            (lambda: runtime.bind(port)) if runtime is not None else None)
         self.slots[state.key] = slot
         slot.start()
         return slot
+
+    def _configured(self, host: str, port: int) -> WorkerAddress | None:
+        """The config's entry for the worker at host:port; None for one added by SIGTTIN."""
+        return next((w for w in self.config.workers if (w.host, w.port) == (host, port)), None)
 
     def _retire_slot(self, slot: LocalWorker) -> None:
         """Take a slot out of service: out of the table first (no new requests), then drain it."""
@@ -306,15 +314,20 @@ class Arbiter:
         await self.proxy.configure(new)
         self.table.rise, self.table.fall = new.health_check.rise, new.health_check.fall
         self.table.max_fails, self.table.fail_timeout = new.max_fails, new.fail_timeout
+        outliers = new.outlier_detection
+        self.table.ejection_base, self.table.ejection_max = outliers.base_ejection_time, outliers.max_ejection_time
+        self.table.ejection_percent = outliers.max_ejection_percent
         self.checker.settings = new.health_check
         options = WorkerOptions.from_config(new)
 
         for worker in self.table:
-            if not worker.local and worker.name is None and worker.key not in wanted:
+            if not worker.local and not worker.name and worker.key not in wanted:
                 self.table.remove(worker)
         for key, w in wanted.items():
             if not w.local and not w.named and self.table.get(*key) is None:
-                self.table.add(WorkerState(w.host, w.port, local=False))
+                self.table.add(WorkerState(w.host, w.port, local=False, weight=w.weight, slow_start=w.slow_start))
+            elif not w.named and (kept := self.table.get(*key)) is not None:
+                self.table.tune(kept, w.weight, w.slow_start)
         await self.names.configure(new)
         added = [self._add_slot(host, port, sock, options) for (host, port), sock in fresh.items()]
         self.checker.sync()

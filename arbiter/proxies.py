@@ -104,7 +104,8 @@ class ProxyFleet:
                 "graceful_timeout": config.graceful_timeout,
                 "health_path": config.health_check.path, "serving": self.serving,
                 "access_log": str(access) if access is not None else None,
-                "log_format": config.logging.format, "log_level": config.logging.level}
+                "log_format": config.logging.format, "log_level": config.logging.level,
+                "outlier_failures": config.outlier_detection.consecutive_failures}
 
     def _table_changed(self) -> None:
         """The worker table changed: push it to every proxy, once per pass of the loop."""
@@ -128,6 +129,12 @@ class ProxyFleet:
         worker = self.table.get(host, port)
         if worker is not None and worker.pid == pid:
             self.table.record_passive_failure(worker, error)
+
+    def outlier(self, host: str, port: int, pid: int | None, reason: str) -> None:
+        """A proxy saw a worker fail consecutiveFailures times in a row; not held against a later incarnation."""
+        worker = self.table.get(host, port)
+        if worker is not None and worker.pid == pid:
+            self.table.record_outlier(worker, reason)
 
     def sum_in_flight(self) -> None:
         for worker in self.table:

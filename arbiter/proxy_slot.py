@@ -239,6 +239,8 @@ class ProxySlot:
             self.fleet.changed.set()
         elif op == "fail":
             self.fleet.passive_failure(message["host"], message["port"], message["pid"], message["error"])
+        elif op == "outlier":
+            self.fleet.outlier(message["host"], message["port"], message["pid"], message["error"])
         elif op == "load":
             self._load(message)
         elif op == "ack":

@@ -44,15 +44,17 @@ class NamedUpstreams:
         self.names: tuple[tuple[str, int], ...] = ()
         self.interval = 30.0
         self._task: asyncio.Task | None = None
+        self.entries: dict = {}
         self._failing: set[tuple[str, int]] = set()  # names whose last resolution failed (warned once)
 
     async def configure(self, config: Config) -> None:
         """Take the config's named workers (at start and at a reload): resolve them now, then
         every resolveInterval; members of names no longer configured leave the table."""
-        self.names = tuple(dict.fromkeys((w.host, w.port) for w in config.workers if w.named))
+        self.entries = {(w.host, w.port): w for w in config.workers if w.named}
+        self.names = tuple(self.entries)
         self.interval = config.resolve_interval
         for worker in self.table:
-            if worker.name is not None and (worker.name, worker.port) not in self.names:
+            if worker.name and (worker.name, worker.port) not in self.names:
                 self._drop(worker, "no longer configured")
         await self.refresh()
         if self._task is None and self.names:
@@ -93,7 +95,9 @@ class NamedUpstreams:
             if taken is not None:  # another entry (an address, or another name) has it already
                 log.debug("worker %s:%d: address %s is already a worker (%s)", name, port, host, taken.name or "by address")
                 continue
-            self.table.add(WorkerState(host, port, local=False, name=name))
+            entry = self.entries[(name, port)]
+            self.table.add(WorkerState(host, port, local=False, name=name, weight=entry.weight,
+                                       slow_start=entry.slow_start))
             log.info("worker %s:%d: member %s joins", name, port, host)
         for host in current.keys() - found:
             self._drop(current[host], f"{name} no longer resolves to it")

@@ -5,6 +5,7 @@ All methods run on the master's event loop thread; nothing here blocks or locks.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from .addresses import host_port
 
 log = logging.getLogger("gows.state")
 WORKER_SLOTS = 1024  # workers whose requests the proxies count apart (proxy/counters.py)
+KEPT_LOG_INTERVAL = 10.0  # seconds between two warnings about a worker too many to eject
 
 
 @dataclass(eq=False)
@@ -39,11 +41,27 @@ class WorkerState:
     requests: int = 0  # requests the proxies sent to this worker (kept current by the master)
     in_flight: int = 0  # requests the proxy has outstanding on this worker
     slot: int = 0  # its place among the proxies' per-worker counters (WORKER_SLOTS: none of its own)
-    name: str | None = None  # the DNS name this address was resolved from (resolve.py), if any
+    name: str = ""  # how the config names it (a host name), when not its address
+    weight: int = 1  # its share of the requests against the others' (the config's workers[].weight)
+    slow_start: float = 0.0  # seconds a comeback ramps over (workers[].slowStart); 0: none
+    # Monotonic time (CLOCK_MONOTONIC: the same in the master and its proxies) it last came back
+    # (down to up, or out of an ejection) and ramps from; None: at full weight.
+    recovered_at: float | None = None
+    been_up: bool = False  # a master's first up of a worker is no comeback: no slow start
+    ejections: int = 0  # times ejected by outlier detection, in a row (the next one lasts twice as long)
+    ejections_total: int = 0
+    ejected_until: float | None = None  # monotonic end of its current ejection; None: not ejected
+    ejection_ended: float = 0.0  # monotonic end of its last ejection
+    failure_streak: int = 0  # a proxy's own count of its failures in a row (outlier detection)
 
     @property
     def address(self) -> str:
         return host_port(self.host, self.port)
+
+    @property
+    def label(self) -> str:
+        """Its name where the config gives one, else its address (status page, metrics)."""
+        return self.name or self.address
 
     @property
     def key(self) -> tuple[str, int]:
@@ -63,6 +81,7 @@ class WorkerIndex:
         # Bumped whenever membership or up/down changes, so readers (the balancer's hash
         # ring) can rebuild lazily instead of on every request.
         self.generation = 0
+        self._leaving: list[Callable[[WorkerState], None]] = []
 
     @property
     def healthy(self) -> tuple[WorkerState, ...]:
@@ -78,9 +97,22 @@ class WorkerIndex:
     def __len__(self) -> int:
         return len(self._workers)
 
+    def on_leave(self, listener: Callable[[WorkerState], None]) -> None:
+        """Call `listener(worker)` when a worker still in the table stops being chosen (marked
+        down or ejected; not one removed, which drains), so requests waiting on it can go elsewhere."""
+        self._leaving.append(listener)
+
     def _reindex(self) -> None:
         self.generation += 1
-        self._healthy = tuple(sorted((w for w in self._workers.values() if w.up), key=lambda w: (w.port, w.host)))
+        old = self._healthy
+        self._healthy = tuple(sorted((w for w in self._workers.values() if w.up and w.ejected_until is None),
+                                     key=lambda w: (w.port, w.host)))
+        if self._leaving and old:
+            kept = set(self._healthy)
+            for worker in old:
+                if worker not in kept and self._workers.get(worker.key) is worker:
+                    for listener in self._leaving:
+                        listener(worker)
 
 
 class WorkerTable(WorkerIndex):
@@ -90,14 +122,32 @@ class WorkerTable(WorkerIndex):
     successes to mark it up (HAProxy's inter/rise/fall). Passive failures seen by the proxy
     (refused, reset, timed out) mark a worker down when `max_fails` of them fall within
     `fail_timeout` seconds (nginx's max_fails/fail_timeout); active checks then bring it back.
+
+    Outlier ejection (Envoy's) lives here too, beside up/down, because it needs what only the
+    one writer has: every worker's state, to cap the share ejected at once, and one count of
+    ejections per worker whichever proxy saw the failures. A proxy counts a worker's failures
+    in a row itself (it sees every response; a message per response would cost more than the
+    response) and reports a streak; an ejected worker stays up but is not chosen for
+    `ejection_base` x 2^(ejections in a row - 1) seconds, at most `ejection_max`.
     """
 
-    def __init__(self, rise: int = 2, fall: int = 3, max_fails: int = 3, fail_timeout: float = 10.0) -> None:
+    def __init__(self, rise: int = 2, fall: int = 3, max_fails: int = 3, fail_timeout: float = 10.0,
+                 ejection_base: float = 30.0, ejection_max: float = 300.0, ejection_percent: int = 50,
+                 clock: Callable[[], float] = time.monotonic,
+                 schedule: Callable[[float, Callable[[], None]], object] | None = None) -> None:
+        """`clock` and `schedule(delay, callback)` (the running loop's call_later by default)
+        time ejections; tests inject their own."""
         super().__init__()
         self.rise = rise
         self.fall = fall
         self.max_fails = max_fails
         self.fail_timeout = fail_timeout
+        self.ejection_base = ejection_base
+        self.ejection_max = ejection_max
+        self.ejection_percent = ejection_percent
+        self.clock = clock
+        self._kept_logged = -KEPT_LOG_INTERVAL  # when a worker too many to eject was last logged
+        self.schedule = schedule or (lambda delay, callback: asyncio.get_running_loop().call_later(delay, callback))
         self._listeners: list[Listener] = []
         self._watchers: list[Callable[[], None]] = []
 
@@ -122,6 +172,12 @@ class WorkerTable(WorkerIndex):
         a worker's pid (the proxy processes' tables are kept so)."""
         self._watchers.append(watcher)
 
+    def tune(self, worker: WorkerState, weight: int, slow_start: float) -> None:
+        """Take a worker's (new) weight and slow start, as at a reload."""
+        if (worker.weight, worker.slow_start) != (weight, slow_start):
+            worker.weight, worker.slow_start = weight, slow_start
+            self._changed()
+
     # -- transitions ---------------------------------------------------------------------
     def spawned(self, worker: WorkerState, pid: int) -> None:
         """A new incarnation of a local worker started: it is down until checks pass `rise` times."""
@@ -130,6 +186,7 @@ class WorkerTable(WorkerIndex):
         worker.consecutive_failures = 0
         worker.consecutive_successes = 0
         worker.passive_failure_times.clear()
+        worker.ejected_until = None  # a new process: its predecessor's ejection is not its own
         self._set(worker, False, "spawned")
         self._notify()
 
@@ -174,11 +231,56 @@ class WorkerTable(WorkerIndex):
             worker.consecutive_successes = 0
             self._set(worker, False, f"{len(times)} proxy failures in {self.fail_timeout:g}s: {error}")
 
+    def record_outlier(self, worker: WorkerState, reason: str) -> bool:
+        """A proxy saw `worker` fail outlierDetection.consecutiveFailures times in a row: eject
+        it, unless that would eject more than `ejection_percent` of the workers or the last one
+        up. Returns whether it was ejected."""
+        if worker.ejected_until is not None or not worker.up or self._workers.get(worker.key) is not worker:
+            return False
+        ejected = sum(1 for w in self._workers.values() if w.ejected_until is not None)
+        if (ejected + 1) * 100 > self.ejection_percent * len(self._workers) or self._healthy == (worker,):
+            now = self.clock()
+            if now - self._kept_logged >= KEPT_LOG_INTERVAL:
+                self._kept_logged = now
+                log.warning("worker %s: %s, but not ejected: %d of %d workers are out already (outlierDetection."
+                            "maxEjectionPercent, or the last one up; logged at most every %gs)", worker.address,
+                            reason, len(self._workers) - len(self._healthy), len(self._workers), KEPT_LOG_INTERVAL)
+            return False
+        now = self.clock()
+        if worker.ejections and now - worker.ejection_ended > self.ejection_max:
+            worker.ejections = 0  # it behaved for a long while: a fresh start
+        worker.ejections += 1
+        worker.ejections_total += 1
+        duration = min(self.ejection_base * 2 ** min(worker.ejections - 1, 40), self.ejection_max)
+        worker.ejected_until = now + duration
+        log.warning("worker %s is ejected for %gs (ejection %d in a row): %s", worker.address, duration,
+                    worker.ejections, reason)
+        self._changed()
+        token = worker.ejections_total
+        self.schedule(duration, lambda: self._readmit(worker, token))
+        return True
+
+    def _readmit(self, worker: WorkerState, token: int) -> None:
+        """Ejection number `token` is over (unless a newer one or a new process replaced it)."""
+        if worker.ejected_until is None or worker.ejections_total != token:
+            return
+        worker.ejected_until = None
+        worker.ejection_ended = now = self.clock()
+        if worker.up and worker.slow_start > 0:
+            worker.recovered_at = now
+        if worker.key in self._workers:
+            log.info("worker %s is back from its ejection", worker.address)
+        self._changed()
+
     def _set(self, worker: WorkerState, up: bool, reason: str) -> None:
         if worker.up == up:
             return
         worker.up = up
         worker.since = time.time()
+        if up:
+            # A comeback ramps up (slow start); a worker's first up, at the master's start, does not.
+            worker.recovered_at = self.clock() if worker.been_up and worker.slow_start > 0 else None
+            worker.been_up = True
         if worker.key in self._workers:
             log.log(logging.INFO if up else logging.WARNING, "worker %s is %s (%s)",
                     worker.address, "up" if up else "down", reason)

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from operator import attrgetter
 from pathlib import Path
 from typing import Any
 
+from fileapp.cache import DEFAULT_ETAG
+
 from .config import Config
 
 
-def option(source: str, flag: str | None = None) -> Any:
+def option(source: str, flag: str | None = None, default: Any = MISSING) -> Any:
     """A WorkerOptions field read from the config attribute `source` (dotted for a section),
     passed to the worker as `flag` when one is given."""
-    return field(metadata={"source": source, "flag": flag})
+    return field(default=default, metadata={"source": source, "flag": flag})
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ class WorkerOptions:
     backoff_initial: float = option("restart_backoff.initial")
     backoff_max: float = option("restart_backoff.max")
     min_uptime: float = option("restart_backoff.min_uptime")
+    cache_etag: str = option("cache.etag", "--etag", default=DEFAULT_ETAG)
 
     @classmethod
     def from_config(cls, config: Config) -> "WorkerOptions":

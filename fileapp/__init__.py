@@ -33,6 +33,10 @@ def create_app(root: str, **options) -> FileApp:
       listing: HTML directory listings when there is no index file (default False).
       health_path: path of the health endpoint, or None for none (default "/healthcheck").
       cache_ttl, cache_max_bytes, cache_max_file_size: see the module docstring.
+      etag: "mtime" (default: from the file's modification time and size, equal across hosts
+           only where files were deployed with their mtimes, as `rsync -a` does) or "content"
+           (a hash of the bytes, computed once per file version and kept: equal across hosts
+           for equal bytes).
       max_age: Cache-Control max-age in seconds for ordinary files (default 60).
       immutable_pattern: regex (str or compiled) searched in a file's name; a match marks a
            content-hashed name served with "public, max-age=31536000, immutable"

@@ -69,6 +69,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-max-bytes", type=_number(int, 0), default=cache.DEFAULT_MAX_BYTES)
     p.add_argument("--cache-max-file-size", type=_number(int, 0), default=cache.DEFAULT_MAX_FILE_SIZE,
                    help="files larger than this are streamed from disk (sendfile)")
+    p.add_argument("--etag", choices=cache.ETAG_KINDS, default=cache.DEFAULT_ETAG,
+                   help="ETags from mtime and size (default) or from a hash of the content")
     p.add_argument("--graceful-timeout", type=_number(float, 0), default=30.0)
     p.add_argument("--keepalive", type=_number(int, 0), default=5,
                    help="seconds an idle keep-alive connection stays open")
@@ -157,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app = create_app(
                 root, health_path=args.health_path, cache_ttl=args.cache_ttl,
                 cache_max_bytes=args.cache_max_bytes,
-                cache_max_file_size=args.cache_max_file_size,
+                cache_max_file_size=args.cache_max_file_size, etag=args.etag,
                 # Set by gows' master for its own workers (fileapp.handoff).
                 handoff_token=os.environ.get(TOKEN_ENV),
             )

@@ -16,7 +16,7 @@ import time
 from typing import Callable, Iterable, Pattern
 from urllib.parse import quote
 
-from .cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
+from .cache import DEFAULT_ETAG, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
 from .files import Exhausted, Resolver, split_url_path
 from .handoff import (FILE_HEADER, MIN_SIZE, REQUEST_KEY, file_header, handed_off_head,
                       sendfile_header_for)
@@ -95,6 +95,7 @@ class FileApp:
         cache_ttl: float = DEFAULT_TTL,
         cache_max_bytes: int = DEFAULT_MAX_BYTES,
         cache_max_file_size: int = DEFAULT_MAX_FILE_SIZE,
+        etag: str = DEFAULT_ETAG,
         max_age: int = 60,
         immutable_pattern: str | Pattern[str] | None = DEFAULT_IMMUTABLE_PATTERN,
         handoff_token: str | None = None,
@@ -119,7 +120,7 @@ class FileApp:
             cache_max_file_size = min(cache_max_file_size, MIN_SIZE - 1)
         self.loader = EntryLoader(self.resolver, self.cache, index_names=tuple(index_names),
                                   max_file_size=cache_max_file_size, max_age=max_age,
-                                  immutable_pattern=immutable_pattern)
+                                  immutable_pattern=immutable_pattern, etag=etag)
         self._exhausted_logged = -1.0
         # Requests carrying this secret in X-Gows-Handoff come from gows' proxy, which sends
         # file bodies itself (fileapp.handoff).

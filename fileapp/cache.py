@@ -17,6 +17,9 @@ from cachetools import TTLCache
 DEFAULT_TTL = 1.0  # seconds an entry is served before the file is looked at again
 DEFAULT_MAX_BYTES = 64 * 2**20  # byte budget of the whole cache
 DEFAULT_MAX_FILE_SIZE = 256 * 2**10  # largest file whose bytes are cached; bigger ones are streamed
+# How ETags are made: from the modification time and size, or from a hash of the bytes.
+ETAG_KINDS = ("mtime", "content")
+DEFAULT_ETAG = "mtime"
 
 
 class _CountingTTLCache(TTLCache):

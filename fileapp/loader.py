@@ -4,6 +4,11 @@ file, or a redirect to the directory's URL with a slash), with its precompressed
 Files up to `max_file_size` are read into the entry, larger ones only described (streamed from
 disk on each request); a file truncated while being read is read again.
 
+ETags come from a file's mtime and size, or with `etag="content"` from a hash of its bytes
+(equal on every host for equal bytes, whatever the mtimes): hashed once per file version
+(device, inode, size, mtime), in blocks (a big file is never read whole into memory), and kept
+in a bounded table of its own, so neither a request nor an entry's expiry hashes again.
+
 An entry of files only described (streamed or handed off, so checked by identity whenever
 sent) whose time in the cache is up is first checked cheaply, as nginx's open_file_cache does:
 if the URL path still leads to the very same file (device, inode, size, mtime, by one stat that
@@ -18,6 +23,7 @@ import os
 import re
 import stat
 import threading
+from hashlib import blake2b
 from typing import Pattern
 
 from cachetools import LRUCache
@@ -27,15 +33,22 @@ from .files import Resolver, split_url_path
 from .representation import SIDECARS, Entry, Rep, content_type, read_exactly
 
 IMMUTABLE_CACHE_CONTROL = "public, max-age=31536000, immutable"
+DIGESTS = 16384  # file versions whose content ETag is kept (about 200 bytes each)
+HASH_BLOCK = 1 << 20  # bytes of a big file hashed at a time
 
 
 class EntryLoader:
     """Prepares (and caches) the entries of the files under a resolver's root."""
 
     def __init__(self, resolver: Resolver, cache: ResponseCache, *, index_names: tuple[str, ...],
-                 max_file_size: int, max_age: int, immutable_pattern: str | Pattern[str] | None
-                 ) -> None:
+                 max_file_size: int, max_age: int, immutable_pattern: str | Pattern[str] | None,
+                 etag: str = "mtime") -> None:
+        if etag not in ("mtime", "content"):
+            raise ValueError(f'etag must be "mtime" or "content", got {etag!r}')
         self.resolver = resolver
+        self.content_etags = etag == "content"
+        self._digests: LRUCache = LRUCache(DIGESTS)  # (dev, ino, size, mtime_ns) -> tag
+        self.hashed = 0  # files hashed for their ETag (once per version; tests count them)
         self.cache = cache
         self.index_names = index_names
         self.max_file_size = max_file_size
@@ -148,13 +161,43 @@ class EntryLoader:
                 if not stat.S_ISREG(opened.st.st_mode):
                     return None
                 if opened.st.st_size > self.max_file_size or not self.cache.enabled:
-                    return Rep(opened.path, opened.st, None, ctype, encoding, cache_control, vary)
+                    tag = self._content_tag(opened.fd, opened.st, None) if self.content_etags else None
+                    return Rep(opened.path, opened.st, None, ctype, encoding, cache_control, vary, tag)
                 body = read_exactly(opened.fd, opened.st.st_size)
                 if body is not None:
-                    return Rep(opened.path, opened.st, body, ctype, encoding, cache_control, vary)
+                    tag = self._content_tag(opened.fd, opened.st, body) if self.content_etags else None
+                    return Rep(opened.path, opened.st, body, ctype, encoding, cache_control, vary, tag)
             finally:
                 os.close(opened.fd)
         return None
+
+    def _content_tag(self, fd: int, st: os.stat_result, body: bytes | None) -> str | None:
+        """The content ETag of the open file `fd` (`body`: its bytes, when already read); None
+        (the mtime tag) when the file changed while it was hashed."""
+        version = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+        with self._lock:
+            tag = self._digests.get(version)
+        if tag is not None:
+            return tag
+        digest = blake2b(digest_size=16)
+        if body is not None:
+            digest.update(body)
+        else:
+            offset = 0
+            while offset < st.st_size:
+                block = os.pread(fd, min(HASH_BLOCK, st.st_size - offset), offset)
+                if not block:
+                    return None  # truncated meanwhile
+                digest.update(block)
+                offset += len(block)
+            after = os.fstat(fd)
+            if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+                return None
+        tag = digest.hexdigest()
+        with self._lock:
+            self._digests[version] = tag
+            self.hashed += 1
+        return tag
 
 
 def _described_only(entry: Entry) -> bool:

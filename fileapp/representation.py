@@ -48,12 +48,14 @@ class Rep:
     )
 
     def __init__(self, path: str, st: os.stat_result, body: bytes | None, ctype: str,
-                 encoding: str | None, cache_control: str, vary: bool) -> None:
+                 encoding: str | None, cache_control: str, vary: bool, tag: str | None = None) -> None:
+        """`tag`: the entity tag before its coding suffix; None: from mtime and size."""
         self.path = path
         self.dev, self.ino = st.st_dev, st.st_ino
         self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
         self.mtime = st.st_mtime_ns // 1_000_000_000
-        tag = f"{self.mtime_ns:x}-{self.size:x}"
+        if tag is None:
+            tag = f"{self.mtime_ns:x}-{self.size:x}"
         self.etag = f"{tag}-{'br' if encoding == 'br' else 'gz'}" if encoding else tag
         self.body = body
         self.type = ctype

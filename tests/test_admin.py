@@ -24,8 +24,9 @@ COMBINED = re.compile(r'^127\.0\.0\.1 - - \[\d\d/\w{3}/\d{4}:\d\d:\d\d:\d\d [+-]
                       r'(\d{3}) (\d+|-) "([^"]*)" "([^"]*)" (\d+)$')
 
 
-WORKER_KEYS = {"address", "host", "port", "local", "name", "pid", "up", "since", "consecutive_failures", "restarts",
-               "requests", "in_flight", "last_check_seconds", "last_error"}
+WORKER_KEYS = {"address", "host", "port", "local", "pid", "up", "since", "consecutive_failures", "restarts",
+               "requests", "in_flight", "last_check_seconds", "last_error", "name", "weight", "effective_weight",
+               "slow_start_seconds", "slow_start_until", "ejected", "ejected_until", "ejections"}
 WINDOW_KEYS = {"seconds", "requests", "rate_per_second", "p50_seconds", "p99_seconds"}
 PROXY_KEYS = {"index", "pid", "ready", "restarts", "requests", "client_connections", "rate"}
 
@@ -79,8 +80,10 @@ def test_status_json_has_the_documented_shape_and_moves_with_traffic(masters, tm
     assert delta("gows_http_responses_total", code="4xx") == 5
     assert delta("gows_front_cache_hits_total") == cache["hits"] - before["front_cache"]["hits"]
     for port in a.worker_ports:
-        labels = (("local", "true"), ("name", ""), ("worker", f"127.0.0.1:{port}"))
+        labels = (("local", "true"), ("name", f"127.0.0.1:{port}"), ("worker", f"127.0.0.1:{port}"))
         assert metrics_after[("gows_worker_up", labels)] == 1
+        assert metrics_after[("gows_worker_weight", labels)] == metrics_after[("gows_worker_effective_weight", labels)] == 1
+        assert metrics_after[("gows_worker_ejected", labels)] == metrics_after[("gows_worker_ejections_total", labels)] == 0
         assert metrics_after[("gows_worker_restarts_total", labels)] == 0
     assert metrics_after[("gows_ready", ())] == 1
     assert metrics_after[("gows_build_info", (("version", after["version"]),))] == 1
@@ -165,7 +168,7 @@ def test_metrics_count_a_killed_worker_as_down_then_restarted(masters, tmp_path,
     pids = a.ready()
     port = a.worker_ports[0]
     os.kill(pids[port], signal.SIGKILL)
-    labels = (("local", "true"), ("name", ""), ("worker", f"127.0.0.1:{port}"))
+    labels = (("local", "true"), ("name", f"127.0.0.1:{port}"), ("worker", f"127.0.0.1:{port}"))
     wait_until(lambda: a.metrics()[("gows_worker_restarts_total", labels)] == 1, timeout=30,
                message="restart counted")
     wait_until(lambda: a.metrics()[("gows_worker_up", labels)] == 1, timeout=30, message="worker up again")

@@ -137,8 +137,16 @@ BAD = [
     ({"baseDirectory": "www", "workers": [{"host": "127.0.0.1"}]}, "workers[0].port: required"),
     ({"baseDirectory": "www", "workers": [{"host": "127.0.0.1", "port": 70000}]},
      "workers[0].port: must be an integer from 1 to 65535, got 70000"),
-    ({"baseDirectory": "www", "workers": [{"host": "127.0.0.1", "port": 9001, "weight": 2}]},
-     "workers[0].weight: unknown key"),
+    ({"baseDirectory": "www", "workers": [{"host": "127.0.0.1", "port": 9001, "wieght": 2}]},
+     'workers[0].wieght: unknown key (did you mean "weight"?)'),
+    ({"baseDirectory": "www", "workers": [{"host": "127.0.0.1", "port": 9001, "weight": 0}]},
+     "workers[0].weight: must be an integer from 1 to 1000, got 0"),
+    ({"baseDirectory": "www", "workers": [{"host": "127.0.0.1", "port": 9001, "slowStart": -1}]},
+     "workers[0].slowStart: must be a number >= 0 and <= 3600, got -1"),
+    ({"baseDirectory": "www", "workerCount": 1, "cache": {"etag": "sha1"}},
+     'cache.etag: must be one of "mtime", "content", got "sha1"'),
+    ({"baseDirectory": "www", "workerCount": 1, "outlierDetection": {"maxEjectionPercent": 101}},
+     "outlierDetection.maxEjectionPercent: must be an integer from 0 to 100, got 101"),
     ({"baseDirectory": "www", "workers": [{"host": "bad host!", "port": 9001}]}, "workers[0].host: must be a host name or IP address"),
     ({"baseDirectory": "www", "workers": [{"host": "127.0.0.1", "port": 9001}, {"host": "127.0.0.1", "port": 9001}]},
      "workers[1].port: port 9001 is already used by workers[0].port"),
@@ -305,3 +313,11 @@ def test_spawn_must_be_a_boolean(tmp_path):
     with pytest.raises(cfg.ConfigError, match=r"workers\[0\]\.spawn"):
         cfg.load_data({"baseDirectory": str(tmp_path), "workers": [{"host": "127.0.0.1", "port": 1, "spawn": 0}]},
                       tmp_path / "g.json")
+def test_a_workers_weight_and_slow_start_are_optional_and_default_to_1_and_0(site):
+    c = cfg.load(write(site, {"baseDirectory": "www", "workers": [
+        {"host": "127.0.0.1", "port": 9001, "weight": 3, "slowStart": 20},
+        {"host": "127.0.0.1", "port": 9002}]}))
+    assert [(w.weight, w.slow_start) for w in c.workers] == [(3, 20.0), (1, 0.0)]
+    c = cfg.load(write(site, {"baseDirectory": "www", "workerCount": 2}))
+    assert [(w.weight, w.slow_start) for w in c.workers] == [(1, 0.0), (1, 0.0)]
+    assert (c.outlier_detection.consecutive_failures, c.cache.etag) == (5, "mtime")

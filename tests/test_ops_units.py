@@ -325,7 +325,9 @@ _PROXY_ROWS = [
 def _document(**worker):
     w = {"address": "127.0.0.1:9001", "host": "127.0.0.1", "port": 9001, "local": True, "pid": 42, "up": False,
          "since": time.time() - 75, "consecutive_failures": 3, "restarts": 2, "requests": 12345, "in_flight": 1,
-         "last_check_seconds": 0.0012, "last_error": "<script>alert(1)</script>"}
+         "last_check_seconds": 0.0012, "last_error": "<script>alert(1)</script>", "name": "127.0.0.1:9001",
+         "weight": 1, "effective_weight": 1, "slow_start_seconds": 0.0, "slow_start_until": None, "ejected": False,
+         "ejected_until": None, "ejections": 0}
     w.update(worker)
     window = {"seconds": 10, "requests": 5, "rate_per_second": 0.5, "p50_seconds": 0.002, "p99_seconds": None}
     return {"version": "0.1.0", "pid": 1, "config": "/etc/gows/<x>.json", "started": 0, "uptime": 3700,
@@ -337,6 +339,18 @@ def _document(**worker):
             "proxy": {"client_connections": 2},
             "proxies": _PROXY_ROWS,
             "access_log": {"enabled": True, "dropped": 1234, "error": "No space left on device"}}
+
+
+def test_status_page_shows_names_weights_slow_start_and_ejections():
+    html = status_page.render(_document(name="node-1.example:8080", address="198.18.0.2:8080", up=True,
+                                        weight=3, effective_weight=0.9, slow_start_seconds=60,
+                                        slow_start_until=time.time() + 40, ejections=2))
+    assert ">node-1.example:8080 (198.18.0.2:8080)<" in html
+    assert '<td data-label="Weight" class="n">0.9 / 3 (slow start)</td>' in html
+    assert '<td data-label="Ejections" class="n">2</td>' in html
+    html = status_page.render(_document(up=True, ejected=True, ejected_until=86400 + 3600 + 120, ejections=1))
+    assert ">ejected</span><span class=\"err\">until 01:02:00 UTC</span>" in html
+    assert '<td data-label="Weight" class="n">1</td>' in html
 
 
 def test_status_page_escapes_worker_errors_and_allows_only_its_own_script():
@@ -413,6 +427,39 @@ def test_metrics_give_each_proxy_process_labelled_series_and_no_family_twice():
         ("gows_proxy_client_connections", (("proxy", "3"),)): 0})
     # The whole server's families stay unlabelled.
     assert series("gows_http_requests") == {("gows_http_requests_total", ()): 0}
+
+
+def test_metrics_and_status_give_each_worker_its_name_weight_slow_start_and_ejections():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from arbiter.ops.status import balance
+    from arbiter.state import WorkerState
+
+    table = WorkerTable(rise=1, fall=1, schedule=lambda delay, fn: None)
+    ramping = table.add(WorkerState("198.18.0.2", 8080, local=False, name="node-1:8080", weight=3, slow_start=60.0))
+    other = table.add(WorkerState("198.18.0.3", 8080, local=False))
+    for w in (ramping, other):
+        table.record_check(w, True)  # up at the start: at full weight
+    table.record_check(ramping, False)
+    table.record_check(ramping, True)  # a comeback: slow start
+    assert table.record_outlier(other, "5 x 503")
+    now, mono = time.time(), time.monotonic()
+    state = balance(ramping, now, mono)
+    assert state["name"] == "node-1:8080" and state["weight"] == 3 and 0 < state["effective_weight"] < 3
+    assert now < state["slow_start_until"] <= now + 60.5 and not state["ejected"]
+    ejected = balance(other, now, mono)
+    assert ejected["ejected"] and now < ejected["ejected_until"] <= now + 30.5 and ejected["ejections"] == 1
+    master = types.SimpleNamespace(table=table, proxy=_Fleet(), started=1.0, stopping=False,
+                                   access_log=None, config_path="gows.conf.json")
+    text = exposition(make_registry(master), "text/plain")[0].decode()
+    samples = {(s.name, s.labels.get("name")): s.value
+               for f in text_string_to_metric_families(text) for s in f.samples if "name" in s.labels}
+    assert samples[("gows_worker_weight", "node-1:8080")] == 3
+    assert 0 < samples[("gows_worker_effective_weight", "node-1:8080")] < 3
+    assert samples[("gows_worker_ejected", "198.18.0.3:8080")] == 1
+    assert samples[("gows_worker_ejections_total", "198.18.0.3:8080")] == 1
+    assert samples[("gows_worker_ejected_until_seconds", "198.18.0.3:8080")] > now
+    assert ("gows_worker_ejected_until_seconds", "node-1:8080") not in samples
 
 
 

@@ -19,13 +19,14 @@ pytestmark = pytest.mark.unit
 def test_worker_command_line_is_accepted_by_fileapp_and_carries_the_settings(tmp_path):
     (tmp_path / "www").mkdir()
     config = load_data({"baseDirectory": "www", "workerCount": 1, "threads": 7, "gracefulTimeout": 2.5,
-                        "healthCheck": {"path": "/hc"}, "cache": {"ttl": 0.5, "maxBytes": 1000, "maxFileSize": 10},
+                        "healthCheck": {"path": "/hc"}, "cache": {"ttl": 0.5, "maxBytes": 1000, "maxFileSize": 10, "etag": "content"},
                         "logging": {"level": "warning", "accessLog": True}}, tmp_path / "gows.conf.json")
     argv = worker_argv(WorkerOptions.from_config(config), 5, "127.0.0.1", 9001)
     assert argv[:3] == [sys.executable, "-m", "fileapp"]
     args = make_parser().parse_args(argv[3:])
     assert (args.root, args.fd, args.port, args.threads) == (str((tmp_path / "www").resolve()), 5, 9001, 7)
     assert (args.health_path, args.cache_ttl, args.cache_max_bytes, args.cache_max_file_size) == ("/hc", 0.5, 1000, 10)
+    assert args.etag == "content"
     # The master writes the access log: workers must not log every request a second time.
     assert (args.graceful_timeout, args.log_level, args.access_log, args.parent_pid) == (2.5, "warning", False, os.getpid())
 

@@ -6,9 +6,9 @@ This package is the config layer: the proxy and the socket code never import it.
 from ..addresses import Address, WorkerAddress
 from .kinds import STDOUT, ConfigError
 from .load import bind_configured, configured, listen_key, load, load_data
-from .settings import (Config, FrontCacheConfig, HealthCheckConfig, LoggingConfig, ProxyConfig,
-                       RestartBackoffConfig, WorkerCacheConfig)
+from .settings import (Config, FrontCacheConfig, HealthCheckConfig, LoggingConfig, OutlierDetectionConfig,
+                       ProxyConfig, RestartBackoffConfig, WorkerCacheConfig)
 
 __all__ = ["Address", "WorkerAddress", "STDOUT", "ConfigError", "bind_configured", "configured", "listen_key", "load",
-           "load_data", "Config", "FrontCacheConfig", "HealthCheckConfig", "LoggingConfig", "ProxyConfig",
-           "RestartBackoffConfig", "WorkerCacheConfig"]
+           "load_data", "Config", "FrontCacheConfig", "HealthCheckConfig", "LoggingConfig", "OutlierDetectionConfig",
+           "ProxyConfig", "RestartBackoffConfig", "WorkerCacheConfig"]

@@ -247,8 +247,13 @@ class Nullable(Kind):
 class WorkerList(Kind):
     expect = 'a non-empty list of {"host": ..., "port": ...} objects'
     _item = {"host": Host(), "port": Integer(1, 65535)}
-    # Optional keys of an entry, with their default when left out.
-    _optional = {"spawn": (Boolean(), True)}
+    # Optional per upstream (HAProxy's server line: weight, slowstart; and spawn): what to use when
+    # absent, and what it means (the schema's descriptions).
+    _optional = {
+        "weight": (Integer(1, 1000), 1, "Share of the requests relative to the other workers' weights, whatever proxy.balance is."),
+        "slowStart": (Number(3600, positive=False), 0, "Seconds over which a worker coming back (down to up, or out of an ejection) ramps from a small share to its weight; 0 takes it back at full weight at once. Not applied to the workers of a master that has just started."),
+        "spawn": (Boolean(), True, "false: never started here, even when its address is local (another gows, a worker systemd runs); only checked and balanced."),
+    }
 
     def parse(self, value, key, base):
         if not isinstance(value, list) or not 1 <= len(value) <= 1024:
@@ -262,15 +267,18 @@ class WorkerList(Kind):
             for name in self._item:
                 if name not in item:
                     raise ConfigError(f"{where}.{name}: required")
-            spawn = self._optional["spawn"][0].parse(item["spawn"], f"{where}.spawn", base) if "spawn" in item else True
+            weight, slow_start, spawn = (kind.parse(item.get(name, default), f"{where}.{name}", base)
+                                         for name, (kind, default, _) in self._optional.items())
             out.append((self._item["host"].parse(item["host"], f"{where}.host", base),
-                        self._item["port"].parse(item["port"], f"{where}.port", base), f"{where}.port", spawn))
+                        self._item["port"].parse(item["port"], f"{where}.port", base), f"{where}.port",
+                        weight, slow_start, spawn))
         return tuple(out)
 
     def schema(self):
         props = {name: kind.schema() for name, kind in self._item.items()}
         required = list(props)
-        props.update({name: kind.schema() for name, (kind, _) in self._optional.items()})
+        for name, (kind, default, doc) in self._optional.items():
+            props[name] = {**kind.schema(), "description": doc, "default": default}
         return {"type": "array", "minItems": 1, "maxItems": 1024,
                 "items": {"type": "object", "properties": props, "required": required, "additionalProperties": False}}
 

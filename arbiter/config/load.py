@@ -74,10 +74,10 @@ def _resolve_workers(raw: dict, values: Config) -> tuple[WorkerAddress, ...]:
         last = values.worker_base_port + values.worker_count - 1
         if last > 65535:
             raise ConfigError(f"workerCount: {values.worker_count} ports from workerBasePort {values.worker_base_port} run past 65535")
-        pairs = [(values.worker_host, values.worker_base_port + i, "workerBasePort", True)
+        pairs = [(values.worker_host, values.worker_base_port + i, "workerBasePort", 1, 0.0, True)
                  for i in range(values.worker_count)]
     out = []
-    for host, port, label, spawn in pairs:
+    for host, port, label, weight, slow_start, spawn in pairs:
         literal = _is_literal(host)
         try:
             local = is_local(host)
@@ -85,11 +85,10 @@ def _resolve_workers(raw: dict, values: Config) -> tuple[WorkerAddress, ...]:
             if literal:
                 raise ConfigError(f"{label.rsplit('.', 1)[0] + '.host' if label != 'workerBasePort' else 'workerHost'}: {e}") from None
             local = False  # a name that does not resolve yet: the master warns and tries again
-        if not spawn or not local:
-            # Not started here: only checked and balanced; a name becomes one member per address.
-            out.append(WorkerAddress(host, port, False, label, named=not literal))
-        else:
-            out.append(WorkerAddress(host, port, True, label))
+        # Not started here (spawn false, or not this machine): only checked and balanced; a name
+        # becomes one member per address.
+        out.append(WorkerAddress(host, port, local and spawn, label, weight, slow_start,
+                                 named=not literal and not (local and spawn)))
     return tuple(out)
 
 

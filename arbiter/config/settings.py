@@ -46,6 +46,17 @@ class WorkerCacheConfig:
     ttl: float = setting(Number(86400, positive=False), worker_cache.DEFAULT_TTL, "Seconds a cached file is served before it is checked against the disk again.")
     max_bytes: int = setting(Integer(0, 1 << 40), worker_cache.DEFAULT_MAX_BYTES, "Byte budget of each worker's cache.")
     max_file_size: int = setting(Integer(0, 1 << 40), worker_cache.DEFAULT_MAX_FILE_SIZE, "Largest file whose bytes are cached; bigger files are streamed with sendfile.")
+    etag: str = setting(Choice(*worker_cache.ETAG_KINDS), worker_cache.DEFAULT_ETAG, "How ETags are made: mtime (from the file's modification time and size: equal across hosts only when files are deployed with their mtimes, as rsync -a does) or content (a hash of the bytes, computed once per file version and kept in the worker's cache: equal across hosts for equal bytes).")
+
+
+@dataclass(frozen=True)
+class OutlierDetectionConfig:
+    """outlierDetection: passive ejection of workers that keep failing (Envoy's outlier detection)."""
+
+    consecutive_failures: int = setting(Integer(0, 1000), 5, "Consecutive failures a proxy sees from one worker (500, 502, 503 or 504 answered by it, or a refused, reset or timed-out connection) that eject it from balancing; 0 turns ejection off. Any other answer starts the count again.")
+    base_ejection_time: float = setting(Number(86400), 30.0, "Seconds of a worker's first ejection; each further one lasts twice the one before.")
+    max_ejection_time: float = setting(Number(86400), 300.0, "Upper bound of an ejection; a worker not ejected for this long starts again from baseEjectionTime.")
+    max_ejection_percent: int = setting(Integer(0, 100), 50, "Most workers ejected at once, in percent of all workers; never the last worker up.")
 
 
 @dataclass(frozen=True)
@@ -96,7 +107,7 @@ class Config:
 
     listen: Address = setting(AddressKind(), "127.0.0.1:8080", "Public address the master serves on; IPv6 as \"[::1]:8080\".")
     master_port: int | None = setting(Nullable(_PORT), None, "Legacy (proof of concept): public port on 127.0.0.1. Give either this or listen.")
-    workers: tuple[WorkerAddress, ...] = setting(Nullable(WorkerList()), None, "The workers as a list of {host, port} (and optionally spawn). Workers on this machine are spawned here; others are only health-checked. \"spawn\": false: never started here, even when local (another gows, a worker systemd runs). A host given by DNS name is resolved at start and every resolveInterval: each address it yields is a worker (one that vanishes is drained); a name that does not resolve is a warning, not an error. Give either this or workerCount.")
+    workers: tuple[WorkerAddress, ...] = setting(Nullable(WorkerList()), None, "The workers as a list of {host, port}, each optionally with a weight (its share of the requests against the others' weights, 1 to 1000, default 1), slowStart (seconds over which a worker coming back from down or from an ejection ramps up to its weight, default 0: at once; never at the master's start) and spawn (false: never started here, even when local: another gows, a worker systemd runs). Workers on this machine are spawned here; others are only health-checked. A host given by DNS name is resolved at start and every resolveInterval: each address it yields is a worker (one that vanishes is drained); a name that does not resolve is a warning, not an error. Give either this or workerCount.")
     worker_count: int | None = setting(Nullable(Integer(1, 1024)), None, "Shorthand for workers: this many local workers on consecutive ports from workerBasePort.")
     worker_base_port: int = setting(_PORT, 9001, "First worker port of the workerCount form.")
     worker_host: str = setting(Host(), "127.0.0.1", "Address the workers of the workerCount form listen on.")
@@ -111,6 +122,7 @@ class Config:
     admin: Address | None = setting(Nullable(AddressKind()), None, "Address of the admin listener (status page, metrics); null disables it.")
     health_check: HealthCheckConfig = section(HealthCheckConfig, "Active health checks of every worker.")
     restart_backoff: RestartBackoffConfig = section(RestartBackoffConfig, "Back-off for local workers that keep failing right after start (a crash loop). It never leaves the pool without a worker: when no local worker is up or starting, one that is waiting out its delay starts at once.")
+    outlier_detection: OutlierDetectionConfig = section(OutlierDetectionConfig, "Workers taken out of balancing for a while after consecutive failures the proxies saw.")
     cache: WorkerCacheConfig = section(WorkerCacheConfig, "Each worker's file cache.")
     logging: LoggingConfig = section(LoggingConfig, "Logging of the master and its workers.")
     proxy: ProxyConfig = section(ProxyConfig, "The front reverse proxy.")

@@ -11,6 +11,7 @@ so one family never mixes a total with its parts: sum(gows_proxy_client_connecti
 """
 from __future__ import annotations
 
+import time
 from typing import Any, Iterator
 
 from prometheus_client import CollectorRegistry
@@ -19,7 +20,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
 from ..proxy.stats import BOUNDS
-from .status import VERSION, Master, ready
+from .status import VERSION, Master, balance, ready
 
 _PROXY_COUNTERS = (
     ("retries", "proxy_retries", "Requests retried on another worker after a connection failure."),
@@ -87,7 +88,7 @@ class MasterCollector(Collector):
 
         yield from _per_proxy(proxy.rows())
 
-        labels = ["worker", "local", "name"]  # name: the DNS name the address came from, "" for none
+        labels = ["worker", "name", "local"]  # its address, how the config names it, whether spawned here
         up = GaugeMetricFamily("gows_worker_up", "1 when the worker passes its health checks.", labels=labels)
         restarts = CounterMetricFamily("gows_worker_restarts", "Times the master restarted the worker.", labels=labels)
         served = CounterMetricFamily("gows_worker_requests", "Requests the proxy sent to the worker.", labels=labels)
@@ -95,8 +96,25 @@ class MasterCollector(Collector):
         failures = GaugeMetricFamily("gows_worker_consecutive_failures", "Health checks failed in a row.", labels=labels)
         latency = GaugeMetricFamily("gows_worker_health_check_seconds", "Duration of the last passed health check.",
                                     labels=labels)
+        weight = GaugeMetricFamily("gows_worker_weight", "The worker's configured weight.", labels=labels)
+        effective = GaugeMetricFamily("gows_worker_effective_weight", "The worker's weight as balanced now (less while "
+                                      "it ramps up after a comeback: slow start).", labels=labels)
+        ejected = GaugeMetricFamily("gows_worker_ejected", "1 while outlier detection keeps the worker out of balancing.",
+                                    labels=labels)
+        ejected_until = GaugeMetricFamily("gows_worker_ejected_until_seconds", "Unix time the worker's current "
+                                          "ejection ends (only while ejected).", labels=labels)
+        ejections = CounterMetricFamily("gows_worker_ejections", "Times outlier detection ejected the worker.",
+                                        labels=labels)
+        now, mono = time.time(), time.monotonic()
         for w in master.table:
-            values = [w.address, "true" if w.local else "false", w.name or ""]
+            values = [w.address, w.label, "true" if w.local else "false"]
+            state = balance(w, now, mono)
+            weight.add_metric(values, w.weight)
+            effective.add_metric(values, state["effective_weight"])
+            ejected.add_metric(values, 1 if state["ejected"] else 0)
+            if state["ejected_until"] is not None:
+                ejected_until.add_metric(values, state["ejected_until"])
+            ejections.add_metric(values, w.ejections_total)
             up.add_metric(values, 1 if w.up else 0)
             restarts.add_metric(values, w.restarts)
             served.add_metric(values, w.requests)
@@ -104,7 +122,8 @@ class MasterCollector(Collector):
             failures.add_metric(values, w.consecutive_failures)
             if w.last_check_latency is not None:
                 latency.add_metric(values, w.last_check_latency)
-        yield from (up, restarts, served, in_flight, failures, latency)
+        yield from (up, restarts, served, in_flight, failures, latency, weight, effective, ejected, ejected_until,
+                    ejections)
 
         access_log = master.access_log
         if access_log is not None:

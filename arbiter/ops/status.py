@@ -8,7 +8,9 @@ durations are seconds, latencies may be null when nothing was measured:
      "workers": [{"address": str, "host": str, "port": int, "local": bool, "pid": int|null,
                   "up": bool, "since": float, "consecutive_failures": int, "restarts": int,
                   "requests": int, "in_flight": int, "last_check_seconds": float|null,
-                  "last_error": str}],
+                  "last_error": str, "name": str, "weight": int, "effective_weight": float,
+                  "slow_start_seconds": float, "slow_start_until": float|null,
+                  "ejected": bool, "ejected_until": float|null, "ejections": int}],
      "front_cache": {"enabled": bool, "entries": int, "bytes": int, "max_bytes": int,
                      "hits": int, "misses": int, "hit_ratio": float|null, "revalidated": int},
      "totals": {"requests": int, "responses": {"1xx": int, ..., "5xx": int},
@@ -24,6 +26,11 @@ durations are seconds, latencies may be null when nothing was measured:
 
     WINDOW = {"seconds": float, "requests": int, "rate_per_second": float,
               "p50_seconds": float|null, "p99_seconds": float|null}
+
+A worker's `name` is how the config names it (its address when it gives none); its
+`effective_weight` is its `weight` as balanced now, less while it ramps up after a comeback
+until `slow_start_until` (null: at full weight); `ejected_until` (null: not ejected) ends its
+current outlier ejection, and `ejections` counts them all.
 
 `requests` counts completed responses (the latency histogram); `responses` counts them by
 status class; a window covers the samples within reach (shorter just after start). `proxies`
@@ -41,8 +48,9 @@ import time
 from importlib import metadata
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..proxy.balancer import ramp
 from ..proxy.stats import RequestStats, Window, quantile
-from ..state import WorkerTable
+from ..state import WorkerState, WorkerTable
 
 if TYPE_CHECKING:
     from ..proxy_slot import AccessLogState
@@ -88,6 +96,18 @@ def _window(w: dict[str, Any]) -> dict[str, Any]:
             "p50_seconds": w["p50"], "p99_seconds": w["p99"]}
 
 
+def balance(w: WorkerState, now: float, mono: float) -> dict[str, Any]:
+    """A worker's weight, slow start and ejections at Unix time `now` (monotonic `mono`)."""
+    share, _ = ramp(w, mono)
+    ramping = share < 1.0 and w.recovered_at is not None
+    return {"name": w.label, "weight": w.weight, "effective_weight": round(w.weight * share, 3),
+            "slow_start_seconds": w.slow_start,
+            "slow_start_until": round(now + w.recovered_at + w.slow_start - mono, 3) if ramping else None,
+            "ejected": w.ejected_until is not None,
+            "ejected_until": round(now + w.ejected_until - mono, 3) if w.ejected_until is not None else None,
+            "ejections": w.ejections_total}
+
+
 def snapshot(master: Master, window: Window) -> dict[str, Any]:
     """The whole status document (see the module docstring for its shape)."""
     proxy = master.proxy
@@ -96,6 +116,7 @@ def snapshot(master: Master, window: Window) -> dict[str, Any]:
     lookups = cache["hits"] + cache["misses"]
     buckets = proxy.latency.buckets
     now = time.time()
+    mono = time.monotonic()
     access_log = master.access_log
     return {
         "version": VERSION,
@@ -106,10 +127,10 @@ def snapshot(master: Master, window: Window) -> dict[str, Any]:
         "ready": ready(master),
         "stopping": master.stopping,
         "workers": [{
-            "address": w.address, "host": w.host, "port": w.port, "local": w.local, "name": w.name, "pid": w.pid,
+            "address": w.address, "host": w.host, "port": w.port, "local": w.local, "pid": w.pid,
             "up": w.up, "since": w.since, "consecutive_failures": w.consecutive_failures,
             "restarts": w.restarts, "requests": w.requests, "in_flight": w.in_flight,
-            "last_check_seconds": w.last_check_latency, "last_error": w.last_error,
+            "last_check_seconds": w.last_check_latency, "last_error": w.last_error, **balance(w, now, mono),
         } for w in sorted(master.table, key=lambda w: (w.port, w.host))],
         "front_cache": {
             "enabled": cache["enabled"], "entries": cache["entries"], "bytes": cache["bytes"],

@@ -102,10 +102,13 @@ function render(d){
  var body=document.getElementById("workers");var rows=document.createDocumentFragment();
  d.workers.forEach(function(w){
   var tr=document.createElement("tr");tr.setAttribute("data-worker",w.address);
-  cell(tr,"Worker",(w.name?w.name+" ":"")+w.address+(w.local?"":" (remote)"));
+  cell(tr,"Worker",(w.name===w.address?w.address:w.name+" ("+w.address+")")+(w.local?"":" (remote)"));
   cell(tr,"PID",w.pid===null?"\\u2013":String(w.pid),"n");
-  var st=cell(tr,"State","");stateBadge(st,w.up,w.up?"up":"down");
-  if(!w.up&&w.last_error){var e=document.createElement("span");e.className="err";e.textContent=w.last_error;st.appendChild(e);}
+  var st=cell(tr,"State","");stateBadge(st,w.up&&!w.ejected,w.ejected?"ejected":w.up?"up":"down");
+  var why=w.ejected?"until "+new Date(w.ejected_until*1000).toISOString().slice(11,19)+" UTC":!w.up?w.last_error:"";
+  if(why){var e=document.createElement("span");e.className="err";e.textContent=why;st.appendChild(e);}
+  cell(tr,"Weight",w.effective_weight<w.weight?w.effective_weight+" / "+w.weight+" (slow start)":String(w.weight),"n");
+  cell(tr,"Ejections",num(w.ejections),"n");
   cell(tr,"Since",dur(now-w.since)+" ago","n").title=new Date(w.since*1000).toISOString();
   cell(tr,"Failures",num(w.consecutive_failures),"n");
   cell(tr,"Restarts",num(w.restarts),"n");
@@ -206,15 +209,27 @@ def _heads(*columns: tuple[str, bool]) -> str:
     return "".join(f'<th{" class=n" if n else ""} scope="col">{h}</th>' for h, n in columns)
 
 
+def _weight(w: dict[str, Any]) -> str:
+    """Its weight, and what it is balanced with while it ramps up (slow start)."""
+    if w["effective_weight"] < w["weight"]:
+        return f'{w["effective_weight"]:g} / {w["weight"]} (slow start)'
+    return str(w["weight"])
+
+
 def _worker_row(w: dict[str, Any], now: float) -> str:
-    state = _badge(w["up"], "up" if w["up"] else "down")
-    if not w["up"] and w["last_error"]:
+    state = _badge(w["up"] and not w["ejected"], "ejected" if w["ejected"] else "up" if w["up"] else "down")
+    if w["ejected"]:
+        state += f'<span class="err">until {time.strftime("%H:%M:%S", time.gmtime(w["ejected_until"]))} UTC</span>'
+    elif not w["up"] and w["last_error"]:
         state += f'<span class="err">{escape(w["last_error"])}</span>'
     since = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(w["since"]))
+    name = w["address"] if w["name"] == w["address"] else f'{w["name"]} ({w["address"]})'
     return (f'<tr data-worker="{escape(w["address"])}">'
-            + _td("Worker", escape(w["address"] + ("" if w["local"] else " (remote)")))
+            + _td("Worker", escape(name + ("" if w["local"] else " (remote)")))
             + _td("PID", "\u2013" if w["pid"] is None else str(w["pid"]), "n")
             + _td("State", state)
+            + _td("Weight", escape(_weight(w)), "n")
+            + _td("Ejections", f'{w["ejections"]:,}', "n")
             + f'<td data-label="Since" class="n" title="{since}">{_dur(now - w["since"])} ago</td>'
             + _td("Failures", f'{w["consecutive_failures"]:,}', "n")
             + _td("Restarts", f'{w["restarts"]:,}', "n")
@@ -268,7 +283,8 @@ def render(d: dict[str, Any]) -> str:
         _card("adropped", "Lines dropped", f'{d["access_log"]["dropped"]:,}'),
     ))
     rows = "".join(_worker_row(w, now) for w in d["workers"])
-    heads = _heads(("Worker", False), ("PID", True), ("State", False), ("Since", True), ("Failures", True),
+    heads = _heads(("Worker", False), ("PID", True), ("State", False), ("Weight", True), ("Ejections", True),
+                   ("Since", True), ("Failures", True),
                    ("Restarts", True), ("Requests", True), ("In flight", True), ("Last check", True))
     proxy_rows = "".join(_proxy_row(p) for p in d["proxies"])
     proxy_heads = _heads(("Proxy", False), ("PID", True), ("State", False), ("Connections", True),

@@ -1,24 +1,35 @@
 """Choosing a healthy worker per request: round robin, least outstanding requests, or consistent
-hashing on the path with bounded load (so each worker's file cache holds its own share)."""
+hashing on the path with bounded load (so each worker's file cache holds its own share).
+
+Every policy honours each worker's weight (workers[].weight) and slow start: a worker coming
+back ramps from 1/SLOW_START_STEPS of its weight to all of it over workers[].slowStart seconds
+(HAProxy's slowstart). While all weights in effect are equal, the plain policies run unchanged;
+otherwise round robin is nginx's smooth weighted round robin, least outstanding compares
+requests in flight per unit of weight, and the hash ring holds points in proportion to weight.
+"""
 from __future__ import annotations
 
 import bisect
 import math
+import time
 from hashlib import blake2b
 from operator import attrgetter
-from typing import Collection
+from typing import Callable, Collection
 
 from ..state import WorkerState
 from .view import WorkerView
 
-VIRTUAL_NODES = 160  # points per worker on the hash ring (ketama uses 160)
-LOAD_FACTOR = 1.25  # bounded load: no worker takes more than c x the mean outstanding requests
+VIRTUAL_NODES = 160  # points per unit of weight on the hash ring (ketama uses 160)
+MAX_RING_WEIGHT = 16  # weights scaled to at most this many units on the ring (its size stays bounded)
+LOAD_FACTOR = 1.25  # bounded load: no worker takes more than c x its weighted share of outstanding requests
+SLOW_START_STEPS = 20  # a comeback's weight grows in this many steps (each one rebuilds the hash ring)
 # Round robin hands concurrent requests out in runs: a worker already busy with fewer than this
 # keeps taking new ones, up to this many in a row. Waking one worker for a few requests is much
 # cheaper than waking every worker for one each (context switches, cold caches) when workers
 # outnumber the cores; bounding the run keeps every worker in turn under any load. A run never
 # goes past the worker's threads either.
 RUN = 8
+NEVER = math.inf
 
 _in_flight = attrgetter("in_flight")
 
@@ -27,30 +38,101 @@ def _hash64(data: bytes) -> int:
     return int.from_bytes(blake2b(data, digest_size=8).digest(), "big")
 
 
+def ramp(worker: WorkerState, now: float) -> tuple[float, float]:
+    """(share of its weight `worker` gets at `now`, when that share next grows; NEVER: it is whole).
+
+    The share grows in SLOW_START_STEPS even steps over `slow_start` seconds after a comeback,
+    starting at one step (never 0: a worker that gets nothing would never show it is well)."""
+    since = worker.recovered_at
+    span = worker.slow_start
+    if since is None or span <= 0 or now >= since + span:
+        return 1.0, NEVER
+    step = int((now - since) / span * SLOW_START_STEPS) + 1
+    if step >= SLOW_START_STEPS:
+        return 1.0, NEVER
+    return step / SLOW_START_STEPS, since + span * step / SLOW_START_STEPS
+
+
 class Balancer:
     """Picks a worker from `table.healthy`; derived state is rebuilt lazily when the table changes.
 
-    Whatever the policy, a worker with a request in flight per thread (`worker_threads`) is
-    passed over while another has a thread to spare: stacked requests would wait in its queue
-    while the other idles.
+    Whatever the policy, a worker with a request in flight per thread (`worker_threads`, times
+    its weight over the lightest's) is passed over while another has a thread to spare: stacked
+    requests would wait in its queue while the other idles.
     """
 
     POLICIES = {"round-robin": "_round_robin", "least-outstanding": "_least_outstanding",
                 "consistent-hash": "_consistent_hash"}  # the config's proxy.balance choices
 
-    def __init__(self, table: WorkerView, policy: str = "round-robin", worker_threads: int = 4) -> None:
+    def __init__(self, table: WorkerView, policy: str = "round-robin", worker_threads: int = 4,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.table = table
         self.policy = policy
         self.worker_threads = worker_threads
+        self.clock = clock
         self._run_limit = min(RUN, worker_threads)
         self._next = 0
         self._run = 0  # consecutive picks of the current round-robin worker
-        self._ring_generation = -1
+        self._last = -1  # index of the last weighted round-robin pick
+        # The weights in effect, per worker of `table.healthy` (refreshed by _refresh).
+        self._weights_generation = -1
+        self._weights_version = 0  # bumped by every refresh: the ring follows it
+        self._refresh_at = NEVER  # when a ramping worker's share grows next
+        self.uniform = True
+        self.effective: list[float] = []
+        self._total = 0.0
+        self._caps: list[int] = []  # threads per worker
+        self._credit: list[float] = []  # smooth weighted round robin's current weights
+        self._ring_version = -1
         self._points: list[int] = []
-        self._owners: list[WorkerState] = []
+        self._owners: list[int] = []  # index into table.healthy of each point's worker
         self.pick = getattr(self, self.POLICIES[policy])
 
+    # -- weights in effect -------------------------------------------------------------------
+    def _stale(self) -> bool:
+        return (self._weights_generation != self.table.generation
+                or self._refresh_at is not NEVER and self.clock() >= self._refresh_at)
+
+    def _refresh(self) -> None:
+        healthy = self.table.healthy
+        now = self.clock()
+        effective, due = [], NEVER
+        for worker in healthy:
+            share, grows = ramp(worker, now)
+            effective.append(worker.weight * share)
+            due = min(due, grows)
+        if self._weights_generation != self.table.generation:
+            self._credit = [0.0] * len(healthy)
+            self._last = -1
+        self._weights_generation = self.table.generation
+        self._weights_version += 1
+        self._refresh_at = due
+        self.effective = effective
+        self._total = sum(effective)
+        self.uniform = len(set(effective)) <= 1
+        lightest = min((w.weight for w in healthy), default=1)
+        self._caps = [self.worker_threads * w.weight // lightest for w in healthy]
+
+    def _charge(self, index: int) -> None:
+        """Smooth weighted round robin's step: every worker earns its weight, the one picked pays
+        the total. Picks forced by runs, busy threads or retries can drift the credits, so they
+        are held within twice the total."""
+        credit, effective, total = self._credit, self.effective, self._total
+        bound = 2 * total
+        for k in range(len(credit)):
+            c = credit[k] + effective[k]
+            credit[k] = c if c < bound else bound
+        c = credit[index] - total
+        credit[index] = c if c > -bound else -bound
+
+    # -- round robin ---------------------------------------------------------------------------
     def _round_robin(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
+        # (_stale() inlined: round robin is the cheapest policy, and a call is a tenth of its cost)
+        if (self._weights_generation != self.table.generation
+                or self._refresh_at is not NEVER and self.clock() >= self._refresh_at):
+            self._refresh()
+        if not self.uniform:
+            return self._smooth_round_robin(exclude)
         healthy = self.table.healthy
         n = len(healthy)
         if not n:
@@ -80,7 +162,42 @@ class Balancer:
         self._next = i + 1
         return fallback
 
+    def _smooth_round_robin(self, exclude: Collection[WorkerState]) -> WorkerState | None:
+        """nginx's smooth weighted round robin (1:2:3 gives c b a b c c, not a b b c c c), with
+        the runs and the thread rule of the plain one."""
+        healthy = self.table.healthy
+        limit = self._run_limit
+        last = self._last
+        if 0 <= last < len(healthy) and self._run < limit:
+            worker = healthy[last]
+            if 0 < worker.in_flight < limit and not (exclude and worker in exclude):
+                self._run += 1
+                self._charge(last)
+                return worker
+        credit, effective, caps = self._credit, self.effective, self._caps
+        best = fallback = -1
+        for i, worker in enumerate(healthy):
+            if exclude and worker in exclude:
+                continue
+            if worker.in_flight < caps[i]:
+                if best < 0 or credit[i] + effective[i] > credit[best] + effective[best]:
+                    best = i
+            elif fallback < 0 or credit[i] + effective[i] > credit[fallback] + effective[fallback]:
+                fallback = i
+        pick = best if best >= 0 else fallback
+        if pick < 0:
+            return None
+        self._charge(pick)
+        self._run = 1
+        self._last = pick
+        return healthy[pick]
+
+    # -- least outstanding ---------------------------------------------------------------------
     def _least_outstanding(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
+        if self._stale():
+            self._refresh()
+        if not self.uniform:
+            return self._weighted_least(exclude)
         healthy = self.table.healthy
         n = len(healthy)
         if not n:
@@ -95,20 +212,43 @@ class Balancer:
                 return None
         return min(order, key=_in_flight)
 
+    def _weighted_least(self, exclude: Collection[WorkerState]) -> WorkerState | None:
+        """Fewest requests in flight per unit of weight; ties (everyone idle) broken by smooth
+        weighted round robin, so sequential requests are shared by weight too."""
+        healthy = self.table.healthy
+        credit, effective = self._credit, self.effective
+        best, best_load = -1, NEVER
+        for i, worker in enumerate(healthy):
+            if exclude and worker in exclude:
+                continue
+            load = worker.in_flight / effective[i]
+            if load < best_load or load == best_load and credit[i] + effective[i] > credit[best] + effective[best]:
+                best, best_load = i, load
+        if best < 0:
+            return None
+        self._charge(best)
+        return healthy[best]
+
+    # -- consistent hash -----------------------------------------------------------------------
     def _rebuild_ring(self) -> None:
-        points: list[tuple[int, int, WorkerState]] = []
-        for index, worker in enumerate(self.table.healthy):
-            # Keyed on the address, not the position, so a worker leaving moves only its share.
+        healthy = self.table.healthy
+        scale = min(1.0, MAX_RING_WEIGHT / max((w.weight for w in healthy), default=1))
+        points: list[tuple[int, int]] = []
+        for index, worker in enumerate(healthy):
+            # Keyed on the address, not the position, so a worker leaving moves only its share;
+            # a worker's points are a prefix of one sequence, so its weight growing only adds some.
             name = worker.address.encode()
-            for v in range(VIRTUAL_NODES):
-                points.append((_hash64(b"%s#%d" % (name, v)), index, worker))
-        points.sort(key=lambda p: (p[0], p[1]))
+            for v in range(max(1, round(VIRTUAL_NODES * self.effective[index] * scale))):
+                points.append((_hash64(b"%s#%d" % (name, v)), index))
+        points.sort()
         self._points = [p[0] for p in points]
-        self._owners = [p[2] for p in points]
-        self._ring_generation = self.table.generation
+        self._owners = [p[1] for p in points]
+        self._ring_version = self._weights_version
 
     def _consistent_hash(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
-        if self._ring_generation != self.table.generation:
+        if self._stale():
+            self._refresh()
+        if self._ring_version != self._weights_version:
             self._rebuild_ring()
         points = self._points
         if not points:
@@ -116,24 +256,26 @@ class Balancer:
         healthy = self.table.healthy
         n = len(healthy)
         # Consistent hashing with bounded loads (Mirrokni, Thorup, Zadimoghaddam 2017): walk the
-        # ring from the key's point to the first worker below ceil(c * (m + 1) / n), and below
-        # its thread count while some worker is.
+        # ring from the key's point to the first worker below ceil(c * (m + 1) * its weight's
+        # share), and below its thread count while some worker is.
         loads = list(map(_in_flight, healthy))
-        capacity = math.ceil(LOAD_FACTOR * (sum(loads) + 1) / n)
-        allowed = [w.in_flight for w in healthy if w not in exclude] if exclude else loads
-        if allowed and min(allowed) < self.worker_threads:
-            capacity = min(capacity, self.worker_threads)
+        caps = self._caps
+        bound = LOAD_FACTOR * (sum(loads) + 1) / self._total
+        effective = self.effective
+        capacity = [math.ceil(bound * e) for e in effective]
+        if any(loads[i] < caps[i] for i in range(n) if not (exclude and healthy[i] in exclude)):
+            capacity = [min(c, t) for c, t in zip(capacity, caps)]
         owners = self._owners
         size = len(points)
         start = bisect.bisect_left(points, _hash64(path.partition(b"?")[0]))
         seen: set[int] = set()
         for k in range(size):
-            worker = owners[(start + k) % size]
-            wid = id(worker)
-            if wid in seen:
+            index = owners[(start + k) % size]
+            if index in seen:
                 continue
-            seen.add(wid)
-            if worker.in_flight < capacity and not (exclude and worker in exclude):
+            seen.add(index)
+            worker = healthy[index]
+            if loads[index] < capacity[index] and not (exclude and worker in exclude):
                 return worker
             if len(seen) == n:
                 break

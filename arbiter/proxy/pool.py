@@ -21,6 +21,16 @@ if TYPE_CHECKING:
 REUSE_WITHIN = 1.0
 
 
+def _chosen(worker: WorkerState) -> bool:
+    """Whether the balancer may choose `worker` (up and not ejected)."""
+    return worker.up and worker.ejected_until is None
+
+
+def _out(worker: WorkerState) -> UpstreamError:
+    """Why a request leaves a worker marked down or ejected: not the worker's failure to count."""
+    return UpstreamError(f"worker {worker.address} is {'down' if not worker.up else 'ejected'}", 502)
+
+
 class UpstreamPool:
     """Connections per worker: at most `pool_size` in use at once (more requests wait here for
     one, as behind HAProxy's maxconn, instead of piling connections onto the worker) and at
@@ -121,6 +131,9 @@ class UpstreamPool:
         if conn.closed:  # the worker closed it (or died) before we could send on it
             if sink.wants(worker):
                 sink.upstream_failed(None, UpstreamError("worker closed the connection", passive=True))
+        elif not _chosen(worker) and sink.wants(worker):  # marked down or ejected while we connected
+            self.release(conn)
+            sink.upstream_failed(None, _out(worker))
         elif sink.wants(worker):
             sink.start(conn)
         else:  # the client left meanwhile; the connection serves someone else
@@ -165,6 +178,21 @@ class UpstreamPool:
                     if sink.wants(worker):
                         self._open(sink, worker)
                         break
+
+    def abandon(self, worker: WorkerState) -> None:
+        """`worker` was marked down or ejected: requests waiting for a connection to it, and
+        idempotent ones it has not begun to answer, go elsewhere now (relay.py retries them)
+        rather than at the response timeout. A worker that left the table drains instead."""
+        if _chosen(worker) or self.proxy.table.get(worker.host, worker.port) is not worker:
+            return
+        queue = self.waiting.pop(worker, None)
+        while queue:
+            sink, _ = queue.popleft()
+            if sink.wants(worker):
+                sink.upstream_failed(None, _out(worker))
+        for conn in [c for c in self.busy if c.worker is worker and not c.head_done]:
+            if conn.sink is not None and conn.sink.may_resend():
+                conn.abandon(_out(worker))
 
     def forget(self, conn: UpstreamConnection) -> None:
         self.busy.discard(conn)

@@ -49,7 +49,7 @@ class ProxyProcess:
         self.counters = counters
         self.channel: Channel | None = None
         self.proxy: Proxy | None = None
-        self.table = MirrorTable(self._report_failure)
+        self.table = MirrorTable(self._report_failure, self._report_outlier)
         self.access_log: AccessLog | None = None
         self.access_target: Any = None
         self.graceful_timeout = 30.0
@@ -125,6 +125,7 @@ class ProxyProcess:
         proxy.timing = proxy.latency.counts if settings["timing"] else None
         proxy.health_target = settings["health_path"].encode()
         proxy.serving = settings["serving"]
+        proxy.outliers.threshold = settings["outlier_failures"]
         self.graceful_timeout = settings["graceful_timeout"]
         target = settings["access_log"]
         if target != self.access_target or self.access_log is None and target is not None:
@@ -156,6 +157,10 @@ class ProxyProcess:
     # -- to the master ------------------------------------------------------------------------
     def _report_failure(self, worker: WorkerState, error: str) -> None:
         self.channel.send({"op": "fail", "host": worker.host, "port": worker.port, "pid": worker.pid,
+                           "error": error})
+
+    def _report_outlier(self, worker: WorkerState, error: str) -> None:
+        self.channel.send({"op": "outlier", "host": worker.host, "port": worker.port, "pid": worker.pid,
                            "error": error})
 
     def _report_load(self, again: bool = True) -> None:

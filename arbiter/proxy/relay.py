@@ -133,6 +133,10 @@ class Relay:
         """Whether this still waits for a connection to `worker` (its client may have left)."""
         return self.live and self.worker is worker and not self.client.closed
 
+    def may_resend(self) -> bool:
+        """Whether this may go to another worker even once sent: idempotent, nothing relayed yet."""
+        return not self.started and self.req.method in IDEMPOTENT
+
     def start(self, conn: UpstreamConnection) -> None:
         """Send the request on `conn` (from the pool) and relay the answer."""
         self.upstream = conn
@@ -169,6 +173,8 @@ class Relay:
     def upstream_head(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         req = self.req
         proxy = self.proxy
+        if status >= 500 or conn.worker.failure_streak:
+            proxy.outliers.answered(conn.worker, status)
         stale = self.stale
         if stale is not None:
             stale.revalidating = 0.0
@@ -364,6 +370,7 @@ class Relay:
         proxy.counts[UPSTREAM_ERRORS] += 1
         if error.passive and worker is not None:
             proxy.table.record_passive_failure(worker, error.reason)
+            proxy.outliers.failed(worker, error.reason)
         if not self.live:
             return
         self.pending_head = None

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..sockets import somaxconn
 from .view import WorkerView
 from .balancer import Balancer
+from .outliers import Outliers
 from .cache import FrontCache
 from .client import IDLE, ClientProtocol
 from .counters import SHED_IDLE, SHORTAGES, TIMEOUTS, Counters, report
@@ -72,6 +73,7 @@ class Proxy:
         self.cache: FrontCache | None = None
         self.front_cache = front_cache
         self.balancer = Balancer(table, config.balance, worker_threads)
+        self.outliers = Outliers(table)  # its threshold: outlierDetection.consecutiveFailures (0: off)
         self.clock = time.monotonic()
         self.date_line = b""
         self.draining = False
@@ -135,6 +137,9 @@ class Proxy:
         self._fit_fd_limit()
         await self._listen()
         self._ticker = self.loop.call_later(TICK, self._tick)
+        loop = self.loop
+        # A worker marked down or ejected: the requests waiting on it go elsewhere at once.
+        self.table.on_leave(lambda worker: loop.call_soon_threadsafe(self.pool.abandon, worker))
 
     def _fit_fd_limit(self) -> None:
         """Raise the open file limit to hold max_connections clients, each with a connection to

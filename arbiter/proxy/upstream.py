@@ -39,6 +39,7 @@ class ResponseSink(Protocol):
     """Who asked for a connection and receives the response on it (the proxy's Relay)."""
 
     def wants(self, worker: WorkerState) -> bool: ...
+    def may_resend(self) -> bool: ...
     def start(self, conn: UpstreamConnection) -> None: ...
     def upstream_head(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
     def upstream_body(self, data: bytes) -> None: ...
@@ -229,6 +230,11 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
         if sink is not None:
             sink.upstream_done(self)
+
+    def abandon(self, error: UpstreamError) -> None:
+        """Give up waiting for this connection's answer (its worker is out): close it and tell
+        the sink, which may retry elsewhere."""
+        self._fail(error)
 
     def _fail(self, error: UpstreamError) -> None:
         sink = self.sink

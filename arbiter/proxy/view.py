@@ -12,8 +12,9 @@ from typing import Callable, Iterable, Iterator, Protocol
 from ..state import WorkerIndex, WorkerState
 
 # One worker as the master pushes it: host, port, local, its Unix socket (None: reach it over
-# TCP), pid (None: no process), up, and where its requests are counted (WorkerState.slot).
-Row = tuple[str, int, bool, "str | None", "int | None", bool, int]
+# TCP), pid (None: no process), up, where its requests are counted (WorkerState.slot), its
+# weight, slow start, comeback time and end of ejection (monotonic, None: none).
+Row = tuple[str, int, bool, "str | None", "int | None", bool, int, int, float, "float | None", "float | None"]
 
 
 class WorkerView(Protocol):
@@ -32,10 +33,18 @@ class WorkerView(Protocol):
     def record_passive_failure(self, worker: WorkerState, error: str) -> None:
         """A connection to `worker` failed while forwarding a request (refused, reset, timed out)."""
 
+    def record_outlier(self, worker: WorkerState, reason: str) -> None:
+        """`worker` failed outlierDetection.consecutiveFailures times in a row here: the master
+        decides whether to eject it."""
+
+    def on_leave(self, listener: Callable[[WorkerState], None]) -> None:
+        """Call `listener(worker)` when a worker still in the table stops being chosen."""
+
 
 def rows(workers: Iterable[WorkerState]) -> list[Row]:
     """The master's table as pushed to proxies."""
-    return [(w.host, w.port, w.local, w.unix_path, w.pid, w.up, w.slot) for w in workers]
+    return [(w.host, w.port, w.local, w.unix_path, w.pid, w.up, w.slot, w.weight, w.slow_start, w.recovered_at,
+             w.ejected_until) for w in workers]
 
 
 class MirrorTable(WorkerIndex):
@@ -46,21 +55,29 @@ class MirrorTable(WorkerIndex):
     which is what makes the pool drop connections opened to the old one.
     """
 
-    def __init__(self, report: Callable[[WorkerState, str], None]) -> None:
+    def __init__(self, report: Callable[[WorkerState, str], None],
+                 report_outlier: Callable[[WorkerState, str], None] | None = None) -> None:
         super().__init__()
         self._report = report
+        self._report_outlier = report_outlier
 
     def record_passive_failure(self, worker: WorkerState, error: str) -> None:
         self._report(worker, error)
 
+    def record_outlier(self, worker: WorkerState, reason: str) -> None:
+        if self._report_outlier is not None:
+            self._report_outlier(worker, reason)
+
     def apply(self, pushed: Iterable[Row]) -> None:
         """Take the master's current table."""
         fresh: dict[tuple[str, int], WorkerState] = {}
-        for host, port, local, unix_path, pid, up, slot in pushed:
+        for host, port, local, unix_path, pid, up, slot, weight, slow_start, recovered_at, ejected_until in pushed:
             worker = self._workers.get((host, port))
             if worker is None or worker.local != local:
                 worker = WorkerState(host, port, local=local)
             worker.unix_path, worker.pid, worker.up, worker.slot = unix_path, pid, up, slot
+            worker.weight, worker.slow_start, worker.recovered_at = weight, slow_start, recovered_at
+            worker.ejected_until = ejected_until
             fresh[worker.key] = worker
         self._workers = fresh
         self._reindex()

@@ -87,7 +87,7 @@ def _resolve_workers(raw: dict, values: Config) -> tuple[WorkerAddress, ...]:
             local = False  # a name that does not resolve yet: the master warns and tries again
         # Not started here (spawn false, or not this machine): only checked and balanced; a name
         # becomes one member per address.
-        out.append(WorkerAddress(host, port, local and spawn, label, weight, slow_start,
+        out.append(WorkerAddress(host, port, local and spawn, label, weight=weight, slow_start=slow_start,
                                  named=not literal and not (local and spawn)))
     return tuple(out)
 

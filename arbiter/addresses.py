@@ -28,12 +28,17 @@ class Address:
 @dataclass(frozen=True)
 class WorkerAddress:
     """A worker's address; `local` workers are spawned here, others only checked. `weight` and
-    `slow_start` say how the proxies balance onto it (see arbiter/proxy/balancer.py)."""
+    `slow_start` say how the proxies balance onto it (see arbiter/proxy/balancer.py).
+
+    A `named` one's host is a DNS name the master resolves (at start and every resolveInterval):
+    each address it yields is a member of its own (arbiter/resolve.py).
+    """
 
     host: str
     port: int
     local: bool
     label: str  # the config key that put it there, for error messages
+    named: bool = False
     weight: int = 1
     slow_start: float = 0.0  # seconds
 

@@ -29,6 +29,7 @@ from .ops.logs import LogSink
 from .ops.notify import Notifier
 from .proxies import ProxyFleet
 from .proxy_slot import AccessLogState
+from .resolve import NamedUpstreams
 from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_STOP, SignalQueue, Stop
 from .sockets import ListenError, RuntimeDir, bind_listener
 from .state import WorkerState, WorkerTable
@@ -87,6 +88,8 @@ class Arbiter:
         self._admin_sock = admin
         self.admin = AdminServer(self) if admin is not None else None
         self._ready_task: asyncio.Task | None = None
+        self._lame_wait: asyncio.Future | None = None  # the lame-duck period under way (a fast stop ends it)
+        self.names = NamedUpstreams(self.table, self.checker)
 
     # -- what the admin listener reads ------------------------------------------------------
     @property
@@ -127,8 +130,9 @@ class Arbiter:
             for w in self.config.workers:
                 if w.local:
                     self._add_slot(w.host, w.port, self._worker_sockets.pop((w.host, w.port)), options)
-                else:
+                elif not w.named:
                     self.table.add(WorkerState(w.host, w.port, local=False, weight=w.weight, slow_start=w.slow_start))
+            await self.names.configure(self.config)
             self.checker.sync()
             await self.proxy.start()
             if self.admin is not None:
@@ -185,6 +189,8 @@ class Arbiter:
         if stop is Stop.NOW and self._stop is Stop.GRACEFUL:
             self._stop = Stop.NOW
             log.info("stopping now")
+            if self._lame_wait is not None:
+                self._lame_wait.cancel()
             self.proxy.hurry()
             for slot in [*self.slots.values(), *self._retiring.values()]:
                 slot.stop(graceful=False)
@@ -351,13 +357,14 @@ class Arbiter:
         options = WorkerOptions.from_config(new)
 
         for worker in self.table:
-            if not worker.local and worker.key not in wanted:
+            if not worker.local and not worker.name and worker.key not in wanted:
                 self.table.remove(worker)
         for key, w in wanted.items():
-            if not w.local and self.table.get(*key) is None:
+            if not w.local and not w.named and self.table.get(*key) is None:
                 self.table.add(WorkerState(w.host, w.port, local=False, weight=w.weight, slow_start=w.slow_start))
-            elif (kept := self.table.get(*key)) is not None:
+            elif not w.named and (kept := self.table.get(*key)) is not None:
                 self.table.tune(kept, w.weight, w.slow_start)
+        await self.names.configure(new)
         added = [self._add_slot(host, port, sock, options) for (host, port), sock in fresh.items()]
         self.checker.sync()
         kept = [s for k, s in self.slots.items() if k in wanted and s not in added]
@@ -403,6 +410,23 @@ class Arbiter:
                             s.state.last_error or "starting")
 
     # -- stopping ------------------------------------------------------------------------
+    async def _lame_duck(self) -> None:
+        """Before a graceful stop of a node that an edge checks: answer the health path 503 for
+        lameDuck seconds while still serving everything, so that the edge marks this node down
+        and sends it nothing more before its proxies stop accepting. Nobody asked the health
+        path within that time (no edge checks it): nobody to tell, no wait."""
+        period = self.config.lame_duck
+        self.proxy.fail_health()
+        if period <= 0 or not self.proxy.health_asked_within(period):
+            return
+        log.info("lame duck for %gs: the health path answers 503, requests are still served", period)
+        self._lame_wait = asyncio.ensure_future(asyncio.sleep(period))
+        try:
+            await self._signals.answer(self, self._lame_wait, ANSWERED_DURING_STOP)  # INT/QUIT end it
+        finally:
+            self._lame_wait.cancel()
+            self._lame_wait = None
+
     async def _shutdown(self, stop: Stop) -> None:
         """TERM: stop the front, drain every worker (KILL after the graceful timeout).
         INT/QUIT, or one of them during a graceful stop: workers quit at once."""
@@ -411,6 +435,9 @@ class Arbiter:
         self.notifier.stopping()
         if self._ready_task is not None:
             self._ready_task.cancel()
+        await self.names.close()
+        if stop is Stop.GRACEFUL:
+            await self._lame_duck()
         # The front stops first: no new requests, in-flight ones finish while workers still run.
         # Our handle on the public socket goes too (each proxy closes its own): new clients are
         # refused at once instead of waiting in the backlog for a master that is leaving. (The

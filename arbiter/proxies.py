@@ -15,6 +15,7 @@ import logging
 import os
 import resource
 import socket
+import time
 from typing import Any
 
 from .addresses import host_port
@@ -23,6 +24,7 @@ from .ops.logs import LogSink
 from .proxy.control import Message
 from .proxy.counters import LATENCY, REQUESTS, WORKERS, Counters, report, total
 from .proxy.fdlimit import FDS_PER_CLIENT, fd_need
+from .proxy.process import LOAD_INTERVAL
 from .proxy.stats import SLOTS, RequestStats
 from .proxy.view import rows
 from .proxy_slot import AccessLogState, ProxySlot
@@ -111,6 +113,8 @@ class ProxyFleet:
         self._background: set[asyncio.Future] = set()
         self._seq = 0
         self._push_pending = False
+        self.serving = True  # False while the master is a lame duck (its health path answers 503)
+        self.health_asked_at: float | None = None  # monotonic time a proxy last saw its health path asked
         # Each worker with what its counter held when it joined (a counter slot may be reused).
         self._counted: dict[tuple[str, int], tuple[WorkerState, int]] = {}
         table.watch(self._table_changed)
@@ -125,6 +129,7 @@ class ProxyFleet:
         return {"op": "settings", "proxy": dataclasses.asdict(proxy), "front_cache": dataclasses.asdict(front),
                 "threads": config.threads, "ttl": config.cache.ttl, "timing": self.timing,
                 "graceful_timeout": config.graceful_timeout,
+                "health_path": config.health_check.path, "serving": self.serving,
                 "access_log": str(access) if access is not None else None,
                 "log_format": config.logging.format, "log_level": config.logging.level,
                 "tls": tls_settings(config, self.certificate),
@@ -235,6 +240,19 @@ class ProxyFleet:
             await asyncio.wait_for(asyncio.gather(*waits), ACK_TIMEOUT)
         except asyncio.TimeoutError:
             log.warning("not every proxy confirmed the front cache purge within %gs", ACK_TIMEOUT)
+
+    def fail_health(self) -> None:
+        """Every proxy (and any started from now on) answers the health path 503, still serving
+        (the master is stopping: a lame duck, then the drain)."""
+        self.serving = False
+        for slot in self.slots:
+            slot.send({"op": "serving", "serving": False})
+
+    def health_asked_within(self, seconds: float) -> bool:
+        """Whether a proxy answered the health path in the last `seconds` (an edge checks us).
+        The proxies report their counts every LOAD_INTERVAL: one may be that late."""
+        asked = self.health_asked_at
+        return asked is not None and time.monotonic() - asked <= seconds + LOAD_INTERVAL
 
     def reopen_logs(self) -> None:
         for slot in self.slots:

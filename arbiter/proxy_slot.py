@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from .backoff import Backoff
 from .incarnation import Incarnation, describe_exit
 from .proxy.control import Channel, Message
-from .proxy.counters import REQUESTS, Counters
+from .proxy.counters import HEALTH_CHECKS, REQUESTS, Counters
 from .proxy.view import rows
 from .signals import Stop
 
@@ -57,6 +57,7 @@ class ProxySlot:
         self.rate = 0.0  # requests per second, between the last two load reports
         self._rate_base = (time.monotonic(), 0)
         self._heard = 0.0  # when the current incarnation last sent a message
+        self._health_checks = 0  # the health path answers counted at the last load report
         self._stop: Stop | None = None
         self._wake = asyncio.Event()
         self._acks: dict[int, asyncio.Future] = {}
@@ -259,6 +260,10 @@ class ProxySlot:
         self.in_flight = in_flight
         self.fleet.sum_in_flight()
         self.access_log = AccessLogState(**message["access_log"])
+        checks = self.counters.values[HEALTH_CHECKS]
+        if checks != self._health_checks:  # someone (an edge) checks this master: see Arbiter._lame_duck
+            self._health_checks = checks
+            self.fleet.health_asked_at = time.monotonic()
         now, requests = time.monotonic(), self.counters.values[REQUESTS]
         then, before = self._rate_base
         if now > then:

@@ -1,4 +1,4 @@
-"""`python -m benchmarks [compare|fileapp]`: start each server, load it with ab and wrk, report the table."""
+"""`python -m benchmarks [compare|fileapp|hosts]`: start each server, load it with ab and wrk, report the table."""
 from __future__ import annotations
 
 import argparse
@@ -386,12 +386,16 @@ def int_list(text: str) -> list[int]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """The command line; a bad value exits 2 with argparse's one-line message."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    parser.add_argument("suite", nargs="?", default="compare", choices=["compare", "fileapp"],
+    parser.add_argument("suite", nargs="?", default="compare", choices=["compare", "fileapp", "hosts"],
                         help="compare: Apache, nginx, gows (2/10/100 workers, front cache on/off) and "
                              "gunicorn+whitenoise (issue 4), with wrk -t2 -c5000 on Apache, nginx and gows "
                              "(issue 11), 10/100 MiB downloads and many files on them (issue 12); fileapp: "
                              "fileapp (also under gows' worker "
-                             "class) vs whitenoise vs SharedDataMiddleware under gunicorn gthread, 2 workers (issue 2)")
+                             "class) vs whitenoise vs SharedDataMiddleware under gunicorn gthread, 2 workers (issue 2); "
+                             "hosts: an edge gows and three nodes in network namespaces (root), round robin vs "
+                             "consistent hash: req/s and the nodes' aggregate front-cache hit ratio (issue 14)")
+    parser.add_argument("--front-cache-kib", type=int, default=4096, metavar="KIB",
+                        help="hosts suite: each node's front cache; the working set is 3x this (default 4096)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: ab -n 1000 -c 100 once, every wrk load 2s, 2 workers")
     parser.add_argument("--only", type=lambda s: s.split(","), action="extend",
@@ -417,6 +421,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the chosen suite; the exit status is 0 (all measured), 1 (a server failed), 2 (usage), 130 (interrupted)."""
     args = parse_args(argv)
+    if args.suite == "hosts":
+        from . import hosts
+        return hosts.main(args.duration or (2 if args.quick else 10), args.front_cache_kib, keep=args.keep)
     plan = build_plan(args)
     if not plan.specs:
         print(f"nothing to measure: --only {','.join(args.only)} matches no server of the {plan.suite} suite",

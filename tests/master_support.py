@@ -65,15 +65,16 @@ class Master(StoppedOnExit):
     """A `python -m arbiter` started by a test, with its config file and log in `directory`."""
 
     def __init__(self, directory: Path, config: dict, name: str = "gows.conf.json", nofile: int | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, wrap: tuple[str, ...] = ()) -> None:
         """`nofile`: the master's open-file limit (RLIMIT_NOFILE, soft and hard), when a test needs it low;
-        `env`: variables set in the master's environment besides python_env()'s."""
+        `env`: variables set in the master's environment besides python_env()'s; `wrap`: a command
+        that execs the master (`ip netns exec NAME`)."""
         self.directory = directory
         self.config_path = directory / name
         self.log_path = directory / "master.log"
         self.write_config(config)
         self._log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen([PYTHON, "-m", "arbiter", "-c", str(self.config_path)],
+        self.proc = subprocess.Popen([*wrap, PYTHON, "-m", "arbiter", "-c", str(self.config_path)],
                                      cwd=directory, env={**python_env(), **(env or {})}, stdin=subprocess.DEVNULL,
                                      stdout=self._log, stderr=subprocess.STDOUT,
                                      preexec_fn=None if nofile is None else lambda: _limit_files(nofile))

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import signal
+import time
 
 import pytest
 import uvloop
@@ -165,3 +166,41 @@ def test_int_or_quit_during_a_graceful_stop_makes_draining_workers_quit_at_once(
     assert log.index("stopping gracefully") < log.index(f"received {sig.name}") < log.index("stopping now")
     assert log.index("stopping now") < log.index("master exiting")
     assert not any(m.startswith(("reopened log file", "SIGTTIN", "reload")) for m in log)
+
+
+def test_term_on_a_checked_node_is_a_lame_duck_first_and_int_cuts_it_short(tmp_path, caplog):
+    """An edge asked this master's health path lately: on TERM its proxies answer it 503 for
+    lameDuck seconds (5 by default) before anything stops; INT ends that wait at once."""
+    async def main():
+        async with master(tmp_path) as (arbiter, running):
+            slot = arbiter.slots[("127.0.0.1", 1)] = DrainingSlot()
+            arbiter.proxy.health_asked_at = time.monotonic()
+            arbiter._signals.put_nowait(signal.SIGTERM)
+            await until(lambda: any(m.startswith("lame duck") for m in messages(caplog)), "the lame duck")
+            assert not arbiter.proxy.serving
+            await asyncio.sleep(0.2)  # (nothing is to happen: the drain waits for the lame duck)
+            assert slot.stops == [] and arbiter.stopping
+            arbiter._signals.put_nowait(signal.SIGINT)
+            assert await asyncio.wait_for(running, LIMIT) == 0
+            assert slot.stops and not any(slot.stops)  # told to quit at once, never to drain
+
+    with caplog.at_level(logging.INFO):
+        uvloop.run(main())
+    log = messages(caplog)
+    assert log.index("stopping gracefully") < log.index(next(m for m in log if m.startswith("lame duck for 5s")))
+    assert log.index("received SIGINT") < log.index("stopping now") < log.index("master exiting")
+
+
+def test_term_on_a_master_nobody_checks_drains_without_a_lame_duck(tmp_path, caplog):
+    async def main():
+        async with master(tmp_path) as (arbiter, running):
+            slot = arbiter.slots[("127.0.0.1", 1)] = DrainingSlot()
+            arbiter._signals.put_nowait(signal.SIGTERM)
+            await until(lambda: slot.stops, "TERM to drain the slot")
+            assert not arbiter.proxy.serving  # its health path fails from the first moment of the stop
+            arbiter._signals.put_nowait(signal.SIGINT)
+            assert await asyncio.wait_for(running, LIMIT) == 0
+
+    with caplog.at_level(logging.INFO):
+        uvloop.run(main())
+    assert not any(m.startswith("lame duck") for m in messages(caplog))

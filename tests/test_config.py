@@ -332,6 +332,27 @@ def test_schema_agrees_with_the_loader_on_examples(site):
         assert list(validator.iter_errors(data)), data
 
 
+@pytest.mark.unit
+def test_a_worker_with_spawn_false_is_only_checked_even_on_this_machine(tmp_path):
+    c = cfg.load_data({"baseDirectory": str(tmp_path), "workers": [
+        {"host": "127.0.0.1", "port": 9001}, {"host": "127.0.0.1", "port": 9002, "spawn": False}]},
+        tmp_path / "g.json")
+    assert [(w.port, w.local, w.named) for w in c.workers] == [(9001, True, False), (9002, False, False)]
+
+
+@pytest.mark.unit
+def test_a_worker_named_by_an_unresolvable_dns_name_is_no_error_but_a_name_to_resolve(tmp_path):
+    c = cfg.load_data({"baseDirectory": str(tmp_path), "workers": [{"host": "nodes.invalid", "port": 8080}]},
+                      tmp_path / "g.json")
+    assert [(w.host, w.local, w.named) for w in c.workers] == [("nodes.invalid", False, True)]
+    assert c.resolve_interval == 30.0 and c.lame_duck == 5.0
+
+
+@pytest.mark.unit
+def test_spawn_must_be_a_boolean(tmp_path):
+    with pytest.raises(cfg.ConfigError, match=r"workers\[0\]\.spawn"):
+        cfg.load_data({"baseDirectory": str(tmp_path), "workers": [{"host": "127.0.0.1", "port": 1, "spawn": 0}]},
+                      tmp_path / "g.json")
 def test_a_workers_weight_and_slow_start_are_optional_and_default_to_1_and_0(site):
     c = cfg.load(write(site, {"baseDirectory": "www", "workers": [
         {"host": "127.0.0.1", "port": 9001, "weight": 3, "slowStart": 20},

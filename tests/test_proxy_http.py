@@ -248,3 +248,22 @@ def test_an_http10_request_without_host_gets_a_bracketed_ipv6_host(workers):
             s.sendall(b"GET /echo HTTP/1.0\r\n\r\n")
             (status, _, body), = parse_responses(read_all(s))
         assert status == 200 and echo(body)["h"]["host"] == f"[::1]:{p.port}"
+
+
+def test_the_proxy_answers_the_masters_health_path_with_its_readiness():
+    """A node's health path is the master's readiness, answered by its proxies (an edge gows
+    checks it): 200 while some worker is up, 503 with none or while the master is a lame duck;
+    never stored, never forwarded (no worker listens on these ports)."""
+    p = ProxyThread([1, 2], up=False)
+    try:
+        p.call(lambda: setattr(p.proxy, "health_target", b"/healthcheck"))
+        assert requests.get(p.url + "/healthcheck", timeout=5).status_code == 503
+        p.set_up(2, True)
+        r = requests.get(p.url + "/healthcheck", timeout=5)
+        assert (r.status_code, r.headers["Cache-Control"]) == (200, "no-store")
+        assert requests.head(p.url + "/healthcheck", timeout=5).status_code == 200
+        p.call(lambda: setattr(p.proxy, "serving", False))  # lame duck: still serving, failing checks
+        assert requests.get(p.url + "/healthcheck", timeout=5).status_code == 503
+        assert p.stats()["health_checks"] == 4
+    finally:
+        p.stop()

@@ -263,11 +263,12 @@ class Nullable(Kind):
 class WorkerList(Kind):
     expect = 'a non-empty list of {"host": ..., "port": ...} objects'
     _item = {"host": Host(), "port": Integer(1, 65535)}
-    # Optional per upstream (HAProxy's server line: weight, slowstart): what to use when absent,
-    # and what it means (the schema's descriptions).
+    # Optional per upstream (HAProxy's server line: weight, slowstart; and spawn): what to use when
+    # absent, and what it means (the schema's descriptions).
     _optional = {
         "weight": (Integer(1, 1000), 1, "Share of the requests relative to the other workers' weights, whatever proxy.balance is."),
         "slowStart": (Number(3600, positive=False), 0, "Seconds over which a worker coming back (down to up, or out of an ejection) ramps from a small share to its weight; 0 takes it back at full weight at once. Not applied to the workers of a master that has just started."),
+        "spawn": (Boolean(), True, "false: never started here, even when its address is local (another gows, a worker systemd runs); only checked and balanced."),
     }
 
     def parse(self, value, key, base):
@@ -282,11 +283,11 @@ class WorkerList(Kind):
             for name in self._item:
                 if name not in item:
                     raise ConfigError(f"{where}.{name}: required")
-            weight, slow_start = (kind.parse(item.get(name, default), f"{where}.{name}", base)
-                                  for name, (kind, default, _) in self._optional.items())
+            weight, slow_start, spawn = (kind.parse(item.get(name, default), f"{where}.{name}", base)
+                                         for name, (kind, default, _) in self._optional.items())
             out.append((self._item["host"].parse(item["host"], f"{where}.host", base),
                         self._item["port"].parse(item["port"], f"{where}.port", base), f"{where}.port",
-                        weight, slow_start))
+                        weight, slow_start, spawn))
         return tuple(out)
 
     def schema(self):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import ipaddress
 import json
 import os
 import socket
@@ -74,16 +75,33 @@ def _resolve_workers(raw: dict, values: Config) -> tuple[WorkerAddress, ...]:
         last = values.worker_base_port + values.worker_count - 1
         if last > 65535:
             raise ConfigError(f"workerCount: {values.worker_count} ports from workerBasePort {values.worker_base_port} run past 65535")
-        pairs = [(values.worker_host, values.worker_base_port + i, "workerBasePort", 1, 0.0)
+        pairs = [(values.worker_host, values.worker_base_port + i, "workerBasePort", 1, 0.0, True)
                  for i in range(values.worker_count)]
     out = []
-    for host, port, label, weight, slow_start in pairs:
+    for host, port, label, weight, slow_start, spawn in pairs:
+        literal = _is_literal(host)
         try:
             local = is_local(host)
         except ConfigError as e:
-            raise ConfigError(f"{label.rsplit('.', 1)[0] + '.host' if label != 'workerBasePort' else 'workerHost'}: {e}") from None
-        out.append(WorkerAddress(host, port, local, label, weight, slow_start))
+            if literal:
+                raise ConfigError(f"{label.rsplit('.', 1)[0] + '.host' if label != 'workerBasePort' else 'workerHost'}: {e}") from None
+            local = False  # a name that does not resolve yet: the master warns and tries again
+        # Not started here (spawn false, or not this machine): only checked and balanced; a name
+        # becomes one member per address.
+        out.append(WorkerAddress(host, port, local and spawn, label, weight=weight, slow_start=slow_start,
+                                 named=not literal and not (local and spawn)))
     return tuple(out)
+
+
+def _is_literal(host: str) -> bool:
+    """An IP address (or localhost), as opposed to a DNS name the master resolves itself."""
+    if host == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(host)
+        return True
+    except ValueError:
+        return False
 
 
 def _check_ports(config: Config, listen_key: str) -> None:

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any
 from httptools import HttpRequestParser
 
 from .cache import Entry
-from .counters import FILE_BODIES, FILE_REFUSED, REJECTED, TIMEOUTS, TRUNCATED
+from .counters import FILE_BODIES, FILE_REFUSED, HEALTH_CHECKS, REJECTED, TIMEOUTS, TRUNCATED
 from .filebody import FileSender, open_file
-from .http1 import BUSY, GET, HEAD, error_response
+from .http1 import BUSY, GET, HEAD, NO_STORE, error_response
 from .reader import IDLE, MAX_PIPELINE, RequestReader
 from .relay import JOIN_LIMIT, Relay
 from .request import Request, now_ns
@@ -151,6 +151,9 @@ class ClientProtocol(RequestReader):
             return
         proxy = self.proxy
         method = req.method
+        if req.target == proxy.health_target and (method == GET or method == HEAD):
+            self.respond_health(req)
+            return
         cache = proxy.cache
         stale = None
         cacheable = False
@@ -257,6 +260,21 @@ class ClientProtocol(RequestReader):
         proxy = self.proxy
         keep = req.keep_alive and not req.error and not proxy.draining
         data, req.length = error_response(status, proxy.date_line, keep, req.http10, req.method != HEAD)
+        req.status = status
+        proxy.status_counts[status // 100] += 1
+        if not self.closed:
+            self.transport.write(data)
+        self.finish(req, keep)
+
+    def respond_health(self, req: Request) -> None:
+        """Answer the master's health path for it: 200 while some worker is up and the master
+        is not stopping (lame duck, then drain), 503 otherwise. An edge gows checking this node
+        sees its readiness, not one worker's."""
+        proxy = self.proxy
+        proxy.counts[HEALTH_CHECKS] += 1
+        status = 200 if proxy.serving and not proxy.draining and proxy.table.healthy else 503
+        keep = req.keep_alive and not proxy.draining
+        data, req.length = error_response(status, proxy.date_line, keep, req.http10, req.method != HEAD, NO_STORE)
         req.status = status
         proxy.status_counts[status // 100] += 1
         if not self.closed:

@@ -105,14 +105,15 @@ CONN_KEEP = b"Connection: keep-alive\r\n"
 TE_CHUNKED = b"Transfer-Encoding: chunked\r\n"
 LAST_CHUNK = b"0\r\n\r\n"
 _PLAIN = b"Content-Type: text/plain; charset=utf-8\r\n"
+NO_STORE = b"Cache-Control: no-store\r\n"
 
 
 def error_response(status: int, date_line: bytes, keep: bool, http10: bool,
-                   with_body: bool) -> tuple[bytes, int | None]:
+                   with_body: bool, extra: bytes = b"") -> tuple[bytes, int | None]:
     """The proxy's own answer `status` (a short text body; Retry-After on 503), and the length
-    of the body sent (None without one)."""
+    of the body sent (None without one); `extra`: more header fields, each ending in CRLF."""
     body = b"%d %s\n" % (status, reason(status).encode())
-    parts = [status_line(status), _PLAIN, b"Content-Length: %d\r\n" % len(body), date_line]
+    parts = [status_line(status), _PLAIN, b"Content-Length: %d\r\n" % len(body), date_line, extra]
     if status == 503:
         parts.append(b"Retry-After: 1\r\n")
     if not keep:

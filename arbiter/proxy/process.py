@@ -112,6 +112,9 @@ class ProxyProcess:
             if self.proxy is not None:
                 self.proxy.purge_front_cache()
             self.channel.send({"op": "ack", "seq": message["seq"]})
+        elif op == "serving":
+            if self.proxy is not None:
+                self.proxy.serving = message["serving"]
         elif op == "reopen":
             if self.access_log is not None:
                 self.access_log.reopen()
@@ -127,6 +130,8 @@ class ProxyProcess:
         proxy.timing = proxy.latency.counts if settings["timing"] else None
         if proxy.tls.configure(settings.get("tls")):
             proxy.relisten()  # new handshakes get the new certificate; open connections go on
+        proxy.health_target = settings["health_path"].encode()
+        proxy.serving = settings["serving"]
         proxy.outliers.threshold = settings["outlier_failures"]
         self.graceful_timeout = settings["graceful_timeout"]
         target = settings["access_log"]

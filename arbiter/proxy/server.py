@@ -80,6 +80,11 @@ class Proxy:
         self._listeners: list[tuple[socket.socket, str]] = []
         self._server: list[Any] | None = None  # the servers; None while not accepting
         self.tls = TlsState()  # the HTTPS listener's context, reloaded with the settings
+        # The master's health path (bytes), answered here with the master's readiness
+        # (ClientProtocol.respond_health); None: forwarded like any path. `serving` is False
+        # while the master is a lame duck: it still serves, but fails its health checks.
+        self.health_target: bytes | None = None
+        self.serving = True
         self._resuming = False
         self._stale = False  # the servers being made use a TLS context replaced since
         self._pausing = False

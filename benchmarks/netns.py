@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+from fileapp.processes import pid_alive
+
 PREFIX = "gowst"
 NETNS_DIR = Path("/run/netns")
 ETC_NETNS = Path("/etc/netns")
@@ -42,16 +44,6 @@ def ip(*args: str) -> str:
     if done.returncode != 0:
         raise subprocess.CalledProcessError(done.returncode, ["ip", *args], done.stdout, done.stderr)
     return done.stdout
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def namespaces() -> list[str]:
@@ -81,13 +73,13 @@ def remove_leftovers() -> list[str]:
     removed = []
     for ns in namespaces():
         m = _NAME.match(ns)
-        if m and not _pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             _delete(ns)
             removed.append(ns)
     if ETC_NETNS.is_dir():
         for d in ETC_NETNS.iterdir():
             m = _NAME.match(d.name)
-            if m and not _pid_alive(int(m.group(1))):
+            if m and not pid_alive(int(m.group(1))):
                 shutil.rmtree(d, ignore_errors=True)
     return removed
 

@@ -105,7 +105,9 @@ class Run:
         self._start("edge", self.edge, {
             "baseDirectory": str(self.site), "listen": f"{self.edge.address}:{PORT}", "admin": f"127.0.0.1:{ADMIN}",
             "workers": [{"host": n.address, "port": PORT, "spawn": False} for n in self.nodes],
-            "proxy": {"processes": 1, "balance": policy}, "frontCache": {"enabled": False},
+            # hashBalanceFactor 2: a path leaves its node (and that node's cache) only past twice
+            # the node's share of the requests in flight (1.25, the default, spills a fifth of them).
+            "proxy": {"processes": 1, "balance": policy, "hashBalanceFactor": 2}, "frontCache": {"enabled": False},
             # An edge has no threads of its own: this is how many requests in flight make a node
             # busy to its balancer (which spills a hashed path past a busy node).
             "threads": EDGE_THREADS,

@@ -92,6 +92,15 @@ def test_a_body_limit_past_the_shared_body_budget_is_refused(site):
                               "proxy": {"maxBodyBytes": 2048, "bodyBufferBytes": 1024}}))
 
 
+@pytest.mark.parametrize("factor", [0.5, 1])
+def test_a_hash_balance_factor_that_would_refuse_every_worker_is_refused(site, factor):
+    with pytest.raises(cfg.ConfigError, match=rf"^proxy.hashBalanceFactor: must be 0 \(no bound\) or more than 1, got {factor}$"):
+        cfg.load(write(site, {"baseDirectory": "www", "workerCount": 1, "proxy": {"hashBalanceFactor": factor}}))
+    for fine in (0, 1.25, 2):
+        assert cfg.load(write(site, {"baseDirectory": "www", "workerCount": 1,
+                                     "proxy": {"hashBalanceFactor": fine}})).proxy.hash_balance_factor == fine
+
+
 def test_a_non_local_worker_is_not_spawned_only_checked(site):
     # 192.0.2.1 is TEST-NET-1: never an address of this machine. Nothing is sent to it here.
     c = cfg.load(write(site, {"baseDirectory": "www", "listen": "127.0.0.1:8080",

@@ -151,9 +151,10 @@ def test_consistent_hash_moves_only_the_leaving_workers_share():
     assert all(before[p] is down[p] for p in PATHS if before[p] is not ws[0])
 
 
-def test_consistent_hash_bounded_load():
+@pytest.mark.parametrize("factor", [LOAD_FACTOR, 2.0])
+def test_consistent_hash_bounded_load(factor):
     table, ws = table_of(4)
-    b = Balancer(table, "consistent-hash")
+    b = Balancer(table, "consistent-hash", load_factor=factor)
     hot = b"/hot.js"
     owner = b.pick(hot)  # where the path hashes to while no worker has a request
     # Requests to one hot path that never finish: they overflow to the next workers on the
@@ -161,13 +162,28 @@ def test_consistent_hash_bounded_load():
     for i in range(1, 201):
         w = b.pick(hot)
         w.in_flight += 1
-        cap = math.ceil(LOAD_FACTOR * i / len(ws))
-        assert max(x.in_flight for x in ws) <= cap
+        cap = math.ceil(factor * i / len(ws))
+        assert max(x.in_flight for x in ws) <= max(cap, b.worker_threads)
     assert owner.in_flight == max(x.in_flight for x in ws)
     assert all(w.in_flight > 0 for w in ws)
     for w in ws:
         w.in_flight = 0
     assert b.pick(hot) is owner  # load gone: sticky again
+
+
+def test_consistent_hash_without_a_bound_only_spares_a_worker_whose_threads_are_all_busy():
+    table, ws = table_of(3)
+    b = Balancer(table, "consistent-hash", worker_threads=4, load_factor=0)
+    hot = b"/hot.js"
+    owner = b.pick(hot)
+    for _ in range(4):
+        b.pick(hot).in_flight += 1
+    assert owner.in_flight == 4  # all of them, where a bound of 1.25 would have spread them
+    spilled = b.pick(hot)
+    assert spilled is not owner  # its threads are busy while another worker has one free
+    for w in ws:
+        w.in_flight = 4
+    assert b.pick(hot) is owner  # every worker is busy: back to the path's own
 
 
 def test_ring_rebuilt_only_when_the_table_changes():

@@ -144,6 +144,8 @@ def load_data(raw: Any, source: Path) -> Config:
     px = values.proxy
     if px.max_body_bytes > px.body_buffer_bytes:
         raise ConfigError(f"proxy.maxBodyBytes: {px.max_body_bytes} exceeds proxy.bodyBufferBytes {px.body_buffer_bytes}")
+    if 0 < px.hash_balance_factor <= 1:
+        raise ConfigError(f"proxy.hashBalanceFactor: must be 0 (no bound) or more than 1, got {px.hash_balance_factor:g}")
     _check_tls(values, listen)
     config = dataclasses.replace(values, listen=listen, workers=_resolve_workers(raw, values), source=source)
     _check_ports(config, listen_key)

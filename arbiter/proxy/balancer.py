@@ -22,6 +22,7 @@ from .view import WorkerView
 VIRTUAL_NODES = 160  # points per unit of weight on the hash ring (ketama uses 160)
 MAX_RING_WEIGHT = 16  # weights scaled to at most this many units on the ring (its size stays bounded)
 LOAD_FACTOR = 1.25  # bounded load: no worker takes more than c x its weighted share of outstanding requests
+UNBOUNDED = 1 << 60  # a capacity no load reaches (load_factor 0: no bound)
 SLOW_START_STEPS = 20  # a comeback's weight grows in this many steps (each one rebuilds the hash ring)
 # Round robin hands concurrent requests out in runs: a worker already busy with fewer than this
 # keeps taking new ones, up to this many in a row. Waking one worker for a few requests is much
@@ -65,8 +66,9 @@ class Balancer:
                 "consistent-hash": "_consistent_hash"}  # the config's proxy.balance choices
 
     def __init__(self, table: WorkerView, policy: str = "round-robin", worker_threads: int = 4,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, load_factor: float = LOAD_FACTOR) -> None:
         self.table = table
+        self.load_factor = load_factor  # consistent-hash's bound (0: none)
         self.policy = policy
         self.worker_threads = worker_threads
         self.clock = clock
@@ -260,9 +262,11 @@ class Balancer:
         # share), and below its thread count while some worker is.
         loads = list(map(_in_flight, healthy))
         caps = self._caps
-        bound = LOAD_FACTOR * (sum(loads) + 1) / self._total
-        effective = self.effective
-        capacity = [math.ceil(bound * e) for e in effective]
+        if self.load_factor:
+            bound = self.load_factor * (sum(loads) + 1) / self._total
+            capacity = [math.ceil(bound * e) for e in self.effective]
+        else:
+            capacity = [UNBOUNDED] * n
         if any(loads[i] < caps[i] for i in range(n) if not (exclude and healthy[i] in exclude)):
             capacity = [min(c, t) for c, t in zip(capacity, caps)]
         owners = self._owners

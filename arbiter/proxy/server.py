@@ -70,7 +70,7 @@ class Proxy:
         self.conns: set[ClientProtocol] = set()
         self.cache: FrontCache | None = None
         self.front_cache = front_cache
-        self.balancer = Balancer(table, config.balance, worker_threads)
+        self.balancer = Balancer(table, config.balance, worker_threads, load_factor=config.hash_balance_factor)
         self.outliers = Outliers(table)  # its threshold: outlierDetection.consecutiveFailures (0: off)
         self.clock = time.monotonic()
         self.date_line = b""
@@ -115,8 +115,10 @@ class Proxy:
                   revalidate_after: float) -> None:
         """Take (new) settings, as at a reload: open connections keep working."""
         self.config = config
-        if (config.balance, worker_threads) != (self.balancer.policy, self.balancer.worker_threads):
-            self.balancer = Balancer(self.table, config.balance, worker_threads)
+        if ((config.balance, worker_threads, config.hash_balance_factor)
+                != (self.balancer.policy, self.balancer.worker_threads, self.balancer.load_factor)):
+            self.balancer = Balancer(self.table, config.balance, worker_threads,
+                                     load_factor=config.hash_balance_factor)
         # What the settings imply, worked out once here rather than per request:
         self.max_connections = min(config.max_connections, self.fd_cap)
         self.head_limit = config.max_request_line + config.max_header_bytes + 4096  # raw head bytes read

@@ -41,7 +41,10 @@ EDGE_CHECK = {"interval": 0.5, "timeout": 0.5, "rise": 2, "fall": 3, "bootTimeou
 # What an edge takes at most to mark a node down: `fall` probes, each up to its timeout and then
 # an interval apart, after the one under way when the node went.
 MARK_DOWN = EDGE_CHECK["fall"] * (EDGE_CHECK["interval"] + EDGE_CHECK["timeout"]) + EDGE_CHECK["interval"]
-EDGES = {"rr": (8080, 9100, "round-robin"), "hash": (8081, 9101, "consistent-hash"), "dns": (8082, 9102, "round-robin")}
+EDGES = {"rr": (8080, 9100, "round-robin"), "hash": (8081, 9101, "consistent-hash"), "dns": (8082, 9102, "round-robin"),
+         "weighted": (8083, 9103, "round-robin")}
+WEIGHTS = (1, 2, 3)  # of the nodes, in order, on the "weighted" edge
+SLOW_START = 4.0  # seconds the "weighted" edge ramps a node up over after its comeback
 
 
 def node_config(host: Host, site: Path) -> dict:
@@ -59,6 +62,9 @@ def edge_config(name: str, nodes: list[Host], site: Path) -> dict:
     port, admin, policy = EDGES[name]
     workers = ([{"host": DNS_NAME, "port": PORT}] if name == "dns"
                else [{"host": n.address, "port": PORT, "spawn": False} for n in nodes])
+    if name == "weighted":
+        for w, weight in zip(workers, WEIGHTS):
+            w.update(weight=weight, slowStart=SLOW_START)
     return {
         "baseDirectory": str(site), "listen": f"{SUBNET_EDGE[0]}:{port}", "admin": f"127.0.0.1:{admin}",
         "workers": workers, "proxy": {"processes": 1, "balance": policy, "connectTimeout": 0.5},
@@ -296,6 +302,9 @@ def test_a_dns_name_with_three_records_gives_three_members_and_a_removed_one_dra
             fleet.write_hosts([n.address for n in fleet.nodes[1:]])
             wait_until(lambda: {w["host"] for w in fleet.edge_status("dns")["workers"]}
                        == {n.address for n in fleet.nodes[1:]}, timeout=20, message="member removed")
+            # Requests already sent to it finish there (drained, not cut): let each client thread
+            # complete one more before counting.
+            load.wait_served(20)
             before = load.served[gone.name]
             load.wait_served(100)
             assert load.served[gone.name] == before
@@ -331,6 +340,51 @@ def test_consistent_hashing_keeps_each_path_on_one_node_and_moves_only_the_lost_
     assert moved == {p for p in paths if first[p] == lost.name}
     assert lost.name not in after.values()
     fleet.wait_whole()
+
+
+def shares(served: Counter[str]) -> list[float]:
+    total = sum(served.values())
+    return [served[name] / total for name in NODES]
+
+
+def test_weights_1_2_3_give_shares_within_5_percent(fleet):
+    fleet.wait_whole()
+    wait_until(lambda: all(w["slow_start_until"] is None for w in fleet.edge_status("weighted")["workers"]),
+               timeout=30, message="every node at full weight")
+    with Load(fleet, "weighted") as load:
+        load.wait_served(600)
+    assert load.failed == [], load.failed[:5]
+    expected = [w / sum(WEIGHTS) for w in WEIGHTS]
+    assert all(abs(got - want) <= 0.05 for got, want in zip(shares(load.served), expected)), load.served
+
+
+def test_a_node_back_from_a_cut_link_ramps_up_through_slow_start(fleet):
+    fleet.wait_whole()
+    node, weight = fleet.nodes[2], WEIGHTS[2]
+    full_share = weight / sum(WEIGHTS)
+
+    def row() -> dict:
+        return next(w for w in fleet.edge_status("weighted")["workers"] if w["host"] == node.address)
+
+    with Load(fleet, "weighted") as load:
+        load.wait_served(100)
+        fleet.net.cut(node)
+        wait_until(lambda: not row()["up"], timeout=30, interval=0.05, message="node marked down")
+        fleet.net.restore(node)
+        wait_until(lambda: row()["up"], timeout=30, interval=0.05, message="node back up")
+        back = row()
+        ramp_start = load.served.copy()
+        assert back["slow_start_until"] is not None and back["effective_weight"] < weight, back
+        wait_until(lambda: row()["slow_start_until"] is None, timeout=SLOW_START + 10, message="ramp over")
+        ramp = load.served - ramp_start
+        assert row()["effective_weight"] == weight
+        full_start = load.served.copy()
+        load.wait_served(600)
+        full = load.served - full_start
+    assert load.failed == [], load.failed[:5]
+    # While it ramped it took clearly less than its share, and its full share after.
+    assert 0 < shares(ramp)[2] < full_share - 0.1, ramp
+    assert abs(shares(full)[2] - full_share) <= 0.05, full
 
 
 def test_leftovers_of_a_crashed_run_are_removed_and_live_runs_are_not(network):

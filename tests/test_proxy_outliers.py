@@ -116,6 +116,19 @@ def test_answers_to_a_clients_mistake_are_not_failures_of_the_worker(status):
         assert len(odd.heads) == 5 and pt.worker(odd.port).ejections_total == 0
 
 
+def test_a_503_with_retry_after_sheds_load_and_is_not_a_failure_of_the_worker():
+    """fileapp answers so past its concurrent listings: clients must not get a worker ejected."""
+    def busy(head: bytes, _: bytes, conn: socket.socket) -> bool:
+        conn.sendall(b"HTTP/1.1 503 X\r\nRetry-After: 1\r\nContent-Length: 4\r\n\r\nbusy")
+        return True
+
+    with RawUpstream(busy) as shedding, RawUpstream(answering(200)) as good, \
+            ProxyThread([shedding.port, good.port], front_cache=NO_CACHE) as pt:
+        pt.call(lambda: setattr(pt.proxy.outliers, "threshold", 2))
+        statuses = [requests.get(pt.url + "/x", timeout=10).status_code for _ in range(10)]
+        assert statuses.count(503) == 5 and pt.worker(shedding.port).ejections_total == 0
+
+
 def test_a_success_in_between_starts_the_count_again():
     answers = iter([503, 503, 200, 503, 503, 200] * 3)
 

@@ -1,7 +1,9 @@
 """A proxy's side of outlier detection (Envoy's): counting each worker's failures in a row.
 
 A failure is what the worker did: an answer of 500, 502, 503 or 504 (not 501 or 505, which
-answer a client's mistake), or a connection it refused, reset or let time out. The proxy's own
+answer a client's mistake, nor a 503 with Retry-After: a worker shedding load on purpose, as
+fileapp does past its concurrent listings, which clients could otherwise provoke until healthy
+workers are ejected), or a connection it refused, reset or let time out. The proxy's own
 errors and shortages are never counted, and a failure is charged to the worker that was asked.
 Any other answer starts the count again. At `threshold` in a row the proxy reports the worker to
 the master, which alone decides an ejection (arbiter/state.py: it sees every worker, so it can
@@ -24,9 +26,9 @@ class Outliers:
         self.table = table
         self.threshold = threshold
 
-    def answered(self, worker: WorkerState, status: int) -> None:
-        """`worker` answered with `status`."""
-        if status in UPSTREAM_FAILURES:
+    def answered(self, worker: WorkerState, status: int, shedding: bool = False) -> None:
+        """`worker` answered with `status` (`shedding`: a 503 with Retry-After)."""
+        if status in UPSTREAM_FAILURES and not shedding:
             self.failed(worker, f"HTTP {status}")
         elif worker.failure_streak:
             worker.failure_streak = 0

@@ -176,7 +176,8 @@ class Relay:
         req = self.req
         proxy = self.proxy
         if status >= 500 or conn.worker.failure_streak:
-            proxy.outliers.answered(conn.worker, status)
+            shedding = status == 503 and any(name.lower() == b"retry-after" for name, _ in headers)
+            proxy.outliers.answered(conn.worker, status, shedding)
         stale = self.stale
         if stale is not None:
             stale.revalidating = 0.0

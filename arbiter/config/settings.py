@@ -54,7 +54,7 @@ class WorkerCacheConfig:
 class OutlierDetectionConfig:
     """outlierDetection: passive ejection of workers that keep failing (Envoy's outlier detection)."""
 
-    consecutive_failures: int = setting(Integer(0, 1000), 5, "Consecutive failures a proxy sees from one worker (500, 502, 503 or 504 answered by it, or a refused, reset or timed-out connection) that eject it from balancing; 0 turns ejection off. Any other answer starts the count again.")
+    consecutive_failures: int = setting(Integer(0, 1000), 5, "Consecutive failures a proxy sees from one worker (500, 502, 503 without Retry-After or 504 answered by it, or a refused, reset or timed-out connection) that eject it from balancing; 0 turns ejection off. Any other answer starts the count again.")
     base_ejection_time: float = setting(Number(86400), 30.0, "Seconds of a worker's first ejection; each further one lasts twice the one before.")
     max_ejection_time: float = setting(Number(86400), 300.0, "Upper bound of an ejection; a worker not ejected for this long starts again from baseEjectionTime.")
     max_ejection_percent: int = setting(Integer(0, 100), 50, "Most workers ejected at once, in percent of all workers; never the last worker up.")

@@ -125,7 +125,12 @@ class HealthChecker:
 
     async def _run(self, worker: WorkerState) -> None:
         kick = self._kicks[worker]
-        while True:
+        me = asyncio.current_task()
+        # Until close() or sync() forgets this task, not merely until it is cancelled: on Python
+        # < 3.12, asyncio.wait_for (the probe's deadline) returns the result of an awaitable that
+        # finishes just as the task is cancelled and swallows the cancellation, and a loop that
+        # only stopped on CancelledError then probed on for ever (close() never returned).
+        while self._tasks.get(worker) is me:
             kick.clear()
             if self._wanted(worker):
                 pid, settings = worker.pid, self.settings
@@ -138,10 +143,11 @@ class HealthChecker:
                     self._record(worker, pid, error, time.perf_counter() - started)
             if kick.is_set():
                 continue
-            try:
-                await asyncio.wait_for(kick.wait(), self.settings.interval)
-            except asyncio.TimeoutError:
-                pass
+            waiter = asyncio.ensure_future(kick.wait())
+            try:  # (asyncio.wait, unlike wait_for, never swallows a cancellation)
+                await asyncio.wait((waiter,), timeout=self.settings.interval)
+            finally:
+                waiter.cancel()
 
     def _record(self, worker: WorkerState, pid: int | None, error: str | None, latency: float) -> None:
         """Feed one check's result, unless the worker changed process, is held or was removed meanwhile."""

@@ -80,10 +80,10 @@ class NamedUpstreams:
         self.checker.sync()
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
     def _members(self, name: str, port: int) -> list[WorkerState]:
         return [w for w in self.table if w.name == name and w.port == port]
@@ -108,7 +108,8 @@ class NamedUpstreams:
         log.info("worker %s:%d: member %s leaves, draining (%s)", worker.name, worker.port, worker.host, why)
 
     async def _run(self) -> None:
-        while True:
+        me = asyncio.current_task()
+        while self._task is me:  # (not only until cancelled: see HealthChecker._run)
             await asyncio.sleep(self.interval)
             try:
                 await self.refresh()

@@ -38,25 +38,47 @@ def open_file(ref: FileRef) -> int | None:
         return None
 
 
-class FileSender:
-    """Sends `count` bytes of the open file `fd` from `offset` to a client's socket, then calls
-    `done()`; calls `failed(reason, gone)` if the file shrank or the socket failed (`gone`: the
-    client went away). Owns `fd`."""
+class BodySender:
+    """Sends `count` bytes of the open file `fd` from `offset` to a client, then calls `done()`;
+    calls `failed(reason, gone)` if the file shrank or the sending failed (`gone`: the client
+    went away). Owns `fd`. Subclasses say how the bytes travel (start, pause, resume, cancel)."""
 
-    __slots__ = ("loop", "transport", "sock", "fd", "offset", "left", "done", "failed", "progress",
-                 "watch")
+    __slots__ = ("loop", "transport", "fd", "offset", "left", "done", "failed", "progress")
 
     def __init__(self, loop: Any, transport: Any, fd: int, offset: int, count: int,
                  done: Callable[[], None], failed: Callable[[str, bool], None], progress: Callable[[], None]) -> None:
         self.loop = loop
         self.transport = transport
-        self.sock = transport.get_extra_info("socket").fileno()
         self.fd = fd
         self.offset = offset
         self.left = count
         self.done = done
         self.failed = failed
         self.progress = progress  # called whenever bytes left: the client is still reading
+
+    def cancel(self) -> None:
+        """Stop (the client went away or the connection is being closed): let go of everything."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def _finish(self, failure: str | None, gone: bool) -> None:
+        self.cancel()
+        if failure is None:
+            self.done()
+        else:
+            self.failed(failure, gone)
+
+
+class FileSender(BodySender):
+    """A BodySender that sendfiles to the client's socket underneath the transport."""
+
+    __slots__ = ("sock", "watch")
+
+    def __init__(self, loop: Any, transport: Any, fd: int, offset: int, count: int,
+                 done: Callable[[], None], failed: Callable[[str, bool], None], progress: Callable[[], None]) -> None:
+        super().__init__(loop, transport, fd, offset, count, done, failed, progress)
+        self.sock = transport.get_extra_info("socket").fileno()
         self.watch = -1  # the dup of the socket watched for room, while waiting for it
 
     def start(self) -> None:
@@ -70,11 +92,8 @@ class FileSender:
         pass
 
     def cancel(self) -> None:
-        """Stop (the client went away or the connection is being closed): let go of everything."""
         self._unwatch()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        super().cancel()
 
     def _wait(self) -> None:
         if self.watch < 0:
@@ -127,31 +146,16 @@ class FileSender:
         self._finish(None, False)
         return True
 
-    def _finish(self, failure: str | None, gone: bool) -> None:
-        self.cancel()
-        if failure is None:
-            self.done()
-        else:
-            self.failed(failure, gone)
-
-
-class StreamSender:
+class StreamSender(BodySender):
     """FileSender's counterpart for a transport that must see every byte (TLS): reads `count`
     bytes of `fd` from `offset` a CHUNK at a time and writes them to the transport, as long as
-    the transport does not ask to pause (the client protocol forwards pause/resume). Owns `fd`."""
+    the transport does not ask to pause (the client protocol forwards pause/resume)."""
 
-    __slots__ = ("loop", "transport", "fd", "offset", "left", "done", "failed", "progress", "paused", "handle")
+    __slots__ = ("paused", "handle")
 
     def __init__(self, loop: Any, transport: Any, fd: int, offset: int, count: int,
                  done: Callable[[], None], failed: Callable[[str, bool], None], progress: Callable[[], None]) -> None:
-        self.loop = loop
-        self.transport = transport
-        self.fd = fd
-        self.offset = offset
-        self.left = count
-        self.done = done
-        self.failed = failed
-        self.progress = progress
+        super().__init__(loop, transport, fd, offset, count, done, failed, progress)
         self.paused = False
         self.handle: Any = None  # the next turn, when this one used its share
 
@@ -170,9 +174,7 @@ class StreamSender:
         if self.handle is not None:
             self.handle.cancel()
             self.handle = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        super().cancel()
 
     def _pump(self) -> None:
         """Write chunks until the transport pauses us, this turn's share is sent, or the end."""
@@ -201,10 +203,3 @@ class StreamSender:
             self.progress()
         if not self.left and self.fd >= 0:
             self._finish(None, False)
-
-    def _finish(self, failure: str | None, gone: bool) -> None:
-        self.cancel()
-        if failure is None:
-            self.done()
-        else:
-            self.failed(failure, gone)

@@ -15,7 +15,7 @@ from httptools import HttpRequestParser
 
 from .cache import Entry
 from .counters import FILE_BODIES, FILE_REFUSED, HEALTH_CHECKS, REJECTED, TIMEOUTS, TRUNCATED
-from .filebody import FileSender, open_file
+from .filebody import BodySender, FileSender, open_file
 from .http1 import BUSY, GET, HEAD, NO_STORE, error_response
 from .reader import IDLE, MAX_PIPELINE, RequestReader
 from .relay import JOIN_LIMIT, Relay
@@ -36,7 +36,7 @@ class ClientProtocol(RequestReader):
     __slots__ = ("relay", "eof", "write_paused", "stall_since", "peer", "pumping", "idle_since", "sender",
                  "sending", "accepted", "full")
     scheme = PLAIN_SCHEME  # as workers are told it (X-Forwarded-Proto)
-    sender_class: Any = FileSender  # what sends a file body (sendfile to the socket: not over TLS)
+    sender_class: type[BodySender] = FileSender  # what sends a file body (sendfile to the socket: not over TLS)
 
     def __init__(self, proxy: Proxy) -> None:
         super().__init__(proxy)
@@ -47,7 +47,7 @@ class ClientProtocol(RequestReader):
         self.peer: bytes | None = None
         self.pumping = False  # _pump is running: what it calls must not start it again
         self.idle_since = 0.0  # when the connection last had no request in progress
-        self.sender: FileSender | None = None  # sending a file body
+        self.sender: BodySender | None = None  # sending a file body
         self.sending: tuple[Request, bool] | None = None  # its request, and whether to keep alive after
         self.full = False  # between the transport's pause_writing and resume_writing
         self.accepted = proxy.clock  # the TLS handshake, if any, counts against the head's deadline
@@ -255,11 +255,11 @@ class ClientProtocol(RequestReader):
             self.proxy.counts[TRUNCATED] += 1
         self.abort()
 
-    def respond_error(self, req: Request, status: int) -> None:
-        """Answer `req` with a response of the proxy's own."""
+    def respond_error(self, req: Request, status: int, extra: bytes = b"") -> None:
+        """Answer `req` with a response of the proxy's own (`extra`: header fields, each with its CRLF)."""
         proxy = self.proxy
         keep = req.keep_alive and not req.error and not proxy.draining
-        data, req.length = error_response(status, proxy.date_line, keep, req.http10, req.method != HEAD)
+        data, req.length = error_response(status, proxy.date_line, keep, req.http10, req.method != HEAD, extra)
         req.status = status
         proxy.status_counts[status // 100] += 1
         if not self.closed:
@@ -272,14 +272,8 @@ class ClientProtocol(RequestReader):
         sees its readiness, not one worker's."""
         proxy = self.proxy
         proxy.counts[HEALTH_CHECKS] += 1
-        status = 200 if proxy.serving and not proxy.draining and proxy.table.healthy else 503
-        keep = req.keep_alive and not proxy.draining
-        data, req.length = error_response(status, proxy.date_line, keep, req.http10, req.method != HEAD, NO_STORE)
-        req.status = status
-        proxy.status_counts[status // 100] += 1
-        if not self.closed:
-            self.transport.write(data)
-        self.finish(req, keep)
+        healthy = proxy.serving and not proxy.draining and proxy.table.healthy
+        self.respond_error(req, 200 if healthy else 503, NO_STORE)
 
     def finish(self, req: Request, keep: bool) -> None:
         """The response to the current request is written: serve the next one or close."""

@@ -33,6 +33,7 @@ class Namer:
         self.seen: os.stat_result | None = None
         self.before_answer = lambda: None  # what happens between the decision and the proxy's open
         self.content_length = b"0"
+        self.conditional = False  # whether If-None-Match: "e1" gets 304
         self.upstream = RawUpstream(self._respond)
         self.port = self.upstream.port
 
@@ -46,7 +47,9 @@ class Namer:
     def _respond(self, head: bytes, body: bytes, conn: socket.socket) -> bool:
         common = b'HTTP/1.1 %d X\r\nETag: "e1"\r\nCache-Control: %s\r\nContent-Type: application/octet-stream\r\n' % (
             self.status, self.cache_control)
-        if b"\r\nX-Gows-Handoff: " + TOKEN.encode() + b"\r\n" in head:
+        if self.conditional and b'\r\nIf-None-Match: "e1"' in head:
+            conn.sendall(b'HTTP/1.1 304 Not Modified\r\nETag: "e1"\r\nCache-Control: %s\r\n\r\n' % self.cache_control)
+        elif b"\r\nX-Gows-Handoff: " + TOKEN.encode() + b"\r\n" in head:
             st = self.seen or os.stat(self.path)
             start, count = self.range
             count = st.st_size - start if count is None else count
@@ -273,6 +276,36 @@ def test_the_front_cache_remembers_a_named_file_and_rechecks_it(big):
         status, _, body = get(proxy.port)
         assert (status, body) == (200, b"N" * len(BODY))  # named again by the worker, sent by us
         assert len(namer.heads) == 2
+    finally:
+        proxy.stop()
+        namer.stop()
+
+
+def test_a_stale_named_file_whose_directory_is_unchanged_needs_no_worker(big):
+    namer = Namer(big, cache_control=b"max-age=600")
+    namer.conditional = True
+    proxy = ProxyThread([namer.port], front_cache=configured(FrontCacheConfig), revalidate_after=0.3,
+                        handoff_token=TOKEN)
+    stale = 0.7  # older than the revalidation interval (and the proxy's 0.25 s clock)
+    try:
+        assert get(proxy.port)[2] == BODY and len(namer.heads) == 1
+        time.sleep(stale)
+        assert get(proxy.port)[2] == BODY and len(namer.heads) == 2  # a worker confirms it once
+        assert b'If-None-Match: "e1"' in namer.heads[-1]
+        for _ in range(2):
+            time.sleep(stale)
+            assert get(proxy.port)[2] == BODY
+        assert len(namer.heads) == 2  # then its unchanged directory is enough
+        assert proxy.stats()["front_cache"]["revalidated"] == 3
+        (big.parent / "big.bin.br").write_bytes(b"a sidecar: a worker might now choose it")
+        time.sleep(stale)
+        assert get(proxy.port)[2] == BODY and len(namer.heads) == 3  # a new name: a worker decides
+        # That worker may have decided before the change (its own cache): once more, then none.
+        for heads in (4, 4):
+            time.sleep(stale)
+            assert get(proxy.port)[2] == BODY and len(namer.heads) == heads
+        _replace(big, b"N" * len(BODY))  # the file itself is checked on every hit
+        assert get(proxy.port)[2] == b"N" * len(BODY) and len(namer.heads) == 5
     finally:
         proxy.stop()
         namer.stop()

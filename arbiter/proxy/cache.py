@@ -9,10 +9,16 @@ its heads prepared as bytes, so a hit is one dict lookup and one write.
 
 The workers check the disk every `cache.ttl` seconds; an entry older than that is revalidated
 with a worker (a conditional request, answered 304 while the file is unchanged) before it is
-served again, whatever max-age the clients are told.
+served again, whatever max-age the clients are told. A file entry is checked on every hit (the
+proxy opens the file and compares it with what the worker saw); what a worker would decide anew
+is which file the URL maps to (a sidecar added, an index removed), and that depends on the
+names in the file's directory. So once a worker has confirmed a file entry while its directory
+stayed unchanged, the entry is renewed without a worker for as long as the directory stays so
+(`confirm`, one stat): a URL of a file that does not change needs a worker once per max-age.
 """
 from __future__ import annotations
 
+import os
 import time
 from typing import MutableSequence, Sequence
 
@@ -103,7 +109,7 @@ class Entry:
 
     __slots__ = ("body", "block", "nm_block", "etag", "last_modified", "modified_at", "born", "expires", "size",
                  "age", "initial_age", "head", "head_ka", "head_close", "nm", "nm_ka", "nm_close", "full",
-                 "key", "ttl", "fresh_until", "revalidating", "file")
+                 "key", "ttl", "fresh_until", "revalidating", "file", "directory", "directory_confirmed")
 
     def __init__(self, headers: Sequence[tuple[bytes, bytes, bytes]], body: bytes, ttl: float, now: float,
                  initial_age: int = 0, revalidate_after: float = float("inf"), file: FileRef | None = None) -> None:
@@ -122,6 +128,10 @@ class Entry:
             elif lname == b"last-modified":
                 self.last_modified = value
         self.file = file
+        # The file's directory as it was when stored, and whether a worker has answered for the
+        # entry since, with the directory still so (FrontCache.confirm).
+        self.directory = directory_stamp(file.path) if file is not None else None
+        self.directory_confirmed = False
         self.block = b"".join(block) + b"Content-Length: %d\r\n" % (file.count if file else len(body)) + VIA
         self.nm_block = b"".join(nm_block) + VIA
         self.modified_at = None
@@ -189,6 +199,16 @@ class Entry:
         return False
 
 
+def directory_stamp(path: bytes) -> tuple[int, int, int, int] | None:
+    """What changes when a name is added to, removed from or renamed in the directory holding
+    `path`, or the directory is replaced or its permissions change; None when it is gone."""
+    try:
+        st = os.stat(os.path.dirname(path))
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns
+
+
 def _ttu(key, entry: Entry, now: float) -> float:
     return entry.expires
 
@@ -213,15 +233,16 @@ class FrontCache:
         self.counts = counts if counts is not None else [0] * SIZE
 
     def get(self, target: bytes, accept_encoding: bytes | None, now: float = 0.0) -> Entry | None:
-        """The stored response for a request; a hit when it is servable at `now`, otherwise a
-        miss (the caller revalidates a stale entry it gets)."""
+        """The stored response for a request; a hit when it is servable at `now` (renewed by
+        `confirm` if need be), otherwise a miss (the caller revalidates a stale entry it gets)."""
         key = (target, encoding_class(accept_encoding)) if target in self.varying else target
         try:
             entry = self.entries[key]
         except KeyError:
             self.counts[CACHE_MISSES] += 1
             return None
-        if now < entry.fresh_until or entry.servable(now):  # (the first test in line: a hit's path)
+        # (The first test in line: a hit's path.)
+        if now < entry.fresh_until or entry.servable(now) or (entry.file is not None and self.confirm(entry)):
             self.counts[CACHE_HITS] += 1
         else:
             self.counts[CACHE_MISSES] += 1
@@ -257,7 +278,28 @@ class FrontCache:
         return True
 
     def refresh(self, entry: Entry) -> None:
-        """A worker confirmed a stale entry unchanged: fresh again, for its whole max-age."""
+        """A worker confirmed a stale entry unchanged: fresh again, for its whole max-age.
+
+        A file entry whose directory is as it was when the entry was stored or last renewed is
+        confirmed for that directory: the worker decided after that moment (its own cache
+        entries live `revalidate_after` seconds, and this entry was fresh for as long), so it
+        saw the directory as it is."""
+        if entry.file is not None:
+            stamp = directory_stamp(entry.file.path)
+            entry.directory_confirmed = stamp is not None and stamp == entry.directory
+            entry.directory = stamp
+        self._renew(entry)
+
+    def confirm(self, entry: Entry) -> bool:
+        """Renew a stale file entry without a worker when a worker has confirmed it and its
+        directory has not changed since (so the URL still maps to that file); the file itself
+        is checked when it is sent. False: ask a worker."""
+        if not entry.directory_confirmed or directory_stamp(entry.file.path) != entry.directory:
+            return False
+        self._renew(entry)
+        return True
+
+    def _renew(self, entry: Entry) -> None:
         self.counts[CACHE_REVALIDATED] += 1
         entry.renew(time.monotonic(), 0, self.revalidate_after)
         if self.entries.get(entry.key) in (entry, None):  # (not replaced meanwhile)

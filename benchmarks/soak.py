@@ -159,6 +159,9 @@ class Soak:
                     **status["proxy"], "front_cache_bytes": status["front_cache"]["bytes"],
                     "proxies": status.get("proxies", [])} if status else {}
         self.record.master_counters.append(counters)
+        if status:
+            share = status["front_cache"]["max_bytes"] // max(1, len(counters["proxies"]))
+            self.record.proxy_cache_kib = share // 1024
         progress(sample_line(sample, counters, self.record.master_counters[0]))
 
     async def kill(self, event: Event) -> None:
@@ -317,8 +320,9 @@ def notes(seconds: int, connections: int) -> list[str]:
         "64 KiB/s for 1 s after the head",
         f"samples every {schedule.SAMPLE_EVERY} s; growth compares the samples at {verdict.span(baseline)} with "
         f"those at {verdict.span(final)}; workers by the largest one (pids change with every kill), proxies' RSS "
-        "by the longest-running one (never killed), proxies' fds by their sum; fds besides the established "
-        "connections to or from a worker (the proxies' keep-alive pool)",
+        "by the longest-running one (never killed), allowed its share of the front cache besides the 10% (a HUP "
+        "purges the cache, the load fills it again: the phase at the baseline is chance), proxies' fds by their "
+        "sum; fds besides the established connections to or from a worker (the proxies' keep-alive pool)",
     ]
 
 

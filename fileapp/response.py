@@ -35,8 +35,15 @@ _LAST_CHUNK = b"0\r\n\r\n"
 _SERVER_LINE = "Server: %s\r\n" % compat.SERVER
 _NAMES_KNOWN = 512  # header names remembered as valid tokens (a bound: apps may invent names)
 
+_PREPARED_LIMIT = 1024  # header lists remembered as checked (a bound: apps may vary them per request)
+
 _valid_names: set[str] = set()
 _date: tuple[int, str] = (0, "")
+# What start_response makes of a header list, by its content: the headers kept, Content-Length,
+# whether it upgrades, and their lines for the head. fileapp answers every request for a file
+# version with the same list, so its head is checked and formatted once per version.
+_prepared: dict[tuple, tuple[list[tuple[str, str]], int | None, bool, str]] = {}
+_valid_statuses: set[str] = set()
 
 
 def date_line() -> str:
@@ -59,12 +66,45 @@ def _check_name(name) -> None:
         _valid_names.add(name)
 
 
+def _line(header: tuple[str, str]) -> str:
+    return "%s: %s\r\n" % header
+
+
+def _prepare(headers) -> tuple[list[tuple[str, str]], int | None, bool, str]:
+    """Check an app's header list as gunicorn does (TypeError, ValueError or gunicorn's
+    InvalidResponseHeader[Name]); the headers kept (hop-by-hop ones dropped, values stripped),
+    Content-Length, whether it upgrades, and the kept headers' lines."""
+    kept: list[tuple[str, str]] = []
+    length = None
+    upgrade = False
+    value_ok = compat.HEADER_VALUE_RE.fullmatch
+    for name, value in headers:
+        _check_name(name)
+        if not isinstance(value, str):
+            raise TypeError("%r is not a string" % value)
+        if not value_ok(value):
+            raise compat.InvalidResponseHeader("%r" % name)  # (the value may be secret)
+        value = value.strip(" \t")
+        lname = name.lower()
+        if lname == "content-length":
+            length = int(value)
+        elif lname in compat.HOP_HEADERS:
+            if lname == "connection":
+                if value.lower() == "upgrade":
+                    upgrade = True
+            elif lname == "upgrade" and value.lower() == "websocket":
+                kept.append((name, value))
+            continue
+        kept.append((name, value))
+    return kept, length, upgrade, "".join(map(_line, kept))
+
+
 class Response:
     """One response: start_response, write and close for the app, as gunicorn's Response."""
 
     __slots__ = ("req", "sock", "status", "status_code", "headers", "response_length", "chunked",
                  "must_close", "upgrade", "headers_sent", "sent", "omits_body", "held", "rest",
-                 "write_timeout")
+                 "write_timeout", "lines")
 
     def __init__(self, req, sock: socket.socket, write_timeout: float = WRITE_TIMEOUT) -> None:
         self.req, self.sock = req, sock
@@ -81,6 +121,7 @@ class Response:
         self.held: bytes | None = None  # the head, built but not sent yet
         self.rest: Transfer | None = None  # what the client has not taken yet
         self.write_timeout = write_timeout  # for when a thread must wait after all
+        self.lines: str | None = None  # the header lines of `headers`, when prepared
 
     def force_close(self) -> None:
         self.must_close = True
@@ -99,39 +140,34 @@ class Response:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
-            self.headers, self.response_length, self.upgrade = [], None, False
+            self.headers, self.response_length, self.upgrade, self.lines = [], None, False, None
         elif self.status is not None:
             raise AssertionError("Response headers already set!")
-        if not isinstance(status, str):
-            raise TypeError("%r is not a string" % status)
-        if not compat.STATUS_RE.fullmatch(status):
-            raise ValueError("Invalid status %r" % status)
+        if status not in _valid_statuses:
+            if not isinstance(status, str):
+                raise TypeError("%r is not a string" % status)
+            if not compat.STATUS_RE.fullmatch(status):
+                raise ValueError("Invalid status %r" % status)
+            if len(_valid_statuses) < _PREPARED_LIMIT:
+                _valid_statuses.add(status)
         self.status = status
         code = self.status_code = int(status[:3])
-        kept = self.headers
-        value_ok = compat.HEADER_VALUE_RE.fullmatch
-        for name, value in headers:
-            _check_name(name)
-            if not isinstance(value, str):
-                raise TypeError("%r is not a string" % value)
-            if not value_ok(value):
-                raise compat.InvalidResponseHeader("%r" % name)  # (the value may be secret)
-            value = value.strip(" \t")
-            lname = name.lower()
-            if lname == "content-length":
-                self.response_length = int(value)
-            elif lname in compat.HOP_HEADERS:
-                if lname == "connection":
-                    if value.lower() == "upgrade":
-                        self.upgrade = True
-                elif lname == "upgrade" and value.lower() == "websocket":
-                    kept.append((name, value))
-                continue
-            kept.append((name, value))
+        try:
+            key: tuple | None = tuple(headers)
+            prepared = _prepared.get(key)
+        except TypeError:  # (a header given as a list: checked below, not remembered)
+            key = prepared = None
+        if prepared is None:
+            prepared = _prepare(headers)
+            if key is not None:
+                if len(_prepared) >= _PREPARED_LIMIT:
+                    _prepared.clear()
+                _prepared[key] = prepared
+        self.headers, self.response_length, self.upgrade, self.lines = prepared
         self.omits_body = self.req.method == "HEAD" or code in (204, 304) or 100 <= code < 200
         if code == 204 or 100 <= code < 200:  # RFC 9110 6.4.2: no Content-Length there
-            self.headers = [(k, v) for k, v in kept if k.lower() != "content-length"]
-            self.response_length = None
+            self.headers = [(k, v) for k, v in self.headers if k.lower() != "content-length"]
+            self.response_length = self.lines = None
         self.chunked = (self.response_length is None and self.req.version > (1, 0)
                         and not self.omits_body)
         return self.write
@@ -146,7 +182,7 @@ class Response:
             self.req.version[1], self.status, _SERVER_LINE, date_line(), connection)]
         if self.chunked:
             lines.append("Transfer-Encoding: chunked\r\n")
-        lines += ["%s: %s\r\n" % header for header in self.headers]
+        lines.append(self.lines if self.lines is not None else "".join(_line(h) for h in self.headers))
         lines.append("\r\n")
         self.held = "".join(lines).encode("latin-1")
         self.headers_sent = True

@@ -23,8 +23,8 @@ import pytest
 
 from benchmarks import chaos, loads, prereqs, procstat, servers, soak, soak_proxies, soak_record
 from benchmarks.schedule import Action, Event, growth_windows, per_minute, schedule, wrk_run_end, wrk_run_ends
-from benchmarks.verdict import (ClientOutcome, ProxyKill, Sample, Usage, WrkTotals, after_kill, error_reasons,
-                                growth_reasons, master_truncations, proxy_kill_errors)
+from benchmarks.verdict import (PROXY_RSS, ClientOutcome, ProxyKill, Sample, Usage, WrkTotals, after_kill,
+                                error_reasons, growth_reasons, master_truncations, proxy_kill_errors)
 
 pytestmark = pytest.mark.unit
 
@@ -150,6 +150,20 @@ def test_pooled_worker_connections_do_not_count_as_growth():
     assert growth_reasons(samples, (60, 110), (250, 300)) == [
         "master fds (besides worker connections) grew 15%: 100 at 60–110 s (median), 115 at 250–300 s (median) "
         "(limit 10%)"]
+
+
+def test_a_proxy_may_grow_by_its_front_cache_share_whatever_the_cache_held_at_the_baseline():
+    # The soak run of 2026-12-02 18:21: a HUP purged the cache before the baseline, the load
+    # filled it again by the end (33 -> 55 MiB, within the 32 MiB share).
+    samples = [sample(t, proxies=((33_000 if t < 200 else 55_000, 60), (50_000, 50))) for t in range(0, 301, 10)]
+    (reason,) = growth_reasons(samples, (60, 110), (250, 300))
+    assert reason.startswith("proxy RSS (the longest-running proxy) grew 67%")
+    assert growth_reasons(samples, (60, 110), (250, 300), allowances={PROXY_RSS: 32_768}) == []
+    # Beyond the share and the 10%, it is growth all the same.
+    samples = [sample(t, proxies=((33_000 if t < 200 else 70_000, 60), (50_000, 50))) for t in range(0, 301, 10)]
+    (reason,) = growth_reasons(samples, (60, 110), (250, 300), allowances={PROXY_RSS: 32_768})
+    assert reason == ("proxy RSS (the longest-running proxy) grew 112%: 33,000 KiB at 60–110 s (median), "
+                      "70,000 KiB at 250–300 s (median) (limit 10% + 32,768 KiB)")
 
 
 def test_workers_are_compared_by_the_largest_one_since_kills_replace_them():

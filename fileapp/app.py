@@ -243,7 +243,7 @@ class FileApp:
             return None
         if self._from_proxy(environ):
             return FILE_HEADER, file_header(rep.path, rep.dev, rep.ino, rep.size, rep.mtime_ns,
-                                            start, count)
+                                            start, count, rep.directory)
         sendfile = self._sendfile
         if sendfile is None or count != rep.size or not sendfile.takes(environ, headers):
             return None

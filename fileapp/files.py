@@ -45,11 +45,13 @@ def split_url_path(path_info: str) -> list[str] | None:
 
 @dataclass(frozen=True)
 class Opened:
-    """A file or directory opened beneath the root: its descriptor, fstat result and real path."""
+    """A file or directory opened beneath the root: its descriptor, fstat result and real path,
+    and whether the URL path led to it directly (no symlink on the way: the real path is it)."""
 
     fd: int
     st: os.stat_result
     path: str
+    direct: bool = True
 
     @property
     def is_dir(self) -> bool:
@@ -126,7 +128,7 @@ class Resolver:
             os.close(fd)
             return None
         path = os.path.join(self.root, *rel)
-        return Opened(fd, st, path)
+        return Opened(fd, st, path, rel == parts)
 
     def reopen(self, path: str, dev: int, ino: int) -> tuple[int, os.stat_result] | None:
         """Reopen a file resolved earlier by its real path; None unless it is the same inode.

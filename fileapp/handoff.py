@@ -4,7 +4,9 @@ The worker still decides everything about the response (path, security rules, re
 conditionals, range, headers); only the bytes take the short road. gows' proxy asks for it with
 `X-Gows-Handoff: <token>` (a secret the master gives its own workers in GOWS_HANDOFF_TOKEN) and
 gets the response head with an empty body and `X-Gows-File`, naming the file and the identity
-the worker saw (device, inode, size, mtime) and the byte range to send. The proxy opens the file
+the worker saw (device, inode, size, mtime), the byte range to send and, when the URL maps to the
+file without a symlink, its directory's stamp from before the decision (with which the proxy's
+front cache keeps the name while the directory is unchanged). The proxy opens the file
 itself and sends it only if the identity still matches (open_verified), so no path is served
 that the worker would have refused: a symlink swapped in, or a file replaced, moved or truncated
 in between, fails the check and the proxy asks the worker for the bytes instead.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from typing import Mapping, NamedTuple
 from urllib.parse import quote_from_bytes, unquote_to_bytes
 
@@ -30,8 +33,19 @@ MIN_SIZE = 32 * 1024
 _OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC
 
 
+DirectoryStamp = tuple[int, int, int, int]  # (device, inode, mtime_ns, ctime_ns)
+# File times advance in steps (a clock tick; a second or two on some filesystems): a directory
+# changed less than this long ago may change again with the same times, so it has no stamp yet.
+STAMP_SETTLE = 2.0
+
+
 class FileRef(NamedTuple):
-    """A file as the worker saw it, and the byte range of it that is the response body."""
+    """A file as the worker saw it, and the byte range of it that is the response body.
+
+    `directory`: the stamp of the file's directory taken before the worker decided that the URL
+    maps to this file, when it maps without a symlink on the way; while the directory keeps that
+    stamp, the URL still maps to the same file. None: a symlink led there (repointing it changes
+    another directory), so only a worker can tell where the URL leads now."""
 
     path: bytes
     dev: int
@@ -40,28 +54,45 @@ class FileRef(NamedTuple):
     mtime_ns: int
     offset: int
     count: int
+    directory: DirectoryStamp | None = None
 
 
-def file_header(path: str, dev: int, ino: int, size: int, mtime_ns: int, offset: int, count: int) -> str:
-    """The X-Gows-File value: the identity and range, then the percent-encoded path (last, so
-    it may hold any byte)."""
-    return f"{dev} {ino} {size} {mtime_ns} {offset} {count} {quote_from_bytes(os.fsencode(path), '/')}"
+def directory_stamp(directory: str | bytes) -> DirectoryStamp | None:
+    """What changes when a name is added to, removed from or renamed in `directory`, or it is
+    replaced or its permissions change; None when it is gone, or changed less than STAMP_SETTLE
+    seconds ago (by the kernel's ctime, which no one can set back)."""
+    try:
+        st = os.stat(directory)
+    except (OSError, ValueError):
+        return None
+    if time.time_ns() - st.st_ctime_ns < STAMP_SETTLE * 1e9:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns
+
+
+def file_header(path: str, dev: int, ino: int, size: int, mtime_ns: int, offset: int, count: int,
+                directory: DirectoryStamp | None = None) -> str:
+    """The X-Gows-File value: the identity and range, the directory's stamp ("-": none), then
+    the percent-encoded path (last, so it may hold any byte)."""
+    stamp = "-" if directory is None else ":".join(map(str, directory))
+    return f"{dev} {ino} {size} {mtime_ns} {offset} {count} {stamp} {quote_from_bytes(os.fsencode(path), '/')}"
 
 
 def parse_file_header(value: bytes) -> FileRef | None:
     """The FileRef an X-Gows-File value names; None when it is malformed."""
     fields = value.split(b" ")
-    if len(fields) != 7:
+    if len(fields) != 8:
         return None
     try:
         dev, ino, size, mtime_ns, offset, count = map(int, fields[:6])
+        directory = None if fields[6] == b"-" else tuple(map(int, fields[6].split(b":")))
     except ValueError:
         return None
-    path = unquote_to_bytes(fields[6])
+    path = unquote_to_bytes(fields[7])
     if (not path.startswith(b"/") or b"\x00" in path or min(dev, ino, size, offset, count) < 0
-            or offset + count > size):
+            or offset + count > size or directory is not None and len(directory) != 4):
         return None
-    return FileRef(path, dev, ino, size, mtime_ns, offset, count)
+    return FileRef(path, dev, ino, size, mtime_ns, offset, count, directory)  # type: ignore[arg-type]
 
 
 def open_verified(ref: FileRef) -> int | None:

@@ -30,6 +30,7 @@ from cachetools import LRUCache
 
 from .cache import ResponseCache
 from .files import Resolver, split_url_path
+from .handoff import DirectoryStamp, directory_stamp
 from .headers import Headers, HeaderRules
 from .representation import SIDECARS, Entry, Rep, content_type, read_exactly
 
@@ -114,6 +115,10 @@ class EntryLoader:
         return True
 
     def _resolve(self, path: str, parts: list[str]) -> Entry | None:
+        # The directory whose names decide which file serves the URL, stamped before any is
+        # looked at: a change from now on changes the stamp.
+        holder = parts if path.endswith("/") else parts[:-1]
+        directory = directory_stamp(os.path.join(self.resolver.root, *holder))
         opened = self.resolver.open(parts)
         if opened is None:
             return None
@@ -124,7 +129,7 @@ class EntryLoader:
                 self.cache.put(path, entry)
                 return entry
             for index in self.index_names:
-                entry = self._load_file(parts + [index], self.extra_headers(path))
+                entry = self._load_file(parts + [index], self.extra_headers(path), directory)
                 if entry is not None:
                     self.cache.put(path, entry)
                     return entry
@@ -134,7 +139,7 @@ class EntryLoader:
                 return None
         finally:
             os.close(opened.fd)
-        entry = self._load_file(parts, self.extra_headers(path))
+        entry = self._load_file(parts, self.extra_headers(path), directory)
         if entry is not None:
             self.cache.put(path, entry)
         return entry
@@ -149,7 +154,10 @@ class EntryLoader:
             return ()
         return self.header_rules.for_path(url_path)
 
-    def _load_file(self, parts: list[str], extra: Headers = ()) -> Entry | None:
+    def _load_file(self, parts: list[str], extra: Headers = (),
+                   directory: DirectoryStamp | None = None) -> Entry | None:
+        """`directory`: the stamp of the directory holding the file, taken before anything was
+        resolved (fileapp.handoff.FileRef)."""
         name = parts[-1]
         encoded_parts = {}
         if not name.endswith((".br", ".gz")):
@@ -160,10 +168,10 @@ class EntryLoader:
                          and self.immutable.search(name) else self.cache_control)
         sidecars = {}
         for coding, sidecar in encoded_parts.items():
-            rep = self._load_rep(sidecar, ctype, coding, cache_control, True, extra)
+            rep = self._load_rep(sidecar, ctype, coding, cache_control, True, extra, directory)
             if rep is not None:
                 sidecars[coding] = rep
-        identity = self._load_rep(parts, ctype, None, cache_control, bool(sidecars), extra)
+        identity = self._load_rep(parts, ctype, None, cache_control, bool(sidecars), extra, directory)
         if identity is None:
             return None
         # A sidecar older than its original was not made from it: stale, never served.
@@ -175,7 +183,8 @@ class EntryLoader:
         return self.compressible is not None and self.compressible(ctype, size)
 
     def _load_rep(self, parts: list[str], ctype: str, encoding: str | None,
-                  cache_control: str, vary: bool, extra: Headers = ()) -> Rep | None:
+                  cache_control: str, vary: bool, extra: Headers = (),
+                  directory: DirectoryStamp | None = None) -> Rep | None:
         for _ in range(3):  # a file truncated while being read is read again
             opened = self.resolver.open(parts)
             if opened is None:
@@ -183,15 +192,18 @@ class EntryLoader:
             try:
                 if not stat.S_ISREG(opened.st.st_mode):
                     return None
+                seen = directory if opened.direct else None
                 if encoding is None and not vary:
                     vary = self._compressible(ctype, opened.st.st_size)
                 if opened.st.st_size > self.max_file_size or not self.cache.enabled:
                     tag = self._content_tag(opened.fd, opened.st, None) if self.content_etags else None
-                    return Rep(opened.path, opened.st, None, ctype, encoding, cache_control, vary, extra, tag=tag)
+                    return Rep(opened.path, opened.st, None, ctype, encoding, cache_control, vary, extra, tag=tag,
+                               directory=seen)
                 body = read_exactly(opened.fd, opened.st.st_size)
                 if body is not None:
                     tag = self._content_tag(opened.fd, opened.st, body) if self.content_etags else None
-                    return Rep(opened.path, opened.st, body, ctype, encoding, cache_control, vary, extra, tag=tag)
+                    return Rep(opened.path, opened.st, body, ctype, encoding, cache_control, vary, extra, tag=tag,
+                               directory=seen)
             finally:
                 os.close(opened.fd)
         return None

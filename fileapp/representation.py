@@ -9,6 +9,7 @@ from typing import Iterator, NamedTuple
 from werkzeug.http import http_date
 from werkzeug.utils import get_content_type
 
+from .handoff import DirectoryStamp
 from .headers import NOT_MODIFIED_NAMES, Headers, apply
 
 # Sidecar suffix per content coding, smallest first (the tie-break order of choose_encoding).
@@ -58,17 +59,21 @@ class Rep:
 
     __slots__ = (
         "path", "dev", "ino", "size", "mtime_ns", "mtime", "etag", "body", "type",
-        "headers", "not_modified", "common", "cache_control", "extra", "digest",
+        "headers", "not_modified", "common", "cache_control", "extra", "digest", "directory",
     )
 
     def __init__(self, path: str | None, st: os.stat_result | FileVersion, body: bytes | None,
                  ctype: str, encoding: str | None, cache_control: str, vary: bool, extra: Headers = (),
-                 tag: str | None = None, etag: str | None = None) -> None:
+                 tag: str | None = None, etag: str | None = None,
+                 directory: DirectoryStamp | None = None) -> None:
         """`extra`: the headers rules set for this URL path (fileapp.headers); they replace
         fileapp's own of the same names (Content-Type included). `tag`: the entity tag before
         its coding suffix (None: from mtime and size); `etag`: the whole tag (a body coded on
-        the fly: its identity's with the coding's suffix)."""
+        the fly: its identity's with the coding's suffix); `directory`: the stamp of the file's
+        directory from before the URL was resolved to it, if no symlink led there
+        (fileapp.handoff.FileRef)."""
         self.path = path
+        self.directory = directory
         self.dev, self.ino = st.st_dev, st.st_ino
         self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
         self.mtime = st.st_mtime_ns // 1_000_000_000

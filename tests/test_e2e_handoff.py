@@ -7,12 +7,14 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
+import time
 from pathlib import Path
 
 import pytest
 
+from fileapp.handoff import directory_stamp
 from e2e_support import bundled_site, digest_to_end, fetch, read_head, request
-from master_support import Admin, Hammer
+from master_support import Admin, Hammer, serving
 from support import together, wait_until
 
 pytestmark = pytest.mark.integration
@@ -145,3 +147,33 @@ def test_slow_downloaders_hold_no_worker_thread(admin, site):
     finally:
         for s in stalled:
             s.close()
+
+
+def test_a_release_switched_by_symlink_is_served_within_the_cache_ttl(tmp_path):
+    """Deploys that repoint a symlink (current -> releases/2) change the directory holding the
+    link, not the one holding the file: a file the front cache named through the old link is
+    served from the new release once the caches' ttl is up, however often it was asked for."""
+    root = tmp_path / "site"
+    for release in (b"1", b"2"):
+        (root / "releases" / release.decode()).mkdir(parents=True)
+        (root / "releases" / release.decode() / "app.js").write_bytes(release * 100_000)
+    (root / "current").symlink_to("releases/1")
+    # Settled directories (fileapp.handoff.STAMP_SETTLE): a fresh one would be asked for anyway.
+    wait_until(lambda: directory_stamp(root / "releases" / "1"), timeout=10, message="the release settled")
+    master = serving(tmp_path, root, 1, cache={"ttl": 0.3})
+    try:
+        def body() -> bytes:
+            status, _, data = fetch(master.port, "GET", "/current/app.js")
+            assert status == 200
+            return data
+
+        deadline = time.monotonic() + 3  # several ttls: every proxy has stored and renewed it
+        while time.monotonic() < deadline:
+            assert body() == b"1" * 100_000
+        (root / "next").symlink_to("releases/2")
+        os.replace(root / "next", root / "current")
+        wait_until(lambda: all(body() == b"2" * 100_000 for _ in range(4)), timeout=10,
+                   message="the new release served by every proxy")
+        assert {body() for _ in range(20)} == {b"2" * 100_000}  # and never the old one again
+    finally:
+        master.stop()

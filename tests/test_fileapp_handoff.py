@@ -8,7 +8,9 @@ import pytest
 from werkzeug.test import Client
 
 from fileapp import create_app
-from fileapp.handoff import FILE_HEADER, MIN_SIZE, FileRef, open_verified, parse_file_header
+from fileapp import handoff
+from fileapp.handoff import FILE_HEADER, MIN_SIZE, FileRef, directory_stamp, open_verified, parse_file_header
+from support import wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -32,6 +34,13 @@ def client(root):
     return Client(create_app(str(root), handoff_token=TOKEN, cache_max_file_size=len(BIG) + 1))
 
 
+@pytest.fixture
+def settled(root, monkeypatch):
+    """Directories stamped once unchanged for 50 ms (many clock ticks) rather than seconds."""
+    monkeypatch.setattr(handoff, "STAMP_SETTLE", 0.05)
+    wait_until(lambda: directory_stamp(root), timeout=5, message="the root settled")
+
+
 def ref_of(response) -> FileRef:
     ref = parse_file_header(response.headers[FILE_HEADER].encode())
     assert ref is not None
@@ -39,7 +48,7 @@ def ref_of(response) -> FileRef:
 
 
 @pytest.mark.parametrize("name", ["big.bin", "huge.bin"])
-def test_handed_off_head_names_the_file_and_has_no_body(client, root, name):
+def test_handed_off_head_names_the_file_and_has_no_body(client, root, settled, name):
     r = client.get(f"/{name}", headers=ASK)
     assert r.status_code == 200
     assert r.data == b""
@@ -47,8 +56,50 @@ def test_handed_off_head_names_the_file_and_has_no_body(client, root, name):
     ref = ref_of(r)
     st = os.stat(root / name)
     assert ref == FileRef(os.fsencode(root / name), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, 0,
-                          st.st_size)
+                          st.st_size, directory_stamp(root))
+    assert ref.directory is not None
     assert r.headers["ETag"] and r.headers["Content-Type"] == "application/octet-stream"
+
+
+def test_a_file_reached_through_a_symlink_is_named_without_its_directory(client, root, settled):
+    """Repointing the link changes the directory holding it, not the file's: the proxy must not
+    keep the name on the strength of the file's directory (arbiter.proxy.cache)."""
+    (root / "release").mkdir()
+    (root / "release" / "app.bin").write_bytes(BIG)
+    (root / "current").symlink_to("release")
+    wait_until(lambda: directory_stamp(root / "release"), timeout=5, message="the release settled")
+    via_link = ref_of(client.get("/current/app.bin", headers=ASK))
+    assert via_link.path == os.fsencode(root / "release" / "app.bin") and via_link.directory is None
+    direct = ref_of(client.get("/release/app.bin", headers=ASK)).directory
+    assert direct is not None and direct == directory_stamp(root / "release")
+
+
+def test_the_directory_is_stamped_before_the_file_is_resolved(client, root, settled, monkeypatch):
+    """A name added while the worker decides changes the directory after its stamp: the proxy
+    then asks a worker again rather than keep a mapping the change may have altered."""
+    from fileapp.files import Resolver
+    resolve = Resolver.open
+
+    def change_then_resolve(self, parts):
+        (root / "big.bin.gz").write_bytes(b"a sidecar added meanwhile")
+        return resolve(self, parts)
+
+    monkeypatch.setattr(Resolver, "open", change_then_resolve)
+    ref = ref_of(client.get("/big.bin", headers=ASK))
+    assert ref.directory is not None
+    assert wait_until(lambda: directory_stamp(root), timeout=5) != ref.directory
+
+
+def test_a_directory_changed_lately_has_no_stamp_yet(tmp_path, monkeypatch):
+    """File times advance by clock ticks (seconds on some filesystems): a second change within
+    the tick of the first would keep the stamp, so a fresh change gives none."""
+    (tmp_path / "d").mkdir()
+    assert directory_stamp(tmp_path / "d") is None  # (STAMP_SETTLE: 2 s)
+    assert directory_stamp(tmp_path / "gone") is None
+    monkeypatch.setattr(handoff, "STAMP_SETTLE", 0.05)
+    stamp = wait_until(lambda: directory_stamp(tmp_path / "d"), timeout=5)
+    st = os.stat(tmp_path / "d")
+    assert stamp == (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def test_single_range_is_handed_off_with_its_offset(client, root):
@@ -95,10 +146,12 @@ def test_head_conditionals_and_errors_are_never_handed_off(client):
 
 
 def test_parse_refuses_malformed_values():
-    good = b"1 2 30 4 0 30 /srv/a%20b"
+    good = b"1 2 30 4 0 30 - /srv/a%20b"
     assert parse_file_header(good) == FileRef(b"/srv/a b", 1, 2, 30, 4, 0, 30)
-    for bad in (b"", b"1 2 3", b"1 2 30 4 0 31 /srv/a", b"1 2 30 4 -1 3 /srv/a", b"x 2 30 4 0 3 /a",
-                b"1 2 30 4 0 3 relative", b"1 2 30 4 0 3 /a%00b"):
+    assert parse_file_header(b"1 2 30 4 0 30 5:6:7:8 /srv/a") == FileRef(b"/srv/a", 1, 2, 30, 4, 0, 30, (5, 6, 7, 8))
+    for bad in (b"", b"1 2 3", b"1 2 30 4 0 31 - /srv/a", b"1 2 30 4 -1 3 - /srv/a", b"x 2 30 4 0 3 - /a",
+                b"1 2 30 4 0 3 - relative", b"1 2 30 4 0 3 - /a%00b", b"1 2 30 4 0 30 /srv/a",
+                b"1 2 30 4 0 30 5:6:7 /srv/a", b"1 2 30 4 0 30 5:6:x:8 /srv/a"):
         assert parse_file_header(bad) is None, bad
 
 

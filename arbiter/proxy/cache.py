@@ -11,10 +11,13 @@ The workers check the disk every `cache.ttl` seconds; an entry older than that i
 with a worker (a conditional request, answered 304 while the file is unchanged) before it is
 served again, whatever max-age the clients are told. A file entry is checked on every hit (the
 proxy opens the file and compares it with what the worker saw); what a worker would decide anew
-is which file the URL maps to (a sidecar added, an index removed), and that depends on the
-names in the file's directory. So once a worker has confirmed a file entry while its directory
-stayed unchanged, the entry is renewed without a worker for as long as the directory stays so
-(`confirm`, one stat): a URL of a file that does not change needs a worker once per max-age.
+is which file the URL maps to (a sidecar added, an index removed), and when no symlink leads
+there, that depends on the names in the file's directory alone. So a worker names such a file
+with its directory's stamp from before its decision (fileapp.handoff.FileRef), and the entry is
+renewed without a worker for as long as the directory keeps it (`confirm`, one stat): a URL of a
+file that does not change needs a worker once per max-age. A file reached through a symlink is
+revalidated with a worker like any entry: repointing the link (a release switched by moving
+`current`) changes another directory.
 """
 from __future__ import annotations
 
@@ -25,7 +28,7 @@ from typing import MutableSequence, Sequence
 from cachetools import TLRUCache
 from werkzeug.http import parse_accept_header, parse_date
 
-from fileapp.handoff import FileRef
+from fileapp.handoff import FileRef, directory_stamp
 
 from .counters import CACHE_HITS, CACHE_MISSES, CACHE_REVALIDATED, CACHE_STORES, SIZE
 
@@ -128,10 +131,10 @@ class Entry:
             elif lname == b"last-modified":
                 self.last_modified = value
         self.file = file
-        # The file's directory as it was when stored, and whether a worker has answered for the
-        # entry since, with the directory still so (FrontCache.confirm).
-        self.directory = directory_stamp(file.path) if file is not None else None
-        self.directory_confirmed = False
+        # The file's directory as the worker saw it before deciding, and whether the URL maps to
+        # the file as long as the directory stays so (FrontCache.confirm): not through a symlink.
+        self.directory = file.directory if file is not None else None
+        self.directory_confirmed = self.directory is not None
         self.block = b"".join(block) + b"Content-Length: %d\r\n" % (file.count if file else len(body)) + VIA
         self.nm_block = b"".join(nm_block) + VIA
         self.modified_at = None
@@ -197,16 +200,6 @@ class Entry:
             since = parse_date(if_modified_since.decode("latin-1"))
             return bool(self.modified_at and since and since >= self.modified_at)
         return False
-
-
-def directory_stamp(path: bytes) -> tuple[int, int, int, int] | None:
-    """What changes when a name is added to, removed from or renamed in the directory holding
-    `path`, or the directory is replaced or its permissions change; None when it is gone."""
-    try:
-        st = os.stat(os.path.dirname(path))
-    except OSError:
-        return None
-    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_ctime_ns
 
 
 def _ttu(key, entry: Entry, now: float) -> float:
@@ -280,21 +273,21 @@ class FrontCache:
     def refresh(self, entry: Entry) -> None:
         """A worker confirmed a stale entry unchanged: fresh again, for its whole max-age.
 
-        A file entry whose directory is as it was when the entry was stored or last renewed is
-        confirmed for that directory: the worker decided after that moment (its own cache
-        entries live `revalidate_after` seconds, and this entry was fresh for as long), so it
-        saw the directory as it is."""
-        if entry.file is not None:
-            stamp = directory_stamp(entry.file.path)
+        A file entry named with its directory's stamp whose directory has changed since is
+        confirmed for the directory as it is now only at the next such answer: this worker may
+        have decided before the change (its own cache entries live `revalidate_after` seconds),
+        the next one decided after this moment (this entry is fresh for as long)."""
+        if entry.file is not None and entry.file.directory is not None:
+            stamp = directory_stamp(os.path.dirname(entry.file.path))
             entry.directory_confirmed = stamp is not None and stamp == entry.directory
             entry.directory = stamp
         self._renew(entry)
 
     def confirm(self, entry: Entry) -> bool:
-        """Renew a stale file entry without a worker when a worker has confirmed it and its
-        directory has not changed since (so the URL still maps to that file); the file itself
-        is checked when it is sent. False: ask a worker."""
-        if not entry.directory_confirmed or directory_stamp(entry.file.path) != entry.directory:
+        """Renew a stale file entry without a worker while its directory keeps the stamp a worker
+        decided with (so the URL still maps to that file); the file itself is checked when it
+        is sent. False: ask a worker (always for a file reached through a symlink)."""
+        if not entry.directory_confirmed or directory_stamp(os.path.dirname(entry.file.path)) != entry.directory:
             return False
         self._renew(entry)
         return True

@@ -51,7 +51,7 @@ class Opened:
     fd: int
     st: os.stat_result
     path: str
-    direct: bool = True
+    direct: bool
 
     @property
     def is_dir(self) -> bool:

@@ -21,6 +21,7 @@ import socket
 import time
 
 from . import gunicorn_compat as compat
+from .headers import Headers
 from .transfer import Transfer
 
 log = logging.getLogger("fileapp.response")
@@ -42,7 +43,7 @@ _date: tuple[int, str] = (0, "")
 # What start_response makes of a header list, by its content: the headers kept, Content-Length,
 # whether it upgrades, and their lines for the head. fileapp answers every request for a file
 # version with the same list, so its head is checked and formatted once per version.
-_prepared: dict[tuple, tuple[list[tuple[str, str]], int | None, bool, str]] = {}
+_prepared: dict[tuple, tuple[Headers, int | None, bool, str]] = {}
 _valid_statuses: set[str] = set()
 
 
@@ -70,7 +71,7 @@ def _line(header: tuple[str, str]) -> str:
     return "%s: %s\r\n" % header
 
 
-def _prepare(headers) -> tuple[list[tuple[str, str]], int | None, bool, str]:
+def _prepare(headers) -> tuple[Headers, int | None, bool, str]:
     """Check an app's header list as gunicorn does (TypeError, ValueError or gunicorn's
     InvalidResponseHeader[Name]); the headers kept (hop-by-hop ones dropped, values stripped),
     Content-Length, whether it upgrades, and the kept headers' lines."""
@@ -96,7 +97,7 @@ def _prepare(headers) -> tuple[list[tuple[str, str]], int | None, bool, str]:
                 kept.append((name, value))
             continue
         kept.append((name, value))
-    return kept, length, upgrade, "".join(map(_line, kept))
+    return tuple(kept), length, upgrade, "".join(map(_line, kept))
 
 
 class Response:
@@ -110,7 +111,7 @@ class Response:
         self.req, self.sock = req, sock
         self.status: str | None = None
         self.status_code: int | None = None
-        self.headers: list[tuple[str, str]] = []
+        self.headers: Headers = ()
         self.response_length: int | None = None
         self.chunked = False
         self.must_close = False
@@ -140,7 +141,7 @@ class Response:
                     raise exc_info[1].with_traceback(exc_info[2])
             finally:
                 exc_info = None
-            self.headers, self.response_length, self.upgrade, self.lines = [], None, False, None
+            self.headers, self.response_length, self.upgrade, self.lines = (), None, False, None
         elif self.status is not None:
             raise AssertionError("Response headers already set!")
         if status not in _valid_statuses:
@@ -166,7 +167,7 @@ class Response:
         self.headers, self.response_length, self.upgrade, self.lines = prepared
         self.omits_body = self.req.method == "HEAD" or code in (204, 304) or 100 <= code < 200
         if code == 204 or 100 <= code < 200:  # RFC 9110 6.4.2: no Content-Length there
-            self.headers = [(k, v) for k, v in self.headers if k.lower() != "content-length"]
+            self.headers = tuple((k, v) for k, v in self.headers if k.lower() != "content-length")
             self.response_length = self.lines = None
         self.chunked = (self.response_length is None and self.req.version > (1, 0)
                         and not self.omits_body)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import socket
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,15 @@ def workers():
     """Two test upstreams (tests/proxy_upstream_app.py under gunicorn), shared by a module's tests."""
     with Worker() as a, Worker() as b:
         yield [a, b]
+
+
+@pytest.fixture
+def peers():
+    """A connected socket pair: the server's side, then the client's."""
+    server, client = socket.socketpair()
+    yield server, client
+    server.close()
+    client.close()
 
 
 @pytest.fixture(autouse=True)

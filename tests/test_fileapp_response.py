@@ -3,7 +3,6 @@
 formatted once per version)."""
 from __future__ import annotations
 
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -16,14 +15,6 @@ pytestmark = pytest.mark.unit
 
 HEADERS = [("Content-Type", "text/plain"), ("Content-Length", "5"), ("ETag", ' "v1" '),
            ("Connection", "keep-alive"), ("Keep-Alive", "timeout=5"), ("X-Extra", "a")]
-
-
-@pytest.fixture
-def pair():
-    a, b = socket.socketpair()
-    yield a, b
-    a.close()
-    b.close()
 
 
 def answer(sock, status: str, headers, body: bytes = b"hello", method: str = "GET") -> bytes:
@@ -41,9 +32,9 @@ def head_lines(data: bytes) -> list[bytes]:
 
 
 @pytest.mark.parametrize("again", ["same list", "equal list"])
-def test_a_header_list_seen_before_gives_the_same_head(pair, again):
-    first = answer(pair, "200 OK", HEADERS)
-    second = answer(pair, "200 OK", HEADERS if again == "same list" else [tuple(h) for h in HEADERS])
+def test_a_header_list_seen_before_gives_the_same_head(peers, again):
+    first = answer(peers, "200 OK", HEADERS)
+    second = answer(peers, "200 OK", HEADERS if again == "same list" else [tuple(h) for h in HEADERS])
     assert head_lines(first) == head_lines(second)
     lines = head_lines(second)
     # Hop-by-hop fields dropped (the worker sets Connection itself), values stripped.
@@ -52,36 +43,36 @@ def test_a_header_list_seen_before_gives_the_same_head(pair, again):
     assert second.endswith(b"\r\n\r\nhello")
 
 
-def test_content_length_bounds_the_body_for_a_remembered_list_too(pair):
+def test_content_length_bounds_the_body_for_a_remembered_list_too(peers):
     for _ in range(2):
-        assert answer(pair, "200 OK", HEADERS, body=b"hello, and more").endswith(b"\r\n\r\nhello")
+        assert answer(peers, "200 OK", HEADERS, body=b"hello, and more").endswith(b"\r\n\r\nhello")
 
 
-def test_a_bad_header_is_refused_every_time(pair):
+def test_a_bad_header_is_refused_every_time(peers):
     bad = [("Content-Type", "text/plain"), ("X-Bad", "a\r\nInjected: 1")]
     for _ in range(2):
-        resp = Response(SimpleNamespace(method="GET", version=(1, 1), keep_alive=True), pair[0])
+        resp = Response(SimpleNamespace(method="GET", version=(1, 1), keep_alive=True), peers[0])
         with pytest.raises(compat.InvalidResponseHeader):
             resp.start_response("200 OK", bad)
-    resp = Response(SimpleNamespace(method="GET", version=(1, 1), keep_alive=True), pair[0])
+    resp = Response(SimpleNamespace(method="GET", version=(1, 1), keep_alive=True), peers[0])
     with pytest.raises(ValueError):
         resp.start_response("2OO OK", HEADERS)
 
 
-def test_no_content_length_on_204_though_the_list_was_remembered_with_one(pair):
-    answer(pair, "200 OK", HEADERS)
-    data = answer(pair, "204 No Content", HEADERS, body=b"")
+def test_no_content_length_on_204_though_the_list_was_remembered_with_one(peers):
+    answer(peers, "200 OK", HEADERS)
+    data = answer(peers, "204 No Content", HEADERS, body=b"")
     assert not any(line.lower().startswith(b"content-length") for line in head_lines(data))
-    assert answer(pair, "200 OK", HEADERS).endswith(b"Content-Length: 5\r\nETag: \"v1\"\r\nX-Extra: a\r\n\r\nhello")
+    assert answer(peers, "200 OK", HEADERS).endswith(b"Content-Length: 5\r\nETag: \"v1\"\r\nX-Extra: a\r\n\r\nhello")
 
 
-def test_headers_given_as_lists_are_checked_without_being_remembered(pair):
-    data = answer(pair, "200 OK", [["Content-Type", "text/plain"], ["Content-Length", "5"]])
+def test_headers_given_as_lists_are_checked_without_being_remembered(peers):
+    data = answer(peers, "200 OK", [["Content-Type", "text/plain"], ["Content-Length", "5"]])
     assert b"Content-Type: text/plain" in head_lines(data) and data.endswith(b"hello")
 
 
-def test_the_memory_of_header_lists_is_bounded(pair):
+def test_the_memory_of_header_lists_is_bounded(peers):
     for i in range(response_mod._PREPARED_LIMIT + 10):
-        resp = Response(SimpleNamespace(method="GET", version=(1, 1), keep_alive=True), pair[0])
+        resp = Response(SimpleNamespace(method="GET", version=(1, 1), keep_alive=True), peers[0])
         resp.start_response("200 OK", [("Content-Length", "0"), ("X-N", str(i))])
     assert len(response_mod._prepared) <= response_mod._PREPARED_LIMIT

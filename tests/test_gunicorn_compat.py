@@ -55,15 +55,6 @@ def worker():
     w.tmp.close()
 
 
-@pytest.fixture
-def peers():
-    """A connected pair: the server's side, then the client's."""
-    server, client = socket.socketpair()
-    yield server, client
-    server.close()
-    client.close()
-
-
 def received(sock: socket.socket) -> bytes:
     sock.settimeout(10)
     data = b""

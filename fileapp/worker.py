@@ -49,6 +49,18 @@ _NEXT_REQUEST = select.EPOLLIN | select.EPOLLONESHOT
 _ROOM_TO_SEND = select.EPOLLOUT | select.EPOLLONESHOT
 
 
+def _unread_request(conn: Connection) -> bool:
+    """Whether `conn`'s client sent bytes of a request that no thread has read yet: it was in
+    time, the worker is behind (every thread busy), and closing it would fail a request the
+    client did nothing wrong with. (A response still waiting for its reader is no excuse.)"""
+    if conn.rest is not None:
+        return False
+    try:
+        return bool(conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing waiting (EAGAIN), or the connection is broken
+        return False
+
+
 class GowsThreadWorker(ThreadWorker):
     """gunicorn's threaded worker, with the threads polling for themselves.
 
@@ -165,7 +177,8 @@ class GowsThreadWorker(ThreadWorker):
         try for more connections again)."""
         now = time.monotonic()
         with self._lock:
-            idle = [fd for fd, conn in self._conns.items() if not conn.busy and conn.timeout <= now]
+            idle = [fd for fd, conn in self._conns.items()
+                    if not conn.busy and conn.timeout <= now and not _unread_request(conn)]
             for fd in idle:
                 self._drop(fd)
             if self._room < self.worker_connections and now - self._room_lowered >= FD_RETRY:

@@ -5,6 +5,7 @@ gunicorn's answers to malformed or oversize requests."""
 from __future__ import annotations
 
 import json
+import select
 import socket
 import subprocess
 import sys
@@ -18,6 +19,8 @@ pytestmark = pytest.mark.integration
 
 ECHO_APP = '''
 import json
+import os
+import time
 
 KEYS = ("REQUEST_METHOD", "SCRIPT_NAME", "PATH_INFO", "QUERY_STRING", "RAW_URI", "SERVER_PROTOCOL",
         "SERVER_NAME", "SERVER_PORT", "REMOTE_ADDR", "CONTENT_TYPE", "CONTENT_LENGTH",
@@ -28,6 +31,12 @@ def app(environ, start_response):
     path = environ["PATH_INFO"]
     if path == "/ignore-body":
         body = b"ignored"
+    elif path == "/hold":  # holds its thread until the test creates ./release (20 s at most)
+        open("holding", "w").close()
+        deadline = time.monotonic() + 20
+        while not os.path.exists("release") and time.monotonic() < deadline:
+            time.sleep(0.01)
+        body = b"held"
     elif path == "/echo":
         body = environ["wsgi.input"].read()
     elif path == "/lines":
@@ -145,6 +154,29 @@ def test_a_head_that_never_ends_is_refused_not_buffered(echo):
             pass
         head, _ = read_head(s)
         assert head.split(b" ")[1] == b"431"
+
+
+def test_a_request_sent_in_time_is_answered_though_every_thread_was_busy_past_the_keepalive(tmp_path):
+    """A client that sent its next request within the keep-alive time is not the one at fault
+    when no thread reads it before the idle sweep (a worker behind its queue): the connection
+    is answered, not closed as idle (the proxy would charge the worker with a failure)."""
+    server = _echo(tmp_path, "--threads", "1", "--keep-alive", "1")
+    port = next(server)
+    try:
+        with connect(port) as kept, connect(port) as holder:
+            kept.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            assert Responses(kept).next()[0] == 200  # now idle, for at most the 1 s keep-alive
+            holder.sendall(b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
+            wait_until(lambda: (tmp_path / "holding").exists(), timeout=10)  # the only thread is held
+            kept.sendall(b"GET /again HTTP/1.1\r\nHost: t\r\n\r\n")  # in time
+            # Past the keep-alive and the next sweep (every second) the request is still unread.
+            readable, _, _ = select.select([kept], [], [], 3.0)
+            assert not readable, "the connection was closed with a request waiting in it"
+            (tmp_path / "release").touch()
+            assert Responses(holder).next()[2] == b"held"
+            assert Responses(kept).next()[0] == 200
+    finally:
+        server.close()  # stops the worker
 
 
 def test_pipelined_requests_with_bodies_are_answered_in_order(echo):

@@ -12,11 +12,12 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from arbiter.config import load_data
+from arbiter.config import ProxyConfig, configured, load_data
 from arbiter.proxy.view import MirrorTable, rows
 from arbiter.sockets import UNIX_PATH_MAX, RuntimeDir
 from arbiter.state import WorkerState, WorkerTable
@@ -399,3 +400,86 @@ def test_a_reloaded_worker_gets_a_socket_of_its_own_and_the_old_one_goes_with_th
         wait_until(lambda: not before.exists(), timeout=10, message="its socket removed")
         (after,) = _sockets(run).values()
         assert after != before
+
+
+@pytest.mark.unit
+def test_a_connect_the_proxys_busy_loop_saw_late_is_not_charged_to_the_worker(tmp_path):
+    """A proxy starved of CPU (100 workers on 2 cores) stalls past connectTimeout between
+    starting a connect and reading its completion; uvloop runs the expired timer first. The
+    connect succeeded: the request is answered and the worker is not blamed."""
+    upstream = UnixUpstream(str(tmp_path / "w.sock"), b"late but fine")
+    port = free_port()
+    try:
+        with ProxyThread([port], proxy=configured(ProxyConfig, connectTimeout=0.2), front_cache=NO_CACHE) as p:
+            p.call(lambda: setattr(p.worker(port), "unix_path", str(tmp_path / "w.sock")))
+            spawn = p.proxy.spawn
+
+            def spawn_then_stall(coro):  # the loop is kept busy right after a connect begins
+                spawn(coro)
+                p.loop.call_soon(time.sleep, 0.5)
+
+            p.proxy.spawn = spawn_then_stall
+            response = raw(p.port, REQUEST)
+            assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"late but fine"), response[:100]
+            worker = p.worker(port)
+            assert worker.up and not worker.passive_failure_times, worker.last_error
+    finally:
+        upstream.close()
+
+
+class ImpatientUpstream(UnixUpstream):
+    """A Unix-socket worker that closes a connection no request arrives on within `patience`
+    seconds (as gows' workers do after READ_TIMEOUT), and answers the others."""
+
+    def __init__(self, path: str, body: bytes, patience: float) -> None:
+        self.patience = patience
+        super().__init__(path, body)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.settimeout(self.patience)
+                try:
+                    head = conn.recv(4096)
+                except TimeoutError:
+                    continue  # closed unanswered
+                self.families.append(conn.family)
+                while head and b"\r\n\r\n" not in head and (chunk := conn.recv(4096)):
+                    head += chunk
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                             % (len(self.body), self.body))
+
+
+@pytest.mark.unit
+def test_a_new_connection_the_proxy_left_unused_too_long_is_not_charged_to_the_worker(tmp_path, monkeypatch):
+    """A proxy that lags (starved of CPU) between making a connection and sending on it can find
+    it closed by the worker's read timeout: the wait was the proxy's, so the request is retried
+    on a fresh connection and the worker is not blamed."""
+    from arbiter.proxy.upstream import UpstreamConnection
+
+    upstream = ImpatientUpstream(str(tmp_path / "w.sock"), b"second try", patience=0.2)
+    made = UpstreamConnection.connection_made
+    stalls = []
+
+    def made_then_lag(self, transport):  # the first connection waits 1.5 s before it is used
+        made(self, transport)
+        if not stalls:
+            stalls.append(self)
+            time.sleep(1.5)
+
+    monkeypatch.setattr(UpstreamConnection, "connection_made", made_then_lag)
+    port = free_port()
+    try:
+        with ProxyThread([port], front_cache=NO_CACHE) as p:
+            p.call(lambda: setattr(p.worker(port), "unix_path", str(tmp_path / "w.sock")))
+            response = raw(p.port, REQUEST)
+            assert stalls, "the lag was never injected"
+            assert response.startswith(b"HTTP/1.1 200") and response.endswith(b"second try"), response[:100]
+            worker = p.worker(port)
+            assert worker.up and not worker.passive_failure_times, worker.last_error
+    finally:
+        upstream.close()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Awaitable, TypeVar
 
 from ..sockets import local_shortage
 from ..state import WorkerState
@@ -15,10 +15,36 @@ from .upstream import ResponseSink, UpstreamConnection, UpstreamError
 if TYPE_CHECKING:
     from .server import Proxy
 
+T = TypeVar("T")
+
 # A pooled connection idle longer than this is closed rather than reused: reusing one that is
 # about to meet the worker's own keep-alive timeout races with the worker closing it. gows'
 # workers keep idle connections 5 s (fileapp's --keepalive); a remote gunicorn's default is 2 s.
 REUSE_WITHIN = 1.0
+# Turns of the loop a connect past its deadline gets to show it completed: a proxy starved of
+# CPU (workers outnumbering the cores) can stall past connectTimeout between a connect's start
+# and reading its completion, and uvloop runs the expired timer before that I/O.
+LATE_TURNS = 2
+
+
+async def _connected(connecting: Awaitable[T], timeout: float) -> T:
+    """`connecting`'s result within `timeout`, or TimeoutError; a connect this loop was too busy
+    to see complete in time is not a timeout (LATE_TURNS), nor charged to the worker as one."""
+    task = asyncio.ensure_future(connecting)
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout)
+    except asyncio.TimeoutError:
+        for _ in range(LATE_TURNS):
+            if task.done():
+                return task.result()
+            await asyncio.sleep(0)
+        if task.done():
+            return task.result()
+        task.cancel()
+        raise
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
 
 
 def _chosen(worker: WorkerState) -> bool:
@@ -102,7 +128,7 @@ class UpstreamPool:
         connecting = (loop.create_unix_connection(lambda: conn, unix_path) if unix_path is not None
                       else loop.create_connection(lambda: conn, worker.host, worker.port))
         try:
-            await asyncio.wait_for(connecting, self.proxy.config.connect_timeout)
+            await _connected(connecting, self.proxy.config.connect_timeout)
         except (asyncio.TimeoutError, OSError) as exc:
             conn.closed = True
             self._inactive(conn)
@@ -128,13 +154,19 @@ class UpstreamPool:
         finally:
             self.connecting -= 1
         self.opened += 1
+        # A new connection this proxy took longer than REUSE_WITHIN to use (its loop lagged)
+        # meets the worker's read timeout as an idle pooled one meets its keep-alive: a close
+        # is then stale, retried on a fresh connection, not the worker's failure.
+        late = self.proxy.clock - conn.idle_since > REUSE_WITHIN
         if conn.closed:  # the worker closed it (or died) before we could send on it
             if sink.wants(worker):
-                sink.upstream_failed(None, UpstreamError("worker closed the connection", passive=True))
+                sink.upstream_failed(None, UpstreamError("stale connection", stale=True) if late
+                                     else UpstreamError("worker closed the connection", passive=True))
         elif not _chosen(worker) and sink.wants(worker):  # marked down or ejected while we connected
             self.release(conn)
             sink.upstream_failed(None, _out(worker))
         elif sink.wants(worker):
+            conn.reused = late
             sink.start(conn)
         else:  # the client left meanwhile; the connection serves someone else
             self.release(conn)

@@ -127,6 +127,7 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
+        self.idle_since = self.pool.proxy.clock  # unused until the first request is sent
 
     def data_received(self, data: bytes) -> None:
         sink = self.sink
@@ -165,9 +166,10 @@ class UpstreamConnection(asyncio.Protocol):
         if self.head_done:
             self._fail(UpstreamError("worker closed the connection mid-response", passive=True))
         elif self.reused or self.incarnation != self.worker.pid:
-            # A pooled connection the worker had closed, or one that reached a process the
-            # master has replaced since (its draining process, at a reload): not the fault of
-            # the worker now serving, and worth a fresh connection to it.
+            # A pooled connection the worker had closed (or a new one this proxy was too late
+            # to use: pool.REUSE_WITHIN), or one that reached a process the master has replaced
+            # since (its draining process, at a reload): not the fault of the worker now
+            # serving, and worth a fresh connection to it.
             self._fail(UpstreamError("stale connection", stale=True))
         else:
             reason = "connection reset by worker" if exc is not None else "worker closed the connection"

@@ -197,11 +197,12 @@ class WorkerTable(WorkerIndex):
         worker.passive_failure_times.clear()
         self._notify()
 
-    def exited(self, worker: WorkerState, reason: str) -> None:
-        """The worker's process is gone; it serves nothing until it is replaced."""
+    def exited(self, worker: WorkerState, reason: str, deliberate: bool = False) -> None:
+        """The worker's process is gone; it serves nothing until it is replaced. `deliberate`:
+        the master ended it (a stop, a reload): logged as news, not as a warning."""
         worker.pid = None
         worker.last_error = reason
-        self._set(worker, False, reason)
+        self._set(worker, False, reason, logging.INFO if deliberate else logging.WARNING)
         self._notify()
 
     def record_check(self, worker: WorkerState, ok: bool, latency: float | None = None, error: str = "") -> None:
@@ -272,7 +273,7 @@ class WorkerTable(WorkerIndex):
             log.info("worker %s is back from its ejection", worker.address)
         self._changed()
 
-    def _set(self, worker: WorkerState, up: bool, reason: str) -> None:
+    def _set(self, worker: WorkerState, up: bool, reason: str, down_level: int = logging.WARNING) -> None:
         if worker.up == up:
             return
         worker.up = up
@@ -282,7 +283,7 @@ class WorkerTable(WorkerIndex):
             worker.recovered_at = self.clock() if worker.been_up and worker.slow_start > 0 else None
             worker.been_up = True
         if worker.key in self._workers:
-            log.log(logging.INFO if up else logging.WARNING, "worker %s is %s (%s)",
+            log.log(logging.INFO if up else down_level, "worker %s is %s (%s)",
                     worker.address, "up" if up else "down", reason)
         self._changed()
         for listener in self._listeners:

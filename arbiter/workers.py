@@ -276,7 +276,7 @@ class LocalWorker:
             self.options = options
             self.backoff.failures = 0
             self._drop_current()
-            self.table.exited(self.state, "reloaded")
+            self.table.exited(self.state, "reloaded", deliberate=True)
             self._end_in_background(old, graceful=True)
             _settle(future, True)
             return
@@ -401,6 +401,6 @@ class LocalWorker:
         if self.current is not None:
             self._end_in_background(self.current, graceful=self._stop_mode is not Stop.NOW)
             self.current = None
-            self.table.exited(self.state, "stopped")
+            self.table.exited(self.state, "stopped", deliberate=True)
         while self._background:
             await asyncio.gather(*list(self._background), return_exceptions=True)

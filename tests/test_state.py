@@ -1,4 +1,6 @@
 """WorkerTable transitions: rise/fall for active checks, max_fails/fail_timeout for passive ones."""
+import logging
+
 import pytest
 
 from arbiter.state import WorkerState, WorkerTable
@@ -61,6 +63,20 @@ def test_generation_changes_on_membership_and_state():
     assert [x.port for x in table.healthy] == [9000, 9001]
     table.remove(other)
     assert table.healthy == (w,)
+
+
+def test_a_worker_the_master_stopped_is_logged_as_news_one_that_died_as_a_warning(caplog):
+    table, w, _ = make(rise=1)
+    other = table.add(WorkerState("127.0.0.1", 9002))
+    for worker, pid in ((w, 42), (other, 43)):
+        table.spawned(worker, pid)
+        table.record_check(worker, True, 0.001)
+    with caplog.at_level(logging.INFO, logger="gows.state"):
+        table.exited(w, "stopped", deliberate=True)
+        table.exited(other, "killed by signal 9")
+    levels = {r.getMessage(): r.levelno for r in caplog.records if "is down" in r.getMessage()}
+    assert levels == {"worker 127.0.0.1:9001 is down (stopped)": logging.INFO,
+                      "worker 127.0.0.1:9002 is down (killed by signal 9)": logging.WARNING}
 
 
 def test_exited_marks_down_and_clears_pid():

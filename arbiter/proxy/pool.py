@@ -34,10 +34,10 @@ async def _connected(connecting: Awaitable[T], timeout: float) -> T:
     try:
         return await asyncio.wait_for(asyncio.shield(task), timeout)
     except asyncio.TimeoutError:
-        for _ in range(LATE_TURNS):
-            if task.done():
-                return task.result()
+        turns = LATE_TURNS
+        while not task.done() and turns:
             await asyncio.sleep(0)
+            turns -= 1
         if task.done():
             return task.result()
         task.cancel()

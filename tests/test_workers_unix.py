@@ -445,11 +445,13 @@ class ImpatientUpstream(UnixUpstream):
                 conn.settimeout(self.patience)
                 try:
                     head = conn.recv(4096)
+                    while head and b"\r\n\r\n" not in head and (chunk := conn.recv(4096)):
+                        head += chunk
                 except TimeoutError:
                     continue  # closed unanswered
+                if not head:
+                    continue
                 self.families.append(conn.family)
-                while head and b"\r\n\r\n" not in head and (chunk := conn.recv(4096)):
-                    head += chunk
                 conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
                              % (len(self.body), self.body))
 

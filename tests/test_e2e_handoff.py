@@ -172,8 +172,17 @@ def test_a_release_switched_by_symlink_is_served_within_the_cache_ttl(tmp_path):
             assert body() == b"1" * 100_000
         (root / "next").symlink_to("releases/2")
         os.replace(root / "next", root / "current")
-        wait_until(lambda: all(body() == b"2" * 100_000 for _ in range(4)), timeout=10,
-                   message="the new release served by every proxy")
-        assert {body() for _ in range(20)} == {b"2" * 100_000}  # and never the old one again
+        switched = time.monotonic()
+        # Each proxy serves its entry until it is stale (ttl, on a clock of quarter seconds),
+        # then asks a worker, whose own entry lives a ttl too; beyond that, slack for a busy
+        # machine. Which proxy answers is the kernel's choice, so every answer is checked.
+        bound = switched + 0.3 + 0.25 + 0.3 + 2.0
+        answers = []
+        while time.monotonic() < bound + 1.0:
+            data = body()
+            answers.append((time.monotonic() - switched, data == b"2" * 100_000))
+        late_old = [round(t, 2) for t, new in answers if not new and t > bound - switched]
+        assert not late_old, f"the old release served {late_old} s after the switch"
+        assert answers[-1][1] and sum(new for _, new in answers) > len(answers) // 2
     finally:
         master.stop()

@@ -369,7 +369,7 @@ class GowsThreadWorker(ThreadWorker):
         handle_request, with gows' own environ and response."""
         self.cfg.pre_request(self, req)
         resp = Response(req, conn.sock, self.write_timeout)
-        environ = build_environ(req, conn.sock, conn.client, conn.server, self._base_environ)
+        environ = build_environ(req, conn.reader, conn.client, conn.server, self._base_environ)
         self.nr += 1
         if self.nr >= self.max_requests:
             if self.alive:

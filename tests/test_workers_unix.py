@@ -125,13 +125,15 @@ def test_the_proxies_copy_of_the_table_carries_each_workers_unix_socket():
 
 class UnixUpstream:
     """A Unix-socket HTTP server thread answering every request with `body`, counting its peers'
-    address families."""
+    address families; with `patience`, it closes a connection no request arrives on within that
+    many seconds (as gows' workers do after READ_TIMEOUT)."""
 
-    def __init__(self, path: str, body: bytes) -> None:
+    def __init__(self, path: str, body: bytes, patience: float | None = None) -> None:
         self.sock = socket.socket(socket.AF_UNIX)
         self.sock.bind(path)
         self.sock.listen(16)
         self.body = body
+        self.patience = patience
         self.families: list[int] = []
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
@@ -144,11 +146,16 @@ class UnixUpstream:
                 return
             with conn:
                 self.families.append(conn.family)
+                conn.settimeout(self.patience)
                 head = b""
-                while b"\r\n\r\n" not in head and (chunk := conn.recv(4096)):
-                    head += chunk
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                             % (len(self.body), self.body))
+                try:
+                    while b"\r\n\r\n" not in head and (chunk := conn.recv(4096)):
+                        head += chunk
+                except TimeoutError:
+                    continue  # closed unanswered
+                if head:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                                 % (len(self.body), self.body))
 
     def close(self) -> None:
         self.sock.shutdown(socket.SHUT_RDWR)
@@ -427,35 +434,6 @@ def test_a_connect_the_proxys_busy_loop_saw_late_is_not_charged_to_the_worker(tm
         upstream.close()
 
 
-class ImpatientUpstream(UnixUpstream):
-    """A Unix-socket worker that closes a connection no request arrives on within `patience`
-    seconds (as gows' workers do after READ_TIMEOUT), and answers the others."""
-
-    def __init__(self, path: str, body: bytes, patience: float) -> None:
-        self.patience = patience
-        super().__init__(path, body)
-
-    def _run(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            with conn:
-                conn.settimeout(self.patience)
-                try:
-                    head = conn.recv(4096)
-                    while head and b"\r\n\r\n" not in head and (chunk := conn.recv(4096)):
-                        head += chunk
-                except TimeoutError:
-                    continue  # closed unanswered
-                if not head:
-                    continue
-                self.families.append(conn.family)
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
-                             % (len(self.body), self.body))
-
-
 @pytest.mark.unit
 def test_a_new_connection_the_proxy_left_unused_too_long_is_not_charged_to_the_worker(tmp_path, monkeypatch):
     """A proxy that lags (starved of CPU) between making a connection and sending on it can find
@@ -463,7 +441,7 @@ def test_a_new_connection_the_proxy_left_unused_too_long_is_not_charged_to_the_w
     on a fresh connection and the worker is not blamed."""
     from arbiter.proxy.upstream import UpstreamConnection
 
-    upstream = ImpatientUpstream(str(tmp_path / "w.sock"), b"second try", patience=0.2)
+    upstream = UnixUpstream(str(tmp_path / "w.sock"), b"second try", patience=0.2)
     made = UpstreamConnection.connection_made
     stalls = []
 

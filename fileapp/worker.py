@@ -50,10 +50,11 @@ _ROOM_TO_SEND = select.EPOLLOUT | select.EPOLLONESHOT
 
 
 def _unread_request(conn: Connection) -> bool:
-    """Whether `conn`'s client sent bytes of a request that no thread has read yet: it was in
-    time, the worker is behind (every thread busy), and closing it would fail a request the
-    client did nothing wrong with. (A response still waiting for its reader is no excuse.)"""
-    if conn.rest is not None:
+    """Whether `conn`'s client sent the start of its next request in time and no thread has read
+    it yet: the worker is behind (every thread busy), and closing it would fail a request the
+    client did nothing wrong with. (A response still waiting for its reader is no excuse, nor
+    a head begun earlier: its deadline, from its first bytes, is never pushed back.)"""
+    if conn.rest is not None or conn.reader.in_head:
         return False
     try:
         return bool(conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))

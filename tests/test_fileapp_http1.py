@@ -9,6 +9,7 @@ import select
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -175,6 +176,33 @@ def test_a_request_sent_in_time_is_answered_though_every_thread_was_busy_past_th
             (tmp_path / "release").touch()
             assert Responses(holder).next()[2] == b"held"
             assert Responses(kept).next()[0] == 200
+    finally:
+        server.close()  # stops the worker
+
+
+def test_a_head_trickled_while_every_thread_is_busy_still_gets_its_read_timeout(tmp_path):
+    """Bytes of a begun head that no thread has read yet do not push its deadline back (5 s
+    from its first bytes): a slowloris on a busy worker is closed all the same."""
+    server = _echo(tmp_path, "--threads", "1", "--keep-alive", "30")
+    port = next(server)
+    try:
+        with connect(port) as slow, connect(port) as holder:
+            slow.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n")  # read by the one thread: a head begun
+            started = time.monotonic()
+            assert answer(port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")[0] == 200
+            holder.sendall(b"GET /hold HTTP/1.1\r\nHost: t\r\n\r\n")
+            wait_until(lambda: (tmp_path / "holding").exists(), timeout=10)  # the only thread is held
+            closed = False
+            while not closed and time.monotonic() - started < 12:
+                try:
+                    slow.sendall(b"X")  # one more byte every 0.2 s, left unread
+                    readable, _, _ = select.select([slow], [], [], 0.2)
+                    closed = bool(readable) and slow.recv(1, socket.MSG_PEEK) == b""
+                except OSError:  # reset: closed with our bytes unread
+                    closed = True
+            elapsed = time.monotonic() - started
+            (tmp_path / "release").touch()
+            assert closed and elapsed < 12, f"still open after {elapsed:.1f}s of a trickled head"
     finally:
         server.close()  # stops the worker
 

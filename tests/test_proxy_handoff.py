@@ -262,6 +262,47 @@ def test_a_slow_reader_of_a_named_file_is_dropped_after_the_response_timeout(tmp
         proxy.stop()
 
 
+def _send_queue(local_port: int, remote_port: int) -> int | None:
+    """Bytes queued in the kernel (unsent or unacknowledged) on the established loopback TCP
+    socket local_port -> remote_port, from /proc/net/tcp (None: no such socket)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if (fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == local_port
+                        and int(fields[2].rsplit(":", 1)[1], 16) == remote_port):
+                    return int(fields[4].split(":")[0], 16)
+    return None
+
+
+def test_a_stalled_reader_of_a_named_file_leaves_little_unsent_in_the_kernel(tmp_path, namer):
+    """The kernel holds about filebody.UNSENT_BYTES for a client that stops reading, not the
+    4 MiB a send buffer may grow to (tcp_wmem): 10,000 stalled downloads would pin 40 GiB."""
+    from arbiter.proxy.filebody import UNSENT_BYTES
+    path = tmp_path / "huge.bin"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+    namer.path = path
+    proxy = ProxyThread([namer.port], front_cache=NO_CACHE, handoff_token=TOKEN)
+    try:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)  # a window that fills soon
+            s.settimeout(10)
+            s.connect(("127.0.0.1", proxy.port))
+            s.sendall(b"GET /huge.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+            wait_until(lambda: proxy.stats()["file_bodies"] == 1, timeout=5)
+            seen: list[int | None] = []
+
+            def stopped_sending() -> bool:  # the same (nonzero) queue three looks in a row
+                seen.append(_send_queue(proxy.port, s.getsockname()[1]))
+                return len(seen) >= 3 and seen[-1] is not None and seen[-1] > 0 and seen[-3] == seen[-2] == seen[-1]
+
+            wait_until(stopped_sending, timeout=10, interval=0.1, message="the proxy's socket full")
+            assert seen[-1] <= 2 * UNSENT_BYTES, f"{seen[-1]} bytes queued for a client that reads nothing"
+    finally:
+        proxy.stop()
+
+
 def test_the_front_cache_remembers_a_named_file_and_rechecks_it(big):
     namer = Namer(big, cache_control=b"max-age=60")
     proxy = ProxyThread([namer.port], front_cache=configured(FrontCacheConfig), revalidate_after=60,

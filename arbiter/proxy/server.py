@@ -21,6 +21,7 @@ from .outliers import Outliers
 from .cache import FrontCache
 from .client import IDLE, ClientProtocol
 from .https import PLAIN, PROTOCOLS, REDIRECT, TLS, TlsState
+from .filebody import bound_unsent
 from .fdlimit import FD_RESERVE, FDS_PER_CLIENT, fd_need, raise_fd_limit
 from .counters import SHED_IDLE, SHORTAGES, TIMEOUTS, Counters, report
 from .http1 import CRLF
@@ -141,6 +142,8 @@ class Proxy:
         self.loop = asyncio.get_running_loop()
         self._listeners = [(s, kind) for s, kind in ((sock, PLAIN), (tls, TLS), (redirect, REDIRECT))
                            if s is not None]
+        for listener, _ in self._listeners:
+            bound_unsent(listener)
         self._fit_fd_limit()
         await self._listen()
         self._ticker = self.loop.call_later(TICK, self._tick)

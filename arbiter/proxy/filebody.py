@@ -39,13 +39,10 @@ CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 
 def bound_unsent(sock: socket.socket) -> None:
     """Bound the unsent bytes of every connection `sock` (a listening TCP socket) accepts from now
-    on: accepted sockets inherit the option. Where the platform lacks it, nothing changes."""
-    option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
-    if option is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
+    on: accepted sockets inherit the option."""
     try:
-        sock.setsockopt(socket.IPPROTO_TCP, option, UNSENT_BYTES)
-    except OSError:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, UNSENT_BYTES)
+    except OSError:  # a kernel without it (before 3.12): nothing changes
         pass
 
 

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 CONFIG ?= gows.conf.json
 
-.PHONY: install run test test-unit browser-deps bench soak clean
+.PHONY: install run test test-unit test-deps bench soak clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,7 @@ install: $(VENV)/.installed
 run: install
 	$(PY) -m arbiter -c $(CONFIG)
 
-test: $(VENV)/.installed-test browser-deps
+test: $(VENV)/.installed-test test-deps
 	$(PY) -m pytest -n 2 -q
 
 # The tests that run in the test process alone (no server processes, no browser): seconds.
@@ -36,20 +36,24 @@ test-unit: $(VENV)/.installed-test
 	$(if $(wildcard /dev/shm),TMPDIR=/dev/shm) $(PY) -m pytest -n 2 --dist worksteal -q \
 		-o tmp_path_retention_policy=failed -m "unit and not integration"
 
-# The browser tests drive Debian's chromium through chromium-driver. No test installs system
+# Some tests drive system programs: Debian's chromium through chromium-driver (the browser
+# tests) and a real nginx in front of fileapp (X-Accel-Redirect). No test installs system
 # packages: this step does, in plain sight, when they are missing (as root, with apt-get).
-BROWSER_DEPS := chromium chromium-driver
-APT_GET      := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600
-browser-deps:
-	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then \
-		echo "browser-deps: $(BROWSER_DEPS) already installed"; \
+# (Debian starts an nginx it installs, on port 80, unless policy-rc.d forbids it; the tests
+# start their own on loopback ports.)
+TEST_DEPS     := chromium chromium-driver nginx
+TEST_PROGRAMS := /usr/bin/chromium /usr/bin/chromedriver /usr/sbin/nginx
+APT_GET       := DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600
+test-deps:
+	@if [ -z "$$(for p in $(TEST_PROGRAMS); do [ -x $$p ] || echo $$p; done)" ]; then \
+		echo "test-deps: $(TEST_DEPS) already installed"; \
 	elif [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
-		echo "browser-deps: the browser tests need $(BROWSER_DEPS); install them as root:" \
-		     "apt-get install -y --no-install-recommends $(BROWSER_DEPS)" >&2; exit 2; \
+		echo "test-deps: the tests need $(TEST_DEPS); install them as root:" \
+		     "apt-get install -y --no-install-recommends $(TEST_DEPS)" >&2; exit 2; \
 	else \
-		echo "browser-deps: installing $(BROWSER_DEPS) with apt-get (for the browser tests)"; \
-		$(APT_GET) install -y -q --no-install-recommends $(BROWSER_DEPS) || \
-		{ $(APT_GET) update -q && $(APT_GET) install -y -q --no-install-recommends $(BROWSER_DEPS); }; \
+		echo "test-deps: installing $(TEST_DEPS) with apt-get (for the browser and nginx tests)"; \
+		$(APT_GET) install -y -q --no-install-recommends $(TEST_DEPS) || \
+		{ $(APT_GET) update -q && $(APT_GET) install -y -q --no-install-recommends $(TEST_DEPS); }; \
 	fi
 
 bench: $(VENV)/.installed-test

@@ -1,6 +1,6 @@
 """Helpers of the browser tests: Debian's chromium driven through chromium-driver (Selenium),
 and screenshots kept under test-artifacts/ for a person to look at. The tests never install
-the browser: `make browser-deps` does (the `chromium` fixture in conftest.py says so when it is
+the browser: `make test-deps` does (the `chromium` fixture in conftest.py says so when it is
 missing)."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def require_chromium() -> str:
     """The browser binary, once it and its driver are there; a missing one fails the test."""
     missing = [path for path in (CHROMIUM, DRIVER) if not os.path.exists(path)]
     if missing:
-        pytest.fail(f"{' and '.join(missing)} missing: run `make browser-deps` first", pytrace=False)
+        pytest.fail(f"{' and '.join(missing)} missing: run `make test-deps` first", pytrace=False)
     return CHROMIUM
 
 

@@ -2,7 +2,7 @@
 Selenium): it lists the workers and the proxy processes and charts requests/s and p99 latency,
 updates them in place (a worker killed, traffic counted per proxy, charts redrawn; no reload),
 reads as cards on a phone-sized screen, and is a complete plain page without JavaScript.
-Screenshots are saved under test-artifacts/ for a person to look at. `make browser-deps`
+Screenshots are saved under test-artifacts/ for a person to look at. `make test-deps`
 installs the browser (`make test` runs it first); the tests never install anything."""
 from __future__ import annotations
 

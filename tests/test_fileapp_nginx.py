@@ -74,6 +74,8 @@ def site(tmp_path):
 def nginx(tmp_path, site):
     """nginx in front of fileapp under gunicorn (sendfile_header="X-Accel-Redirect"), both on
     loopback ports; both stopped by pid whatever the test does. Yields (port, access log)."""
+    if not os.access(NGINX, os.X_OK):
+        pytest.fail(f"{NGINX} missing: run `make test-deps` first", pytrace=False)
     work = tmp_path / "nginx"
     work.mkdir()
     port, app_port = free_ports(2)

@@ -9,8 +9,9 @@ request.
 Besides what is exported below, GowsThreadWorker overrides or calls these ThreadWorker members:
 `init_process`, `init_signals`, `run`, `notify`, `handle_exit`, `handle_quit`, `is_parent_alive`,
 `wait_for_and_dispatch_events(timeout)`, `handle_error(req, client, addr, exc)`,
-`check_config(cfg, log)`, and the attributes `SIGNALS`, `alive`, `cfg`, `log` (with
-`access_log_enabled` and `access(resp, req, environ, request_time)`), `sockets`,
+`check_config(cfg, log)`, and the attributes `SIGNALS`, `alive`, `cfg` (with each setting's
+`default` in `settings`), `log` (with `access_log_enabled`, `access(resp, req, environ,
+request_time)` and the `error_log` logger), `sockets`,
 `worker_connections`, `wsgi`, `pid`, `tmp`, `nr`, `max_requests`. fileapp.http1's Request is a
 HeaderPolicy and calls its `_peer_trusted_for_forwarded()` and `_apply_header_policy(name,
 value, scheme_state, seen, secure_scheme_headers, forwarder_headers)`, which read `cfg`,
@@ -18,6 +19,7 @@ value, scheme_state, seen, secure_scheme_headers, forwarder_headers)`, which rea
 """
 from __future__ import annotations
 
+import logging
 import selectors
 from typing import Any, Callable
 
@@ -61,7 +63,7 @@ __all__ = [
     "InvalidRequestMethod", "LimitRequestHeaders", "LimitRequestLine", "FileWrapper",
     "HEADER_VALUE_RE", "STATUS_RE", "InvalidResponseHeader", "InvalidResponseHeaderName",
     "SERVER", "HOP_HEADERS", "base_environ", "watch_readable", "watch_method_queue",
-    "wake_main_loop",
+    "wake_main_loop", "request_hooks",
 ]
 
 
@@ -79,3 +81,15 @@ def watch_method_queue(worker: ThreadWorker) -> None:
 def wake_main_loop(worker: ThreadWorker) -> None:
     """Wake the worker's main thread from its poll (from any thread)."""
     worker.method_queue.defer(lambda: None)
+
+
+def request_hooks(cfg: Config, log: Logger) -> tuple[Callable | None, Callable | None]:
+    """The pre_request and post_request hooks to call around each request: None for gunicorn's
+    defaults when they would do nothing (pre_request's logs at debug level only, post_request's
+    is empty), a few per cent of a worker's time on a small file."""
+    pre, post = cfg.pre_request, cfg.post_request
+    if pre is cfg.settings["pre_request"].default and not log.error_log.isEnabledFor(logging.DEBUG):
+        pre = None
+    if post is cfg.settings["post_request"].default:
+        post = None
+    return pre, post

@@ -136,6 +136,7 @@ class RequestReader:
         self._limit_field_size = cfg.limit_request_field_size or compat.DEFAULT_MAX_HEADERFIELD_SIZE
         self._limit_head = self._limit_fields * (self._limit_field_size + 2) + 4 + self._limit_line
         self._trusted = None  # (secure scheme headers, forwarder headers) this peer may set
+        self._casefold = cfg.casefold_http_method
 
     # -- feeding --------------------------------------------------------------------------
 
@@ -263,7 +264,7 @@ class RequestReader:
         self._in_head = False
         try:
             req.method = parser.get_method().decode("latin-1")
-            if self.cfg.casefold_http_method:
+            if self._casefold:
                 req.method = req.method.upper()
             req.version = (1, 1) if parser.get_http_version() == "1.1" else (1, 0)
             req.keep_alive = parser.should_keep_alive()

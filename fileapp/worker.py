@@ -86,6 +86,8 @@ class GowsThreadWorker(ThreadWorker):
 
     def init_process(self) -> None:
         self._base_environ = base_environ(self.cfg)
+        self._pre_request, self._post_request = compat.request_hooks(self.cfg, self.log)
+        self._keepalive = self.cfg.keepalive  # (a Config attribute is a lookup through its settings)
         self._write_timeval = timeval(self.write_timeout)
         # Accepted sockets inherit TCP_NODELAY: without it gunicorn's separate header and body
         # writes (streamed bodies) meet Nagle and delayed ACKs, 40 ms per response.
@@ -314,7 +316,7 @@ class GowsThreadWorker(ThreadWorker):
         # head never push that back: a slowloris would hold the connection forever); an idle
         # connection gets the keep-alive time.
         if not reader.in_head:
-            conn.timeout = time.monotonic() + self.cfg.keepalive
+            conn.timeout = time.monotonic() + self._keepalive
         elif served or not was_in_head:
             conn.timeout = time.monotonic() + READ_TIMEOUT
         return _NEXT_REQUEST
@@ -341,7 +343,7 @@ class GowsThreadWorker(ThreadWorker):
             return None
         if conn.reader.has_request():  # pipelined requests wait behind it
             return self._serve(conn)
-        conn.timeout = time.monotonic() + self.cfg.keepalive
+        conn.timeout = time.monotonic() + self._keepalive
         return _NEXT_REQUEST
 
     def _serve_one(self, conn: Connection) -> bool:
@@ -368,7 +370,8 @@ class GowsThreadWorker(ThreadWorker):
         """Run the app for `req` and send its response (what the client does not take at once
         is left in conn.rest); whether the connection can carry another request. As gthread's
         handle_request, with gows' own environ and response."""
-        self.cfg.pre_request(self, req)
+        if self._pre_request is not None:
+            self._pre_request(self, req)
         resp = Response(req, conn.sock, self.write_timeout)
         environ = build_environ(req, conn.reader, conn.client, conn.server, self._base_environ)
         self.nr += 1
@@ -377,7 +380,7 @@ class GowsThreadWorker(ThreadWorker):
                 self.log.info("Autorestarting worker after current request.")
                 self.alive = False
             resp.force_close()
-        if not self.alive or not self.cfg.keepalive:
+        if not self.alive or not self._keepalive:
             resp.force_close()
         logged = self.log.access_log_enabled
         started = time.monotonic() if logged else 0.0
@@ -406,10 +409,11 @@ class GowsThreadWorker(ThreadWorker):
                 return False
             raise
         finally:
-            try:
-                self.cfg.post_request(self, req, environ, resp)
-            except Exception:
-                self.log.exception("Exception in post_request hook")
+            if self._post_request is not None:
+                try:
+                    self._post_request(self, req, environ, resp)
+                except Exception:
+                    self.log.exception("Exception in post_request hook")
         if resp.should_close():
             return False
         # The app left part of the body unread: what has arrived of it is skipped; a body

@@ -289,6 +289,32 @@ def test_a_body_of_unknown_length_is_chunked_on_http_1_1_and_closed_on_http_1_0(
     assert b"Connection: close" in head and b"Transfer-Encoding" not in head and rest == b"one,two"
 
 
+HOOKS = """
+def pre_request(worker, req):
+    with open("hooks.log", "a") as log:
+        log.write("pre %s %s\\n" % (req.method, req.path))
+
+def post_request(worker, req, environ, resp):
+    with open("hooks.log", "a") as log:
+        log.write("post %s %s\\n" % (environ["PATH_INFO"], resp.status))
+"""
+
+
+def test_a_configs_pre_and_post_request_hooks_run_around_every_request(tmp_path):
+    """The worker skips gunicorn's default hooks (they do nothing below debug level), never a
+    config's own."""
+    (tmp_path / "hooks.py").write_text(HOOKS)
+    for port in _echo(tmp_path, "-c", "hooks.py"):
+        with connect(port) as s:
+            s.sendall(b"GET /one HTTP/1.1\r\nHost: t\r\n\r\nHEAD /two HTTP/1.1\r\nHost: t\r\n\r\n")
+            responses = Responses(s)
+            assert responses.next()[0] == 200 and responses.next("HEAD")[0] == 200
+        wait_until(lambda: (tmp_path / "hooks.log").read_text().count("\n") == 4, timeout=10,
+                   message="the hooks' four lines")
+    assert (tmp_path / "hooks.log").read_text().splitlines() == [
+        "pre GET /one", "post /one 200 OK", "pre HEAD /two", "post /two 200 OK"]
+
+
 def test_a_unix_socket_listener_is_served_with_a_local_remote_addr(tmp_path):
     (tmp_path / "echo.py").write_text(ECHO_APP)
     path = tmp_path / "w.sock"

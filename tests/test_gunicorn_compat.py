@@ -35,7 +35,8 @@ THREAD_WORKER_METHODS = {
 }
 # Settings the standalone worker sets (fileapp.bootstrap.build_config) or reads.
 SETTINGS = ("worker_class", "threads", "graceful_timeout", "keepalive", "loglevel", "errorlog",
-            "accesslog", "proc_name", "timeout", "worker_connections", "sendfile")
+            "accesslog", "proc_name", "timeout", "worker_connections", "sendfile", "pre_request",
+            "post_request", "casefold_http_method")
 
 
 def app(environ, start_response):
@@ -89,6 +90,26 @@ def test_thread_worker_attributes_have_the_shapes_relied_on(worker):
     assert all(isinstance(sig, int) for sig in compat.ThreadWorker.SIGNALS)
     assert worker.nr == 0 and isinstance(worker.max_requests, int) and worker.max_requests > 0
     assert callable(worker.tmp.close)
+
+
+def test_request_hooks_leave_out_gunicorns_defaults_only_while_they_would_do_nothing():
+    def pre(worker, req):
+        pass
+
+    def post(worker, req, environ, resp):
+        pass
+
+    cfg = compat.Config()
+    cfg.set("loglevel", "info")
+    log = compat.Logger(cfg)
+    assert compat.request_hooks(cfg, log) == (None, None)
+    cfg.set("loglevel", "debug")  # the default pre_request logs each request at debug level
+    log = compat.Logger(cfg)
+    assert compat.request_hooks(cfg, log) == (cfg.pre_request, None)
+    cfg.set("pre_request", pre)
+    cfg.set("post_request", post)
+    cfg.set("loglevel", "info")
+    assert compat.request_hooks(cfg, compat.Logger(cfg)) == (pre, post)
 
 
 def test_stop_keepalive_linger_is_a_positive_number_of_seconds():

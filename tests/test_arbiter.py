@@ -63,6 +63,25 @@ def test_n_workers_come_up_and_pass_health_checks(masters, tmp_path, site):
     assert len([p for p in children(m.pid) if title(p).startswith("gows: worker")]) == 3
 
 
+def test_a_request_sent_while_the_workers_still_start_is_served_not_refused(masters, tmp_path, site):
+    """The listener is bound before anything else starts: a client that connects at once waits
+    (in the backlog, then held by a proxy) until a worker is up, as in front of gunicorn's
+    arbiter, rather than getting 503 during the first seconds."""
+    port, worker = free_port(), free_port()
+    config = base_config(site, port, [worker])
+    config["healthCheck"].update(interval=0.5, rise=4)  # up at least 1.5 s after it answers
+    m = start(masters, tmp_path, config)
+    with socket.socket() as s:
+        s.settimeout(30)
+        wait_until(lambda: s.connect_ex(("127.0.0.1", port)) == 0, timeout=30, message="the listener")
+        s.sendall(b"GET /a.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+        assert "is up" not in m.log()  # (sent before any worker was up)
+        answer = b""
+        while chunk := s.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\nalpha\n"), answer[:200]
+
+
 def test_kill_9_worker_is_back_healthy_on_the_same_port_and_no_connection_is_refused(masters, tmp_path, site):
     a = Admin(masters, tmp_path, site)
     before = a.ready()

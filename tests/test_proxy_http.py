@@ -1,14 +1,18 @@
 """The front proxy speaks correct HTTP/1.1 and 1.0 in front of real workers: keep-alive,
-pipelining, HEAD/204/304, chunked bodies both ways, header hygiene, 503 when no worker is up."""
+pipelining, HEAD/204/304, chunked bodies both ways, header hygiene, 503 when no worker is up any more (and a wait for the first one while gows starts)."""
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import socket
+import time
 
 import pytest
 import requests
 
+from arbiter.config import ProxyConfig, configured
 from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, parse_responses, raw, read_all
+from support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -188,14 +192,51 @@ def test_range_and_conditional_requests_pass_through_unchanged(proxy):
     assert r.status_code == 304
 
 
-def test_503_with_retry_after_when_no_worker_is_healthy(workers):
-    p = ProxyThread(workers, up=False)
+def test_503_with_retry_after_when_no_worker_is_healthy_any_more(workers):
+    p = ProxyThread(workers)
     with p:
-        r = requests.get(p.url + "/echo")
+        assert requests.get(p.url + "/echo").status_code == 200
+        for worker in workers:
+            p.set_up(worker.port, False)
+        r = requests.get(p.url + "/echo", timeout=10)  # at once, not after the response timeout
         assert r.status_code == 503 and r.headers["Retry-After"].isdigit()
         assert p.stats()["no_healthy_worker"] == 1
         p.set_up(workers[0].port, True)
         assert requests.get(p.url + "/echo").json()["worker"] == str(workers[0].port)
+
+
+def test_requests_that_come_before_any_worker_is_up_wait_for_the_first_one(workers):
+    """gows starting: its workers still boot while the proxies already accept. Their first
+    clients are served once a worker is up, not answered 503."""
+    p = ProxyThread(workers, up=False)
+    with p, concurrent.futures.ThreadPoolExecutor(4) as pool:
+        answers = [pool.submit(requests.get, p.url + f"/echo?{i}", timeout=30) for i in range(4)]
+        wait_until(lambda: p.call(lambda: len(p.proxy.held)) == 4, message="four requests held")
+        assert not any(a.done() for a in answers)
+        p.set_up(workers[1].port, True)
+        assert [a.result(30).json()["worker"] for a in answers] == [str(workers[1].port)] * 4
+        assert p.stats()["no_healthy_worker"] == 0
+
+
+def test_a_request_held_for_a_first_worker_gets_503_at_the_response_timeout(workers):
+    p = ProxyThread(workers, proxy=configured(ProxyConfig, responseTimeout=1.0), up=False)
+    with p:
+        started = time.monotonic()
+        r = requests.get(p.url + "/echo", timeout=30)
+        assert r.status_code == 503 and r.headers["Retry-After"].isdigit()
+        assert time.monotonic() - started >= 1.0
+        assert p.stats()["no_healthy_worker"] == 1 and p.call(lambda: len(p.proxy.held)) == 0
+
+
+def test_a_stopping_proxy_answers_the_requests_it_holds_with_503(workers):
+    p = ProxyThread(workers, up=False)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        try:
+            answer = pool.submit(requests.get, p.url + "/echo", timeout=30)
+            wait_until(lambda: p.call(lambda: len(p.proxy.held)) == 1, message="the request held")
+        finally:
+            p.stop()
+        assert answer.result(30).status_code == 503
 
 
 def test_expect_100_continue(proxy):

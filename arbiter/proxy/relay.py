@@ -101,10 +101,10 @@ class Relay:
         if worker is None:
             if failed is not None:  # no other worker left to retry on
                 self._error(failed.status)
-            else:
-                proxy.counts[NO_WORKER] += 1
-                self._error(503)
+            elif not proxy.hold(self):  # (held while gows starts: forwarded once a worker is up)
+                self.no_worker()
             return
+        proxy.seen_up = True
         if failed is not None:
             proxy.counts[RETRIES] += 1
         self.worker = worker
@@ -119,6 +119,11 @@ class Relay:
         fresh = self.fresh
         self.fresh = False
         proxy.pool.checkout(self, worker, fresh)
+
+    def no_worker(self) -> None:
+        """No worker to send this request to: 503, with Retry-After."""
+        self.proxy.counts[NO_WORKER] += 1
+        self._error(503)
 
     def _forward_to(self, worker: WorkerState) -> None:
         """Again to the same worker, on a fresh connection."""

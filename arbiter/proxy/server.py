@@ -12,6 +12,7 @@ import socket
 import time
 from functools import partial
 from email.utils import formatdate
+from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..sockets import somaxconn
@@ -32,6 +33,7 @@ from .upstream import UpstreamError
 
 if TYPE_CHECKING:  # (the proxy never loads the config layer: the master hands it the sections)
     from ..config import FrontCacheConfig, ProxyConfig
+    from .relay import Relay
 
 log = logging.getLogger("gows.proxy")
 
@@ -76,6 +78,12 @@ class Proxy:
         self.clock = time.monotonic()
         self.date_line = b""
         self.draining = False
+        # Requests that came before any worker was up since this proxy started (gows starting:
+        # its workers still boot): each waits for the first one, up to the response timeout,
+        # rather than being answered 503, as the listen backlog holds them before gunicorn's
+        # workers are up. (Once some worker has been up, none up means 503 at once.)
+        self.held: deque[tuple[Relay, float]] = deque()
+        self.seen_up = False
         # The master's listening sockets, each with the kind of connection it takes (PLAIN,
         # TLS, REDIRECT: https.py); each served through a duplicate while accepting.
         self._listeners: list[tuple[socket.socket, str]] = []
@@ -292,6 +300,24 @@ class Proxy:
         self._resuming = True
         self.spawn(self._listen())
 
+    def hold(self, relay: Relay) -> bool:
+        """Keep `relay` until a worker is up, if none has been yet (see `held`); whether it is kept."""
+        if self.seen_up or self.draining:
+            return False
+        self.held.append((relay, self.clock + self.config.response_timeout))
+        return True
+
+    def _release_held(self, now: float) -> None:
+        """Forward the held requests once a worker is up; answer 503 to those held too long."""
+        held = self.held
+        while held and (self.seen_up or self.draining or held[0][1] < now):
+            relay, _ = held.popleft()
+            if relay.live and not relay.client.closed:
+                if self.seen_up:
+                    relay.forward()
+                else:
+                    relay.no_worker()
+
     def reserve_body(self, req: Request, size: int) -> bool:
         """Count `req`'s body as `size` bytes against the budget shared by every connection."""
         extra = size - req.body_reserved
@@ -354,6 +380,10 @@ class Proxy:
                 except Exception:
                     log.exception("proxy error while timing out a connection; closing it")
                     conn.abort()
+            if not self.seen_up and self.table.healthy:
+                self.seen_up = True
+            if self.held:
+                self._release_held(now)
             self.pool.expire_waiting(now)
             for up in self.pool.timed_out(now):
                 self.counts[TIMEOUTS] += 1
@@ -367,6 +397,7 @@ class Proxy:
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish (up to `timeout`), close the rest."""
         self.draining = True
+        self._release_held(self.clock)  # (no worker came up for them: 503 now)
         self._close_servers()
         self._unwatch_backlog()
         self.pool.close_idle()

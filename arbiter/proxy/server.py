@@ -10,9 +10,9 @@ import os
 import select
 import socket
 import time
+from collections import deque
 from functools import partial
 from email.utils import formatdate
-from collections import deque
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..sockets import somaxconn

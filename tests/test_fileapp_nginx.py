@@ -85,13 +85,14 @@ def nginx(tmp_path, site):
          "--log-level", "warning",
          f"fileapp:create_app({str(site)!r}, sendfile_header='X-Accel-Redirect')"],
         env=python_env(), cwd=tmp_path, stdout=subprocess.DEVNULL)
-    front = subprocess.Popen(
-        [NGINX, "-p", str(work), "-e", str(work / "error.log"), "-c", str(work / "nginx.conf"),
-         "-g", "daemon off;"], stdout=subprocess.DEVNULL)
-    with running(app), running(front):
-        wait_for_port(app_port, timeout=30)
-        wait_for_port(port, timeout=30)
-        yield port, work / "access.log"
+    with running(app):  # (stopped even if nginx cannot start)
+        front = subprocess.Popen(
+            [NGINX, "-p", str(work), "-e", str(work / "error.log"), "-c", str(work / "nginx.conf"),
+             "-g", "daemon off;"], stdout=subprocess.DEVNULL)
+        with running(front):
+            wait_for_port(app_port, timeout=30)
+            wait_for_port(port, timeout=30)
+            yield port, work / "access.log"
 
 
 def get(port: int, path: str, headers: dict[str, str] | None = None,

@@ -21,6 +21,10 @@ import httptools
 from . import gunicorn_compat as compat
 
 RECV_SIZE = 64 * 1024
+# Header names as the header policy reads them (upper case), by their bytes: the same few names
+# come in every request. Bounded: clients may invent names.
+_NAMES: dict[bytes, str] = {}
+_NAMES_KNOWN = 256
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -250,10 +254,15 @@ class RequestReader:
             req.version = (1, 1) if self._parser.get_http_version() == "1.1" else (1, 0)
         if self._trusted is None:
             self._trusted = req._peer_trusted_for_forwarded()
+        upper = _NAMES.get(name)
+        if upper is None:
+            upper = name.decode("latin-1").upper()
+            if len(_NAMES) < _NAMES_KNOWN:
+                _NAMES[name] = upper
+        secure, forwarders = self._trusted
         try:
-            kept = req._apply_header_policy(
-                name.decode("latin-1").upper(), value.decode("latin-1").strip(" \t"),
-                self._scheme_seen, self._seen, *self._trusted)
+            kept = req._apply_header_policy(upper, value.decode("latin-1").strip(" \t"),
+                                            self._scheme_seen, self._seen, secure, forwarders)
         except Exception as e:
             self._raise(e)
         if kept is not None:

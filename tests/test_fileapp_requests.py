@@ -6,6 +6,7 @@ import gc
 import pytest
 from gunicorn.config import Config
 
+from fileapp import http1
 from fileapp.http1 import RequestReader, base_environ, build_environ
 
 pytestmark = pytest.mark.unit
@@ -34,3 +35,21 @@ def test_a_request_leaves_no_reference_cycle_for_the_garbage_collector(peers):
         gc.set_debug(0)
         gc.garbage.clear()
     assert left == []
+
+
+def test_header_names_remembered_are_bounded_and_every_name_is_still_read(peers):
+    """The upper-case names the header policy reads are remembered by their bytes (the same few
+    come in every request), up to a bound: clients may invent any number of names."""
+    server, client = peers
+    cfg = Config()
+    reader = RequestReader(cfg, server, ("127.0.0.1", 1))
+    base = base_environ(cfg)
+    for batch in range(2 * http1._NAMES_KNOWN // 50):
+        names = [f"x-Made-Up-{batch}-{i}" for i in range(50)]
+        client.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n"
+                       + b"".join(b"%s: v\r\n" % n.encode() for n in names) + b"\r\n")
+        assert reader.receive()
+        environ = build_environ(reader.next_request(), reader, ("127.0.0.1", 1), ("127.0.0.1", 2), base)
+        assert all(environ["HTTP_" + n.upper().replace("-", "_")] == "v" for n in names)
+        assert len(http1._NAMES) <= http1._NAMES_KNOWN
+    assert len(http1._NAMES) == http1._NAMES_KNOWN

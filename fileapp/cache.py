@@ -66,11 +66,12 @@ class ResponseCache:
     def get(self, key: str) -> Any:
         """The live entry for `key`, or None (counted as a miss)."""
         with self._lock:
-            entry = self._data.get(key)
-            if entry is None:
+            try:  # (the cache's own get looks the key up twice, reading the clock each time)
+                entry = self._data[key]
+            except KeyError:  # absent or expired
                 self.misses += 1
-            else:
-                self.hits += 1
+                return None
+            self.hits += 1
             return entry
 
     def put(self, key: str, entry: Any) -> None:

@@ -1,7 +1,8 @@
 """How a response leaves gows' worker without a serving thread ever waiting for its client.
 
-The app's status and headers become the head in one string join (with a Date line made once a
-second); the head waits for the first body bytes, so both leave in one gathering sendmsg. Files
+The app's status and headers become the head's bytes once per status, header list and
+connection outcome; only the Date line (made once a second) is put in per response. The head
+waits for the first body bytes, so both leave in one gathering sendmsg. Files
 go with sendfile. What a slow client has not taken yet is returned to the worker as a Transfer
 (fileapp.transfer), which its poller finishes whenever the socket turns writable: so a few slow
 readers cannot take every thread and starve health checks and other clients.
@@ -39,7 +40,10 @@ _NAMES_KNOWN = 512  # header names remembered as valid tokens (a bound: apps may
 _PREPARED_LIMIT = 1024  # header lists remembered as checked (a bound: apps may vary them per request)
 
 _valid_names: set[str] = set()
-_date: tuple[int, str] = (0, "")
+_date: tuple[int, str, bytes] = (0, "", b"")
+# Heads by all they are made of but their Date line: (the bytes before it, the bytes after it).
+# The same few (a status, a prepared header list, keep-alive or close) answer most requests.
+_heads: dict[tuple, tuple[bytes, bytes]] = {}
 # What start_response makes of a header list, by its content: the headers kept, Content-Length,
 # whether it upgrades, and their lines for the head. fileapp answers every request for a file
 # version with the same list, so its head is checked and formatted once per version.
@@ -49,11 +53,16 @@ _valid_statuses: set[str] = set()
 
 def date_line() -> str:
     """The Date header line, made once a second (a tuple swap: safe from any thread)."""
+    return _current_date()[1]
+
+
+def _current_date() -> tuple[int, str, bytes]:
     global _date
     now = int(time.time())
     if _date[0] != now:
-        _date = (now, "Date: %s\r\n" % compat.http_date(now))
-    return _date[1]
+        line = "Date: %s\r\n" % compat.http_date(now)
+        _date = (now, line, line.encode("latin-1"))
+    return _date
 
 
 def _check_name(name) -> None:
@@ -179,13 +188,19 @@ class Response:
             return
         connection = ("upgrade" if self.upgrade else "close" if self.should_close()
                       else "keep-alive")
-        lines = ["HTTP/1.%d %s\r\n%s%sConnection: %s\r\n" % (
-            self.req.version[1], self.status, _SERVER_LINE, date_line(), connection)]
-        if self.chunked:
-            lines.append("Transfer-Encoding: chunked\r\n")
-        lines.append(self.lines if self.lines is not None else "".join(_line(h) for h in self.headers))
-        lines.append("\r\n")
-        self.held = "".join(lines).encode("latin-1")
+        key = (self.req.version[1], self.status, connection, self.chunked, self.lines)
+        parts = _heads.get(key) if self.lines is not None else None
+        if parts is None:
+            parts = (("HTTP/1.%d %s\r\n%s" % (key[0], self.status, _SERVER_LINE)).encode("latin-1"),
+                     ("Connection: %s\r\n%s%s\r\n" % (
+                         connection, "Transfer-Encoding: chunked\r\n" if self.chunked else "",
+                         self.lines if self.lines is not None else "".join(map(_line, self.headers)))
+                      ).encode("latin-1"))
+            if self.lines is not None:
+                if len(_heads) >= _PREPARED_LIMIT:
+                    _heads.clear()
+                _heads[key] = parts
+        self.held = parts[0] + _current_date()[2] + parts[1]
         self.headers_sent = True
 
     def write(self, data: bytes) -> None:

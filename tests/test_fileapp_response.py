@@ -3,6 +3,8 @@
 formatted once per version)."""
 from __future__ import annotations
 
+import time
+from email.utils import parsedate_to_datetime
 from types import SimpleNamespace
 
 import pytest
@@ -76,3 +78,26 @@ def test_the_memory_of_header_lists_is_bounded(peers):
         resp = Response(SimpleNamespace(method="GET", version=(1, 1), keep_alive=True), peers[0])
         resp.start_response("200 OK", [("Content-Length", "0"), ("X-N", str(i))])
     assert len(response_mod._prepared) <= response_mod._PREPARED_LIMIT
+
+
+def test_a_remembered_head_still_says_how_the_connection_goes_on_and_carries_the_date(peers):
+    """A head is remembered but for its Date line, per status, header list and connection."""
+    kept = answer(peers, "200 OK", HEADERS)
+    resp = Response(SimpleNamespace(method="GET", version=(1, 1), keep_alive=False), peers[0])
+    resp.start_response("200 OK", HEADERS)
+    resp.write(b"hello")
+    resp.close()
+    closing = peers[1].recv(65536)
+    assert b"Connection: keep-alive" in head_lines(kept) and b"Connection: close" in head_lines(closing)
+    assert head_lines(closing)[2:] == head_lines(kept)[2:]  # after Server and Connection: the same
+    assert closing.startswith(b"HTTP/1.1 200 OK\r\nServer: ") and closing.endswith(b"\r\n\r\nhello")
+    date = closing.split(b"\r\nDate: ", 1)[1].split(b"\r\n", 1)[0].decode()
+    assert abs(parsedate_to_datetime(date).timestamp() - time.time()) < 5
+    status_line = answer(peers, "404 Not Found", HEADERS).split(b"\r\n", 1)[0]
+    assert status_line == b"HTTP/1.1 404 Not Found"
+
+
+def test_the_memory_of_heads_is_bounded(peers):
+    for i in range(response_mod._PREPARED_LIMIT + 10):
+        answer(peers, "200 OK", [("Content-Length", "5"), ("X-N", str(i))])
+    assert len(response_mod._heads) <= response_mod._PREPARED_LIMIT

@@ -40,7 +40,7 @@ _NAMES_KNOWN = 512  # header names remembered as valid tokens (a bound: apps may
 _PREPARED_LIMIT = 1024  # header lists remembered as checked (a bound: apps may vary them per request)
 
 _valid_names: set[str] = set()
-_date: tuple[int, str, bytes] = (0, "", b"")
+_date: tuple[int, bytes] = (0, b"")
 # Heads by all they are made of but their Date line: (the bytes before it, the bytes after it).
 # The same few (a status, a prepared header list, keep-alive or close) answer most requests.
 _heads: dict[tuple, tuple[bytes, bytes]] = {}
@@ -51,18 +51,13 @@ _prepared: dict[tuple, tuple[Headers, int | None, bool, str]] = {}
 _valid_statuses: set[str] = set()
 
 
-def date_line() -> str:
+def date_line() -> bytes:
     """The Date header line, made once a second (a tuple swap: safe from any thread)."""
-    return _current_date()[1]
-
-
-def _current_date() -> tuple[int, str, bytes]:
     global _date
     now = int(time.time())
     if _date[0] != now:
-        line = "Date: %s\r\n" % compat.http_date(now)
-        _date = (now, line, line.encode("latin-1"))
-    return _date
+        _date = (now, b"Date: %s\r\n" % compat.http_date(now).encode("latin-1"))
+    return _date[1]
 
 
 def _check_name(name) -> None:
@@ -200,7 +195,7 @@ class Response:
                 if len(_heads) >= _PREPARED_LIMIT:
                     _heads.clear()
                 _heads[key] = parts
-        self.held = parts[0] + _current_date()[2] + parts[1]
+        self.held = parts[0] + date_line() + parts[1]
         self.headers_sent = True
 
     def write(self, data: bytes) -> None:

@@ -81,6 +81,9 @@ class WorkerIndex:
         # Bumped whenever membership or up/down changes, so readers (the balancer's hash
         # ring) can rebuild lazily instead of on every request.
         self.generation = 0
+        # Whether some worker has been up (chosen from) since the table began: gows is past its
+        # start, when requests wait for a first worker rather than get 503 (the proxy's `hold`).
+        self.ever_healthy = False
         self._leaving: list[Callable[[WorkerState], None]] = []
 
     @property
@@ -107,6 +110,8 @@ class WorkerIndex:
         old = self._healthy
         self._healthy = tuple(sorted((w for w in self._workers.values() if w.up and w.ejected_until is None),
                                      key=lambda w: (w.port, w.host)))
+        if self._healthy:
+            self.ever_healthy = True
         if self._leaving and old:
             kept = set(self._healthy)
             for worker in old:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
+import struct
 import time
 
 import pytest
@@ -215,6 +216,24 @@ def test_requests_that_come_before_any_worker_is_up_wait_for_the_first_one(worke
         assert not any(a.done() for a in answers)
         p.set_up(workers[1].port, True)
         assert [a.result(30).json()["worker"] for a in answers] == [str(workers[1].port)] * 4
+        assert p.stats()["no_healthy_worker"] == 0
+
+
+def test_requests_held_for_a_first_worker_are_forgotten_when_their_clients_leave(workers):
+    """Clients that send a request and reset their connection while no worker comes up leave
+    nothing behind for the response timeout (30 s), though their connections no longer count
+    against the connection limit: their held requests are dropped at the next sweep. (A client
+    that only half-closes still gets its answer, and holds its connection meanwhile.)"""
+    p = ProxyThread(workers, up=False)
+    with p:
+        clients = [socket.create_connection(("127.0.0.1", p.port), timeout=10) for _ in range(5)]
+        for c in clients:
+            c.sendall(b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n")
+        wait_until(lambda: p.call(lambda: len(p.proxy.held)) == 5, message="five requests held")
+        for c in clients:
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()  # (a reset)
+        wait_until(lambda: p.call(lambda: len(p.proxy.held)) == 0, timeout=5, message="none held")
         assert p.stats()["no_healthy_worker"] == 0
 
 

@@ -104,7 +104,6 @@ class Relay:
             elif not proxy.hold(self):  # (held while gows starts: forwarded once a worker is up)
                 self.no_worker()
             return
-        proxy.seen_up = True
         if failed is not None:
             proxy.counts[RETRIES] += 1
         self.worker = worker

@@ -78,12 +78,11 @@ class Proxy:
         self.clock = time.monotonic()
         self.date_line = b""
         self.draining = False
-        # Requests that came before any worker was up since this proxy started (gows starting:
-        # its workers still boot): each waits for the first one, up to the response timeout,
-        # rather than being answered 503, as the listen backlog holds them before gunicorn's
-        # workers are up. (Once some worker has been up, none up means 503 at once.)
+        # Requests that came before any worker was up (gows starting: its workers still boot):
+        # each waits for the first one, up to the response timeout, rather than being answered
+        # 503, as the listen backlog holds them before gunicorn's workers are up. (Once some
+        # worker has been up, table.ever_healthy, none up means 503 at once.)
         self.held: deque[tuple[Relay, float]] = deque()
-        self.seen_up = False
         # The master's listening sockets, each with the kind of connection it takes (PLAIN,
         # TLS, REDIRECT: https.py); each served through a duplicate while accepting.
         self._listeners: list[tuple[socket.socket, str]] = []
@@ -302,21 +301,26 @@ class Proxy:
 
     def hold(self, relay: Relay) -> bool:
         """Keep `relay` until a worker is up, if none has been yet (see `held`); whether it is kept."""
-        if self.seen_up or self.draining:
+        if self.table.ever_healthy or self.draining:
             return False
         self.held.append((relay, self.clock + self.config.response_timeout))
         return True
 
     def _release_held(self, now: float) -> None:
-        """Forward the held requests once a worker is up; answer 503 to those held too long."""
-        held = self.held
-        while held and (self.seen_up or self.draining or held[0][1] < now):
-            relay, _ = held.popleft()
-            if relay.live and not relay.client.closed:
-                if self.seen_up:
-                    relay.forward()
-                else:
-                    relay.no_worker()
+        """Forward the held requests once a worker has been up; answer 503 to those held too
+        long (all of them when stopping); forget those whose client left, so that clients
+        coming and going while no worker comes up cannot pile requests up here."""
+        ready = self.table.ever_healthy
+        held, self.held = self.held, deque()
+        for relay, deadline in held:
+            if not relay.live or relay.client.closed:
+                continue
+            if ready:
+                relay.forward()
+            elif self.draining or deadline < now:
+                relay.no_worker()
+            else:
+                self.held.append((relay, deadline))
 
     def reserve_body(self, req: Request, size: int) -> bool:
         """Count `req`'s body as `size` bytes against the budget shared by every connection."""
@@ -380,8 +384,6 @@ class Proxy:
                 except Exception:
                     log.exception("proxy error while timing out a connection; closing it")
                     conn.abort()
-            if not self.seen_up and self.table.healthy:
-                self.seen_up = True
             if self.held:
                 self._release_held(now)
             self.pool.expire_waiting(now)

@@ -21,6 +21,7 @@ class WorkerView(Protocol):
     """The proxy's side of worker health (the balancer, the pool and the relay use only this)."""
 
     generation: int  # changes whenever membership or up/down changes
+    ever_healthy: bool  # some worker has been up since the table began (gows is past its start)
 
     @property
     def healthy(self) -> tuple[WorkerState, ...]:

@@ -1,9 +1,10 @@
 """Safe path resolution under a document root: URL path to an open, verified file descriptor.
 
 Nothing outside the root is ever opened: the URL path is split without decoding it again,
-dot segments are refused, symlinks are resolved and must stay inside the root, and the file is
-then opened component by component relative to directory descriptors with O_NOFOLLOW, so a
-path swapped for a symlink between the check and the open makes the open fail instead of escape.
+dot segments are refused, and the file is opened component by component relative to directory
+descriptors with O_NOFOLLOW. A path with a symlink on the way is resolved first (the link must
+stay inside the root) and its real components are walked the same way, so a path swapped for a
+symlink between the check and the open makes the open fail instead of escape.
 """
 from __future__ import annotations
 
@@ -18,6 +19,13 @@ PUBLIC_DOT_NAMES = frozenset({".well-known"})
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 # O_NONBLOCK: a FIFO swapped in after the lstat must not block a thread on open.
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+# A directory on the way: anything else, a symlink included, fails the open itself (ENOTDIR,
+# ELOOP) before any device or FIFO could be opened, so no lstat is needed first.
+_WAY_FLAGS = _FILE_FLAGS | os.O_DIRECTORY
+# What the walk of a URL path as it is returns when a symlink is on the way: resolve it first.
+_LINKED = object()
+# Errors of the direct walk that a symlink on the way gives (or a file where a directory is).
+_NOT_A_PLAIN_WAY = frozenset({errno.ELOOP, errno.ENOTDIR})
 
 
 def split_url_path(path_info: str) -> list[str] | None:
@@ -102,20 +110,44 @@ class Resolver:
         Only regular files and directories are opened; sockets, FIFOs and devices are absent.
         Raises Exhausted when the process is out of file descriptors or memory.
         """
+        # Most URL paths have no symlink on the way: walked as they are, they cost a few
+        # syscalls; resolving them first (realpath: an lstat per component from /) costs several
+        # times more. A symlink met on the way sends the path through realpath.
+        if all(p and "/" not in p and (p[0] != "." or p in PUBLIC_DOT_NAMES) for p in parts):
+            opened = self._walk(parts, True, _LINKED)
+            if opened is not _LINKED:
+                return opened  # type: ignore[return-value]
         rel = self.real_parts(parts)
         if rel is None:
             return None
+        return self._walk(rel, rel == parts, None)  # type: ignore[return-value]
+
+    def _walk(self, names: list[str], direct: bool, on_link: object) -> Opened | None | object:
+        """Open `names` one by one from the root with O_NOFOLLOW; `direct`: they are the URL
+        path's own. A symlink on the way gives `on_link`: _LINKED for a URL path walked as it
+        is (the caller resolves it), None for a real path (one swapped in since is not followed)."""
         try:
             fd = os.open(self.root, _DIR_FLAGS)
         except OSError as e:
             _unless_exhausted(e)
             return None
         try:
-            for name in rel:
+            for name in names[:-1]:
+                try:
+                    child = os.open(name, _WAY_FLAGS, dir_fd=fd)
+                except OSError as e:
+                    if on_link is not None and e.errno in _NOT_A_PLAIN_WAY:
+                        os.close(fd)
+                        return on_link
+                    raise
+                os.close(fd)
+                fd = child
+            if names:
+                name = names[-1]
                 lst = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 if not (stat.S_ISREG(lst.st_mode) or stat.S_ISDIR(lst.st_mode)):
                     os.close(fd)
-                    return None
+                    return on_link if stat.S_ISLNK(lst.st_mode) else None
                 child = os.open(name, _FILE_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = child
@@ -127,8 +159,19 @@ class Resolver:
         if not (stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode)):
             os.close(fd)
             return None
-        path = os.path.join(self.root, *rel)
-        return Opened(fd, st, path, rel == parts)
+        return Opened(fd, st, os.path.join(self.root, *names), direct)
+
+    def may_exist(self, parts: list[str]) -> bool:
+        """False when nothing is at `parts` (one lstat of the joined path): an optional name,
+        like a sidecar, skipped without a walk. Only a negative answer is trusted; anything
+        found is opened with `open`, which decides whether it may be served."""
+        try:
+            os.lstat(os.path.join(self.root, *parts))
+        except (FileNotFoundError, NotADirectoryError, ValueError):
+            return False
+        except OSError:
+            return True
+        return True
 
     def reopen(self, path: str, dev: int, ino: int) -> tuple[int, os.stat_result] | None:
         """Reopen a file resolved earlier by its real path; None unless it is the same inode.

@@ -29,7 +29,7 @@ from typing import Callable, Pattern
 from cachetools import LRUCache
 
 from .cache import ResponseCache
-from .files import Resolver, split_url_path
+from .files import Opened, Resolver, split_url_path
 from .handoff import DirectoryStamp, directory_stamp
 from .headers import Headers, HeaderRules
 from .representation import SIDECARS, Entry, Rep, content_type, read_exactly
@@ -134,12 +134,10 @@ class EntryLoader:
                     self.cache.put(path, entry)
                     return entry
             return None
-        try:
-            if path.endswith("/"):
-                return None
-        finally:
+        if path.endswith("/"):
             os.close(opened.fd)
-        entry = self._load_file(parts, self.extra_headers(path), directory)
+            return None
+        entry = self._load_file(parts, self.extra_headers(path), directory, opened)
         if entry is not None:
             self.cache.put(path, entry)
         return entry
@@ -155,9 +153,11 @@ class EntryLoader:
         return self.header_rules.for_path(url_path)
 
     def _load_file(self, parts: list[str], extra: Headers = (),
-                   directory: DirectoryStamp | None = None) -> Entry | None:
+                   directory: DirectoryStamp | None = None, opened: Opened | None = None) -> Entry | None:
         """`directory`: the stamp of the directory holding the file, taken before anything was
-        resolved (fileapp.handoff.FileRef)."""
+        resolved (fileapp.handoff.FileRef); `opened`: the file, already opened by the caller
+        (closed here), read unless it has sidecars: those are read first, then the file, so that a
+        file and sidecars replaced in between show a sidecar older than its file (dropped)."""
         name = parts[-1]
         encoded_parts = {}
         if not name.endswith((".br", ".gz")):
@@ -168,10 +168,16 @@ class EntryLoader:
                          and self.immutable.search(name) else self.cache_control)
         sidecars = {}
         for coding, sidecar in encoded_parts.items():
+            # (most files have none: one lstat says so, where opening would walk the path)
+            if not self.resolver.may_exist(sidecar):
+                continue
+            if opened is not None:  # a file with sidecars is read after them (see the docstring)
+                os.close(opened.fd)
+                opened = None
             rep = self._load_rep(sidecar, ctype, coding, cache_control, True, extra, directory)
             if rep is not None:
                 sidecars[coding] = rep
-        identity = self._load_rep(parts, ctype, None, cache_control, bool(sidecars), extra, directory)
+        identity = self._load_rep(parts, ctype, None, cache_control, bool(sidecars), extra, directory, opened)
         if identity is None:
             return None
         # A sidecar older than its original was not made from it: stale, never served.
@@ -184,9 +190,11 @@ class EntryLoader:
 
     def _load_rep(self, parts: list[str], ctype: str, encoding: str | None,
                   cache_control: str, vary: bool, extra: Headers = (),
-                  directory: DirectoryStamp | None = None) -> Rep | None:
+                  directory: DirectoryStamp | None = None, opened: Opened | None = None) -> Rep | None:
+        """`opened`: `parts` already opened by the caller, for the first try (closed here)."""
         for _ in range(3):  # a file truncated while being read is read again
-            opened = self.resolver.open(parts)
+            if opened is None:
+                opened = self.resolver.open(parts)
             if opened is None:
                 return None
             try:
@@ -206,6 +214,7 @@ class EntryLoader:
                                directory=seen)
             finally:
                 os.close(opened.fd)
+                opened = None
         return None
 
     def _content_tag(self, fd: int, st: os.stat_result, body: bytes | None) -> str | None:

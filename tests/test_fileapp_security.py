@@ -211,6 +211,47 @@ def test_open_does_not_follow_a_symlink_swapped_in_after_the_check(tree, monkeyp
     assert resolver.open(["d", "victim.txt"]) is None
 
 
+def test_a_path_without_symlinks_is_opened_without_resolving_it(tree, monkeypatch):
+    """The common case is walked as it is (no realpath: an lstat per component from /); a
+    symlink on the way, in the root or out of it, goes through realpath and its checks."""
+    import fileapp.files as files
+    resolver = Resolver(str(tree))
+    resolved = []
+    realpath = os.path.realpath
+    monkeypatch.setattr(files.os.path, "realpath", lambda p: resolved.append(p) or realpath(p))
+    for parts in (["public.txt"], ["sub", "ok.txt"], ["sub"], []):
+        opened = resolver.open(parts)
+        assert opened is not None and opened.direct and opened.path == os.path.join(resolver.root, *parts)
+        os.close(opened.fd)
+    assert resolved == []
+    opened = resolver.open(["sub", "link-up-in"])
+    assert opened is not None and not opened.direct and opened.path == os.path.join(resolver.root, "public.txt")
+    os.close(opened.fd)
+    for parts in (["link-out"], ["dirlink-out", "victim.txt"], ["link-to-dot"], ["loop"], ["loop", "x"]):
+        assert resolver.open(parts) is None
+    assert len(resolved) == 6
+    # Not a directory on the way, or not a file at the end: absent, and nothing blocks on the FIFO.
+    for parts in (["public.txt", "x"], ["fifo"], ["fifo", "x"], ["missing", "x"], ["sub", "missing"]):
+        assert resolver.open(parts) is None
+
+
+def test_a_file_without_sidecars_is_opened_once(tree, monkeypatch):
+    """A sidecar that is not there is ruled out by one lstat, not a walk; the file's own
+    descriptor from the resolution is the one read."""
+    app = create_app(str(tree))
+    opened = []
+    real_open = app.resolver.open
+    monkeypatch.setattr(app.resolver, "open", lambda parts: opened.append(parts) or real_open(parts))
+    c = Client(app)
+    assert c.get("/sub/ok.txt", headers={"Accept-Encoding": "br, gzip"}).data == b"ok"
+    assert opened == [["sub", "ok.txt"]]
+    # A sidecar that is there is opened (and checked) as any file is.
+    (tree / "sub" / "ok.txt.gz").write_bytes(b"gzipped")
+    os.utime(tree / "sub" / "ok.txt.gz", ns=(os.stat(tree / "sub" / "ok.txt").st_mtime_ns + 1,) * 2)
+    r = Client(create_app(str(tree))).get("/sub/ok.txt", headers={"Accept-Encoding": "gzip"})
+    assert r.headers.get("Content-Encoding") == "gzip" and r.data == b"gzipped"
+
+
 def test_reopen_refuses_another_inode(tree):
     resolver = Resolver(str(tree))
     opened = resolver.open(["public.txt"])

@@ -22,10 +22,17 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 # A directory on the way: anything else, a symlink included, fails the open itself (ENOTDIR,
 # ELOOP) before any device or FIFO could be opened, so no lstat is needed first.
 _WAY_FLAGS = _FILE_FLAGS | os.O_DIRECTORY
-# What the walk of a URL path as it is returns when a symlink is on the way: resolve it first.
-_LINKED = object()
 # Errors of the direct walk that a symlink on the way gives (or a file where a directory is).
 _NOT_A_PLAIN_WAY = frozenset({errno.ELOOP, errno.ENOTDIR})
+
+
+def hidden(name: str) -> bool:
+    """Whether a path segment is hidden: a dot name other than the public ones (`name` non-empty)."""
+    return name[0] == "." and name not in PUBLIC_DOT_NAMES
+
+
+class _SymlinkOnTheWay(Exception):
+    """The URL path walked as it is meets a symlink: it must be resolved first."""
 
 
 def split_url_path(path_info: str) -> list[str] | None:
@@ -45,7 +52,7 @@ def split_url_path(path_info: str) -> list[str] | None:
     for part in path.split("/"):
         if not part or part == ".":
             continue
-        if part[0] == "." and part not in PUBLIC_DOT_NAMES:
+        if hidden(part):
             return None
         parts.append(part)
     return parts
@@ -100,7 +107,7 @@ class Resolver:
             return None
         rel = real[len(self._prefix):].split("/")
         # A link may point at a hidden name inside the root: that name stays hidden.
-        if any(p[0] == "." and p not in PUBLIC_DOT_NAMES for p in rel):
+        if any(map(hidden, rel)):
             return None
         return rel
 
@@ -113,19 +120,20 @@ class Resolver:
         # Most URL paths have no symlink on the way: walked as they are, they cost a few
         # syscalls; resolving them first (realpath: an lstat per component from /) costs several
         # times more. A symlink met on the way sends the path through realpath.
-        if all(p and "/" not in p and (p[0] != "." or p in PUBLIC_DOT_NAMES) for p in parts):
-            opened = self._walk(parts, True, _LINKED)
-            if opened is not _LINKED:
-                return opened  # type: ignore[return-value]
+        if all(p and "/" not in p and not hidden(p) for p in parts):
+            try:
+                return self._walk(parts, direct=True)
+            except _SymlinkOnTheWay:
+                pass
         rel = self.real_parts(parts)
         if rel is None:
             return None
-        return self._walk(rel, rel == parts, None)  # type: ignore[return-value]
+        return self._walk(rel, direct=False)
 
-    def _walk(self, names: list[str], direct: bool, on_link: object) -> Opened | None | object:
-        """Open `names` one by one from the root with O_NOFOLLOW; `direct`: they are the URL
-        path's own. A symlink on the way gives `on_link`: _LINKED for a URL path walked as it
-        is (the caller resolves it), None for a real path (one swapped in since is not followed)."""
+    def _walk(self, names: list[str], direct: bool) -> Opened | None:
+        """Open `names` one by one from the root with O_NOFOLLOW. `direct`: they are the URL
+        path as it is, and a symlink on the way raises _SymlinkOnTheWay (the caller resolves
+        it); else they are a real path, and a symlink swapped in since makes them absent."""
         try:
             fd = os.open(self.root, _DIR_FLAGS)
         except OSError as e:
@@ -136,9 +144,9 @@ class Resolver:
                 try:
                     child = os.open(name, _WAY_FLAGS, dir_fd=fd)
                 except OSError as e:
-                    if on_link is not None and e.errno in _NOT_A_PLAIN_WAY:
+                    if direct and e.errno in _NOT_A_PLAIN_WAY:
                         os.close(fd)
-                        return on_link
+                        raise _SymlinkOnTheWay from e
                     raise
                 os.close(fd)
                 fd = child
@@ -147,7 +155,9 @@ class Resolver:
                 lst = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 if not (stat.S_ISREG(lst.st_mode) or stat.S_ISDIR(lst.st_mode)):
                     os.close(fd)
-                    return on_link if stat.S_ISLNK(lst.st_mode) else None
+                    if direct and stat.S_ISLNK(lst.st_mode):
+                        raise _SymlinkOnTheWay
+                    return None
                 child = os.open(name, _FILE_FLAGS, dir_fd=fd)
                 os.close(fd)
                 fd = child

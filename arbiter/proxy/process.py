@@ -108,6 +108,8 @@ class ProxyProcess:
                 self._apply(message)
         elif op == "workers":
             self.table.apply(tuple(row) for row in message["workers"])
+            if self.proxy is not None and self.proxy.held:  # (the first worker may be up: no tick's wait)
+                self.proxy.release_held(self.proxy.clock)
         elif op == "purge":
             if self.proxy is not None:
                 self.proxy.purge_front_cache()

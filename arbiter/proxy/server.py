@@ -306,10 +306,11 @@ class Proxy:
         self.held.append((relay, self.clock + self.config.response_timeout))
         return True
 
-    def _release_held(self, now: float) -> None:
-        """Forward the held requests once a worker has been up; answer 503 to those held too
-        long (all of them when stopping); forget those whose client left, so that clients
-        coming and going while no worker comes up cannot pile requests up here."""
+    def release_held(self, now: float) -> None:
+        """Forward the held requests once a worker has been up (called as the master's table
+        arrives, and at every tick); answer 503 to those held too long (all of them when
+        stopping); forget those whose client left, so that clients coming and going while no
+        worker comes up cannot pile requests up here."""
         ready = self.table.ever_healthy
         held, self.held = self.held, deque()
         for relay, deadline in held:
@@ -385,7 +386,7 @@ class Proxy:
                     log.exception("proxy error while timing out a connection; closing it")
                     conn.abort()
             if self.held:
-                self._release_held(now)
+                self.release_held(now)
             self.pool.expire_waiting(now)
             for up in self.pool.timed_out(now):
                 self.counts[TIMEOUTS] += 1
@@ -399,7 +400,7 @@ class Proxy:
     async def shutdown(self, timeout: float) -> None:
         """Stop accepting, let in-flight requests finish (up to `timeout`), close the rest."""
         self.draining = True
-        self._release_held(self.clock)  # (no worker came up for them: 503 now)
+        self.release_held(self.clock)  # (no worker came up for them: 503 now)
         self._close_servers()
         self._unwatch_backlog()
         self.pool.close_idle()

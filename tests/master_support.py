@@ -157,6 +157,21 @@ class Master(StoppedOnExit):
                 os.kill(pid, signal.SIGKILL)
 
 
+class Answer(int):
+    """A response's status that also shows how the response began when printed: a failure in
+    a test's assertion then says which part answered it (the proxy's own 503 or a worker's)."""
+
+    start: bytes
+
+    def __new__(cls, status: int, start: bytes) -> "Answer":
+        answer = super().__new__(cls, status)
+        answer.start = start
+        return answer
+
+    def __repr__(self) -> str:
+        return f"{int(self)} {self.start!r}"
+
+
 class Hammer:
     """A client thread sending GETs to a port until stopped, recording each outcome (start, end,
     status or exception): a new connection per request, or one keep-alive session with
@@ -184,6 +199,9 @@ class Hammer:
             try:
                 r = (session or requests).get(self.base + path, timeout=30)
                 outcome: object = r.status_code
+                if r.status_code != 200:
+                    retry_after = r.headers.get("Retry-After")
+                    outcome = Answer(r.status_code, r.content[:120] + (b" [Retry-After]" if retry_after else b""))
                 if path in self.expect and r.content != self.expect[path]:
                     outcome = f"wrong body for {path}: {len(r.content)} bytes"
             except requests.RequestException as e:

@@ -154,7 +154,6 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
     per-request times of its median ab 1 KiB run go to `series` for the chart. A spec with twins
     runs beside them, all taking turns on every load, in several sessions; the first twin's
     figures go in `Row.paired`, each round's ratios in `Row.paired_ratios` and `Row.control_ratios`."""
-    started = time.monotonic()
     twin_specs = twins_of(spec)
     sessions = 2 * plan.repeat if twin_specs else 1
     ab_rounds = TWIN_ROUNDS if twin_specs else plan.repeat
@@ -177,6 +176,7 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
     try:
         for session in range(sessions):
             last = session == sessions - 1
+            started = time.monotonic()
             progress(f"{spec.label}: starting" + (f" (session {session + 1}/{sessions})" if sessions > 1 else ""))
             with ExitStack() as stack:
                 # Each session starts the servers in another order: where a process lands when it

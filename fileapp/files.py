@@ -179,8 +179,8 @@ class Resolver:
             os.lstat(os.path.join(self.root, *parts))
         except (FileNotFoundError, NotADirectoryError, ValueError):
             return False
-        except OSError:
-            return True
+        except OSError:  # (not allowed to look, say): `open` decides
+            pass
         return True
 
     def reopen(self, path: str, dev: int, ino: int) -> tuple[int, os.stat_result] | None:

@@ -51,6 +51,13 @@ _prepared: dict[tuple, tuple[Headers, int | None, bool, str]] = {}
 _valid_statuses: set[str] = set()
 
 
+def _remember(memo: dict, key: tuple, value: object) -> None:
+    """Keep `value` under `key` in `memo`, forgetting all it holds first when it is full."""
+    if len(memo) >= _PREPARED_LIMIT:
+        memo.clear()
+    memo[key] = value
+
+
 def date_line() -> bytes:
     """The Date header line, made once a second (a tuple swap: safe from any thread)."""
     global _date
@@ -165,9 +172,7 @@ class Response:
         if prepared is None:
             prepared = _prepare(headers)
             if key is not None:
-                if len(_prepared) >= _PREPARED_LIMIT:
-                    _prepared.clear()
-                _prepared[key] = prepared
+                _remember(_prepared, key, prepared)
         self.headers, self.response_length, self.upgrade, self.lines = prepared
         self.omits_body = self.req.method == "HEAD" or code in (204, 304) or 100 <= code < 200
         if code == 204 or 100 <= code < 200:  # RFC 9110 6.4.2: no Content-Length there
@@ -192,9 +197,7 @@ class Response:
                          self.lines if self.lines is not None else "".join(map(_line, self.headers)))
                       ).encode("latin-1"))
             if self.lines is not None:
-                if len(_heads) >= _PREPARED_LIMIT:
-                    _heads.clear()
-                _heads[key] = parts
+                _remember(_heads, key, parts)
         self.held = parts[0] + date_line() + parts[1]
         self.headers_sent = True
 

@@ -21,8 +21,9 @@ from typing import Any
 from .addresses import host_port
 from .config import Config, FrontCacheConfig, ProxyConfig
 from .ops.logs import LogSink
-from .proxy.control import Message
+from .proxy.control import Message, encode
 from .proxy.counters import LATENCY, REQUESTS, WORKERS, Counters, report, total
+from .proxy.sharing import SHARE_BACKLOG
 from .proxy.fdlimit import FDS_PER_CLIENT, fd_need
 from .proxy.process import LOAD_INTERVAL
 from .proxy.stats import SLOTS, RequestStats
@@ -111,7 +112,7 @@ class ProxyFleet:
         self.latency = FleetLatency(self)
         self.changed = asyncio.Event()  # some slot became ready
         self._background: set[asyncio.Future] = set()
-        self._seq = 0
+        self.purge_seq = 0  # the last front cache purge sent
         self._push_pending = False
         self.serving = True  # False while the master is a lame duck (its health path answers 503)
         self.health_asked_at: float | None = None  # monotonic time a proxy last saw its health path asked
@@ -163,6 +164,19 @@ class ProxyFleet:
         worker = self.table.get(host, port)
         if worker is not None and worker.pid == pid:
             self.table.record_outlier(worker, reason)
+
+    def pass_on(self, sender: ProxySlot, message: Message) -> None:
+        """Pass the file entries a proxy learned (proxy/sharing.py) to the others, unless they
+        may be older than the last purge: the proxy had not confirmed that purge when it sent
+        them (a proxy drops what it has not sent yet when it purges, then confirms)."""
+        if sender.purged != self.purge_seq:
+            return
+        line = encode(message)
+        for slot in self.slots:
+            channel = slot.channel
+            # (only a help: a proxy not keeping up with its channel is spared it)
+            if slot is not sender and channel is not None and channel.backlog < SHARE_BACKLOG:
+                channel.write(line)
 
     def sum_in_flight(self) -> None:
         for worker in self.table:
@@ -233,8 +247,8 @@ class ProxyFleet:
 
     async def purge(self) -> None:
         """Every proxy forgets its front cache; return once all confirmed (or ACK_TIMEOUT)."""
-        self._seq += 1
-        message = {"op": "purge", "seq": self._seq}
+        self.purge_seq += 1
+        message = {"op": "purge", "seq": self.purge_seq}
         waits = [slot.acknowledged(message) for slot in self.slots]
         try:
             await asyncio.wait_for(asyncio.gather(*waits), ACK_TIMEOUT)

@@ -61,6 +61,7 @@ class ProxySlot:
         self._stop: Stop | None = None
         self._wake = asyncio.Event()
         self._acks: dict[int, asyncio.Future] = {}
+        self.purged = 0  # the last front cache purge the current incarnation is known to have done
         self.task: asyncio.Task | None = None
 
     @property
@@ -148,6 +149,7 @@ class ProxySlot:
         self.current = inc
         self.ready = False
         self.channel = await Channel.open(ours, self._on_message, self._wake.set)
+        self.purged = fleet.purge_seq  # (it starts with nothing stored)
         self.send(fleet.settings())
         self.send({"op": "workers", "workers": rows(fleet.table)})
         log.info("started proxy %d (pid %d)", self.index, inc.pid)
@@ -246,7 +248,10 @@ class ProxySlot:
             self.fleet.outlier(message["host"], message["port"], message["pid"], message["error"])
         elif op == "load":
             self._load(message)
+        elif op == "learned":
+            self.fleet.pass_on(self, message)
         elif op == "ack":
+            self.purged = max(self.purged, message["seq"])
             future = self._acks.get(message["seq"])
             if future is not None and not future.done():
                 future.set_result(None)

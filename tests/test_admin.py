@@ -48,7 +48,7 @@ def test_status_json_has_the_documented_shape_and_moves_with_traffic(masters, tm
     assert set(before["totals"]["last_10s"]) == WINDOW_KEYS == set(before["totals"]["last_5m"])
     assert set(before["totals"]["responses"]) == {"1xx", "2xx", "3xx", "4xx", "5xx"}
     assert set(before["front_cache"]) == {"enabled", "entries", "bytes", "max_bytes", "hits", "misses", "hit_ratio",
-                                          "revalidated"}
+                                          "revalidated", "shared"}
 
     with requests.Session() as s:
         for i in range(60):

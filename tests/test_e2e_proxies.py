@@ -137,6 +137,32 @@ def test_a_worker_marked_down_gets_no_request_from_any_proxy(masters, tmp_path, 
             os.kill(pid, signal.SIGCONT)
 
 
+def test_a_file_one_proxy_learned_is_served_by_every_proxy_without_asking_a_worker_again(masters, tmp_path, site):
+    """Which file and head a URL maps to, learned by one proxy, reaches the other through the
+    master (arbiter/proxy/sharing.py): a site warms up with a worker request per file, not one per
+    file and proxy."""
+    data = patterned(256 << 10)  # handed off to the proxy (fileapp.handoff.MIN_SIZE and up)
+    (site / "big.bin").write_bytes(data)
+    # (cache.ttl 60: no entry is due for a recheck with a worker during the test)
+    a = served(masters, tmp_path, site, processes=2, cache={"ttl": 60})
+
+    def asked() -> int:
+        return sum(w["requests"] for w in a.json()["workers"])
+
+    before = asked()
+    status, _, body = fetch(a.port, "GET", "/big.bin")
+    assert (status, body == data) == (200, True)
+    wait_until(lambda: a.json()["front_cache"]["shared"] == 1, timeout=10, message="the other proxy took the entry")
+    assert asked() == before + 1 and a.metrics()[("gows_front_cache_shared_total", ())] == 1
+    served_before = proxy_requests(a)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: fetch(a.port, "GET", "/big.bin"), range(200)))
+    assert [(status, body == data) for status, _, body in answers] == [(200, True)] * 200
+    shares = {i: n - served_before[i] for i, n in proxy_requests(a).items()}
+    assert min(shares.values()) > 0, shares  # both proxies answered some
+    assert asked() == before + 1
+
+
 def test_hup_changing_the_number_of_proxies_2_3_1_under_load_fails_no_request(masters, tmp_path, site):
     a = served(masters, tmp_path, site, processes=2)
     seen: list[int] = []  # the responses counted, as read while the proxies change

@@ -83,6 +83,8 @@ class MasterCollector(Collector):
         yield GaugeMetricFamily("gows_front_cache_max_bytes", "Byte budget of the front cache.", value=cache["max_bytes"])
         yield CounterMetricFamily("gows_front_cache_revalidations", "Stale responses a worker confirmed unchanged (304).",
                                   value=cache["revalidated"])
+        yield CounterMetricFamily("gows_front_cache_shared", "File entries a proxy took from what another proxy learned.",
+                                  value=cache["shared"])
         yield GaugeMetricFamily("gows_proxy_body_buffer_bytes", "Request body bytes held for clients.",
                                 value=stats["body_buffer_bytes"])
 

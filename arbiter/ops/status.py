@@ -12,7 +12,8 @@ durations are seconds, latencies may be null when nothing was measured:
                   "slow_start_seconds": float, "slow_start_until": float|null,
                   "ejected": bool, "ejected_until": float|null, "ejections": int}],
      "front_cache": {"enabled": bool, "entries": int, "bytes": int, "max_bytes": int,
-                     "hits": int, "misses": int, "hit_ratio": float|null, "revalidated": int},
+                     "hits": int, "misses": int, "hit_ratio": float|null, "revalidated": int,
+                     "shared": int},
      "totals": {"requests": int, "responses": {"1xx": int, ..., "5xx": int},
                 "last_10s": WINDOW, "last_5m": WINDOW, "all_time": {"p50_seconds", "p99_seconds"}},
      "proxy": {"client_connections": int, "retries": int, "upstream_errors": int, "timeouts": int,
@@ -140,7 +141,7 @@ def snapshot(master: Master, window: Window) -> dict[str, Any]:
             "enabled": cache["enabled"], "entries": cache["entries"], "bytes": cache["bytes"],
             "max_bytes": cache["max_bytes"], "hits": cache["hits"], "misses": cache["misses"],
             "hit_ratio": round(cache["hits"] / lookups, 4) if lookups else None,
-            "revalidated": cache["revalidated"],
+            "revalidated": cache["revalidated"], "shared": cache["shared"],
         },
         "totals": {
             "requests": sum(buckets),

@@ -30,7 +30,7 @@ from werkzeug.http import parse_accept_header, parse_date
 
 from fileapp.handoff import FileRef, directory_stamp
 
-from .counters import CACHE_HITS, CACHE_MISSES, CACHE_REVALIDATED, CACHE_STORES, SIZE
+from .counters import CACHE_HITS, CACHE_MISSES, CACHE_REVALIDATED, CACHE_SHARED, CACHE_STORES, SIZE
 
 VIA = b"Via: 1.1 gows\r\n"
 _CODINGS = ("br", "zstd", "gzip", "deflate", "identity")
@@ -243,32 +243,37 @@ class FrontCache:
 
     def store(self, target: bytes, accept_encoding: bytes | None, vary: bool,
               headers: Sequence[tuple[bytes, bytes, bytes]], body: bytes, ttl: float, upstream_age: int = 0,
-              file: FileRef | None = None) -> bool:
+              file: FileRef | None = None, born: float | None = None) -> Entry | None:
         """Keep a complete 200 response for `ttl` seconds (minus the Age it already had); with
-        `file`, its body is that file's range (fileapp.handoff), whatever its size."""
+        `file`, its body is that file's range (fileapp.handoff), whatever its size. `born`: what
+        another proxy learned at that moment (sharing.py), kept only where nothing is stored yet.
+        The entry stored, or None."""
         ttl -= upstream_age
         if ttl <= 0 or len(body) > self.max_object_bytes:
-            return False
-        entry = Entry(headers, body, ttl, time.monotonic(), upstream_age, self.revalidate_after, file)
+            return None
+        now = time.monotonic()
+        if born is not None and born + ttl <= now:
+            return None
+        entry = Entry(headers, body, ttl, now if born is None else min(born, now), upstream_age,
+                      self.revalidate_after, file)
         if entry.size > self.entries.maxsize:
-            return False
+            return None
+        key: object = (target, encoding_class(accept_encoding)) if vary else target
+        if born is not None and self.entries.get(key) is not None:
+            return None  # (what this proxy learned itself, or was told first)
         if vary:
             if target not in self.varying:
                 if len(self.varying) >= _VARYING_LIMIT:
                     self.varying.clear()
                 self.varying.add(target)
                 self.entries.pop(target, None)
-            cls = encoding_class(accept_encoding)
-            self.classes.add(cls)
-            key: object = (target, cls)
-        else:
-            if target in self.varying:
-                self.invalidate(target)
-            key = target
+            self.classes.add(key[1])  # type: ignore[index]
+        elif target in self.varying:
+            self.invalidate(target)
         entry.key = key
         self.entries[key] = entry
-        self.counts[CACHE_STORES] += 1
-        return True
+        self.counts[CACHE_STORES if born is None else CACHE_SHARED] += 1
+        return entry
 
     def refresh(self, entry: Entry) -> None:
         """A worker confirmed a stale entry unchanged: fresh again, for its whole max-age.

@@ -20,6 +20,11 @@ MAX_LINE = 4 << 20  # bytes: a message longer than this is a bug on the other si
 Message = dict[str, Any]
 
 
+def encode(message: Message) -> bytes:
+    """A message as the channel carries it: one line of JSON."""
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
 class Channel(asyncio.Protocol):
     """One end of the channel: `send(message)`; each message received goes to `on_message`, and
     `on_close` is called once when the other end is gone (or the channel broke)."""
@@ -67,8 +72,17 @@ class Channel(asyncio.Protocol):
             self.close()
 
     def send(self, message: Message) -> None:
+        self.write(encode(message))
+
+    def write(self, line: bytes) -> None:
+        """Send a message already encoded (one encoding for many channels)."""
         if not self.closed and self.transport is not None:
-            self.transport.write(json.dumps(message, separators=(",", ":")).encode() + b"\n")
+            self.transport.write(line)
+
+    @property
+    def backlog(self) -> int:
+        """Bytes written and not yet taken by the other end."""
+        return self.transport.get_write_buffer_size() if self.transport is not None and not self.closed else 0
 
     def close(self) -> None:
         if self.transport is not None:

@@ -31,6 +31,7 @@ from ..state import WorkerState
 from .control import Channel, Message
 from .counters import Counters
 from .server import Proxy
+from .sharing import Outbox, adopt
 from .view import MirrorTable
 
 log = logging.getLogger("gows.proxy")
@@ -52,6 +53,7 @@ class ProxyProcess:
         self.counters = counters
         self.channel: Channel | None = None
         self.proxy: Proxy | None = None
+        self.outbox: Outbox | None = None  # file entries learned here, on their way to the others
         self.table = MirrorTable(self._report_failure, self._report_outlier)
         self.access_log: AccessLog | None = None
         self.access_target: Any = None
@@ -77,6 +79,8 @@ class ProxyProcess:
         proxy = self.proxy = Proxy(self.table, ProxyConfig(**first["proxy"]), FrontCacheConfig(**first["front_cache"]),
                                    first["threads"], first["ttl"], self.counters, os.environ.get(TOKEN_ENV))
         self._apply(first)
+        self.outbox = Outbox(loop, self.channel)
+        proxy.share = self.outbox.add
         for sig, now in ((signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGQUIT, True)):
             loop.add_signal_handler(sig, self._stop_signal, now)
         for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
@@ -113,7 +117,12 @@ class ProxyProcess:
         elif op == "purge":
             if self.proxy is not None:
                 self.proxy.purge_front_cache()
+            if self.outbox is not None:
+                self.outbox.drop()  # (learned before the purge: the master must not pass it on)
             self.channel.send({"op": "ack", "seq": message["seq"]})
+        elif op == "learned":  # what the other proxies learned (sharing.py)
+            if self.proxy is not None and self.proxy.cache is not None:
+                adopt(self.proxy.cache, message["entries"])
         elif op == "serving":
             if self.proxy is not None:
                 self.proxy.serving = message["serving"]

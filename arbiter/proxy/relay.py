@@ -24,6 +24,7 @@ from .http1 import (CONN_CLOSE, CONN_KEEP, CRLF, GET, HEAD, IDEMPOTENT, LAST_CHU
                     SAFE, SEP, TE_CHUNKED, VIA_SELF, drop_named, status_line)
 from .request import Request
 from .rewrite import worker_request_head
+from .sharing import learned
 from .upstream import UpstreamConnection, UpstreamError
 
 log = logging.getLogger("gows.proxy")
@@ -357,8 +358,12 @@ class Relay:
             fd, ref = self.file
             self.file = None
             if self.cache_headers is not None and cache is not None and self.epoch == proxy.cache_epoch:
-                cache.store(req.target, req.ae, self.cache_vary, [(n.lower(), n, v) for n, v in self.cache_headers],
-                            b"", self.cache_ttl, self.cache_age, ref)
+                entry = cache.store(req.target, req.ae, self.cache_vary,
+                                    [(n.lower(), n, v) for n, v in self.cache_headers], b"", self.cache_ttl,
+                                    self.cache_age, ref)
+                if entry is not None and proxy.share is not None:
+                    proxy.share(learned(req.target, req.ae, self.cache_vary, self.cache_headers, self.cache_ttl,
+                                        self.cache_age, entry.born, ref))
             self.client.send_file(fd, ref.offset, ref.count, req, not self.close_after)
             return
         if self.cache_parts is not None:

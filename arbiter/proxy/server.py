@@ -27,6 +27,7 @@ from .fdlimit import FD_RESERVE, FDS_PER_CLIENT, fd_need, raise_fd_limit
 from .counters import SHED_IDLE, SHORTAGES, TIMEOUTS, Counters, report
 from .http1 import CRLF
 from .request import Request
+from .sharing import Learned
 from .stats import RequestStats
 from .pool import UpstreamPool
 from .upstream import UpstreamError
@@ -117,6 +118,9 @@ class Proxy:
         # access log).
         self.timing: list[int] | None = self.latency.counts
         self.observe: Callable[[ClientProtocol, Request], None] | None = None
+        # Called with each file entry stored from a worker's answer (sharing.py): the proxy
+        # process sends them to the other proxies; None: kept to this proxy.
+        self.share: Callable[[Learned], None] | None = None
         self.configure(config, front_cache, worker_threads, revalidate_after)
 
     def configure(self, config: ProxyConfig, front_cache: FrontCacheConfig, worker_threads: int,

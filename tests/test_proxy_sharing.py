@@ -13,8 +13,9 @@ from arbiter.proxies import ProxyFleet
 from arbiter.proxy.cache import FrontCache
 from arbiter.proxy.counters import CACHE_SHARED, CACHE_STORES
 from arbiter.proxy.process import ProxyProcess
-from arbiter.proxy.control import encode
-from arbiter.proxy.sharing import FLUSH_DELAY, MAX_BATCH, SHARE_BACKLOG, Outbox, adopt, learned
+from arbiter.proxy.control import MAX_LINE, encode
+from arbiter.proxy.sharing import (FLUSH_DELAY, MAX_BATCH, MAX_ENTRY_TEXT, SHARE_BACKLOG, Outbox, adopt,
+                                   learned)
 from arbiter.proxy_slot import ProxySlot
 from arbiter.state import WorkerTable
 from fileapp.handoff import FileRef
@@ -94,23 +95,27 @@ def test_an_entry_past_its_max_age_is_not_kept_and_one_past_the_recheck_is_kept_
     assert stale is not None and not stale.servable(time.monotonic())  # a worker is asked, as for our own
 
 
+def _entry(name: str) -> list:
+    return learned(name.encode(), None, False, HEADERS, 60, 0, 1.0, REF)
+
+
 def test_the_outbox_sends_a_batch_once_after_the_first_entry_and_at_once_when_full():
     async def scenario():
         channel = FakeChannel()
         outbox = Outbox(asyncio.get_running_loop(), channel)  # type: ignore[arg-type]
         for i in range(3):
-            outbox.add([i])
+            outbox.add(_entry(f"/{i}"))
         assert channel.sent == []  # (waiting for more)
         await asyncio.sleep(FLUSH_DELAY * 3)
-        assert channel.sent == [{"op": "learned", "entries": [[0], [1], [2]]}]
+        assert [[e[0] for e in m["entries"]] for m in channel.sent] == [["/0", "/1", "/2"]]
         for i in range(MAX_BATCH):
-            outbox.add([i])
+            outbox.add(_entry(f"/{i}"))
         assert len(channel.sent) == 2 and len(channel.sent[1]["entries"]) == MAX_BATCH and outbox.pending == []
-        outbox.add(["forgotten"])
+        outbox.add(_entry("/forgotten"))
         outbox.drop()
         channel.backlog = SHARE_BACKLOG  # the master does not keep up: what was learned is dropped
         for i in range(MAX_BATCH + 1):
-            outbox.add([i])
+            outbox.add(_entry(f"/{i}"))
         await asyncio.sleep(FLUSH_DELAY * 3)
         return channel.sent, outbox.pending
 
@@ -118,12 +123,27 @@ def test_the_outbox_sends_a_batch_once_after_the_first_entry_and_at_once_when_fu
     assert len(sent) == 2 and pending == []
 
 
+def test_a_message_stays_under_the_channels_line_limit_whatever_the_entries_hold():
+    async def scenario():
+        channel = FakeChannel()
+        outbox = Outbox(asyncio.get_running_loop(), channel)  # type: ignore[arg-type]
+        outbox.add(learned(b"/huge", None, False, [(b"X-Long", b"\xff" * MAX_ENTRY_TEXT)], 60, 0, 1.0, REF))
+        assert outbox.pending == []  # (too big to share: its worker is asked again elsewhere)
+        worst = [(b"X-Note", b"\xff" * (MAX_ENTRY_TEXT - 1000))]  # 6 bytes each in JSON
+        while not channel.sent:
+            outbox.add(learned(b"/f", b"\xff" * 100, False, worst, 60, 0, 1.0, REF))
+        return channel.sent[0]
+
+    message = asyncio.run(scenario())
+    assert len(encode(message)) < MAX_LINE and len(message["entries"]) < MAX_BATCH
+
+
 def test_a_purge_drops_what_waits_to_be_sent_before_the_proxy_confirms_it():
     async def scenario():
         process = ProxyProcess(1, None, None, None)  # type: ignore[arg-type]
         channel = process.channel = FakeChannel()  # type: ignore[assignment]
         process.outbox = Outbox(asyncio.get_running_loop(), channel)  # type: ignore[arg-type]
-        process.outbox.add(["learned before the purge"])
+        process.outbox.add(_entry("/learned-before-the-purge"))
         process._on_message({"op": "purge", "seq": 7})
         await asyncio.sleep(FLUSH_DELAY * 3)
         return channel.sent

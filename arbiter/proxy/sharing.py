@@ -6,7 +6,7 @@ before every proxy serves it alone. So a proxy sends the file entries it stores 
 answers to the master in batches, and the master passes them on to the other proxies, which keep
 them as if they had asked: born when the worker answered, the file checked on every hit. Only
 file entries travel (a path and a head, no body). The master passes on only what a proxy learned
-after it confirmed the last purge, so a reload's purge is never undone (ProxyFleet.share).
+after it confirmed the last purge, so a reload's purge is never undone (ProxyFleet.pass_on).
 """
 from __future__ import annotations
 
@@ -20,6 +20,10 @@ from .control import Channel
 
 FLUSH_DELAY = 0.05  # seconds a learned entry may wait for others to leave in the same message
 MAX_BATCH = 256  # entries per message (a few hundred bytes each)
+# Bytes of text per message, and per entry (a long path, long headers): beyond, an entry is not
+# shared. A byte over 0x7f takes 6 in JSON; so a message stays well under control.MAX_LINE.
+MAX_BATCH_TEXT = 512 * 1024
+MAX_ENTRY_TEXT = 16 * 1024
 # Bytes unread on a control channel past which learned entries are not sent on it: they only
 # spare workers requests, and must not pile up for a process that does not keep up.
 SHARE_BACKLOG = 1 << 20
@@ -51,18 +55,23 @@ def adopt(cache: FrontCache, entries: Sequence[Learned]) -> int:
 
 class Outbox:
     """Learned entries on their way to the master: sent FLUSH_DELAY after the first of a batch,
-    or at once when MAX_BATCH are waiting (so the pending list stays bounded); dropped when the
-    channel has SHARE_BACKLOG bytes unread."""
+    or at once when MAX_BATCH or MAX_BATCH_TEXT are waiting (so the pending list stays bounded);
+    dropped when the channel has SHARE_BACKLOG bytes unread."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, channel: Channel) -> None:
         self.loop = loop
         self.channel = channel
         self.pending: list[Learned] = []
+        self.text = 0  # (the pending entries' text, about)
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, entry: Learned) -> None:
+        text = len(entry[0]) + len(entry[1] or "") + len(entry[7]) + sum(len(n) + len(v) + 6 for n, v in entry[3]) + 200
+        if text > MAX_ENTRY_TEXT:
+            return
         self.pending.append(entry)
-        if len(self.pending) >= MAX_BATCH:
+        self.text += text
+        if len(self.pending) >= MAX_BATCH or self.text >= MAX_BATCH_TEXT:
             self.flush()
         elif self._timer is None:
             self._timer = self.loop.call_later(FLUSH_DELAY, self.flush)
@@ -71,10 +80,11 @@ class Outbox:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        entries, self.pending = self.pending, []
+        entries, self.pending, self.text = self.pending, [], 0
         if entries and self.channel.backlog < SHARE_BACKLOG:
             self.channel.send({"op": "learned", "entries": entries})
 
     def drop(self) -> None:
         """Forget what waits (a purge: it was learned before)."""
         self.pending.clear()
+        self.text = 0

@@ -251,16 +251,14 @@ class FrontCache:
         ttl -= upstream_age
         if ttl <= 0 or len(body) > self.max_object_bytes:
             return None
+        key: object = (target, encoding_class(accept_encoding)) if vary else target
         now = time.monotonic()
-        if born is not None and born + ttl <= now:
-            return None
+        if born is not None and (born + ttl <= now or self.entries.get(key) is not None):
+            return None  # (expired on its way; or this proxy learned it itself, or was told first)
         entry = Entry(headers, body, ttl, now if born is None else min(born, now), upstream_age,
                       self.revalidate_after, file)
         if entry.size > self.entries.maxsize:
             return None
-        key: object = (target, encoding_class(accept_encoding)) if vary else target
-        if born is not None and self.entries.get(key) is not None:
-            return None  # (what this proxy learned itself, or was told first)
         if vary:
             if target not in self.varying:
                 if len(self.varying) >= _VARYING_LIMIT:

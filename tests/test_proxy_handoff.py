@@ -361,6 +361,31 @@ def test_a_stale_named_file_whose_directory_is_unchanged_needs_no_worker(big, se
         namer.stop()
 
 
+def test_a_named_file_its_directory_keeps_fresh_goes_to_a_worker_once_per_max_age(big, settled):
+    """The directory's stamp keeps an entry fresh without a worker, within its max-age: its Age
+    keeps counting from the worker's answer, and once the max-age is over a worker is asked."""
+    namer = Namer(big, cache_control=b"max-age=3")
+    namer.direct = True
+    proxy = ProxyThread([namer.port], front_cache=configured(FrontCacheConfig), revalidate_after=0.3,
+                        handoff_token=TOKEN)
+    try:
+        assert get(proxy.port)[2] == BODY and len(namer.heads) == 1
+        ages = []
+        within = time.monotonic() + 2.4
+        while time.monotonic() < within:
+            time.sleep(0.4)  # (stale each time: older than revalidate_after)
+            _, headers, body = get(proxy.port)
+            assert body == BODY
+            ages.append(int(headers.get("age", "0")))
+        assert len(namer.heads) == 1 and proxy.stats()["front_cache"]["revalidated"] >= 2
+        assert ages == sorted(ages) and ages[-1] >= 2, ages
+        wait_until(lambda: get(proxy.port)[2] == BODY and len(namer.heads) == 2, timeout=5,
+                   message="a worker asked once the max-age is over")
+    finally:
+        proxy.stop()
+        namer.stop()
+
+
 def test_a_stale_file_named_through_a_symlink_is_asked_for_each_time(big, settled):
     """Named without its directory's stamp (a symlink on the way, which may be repointed), a
     stale entry goes to a worker every time, as any other entry does."""

@@ -14,8 +14,9 @@ proxy opens the file and compares it with what the worker saw); what a worker wo
 is which file the URL maps to (a sidecar added, an index removed), and when no symlink leads
 there, that depends on the names in the file's directory alone. So a worker names such a file
 with its directory's stamp from before its decision (fileapp.handoff.FileRef), and the entry is
-renewed without a worker for as long as the directory keeps it (`confirm`, one stat): a URL of a
-file that does not change needs a worker once per max-age. A file reached through a symlink is
+kept fresh without a worker, within its max-age, for as long as the directory keeps it
+(`confirm`, one stat; its Age counts on from the worker's answer): a URL of a file that does not
+change needs a worker once per max-age. A file reached through a symlink is
 revalidated with a worker like any entry: repointing the link (a release switched by moving
 `current`) changes another directory.
 """
@@ -287,12 +288,14 @@ class FrontCache:
         self._renew(entry)
 
     def confirm(self, entry: Entry) -> bool:
-        """Renew a stale file entry without a worker while its directory keeps the stamp a worker
-        decided with (so the URL still maps to that file); the file itself is checked when it
-        is sent. False: ask a worker (always for a file reached through a symlink)."""
+        """Keep a stale file entry fresh for another `revalidate_after` seconds (within its
+        max-age: then a worker is asked) without a worker while its directory keeps the stamp a
+        worker decided with (so the URL still maps to that file); the file itself is checked
+        when it is sent. False: ask a worker (always for a file reached through a symlink)."""
         if not entry.directory_confirmed or directory_stamp(os.path.dirname(entry.file.path)) != entry.directory:
             return False
-        self._renew(entry)
+        self.counts[CACHE_REVALIDATED] += 1
+        entry.fresh_until = min(time.monotonic() + self.revalidate_after, entry.expires)
         return True
 
     def _renew(self, entry: Entry) -> None:

@@ -134,7 +134,8 @@ class ProxyFleet:
                 "access_log": str(access) if access is not None else None,
                 "log_format": config.logging.format, "log_level": config.logging.level,
                 "tls": tls_settings(config, self.certificate),
-                "outlier_failures": config.outlier_detection.consecutive_failures}
+                "outlier_failures": config.outlier_detection.consecutive_failures,
+                "share_learned": len(self.slots) > 1}  # (proxy/sharing.py: only with another proxy)
 
     def _table_changed(self) -> None:
         """The worker table changed: push it to every proxy, once per pass of the loop."""

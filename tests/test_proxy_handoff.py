@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import time
+from contextlib import contextmanager
+from typing import Iterator
 
 import pytest
 
@@ -333,13 +335,24 @@ def settled(big, monkeypatch):
     wait_until(lambda: directory_stamp(big.parent), timeout=5, message="the directory settled")
 
 
+@contextmanager
+def caching(namer: Namer) -> Iterator[ProxyThread]:
+    """A proxy with the default front cache in front of `namer`, whose entries are stale after
+    0.3 s (the workers' cache TTL); it and `namer` are stopped afterwards."""
+    proxy = ProxyThread([namer.port], front_cache=configured(FrontCacheConfig), revalidate_after=0.3,
+                        handoff_token=TOKEN)
+    try:
+        yield proxy
+    finally:
+        proxy.stop()
+        namer.stop()
+
+
 def test_a_stale_named_file_whose_directory_is_unchanged_needs_no_worker(big, settled):
     namer = Namer(big, cache_control=b"max-age=600")
     namer.conditional = namer.direct = True
-    proxy = ProxyThread([namer.port], front_cache=configured(FrontCacheConfig), revalidate_after=0.3,
-                        handoff_token=TOKEN)
     stale = 0.7  # older than the revalidation interval (and the proxy's 0.25 s clock)
-    try:
+    with caching(namer) as proxy:
         assert get(proxy.port)[2] == BODY and len(namer.heads) == 1
         for _ in range(2):
             time.sleep(stale)
@@ -356,9 +369,6 @@ def test_a_stale_named_file_whose_directory_is_unchanged_needs_no_worker(big, se
             assert get(proxy.port)[2] == BODY and len(namer.heads) == heads
         _replace(big, b"N" * len(BODY))  # the file itself is checked on every hit
         assert get(proxy.port)[2] == b"N" * len(BODY) and len(namer.heads) == 4
-    finally:
-        proxy.stop()
-        namer.stop()
 
 
 def test_a_named_file_its_directory_keeps_fresh_goes_to_a_worker_once_per_max_age(big, settled):
@@ -366,9 +376,7 @@ def test_a_named_file_its_directory_keeps_fresh_goes_to_a_worker_once_per_max_ag
     keeps counting from the worker's answer, and once the max-age is over a worker is asked."""
     namer = Namer(big, cache_control=b"max-age=3")
     namer.direct = True
-    proxy = ProxyThread([namer.port], front_cache=configured(FrontCacheConfig), revalidate_after=0.3,
-                        handoff_token=TOKEN)
-    try:
+    with caching(namer) as proxy:
         assert get(proxy.port)[2] == BODY and len(namer.heads) == 1
         ages = []
         within = time.monotonic() + 2.4
@@ -381,9 +389,6 @@ def test_a_named_file_its_directory_keeps_fresh_goes_to_a_worker_once_per_max_ag
         assert ages == sorted(ages) and ages[-1] >= 2, ages
         wait_until(lambda: get(proxy.port)[2] == BODY and len(namer.heads) == 2, timeout=5,
                    message="a worker asked once the max-age is over")
-    finally:
-        proxy.stop()
-        namer.stop()
 
 
 def test_a_stale_file_named_through_a_symlink_is_asked_for_each_time(big, settled):
@@ -391,17 +396,12 @@ def test_a_stale_file_named_through_a_symlink_is_asked_for_each_time(big, settle
     stale entry goes to a worker every time, as any other entry does."""
     namer = Namer(big, cache_control=b"max-age=600")
     namer.conditional = True
-    proxy = ProxyThread([namer.port], front_cache=configured(FrontCacheConfig), revalidate_after=0.3,
-                        handoff_token=TOKEN)
-    try:
+    with caching(namer) as proxy:
         assert get(proxy.port)[2] == BODY and len(namer.heads) == 1
         for heads in (2, 3, 4):
             time.sleep(0.7)
             assert get(proxy.port)[2] == BODY and len(namer.heads) == heads
             assert b'If-None-Match: "e1"' in namer.heads[-1]
-    finally:
-        proxy.stop()
-        namer.stop()
 
 
 def test_no_descriptor_is_left_behind(proxy, namer):

@@ -180,3 +180,11 @@ def test_the_master_passes_entries_on_only_from_a_proxy_that_confirmed_the_last_
     three.channel.backlog = SHARE_BACKLOG  # type: ignore[union-attr]  (not keeping up: spared)
     one._on_message(message)
     assert got() == [[], [message] * 2, [message]]
+
+
+def test_only_a_proxy_with_another_beside_it_is_told_to_send_what_it_learns(fleet):
+    assert fleet.settings()["share_learned"] is False  # (no other proxy: the work would be wasted)
+    fleet.slots.append(ProxySlot(fleet, 1))
+    assert fleet.settings()["share_learned"] is False
+    fleet.slots.append(ProxySlot(fleet, 2))
+    assert fleet.settings()["share_learned"] is True

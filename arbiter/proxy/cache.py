@@ -254,7 +254,7 @@ class FrontCache:
             return None
         key: object = (target, encoding_class(accept_encoding)) if vary else target
         now = time.monotonic()
-        if born is not None and (born + ttl <= now or self.entries.get(key) is not None):
+        if born is not None and (born + ttl <= now or key in self.entries):
             return None  # (expired on its way; or this proxy learned it itself, or was told first)
         entry = Entry(headers, body, ttl, now if born is None else min(born, now), upstream_age,
                       self.revalidate_after, file)
@@ -285,7 +285,10 @@ class FrontCache:
             stamp = directory_stamp(os.path.dirname(entry.file.path))
             entry.directory_confirmed = stamp is not None and stamp == entry.directory
             entry.directory = stamp
-        self._renew(entry)
+        self.counts[CACHE_REVALIDATED] += 1
+        entry.renew(time.monotonic(), 0, self.revalidate_after)
+        if self.entries.get(entry.key) in (entry, None):  # (not replaced meanwhile)
+            self.entries[entry.key] = entry  # re-inserted: TLRUCache takes its new expiry
 
     def confirm(self, entry: Entry) -> bool:
         """Keep a stale file entry fresh for another `revalidate_after` seconds (within its
@@ -297,12 +300,6 @@ class FrontCache:
         self.counts[CACHE_REVALIDATED] += 1
         entry.fresh_until = min(time.monotonic() + self.revalidate_after, entry.expires)
         return True
-
-    def _renew(self, entry: Entry) -> None:
-        self.counts[CACHE_REVALIDATED] += 1
-        entry.renew(time.monotonic(), 0, self.revalidate_after)
-        if self.entries.get(entry.key) in (entry, None):  # (not replaced meanwhile)
-            self.entries[entry.key] = entry  # re-inserted: TLRUCache takes its new expiry
 
     def invalidate(self, target: bytes) -> None:
         """Drop every variant of a target (after an unsafe method succeeded on it)."""

@@ -78,9 +78,8 @@ class ProxyProcess:
             return 0
         proxy = self.proxy = Proxy(self.table, ProxyConfig(**first["proxy"]), FrontCacheConfig(**first["front_cache"]),
                                    first["threads"], first["ttl"], self.counters, os.environ.get(TOKEN_ENV))
-        self._apply(first)
         self.outbox = Outbox(loop, self.channel)
-        proxy.share = self.outbox.add
+        self._apply(first)
         for sig, now in ((signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGQUIT, True)):
             loop.add_signal_handler(sig, self._stop_signal, now)
         for sig in (signal.SIGHUP, signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU):
@@ -144,6 +143,7 @@ class ProxyProcess:
         proxy.health_target = settings["health_path"].encode()
         proxy.serving = settings["serving"]
         proxy.outliers.threshold = settings["outlier_failures"]
+        proxy.share = self.outbox.add if settings["share_learned"] and self.outbox is not None else None
         self.graceful_timeout = settings["graceful_timeout"]
         target = settings["access_log"]
         if target != self.access_target or self.access_log is None and target is not None:

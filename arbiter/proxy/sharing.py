@@ -46,10 +46,9 @@ def adopt(cache: FrontCache, entries: Sequence[Learned]) -> int:
          path, dev, ino, size, mtime_ns, offset, count, directory) in entries:
         ref = FileRef(path.encode("latin-1"), dev, ino, size, mtime_ns, offset, count,
                       None if directory is None else tuple(directory))  # type: ignore[arg-type]
-        fields = [(n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
+        fields = [(n.encode("latin-1").lower(), n.encode("latin-1"), v.encode("latin-1")) for n, v in headers]
         ae = None if accept_encoding is None else accept_encoding.encode("latin-1")
-        if cache.store(target.encode("latin-1"), ae, vary, [(n.lower(), n, v) for n, v in fields], b"", ttl,
-                       upstream_age, ref, born) is not None:
+        if cache.store(target.encode("latin-1"), ae, vary, fields, b"", ttl, upstream_age, ref, born) is not None:
             kept += 1
     return kept
 

@@ -47,6 +47,17 @@ _READ_TIMEVAL = timeval(READ_TIMEOUT)
 # of a response its client has not taken yet.
 _NEXT_REQUEST = select.EPOLLIN | select.EPOLLONESHOT
 _ROOM_TO_SEND = select.EPOLLOUT | select.EPOLLONESHOT
+# A connection the thread that accepted it serves itself: registered, not armed (not even for
+# EPOLLHUP) until that thread re-arms it.
+_TAKEN = select.EPOLLONESHOT
+
+
+def _has_bytes(sock: socket.socket) -> bool:
+    """Whether `sock`'s client has sent bytes that nobody has read yet (peeked, left queued)."""
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except OSError:  # nothing waiting (EAGAIN), or the connection is broken
+        return False
 
 
 def _unread_request(conn: Connection) -> bool:
@@ -54,12 +65,7 @@ def _unread_request(conn: Connection) -> bool:
     it yet: the worker is behind (every thread busy), and closing it would fail a request the
     client did nothing wrong with. (A response still waiting for its reader is no excuse, nor
     a head begun earlier: its deadline, from its first bytes, is never pushed back.)"""
-    if conn.rest is not None or conn.reader.in_head:
-        return False
-    try:
-        return bool(conn.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
-    except OSError:  # nothing waiting (EAGAIN), or the connection is broken
-        return False
+    return conn.rest is None and not conn.reader.in_head and _has_bytes(conn.sock)
 
 
 class GowsThreadWorker(ThreadWorker):
@@ -70,9 +76,10 @@ class GowsThreadWorker(ThreadWorker):
     syscalls and two thread switches per keep-alive request. Here the `threads` threads all
     wait on one epoll; each connection is registered once, EPOLLONESHOT, so exactly one thread
     gets its next request, parses it with httptools (fileapp.http1), answers it (fileapp.response)
-    and re-arms it: epoll_wait, recv, sendmsg, epoll_ctl per request. A thread never
-    waits for a slow reader: what the client has not taken of a response stays with the
-    connection, re-armed for EPOLLOUT, and any thread sends more when there is room
+    and re-arms it: epoll_wait, recv, sendmsg, epoll_ctl per request. A new connection wakes one
+    thread too (the listeners are edge-triggered), which serves the request that came with it.
+    A thread never waits for a slow reader: what the client has not taken of a response stays
+    with the connection, re-armed for EPOLLOUT, and any thread sends more when there is room
     (fileapp.response, fileapp.transfer), so health checks always find a thread.
 
     Also: bodies written in one piece leave in one write with their headers, and fileapp's
@@ -160,18 +167,24 @@ class GowsThreadWorker(ThreadWorker):
         for listener in self.sockets:
             listener.close()
 
-    def _accept_while_room(self) -> None:
+    def _accept_while_room(self, rearm: bool = False) -> None:
         """Poll the listeners while the worker is alive and below its connection limit:
-        worker_connections, or fewer after running out of file descriptors (under the lock)."""
+        worker_connections, or fewer after running out of file descriptors (under the lock).
+        `rearm`: register them afresh, so that connections already waiting are reported again."""
         wanted = self.alive and len(self._conns) < self._room
-        if wanted == self._accepting:
+        if wanted == self._accepting and not (rearm and wanted):
             return
         for listener in self.sockets:
+            if self._accepting:
+                self._ep.unregister(listener.fileno())
             if wanted:
                 # EPOLLEXCLUSIVE: when worker processes share a listener, one of them wakes.
-                self._ep.register(listener.fileno(), select.EPOLLIN | select.EPOLLEXCLUSIVE)
-            else:
-                self._ep.unregister(listener.fileno())
+                # EPOLLET: and one serving thread of this one. Level-triggered, the listener
+                # stays ready until accepted from, and each thread waiting on the poller wakes
+                # in turn for the same connection: all but one to find nothing, then to queue
+                # for the GIL (4 threads: 3 wasted wake-ups and 3 failed accepts a connection).
+                self._ep.register(listener.fileno(),
+                                  select.EPOLLIN | select.EPOLLEXCLUSIVE | select.EPOLLET)
         self._accepting = wanted
 
     def _close_idle(self) -> None:
@@ -184,9 +197,12 @@ class GowsThreadWorker(ThreadWorker):
                     if not conn.busy and conn.timeout <= now and not _unread_request(conn)]
             for fd in idle:
                 self._drop(fd)
-            if self._room < self.worker_connections and now - self._room_lowered >= FD_RETRY:
+            lowered = self._room < self.worker_connections
+            if lowered and now - self._room_lowered >= FD_RETRY:
                 self._room = self.worker_connections
-            self._accept_while_room()
+            # Out of descriptors, a connection the worker could not accept is left waiting, and
+            # an edge-triggered listener reports it no more: looked at again every sweep.
+            self._accept_while_room(rearm=lowered)
 
     def _drop(self, fd: int) -> None:
         """Forget and close one connection (under the lock)."""
@@ -265,30 +281,46 @@ class GowsThreadWorker(ThreadWorker):
                     self._ep.modify(fd, _NEXT_REQUEST if conn.rest is None else _ROOM_TO_SEND)
 
     def _accept(self, listener: socket.socket, server) -> None:
-        try:
-            sock, addr = listener.accept()
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE):
-                # Out of file descriptors: leave new connections in the backlog until there is room.
-                with self._lock:
-                    self._room = max(1, len(self._conns) - FD_RESERVE * self.cfg.threads)
-                    self._room_lowered = time.monotonic()
-                    self._accept_while_room()
-                self.log.warning("Out of file descriptors at %d connections (%s): holding at most %d",
-                                 len(self._conns), e, self._room)
-            elif e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED):
-                raise  # (EAGAIN: another worker or thread took it; ECONNABORTED: the client left)
-            return
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _READ_TIMEVAL)
-        # (Responses never block; gunicorn's own few writes, such as 100 Continue, could.)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._write_timeval)
-        # Until its first request arrives the connection gets READ_TIMEOUT, then the keep-alive time.
-        conn = Connection(sock, addr, server, RequestReader(self.cfg, sock, addr, self._hand_back),
-                     time.monotonic() + READ_TIMEOUT)
+        """Accept up to BATCH connections waiting on `listener`, while there is room. It is
+        edge-triggered: it reports the ones left only when another arrives, so with BATCH
+        accepted it is armed afresh (not accepting them all at once: their requests come first,
+        and short of descriptors they are the ones to get the files)."""
+        for _ in range(BATCH):
+            if not self._accepting:
+                return
+            try:
+                sock, addr = listener.accept()
+            except OSError as e:
+                if e.errno == errno.ECONNABORTED:
+                    continue  # (the client left before it was accepted: the next one)
+                if e.errno in (errno.EMFILE, errno.ENFILE):
+                    # Out of file descriptors: leave new connections in the backlog until there is room.
+                    with self._lock:
+                        self._room = max(1, len(self._conns) - FD_RESERVE * self.cfg.threads)
+                        self._room_lowered = time.monotonic()
+                        self._accept_while_room()
+                    self.log.warning("Out of file descriptors at %d connections (%s): holding at most %d",
+                                     len(self._conns), e, self._room)
+                elif e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    raise  # (EAGAIN: none left, or another worker or thread took it)
+                return
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _READ_TIMEVAL)
+            # (Responses never block; gunicorn's own few writes, such as 100 Continue, could.)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, self._write_timeval)
+            # Until its first request arrives the connection gets READ_TIMEOUT, then the keep-alive time.
+            conn = Connection(sock, addr, server, RequestReader(self.cfg, sock, addr, self._hand_back),
+                              time.monotonic() + READ_TIMEOUT)
+            # A request that came with its connection is served by this thread: another one
+            # woken for it would cost a wake-up and a hand-over of the GIL.
+            fd, sent = sock.fileno(), _has_bytes(sock)
+            with self._lock:
+                self._conns[fd] = conn
+                self._ep.register(fd, _TAKEN if sent else _NEXT_REQUEST)
+                self._accept_while_room()
+            if sent:
+                self._pending.batch.append((fd, conn))
         with self._lock:
-            self._conns[sock.fileno()] = conn
-            self._ep.register(sock.fileno(), _NEXT_REQUEST)
-            self._accept_while_room()
+            self._accept_while_room(rearm=True)
 
     def _serve(self, conn: Connection) -> int | None:
         """Read what `conn`'s client has sent and answer the requests in it (more than one if

@@ -206,6 +206,36 @@ def test_a_streamed_body_to_a_slow_reader_under_gunicorns_arbiter_arrives_whole(
         stop_process(proc)
 
 
+def test_one_thread_stuck_on_a_request_leaves_the_others_served(tmp_path):
+    """The serving threads take turns; while the one whose turn it is waits for a request body
+    that does not come, another serves the other connections."""
+    (tmp_path / "upload.py").write_text(
+        "def app(environ, start_response):\n"
+        "    body = environ['wsgi.input'].read() if environ['PATH_INFO'] == '/upload' else b'ok'\n"
+        "    start_response('200 OK', [('Content-Length', str(len(body)))])\n"
+        "    return [body]\n")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-k", "fileapp.worker.GowsThreadWorker", "--threads", "2",
+         "-b", f"127.0.0.1:{port}", "--log-level", "warning", "upload:app"],
+        env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        wait_for_port(port, timeout=30)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as stuck, \
+                socket.create_connection(("127.0.0.1", port), timeout=10) as other:
+            stuck.sendall(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n")
+            time.sleep(0.3)  # (its thread is waiting for the body now; the worker gives it 5 s)
+            others = Responses(other)
+            for _ in range(20):
+                other.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+                assert others.next()[2] == b"ok"
+            assert not closed_within(stuck, 0.01)  # all of that while the body was still awaited
+            stuck.sendall(b"0123456789")
+            assert Responses(stuck).next()[2] == b"0123456789"
+    finally:
+        stop_process(proc)
+
+
 def test_pipelined_requests_are_answered_in_order(server):
     root, base, _ = server
     port = int(base.rsplit(":", 1)[1])

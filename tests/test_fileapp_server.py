@@ -40,12 +40,26 @@ def server(tmp_path):
 
 
 def start_worker(root, *args: str, preexec_fn=None) -> tuple[subprocess.Popen, int]:
+    """`python -m fileapp` serving `root`, with `args`."""
+    return launch(lambda port: ["-m", "fileapp", "--root", str(root), "--port", str(port),
+                                "--log-level", "warning", *args], preexec_fn=preexec_fn)
+
+
+def start_under_gunicorn(directory, app: str, threads: int) -> tuple[subprocess.Popen, int]:
+    """gunicorn's own arbiter serving `app` (module:callable, found in `directory`) with one
+    worker of the worker class."""
+    return launch(lambda port: ["-m", "gunicorn", "-k", "fileapp.worker.GowsThreadWorker",
+                                "--threads", str(threads), "-b", f"127.0.0.1:{port}",
+                                "--log-level", "warning", app], cwd=directory)
+
+
+def launch(arguments, **popen) -> tuple[subprocess.Popen, int]:
+    """A Python process run with `arguments(port)`, once it listens on that free port."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "fileapp", "--root", str(root), "--port", str(port), "--log-level", "warning", *args],
-        env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=preexec_fn)
+    proc = subprocess.Popen([sys.executable, *arguments(port)], env=python_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **popen)
     try:
-        wait_for_port(port, timeout=20)
+        wait_for_port(port, timeout=30)
     except BaseException:
         stop_process(proc)
         raise
@@ -181,13 +195,8 @@ def test_a_streamed_body_to_a_slow_reader_under_gunicorns_arbiter_arrives_whole(
         "def app(environ, start_response):\n"
         "    start_response('200 OK', [('Content-Type', 'application/octet-stream')])\n"
         "    return (bytes([i % 251]) * 10_000 for i in range(300))\n")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-k", "fileapp.worker.GowsThreadWorker", "--threads", "1",
-         "-b", f"127.0.0.1:{port}", "--log-level", "warning", "streaming:app"],
-        env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    proc, port = start_under_gunicorn(tmp_path, "streaming:app", threads=1)
     try:
-        wait_for_port(port, timeout=30)
         s = stalled_reader(port, b"GET /a HTTP/1.1\r\nHost: t\r\n\r\n"
                                  b"GET /b HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         received = []
@@ -207,20 +216,15 @@ def test_a_streamed_body_to_a_slow_reader_under_gunicorns_arbiter_arrives_whole(
 
 
 def test_one_thread_stuck_on_a_request_leaves_the_others_served(tmp_path):
-    """The serving threads take turns; while the one whose turn it is waits for a request body
-    that does not come, another serves the other connections."""
+    """One thread serves; while it waits for a request body that does not come, a thread
+    standing by serves the other connections."""
     (tmp_path / "upload.py").write_text(
         "def app(environ, start_response):\n"
         "    body = environ['wsgi.input'].read() if environ['PATH_INFO'] == '/upload' else b'ok'\n"
         "    start_response('200 OK', [('Content-Length', str(len(body)))])\n"
         "    return [body]\n")
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-k", "fileapp.worker.GowsThreadWorker", "--threads", "2",
-         "-b", f"127.0.0.1:{port}", "--log-level", "warning", "upload:app"],
-        env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    proc, port = start_under_gunicorn(tmp_path, "upload:app", threads=2)
     try:
-        wait_for_port(port, timeout=30)
         with socket.create_connection(("127.0.0.1", port), timeout=10) as stuck, \
                 socket.create_connection(("127.0.0.1", port), timeout=10) as other:
             stuck.sendall(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\n")

@@ -35,7 +35,7 @@ BATCH_TIME = 0.002
 # anyway, and two busy ones pass the GIL to each other at every syscall, a futex wake-up and a
 # context switch each (a standalone worker with 4 threads under wrk -c100: 4.8k req/s and 220 us
 # of CPU a request, against 13k and 80 us with one serving). One thread standing by looks every
-# STANDBY seconds whether the serving one has been on one connection that long (a slow disk, a
+# STANDBY seconds whether the serving one has been on its batch that long (a slow disk, a
 # request body that does not come): it then serves beside it until that one is back, and the
 # next one standing by takes the watch.
 STANDBY = 0.25
@@ -121,7 +121,7 @@ class GowsThreadWorker(ThreadWorker):
         self._pending = threading.local()  # .batch: what a thread took from the poller, not served yet
         self._serving = threading.Lock()  # held for good by the serving thread (STANDBY)
         self._watch = threading.Lock()  # held by the thread standing by that watches it
-        self._serving_since = 0.0  # when the serving thread took its connection; 0.0: none
+        self._serving_since = 0.0  # when the serving thread took its batch; 0.0: none
         super().init_process()
 
     def set_draining(self) -> None:
@@ -265,17 +265,15 @@ class GowsThreadWorker(ThreadWorker):
             for listener in ready:
                 self._accept(*listener)
             started = time.monotonic()
+            if mine:
+                self._serving_since = started
             while pending:
                 fd, conn = pending.popleft()
                 with lock:
                     if conns.get(fd) is not conn or conn.busy:  # closed meanwhile, or stale
                         continue
                     conn.busy = True
-                if mine:
-                    self._serving_since = time.monotonic()
                 wanted = self._serve(conn) if conn.rest is None else self._send_rest(conn)
-                if mine:
-                    self._serving_since = 0.0
                 with lock:
                     conn.busy = False
                     if wanted is not None:
@@ -285,9 +283,12 @@ class GowsThreadWorker(ThreadWorker):
                         self._accept_while_room()
                 if pending and time.monotonic() - started > BATCH_TIME:
                     self._hand_back()
+            if mine:
+                self._serving_since = 0.0
 
     def _stuck(self) -> bool:
-        """Whether the serving thread has been on one connection for STANDBY."""
+        """Whether the serving thread has been on its batch for STANDBY: on one connection,
+        since it hands the rest back after BATCH_TIME."""
         since = self._serving_since
         return since != 0.0 and time.monotonic() - since > STANDBY
 

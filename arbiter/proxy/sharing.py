@@ -53,6 +53,13 @@ def adopt(cache: FrontCache, entries: Sequence[Learned]) -> int:
     return kept
 
 
+def _text(entry: Learned) -> int:
+    """About how much text `entry` takes in a message: its target, coding, path and headers,
+    and 200 for its numbers and the JSON around them."""
+    target, accept_encoding, _, headers, _, _, _, path = entry[:8]
+    return len(target) + len(accept_encoding or "") + len(path) + sum(len(n) + len(v) + 6 for n, v in headers) + 200
+
+
 class Outbox:
     """Learned entries on their way to the master: sent FLUSH_DELAY after the first of a batch,
     or at once when MAX_BATCH or MAX_BATCH_TEXT are waiting (so the pending list stays bounded);
@@ -66,7 +73,7 @@ class Outbox:
         self._timer: asyncio.TimerHandle | None = None
 
     def add(self, entry: Learned) -> None:
-        text = len(entry[0]) + len(entry[1] or "") + len(entry[7]) + sum(len(n) + len(v) + 6 for n, v in entry[3]) + 200
+        text = _text(entry)
         if text > MAX_ENTRY_TEXT:
             return
         self.pending.append(entry)

@@ -14,6 +14,7 @@ import socket
 import time
 import types
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -24,6 +25,7 @@ from arbiter.ops.accesslog import AccessLog, format_line
 from arbiter.ops.logs import Throttle
 from arbiter.ops.notify import Notifier
 from arbiter.proxy import Proxy
+from arbiter.proxy import client as client_module
 from arbiter.proxy.client import ClientProtocol
 from arbiter.proxy.counters import SIZE, report
 from arbiter.proxy.request import Request, now_ns
@@ -52,24 +54,26 @@ def test_quantile_interpolates_inside_the_bucket_and_is_none_without_data():
 
 def _completed(stats: RequestStats, *durations_ns: int) -> None:
     """Complete one response per duration through the proxy's own counting (ClientProtocol.finish),
-    each having been born that long ago."""
+    each having been born exactly that long ago: the proxy's clock is held still, so a busy
+    machine cannot move a response into the next bucket."""
     proxy = Proxy(WorkerTable(), configured(ProxyConfig), configured(FrontCacheConfig), 4, 1.0)
     proxy.timing = stats.counts
     conn = ClientProtocol(proxy)
     conn.transport = types.SimpleNamespace(close=lambda: None)
-    for ns in durations_ns:
-        req = Request()
-        req.born = now_ns() - ns
-        conn.current = req
-        conn.finish(req, keep=True)
+    now = now_ns()
+    with mock.patch.object(client_module, "now_ns", lambda: now):
+        for ns in durations_ns:
+            req = Request()
+            req.born = now - ns
+            conn.current = req
+            conn.finish(req, keep=True)
 
 
 def test_each_response_is_counted_in_its_bucket():
     stats = RequestStats()
-    # (0.0004 s: 124 µs below its bucket's upper bound, for the time counting takes on a busy machine)
     _completed(stats, *(round(seconds * 1e9) for seconds in (0.000001, 0.0004, 0.0004, 0.2, 3.0, 100.0)))
     assert stats.count == 6
-    assert stats.seconds == pytest.approx(103.200801, abs=0.001)  # (plus the microseconds counting takes)
+    assert stats.seconds == pytest.approx(103.200801)
     buckets = stats.buckets
     assert len(buckets) == len(BOUNDS) + 1 and sum(buckets) == 6
     assert buckets[0] == 1  # below the first bound

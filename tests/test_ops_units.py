@@ -14,7 +14,6 @@ import socket
 import time
 import types
 from pathlib import Path
-from unittest import mock
 
 import pytest
 
@@ -52,26 +51,32 @@ def test_quantile_interpolates_inside_the_bucket_and_is_none_without_data():
     assert quantile(0.99, buckets) == BOUNDS[-1]
 
 
-def _completed(stats: RequestStats, *durations_ns: int) -> None:
+@pytest.fixture
+def still(monkeypatch) -> int:
+    """The proxy's clock held still (the nanoseconds it reads), so a response is counted at
+    exactly the age a test gives it: a busy machine cannot move it into the next bucket."""
+    now = now_ns()
+    monkeypatch.setattr(client_module, "now_ns", lambda: now)
+    return now
+
+
+def _completed(stats: RequestStats, now: int, *durations_ns: int) -> None:
     """Complete one response per duration through the proxy's own counting (ClientProtocol.finish),
-    each having been born exactly that long ago: the proxy's clock is held still, so a busy
-    machine cannot move a response into the next bucket."""
+    each born that long before `now`, the clock held `still`."""
     proxy = Proxy(WorkerTable(), configured(ProxyConfig), configured(FrontCacheConfig), 4, 1.0)
     proxy.timing = stats.counts
     conn = ClientProtocol(proxy)
     conn.transport = types.SimpleNamespace(close=lambda: None)
-    now = now_ns()
-    with mock.patch.object(client_module, "now_ns", lambda: now):
-        for ns in durations_ns:
-            req = Request()
-            req.born = now - ns
-            conn.current = req
-            conn.finish(req, keep=True)
+    for ns in durations_ns:
+        req = Request()
+        req.born = now - ns
+        conn.current = req
+        conn.finish(req, keep=True)
 
 
-def test_each_response_is_counted_in_its_bucket():
+def test_each_response_is_counted_in_its_bucket(still):
     stats = RequestStats()
-    _completed(stats, *(round(seconds * 1e9) for seconds in (0.000001, 0.0004, 0.0004, 0.2, 3.0, 100.0)))
+    _completed(stats, still, *(round(seconds * 1e9) for seconds in (0.000001, 0.0004, 0.0004, 0.2, 3.0, 100.0)))
     assert stats.count == 6
     assert stats.seconds == pytest.approx(103.200801)
     buckets = stats.buckets
@@ -84,15 +89,15 @@ def test_each_response_is_counted_in_its_bucket():
     assert quantile(0.5, buckets) < 0.001 < 0.1 < quantile(0.8, buckets)
 
 
-def test_window_rates_cover_only_the_last_seconds():
+def test_window_rates_cover_only_the_last_seconds(still):
     clock = [1000.0]
     stats = RequestStats()
     window = Window(stats, clock=lambda: clock[0])
     for second in range(300):  # 10 responses a second for 5 minutes ...
-        _completed(stats, *[50_000] * 10)
+        _completed(stats, still, *[50_000] * 10)
         clock[0] += 1
         window.sample()
-    _completed(stats, *[50_000] * 290)  # ... then a burst since the last sample
+    _completed(stats, still, *[50_000] * 290)  # ... then a burst since the last sample
     short, long = window.over(10), window.over(300)
     assert short["seconds"] == 10 and short["requests"] == 100 + 290
     assert short["rate"] == pytest.approx(39.0)

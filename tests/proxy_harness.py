@@ -149,15 +149,20 @@ class RawUpstream(StoppedOnExit):
                 pass
 
 
+ROUND_ROBIN = configured(ProxyConfig, balance="round-robin")
+
+
 class ProxyThread(StoppedOnExit):
     """A Proxy on a uvloop in a background thread; `call` runs code on that loop."""
 
-    def __init__(self, workers: list[Worker] | list[int], proxy: ProxyConfig = configured(ProxyConfig),
+    def __init__(self, workers: list[Worker] | list[int], proxy: ProxyConfig = ROUND_ROBIN,
                  front_cache: FrontCacheConfig = configured(FrontCacheConfig), worker_threads: int = 4,
                  revalidate_after: float = configured(WorkerCacheConfig).ttl, up: bool = True,
                  listen_host: str = "127.0.0.1", handoff_token: str | None = None,
                  tls: dict[str, Any] | None = None, **table_args: Any) -> None:
-        """`proxy`, `front_cache`: the config's sections (defaults unless given); `worker_threads`
+        """`proxy`, `front_cache`: the config's sections (defaults unless given, but round robin:
+        the tests count on workers taking turns; the default policy is tests/test_proxy_balancer.py's
+        to test); `worker_threads`
         and `revalidate_after` as the master passes them from `threads` and `cache.ttl`;
         `handoff_token` as a proxy process gets it (fileapp.handoff); `tls`: the settings
         message's tls part (proxies.tls_settings), to serve HTTPS on `tls_port` too."""

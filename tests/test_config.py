@@ -49,7 +49,7 @@ def test_seed_config_of_the_proof_of_concept_loads_unchanged(site):
     assert c.listen == cfg.Address("127.0.0.1", 9090)
     assert [(w.host, w.port, w.local) for w in c.workers] == [("127.0.0.1", 9000, True), ("127.0.0.1", 9001, True)]
     assert c.base_directory == (site / "www").resolve()
-    assert c.threads == 4 and c.health_check.path == "/healthcheck" and c.pidfile is None
+    assert c.threads == 4 and c.proxy.balance is None and c.health_check.path == "/healthcheck" and c.pidfile is None
 
 
 def test_shorthand_defaults_and_relative_paths(site):
@@ -83,7 +83,7 @@ def test_the_proxy_takes_its_settings_from_the_config_sections(site):
 
 def test_the_balance_choices_are_the_balancers_policies():
     choice = next(s for key, _, s in declared(cfg.ProxyConfig) if key == "balance").kind
-    assert set(choice.choices) == set(Balancer.POLICIES)
+    assert set(choice.inner.choices) == set(Balancer.POLICIES)  # (null: the balancer's default)
 
 
 def test_a_body_limit_past_the_shared_body_budget_is_refused(site):
@@ -175,7 +175,7 @@ BAD = [
     ({"baseDirectory": "www", "workerCount": 1, "logging": {"accessLog": "nodir/access.log"}}, "logging.accessLog: directory"),
     ({"baseDirectory": "www", "workerCount": 1, "logging": {"file": "nodir/gows.log"}}, "logging.file: directory"),
     ({"baseDirectory": "www", "workerCount": 1, "pidfile": "nodir/gows.pid"}, "pidfile: directory"),
-    ({"baseDirectory": "www", "workerCount": 1, "proxy": {"balance": "random"}}, "proxy.balance: must be one of"),
+    ({"baseDirectory": "www", "workerCount": 1, "proxy": {"balance": "random"}}, "proxy.balance: must be null or one of"),
     ({"baseDirectory": "www", "workerCount": 1, "proxy": {"retries": -1}}, "proxy.retries: must be an integer from 0 to 10, got -1"),
     ({"baseDirectory": "www", "workerCount": 1, "restartBackoff": {"max": 0}}, "restartBackoff.max: must be a number > 0"),
     ({"baseDirectory": "www", "workerCount": 1, "frontCache": {"maxBytes": 10, "maxObjectBytes": 11}},

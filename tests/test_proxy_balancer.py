@@ -80,7 +80,44 @@ def test_round_robin_runs_stop_at_the_worker_threads():
     assert b.pick(b"/") is not first
 
 
-POLICIES = ("round-robin", "least-outstanding", "consistent-hash")
+def test_first_packs_the_load_onto_the_first_workers_with_a_thread_free():
+    table, ws = table_of(3)
+    b = Balancer(table, "first", worker_threads=4)
+    # One request at a time: always the first worker, never a turn for the others.
+    assert all(b.pick(b"/") is ws[0] for _ in range(20))
+    # Concurrent requests fill its threads, then the next worker's, in table order.
+    placed = []
+    for _ in range(6):
+        w = b.pick(b"/")
+        w.in_flight += 1
+        placed.append(w)
+    assert placed == [ws[0]] * 4 + [ws[1]] * 2
+    ws[0].in_flight -= 1  # one finishes on the first worker: the next request goes back there
+    assert b.pick(b"/") is ws[0]
+    # A retry skips the worker it excludes; a worker marked down is skipped too.
+    assert b.pick(b"/", [ws[0]]) is ws[1]
+    table.record_check(ws[0], False)
+    assert b.pick(b"/") is ws[1]
+    # Every thread busy everywhere: the least loaded, not the first nor nowhere.
+    table.record_check(ws[0], True)
+    ws[0].in_flight, ws[1].in_flight, ws[2].in_flight = 9, 6, 7
+    assert b.pick(b"/") is ws[1] and b.pick(b"/", [ws[1]]) is ws[2]
+    assert b.pick(b"/", ws) is None
+
+
+def test_the_default_packs_local_workers_and_spreads_over_other_hosts():
+    table, ws = table_of(3)
+    b = Balancer(table, None)
+    assert all(b.pick(b"/") is ws[0] for _ in range(6))  # all spawned here: first
+    remote = table.add(WorkerState("198.18.0.7", 8080, local=False))
+    table.record_check(remote, True)
+    picks = Counter(b.pick(b"/") for _ in range(400))  # an edge: round robin across them all
+    assert picks == {w: 100 for w in ws + [remote]}
+    table.remove(remote)
+    assert all(b.pick(b"/") is ws[0] for _ in range(6))
+
+
+POLICIES = ("round-robin", "least-outstanding", "consistent-hash", "first")
 
 
 @pytest.mark.parametrize("policy", POLICIES)

@@ -95,6 +95,37 @@ def test_a_heavier_worker_keeps_more_threads_busy_before_it_is_passed_over():
     assert {b.pick(b"/") for _ in range(10)} == {ws[1]}
 
 
+def test_under_first_a_weight_is_threads_and_a_ramping_worker_takes_its_share_of_them():
+    clock = Clock()
+    table, ws = weighted([3, 1], slow_start=60.0, clock=clock)
+    b = Balancer(table, "first", worker_threads=2, clock=clock)
+
+    def fill() -> list[int]:
+        for w in ws:
+            w.in_flight = 0
+        while True:
+            w = b.pick(b"/")
+            if w.in_flight >= (6, 2)[ws.index(w)]:
+                return [w.in_flight for w in ws]
+            w.in_flight += 1
+
+    assert fill() == [6, 2]  # 3 x 2 threads before the light worker gets any, then its 2
+    table.record_check(ws[0], False)
+    clock.now += 5
+    table.record_check(ws[0], True)  # back: a twentieth of its threads at first (at least one)
+    taken = []
+    for elapsed in (0, 20, 40, 60):
+        clock.now = ws[0].recovered_at + elapsed
+        for w in ws:
+            w.in_flight = 0
+        first = 0
+        while b.pick(b"/") is ws[0]:
+            ws[0].in_flight += 1
+            first += 1
+        taken.append(first)
+    assert taken == [1, 2, 4, 6]
+
+
 def test_weighted_consistent_hash_keeps_a_path_on_one_worker_and_moves_only_a_leavers_share():
     table, ws = weighted([1, 2, 3])
     b = Balancer(table, "consistent-hash")

@@ -319,7 +319,7 @@ def _sockets(run: Path) -> dict[int, Path]:
 
 @pytest.mark.integration
 def test_the_proxies_reach_local_workers_over_their_unix_sockets_and_exit_removes_them(tmp_path, run):
-    m = _master(tmp_path, run, 2)
+    m = _master(tmp_path, run, 2, proxy={"balance": "round-robin"})  # (both workers take requests)
     with m:
         (runtime,) = run.iterdir()
         assert stat.S_IMODE(runtime.stat().st_mode) == 0o700

@@ -266,7 +266,7 @@ class WorkerList(Kind):
     # Optional per upstream (HAProxy's server line: weight, slowstart; and spawn): what to use when
     # absent, and what it means (the schema's descriptions).
     _optional = {
-        "weight": (Integer(1, 1000), 1, "Share of the requests relative to the other workers' weights, whatever proxy.balance is."),
+        "weight": (Integer(1, 1000), 1, "Share of the requests relative to the other workers' weights, whatever proxy.balance is (under first: of the requests in flight it takes before it is passed over)."),
         "slowStart": (Number(3600, positive=False), 0, "Seconds over which a worker coming back (down to up, or out of an ejection) ramps from a small share to its weight; 0 takes it back at full weight at once. Not applied to the workers of a master that has just started."),
         "spawn": (Boolean(), True, "false: never started here, even when its address is local (another gows, a worker systemd runs); only checked and balanced."),
     }

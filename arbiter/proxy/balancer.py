@@ -1,11 +1,13 @@
-"""Choosing a healthy worker per request: round robin, least outstanding requests, or consistent
-hashing on the path with bounded load (so each worker's file cache holds its own share).
+"""Choosing a healthy worker per request: round robin, least outstanding requests, consistent
+hashing on the path with bounded load (so each worker's file cache holds its own share), or the
+first worker with a thread free (packing the load onto as few workers as it needs).
 
 Every policy honours each worker's weight (workers[].weight) and slow start: a worker coming
 back ramps from 1/SLOW_START_STEPS of its weight to all of it over workers[].slowStart seconds
 (HAProxy's slowstart). While all weights in effect are equal, the plain policies run unchanged;
 otherwise round robin is nginx's smooth weighted round robin, least outstanding compares
-requests in flight per unit of weight, and the hash ring holds points in proportion to weight.
+requests in flight per unit of weight, and the hash ring holds points in proportion to weight;
+first gives each worker threads in proportion to its weight, and a ramping worker its share.
 """
 from __future__ import annotations
 
@@ -63,9 +65,9 @@ class Balancer:
     """
 
     POLICIES = {"round-robin": "_round_robin", "least-outstanding": "_least_outstanding",
-                "consistent-hash": "_consistent_hash"}  # the config's proxy.balance choices
+                "consistent-hash": "_consistent_hash", "first": "_first"}  # the config's proxy.balance choices
 
-    def __init__(self, table: WorkerView, policy: str = "round-robin", worker_threads: int = 4,
+    def __init__(self, table: WorkerView, policy: str | None = None, worker_threads: int = 4,
                  clock: Callable[[], float] = time.monotonic, load_factor: float = LOAD_FACTOR) -> None:
         self.table = table
         self.load_factor = load_factor  # consistent-hash's bound (0: none)
@@ -84,11 +86,13 @@ class Balancer:
         self.effective: list[float] = []
         self._total = 0.0
         self._caps: list[int] = []  # threads per worker
+        self._fill: list[int] = []  # threads per worker during its slow start (first)
         self._credit: list[float] = []  # smooth weighted round robin's current weights
         self._ring_version = -1
         self._points: list[int] = []
         self._owners: list[int] = []  # index into table.healthy of each point's worker
-        self.pick = getattr(self, self.POLICIES[policy])
+        self._all_local = True  # every worker in the table is spawned here (the default policy)
+        self.pick = getattr(self, self.POLICIES[policy]) if policy else self._default
 
     # -- weights in effect -------------------------------------------------------------------
     def _stale(self) -> bool:
@@ -114,6 +118,8 @@ class Balancer:
         self.uniform = len(set(effective)) <= 1
         lightest = min((w.weight for w in healthy), default=1)
         self._caps = [self.worker_threads * w.weight // lightest for w in healthy]
+        self._fill = [max(1, int(cap * e / w.weight)) for cap, e, w in zip(self._caps, effective, healthy)]
+        self._all_local = all(w.local for w in self.table)
 
     def _charge(self, index: int) -> None:
         """Smooth weighted round robin's step: every worker earns its weight, the one picked pays
@@ -230,6 +236,33 @@ class Balancer:
             return None
         self._charge(best)
         return healthy[best]
+
+    def _default(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
+        """No policy configured: first while every worker is spawned here (one machine's cores),
+        round robin once any is another host's (an edge spreads the load across its nodes)."""
+        if self._stale():
+            self._refresh()
+        return (self._first if self._all_local else self._round_robin)(path, exclude)
+
+    # -- first ---------------------------------------------------------------------------------
+    def _first(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
+        """HAProxy's `balance first`: the first worker in table order with a thread free. The
+        load stays on as few workers as it needs, hot in cache and awake, instead of waking each of
+        many workers in turn (when workers outnumber the cores, round robin's context switches and
+        cold caches cost more than the request). Every thread busy: the least loaded per thread."""
+        if self._stale():
+            self._refresh()
+        healthy, fill = self.table.healthy, self._fill
+        fallback, least = None, NEVER
+        for i, worker in enumerate(healthy):
+            if exclude and worker in exclude:
+                continue
+            busy = worker.in_flight
+            if busy < fill[i]:
+                return worker
+            if busy / fill[i] < least:
+                fallback, least = worker, busy / fill[i]
+        return fallback
 
     # -- consistent hash -----------------------------------------------------------------------
     def _rebuild_ring(self) -> None:

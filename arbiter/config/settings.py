@@ -137,7 +137,7 @@ class Config:
     worker_base_port: int = setting(_PORT, 9001, "First worker port of the workerCount form.")
     worker_host: str = setting(Host(), "127.0.0.1", "Address the workers of the workerCount form listen on.")
     base_directory: Path = setting(Directory(), REQUIRED, "The directory served (the document root).")
-    threads: int = setting(Integer(1, 1024), 4, "Threads per worker.")
+    threads: int = setting(Integer(1, 1024), 16, "Threads per worker: one serves all its connections, the others stand by to serve beside it while it waits (on a slow disk). Also how many requests a proxy has in flight on a worker before it prefers another with a thread free (proxy.balance): more keeps the load on fewer workers.")
     graceful_timeout: float = setting(Number(3600), 30.0, "Seconds a stopping worker has to finish in-flight requests before it is killed.")
     compress: bool = setting(Boolean(), True, "Compress text, JSON, JavaScript, SVG, XML and wasm files from 1 KiB up to cache.maxFileSize without a precompressed .br/.gz sidecar on the fly (zstd, brotli or gzip, as the client prefers), once per file version, kept in each worker's cache.")
     max_fails: int = setting(Integer(1, 1000), 3, "Proxy connection failures within failTimeout that mark a worker down.")

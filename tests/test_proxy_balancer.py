@@ -265,6 +265,23 @@ def test_least_outstanding_through_the_proxy_avoids_the_busy_worker(workers):
 
 
 @pytest.mark.integration  # starts a server process
+def test_the_default_keeps_requests_on_the_first_worker_until_its_threads_are_taken(workers):
+    p = ProxyThread(workers, proxy=configured(ProxyConfig), front_cache=NO_CACHE, worker_threads=2)
+    with p:
+        first, second = (str(w.port) for w in p.table.healthy)
+        assert {requests.get(p.url + "/echo").json()["worker"] for _ in range(6)} == {first}
+        slow = [threading.Thread(target=requests.get, args=(p.url + "/sleep?s=1.5",)) for _ in range(2)]
+        for t in slow:
+            t.start()
+        wait_until(lambda: p.worker(int(first)).in_flight == 2, message="both slow requests on the first worker")
+        assert {requests.get(p.url + "/echo").json()["worker"] for _ in range(6)} == {second}
+        for t in slow:
+            t.join(10)
+        wait_until(lambda: p.worker(int(first)).in_flight == 0, message="the slow requests answered")
+        assert requests.get(p.url + "/echo").json()["worker"] == first
+
+
+@pytest.mark.integration  # starts a server process
 def test_policy_switch_on_reload(workers):
     p = ProxyThread(workers, front_cache=NO_CACHE)
     with p:

@@ -100,16 +100,12 @@ def test_under_first_a_weight_is_threads_and_a_ramping_worker_takes_its_share_of
     table, ws = weighted([3, 1], slow_start=60.0, clock=clock)
     b = Balancer(table, "first", worker_threads=2, clock=clock)
 
-    def fill() -> list[int]:
-        for w in ws:
-            w.in_flight = 0
-        while True:
-            w = b.pick(b"/")
-            if w.in_flight >= (6, 2)[ws.index(w)]:
-                return [w.in_flight for w in ws]
-            w.in_flight += 1
-
-    assert fill() == [6, 2]  # 3 x 2 threads before the light worker gets any, then its 2
+    placed = []
+    for _ in range(8):
+        w = b.pick(b"/")
+        w.in_flight += 1
+        placed.append(w)
+    assert placed == [ws[0]] * 6 + [ws[1]] * 2  # 3 x 2 threads before the light worker gets any
     table.record_check(ws[0], False)
     clock.now += 5
     table.record_check(ws[0], True)  # back: a twentieth of its threads at first (at least one)

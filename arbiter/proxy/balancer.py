@@ -91,8 +91,9 @@ class Balancer:
         self._ring_version = -1
         self._points: list[int] = []
         self._owners: list[int] = []  # index into table.healthy of each point's worker
-        self._all_local = True  # every worker in the table is spawned here (the default policy)
         self.pick = getattr(self, self.POLICIES[policy]) if policy else self._default
+        # The default's policy for the table as it is (chosen by _refresh, not per request).
+        self._chosen: Callable[[bytes, Collection[WorkerState]], WorkerState | None] = self._first
 
     # -- weights in effect -------------------------------------------------------------------
     def _stale(self) -> bool:
@@ -119,7 +120,7 @@ class Balancer:
         lightest = min((w.weight for w in healthy), default=1)
         self._caps = [self.worker_threads * w.weight // lightest for w in healthy]
         self._fill = [max(1, int(cap * e / w.weight)) for cap, e, w in zip(self._caps, effective, healthy)]
-        self._all_local = all(w.local for w in self.table)
+        self._chosen = self._first if all(w.local for w in self.table) else self._round_robin
 
     def _charge(self, index: int) -> None:
         """Smooth weighted round robin's step: every worker earns its weight, the one picked pays
@@ -242,7 +243,7 @@ class Balancer:
         round robin once any is another host's (an edge spreads the load across its nodes)."""
         if self._stale():
             self._refresh()
-        return (self._first if self._all_local else self._round_robin)(path, exclude)
+        return self._chosen(path, exclude)
 
     # -- first ---------------------------------------------------------------------------------
     def _first(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:

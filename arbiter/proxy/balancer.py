@@ -91,15 +91,21 @@ class Balancer:
         self._ring_version = -1
         self._points: list[int] = []
         self._owners: list[int] = []  # index into table.healthy of each point's worker
-        self.pick = getattr(self, self.POLICIES[policy]) if policy else self._default
-        # The default's policy for the table as it is (chosen by _refresh, not per request).
-        self._chosen: Callable[[bytes, Collection[WorkerState]], WorkerState | None] = self._first
+        # The policy's pick on fresh weights; with none configured, _refresh chooses it for the
+        # table as it is: first while every worker is local, round robin once any is remote (an edge
+        # spreads its load across its nodes).
+        self._policy: Callable[[bytes, Collection[WorkerState]], WorkerState | None] = (
+            getattr(self, self.POLICIES[policy]) if policy else self._first)
+
+    def pick(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
+        """The worker for a request to `path`, none of `exclude` (the ones it already failed on);
+        None when no healthy worker is left. The weights in effect are refreshed here, once."""
+        if (self._weights_generation != self.table.generation
+                or self._refresh_at is not NEVER and self.clock() >= self._refresh_at):
+            self._refresh()
+        return self._policy(path, exclude)
 
     # -- weights in effect -------------------------------------------------------------------
-    def _stale(self) -> bool:
-        return (self._weights_generation != self.table.generation
-                or self._refresh_at is not NEVER and self.clock() >= self._refresh_at)
-
     def _refresh(self) -> None:
         healthy = self.table.healthy
         now = self.clock()
@@ -120,7 +126,8 @@ class Balancer:
         lightest = min((w.weight for w in healthy), default=1)
         self._caps = [self.worker_threads * w.weight // lightest for w in healthy]
         self._fill = [max(1, int(cap * e / w.weight)) for cap, e, w in zip(self._caps, effective, healthy)]
-        self._chosen = self._first if all(w.local for w in self.table) else self._round_robin
+        if self.policy is None:
+            self._policy = self._first if all(w.local for w in self.table) else self._round_robin
 
     def _charge(self, index: int) -> None:
         """Smooth weighted round robin's step: every worker earns its weight, the one picked pays
@@ -136,10 +143,6 @@ class Balancer:
 
     # -- round robin ---------------------------------------------------------------------------
     def _round_robin(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
-        # (_stale() inlined: round robin is the cheapest policy, and a call is a tenth of its cost)
-        if (self._weights_generation != self.table.generation
-                or self._refresh_at is not NEVER and self.clock() >= self._refresh_at):
-            self._refresh()
         if not self.uniform:
             return self._smooth_round_robin(exclude)
         healthy = self.table.healthy
@@ -203,8 +206,6 @@ class Balancer:
 
     # -- least outstanding ---------------------------------------------------------------------
     def _least_outstanding(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
-        if self._stale():
-            self._refresh()
         if not self.uniform:
             return self._weighted_least(exclude)
         healthy = self.table.healthy
@@ -238,21 +239,12 @@ class Balancer:
         self._charge(best)
         return healthy[best]
 
-    def _default(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
-        """No policy configured: first while every worker is spawned here (one machine's cores),
-        round robin once any is another host's (an edge spreads the load across its nodes)."""
-        if self._stale():
-            self._refresh()
-        return self._chosen(path, exclude)
-
     # -- first ---------------------------------------------------------------------------------
     def _first(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
         """HAProxy's `balance first`: the first worker in table order with a thread free. The
         load stays on as few workers as it needs, hot in cache and awake, instead of waking each of
         many workers in turn (when workers outnumber the cores, round robin's context switches and
         cold caches cost more than the request). Every thread busy: the least loaded per thread."""
-        if self._stale():
-            self._refresh()
         healthy, fill = self.table.healthy, self._fill
         fallback, least = None, NEVER
         for i, worker in enumerate(healthy):
@@ -282,8 +274,6 @@ class Balancer:
         self._ring_version = self._weights_version
 
     def _consistent_hash(self, path: bytes, exclude: Collection[WorkerState] = ()) -> WorkerState | None:
-        if self._stale():
-            self._refresh()
         if self._ring_version != self._weights_version:
             self._rebuild_ring()
         points = self._points

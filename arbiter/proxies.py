@@ -135,7 +135,8 @@ class ProxyFleet:
                 "log_format": config.logging.format, "log_level": config.logging.level,
                 "tls": tls_settings(config, self.certificate),
                 "outlier_failures": config.outlier_detection.consecutive_failures,
-                "share_learned": len(self.slots) > 1}  # (proxy/sharing.py: only with another proxy)
+                "share_learned": len(self.slots) > 1,  # (proxy/sharing.py: only with another proxy)
+                "proxies": len(self.slots)}  # (the balancer's lanes: each proxy starts first at its own)
 
     def _table_changed(self) -> None:
         """The worker table changed: push it to every proxy, once per pass of the loop."""

@@ -105,6 +105,24 @@ def test_first_packs_the_load_onto_the_first_workers_with_a_thread_free():
     assert b.pick(b"/", ws) is None
 
 
+def test_first_starts_each_proxy_at_its_own_lane_and_wraps_around_the_table():
+    table, ws = table_of(5)
+    lanes = [Balancer(table, "first", worker_threads=2, lane=(k, 2)) for k in range(2)]
+    assert lanes[0].pick(b"/") is ws[0] and lanes[1].pick(b"/") is ws[2]  # proxy k of 2 at worker k·5/2
+    placed = []
+    for _ in range(7):  # the second proxy fills its lane, then wraps to the start of the table
+        w = lanes[1].pick(b"/")
+        w.in_flight += 1
+        placed.append(w)
+    assert placed == [ws[2]] * 2 + [ws[3]] * 2 + [ws[4]] * 2 + [ws[0]]
+    # The lanes follow the healthy workers: with the first marked down, proxy 2 of 2 starts at
+    # the second of the four left (ws[3]), proxy 1 at the first (ws[1]).
+    for w in ws:
+        w.in_flight = 0
+    table.record_check(ws[0], False)
+    assert lanes[1].pick(b"/") is ws[3] and lanes[0].pick(b"/") is ws[1]
+
+
 def test_the_default_packs_local_workers_and_spreads_over_other_hosts():
     table, ws = table_of(3)
     b = Balancer(table, None)

@@ -188,3 +188,4 @@ def test_only_a_proxy_with_another_beside_it_is_told_to_send_what_it_learns(flee
     assert fleet.settings()["share_learned"] is False
     fleet.slots.append(ProxySlot(fleet, 2))
     assert fleet.settings()["share_learned"] is True
+    assert fleet.settings()["proxies"] == 2  # (each starts the balancer's first at its own lane)

@@ -68,8 +68,11 @@ class Balancer:
                 "consistent-hash": "_consistent_hash", "first": "_first"}  # the config's proxy.balance choices
 
     def __init__(self, table: WorkerView, policy: str | None = None, worker_threads: int = 4,
-                 clock: Callable[[], float] = time.monotonic, load_factor: float = LOAD_FACTOR) -> None:
+                 clock: Callable[[], float] = time.monotonic, load_factor: float = LOAD_FACTOR,
+                 lane: tuple[int, int] = (0, 1)) -> None:
+        """`lane`: (this proxy's place, how many proxies): where first starts in the table."""
         self.table = table
+        self.lane = lane
         self.load_factor = load_factor  # consistent-hash's bound (0: none)
         self.policy = policy
         self.worker_threads = worker_threads
@@ -87,6 +90,7 @@ class Balancer:
         self._total = 0.0
         self._caps: list[int] = []  # threads per worker
         self._fill: list[int] = []  # threads per worker during its slow start (first)
+        self._start = 0  # where first starts in table.healthy: this proxy's lane
         self._credit: list[float] = []  # smooth weighted round robin's current weights
         self._ring_version = -1
         self._points: list[int] = []
@@ -126,6 +130,8 @@ class Balancer:
         lightest = min((w.weight for w in healthy), default=1)
         self._caps = [self.worker_threads * w.weight // lightest for w in healthy]
         self._fill = [max(1, int(cap * e / w.weight)) for cap, e, w in zip(self._caps, effective, healthy)]
+        place, lanes = self.lane
+        self._start = place * len(healthy) // lanes
         if self.policy is None:
             self._policy = self._first if all(w.local for w in self.table) else self._round_robin
 
@@ -244,10 +250,17 @@ class Balancer:
         """HAProxy's `balance first`: the first worker in table order with a thread free. The
         load stays on as few workers as it needs, hot in cache and awake, instead of waking each of
         many workers in turn (when workers outnumber the cores, round robin's context switches and
-        cold caches cost more than the request). Every thread busy: the least loaded per thread."""
+        cold caches cost more than the request). Every thread busy: the least loaded per thread.
+        Each proxy starts at its own lane of the table (proxy k of P at worker k·N/P), so that
+        the proxies do not all queue on the same worker while the one after it idles."""
         healthy, fill = self.table.healthy, self._fill
         fallback, least = None, NEVER
-        for i, worker in enumerate(healthy):
+        n = len(healthy)
+        start = self._start
+        for i in range(start, start + n):
+            if i >= n:
+                i -= n
+            worker = healthy[i]
             if exclude and worker in exclude:
                 continue
             busy = worker.in_flight

@@ -77,7 +77,8 @@ class ProxyProcess:
         if self._stop.done():
             return 0
         proxy = self.proxy = Proxy(self.table, ProxyConfig(**first["proxy"]), FrontCacheConfig(**first["front_cache"]),
-                                   first["threads"], first["ttl"], self.counters, os.environ.get(TOKEN_ENV))
+                                   first["threads"], first["ttl"], self.counters, os.environ.get(TOKEN_ENV),
+                                   self._lane(first))
         self.outbox = Outbox(loop, self.channel)
         self._apply(first)
         for sig, now in ((signal.SIGTERM, False), (signal.SIGINT, True), (signal.SIGQUIT, True)):
@@ -131,12 +132,17 @@ class ProxyProcess:
         else:
             log.warning("proxy %d: unknown control message %r", self.index, op)
 
+    def _lane(self, settings: Message) -> tuple[int, int]:
+        """(this proxy's place, how many proxies): proxy 1 of 2 is (0, 2)."""
+        lanes = max(1, settings["proxies"])
+        return (self.index - 1) % lanes, lanes
+
     def _apply(self, settings: Message) -> None:
         """Take (new) settings: the proxy's, the logs', the access log's."""
         proxy = self.proxy
         worker_logs.configure(settings["log_format"], settings["log_level"])
         proxy.configure(ProxyConfig(**settings["proxy"]), FrontCacheConfig(**settings["front_cache"]),
-                        settings["threads"], settings["ttl"])
+                        settings["threads"], settings["ttl"], self._lane(settings))
         proxy.timing = proxy.latency.counts if settings["timing"] else None
         if proxy.tls.configure(settings.get("tls")):
             proxy.relisten()  # new handshakes get the new certificate; open connections go on

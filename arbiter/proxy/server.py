@@ -60,13 +60,14 @@ class Proxy:
 
     def __init__(self, table: WorkerView, config: ProxyConfig, front_cache: FrontCacheConfig,
                  worker_threads: int, revalidate_after: float, counters: Counters | None = None,
-                 handoff_token: str | None = None) -> None:
+                 handoff_token: str | None = None, lane: tuple[int, int] = (0, 1)) -> None:
         """`config` and `front_cache`: the config's sections; `worker_threads`: each worker's
         (the balancer's idea of a busy worker); `revalidate_after`: the workers' cache TTL (a
         stored response is checked with a worker once older); `counters`: where to count (a
         proxy process: memory the master reads), private memory by default; `handoff_token`:
         the secret with which local workers are asked to name file bodies rather than send
-        them (fileapp.handoff), None to relay every body."""
+        them (fileapp.handoff), None to relay every body; `lane`: (this proxy's place, how many
+        proxies), where the balancer's first starts in the table."""
         self.table = table
         self.handoff_line = b"X-Gows-Handoff: %s\r\n" % handoff_token.encode() if handoff_token else None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -74,7 +75,9 @@ class Proxy:
         self.conns: set[ClientProtocol] = set()
         self.cache: FrontCache | None = None
         self.front_cache = front_cache
-        self.balancer = Balancer(table, config.balance, worker_threads, load_factor=config.hash_balance_factor)
+        self.lane = lane
+        self.balancer = Balancer(table, config.balance, worker_threads, load_factor=config.hash_balance_factor,
+                                 lane=lane)
         self.outliers = Outliers(table)  # its threshold: outlierDetection.consecutiveFailures (0: off)
         self.clock = time.monotonic()
         self.date_line = b""
@@ -121,16 +124,18 @@ class Proxy:
         # Called with each file entry stored from a worker's answer (sharing.py): the proxy
         # process sends them to the other proxies; None: kept to this proxy.
         self.share: Callable[[Learned], None] | None = None
-        self.configure(config, front_cache, worker_threads, revalidate_after)
+        self.configure(config, front_cache, worker_threads, revalidate_after, lane)
 
     def configure(self, config: ProxyConfig, front_cache: FrontCacheConfig, worker_threads: int,
-                  revalidate_after: float) -> None:
+                  revalidate_after: float, lane: tuple[int, int] = (0, 1)) -> None:
         """Take (new) settings, as at a reload: open connections keep working."""
         self.config = config
-        if ((config.balance, worker_threads, config.hash_balance_factor)
-                != (self.balancer.policy, self.balancer.worker_threads, self.balancer.load_factor)):
+        self.lane = lane
+        if ((config.balance, worker_threads, config.hash_balance_factor, self.lane)
+                != (self.balancer.policy, self.balancer.worker_threads, self.balancer.load_factor,
+                    self.balancer.lane)):
             self.balancer = Balancer(self.table, config.balance, worker_threads,
-                                     load_factor=config.hash_balance_factor)
+                                     load_factor=config.hash_balance_factor, lane=self.lane)
         # What the settings imply, worked out once here rather than per request:
         self.max_connections = min(config.max_connections, self.fd_cap)
         self.head_limit = config.max_request_line + config.max_header_bytes + 4096  # raw head bytes read

@@ -49,7 +49,7 @@ def test_seed_config_of_the_proof_of_concept_loads_unchanged(site):
     assert c.listen == cfg.Address("127.0.0.1", 9090)
     assert [(w.host, w.port, w.local) for w in c.workers] == [("127.0.0.1", 9000, True), ("127.0.0.1", 9001, True)]
     assert c.base_directory == (site / "www").resolve()
-    assert c.threads == 16 and c.proxy.balance is None and c.health_check.path == "/healthcheck" and c.pidfile is None
+    assert c.threads == 64 and c.proxy.balance is None and c.health_check.path == "/healthcheck" and c.pidfile is None
 
 
 def test_shorthand_defaults_and_relative_paths(site):

@@ -73,6 +73,20 @@ def test_headers_given_as_lists_are_checked_without_being_remembered(peers):
     assert b"Content-Type: text/plain" in head_lines(data) and data.endswith(b"hello")
 
 
+def test_each_of_a_few_thousand_files_has_its_head_checked_once(peers, monkeypatch):
+    """The heads of the 4096 files of `make bench`'s many-files load, served round and round."""
+    monkeypatch.setattr(response_mod, "_prepared", {})
+    monkeypatch.setattr(response_mod, "_heads", {})
+    prepared = []
+    prepare = response_mod._prepare
+    monkeypatch.setattr(response_mod, "_prepare", lambda headers: prepared.append(1) or prepare(headers))
+    lists = [[("Content-Length", "5"), ("ETag", f'"v{i}"')] for i in range(4096)]
+    for _ in range(2):
+        for headers in lists:
+            assert answer(peers, "200 OK", headers).endswith(b"\r\n\r\nhello")
+    assert len(prepared) == len(lists)
+
+
 def test_the_memory_of_header_lists_is_bounded(peers):
     for i in range(response_mod._PREPARED_LIMIT + 10):
         resp = Response(SimpleNamespace(method="GET", version=(1, 1), keep_alive=True), peers[0])

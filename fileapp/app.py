@@ -221,6 +221,8 @@ class FileApp:
                     return self._serve_ranges(start_response, rep, body, fd, ranges, head,
                                               environ)
         if not head and rep.size >= MIN_SIZE:
+            if rep.path is not None and self._from_proxy(environ):
+                return self._hand_off_whole(start_response, rep, fd)
             handoff = self._handoff_header(environ, rep, rep.headers, 0, rep.size)
             if handoff is not None:
                 return self._hand_off(start_response, "200 OK", rep.headers, fd, handoff)
@@ -262,6 +264,19 @@ class FileApp:
         if fd is not None:
             os.close(fd)
         start_response(status, handed_off_head(headers, handoff))
+        return []
+
+    @staticmethod
+    def _hand_off_whole(start_response: Callable, rep: Rep, fd: int | None) -> Iterable[bytes]:
+        """Hand gows' proxy the whole body of `rep`: a head made once per representation, as
+        its file, identity and headers do not change while it lives."""
+        if fd is not None:
+            os.close(fd)
+        headers = rep.handed_off
+        if headers is None:
+            headers = rep.handed_off = handed_off_head(rep.headers, (FILE_HEADER, file_header(
+                rep.path, rep.dev, rep.ino, rep.size, rep.mtime_ns, 0, rep.size, rep.directory)))
+        start_response("200 OK", list(headers))
         return []
 
     def _serve_ranges(self, start_response: Callable, rep: Rep, body: bytes | None,

@@ -60,6 +60,7 @@ class Rep:
     __slots__ = (
         "path", "dev", "ino", "size", "mtime_ns", "mtime", "etag", "body", "type",
         "headers", "not_modified", "common", "cache_control", "extra", "digest", "directory",
+        "handed_off",
     )
 
     def __init__(self, path: str | None, st: os.stat_result | FileVersion, body: bytes | None,
@@ -87,6 +88,8 @@ class Rep:
         self.cache_control = cache_control
         self.extra = extra
         self.digest: int | None = None  # CRC-32 of body, computed when first needed
+        # The head of a 200 whose whole body gows' proxy sends (fileapp.handoff), made when first needed.
+        self.handed_off: list[tuple[str, str]] | None = None
         # Headers every response about this representation carries (200, 206, 304, 416).
         self.not_modified = [("ETag", f'"{self.etag}"'), ("Cache-Control", cache_control)]
         if vary:

@@ -218,3 +218,19 @@ def test_with_a_token_the_worker_keeps_no_bytes_of_files_it_hands_off(root):
     assert client.get("/small.txt").data == b"small\n"
     assert app.cache.get("/big.bin").identity.body is None
     assert app.cache.get("/small.txt").identity.body == b"small\n"
+
+
+def test_the_head_of_a_whole_file_handed_off_is_made_once_per_version(root, monkeypatch):
+    from fileapp import app as app_module
+    made = []
+    real = app_module.file_header
+    monkeypatch.setattr(app_module, "file_header", lambda *args: made.append(args) or real(*args))
+    client = Client(create_app(str(root), handoff_token=TOKEN, cache_ttl=60))
+    first, second = (client.get("/big.bin", headers=ASK) for _ in range(2))
+    assert len(made) == 1 and first.headers == second.headers and ref_of(second).count == len(BIG)
+    assert client.get("/big.bin").data == BIG  # a client without the secret gets the bytes all the same
+    (root / "big.bin").write_bytes(BIG[::-1])  # a new version (size kept): a new head, naming it
+    os.utime(root / "big.bin", ns=(1, 1))
+    client.application.cache.clear()
+    third = client.get("/big.bin", headers=ASK)
+    assert len(made) == 2 and ref_of(third).mtime_ns == 1 and third.headers["ETag"] != first.headers["ETag"]

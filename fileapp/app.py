@@ -221,11 +221,9 @@ class FileApp:
                     return self._serve_ranges(start_response, rep, body, fd, ranges, head,
                                               environ)
         if not head and rep.size >= MIN_SIZE:
-            if rep.path is not None and self._from_proxy(environ):
-                return self._hand_off_whole(start_response, rep, fd)
-            handoff = self._handoff_header(environ, rep, rep.headers, 0, rep.size)
-            if handoff is not None:
-                return self._hand_off(start_response, "200 OK", rep.headers, fd, handoff)
+            handed_off = self._handed_off_head(environ, rep, rep.headers, 0, rep.size, whole=True)
+            if handed_off is not None:
+                return self._hand_off(start_response, "200 OK", handed_off, fd)
         start_response("200 OK", list(rep.headers))
         if head:
             if fd is not None:
@@ -235,21 +233,28 @@ class FileApp:
             return (body,)
         return self._file_body(environ, fd, 0, rep.size)
 
-    def _handoff_header(self, environ: dict, rep: Rep, headers: list[tuple[str, str]],
-                        start: int, count: int) -> tuple[str, str] | None:
-        """The header handing this GET's body (`count` bytes of `rep` from `start`, at least
+    def _handed_off_head(self, environ: dict, rep: Rep, headers: list[tuple[str, str]],
+                         start: int, count: int, whole: bool = False) -> list[tuple[str, str]] | None:
+        """The head handing this GET's body (`count` bytes of `rep` from `start`, at least
         MIN_SIZE) to the server in front, or None to send it here: gows' proxy when it asks
         with its secret, else nginx or Apache when configured and they may (SendfileHeader).
-        A body compressed on the fly has no file (path None): it is always sent from here."""
+        A body compressed on the fly has no file (path None): it is always sent from here.
+        `whole`: the 200 of the whole file, whose head for gows' proxy is made once per
+        representation (its file, identity and headers do not change while it lives)."""
         if rep.path is None:
             return None
         if self._from_proxy(environ):
-            return FILE_HEADER, file_header(rep.path, rep.dev, rep.ino, rep.size, rep.mtime_ns,
-                                            start, count, rep.directory)
+            if whole and rep.handed_off is not None:
+                return list(rep.handed_off)  # (each answer its own list: the app's caller may change it)
+            handed_off = handed_off_head(headers, (FILE_HEADER, file_header(
+                rep.path, rep.dev, rep.ino, rep.size, rep.mtime_ns, start, count, rep.directory)))
+            if whole:
+                rep.handed_off = list(handed_off)
+            return handed_off
         sendfile = self._sendfile
         if sendfile is None or count != rep.size or not sendfile.takes(environ, headers):
             return None
-        return sendfile.header(rep.path)
+        return handed_off_head(headers, sendfile.header(rep.path))
 
     def _from_proxy(self, environ: dict) -> bool:
         """Whether the request comes from gows' proxy, which sends file bodies itself."""
@@ -258,25 +263,12 @@ class FileApp:
                 and hmac.compare_digest(token.encode("latin-1"), self._handoff_token))
 
     @staticmethod
-    def _hand_off(start_response: Callable, status: str, headers: list[tuple[str, str]],
-                  fd: int | None, handoff: tuple[str, str]) -> Iterable[bytes]:
-        """Answer with the head alone and the header naming the body the server in front sends."""
+    def _hand_off(start_response: Callable, status: str, head: list[tuple[str, str]],
+                  fd: int | None) -> Iterable[bytes]:
+        """Answer with `head` alone: the server in front sends the body it names."""
         if fd is not None:
             os.close(fd)
-        start_response(status, handed_off_head(headers, handoff))
-        return []
-
-    @staticmethod
-    def _hand_off_whole(start_response: Callable, rep: Rep, fd: int | None) -> Iterable[bytes]:
-        """Hand gows' proxy the whole body of `rep`: a head made once per representation, as
-        its file, identity and headers do not change while it lives."""
-        if fd is not None:
-            os.close(fd)
-        headers = rep.handed_off
-        if headers is None:
-            headers = rep.handed_off = handed_off_head(rep.headers, (FILE_HEADER, file_header(
-                rep.path, rep.dev, rep.ino, rep.size, rep.mtime_ns, 0, rep.size, rep.directory)))
-        start_response("200 OK", list(headers))
+        start_response(status, head)
         return []
 
     def _serve_ranges(self, start_response: Callable, rep: Rep, body: bytes | None,
@@ -300,10 +292,9 @@ class FileApp:
                 ("Content-Length", str(stop - start)),
             ]
             if not head and stop - start >= MIN_SIZE:
-                handoff = self._handoff_header(environ, rep, headers, start, stop - start)
-                if handoff is not None:
-                    return self._hand_off(start_response, "206 Partial Content", headers, fd,
-                                          handoff)
+                handed_off = self._handed_off_head(environ, rep, headers, start, stop - start)
+                if handed_off is not None:
+                    return self._hand_off(start_response, "206 Partial Content", handed_off, fd)
             start_response("206 Partial Content", headers)
             if head:
                 if fd is not None:

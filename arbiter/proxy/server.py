@@ -75,7 +75,6 @@ class Proxy:
         self.conns: set[ClientProtocol] = set()
         self.cache: FrontCache | None = None
         self.front_cache = front_cache
-        self.lane = lane
         self.balancer = Balancer(table, config.balance, worker_threads, load_factor=config.hash_balance_factor,
                                  lane=lane)
         self.outliers = Outliers(table)  # its threshold: outlierDetection.consecutiveFailures (0: off)
@@ -130,12 +129,11 @@ class Proxy:
                   revalidate_after: float, lane: tuple[int, int] = (0, 1)) -> None:
         """Take (new) settings, as at a reload: open connections keep working."""
         self.config = config
-        self.lane = lane
-        if ((config.balance, worker_threads, config.hash_balance_factor, self.lane)
+        if ((config.balance, worker_threads, config.hash_balance_factor, lane)
                 != (self.balancer.policy, self.balancer.worker_threads, self.balancer.load_factor,
                     self.balancer.lane)):
             self.balancer = Balancer(self.table, config.balance, worker_threads,
-                                     load_factor=config.hash_balance_factor, lane=self.lane)
+                                     load_factor=config.hash_balance_factor, lane=lane)
         # What the settings imply, worked out once here rather than per request:
         self.max_connections = min(config.max_connections, self.fd_cap)
         self.head_limit = config.max_request_line + config.max_header_bytes + 4096  # raw head bytes read

@@ -37,7 +37,8 @@ BATCH_TIME = 0.002
 # of CPU a request, against 13k and 80 us with one serving). One thread standing by looks every
 # STANDBY seconds whether the serving one has been on its batch that long (a slow disk, a
 # request body that does not come): it then serves beside it until that one is back, and the
-# next one standing by takes the watch.
+# next one standing by takes the watch. While nothing is served it sleeps until a batch is
+# taken: an idle worker wakes only its main thread, once a SWEEP_INTERVAL.
 STANDBY = 0.25
 # How often the main thread closes connections that have been idle too long.
 SWEEP_INTERVAL = 1.0
@@ -122,6 +123,10 @@ class GowsThreadWorker(ThreadWorker):
         self._serving = threading.Lock()  # held for good by the serving thread (STANDBY)
         self._watch = threading.Lock()  # held by the thread standing by that watches it
         self._serving_since = 0.0  # when the serving thread took its batch; 0.0: none
+        # Set by the serving thread when it takes a batch while the watcher sleeps (its
+        # `_watcher_idle`) until something is served: an idle worker wakes no thread to look.
+        self._batch_taken = threading.Event()
+        self._watcher_idle = False
         super().init_process()
 
     def set_draining(self) -> None:
@@ -174,6 +179,7 @@ class GowsThreadWorker(ThreadWorker):
             self._close_idle()
         self._stopped = True
         os.write(self._wake_w, b"x")
+        self._batch_taken.set()
         for thread in threads:
             thread.join(0.5)
         for listener in self.sockets:
@@ -267,6 +273,8 @@ class GowsThreadWorker(ThreadWorker):
             started = time.monotonic()
             if mine:
                 self._serving_since = started
+                if self._watcher_idle:
+                    self._batch_taken.set()
             while pending:
                 fd, conn = pending.popleft()
                 with lock:
@@ -299,7 +307,17 @@ class GowsThreadWorker(ThreadWorker):
             while not self._stopped:
                 if self._stuck():
                     return True
-                time.sleep(STANDBY)
+                if self._serving_since != 0.0:
+                    time.sleep(STANDBY)
+                    continue
+                # Nothing is being served: sleep until a batch is taken. (The flag is up before
+                # the second look, and the serving thread sets `_serving_since` before it looks
+                # at the flag: one of the two sees the other.)
+                self._batch_taken.clear()
+                self._watcher_idle = True
+                if self._serving_since == 0.0 and not self._stopped:
+                    self._batch_taken.wait()
+                self._watcher_idle = False
         return False
 
     def _hand_back(self) -> None:

@@ -414,6 +414,27 @@ def test_a_new_connection_wakes_one_serving_thread_not_all_of_them(tmp_path):
         stop_process(proc)
 
 
+def test_an_idle_worker_does_not_wake_its_threads_several_times_a_second(tmp_path):
+    (tmp_path / "a.txt").write_bytes(b"a")
+    proc, port = start_worker(tmp_path, "--threads", "8")
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"GET /a.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert Responses(c).next()[2] == b"a"
+            assert c.recv(1) == b""  # closed: the worker holds no connection any more
+        # (each thread's first wait counts one: all 8 serving threads and the main one are up)
+        wait_until(lambda: len(os.listdir(f"/proc/{proc.pid}/task")) == 9, message="threads started")
+        before = sleeps(proc.pid)
+        time.sleep(3.0)  # (idleness is what is measured: nothing to wait for instead)
+        per_second = (sleeps(proc.pid) - before) / 3.0
+        # The main thread's sweep wakes once a second. The thread standing by by the serving one
+        # looked whether it was stuck 4 times a second, idle or not: with a hundred workers,
+        # 400 wake-ups a second of a machine serving nothing.
+        assert per_second < 2.0, per_second
+    finally:
+        stop_process(proc)
+
+
 # -- slow readers: a response the client does not take holds no serving thread -----------------
 
 SPARSE = 200 * 1024 * 1024

@@ -24,6 +24,9 @@ from .state import WorkerState, WorkerTable
 log = logging.getLogger("gows.health")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])[ \r\n]")
 SHORTAGE_REPORT_INTERVAL = 10.0  # seconds between two warnings about skipped checks at most
+# A worker that is not up (starting, or down) is checked at least this often, so that it passes
+# its `rise` checks within seconds, and a local one within its boot timeout, whatever the interval.
+DOWN_INTERVAL = 1.0
 
 
 class ProbeSkipped(Exception):
@@ -63,7 +66,8 @@ async def _probe(host: str, port: int, path: str) -> str | None:
 
 
 class HealthChecker:
-    """One checking task per worker in the table: probe every `interval`, record the result.
+    """One checking task per worker in the table: probe every `interval` (every DOWN_INTERVAL
+    at most while the worker is not up), record the result.
 
     Local workers with no running process are skipped (nothing would answer); a result is
     dropped when the worker's process changed while the probe was in flight or the worker is
@@ -145,7 +149,8 @@ class HealthChecker:
                 continue
             waiter = asyncio.ensure_future(kick.wait())
             try:  # (asyncio.wait, unlike wait_for, never swallows a cancellation)
-                await asyncio.wait((waiter,), timeout=self.settings.interval)
+                interval = self.settings.interval
+                await asyncio.wait((waiter,), timeout=interval if worker.up else min(interval, DOWN_INTERVAL))
             finally:
                 waiter.cancel()
 

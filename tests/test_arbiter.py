@@ -63,6 +63,17 @@ def test_n_workers_come_up_and_pass_health_checks(masters, tmp_path, site):
     assert len([p for p in children(m.pid) if title(p).startswith("gows: worker")]) == 3
 
 
+def test_a_check_interval_longer_than_the_boot_timeout_still_lets_a_worker_come_up(masters, tmp_path, site):
+    port = free_port()
+    config = base_config(site, free_port(), [port])
+    config["healthCheck"].update(interval=60, bootTimeout=10)  # rise 2: two passes 60s apart
+    m = start(masters, tmp_path, config)
+    m.wait_workers([port])
+    m.wait_log(r"worker 127\.0\.0\.1:\d+ is up", timeout=10)
+    assert requests.get(f"http://127.0.0.1:{m.port}/a.txt", timeout=10).text == "alpha\n"
+    assert m.count("did not become healthy") == 0
+
+
 def test_a_request_sent_while_the_workers_still_start_is_served_not_refused(masters, tmp_path, site):
     """The listener is bound before anything else starts: a client that connects at once waits
     (in the backlog, then held by a proxy) until a worker is up, as in front of gunicorn's

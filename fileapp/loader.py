@@ -66,8 +66,6 @@ class EntryLoader:
         if isinstance(immutable_pattern, str):
             immutable_pattern = re.compile(immutable_pattern)
         self.immutable = immutable_pattern
-        # Entries whose time in the cache is up, kept for the cheap check (bounded in bytes).
-        self._expired: LRUCache = LRUCache(max(cache.max_bytes // 4, 1), getsizeof=lambda e: e.nbytes)
         self._lock = threading.Lock()
 
     def load(self, path: str, recheck: bool = True) -> Entry | None:
@@ -76,17 +74,12 @@ class EntryLoader:
         parts = split_url_path(path)
         if parts is None:
             return None
-        if recheck and self.cache.enabled:
-            with self._lock:
-                old = self._expired.get(path)
-            if old is not None and self._unchanged(parts, old):
-                self.cache.put(path, old)
+        if recheck and self.cache.enabled and not path.endswith("/"):
+            old = self.cache.stale(path)
+            if old is not None and _described_only(old) and self._unchanged(parts, old):
+                self.cache.refresh(path, old)
                 return old
-        entry = self._resolve(path, parts)
-        if entry is not None and _described_only(entry) and not path.endswith("/") and self.cache.enabled:
-            with self._lock:
-                self._expired[path] = entry
-        return entry
+        return self._resolve(path, parts)
 
     def _unchanged(self, parts: list[str], entry: Entry) -> bool:
         """Whether the file at `parts` and its sidecars are still those of `entry`."""

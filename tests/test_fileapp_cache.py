@@ -251,6 +251,35 @@ def test_concurrent_requests_stay_consistent_while_files_change(tmp_path):
     assert stats["bytes"] <= 30_000
 
 
+def test_every_expired_entry_the_cache_holds_gets_the_cheap_check(tmp_path):
+    """Entries whose time is up stay in the cache (within its byte bound) until checked: a
+    site of many big files is rechecked with stats, not resolved anew, however many there are
+    (a side table of expired entries held a quarter of the bound: the rest were resolved)."""
+    root = tmp_path / "site"
+    root.mkdir()
+    names = [f"f{i:02d}.bin" for i in range(40)]
+    for name in names:
+        (root / name).write_bytes(name.encode() * 500)
+    now = [0.0]
+    app = create_app(str(root), cache_ttl=1, cache_max_bytes=64 * 1024, cache_max_file_size=1000)
+    app.cache = app.loader.cache = ResponseCache(1, 64 * 1024, timer=lambda: now[0])
+    opened = []
+    real_open = app.resolver.open
+    app.resolver.open = lambda parts: opened.append(parts) or real_open(parts)
+    c = Client(app)
+    for name in names:
+        assert c.get("/" + name).data == name.encode() * 500
+    assert app.cache.stats()["entries"] == 40 and app.cache.stats()["bytes"] <= 64 * 1024
+    resolved = len(opened)
+    for _ in range(3):
+        now[0] += 2  # past the TTL
+        for name in names:
+            assert c.get("/" + name).data == name.encode() * 500
+    assert len(opened) == resolved
+    stats = app.cache.stats()
+    assert stats["expirations"] == 3 * 40 and stats["entries"] == 40
+
+
 def test_an_expired_streamed_entry_is_kept_after_one_cheap_check(tmp_path):
     """Past its TTL an entry of a file served from disk is checked with stats, not resolved
     anew, while the file and its sidecars are unchanged; any change is seen."""

@@ -107,6 +107,24 @@ def test_a_named_file_is_sent_by_the_proxy_with_the_workers_head(proxy, namer):
     assert proxy.stats()["file_bodies"] == 1
 
 
+def test_a_file_named_again_the_same_way_is_not_parsed_again(proxy, namer, monkeypatch):
+    from arbiter.proxy import filebody, relay
+    parsed = []
+
+    def counting(value):
+        parsed.append(value)
+        return handoff.parse_file_header(value)
+    for module in (relay, filebody):
+        monkeypatch.setattr(module, "parse_file_header", counting, raising=False)
+    for _ in range(5):
+        status, _, body = get(proxy.port)
+        assert status == 200 and body == BODY
+    assert len(parsed) == 1  # (a tenth of the proxy's time per body on a site of many files)
+    namer.range = (1000, 70000)  # another value: parsed, and its range sent
+    namer.status = 206
+    assert get(proxy.port)[2] == BODY[1000:71000] and len(parsed) == 2
+
+
 def test_a_named_range_is_sent_from_its_offset(proxy, namer):
     namer.status = 206
     namer.range = (1000, 70000)

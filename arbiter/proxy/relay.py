@@ -13,12 +13,12 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fileapp.handoff import FileRef, parse_file_header
+from fileapp.handoff import FileRef
 
 from ..state import WorkerState
 from .cache import Entry, freshness
 from .counters import FILE_REFUSED, NO_WORKER, RETRIES, STALE_RETRIES, TRUNCATED, UPSTREAM_ERRORS, WORKERS
-from .filebody import open_file
+from .filebody import file_ref, open_file
 from .http1 import (CONN_CLOSE, CONN_KEEP, CRLF, GET, HEAD, IDEMPOTENT, LAST_CHUNK, R_AGE, R_CC, R_CL,
                     R_CONNECTION, R_DROP, R_FILE, R_FWD, R_NOSTORE, R_TE, R_VARY, R_VIA, RESPONSE_HEADERS,
                     SAFE, SEP, TE_CHUNKED, VIA_SELF, drop_named, status_line)
@@ -307,7 +307,7 @@ class Relay:
     def _take_file(self, named: bytes, cl: bytes | None) -> bool:
         """Open the file a worker named for the body and check it is the one the worker saw;
         False (and ask again, for the bytes) when it is not (fileapp.handoff)."""
-        ref = parse_file_header(named)
+        ref = file_ref(named)
         fd = open_file(ref) if ref is not None and cl == b"0" else None
         if fd is None:
             self.proxy.counts[FILE_REFUSED] += 1

@@ -35,6 +35,14 @@ from .tls import CertificateInfo, host_names
 
 log = logging.getLogger("gows.proxies")
 ACK_TIMEOUT = 5.0  # seconds to wait for every proxy to confirm a purge
+# Proxies accept from one shared socket, and the first to wake takes every connection waiting:
+# a burst of keep-alive clients (wrk -c8, a load balancer's pool) can end up all on one proxy,
+# which then serves them on one core while the others idle. Every BALANCE_INTERVAL at most, a
+# proxy holding BALANCE_SLACK of all client connections more than the least busy one (and at
+# least BALANCE_MIN more) is told to hand half the difference over (Proxy.hand_over).
+BALANCE_INTERVAL = 1.0
+BALANCE_SLACK = 0.2
+BALANCE_MIN = 2
 
 
 def process_count(config: Config) -> int:
@@ -113,6 +121,7 @@ class ProxyFleet:
         self.changed = asyncio.Event()  # some slot became ready
         self._background: set[asyncio.Future] = set()
         self.purge_seq = 0  # the last front cache purge sent
+        self._balanced_at = 0.0  # when a proxy was last told to hand clients over
         self._push_pending = False
         self.serving = True  # False while the master is a lame duck (its health path answers 503)
         self.health_asked_at: float | None = None  # monotonic time a proxy last saw its health path asked
@@ -179,6 +188,22 @@ class ProxyFleet:
             # (only a help: a proxy not keeping up with its channel is spared it)
             if slot is not sender and channel is not None and channel.backlog < SHARE_BACKLOG:
                 channel.write(line)
+
+    def balance(self) -> None:
+        """Tell the proxy holding the most client connections to hand some over, when the
+        proxies' shares are uneven (see BALANCE_INTERVAL)."""
+        now = time.monotonic()
+        if now - self._balanced_at < BALANCE_INTERVAL:
+            return
+        held = [(slot.counters.get("client_connections"), slot) for slot in self.slots if slot.ready]
+        if len(held) < 2:
+            return
+        most, busiest = max(held, key=lambda pair: pair[0])
+        least = min(count for count, _ in held)
+        if most - least < max(BALANCE_MIN, BALANCE_SLACK * sum(count for count, _ in held)):
+            return
+        self._balanced_at = now
+        busiest.send({"op": "hand_over", "clients": (most - least) // 2})
 
     def sum_in_flight(self) -> None:
         for worker in self.table:

@@ -210,6 +210,7 @@ class ProxySlot:
         if self.in_flight:
             self.in_flight.clear()
             self.fleet.sum_in_flight()
+        self.fleet.balance()
 
     async def _end(self, inc: Incarnation) -> None:
         """Stop the incarnation: it was sent TERM or QUIT by stop(); KILL if it outstays its time."""
@@ -264,6 +265,7 @@ class ProxySlot:
             in_flight[(host, port)] = busy
         self.in_flight = in_flight
         self.fleet.sum_in_flight()
+        self.fleet.balance()
         self.access_log = AccessLogState(**message["access_log"])
         checks = self.counters.values[HEALTH_CHECKS]
         if checks != self._health_checks:  # someone (an edge) checks this master: see Arbiter._lame_duck

@@ -59,6 +59,47 @@ def test_each_proxy_is_a_titled_child_of_the_master_and_connections_spread_over_
     assert min(shares.values()) >= sent / 2 / 3, shares  # none under a third of its share
 
 
+def test_keep_alive_clients_all_on_one_proxy_are_spread_over_both(masters, tmp_path, site):
+    """A burst of keep-alive connections may all be accepted by one proxy (the first to wake
+    takes every connection waiting); the master has it hand half over, by closing them after
+    a response that says so: the clients reconnect through the other proxy, and no request fails."""
+    import http.client
+    a = served(masters, tmp_path, site, processes=2)
+    second = a.master.proxies()[2]
+    os.kill(second, signal.SIGSTOP)  # (a stopped proxy accepts nothing: the first takes them all)
+    try:
+        clients = [http.client.HTTPConnection("127.0.0.1", a.port, timeout=10) for _ in range(8)]
+        for c in clients:
+            c.request("GET", "/a.txt")
+            assert c.getresponse().read() == b"alpha\n"
+        wait_until(lambda: [p["client_connections"] for p in a.json()["proxies"]] == [8, 0], timeout=10,
+                   message="all 8 connections on the first proxy")
+    finally:
+        os.kill(second, signal.SIGCONT)
+    stop, statuses = threading.Event(), []
+
+    def keep_asking(c: http.client.HTTPConnection) -> None:
+        while not stop.is_set():  # (a connection closed after a response is opened again)
+            c.request("GET", "/a.txt")
+            r = c.getresponse()
+            statuses.append((r.status, r.read()))
+            stop.wait(0.01)
+
+    threads = [threading.Thread(target=keep_asking, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: min(p["client_connections"] for p in a.json()["proxies"]) >= 3, timeout=15,
+                   message="the connections spread over both proxies")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+        for c in clients:
+            c.close()
+    assert statuses and set(statuses) == {(200, b"alpha\n")}
+
+
 def test_a_proxy_killed_with_sigkill_is_respawned_within_a_second_and_no_count_is_lost(masters, tmp_path, site):
     a = served(masters, tmp_path, site, processes=2)
     assert many(a.port, 500) == [200] * 500

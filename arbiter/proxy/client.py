@@ -34,7 +34,7 @@ class ClientProtocol(RequestReader):
     with an error of the proxy's own, or through a Relay to a worker."""
 
     __slots__ = ("relay", "eof", "write_paused", "stall_since", "peer", "pumping", "idle_since", "sender",
-                 "sending", "accepted", "full")
+                 "sending", "accepted", "full", "leaving")
     scheme = PLAIN_SCHEME  # as workers are told it (X-Forwarded-Proto)
     sender_class: type[BodySender] = FileSender  # what sends a file body (sendfile to the socket: not over TLS)
 
@@ -51,6 +51,7 @@ class ClientProtocol(RequestReader):
         self.sending: tuple[Request, bool] | None = None  # its request, and whether to keep alive after
         self.full = False  # between the transport's pause_writing and resume_writing
         self.accepted = proxy.clock  # the TLS handshake, if any, counts against the head's deadline
+        self.leaving = False  # handed over to another proxy (Proxy.hand_over): close after a response
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:
@@ -146,6 +147,9 @@ class ClientProtocol(RequestReader):
 
     def _serve(self, req: Request) -> None:
         self.current = req
+        if self.leaving and len(self.queue) == 1:  # (not with pipelined requests behind it)
+            req.keep_alive = False  # its answer says Connection: close; the client comes back elsewhere
+            self.no_more = True
         if req.error:
             self.respond_error(req, req.error)
             return

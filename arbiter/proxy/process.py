@@ -126,6 +126,9 @@ class ProxyProcess:
         elif op == "serving":
             if self.proxy is not None:
                 self.proxy.serving = message["serving"]
+        elif op == "hand_over":  # (ProxyFleet.balance)
+            if self.proxy is not None:
+                self.proxy.hand_over(message["clients"])
         elif op == "reopen":
             if self.access_log is not None:
                 self.access_log.reopen()

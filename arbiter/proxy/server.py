@@ -53,6 +53,12 @@ IDLE_GRACE = 1.0
 SHED_CHECK = 0.5
 SHED_LOOKS = 4
 SHED_LOOK_GAP = 0.05
+# Seconds a proxy handing clients over to the others (hand_over) accepts nothing, so that the
+# clients it lets go reconnect through another proxy; only connections open for HAND_OVER_AGE
+# seconds are let go (those of clients that keep them: a client making one request per
+# connection spreads by itself, and pausing for it would only slow the proxy down).
+HAND_OVER_PAUSE = 0.5
+HAND_OVER_AGE = 1.0
 
 
 class Proxy:
@@ -101,6 +107,7 @@ class Proxy:
         self._pausing = False
         self._watching = False  # the listener is watched for newcomers while we are full
         self._shed_pending = False  # _shed_idle is due
+        self._yield_until = 0.0  # no accepting before this clock (hand_over)
         self.fd_cap = 1 << 30  # client connections the open file limit can hold (set by start)
         self.body_bytes = 0  # request body bytes held for all connections (reserve_body)
         self.cache_epoch = 0  # bumped by purge_front_cache: responses asked for before are not stored
@@ -296,8 +303,25 @@ class Proxy:
         """A client connection is closed: it no longer counts against the limit."""
         conns = self.conns
         conns.discard(conn)
-        if self._server is None and len(conns) < self.max_connections:
+        if self._server is None and len(conns) < self.max_connections and self.clock >= self._yield_until:
             self._resume()
+
+    def hand_over(self, count: int) -> None:
+        """Let `count` clients go to the other proxies (the master asks: proxies.BALANCE_INTERVAL):
+        their connections (open HAND_OVER_AGE at least) close after their next response, which
+        says so (a keep-alive client then reconnects), and for HAND_OVER_PAUSE nothing is
+        accepted here, so that they come back through another proxy."""
+        if self.draining or self._server is None or count <= 0:
+            return
+        old = self.clock - HAND_OVER_AGE
+        chosen = [conn for conn in self.conns if not conn.closed and not conn.leaving and conn.accepted <= old][:count]
+        if not chosen:
+            return
+        for conn in chosen:
+            conn.leaving = True
+        log.debug("handing %d client connections over to the other proxies", len(chosen))
+        self._yield_until = self.clock + HAND_OVER_PAUSE
+        self._close_servers()
 
     def _resume(self) -> None:
         if self._resuming or self.draining or self.loop is None:
@@ -381,7 +405,8 @@ class Proxy:
         self.clock = now = time.monotonic()
         self._update_date()
         try:
-            if self._server is None and not self._resuming and not self.draining and self._listeners:
+            if (self._server is None and not self._resuming and not self.draining and self._listeners
+                    and now >= self._yield_until):
                 if len(self.conns) < self.max_connections:
                     self._resume()
                 else:

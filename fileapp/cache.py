@@ -4,7 +4,8 @@ Entries live `ttl` seconds; while one lives, serving it touches no file. An entr
 up stays where it is (`stale`) until it is renewed after a cheap check that its file is unchanged
 (`refresh`, fileapp.loader), replaced, or evicted: renewing touches nothing but a timestamp, where
 a cache that drops entries by age (cachetools' TLRUCache, with a heap ordered by expiry) paid a
-heap push and pop per renewal, 15% of a worker's time on a site of a few thousand big files.
+heap push and pop per renewal (with a side table of stale entries: the cache took about a
+fifth of a worker's time on a site of a few thousand big files, by py-spy).
 Kept items (`keep`: bodies compressed on the fly, fileapp.compress) share the same byte budget
 but never expire by age: they carry the file version they were made from and are replaced when
 it changes (a deleted file's stay until evicted for room). The byte bound counts each item's

@@ -35,12 +35,11 @@ _COUNTED = -math.inf  # the expiry of a stale slot whose expiration is counted a
 class _Slot:
     """An item and the monotonic time its life ends (inf: never; _COUNTED: ended, counted)."""
 
-    __slots__ = ("item", "expires", "nbytes")
+    __slots__ = ("item", "expires")
 
     def __init__(self, item: Any, expires: float) -> None:
         self.item = item
         self.expires = expires
-        self.nbytes = item.nbytes
 
 
 class _CountingCache(LRUCache):
@@ -48,7 +47,7 @@ class _CountingCache(LRUCache):
     stale ones (expirations, unless counted when found stale)."""
 
     def __init__(self, maxsize: int, timer: Callable[[], float]) -> None:
-        super().__init__(maxsize, getsizeof=lambda slot: slot.nbytes)
+        super().__init__(maxsize, getsizeof=lambda slot: slot.item.nbytes)
         self.timer = timer
         self.evictions = 0
         self.expirations = 0
@@ -173,6 +172,6 @@ class ResponseCache:
                 "evictions": data.evictions,
                 "expirations": data.expirations,
                 "entries": len(live),
-                "bytes": sum(slot.nbytes for slot in live),
+                "bytes": sum(slot.item.nbytes for slot in live),
                 "max_bytes": self.max_bytes,
             }

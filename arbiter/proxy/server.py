@@ -303,7 +303,7 @@ class Proxy:
         """A client connection is closed: it no longer counts against the limit."""
         conns = self.conns
         conns.discard(conn)
-        if self._server is None and len(conns) < self.max_connections and self.clock >= self._yield_until:
+        if self._server is None and len(conns) < self.max_connections:
             self._resume()
 
     def hand_over(self, count: int) -> None:
@@ -324,8 +324,8 @@ class Proxy:
         self._close_servers()
 
     def _resume(self) -> None:
-        if self._resuming or self.draining or self.loop is None:
-            return
+        if self._resuming or self.draining or self.loop is None or self.clock < self._yield_until:
+            return  # (handing clients over: the tick resumes once HAND_OVER_PAUSE is over)
         self._unwatch_backlog()
         self._resuming = True
         self.spawn(self._listen())
@@ -405,8 +405,7 @@ class Proxy:
         self.clock = now = time.monotonic()
         self._update_date()
         try:
-            if (self._server is None and not self._resuming and not self.draining and self._listeners
-                    and now >= self._yield_until):
+            if self._server is None and not self._resuming and not self.draining and self._listeners:
                 if len(self.conns) < self.max_connections:
                     self._resume()
                 else:

@@ -14,8 +14,11 @@ sent) whose time in the cache is up is first checked cheaply, as nginx's open_fi
 if the URL path still leads to the very same file (device, inode, size, mtime, by one stat that
 follows the path as the kernel does) and its sidecars are as they were, the entry lives on;
 only otherwise is the path resolved from scratch (every component opened beneath the root). A
-site of many big files then costs a few stats per file and TTL, not a resolution. Entries
-holding bytes are always read again: an in-place rewrite keeping size and mtime is seen.
+sidecar the file had no name for is not looked for while the directory keeps the stamp it had
+before the URL was resolved (no name added since): a stat of the directory instead of a failed
+one per coding. A site of many big files then costs two stats per file and TTL, not a
+resolution (4.8 µs in-process, against 8.4 with the failed stats). Entries holding bytes are
+always read again: an in-place rewrite keeping size and mtime is seen.
 """
 from __future__ import annotations
 
@@ -71,19 +74,20 @@ class EntryLoader:
     def load(self, path: str, recheck: bool = True) -> Entry | None:
         """Prepare (and cache) `path`'s entry: the one it had if its files are unchanged (unless
         `recheck` is False), else resolved on disk anew; None when nothing is to be served."""
+        if recheck and self.cache.enabled and not path.endswith("/"):
+            old = self.cache.stale(path)
+            if old is not None and old.where is not None and self._unchanged(old):
+                self.cache.refresh(path, old)
+                return old
         parts = split_url_path(path)
         if parts is None:
             return None
-        if recheck and self.cache.enabled and not path.endswith("/"):
-            old = self.cache.stale(path)
-            if old is not None and _described_only(old) and self._unchanged(parts, old):
-                self.cache.refresh(path, old)
-                return old
         return self._resolve(path, parts)
 
-    def _unchanged(self, parts: list[str], entry: Entry) -> bool:
-        """Whether the file at `parts` and its sidecars are still those of `entry`."""
-        base = os.path.join(self.resolver.root, *parts)
+    @staticmethod
+    def _unchanged(entry: Entry) -> bool:
+        """Whether the file the URL of `entry` maps to and its sidecars are still its own."""
+        base = entry.where
         try:
             st = os.stat(base)
         except (OSError, ValueError):
@@ -93,12 +97,23 @@ class EntryLoader:
             return False
         if base.endswith((".br", ".gz")):
             return True
+        # A directory with its stamp has gained no name: no sidecar to look for but its own.
+        settled = entry.settled
+        if settled is not None:
+            try:
+                here = os.stat(os.path.dirname(base))
+            except OSError:
+                return False
+            if (here.st_dev, here.st_ino, here.st_mtime_ns, here.st_ctime_ns) != settled:
+                settled = None
         for coding, suffix in SIDECARS:
+            rep = entry.encoded.get(coding)
+            if rep is None and settled is not None:
+                continue
             try:
                 side = os.stat(base + suffix)
             except OSError:
                 side = None
-            rep = entry.encoded.get(coding)
             if rep is None:
                 # (absent, or older than the file: never served)
                 if side is not None and side.st_mtime_ns >= identity.mtime_ns:
@@ -160,6 +175,7 @@ class EntryLoader:
         cache_control = (IMMUTABLE_CACHE_CONTROL if self.immutable is not None
                          and self.immutable.search(name) else self.cache_control)
         sidecars = {}
+        unserved = False  # a sidecar's name is there, but not one to serve
         for coding, sidecar in encoded_parts.items():
             # (most files have none: one lstat says so, where opening would walk the path)
             if not self.resolver.may_exist(sidecar):
@@ -170,13 +186,18 @@ class EntryLoader:
             rep = self._load_rep(sidecar, ctype, coding, cache_control, True, extra, directory)
             if rep is not None:
                 sidecars[coding] = rep
+            else:
+                unserved = True
         identity = self._load_rep(parts, ctype, None, cache_control, bool(sidecars), extra, directory, opened)
         if identity is None:
             return None
         # A sidecar older than its original was not made from it: stale, never served.
         encoded = {c: r for c, r in sidecars.items() if r.mtime_ns >= identity.mtime_ns}
-        return Entry(identity, encoded, compressible=not encoded and self._compressible(
-            ctype, identity.size))
+        unserved = unserved or len(encoded) < len(sidecars)
+        described = identity.body is None and all(rep.body is None for rep in encoded.values())
+        return Entry(identity, encoded, compressible=not encoded and self._compressible(ctype, identity.size),
+                     where=os.path.join(self.resolver.root, *parts) if described else None,
+                     settled=None if unserved else directory)
 
     def _compressible(self, ctype: str, size: int) -> bool:
         return self.compressible is not None and self.compressible(ctype, size)
@@ -237,9 +258,3 @@ class EntryLoader:
             self._digests[version] = tag
             self.hashed += 1
         return tag
-
-
-def _described_only(entry: Entry) -> bool:
-    """Whether `entry` is a file's whose bytes it does not hold (nor its sidecars')."""
-    return (entry.identity is not None and entry.identity.body is None
-            and all(rep.body is None for rep in entry.encoded.values()))

@@ -124,17 +124,24 @@ class Rep:
 class Entry:
     """What a request path maps to: a file (its representations) or a directory redirect.
 
-    `compressible`: a file without sidecars that fileapp.compress may compress on the fly."""
+    `compressible`: a file without sidecars that fileapp.compress may compress on the fly;
+    `where`: the path the URL maps to under the root, for an entry of files only described
+    (their bytes not held), which fileapp.loader checks cheaply when its time is up;
+    `settled`: the stamp its directory had before the URL was resolved, when no sidecar of the
+    file existed but those in `encoded`: while the directory keeps it, none has appeared."""
 
-    __slots__ = ("identity", "encoded", "codings", "redirect", "nbytes", "compressible")
+    __slots__ = ("identity", "encoded", "codings", "redirect", "nbytes", "compressible", "where", "settled")
 
     def __init__(self, identity: Rep | None = None, encoded: dict[str, Rep] | None = None,
-                 redirect: bool = False, compressible: bool = False) -> None:
+                 redirect: bool = False, compressible: bool = False, where: str | None = None,
+                 settled: DirectoryStamp | None = None) -> None:
         self.identity = identity
         self.encoded = encoded or {}
         self.codings = tuple(c for c, _ in SIDECARS if c in self.encoded)
         self.redirect = redirect
         self.compressible = compressible and not self.codings
+        self.where = where
+        self.settled = settled
         reps = [identity, *self.encoded.values()] if identity else []
         self.nbytes = 512 + sum(512 + len(r.body or b"") for r in reps)
 

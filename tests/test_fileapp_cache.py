@@ -12,8 +12,9 @@ import pytest
 from werkzeug.test import Client
 from werkzeug.wsgi import FileWrapper
 
-from fileapp import create_app
+from fileapp import create_app, handoff, loader
 from fileapp.cache import ResponseCache
+from fileapp.handoff import directory_stamp
 from support import wait_until
 
 pytestmark = pytest.mark.unit
@@ -278,6 +279,60 @@ def test_every_expired_entry_the_cache_holds_gets_the_cheap_check(tmp_path):
     assert len(opened) == resolved
     stats = app.cache.stats()
     assert stats["expirations"] == 3 * 40 and stats["entries"] == 40
+
+
+def test_the_cheap_check_in_a_settled_directory_looks_for_no_missing_sidecar(tmp_path, monkeypatch):
+    """Past its TTL, a file with no sidecars in a directory that kept its stamp is checked with
+    two stats (the file, the directory) instead of one more per sidecar it might have gained
+    (each a failed stat); a sidecar that appears changes the directory and is seen, and so is
+    one that was there too old to serve and is rewritten in place (no change to the directory)."""
+    monkeypatch.setattr(handoff, "STAMP_SETTLE", 0.05)
+    root = tmp_path / "site"
+    root.mkdir()
+    big, old = b"b" * 5000, b"o" * 5000
+    (root / "big.txt").write_bytes(big)
+    (root / "old.txt").write_bytes(old)
+    (root / "old.txt.gz").write_bytes(gzip.compress(b"stale"))
+    made = os.stat(root / "old.txt").st_mtime_ns
+    os.utime(root / "old.txt.gz", ns=(made, made - 10**9))  # older than its file: never served
+    wait_until(lambda: directory_stamp(str(root)), timeout=5, message="the directory settled")
+    now = [0.0]
+    app = create_app(str(root), cache_ttl=1, cache_max_file_size=1000)
+    app.cache = app.loader.cache = ResponseCache(1, 1 << 20, timer=lambda: now[0])  # a clock moved by hand
+    looked_at: list[str] = []
+
+    class CountingOs:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def stat(self, path, *args, **kwargs):
+            looked_at.append(os.fsdecode(path))
+            return os.stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(loader, "os", CountingOs())
+    c = Client(app)
+
+    def get(name: str, coding: str | None = None):
+        now[0] += 2  # past the TTL every time
+        r = c.get("/" + name, headers={"Accept-Encoding": coding} if coding else {})
+        return r.status_code, r.headers.get("Content-Encoding"), r.data
+
+    assert get("big.txt") == (200, None, big)
+    assert get("old.txt", "gzip") == (200, None, old)
+    looked_at.clear()
+    for _ in range(3):
+        assert get("big.txt", "gzip") == (200, None, big)
+    assert looked_at == [str(root / "big.txt"), str(root)] * 3
+    stamp = directory_stamp(str(root))
+    with open(root / "old.txt.gz", "r+b") as f:  # rewritten in place, made from its file now
+        f.write(gzip.compress(old))
+        f.truncate()
+    os.utime(root / "old.txt.gz", ns=(made, made + 1))
+    assert directory_stamp(str(root)) == stamp
+    assert get("old.txt", "gzip")[:2] == (200, "gzip")
+    (root / "big.txt.gz").write_bytes(gzip.compress(big))  # a sidecar appears
+    os.utime(root / "big.txt.gz", ns=(time.time_ns(), os.stat(root / "big.txt").st_mtime_ns + 1))
+    assert get("big.txt", "gzip")[:2] == (200, "gzip")
 
 
 def test_an_expired_streamed_entry_is_kept_after_one_cheap_check(tmp_path):

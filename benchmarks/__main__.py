@@ -19,7 +19,7 @@ from . import bigloads, compressloads, loads, prereqs, proxies, report, tlsloads
 from .loads import MANY_CLIENTS, MANY_THREADS, MANY_TOOL, LoadError, Measurement
 from .prereqs import FILES, FileSet, MissingPrerequisite
 from .report import Row
-from .servers import KINDS, NAMES, NGINX_CONNECTIONS, PEER_THREADS, ServerError, ServerSpec, serve
+from .servers import KINDS, NAMES, NGINX_CONNECTIONS, PEER_THREADS, REFERENCES, ServerError, ServerSpec, serve
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STARTED = time.monotonic()
@@ -82,6 +82,11 @@ def build_plan(args: argparse.Namespace) -> Plan:
         tls_kinds = ["nginx", "gows"]
     if args.only:
         specs = [s for s in specs if s.kind in args.only]
+    if args.suite == "compare" and any(s.kind not in REFERENCES for s in specs):
+        # The references again at the end of the run: the machine's speed drifts while it lasts
+        # (10-15% within an hour on a shared host), which would favour whichever servers are
+        # measured nearest to a reference measured once.
+        specs += [ServerSpec(s.kind, s.workers, s.cache, again=True) for s in specs if s.kind in REFERENCES]
     return Plan(
         suite=args.suite,
         specs=specs,
@@ -304,7 +309,10 @@ def notes(plan: Plan, load_before: float, fd_limit: int) -> list[str]:
         "as gows' workers run it)",
         "Apache and nginx run with Debian's default configuration, access logs included (nginx: but for "
         f"worker_connections {NGINX_CONNECTIONS})",
-        "ratios are requests/s over the baseline's on the same file and tool (whitenoise: same worker count)",
+        "ratios are requests/s over the baseline's on the same file and tool (whitenoise: same worker count); "
+        "Apache and nginx are measured at the start of the run and again at its end ('again'), and a ratio to "
+        "either is over the geometric mean of its two figures, so that the machine's drift during the run "
+        "favours no server (a reference's own rows show the drift: their two ratios to it)",
         "gows runs with its admin listener on (so every response's latency is recorded); 'per proxy' is each "
         "proxy process's share of a run's requests, from /status.json's proxies before and after it "
         "(empty when the master lists none)",

@@ -35,6 +35,8 @@ NAMES = {"apache": "Apache", "nginx": "nginx", "gows": "gows", "gows-metrics": "
          "gows-noadmin": "gows (no admin)", "fileapp": "fileapp", "fileapp-worker": "fileapp (gows worker)",
          "whitenoise": "gunicorn+whitenoise", "whitenoise-worker": "whitenoise (gows worker)",
          "werkzeug": "gunicorn+SharedData"}
+# The servers gows is judged against: a compare run measures them at its start and at its end.
+REFERENCES = ("apache", "nginx")
 # Kinds measured only as twins beside another row (benchmarks.__main__.twins_of), never on their own.
 TWIN_KINDS = ("gows-noadmin",)
 # The names --only takes.
@@ -61,11 +63,12 @@ class ServerSpec:
     kind: str  # one of KINDS
     workers: int | None = None  # None: the server's own default (Apache, nginx)
     cache: bool | None = None  # gows' front cache; None where it does not apply
+    again: bool = False  # a reference measured a second time, at the end of the run
 
     @property
     def name(self) -> str:
         """The server column of the table."""
-        return NAMES[self.kind]
+        return NAMES[self.kind] + (" (again)" if self.again else "")
 
     @property
     def workers_label(self) -> str:

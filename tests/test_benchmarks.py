@@ -151,6 +151,27 @@ def test_ratio_against_same_file_and_tool():
     assert report.ratio(rows[4], rows, "apache") is None  # Apache has no wrk row here
 
 
+def test_a_reference_measured_at_both_ends_of_the_run_counts_by_the_geometric_mean_of_its_two_runs():
+    """The machine's speed drifts during a run: a server measured between a reference's two runs
+    is compared with their geometric mean, and the reference's own rows show the drift."""
+    again = ServerSpec("apache", again=True)
+    rows = [Row(APACHE, "1 KiB", "ab", m(12500)), Row(GOWS_OFF, "1 KiB", "ab", m(10000)),
+            Row(again, "1 KiB", "ab", m(8000))]
+    assert report.ratio(rows[1], rows, "apache") == pytest.approx(1.0)  # over the square root of 12500 × 8000
+    assert report.ratio(rows[0], rows, "apache") == pytest.approx(1.25)
+    assert report.ratio(rows[2], rows, "apache") == pytest.approx(0.8)
+    (check,) = [c for c in report.check_targets("compare", rows)
+                if c["server"] == "gows 2w cache off" and c["baseline"] == "apache"]
+    assert check["met"] and check["ratio"] == pytest.approx(1.0)
+    assert again.name == "Apache (again)" and again.label == "Apache (again)" and again != APACHE
+    # A latency bound is the mean of the reference's p99s.
+    fast, slow = lat(1, 4.0), lat(1, 6.0)
+    rows = [Row(NGINX, "1 KiB", "wrk", fast), Row(GOWS_ON, "1 KiB", "wrk", lat(1, 5.8)),
+            Row(ServerSpec("nginx", again=True), "1 KiB", "wrk", slow)]
+    (p99,) = [c for c in report.check_targets("compare", rows) if c["target"] == ISSUE_11_P99]
+    assert p99["limit_ms"] == pytest.approx(6.0) and p99["met"]
+
+
 def test_ratio_against_whitenoise_uses_the_same_worker_count():
     rows = sample_rows()
     assert report.ratio(rows[5], rows, "whitenoise", same_workers=True) == 0.75  # 2 workers, not 10
@@ -586,12 +607,25 @@ def test_default_plan_is_the_issue_4_comparison():
     assert (plan.ab_requests, plan.ab_concurrency, plan.repeat) == (5000, 500, 3)
     assert (plan.wrk_connections, plan.wrk_seconds, plan.wrk_files) == (100, 10, ["1 KiB"])
     assert (plan.many_threads, plan.many_clients, plan.many_kinds) == (2, 5000, ["apache", "nginx", "gows"])
+    assert labels[-2:] == ["Apache (again)", "nginx (again)"]  # the references at both ends
+
+
+def test_references_are_measured_again_only_beside_another_server():
+    def labels(*argv: str) -> list[str]:
+        return [s.label for s in cli.build_plan(cli.parse_args(list(argv))).specs]
+
+    assert labels("--only", "apache,gows", "--workers", "2") == [
+        "Apache", "gows 2w cache on", "gows 2w cache off", "Apache (again)"]
+    assert labels("--only", "apache,nginx") == ["Apache", "nginx"]
+    assert labels("--only", "gows", "--workers", "2") == ["gows 2w cache on", "gows 2w cache off"]
+    assert "Apache (again)" not in labels("fileapp")
 
 
 def test_many_clients_load_is_planned_for_apache_nginx_and_gows_only():
     plan = cli.build_plan(cli.parse_args([]))
     many = {s.label for s in plan.specs if (loads.MANY_TOOL, "1 KiB") in cli.planned_loads(s, plan)}
-    assert many == {"Apache", "nginx"} | {f"gows {n}w cache {c}" for n in (2, 10, 100) for c in ("on", "off")}
+    assert many == {"Apache", "nginx", "Apache (again)", "nginx (again)"} | {
+        f"gows {n}w cache {c}" for n in (2, 10, 100) for c in ("on", "off")}
     assert cli.planned_loads(NGINX, plan) == [("ab", "1 KiB"), ("ab", "150 KB"), ("wrk", "1 KiB"),
                                               ("wrk -c8", "10 MiB"), ("wrk -c8", "100 MiB"),
                                               ("wrk files", "4096 × 64 KiB"), ("ab TLS1.2", "1 KiB"),
@@ -604,7 +638,7 @@ def test_many_clients_load_is_planned_for_apache_nginx_and_gows_only():
 def test_https_loads_are_planned_for_nginx_and_gows_with_its_front_cache_on():
     plan = cli.build_plan(cli.parse_args([]))
     tls = {s.label for s in plan.specs if ("ab TLS1.2", "1 KiB") in cli.planned_loads(s, plan)}
-    assert tls == {"nginx"} | {f"gows {n}w cache on" for n in (2, 10, 100)}
+    assert tls == {"nginx", "nginx (again)"} | {f"gows {n}w cache on" for n in (2, 10, 100)}
     assert all(not cli.wants_tls(s, cli.build_plan(cli.parse_args(["fileapp"]))) for s in plan.specs)
 
 
@@ -628,7 +662,7 @@ def test_fileapp_plan_is_the_issue_2_comparison():
 
 def test_quick_and_only_shrink_the_plan():
     plan = cli.build_plan(cli.parse_args(["--quick", "--only", "gows,apache"]))
-    assert [s.label for s in plan.specs] == ["Apache", "gows 2w cache on", "gows 2w cache off"]
+    assert [s.label for s in plan.specs] == ["Apache", "gows 2w cache on", "gows 2w cache off", "Apache (again)"]
     assert plan.repeat == 1 and plan.wrk_seconds == 2 and plan.ab_requests < 5000
     assert plan.many_clients == 5000  # the smoke run tries the many-clients load too, for 2 s
 
@@ -978,7 +1012,8 @@ def test_big_loads_are_planned_for_apache_nginx_and_every_gows_row_of_the_compar
     plan = cli.build_plan(cli.parse_args([]))
     assert plan.big_kinds == ["apache", "nginx", "gows"] and plan.files == prereqs.many_files()
     big = {s.label for s in plan.specs if ("wrk -c8", "10 MiB") in cli.planned_loads(s, plan)}
-    assert big == {"Apache", "nginx"} | {f"gows {n}w cache {c}" for n in (2, 10, 100) for c in ("on", "off")}
+    assert big == {"Apache", "nginx", "Apache (again)", "nginx (again)"} | {
+        f"gows {n}w cache {c}" for n in (2, 10, 100) for c in ("on", "off")}
     assert cli.build_plan(cli.parse_args(["fileapp"])).big_kinds == []
     quick = cli.build_plan(cli.parse_args(["--quick"]))
     assert quick.big_kinds == plan.big_kinds and quick.wrk_seconds == 2

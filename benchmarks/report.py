@@ -188,7 +188,8 @@ def check(target: Target, row: Row, rows: list[Row]) -> dict:
     same_workers = next((same for _, kind, same in BASELINES if kind == target.baseline), True)
     if target.p99_slack_ms is not None:
         base = baseline_rows(row, rows, target.baseline, same_workers)
-        limit = statistics.mean(b.result.p99_ms for b in base) + target.p99_slack_ms if base else None  # type: ignore[union-attr]
+        limit = (statistics.mean(b.result.p99_ms for b in base)  # type: ignore[union-attr]
+                 + target.p99_slack_ms if base else None)
         value = m.p99_ms if m and limit is not None else None
         out |= {"p99_ms": value, "baseline_p99_ms": None if limit is None else limit - target.p99_slack_ms,
                 "slack_ms": target.p99_slack_ms, "limit_ms": limit}

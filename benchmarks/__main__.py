@@ -11,7 +11,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -86,7 +86,7 @@ def build_plan(args: argparse.Namespace) -> Plan:
         # The references again at the end of the run: the machine's speed drifts while it lasts
         # (10-15% within an hour on a shared host), which would favour whichever servers are
         # measured nearest to a reference measured once.
-        specs += [ServerSpec(s.kind, s.workers, s.cache, again=True) for s in specs if s.kind in REFERENCES]
+        specs += [replace(s, again=True) for s in specs if s.kind in REFERENCES]
     return Plan(
         suite=args.suite,
         specs=specs,

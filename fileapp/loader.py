@@ -98,17 +98,10 @@ class EntryLoader:
         if base.endswith((".br", ".gz")):
             return True
         # A directory with its stamp has gained no name: no sidecar to look for but its own.
-        settled = entry.settled
-        if settled is not None:
-            try:
-                here = os.stat(os.path.dirname(base))
-            except OSError:
-                return False
-            if (here.st_dev, here.st_ino, here.st_mtime_ns, here.st_ctime_ns) != settled:
-                settled = None
+        settled = entry.settled is not None and directory_stamp(os.path.dirname(base)) == entry.settled
         for coding, suffix in SIDECARS:
             rep = entry.encoded.get(coding)
-            if rep is None and settled is not None:
+            if rep is None and settled:
                 continue
             try:
                 side = os.stat(base + suffix)

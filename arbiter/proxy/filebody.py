@@ -16,6 +16,7 @@ memory stays bounded there too (a chunk plus the transport's high-water mark).
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import socket
 from typing import Any, Callable
@@ -38,20 +39,12 @@ CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN})
 # X-Gows-File values parsed lately: a worker names a file the same way until it changes, and
 # parsing took a tenth of the proxy's time per body on a site of a few thousand files.
 REFS_LIMIT = 8192
-_refs: dict[bytes, FileRef | None] = {}
 
 
+@functools.lru_cache(maxsize=REFS_LIMIT)
 def file_ref(named: bytes) -> FileRef | None:
-    """parse_file_header(named), remembered (all forgotten when REFS_LIMIT values are held)."""
-    try:
-        return _refs[named]
-    except KeyError:
-        pass
-    ref = parse_file_header(named)
-    if len(_refs) >= REFS_LIMIT:
-        _refs.clear()
-    _refs[named] = ref
-    return ref
+    """parse_file_header(named), remembered (the REFS_LIMIT values named last)."""
+    return parse_file_header(named)
 
 
 def bound_unsent(sock: socket.socket) -> None:

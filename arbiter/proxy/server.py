@@ -11,6 +11,7 @@ import select
 import socket
 import time
 from collections import deque
+from itertools import islice
 from functools import partial
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable
@@ -314,7 +315,8 @@ class Proxy:
         if self.draining or self._server is None or count <= 0:
             return
         old = self.clock - HAND_OVER_AGE
-        chosen = [conn for conn in self.conns if not conn.closed and not conn.leaving and conn.accepted <= old][:count]
+        chosen = list(islice((conn for conn in self.conns
+                              if not conn.closed and not conn.leaving and conn.accepted <= old), count))
         if not chosen:
             return
         for conn in chosen:

@@ -39,6 +39,7 @@ from gunicorn.http.message import (
     DEFAULT_MAX_HEADERFIELD_SIZE,
     MAX_HEADERS,
     MAX_REQUEST_LINE,
+    RFC9110_5_3_SINGLETON_FIELDS,
     TOKEN_RE,
     HeaderPolicy,
 )
@@ -63,8 +64,16 @@ __all__ = [
     "InvalidRequestMethod", "LimitRequestHeaders", "LimitRequestLine", "FileWrapper",
     "HEADER_VALUE_RE", "STATUS_RE", "InvalidResponseHeader", "InvalidResponseHeaderName",
     "SERVER", "HOP_HEADERS", "base_environ", "watch_readable", "watch_method_queue",
-    "wake_main_loop", "request_hooks",
+    "wake_main_loop", "request_hooks", "policy_may_act",
 ]
+
+
+def policy_may_act(name: str) -> bool:
+    """Whether HeaderPolicy._apply_header_policy may do more with the field `name` (upper case)
+    than keep it as it is: a singleton field (refused when repeated), Expect, a name with an
+    underscore. It acts on secure scheme headers too (cfg.secure_scheme_headers, which the
+    caller checks): for every other name it returns (name, value) and changes nothing."""
+    return name in RFC9110_5_3_SINGLETON_FIELDS or name == "EXPECT" or "_" in name
 
 
 def watch_readable(worker: ThreadWorker, fd: int, callback: Callable[[Any], None]) -> None:

@@ -21,10 +21,13 @@ import httptools
 from . import gunicorn_compat as compat
 
 RECV_SIZE = 64 * 1024
-# Header names as the header policy reads them (upper case), by their bytes: the same few names
-# come in every request. Bounded: clients may invent names.
-_NAMES: dict[bytes, str] = {}
+# Header names as the header policy reads them (upper case), by their bytes, and whether the
+# policy may act on them (gunicorn_compat.policy_may_act): the same few names come in every
+# request. Bounded: clients may invent names.
+_NAMES: dict[bytes, tuple[str, bool]] = {}
 _NAMES_KNOWN = 256
+# The environ key of each header name (upper case), bounded the same way.
+_KEYS: dict[str, str] = {}
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 
@@ -140,6 +143,7 @@ class RequestReader:
         self._limit_field_size = cfg.limit_request_field_size or compat.DEFAULT_MAX_HEADERFIELD_SIZE
         self._limit_head = self._limit_fields * (self._limit_field_size + 2) + 4 + self._limit_line
         self._trusted = None  # (secure scheme headers, forwarder headers) this peer may set
+        self._scheme_names = cfg.secure_scheme_headers  # names the policy acts on if trusted
         self._casefold = cfg.casefold_http_method
 
     # -- feeding --------------------------------------------------------------------------
@@ -252,17 +256,22 @@ class RequestReader:
         req = self._current
         if self._fields == 1:  # the request line is parsed: the policy reads the version
             req.version = (1, 1) if self._parser.get_http_version() == "1.1" else (1, 0)
+        known = _NAMES.get(name)
+        if known is None:
+            upper = name.decode("latin-1").upper()
+            known = upper, compat.policy_may_act(upper)
+            if len(_NAMES) < _NAMES_KNOWN:
+                _NAMES[name] = known
+        upper, acts = known
+        value = value.decode("latin-1").strip(" \t")
+        if not acts and upper not in self._scheme_names:  # the policy would keep it as it is
+            req.headers.append((upper, value))
+            return
         if self._trusted is None:
             self._trusted = req._peer_trusted_for_forwarded()
-        upper = _NAMES.get(name)
-        if upper is None:
-            upper = name.decode("latin-1").upper()
-            if len(_NAMES) < _NAMES_KNOWN:
-                _NAMES[name] = upper
         secure, forwarders = self._trusted
         try:
-            kept = req._apply_header_policy(upper, value.decode("latin-1").strip(" \t"),
-                                            self._scheme_seen, self._seen, secure, forwarders)
+            kept = req._apply_header_policy(upper, value, self._scheme_seen, self._seen, secure, forwarders)
         except Exception as e:
             self._raise(e)
         if kept is not None:
@@ -331,7 +340,11 @@ def build_environ(req: Request, reader: RequestReader, client, server, base: dic
         elif name == "CONTENT-LENGTH":
             env["CONTENT_LENGTH"] = value
             continue
-        key = "HTTP_" + name.replace("-", "_")
+        key = _KEYS.get(name)
+        if key is None:
+            key = "HTTP_" + name.replace("-", "_")
+            if len(_KEYS) < _NAMES_KNOWN:
+                _KEYS[name] = key
         if key in env:
             env[key] = env[key] + "," + value
         else:

@@ -36,6 +36,8 @@ _PROXY_COUNTERS = (
     ("file_bodies", "proxy_file_bodies", "File bodies the proxy sent itself with sendfile (named by a local worker)."),
     ("file_refused", "proxy_file_refused",
      "Files named by a worker that had changed by the time the proxy opened them (the worker sent the bytes)."),
+    ("pipelined", "proxy_pipelined",
+     "GETs sent to a local worker behind others in flight on the same connection (HTTP/1.1 pipelining)."),
 )
 
 

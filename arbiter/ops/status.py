@@ -20,7 +20,7 @@ durations are seconds, latencies may be null when nothing was measured:
                "no_healthy_worker": int, "truncated_responses": int,
                "rejected_connections": int, "rejected_requests": int,
                "shed_idle_connections": int, "shortages": int, "body_buffer_bytes": int,
-               "file_bodies": int, "file_refused": int},
+               "file_bodies": int, "file_refused": int, "pipelined": int},
      "proxies": [{"index": int, "pid": int|null, "ready": bool, "restarts": int, "requests": int,
                   "client_connections": int, "rate": float}],
      "access_log": {"enabled": bool, "dropped": int, "error": str},
@@ -153,7 +153,7 @@ def snapshot(master: Master, window: Window) -> dict[str, Any]:
         "proxy": {key: stats[key] for key in (
             "client_connections", "retries", "upstream_errors", "timeouts", "no_healthy_worker",
             "truncated_responses", "rejected_connections", "rejected_requests", "shed_idle_connections",
-            "shortages", "body_buffer_bytes", "file_bodies", "file_refused")},
+            "shortages", "body_buffer_bytes", "file_bodies", "file_refused", "pipelined")},
         "proxies": master.proxy.rows(),
         "access_log": {"enabled": access_log is not None,
                        "dropped": access_log.dropped if access_log is not None else 0,

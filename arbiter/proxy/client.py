@@ -97,7 +97,7 @@ class ClientProtocol(RequestReader):
             self.sender.pause()
         relay = self.relay
         if relay is not None and relay.upstream is not None:
-            relay.upstream.pause()
+            relay.upstream.pause(relay)
 
     def resume_writing(self) -> None:
         self.full = False
@@ -107,7 +107,7 @@ class ClientProtocol(RequestReader):
         self.write_paused = False
         relay = self.relay
         if relay is not None and relay.upstream is not None:
-            relay.upstream.resume()
+            relay.upstream.resume(relay)
 
     # -- request queue ----------------------------------------------------------------------
     def _enqueue(self, req: Request) -> None:

@@ -22,14 +22,14 @@ from .stats import SLOTS
 COUNTERS = ("requests", "retries", "stale_retries", "upstream_errors", "no_healthy_worker",
             "truncated_responses", "timeouts", "rejected_connections", "rejected_requests",
             "shed_idle_connections", "shortages", "cache_hits", "cache_misses", "cache_stores",
-            "cache_revalidated", "file_bodies", "file_refused", "health_checks", "cache_shared")
+            "cache_revalidated", "file_bodies", "file_refused", "health_checks", "cache_shared", "pipelined")
 # Gauges: the current incarnation's, refreshed every tick, zeroed when it dies.
 GAUGES = ("client_connections", "body_buffer_bytes", "cache_entries", "cache_bytes",
           "upstream_busy", "upstream_idle", "upstream_waiting")
 _INDEX = {name: i for i, name in enumerate(COUNTERS + GAUGES)}
 (REQUESTS, RETRIES, STALE_RETRIES, UPSTREAM_ERRORS, NO_WORKER, TRUNCATED, TIMEOUTS, REJECTED,
  REJECTED_REQUESTS, SHED_IDLE, SHORTAGES, CACHE_HITS, CACHE_MISSES, CACHE_STORES,
- CACHE_REVALIDATED, FILE_BODIES, FILE_REFUSED, HEALTH_CHECKS, CACHE_SHARED) = range(len(COUNTERS))
+ CACHE_REVALIDATED, FILE_BODIES, FILE_REFUSED, HEALTH_CHECKS, CACHE_SHARED, PIPELINED) = range(len(COUNTERS))
 STATUS = len(_INDEX)  # 6 slots: responses by status class, index 1..5
 LATENCY = STATUS + 6  # SLOTS + 1 slots: the latency histogram and its sum (stats.RequestStats)
 # Requests sent to each worker, by the worker's slot in the master's table (WorkerState.slot);
@@ -124,7 +124,7 @@ def report(values: list[int] | memoryview, cache_enabled: bool, cache_max_bytes:
                                       "truncated_responses", "timeouts", "rejected_connections",
                                       "rejected_requests", "shed_idle_connections", "shortages",
                                       "client_connections", "file_bodies", "file_refused",
-                                      "health_checks")},
+                                      "health_checks", "pipelined")},
         "body_buffer_bytes": n["body_buffer_bytes"],
         "upstream_connections": {"busy": n["upstream_busy"], "idle": n["upstream_idle"],
                                  "waiting": n["upstream_waiting"]},

@@ -1,6 +1,7 @@
 """Connections to workers, pooled: at most `pool_size` in use per worker (more requests wait
 for one, as behind HAProxy's maxconn, instead of piling connections onto the worker) and at
-most `pool_size` idle ones kept, newest reused first."""
+most `pool_size` idle ones kept, newest reused first. A GET to a local worker goes first behind
+the requests in flight on its newest connection, up to upstream.PIPELINE_DEPTH."""
 from __future__ import annotations
 
 import asyncio
@@ -68,20 +69,27 @@ class UpstreamPool:
         self.busy: set[UpstreamConnection] = set()
         self.active: dict[WorkerState, int] = {}
         self.waiting: dict[WorkerState, deque[tuple[ResponseSink, float]]] = {}
+        # The connection to each local worker whose requests GETs are pipelined behind: the
+        # one started last.
+        self.pipes: dict[WorkerState, UpstreamConnection] = {}
         self.connecting = 0
         self.opened = 0  # connections ever made: against requests, how well the pool reuses
 
     def checkout(self, sink: ResponseSink, worker: WorkerState, fresh: bool = False) -> None:
         """Get `sink` a connection to `worker`: an idle one, a new one, or a place in the queue.
 
-        It hears back through `sink.start(conn)` or `sink.upstream_failed`.
+        It hears back through `sink.start(conn)` (or `start_behind`) or `sink.upstream_failed`.
         """
         if not fresh:
+            pipe = self.pipes.get(worker)
+            if pipe is not None and pipe.takes_more() and pipe.incarnation == worker.pid and sink.pipelinable():
+                sink.start_behind(pipe)
+                return
             conn = self._idle(worker)
             if conn is not None:
                 conn.active = True
                 self.active[worker] = self.active.get(worker, 0) + 1
-                sink.start(conn)
+                self._start(sink, conn)
                 return
         if self.active.get(worker, 0) < self.proxy.config.pool_size:
             self._open(sink, worker)
@@ -167,9 +175,21 @@ class UpstreamPool:
             sink.upstream_failed(None, _out(worker))
         elif sink.wants(worker):
             conn.reused = late
-            sink.start(conn)
+            self._start(sink, conn)
         else:  # the client left meanwhile; the connection serves someone else
             self.release(conn)
+
+    def _start(self, sink: ResponseSink, conn: UpstreamConnection) -> None:
+        """`sink`'s request goes out on `conn`, which then takes GETs behind it if its worker is
+        local (a gows worker over its Unix socket: it answers pipelined requests in order)."""
+        if conn.worker.unix_path is not None:
+            self.pipes[conn.worker] = conn
+        sink.start(conn)
+
+    def forget_pipe(self, conn: UpstreamConnection) -> None:
+        """No more GETs go behind `conn`'s requests."""
+        if self.pipes.get(conn.worker) is conn:
+            del self.pipes[conn.worker]
 
     def release(self, conn: UpstreamConnection) -> None:
         """A connection finished its response: hand it to a waiting request, keep it, or close it."""
@@ -185,7 +205,7 @@ class UpstreamPool:
             sink, _ = queue.popleft()
             if sink.wants(worker):
                 conn.reused = True
-                sink.start(conn)
+                self._start(sink, conn)
                 return
         self._inactive(conn)
         idle = self.idle.get(worker)
@@ -227,6 +247,7 @@ class UpstreamPool:
                 conn.abandon(_out(worker))
 
     def forget(self, conn: UpstreamConnection) -> None:
+        self.forget_pipe(conn)
         self.busy.discard(conn)
         self._inactive(conn)
         idle = self.idle.get(conn.worker)

@@ -17,7 +17,7 @@ from fileapp.handoff import FileRef
 
 from ..state import WorkerState
 from .cache import Entry, freshness
-from .counters import FILE_REFUSED, NO_WORKER, RETRIES, STALE_RETRIES, TRUNCATED, UPSTREAM_ERRORS, WORKERS
+from .counters import FILE_REFUSED, NO_WORKER, PIPELINED, RETRIES, STALE_RETRIES, TRUNCATED, UPSTREAM_ERRORS, WORKERS
 from .filebody import file_ref, open_file
 from .http1 import (CONN_CLOSE, CONN_KEEP, CRLF, GET, HEAD, IDEMPOTENT, LAST_CHUNK, R_AGE, R_CC, R_CL,
                     R_CONNECTION, R_DROP, R_FILE, R_FWD, R_NOSTORE, R_TE, R_VARY, R_VIA, RESPONSE_HEADERS,
@@ -143,6 +143,31 @@ class Relay:
         """Whether this may go to another worker even once sent: idempotent, nothing relayed yet."""
         return not self.started and self.req.method in IDEMPOTENT
 
+    def pipelinable(self) -> bool:
+        """Whether this may go behind other requests on a connection: a GET without a body, to a
+        client that takes what it is sent (it would stall those behind it otherwise)."""
+        req = self.req
+        return req.method == GET and req.body is None and not self.client.write_paused
+
+    def start_behind(self, conn: UpstreamConnection) -> None:
+        """Send the request on `conn` behind those in flight there, and relay the answer in turn."""
+        self.upstream = conn
+        self.sent = True
+        self.proxy.counts[PIPELINED] += 1
+        conn.send_behind(self, self.payload)
+
+    def requeue(self) -> None:
+        """Pipelined behind a request whose connection ended or stalled before this one's answer
+        began: sent again on a connection of its own, charged to no one."""
+        worker = self._release_worker()
+        if not self.live:
+            return
+        self.sent = False
+        if worker is not None and worker.up and worker.ejected_until is None:
+            self._forward_to(worker)
+        else:
+            self.forward()
+
     def start(self, conn: UpstreamConnection) -> None:
         """Send the request on `conn` (from the pool) and relay the answer."""
         self.upstream = conn
@@ -159,7 +184,7 @@ class Relay:
         conn = self.upstream
         if conn is not None:
             self.upstream = None
-            conn.detach()
+            conn.detach(self)
         self._release_worker()
 
     def _release_worker(self) -> WorkerState | None:
@@ -180,6 +205,8 @@ class Relay:
     def upstream_head(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         req = self.req
         proxy = self.proxy
+        if self.client.write_paused:  # (sent behind others, before its client filled up)
+            conn.pause(self)
         if status >= 500 or conn.worker.failure_streak:
             shedding = status == 503 and any(name.lower() == b"retry-after" for name, _ in headers)
             proxy.outliers.answered(conn.worker, status, shedding)

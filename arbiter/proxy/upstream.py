@@ -1,10 +1,17 @@
-"""One keep-alive connection to a worker: it sends one request at a time, parses the response
-with httptools and hands it to the `ResponseSink` (a relay) that asked, telling the worker's
-failures (refused, reset, timed out, malformed) from the proxy's own."""
+"""One keep-alive connection to a worker: it sends requests, parses the responses with httptools
+and hands each to the `ResponseSink` (a relay) that asked, telling the worker's failures
+(refused, reset, timed out, malformed) from the proxy's own.
+
+To a local worker (over its Unix socket: a gows worker, which answers pipelined requests in
+order) a connection carries up to PIPELINE_DEPTH GETs at once: the requests behind the one being
+answered are written at once, so the worker reads several in one recv and wakes once for them,
+and their answers come back in one read. A request behind never waits on anyone's client: when
+the one being answered must stop for its slow client, those behind go to other connections."""
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpResponseParser
@@ -16,6 +23,11 @@ if TYPE_CHECKING:
 
 
 log = logging.getLogger("gows.proxy")
+
+# Requests in flight on one connection to a local worker: the one being answered and those
+# pipelined behind it (each waits at most for the answers in front, all of them small: bodies
+# of local files are named, not sent, fileapp.handoff).
+PIPELINE_DEPTH = 8
 
 
 class UpstreamError(Exception):
@@ -40,7 +52,10 @@ class ResponseSink(Protocol):
 
     def wants(self, worker: WorkerState) -> bool: ...
     def may_resend(self) -> bool: ...
+    def pipelinable(self) -> bool: ...
     def start(self, conn: UpstreamConnection) -> None: ...
+    def start_behind(self, conn: UpstreamConnection) -> None: ...
+    def requeue(self) -> None: ...
     def upstream_head(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None: ...
     def upstream_body(self, data: bytes) -> None: ...
     def upstream_done(self, conn: UpstreamConnection) -> None: ...
@@ -48,16 +63,56 @@ class ResponseSink(Protocol):
     def abort(self) -> None: ...
 
 
+class _Discard:
+    """The sink of a pipelined request whose client left: its answer is read and dropped."""
+
+    def wants(self, worker: WorkerState) -> bool:
+        return False
+
+    def may_resend(self) -> bool:
+        return False
+
+    def pipelinable(self) -> bool:
+        return False
+
+    def start(self, conn: UpstreamConnection) -> None:
+        pass
+
+    start_behind = start
+
+    def requeue(self) -> None:
+        pass
+
+    def upstream_head(self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        pass
+
+    def upstream_body(self, data: bytes) -> None:
+        pass
+
+    def upstream_done(self, conn: UpstreamConnection) -> None:
+        pass
+
+    def upstream_failed(self, conn: UpstreamConnection | None, error: UpstreamError) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+DISCARD = _Discard()
+
+
 class MalformedResponse(Exception):
     """Raised in a parser callback: the worker's response breaks HTTP in a way httptools allows."""
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One keep-alive connection to a worker, carrying one request at a time."""
+    """One keep-alive connection to a worker: the request being answered, and to a local worker
+    up to PIPELINE_DEPTH - 1 GETs pipelined behind it."""
 
     __slots__ = ("pool", "worker", "transport", "parser", "sink", "headers", "head_done", "head_only",
                  "interim", "until_close", "keep", "reused", "idle_since", "deadline", "paused", "closed", "active",
-                 "incarnation")
+                 "incarnation", "behind", "retiring", "alone")
 
     def __init__(self, pool: UpstreamPool, worker: WorkerState) -> None:
         self.pool = pool
@@ -81,6 +136,9 @@ class UpstreamConnection(asyncio.Protocol):
         # port, and a connection to the old one (about to drain, serving the old settings) is
         # never reused.
         self.incarnation = worker.pid
+        self.behind: deque[ResponseSink] = deque()  # pipelined requests, in the order sent
+        self.retiring = False  # takes no more requests: closed once the current answer ends
+        self.alone = True  # the request being answered takes none behind it (a HEAD, a body)
 
     # -- driving a request ----------------------------------------------------------------
     def send(self, sink: ResponseSink, head: bytes, body: bytes | None, head_only: bool) -> None:
@@ -91,6 +149,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.head_done = False
         self.head_only = head_only
         self.until_close = False
+        self.alone = head_only or body is not None
         pool = self.pool
         self.deadline = pool.proxy.clock + pool.proxy.config.response_timeout
         pool.busy.add(self)
@@ -99,8 +158,23 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.transport.write(head)
 
-    def detach(self) -> None:
-        """The client went away mid-response: this connection's stream is unusable."""
+    def takes_more(self) -> bool:
+        """Whether a GET may be pipelined behind the request being answered now."""
+        return (self.sink is not None and not self.alone and not self.paused and not self.closed
+                and not self.retiring and not self.until_close and (self.keep or not self.head_done)
+                and len(self.behind) < PIPELINE_DEPTH - 1)
+
+    def send_behind(self, sink: ResponseSink, head: bytes) -> None:
+        """Write a GET (no body) behind the requests in flight; `sink` gets its answer in turn."""
+        self.behind.append(sink)
+        self.transport.write(head)
+
+    def detach(self, sink: ResponseSink | None = None) -> None:
+        """`sink`'s client went away: if it was being answered, this connection's stream is
+        unusable (those behind it go elsewhere); if it waited behind, its answer is dropped."""
+        if sink is not None and sink is not self.sink:
+            self.behind = deque(DISCARD if queued is sink else queued for queued in self.behind)
+            return
         self.sink = None
         self.close()
 
@@ -110,13 +184,32 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.forget(self)
             if self.transport is not None:
                 self.transport.abort()
+            self._requeue_behind()
 
-    def pause(self) -> None:
+    def _requeue_behind(self) -> None:
+        """The requests behind will not be answered here: each goes out again on a connection of
+        its own (the worker answered none of them; if it read them, answering again is harmless:
+        GETs)."""
+        behind, self.behind = self.behind, deque()
+        for sink in behind:
+            sink.requeue()
+
+    def pause(self, sink: ResponseSink | None = None) -> None:
+        """Stop reading the worker (the client of the answer under way reads slower); those
+        pipelined behind go elsewhere rather than wait for that client."""
+        if sink is not None and sink is not self.sink:
+            return  # (its answer has not begun: it pauses this when it does, upstream_head)
+        if self.behind:
+            self.retiring = True
+            self.pool.forget_pipe(self)
+            self._requeue_behind()
         if not self.paused and not self.closed:
             self.paused = True
             self.transport.pause_reading()
 
-    def resume(self) -> None:
+    def resume(self, sink: ResponseSink | None = None) -> None:
+        if sink is not None and sink is not self.sink:
+            return
         if self.paused:
             self.paused = False
             # The response timeout counts the worker's silence, not the client's.
@@ -157,6 +250,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         self.parser = None  # its callbacks are our methods: a cycle no longer needed
         self.pool.forget(self)
+        self._requeue_behind()  # (answered by no one: not the worker's failure, nor theirs)
         sink = self.sink
         if sink is None or already:
             return
@@ -224,9 +318,23 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         self.sink = None
         pool = self.pool
+        if self.behind:
+            if self.keep and not self.closed and not self.until_close and not self.retiring:
+                # The next answer on the stream is the next request's.
+                self.sink = self.behind.popleft()
+                self.headers = []
+                self.head_done = False
+                self.until_close = False
+                self.alone = False
+                self.deadline = pool.proxy.clock + pool.proxy.config.response_timeout
+            else:  # the worker closes it (or it retires): the rest go out again elsewhere
+                self.close()
+            if sink is not None:
+                sink.upstream_done(self)
+            return
         pool.busy.discard(self)
         # Back in the pool first, so the client's next request can reuse this very connection.
-        if self.keep and not self.closed and not self.until_close:
+        if self.keep and not self.closed and not self.until_close and not self.retiring:
             pool.release(self)
         else:
             self.close()

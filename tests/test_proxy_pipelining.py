@@ -13,7 +13,7 @@ from typing import Callable
 import pytest
 
 from arbiter.proxy.counters import PIPELINED, STALE_RETRIES
-from arbiter.proxy.upstream import PIPELINE_DEPTH
+from arbiter.proxy.upstream import DISCARD, PIPELINE_DEPTH, UpstreamConnection
 from proxy_harness import NO_CACHE, ProxyThread, read_all
 from support import free_port, wait_until
 
@@ -235,3 +235,41 @@ def test_nothing_goes_behind_a_head_or_a_request_with_a_body(local, method):
     worker.release.set()
     with first:
         assert re.match(rb"HTTP/1.1 200", read_all(first, 10))
+
+
+class Writes:
+    """A transport that records what is written to it."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def pause_reading(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        pass
+
+
+def test_gets_sent_behind_in_one_turn_of_the_loop_leave_in_one_write(local):
+    """One write (one wake-up of the worker) for the requests that went behind in the same turn;
+    none for those moved elsewhere before the turn ended."""
+    proxy, worker = local()
+    sinks = [DISCARD] * 3
+
+    def behind(pause: bool) -> tuple[UpstreamConnection, Writes]:
+        conn = UpstreamConnection(proxy.proxy.pool, proxy.worker(worker.port))
+        conn.connection_made(transport := Writes())
+        conn.sink = sinks[0]
+        for sink, head in zip(sinks, (b"GET /a ", b"GET /b ", b"GET /c ")):
+            conn.send_behind(sink, head)
+        if pause:
+            conn.pause(sinks[0])
+        return conn, transport
+
+    for pause, written in ((False, [b"GET /a GET /b GET /c "]), (True, [])):
+        conn, transport = proxy.call(lambda: behind(pause))
+        proxy.call(lambda: None)  # (a later turn of the loop)
+        assert transport.writes == written

@@ -4,8 +4,8 @@ and hands each to the `ResponseSink` (a relay) that asked, telling the worker's 
 
 To a local worker (over its Unix socket: a gows worker, which answers pipelined requests in
 order) a connection carries up to PIPELINE_DEPTH GETs at once: the requests behind the one being
-answered are written at once, so the worker reads several in one recv and wakes once for them,
-and their answers come back in one read. A request behind never waits on anyone's client: when
+answered are written at once (those of one turn of the event loop in one write), so the worker
+reads several in one recv and wakes once for them, and their answers come back in one read. A request behind never waits on anyone's client: when
 the one being answered must stop for its slow client, those behind go to other connections."""
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("pool", "worker", "transport", "parser", "sink", "headers", "head_done", "head_only",
                  "interim", "until_close", "keep", "reused", "idle_since", "deadline", "paused", "closed", "active",
-                 "incarnation", "behind", "retiring", "alone")
+                 "incarnation", "behind", "retiring", "alone", "outbox")
 
     def __init__(self, pool: UpstreamPool, worker: WorkerState) -> None:
         self.pool = pool
@@ -139,6 +139,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.behind: deque[ResponseSink] = deque()  # pipelined requests, in the order sent
         self.retiring = False  # takes no more requests: closed once the current answer ends
         self.alone = True  # the request being answered takes none behind it (a HEAD, a body)
+        self.outbox: list[bytes] = []  # requests behind, written together at the loop's next turn
 
     # -- driving a request ----------------------------------------------------------------
     def send(self, sink: ResponseSink, head: bytes, body: bytes | None, head_only: bool) -> None:
@@ -167,7 +168,15 @@ class UpstreamConnection(asyncio.Protocol):
     def send_behind(self, sink: ResponseSink, head: bytes) -> None:
         """Write a GET (no body) behind the requests in flight; `sink` gets its answer in turn."""
         self.behind.append(sink)
-        self.transport.write(head)
+        outbox = self.outbox
+        outbox.append(head)
+        if len(outbox) == 1:
+            self.pool.proxy.loop.call_soon(self._write_outbox)
+
+    def _write_outbox(self) -> None:
+        outbox, self.outbox = self.outbox, []
+        if outbox and not self.closed and not self.retiring:
+            self.transport.write(b"".join(outbox))
 
     def detach(self, sink: ResponseSink | None = None) -> None:
         """`sink`'s client went away: if it was being answered, this connection's stream is

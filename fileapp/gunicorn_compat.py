@@ -15,7 +15,9 @@ request_time)` and the `error_log` logger), `sockets`,
 `worker_connections`, `wsgi`, `pid`, `tmp`, `nr`, `max_requests`. fileapp.http1's Request is a
 HeaderPolicy and calls its `_peer_trusted_for_forwarded()` and `_apply_header_policy(name,
 value, scheme_state, seen, secure_scheme_headers, forwarder_headers)`, which read `cfg`,
-`peer_addr`, `scheme` and `version` and set `_expected_100_continue`.
+`peer_addr`, `scheme` and `version` and set `_expected_100_continue`; it skips the call for the
+fields `policy_may_act` says the policy only keeps (it restates the policy's conditions, and the
+tests hold it to the policy).
 """
 from __future__ import annotations
 

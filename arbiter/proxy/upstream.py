@@ -27,7 +27,7 @@ log = logging.getLogger("gows.proxy")
 # Requests in flight on one connection to a local worker: the one being answered and those
 # pipelined behind it (each waits at most for the answers in front, all of them small: bodies
 # of local files are named, not sent, fileapp.handoff).
-PIPELINE_DEPTH = 8
+PIPELINE_DEPTH = 16
 
 
 class UpstreamError(Exception):

@@ -174,6 +174,8 @@ class UpstreamConnection(asyncio.Protocol):
             self.pool.proxy.loop.call_soon(self._write_outbox)
 
     def _write_outbox(self) -> None:
+        """Write the requests sent behind in this turn of the loop, together (none if they went
+        elsewhere meanwhile)."""
         outbox, self.outbox = self.outbox, []
         if outbox and not self.closed and not self.retiring:
             self.transport.write(b"".join(outbox))

@@ -13,6 +13,7 @@ from typing import Callable
 import pytest
 
 from arbiter.proxy.counters import PIPELINED, STALE_RETRIES
+from arbiter.proxy import upstream
 from arbiter.proxy.upstream import DISCARD, PIPELINE_DEPTH, UpstreamConnection
 from proxy_harness import NO_CACHE, ProxyThread, read_all
 from support import free_port, wait_until
@@ -85,8 +86,10 @@ def ok(path: str) -> tuple[bytes, bool]:
 
 
 @pytest.fixture
-def local(tmp_path):
-    """A proxy (front cache off) whose one worker is reached over the returned worker's socket."""
+def local(tmp_path, monkeypatch):
+    """A proxy (front cache off) whose one worker is reached over the returned worker's socket;
+    the requests a test holds behind an answer stay there however long it takes."""
+    monkeypatch.setattr(upstream, "PIPELINE_PATIENCE", 3600.0)
     made: list[tuple[ProxyThread, PipelinedWorker]] = []
 
     def make(answer: Callable[[str], tuple[bytes, bool]] | None = None) -> tuple[ProxyThread, PipelinedWorker]:
@@ -199,6 +202,17 @@ def test_a_slow_reader_in_front_never_holds_the_answers_behind_it(local):
     assert len(worker.reads) >= 2  # they went out again on another connection
     received = read_all(slow, 20)  # the slow client still gets every byte of its own
     assert len(received.partition(b"\r\n\r\n")[2]) == BIG
+
+
+def test_an_answer_that_takes_long_holds_no_request_behind_it(local, monkeypatch):
+    proxy, worker = local()
+    first, others = held_with_others_behind(proxy, worker, ["/a", "/b"])
+    monkeypatch.setattr(upstream, "PIPELINE_PATIENCE", 0.2)  # (a slow disk, a long body)
+    assert [body_of(client) for client in others] == [b"/a", b"/b"]  # the first still held
+    assert len(worker.reads) >= 2 and not worker.release.is_set()
+    worker.release.set()
+    assert body_of(first) == b"/hold"
+    assert not proxy.worker(worker.port).passive_failure_times
 
 
 def test_a_client_leaving_while_its_get_waits_behind_leaves_the_others_answered(local):

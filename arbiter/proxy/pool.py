@@ -181,10 +181,11 @@ class UpstreamPool:
 
     def _start(self, sink: ResponseSink, conn: UpstreamConnection) -> None:
         """`sink`'s request goes out on `conn`, which then takes GETs behind it if its worker is
-        local (a gows worker over its Unix socket: it answers pipelined requests in order)."""
-        if conn.worker.unix_path is not None:
-            self.pipes[conn.worker] = conn
+        local (a gows worker over its Unix socket: it answers pipelined requests in order) and
+        the request may have company (upstream.UpstreamConnection.alone)."""
         sink.start(conn)
+        if conn.worker.unix_path is not None and not conn.alone:
+            self.pipes[conn.worker] = conn
 
     def forget_pipe(self, conn: UpstreamConnection) -> None:
         """No more GETs go behind `conn`'s requests."""
@@ -281,6 +282,11 @@ class UpstreamPool:
                 idle[:] = keep
             if not idle:
                 del self.idle[worker]
+
+    def unpipe_stalled(self, now: float) -> None:
+        """Requests pipelined behind an answer that takes long go to other connections."""
+        for conn in [c for c in self.busy if c.stalled(now)]:
+            conn.unpipe()
 
     def timed_out(self, now: float) -> list[UpstreamConnection]:
         """Busy connections whose worker has not answered (or sent more) within the response timeout."""

@@ -421,6 +421,7 @@ class Proxy:
             if self.held:
                 self.release_held(now)
             self.pool.expire_waiting(now)
+            self.pool.unpipe_stalled(now)
             for up in self.pool.timed_out(now):
                 self.counts[TIMEOUTS] += 1
                 up._fail(UpstreamError("worker response timed out", 504, passive=True))

@@ -5,8 +5,9 @@ and hands each to the `ResponseSink` (a relay) that asked, telling the worker's 
 To a local worker (over its Unix socket: a gows worker, which answers pipelined requests in
 order) a connection carries up to PIPELINE_DEPTH GETs at once: the requests behind the one being
 answered are written at once (those of one turn of the event loop in one write), so the worker
-reads several in one recv and wakes once for them, and their answers come back in one read. A request behind never waits on anyone's client: when
-the one being answered must stop for its slow client, those behind go to other connections."""
+reads several in one recv and wakes once for them, and their answers come back in one read. A request behind never waits long on another: when the
+answer under way must stop for its slow client, or takes longer than PIPELINE_PATIENCE (a slow
+disk, a long body), those behind go to other connections."""
 from __future__ import annotations
 
 import asyncio
@@ -28,6 +29,9 @@ log = logging.getLogger("gows.proxy")
 # pipelined behind it (each waits at most for the answers in front, all of them small: bodies
 # of local files are named, not sent, fileapp.handoff).
 PIPELINE_DEPTH = 16
+# Seconds an answer may take before the requests pipelined behind it go to other connections
+# (checked every proxy tick): the worker answers them on its other threads meanwhile.
+PIPELINE_PATIENCE = 0.5
 
 
 class UpstreamError(Exception):
@@ -112,7 +116,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("pool", "worker", "transport", "parser", "sink", "headers", "head_done", "head_only",
                  "interim", "until_close", "keep", "reused", "idle_since", "deadline", "paused", "closed", "active",
-                 "incarnation", "behind", "retiring", "alone", "outbox")
+                 "incarnation", "behind", "retiring", "alone", "outbox", "answering_since")
 
     def __init__(self, pool: UpstreamPool, worker: WorkerState) -> None:
         self.pool = pool
@@ -140,6 +144,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.retiring = False  # takes no more requests: closed once the current answer ends
         self.alone = True  # the request being answered takes none behind it (a HEAD, a body)
         self.outbox: list[bytes] = []  # requests behind, written together at the loop's next turn
+        self.answering_since = 0.0  # when the answer under way began to be awaited
 
     # -- driving a request ----------------------------------------------------------------
     def send(self, sink: ResponseSink, head: bytes, body: bytes | None, head_only: bool) -> None:
@@ -152,6 +157,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.until_close = False
         self.alone = head_only or body is not None
         pool = self.pool
+        self.answering_since = pool.proxy.clock
         self.deadline = pool.proxy.clock + pool.proxy.config.response_timeout
         pool.busy.add(self)
         if body:
@@ -197,6 +203,18 @@ class UpstreamConnection(asyncio.Protocol):
                 self.transport.abort()
             self._requeue_behind()
 
+    def stalled(self, now: float) -> bool:
+        """Whether requests wait behind an answer that has taken longer than PIPELINE_PATIENCE."""
+        return bool(self.behind) and now - self.answering_since > PIPELINE_PATIENCE
+
+    def unpipe(self) -> None:
+        """Send the requests behind to other connections; this one takes no more and closes once
+        its answer under way ends."""
+        if self.behind:
+            self.retiring = True
+            self.pool.forget_pipe(self)
+            self._requeue_behind()
+
     def _requeue_behind(self) -> None:
         """The requests behind will not be answered here: each goes out again on a connection of
         its own (the worker answered none of them; if it read them, answering again is harmless:
@@ -210,10 +228,7 @@ class UpstreamConnection(asyncio.Protocol):
         pipelined behind go elsewhere rather than wait for that client."""
         if sink is not None and sink is not self.sink:
             return  # (its answer has not begun: it pauses this when it does, upstream_head)
-        if self.behind:
-            self.retiring = True
-            self.pool.forget_pipe(self)
-            self._requeue_behind()
+        self.unpipe()
         if not self.paused and not self.closed:
             self.paused = True
             self.transport.pause_reading()
@@ -337,6 +352,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.head_done = False
                 self.until_close = False
                 self.alone = False
+                self.answering_since = pool.proxy.clock
                 self.deadline = pool.proxy.clock + pool.proxy.config.response_timeout
             else:  # the worker closes it (or it retires): the rest go out again elsewhere
                 self.close()

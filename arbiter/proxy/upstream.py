@@ -5,9 +5,10 @@ and hands each to the `ResponseSink` (a relay) that asked, telling the worker's 
 To a local worker (over its Unix socket: a gows worker, which answers pipelined requests in
 order) a connection carries up to PIPELINE_DEPTH GETs at once: the requests behind the one being
 answered are written at once (those of one turn of the event loop in one write), so the worker
-reads several in one recv and wakes once for them, and their answers come back in one read. A request behind never waits long on another: when the
-answer under way must stop for its slow client, or takes longer than PIPELINE_PATIENCE (a slow
-disk, a long body), those behind go to other connections."""
+reads several in one recv and wakes once for them, and their answers come back in one read. A
+request behind never waits long on another: when the answer under way must stop for its slow
+client, or takes longer than PIPELINE_PATIENCE (a slow disk, a long body), those behind go to
+other connections."""
 from __future__ import annotations
 
 import asyncio

@@ -84,6 +84,7 @@ class Arbiter:
             log.warning("%s", soon)
         self.proxy = ProxyFleet(config, self.table, public, sink, timing=admin is not None, tls=self.tls_sockets,
                                 certificate=self.certificate)
+        self.checker.sent = self.proxy.sent  # (idle workers are checked less often)
         self._signals = SignalQueue()
         self._admin_sock = admin
         self.admin = AdminServer(self) if admin is not None else None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 import time
 from typing import Callable
@@ -67,7 +68,11 @@ async def _probe(host: str, port: int, path: str) -> str | None:
 
 class HealthChecker:
     """One checking task per worker in the table: probe every `interval` (every DOWN_INTERVAL
-    at most while the worker is not up), record the result.
+    at most while the worker is not up), record the result. A local worker that is up and was
+    sent no request since its last probe is probed every `idle_interval` only (a probe is all
+    that wakes its process); its task still looks every `interval` whether a request went to it
+    since, and then probes it at once. Remote workers are probed every `interval` whatever
+    their traffic: for an edge, a check is how it learns a node is gone or leaving.
 
     Local workers with no running process are skipped (nothing would answer); a result is
     dropped when the worker's process changed while the probe was in flight or the worker is
@@ -75,10 +80,14 @@ class HealthChecker:
     """
 
     def __init__(self, table: WorkerTable, settings: HealthCheckConfig,
-                 on_result: Callable[[WorkerState], None] | None = None) -> None:
+                 on_result: Callable[[WorkerState], None] | None = None,
+                 sent: Callable[[WorkerState], int] | None = None) -> None:
+        """`sent(worker)`: how many requests the proxies have sent `worker` so far (None: every
+        worker is probed every interval, as a remote one always is)."""
         self.table = table
         self.settings = settings
         self.on_result = on_result
+        self.sent = sent
         self._tasks: dict[WorkerState, asyncio.Task] = {}
         self._kicks: dict[WorkerState, asyncio.Event] = {}
         self._held: set[WorkerState] = set()
@@ -134,9 +143,14 @@ class HealthChecker:
         # < 3.12, asyncio.wait_for (the probe's deadline) returns the result of an awaitable that
         # finishes just as the task is cancelled and swallows the cancellation, and a loop that
         # only stopped on CancelledError then probed on for ever (close() never returned).
+        last_probe, last_sent = -math.inf, None
         while self._tasks.get(worker) is me:
+            kicked = kick.is_set()
             kick.clear()
-            if self._wanted(worker):
+            sent = self.sent(worker) if self.sent is not None and worker.local else None
+            if self._wanted(worker) and (kicked or sent is None or sent != last_sent or not worker.up
+                                         or time.monotonic() - last_probe >= self.settings.idle_interval):
+                last_probe, last_sent = time.monotonic(), sent
                 pid, settings = worker.pid, self.settings
                 started = time.perf_counter()  # uvloop's loop.time() counts whole milliseconds
                 try:

@@ -326,6 +326,11 @@ class ProxyFleet:
         self.slots.clear()
         self.retired.clear()
 
+    def sent(self, worker: WorkerState) -> int:
+        """How many requests the proxies have sent `worker` (a count that only grows while it
+        is in the table: what its counter slot held before it joined is included)."""
+        return self._total(WORKERS + worker.slot)
+
     # -- what the admin listener reads -----------------------------------------------------------
     def totals(self) -> list[int]:
         return total([*(s.counters for s in self.slots), *self.retired])

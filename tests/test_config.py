@@ -61,7 +61,7 @@ def test_shorthand_defaults_and_relative_paths(site):
     assert c.listen == cfg.Address("::1", 8443) and str(c.listen) == "[::1]:8443"
     assert c.pidfile == (site / "run" / "gows.pid").resolve()
     assert c.logging.file == (site / "run" / "gows.log").resolve()
-    assert c.health_check == cfg.HealthCheckConfig("/healthcheck", 1.0, 1.0, 2, 3, 15.0)
+    assert c.health_check == cfg.HealthCheckConfig("/healthcheck", 1.0, 1.0, 2, 3, 15.0, 5.0)
     assert (c.max_fails, c.fail_timeout, c.graceful_timeout) == (3, 10.0, 30.0)
 
 

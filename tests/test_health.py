@@ -60,7 +60,7 @@ def test_checker_applies_rise_and_fall_and_skips_local_workers_without_a_process
         remote = table.add(WorkerState("127.0.0.1", port, local=False))
         idle = table.add(WorkerState("127.0.0.1", free_port(), local=True))  # local, no process yet
         results = []
-        checker = HealthChecker(table, HealthCheckConfig("/hc", 0.05, 1.0, 2, 3, 5.0), on_result=results.append)
+        checker = HealthChecker(table, HealthCheckConfig("/hc", 0.05, 1.0, 2, 3, 5.0, 0.0), on_result=results.append)
         checker.sync()
         await until(lambda: remote.up)
         assert remote.consecutive_successes >= 2 and remote.last_check_latency is not None
@@ -82,6 +82,50 @@ def test_checker_applies_rise_and_fall_and_skips_local_workers_without_a_process
         assert len(s.requests) <= count + 1  # its checking task is gone
         await checker.close()
         s.server.close()
+    run(main())
+
+
+def test_an_idle_worker_is_probed_every_idle_interval_and_again_every_interval_once_sent_a_request():
+    async def main():
+        s = Server()
+        port = await s.start()
+        table = WorkerTable(rise=1, fall=1)
+        worker = table.add(WorkerState("127.0.0.1", port, local=True))
+        worker.pid = os.getpid()  # (a local worker is probed only while it has a process)
+        r = Server()
+        remote = table.add(WorkerState("127.0.0.1", await r.start(), local=False))
+        sent = {"requests": 0, "looks": 0}
+
+        def requests_sent(w: WorkerState) -> int:
+            assert w is worker  # never asked of a remote worker: probed every interval
+            sent["looks"] += 1  # one look per turn of its task: once an interval
+            return sent["requests"]
+
+        checker = HealthChecker(table, HealthCheckConfig("/hc", 0.02, 1.0, 1, 1, 5.0, 3600.0), sent=requests_sent)
+        checker.sync()
+        await until(lambda: worker.up and remote.up)
+        probes, remote_probes, looks = len(s.requests), len(r.requests), sent["looks"]
+        await until(lambda: sent["looks"] >= looks + 10)  # ten intervals without a request: no probe
+        assert len(s.requests) == probes and len(r.requests) >= remote_probes + 5
+        sent["requests"] += 1  # the proxies sent it one: probed at the next interval
+        await until(lambda: len(s.requests) == probes + 1)
+        looks = sent["looks"]
+        await until(lambda: sent["looks"] >= looks + 10)  # idle again
+        assert len(s.requests) == probes + 1
+        s.reply = b"HTTP/1.1 500 Internal Server Error\r\n\r\n"
+        sent["requests"] += 1
+        await until(lambda: not worker.up)
+        failed = len(s.requests)  # a worker that is down is probed every interval, requests or not
+        await until(lambda: len(s.requests) >= failed + 3)
+        checker.settings = HealthCheckConfig("/hc", 0.02, 1.0, 1, 1, 5.0, 0.1)
+        s.reply = b"HTTP/1.1 200 OK\r\n\r\n"
+        await until(lambda: worker.up)
+        up, looks = len(s.requests), sent["looks"]
+        await until(lambda: len(s.requests) >= up + 2)  # idle, but its idle interval came round
+        assert sent["looks"] >= looks + 4  # (not at every look: 0.1 s is five intervals)
+        await checker.close()
+        s.server.close()
+        r.server.close()
     run(main())
 
 
@@ -149,7 +193,7 @@ def test_close_ends_a_check_whose_probe_swallowed_the_cancellation(monkeypatch):
     async def main():
         table = WorkerTable(rise=1, fall=1)
         table.add(WorkerState("127.0.0.1", 9, local=False))
-        checker = HealthChecker(table, HealthCheckConfig("/hc", 0.01, 1.0, 1, 1, 5.0))
+        checker = HealthChecker(table, HealthCheckConfig("/hc", 0.01, 1.0, 1, 1, 5.0, 0.0))
         checker.sync()
         await until(lambda: probes)
         await asyncio.wait_for(checker.close(), 10)
@@ -164,7 +208,7 @@ def test_checks_the_master_cannot_make_keep_a_worker_up_and_warn_once(monkeypatc
         port = await s.start()
         table = WorkerTable(rise=2, fall=3)
         worker = table.add(WorkerState("127.0.0.1", port, local=False))
-        checker = HealthChecker(table, HealthCheckConfig("/hc", 0.02, 1.0, 2, 3, 5.0))
+        checker = HealthChecker(table, HealthCheckConfig("/hc", 0.02, 1.0, 2, 3, 5.0, 0.0))
         checker.sync()
         await until(lambda: worker.up)
         used = scripted_connect(monkeypatch, lambda n: shortage)
@@ -194,7 +238,7 @@ def test_a_reload_proves_a_worker_through_probes_the_master_could_not_make(monke
                                 cache_max_file_size=0, graceful_timeout=1.0, log_level="info", log_format="text",
                                 backoff_initial=0.5, backoff_max=1.0, min_uptime=1.0)
         with socket.socket() as sock:
-            slot = LocalWorker(state, sock, table, HealthChecker(table, HealthCheckConfig("/hc", 0.01, 1.0, 2, 3, 2.0)),
+            slot = LocalWorker(state, sock, table, HealthChecker(table, HealthCheckConfig("/hc", 0.01, 1.0, 2, 3, 2.0, 0.0)),
                                options, None, Pool())
             new = types.SimpleNamespace(started=time.monotonic(), alive=True, proc=None)
             used = scripted_connect(monkeypatch, lambda n: "ok" if n % 2 == 0 else errno.EMFILE)

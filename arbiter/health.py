@@ -72,7 +72,8 @@ class HealthChecker:
     sent no request since its last probe is probed every `idle_interval` only (a probe is all
     that wakes its process); its task still looks every `interval` whether a request went to it
     since, and then probes it at once. Remote workers are probed every `interval` whatever
-    their traffic: for an edge, a check is how it learns a node is gone or leaving.
+    their traffic (for an edge, a check is how it learns a node is gone or leaving), and so is
+    an ejected one (it gets no requests because it failed them: a suspect, not an idle one).
 
     Local workers with no running process are skipped (nothing would answer); a result is
     dropped when the worker's process changed while the probe was in flight or the worker is
@@ -148,9 +149,10 @@ class HealthChecker:
             kicked = kick.is_set()
             kick.clear()
             sent = self.sent(worker) if self.sent is not None and worker.local else None
-            if self._wanted(worker) and (kicked or sent is None or sent != last_sent or not worker.up
-                                         or time.monotonic() - last_probe >= self.settings.idle_interval):
-                last_probe, last_sent = time.monotonic(), sent
+            now = time.monotonic()
+            idle = sent is not None and sent == last_sent and worker.up and worker.ejected_until is None
+            if self._wanted(worker) and (kicked or not idle or now - last_probe >= self.settings.idle_interval):
+                last_probe, last_sent = now, sent
                 pid, settings = worker.pid, self.settings
                 started = time.perf_counter()  # uvloop's loop.time() counts whole milliseconds
                 try:

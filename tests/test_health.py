@@ -129,6 +129,24 @@ def test_an_idle_worker_is_probed_every_idle_interval_and_again_every_interval_o
     run(main())
 
 
+def test_an_ejected_worker_is_probed_every_interval_though_it_is_sent_nothing():
+    async def main():
+        s = Server()
+        port = await s.start()
+        table = WorkerTable(rise=1, fall=1)
+        worker = table.add(WorkerState("127.0.0.1", port, local=True))
+        worker.pid = os.getpid()
+        checker = HealthChecker(table, HealthCheckConfig("/hc", 0.02, 1.0, 1, 1, 5.0, 3600.0), sent=lambda w: 0)
+        checker.sync()
+        await until(lambda: worker.up)
+        worker.ejected_until = time.monotonic() + 3600  # (failed its requests: none come while ejected)
+        probes = len(s.requests)
+        await until(lambda: len(s.requests) >= probes + 3)
+        await checker.close()
+        s.server.close()
+    run(main())
+
+
 @contextlib.contextmanager
 def descriptors_exhausted():
     """This process at its RLIMIT_NOFILE: every new socket fails with EMFILE until the end."""

@@ -29,7 +29,7 @@ class HealthCheckConfig:
     rise: int = setting(Integer(1, 100), 2, "Consecutive passes that mark a worker up.")
     fall: int = setting(Integer(1, 100), 3, "Consecutive failures that mark a worker down (a local one is then replaced).")
     boot_timeout: float = setting(Number(3600), 15.0, "Seconds a newly started local worker has to become healthy before it is killed and retried.")
-    idle_interval: float = setting(Number(3600, positive=False), 5.0, "Seconds between two checks of a local worker that is up and was sent no request since its last check (as Envoy's no_traffic_healthy_interval); never less often than interval. A check wakes an idle worker's process for nothing else, at 10-20 times the CPU of a request to a busy one (100 workers on 2 cores: 5-8% of the throughput at 1 s), and an idle worker has no request a failure could cost: the first one sent to it brings its checks back to every interval. Remote workers are checked every interval. 0: every interval.")
+    idle_interval: float = setting(Number(3600, positive=False), 5.0, "Seconds between two checks of a local worker that is up and was sent no request since its last check (as Envoy's no_traffic_healthy_interval); never less often than interval. A check wakes an idle worker's process for nothing else, at 10-20 times the CPU of a request to a busy one (100 workers on 2 cores: 5-8% of the throughput at 1 s), and an idle worker has no request a failure could cost: the first one sent to it brings its checks back to every interval. Remote and ejected workers are checked every interval. 0: every interval.")
 
 
 @dataclass(frozen=True)

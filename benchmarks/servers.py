@@ -336,8 +336,8 @@ def group_usage(pgid: int) -> tuple[int, float]:
 def settle(running: Running, timeout: float, idle_share: float = 0.2) -> bool:
     """Wait until the server stops spawning processes and uses under `idle_share` of a core, so
     booting workers (gows or gunicorn with 100 workers) do not compete with the measurement.
-    A server at rest is not at zero: gows health-checks each of 100 workers every second
-    (about 5-10% of a core in all), so the bar sits above that. False if it was still busy
+    A server at rest is not at zero: gows health-checks each of 100 workers every few seconds
+    (about 2% of a core in all), so the bar sits above that. False if it was still busy
     after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     before = group_usage(running.proc.pid)

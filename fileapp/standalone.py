@@ -17,7 +17,7 @@ import time
 from . import gunicorn_compat as compat
 from .processes import pid_alive
 from .response import WRITE_TIMEOUT
-from .worker import GowsThreadWorker
+from .worker import IDLE_SWEEP_INTERVAL, GowsThreadWorker
 
 PR_SET_PDEATHSIG = 1
 # The kernel sends this when the parent (thread) that forked us dies; the handler then checks
@@ -83,6 +83,12 @@ class FileAppWorker(GowsThreadWorker):
             os._exit(code)
 
     # -- parent watch -----------------------------------------------------------------------
+
+    def idle_wake_interval(self) -> float:
+        """No heartbeat to keep; without a pidfd, the parent is looked for every second."""
+        if self.parent_pid is not None and self._pidfd is None:
+            return PARENT_CHECK_INTERVAL
+        return IDLE_SWEEP_INTERVAL
 
     def _parent_alive(self) -> bool:
         if self.parent_pid is None:

@@ -38,10 +38,14 @@ BATCH_TIME = 0.002
 # STANDBY seconds whether the serving one has been on its batch that long (a slow disk, a
 # request body that does not come): it then serves beside it until that one is back, and the
 # next one standing by takes the watch. While nothing is served it sleeps until a batch is
-# taken: an idle worker wakes only its main thread, once a SWEEP_INTERVAL.
+# taken: an idle worker wakes no thread at all (below).
 STANDBY = 0.25
 # How often the main thread closes connections that have been idle too long.
 SWEEP_INTERVAL = 1.0
+# With no connection to sweep, the main thread sleeps up to this long (less when a heartbeat is
+# due, `idle_wake_interval`), and the thread that accepts the next connection wakes it: a hundred
+# idle workers each woken every second cost 2% of a core, and more in cold caches under load.
+IDLE_SWEEP_INTERVAL = 30.0
 # After running out of file descriptors, a worker holds this many fewer connections than it had
 # (per thread), so that the requests it accepts can still open their files; and it tries for
 # more connections again after FD_RETRY seconds.
@@ -115,6 +119,7 @@ class GowsThreadWorker(ThreadWorker):
         self._lock = threading.Lock()  # guards _conns, each Connection.busy and _accepting
         self._conns: dict[int, Connection] = {}
         self._accepting = False
+        self._sweep_idle = False  # the main thread sleeps past SWEEP_INTERVAL: wake it on an accept
         self._room = self.worker_connections  # lowered after the process ran out of file descriptors
         self._room_lowered = 0.0
         self._stopped = False  # set after the drain: the serving threads return
@@ -158,7 +163,7 @@ class GowsThreadWorker(ThreadWorker):
             thread.start()
         while self.alive:
             self.notify()
-            self.wait_for_and_dispatch_events(timeout=SWEEP_INTERVAL)
+            self.wait_for_and_dispatch_events(timeout=self._next_sweep())
             if not self.is_parent_alive():
                 break
             self._close_idle()
@@ -204,6 +209,19 @@ class GowsThreadWorker(ThreadWorker):
                 self._ep.register(listener.fileno(),
                                   select.EPOLLIN | select.EPOLLEXCLUSIVE | select.EPOLLET)
         self._accepting = wanted
+
+    def idle_wake_interval(self) -> float:
+        """The longest the main thread sleeps with no connection to sweep: under gunicorn's
+        arbiter, until its heartbeat is due (the arbiter gives it half its timeout; 0: none)."""
+        return min(IDLE_SWEEP_INTERVAL, self.timeout or IDLE_SWEEP_INTERVAL)
+
+    def _next_sweep(self) -> float:
+        """Seconds until the main thread's next sweep: SWEEP_INTERVAL while the worker holds a
+        connection or is short of descriptors; otherwise `idle_wake_interval`, and `_accept`
+        wakes it for the next connection."""
+        with self._lock:
+            idle = self._sweep_idle = not self._conns and self._room >= self.worker_connections
+        return self.idle_wake_interval() if idle else SWEEP_INTERVAL
 
     def _close_idle(self) -> None:
         """Close the connections that have waited past their timeout for a request or for their
@@ -370,6 +388,9 @@ class GowsThreadWorker(ThreadWorker):
                 self._conns[fd] = conn
                 self._ep.register(fd, _TAKEN if sent else _NEXT_REQUEST)
                 self._accept_while_room()
+                if self._sweep_idle:  # its deadline needs the sweep
+                    self._sweep_idle = False
+                    compat.wake_main_loop(self)
             if sent:
                 self._pending.batch.append((fd, conn))
         with self._lock:
@@ -464,6 +485,7 @@ class GowsThreadWorker(ThreadWorker):
             if self.alive:
                 self.log.info("Autorestarting worker after current request.")
                 self.alive = False
+                compat.wake_main_loop(self)
             resp.force_close()
         if not self.alive or not self._keepalive:
             resp.force_close()

@@ -395,6 +395,27 @@ def test_parent_pid_that_is_not_the_direct_parent(root):
         stop_process(proc)
 
 
+def test_an_idle_worker_sleeps_long_only_while_something_else_watches_for_it():
+    """With no connection, the main thread sleeps up to IDLE_SWEEP_INTERVAL: a pidfd reports the
+    parent's death; without one (an old kernel) it looks in /proc every second still; under
+    gunicorn's arbiter it touches its heartbeat within the time it was given (0: none)."""
+    from fileapp.standalone import PARENT_CHECK_INTERVAL, FileAppWorker
+    from fileapp.worker import IDLE_SWEEP_INTERVAL, GowsThreadWorker
+
+    standalone = FileAppWorker.__new__(FileAppWorker)
+    standalone.parent_pid, standalone._pidfd = os.getpid(), None
+    assert standalone.idle_wake_interval() == PARENT_CHECK_INTERVAL
+    standalone._pidfd = 3
+    assert standalone.idle_wake_interval() == IDLE_SWEEP_INTERVAL
+    standalone.parent_pid, standalone._pidfd = None, None  # nothing to watch
+    assert standalone.idle_wake_interval() == IDLE_SWEEP_INTERVAL
+    under_gunicorn = GowsThreadWorker.__new__(GowsThreadWorker)
+    under_gunicorn.timeout = 15.0  # (gunicorn passes half its timeout)
+    assert under_gunicorn.idle_wake_interval() == 15.0
+    under_gunicorn.timeout = 0  # no heartbeat watched
+    assert under_gunicorn.idle_wake_interval() == IDLE_SWEEP_INTERVAL
+
+
 def test_sigterm_right_after_start_still_exits_0(root):
     """However early the stop request lands (before or after the worker is up), exit is clean."""
     for delay in (0.0, 0.2):

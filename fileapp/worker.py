@@ -44,7 +44,7 @@ STANDBY = 0.25
 SWEEP_INTERVAL = 1.0
 # With no connection to sweep, the main thread sleeps up to this long (less when a heartbeat is
 # due, `idle_wake_interval`), and the thread that accepts the next connection wakes it: a hundred
-# idle workers each woken every second cost 2% of a core, and more in cold caches under load.
+# idle workers woken every second cost about 2% of a core.
 IDLE_SWEEP_INTERVAL = 30.0
 # After running out of file descriptors, a worker holds this many fewer connections than it had
 # (per thread), so that the requests it accepts can still open their files; and it tries for
@@ -212,7 +212,8 @@ class GowsThreadWorker(ThreadWorker):
 
     def idle_wake_interval(self) -> float:
         """The longest the main thread sleeps with no connection to sweep: under gunicorn's
-        arbiter, until its heartbeat is due (the arbiter gives it half its timeout; 0: none)."""
+        arbiter, until its heartbeat is due (the arbiter gives it half its timeout; 0: none),
+        which is also how often gunicorn's sync worker looks whether its parent is gone."""
         return min(IDLE_SWEEP_INTERVAL, self.timeout or IDLE_SWEEP_INTERVAL)
 
     def _next_sweep(self) -> float:

@@ -85,13 +85,19 @@ def test_checker_applies_rise_and_fall_and_skips_local_workers_without_a_process
     run(main())
 
 
+async def served_local_worker(table: WorkerTable) -> tuple[Server, WorkerState]:
+    """A local worker added to `table`, answered by an in-test server, with a process (this
+    one's pid: a local worker is probed only while it has one)."""
+    s = Server()
+    worker = table.add(WorkerState("127.0.0.1", await s.start(), local=True))
+    worker.pid = os.getpid()
+    return s, worker
+
+
 def test_an_idle_worker_is_probed_every_idle_interval_and_again_every_interval_once_sent_a_request():
     async def main():
-        s = Server()
-        port = await s.start()
         table = WorkerTable(rise=1, fall=1)
-        worker = table.add(WorkerState("127.0.0.1", port, local=True))
-        worker.pid = os.getpid()  # (a local worker is probed only while it has a process)
+        s, worker = await served_local_worker(table)
         r = Server()
         remote = table.add(WorkerState("127.0.0.1", await r.start(), local=False))
         sent = {"requests": 0, "looks": 0}
@@ -131,11 +137,8 @@ def test_an_idle_worker_is_probed_every_idle_interval_and_again_every_interval_o
 
 def test_an_ejected_worker_is_probed_every_interval_though_it_is_sent_nothing():
     async def main():
-        s = Server()
-        port = await s.start()
         table = WorkerTable(rise=1, fall=1)
-        worker = table.add(WorkerState("127.0.0.1", port, local=True))
-        worker.pid = os.getpid()
+        s, worker = await served_local_worker(table)
         checker = HealthChecker(table, HealthCheckConfig("/hc", 0.02, 1.0, 1, 1, 5.0, 3600.0), sent=lambda w: 0)
         checker.sync()
         await until(lambda: worker.up)

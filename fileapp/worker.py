@@ -119,7 +119,9 @@ class GowsThreadWorker(ThreadWorker):
         self._lock = threading.Lock()  # guards _conns, each Connection.busy and _accepting
         self._conns: dict[int, Connection] = {}
         self._accepting = False
-        self._sweep_idle = False  # the main thread sleeps past SWEEP_INTERVAL: wake it on an accept
+        # The main thread sleeps past SWEEP_INTERVAL: wake it on an accept. (Not "the first
+        # connection": a worker taking one at a time would wake it twice for each.)
+        self._sweep_idle = False
         self._room = self.worker_connections  # lowered after the process ran out of file descriptors
         self._room_lowered = 0.0
         self._stopped = False  # set after the drain: the serving threads return

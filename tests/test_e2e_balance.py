@@ -61,10 +61,15 @@ def test_round_robin_spreads_consistent_hash_keeps_a_path_on_one_worker_and_move
         m.write_config(m.config)
         m.signal(signal.SIGHUP)
         m.wait_log(rf"reload done: {WORKERS} local workers \(0 added, {WORKERS} replaced", timeout=60)
+        # The replaced processes drain on the same ports: until they are gone, asking a port
+        # directly may reach one of them, which never served the paths asked for below.
+        m.wait_log(r"worker 127\.0\.0\.1:\d+ \(pid \d+\) exited", count=WORKERS)
+        workers = m.workers()
 
         # Consistent hashing: every path is served by one worker, however often it is asked for,
         # and the paths are spread over the workers.
         served = _served_by(m, site, [f"/ch{i:02}.txt" for i in range(24)], 3)
+        assert m.workers() == workers, m.log()[-3000:]  # (a new process would hold no cache)
         assert all(len(ports) == 1 for ports in served.values()), served
         owner = {p: ports.pop() for p, ports in served.items()}
         assert len(set(owner.values())) >= 2, owner

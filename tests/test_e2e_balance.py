@@ -63,7 +63,7 @@ def test_round_robin_spreads_consistent_hash_keeps_a_path_on_one_worker_and_move
         m.wait_log(rf"reload done: {WORKERS} local workers \(0 added, {WORKERS} replaced", timeout=60)
         # The replaced processes drain on the same ports: until they are gone, asking a port
         # directly may reach one of them, which never served the paths asked for below.
-        m.wait_log(r"worker 127\.0\.0\.1:\d+ \(pid \d+\) exited", count=WORKERS)
+        m.wait_log(r"worker 127\.0\.0\.1:\d+ \(pid \d+\) (exited|was killed)", count=WORKERS, timeout=30)
         workers = m.workers()
 
         # Consistent hashing: every path is served by one worker, however often it is asked for,

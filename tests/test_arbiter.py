@@ -359,7 +359,9 @@ def test_hup_whose_new_worker_fails_keeps_the_old_one_serving(masters, tmp_path,
     m = start(masters, tmp_path, config)
     before = m.wait_workers(ports)
     m.wait_log("is up")
-    with Hammer(ports[0]) as hammer:
+    # Clients of the master: a connection straight to the worker's port could reach the new
+    # process before the test stops it, and be cut when the master makes it quit.
+    with Hammer(m.port) as hammer:
         m.signal(signal.SIGHUP)  # same config: HUP still replaces every worker (new code, new settings)
         # The new incarnation hangs: stopped after its exec, before it can answer a single probe.
         new = wait_until(lambda: [p for p in children(m.pid) if p != before[ports[0]]

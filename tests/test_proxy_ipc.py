@@ -112,3 +112,18 @@ def test_each_proxy_may_take_a_tenth_over_its_even_share_of_the_connections(tmp_
         assert proxy.max_connections == connections
         assert front.max_bytes == 3_000_000 // n  # (memory budgets are split exactly)
         assert proxy.body_buffer_bytes == config.proxy.body_buffer_bytes // n
+
+
+def test_a_proxy_collects_its_youngest_generation_less_often_and_leaves_the_older_ones_alone():
+    import gc
+
+    from arbiter.proxy.process import GC_YOUNG_THRESHOLD, tune_gc
+
+    saved = gc.get_threshold()
+    try:
+        gc.set_threshold(700, 11, 12)
+        tune_gc()
+        assert gc.get_threshold() == (GC_YOUNG_THRESHOLD, 11, 12)
+        assert GC_YOUNG_THRESHOLD > 700
+    finally:
+        gc.set_threshold(*saved)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ctypes
+import gc
 import logging
 import os
 import signal
@@ -38,6 +39,12 @@ log = logging.getLogger("gows.proxy")
 PR_SET_PDEATHSIG = 1
 SETTINGS_TIMEOUT = 30.0  # seconds to wait for the master's first settings before giving up
 LOAD_INTERVAL = 1.0  # seconds between two load reports to the master
+# Python collects its youngest generation every 700 net container allocations by default. With
+# the few dozen a connection makes (transport, protocol, parser, relay, sender), that is a
+# collection every few connections, each walking every young object still live: 5000 makes
+# them seven times rarer, each still a fraction of a millisecond (ab -c500 150 KB: 3 µs, 5%,
+# less proxy CPU per request; 20000 and 100000 saved no more).
+GC_YOUNG_THRESHOLD = 5000
 
 
 class ProxyProcess:
@@ -211,6 +218,12 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def tune_gc() -> None:
+    """Collect the youngest generation every GC_YOUNG_THRESHOLD allocations; the older ones as
+    Python does."""
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m arbiter.proxy", description="A gows proxy process (started by the master).")
     parser.add_argument("--index", type=int, required=True)
@@ -222,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
+    tune_gc()
     import setproctitle
     import uvloop
 

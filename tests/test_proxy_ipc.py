@@ -1,5 +1,6 @@
 """What the master and its proxy processes share: the control channel's framing, the proxy's copy
-of the worker table, and the counters in shared memory."""
+of the worker table, and the counters in shared memory; and how a proxy process sets its
+garbage collector."""
 from __future__ import annotations
 
 import asyncio

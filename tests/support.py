@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import os
 import signal
 import socket
@@ -47,6 +48,13 @@ def wait_for_port(port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> 
         except OSError:
             time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def refused(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether a TCP connection to host:port is refused now (nothing listens there)."""
+    with socket.socket() as s:
+        s.settimeout(5)  # (a full backlog leaves a connect waiting: not refused)
+        return s.connect_ex((host, port)) == errno.ECONNREFUSED
 
 
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, message: str = "condition"):

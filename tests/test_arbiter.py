@@ -2,7 +2,6 @@
 scale, stop; every claim of issue 3's "Done when" with assertions."""
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -15,7 +14,7 @@ import pytest
 import requests
 
 from master_support import (Admin, Hammer, Master, base_config, children, free_port_run, health, title, wait_gone)
-from support import free_port, pid_alive, wait_until
+from support import free_port, pid_alive, refused, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -220,11 +219,6 @@ def test_workers_killed_as_soon_as_they_start_always_leave_one_starting(masters,
     a.ready()
 
 
-def _refused(port: int) -> bool:
-    with socket.socket() as s:
-        return s.connect_ex(("127.0.0.1", port)) == errno.ECONNREFUSED
-
-
 def test_hup_with_changed_worker_count_converges_without_a_failed_request(masters, tmp_path, site):
     ports = [free_port(), free_port(), free_port()]
     config = base_config(site, free_port(), ports[:2])
@@ -252,7 +246,7 @@ def test_hup_with_changed_worker_count_converges_without_a_failed_request(master
     wait_gone(second.values())
     third = m.wait_workers(ports[:1])
     for port in ports[1:]:  # (its socket is closed once the stopped worker has been reaped)
-        wait_until(lambda: _refused(port), timeout=10, message=f"port {port} refusing")
+        wait_until(lambda: refused(port), timeout=10, message=f"port {port} refusing")
 
     # A broken config on HUP changes nothing.
     m.config_path.write_text(json.dumps({**config, "threads": "many"}))

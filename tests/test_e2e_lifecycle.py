@@ -13,7 +13,7 @@ import requests
 
 from e2e_support import bundled_site, patterned, read_head
 from master_support import Hammer, Master, base_config, children, serving, wait_gone
-from support import free_port, free_ports, pid_alive, together, wait_until
+from support import free_port, free_ports, pid_alive, refused, together, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -25,14 +25,6 @@ def site(tmp_path: Path) -> Path:
     root = bundled_site(tmp_path / "site")
     (root / "download.bin").write_bytes(patterned(DOWNLOAD))
     return root
-
-
-def _refused(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    except ConnectionRefusedError:
-        return True
-    return False
 
 
 def test_term_lets_a_slow_download_finish_then_exits_0_leaving_no_process(tmp_path, site):
@@ -49,7 +41,7 @@ def test_term_lets_a_slow_download_finish_then_exits_0_leaving_no_process(tmp_pa
             m.signal(signal.SIGTERM)
             m.wait_log("stopping gracefully")
             # No new client is taken on: refused at once, not left waiting in the backlog.
-            wait_until(lambda: _refused(m.port), timeout=10, message="public port refusing")
+            wait_until(lambda: refused(m.port), timeout=10, message="public port refusing")
             # Most of the file is still at the worker: the proxy must keep relaying it. (The
             # master may exit before we read the last bytes: they are in the kernel's buffers.)
             while True:  # slowly: about 1 MiB per 0.05 s at most

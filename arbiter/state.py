@@ -40,6 +40,9 @@ class WorkerState:
     passive_failure_times: list[float] = field(default_factory=list)
     requests: int = 0  # requests the proxies sent to this worker (kept current by the master)
     in_flight: int = 0  # requests the proxy has outstanding on this worker
+    # A proxy's connections to it in use (answering, or connecting): each holds at most one of its
+    # threads, however many requests are pipelined on it (a thread answers those in turn).
+    connections: int = 0
     slot: int = 0  # its place among the proxies' per-worker counters (WORKER_SLOTS: none of its own)
     name: str = ""  # how the config names it (a host name), when not its address
     weight: int = 1  # its share of the requests against the others' (the config's workers[].weight)

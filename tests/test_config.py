@@ -77,6 +77,9 @@ def test_the_proxy_takes_its_settings_from_the_config_sections(site):
     proxy = Proxy(WorkerTable(), c.proxy, c.front_cache, c.threads, c.cache.ttl)
     assert proxy.config is c.proxy and proxy.config.pool_size == 8 and proxy.cache is None
     assert (proxy.balancer.policy, proxy.balancer.worker_threads) == ("consistent-hash", 6)
+    # A worker's threads past the pool's connections never serve the proxy: no more are counted.
+    few = cfg.load(write(site, {"baseDirectory": "www", "workerCount": 1, "threads": 6, "proxy": {"poolSize": 4}}))
+    assert Proxy(WorkerTable(), few.proxy, few.front_cache, few.threads, 1.0).balancer.worker_threads == 4
     on = Proxy(WorkerTable(), c.proxy, cfg.configured(cfg.FrontCacheConfig), c.threads, c.cache.ttl)
     assert on.cache.revalidate_after == 2.5  # no staler than the workers' own view
 

@@ -20,6 +20,18 @@ pytestmark = pytest.mark.unit
 PATHS = [b"/static/file%d.css?v=%d" % (i, i % 3) for i in range(2000)]
 
 
+def take(worker: WorkerState, n: int = 1) -> None:
+    """`n` more requests in flight on `worker`, each on a connection of its own (none pipelined)."""
+    worker.in_flight += n
+    worker.connections += n
+
+
+def hold(ws: list[WorkerState], *counts: int) -> None:
+    """Each worker of `ws` with its count of requests in flight, one per connection."""
+    for w, n in zip(ws, counts):
+        w.in_flight = w.connections = n
+
+
 def table_of(n: int) -> tuple[WorkerTable, list[WorkerState]]:
     table = WorkerTable(rise=1, fall=1)
     workers = [table.add(WorkerState("127.0.0.1", 9000 + i)) for i in range(n)]
@@ -47,24 +59,22 @@ def test_round_robin_hands_concurrent_requests_out_in_runs():
     first = b.pick(b"/")
     # The proxy counts each forwarded request in flight: a busy worker keeps taking new ones...
     for k in range(1, RUN):
-        first.in_flight = k
+        hold([first], k)
         assert b.pick(b"/") is first
     # ...until it holds RUN of them, then the next worker in turn starts its own run.
-    first.in_flight = RUN
+    hold([first], RUN)
     second = b.pick(b"/")
     assert second is not first
-    second.in_flight = 1
+    hold([second], 1)
     assert b.pick(b"/") is second
     # A retry never goes back to the worker it excludes, busy or not.
     assert b.pick(b"/", [second]) not in (second, None)
     # A run ends after RUN picks even while the worker stays lightly loaded: all take turns.
-    for w in ws:
-        w.in_flight = 1
+    hold(ws, 1, 1, 1)
     picks = [b.pick(b"/") for _ in range(3 * RUN)]
     assert Counter(picks) == {w: RUN for w in ws}
     # Once requests no longer overlap, turns alternate one request at a time again.
-    for w in ws:
-        w.in_flight = 0
+    hold(ws, 0, 0, 0)
     picks = [b.pick(b"/") for _ in range(6)]
     assert all(picks[i] is not picks[i + 1] for i in range(5))
     assert Counter(picks) == {w: 2 for w in ws}
@@ -74,9 +84,9 @@ def test_round_robin_runs_stop_at_the_worker_threads():
     table, ws = table_of(2)
     b = Balancer(table, "round-robin", worker_threads=2)
     first = b.pick(b"/")
-    first.in_flight = 1
+    hold([first], 1)
     assert b.pick(b"/") is first
-    first.in_flight = 2  # a request per thread: the next one goes to the other worker
+    hold([first], 2)  # a request per thread: the next one goes to the other worker
     assert b.pick(b"/") is not first
 
 
@@ -89,10 +99,10 @@ def test_first_packs_the_load_onto_the_first_workers_with_a_thread_free():
     placed = []
     for _ in range(6):
         w = b.pick(b"/")
-        w.in_flight += 1
+        take(w)
         placed.append(w)
     assert placed == [ws[0]] * 4 + [ws[1]] * 2
-    ws[0].in_flight -= 1  # one finishes on the first worker: the next request goes back there
+    take(ws[0], -1)  # one finishes on the first worker: the next request goes back there
     assert b.pick(b"/") is ws[0]
     # A retry skips the worker it excludes; a worker marked down is skipped too.
     assert b.pick(b"/", [ws[0]]) is ws[1]
@@ -100,7 +110,7 @@ def test_first_packs_the_load_onto_the_first_workers_with_a_thread_free():
     assert b.pick(b"/") is ws[1]
     # Every thread busy everywhere: the least loaded, not the first nor nowhere.
     table.record_check(ws[0], True)
-    ws[0].in_flight, ws[1].in_flight, ws[2].in_flight = 9, 6, 7
+    hold(ws, 9, 6, 7)
     assert b.pick(b"/") is ws[1] and b.pick(b"/", [ws[1]]) is ws[2]
     assert b.pick(b"/", ws) is None
 
@@ -112,13 +122,12 @@ def test_first_starts_each_proxy_at_its_own_lane_and_wraps_around_the_table():
     placed = []
     for _ in range(7):  # the second proxy fills its lane, then wraps to the start of the table
         w = lanes[1].pick(b"/")
-        w.in_flight += 1
+        take(w)
         placed.append(w)
     assert placed == [ws[2]] * 2 + [ws[3]] * 2 + [ws[4]] * 2 + [ws[0]]
     # The lanes follow the healthy workers: with the first marked down, proxy 2 of 2 starts at
     # the second of the four left (ws[3]), proxy 1 at the first (ws[1]).
-    for w in ws:
-        w.in_flight = 0
+    hold(ws, 0, 0, 0, 0, 0)
     table.record_check(ws[0], False)
     assert lanes[1].pick(b"/") is ws[3] and lanes[0].pick(b"/") is ws[1]
 
@@ -146,12 +155,10 @@ def test_requests_that_never_finish_fill_every_workers_threads_before_any_waits(
     table, ws = table_of(2)
     b = Balancer(table, policy, worker_threads=4)
     for i in range(8):
-        w = b.pick(b"/big.bin")
-        w.in_flight += 1
+        take(b.pick(b"/big.bin"))
     assert [w.in_flight for w in ws] == [4, 4]
     for i in range(8):
-        w = b.pick(b"/big.bin")
-        w.in_flight += 1
+        take(b.pick(b"/big.bin"))
     assert sum(w.in_flight for w in ws) == 16 and all(w.in_flight >= 4 for w in ws)
 
 
@@ -159,12 +166,29 @@ def test_requests_that_never_finish_fill_every_workers_threads_before_any_waits(
 def test_a_worker_with_every_thread_busy_is_passed_over_while_another_has_one_free(policy):
     table, ws = table_of(3)
     b = Balancer(table, policy, worker_threads=4)
-    ws[0].in_flight, ws[1].in_flight, ws[2].in_flight = 4, 3, 9
+    hold(ws, 4, 3, 9)
     assert all(b.pick(p) is ws[1] for p in PATHS[:200])
     # A retry that excludes the one with a free thread goes to a busy worker, not nowhere.
     assert b.pick(PATHS[0], [ws[1]]) in (ws[0], ws[2])
-    ws[1].in_flight = 4  # every thread of every worker busy: any worker will do
+    hold([ws[1]], 4)  # every thread of every worker busy: any worker will do
     assert {b.pick(p) for p in PATHS[:200]} <= set(ws) and None not in {b.pick(p) for p in PATHS[:200]}
+
+
+@pytest.mark.parametrize("policy", ("round-robin", "consistent-hash", "first"))
+def test_requests_pipelined_on_a_connection_take_one_thread(policy):
+    """A local worker answers the GETs pipelined on one connection in turn, on one thread: a
+    worker with many requests in flight on fewer connections than threads still has one free
+    (a proxy whose loop lags holds many whose answers it has not read yet), and is not passed
+    over for an idle one (round robin: it keeps its turns); once its connections take every
+    thread, it is."""
+    table, ws = table_of(2)
+    b = Balancer(table, policy, worker_threads=4, load_factor=0)
+    owner = b.pick(PATHS[0])
+    owner.in_flight, owner.connections = 40, 3
+    picks = Counter(b.pick(PATHS[0]) for _ in range(20))
+    assert picks[owner] == (10 if policy == "round-robin" else 20)
+    owner.connections = 4
+    assert owner not in {b.pick(PATHS[0]) for _ in range(20)}
 
 
 def test_least_outstanding_prefers_idle_workers_and_rotates_ties():
@@ -216,13 +240,12 @@ def test_consistent_hash_bounded_load(factor):
     # ring instead of piling onto the owner.
     for i in range(1, 201):
         w = b.pick(hot)
-        w.in_flight += 1
+        take(w)
         cap = math.ceil(factor * i / len(ws))
         assert max(x.in_flight for x in ws) <= max(cap, b.worker_threads)
     assert owner.in_flight == max(x.in_flight for x in ws)
     assert all(w.in_flight > 0 for w in ws)
-    for w in ws:
-        w.in_flight = 0
+    hold(ws, 0, 0, 0, 0)
     assert b.pick(hot) is owner  # load gone: sticky again
 
 
@@ -232,12 +255,11 @@ def test_consistent_hash_without_a_bound_only_spares_a_worker_whose_threads_are_
     hot = b"/hot.js"
     owner = b.pick(hot)
     for _ in range(4):
-        b.pick(hot).in_flight += 1
+        take(b.pick(hot))
     assert owner.in_flight == 4  # all of them, where a bound of 1.25 would have spread them
     spilled = b.pick(hot)
     assert spilled is not owner  # its threads are busy while another worker has one free
-    for w in ws:
-        w.in_flight = 4
+    hold(ws, 4, 4, 4)
     assert b.pick(hot) is owner  # every worker is busy: back to the path's own
 
 

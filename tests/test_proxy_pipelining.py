@@ -162,6 +162,22 @@ def test_past_the_depth_a_get_takes_a_connection_of_its_own(local):
     assert [body_of(client) for client in [first, *others]]
 
 
+def test_a_connection_counts_once_however_many_gets_ride_on_it(local):
+    """The worker's count of this proxy's connections (what the balancer weighs against its
+    threads) counts each connection in use once, pipelined or not, and none once all are answered."""
+    proxy, worker = local()
+    first, others = held_with_others_behind(proxy, worker, [f"/f{i}" for i in range(PIPELINE_DEPTH - 1)])
+    state = proxy.worker(worker.port)
+    assert proxy.call(lambda: (state.in_flight, state.connections)) == (PIPELINE_DEPTH, 1)
+    extra = send(proxy, "/extra")
+    assert body_of(extra) == b"/extra"
+    worker.release.set()
+    assert [body_of(client) for client in [first, *others]]
+    wait_until(lambda: proxy.call(lambda: (state.in_flight, state.connections)) == (0, 0), timeout=10,
+               message="nothing in flight, no connection in use")
+    assert len(worker.reads) == 2  # (the second connection, now idle, is kept for reuse)
+
+
 def test_a_worker_closing_after_an_answer_sends_those_behind_again_charged_to_no_one(local):
     def close_after_hold(path: str) -> tuple[bytes, bool]:
         out, _ = ok(path)

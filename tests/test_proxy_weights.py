@@ -67,8 +67,10 @@ def test_weights_1_2_3_give_shares_within_5_percent_under_concurrency(policy):
         if len(in_flight) == 12:
             done = in_flight.pop(rng.randrange(len(in_flight)))
             done.in_flight -= 1
+            done.connections -= 1
         worker = b.pick(path)
         worker.in_flight += 1
+        worker.connections += 1
         in_flight.append(worker)
         picks[worker] += 1
     assert_shares(shares(picks, ws), [1, 2, 3])
@@ -91,7 +93,7 @@ def test_equal_weights_keep_the_plain_policies():
 def test_a_heavier_worker_keeps_more_threads_busy_before_it_is_passed_over():
     table, ws = weighted([1, 3])
     b = Balancer(table, "round-robin", worker_threads=2)
-    ws[0].in_flight, ws[1].in_flight = 2, 5  # the light one full; the heavy one has 6 threads' worth
+    ws[0].connections, ws[1].connections = 2, 5  # the light one full; the heavy one has 6 threads' worth
     assert {b.pick(b"/") for _ in range(10)} == {ws[1]}
 
 
@@ -103,7 +105,7 @@ def test_under_first_a_weight_is_threads_and_a_ramping_worker_takes_its_share_of
     placed = []
     for _ in range(8):
         w = b.pick(b"/")
-        w.in_flight += 1
+        w.connections += 1
         placed.append(w)
     assert placed == [ws[0]] * 6 + [ws[1]] * 2  # 3 x 2 threads before the light worker gets any
     table.record_check(ws[0], False)
@@ -113,10 +115,10 @@ def test_under_first_a_weight_is_threads_and_a_ramping_worker_takes_its_share_of
     for elapsed in (0, 20, 40, 60):
         clock.now = ws[0].recovered_at + elapsed
         for w in ws:
-            w.in_flight = 0
+            w.connections = 0
         first = 0
         while b.pick(b"/") is ws[0]:
-            ws[0].in_flight += 1
+            ws[0].connections += 1
             first += 1
         taken.append(first)
     assert taken == [1, 2, 4, 6]

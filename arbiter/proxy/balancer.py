@@ -35,6 +35,7 @@ RUN = 8
 NEVER = math.inf
 
 _in_flight = attrgetter("in_flight")
+_connections = attrgetter("connections")
 
 
 def _hash64(data: bytes) -> int:
@@ -59,9 +60,12 @@ def ramp(worker: WorkerState, now: float) -> tuple[float, float]:
 class Balancer:
     """Picks a worker from `table.healthy`; derived state is rebuilt lazily when the table changes.
 
-    Whatever the policy, a worker with a request in flight per thread (`worker_threads`, times
+    Whatever the policy, a worker with a connection in use per thread (`worker_threads`, times
     its weight over the lightest's) is passed over while another has a thread to spare: stacked
-    requests would wait in its queue while the other idles.
+    requests would wait in its queue while the other idles. Connections, not requests: those
+    pipelined on one connection are answered in turn by one thread, and a proxy whose loop lags
+    (new connections per request, all cores busy) holds many requests whose answers it has not
+    read yet, so counting requests would wake idle workers for no thread of the busy one's.
     """
 
     POLICIES = {"round-robin": "_round_robin", "least-outstanding": "_least_outstanding",
@@ -163,7 +167,7 @@ class Balancer:
             return last
         self._run = 1
         worker = healthy[i % n]
-        if worker.in_flight < self.worker_threads and not (exclude and worker in exclude):
+        if worker.connections < self.worker_threads and not (exclude and worker in exclude):
             self._next = i + 1
             return worker
         # Busy or excluded: the next one in turn with a thread to spare, else the next allowed.
@@ -172,7 +176,7 @@ class Balancer:
             worker = healthy[(i + k) % n]
             if exclude and worker in exclude:
                 continue
-            if worker.in_flight < self.worker_threads:
+            if worker.connections < self.worker_threads:
                 self._next = i + k + 1
                 return worker
             if fallback is None:
@@ -197,7 +201,7 @@ class Balancer:
         for i, worker in enumerate(healthy):
             if exclude and worker in exclude:
                 continue
-            if worker.in_flight < caps[i]:
+            if worker.connections < caps[i]:
                 if best < 0 or credit[i] + effective[i] > credit[best] + effective[best]:
                     best = i
             elif fallback < 0 or credit[i] + effective[i] > credit[fallback] + effective[fallback]:
@@ -263,11 +267,11 @@ class Balancer:
             worker = healthy[i]
             if exclude and worker in exclude:
                 continue
-            busy = worker.in_flight
-            if busy < fill[i]:
+            if worker.connections < fill[i]:
                 return worker
-            if busy / fill[i] < least:
-                fallback, least = worker, busy / fill[i]
+            load = worker.in_flight / fill[i]
+            if load < least:
+                fallback, least = worker, load
         return fallback
 
     # -- consistent hash -----------------------------------------------------------------------
@@ -304,8 +308,9 @@ class Balancer:
             capacity = [math.ceil(bound * e) for e in self.effective]
         else:
             capacity = [UNBOUNDED] * n
-        if any(loads[i] < caps[i] for i in range(n) if not (exclude and healthy[i] in exclude)):
-            capacity = [min(c, t) for c, t in zip(capacity, caps)]
+        taken = list(map(_connections, healthy))
+        if not any(taken[i] < caps[i] for i in range(n) if not (exclude and healthy[i] in exclude)):
+            taken = [0] * n  # every thread busy everywhere: the bound alone decides
         owners = self._owners
         size = len(points)
         start = bisect.bisect_left(points, _hash64(path.partition(b"?")[0]))
@@ -316,7 +321,7 @@ class Balancer:
                 continue
             seen.add(index)
             worker = healthy[index]
-            if loads[index] < capacity[index] and not (exclude and worker in exclude):
+            if loads[index] < capacity[index] and taken[index] < caps[index] and not (exclude and worker in exclude):
                 return worker
             if len(seen) == n:
                 break

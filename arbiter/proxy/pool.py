@@ -67,7 +67,6 @@ class UpstreamPool:
         self.proxy = proxy
         self.idle: dict[WorkerState, list[UpstreamConnection]] = {}
         self.busy: set[UpstreamConnection] = set()
-        self.active: dict[WorkerState, int] = {}
         self.waiting: dict[WorkerState, deque[tuple[ResponseSink, float]]] = {}
         # The connection to each local worker whose requests GETs are pipelined behind: the
         # one started last.
@@ -88,10 +87,10 @@ class UpstreamPool:
             conn = self._idle(worker)
             if conn is not None:
                 conn.active = True
-                self.active[worker] = self.active.get(worker, 0) + 1
+                worker.connections += 1
                 self._start(sink, conn)
                 return
-        if self.active.get(worker, 0) < self.proxy.config.pool_size:
+        if worker.connections < self.proxy.config.pool_size:
             self._open(sink, worker)
         else:
             queue = self.waiting.get(worker)
@@ -123,7 +122,7 @@ class UpstreamPool:
         return None
 
     def _open(self, sink: ResponseSink, worker: WorkerState) -> None:
-        self.active[worker] = self.active.get(worker, 0) + 1
+        worker.connections += 1
         self.proxy.spawn(self._connect(sink, worker))
 
     async def _connect(self, sink: ResponseSink, worker: WorkerState) -> None:
@@ -222,7 +221,7 @@ class UpstreamPool:
         if conn.active:
             conn.active = False
             worker = conn.worker
-            self.active[worker] -= 1
+            worker.connections -= 1
             queue = self.waiting.get(worker)
             if queue:
                 # A slot opened: the next live waiter gets a new connection.

@@ -82,8 +82,7 @@ class Proxy:
         self.conns: set[ClientProtocol] = set()
         self.cache: FrontCache | None = None
         self.front_cache = front_cache
-        self.balancer = Balancer(table, config.balance, worker_threads, load_factor=config.hash_balance_factor,
-                                 lane=lane)
+        self._balancing: tuple | None = None  # what the balancer was made for (configure)
         self.outliers = Outliers(table)  # its threshold: outlierDetection.consecutiveFailures (0: off)
         self.clock = time.monotonic()
         self.date_line = b""
@@ -137,10 +136,12 @@ class Proxy:
                   revalidate_after: float, lane: tuple[int, int] = (0, 1)) -> None:
         """Take (new) settings, as at a reload: open connections keep working."""
         self.config = config
-        if ((config.balance, worker_threads, config.hash_balance_factor, lane)
-                != (self.balancer.policy, self.balancer.worker_threads, self.balancer.load_factor,
-                    self.balancer.lane)):
-            self.balancer = Balancer(self.table, config.balance, worker_threads,
+        # A worker's threads past poolSize never serve this proxy: it opens no more connections.
+        threads = min(worker_threads, config.pool_size)
+        balancing = (config.balance, threads, config.hash_balance_factor, lane)
+        if balancing != self._balancing:
+            self._balancing = balancing
+            self.balancer = Balancer(self.table, config.balance, threads,
                                      load_factor=config.hash_balance_factor, lane=lane)
         # What the settings imply, worked out once here rather than per request:
         self.max_connections = min(config.max_connections, self.fd_cap)

@@ -136,7 +136,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.deadline = 0.0
         self.paused = False
         self.closed = False
-        self.active = False  # counted in the pool's per-worker limit (busy or connecting)
+        self.active = False  # counted in its worker's connections (busy or connecting)
         # The worker's process when this connection was made: a reload's new process shares the
         # port, and a connection to the old one (about to drain, serving the old settings) is
         # never reused.

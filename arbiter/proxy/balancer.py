@@ -64,8 +64,8 @@ class Balancer:
     its weight over the lightest's) is passed over while another has a thread to spare: stacked
     requests would wait in its queue while the other idles. Connections, not requests: those
     pipelined on one connection are answered in turn by one thread, and a proxy whose loop lags
-    (new connections per request, all cores busy) holds many requests whose answers it has not
-    read yet, so counting requests would wake idle workers for no thread of the busy one's.
+    (a new connection per request, every core busy) holds many requests whose answers it has
+    not read yet; counted, they would pass over a worker with threads free and wake idle ones.
     """
 
     POLICIES = {"round-robin": "_round_robin", "least-outstanding": "_least_outstanding",
@@ -321,7 +321,8 @@ class Balancer:
                 continue
             seen.add(index)
             worker = healthy[index]
-            if loads[index] < capacity[index] and taken[index] < caps[index] and not (exclude and worker in exclude):
+            if (loads[index] < capacity[index] and taken[index] < caps[index]
+                    and not (exclude and worker in exclude)):
                 return worker
             if len(seen) == n:
                 break

@@ -4,6 +4,7 @@ garbage collector."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import socket
 
@@ -13,6 +14,7 @@ from arbiter.config import load_data
 from arbiter.proxies import share
 from arbiter.proxy.control import MAX_LINE, Channel
 from arbiter.proxy.counters import GAUGES, REQUESTS, WORKERS, Counters, named, report, total
+from arbiter.proxy.process import GC_YOUNG_THRESHOLD, tune_gc
 from arbiter.proxy.view import MirrorTable, rows
 from arbiter.state import WORKER_SLOTS, WorkerState, WorkerTable
 
@@ -116,10 +118,6 @@ def test_each_proxy_may_take_a_tenth_over_its_even_share_of_the_connections(tmp_
 
 
 def test_a_proxy_collects_its_youngest_generation_less_often_and_leaves_the_older_ones_alone():
-    import gc
-
-    from arbiter.proxy.process import GC_YOUNG_THRESHOLD, tune_gc
-
     saved = gc.get_threshold()
     try:
         gc.set_threshold(700, 11, 12)

@@ -82,7 +82,8 @@ class Proxy:
         self.conns: set[ClientProtocol] = set()
         self.cache: FrontCache | None = None
         self.front_cache = front_cache
-        self._balancing: tuple | None = None  # what the balancer was made for (configure)
+        self.balancer = Balancer(table, config.balance, worker_threads, load_factor=config.hash_balance_factor,
+                                 lane=lane)
         self.outliers = Outliers(table)  # its threshold: outlierDetection.consecutiveFailures (0: off)
         self.clock = time.monotonic()
         self.date_line = b""
@@ -138,9 +139,9 @@ class Proxy:
         self.config = config
         # A worker's threads past poolSize never serve this proxy: it opens no more connections.
         threads = min(worker_threads, config.pool_size)
-        balancing = (config.balance, threads, config.hash_balance_factor, lane)
-        if balancing != self._balancing:
-            self._balancing = balancing
+        if ((config.balance, threads, config.hash_balance_factor, lane)
+                != (self.balancer.policy, self.balancer.worker_threads, self.balancer.load_factor,
+                    self.balancer.lane)):
             self.balancer = Balancer(self.table, config.balance, threads,
                                      load_factor=config.hash_balance_factor, lane=lane)
         # What the settings imply, worked out once here rather than per request:

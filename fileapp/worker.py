@@ -119,7 +119,8 @@ class GowsThreadWorker(ThreadWorker):
         self._lock = threading.Lock()  # guards _conns, each Connection.busy and _accepting
         self._conns: dict[int, Connection] = {}
         self._accepting = False
-        # The main thread sleeps past SWEEP_INTERVAL: wake it on an accept. (Not "the first
+        # The main thread sleeps past SWEEP_INTERVAL: wake it when a connection stays open (one
+        # served and closed at once, a health check's, needs no sweep). (Not "the first
         # connection": a worker taking one at a time would wake it twice for each.)
         self._sweep_idle = False
         self._room = self.worker_connections  # lowered after the process ran out of file descriptors
@@ -226,6 +227,13 @@ class GowsThreadWorker(ThreadWorker):
             idle = self._sweep_idle = not self._conns and self._room >= self.worker_connections
         return self.idle_wake_interval() if idle else SWEEP_INTERVAL
 
+    def _needs_sweep(self) -> None:
+        """A connection stays open, and its deadline needs the sweep: wake the main thread if it
+        sleeps past SWEEP_INTERVAL (under the lock)."""
+        if self._sweep_idle:
+            self._sweep_idle = False
+            compat.wake_main_loop(self)
+
     def _close_idle(self) -> None:
         """Close the connections that have waited past their timeout for a request or for their
         client to take more of a response (and, a while after running out of file descriptors,
@@ -307,6 +315,7 @@ class GowsThreadWorker(ThreadWorker):
                     conn.busy = False
                     if wanted is not None:
                         ep.modify(fd, wanted)
+                        self._needs_sweep()
                     else:
                         self._drop(fd)
                         self._accept_while_room()
@@ -391,9 +400,8 @@ class GowsThreadWorker(ThreadWorker):
                 self._conns[fd] = conn
                 self._ep.register(fd, _TAKEN if sent else _NEXT_REQUEST)
                 self._accept_while_room()
-                if self._sweep_idle:  # its deadline needs the sweep
-                    self._sweep_idle = False
-                    compat.wake_main_loop(self)
+                if not sent:  # (a request that came with it: this thread looks after serving it)
+                    self._needs_sweep()
             if sent:
                 self._pending.batch.append((fd, conn))
         with self._lock:

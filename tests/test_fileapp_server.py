@@ -377,10 +377,11 @@ def test_running_out_of_file_descriptors_defers_new_connections_until_one_closes
         stop_process(proc)
 
 
-def sleeps(pid: int) -> int:
-    """How many times the threads of process `pid` have waited (each wake-up ends in one)."""
+def sleeps(pid: int, only: int | None = None) -> int:
+    """How many times the threads of process `pid` (or only its thread `only`) have waited
+    (each wake-up ends in one)."""
     total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
+    for task in os.listdir(f"/proc/{pid}/task") if only is None else [str(only)]:
         try:
             with open(f"/proc/{pid}/task/{task}/status") as f:
                 total += next(int(line.split()[1]) for line in f
@@ -432,7 +433,16 @@ def test_an_idle_worker_sleeps_until_a_connection_comes_and_then_sweeps_it(tmp_p
         # second): with a hundred workers, 2% of a core serving nothing. (2: the last sweep that
         # found a connection, and the standby thread's last look, may fall inside.)
         assert woken <= 2, woken
-        # The connection that comes next wakes the main thread, which closes it when idle.
+        # A request on a connection closed at once (a health check's) needs no sweep: the main
+        # thread sleeps on. (It woke for every connection: a third of a check's CPU in an idle
+        # worker, 0.9 ms against 0.6.)
+        main_before = sleeps(proc.pid, only=proc.pid)
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"GET /a.txt HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            assert Responses(c).next()[2] == b"a"
+            assert c.recv(1) == b""
+        assert sleeps(proc.pid, only=proc.pid) == main_before
+        # A connection that stays open wakes the main thread, which closes it when idle.
         with socket.create_connection(("127.0.0.1", port), timeout=10) as c:
             c.sendall(b"GET /a.txt HTTP/1.1\r\nHost: t\r\n\r\n")
             assert Responses(c).next()[2] == b"a"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import random
 import re
 import time
 from typing import Callable
@@ -28,6 +29,12 @@ SHORTAGE_REPORT_INTERVAL = 10.0  # seconds between two warnings about skipped ch
 # A worker that is not up (starting, or down) is checked at least this often, so that it passes
 # its `rise` checks within seconds, and a local one within its boot timeout, whatever the interval.
 DOWN_INTERVAL = 1.0
+# Each wait between two checks of a worker is shortened by a random part of up to this share of
+# it (HAProxy's spread-checks): the checks of workers started together drift apart instead of
+# waking a hundred idle processes in the same millisecond every idleInterval, a burst of CPU that
+# stalls the traffic meanwhile. Never longer than configured: fall x interval still bounds the
+# time to notice a failure.
+SPREAD = 0.2
 
 
 class ProbeSkipped(Exception):
@@ -68,7 +75,8 @@ async def _probe(host: str, port: int, path: str) -> str | None:
 
 class HealthChecker:
     """One checking task per worker in the table: probe every `interval` (every DOWN_INTERVAL
-    at most while the worker is not up), record the result. A local worker that is up and was
+    at most while the worker is not up), less a random part of up to SPREAD, and record the
+    result. A local worker that is up and was
     sent no request since its last probe is probed every `idle_interval` only (a probe is all
     that wakes its process); its task still looks every `interval` whether a request went to it
     since, and then probes it at once. Remote workers are probed every `interval` whatever
@@ -165,8 +173,8 @@ class HealthChecker:
                 continue
             waiter = asyncio.ensure_future(kick.wait())
             try:  # (asyncio.wait, unlike wait_for, never swallows a cancellation)
-                interval = self.settings.interval
-                await asyncio.wait((waiter,), timeout=interval if worker.up else min(interval, DOWN_INTERVAL))
+                interval = self.settings.interval if worker.up else min(self.settings.interval, DOWN_INTERVAL)
+                await asyncio.wait((waiter,), timeout=interval * (1.0 - SPREAD * random.random()))
             finally:
                 waiter.cancel()
 

@@ -24,7 +24,7 @@ class HealthCheckConfig:
     """healthCheck: active HTTP checks of every worker (HAProxy's inter/rise/fall)."""
 
     path: str = setting(UrlPath(), "/healthcheck", "URL path requested on each worker; a 2xx answer is a pass.")
-    interval: float = setting(Number(3600), 1.0, "Seconds between two checks of one worker that is up; one that is not (starting, or down) is checked at least every second, so that it can pass its rise checks within bootTimeout.")
+    interval: float = setting(Number(3600), 1.0, "Seconds between two checks of one worker that is up, at most: each wait is shortened at random by up to a fifth, so that the checks of many workers spread out rather than all come at once. One that is not up (starting, or down) is checked at least every second, so that it can pass its rise checks within bootTimeout.")
     timeout: float = setting(Number(600), 1.0, "Seconds a check may take (connect to status line) before it fails.")
     rise: int = setting(Integer(1, 100), 2, "Consecutive passes that mark a worker up.")
     fall: int = setting(Integer(1, 100), 3, "Consecutive failures that mark a worker down (a local one is then replaced).")

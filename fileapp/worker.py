@@ -162,8 +162,14 @@ class GowsThreadWorker(ThreadWorker):
             self._accept_while_room()
         threads = [threading.Thread(target=self._serve_forever, name=f"gows serve {i}", daemon=True)
                    for i in range(self.cfg.threads)]
-        for thread in threads:
-            thread.start()
+        for started, thread in enumerate(threads):
+            try:
+                thread.start()
+            except RuntimeError as e:  # (pthread_create failed: out of pids, ulimit -u or memory)
+                self.log.error("Could not start serving thread %d of %d (%s): the system allows no more "
+                               "threads (kernel.pid_max, ulimit -u or memory); lower threads or the number "
+                               "of workers", started + 1, len(threads), e)
+                raise SystemExit(1) from None
         while self.alive:
             self.notify()
             self.wait_for_and_dispatch_events(timeout=self._next_sweep())

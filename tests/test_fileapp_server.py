@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from e2e_support import Responses, read_head
-from support import free_port, python_env, stop_process, wait_for_port, wait_until
+from support import REPO, free_port, python_env, stop_process, wait_for_port, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -339,6 +339,34 @@ def test_idle_connections_are_closed_after_the_keepalive_time(tmp_path):
         used.close()
     finally:
         stop_process(proc)
+
+
+def test_a_worker_the_system_gives_too_few_threads_says_so_in_a_line_and_exits(tmp_path):
+    """pthread_create failing (kernel.pid_max reached: 100 workers of 256 threads on a machine
+    with the old default of 32,768) is one line naming the limits and exit status 1, for the
+    master to retry with back-off; not a traceback."""
+    (tmp_path / "a.txt").write_bytes(b"a")
+    # The fourth serving thread fails to start as CPython's Thread.start does when the system
+    # refuses a thread.
+    script = f"""
+import sys, threading
+start = threading.Thread.start
+def refused_after_three(thread):
+    if thread.name == "gows serve 3":
+        raise RuntimeError("can't start new thread")
+    start(thread)
+threading.Thread.start = refused_after_three
+sys.argv = ["fileapp", "--root", {str(tmp_path)!r}, "--port", "{free_port()}", "--threads", "8"]
+from fileapp.__main__ import main
+main()
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=python_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 1, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "Could not start" in line]
+    assert len(errors) == 1 and "serving thread 4 of 8 (can't start new thread)" in errors[0], proc.stderr
+    assert "kernel.pid_max" in errors[0] and "lower threads" in errors[0]
 
 
 def test_running_out_of_file_descriptors_defers_new_connections_until_one_closes(tmp_path):

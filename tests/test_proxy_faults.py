@@ -294,6 +294,30 @@ def test_shutdown_timeout_bounds_a_slow_request():
         assert result["data"] == b""  # cut off, without a partial response
 
 
+def test_a_fast_stop_before_the_graceful_one_has_begun_still_ends_it_at_once():
+    """SIGINT 2 ms after SIGTERM reaches the proxy before its loop has begun the graceful
+    shutdown: the hurry it asks for must hold when the shutdown begins (it was overwritten, and
+    the stop waited for a download in flight through the whole gracefulTimeout)."""
+    w = Worker()
+    p = ProxyThread([w], front_cache=NO_CACHE)
+    with w, p:
+        result = {}
+        t = threading.Thread(target=lambda: result.update(
+            data=raw(p.port, b"GET /sleep?s=60 HTTP/1.1\r\nHost: t\r\n\r\n", timeout=15)))
+        t.start()
+        wait_until(lambda: p.worker(w.port).in_flight == 1, message="request in flight")
+
+        async def hurried_then_graceful() -> None:
+            p.proxy.hurry()
+            await p.proxy.shutdown(60)
+
+        started = time.monotonic()
+        p.run(hurried_then_graceful(), 90)
+        assert time.monotonic() - started < 15, f"shutdown took {time.monotonic() - started:.1f}s of its 60 s"
+        t.join(15)
+        assert result["data"] == b""  # cut off, without a partial response
+
+
 def test_connections_per_worker_capped_excess_requests_wait_for_one():
     w = Worker(threads=8)
     p = ProxyThread([w], proxy=configured(ProxyConfig, poolSize=3), front_cache=NO_CACHE)

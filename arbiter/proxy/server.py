@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import math
 import os
 import select
 import socket
@@ -113,7 +114,9 @@ class Proxy:
         self.body_bytes = 0  # request body bytes held for all connections (reserve_body)
         self.cache_epoch = 0  # bumped by purge_front_cache: responses asked for before are not stored
         self._ticker: asyncio.TimerHandle | None = None
-        self._drain_until = 0.0  # while shutting down: when in-flight requests stop being waited for
+        # While shutting down: when in-flight requests stop being waited for (inf until then; a
+        # hurry() before the shutdown begins, SIGINT just after SIGTERM, brings it to 0 all the same).
+        self._drain_until = math.inf
         self._last_date = 0
         self._tasks: set[asyncio.Task] = set()
         self._update_date()
@@ -441,7 +444,7 @@ class Proxy:
         self._unwatch_backlog()
         self.pool.close_idle()
         start = time.monotonic()
-        self._drain_until = start + timeout
+        self._drain_until = min(self._drain_until, start + timeout)
         idle_closed = False
         while self.conns and time.monotonic() < self._drain_until:
             if not idle_closed and time.monotonic() - start >= min(IDLE_GRACE, timeout):

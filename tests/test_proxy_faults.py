@@ -278,26 +278,11 @@ def test_graceful_shutdown_finishes_in_flight_and_closes_idle():
         assert raw(p.port, b"GET /echo HTTP/1.1\r\nHost: t\r\n\r\n", timeout=1) == b""
 
 
-def test_shutdown_timeout_bounds_a_slow_request():
-    w = Worker()
-    p = ProxyThread([w], front_cache=NO_CACHE)
-    with w, p:
-        result = {}
-        t = threading.Thread(target=lambda: result.update(
-            data=raw(p.port, b"GET /sleep?s=60 HTTP/1.1\r\nHost: t\r\n\r\n", timeout=15)))
-        t.start()
-        wait_until(lambda: p.worker(w.port).in_flight == 1, message="request in flight")
-        started = time.monotonic()
-        p.run(p.proxy.shutdown(0.5), 30)
-        assert time.monotonic() - started < 15, f"shutdown took {time.monotonic() - started:.1f}s, not its 0.5 s"
-        t.join(15)
-        assert result["data"] == b""  # cut off, without a partial response
-
-
-def test_a_fast_stop_before_the_graceful_one_has_begun_still_ends_it_at_once():
-    """SIGINT 2 ms after SIGTERM reaches the proxy before its loop has begun the graceful
-    shutdown: the hurry it asks for must hold when the shutdown begins (it was overwritten, and
-    the stop waited for a download in flight through the whole gracefulTimeout)."""
+@pytest.mark.parametrize("stop", ["timeout", "hurried"])
+def test_a_slow_request_is_cut_off_by_the_shutdown_timeout_or_a_hurry_before_it(stop):
+    """The shutdown's timeout bounds a slow request, and so does a fast stop that came before the
+    graceful shutdown began (SIGINT 2 ms after SIGTERM: the hurry it asked for was overwritten
+    when the shutdown began, and the stop waited the whole gracefulTimeout)."""
     w = Worker()
     p = ProxyThread([w], front_cache=NO_CACHE)
     with w, p:
@@ -307,13 +292,14 @@ def test_a_fast_stop_before_the_graceful_one_has_begun_still_ends_it_at_once():
         t.start()
         wait_until(lambda: p.worker(w.port).in_flight == 1, message="request in flight")
 
-        async def hurried_then_graceful() -> None:
-            p.proxy.hurry()
-            await p.proxy.shutdown(60)
+        async def stopping() -> None:
+            if stop == "hurried":
+                p.proxy.hurry()
+            await p.proxy.shutdown(0.5 if stop == "timeout" else 60)
 
         started = time.monotonic()
-        p.run(hurried_then_graceful(), 90)
-        assert time.monotonic() - started < 15, f"shutdown took {time.monotonic() - started:.1f}s of its 60 s"
+        p.run(stopping(), 90)
+        assert time.monotonic() - started < 15, f"shutdown took {time.monotonic() - started:.1f}s"
         t.join(15)
         assert result["data"] == b""  # cut off, without a partial response
 

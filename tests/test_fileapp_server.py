@@ -478,8 +478,8 @@ def test_an_idle_worker_sleeps_until_a_connection_comes_and_then_sweeps_it(tmp_p
         # thread sleeps on. (It woke for every connection: a third of a check's CPU in an idle
         # worker, 0.9 ms against 0.6.) A loaded machine may accept a connection before its
         # request arrives, and that one does need the sweep: a few tries, each once the sweeps
-        # are over. (Not a stopped worker sent the request meanwhile: its epoll_wait returns
-        # EINTR on SIGCONT, and the main thread then queues for the GIL.)
+        # are over. (Sending it to a stopped worker instead does not help: after SIGCONT its
+        # epoll_wait returns EINTR, and the main thread then queues for the GIL.)
         woken_main = []
         for _ in range(8):
             main_before = sleeps(proc.pid, only=proc.pid)

@@ -35,7 +35,6 @@ RUN = 8
 NEVER = math.inf
 
 _in_flight = attrgetter("in_flight")
-_connections = attrgetter("connections")
 
 
 def _hash64(data: bytes) -> int:
@@ -308,9 +307,9 @@ class Balancer:
             capacity = [math.ceil(bound * e) for e in self.effective]
         else:
             capacity = [UNBOUNDED] * n
-        taken = list(map(_connections, healthy))
-        if not any(taken[i] < caps[i] for i in range(n) if not (exclude and healthy[i] in exclude)):
-            taken = [0] * n  # every thread busy everywhere: the bound alone decides
+        # Whether a worker has a thread free: when none has, the bound alone decides.
+        spare = any(worker.connections < caps[i] for i, worker in enumerate(healthy)
+                    if not (exclude and worker in exclude))
         owners = self._owners
         size = len(points)
         start = bisect.bisect_left(points, _hash64(path.partition(b"?")[0]))
@@ -321,7 +320,7 @@ class Balancer:
                 continue
             seen.add(index)
             worker = healthy[index]
-            if (loads[index] < capacity[index] and taken[index] < caps[index]
+            if (loads[index] < capacity[index] and (not spare or worker.connections < caps[index])
                     and not (exclude and worker in exclude)):
                 return worker
             if len(seen) == n:

@@ -76,6 +76,32 @@ def test_weights_1_2_3_give_shares_within_5_percent_under_concurrency(policy):
     assert_shares(shares(picks, ws), [1, 2, 3])
 
 
+@pytest.mark.parametrize("threads, concurrency", [(4, 12), (8, 4), (64, 4), (64, 16)])
+def test_runs_under_concurrency_never_bend_the_weights_of_round_robin(threads, concurrency):
+    """A worker already busy takes the next requests in a run, but never more than its weight
+    has earned: the shares stay 1:2:3 (within half a per cent), at any concurrency."""
+    table, ws = weighted([1, 2, 3])
+    b = Balancer(table, "round-robin", worker_threads=threads)
+    rng = random.Random(7)
+    in_flight: list[WorkerState] = []
+    picks: Counter = Counter()
+    runs = 0
+    for path in PATHS:
+        if len(in_flight) == concurrency:
+            done = in_flight.pop(rng.randrange(len(in_flight)))
+            done.in_flight -= 1
+            done.connections -= 1
+        worker = b.pick(path)
+        runs += worker.in_flight > 0 and bool(in_flight) and worker is in_flight[-1]
+        worker.in_flight += 1
+        worker.connections += 1
+        in_flight.append(worker)
+        picks[worker] += 1
+    want = [1 / 6, 2 / 6, 3 / 6]
+    assert all(abs(g - w) <= 0.005 for g, w in zip(shares(picks, ws), want)), shares(picks, ws)
+    assert runs > len(PATHS) / 10  # runs still happen: a busy worker keeps taking requests
+
+
 def test_weighted_round_robin_is_smooth_as_nginx():
     table, ws = weighted([5, 1, 1])
     b = Balancer(table, "round-robin")

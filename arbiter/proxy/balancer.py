@@ -185,17 +185,20 @@ class Balancer:
 
     def _smooth_round_robin(self, exclude: Collection[WorkerState]) -> WorkerState | None:
         """nginx's smooth weighted round robin (1:2:3 gives c b a b c c, not a b b c c c), with
-        the runs and the thread rule of the plain one."""
+        the runs and the thread rule of the plain one. A run goes on only while the step leaves
+        the worker's credit at minus the total or more (as low as a pick in turn can leave it):
+        a run never runs up a debt that the bound on credits would forgive, so the shares stay
+        those of the weights at any concurrency (1:2:3 drifted to 29:31:40 with 16 in flight)."""
         healthy = self.table.healthy
         limit = self._run_limit
         last = self._last
-        if 0 <= last < len(healthy) and self._run < limit:
+        credit, effective, caps = self._credit, self.effective, self._caps
+        if 0 <= last < len(healthy) and self._run < limit and credit[last] + effective[last] >= 0:
             worker = healthy[last]
             if 0 < worker.in_flight < limit and not (exclude and worker in exclude):
                 self._run += 1
                 self._charge(last)
                 return worker
-        credit, effective, caps = self._credit, self.effective, self._caps
         best = fallback = -1
         for i, worker in enumerate(healthy):
             if exclude and worker in exclude:

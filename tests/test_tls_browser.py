@@ -54,6 +54,10 @@ def _page_state(driver) -> dict:
         var logo = document.querySelector('img');
         return {title: document.title, secure: window.isSecureContext, protocol: location.protocol,
                 logo: logo ? logo.complete && logo.naturalWidth > 0 : null,
+                // (how the logo's request went, for the message when it did not load)
+                logoFetch: performance.getEntriesByType('resource').filter(function (e) {
+                    return e.initiatorType === 'img'; }).map(function (e) {
+                    return [e.name, e.responseStatus, e.transferSize, Math.round(e.duration)]; }),
                 styled: document.styleSheets.length > 0 && document.styleSheets[0].cssRules.length > 0,
                 h1: (document.querySelector('h1') || {}).innerText || ''};""")
 

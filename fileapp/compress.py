@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import os
 import zlib
+from functools import lru_cache
 from threading import Event, Lock
 from typing import Callable
 
@@ -64,6 +65,7 @@ COMPRESSIBLE_TYPES = frozenset({
 })
 
 
+@lru_cache(maxsize=256)  # (a site has a few types, each asked for twice per file loaded)
 def compressible_type(content_type: str) -> bool:
     """Whether a Content-Type (parameters allowed) is worth compressing: text/*, a type of
     COMPRESSIBLE_TYPES, or one with a +json or +xml suffix."""

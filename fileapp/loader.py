@@ -119,7 +119,7 @@ class EntryLoader:
         # The directory whose names decide which file serves the URL, stamped before any is
         # looked at: a change from now on changes the stamp.
         holder = parts if path.endswith("/") else parts[:-1]
-        directory = directory_stamp(os.path.join(self.resolver.root, *holder))
+        directory = directory_stamp(self.resolver.path_of(holder))
         opened = self.resolver.open(parts)
         if opened is None:
             return None
@@ -187,9 +187,9 @@ class EntryLoader:
         # A sidecar older than its original was not made from it: stale, never served.
         encoded = {c: r for c, r in sidecars.items() if r.mtime_ns >= identity.mtime_ns}
         unserved = unserved or len(encoded) < len(sidecars)
-        described = identity.body is None and all(rep.body is None for rep in encoded.values())
+        described = identity.body is None and (not encoded or all(rep.body is None for rep in encoded.values()))
         return Entry(identity, encoded, compressible=not encoded and self._compressible(ctype, identity.size),
-                     where=os.path.join(self.resolver.root, *parts) if described else None,
+                     where=self.resolver.path_of(parts) if described else None,
                      settled=None if unserved else directory)
 
     def _compressible(self, ctype: str, size: int) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mimetypes
 import os
+from functools import lru_cache
 from typing import Iterator, NamedTuple
 
 from werkzeug.http import http_date
@@ -31,17 +32,28 @@ _TYPES = {
 _TEXTUAL = frozenset({"application/json", "text/javascript", "image/svg+xml"})
 
 
-def content_type(name: str) -> str:
-    """The Content-Type for a file name, with charset=utf-8 on text types."""
-    ext = os.path.splitext(name)[1].lower()
-    mimetype = _TYPES.get(ext)
-    if mimetype is None:
-        guessed, encoding = mimetypes.guess_type(name, strict=False)
-        mimetype = guessed if guessed and not encoding else "application/octet-stream"
+def _with_charset(mimetype: str) -> str:
     if mimetype in _TEXTUAL:
         return mimetype + "; charset=utf-8"
     return get_content_type(mimetype, "utf-8")
 
+
+_PREPARED_TYPES = {ext: _with_charset(mimetype) for ext, mimetype in _TYPES.items()}
+
+
+def content_type(name: str) -> str:
+    """The Content-Type for a file name, with charset=utf-8 on text types."""
+    ext = os.path.splitext(name)[1].lower()
+    prepared = _PREPARED_TYPES.get(ext)
+    if prepared is not None:
+        return prepared
+    guessed, encoding = mimetypes.guess_type(name, strict=False)
+    return _with_charset(guessed if guessed and not encoding else "application/octet-stream")
+
+
+# Files published together share their modification second: each formats it once (the
+# formatting is a fifth of building a representation).
+_last_modified = lru_cache(maxsize=1024)(http_date)
 
 
 class FileVersion(NamedTuple):
@@ -84,7 +96,7 @@ class Rep:
                 etag += "-" + ETAG_SUFFIX[encoding]
         self.etag = etag
         self.body = body
-        self.type = next((v for k, v in extra if k.lower() == "content-type"), ctype)
+        self.type = next((v for k, v in extra if k.lower() == "content-type"), ctype) if extra else ctype
         self.cache_control = cache_control
         self.extra = extra
         self.digest: int | None = None  # CRC-32 of body, computed when first needed
@@ -94,15 +106,17 @@ class Rep:
         self.not_modified = [("ETag", f'"{self.etag}"'), ("Cache-Control", cache_control)]
         if vary:
             self.not_modified.append(("Vary", "Accept-Encoding"))
-        self.not_modified = apply(self.not_modified,
-                                  tuple(h for h in extra if h[0].lower() in NOT_MODIFIED_NAMES))
+        if extra:
+            self.not_modified = apply(self.not_modified,
+                                      tuple(h for h in extra if h[0].lower() in NOT_MODIFIED_NAMES))
         self.common = self.not_modified + [
-            ("Last-Modified", http_date(self.mtime)), ("Accept-Ranges", "bytes"),
+            ("Last-Modified", _last_modified(self.mtime)), ("Accept-Ranges", "bytes"),
         ]
         if encoding:
             self.common.append(("Content-Encoding", encoding))
-        self.common += [h for h in extra
-                        if h[0].lower() not in NOT_MODIFIED_NAMES and h[0].lower() != "content-type"]
+        if extra:
+            self.common += [h for h in extra
+                            if h[0].lower() not in NOT_MODIFIED_NAMES and h[0].lower() != "content-type"]
         self.headers = self.common + [
             ("Content-Type", self.type), ("Content-Length", str(self.size)),
         ]
@@ -137,13 +151,16 @@ class Entry:
                  settled: DirectoryStamp | None = None) -> None:
         self.identity = identity
         self.encoded = encoded or {}
-        self.codings = tuple(c for c, _ in SIDECARS if c in self.encoded)
+        self.codings = tuple(c for c, _ in SIDECARS if c in encoded) if encoded else ()
         self.redirect = redirect
         self.compressible = compressible and not self.codings
         self.where = where
         self.settled = settled
-        reps = [identity, *self.encoded.values()] if identity else []
-        self.nbytes = 512 + sum(512 + len(r.body or b"") for r in reps)
+        nbytes = 512
+        if identity is not None:
+            for rep in (identity, *self.encoded.values()):
+                nbytes += 512 + (len(rep.body) if rep.body is not None else 0)
+        self.nbytes = nbytes
 
 
 class FileStream:

@@ -205,11 +205,10 @@ class ClientProtocol(RequestReader):
                 if fd is None:
                     proxy.counts[FILE_REFUSED] += 1
                     return False
-                self.transport.write(head)
                 proxy.status_counts[2] += 1
                 req.status = 200
                 req.length = ref.count
-                self.send_file(fd, ref.offset, ref.count, req, keep)
+                self.send_file(head, fd, ref.offset, ref.count, req, keep)
                 return True
             else:
                 body = entry.body
@@ -225,9 +224,9 @@ class ClientProtocol(RequestReader):
         self.finish(req, keep)
         return True
 
-    def send_file(self, fd: int, offset: int, count: int, req: Request, keep: bool) -> None:
-        """Send `count` bytes of the open file `fd` from `offset` as the body of `req`, whose
-        head is written, then finish it (filebody.FileSender; `fd` is its to close)."""
+    def send_file(self, head: bytes, fd: int, offset: int, count: int, req: Request, keep: bool) -> None:
+        """Answer `req` with `head` and `count` bytes of the open file `fd` from `offset` as the
+        body, then finish it (filebody.FileSender; `fd` is its to close)."""
         proxy = self.proxy
         proxy.counts[FILE_BODIES] += 1
         # While the body leaves, the stall clock tells whether the client still reads.
@@ -236,9 +235,9 @@ class ClientProtocol(RequestReader):
         self.sending = (req, keep)
         self.sender = self.sender_class(proxy.loop, self.transport, fd, offset, count, self._file_sent,
                                  self._file_failed, self._file_progress)
-        if self.full:  # (the head filled the transport's buffer: wait for resume_writing)
+        if self.full:  # (the transport's buffer is full already: wait for resume_writing)
             self.sender.pause()
-        self.sender.start()
+        self.sender.start(head)
 
     def _file_progress(self) -> None:
         self.stall_since = self.proxy.clock

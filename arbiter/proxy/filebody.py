@@ -124,6 +124,8 @@ class FileSender(BodySender):
         client once (keep-alive 64 KiB files: 3% more req/s). A bigger body's head goes ahead
         alone, so that the client reads it while the rest is sent (ab 150 KB: 2% slower with
         MSG_MORE). Returns what the socket did not take (an error is the transport's to meet)."""
+        # (A temporary object over the transport's descriptor, detached below, never closing it;
+        # its family only names it, send() is the same for IPv6 and Unix clients.)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, self.sock)
         try:
             sent = sock.send(head, socket.MSG_MORE)

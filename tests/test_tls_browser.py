@@ -50,16 +50,23 @@ def https_master(masters, tmp_path):
 
 
 def _page_state(driver) -> dict:
-    return driver.execute_script("""
-        var logo = document.querySelector('img');
-        return {title: document.title, secure: window.isSecureContext, protocol: location.protocol,
-                logo: logo ? logo.complete && logo.naturalWidth > 0 : null,
-                // (how the logo's request went, for the message when it did not load)
-                logoFetch: performance.getEntriesByType('resource').filter(function (e) {
-                    return e.initiatorType === 'img'; }).map(function (e) {
-                    return [e.name, e.responseStatus, e.transferSize, Math.round(e.duration)]; }),
-                styled: document.styleSheets.length > 0 && document.styleSheets[0].cssRules.length > 0,
-                h1: (document.querySelector('h1') || {}).innerText || ''};""")
+    """The page's state once its load event has fired (the script timeout is the deadline):
+    chromedriver's get() may return before it (seen under load, 1 run in 40: the logo fetched
+    in full but not yet an image, so `logo` was false)."""
+    return driver.execute_async_script("""
+        var done = arguments[arguments.length - 1];
+        function state() {
+            var logo = document.querySelector('img');
+            done({title: document.title, secure: window.isSecureContext, protocol: location.protocol,
+                  logo: logo ? logo.complete && logo.naturalWidth > 0 : null,
+                  // (how the logo's request went, for the message when it did not load)
+                  logoFetch: performance.getEntriesByType('resource').filter(function (e) {
+                      return e.initiatorType === 'img'; }).map(function (e) {
+                      return [e.name, e.responseStatus, e.transferSize, Math.round(e.duration)]; }),
+                  styled: document.styleSheets.length > 0 && document.styleSheets[0].cssRules.length > 0,
+                  h1: (document.querySelector('h1') || {}).innerText || ''});
+        }
+        if (document.readyState === 'complete') { state(); } else { window.addEventListener('load', state); }""")
 
 
 def test_the_demo_site_loads_over_https_with_no_certificate_error(https_master, chromium):

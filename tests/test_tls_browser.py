@@ -51,7 +51,7 @@ def https_master(masters, tmp_path):
 
 def _page_state(driver) -> dict:
     """The page's state once its load event has fired (the script timeout is the deadline):
-    chromedriver's get() may return before it (seen under load, 1 run in 40: the logo fetched
+    chromedriver's get() may return before it (seen under load, 1 run in 25: the logo fetched
     in full but not yet an image, so `logo` was false)."""
     return driver.execute_async_script("""
         var done = arguments[arguments.length - 1];

@@ -292,7 +292,16 @@ class GowsThreadWorker(ThreadWorker):
             if not mine and not self._stuck() and not self._stand_by():
                 return  # stopped
             try:  # (beside a stuck serving thread: until it is back, STANDBY at most a round)
-                events = ep.poll(-1 if mine else STANDBY, BATCH)
+                if mine:
+                    events = ep.poll(0, BATCH)
+                    if not events:
+                        # Out of work: let a runnable peer (a proxy about to write the next
+                        # request) go first, then block. Blocking at once, a 100-worker gows fell
+                        # into sleeping and waking per request (ab 150 KB: 15.5k -> 17.1k req/s).
+                        os.sched_yield()
+                        events = ep.poll(-1, BATCH)
+                else:
+                    events = ep.poll(STANDBY, BATCH)
             except OSError:  # closed at exit
                 return
             ready = []

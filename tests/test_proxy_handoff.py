@@ -2,8 +2,11 @@
 race between a worker naming a file and the proxy sending it, played by a scripted worker."""
 from __future__ import annotations
 
+import asyncio
+import fcntl
 import os
 import socket
+import struct
 import time
 from contextlib import contextmanager
 from typing import Iterator
@@ -293,6 +296,37 @@ def _send_queue(local_port: int, remote_port: int) -> int | None:
                         and int(fields[2].rsplit(":", 1)[1], 16) == remote_port):
                     return int(fields[4].split(":")[0], 16)
     return None
+
+
+SIOCOUTQNSD = 0x894B  # Linux: the bytes a TCP socket holds not yet sent
+
+
+def test_a_head_with_no_body_bytes_after_it_is_not_held_back(tmp_path):
+    """The file sender holds a small body's head for the body (MSG_MORE): with no body bytes
+    to follow, the kernel would keep the head back for its cork timeout (200 ms on Linux)."""
+    from arbiter.proxy.filebody import FileSender
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"x" * 100)
+
+    async def unsent_after_start() -> int:
+        loop = asyncio.get_running_loop()
+        with socket.create_server(("127.0.0.1", 0)) as server, \
+                socket.create_connection(server.getsockname()) as client:
+            accepted, _ = server.accept()
+            transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, accepted)
+            ended: list[object] = []
+            sender = FileSender(loop, transport, os.open(path, os.O_RDONLY), 0, 0, lambda: ended.append("done"),
+                                lambda reason, gone: ended.append(reason), lambda: None)
+            sender.start(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            fd = transport.get_extra_info("socket").fileno()
+            unsent = struct.unpack("i", fcntl.ioctl(fd, SIOCOUTQNSD, b"\0" * 4))[0]
+            assert ended == ["done"]
+            transport.close()
+            client.settimeout(5)
+            assert client.recv(100).startswith(b"HTTP/1.1 200 OK")
+            return unsent
+
+    assert asyncio.run(unsent_after_start()) == 0
 
 
 def test_a_stalled_reader_of_a_named_file_leaves_little_unsent_in_the_kernel(tmp_path, namer):

@@ -111,7 +111,7 @@ class FileSender(BodySender):
 
     def start(self, head: bytes) -> None:
         transport = self.transport
-        if self.left <= UNSENT_BYTES and head and not transport.get_write_buffer_size():
+        if 0 < self.left <= UNSENT_BYTES and head and not transport.get_write_buffer_size():
             head = self._send_more(head)
         if head:
             transport.write(head)
@@ -123,7 +123,8 @@ class FileSender(BodySender):
         body that fits in the socket at once then leaves with it, in one segment that wakes the
         client once (keep-alive 64 KiB files: 3% more req/s). A bigger body's head goes ahead
         alone, so that the client reads it while the rest is sent (ab 150 KB: 2% slower with
-        MSG_MORE). Returns what the socket did not take (an error is the transport's to meet)."""
+        MSG_MORE). Only with body bytes to follow: else the kernel keeps the head back for its
+        cork timeout. Returns what the socket did not take (an error is the transport's to meet)."""
         # (A temporary object over the transport's descriptor, detached below, never closing it;
         # its family only names it, send() is the same for IPv6 and Unix clients.)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0, self.sock)

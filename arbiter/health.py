@@ -42,6 +42,46 @@ SPREAD = 0.2
 WAKE_SLOTS = 20
 
 
+class Alarm:
+    """What a worker's checking task sleeps on: its next turn's time or a kick, whichever comes
+    first. A future and a timer per sleep: a task per sleep (asyncio.wait on Event.wait), then
+    cancelled at each timeout, made an idle master with 100 workers spend most of its CPU on
+    the sleeps themselves."""
+
+    __slots__ = ("kicked", "_sleeper")
+
+    def __init__(self) -> None:
+        self.kicked = False  # since the task last looked (take_kick)
+        self._sleeper: asyncio.Future | None = None
+
+    def kick(self) -> None:
+        self.kicked = True
+        self._wake()
+
+    def take_kick(self) -> bool:
+        """Whether a kick came since the last call."""
+        kicked, self.kicked = self.kicked, False
+        return kicked
+
+    async def sleep_until(self, when: float) -> None:
+        """Sleep until the loop's time is `when`, or a kick; not at all after an untaken kick."""
+        if self.kicked:
+            return
+        loop = asyncio.get_running_loop()
+        self._sleeper = loop.create_future()
+        timer = loop.call_at(when, self._wake)
+        try:  # (a cancellation of the task cancels the future: never swallowed)
+            await self._sleeper
+        finally:
+            timer.cancel()
+            self._sleeper = None
+
+    def _wake(self) -> None:
+        sleeper = self._sleeper
+        if sleeper is not None and not sleeper.done():
+            sleeper.set_result(None)
+
+
 class ProbeSkipped(Exception):
     """The master could not probe: it is out of descriptors or memory itself. The message says
     what it is short of; the worker was not asked anything."""
@@ -103,7 +143,7 @@ class HealthChecker:
         self.on_result = on_result
         self.sent = sent
         self._tasks: dict[WorkerState, asyncio.Task] = {}
-        self._kicks: dict[WorkerState, asyncio.Event] = {}
+        self._alarms: dict[WorkerState, Alarm] = {}
         self._held: set[WorkerState] = set()
         self._short = Throttle(SHORTAGE_REPORT_INTERVAL)
 
@@ -111,17 +151,17 @@ class HealthChecker:
         """Start checking workers added to the table and stop checking removed ones."""
         current = set(self.table)
         for worker in current - self._tasks.keys():
-            self._kicks[worker] = asyncio.Event()
+            self._alarms[worker] = Alarm()
             self._tasks[worker] = asyncio.get_running_loop().create_task(self._run(worker))
         for worker in self._tasks.keys() - current:
             self._tasks.pop(worker).cancel()
-            self._kicks.pop(worker, None)
+            self._alarms.pop(worker, None)
 
     def kick(self, worker: WorkerState) -> None:
         """Check `worker` now instead of at its next interval (e.g. it was just started)."""
-        event = self._kicks.get(worker)
-        if event is not None:
-            event.set()
+        alarm = self._alarms.get(worker)
+        if alarm is not None:
+            alarm.kick()
 
     def hold(self, worker: WorkerState) -> None:
         """Stop recording checks of `worker` until release() (its owner probes it itself)."""
@@ -151,7 +191,7 @@ class HealthChecker:
         return worker not in self._held and (not worker.local or worker.pid is not None)
 
     async def _run(self, worker: WorkerState) -> None:
-        kick = self._kicks[worker]
+        alarm = self._alarms[worker]
         me = asyncio.current_task()
         # Until close() or sync() forgets this task, not merely until it is cancelled: on Python
         # < 3.12, asyncio.wait_for (the probe's deadline) returns the result of an awaitable that
@@ -159,8 +199,7 @@ class HealthChecker:
         # only stopped on CancelledError then probed on for ever (close() never returned).
         last_probe, last_sent = -math.inf, None
         while self._tasks.get(worker) is me:
-            kicked = kick.is_set()
-            kick.clear()
+            kicked = alarm.take_kick()
             sent = self.sent(worker) if self.sent is not None and worker.local else None
             now = time.monotonic()
             idle = sent is not None and sent == last_sent and worker.up and worker.ejected_until is None
@@ -174,16 +213,9 @@ class HealthChecker:
                     self.skipped(worker, why)
                 else:
                     self._record(worker, pid, error, time.perf_counter() - started)
-            if kick.is_set():
-                continue
-            waiter = asyncio.ensure_future(kick.wait())
-            try:  # (asyncio.wait, unlike wait_for, never swallows a cancellation)
-                interval = self.settings.interval if worker.up else min(self.settings.interval, DOWN_INTERVAL)
-                clock, slot = asyncio.get_running_loop().time(), interval / WAKE_SLOTS
-                due = math.floor((clock + interval * (1.0 - SPREAD * random.random())) / slot) * slot
-                await asyncio.wait((waiter,), timeout=max(0.0, due - clock))
-            finally:
-                waiter.cancel()
+            interval = self.settings.interval if worker.up else min(self.settings.interval, DOWN_INTERVAL)
+            clock, slot = asyncio.get_running_loop().time(), interval / WAKE_SLOTS
+            await alarm.sleep_until(math.floor((clock + interval * (1.0 - SPREAD * random.random())) / slot) * slot)
 
     def _record(self, worker: WorkerState, pid: int | None, error: str | None, latency: float) -> None:
         """Feed one check's result, unless the worker changed process, is held or was removed meanwhile."""

@@ -17,7 +17,7 @@ import uvloop
 
 from arbiter.backoff import Pool
 from arbiter.config import HealthCheckConfig
-from arbiter.health import HealthChecker, ProbeSkipped, probe
+from arbiter.health import Alarm, HealthChecker, ProbeSkipped, probe
 from arbiter.state import WorkerState, WorkerTable
 from arbiter.worker_command import WorkerOptions
 from arbiter.workers import LocalWorker
@@ -245,6 +245,33 @@ def test_close_ends_a_check_whose_probe_swallowed_the_cancellation(monkeypatch):
         await until(lambda: probes)
         await asyncio.wait_for(checker.close(), 10)
         assert len(probes) == 1  # and no probe after it
+    run(main())
+
+
+def test_an_alarm_wakes_at_its_time_or_at_a_kick_and_passes_a_cancellation_on():
+    """What each worker's checking task sleeps on between two turns."""
+    async def main():
+        loop = asyncio.get_running_loop()
+        alarm = Alarm()
+        started = loop.time()
+        await asyncio.wait_for(alarm.sleep_until(started + 0.05), 5)  # its time
+        assert loop.time() >= started + 0.04 and not alarm.take_kick()
+        sleeping = asyncio.ensure_future(alarm.sleep_until(loop.time() + 3600))
+        await asyncio.sleep(0.01)
+        alarm.kick()  # during the sleep
+        await asyncio.wait_for(sleeping, 5)
+        assert alarm.take_kick() and not alarm.take_kick()
+        alarm.kick()  # before it: no sleep at all, until the kick is taken
+        await asyncio.wait_for(alarm.sleep_until(loop.time() + 3600), 5)
+        await asyncio.wait_for(alarm.sleep_until(loop.time() + 3600), 5)
+        assert alarm.take_kick()
+        sleeping = asyncio.ensure_future(alarm.sleep_until(loop.time() + 3600))
+        await asyncio.sleep(0.01)
+        sleeping.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await sleeping
+        alarm.kick()  # (nothing left asleep to wake)
+        assert alarm.take_kick()
     run(main())
 
 

@@ -329,6 +329,34 @@ def test_a_head_with_no_body_bytes_after_it_is_not_held_back(tmp_path):
     assert asyncio.run(unsent_after_start()) == 0
 
 
+def test_a_carrier_sends_on_the_socket_its_number_names_now_and_never_closes_it():
+    """The head's MSG_MORE send goes through one socket object per descriptor number, made once
+    (filebody.carrier): collected or not, it must never close a descriptor the loop owns, and a
+    number reused by another connection must carry that connection's bytes."""
+    import gc
+    from arbiter.proxy import filebody
+    first, first_peer = socket.socketpair()
+    number = first.fileno()
+    assert filebody.carrier(number).send(b"one", socket.MSG_MORE) == 3
+    assert first_peer.recv(3) == b"one"
+    first.close()  # the loop closes a connection: its number is free for the next one
+    second, second_peer = socket.socketpair()
+    if second.fileno() != number:  # (take the freed number for it, as the next accept would)
+        os.dup2(second.fileno(), number)
+        second.close()
+        second = socket.socket(fileno=number)
+    try:
+        assert filebody.carrier(number).send(b"two", socket.MSG_MORE) == 3
+        assert second_peer.recv(3) == b"two"
+        filebody._carriers.pop(number)
+        gc.collect()
+        second.send(b"open")  # not closed by the carrier's end
+        assert second_peer.recv(4) == b"open"
+    finally:
+        for sock in (second, first_peer, second_peer):
+            sock.close()
+
+
 def test_a_stalled_reader_of_a_named_file_leaves_little_unsent_in_the_kernel(tmp_path, namer):
     """The kernel holds about filebody.UNSENT_BYTES for a client that stops reading, not the
     4 MiB a send buffer may grow to (tcp_wmem): 10,000 stalled downloads would pin 40 GiB."""

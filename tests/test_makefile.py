@@ -13,8 +13,11 @@ pytestmark = pytest.mark.unit
 def venv_command(tmp_path, *assignments: str) -> str:
     """The command `make` would run first to create a venv at tmp_path/venv."""
     venv = tmp_path / "venv"
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHON", "VENV", "MAKEFLAGS")}
-    out = subprocess.run(["make", "-n", f"VENV={venv}", *assignments, str(venv / "bin" / "python")],
+    # (as a fresh `make` would be run: not as the sub-make of `make test`)
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHON", "VENV", "MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", f"VENV={venv}", *assignments,
+                          str(venv / "bin" / "python")],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True)
     return out.stdout.splitlines()[0].replace(str(venv), "VENV")
 

@@ -6,10 +6,12 @@
 # into the executable, built as Debian builds it) served 7.9% more requests a second than under
 # pyenv's default source build of 3.11.7 (shared libpython, no profile-guided optimisation; the
 # first python3 on PATH on this project's machines), with the same packages: 15 alternated runs,
-# 13 won (the last 8 alone: 3.5% more), about 5% less CPU a request. So on Linux the venv is made with the system's python3
-# when it is 3.10 or newer and can make venvs (Debian: python3-venv); else with the first
-# python3 on PATH. PYTHON=... chooses; an existing venv is kept until `make clean`.
-SYSTEM_PYTHON := $(if $(filter Linux,$(shell uname -s)),$(shell /usr/bin/python3 -c \
+# 13 won (the last 8 alone: 3.5% more), about 5% less CPU a request. So on Linux the venv is
+# made with the system's python3 when it is 3.10 or newer and can make venvs (Debian:
+# python3-venv); else with the first python3 on PATH. The probe runs only when the venv is made
+# (a lazy variable, not on every make). PYTHON=... chooses; an existing venv is kept until
+# `make clean`.
+SYSTEM_PYTHON = $(if $(filter Linux,$(shell uname -s)),$(shell /usr/bin/python3 -c \
 	'import sys, venv, ensurepip; sys.exit(sys.version_info < (3, 10))' >/dev/null 2>&1 && echo /usr/bin/python3))
 PYTHON ?= $(or $(SYSTEM_PYTHON),python3)
 VENV   ?= .venv

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from master_support import (Admin, Hammer, Master, base_config, children, free_port_run, health, title, wait_gone)
-from support import free_port, pid_alive, refused, wait_until
+from support import free_port, free_ports, pid_alive, refused, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -34,8 +34,7 @@ def start(masters, directory: Path, config: dict) -> Master:
 
 
 def test_seed_config_of_the_proof_of_concept_works(masters, tmp_path, site):
-    ports = [free_port(), free_port()]
-    master_port = free_port()
+    *ports, master_port = free_ports(3)
     config = {"workers": [{"host": "127.0.0.1", "port": p} for p in ports], "baseDirectory": "www",
               "masterPort": master_port}
     m = start(masters, tmp_path, config)
@@ -64,8 +63,8 @@ def test_n_workers_come_up_and_pass_health_checks(masters, tmp_path, site):
 
 
 def test_a_check_interval_longer_than_the_boot_timeout_still_lets_a_worker_come_up(masters, tmp_path, site):
-    port = free_port()
-    config = base_config(site, free_port(), [port])
+    port, listen = free_ports(2)
+    config = base_config(site, listen, [port])
     config["healthCheck"].update(interval=60, bootTimeout=10)  # rise 2: two passes 60s apart
     m = start(masters, tmp_path, config)
     m.wait_workers([port])
@@ -78,7 +77,7 @@ def test_a_request_sent_while_the_workers_still_start_is_served_not_refused(mast
     """The listener is bound before anything else starts: a client that connects at once waits
     (in the backlog, then held by a proxy) until a worker is up, as in front of gunicorn's
     arbiter, rather than getting 503 during the first seconds."""
-    port, worker = free_port(), free_port()
+    port, worker = free_ports(2)
     config = base_config(site, port, [worker])
     config["healthCheck"].update(interval=0.5, rise=4)  # up at least 1.5 s after it answers
     m = start(masters, tmp_path, config)
@@ -119,8 +118,8 @@ def test_kill_9_worker_is_back_healthy_on_the_same_port_and_no_connection_is_ref
 
 
 def test_stopped_worker_is_replaced_after_fall_checks(masters, tmp_path, site):
-    ports = [free_port()]
-    m = start(masters, tmp_path, base_config(site, free_port(), ports))
+    listen, *ports = free_ports(2)
+    m = start(masters, tmp_path, base_config(site, listen, ports))
     before = m.wait_workers(ports)
     m.wait_log("is up")
     os.kill(before[ports[0]], signal.SIGSTOP)
@@ -137,8 +136,8 @@ def test_stopped_worker_is_replaced_after_fall_checks(masters, tmp_path, site):
 
 
 def test_crash_loop_backs_off_exponentially_but_keeps_one_worker_starting_then_recovers(masters, tmp_path, site):
-    ports = [free_port(), free_port()]
-    config = base_config(site, free_port(), ports)
+    *ports, listen = free_ports(3)
+    config = base_config(site, listen, ports)
     config["restartBackoff"] = {"initial": 0.2, "max": 1.6, "minUptime": 1}
     m = start(masters, tmp_path, config)
     m.wait_workers(ports)
@@ -220,8 +219,8 @@ def test_workers_killed_as_soon_as_they_start_always_leave_one_starting(masters,
 
 
 def test_hup_with_changed_worker_count_converges_without_a_failed_request(masters, tmp_path, site):
-    ports = [free_port(), free_port(), free_port()]
-    config = base_config(site, free_port(), ports[:2])
+    *ports, listen = free_ports(4)
+    config = base_config(site, listen, ports[:2])
     m = start(masters, tmp_path, config)
     first = m.wait_workers(ports[:2])
     m.wait_log("is up", count=2)
@@ -280,8 +279,8 @@ def test_ttin_and_ttou_change_the_count_never_below_one(masters, tmp_path, site)
 
 
 def test_term_drains_workers_and_leaves_no_process_behind(masters, tmp_path, site):
-    ports = [free_port(), free_port()]
-    m = start(masters, tmp_path, base_config(site, free_port(), ports, pidfile="gows.pid"))
+    *ports, listen = free_ports(3)
+    m = start(masters, tmp_path, base_config(site, listen, ports, pidfile="gows.pid"))
     pids = m.wait_workers(ports)
     pidfile = tmp_path / "gows.pid"
     assert pidfile.read_text() == f"{m.pid}\n"
@@ -295,8 +294,8 @@ def test_term_drains_workers_and_leaves_no_process_behind(masters, tmp_path, sit
 
 
 def test_int_stops_at_once(masters, tmp_path, site):
-    ports = [free_port()]
-    m = start(masters, tmp_path, base_config(site, free_port(), ports, gracefulTimeout=60))
+    listen, *ports = free_ports(2)
+    m = start(masters, tmp_path, base_config(site, listen, ports, gracefulTimeout=60))
     pids = m.wait_workers(ports)
     m.signal(signal.SIGINT)
     assert m.proc.wait(30) == 0
@@ -305,8 +304,8 @@ def test_int_stops_at_once(masters, tmp_path, site):
 
 
 def test_sigkill_of_the_master_leaves_no_worker_behind(masters, tmp_path, site):
-    ports = [free_port(), free_port()]
-    m = start(masters, tmp_path, base_config(site, free_port(), ports))
+    *ports, listen = free_ports(3)
+    m = start(masters, tmp_path, base_config(site, listen, ports))
     pids = list(m.wait_workers(ports).values())
     m.proc.kill()
     killed = time.monotonic()
@@ -316,8 +315,8 @@ def test_sigkill_of_the_master_leaves_no_worker_behind(masters, tmp_path, site):
 
 
 def test_usr1_reopens_the_log_file_for_master_and_workers(masters, tmp_path, site):
-    ports = [free_port()]
-    m = start(masters, tmp_path, base_config(site, free_port(), ports, logging={"file": "gows.log"}))
+    listen, *ports = free_ports(2)
+    m = start(masters, tmp_path, base_config(site, listen, ports, logging={"file": "gows.log"}))
     pids = m.wait_workers(ports)
     logfile = tmp_path / "gows.log"
     wait_until(lambda: "is up" in logfile.read_text())
@@ -332,8 +331,8 @@ def test_usr1_reopens_the_log_file_for_master_and_workers(masters, tmp_path, sit
 
 
 def test_boot_timeout_kills_and_retries_a_worker_then_hup_fixes_it(masters, tmp_path, site):
-    ports = [free_port()]
-    config = base_config(site, free_port(), ports)
+    listen, *ports = free_ports(2)
+    config = base_config(site, listen, ports)
     config["healthCheck"]["bootTimeout"] = 0.05  # no worker can answer this soon after exec
     m = start(masters, tmp_path, config)
     log = m.wait_log(r"restarting it in 0\.40s", timeout=60)
@@ -347,8 +346,8 @@ def test_boot_timeout_kills_and_retries_a_worker_then_hup_fixes_it(masters, tmp_
 
 
 def test_hup_whose_new_worker_fails_keeps_the_old_one_serving(masters, tmp_path, site):
-    ports = [free_port()]
-    config = base_config(site, free_port(), ports)
+    listen, *ports = free_ports(2)
+    config = base_config(site, listen, ports)
     config["healthCheck"]["bootTimeout"] = 2
     m = start(masters, tmp_path, config)
     before = m.wait_workers(ports)
@@ -386,8 +385,8 @@ def test_workers_and_all_their_threads_run_sched_batch(masters, tmp_path, site):
 
 @pytest.mark.parametrize("fmt", ["text", "json"])
 def test_the_master_and_its_workers_log_lines_of_one_format(masters, tmp_path, site, fmt):
-    ports = [free_port(), free_port()]
-    m = start(masters, tmp_path, base_config(site, free_port(), ports, logging={"format": fmt}))
+    *ports, listen = free_ports(3)
+    m = start(masters, tmp_path, base_config(site, listen, ports, logging={"format": fmt}))
     m.wait_workers(ports)
     m.wait_log(r"ready: all 2 workers up")
     m.signal(signal.SIGTERM)
@@ -409,8 +408,8 @@ def test_the_master_and_its_workers_log_lines_of_one_format(masters, tmp_path, s
 def test_int_during_a_graceful_stop_ends_the_wait_for_in_flight_downloads(masters, tmp_path, site):
     with open(site / "huge.bin", "wb") as f:
         f.truncate(1 << 30)  # sparse: costs no disk
-    ports = [free_port()]
-    m = start(masters, tmp_path, base_config(site, free_port(), ports, gracefulTimeout=120,
+    listen, *ports = free_ports(2)
+    m = start(masters, tmp_path, base_config(site, listen, ports, gracefulTimeout=120,
                                              proxy={"responseTimeout": 300}))
     m.wait_workers(ports)
     m.wait_log(r"ready: all 1 workers up")

@@ -12,7 +12,7 @@ import requests
 
 from e2e_support import read_head
 from master_support import Master, base_config
-from support import closing_all, free_port, wait_until
+from support import closing_all, free_ports, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,8 +46,7 @@ def slow_reader(port: int) -> socket.socket:
 
 
 def test_slow_readers_get_no_healthy_worker_replaced(masters, tmp_path, site):
-    port, admin_port = free_port(), free_port()
-    worker_ports = [free_port(), free_port()]
+    port, admin_port, *worker_ports = free_ports(4)
     config = base_config(site, port, worker_ports, threads=4, admin=f"127.0.0.1:{admin_port}",
                          frontCache={"maxObjectBytes": 65536})
     config["healthCheck"].update(interval=0.2, timeout=0.5, fall=3)

@@ -14,7 +14,7 @@ from arbiter.config import ProxyConfig, configured
 from master_support import Hammer
 from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, Worker, parse_responses, raw, read_all
 from proxy_upstream_app import pattern
-from support import free_port, together, wait_until
+from support import free_port, free_ports, together, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -46,7 +46,7 @@ def test_refused_worker_is_retried_elsewhere_and_marked_down():
 
 
 def test_all_workers_refusing_gives_502_not_a_hang():
-    p = ProxyThread([free_port(), free_port()], front_cache=NO_CACHE)
+    p = ProxyThread(free_ports(2), front_cache=NO_CACHE)
     with p:
         r = requests.get(p.url + "/x", timeout=10)
         assert r.status_code == 502

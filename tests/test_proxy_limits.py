@@ -273,6 +273,33 @@ def test_at_max_connections_busy_ones_keep_newcomers_in_the_backlog(upstream):
         assert p.stats()["rejected_connections"] == 0
 
 
+def test_a_burst_of_newcomers_is_accepted_in_a_few_turns_of_a_busy_loop(upstream):
+    """A proxy busy with its clients turns its loop a few dozen times a second, and one uvloop
+    server takes one newcomer a turn: 100 would wait 100 turns, seconds under load (reconnecting
+    clients timed out in the backlog). The proxy reads each listener through ACCEPTORS of them."""
+    from arbiter.proxy.fdlimit import ACCEPTORS
+    p = ProxyThread([upstream.port], front_cache=NO_CACHE)
+    turns, served_at = [0], []
+
+    def a_busy_turn() -> None:  # every turn of the loop serves other clients too
+        turns[0] += 1
+        if len(p.proxy.conns) == 100:
+            served_at.append(turns[0])
+            return
+        time.sleep(0.002)
+        p.loop.call_soon(a_busy_turn)
+
+    held = []
+    with p, closing_all(held):
+        p.call(a_busy_turn)
+        held += [socket.create_connection(("127.0.0.1", p.port)) for _ in range(100)]  # (the kernel completes them)
+        connected_at = turns[0]
+        wait_until(lambda: served_at, message="all 100 served")
+        taken = served_at[0] - connected_at
+        print(f"100 newcomers served {taken} turns of the loop after they connected")
+        assert taken <= -(-100 // ACCEPTORS) + 4  # (and their connection_made a turn later)
+
+
 def test_connection_flood_never_crashes(upstream):
     p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=50), front_cache=NO_CACHE)
     statuses: list[int] = []

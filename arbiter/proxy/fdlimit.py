@@ -9,9 +9,11 @@ if TYPE_CHECKING:
     from ..config import ProxyConfig
 
 # Descriptors per client: its own and one to a worker while a request is on its way there; and
-# aside from those, beyond the idle pool: listeners, logs, the control channel, the loop's own.
+# aside from those, beyond the idle pool: listeners (ACCEPTORS duplicates of each of up to 3),
+# logs, the control channel, the loop's own.
 FDS_PER_CLIENT = 2
-FD_RESERVE = 32
+ACCEPTORS = 16
+FD_RESERVE = 32 + 3 * ACCEPTORS
 
 
 def fd_need(config: ProxyConfig) -> int:

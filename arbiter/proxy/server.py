@@ -25,7 +25,7 @@ from .cache import FrontCache
 from .client import IDLE, ClientProtocol
 from .https import PLAIN, PROTOCOLS, REDIRECT, TLS, TlsState
 from .filebody import bound_unsent
-from .fdlimit import FD_RESERVE, FDS_PER_CLIENT, fd_need, raise_fd_limit
+from .fdlimit import ACCEPTORS, FD_RESERVE, FDS_PER_CLIENT, fd_need, raise_fd_limit
 from .counters import SHED_IDLE, SHORTAGES, TIMEOUTS, Counters, report
 from .http1 import CRLF
 from .request import Request
@@ -107,6 +107,7 @@ class Proxy:
         self._resuming = False
         self._stale = False  # the servers being made use a TLS context replaced since
         self._pausing = False
+        self._accepted_now = 0  # connections accepted in this turn of the loop (_accept)
         self._watching = False  # the listener is watched for newcomers while we are full
         self._shed_pending = False  # _shed_idle is due
         self._yield_until = 0.0  # no accepting before this clock (hand_over)
@@ -203,17 +204,23 @@ class Proxy:
         server: list[Any] = []
         try:
             for sock, kind in self._listeners:
-                # A duplicate, so closing our server never closes the socket the master owns (nor
-                # drops the connections waiting in its backlog); create_server calls listen()
-                # again: keep the kernel's full backlog, not asyncio's 100. The handshake counts
-                # against the head's deadline (ClientProtocol.accepted); the loop's timer ends a
-                # handshake that never finishes.
+                # Duplicates, so closing our servers never closes the socket the master owns (nor
+                # drops the connections waiting in its backlog), and ACCEPTORS of them: each
+                # accepts one connection per turn of the loop (libuv since 1.45, libuv#3696),
+                # and a proxy busy with thousands of clients turns its loop a few dozen times a
+                # second (one server: a burst of newcomers drained at about 45 a second, strace
+                # showing one accept4 per epoll_pwait of 1,024 events, and reconnecting clients
+                # timed out in the backlog). create_server calls listen() again: keep the
+                # kernel's full backlog, not asyncio's 100. The handshake counts against the
+                # head's deadline (ClientProtocol.accepted); the loop's timer ends a handshake
+                # that never finishes.
                 tls = self.tls.context if kind == TLS else None
                 if kind == TLS and tls is None:
                     continue  # (no certificate could be loaded: the backlog waits for one)
-                server.append(await self.loop.create_server(
-                    partial(self._accept, kind), sock=sock.dup(), backlog=self._backlog(), ssl=tls,
-                    ssl_handshake_timeout=self.config.header_timeout if tls is not None else None))
+                for _ in range(ACCEPTORS):
+                    server.append(await self.loop.create_server(
+                        partial(self._accept, kind), sock=sock.dup(), backlog=self._backlog(), ssl=tls,
+                        ssl_handshake_timeout=self.config.header_timeout if tls is not None else None))
         except OSError as exc:  # (out of descriptors for the duplicate: the next close retries)
             log.error("cannot accept connections: %s", exc)
             for started in server:
@@ -231,19 +238,27 @@ class Proxy:
 
     def _backlog(self) -> int:
         """The kernel's full backlog, or where descriptors are short about as many connections as
-        we may serve: one pass of accepts takes the whole backlog, and past the open file limit
+        we may serve: the acceptors take what waits, ACCEPTORS a turn, and past the open file limit
         the event loop would have to drop them (it closes what it cannot hold)."""
         return somaxconn() if self.fd_cap >= self.config.max_connections else max(8, self.fd_cap)
 
     def _accept(self, kind: str) -> ClientProtocol:
         """The protocol factory, called as each connection is accepted (its connection_made
-        comes later, from the loop, after the TLS handshake: only then does it count in `conns`)."""
-        if len(self.conns) + 1 >= self.max_connections and self._server is not None and not self._pausing:
+        comes later, from the loop, after the TLS handshake: only then does it count in `conns`;
+        until then, those accepted in this turn of the loop count in `_accepted_now`)."""
+        if not self._accepted_now:
+            self.loop.call_soon(self._turn_over)  # (before their connection_made, after this turn's accepts)
+        self._accepted_now += 1
+        if (len(self.conns) + self._accepted_now >= self.max_connections and self._server is not None
+                and not self._pausing):
             # Not from in here: closing the server now would also close the connection being
-            # accepted. What the same pass of accepts still brings in is served all the same.
+            # accepted. What the other acceptors take in the same turn is served all the same.
             self._pausing = True
             self.loop.call_soon(self._at_limit)
         return PROTOCOLS[kind](self)
+
+    def _turn_over(self) -> None:
+        self._accepted_now = 0
 
     def _at_limit(self) -> None:
         """At the connection limit: stop accepting; newcomers wait in the listen backlog."""

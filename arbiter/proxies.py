@@ -45,9 +45,9 @@ ACK_TIMEOUT = 5.0  # seconds to wait for every proxy to confirm a purge
 # go to whichever proxy wakes first, swinging the imbalance back (wrk -c5000 on 2 proxies: steps
 # of 476-1295 clients back and forth, 500-2100 requests over wrk's 2 s timeout).
 BALANCE_INTERVAL = 1.0
-BALANCE_SLACK = 0.2
+BALANCE_SLACK = 0.1
 BALANCE_MIN = 2
-BALANCE_STEP = 16
+BALANCE_STEP = 64
 BALANCE_STEP_SHARE = 1 / 64
 
 

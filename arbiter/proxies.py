@@ -41,9 +41,9 @@ ACK_TIMEOUT = 5.0  # seconds to wait for every proxy to confirm a purge
 # proxy holding BALANCE_SLACK of all client connections more than the least busy one (and at
 # least BALANCE_MIN more) is told to hand half the difference over (Proxy.hand_over), but never
 # more than BALANCE_STEP_SHARE of all clients at a time (BALANCE_STEP at least): the clients
-# handed over reconnect all at once, and a thousand of them wait in the backlog for seconds, then
-# go to whichever proxy wakes first, swinging the imbalance back (wrk -c5000 on 2 proxies: steps
-# of 476-1295 clients back and forth, 500-2100 requests over wrk's 2 s timeout).
+# handed over reconnect all at once and go to whichever proxy takes them first, which can swing
+# the imbalance back (wrk -c5000 on 2 proxies: steps of 476-1295 clients, back and forth every
+# second, and hundreds of requests over wrk's 2 s timeout while they waited to be accepted).
 BALANCE_INTERVAL = 1.0
 BALANCE_SLACK = 0.1
 BALANCE_MIN = 2

@@ -300,6 +300,39 @@ def test_a_burst_of_newcomers_is_accepted_in_a_few_turns_of_a_busy_loop(upstream
         assert taken <= -(-100 // ACCEPTORS) + 4  # (and their connection_made a turn later)
 
 
+def test_short_of_descriptors_a_proxy_accepts_through_the_acceptors_it_could_make(upstream, monkeypatch):
+    """Each acceptor holds a duplicate of the listener: where the open file limit runs out after
+    a few, the proxy serves through those rather than through none."""
+    import errno
+    real_dup, made = socket.socket.dup, []
+
+    def dup(sock: socket.socket) -> socket.socket:
+        if len(made) == 3:
+            raise OSError(errno.EMFILE, "Too many open files")
+        made.append(sock)
+        return real_dup(sock)
+
+    monkeypatch.setattr(socket.socket, "dup", dup)
+    p = ProxyThread([upstream.port], front_cache=NO_CACHE)
+    with p:
+        (status, _, _), = parse_responses(raw(p.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
+        assert status == 200
+        assert p.call(lambda: len(p.proxy._server)) == 3
+
+
+def test_the_acceptors_duplicates_never_make_the_shared_listener_blocking(upstream):
+    """socket.dup() sets the duplicate's timeout to the original's: from a blocking listener
+    object it clears O_NONBLOCK on the socket all proxies share, and another proxy that loses
+    a newcomer blocks in accept() (a proxy was found hung, sent nothing for 10 s, and killed)."""
+    import os
+    p = ProxyThread([upstream.port], front_cache=NO_CACHE)
+    with p:
+        listener = p.call(lambda: p.proxy._listeners[0][0])
+        assert listener.gettimeout() == 0.0
+        listener.dup().close()
+        assert not os.get_blocking(p.sock.fileno())
+
+
 def test_connection_flood_never_crashes(upstream):
     p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=50), front_cache=NO_CACHE)
     statuses: list[int] = []

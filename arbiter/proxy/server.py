@@ -172,6 +172,11 @@ class Proxy:
                            if s is not None]
         for listener, _ in self._listeners:
             bound_unsent(listener)
+            # socket.dup() gives the duplicate the original's timeout, and a blocking one would
+            # clear O_NONBLOCK on the socket every proxy shares: a proxy that lost a newcomer
+            # to another would then block in accept() until the next one came (found hung and
+            # killed by the master after 10 s).
+            listener.setblocking(False)
         self._fit_fd_limit()
         await self._listen()
         self._ticker = self.loop.call_later(TICK, self._tick)
@@ -217,9 +222,15 @@ class Proxy:
                 tls = self.tls.context if kind == TLS else None
                 if kind == TLS and tls is None:
                     continue  # (no certificate could be loaded: the backlog waits for one)
-                for _ in range(ACCEPTORS):
+                for made in range(ACCEPTORS):
+                    try:
+                        dup = sock.dup()
+                    except OSError:
+                        if not made:
+                            raise
+                        break  # (short of descriptors: accept through the acceptors there are)
                     server.append(await self.loop.create_server(
-                        partial(self._accept, kind), sock=sock.dup(), backlog=self._backlog(), ssl=tls,
+                        partial(self._accept, kind), sock=dup, backlog=self._backlog(), ssl=tls,
                         ssl_handshake_timeout=self.config.header_timeout if tls is not None else None))
         except OSError as exc:  # (out of descriptors for the duplicate: the next close retries)
             log.error("cannot accept connections: %s", exc)

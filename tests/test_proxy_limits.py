@@ -300,6 +300,27 @@ def test_a_burst_of_newcomers_is_accepted_in_a_few_turns_of_a_busy_loop(upstream
         assert taken <= -(-100 // ACCEPTORS) + 4  # (and their connection_made a turn later)
 
 
+def test_resuming_at_the_limit_makes_one_acceptor_and_the_tick_all_of_them_once_there_is_room(upstream):
+    """At the limit, each connection that leaves lets the proxy accept again for one slot: making
+    (and closing again) 16 acceptors for it would cost 16 times the work of one."""
+    from arbiter.proxy.fdlimit import ACCEPTORS
+    p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=20), front_cache=NO_CACHE)
+    held = []
+    with p, closing_all(held):
+        for _ in range(20):  # each in the middle of a request head: none is idle
+            s = socket.create_connection(("127.0.0.1", p.port))
+            s.sendall(b"GET / HTTP/1.1\r\n")
+            held.append(s)
+        wait_until(lambda: p.stats()["client_connections"] == 20, message="20 connections held")
+        held.pop().close()  # one slot free again
+        wait_until(lambda: p.call(lambda: p.proxy._server is not None), message="accepting again")
+        assert p.call(lambda: len(p.proxy._server)) == 1
+        while held:
+            held.pop().close()
+        wait_until(lambda: p.call(lambda: p.proxy._server is not None and len(p.proxy._server) == ACCEPTORS),
+                   message="every acceptor once there is room")
+
+
 def test_short_of_descriptors_a_proxy_accepts_through_the_acceptors_it_could_make(upstream, monkeypatch):
     """Each acceptor holds a duplicate of the listener: where the open file limit runs out after
     a few, the proxy serves through those rather than through none."""

@@ -108,6 +108,7 @@ class Proxy:
         self._stale = False  # the servers being made use a TLS context replaced since
         self._pausing = False
         self._accepted_now = 0  # connections accepted in this turn of the loop (_accept)
+        self._acceptors = 0  # acceptors per listener the room allowed at the last _listen
         self._watching = False  # the listener is watched for newcomers while we are full
         self._shed_pending = False  # _shed_idle is due
         self._yield_until = 0.0  # no accepting before this clock (hand_over)
@@ -207,6 +208,10 @@ class Proxy:
     async def _listen(self) -> None:
         """Accept clients again (at start, and once below the connection limit)."""
         server: list[Any] = []
+        # Resuming at the limit for a slot or two, that many acceptors: each costs a dup(), a
+        # listen() and a uvloop server (16 of them about 300 us to make and close again); the
+        # tick makes them all once there is room (_tick).
+        self._acceptors = max(1, min(ACCEPTORS, self.max_connections - len(self.conns)))
         try:
             for sock, kind in self._listeners:
                 # Duplicates, so closing our servers never closes the socket the master owns (nor
@@ -222,7 +227,7 @@ class Proxy:
                 tls = self.tls.context if kind == TLS else None
                 if kind == TLS and tls is None:
                     continue  # (no certificate could be loaded: the backlog waits for one)
-                for made in range(ACCEPTORS):
+                for made in range(self._acceptors):
                     try:
                         dup = sock.dup()
                     except OSError:
@@ -285,8 +290,8 @@ class Proxy:
         self._server = None
 
     def relisten(self) -> None:
-        """Accept anew (a new TLS context for new connections): open connections go on; those
-        arriving meanwhile wait in the kernel's backlog."""
+        """Accept anew (a new TLS context for new connections, or every acceptor once there is
+        room): open connections go on; those arriving meanwhile wait in the kernel's backlog."""
         self._stale = self._resuming
         if self._server is not None and not self.draining:
             self._close_servers()
@@ -443,6 +448,9 @@ class Proxy:
                     self._resume()
                 else:
                     self._watch_backlog()
+            elif (self._acceptors < ACCEPTORS and self._server is not None
+                  and self.max_connections - len(self.conns) >= ACCEPTORS):
+                self.relisten()  # (made with fewer acceptors at the limit: all of them now)
             for conn in [c for c in self.conns if c.deadline < now or c.write_paused]:
                 try:
                     conn.timeout(now)

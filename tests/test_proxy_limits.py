@@ -211,6 +211,16 @@ def _fill(p: ProxyThread, held: list[socket.socket], count: int) -> None:
         wait_until(lambda: p.stats()["client_connections"] == len(held), message="connection counted")
 
 
+def _hold_busy(p: ProxyThread, held: list[socket.socket], count: int) -> None:
+    """Open `count` connections to `p`, each in the middle of a request head (none is idle, so
+    none may be shed), and wait until the proxy holds them all."""
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", p.port))
+        s.sendall(b"GET / HTTP/1.1\r\n")
+        held.append(s)
+    wait_until(lambda: p.stats()["client_connections"] == count, message=f"{count} connections held")
+
+
 def test_at_max_connections_the_longest_idle_connection_makes_room(upstream):
     p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=5), front_cache=NO_CACHE)
     held = []
@@ -256,11 +266,7 @@ def test_at_max_connections_busy_ones_keep_newcomers_in_the_backlog(upstream):
     p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=5), front_cache=NO_CACHE)
     held = []
     with p, closing_all(held):
-        for _ in range(5):  # each in the middle of a request head: none is idle
-            s = socket.create_connection(("127.0.0.1", p.port))
-            s.sendall(b"GET / HTTP/1.1\r\n")
-            held.append(s)
-        wait_until(lambda: p.stats()["client_connections"] == 5, message="5 connections held")
+        _hold_busy(p, held, 5)
         with socket.create_connection(("127.0.0.1", p.port), timeout=10) as waiting:
             waiting.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
             waiting.settimeout(0.5)
@@ -307,11 +313,7 @@ def test_resuming_at_the_limit_makes_one_acceptor_and_the_tick_all_of_them_once_
     p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=20), front_cache=NO_CACHE)
     held = []
     with p, closing_all(held):
-        for _ in range(20):  # each in the middle of a request head: none is idle
-            s = socket.create_connection(("127.0.0.1", p.port))
-            s.sendall(b"GET / HTTP/1.1\r\n")
-            held.append(s)
-        wait_until(lambda: p.stats()["client_connections"] == 20, message="20 connections held")
+        _hold_busy(p, held, 20)
         held.pop().close()  # one slot free again
         wait_until(lambda: p.call(lambda: p.proxy._server is not None), message="accepting again")
         assert p.call(lambda: len(p.proxy._server)) == 1

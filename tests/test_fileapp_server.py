@@ -67,7 +67,9 @@ def launch(arguments, **popen) -> tuple[subprocess.Popen, int]:
 
 
 def closed_within(s: socket.socket, seconds: float) -> bool:
-    """Whether the server closes `s` (EOF or reset) within `seconds`."""
+    """Whether the server closes `s` (EOF or reset) within `seconds`; `s` keeps its own timeout
+    for what is read from it afterwards."""
+    before = s.gettimeout()
     s.settimeout(seconds)
     try:
         return s.recv(1) == b""
@@ -75,6 +77,8 @@ def closed_within(s: socket.socket, seconds: float) -> bool:
         return True
     except TimeoutError:
         return False
+    finally:
+        s.settimeout(before)
 
 
 def test_keepalive_connection_survives_every_kind_of_response(server):
@@ -219,8 +223,12 @@ def test_one_thread_stuck_on_a_request_leaves_the_others_served(tmp_path):
     """One thread serves; while it waits for a request body that does not come, a thread
     standing by serves the other connections."""
     (tmp_path / "upload.py").write_text(
+        "import time\n"
         "def app(environ, start_response):\n"
-        "    body = environ['wsgi.input'].read() if environ['PATH_INFO'] == '/upload' else b'ok'\n"
+        "    body = b'ok'\n"
+        "    if environ['PATH_INFO'] == '/upload':\n"
+        "        body = environ['wsgi.input'].read()\n"
+        "        time.sleep(0.05)  # (an answer slower than closed_within's wait, as under load)\n"
         "    start_response('200 OK', [('Content-Length', str(len(body)))])\n"
         "    return [body]\n")
     proc, port = start_under_gunicorn(tmp_path, "upload:app", threads=2)

@@ -288,6 +288,9 @@ def notes(plan: Plan, load_before: float, fd_limit: int) -> list[str]:
     return [
         f"machine: {os.cpu_count()} CPUs, {platform.system()} {platform.release()}, Python {platform.python_version()}; "
         f"load average before the run {load_before:.2f} (other jobs may share the machine)",
+        "steal: the share of the machine's CPU time its hypervisor gave to other guests during the row's run "
+        "(/proc/stat; ab rows: the median run's); a ratio between rows with unlike steal compares unlike "
+        "machines, and a target's line names both when either reaches 1%",
         "tools: " + "; ".join(prereqs.version([prereqs.which(tools[k][0]) or tools[k][0], *tools[k][1:]])
                               for k in used),
         f"ab -n {plan.ab_requests} -c {plan.ab_concurrency} (no keep-alive): figures are the median of "

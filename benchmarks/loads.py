@@ -6,7 +6,7 @@ import statistics
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
     from .proxies import ProxyShare
@@ -42,6 +42,10 @@ class Measurement:
     p99_ms: float
     # Each gows proxy process's share of this run (benchmarks/proxies.py); None: not counted.
     proxies: list[ProxyShare] | None = None
+    # The share of the machine's CPU time its hypervisor gave to other guests while the run went
+    # on (/proc/stat's steal): a row with some ran on a slower machine than one without; None:
+    # not known (no /proc/stat).
+    steal: float | None = None
 
 
 _WRK_TIME = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -123,6 +127,36 @@ def read_gnuplot(path: Path) -> list[float]:
     return times
 
 
+def cpu_times(path: str = "/proc/stat") -> tuple[int, int] | None:
+    """(stolen, total) CPU time of all the machine's CPUs since boot, in clock ticks, from
+    /proc/stat's first line; None where it cannot be read."""
+    try:
+        with open(path) as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if len(fields) < 9 or fields[0] != "cpu":
+        return None
+    # user nice system idle iowait irq softirq steal; guest and guest_nice are counted in user and nice.
+    ticks = [int(v) for v in fields[1:9]]
+    return ticks[7], sum(ticks)
+
+
+def stolen(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the CPU time between two cpu_times() readings that went to steal."""
+    if before is None or after is None or after[1] <= before[1]:
+        return None
+    return (after[0] - before[0]) / (after[1] - before[1])
+
+
+def _measured(argv: list[str], timeout: float, parse: Callable[[str], Measurement]) -> Measurement:
+    """Run a load tool, parse what it printed, and note the CPU steal while it ran."""
+    before = cpu_times()
+    result = parse(_run(argv, timeout))
+    result.steal = stolen(before, cpu_times())
+    return result
+
+
 def _run(argv: list[str], timeout: float) -> str:
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
@@ -144,7 +178,7 @@ def ab(url: str, requests: int, concurrency: int, gnuplot: Path | None = None,
         argv += ["-f", protocol]
     if gnuplot is not None:
         argv += ["-g", str(gnuplot)]
-    return parse_ab(_run(argv + [url], timeout=120 + requests / 50))
+    return _measured(argv + [url], 120 + requests / 50, parse_ab)
 
 
 def wrk(url: str, connections: int, seconds: int, threads: int = 1, timeout: int | None = None,
@@ -154,7 +188,7 @@ def wrk(url: str, connections: int, seconds: int, threads: int = 1, timeout: int
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency"]
     argv += [f"--timeout={timeout}s"] if timeout is not None else []
     argv += ["-s", str(script)] if script is not None else []
-    return parse_wrk(_run(argv + [url], timeout=seconds + (timeout or 2) + 60))
+    return _measured(argv + [url], seconds + (timeout or 2) + 60, parse_wrk)
 
 
 @dataclass(frozen=True)

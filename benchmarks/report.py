@@ -53,6 +53,9 @@ class Target:
     baseline_file: str | None = None
 
 
+# A check's line names the CPU steal of its row and its baseline's from this share of the
+# machine's CPU time: 1% of 2 CPUs taken in bursts has cost a load a third of its rate.
+STEAL_NOTED = 0.01
 DOWNLOAD_LABELS = tuple(label for _, _, label in DOWNLOADS)
 ISSUE_12_FILES = many_files().label
 
@@ -136,16 +139,23 @@ def fmt_number(value: float, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def fmt_steal(steal: float | None) -> str:
+    """`2.5%` of the machine's CPU time stolen during a run, or blank when not known."""
+    return "" if steal is None else f"{steal:.1%}"
+
+
 def table(rows: list[Row]) -> str:
-    """A Markdown table of every row, with a ratio column for each baseline that was measured and a
-    `per proxy` column when some row's proxy processes were counted."""
+    """A Markdown table of every row, with a ratio column for each baseline that was measured, a
+    `steal` column where the CPU steal was read, and a `per proxy` column when some row's proxy
+    processes were counted."""
     kinds = {r.spec.kind for r in rows if r.result is not None}
     baselines = [b for b in BASELINES if b[1] in kinds]
     counted = any(r.result is not None and fmt_shares(r.result.proxies) for r in rows)
     downloads = any(r.result is not None and r.tool == DOWNLOAD_TOOL for r in rows)
+    steals = any(r.result is not None and r.result.steal is not None for r in rows)
     head = ["server", "workers", "cache", "file", "tool", "req/s", *(["MB/s"] if downloads else []), "mean ms",
             "KB/s", "failed", "non-2xx", "p50 ms", "p99 ms", *(title for title, _, _ in baselines),
-            *(["per proxy"] if counted else [])]
+            *(["steal"] if steals else []), *(["per proxy"] if counted else [])]
     lines = [head]
     for row in rows:
         cells = [row.spec.name, row.spec.workers_label, row.spec.cache_label, row.file, row.tool]
@@ -157,6 +167,7 @@ def table(rows: list[Row]) -> str:
             cells += [fmt_number(m.rps, 1 if row.tool == DOWNLOAD_TOOL else 0), *mbs, f"{m.mean_ms:.2f}",
                       fmt_number(m.transfer_kbs), str(m.failed), str(m.non2xx), f"{m.p50_ms:g}", f"{m.p99_ms:g}"]
             cells += [fmt_ratio(ratio(row, rows, kind, same)) for _, kind, same in baselines]
+            cells += [fmt_steal(m.steal)] if steals else []
             cells += [fmt_shares(m.proxies)] if counted else []
         lines.append(cells)
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
@@ -216,6 +227,13 @@ def check(target: Target, row: Row, rows: list[Row]) -> dict:
         base = baseline_rows(row, rows, target.baseline, same_workers)
         if row.tool == DOWNLOAD_TOOL and value is not None and m and base:
             out |= {"mb_s": m.transfer_kbs / 1024, "baseline_mb_s": baseline_rate(base) / 1024}
+    if m is not None and m.steal is not None:
+        out["steal"] = m.steal
+        if target.baseline_file is None and not target.paired:  # (another server's rows)
+            steals = [b.result.steal for b in baseline_rows(row, rows, target.baseline, same_workers)
+                      if b.result is not None and b.result.steal is not None]
+            if steals:
+                out["baseline_steal"] = max(steals)
     out["met"] = None if value is None else (good and (not target.zero_failed or failed == 0))
     # How far from the bound: the ratio over the minimum less 1 (+0.12: 12% above), or for p99 the
     # milliseconds under the limit (negative: over it).
@@ -259,6 +277,10 @@ def check_line(c: dict) -> str:
         extra += f"; identical twins: {c['noise_floor']:.2f}×"
     if c.get("per_proxy"):
         extra += f"; per proxy {c['per_proxy']}"
+    if max(c.get("steal") or 0.0, c.get("baseline_steal") or 0.0) >= STEAL_NOTED:
+        extra += f"; CPU steal {c['steal']:.1%}"
+        if c.get("baseline_steal") is not None:
+            extra += f", {c['baseline']} {c['baseline_steal']:.1%}"
     return f"{c['server']}, {c['tool']} {c['file']}: {got} ({bound}{extra}) — {status}"
 
 

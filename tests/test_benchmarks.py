@@ -507,6 +507,49 @@ def test_table_has_a_per_proxy_column_only_when_some_row_was_counted():
                                            {"index": 2, "requests": 20000, "restarts": 0}]
 
 
+
+# --- CPU steal: how much of the machine a row's run had ------------------------------------------
+
+def test_cpu_times_reads_steal_and_the_total_from_proc_stat(tmp_path):
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  100 5 50 800 10 0 5 30 7 0\ncpu0 50 2 25 400 5 0 2 15 3 0\n")
+    assert loads.cpu_times(str(stat)) == (30, 1000)  # guest time (7) is inside user already
+    assert loads.cpu_times(str(tmp_path / "none")) is None
+    stat.write_text("intr 1 2 3\n")
+    assert loads.cpu_times(str(stat)) is None
+    assert loads.stolen((30, 1000), (80, 2000)) == 0.05
+    assert loads.stolen(None, (80, 2000)) is None and loads.stolen((30, 1000), (30, 1000)) is None
+
+
+def test_every_ab_and_wrk_run_notes_the_cpu_steal_while_it_ran(monkeypatch):
+    readings = iter([(30, 1000), (80, 2000), (80, 2000), (80, 3000)])
+    monkeypatch.setattr(loads, "cpu_times", lambda: next(readings))
+    outputs = {"wrk": fixture("wrk-nginx-1k.txt"), "ab": fixture("ab-nginx-1k.txt")}
+    monkeypatch.setattr(loads, "_run", lambda argv, timeout: outputs[argv[0]])
+    assert loads.wrk("http://127.0.0.1:1/", 100, 10).steal == 0.05
+    assert loads.ab("http://127.0.0.1:1/", 2000, 500).steal == 0.0
+
+
+def test_steal_has_a_column_and_a_check_names_it_once_it_reaches_a_percent():
+    rows = issue_12_rows()
+    assert "steal" not in report.table(rows).splitlines()[0]  # not read: no column
+    for row in rows:
+        if row.result is not None:
+            row.result.steal = 0.004
+    lines = report.table(rows).splitlines()
+    assert "| steal |" in lines[0] and len({len(line) for line in lines}) == 1
+    assert all("0.4%" in line for line in lines[2:] if "error" not in line)
+    checks = report.check_targets("compare", rows)
+    assert checks and not any("steal" in report.check_line(c) for c in checks)  # below 1%: not named
+    gows = next(r for r in rows if r.spec == GOWS_OFF and r.file == "1 KiB" and r.tool == "ab")
+    gows.result.steal = 0.062
+    (check,) = [c for c in report.check_targets("compare", rows)
+                if c["server"] == "gows 2w cache off" and c["file"] == "1 KiB" and c["tool"] == "ab"
+                and c["baseline"] == "apache"]
+    assert (check["steal"], check["baseline_steal"]) == (0.062, 0.004)
+    assert "; CPU steal 6.2%, apache 0.4%) — " in report.check_line(check)
+    assert report.row_record(gows)["result"]["steal"] == 0.062
+
 # --- issue 11 targets ----------------------------------------------------------------------------
 
 ISSUE_11 = "issue 11: proxy processes at least as fast as nginx, front cache on, 0 failed"

@@ -54,7 +54,8 @@ class Target:
 
 
 # A check's line names the CPU steal of its row and its baseline's from this share of the
-# machine's CPU time: 1% of 2 CPUs taken in bursts has cost a load a third of its rate.
+# machine's CPU time. A run's share averages over bursts: a side run with 1.5% over 30 s had lost
+# a third of its rate in the 2 s burst that made most of it.
 STEAL_NOTED = 0.01
 DOWNLOAD_LABELS = tuple(label for _, _, label in DOWNLOADS)
 ISSUE_12_FILES = many_files().label

@@ -54,8 +54,9 @@ class Target:
 
 
 # A check's line names the CPU steal of its row and its baseline's from this share of the
-# machine's CPU time. A run's share averages over bursts: a side run with 1.5% over 30 s had lost
-# a third of its rate in the 2 s burst that made most of it.
+# machine's CPU time. A share averages over the run, and steal comes in bursts that cost more than
+# their share: three ab runs of a side run (5 s) had 9% steal between them, and one of the three
+# ran a third slower than the other two.
 STEAL_NOTED = 0.01
 DOWNLOAD_LABELS = tuple(label for _, _, label in DOWNLOADS)
 ISSUE_12_FILES = many_files().label

@@ -212,6 +212,7 @@ class Proxy:
         # listen() and a uvloop server (16 of them about 300 us to make and close again); the
         # tick makes them all once there is room (_tick).
         self._acceptors = max(1, min(ACCEPTORS, self.max_connections - len(self.conns)))
+        backlog = self._backlog()  # (once: it reads /proc/sys/net/core/somaxconn)
         try:
             for sock, kind in self._listeners:
                 # Duplicates, so closing our servers never closes the socket the master owns (nor
@@ -227,16 +228,7 @@ class Proxy:
                 tls = self.tls.context if kind == TLS else None
                 if kind == TLS and tls is None:
                     continue  # (no certificate could be loaded: the backlog waits for one)
-                for made in range(self._acceptors):
-                    try:
-                        dup = sock.dup()
-                    except OSError:
-                        if not made:
-                            raise
-                        break  # (short of descriptors: accept through the acceptors there are)
-                    server.append(await self.loop.create_server(
-                        partial(self._accept, kind), sock=dup, backlog=self._backlog(), ssl=tls,
-                        ssl_handshake_timeout=self.config.header_timeout if tls is not None else None))
+                await self._add_acceptors(server, sock, kind, tls, backlog)
         except OSError as exc:  # (out of descriptors for the duplicate: the next close retries)
             log.error("cannot accept connections: %s", exc)
             for started in server:
@@ -251,6 +243,22 @@ class Proxy:
             self._at_limit()
         elif self._stale:  # a new TLS context came while these servers were being made
             self.relisten()
+
+    async def _add_acceptors(self, server: list[Any], sock: socket.socket, kind: str, tls: Any,
+                             backlog: int) -> None:
+        """Add `_acceptors` servers on duplicates of `sock` to `server`; short of descriptors after
+        the first, as many as could be made (OSError: not even one)."""
+        factory = partial(self._accept, kind)
+        handshake_timeout = self.config.header_timeout if tls is not None else None
+        for made in range(self._acceptors):
+            try:
+                dup = sock.dup()
+            except OSError:
+                if not made:
+                    raise
+                return  # (accept through the acceptors there are)
+            server.append(await self.loop.create_server(factory, sock=dup, backlog=backlog, ssl=tls,
+                                                        ssl_handshake_timeout=handshake_timeout))
 
     def _backlog(self) -> int:
         """The kernel's full backlog, or where descriptors are short about as many connections as

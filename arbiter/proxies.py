@@ -39,11 +39,12 @@ ACK_TIMEOUT = 5.0  # seconds to wait for every proxy to confirm a purge
 # a burst of keep-alive clients (wrk -c8, a load balancer's pool) can end up all on one proxy,
 # which then serves them on one core while the others idle. Every BALANCE_INTERVAL at most, a
 # proxy holding BALANCE_SLACK of all client connections more than the least busy one (and at
-# least BALANCE_MIN more) is told to hand half the difference over (Proxy.hand_over), but never
-# more than BALANCE_STEP_SHARE of all clients at a time (BALANCE_STEP at least): the clients
-# handed over reconnect all at once and go to whichever proxy takes them first, which can swing
-# the imbalance back (wrk -c5000 on 2 proxies: steps of 476-1295 clients, back and forth every
-# second, and hundreds of requests over wrk's 2 s timeout while they waited to be accepted).
+# least BALANCE_MIN more) is told to hand half the difference over (Listeners.hand_over in
+# proxy/listening.py), but never more than BALANCE_STEP_SHARE of all clients at a time
+# (BALANCE_STEP at least): the clients handed over reconnect all at once and go to whichever
+# proxy takes them first, which can swing the imbalance back (wrk -c5000 on 2 proxies: steps of
+# 476-1295 clients, back and forth every second, and hundreds of requests over wrk's 2 s timeout
+# while they waited to be accepted).
 BALANCE_INTERVAL = 1.0
 BALANCE_SLACK = 0.1
 BALANCE_MIN = 2

@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from arbiter.config import ProxyConfig, configured
+from arbiter.proxy import listening
 from arbiter.proxy.fdlimit import ACCEPTORS
 from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, parse_responses, raw, read_all
 from support import closing_all, wait_until
@@ -246,21 +247,20 @@ def test_a_full_proxy_sheds_only_for_a_newcomer_that_keeps_waiting(upstream, mon
     """Another proxy sharing the socket may take each newcomer promptly: a look that meets a
     connection just arrived in the backlog must not close anyone's idle connection; finding
     the backlog waiting at every look does."""
-    import arbiter.proxy.server as server
     taken: list[bool] = []
-    monkeypatch.setattr(server, "_readable", lambda sock: taken.append(looks[len(taken)]) or taken[-1])
+    monkeypatch.setattr(listening, "_readable", lambda sock: taken.append(looks[len(taken)]) or taken[-1])
     p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=2), front_cache=NO_CACHE)
     held = []
     with p, closing_all(held):
         _fill(p, held, 2)
         opened = p.call(lambda: p.proxy.clock)
-        wait_until(lambda: p.call(lambda: p.proxy.clock) > opened + server.SHED_AFTER, message="idle long enough")
+        wait_until(lambda: p.call(lambda: p.proxy.clock) > opened + listening.SHED_AFTER, message="idle long enough")
         held.append(socket.create_connection(("127.0.0.1", p.port)))  # waits in the backlog
         if shed:
             wait_until(lambda: p.stats()["shed_idle_connections"] >= 1, message="an idle connection shed")
-            assert len(taken) >= server.SHED_LOOKS and all(taken)
+            assert len(taken) >= listening.SHED_LOOKS and all(taken)
         else:
-            wait_until(lambda: len(taken) == 3 and not p.call(lambda: p.proxy._shed_pending),
+            wait_until(lambda: len(taken) == 3 and not p.call(lambda: p.proxy.listeners.shed_pending),
                        message="three looks, the last finding no one waiting")
             assert p.stats()["shed_idle_connections"] == 0
 
@@ -314,11 +314,11 @@ def test_resuming_at_the_limit_makes_one_acceptor_and_the_tick_all_of_them_once_
     with p, closing_all(held):
         _hold_busy(p, held, 20)
         held.pop().close()  # one slot free again
-        wait_until(lambda: p.call(lambda: p.proxy._server is not None), message="accepting again")
-        assert p.call(lambda: len(p.proxy._server)) == 1
+        wait_until(lambda: p.call(lambda: p.proxy.listeners.servers is not None), message="accepting again")
+        assert p.call(lambda: len(p.proxy.listeners.servers)) == 1
         while held:
             held.pop().close()
-        wait_until(lambda: p.call(lambda: p.proxy._server is not None and len(p.proxy._server) == ACCEPTORS),
+        wait_until(lambda: p.call(lambda: len(p.proxy.listeners.servers or ())) == ACCEPTORS,
                    message="every acceptor once there is room")
 
 
@@ -338,7 +338,7 @@ def test_short_of_descriptors_a_proxy_accepts_through_the_acceptors_it_could_mak
     with p:
         (status, _, _), = parse_responses(raw(p.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
         assert status == 200
-        assert p.call(lambda: len(p.proxy._server)) == 3
+        assert p.call(lambda: len(p.proxy.listeners.servers)) == 3
 
 
 def test_the_acceptors_duplicates_never_make_the_shared_listener_blocking(upstream):
@@ -347,7 +347,7 @@ def test_the_acceptors_duplicates_never_make_the_shared_listener_blocking(upstre
     a newcomer blocks in accept() (a proxy was found hung, sent nothing for 10 s, and killed)."""
     p = ProxyThread([upstream.port], front_cache=NO_CACHE)
     with p:
-        listener = p.call(lambda: p.proxy._listeners[0][0])
+        listener = p.call(lambda: p.proxy.listeners.sockets[0][0])
         assert listener.gettimeout() == 0.0
         listener.dup().close()
         assert not os.get_blocking(p.sock.fileno())

@@ -86,7 +86,7 @@ def test_a_new_certificate_serves_new_handshakes_while_an_open_connection_goes_o
     old = serial(before)
     assert get(before, "/echo")[0] == 200
     assert proxy.call(lambda: proxy.proxy.tls.configure(tls_settings(tmp_path, ca, "two")))
-    proxy.call(proxy.proxy.relisten)
+    proxy.call(proxy.proxy.listeners.relisten)
     after = connect(proxy, ca)
     assert serial(after) != old
     assert get(after, "/echo")[0] == 200

@@ -51,7 +51,7 @@ class ClientProtocol(RequestReader):
         self.sending: tuple[Request, bool] | None = None  # its request, and whether to keep alive after
         self.full = False  # between the transport's pause_writing and resume_writing
         self.accepted = proxy.clock  # the TLS handshake, if any, counts against the head's deadline
-        self.leaving = False  # handed over to another proxy (Proxy.hand_over): close after a response
+        self.leaving = False  # handed over to another proxy (Listeners.hand_over): close after a response
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: Any) -> None:

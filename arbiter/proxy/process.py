@@ -136,7 +136,7 @@ class ProxyProcess:
                 self.proxy.serving = message["serving"]
         elif op == "hand_over":  # (ProxyFleet.balance)
             if self.proxy is not None:
-                self.proxy.hand_over(message["clients"])
+                self.proxy.listeners.hand_over(message["clients"])
         elif op == "reopen":
             if self.access_log is not None:
                 self.access_log.reopen()
@@ -156,7 +156,7 @@ class ProxyProcess:
                         settings["threads"], settings["ttl"], self._lane(settings))
         proxy.timing = proxy.latency.counts if settings["timing"] else None
         if proxy.tls.configure(settings.get("tls")):
-            proxy.relisten()  # new handshakes get the new certificate; open connections go on
+            proxy.listeners.relisten()  # new handshakes get the new certificate; open connections go on
         proxy.health_target = settings["health_path"].encode()
         proxy.serving = settings["serving"]
         proxy.outliers.threshold = settings["outlier_failures"]

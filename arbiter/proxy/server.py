@@ -1,32 +1,27 @@
-"""The front proxy: it accepts client connections up to its limits, runs the one sweep that
-enforces every deadline, holds the shared budgets (connections, descriptors, request bodies)
+"""The front proxy: it serves client connections up to its limits (listening.py accepts them),
+runs the one sweep that enforces every deadline, holds the shared budgets (connections, descriptors, request bodies)
 and the front cache, and counts what happened for the admin page and metrics."""
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import math
 import os
-import select
 import socket
 import time
 from collections import deque
-from itertools import islice
-from functools import partial
 from email.utils import formatdate
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..sockets import somaxconn
 from .view import WorkerView
 from .balancer import Balancer
 from .outliers import Outliers
 from .cache import FrontCache
 from .client import IDLE, ClientProtocol
-from .https import PLAIN, PROTOCOLS, REDIRECT, TLS, TlsState
-from .filebody import bound_unsent
-from .fdlimit import ACCEPTORS, FD_RESERVE, FDS_PER_CLIENT, fd_need, raise_fd_limit
-from .counters import SHED_IDLE, SHORTAGES, TIMEOUTS, Counters, report
+from .listening import Listeners
+from .https import PLAIN, REDIRECT, TLS, TlsState
+from .fdlimit import FD_RESERVE, FDS_PER_CLIENT, fd_need, raise_fd_limit
+from .counters import SHORTAGES, TIMEOUTS, Counters, report
 from .http1 import CRLF
 from .request import Request
 from .sharing import Learned
@@ -41,26 +36,8 @@ if TYPE_CHECKING:  # (the proxy never loads the config layer: the master hands i
 log = logging.getLogger("gows.proxy")
 
 TICK = 0.25  # seconds between timeout sweeps; also the resolution of the coarse clock
-# At the connection limit, up to this many of the longest-idle connections are closed (as nginx
-# reuses connections) so that the clients waiting in the backlog get their turn; never one idle
-# for less than SHED_AFTER seconds (a new connection whose request is on its way).
-IDLE_SHED = 32
-SHED_AFTER = 1.0
 # Seconds a stopping proxy keeps idle keep-alive connections open, for their clients' next request.
 IDLE_GRACE = 1.0
-# Full, a proxy closes idle connections for a newcomer only if no other proxy sharing the
-# listening socket took it within this many seconds: the backlog must be found waiting at each
-# of SHED_LOOKS looks, SHED_LOOK_GAP seconds apart, from then on. (One look could meet a newcomer
-# that has just arrived while another proxy takes them all promptly.)
-SHED_CHECK = 0.5
-SHED_LOOKS = 4
-SHED_LOOK_GAP = 0.05
-# Seconds a proxy handing clients over to the others (hand_over) accepts nothing, so that the
-# clients it lets go reconnect through another proxy; only connections open for HAND_OVER_AGE
-# seconds are let go (those of clients that keep them: a client making one request per
-# connection spreads by itself, and pausing for it would only slow the proxy down).
-HAND_OVER_PAUSE = 0.5
-HAND_OVER_AGE = 1.0
 
 
 class Proxy:
@@ -94,24 +71,13 @@ class Proxy:
         # 503, as the listen backlog holds them before gunicorn's workers are up. (Once some
         # worker has been up, table.ever_healthy, none up means 503 at once.)
         self.held: deque[tuple[Relay, float]] = deque()
-        # The master's listening sockets, each with the kind of connection it takes (PLAIN,
-        # TLS, REDIRECT: https.py); each served through a duplicate while accepting.
-        self._listeners: list[tuple[socket.socket, str]] = []
-        self._server: list[Any] | None = None  # the servers; None while not accepting
+        self.listeners = Listeners(self)  # the accepting side: the master's listening sockets
         self.tls = TlsState()  # the HTTPS listener's context, reloaded with the settings
         # The master's health path (bytes), answered here with the master's readiness
         # (ClientProtocol.respond_health); None: forwarded like any path. `serving` is False
         # while the master is a lame duck: it still serves, but fails its health checks.
         self.health_target: bytes | None = None
         self.serving = True
-        self._resuming = False
-        self._stale = False  # the servers being made use a TLS context replaced since
-        self._pausing = False
-        self._accepted_now = 0  # connections accepted in this turn of the loop (_accept)
-        self._acceptors = 0  # acceptors per listener the room allowed at the last _listen
-        self._watching = False  # the listener is watched for newcomers while we are full
-        self._shed_pending = False  # _shed_idle is due
-        self._yield_until = 0.0  # no accepting before this clock (hand_over)
         self.fd_cap = 1 << 30  # client connections the open file limit can hold (set by start)
         self.body_bytes = 0  # request body bytes held for all connections (reserve_body)
         self.cache_epoch = 0  # bumped by purge_front_cache: responses asked for before are not stored
@@ -169,17 +135,9 @@ class Proxy:
         """Serve the already bound and listening sockets on the running loop: `sock` plain HTTP,
         `tls` HTTPS (once `self.tls` has a context), `redirect` redirects to HTTPS."""
         self.loop = asyncio.get_running_loop()
-        self._listeners = [(s, kind) for s, kind in ((sock, PLAIN), (tls, TLS), (redirect, REDIRECT))
-                           if s is not None]
-        for listener, _ in self._listeners:
-            bound_unsent(listener)
-            # socket.dup() gives the duplicate the original's timeout, and a blocking one would
-            # clear O_NONBLOCK on the socket every proxy shares: a proxy that lost a newcomer
-            # to another would then block in accept() until the next one came (found hung and
-            # killed by the master after 10 s).
-            listener.setblocking(False)
         self._fit_fd_limit()
-        await self._listen()
+        await self.listeners.start([(s, kind) for s, kind in ((sock, PLAIN), (tls, TLS), (redirect, REDIRECT))
+                                    if s is not None])
         self._ticker = self.loop.call_later(TICK, self._tick)
         loop = self.loop
         # A worker marked down or ejected: the requests waiting on it go elsewhere at once.
@@ -205,176 +163,10 @@ class Proxy:
                     "(ulimit -n, or LimitNOFILE= under systemd)", soft, self.config.max_connections, wanted,
                     self.max_connections)
 
-    async def _listen(self) -> None:
-        """Accept clients again (at start, and once below the connection limit)."""
-        server: list[Any] = []
-        # Resuming at the limit for a slot or two, that many acceptors: each costs a dup(), a
-        # listen() and a uvloop server (16 of them about 300 us to make and close again); the
-        # tick makes them all once there is room (_tick).
-        self._acceptors = max(1, min(ACCEPTORS, self.max_connections - len(self.conns)))
-        backlog = self._backlog()  # (once: it reads /proc/sys/net/core/somaxconn)
-        try:
-            for sock, kind in self._listeners:
-                # Duplicates, so closing our servers never closes the socket the master owns (nor
-                # drops the connections waiting in its backlog), and ACCEPTORS of them: each
-                # accepts one connection per turn of the loop (libuv since 1.45, libuv#3696),
-                # and a proxy busy with thousands of clients turns its loop a few dozen times a
-                # second (one server: a burst of newcomers drained at about 45 a second, strace
-                # showing one accept4 per epoll_pwait of 1,024 events, and reconnecting clients
-                # timed out in the backlog). create_server calls listen() again: keep the
-                # kernel's full backlog, not asyncio's 100. The handshake counts against the
-                # head's deadline (ClientProtocol.accepted); the loop's timer ends a handshake
-                # that never finishes.
-                tls = self.tls.context if kind == TLS else None
-                if kind == TLS and tls is None:
-                    continue  # (no certificate could be loaded: the backlog waits for one)
-                await self._add_acceptors(server, sock, kind, tls, backlog)
-        except OSError as exc:  # (out of descriptors for the duplicate: the next close retries)
-            log.error("cannot accept connections: %s", exc)
-            for started in server:
-                started.close()
-            return
-        finally:
-            self._resuming = False
-        self._server = server
-        if self.draining:
-            self._close_servers()
-        elif len(self.conns) >= self.max_connections:
-            self._at_limit()
-        elif self._stale:  # a new TLS context came while these servers were being made
-            self.relisten()
-
-    async def _add_acceptors(self, server: list[Any], sock: socket.socket, kind: str, tls: Any,
-                             backlog: int) -> None:
-        """Add `_acceptors` servers on duplicates of `sock` to `server`; short of descriptors after
-        the first, as many as could be made (OSError: not even one)."""
-        factory = partial(self._accept, kind)
-        handshake_timeout = self.config.header_timeout if tls is not None else None
-        for made in range(self._acceptors):
-            try:
-                dup = sock.dup()
-            except OSError:
-                if not made:
-                    raise
-                return  # (accept through the acceptors there are)
-            server.append(await self.loop.create_server(factory, sock=dup, backlog=backlog, ssl=tls,
-                                                        ssl_handshake_timeout=handshake_timeout))
-
-    def _backlog(self) -> int:
-        """The kernel's full backlog, or where descriptors are short about as many connections as
-        we may serve: the acceptors take what waits, ACCEPTORS a turn, and past the open file limit
-        the event loop would have to drop them (it closes what it cannot hold)."""
-        return somaxconn() if self.fd_cap >= self.config.max_connections else max(8, self.fd_cap)
-
-    def _accept(self, kind: str) -> ClientProtocol:
-        """The protocol factory, called as each connection is accepted (its connection_made
-        comes later, from the loop, after the TLS handshake: only then does it count in `conns`;
-        until then, those accepted in this turn of the loop count in `_accepted_now`)."""
-        if not self._accepted_now:
-            self.loop.call_soon(self._turn_over)  # (before their connection_made, after this turn's accepts)
-        self._accepted_now += 1
-        if (len(self.conns) + self._accepted_now >= self.max_connections and self._server is not None
-                and not self._pausing):
-            # Not from in here: closing the server now would also close the connection being
-            # accepted. What the other acceptors take in the same turn is served all the same.
-            self._pausing = True
-            self.loop.call_soon(self._at_limit)
-        return PROTOCOLS[kind](self)
-
-    def _turn_over(self) -> None:
-        self._accepted_now = 0
-
-    def _at_limit(self) -> None:
-        """At the connection limit: stop accepting; newcomers wait in the listen backlog."""
-        self._pausing = False
-        if self._server is None:
-            return
-        self._close_servers()
-        self._watch_backlog()
-
-    def _close_servers(self) -> None:
-        for server in self._server or ():
-            server.close()
-        self._server = None
-
-    def relisten(self) -> None:
-        """Accept anew (a new TLS context for new connections, or every acceptor once there is
-        room): open connections go on; those arriving meanwhile wait in the kernel's backlog."""
-        self._stale = self._resuming
-        if self._server is not None and not self.draining:
-            self._close_servers()
-            self._resume()
-
-    def _watch_backlog(self) -> None:
-        if not self._watching:
-            self._watching = True
-            for sock, _ in self._listeners:
-                self.loop.add_reader(sock.fileno(), self._backlog_waiting)
-
-    def _unwatch_backlog(self) -> None:
-        if self._watching:
-            self._watching = False
-            for sock, _ in self._listeners:
-                self.loop.remove_reader(sock.fileno())
-
-    def _backlog_waiting(self) -> None:
-        """Someone waits in the backlog while we are full: unless another proxy sharing the
-        socket takes them, make room (_shed_idle)."""
-        self._unwatch_backlog()
-        if not self._shed_pending:
-            self._shed_pending = True
-            self.loop.call_later(SHED_CHECK, self._shed_idle, SHED_LOOKS)
-
-    def _shed_idle(self, looks: int = 1) -> None:
-        """Still someone in the backlog (at each of `looks` looks): close the longest-idle
-        keep-alive connections to make room (as nginx reuses connections). With none idle, the
-        next tick looks again."""
-        if self._server is not None or self.draining or not any(_readable(s) for s, _ in self._listeners):
-            self._shed_pending = False
-            return
-        if looks > 1:
-            self.loop.call_later(SHED_LOOK_GAP, self._shed_idle, looks - 1)
-            return
-        self._shed_pending = False
-        since = self.clock - SHED_AFTER
-        idle = [c for c in self.conns if c.current is None and not c.queue and c.phase == IDLE
-                and c.idle_since <= since and not c.closed]
-        shed = max(1, min(IDLE_SHED, self.max_connections // 16))
-        for conn in heapq.nsmallest(shed, idle, key=_idle_since):
-            self.counts[SHED_IDLE] += 1
-            conn.close()
-
     def connection_gone(self, conn: ClientProtocol) -> None:
         """A client connection is closed: it no longer counts against the limit."""
-        conns = self.conns
-        conns.discard(conn)
-        if self._server is None and len(conns) < self.max_connections:
-            self._resume()
-
-    def hand_over(self, count: int) -> None:
-        """Let `count` clients go to the other proxies (the master asks: proxies.BALANCE_INTERVAL):
-        their connections (open HAND_OVER_AGE at least) close after their next response, which
-        says so (a keep-alive client then reconnects), and for HAND_OVER_PAUSE nothing is
-        accepted here, so that they come back through another proxy."""
-        if self.draining or self._server is None or count <= 0:
-            return
-        old = self.clock - HAND_OVER_AGE
-        chosen = list(islice((conn for conn in self.conns
-                              if not conn.closed and not conn.leaving and conn.accepted <= old), count))
-        if not chosen:
-            return
-        for conn in chosen:
-            conn.leaving = True
-        log.debug("handing %d client connections over to the other proxies", len(chosen))
-        self._yield_until = self.clock + HAND_OVER_PAUSE
-        self._close_servers()
-
-    def _resume(self) -> None:
-        if self._resuming or self.draining or self.loop is None or self.clock < self._yield_until:
-            return  # (handing clients over: the tick resumes once HAND_OVER_PAUSE is over)
-        self._unwatch_backlog()
-        self._resuming = True
-        self.spawn(self._listen())
+        self.conns.discard(conn)
+        self.listeners.room()
 
     def hold(self, relay: Relay) -> bool:
         """Keep `relay` until a worker is up, if none has been yet (see `held`); whether it is kept."""
@@ -451,14 +243,7 @@ class Proxy:
         self.clock = now = time.monotonic()
         self._update_date()
         try:
-            if self._server is None and not self._resuming and not self.draining and self._listeners:
-                if len(self.conns) < self.max_connections:
-                    self._resume()
-                else:
-                    self._watch_backlog()
-            elif (self._acceptors < ACCEPTORS and self._server is not None
-                  and self.max_connections - len(self.conns) >= ACCEPTORS):
-                self.relisten()  # (made with fewer acceptors at the limit: all of them now)
+            self.listeners.tick()
             for conn in [c for c in self.conns if c.deadline < now or c.write_paused]:
                 try:
                     conn.timeout(now)
@@ -482,8 +267,7 @@ class Proxy:
         """Stop accepting, let in-flight requests finish (up to `timeout`), close the rest."""
         self.draining = True
         self.release_held(self.clock)  # (no worker came up for them: 503 now)
-        self._close_servers()
-        self._unwatch_backlog()
+        self.listeners.close()
         self.pool.close_idle()
         start = time.monotonic()
         self._drain_until = min(self._drain_until, start + timeout)
@@ -526,17 +310,6 @@ class Proxy:
         stats = report(self.counts, self.cache is not None, self.front_cache.max_bytes)
         stats["upstream_connections"] = self.pool.counts()
         return stats
-
-
-def _readable(sock: socket.socket) -> bool:
-    """Whether a connection waits in `sock`'s backlog now (poll: descriptors past 1024 too)."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
-
-
-def _idle_since(conn: ClientProtocol) -> float:
-    return conn.idle_since
 
 
 __all__ = ["ClientProtocol", "Proxy", "Request"]

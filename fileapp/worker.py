@@ -13,17 +13,15 @@ import socket
 import threading
 import time
 from collections import deque
-from datetime import timedelta
 
 from . import gunicorn_compat as compat
 from .gunicorn_compat import STOP_KEEPALIVE_LINGER, ThreadWorker
 from .connection import Connection, timeval
-from .http1 import Request, RequestReader, base_environ, build_environ
-from .response import WRITE_TIMEOUT, Response
+from .http1 import RequestReader, base_environ
+from .response import WRITE_TIMEOUT
+from .serving import NEXT_REQUEST, READ_TIMEOUT, ROOM_TO_SEND, ConnectionServing
+from .standby import STANDBY, Standby
 
-# A client must send each part of a request within these seconds (a kernel socket timeout,
-# SO_RCVTIMEO: no extra poll per call); taking a response, see fileapp.response.
-READ_TIMEOUT = 5.0
 # A serving thread takes up to BATCH ready connections from the poller at once and serves them
 # in turn: each thread that sleeps and wakes, and each that contends for the GIL, costs more CPU
 # than the request (threads=4, wrk -c100: about 2 context switches a request with one at a time).
@@ -31,15 +29,6 @@ READ_TIMEOUT = 5.0
 # body), it hands back to the poller for the other threads.
 BATCH = 8
 BATCH_TIME = 0.002
-# One serving thread polls and serves; the others stand by. Python runs one thread at a time
-# anyway, and two busy ones pass the GIL to each other at every syscall, a futex wake-up and a
-# context switch each (a standalone worker with 4 threads under wrk -c100: 4.8k req/s and 220 us
-# of CPU a request, against 13k and 80 us with one serving). One thread standing by looks every
-# STANDBY seconds whether the serving one has been on its batch that long (a slow disk, a
-# request body that does not come): it then serves beside it until that one is back, and the
-# next one standing by takes the watch. While nothing is served it sleeps until a batch is
-# taken: an idle worker wakes no thread at all (below).
-STANDBY = 0.25
 # How often the main thread closes connections that have been idle too long.
 SWEEP_INTERVAL = 1.0
 # With no connection to sweep, the main thread sleeps up to this long (less when a heartbeat is
@@ -51,15 +40,8 @@ IDLE_SWEEP_INTERVAL = 30.0
 # more connections again after FD_RETRY seconds.
 FD_RESERVE = 2
 FD_RETRY = 30.0
-# Socket errors that only mean the client went away or was too slow: logged at debug level.
-_CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EAGAIN, errno.ETIMEDOUT})
-
 
 _READ_TIMEVAL = timeval(READ_TIMEOUT)
-# What a serving thread waits for next on a connection: its next request, or room to send more
-# of a response its client has not taken yet.
-_NEXT_REQUEST = select.EPOLLIN | select.EPOLLONESHOT
-_ROOM_TO_SEND = select.EPOLLOUT | select.EPOLLONESHOT
 # A connection the thread that accepted it serves itself: registered, not armed (not even for
 # EPOLLHUP) until that thread re-arms it.
 _TAKEN = select.EPOLLONESHOT
@@ -81,7 +63,7 @@ def _unread_request(conn: Connection) -> bool:
     return conn.rest is None and not conn.reader.in_head and _has_bytes(conn.sock)
 
 
-class GowsThreadWorker(ThreadWorker):
+class GowsThreadWorker(ConnectionServing, ThreadWorker):
     """gunicorn's threaded worker, with the threads polling for themselves.
 
     gthread hands every request across threads twice: the main thread polls, a pool thread
@@ -89,9 +71,10 @@ class GowsThreadWorker(ThreadWorker):
     syscalls and two thread switches per keep-alive request. Here one serving thread polls one
     epoll; each connection is registered once, EPOLLONESHOT, so one thread gets its next
     request, parses it with httptools (fileapp.http1), answers it (fileapp.response) and re-arms
-    it: epoll_wait, recv, sendmsg, epoll_ctl per request. A new connection wakes it too (the
-    listeners are edge-triggered), and it serves the request that came with it. The other
-    `threads` stand by, and serve beside it while it is stuck on one connection (STANDBY).
+    it (fileapp.serving): epoll_wait, recv, sendmsg, epoll_ctl per request. A new connection
+    wakes it too (the listeners are edge-triggered), and it serves the request that came with
+    it. The other `threads` stand by, and serve beside it while it is stuck on one connection
+    (fileapp.standby).
     A thread never waits for a slow reader: what the client has not taken of a response stays
     with the connection, re-armed for EPOLLOUT, and any thread sends more when there is room
     (fileapp.response, fileapp.transfer), so health checks always find a thread.
@@ -125,16 +108,9 @@ class GowsThreadWorker(ThreadWorker):
         self._sweep_idle = False
         self._room = self.worker_connections  # lowered after the process ran out of file descriptors
         self._room_lowered = 0.0
-        self._stopped = False  # set after the drain: the serving threads return
         self._wake_r, self._wake_w = os.pipe()  # written once, at the very end: wakes them all
         self._pending = threading.local()  # .batch: what a thread took from the poller, not served yet
-        self._serving = threading.Lock()  # held for good by the serving thread (STANDBY)
-        self._watch = threading.Lock()  # held by the thread standing by that watches it
-        self._serving_since = 0.0  # when the serving thread took its batch; 0.0: none
-        # Set by the serving thread when it takes a batch while the watcher sleeps (its
-        # `_watcher_idle`) until something is served: an idle worker wakes no thread to look.
-        self._batch_taken = threading.Event()
-        self._watcher_idle = False
+        self._standby = Standby()  # which thread serves; stopped after the drain: they all return
         super().init_process()
 
     def set_draining(self) -> None:
@@ -191,9 +167,8 @@ class GowsThreadWorker(ThreadWorker):
             self.notify()
             self.wait_for_and_dispatch_events(timeout=0.1)
             self._close_idle()
-        self._stopped = True
+        self._standby.stop()
         os.write(self._wake_w, b"x")
-        self._batch_taken.set()
         for thread in threads:
             thread.join(0.5)
         for listener in self.sockets:
@@ -287,9 +262,10 @@ class GowsThreadWorker(ThreadWorker):
         # fd -> (listener, its address): getsockname once, not once per accepted connection
         listeners = {listener.fileno(): (listener, listener.getsockname()) for listener in self.sockets}
         pending = self._pending.batch = deque()
-        mine = self._serving.acquire(blocking=False)  # the first thread serves
-        while not self._stopped:
-            if not mine and not self._stuck() and not self._stand_by():
+        standby = self._standby
+        mine = standby.claim()  # the first thread serves
+        while not standby.stopped:
+            if not mine and not standby.stuck() and not standby.wait_turn():
                 return  # stopped
             try:  # (beside a stuck serving thread: until it is back, STANDBY at most a round)
                 if mine:
@@ -316,9 +292,7 @@ class GowsThreadWorker(ThreadWorker):
                 self._accept(*listener)
             started = time.monotonic()
             if mine:
-                self._serving_since = started
-                if self._watcher_idle:
-                    self._batch_taken.set()
+                standby.took_batch(started)
             while pending:
                 fd, conn = pending.popleft()
                 with lock:
@@ -337,33 +311,7 @@ class GowsThreadWorker(ThreadWorker):
                 if pending and time.monotonic() - started > BATCH_TIME:
                     self._hand_back()
             if mine:
-                self._serving_since = 0.0
-
-    def _stuck(self) -> bool:
-        """Whether the serving thread has been on its batch for STANDBY: on one connection,
-        since it hands the rest back after BATCH_TIME."""
-        since = self._serving_since
-        return since != 0.0 and time.monotonic() - since > STANDBY
-
-    def _stand_by(self) -> bool:
-        """Wait until the serving thread is stuck (True: serve beside it) or the worker stops
-        (False); one thread standing by watches at a time, the others wait behind it."""
-        with self._watch:
-            while not self._stopped:
-                if self._stuck():
-                    return True
-                if self._serving_since != 0.0:
-                    time.sleep(STANDBY)
-                    continue
-                # Nothing is being served: sleep until a batch is taken. (The flag is up before
-                # the second look, and the serving thread sets `_serving_since` before it looks
-                # at the flag: one of the two sees the other.)
-                self._batch_taken.clear()
-                self._watcher_idle = True
-                if self._serving_since == 0.0 and not self._stopped:
-                    self._batch_taken.wait()
-                self._watcher_idle = False
-        return False
+                standby.batch_done()
 
     def _hand_back(self) -> None:
         """Re-arm the connections this thread took from the poller but has not served yet, so
@@ -376,7 +324,7 @@ class GowsThreadWorker(ThreadWorker):
             while pending:
                 fd, conn = pending.popleft()
                 if self._conns.get(fd) is conn and not conn.busy:
-                    self._ep.modify(fd, _NEXT_REQUEST if conn.rest is None else _ROOM_TO_SEND)
+                    self._ep.modify(fd, NEXT_REQUEST if conn.rest is None else ROOM_TO_SEND)
 
     def _accept(self, listener: socket.socket, server) -> None:
         """Accept up to BATCH connections waiting on `listener`, while there is room. It is
@@ -413,7 +361,7 @@ class GowsThreadWorker(ThreadWorker):
             fd, sent = sock.fileno(), _has_bytes(sock)
             with self._lock:
                 self._conns[fd] = conn
-                self._ep.register(fd, _TAKEN if sent else _NEXT_REQUEST)
+                self._ep.register(fd, _TAKEN if sent else NEXT_REQUEST)
                 self._accept_while_room()
                 if not sent:  # (a request that came with it: this thread looks after serving it)
                     self._needs_sweep()
@@ -421,134 +369,3 @@ class GowsThreadWorker(ThreadWorker):
                 self._pending.batch.append((fd, conn))
         with self._lock:
             self._accept_while_room(rearm=True)
-
-    def _serve(self, conn: Connection) -> int | None:
-        """Read what `conn`'s client has sent and answer the requests in it (more than one if
-        pipelined), as far as the client takes the answers; what to wait for next on it (None:
-        close it)."""
-        reader = conn.reader
-        was_in_head = reader.in_head
-        try:
-            if not reader.has_request() and not reader.receive():
-                return None  # the client closed the connection
-        except OSError as e:
-            self._socket_error(e)
-            return None
-        served = False
-        while reader.has_request():
-            served = True
-            keep = self._serve_one(conn)
-            if conn.rest is not None:
-                conn.keep = keep
-                conn.timeout = time.monotonic() + self.write_timeout
-                return _ROOM_TO_SEND
-            if not keep:
-                return None
-        # A head gets READ_TIMEOUT from its first bytes to arrive whole (more bytes of the same
-        # head never push that back: a slowloris would hold the connection forever); an idle
-        # connection gets the keep-alive time.
-        if not reader.in_head:
-            conn.timeout = time.monotonic() + self._keepalive
-        elif served or not was_in_head:
-            conn.timeout = time.monotonic() + READ_TIMEOUT
-        return _NEXT_REQUEST
-
-    def _send_rest(self, conn: Connection) -> int | None:
-        """Send more of the response `conn`'s client has not taken yet (there is room now); once
-        it is all sent, go on with the connection's next request."""
-        rest = conn.rest
-        sent = rest.sent
-        try:
-            done = rest.send(conn.sock)
-        except OSError as e:
-            if e.errno in _CLIENT_GONE:
-                self.log.debug("Client gone: %s", e)
-            else:
-                self.log.warning("Response cut short: %s", e)
-            return None
-        if not done:
-            if rest.sent != sent:  # only progress earns more time
-                conn.timeout = time.monotonic() + self.write_timeout
-            return _ROOM_TO_SEND
-        conn.rest = None
-        if not conn.keep or not self.alive:
-            return None
-        if conn.reader.has_request():  # pipelined requests wait behind it
-            return self._serve(conn)
-        conn.timeout = time.monotonic() + self._keepalive
-        return _NEXT_REQUEST
-
-    def _serve_one(self, conn: Connection) -> bool:
-        """Answer the next parsed request; whether the connection can carry another."""
-        req = None
-        try:
-            req = conn.reader.next_request()
-            return self._answer(req, conn)
-        except compat.NoMoreData as e:
-            self.log.debug("Closing connection: %r", e)
-        except OSError as e:
-            self._socket_error(e)
-        except Exception as e:
-            self.handle_error(req, conn.sock, conn.client, e)
-        return False
-
-    def _socket_error(self, e: OSError) -> None:
-        if isinstance(e, TimeoutError) or e.errno in _CLIENT_GONE:
-            self.log.debug("Client gone or too slow: %s", e)
-        else:
-            self.log.exception("Socket error processing request.")
-
-    def _answer(self, req: Request, conn: Connection) -> bool:
-        """Run the app for `req` and send its response (what the client does not take at once
-        is left in conn.rest); whether the connection can carry another request. As gthread's
-        handle_request, with gows' own environ and response."""
-        if self._pre_request is not None:
-            self._pre_request(self, req)
-        resp = Response(req, conn.sock, self.write_timeout)
-        environ = build_environ(req, conn.reader, conn.client, conn.server, self._base_environ)
-        self.nr += 1
-        if self.nr >= self.max_requests:
-            if self.alive:
-                self.log.info("Autorestarting worker after current request.")
-                self.alive = False
-                compat.wake_main_loop(self)
-            resp.force_close()
-        if not self.alive or not self._keepalive:
-            resp.force_close()
-        logged = self.log.access_log_enabled
-        started = time.monotonic() if logged else 0.0
-        try:
-            respiter = self.wsgi(environ, resp.start_response)
-            try:
-                if isinstance(respiter, compat.FileWrapper):
-                    resp.write_file(respiter)
-                else:
-                    for item in respiter:
-                        resp.write(item)
-                conn.rest = resp.close()
-            finally:
-                if logged:
-                    self.log.access(resp, req, environ,
-                                    timedelta(seconds=time.monotonic() - started))
-                if hasattr(respiter, "close"):
-                    respiter.close()
-        except OSError:
-            resp.discard()
-            raise
-        except Exception:
-            resp.discard()
-            if resp.headers_sent:  # a 500 now would corrupt the response begun
-                self.log.exception("Error handling request")
-                return False
-            raise
-        finally:
-            if self._post_request is not None:
-                try:
-                    self._post_request(self, req, environ, resp)
-                except Exception:
-                    self.log.exception("Exception in post_request hook")
-        if resp.should_close():
-            return False
-        # The app left part of the body unread: what has arrived of it is skipped; a body
-        # still coming would hold a thread, so the connection ends instead.
-        return req.complete or conn.reader.drain(req)

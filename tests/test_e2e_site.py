@@ -108,7 +108,7 @@ def test_a_100000_entry_directory_is_listed_by_pages_and_the_worker_serves_other
     names = [e["name"] for p in pages for e in p["entries"]]
     assert names == [f"n{i:06d}" for i in range(3000)]  # sorted, in pages of 1000, nothing twice
     # A page takes the worker's serving thread for a CPU-bound while (about 0.14 s here, under
-    # fileapp.worker's STANDBY, so no thread serves beside it): the requests that came meanwhile
+    # fileapp.standby's STANDBY, so no thread serves beside it): the requests that came meanwhile
     # are served as soon as it is done, between pages, not held until the lister has them all.
     between = [o for o in others if spans[0][0] < o[0] and o[1] < spans[-1][1]]
     assert between, f"no other request was served between the listing's pages: pages {spans}, others {others[:3]}"

@@ -1,6 +1,7 @@
 """The front proxy: it serves client connections up to its limits (listening.py accepts them),
-runs the one sweep that enforces every deadline, holds the shared budgets (connections, descriptors, request bodies)
-and the front cache, and counts what happened for the admin page and metrics."""
+runs the one sweep that enforces every deadline, holds the shared budgets (connections,
+descriptors, request bodies) and the front cache, and counts what happened for the admin page
+and metrics."""
 from __future__ import annotations
 
 import asyncio

@@ -24,6 +24,8 @@ REQUEST_HEADERS = {
     b"keep-alive": H_DROP, b"proxy-connection": H_DROP, b"te": H_DROP, b"trailer": H_DROP, b"upgrade": H_DROP,
     b"proxy-authorization": H_DROP, b"proxy-authenticate": H_DROP,
     b"x-forwarded-host": H_DROP, b"x-forwarded-proto": H_DROP,
+    # gunicorn's other secure-scheme fields: the scheme is the proxy's to tell (rewrite.py).
+    b"x-forwarded-ssl": H_DROP, b"x-forwarded-protocol": H_DROP,
     # Only the proxy asks a worker to hand it a file body (fileapp.handoff), never a client.
     b"x-gows-handoff": H_DROP,
     # Forwarded, but the answer is the worker's to give, not the front cache's.

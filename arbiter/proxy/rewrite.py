@@ -20,13 +20,20 @@ def worker_request_head(req: Request, peer: bytes, transport: Any, handoff_line:
     if handoff_line is not None:
         parts.append(handoff_line)
     parts += req.fwd
+    # A local fileapp worker (asked for a hand-off) gets only what it reads: the client's Host is
+    # passed as it is, and its scheme is http unless told otherwise. Every field costs the
+    # worker's parser about half a microsecond (the many-files load: X-Forwarded-Host and
+    # X-Forwarded-Proto: http were 2 us of its 28 per request).
+    local = handoff_line is not None
     if req.host is None:  # HTTP/1.0 without Host; HTTP/1.1 requires one upstream
         sock = transport.get_extra_info("sockname")
         parts += (b"Host: ", host_port(*sock[:2]).encode() if isinstance(sock, tuple) else b"localhost", CRLF)
-    else:
+    elif not local:
         parts += (b"X-Forwarded-Host: ", req.host, CRLF)
-    parts += (b"X-Forwarded-For: ", req.xff + b", " + peer if req.xff else peer, CRLF,
-              b"X-Forwarded-Proto: ", scheme, b"\r\nVia: ", req.via + b", " + VIA_SELF if req.via else VIA_SELF, CRLF)
+    parts += (b"X-Forwarded-For: ", req.xff + b", " + peer if req.xff else peer, CRLF)
+    if not local or scheme != b"http":
+        parts += (b"X-Forwarded-Proto: ", scheme, CRLF)
+    parts += (b"Via: ", req.via + b", " + VIA_SELF if req.via else VIA_SELF, CRLF)
     if stale is not None:  # revalidating a front-cache entry for the client's plain GET/HEAD
         parts += (b"If-None-Match: ", stale.etag, CRLF) if stale.etag is not None else \
                  (b"If-Modified-Since: ", stale.last_modified, CRLF)

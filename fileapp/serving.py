@@ -40,6 +40,7 @@ class ConnectionServing:
     _base_environ: dict
     _pre_request: Callable[..., None] | None
     _post_request: Callable[..., None] | None
+    handle_error: Callable[..., None]  # gunicorn's Worker.handle_error: the error page
 
     def _serve(self, conn: Connection) -> int | None:
         """Read what `conn`'s client has sent and answer the requests in it (more than one if

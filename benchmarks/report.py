@@ -125,7 +125,11 @@ def baseline_rate(base: list[Row]) -> float:
 
 def ratio(row: Row, rows: list[Row], kind: str, same_workers: bool = False) -> float | None:
     """Requests/s (a download: bytes/s) of `row` over its baseline's, or None when either is missing."""
-    base = baseline_rows(row, rows, kind, same_workers)
+    return ratio_over(row, baseline_rows(row, rows, kind, same_workers))
+
+
+def ratio_over(row: Row, base: list[Row]) -> float | None:
+    """Requests/s (a download: bytes/s) of `row` over that of the baseline rows `base`."""
     if row.result is None or not base:
         return None
     return rate(row.result, row.tool) / baseline_rate(base)
@@ -199,10 +203,12 @@ def check(target: Target, row: Row, rows: list[Row]) -> dict:
     out: dict = {"target": target.text, "server": row.spec.label, "file": row.file, "tool": row.tool,
                  "baseline": target.baseline, "failed": failed}
     same_workers = next((same for _, kind, same in BASELINES if kind == target.baseline), True)
+    # Another server's rows (not the same server's other file, nor paired twins).
+    others = (baseline_rows(row, rows, target.baseline, same_workers)
+              if target.baseline_file is None and not target.paired else [])
     if target.p99_slack_ms is not None:
-        base = baseline_rows(row, rows, target.baseline, same_workers)
-        limit = (statistics.mean(b.result.p99_ms for b in base)  # type: ignore[union-attr]
-                 + target.p99_slack_ms if base else None)
+        limit = (statistics.mean(b.result.p99_ms for b in others)  # type: ignore[union-attr]
+                 + target.p99_slack_ms if others else None)
         value = m.p99_ms if m and limit is not None else None
         out |= {"p99_ms": value, "baseline_p99_ms": None if limit is None else limit - target.p99_slack_ms,
                 "slack_ms": target.p99_slack_ms, "limit_ms": limit}
@@ -222,20 +228,17 @@ def check(target: Target, row: Row, rows: list[Row]) -> dict:
         good = value is not None and value >= target.minimum
         margin = None if value is None else value / target.minimum - 1
     else:
-        value = ratio(row, rows, target.baseline, same_workers)
+        value = ratio_over(row, others)
         out |= {"ratio": value, "minimum": target.minimum}
         good = value is not None and value >= target.minimum
         margin = None if value is None else value / target.minimum - 1
-        base = baseline_rows(row, rows, target.baseline, same_workers)
-        if row.tool == DOWNLOAD_TOOL and value is not None and m and base:
-            out |= {"mb_s": m.transfer_kbs / 1024, "baseline_mb_s": baseline_rate(base) / 1024}
+        if row.tool == DOWNLOAD_TOOL and value is not None and m:
+            out |= {"mb_s": m.transfer_kbs / 1024, "baseline_mb_s": baseline_rate(others) / 1024}
     if m is not None and m.steal is not None:
         out["steal"] = m.steal
-        if target.baseline_file is None and not target.paired:  # (another server's rows)
-            steals = [b.result.steal for b in baseline_rows(row, rows, target.baseline, same_workers)
-                      if b.result is not None and b.result.steal is not None]
-            if steals:
-                out["baseline_steal"] = max(steals)
+        steals = [b.result.steal for b in others if b.result is not None and b.result.steal is not None]
+        if steals:
+            out["baseline_steal"] = max(steals)
     out["met"] = None if value is None else (good and (not target.zero_failed or failed == 0))
     # How far from the bound: the ratio over the minimum less 1 (+0.12: 12% above), or for p99 the
     # milliseconds under the limit (negative: over it).

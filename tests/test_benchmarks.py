@@ -507,7 +507,6 @@ def test_table_has_a_per_proxy_column_only_when_some_row_was_counted():
                                            {"index": 2, "requests": 20000, "restarts": 0}]
 
 
-
 # --- CPU steal: how much of the machine a row's run had ------------------------------------------
 
 def test_cpu_times_reads_steal_and_the_total_from_proc_stat(tmp_path):

@@ -18,7 +18,7 @@ def timeval(seconds: float) -> bytes:
 class Connection:
     """One client connection of the serving threads."""
 
-    __slots__ = ("sock", "client", "server", "reader", "timeout", "busy", "rest", "keep")
+    __slots__ = ("sock", "client", "server", "reader", "timeout", "busy", "rest", "keep", "holding")
 
     def __init__(self, sock: socket.socket, client, server, reader: RequestReader,
                  timeout: float) -> None:
@@ -30,6 +30,9 @@ class Connection:
         self.busy = False  # a thread is serving it (set and cleared under the worker's lock)
         self.rest: Transfer | None = None  # of the last response, not taken by the client yet
         self.keep = False  # whether the connection carries another request after the rest
+        # `rest` holds answers not offered to the client yet, to leave with the next answer
+        # (fileapp.response): only while a thread serves the connection's pipelined requests.
+        self.holding = False
 
     def close(self) -> None:
         if self.rest is not None:

@@ -157,6 +157,14 @@ class RequestReader:
         """Whether a request (or the error that ends the connection) is ready without a read."""
         return bool(self._ready) or self._error is not None
 
+    def plain_request_next(self) -> bool:
+        """Whether a whole GET or HEAD is ready behind the request handed out last: answering
+        it waits for nothing from the client, so the answer before it may wait for its own."""
+        if not self._ready:
+            return False
+        req = self._ready[0]
+        return req.complete and not req.upgrade and (req.method == "GET" or req.method == "HEAD")
+
     def next_request(self) -> Request | None:
         """The next request whose head is complete, or None if more bytes are needed; raises
         gunicorn's error for a malformed one (after the requests before it)."""

@@ -33,6 +33,8 @@ WRITE_TIMEOUT = 30.0
 # part were kept, so past this the thread waits for the client after all. fileapp's own bodies
 # (one byte string, files, multipart ranges as file ranges) never get there.
 HELD_LIMIT = 1 << 20
+# Bytes of answers held for the answers after them (a bound: past it they all leave at once).
+HOLD_LIMIT = 64 * 1024
 _LAST_CHUNK = b"0\r\n\r\n"
 _SERVER_LINE = "Server: %s\r\n" % compat.SERVER
 _NAMES_KNOWN = 512  # header names remembered as valid tokens (a bound: apps may invent names)
@@ -120,9 +122,11 @@ class Response:
 
     __slots__ = ("req", "sock", "status", "status_code", "headers", "response_length", "chunked",
                  "must_close", "upgrade", "headers_sent", "sent", "omits_body", "held", "rest",
-                 "write_timeout", "lines")
+                 "write_timeout", "lines", "hold", "tried", "_mark")
 
-    def __init__(self, req, sock: socket.socket, write_timeout: float = WRITE_TIMEOUT) -> None:
+    def __init__(self, req, sock: socket.socket, write_timeout: float = WRITE_TIMEOUT,
+                 before: Transfer | None = None) -> None:
+        """`before`: the answers before this one, held for it (not offered to the socket yet)."""
         self.req, self.sock = req, sock
         self.status: str | None = None
         self.status_code: int | None = None
@@ -135,7 +139,12 @@ class Response:
         self.sent = 0  # body bytes, for the access log
         self.omits_body = False
         self.held: bytes | None = None  # the head, built but not sent yet
-        self.rest: Transfer | None = None  # what the client has not taken yet
+        self.rest: Transfer | None = before  # what the client has not taken (or been offered) yet
+        # Whether this answer may wait to leave with the next one (set by fileapp.serving when
+        # the app gave it whole and another request is ready); past HOLD_LIMIT it leaves anyway.
+        self.hold = False
+        self.tried = False  # whether anything was offered to the socket yet
+        self._mark = None if before is None else before.mark()  # where this answer's parts begin
         self.write_timeout = write_timeout  # for when a thread must wait after all
         self.lines: str | None = None  # the header lines of `headers`, when prepared
 
@@ -237,7 +246,19 @@ class Response:
         """Send `buffers` (`size` bytes in all) after anything still waiting, as far as the
         socket takes them now; keep the rest."""
         rest = self.rest
+        if self.hold or (rest is not None and not self.tried):  # holding, or answers held for it
+            if rest is None:
+                self.rest = rest = Transfer()
+            rest.add(buffers)
+            if self.hold and rest.held <= HOLD_LIMIT:
+                return
+            self.hold = False  # all of it leaves now
+            self.tried = True
+            if rest.send(self.sock):
+                self.rest = None
+            return
         if rest is None:
+            self.tried = True
             try:
                 sent = self.sock.sendmsg(buffers, (), socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -293,6 +314,7 @@ class Response:
                 rest.add_file(fd, start, stop - start)
         if self.chunked:
             rest.add([b"\r\n"])
+        self.hold, self.tried = False, True
         if rest.send(self.sock):
             self.rest = None
         return True
@@ -310,6 +332,12 @@ class Response:
         rest, self.rest = self.rest, None
         if not rest:
             return None
+        if not self.tried:  # held so far: for the next answer, or all leave now
+            if self.hold and not self.should_close():
+                return rest
+            self.tried = True
+            if rest.send(self.sock):
+                return None
         try:
             rest.own()
         except OSError:  # no descriptor to spare: this thread sends the rest after all
@@ -323,5 +351,8 @@ class Response:
     def discard(self) -> None:
         """Forget what is left of a response whose request failed after all."""
         if self.rest is not None:
-            self.rest.close()
+            if self._mark is None:
+                self.rest.close()
+            else:  # the answers held for this one stay
+                self.rest.drop_since(self._mark)
             self.rest = None

@@ -58,6 +58,16 @@ class ConnectionServing:
         while reader.has_request():
             served = True
             keep = self._serve_one(conn)
+            if conn.holding:  # answers held for the next one's: they leave with it, or now
+                if keep and reader.has_request():
+                    continue
+                conn.holding = False
+                try:
+                    if conn.rest.send(conn.sock):
+                        conn.rest = None
+                except OSError as e:
+                    self._socket_error(e)
+                    return None
             if conn.rest is not None:
                 conn.keep = keep
                 conn.timeout = time.monotonic() + self.write_timeout
@@ -109,6 +119,16 @@ class ConnectionServing:
         except OSError as e:
             self._socket_error(e)
         except Exception as e:
+            if conn.holding:  # the answers before the error page go first
+                conn.holding = False
+                try:
+                    conn.rest.finish(conn.sock, self.write_timeout)
+                except OSError as e2:
+                    self._socket_error(e2)
+                    return False
+                finally:
+                    conn.rest.close()
+                    conn.rest = None
             self.handle_error(req, conn.sock, conn.client, e)
         return False
 
@@ -124,7 +144,8 @@ class ConnectionServing:
         handle_request, with gows' own environ and response."""
         if self._pre_request is not None:
             self._pre_request(self, req)
-        resp = Response(req, conn.sock, self.write_timeout)
+        # (conn.rest: the answers held for this one, if any; they stay there if it fails)
+        resp = Response(req, conn.sock, self.write_timeout, conn.rest)
         environ = build_environ(req, conn.reader, conn.client, conn.server, self._base_environ)
         self.nr += 1
         if self.nr >= self.max_requests:
@@ -139,6 +160,10 @@ class ConnectionServing:
         started = time.monotonic() if logged else 0.0
         try:
             respiter = self.wsgi(environ, resp.start_response)
+            # An answer the app gave whole (a list or tuple, as fileapp's) waits to leave with
+            # the next one's when another request is ready behind it: one sendmsg for a batch
+            # of pipelined GETs. A body still being made leaves part by part (PEP 3333).
+            resp.hold = type(respiter) in (list, tuple) and conn.reader.plain_request_next()
             try:
                 if isinstance(respiter, compat.FileWrapper):
                     resp.write_file(respiter)
@@ -146,6 +171,7 @@ class ConnectionServing:
                     for item in respiter:
                         resp.write(item)
                 conn.rest = resp.close()
+                conn.holding = conn.rest is not None and not resp.tried
             finally:
                 if logged:
                     self.log.access(resp, req, environ,

@@ -55,12 +55,13 @@ class FileRange:
 class Transfer:
     """What the client has not taken yet of one response: byte strings and file ranges, in order."""
 
-    __slots__ = ("_parts", "held", "sent")
+    __slots__ = ("_parts", "held", "sent", "_added")
 
     def __init__(self) -> None:
         self._parts: deque[memoryview | FileRange] = deque()
         self.held = 0  # bytes of byte strings kept (a file range stays on disk)
         self.sent = 0  # bytes sent so far: what tells progress
+        self._added = 0  # parts ever added (see mark)
 
     def __bool__(self) -> bool:
         """Whether anything is left to send."""
@@ -74,12 +75,29 @@ class Transfer:
                 skip -= size
                 continue
             self._parts.append(memoryview(data)[skip:])
+            self._added += 1
             self.held += size - skip
             skip = 0
 
     def add_file(self, fd: int, offset: int, count: int) -> None:
         if count > 0:
             self._parts.append(FileRange(fd, offset, count))
+            self._added += 1
+
+    def mark(self) -> int:
+        """Where what is added from now on begins, for drop_since."""
+        return self._added
+
+    def drop_since(self, mark: int) -> None:
+        """Forget what was added since `mark` (a response given up), keeping what was before."""
+        parts = self._parts
+        for _ in range(min(len(parts), self._added - mark)):
+            part = parts.pop()
+            if type(part) is FileRange:
+                part.close()
+            else:
+                self.held -= len(part)
+        self._added = mark
 
     def send(self, sock: socket.socket) -> bool:
         """Send what the socket takes without waiting; True once nothing is left."""

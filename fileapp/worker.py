@@ -71,7 +71,8 @@ class GowsThreadWorker(ConnectionServing, ThreadWorker):
     syscalls and two thread switches per keep-alive request. Here one serving thread polls one
     epoll; each connection is registered once, EPOLLONESHOT, so one thread gets its next
     request, parses it with httptools (fileapp.http1), answers it (fileapp.response) and re-arms
-    it (fileapp.serving): epoll_wait, recv, sendmsg, epoll_ctl per request. A new connection
+    it (fileapp.serving): epoll_wait, recv, sendmsg, epoll_ctl per request, or per batch of
+    pipelined requests, whose answers leave together (fileapp.response). A new connection
     wakes it too (the listeners are edge-triggered), and it serves the request that came with
     it. The other `threads` stand by, and serve beside it while it is stuck on one connection
     (fileapp.standby).

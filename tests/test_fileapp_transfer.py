@@ -76,3 +76,22 @@ def test_a_file_that_shrank_cuts_the_response_short(pair, tmp_path):
                 rest.send(pair[0])
     finally:
         os.close(fd)
+
+
+def test_what_was_added_since_a_mark_can_be_dropped_keeping_what_came_before(pair, tmp_path):
+    (tmp_path / "f").write_bytes(b"x" * 1000)
+    rest = Transfer()
+    rest.add([b"first ", b"answer "])
+    mark = rest.mark()
+    rest.add([b"second"])
+    fd = os.open(tmp_path / "f", os.O_RDONLY)
+    rest.add_file(fd, 0, 1000)
+    rest.own()
+    os.close(fd)
+    owned = [name for name in os.listdir("/proc/self/fd")
+             if os.path.realpath(f"/proc/self/fd/{name}") == str(tmp_path / "f")]
+    rest.drop_since(mark)
+    assert rest.held == len(b"first answer ")
+    with pytest.raises(OSError):  # the dropped range's descriptor is closed
+        os.fstat(int(owned[0]))
+    assert rest.send(pair[0]) and pair[1].recv(100) == b"first answer "

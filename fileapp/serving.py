@@ -61,13 +61,8 @@ class ConnectionServing:
             if conn.holding:  # answers held for the next one's: they leave with it, or now
                 if keep and reader.has_request():
                     continue
-                conn.holding = False
-                try:
-                    if conn.rest.send(conn.sock):
-                        conn.rest = None
-                except OSError as e:
-                    self._socket_error(e)
-                    return None
+                if not self._send_held(conn) and conn.rest is None:
+                    return None  # the client is gone
             if conn.rest is not None:
                 conn.keep = keep
                 conn.timeout = time.monotonic() + self.write_timeout
@@ -119,17 +114,25 @@ class ConnectionServing:
         except OSError as e:
             self._socket_error(e)
         except Exception as e:
-            if conn.holding:  # the answers before the error page go first
-                conn.holding = False
-                try:
-                    conn.rest.finish(conn.sock, self.write_timeout)
-                except OSError as e2:
-                    self._socket_error(e2)
-                    return False
-                finally:
-                    conn.rest.close()
-                    conn.rest = None
+            # The answers held go before the error page; if the client cannot take them all
+            # now, they leave later and the connection ends without the page.
+            if conn.holding and not self._send_held(conn):
+                return False
             self.handle_error(req, conn.sock, conn.client, e)
+        return False
+
+    def _send_held(self, conn: Connection) -> bool:
+        """Send the answers held on `conn` as far as its client takes them now; whether all
+        left (else they are its rest, or gone with the client: conn.rest None)."""
+        conn.holding = False
+        try:
+            if conn.rest.send(conn.sock):
+                conn.rest = None
+                return True
+        except OSError as e:
+            self._socket_error(e)
+            conn.rest.close()
+            conn.rest = None
         return False
 
     def _socket_error(self, e: OSError) -> None:

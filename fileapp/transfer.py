@@ -53,7 +53,8 @@ class FileRange:
 
 
 class Transfer:
-    """What the client has not taken yet of one response: byte strings and file ranges, in order."""
+    """What the client has not taken yet of one response (or of pipelined answers held to leave
+    together, fileapp.response): byte strings and file ranges, in order."""
 
     __slots__ = ("_parts", "held", "sent", "_added")
 

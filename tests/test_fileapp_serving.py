@@ -130,6 +130,32 @@ def test_answers_held_leave_before_an_error_page_and_the_connection_ends(site, p
     assert [status for status, _ in read_all(client, 3)] == [200, 200, 500]
 
 
+def test_a_client_taking_nothing_before_an_error_page_never_holds_the_thread(site, pair):
+    """The answers held do not fit in the socket when the app fails: they leave when the
+    client takes them, and the connection ends without the page."""
+    sock, client = pair
+    sock.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    files = create_app(str(site))
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/boom":
+            raise RuntimeError("boom")
+        return files(environ, start_response)
+
+    client.sendall(gets("/large.bin", "/boom"))
+    serving, conn = Serving(app), connection(sock)
+    assert serving._serve(conn) == ROOM_TO_SEND  # at once
+    reader, got = reading(client, 1)
+    wanted = ROOM_TO_SEND
+    while wanted == ROOM_TO_SEND:
+        select.select([], [sock.sock], [], 10)
+        wanted = serving._send_rest(conn)
+    reader.join(10)
+    assert wanted is None and got == [(200, b"L" * 60_000)]
+    assert ERROR_PAGE not in sock.sends
+
+
 def test_an_answer_that_fails_halfway_is_dropped_and_those_held_before_it_still_leave(site, pair):
     sock, client = pair
     files = create_app(str(site))

@@ -95,6 +95,23 @@ def read_all(client: socket.socket, count: int, method: str = "GET") -> list[tup
     return [(status, body) for status, _, body in (responses.next(method) for _ in range(count))]
 
 
+def sent_when_taken(serving: Serving, conn: Connection, wanted: int | None) -> int | None:
+    """While `wanted` is room to send: send the rest of `conn`'s answers as the worker's poller
+    does, whenever its socket has room again, and serve what follows; what to wait for next."""
+    while wanted == ROOM_TO_SEND:
+        select.select([], [conn.sock.sock], [], 10)
+        wanted = serving._send_rest(conn)
+    return wanted
+
+
+def reading(client: socket.socket, count: int) -> tuple[threading.Thread, list[tuple[int, bytes]]]:
+    """A thread reading `count` responses off `client` as they come, and what it read."""
+    got: list[tuple[int, bytes]] = []
+    reader = threading.Thread(target=lambda: got.extend(read_all(client, count)))
+    reader.start()
+    return reader, got
+
+
 def test_the_answers_to_pipelined_gets_leave_together_in_order(site, pair):
     sock, client = pair
     client.sendall(gets("/small.txt", "/missing", "/page.bin", "/small.txt", "/page.bin",
@@ -145,12 +162,10 @@ def test_a_client_taking_nothing_before_an_error_page_never_holds_the_thread(sit
 
     client.sendall(gets("/large.bin", "/boom"))
     serving, conn = Serving(app), connection(sock)
-    assert serving._serve(conn) == ROOM_TO_SEND  # at once
+    wanted = serving._serve(conn)
+    assert wanted == ROOM_TO_SEND  # at once
     reader, got = reading(client, 1)
-    wanted = ROOM_TO_SEND
-    while wanted == ROOM_TO_SEND:
-        select.select([], [sock.sock], [], 10)
-        wanted = serving._send_rest(conn)
+    wanted = sent_when_taken(serving, conn, wanted)
     reader.join(10)
     assert wanted is None and got == [(200, b"L" * 60_000)]
     assert ERROR_PAGE not in sock.sends
@@ -201,29 +216,12 @@ def test_a_body_still_being_made_leaves_part_by_part(site, pair):
     assert [body for _, body in got] == [b"small body\n", b"first part second part", b"small body\n"]
 
 
-def serve_all(serving: Serving, conn: Connection) -> int | None:
-    """Serve `conn`'s requests as the worker's poller does: the rest of an answer sent whenever
-    its socket has room again."""
-    wanted = serving._serve(conn)
-    while wanted == ROOM_TO_SEND:
-        select.select([], [conn.sock.sock], [], 10)
-        wanted = serving._send_rest(conn)
-    return wanted
-
-
-def reading(client: socket.socket, count: int) -> tuple[threading.Thread, list[tuple[int, bytes]]]:
-    """A thread reading `count` responses off `client` as they come, and what it read."""
-    got: list[tuple[int, bytes]] = []
-    reader = threading.Thread(target=lambda: got.extend(read_all(client, count)))
-    reader.start()
-    return reader, got
-
-
 def test_what_is_held_for_later_answers_is_bounded(site, pair):
     sock, client = pair
     client.sendall(gets(*["/page.bin"] * 100))
     reader, got = reading(client, 100)
-    assert serve_all(Serving(create_app(str(site))), connection(sock)) == NEXT_REQUEST
+    serving, conn = Serving(create_app(str(site))), connection(sock)
+    assert sent_when_taken(serving, conn, serving._serve(conn)) == NEXT_REQUEST
     reader.join(10)
     assert got == [(200, b"p" * 2048)] * 100
     answer = sum(map(len, sock.sends)) // 100
@@ -266,12 +264,10 @@ def test_a_client_taking_nothing_leaves_the_thread_free_and_gets_every_answer_la
     client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     client.sendall(gets(*["/large.bin"] * 6, "/small.txt"))
     serving, conn = Serving(create_app(str(site))), connection(sock)
-    assert serving._serve(conn) == ROOM_TO_SEND and conn.rest  # at once, the socket full
+    wanted = serving._serve(conn)
+    assert wanted == ROOM_TO_SEND and conn.rest  # at once, the socket full
     reader, got = reading(client, 7)
-    wanted = ROOM_TO_SEND
-    while wanted == ROOM_TO_SEND:
-        select.select([], [sock.sock], [], 10)
-        wanted = serving._send_rest(conn)
+    wanted = sent_when_taken(serving, conn, wanted)
     reader.join(10)
     assert wanted == NEXT_REQUEST
     assert [body for _, body in got] == [b"L" * 60_000] * 6 + [b"small body\n"]

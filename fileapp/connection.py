@@ -18,7 +18,8 @@ def timeval(seconds: float) -> bytes:
 class Connection:
     """One client connection of the serving threads."""
 
-    __slots__ = ("sock", "client", "server", "reader", "timeout", "busy", "rest", "keep", "holding")
+    __slots__ = ("sock", "client", "server", "reader", "timeout", "busy", "rest", "keep", "holding",
+                 "hold_since")
 
     def __init__(self, sock: socket.socket, client, server, reader: RequestReader,
                  timeout: float) -> None:
@@ -33,6 +34,7 @@ class Connection:
         # `rest` holds answers not offered to the client yet, to leave with the next answer
         # (fileapp.response): only while a thread serves the connection's pipelined requests.
         self.holding = False
+        self.hold_since = 0.0  # when the first of the answers held was ready
 
     def close(self) -> None:
         if self.rest is not None:

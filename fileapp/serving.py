@@ -23,6 +23,9 @@ NEXT_REQUEST = select.EPOLLIN | select.EPOLLONESHOT
 ROOM_TO_SEND = select.EPOLLOUT | select.EPOLLONESHOT
 # Socket errors that only mean the client went away or was too slow: logged at debug level.
 CLIENT_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EAGAIN, errno.ETIMEDOUT})
+# Seconds an answer may be held for the answers after it (fileapp.response): a batch of
+# pipelined GETs takes well under this; a slow one behind (a cold disk) lets the held ones go.
+HOLD_TIME = 0.002
 
 
 class ConnectionServing:
@@ -166,7 +169,11 @@ class ConnectionServing:
             # An answer the app gave whole (a list or tuple, as fileapp's) waits to leave with
             # the next one's when another request is ready behind it: one sendmsg for a batch
             # of pipelined GETs. A body still being made leaves part by part (PEP 3333).
-            resp.hold = type(respiter) in (list, tuple) and conn.reader.plain_request_next()
+            if type(respiter) in (list, tuple) and conn.reader.plain_request_next():
+                now = time.monotonic()
+                if not conn.holding:
+                    conn.hold_since = now
+                resp.hold = now - conn.hold_since < HOLD_TIME
             try:
                 if isinstance(respiter, compat.FileWrapper):
                     resp.write_file(respiter)

@@ -9,6 +9,7 @@ import logging
 import select
 import socket
 import threading
+import time
 
 import pytest
 from gunicorn.config import Config
@@ -18,7 +19,7 @@ from fileapp import create_app
 from fileapp.connection import Connection
 from fileapp.http1 import RequestReader, base_environ
 from fileapp.response import HOLD_LIMIT
-from fileapp.serving import NEXT_REQUEST, ROOM_TO_SEND, ConnectionServing
+from fileapp.serving import HOLD_TIME, NEXT_REQUEST, ROOM_TO_SEND, ConnectionServing
 
 pytestmark = pytest.mark.unit
 
@@ -130,6 +131,23 @@ def test_heads_too_leave_together(site, pair):
     Serving(create_app(str(site)))._serve(connection(sock))
     assert len(sock.sends) == 1
     assert [status for status, _ in read_all(client, 3, "HEAD")] == [200, 200, 200]
+
+
+def test_an_answer_is_held_no_longer_than_the_hold_time(site, pair):
+    """Slow answers behind (a cold disk; here 404s that take their time) do not keep the ones
+    before them waiting."""
+    sock, client = pair
+    files = create_app(str(site))
+
+    def app(environ, start_response):
+        if environ["PATH_INFO"] == "/slow":
+            time.sleep(2 * HOLD_TIME)
+        return files(environ, start_response)
+
+    client.sendall(gets("/small.txt", "/slow", "/slow", "/small.txt"))
+    assert Serving(app)._serve(connection(sock)) == NEXT_REQUEST
+    assert [data.count(b"HTTP/1.1 ") for data in sock.sends] == [2, 2]  # (each /slow ends a hold)
+    assert [status for status, _ in read_all(client, 4)] == [200, 404, 404, 200]
 
 
 def test_answers_held_leave_before_an_error_page_and_the_connection_ends(site, pair):

@@ -250,11 +250,7 @@ class Response:
             if rest is None:
                 self.rest = rest = Transfer()
             rest.add(buffers)
-            if self.hold and rest.held <= HOLD_LIMIT:
-                return
-            self.hold = False  # all of it leaves now
-            self.tried = True
-            if rest.send(self.sock):
+            if (not self.hold or rest.held > HOLD_LIMIT) and self._offer(rest):
                 self.rest = None
             return
         if rest is None:
@@ -314,10 +310,15 @@ class Response:
                 rest.add_file(fd, start, stop - start)
         if self.chunked:
             rest.add([b"\r\n"])
-        self.hold, self.tried = False, True
-        if rest.send(self.sock):
+        if self._offer(rest):
             self.rest = None
         return True
+
+    def _offer(self, rest: Transfer) -> bool:
+        """Stop holding: offer `rest` (answers held for this one included) to the socket now,
+        without waiting; whether all of it left."""
+        self.hold, self.tried = False, True
+        return rest.send(self.sock)
 
     def close(self) -> Transfer | None:
         """End the response; what the client has not taken yet, on descriptors of its own (the
@@ -335,8 +336,7 @@ class Response:
         if not self.tried:  # held so far: for the next answer, or all leave now
             if self.hold and not self.should_close():
                 return rest
-            self.tried = True
-            if rest.send(self.sock):
+            if self._offer(rest):
                 return None
         try:
             rest.own()

@@ -14,12 +14,14 @@ from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 from . import bigloads, compressloads, loads, prereqs, proxies, report, tlsloads
 from .loads import MANY_CLIENTS, MANY_THREADS, MANY_TOOL, LoadError, Measurement
 from .prereqs import FILES, FileSet, MissingPrerequisite
 from .report import Row
-from .servers import KINDS, NAMES, NGINX_CONNECTIONS, PEER_THREADS, REFERENCES, ServerError, ServerSpec, serve
+from .servers import KINDS, NAMES, NGINX_CONNECTIONS, PEER_THREADS, REFERENCES, Running, ServerError, ServerSpec, serve
+from .usage import charged
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STARTED = time.monotonic()
@@ -211,8 +213,8 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
                     runs = results.setdefault(("ab", label), [])
                     for _ in range(ab_rounds):
                         tsv = workdir / f"ab-{name}-{len(runs)}.tsv"
-                        runs.append(in_turn(len(runs), lambda target, own: proxies.counted(
-                            target.admin_port, lambda: loads.ab(target.url(name), requests, plan.ab_concurrency,
+                        runs.append(in_turn(len(runs), lambda target, own: observed(
+                            target, lambda: loads.ab(target.url(name), requests, plan.ab_concurrency,
                                                                 gnuplot=tsv if own else None))))
                         m = runs[-1][0]
                         progress(f"{spec.label}: ab {label} run {len(runs)}/{ab_rounds * sessions}: {m.rps:,.0f} "
@@ -227,8 +229,8 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
                     if label in plan.wrk_files:
                         runs = results.setdefault(("wrk", label), [])
                         for _ in range(wrk_rounds):
-                            runs.append(in_turn(len(runs), lambda target, own: proxies.counted(
-                                target.admin_port, lambda: loads.wrk(target.url(name), plan.wrk_connections, seconds))))
+                            runs.append(in_turn(len(runs), lambda target, own: observed(
+                                target, lambda: loads.wrk(target.url(name), plan.wrk_connections, seconds))))
                         if last:
                             rows.append(row("wrk", label))
                             m, paired = rows[-1].result, rows[-1].paired
@@ -237,14 +239,14 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
                                      + (f" (twin {paired.rps:,.0f})" if paired else ""))
                 if last and spec.kind in plan.big_kinds:
                     for tool, label, load in bigloads.runs(server, plan.files, plan.wrk_seconds, workdir):
-                        m = proxies.counted(server.admin_port, load)
+                        m = observed(server, load)
                         rows.append(Row(spec, label, tool, m))
                         progress(f"{spec.label}: {tool} {label}: {bigloads.describe(m, tool)}{per_proxy(m)}")
                 if last and spec.kind in plan.compress_kinds:
                     compressloads.warm_up(server.url, plan.ab_requests)
                     for label, runs in compressloads.run(
                             server.url, plan.ab_requests, plan.ab_concurrency, plan.repeat,
-                            lambda load: proxies.counted(server.admin_port, load)).items():
+                            lambda load: observed(server, load)).items():
                         rows.append(Row(spec, label, compressloads.TOOL, loads.median_run(runs),
                                         runs_rps=[m.rps for m in runs]))
                         m = rows[-1].result
@@ -253,14 +255,14 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
                 if last and wants_tls(spec, plan):
                     for tool, label, load in tlsloads.runs(server, plan.ab_requests, plan.ab_concurrency,
                                                            plan.wrk_connections, plan.wrk_seconds):
-                        m = proxies.counted(server.admin_port, load)
+                        m = observed(server, load)
                         rows.append(Row(spec, label, tool, m))
                         progress(f"{spec.label}: {tool} {label}: {m.rps:,.0f} req/s, p99 {m.p99_ms:g} ms, "
                                  f"{m.failed} failed, {m.non2xx} non-2xx{per_proxy(m)}")
                 if last and spec.kind in plan.many_kinds:
                     # Last, so the other loads never meet the churn of 5000 connections closing.
                     name, _, label = FILES[0]
-                    m = proxies.counted(server.admin_port, lambda: loads.wrk(
+                    m = observed(server, lambda: loads.wrk(
                         server.url(name), plan.many_clients, plan.wrk_seconds, plan.many_threads))
                     rows.append(Row(spec, label, MANY_TOOL, m))
                     progress(f"{spec.label}: {MANY_TOOL} {label}: {m.rps:,.0f} req/s, p99 {m.p99_ms:g} ms, "
@@ -271,6 +273,11 @@ def measure(spec: ServerSpec, plan: Plan, docroot: Path, workdir: Path,
         rows += [Row(spec, label, tool, error=str(exc)) for tool, label in planned_loads(spec, plan)
                  if (tool, label) not in done]
     progress(f"{spec.label}: stopped")
+
+
+def observed(server: Running, load: Callable[[], Measurement]) -> Measurement:
+    """Run `load` on `server`, noting each proxy's share of it and its processes' CPU a request."""
+    return charged(server, lambda: proxies.counted(server.admin_port, load))
 
 
 def per_proxy(m: Measurement) -> str:

@@ -67,7 +67,7 @@ def run(url: Callable[[str], str], requests: int, concurrency: int, repeat: int,
         ) -> dict[str, list[Measurement]]:
     """`repeat` rounds of ab on each file, which goes first alternating round by round (a slow
     phase of the machine then hits both alike); every run of each label, in round order.
-    `counted` runs one load (benchmarks/proxies.py counts each proxy's share with it)."""
+    `counted` runs one load (the benchmark's `observed`: each proxy's share, the server's CPU)."""
     runs: dict[str, list[Measurement]] = {label: [] for _, label in FILES}
     for i in range(repeat):
         for name, label in (FILES if i % 2 == 0 else FILES[::-1]):

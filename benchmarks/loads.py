@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import resource
 import statistics
 import subprocess
 from dataclasses import dataclass
@@ -46,6 +47,11 @@ class Measurement:
     # on (/proc/stat's steal): a row with some ran on a slower machine than one without; None:
     # not known (no /proc/stat).
     steal: float | None = None
+    # CPU time (user + system) a completed request cost, in µs: the server's processes
+    # (usage.charged) and the load tool's own. Both share the machine, so a server that makes
+    # its client work harder leaves itself less; None: not measured (or no request completed).
+    server_cpu_us: float | None = None
+    client_cpu_us: float | None = None
 
 
 _WRK_TIME = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60_000.0, "h": 3_600_000.0}
@@ -149,11 +155,25 @@ def stolen(before: tuple[int, int] | None, after: tuple[int, int] | None) -> flo
     return (after[0] - before[0]) / (after[1] - before[1])
 
 
+def children_cpu() -> float:
+    """CPU seconds (user + system) of this process's children that have ended: a load tool's own
+    once subprocess.run has waited for it."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def per_request(cpu_seconds: float, requests: int) -> float | None:
+    """`cpu_seconds` spread over `requests`, in µs each; None when no request completed."""
+    return cpu_seconds * 1e6 / requests if requests > 0 else None
+
+
 def _measured(argv: list[str], timeout: float, parse: Callable[[str], Measurement]) -> Measurement:
-    """Run a load tool, parse what it printed, and note the CPU steal while it ran."""
-    before = cpu_times()
+    """Run a load tool, parse what it printed, and note the CPU steal while it ran and the tool's
+    own CPU time a request."""
+    before, tool_before = cpu_times(), children_cpu()
     result = parse(_run(argv, timeout))
     result.steal = stolen(before, cpu_times())
+    result.client_cpu_us = per_request(children_cpu() - tool_before, result.requests)
     return result
 
 

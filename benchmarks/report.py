@@ -150,18 +150,25 @@ def fmt_steal(steal: float | None) -> str:
     return "" if steal is None else f"{steal:.1%}"
 
 
+def fmt_cpu(us: float | None) -> str:
+    """CPU µs a request, or blank when not measured."""
+    return "" if us is None else fmt_number(us)
+
+
 def table(rows: list[Row]) -> str:
-    """A Markdown table of every row, with a ratio column for each baseline that was measured, a
-    `steal` column where the CPU steal was read, and a `per proxy` column when some row's proxy
-    processes were counted."""
+    """A Markdown table of every row, with a ratio column for each baseline that was measured, the
+    CPU time a request cost the server and the load tool where it was read, a `steal` column where
+    the CPU steal was, and a `per proxy` column when some row's proxy processes were counted."""
     kinds = {r.spec.kind for r in rows if r.result is not None}
     baselines = [b for b in BASELINES if b[1] in kinds]
     counted = any(r.result is not None and fmt_shares(r.result.proxies) for r in rows)
     downloads = any(r.result is not None and r.tool == DOWNLOAD_TOOL for r in rows)
     steals = any(r.result is not None and r.result.steal is not None for r in rows)
+    cpus = any(r.result is not None and r.result.server_cpu_us is not None for r in rows)
     head = ["server", "workers", "cache", "file", "tool", "req/s", *(["MB/s"] if downloads else []), "mean ms",
             "KB/s", "failed", "non-2xx", "p50 ms", "p99 ms", *(title for title, _, _ in baselines),
-            *(["steal"] if steals else []), *(["per proxy"] if counted else [])]
+            *(["server CPU µs", "client CPU µs"] if cpus else []), *(["steal"] if steals else []),
+            *(["per proxy"] if counted else [])]
     lines = [head]
     for row in rows:
         cells = [row.spec.name, row.spec.workers_label, row.spec.cache_label, row.file, row.tool]
@@ -173,6 +180,7 @@ def table(rows: list[Row]) -> str:
             cells += [fmt_number(m.rps, 1 if row.tool == DOWNLOAD_TOOL else 0), *mbs, f"{m.mean_ms:.2f}",
                       fmt_number(m.transfer_kbs), str(m.failed), str(m.non2xx), f"{m.p50_ms:g}", f"{m.p99_ms:g}"]
             cells += [fmt_ratio(ratio(row, rows, kind, same)) for _, kind, same in baselines]
+            cells += [fmt_cpu(m.server_cpu_us), fmt_cpu(m.client_cpu_us)] if cpus else []
             cells += [fmt_steal(m.steal)] if steals else []
             cells += [fmt_shares(m.proxies)] if counted else []
         lines.append(cells)
@@ -234,6 +242,8 @@ def check(target: Target, row: Row, rows: list[Row]) -> dict:
         margin = None if value is None else value / target.minimum - 1
         if row.tool == DOWNLOAD_TOOL and value is not None and m:
             out |= {"mb_s": m.transfer_kbs / 1024, "baseline_mb_s": baseline_rate(others) / 1024}
+    if m is not None and m.server_cpu_us is not None:
+        out |= cpu_figures(m, others)
     if m is not None and m.steal is not None:
         out["steal"] = m.steal
         steals = [b.result.steal for b in others if b.result is not None and b.result.steal is not None]
@@ -245,6 +255,18 @@ def check(target: Target, row: Row, rows: list[Row]) -> dict:
     out["margin"] = margin
     if m is not None and fmt_shares(m.proxies):
         out |= {"per_proxy": fmt_shares(m.proxies), "evenness": evenness(m.proxies)}
+    return out
+
+
+def cpu_figures(m: Measurement, others: list[Row]) -> dict:
+    """The CPU time a request of `m` cost the server and the load tool, and the same for the
+    baseline's rows (their mean), where measured: how efficient each server is whatever share of
+    the machine it got."""
+    out: dict = {"server_cpu_us": m.server_cpu_us, "client_cpu_us": m.client_cpu_us}
+    for key in ("server_cpu_us", "client_cpu_us"):
+        base = [getattr(b.result, key) for b in others if b.result is not None and getattr(b.result, key) is not None]
+        if base:
+            out["baseline_" + key] = statistics.mean(base)
     return out
 
 
@@ -282,6 +304,11 @@ def check_line(c: dict) -> str:
         extra += f"; identical twins: {c['noise_floor']:.2f}×"
     if c.get("per_proxy"):
         extra += f"; per proxy {c['per_proxy']}"
+    if c.get("server_cpu_us") is not None:
+        extra += "; CPU a request: " + ", ".join(
+            f"{who} {c[key]:,.0f} µs" + ("" if c.get("baseline_" + key) is None
+                                        else f" ({c['baseline']} {c['baseline_' + key]:,.0f})")
+            for who, key in (("server", "server_cpu_us"), ("client", "client_cpu_us")) if c.get(key) is not None)
     if max(c.get("steal") or 0.0, c.get("baseline_steal") or 0.0) >= STEAL_NOTED:
         extra += f"; CPU steal {c['steal']:.1%}"
         if c.get("baseline_steal") is not None:

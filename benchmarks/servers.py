@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .prereqs import FILES, which
+from .usage import group_usage
 
 REPO = Path(__file__).resolve().parent.parent
 APACHE_ROOT = Path("/etc/apache2")
@@ -314,23 +315,6 @@ def wait_ready(running: Running, timeout: float) -> None:
             last = str(exc)
         time.sleep(0.25)
     raise ServerError(f"{running.spec.label} not ready after {timeout:.0f}s ({last}):\n{log_tail(running.log_path)}")
-
-
-def group_usage(pgid: int) -> tuple[int, float]:
-    """How many live processes process group `pgid` has, and the CPU seconds (user + system) they used."""
-    count, ticks = 0, 0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":  # after "(comm)": state, ppid, pgrp, ..., utime, stime
-            count += 1
-            ticks += int(fields[11]) + int(fields[12])
-    return count, ticks / os.sysconf("SC_CLK_TCK")
 
 
 def settle(running: Running, timeout: float, idle_share: float = 0.2) -> bool:

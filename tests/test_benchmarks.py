@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -17,7 +19,7 @@ import pytest
 from support import pid_alive, wait_until
 
 from benchmarks import __main__ as cli
-from benchmarks import bigloads, compressloads, loads, prereqs, proxies, report, servers
+from benchmarks import bigloads, compressloads, loads, prereqs, proxies, report, servers, usage
 from benchmarks.loads import LoadError, Measurement
 from benchmarks.report import Row
 from benchmarks.servers import ServerSpec
@@ -25,6 +27,12 @@ from benchmarks.servers import ServerSpec
 pytestmark = pytest.mark.unit
 
 DATA = Path(__file__).parent / "data"
+
+
+class FakeProc:
+    """A server process as servers.Running holds it, for runs whose servers are not started."""
+
+    pid = 4242
 
 
 def fixture(name: str) -> str:
@@ -549,6 +557,70 @@ def test_steal_has_a_column_and_a_check_names_it_once_it_reaches_a_percent():
     assert "; CPU steal 6.2%, apache 0.4%) — " in report.check_line(check)
     assert report.row_record(gows)["result"]["steal"] == 0.062
 
+# --- CPU time a request: what each server and its load tool spend --------------------------------
+
+def test_every_ab_and_wrk_run_notes_its_own_cpu_time_a_request(monkeypatch):
+    readings = iter([10.0, 12.5, 12.5, 12.5])  # wrk used 2.5 s; ab (say, killed early) none
+    monkeypatch.setattr(loads, "children_cpu", lambda: next(readings))
+    outputs = {"wrk": fixture("wrk-nginx-1k.txt"), "ab": fixture("ab-nginx-1k.txt")}
+    monkeypatch.setattr(loads, "_run", lambda argv, timeout: outputs[argv[0]])
+    m = loads.wrk("http://127.0.0.1:1/", 100, 10)
+    assert m.client_cpu_us == pytest.approx(2.5e6 / m.requests)
+    assert loads.ab("http://127.0.0.1:1/", 2000, 500).client_cpu_us == 0.0
+    assert loads.per_request(1.0, 0) is None  # no request completed: nothing to spread it over
+
+
+def test_a_load_is_charged_the_cpu_time_of_every_process_of_its_server(monkeypatch):
+    seen = []
+    readings = iter([(5, 40.0), (5, 43.0)])
+
+    def reading(pgid):
+        seen.append(pgid)
+        return next(readings)
+
+    monkeypatch.setattr(usage, "group_usage", reading)
+    running = servers.Running(ServerSpec("apache"), 4242, FakeProc(), Path("log"))  # type: ignore[arg-type]
+    m = usage.charged(running, lambda: loads.parse_wrk(fixture("wrk-nginx-1k.txt")))
+    assert seen == [4242, 4242] and m.server_cpu_us == pytest.approx(3e6 / m.requests)
+
+
+def test_a_server_group_counts_the_processes_it_has_reaped():
+    """A master that replaces its children (Apache's, gows') has their CPU time in its own
+    cutime once it has waited for them: the group's total keeps it."""
+    script = ("import subprocess, sys, time\n"
+              "subprocess.run([sys.executable, '-c', 'import time\\nwhile time.process_time() < 0.3: pass'])\n"
+              "print('reaped', flush=True)\n"
+              "sys.stdin.read()\n")
+    leader = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert leader.stdout.readline() == "reaped\n"
+        count, seconds = usage.group_usage(leader.pid)
+        assert count == 1 and seconds >= 0.3  # the child is gone; its 0.3 s are not
+    finally:
+        leader.stdin.close()
+        leader.wait(10)
+
+
+def test_cpu_time_a_request_has_columns_and_a_check_names_it_beside_the_baselines():
+    rows = issue_12_rows()
+    assert "CPU µs" not in report.table(rows).splitlines()[0]  # not measured: no columns
+    for row in rows:
+        if row.result is not None:
+            row.result.server_cpu_us, row.result.client_cpu_us = 80.0, 30.0
+    gows = next(r for r in rows if r.spec == GOWS_OFF and r.file == "1 KiB" and r.tool == "ab")
+    gows.result.server_cpu_us, gows.result.client_cpu_us = 1234.4, 20.0
+    lines = report.table(rows).splitlines()
+    assert "| server CPU µs | client CPU µs |" in lines[0] and len({len(line) for line in lines}) == 1
+    assert any(re.search(r"\| +1,234 \| +20 \|", line) for line in lines)
+    (check,) = [c for c in report.check_targets("compare", rows)
+                if c["server"] == "gows 2w cache off" and c["file"] == "1 KiB" and c["tool"] == "ab"
+                and c["baseline"] == "apache"]
+    assert (check["server_cpu_us"], check["baseline_server_cpu_us"]) == (1234.4, 80.0)
+    assert "; CPU a request: server 1,234 µs (apache 80), client 20 µs (apache 30)) — " in report.check_line(check)
+    assert report.row_record(gows)["result"]["server_cpu_us"] == 1234.4
+
+
 # --- issue 11 targets ----------------------------------------------------------------------------
 
 ISSUE_11 = "issue 11: proxy processes at least as fast as nginx, front cache on, 0 failed"
@@ -855,12 +927,12 @@ def test_group_usage_counts_the_processes_of_a_server_group():
                             text=True, start_new_session=True)
     try:
         assert proc.stdout.readline() == "ready\n"
-        count, cpu = servers.group_usage(proc.pid)
+        count, cpu = usage.group_usage(proc.pid)
         assert count == 3 and cpu >= 0.0
     finally:
         servers.stop(proc, grace=2)
     # The orphaned sleeps got SIGKILL from stop(); they vanish once the kernel has delivered it.
-    wait_until(lambda: servers.group_usage(proc.pid)[0] == 0, timeout=5, message="group emptied")
+    wait_until(lambda: usage.group_usage(proc.pid)[0] == 0, timeout=5, message="group emptied")
 
 
 # --- the run as a whole, with servers and load tools replaced by recorded outputs -----------------
@@ -877,7 +949,7 @@ def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, c
             raise servers.ServerError("nginx exited with status 1:\nbind() failed")
         started.append(spec.label)
         workdir.mkdir()
-        yield servers.Running(spec, 4242, None, workdir / "server.log", idle=True)  # type: ignore[arg-type]
+        yield servers.Running(spec, 4242, FakeProc(), workdir / "server.log", idle=True)  # type: ignore[arg-type]
 
     def fake_ab(url, requests, concurrency, gnuplot=None, protocol=None):
         ab_calls.append((url, requests, concurrency))
@@ -889,6 +961,8 @@ def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(cli, "serve", fake_serve)
     monkeypatch.setattr(loads, "ab", fake_ab)
+    cpu_seconds = iter(range(10_000))  # each reading a second more: every load costs the server 1 s
+    monkeypatch.setattr(usage, "group_usage", lambda pgid: (3, float(next(cpu_seconds))))
     wrk_calls: list[tuple[str, int, int, int, int | None, str | None]] = []
 
     def fake_wrk(url, connections, seconds, threads=1, timeout=None, script=None):
@@ -920,6 +994,10 @@ def test_run_measures_each_server_and_writes_the_report(tmp_path, monkeypatch, c
     record = json.loads(md.with_suffix(".json").read_text())
     apache_ab = [r for r in record["rows"] if r["kind"] == "apache" and r["tool"] == "ab"]
     assert len(apache_ab) == 2 and all(sorted(r["runs_rps"])[1] == r["result"]["rps"] for r in apache_ab)
+    # Every load is charged the server's CPU time: 1 s over its completed requests.
+    apache = [r["result"] for r in record["rows"] if r["kind"] == "apache"]
+    assert apache and all(m["server_cpu_us"] == 1e6 / m["requests"] for m in apache)
+    assert "server CPU µs" in md.read_text()
     nginx = [r for r in record["rows"] if r["kind"] == "nginx"]
     assert {(r["file"], r["tool"]) for r in nginx} == {("1 KiB", "ab"), ("150 KB", "ab"), ("1 KiB", "wrk"),
                                                        ("10 MiB", "wrk -c8"), ("100 MiB", "wrk -c8"),
@@ -938,7 +1016,7 @@ def test_run_reports_each_proxy_share_of_every_gows_load(tmp_path, monkeypatch, 
     @contextmanager
     def fake_serve(spec, root, workdir, certificate=None):
         workdir.mkdir()
-        yield servers.Running(spec, 4242, None, workdir / "server.log", idle=True,  # type: ignore[arg-type]
+        yield servers.Running(spec, 4242, FakeProc(), workdir / "server.log", idle=True,  # type: ignore[arg-type]
                               admin_port=4343 if spec.admin else None)
 
     served = {"n": 0}
@@ -952,6 +1030,7 @@ def test_run_reports_each_proxy_share_of_every_gows_load(tmp_path, monkeypatch, 
         return text
 
     monkeypatch.setattr(cli, "serve", fake_serve)
+    monkeypatch.setattr(usage, "group_usage", lambda pgid: (1, 0.0))
     monkeypatch.setattr(proxies, "read_status", fake_status)
     monkeypatch.setattr(loads, "ab", lambda url, n, c, gnuplot=None, headers=None, protocol=None: (
         gnuplot.write_text(fixture("ab-gnuplot.tsv")) if gnuplot else None,

@@ -537,6 +537,14 @@ def test_every_ab_and_wrk_run_notes_the_cpu_steal_while_it_ran(monkeypatch):
     assert loads.ab("http://127.0.0.1:1/", 2000, 500).steal == 0.0
 
 
+def gows_ab_check(rows: list[Row]) -> dict:
+    """The check of gows (2 workers, front cache off) on ab 1 KiB against Apache."""
+    (check,) = [c for c in report.check_targets("compare", rows)
+                if c["server"] == "gows 2w cache off" and c["file"] == "1 KiB" and c["tool"] == "ab"
+                and c["baseline"] == "apache"]
+    return check
+
+
 def test_steal_has_a_column_and_a_check_names_it_once_it_reaches_a_percent():
     rows = issue_12_rows()
     assert "steal" not in report.table(rows).splitlines()[0]  # not read: no column
@@ -550,12 +558,11 @@ def test_steal_has_a_column_and_a_check_names_it_once_it_reaches_a_percent():
     assert checks and not any("steal" in report.check_line(c) for c in checks)  # below 1%: not named
     gows = next(r for r in rows if r.spec == GOWS_OFF and r.file == "1 KiB" and r.tool == "ab")
     gows.result.steal = 0.062
-    (check,) = [c for c in report.check_targets("compare", rows)
-                if c["server"] == "gows 2w cache off" and c["file"] == "1 KiB" and c["tool"] == "ab"
-                and c["baseline"] == "apache"]
+    check = gows_ab_check(rows)
     assert (check["steal"], check["baseline_steal"]) == (0.062, 0.004)
     assert "; CPU steal 6.2%, apache 0.4%) — " in report.check_line(check)
     assert report.row_record(gows)["result"]["steal"] == 0.062
+
 
 # --- CPU time a request: what each server and its load tool spend --------------------------------
 
@@ -613,9 +620,7 @@ def test_cpu_time_a_request_has_columns_and_a_check_names_it_beside_the_baseline
     lines = report.table(rows).splitlines()
     assert "| server CPU µs | client CPU µs |" in lines[0] and len({len(line) for line in lines}) == 1
     assert any(re.search(r"\| +1,234 \| +20 \|", line) for line in lines)
-    (check,) = [c for c in report.check_targets("compare", rows)
-                if c["server"] == "gows 2w cache off" and c["file"] == "1 KiB" and c["tool"] == "ab"
-                and c["baseline"] == "apache"]
+    check = gows_ab_check(rows)
     assert (check["server_cpu_us"], check["baseline_server_cpu_us"]) == (1234.4, 80.0)
     assert "; CPU a request: server 1,234 µs (apache 80), client 20 µs (apache 30)) — " in report.check_line(check)
     assert report.row_record(gows)["result"]["server_cpu_us"] == 1234.4

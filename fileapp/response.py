@@ -316,9 +316,13 @@ class Response:
 
     def _offer(self, rest: Transfer) -> bool:
         """Stop holding: offer `rest` (answers held for this one included) to the socket now,
-        without waiting; whether all of it left."""
+        without waiting; whether all of it left (the answers held then too: a rest kept from
+        now on is this answer's own, with no mark to keep before)."""
         self.hold, self.tried = False, True
-        return rest.send(self.sock)
+        if rest.send(self.sock):
+            self._mark = None
+            return True
+        return False
 
     def close(self) -> Transfer | None:
         """End the response; what the client has not taken yet, on descriptors of its own (the

@@ -12,6 +12,7 @@ import pytest
 from fileapp import gunicorn_compat as compat
 from fileapp import response as response_mod
 from fileapp.response import Response
+from fileapp.transfer import Transfer
 
 pytestmark = pytest.mark.unit
 
@@ -115,3 +116,20 @@ def test_the_memory_of_heads_is_bounded(peers):
     for i in range(response_mod._PREPARED_LIMIT + 10):
         answer(peers, "200 OK", [("Content-Length", "5"), ("X-N", str(i))])
     assert len(response_mod._heads) <= response_mod._PREPARED_LIMIT
+
+
+def test_a_response_given_up_after_the_answers_held_for_it_left_forgets_all_its_own_rest(peers):
+    """The answers held for a response mark where its own parts begin in their Transfer; once
+    they have all left, what the client has not taken is the response's own alone (a Transfer of
+    its own), and giving the response up forgets all of it."""
+    before = Transfer()
+    before.add([b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nheld"])
+    resp = Response(SimpleNamespace(method="GET", version=(1, 1), keep_alive=True), peers[0], before=before)
+    resp.start_response("200 OK", [("Content-Type", "text/plain")])
+    resp.write(b"first part")  # the held answer leaves with it: the socket has room
+    assert resp.tried and resp.rest is None
+    resp.write(b"x" * (8 << 20))  # more than the socket takes at once
+    own = resp.rest
+    assert own is not None and own is not before and own
+    resp.discard()
+    assert resp.rest is None and not own and own.held == 0

@@ -12,9 +12,10 @@ if TYPE_CHECKING:
 
 
 def group_usage(pgid: int) -> tuple[int, float]:
-    """How many live processes process group `pgid` has, and the CPU seconds (user + system) they
-    used, with their children that have ended and been waited for (Apache's and gows' masters reap
-    the processes they replace: what those used still counts)."""
+    """How many live processes process group `pgid` has, and the CPU seconds (user + system) its
+    processes used, with their children that have ended: a child's time moves from its own entry
+    (kept while it is a zombie) into its parent's cutime when the parent waits for it (Apache's
+    and gows' masters reap the processes they replace: what those used still counts)."""
     count, ticks = 0, 0
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
@@ -25,8 +26,8 @@ def group_usage(pgid: int) -> tuple[int, float]:
         except OSError:
             continue
         # After "(comm)": state, ppid, pgrp, ..., utime, stime, cutime, cstime.
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            count += 1
+        if int(fields[2]) == pgid:
+            count += fields[0] != "Z"
             ticks += sum(map(int, fields[11:15]))
     return count, ticks / os.sysconf("SC_CLK_TCK")
 

@@ -609,6 +609,30 @@ def test_a_server_group_counts_the_processes_it_has_reaped():
         leader.wait(10)
 
 
+def test_a_server_group_counts_a_child_that_has_ended_but_is_not_reaped_yet():
+    """Between a child's exit and its master's wait (Apache's parent, stopping a spare child
+    after a load), its CPU time is in no live process nor in the master's cutime yet: the
+    zombie's own /proc entry still holds it, and the group's total keeps it."""
+    script = ("import os, sys, time\n"
+              "pid = os.fork()\n"
+              "if pid == 0:\n"
+              "    while time.process_time() < 0.3: pass\n"
+              "    os._exit(0)\n"
+              "while open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z':\n"
+              "    time.sleep(0.01)\n"
+              "print('zombie', flush=True)\n"
+              "sys.stdin.read()\n")
+    leader = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              text=True, start_new_session=True)
+    try:
+        assert leader.stdout.readline() == "zombie\n"
+        count, seconds = usage.group_usage(leader.pid)
+        assert count == 1 and seconds >= 0.3  # one live process; the ended child's 0.3 s still count
+    finally:
+        leader.stdin.close()
+        leader.wait(10)
+
+
 def test_cpu_time_a_request_has_columns_and_a_check_names_it_beside_the_baselines():
     rows = issue_12_rows()
     assert "CPU µs" not in report.table(rows).splitlines()[0]  # not measured: no columns

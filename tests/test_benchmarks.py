@@ -591,46 +591,41 @@ def test_a_load_is_charged_the_cpu_time_of_every_process_of_its_server(monkeypat
     assert seen == [4242, 4242] and m.server_cpu_us == pytest.approx(3e6 / m.requests)
 
 
-def test_a_server_group_counts_the_processes_it_has_reaped():
-    """A master that replaces its children (Apache's, gows') has their CPU time in its own
-    cutime once it has waited for them: the group's total keeps it."""
-    script = ("import subprocess, sys, time\n"
-              "subprocess.run([sys.executable, '-c', 'import time\\nwhile time.process_time() < 0.3: pass'])\n"
-              "print('reaped', flush=True)\n"
-              "sys.stdin.read()\n")
-    leader = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, start_new_session=True)
+def group_after(script: str) -> tuple[int, float]:
+    """usage.group_usage of a process group led by a Python `script`, once the script has printed
+    its line (the state to look at); the leader then waits for its stdin to close."""
+    leader = subprocess.Popen([sys.executable, "-c", script + "print('ready', flush=True)\nsys.stdin.read()\n"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        assert leader.stdout.readline() == "reaped\n"
-        count, seconds = usage.group_usage(leader.pid)
-        assert count == 1 and seconds >= 0.3  # the child is gone; its 0.3 s are not
+        assert leader.stdout.readline() == "ready\n"
+        return usage.group_usage(leader.pid)
     finally:
         leader.stdin.close()
         leader.wait(10)
+
+
+def test_a_server_group_counts_the_processes_it_has_reaped():
+    """A master that replaces its children (Apache's, gows') has their CPU time in its own
+    cutime once it has waited for them: the group's total keeps it."""
+    count, seconds = group_after(
+        "import subprocess, sys, time\n"
+        "subprocess.run([sys.executable, '-c', 'import time\\nwhile time.process_time() < 0.3: pass'])\n")
+    assert count == 1 and seconds >= 0.3  # the child is gone; its 0.3 s are not
 
 
 def test_a_server_group_counts_a_child_that_has_ended_but_is_not_reaped_yet():
     """Between a child's exit and its master's wait (Apache's parent, stopping a spare child
     after a load), its CPU time is in no live process nor in the master's cutime yet: the
     zombie's own /proc entry still holds it, and the group's total keeps it."""
-    script = ("import os, sys, time\n"
-              "pid = os.fork()\n"
-              "if pid == 0:\n"
-              "    while time.process_time() < 0.3: pass\n"
-              "    os._exit(0)\n"
-              "while open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z':\n"
-              "    time.sleep(0.01)\n"
-              "print('zombie', flush=True)\n"
-              "sys.stdin.read()\n")
-    leader = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              text=True, start_new_session=True)
-    try:
-        assert leader.stdout.readline() == "zombie\n"
-        count, seconds = usage.group_usage(leader.pid)
-        assert count == 1 and seconds >= 0.3  # one live process; the ended child's 0.3 s still count
-    finally:
-        leader.stdin.close()
-        leader.wait(10)
+    count, seconds = group_after(
+        "import os, sys, time\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    while time.process_time() < 0.3: pass\n"
+        "    os._exit(0)\n"
+        "while open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()[0] != 'Z':\n"
+        "    time.sleep(0.01)\n")
+    assert count == 1 and seconds >= 0.3  # one live process; the ended child's 0.3 s still count
 
 
 def test_cpu_time_a_request_has_columns_and_a_check_names_it_beside_the_baselines():

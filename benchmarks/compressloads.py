@@ -63,15 +63,15 @@ def warm_up(url: Callable[[str], str], requests: int) -> None:
 
 
 def run(url: Callable[[str], str], requests: int, concurrency: int, repeat: int,
-        counted: Callable[[Callable[[], Measurement]], Measurement] = lambda load: load()
+        observed: Callable[[Callable[[], Measurement]], Measurement] = lambda load: load()
         ) -> dict[str, list[Measurement]]:
     """`repeat` rounds of ab on each file, which goes first alternating round by round (a slow
     phase of the machine then hits both alike); every run of each label, in round order.
-    `counted` runs one load (the benchmark's `observed`: each proxy's share, the server's CPU)."""
+    `observed` runs one load (the benchmark's: noting each proxy's share and the server's CPU)."""
     runs: dict[str, list[Measurement]] = {label: [] for _, label in FILES}
     for i in range(repeat):
         for name, label in (FILES if i % 2 == 0 else FILES[::-1]):
-            runs[label].append(counted(lambda: loads.ab(url(name), requests, concurrency, headers=ACCEPT)))
+            runs[label].append(observed(lambda: loads.ab(url(name), requests, concurrency, headers=ACCEPT)))
     return runs
 
 

@@ -264,7 +264,7 @@ def cpu_figures(m: Measurement, others: list[Row]) -> dict:
     the machine it got."""
     out: dict = {"server_cpu_us": m.server_cpu_us, "client_cpu_us": m.client_cpu_us}
     for key in ("server_cpu_us", "client_cpu_us"):
-        base = [getattr(b.result, key) for b in others if b.result is not None and getattr(b.result, key) is not None]
+        base = [v for v in (getattr(b.result, key, None) for b in others) if v is not None]
         if base:
             out["baseline_" + key] = statistics.mean(base)
     return out

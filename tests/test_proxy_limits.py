@@ -225,6 +225,27 @@ def _hold_busy(p: ProxyThread, held: list[socket.socket], count: int) -> None:
     wait_until(lambda: p.stats()["client_connections"] == count, message=f"{count} connections held")
 
 
+def _queue(p: ProxyThread, held: list[socket.socket], count: int) -> None:
+    """Open `count` connections to `p` while its loop is held up: they wait in the backlog
+    together, as a burst of newcomers does behind a busy loop."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold_up() -> None:
+        holding.set()
+        release.wait(10)
+
+    p.loop.call_soon_threadsafe(hold_up)
+    assert holding.wait(10)
+    try:
+        held += [socket.create_connection(("127.0.0.1", p.port)) for _ in range(count)]  # (the kernel completes them)
+    finally:
+        release.set()
+
+
+def _acceptors(p: ProxyThread) -> int:
+    return p.call(lambda: len(p.proxy.listeners.servers or ()))
+
+
 def test_at_max_connections_the_longest_idle_connection_makes_room(upstream):
     p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=5), front_cache=NO_CACHE)
     held = []
@@ -306,20 +327,40 @@ def test_a_burst_of_newcomers_is_accepted_in_a_few_turns_of_a_busy_loop(upstream
         assert served_at[0] - connected_at <= -(-100 // ACCEPTORS) + 4  # (and their connection_made a turn later)
 
 
+def test_newcomers_one_at_a_time_take_one_acceptor_and_a_queue_of_them_all_until_it_calms(upstream):
+    """Each newcomer wakes every acceptor and all but one find nothing: 16 on each of 2 proxies
+    cost a connection 31 failed accept() calls, a third of a small request's CPU when clients
+    come one at a time. So one acceptor a listener, and ACCEPTORS only while newcomers queue
+    behind it, until CALM_TICKS ticks have taken them one a turn."""
+    p = ProxyThread([upstream.port], front_cache=NO_CACHE)
+    held = []
+    with p, closing_all(held):
+        for _ in range(5):
+            (status, _, _), = parse_responses(raw(p.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
+            assert status == 200
+        assert _acceptors(p) == 1
+        _queue(p, held, 40)
+        wait_until(lambda: p.stats()["client_connections"] == 40, message="the 40 queued accepted")
+        assert _acceptors(p) == ACCEPTORS
+        while held:
+            held.pop().close()
+        wait_until(lambda: _acceptors(p) == 1, timeout=10, message="one acceptor again once calm")
+
+
 def test_resuming_at_the_limit_makes_one_acceptor_and_the_tick_all_of_them_once_there_is_room(upstream):
     """At the limit, each connection that leaves lets the proxy accept again for one slot: making
     (and closing again) 16 acceptors for it would cost 16 times the work of one."""
     p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=20), front_cache=NO_CACHE)
     held = []
     with p, closing_all(held):
-        _hold_busy(p, held, 20)
+        _queue(p, held, 20)  # (queueing: every acceptor wanted)
+        wait_until(lambda: p.stats()["client_connections"] == 20, message="20 connections held")
         held.pop().close()  # one slot free again
         wait_until(lambda: p.call(lambda: p.proxy.listeners.servers is not None), message="accepting again")
-        assert p.call(lambda: len(p.proxy.listeners.servers)) == 1
+        assert _acceptors(p) == 1
         while held:
             held.pop().close()
-        wait_until(lambda: p.call(lambda: len(p.proxy.listeners.servers or ())) == ACCEPTORS,
-                   message="every acceptor once there is room")
+        wait_until(lambda: _acceptors(p) == ACCEPTORS, message="every acceptor once there is room")
 
 
 def test_short_of_descriptors_a_proxy_accepts_through_the_acceptors_it_could_make(upstream, monkeypatch):
@@ -335,10 +376,13 @@ def test_short_of_descriptors_a_proxy_accepts_through_the_acceptors_it_could_mak
 
     monkeypatch.setattr(socket.socket, "dup", dup)
     p = ProxyThread([upstream.port], front_cache=NO_CACHE)
-    with p:
+    held = []
+    with p, closing_all(held):
+        _queue(p, held, 20)  # (queueing: every acceptor wanted)
+        wait_until(lambda: p.stats()["client_connections"] == 20, message="the 20 queued accepted")
+        assert _acceptors(p) == 3
         (status, _, _), = parse_responses(raw(p.port, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"))
         assert status == 200
-        assert p.call(lambda: len(p.proxy.listeners.servers)) == 3
 
 
 def test_the_acceptors_duplicates_never_make_the_shared_listener_blocking(upstream):

@@ -1,7 +1,8 @@
 """How a proxy takes new clients from the listening sockets the master shares with every proxy:
-ACCEPTORS servers on duplicates of each, closed at the connection limit (newcomers wait in the
-kernel's backlog) and made again once there is room; idle connections shed when the backlog
-waits and no other proxy takes it; a pause while clients are handed over to the other proxies."""
+servers on duplicates of each (one while newcomers come one at a time, ACCEPTORS while they
+queue), closed at the connection limit (newcomers wait in the kernel's backlog) and made again
+once there is room; idle connections shed when the backlog waits and no other proxy takes it; a
+pause while clients are handed over to the other proxies."""
 from __future__ import annotations
 
 import heapq
@@ -42,6 +43,11 @@ SHED_LOOK_GAP = 0.05
 # connection spreads by itself, and pausing for it would only slow the proxy down).
 HAND_OVER_PAUSE = 0.5
 HAND_OVER_AGE = 1.0
+# Ticks in a row in which no turn of the loop took more than one newcomer before the acceptors
+# made for a queue go back to one a listener. Each newcomer wakes every acceptor and
+# all but one find nothing: with 16 on each of 2 proxies, a connection cost 31 accept() calls
+# that failed, a third of the CPU of a 1 KiB request from a client connecting for each (ab -c1).
+CALM_TICKS = 4
 
 
 class Listeners:
@@ -57,6 +63,9 @@ class Listeners:
         self._pausing = False
         self._accepted_now = 0  # connections accepted in this turn of the loop (_accept)
         self._acceptors = 0  # acceptors per listener the room allowed at the last _listen
+        self._wanted = 1  # acceptors per listener: ACCEPTORS while newcomers queue, else 1
+        self._busiest = 0  # the most newcomers a turn of the loop took since the last tick
+        self._calm = 0  # ticks in a row in which no turn took more than one newcomer
         self._watching = False  # the listener is watched for newcomers while we are full
         self.shed_pending = False  # _shed_idle is due
         self._yield_until = 0.0  # no accepting before the proxy's clock reads this (hand_over)
@@ -79,25 +88,10 @@ class Listeners:
         servers: list[Any] = []
         # Resuming at the limit for a slot or two, that many acceptors: each costs a dup(), a
         # listen() and a uvloop server (16 of them about 300 us to make and close again); the
-        # tick makes them all once there is room (tick).
-        self._acceptors = max(1, min(ACCEPTORS, proxy.max_connections - len(proxy.conns)))
-        backlog = self._backlog()  # (once: it reads /proc/sys/net/core/somaxconn)
+        # tick makes those wanted once there is room (tick).
+        self._acceptors = max(1, min(self._wanted, proxy.max_connections - len(proxy.conns)))
         try:
-            for sock, kind in self.sockets:
-                # Duplicates, so closing our servers never closes the socket the master owns (nor
-                # drops the connections waiting in its backlog), and ACCEPTORS of them: each
-                # accepts one connection per turn of the loop (libuv since 1.45, libuv#3696),
-                # and a proxy busy with thousands of clients turns its loop a few dozen times a
-                # second (one server: a burst of newcomers drained at about 45 a second, strace
-                # showing one accept4 per epoll_pwait of 1,024 events, and reconnecting clients
-                # timed out in the backlog). create_server calls listen() again: keep the
-                # kernel's full backlog, not asyncio's 100. The handshake counts against the
-                # head's deadline (ClientProtocol.accepted); the loop's timer ends a handshake
-                # that never finishes.
-                tls = proxy.tls.context if kind == TLS else None
-                if kind == TLS and tls is None:
-                    continue  # (no certificate could be loaded: the backlog waits for one)
-                await self._add_acceptors(servers, sock, kind, tls, backlog)
+            await self._make(servers, self._acceptors)
         except OSError as exc:  # (out of descriptors for the duplicate: the next close retries)
             log.error("cannot accept connections: %s", exc)
             for started in servers:
@@ -113,14 +107,47 @@ class Listeners:
         elif self._stale:  # a new TLS context came while these servers were being made
             self.relisten()
 
+    async def _grow(self, more: int) -> None:
+        """Newcomers queue: add `more` acceptors on each listener beside those accepting now
+        (made for nothing if those are closed meanwhile: at the limit, handing over, stopping)."""
+        servers, made = self.servers, []
+        try:
+            await self._make(made, more)
+        except OSError:
+            pass  # (out of descriptors: accept through the acceptors there are)
+        if servers is not None and servers is self.servers:
+            servers.extend(made)
+        else:
+            for server in made:
+                server.close()
+
+    async def _make(self, servers: list[Any], count: int) -> None:
+        """Add `count` acceptors on each listening socket to `servers` (OSError: not even one)."""
+        backlog = self._backlog()  # (once: it reads /proc/sys/net/core/somaxconn)
+        for sock, kind in self.sockets:
+            # Duplicates, so closing our servers never closes the socket the master owns (nor
+            # drops the connections waiting in its backlog), and ACCEPTORS of them while
+            # newcomers queue (_queueing): each accepts one connection per turn of the loop
+            # (libuv since 1.45, libuv#3696), and a proxy busy with thousands of clients turns
+            # its loop a few dozen times a second (one server: a burst of newcomers drained at
+            # about 45 a second, strace showing one accept4 per epoll_pwait of 1,024 events, and
+            # reconnecting clients timed out in the backlog). create_server calls listen()
+            # again: keep the kernel's full backlog, not asyncio's 100. The handshake counts
+            # against the head's deadline (ClientProtocol.accepted); the loop's timer ends a
+            # handshake that never finishes.
+            tls = self.proxy.tls.context if kind == TLS else None
+            if kind == TLS and tls is None:
+                continue  # (no certificate could be loaded: the backlog waits for one)
+            await self._add_acceptors(servers, sock, kind, tls, backlog, count)
+
     async def _add_acceptors(self, servers: list[Any], sock: socket.socket, kind: str, tls: Any,
-                             backlog: int) -> None:
-        """Add `_acceptors` servers on duplicates of `sock` to `servers`; short of descriptors
-        after the first, as many as could be made (OSError: not even one)."""
+                             backlog: int, count: int) -> None:
+        """Add `count` servers on duplicates of `sock` to `servers`; short of descriptors after
+        the first, as many as could be made (OSError: not even one)."""
         factory = partial(self._accept, kind)
         handshake_timeout = self.proxy.config.header_timeout if tls is not None else None
         loop = self.proxy.loop
-        for made in range(self._acceptors):
+        for made in range(count):
             try:
                 dup = sock.dup()
             except OSError:
@@ -145,6 +172,8 @@ class Listeners:
         if not self._accepted_now:
             proxy.loop.call_soon(self._turn_over)  # (before their connection_made, after this turn's accepts)
         self._accepted_now += 1
+        if self._wanted == 1 and any(_readable(sock) for sock, _ in self.sockets):
+            self._queueing()  # (another newcomer waits behind this one)
         if (len(proxy.conns) + self._accepted_now >= proxy.max_connections and self.servers is not None
                 and not self._pausing):
             # Not from in here: closing the server now would also close the connection being
@@ -154,7 +183,19 @@ class Listeners:
         return PROTOCOLS[kind](proxy)
 
     def _turn_over(self) -> None:
+        self._busiest = max(self._busiest, self._accepted_now)
         self._accepted_now = 0
+
+    def _queueing(self) -> None:
+        """Newcomers queue behind one acceptor a listener: ACCEPTORS of them, until CALM_TICKS
+        ticks in a row have taken no more than one a turn (tick)."""
+        proxy = self.proxy
+        self._wanted = ACCEPTORS
+        self._calm = 0
+        more = min(ACCEPTORS, proxy.max_connections - len(proxy.conns)) - self._acceptors
+        if more > 0 and self.servers is not None and not self._pausing:
+            self._acceptors += more
+            proxy.spawn(self._grow(more))
 
     def _at_limit(self) -> None:
         """At the connection limit: stop accepting; newcomers wait in the listen backlog."""
@@ -175,8 +216,8 @@ class Listeners:
         self._unwatch_backlog()
 
     def relisten(self) -> None:
-        """Accept anew (a new TLS context for new connections, or every acceptor once there is
-        room): open connections go on; those arriving meanwhile wait in the kernel's backlog."""
+        """Accept anew (a new TLS context for new connections, or the acceptors wanted now):
+        open connections go on; those arriving meanwhile wait in the kernel's backlog."""
         self._stale = self._resuming
         if self.servers is not None and not self.proxy.draining:
             self._close_servers()
@@ -189,15 +230,24 @@ class Listeners:
 
     def tick(self) -> None:
         """Every tick: accept again if there is room (or watch the backlog while there is none),
-        with every acceptor once there is room for them."""
+        with the acceptors wanted once there is room for them, and one a listener again once
+        newcomers have stopped queueing."""
         proxy = self.proxy
-        if self.servers is None and not self._resuming and not proxy.draining and self.sockets:
-            if len(proxy.conns) < proxy.max_connections:
-                self._resume()
-            else:
-                self._watch_backlog()
-        elif (self._acceptors < ACCEPTORS and self.servers is not None
-              and proxy.max_connections - len(proxy.conns) >= ACCEPTORS):
+        busiest, self._busiest = self._busiest, 0
+        if self.servers is None:
+            if not self._resuming and not proxy.draining and self.sockets:
+                if len(proxy.conns) < proxy.max_connections:
+                    self._resume()
+                else:
+                    self._watch_backlog()
+            return
+        if self._wanted > 1:
+            self._calm = 0 if busiest > 1 else self._calm + 1
+            if self._calm >= CALM_TICKS:
+                self._wanted = 1
+                self.relisten()
+                return
+        if self._acceptors < self._wanted and proxy.max_connections - len(proxy.conns) >= self._wanted:
             self.relisten()  # (made with fewer acceptors at the limit: all of them now)
 
     def _watch_backlog(self) -> None:

@@ -269,11 +269,13 @@ def test_a_full_proxy_sheds_only_for_a_newcomer_that_keeps_waiting(upstream, mon
     connection just arrived in the backlog must not close anyone's idle connection; finding
     the backlog waiting at every look does."""
     taken: list[bool] = []
-    monkeypatch.setattr(listening, "_readable", lambda sock: taken.append(looks[len(taken)]) or taken[-1])
     p = ProxyThread([upstream.port], proxy=configured(ProxyConfig, maxConnections=2), front_cache=NO_CACHE)
     held = []
     with p, closing_all(held):
         _fill(p, held, 2)
+        # (from here on, while full: the looks of the shedding alone, not those of accepting)
+        monkeypatch.setattr(listening.Listeners, "_someone_waiting",
+                            lambda self: taken.append(looks[len(taken)]) or taken[-1])
         opened = p.call(lambda: p.proxy.clock)
         wait_until(lambda: p.call(lambda: p.proxy.clock) > opened + listening.SHED_AFTER, message="idle long enough")
         held.append(socket.create_connection(("127.0.0.1", p.port)))  # waits in the backlog

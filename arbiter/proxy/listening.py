@@ -57,6 +57,9 @@ class Listeners:
     def __init__(self, proxy: Proxy) -> None:
         self.proxy = proxy
         self.sockets: list[tuple[socket.socket, str]] = []
+        # Every listener, polled to see whether a newcomer waits in a backlog (poll: descriptors
+        # past 1024 too); made once, as a newcomer may be looked for at each accept.
+        self._backlogs = select.poll()
         self.servers: list[Any] | None = None  # None while not accepting
         self._resuming = False
         self._stale = False  # the servers being made use a TLS context replaced since
@@ -74,6 +77,7 @@ class Listeners:
         """Accept on `sockets`, already bound and listening."""
         self.sockets = sockets
         for listener, _ in sockets:
+            self._backlogs.register(listener.fileno(), select.POLLIN)
             bound_unsent(listener)
             # socket.dup() gives the duplicate the original's timeout, and a blocking one would
             # clear O_NONBLOCK on the socket every proxy shares: a proxy that lost a newcomer
@@ -172,7 +176,7 @@ class Listeners:
         if not self._accepted_now:
             proxy.loop.call_soon(self._turn_over)  # (before their connection_made, after this turn's accepts)
         self._accepted_now += 1
-        if self._wanted == 1 and any(_readable(sock) for sock, _ in self.sockets):
+        if self._wanted == 1 and self._someone_waiting():
             self._queueing()  # (another newcomer waits behind this one)
         if (len(proxy.conns) + self._accepted_now >= proxy.max_connections and self.servers is not None
                 and not self._pausing):
@@ -214,6 +218,7 @@ class Listeners:
         """Accept nothing more (the proxy is stopping)."""
         self._close_servers()
         self._unwatch_backlog()
+        self._backlogs = select.poll()  # (the listeners close next: their numbers may be reused)
 
     def relisten(self) -> None:
         """Accept anew (a new TLS context for new connections, or the acceptors wanted now):
@@ -275,7 +280,7 @@ class Listeners:
         keep-alive connections to make room (as nginx reuses connections). With none idle, the
         next tick looks again."""
         proxy = self.proxy
-        if self.servers is not None or proxy.draining or not any(_readable(s) for s, _ in self.sockets):
+        if self.servers is not None or proxy.draining or not self._someone_waiting():
             self.shed_pending = False
             return
         if looks > 1:
@@ -309,6 +314,10 @@ class Listeners:
         self._yield_until = proxy.clock + HAND_OVER_PAUSE
         self._close_servers()
 
+    def _someone_waiting(self) -> bool:
+        """Whether a connection waits in the backlog of one of our listeners now."""
+        return bool(self._backlogs.poll(0))
+
     def _resume(self) -> None:
         proxy = self.proxy
         if self._resuming or proxy.draining or proxy.loop is None or proxy.clock < self._yield_until:
@@ -316,13 +325,6 @@ class Listeners:
         self._unwatch_backlog()
         self._resuming = True
         proxy.spawn(self._listen())
-
-
-def _readable(sock: socket.socket) -> bool:
-    """Whether a connection waits in `sock`'s backlog now (poll: descriptors past 1024 too)."""
-    poller = select.poll()
-    poller.register(sock.fileno(), select.POLLIN)
-    return bool(poller.poll(0))
 
 
 def _idle_since(conn: ClientProtocol) -> float:

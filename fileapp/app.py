@@ -125,7 +125,10 @@ class FileApp:
         self.cache = ResponseCache(cache_ttl, cache_max_bytes)
         # Up to the configured largest cached file, whatever the proxy takes from disk below.
         self.compressor = Compressor(self.cache, self.resolver, cache_max_file_size)
-        if handoff_token:  # gows' proxy sends bodies from MIN_SIZE up: keep only their metadata
+        if handoff_token or sendfile_header:
+            # Bodies from MIN_SIZE up go out from the file itself: keep only their metadata, so
+            # that each hand-off is checked against the disk (gows' proxy checks it again itself;
+            # nginx and Apache do not, and would send a file replaced since under this head).
             cache_max_file_size = min(cache_max_file_size, MIN_SIZE - 1)
         self.header_rules = HeaderRules(headers)
         self.loader = EntryLoader(self.resolver, self.cache, index_names=tuple(index_names),

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from shutil import which
 from urllib.parse import quote
@@ -74,6 +75,13 @@ def site(tmp_path):
 def nginx(tmp_path, site):
     """nginx in front of fileapp under gunicorn (sendfile_header="X-Accel-Redirect"), both on
     loopback ports; both stopped by pid whatever the test does. Yields (port, access log)."""
+    with front(tmp_path, site, f"fileapp:create_app({str(site)!r}, sendfile_header='X-Accel-Redirect')") as served:
+        yield served
+
+
+@contextmanager
+def front(tmp_path: Path, site: Path, app_spec: str):
+    """nginx with the README's snippet in front of the WSGI app `app_spec` under gunicorn."""
     if not os.access(NGINX, os.X_OK):
         pytest.fail(f"{NGINX} missing: run `make test-deps` first", pytrace=False)
     work = tmp_path / "nginx"
@@ -82,8 +90,7 @@ def nginx(tmp_path, site):
     (work / "nginx.conf").write_text(nginx_config(work, site, port, app_port))
     app = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-w", "1", "-b", f"127.0.0.1:{app_port}",
-         "--log-level", "warning",
-         f"fileapp:create_app({str(site)!r}, sendfile_header='X-Accel-Redirect')"],
+         "--log-level", "warning", app_spec],
         env=python_env(), cwd=tmp_path, stdout=subprocess.DEVNULL)
     with running(app):  # (stopped even if nginx cannot start)
         front = subprocess.Popen(
@@ -207,3 +214,16 @@ def test_small_files_and_head_are_sent_by_fileapp(nginx):
     assert status == 200 and body == b"" and headers["Content-Length"] == str(len(BIG))
     assert logged(log, "/small.txt") == ['/small.txt 200 "-" 6']
     assert logged(log, "/big.bin") == ['/big.bin 200 "-" 0']
+
+
+def test_a_symlink_swapped_in_after_fileapps_check_is_not_followed(tmp_path, site):
+    """The instant between fileapp's check of the file it names and nginx's open of that path,
+    played by an app naming a symlink out of the root: the snippet's disable_symlinks refuses it."""
+    (tmp_path / "swapped.py").write_text(
+        "def app(environ, start_response):\n"
+        "    start_response('200 OK', [('X-Accel-Redirect', '/_fileapp/escape.bin'), ('Content-Length', '0')])\n"
+        "    return [b'']\n")
+    with front(tmp_path, site, "swapped:app") as (port, log):
+        status, _, body = get(port, "/anything")
+        assert '"/_fileapp/escape.bin"' in logged(log, "/anything")[0]
+        assert status == 403 and SECRET[:16] not in body

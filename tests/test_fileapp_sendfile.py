@@ -153,3 +153,25 @@ def test_a_handed_off_stream_leaves_no_descriptor_open(nginx):
 def test_bad_options_raise_value_error_naming_the_problem(root, options, message):
     with pytest.raises(ValueError, match=message):
         create_app(str(root), **options)
+
+
+@pytest.mark.parametrize("header", ["X-Accel-Redirect", "X-Sendfile"])
+def test_a_file_changed_within_the_ttl_is_named_only_with_its_own_head(root, tmp_path, header):
+    """The server in front opens the path it is named: fileapp checks the file is still the one
+    its head describes first, even one small enough for the cache to hold its bytes (which a hit
+    would otherwise serve without looking at the disk). A file replaced gets its own validators;
+    one replaced by a symlink out of the root is not named at all."""
+    app = Client(create_app(str(root), sendfile_header=header, cache_ttl=3600))
+    first = app.get("/big.bin")
+    assert header in first.headers
+    new = BIG * 2  # the same name deployed anew (rename over it), within the TTL
+    (root / "next.tmp").write_bytes(new)
+    os.replace(root / "next.tmp", root / "big.bin")
+    r = app.get("/big.bin")
+    fresh = Client(create_app(str(root))).head("/big.bin")
+    assert r.headers["ETag"] == fresh.headers["ETag"] != first.headers["ETag"]
+    assert r.headers["Last-Modified"] == fresh.headers["Last-Modified"]
+    (root / "big.bin").unlink()
+    (root / "big.bin").symlink_to(tmp_path / "secret.bin")
+    r = app.get("/big.bin")
+    assert r.status_code == 404 and header not in r.headers

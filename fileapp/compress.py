@@ -2,9 +2,10 @@
 once per file version and coding, and the result kept in the worker's ResponseCache.
 
 Never per request: the compressed body is kept (counted in the cache's byte budget, never
-expired by age) under the file's real path and the coding, with the version it was made from
-(device, inode, size, mtime, and the CRC-32 of the bytes when the cache holds them, so an
-in-place rewrite keeping size and mtime is seen as the loader sees it). A body that cannot be
+expired by age) under the file's real path, the coding and the head of the URL it answers (an
+alias or a directory's index may have other headers than the file's own), with the version it
+was made from (device, inode, size, mtime, and the CRC-32 of the bytes when the cache holds
+them, so an in-place rewrite keeping size and mtime is seen as the loader sees it). A body that cannot be
 kept (caching off, or larger than the whole budget) is never compressed: identity is served.
 A request for a body another thread is compressing waits for it rather than compressing again.
 
@@ -113,7 +114,9 @@ class Compressor:
         if identity.body is not None and identity.digest is None:
             identity.digest = zlib.crc32(identity.body)  # once per cache entry
         version = (identity.dev, identity.ino, identity.size, identity.mtime_ns, identity.digest)
-        key = (identity.path, coding)
+        # The coded Rep carries its URL's head: one file under two URLs (an alias, a directory's
+        # index) may have two, each kept with its own body.
+        key = (identity.path, coding, identity.type, identity.cache_control, identity.extra)
         while True:
             found = self.cache.kept(key)
             if found is not None and found.version == version:

@@ -288,3 +288,25 @@ def test_headers_by_path_reach_the_bodies_compressed_on_the_fly(root):
         assert (r.headers["Cache-Control"], r.headers["X-Content-Type-Options"]) == ("no-cache", "nosniff")
     again = client.get("/page.txt", headers={"Accept-Encoding": "gzip", "If-None-Match": coded.headers["ETag"]})
     assert again.status_code == 304 and again.headers["Cache-Control"] == "no-cache"
+
+
+def test_one_file_under_two_urls_gets_each_urls_own_headers_compressed(tmp_path):
+    """A body compressed for one URL of a file is shared with its other URLs (an alias, a
+    directory's index), but each answer keeps its own URL's Cache-Control, Content-Type and
+    header rules, whichever URL was asked first."""
+    r = tmp_path / "root"
+    write(r / "app.3f2a9c1b.js", TEXT)  # a content-hashed name: immutable
+    (r / "app.js").symlink_to("app.3f2a9c1b.js")  # its mutable alias
+    write(r / "NOTES.md", TEXT)
+    (r / "notes.txt").symlink_to("NOTES.md")
+    write(r / "index.html", TEXT)
+    rules = [{"match": "/index.html", "set": {"X-Rule": "index"}}]
+    for order in (["/app.3f2a9c1b.js", "/app.js", "/NOTES.md", "/notes.txt", "/index.html", "/"],
+                  ["/app.js", "/app.3f2a9c1b.js", "/notes.txt", "/NOTES.md", "/", "/index.html"]):
+        client = Client(create_app(str(r), headers=rules))
+        for path in order:
+            plain = client.get(path)
+            coded = client.get(path, headers={"Accept-Encoding": "gzip"})
+            assert coded.headers["Content-Encoding"] == "gzip" and DECODE["gzip"](coded.data) == TEXT
+            for name in ("Cache-Control", "Content-Type", "X-Rule"):
+                assert coded.headers.get(name) == plain.headers.get(name), (order, path, name)

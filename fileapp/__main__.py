@@ -32,6 +32,9 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
+MAX_FD = 2**31 - 1  # descriptors are C ints
+
+
 def _number(kind: type, minimum: float, maximum: float | None = None):
     def parse(text: str):
         try:
@@ -76,9 +79,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=_number(int, 0, 65535), default=8000,
                    help="TCP port (default 8000)")
-    p.add_argument("--fd", type=_number(int, 0), default=None,
+    p.add_argument("--fd", type=_number(int, 0, MAX_FD), default=None,
                    help="serve on this inherited listening socket instead of binding")
-    p.add_argument("--unix-fd", type=_number(int, 0), default=None,
+    p.add_argument("--unix-fd", type=_number(int, 0, MAX_FD), default=None,
                    help="also serve on this inherited listening Unix socket (a local proxy's way in)")
     p.add_argument("--threads", type=_number(int, 1, 1024), default=4)
     p.add_argument("--health-path", type=_url_path, default="/healthcheck")
@@ -94,7 +97,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--graceful-timeout", type=_number(float, 0), default=30.0)
     p.add_argument("--keepalive", type=_number(int, 0), default=5,
                    help="seconds an idle keep-alive connection stays open")
-    p.add_argument("--write-timeout", type=_number(float, 0.001), default=30.0,
+    p.add_argument("--write-timeout", type=_number(float, 0.001, 86400), default=30.0,
                    help="seconds a client may take nothing of a response before it is closed")
     p.add_argument("--parent-pid", type=_number(int, 1), default=None,
                    help="exit within a second when this process dies")

@@ -99,6 +99,9 @@ def assert_usage_error(result: subprocess.CompletedProcess, needle: str) -> None
     (["--root", "{root}", "--keepalive", "-3"], "--keepalive"),
     (["--root", "{root}", "--fd", "987"], "--fd 987"),
     (["--root", "{root}", "--fd", "x"], "--fd"),
+    (["--root", "{root}", "--fd", "2147483648"], "--fd"),  # past a C int: no descriptor is
+    (["--root", "{root}", "--unix-fd", "4294967296"], "--unix-fd"),
+    (["--root", "{root}", "--write-timeout", "1e19"], "--write-timeout"),  # past a timeval
     (["--root", "{root}", "--parent-pid", "0"], "--parent-pid"),
     (["--root", "{root}", "--parent-pid", "{dead_pid}"], "no such process"),
     (["--root", "{root}", "--health-path", "health"], "--health-path"),

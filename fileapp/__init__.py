@@ -28,7 +28,8 @@ def create_app(root: str, **options) -> FileApp:
     Options (keyword only):
       app: a WSGI app to fall through to when no file matches (404, directory without index,
            methods other than GET/HEAD), making fileapp a middleware.
-      prefix: URL prefix the files are served under, e.g. "/static" (default: the whole URL space).
+      prefix: URL prefix the files are served under, e.g. "/static" (default: the whole URL space);
+           like health_path, written as it reads ("/stätic"), without '?', '#', '%' or spaces.
       index_names: file names served for a directory URL ending in "/" (default ("index.html",)).
       listing: directory listings when there is no index file (default False): HTML, or JSON
            on Accept: application/json, sorted by name, hidden entries left out, 1000 entries

@@ -16,6 +16,7 @@ import sys
 from typing import NoReturn, Sequence
 
 from . import cache, logs
+from .files import url_path_option
 from .handoff import TOKEN_ENV
 from .version import VERSION
 
@@ -59,8 +60,10 @@ def _boolean(text: str) -> bool:
 
 
 def _url_path(text: str) -> str:
-    if not text.startswith("/"):
-        raise argparse.ArgumentTypeError(f"{text!r} must start with '/'")
+    try:
+        url_path_option(text, "")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
     return text
 
 

@@ -17,7 +17,7 @@ from urllib.parse import quote
 
 from .cache import DEFAULT_ETAG, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
 from .compress import Compressor
-from .files import Exhausted, Resolver, split_url_path
+from .files import Exhausted, Resolver, split_url_path, url_path_option
 from .headers import HeaderRules, apply
 from .handoff import (FILE_HEADER, MIN_SIZE, REQUEST_KEY, file_header, handed_off_head,
                       sendfile_header_for)
@@ -113,14 +113,14 @@ class FileApp:
             raise ValueError(f"root is not a directory: {root}")
         if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
             raise ValueError("prefix must start with '/' and not end with '/' (e.g. '/static')")
-        if health_path is not None and not health_path.startswith("/"):
-            raise ValueError("health_path must start with '/'")
+        prefix = prefix and url_path_option(prefix, "prefix")
+        health = None if health_path is None else url_path_option(health_path, "health_path")
         self.resolver = Resolver(root)
         self.root = self.resolver.root
         self.app = app
         self.prefix = prefix
         self.listing = listing
-        self.health_path = health_path
+        self.health_path = health
         self.health = Health(self.resolver)
         self.cache = ResponseCache(cache_ttl, cache_max_bytes)
         # Up to the configured largest cached file, whatever the proxy takes from disk below.

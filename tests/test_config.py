@@ -129,6 +129,10 @@ BAD = [
     ({"baseDirectory": "www", "workerCount": 1, "healthcheck": {}}, 'healthcheck: unknown key (did you mean "healthCheck"?)'),
     ({"baseDirectory": "www", "workerCount": 1, "healthCheck": 5}, "healthCheck: must be an object, got 5"),
     ({"baseDirectory": "www", "workerCount": 1, "healthCheck": {"path": "health"}}, "healthCheck.path: must be an absolute URL path"),
+    # Sent as it is, so never equal to the path a worker reads (its query and fragment cut off,
+    # its escapes decoded):
+    *[({"baseDirectory": "www", "workerCount": 1, "healthCheck": {"path": bad}}, "healthCheck.path: must be an absolute URL path")
+      for bad in ("/health?full=1", "/health#x", "/health%20check")],
     ({"baseDirectory": "www", "workerCount": 1, "healthCheck": {"rise": 0}}, "healthCheck.rise: must be an integer from 1 to 100, got 0"),
     ({"baseDirectory": "www", "workerCount": 1, "threads": 0}, "threads: must be an integer from 1 to 1024, got 0"),
     ({"baseDirectory": "www", "workerCount": 1, "threads": True}, "threads: must be an integer from 1 to 1024, got true"),

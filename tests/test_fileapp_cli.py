@@ -105,6 +105,7 @@ def assert_usage_error(result: subprocess.CompletedProcess, needle: str) -> None
     (["--root", "{root}", "--parent-pid", "0"], "--parent-pid"),
     (["--root", "{root}", "--parent-pid", "{dead_pid}"], "no such process"),
     (["--root", "{root}", "--health-path", "health"], "--health-path"),
+    (["--root", "{root}", "--health-path", "/health?full=1"], "--health-path"),  # never a path read
     (["--root", "{root}", "--log-level", "loud"], "--log-level"),
     (["--root", "{root}", "--log-format", "xml"], "--log-format"),
     (["--root", "{root}", "--compress", "maybe"], "--compress"),

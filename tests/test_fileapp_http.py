@@ -603,10 +603,25 @@ def test_prefix_without_wrapped_app(root):
     assert c.get("/healthcheck").status_code == 200
 
 
+def test_non_ascii_health_path_and_prefix_match_their_requests(root):
+    """Options name URL paths as they read ("/santé"); PATH_INFO holds their UTF-8 bytes."""
+    write(root / "hello.txt", b"hello world\n")
+    c = Client(create_app(str(root), prefix="/stätic", health_path="/santé"))
+    assert c.get("/sant%C3%A9").data == b"ok"
+    assert c.get("/st%C3%A4tic/hello.txt").data == b"hello world\n"
+    r = c.get("/st%C3%A4tic")
+    assert r.status_code == 301 and r.headers["Location"] == "./st%C3%A4tic/"
+
+
 @pytest.mark.parametrize("kwargs", [{"prefix": "static"}, {"prefix": "/static/"},
-                                    {"health_path": "health"}])
+                                    {"health_path": "health"},
+                                    # no request's path can equal these:
+                                    {"health_path": "/health?full=1"}, {"health_path": "/health#x"},
+                                    {"health_path": "/health%20check"}, {"health_path": "/health check"},
+                                    {"health_path": "/health\n"}, {"prefix": "/st%C3%A4tic"},
+                                    {"prefix": "/a?b"}, {"prefix": "/a b"}])
 def test_bad_options_are_rejected(root, kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="prefix|health_path"):
         create_app(str(root), **kwargs)
 
 

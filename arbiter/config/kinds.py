@@ -108,8 +108,9 @@ class Choice(Kind):
 
 
 class UrlPath(Kind):
-    expect = 'an absolute URL path such as "/healthcheck"'
-    _pattern = r"^/[!-~]{0,1023}$"
+    # Sent as it is: a query, a fragment or an escape would never equal the path a worker reads.
+    expect = 'an absolute URL path such as "/healthcheck" (visible ASCII, no "?", "#" or "%")'
+    _pattern = r'^/[!"$&->@-~]{0,1023}$'
 
     def parse(self, value, key, base):
         if not isinstance(value, str) or not re.fullmatch(self._pattern, value):

@@ -164,16 +164,23 @@ class Entry:
         self.nbytes = nbytes
 
 
+SHRANK = "file shrank while being sent"
+
+
 class FileStream:
     """A file-like view of [start, stop) of an open descriptor, for wsgi.file_wrapper.
 
     Servers that sendfile (gunicorn) use fileno(), the current offset and Content-Length; the
-    others call read(), which never goes past `stop`.
+    others call read(), which never goes past `stop`. A file that shrank below `stop` raises
+    (in read(), or in close() for a server that sent it itself and took a short count for the
+    end, as gunicorn's does): the server then ends the connection rather than keep it alive
+    with less body than its Content-Length, the rest taken from the next answer.
     """
 
     def __init__(self, fd: int, start: int, stop: int) -> None:
         self._fd = fd
         self._left = stop - start
+        self._stop = stop
         os.lseek(fd, start, os.SEEK_SET)
 
     def fileno(self) -> int:
@@ -183,13 +190,20 @@ class FileStream:
         if self._left <= 0:
             return b""
         data = os.read(self._fd, min(size if size > 0 else STREAM_BLOCK, self._left))
+        if not data:
+            raise OSError(SHRANK)
         self._left -= len(data)
         return data
 
     def close(self) -> None:
         if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+            fd, self._fd = self._fd, -1
+            try:
+                shrank = self._left > 0 and os.fstat(fd).st_size < self._stop
+            finally:
+                os.close(fd)
+            if shrank:
+                raise OSError(SHRANK)
 
 
 class StreamBody:
@@ -241,7 +255,7 @@ class MultipartBody:
             while start < stop:
                 block = os.pread(self._fd, min(STREAM_BLOCK, stop - start), start)
                 if not block:  # truncated under us: Content-Length can no longer hold
-                    raise OSError("file shrank while being sent")
+                    raise OSError(SHRANK)
                 start += len(block)
                 yield block
         yield self._tail

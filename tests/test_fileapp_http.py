@@ -101,6 +101,28 @@ def test_head_has_same_headers_and_no_body(client):
     assert dict(head.headers) == dict(get.headers)
 
 
+@pytest.mark.parametrize("wrapper", [None, FileWrapper])
+def test_a_file_that_shrinks_while_streamed_raises_rather_than_ending_short(root, wrapper):
+    """A server reading the body (or closing it after sending the file itself) learns that it
+    cannot reach its Content-Length, and ends the connection instead of keeping it alive."""
+    write(root / "long.bin", DATA * 256)
+    app = create_app(str(root), cache_max_file_size=0)
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/long.bin", "SERVER_NAME": "x",
+               "SERVER_PORT": "80", "wsgi.url_scheme": "http"}
+    if wrapper is not None:
+        environ["wsgi.file_wrapper"] = wrapper
+    body, unread = (app(environ, lambda status, headers, exc_info=None: None) for _ in range(2))
+    blocks = iter(body)
+    assert next(blocks)
+    os.truncate(root / "long.bin", 100)
+    with pytest.raises(OSError, match="shrank"):
+        for _ in blocks:
+            pass
+    for short in (unread, body):  # unread: as gunicorn's sendfile leaves it
+        with pytest.raises(OSError, match="shrank"):
+            short.close()
+
+
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "TRACE", "CONNECT", "FOO"])
 def test_other_methods_get_405_with_allow(client, method):
     r = fetch(client, "/hello.txt", method)

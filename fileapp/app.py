@@ -194,9 +194,11 @@ class FileApp:
         rep = self._pick(entry, environ) if entry.codings else entry.identity
         if entry.compressible and "HTTP_ACCEPT_ENCODING" in environ and "HTTP_RANGE" not in environ:
             rep = self.compressor.pick(rep, environ["HTTP_ACCEPT_ENCODING"]) or rep
-        if rep.body is None and ("HTTP_RANGE" in environ or not self._from_proxy(environ)):
+        if rep.body is None and ("HTTP_RANGE" in environ or rep.size < MIN_SIZE
+                                  or not self._from_proxy(environ)):
             return self._serve_stream(environ, start_response, path, rep, entry)
-        # (gows' proxy checks the file it is handed is still this one: no need to reopen it here)
+        # (a whole body handed off: gows' proxy checks the file is still this one, no need to
+        # reopen it here)
         return self._serve(environ, start_response, rep, rep.body, None)
 
     # -- responses --------------------------------------------------------------------------

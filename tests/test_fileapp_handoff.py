@@ -136,6 +136,14 @@ def test_small_and_multipart_bodies_are_sent_by_the_worker(client, path, headers
     assert r.status_code == status and r.data and FILE_HEADER not in r.headers
 
 
+@pytest.mark.parametrize("options", [{"cache_ttl": 0}, {"cache_max_bytes": 0}, {"cache_max_file_size": 3}])
+def test_a_small_file_whose_bytes_the_cache_does_not_hold_is_sent_by_the_worker(root, options):
+    """Below MIN_SIZE nothing is handed off: with caching off, or a file past the cache's
+    largest, the worker reads it from disk as it does for anyone else."""
+    r = Client(create_app(str(root), handoff_token=TOKEN, **options)).get("/small.txt", headers=ASK)
+    assert r.status_code == 200 and r.data == b"small\n" and FILE_HEADER not in r.headers
+
+
 def test_head_conditionals_and_errors_are_never_handed_off(client):
     head = client.head("/big.bin", headers=ASK)
     assert head.headers["Content-Length"] == str(len(BIG)) and FILE_HEADER not in head.headers

@@ -421,10 +421,18 @@ def test_the_front_cache_remembers_a_named_file_and_rechecks_it(big):
         assert get(proxy.port, extra=b'If-None-Match: "e1"\r\n')[0] == 304
         stats = proxy.stats()
         assert stats["file_bodies"] == 3 and stats["front_cache"]["bytes"] < 8192
+        # Rewritten in place (its directory unchanged): a head or a 304 alone, which open no
+        # file, check it too, and leave the answer to a worker.
+        for size, request in ((len(BODY) + 1, {"method": b"HEAD"}), (len(BODY) + 2, {"extra": b'If-None-Match: "e1"\r\n'})):
+            asked = len(namer.heads)
+            big.write_bytes(b"R" * size)
+            get(proxy.port, **request)
+            assert len(namer.heads) == asked + 1, request
+        asked = len(namer.heads)
         _replace(big, b"N" * len(BODY))  # changed on disk: the stored name no longer holds
         status, _, body = get(proxy.port)
         assert (status, body) == (200, b"N" * len(BODY))  # named again by the worker, sent by us
-        assert len(namer.heads) == 2
+        assert len(namer.heads) == asked + 1
     finally:
         proxy.stop()
         namer.stop()

@@ -15,7 +15,7 @@ from httptools import HttpRequestParser
 
 from .cache import Entry
 from .counters import FILE_BODIES, FILE_REFUSED, HEALTH_CHECKS, REJECTED, TIMEOUTS, TRUNCATED
-from .filebody import BodySender, FileSender, open_file
+from .filebody import BodySender, FileSender, file_unchanged, open_file
 from .http1 import BUSY, GET, HEAD, NO_STORE, error_response
 from .reader import IDLE, MAX_PIPELINE, RequestReader
 from .relay import JOIN_LIMIT, Relay
@@ -188,7 +188,12 @@ class ClientProtocol(RequestReader):
         keep = req.keep_alive and not proxy.draining
         http10 = req.http10
         hsts = proxy.tls.hsts if self.scheme is not PLAIN_SCHEME else None  # (stored heads have none)
-        if (req.inm is not None or req.ims is not None) and entry.not_modified(req.inm, req.ims):
+        conditional = req.inm is not None or req.ims is not None
+        if (entry.file is not None and (conditional or req.method == HEAD)
+                and not file_unchanged(entry.file)):  # (a body sent is checked as it is opened)
+            proxy.counts[FILE_REFUSED] += 1
+            return False
+        if conditional and entry.not_modified(req.inm, req.ims):
             nm = (entry.nm_ka if http10 else entry.nm) if keep else entry.nm_close
             self.transport.write(nm if hsts is None else nm[:-2] + hsts + b"\r\n")
             proxy.status_counts[3] += 1

@@ -21,7 +21,7 @@ import os
 import socket
 from typing import Any, Callable
 
-from fileapp.handoff import FileRef, open_verified, parse_file_header
+from fileapp.handoff import FileRef, open_verified, parse_file_header, same_file
 
 # Bytes sent per turn of the event loop to one client, so that a fast reader of a big file
 # cannot keep the others waiting.
@@ -88,6 +88,15 @@ def open_file(ref: FileRef) -> int | None:
         return open_verified(ref)
     except OSError:
         return None
+
+
+def file_unchanged(ref: FileRef) -> bool:
+    """Whether the path `ref` names is still its file (a stat that follows no symlink in the
+    last component, as open_verified opens): for an answer that opens no file (a head, a 304)."""
+    try:
+        return same_file(os.stat(ref.path, follow_symlinks=False), ref)
+    except (OSError, ValueError):
+        return False
 
 
 class BodySender:

@@ -9,6 +9,7 @@ import socket
 import struct
 import time
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Iterator
 
 import pytest
@@ -285,6 +286,36 @@ def test_a_file_truncated_while_being_sent_ends_the_connection_short(tmp_path):
     finally:
         proxy.stop()
         namer.stop()
+
+
+def test_no_descriptor_to_watch_a_full_socket_ends_the_download_at_once(tmp_path, namer, monkeypatch):
+    """A body that must wait for room watches a duplicate of the client's socket: with none to
+    spare (EMFILE), the connection ends there, not after the response timeout with the file and
+    the client held."""
+    from arbiter.config import ProxyConfig
+    from arbiter.proxy import filebody
+
+    def no_descriptor(fd):
+        raise OSError(24, "Too many open files")
+
+    path = tmp_path / "huge.bin"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+    namer.path = path
+    proxy = ProxyThread([namer.port], proxy=configured(ProxyConfig, responseTimeout=60), front_cache=NO_CACHE,
+                        handoff_token=TOKEN)
+    try:
+        monkeypatch.setattr(filebody, "os", SimpleNamespace(**{**vars(os), "dup": no_descriptor}))
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 65536)
+            s.sendall(b"GET /huge.bin HTTP/1.1\r\nHost: t\r\n\r\n")
+            received = s.recv(65536)
+            while data := s.recv(1 << 20):  # (a timeout here: the client was left waiting)
+                received += data
+        assert b"Content-Length: %d" % (64 << 20) in received and len(received) < 64 << 20
+        wait_until(lambda: proxy.stats()["truncated_responses"] == 1, timeout=5)
+    finally:
+        proxy.stop()
 
 
 def test_a_slow_reader_of_a_named_file_is_dropped_after_the_response_timeout(tmp_path, namer):

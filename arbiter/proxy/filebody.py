@@ -177,7 +177,11 @@ class FileSender(BodySender):
 
     def _wait(self) -> None:
         if self.watch < 0:
-            self.watch = os.dup(self.sock)
+            try:
+                self.watch = os.dup(self.sock)
+            except OSError as exc:  # (EMFILE) no way to learn of room: the body cannot go on
+                self._finish(f"no descriptor to wait for the client with: {exc.strerror}", False)
+                return
             self.loop.add_writer(self.watch, self._writable)
 
     def _unwatch(self) -> None:

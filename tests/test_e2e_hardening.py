@@ -5,6 +5,7 @@ memory and hostile Host/Connection/Upgrade headers."""
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -231,6 +232,37 @@ def test_the_masters_descriptor_shortage_sheds_load_and_keeps_the_workers(master
     assert 502 not in outcomes and 504 not in outcomes
     assert outcomes.count(200) >= 0.95 * len(outcomes), {o: outcomes.count(o) for o in set(outcomes)}
     assert get(m, "/a.txt")[0] == 200  # at once: nothing to recover from
+
+
+def test_short_of_descriptors_every_download_a_proxy_admits_is_served(masters, tmp_path):
+    """A proxy admits as many clients as its open files hold, counting what a file body takes
+    beside the client's socket (the file and a watch on the socket): that many slow downloads at
+    once all get their 200, none a 503 or a cut for want of a descriptor."""
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "a.txt").write_text("a\n")
+    with open(root / "huge.bin", "wb") as f:
+        f.truncate(256 * MiB)  # more than the sockets' buffers hold: every sender waits for room
+    m = served(masters, tmp_path, root, nofile=600, proxy={"processes": 1}, frontCache={"enabled": False})
+    admitted = int(re.search(r"serving at most (\d+) clients at once", m.master.wait_log("serving at most")).group(1))
+    held: list[socket.socket] = []
+    with closing_all(held):
+        for _ in range(admitted):
+            s = socket.socket()
+            held.append(s)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # (before connecting: a small window)
+            s.settimeout(20)
+            s.connect(("127.0.0.1", m.port))
+            s.sendall(request("GET", "/huge.bin"))
+        heads = [s.recv(64).split(b"\r\n", 1)[0] for s in held]
+        assert heads == [b"HTTP/1.1 200 OK"] * admitted, {h: heads.count(h) for h in set(heads)}
+        wait_until(lambda: m.json()["proxy"]["client_connections"] == admitted, timeout=20,
+                   message="every download under way at once")
+    log = m.master.log()
+    assert "proxy error" not in log and "short of file descriptors" not in log, log[-3000:]
+    assert m.json()["proxy"]["truncated_responses"] == 0
+    wait_until(lambda: m.json()["proxy"]["client_connections"] == 0, timeout=30, message="all gone")
+    assert get(m, "/a.txt")[0] == 200
 
 
 # -- 6. reloads and the front cache -------------------------------------------------------------------

@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from ..config import ProxyConfig
 
-# Descriptors per client: its own and one to a worker while a request is on its way there; and
-# aside from those, beyond the idle pool: listeners (ACCEPTORS duplicates of each of up to 3),
-# logs, the control channel, the loop's own.
-FDS_PER_CLIENT = 2
+# Descriptors per client: its own, and either one to a worker while a request is on its way
+# there or, while a file body is sent, the file and a duplicate of the socket watched for room
+# (a client's requests are answered one at a time); and aside from those, beyond the idle pool:
+# listeners (ACCEPTORS duplicates of each of up to 3), logs, the control channel, the loop's own.
+FDS_PER_CLIENT = 3
 ACCEPTORS = 16
 FD_RESERVE = 32 + 3 * ACCEPTORS
 

@@ -5,9 +5,10 @@ Never per request: the compressed body is kept (counted in the cache's byte budg
 expired by age) under the file's real path, the coding and the head of the URL it answers (an
 alias or a directory's index may have other headers than the file's own), with the version it
 was made from (device, inode, size, mtime, and the CRC-32 of the bytes when the cache holds
-them, so an in-place rewrite keeping size and mtime is seen as the loader sees it). A body that cannot be
-kept (caching off, or larger than the whole budget) is never compressed: identity is served.
-A request for a body another thread is compressing waits for it rather than compressing again.
+them, so an in-place rewrite keeping size and mtime is seen as the loader sees it). A body that
+cannot be kept (caching off, or larger than the whole budget) is never compressed: identity is
+served. A request for a body another thread is compressing waits for it rather than compressing
+again.
 
 Bounded work: only files from MIN_SIZE to `max_size` bytes (the cache's largest cached file,
 256 KiB by default) are compressed, at levels that take a few tens of milliseconds for the

@@ -62,9 +62,10 @@ def url_path_option(value: str, where: str) -> str:
     """An option naming a URL path as it reads ("/santé"), in the form PATH_INFO holds a
     request's (its UTF-8 bytes as latin-1); refused (ValueError naming `where`) when no request's
     path could equal it: a query, a fragment, an escape, whitespace or a control character."""
-    if not value.startswith("/") or any(c in "?#%" or c.isspace() or not c.isprintable() for c in value):
-        raise ValueError(f"{where} must be an absolute URL path as it reads, without '?', '#', "
-                         f"'%', spaces or control characters (e.g. '/static'), got {value!r}".lstrip())
+    if not value.startswith("/") or any(c in "?#%" or not c.isprintable() or c.isspace()
+                                        for c in value):
+        raise ValueError(f"{where} must be an absolute URL path as it reads, without '?', '#', '%', "
+                         f"spaces or control characters (e.g. '/static'), got {value!r}".lstrip())
     return value.encode("utf-8", "surrogatepass").decode("latin-1")
 
 

@@ -222,6 +222,29 @@ def test_each_mistake_exits_2_with_one_line_naming_the_key(site, capsys, data, m
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"baseDirectory": "loop", "workerCount": 1}, "baseDirectory: "),  # a symlink loop
+    ({"baseDirectory": "x" * 300, "workerCount": 1}, "baseDirectory: "),  # a name too long
+    ({"baseDirectory": "www", "workerCount": 1, "pidfile": "a\0b"}, "pidfile: must not contain a NUL"),
+    ({"baseDirectory": "www", "workerCount": 1, "pidfile": "loop/gows.pid"}, "pidfile: "),
+    ({"baseDirectory": "www", "workerCount": 1, "pidfile": "fifo"}, "pidfile: "),  # read for ever, then replaced
+    ({"baseDirectory": "www", "workerCount": 1, "logging": {"file": "y" * 300}}, "logging.file: "),
+    ({"baseDirectory": "www", "workerCount": 1, "listen": "127.0.0.1:\u0668\u0660"}, "listen: "),  # Arabic-Indic 80
+    ('{"baseDirectory": "www", "workerCount": ' + "9" * 5000 + "}", "invalid JSON"),
+    ("[" * 100000 + "]" * 100000, "invalid JSON"),
+])
+def test_paths_and_json_the_system_refuses_are_one_line_mistakes_too(site, capsys, data, message):
+    """What the operating system or the JSON reader refuses (a symlink loop, a name too long, a
+    NUL, a FIFO for a pidfile, digits int() will not take, nesting deeper than the parser goes)
+    is named in one line with exit 2, as every other mistake, never a traceback."""
+    (site / "loop").symlink_to(site / "loop")
+    os.mkfifo(site / "fifo")
+    path = write(site, data)
+    code, out, err = check(path, capsys)
+    assert code == 2 and out == "" and message in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+
+
 def test_missing_config_file(tmp_path, capsys):
     code, _, err = check(tmp_path / "nope.json", capsys)
     assert code == 2 and err == f"{tmp_path / 'nope.json'}: cannot read: No such file or directory\n"

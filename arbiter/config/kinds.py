@@ -150,7 +150,7 @@ class AddressKind(Kind):
     def parse(self, value, key, base):
         if not isinstance(value, str):
             raise self.fail(value, key)
-        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([^:\[\]]+):(\d{1,5})", value)
+        m = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:([0-9]{1,5})|([^:\[\]]+):([0-9]{1,5})", value)
         if not m:
             raise self.fail(value, key)
         host, port = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
@@ -175,7 +175,26 @@ class _PathKind(Kind):
     def resolve(self, value: Any, key: str, base: Path) -> Path:
         if not isinstance(value, str) or not value:
             raise self.fail(value, key)
-        return (base / value).resolve()
+        if "\0" in value:
+            raise ConfigError(f"{key}: must not contain a NUL character, got {_got(value)}")
+        try:
+            value.encode("utf-8")
+            return (base / value).resolve()
+        except UnicodeEncodeError:
+            raise ConfigError(f"{key}: must be valid Unicode (a lone surrogate?), got {_got(value)}") from None
+        except RuntimeError:  # (Python < 3.13: resolve() on a symlink loop)
+            raise ConfigError(f"{key}: {base / value} is a symlink loop") from None
+        except OSError as e:
+            raise ConfigError(f"{key}: {base / value}: {e.strerror or e}") from None
+
+    @staticmethod
+    def checked(key: str, path: Path, check: Any) -> bool:
+        """`check(path)` (exists, is_dir, ...), an OSError (a name too long, EACCES on the way)
+        turned into a ConfigError naming the key."""
+        try:
+            return check(path)
+        except OSError as e:
+            raise ConfigError(f"{key}: {path}: {e.strerror or e}") from None
 
     def schema(self):
         return {"type": "string", "minLength": 1}
@@ -186,9 +205,9 @@ class Directory(_PathKind):
 
     def parse(self, value, key, base):
         path = self.resolve(value, key, base)
-        if not path.exists():
+        if not self.checked(key, path, Path.exists):
             raise ConfigError(f"{key}: {path} does not exist")
-        if not path.is_dir():
+        if not self.checked(key, path, Path.is_dir):
             raise ConfigError(f"{key}: {path} is not a directory")
         if not os.access(path, os.R_OK | os.X_OK):
             raise ConfigError(f"{key}: {path} is not readable")
@@ -202,10 +221,22 @@ class FilePath(_PathKind):
 
     def parse(self, value, key, base):
         path = self.resolve(value, key, base)
-        if not path.parent.is_dir():
+        if not self.checked(key, path.parent, Path.is_dir):
             raise ConfigError(f"{key}: directory {path.parent} does not exist")
-        if path.is_dir():
+        if self.checked(key, path, Path.is_dir):
             raise ConfigError(f"{key}: {path} is a directory")
+        return path
+
+
+class PidFilePath(FilePath):
+    """The pidfile: absent or a regular file. The master replaces it (a rename over it) and
+    removes it at exit, and reads it first: a device (/dev/null), a FIFO or a socket there would
+    be replaced and deleted, block the start for ever, or be read without end (/dev/zero)."""
+
+    def parse(self, value, key, base):
+        path = super().parse(value, key, base)
+        if self.checked(key, path, Path.exists) and not self.checked(key, path, Path.is_file):
+            raise ConfigError(f"{key}: {path} exists and is not a regular file")
         return path
 
 
@@ -216,9 +247,9 @@ class InputFile(_PathKind):
 
     def parse(self, value, key, base):
         path = self.resolve(value, key, base)
-        if not path.exists():
+        if not self.checked(key, path, Path.exists):
             raise ConfigError(f"{key}: {path} does not exist")
-        if not path.is_file():
+        if not self.checked(key, path, Path.is_file):
             raise ConfigError(f"{key}: {path} is not a file")
         if not os.access(path, os.R_OK):
             raise ConfigError(f"{key}: {path} is not readable")

@@ -189,6 +189,10 @@ def read(path: str | os.PathLike) -> Any:
         return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_reject_constant)
     except json.JSONDecodeError as e:
         raise ConfigError(f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:
+        raise ConfigError("invalid JSON: nested too deeply") from None
+    except ValueError as e:  # an integer of more digits than int() takes (sys.get_int_max_str_digits)
+        raise ConfigError(f"invalid JSON: {e}".split(";")[0]) from None
 
 
 def load(path: str | os.PathLike) -> Config:

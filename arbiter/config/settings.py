@@ -15,7 +15,7 @@ from fileapp import logs as worker_logs
 
 from ..addresses import Address, WorkerAddress
 from .kinds import (REQUIRED, AddressKind, Boolean, Choice, Directory, FilePath, Host, InputFile, Integer, LogTarget,
-                    Nullable, Number, UrlPath, WorkerList, section, setting)
+                    Nullable, Number, PidFilePath, UrlPath, WorkerList, section, setting)
 from .site_kinds import ErrorPages, HeaderRuleList, SitePath
 
 
@@ -145,7 +145,7 @@ class Config:
     fail_timeout: float = setting(Number(3600), 10.0, "Window in seconds for maxFails.")
     resolve_interval: float = setting(Number(86400), 30.0, "Seconds between two resolutions of a worker host given by DNS name (done off the master's loop).")
     lame_duck: float = setting(Number(3600, positive=False), 5.0, "Seconds a master told to stop (TERM) answers its own health path (healthCheck.path on the public listener) 503 while still serving, before it drains: an edge gows checking it with default healthCheck settings (fall 3 x interval 1s + timeout 1s) marks it down meanwhile, so no request is sent to a node that is leaving. Skipped when nothing asked the health path in that time; 0 disables it.")
-    pidfile: Path | None = setting(Nullable(FilePath()), None, "File the master writes its pid to (removed at exit); null for none.")
+    pidfile: Path | None = setting(Nullable(PidFilePath()), None, "File the master writes its pid to (removed at exit); null for none.")
     admin: Address | None = setting(Nullable(AddressKind()), None, "Address of the admin listener (status page, metrics); null disables it.")
     listing: bool = setting(Boolean(), False, "List a directory that has no index.html: an HTML page (sorted by name, sizes, modification times, parent link, 1000 entries a page), or JSON on Accept: application/json. Hidden names (dotfiles) and whatever the workers refuse to serve are left out.")
     fallback: str | None = setting(Nullable(SitePath()), None, "Single-page apps: a file under baseDirectory (e.g. \"index.html\") that answers, with 200, a GET or HEAD of a path with no file when the request's Accept names text/html and the path's last segment has no extension (as try_files $uri /index.html); never for the health path or a path refused for security. null: none.")

@@ -30,7 +30,7 @@ from .ops.notify import Notifier
 from .proxies import ProxyFleet
 from .proxy_slot import AccessLogState
 from .resolve import NamedUpstreams
-from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_STOP, SignalQueue, Stop
+from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_START, ANSWERED_DURING_STOP, SignalQueue, Stop
 from .sockets import ListenError, RuntimeDir, bind_listener
 from .state import WorkerState, WorkerTable
 from .worker_command import WorkerOptions
@@ -135,14 +135,22 @@ class Arbiter:
                     self.table.add(WorkerState(w.host, w.port, local=False, weight=w.weight, slow_start=w.slow_start))
             await self.names.configure(self.config)
             self.checker.sync()
-            await self.proxy.start()
-            if self.admin is not None:
-                await self.admin.start(self._admin_sock)
-            local = len(self.slots)
-            log.info("gows master on %s: %d local and %d remote workers, serving %s", self.serving,
-                     local, len(self.table) - local, self.config.base_directory)
-            self._ready_task = asyncio.ensure_future(self._announce_ready())
-            stop = await self._signals.answer(self)
+            # The proxies may take up to the boot timeout to accept: a stop signal meanwhile is
+            # answered now, as gunicorn's arbiter does, not once they are all up.
+            starting = asyncio.ensure_future(self.proxy.start())
+            stop = await self._signals.answer(self, starting, ANSWERED_DURING_START)
+            if stop is not None:
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+            else:
+                await starting
+                if self.admin is not None:
+                    await self.admin.start(self._admin_sock)
+                local = len(self.slots)
+                log.info("gows master on %s: %d local and %d remote workers, serving %s", self.serving,
+                         local, len(self.table) - local, self.config.base_directory)
+                self._ready_task = asyncio.ensure_future(self._announce_ready())
+                stop = await self._signals.answer(self)
             assert stop is not None  # with nothing busy, only a stop signal ends the wait
             await self._shutdown(stop)
             return 0
@@ -216,6 +224,11 @@ class Arbiter:
         """USR1: reopen the error log and the access log (after logrotate moved them)."""
         self.sink.reopen()
         self.proxy.reopen_logs()
+
+    async def handle_usr2(self) -> None:
+        """USR2: gunicorn's re-exec for a binary upgrade, which gows does not do: logged, ignored."""
+        log.warning("SIGUSR2 ignored: gows does not re-exec itself (gunicorn's USR2 upgrade); HUP "
+                    "reloads the config and starts every worker and proxy from the code on disk")
 
     # -- health events ---------------------------------------------------------------------
     def _on_transition(self, worker: WorkerState, up: bool) -> None:
@@ -313,6 +326,10 @@ class Arbiter:
         except ConfigError as e:
             log.error("reload failed, keeping the running configuration: %s: %s", path, e)
             return
+        except Exception as e:  # a bug in the loader must not take the running master down with it
+            log.exception("reload failed, keeping the running configuration: %s: %s: %s", path,
+                          type(e).__name__, e)
+            return
         for key in ("listen", "admin", "pidfile"):
             if getattr(new, key) != getattr(self.config, key):
                 log.warning("reload: %s changed to %s; that takes a restart, still using %s",
@@ -321,6 +338,15 @@ class Arbiter:
         new = dataclasses.replace(new, listen=self.config.listen, admin=self.config.admin,
                                   pidfile=self.config.pidfile, tls=self._tls_kept(new.tls))
         wanted = {(w.host, w.port): w for w in new.workers}
+        # A port the new config lists may still be held by this master: its slot retired (TTOU, an
+        # earlier reload) and draining. Binding it now would fail with "address already in use"
+        # and refuse the whole reload; its drain ends within the graceful timeout (then KILL).
+        draining = [task for task, slot in self._retiring.items()
+                    if slot.state.key in wanted and wanted[slot.state.key].local]
+        if draining:
+            log.info("reload: waiting for %d retired worker(s) on ports the config lists to finish draining",
+                     len(draining))
+            await asyncio.wait(draining)
         fresh: dict[tuple[str, int], socket.socket] = {}
         try:
             for key, w in wanted.items():

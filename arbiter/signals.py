@@ -14,11 +14,15 @@ from typing import Collection, Protocol
 
 log = logging.getLogger("gows.arbiter")
 
+# USR2 is gunicorn's re-exec (a binary upgrade), which gows does not do: handled only so that an
+# operator's `kill -USR2` is logged and ignored instead of killing the master at once (its
+# default action), with no drain and the pidfile left behind.
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
-                   signal.SIGTTOU, signal.SIGUSR1)
+                   signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2)
 HANDLERS = {sig: f"handle_{sig.name[3:].lower()}" for sig in HANDLED_SIGNALS}  # SIGTTIN: handle_ttin
 ANSWERED_DURING_RELOAD = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1})
 ANSWERED_DURING_STOP = frozenset({signal.SIGINT, signal.SIGQUIT})  # the rest are moot: it is leaving
+ANSWERED_DURING_START = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1})
 
 
 class Stop(enum.Enum):
@@ -38,6 +42,7 @@ class Handlers(Protocol):
     async def handle_ttin(self) -> None: ...
     async def handle_ttou(self) -> None: ...
     async def handle_usr1(self) -> None: ...
+    async def handle_usr2(self) -> None: ...
 
 
 class SignalQueue:

@@ -424,3 +424,57 @@ def test_int_during_a_graceful_stop_ends_the_wait_for_in_flight_downloads(master
         m.proc.wait(150)  # the graceful timeout (120 s) no longer applies
         assert time.monotonic() - started < 30, f"exited {time.monotonic() - started:.1f}s after SIGINT"
     assert "stopping now" in m.log()
+
+
+def test_hup_with_a_config_the_system_refuses_keeps_serving(masters, tmp_path, site):
+    """A reload whose config names what the operating system refuses (a symlink loop, a name too
+    long) fails in one line like any other mistake; the running master keeps serving."""
+    listen, *ports = free_ports(2)
+    config = base_config(site, listen, ports)
+    m = start(masters, tmp_path, config)
+    m.wait_workers(ports)
+    m.wait_log("is up")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for count, root in enumerate((str(tmp_path / "loop"), "x" * 300), start=1):
+        m.write_config(dict(config, baseDirectory=root))
+        m.signal(signal.SIGHUP)
+        m.wait_log("reload failed, keeping the running configuration: .*baseDirectory: ", count=count)
+        assert pid_alive(m.pid) and requests.get(f"http://127.0.0.1:{listen}/a.txt", timeout=10).text == "alpha\n"
+    assert "Traceback" not in m.log()
+
+
+def test_usr2_is_logged_and_ignored_not_the_end_of_the_master(masters, tmp_path, site):
+    """gunicorn's USR2 re-execs for an upgrade; gows does not, and must not die of it either
+    (the signal's default action) with no drain and its pidfile left behind."""
+    listen, *ports = free_ports(2)
+    m = start(masters, tmp_path, base_config(site, listen, ports))
+    m.wait_workers(ports)
+    m.wait_log("is up")
+    m.signal(signal.SIGUSR2)
+    m.wait_log("SIGUSR2 ignored")
+    assert pid_alive(m.pid) and requests.get(f"http://127.0.0.1:{listen}/a.txt", timeout=10).text == "alpha\n"
+
+
+def test_hup_while_a_retired_worker_drains_waits_for_its_port(masters, tmp_path, site):
+    """TTOU retires the last worker, which drains a download; a HUP of a config still listing
+    its port binds that port once the drain is over, instead of failing the whole reload with
+    "address already in use" against the master's own socket."""
+    (site / "big.bin").write_bytes(os.urandom(1) * (64 << 20))
+    base = free_port_run(3)
+    config = base_config(site, free_port(), [], gracefulTimeout=60)
+    del config["workers"]
+    config.update(workerCount=3, workerBasePort=base)
+    m = start(masters, tmp_path, config)
+    m.wait_workers([base, base + 1, base + 2])
+    m.wait_log("is up", count=3)
+    with socket.create_connection(("127.0.0.1", base + 2), timeout=10) as slow:
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(b"GET /big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert slow.recv(64).startswith(b"HTTP/1.1 200")  # the download holds the worker draining
+        m.signal(signal.SIGTTOU)
+        m.wait_log(rf"SIGTTOU: stopping worker 127\.0\.0\.1:{base + 2}; 2 local workers")
+        m.signal(signal.SIGHUP)  # the config still says 3 workers
+        m.wait_log("reload: waiting for 1 retired worker")
+    m.wait_log(r"reload done: 3 local workers \(1 added", timeout=60)
+    assert "address already in use" not in m.log()
+    m.wait_workers([base, base + 1, base + 2])

@@ -204,3 +204,28 @@ def test_term_on_a_master_nobody_checks_drains_without_a_lame_duck(tmp_path, cap
     with caplog.at_level(logging.INFO):
         uvloop.run(main())
     assert not any(m.startswith("lame duck") for m in messages(caplog))
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_the_proxies_start_is_answered_at_once(tmp_path, caplog, monkeypatch, sig):
+    """The proxies may take up to the boot timeout to accept; a stop meanwhile does not wait for
+    them (gunicorn's arbiter answers it at once too)."""
+    from arbiter.proxies import ProxyFleet
+
+    started = asyncio.Event()
+
+    async def never_ready(self) -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(ProxyFleet, "start", never_ready)
+
+    async def main():
+        async with master(tmp_path) as (arbiter, running):
+            await asyncio.wait_for(started.wait(), LIMIT)
+            arbiter._signals.put_nowait(sig)
+            assert await asyncio.wait_for(running, LIMIT) == 0
+
+    with caplog.at_level(logging.INFO):
+        uvloop.run(main())
+    assert "master exiting" in messages(caplog)

@@ -86,6 +86,10 @@ def test_encoding_class_normalises_order_and_weights():
     # Identity weighs 1 unless named: here a worker prefers identity, there gzip.
     assert encoding_class(b"br, gzip;q=0.5") != encoding_class(b"br, gzip")
     assert encoding_class(b"gzip;q=0.5, identity") == encoding_class(b"gzip;q=0.5")
+    # x-gzip is gzip to a worker (fileapp.semantics.choose_encoding): it gets gzip, which must
+    # never be served to a client that only takes identity.
+    assert encoding_class(b"x-gzip") == encoding_class(b"gzip") != encoding_class(b"identity")
+    assert encoding_class(b"x-gzip;q=0.5, gzip;q=0") == encoding_class(b"identity")
 
 
 def test_freshness_from_cache_control():

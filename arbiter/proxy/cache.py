@@ -67,10 +67,15 @@ def encoding_class(accept_encoding: bytes | None, _memo: dict = {}) -> bytes:
         cls = b"-"
     else:
         accept = parse_accept_header(accept_encoding.decode("latin-1"))
+        named = {value.lower() for value, _ in accept}
         # Identity is acceptable unless excluded (RFC 9110 12.5.3), and a worker weighs it so:
         # "br, gzip;q=0.5" (identity wins) and "br, gzip" (gzip wins) are different classes.
-        implicit = not any(value.lower() in ("identity", "*") for value, _ in accept)
-        weights = [(1.0 if implicit and c == "identity" else accept.quality(c), i, c) for i, c in enumerate(_CODINGS)]
+        implicit = "identity" not in named and "*" not in named
+        # x-gzip stands for gzip when gzip is not named (RFC 9110 8.4.1.3), as a worker reads it
+        # (fileapp.semantics.choose_encoding): else "x-gzip" and "identity" would share a class.
+        alias = {"gzip": "x-gzip"} if "gzip" not in named and "x-gzip" in named else {}
+        weights = [(1.0 if implicit and c == "identity" else accept.quality(alias.get(c, c)), i, c)
+                   for i, c in enumerate(_CODINGS)]
         ranked = sorted((-q, i, c) for q, i, c in weights if q > 0)
         cls = ",".join(c for _, _, c in ranked).encode()
     if len(_memo) >= _MEMO_LIMIT:

@@ -270,6 +270,15 @@ def test_expect_100_continue(proxy):
     assert "expect" not in {k.lower() for k, _ in json.loads(final[2])["headers"]}
 
 
+def test_an_http10_expectation_is_ignored(proxy):
+    """RFC 9110 10.1.1: an HTTP/1.0 request's Expect is ignored (a 1.0 client knows no 100
+    Continue and no 417), as nginx does."""
+    for expect in (b"100-continue", b"foo"):
+        data = raw(proxy.port, b"POST /echo HTTP/1.0\r\nContent-Length: 3\r\nExpect: " + expect + b"\r\n\r\nabc")
+        [(status, _, body)] = parse_responses(data)
+        assert status == 200 and json.loads(body)["body"] == "abc", expect
+
+
 def test_upgrade_is_not_tunnelled(proxy):
     data = raw(proxy.port, b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
                            b"GET /echo?second HTTP/1.1\r\nHost: t\r\n\r\n")

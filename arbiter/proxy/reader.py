@@ -217,7 +217,7 @@ class RequestReader(asyncio.Protocol):
                 raise Reject(503)
         if req.connection is not None:
             self._drop_connection_named(req)
-        if req.expect is not None:
+        if req.expect is not None and not http10:  # (an HTTP/1.0 request's is ignored: RFC 9110 10.1.1)
             if req.expect.lower() != b"100-continue":
                 raise Reject(417)
             if req.body is not None and self.current is None and not self.queue and not self.closed:

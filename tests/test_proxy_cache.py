@@ -2,6 +2,7 @@
 per encoding class), when it lets go (max-age, byte bounds), and its off switch."""
 from __future__ import annotations
 
+import socket
 import time
 from urllib.parse import urlsplit
 
@@ -10,7 +11,9 @@ import requests
 
 from arbiter.config import FrontCacheConfig, configured
 from arbiter.proxy.cache import Entry, FrontCache, encoding_class, freshness
+from arbiter.proxy.reader import MAX_PIPELINE
 from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, Worker, parse_responses, raw
+from support import wait_until
 
 pytestmark = pytest.mark.unit
 
@@ -398,3 +401,27 @@ def test_the_budget_counts_what_entries_really_hold(size):
     finally:
         tracemalloc.stop()
     assert held <= cache.bytes <= 1.5 * held, (held, cache.bytes)
+
+
+def test_pipelined_hits_wait_for_a_client_that_reads_nothing(proxy, origin):
+    """Hits are answered at once, but not into a client's full buffer: 2,000 pipelined GETs of
+    a stored 16 KB answer from a client that reads nothing held 32 MB in the proxy (a copy each
+    over HTTP/1.0 keep-alive or TLS). The queue fills instead, and reading stops."""
+    origin.route("/p", body=b"p" * 16000)
+    assert get(proxy, "/p").status_code == 200  # stored
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /p HTTP/1.0\r\nConnection: keep-alive\r\n\r\n" * 2000)
+
+        def waiting() -> list[tuple[int, int]]:  # (requests queued, bytes buffered) per client
+            return proxy.call(lambda: [(len(c.queue), c.transport.get_write_buffer_size())
+                                       for c in proxy.proxy.conns])
+        [(_, buffered)] = wait_until(lambda: [w for w in waiting() if w[0] >= MAX_PIPELINE], timeout=10,
+                                          message="the pipeline queue full behind a client that reads nothing")
+        assert buffered < 1 << 20
+        got, tail = 0, b""
+        while got < 5:  # the answers held back follow once the client reads (at its tiny window's pace)
+            chunk = s.recv(1 << 16)
+            assert chunk, got
+            got += (tail + chunk).count(b"HTTP/1.1 200 OK")
+            tail = chunk[-14:]

@@ -108,6 +108,8 @@ class ClientProtocol(RequestReader):
         relay = self.relay
         if relay is not None and relay.upstream is not None:
             relay.upstream.resume(relay)
+        elif self.current is None and self.queue and not self.pumping:
+            self._pump()  # (answers held back while the client's buffer was full)
 
     # -- request queue ----------------------------------------------------------------------
     def _enqueue(self, req: Request) -> None:
@@ -125,6 +127,11 @@ class ClientProtocol(RequestReader):
         try:
             while not self.closed:
                 if self.current is None and self.queue:
+                    if self.full:
+                        # The client is not taking what it was sent: answer nothing more (a
+                        # pipelined front-cache hit would be buffered whole for it) until
+                        # resume_writing; the queue fills and reading stops (MAX_PIPELINE).
+                        return
                     self._serve(self.queue[0])
                 elif self.held is not None and len(self.queue) < MAX_PIPELINE:
                     held, self.held = self.held, None
@@ -345,6 +352,10 @@ class ClientProtocol(RequestReader):
         if self.closed:
             return
         req = self.current
+        if req is None and self.queue and self.full:  # (answers held back: see _pump)
+            if now - self.stall_since > self.proxy.config.response_timeout:
+                self.abort()
+            return
         if req is not None:
             relay = self.relay
             if self.write_paused:

@@ -71,7 +71,7 @@ class RequestReader(asyncio.Protocol):
             self.held = bytes(self.held) + data
             return
         if self.phase != IN_BODY:
-            if len(data) > PIPELINE_SLICE:
+            if len(data) > PIPELINE_SLICE or len(self.queue) >= MAX_PIPELINE:
                 self._feed(memoryview(data))
                 return
             self.raw_head += len(data)

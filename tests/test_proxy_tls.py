@@ -15,6 +15,7 @@ from cryptography import x509
 
 from arbiter.config import FrontCacheConfig, configured
 from proxy_harness import ProxyThread
+from support import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -128,3 +129,27 @@ def test_a_front_cache_304_gets_hsts_over_https_only(proxy, ca):
         r.read()
         assert r.status == 304 and (r.getheader("Strict-Transport-Security") is not None) == expected
     assert proxy.stats()["front_cache"]["hits"] >= 2
+
+
+def test_connections_in_their_handshake_count_against_the_connection_limit(workers, tmp_path, ca):
+    """Each holds a descriptor: uncounted, clients that never finish a handshake took every
+    descriptor the proxy had (the connection limit never applied to them)."""
+    from arbiter.config import ProxyConfig
+    p = ProxyThread(workers, proxy=configured(ProxyConfig, maxConnections=5, headerTimeout=2),
+                    tls=tls_settings(tmp_path, ca, "one"))
+    silent = []
+    try:
+        silent += [socket.create_connection(("127.0.0.1", p.tls_port), timeout=10) for _ in range(10)]  # no ClientHello
+        wait_until(lambda: p.call(lambda: len(p.proxy.listeners.handshaking)) >= 5, timeout=10,
+                   message="the limit's worth of handshakes accepted")
+        with socket.create_connection(("127.0.0.1", p.port), timeout=10) as waiting:
+            waiting.sendall(b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+            waiting.settimeout(0.5)
+            with pytest.raises(socket.timeout):
+                waiting.recv(1)  # at the limit: it waits in the backlog
+            waiting.settimeout(10)
+            assert waiting.recv(12) == b"HTTP/1.1 200"  # once the handshakes' time is up
+    finally:
+        for s in silent:
+            s.close()
+        p.stop()

@@ -72,6 +72,15 @@ class Listeners:
         self._watching = False  # the listener is watched for newcomers while we are full
         self.shed_pending = False  # _shed_idle is due
         self._yield_until = 0.0  # no accepting before the proxy's clock reads this (hand_over)
+        # TLS connections accepted whose handshake has not finished (their connection_made,
+        # which puts them in proxy.conns, comes after it), by when they were accepted: they hold
+        # a descriptor each and count against the connection limit as nginx counts them. The
+        # loop ends a handshake at headerTimeout without telling the protocol: tick forgets those.
+        self.handshaking: dict[Any, float] = {}
+
+    def held(self) -> int:
+        """Client connections counted against the limit: served, and in their TLS handshake."""
+        return len(self.proxy.conns) + len(self.handshaking)
 
     async def start(self, sockets: list[tuple[socket.socket, str]]) -> None:
         """Accept on `sockets`, already bound and listening."""
@@ -93,7 +102,7 @@ class Listeners:
         # Resuming at the limit for a slot or two, that many acceptors: each costs a dup(), a
         # listen() and a uvloop server (16 of them about 300 us to make and close again); the
         # tick makes those wanted once there is room (tick).
-        self._acceptors = max(1, min(self._wanted, proxy.max_connections - len(proxy.conns)))
+        self._acceptors = max(1, min(self._wanted, proxy.max_connections - self.held()))
         try:
             await self._make(servers, self._acceptors)
         except OSError as exc:  # (out of descriptors for the duplicate: the next close retries)
@@ -106,7 +115,7 @@ class Listeners:
         self.servers = servers
         if proxy.draining:
             self.close()
-        elif len(proxy.conns) >= proxy.max_connections:
+        elif self.held() >= proxy.max_connections:
             self._at_limit()
         elif self._stale:  # a new TLS context came while these servers were being made
             self.relisten()
@@ -178,13 +187,16 @@ class Listeners:
         self._accepted_now += 1
         if self._wanted == 1 and self._someone_waiting():
             self._queueing()  # (another newcomer waits behind this one)
-        if (len(proxy.conns) + self._accepted_now >= proxy.max_connections and self.servers is not None
+        if (self.held() + self._accepted_now >= proxy.max_connections and self.servers is not None
                 and not self._pausing):
             # Not from in here: closing the server now would also close the connection being
             # accepted. What the other acceptors take in the same turn is served all the same.
             self._pausing = True
             proxy.loop.call_soon(self._at_limit)
-        return PROTOCOLS[kind](proxy)
+        protocol = PROTOCOLS[kind](proxy)
+        if kind == TLS:
+            self.handshaking[protocol] = proxy.clock
+        return protocol
 
     def _turn_over(self) -> None:
         self._busiest = max(self._busiest, self._accepted_now)
@@ -196,7 +208,7 @@ class Listeners:
         proxy = self.proxy
         self._wanted = ACCEPTORS
         self._calm = 0
-        more = min(ACCEPTORS, proxy.max_connections - len(proxy.conns)) - self._acceptors
+        more = min(ACCEPTORS, proxy.max_connections - self.held()) - self._acceptors
         if more > 0 and self.servers is not None and not self._pausing:
             self._acceptors += more
             proxy.spawn(self._grow(more))
@@ -230,7 +242,7 @@ class Listeners:
 
     def room(self) -> None:
         """A client connection closed: accept again if that made room."""
-        if self.servers is None and len(self.proxy.conns) < self.proxy.max_connections:
+        if self.servers is None and self.held() < self.proxy.max_connections:
             self._resume()
 
     def tick(self) -> None:
@@ -239,9 +251,13 @@ class Listeners:
         newcomers have stopped queueing."""
         proxy = self.proxy
         busiest, self._busiest = self._busiest, 0
+        if self.handshaking:  # (ended by the loop at headerTimeout, failed, or given up)
+            expired = proxy.clock - proxy.config.header_timeout - 1.0
+            for protocol in [p for p, since in self.handshaking.items() if since < expired]:
+                del self.handshaking[protocol]
         if self.servers is None:
             if not self._resuming and not proxy.draining and self.sockets:
-                if len(proxy.conns) < proxy.max_connections:
+                if self.held() < proxy.max_connections:
                     self._resume()
                 else:
                     self._watch_backlog()
@@ -252,7 +268,7 @@ class Listeners:
                 self._wanted = 1
                 self.relisten()
                 return
-        if self._acceptors < self._wanted and proxy.max_connections - len(proxy.conns) >= self._wanted:
+        if self._acceptors < self._wanted and proxy.max_connections - self.held() >= self._wanted:
             self.relisten()  # (made with fewer acceptors at the limit: all of them now)
 
     def _watch_backlog(self) -> None:

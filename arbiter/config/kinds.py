@@ -13,7 +13,6 @@ import difflib
 import ipaddress
 import json
 import math
-import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -29,7 +28,8 @@ class ConfigError(Exception):
     """A user mistake in the config file: one line naming the key and the problem."""
 
 
-def _got(value: Any) -> str:
+def got(value: Any) -> str:
+    """A value as a message quotes it (JSON)."""
     return json.dumps(value)
 
 
@@ -39,13 +39,13 @@ class Kind:
     expect = "a value"
 
     def parse(self, value: Any, key: str, base: Path) -> Any:
-        raise ConfigError(f"{key}: must be {self.expect}, got {_got(value)}")
+        raise ConfigError(f"{key}: must be {self.expect}, got {got(value)}")
 
     def schema(self) -> dict:
         return {}
 
     def fail(self, value: Any, key: str) -> ConfigError:
-        return ConfigError(f"{key}: must be {self.expect}, got {_got(value)}")
+        return ConfigError(f"{key}: must be {self.expect}, got {got(value)}")
 
 
 class Integer(Kind):
@@ -159,7 +159,7 @@ class AddressKind(Kind):
         try:
             ip = ipaddress.ip_address(host)
         except ValueError:
-            raise ConfigError(f"{key}: host must be an IP address or localhost, got {_got(value)}") from None
+            raise ConfigError(f"{key}: host must be an IP address or localhost, got {got(value)}") from None
         if m.group(1) and ip.version != 6 or not 1 <= int(port) <= 65535:
             raise self.fail(value, key)
         return Address(host, int(port))
@@ -167,111 +167,6 @@ class AddressKind(Kind):
     def schema(self):
         port = r"([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
         return {"type": "string", "pattern": r"^(\[[0-9A-Fa-f:.]+\]|[^:\[\]]+):" + port + "$"}
-
-
-class _PathKind(Kind):
-    """A non-empty path string, resolved against the config file's directory."""
-
-    def resolve(self, value: Any, key: str, base: Path) -> Path:
-        if not isinstance(value, str) or not value:
-            raise self.fail(value, key)
-        if "\0" in value:
-            raise ConfigError(f"{key}: must not contain a NUL character, got {_got(value)}")
-        try:
-            value.encode("utf-8")
-            return (base / value).resolve()
-        except UnicodeEncodeError:
-            raise ConfigError(f"{key}: must be valid Unicode (a lone surrogate?), got {_got(value)}") from None
-        except RuntimeError:  # (Python < 3.13: resolve() on a symlink loop)
-            raise ConfigError(f"{key}: {base / value} is a symlink loop") from None
-        except OSError as e:
-            raise ConfigError(f"{key}: {base / value}: {e.strerror or e}") from None
-
-    @staticmethod
-    def checked(key: str, path: Path, check: Any) -> bool:
-        """`check(path)` (exists, is_dir, ...), an OSError (a name too long, EACCES on the way)
-        turned into a ConfigError naming the key."""
-        try:
-            return check(path)
-        except OSError as e:
-            raise ConfigError(f"{key}: {path}: {e.strerror or e}") from None
-
-    def schema(self):
-        return {"type": "string", "minLength": 1}
-
-
-class Directory(_PathKind):
-    expect = "a directory path"
-
-    def parse(self, value, key, base):
-        path = self.resolve(value, key, base)
-        if not self.checked(key, path, Path.exists):
-            raise ConfigError(f"{key}: {path} does not exist")
-        if not self.checked(key, path, Path.is_dir):
-            raise ConfigError(f"{key}: {path} is not a directory")
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise ConfigError(f"{key}: {path} is not readable")
-        return path
-
-
-class FilePath(_PathKind):
-    """A file the master writes (log, pidfile): its directory must exist."""
-
-    expect = "a file path"
-
-    def parse(self, value, key, base):
-        path = self.resolve(value, key, base)
-        if not self.checked(key, path.parent, Path.is_dir):
-            raise ConfigError(f"{key}: directory {path.parent} does not exist")
-        if self.checked(key, path, Path.is_dir):
-            raise ConfigError(f"{key}: {path} is a directory")
-        return path
-
-
-class PidFilePath(FilePath):
-    """The pidfile: absent or a regular file. The master replaces it (a rename over it) and
-    removes it at exit, and reads it first: a device (/dev/null), a FIFO or a socket there would
-    be replaced and deleted, block the start for ever, or be read without end (/dev/zero)."""
-
-    def parse(self, value, key, base):
-        path = super().parse(value, key, base)
-        if self.checked(key, path, Path.exists) and not self.checked(key, path, Path.is_file):
-            raise ConfigError(f"{key}: {path} exists and is not a regular file")
-        return path
-
-
-class InputFile(_PathKind):
-    """A file the master reads (a certificate, a key): it must exist and be readable."""
-
-    expect = "a file path"
-
-    def parse(self, value, key, base):
-        path = self.resolve(value, key, base)
-        if not self.checked(key, path, Path.exists):
-            raise ConfigError(f"{key}: {path} does not exist")
-        if not self.checked(key, path, Path.is_file):
-            raise ConfigError(f"{key}: {path} is not a file")
-        if not os.access(path, os.R_OK):
-            raise ConfigError(f"{key}: {path} is not readable")
-        return path
-
-
-class LogTarget(Kind):
-    """Where a log goes: false (off), true or "-" (stdout), or a file path."""
-
-    expect = 'false, true (stdout), "-" (stdout) or a file path'
-
-    def parse(self, value, key, base):
-        if value is False or value is None:
-            return None
-        if value is True or value == "-":
-            return STDOUT
-        if not isinstance(value, str):
-            raise self.fail(value, key)
-        return FilePath().parse(value, key, base)
-
-    def schema(self):
-        return {"anyOf": [{"type": "boolean"}, {"type": "string", "minLength": 1}]}
 
 
 class Nullable(Kind):
@@ -310,7 +205,7 @@ class WorkerList(Kind):
         for i, item in enumerate(value):
             where = f"{key}[{i}]"
             if not isinstance(item, dict):
-                raise ConfigError(f'{where}: must be an object like {{"host": "127.0.0.1", "port": 9001}}, got {_got(item)}')
+                raise ConfigError(f'{where}: must be an object like {{"host": "127.0.0.1", "port": 9001}}, got {got(item)}')
             _reject_unknown(item, [*self._item, *self._optional], where + ".")
             for name in self._item:
                 if name not in item:

@@ -14,8 +14,9 @@ from fileapp import cache as worker_cache
 from fileapp import logs as worker_logs
 
 from ..addresses import Address, WorkerAddress
-from .kinds import (REQUIRED, AddressKind, Boolean, Choice, Directory, FilePath, Host, InputFile, Integer, LogTarget,
-                    Nullable, Number, PidFilePath, UrlPath, WorkerList, section, setting)
+from .kinds import (REQUIRED, AddressKind, Boolean, Choice, Host, Integer, Nullable, Number, UrlPath, WorkerList,
+                    section, setting)
+from .path_kinds import Directory, FilePath, InputFile, LogTarget, PidFilePath
 from .site_kinds import ErrorPages, HeaderRuleList, SitePath
 
 

@@ -288,22 +288,27 @@ def test_a_file_truncated_while_being_sent_ends_the_connection_short(tmp_path):
         namer.stop()
 
 
+def naming_a_huge_file(tmp_path, namer: Namer, response_timeout: float) -> ProxyThread:
+    """A proxy (front cache off) in front of `namer`, which names a sparse 64 MiB file."""
+    from arbiter.config import ProxyConfig
+    path = tmp_path / "huge.bin"
+    with open(path, "wb") as f:
+        f.truncate(64 << 20)
+    namer.path = path
+    return ProxyThread([namer.port], proxy=configured(ProxyConfig, responseTimeout=response_timeout),
+                       front_cache=NO_CACHE, handoff_token=TOKEN)
+
+
 def test_no_descriptor_to_watch_a_full_socket_ends_the_download_at_once(tmp_path, namer, monkeypatch):
     """A body that must wait for room watches a duplicate of the client's socket: with none to
     spare (EMFILE), the connection ends there, not after the response timeout with the file and
     the client held."""
-    from arbiter.config import ProxyConfig
     from arbiter.proxy import filebody
 
     def no_descriptor(fd):
         raise OSError(24, "Too many open files")
 
-    path = tmp_path / "huge.bin"
-    with open(path, "wb") as f:
-        f.truncate(64 << 20)
-    namer.path = path
-    proxy = ProxyThread([namer.port], proxy=configured(ProxyConfig, responseTimeout=60), front_cache=NO_CACHE,
-                        handoff_token=TOKEN)
+    proxy = naming_a_huge_file(tmp_path, namer, response_timeout=60)
     try:
         monkeypatch.setattr(filebody, "os", SimpleNamespace(**{**vars(os), "dup": no_descriptor}))
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
@@ -319,13 +324,7 @@ def test_no_descriptor_to_watch_a_full_socket_ends_the_download_at_once(tmp_path
 
 
 def test_a_slow_reader_of_a_named_file_is_dropped_after_the_response_timeout(tmp_path, namer):
-    path = tmp_path / "huge.bin"
-    with open(path, "wb") as f:
-        f.truncate(64 << 20)
-    namer.path = path
-    from arbiter.config import ProxyConfig
-    proxy = ProxyThread([namer.port], proxy=configured(ProxyConfig, responseTimeout=1), front_cache=NO_CACHE,
-                        handoff_token=TOKEN)
+    proxy = naming_a_huge_file(tmp_path, namer, response_timeout=1)
     try:
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)

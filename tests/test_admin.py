@@ -252,6 +252,25 @@ def test_admin_listener_refuses_malformed_oversized_and_slow_requests(masters, t
     assert a.get("/healthz").status_code == 200  # and the listener still serves
 
 
+def test_clients_that_never_finish_a_request_cannot_keep_the_probes_out(masters, tmp_path, site):
+    """With every admin slot held by a client still sending its head, a newcomer takes the place
+    of the oldest of them: /healthz and /readyz stay answered (they were reset for 10 s)."""
+    from arbiter.ops.admin import MAX_CONNECTIONS
+    a = Admin(masters, tmp_path, site, workers=1)
+    a.ready()
+    stalled = []
+    try:
+        for _ in range(MAX_CONNECTIONS + 8):
+            s = socket.create_connection(("127.0.0.1", a.admin_port), timeout=10)
+            s.sendall(b"GET /status HTTP/1.1\r\n")  # and no more
+            stalled.append(s)
+        for path in ("/healthz", "/readyz"):
+            assert _raw_admin(a.admin_port, b"GET " + path.encode() + b" HTTP/1.1\r\n\r\n").startswith(b"HTTP/1.1 200 ")
+    finally:
+        for s in stalled:
+            s.close()
+
+
 def test_access_log_is_combined_format_and_usr1_reopens_it_after_rotation(masters, tmp_path, site):
     a = Admin(masters, tmp_path, site, workers=1,
               logging={"level": "info", "accessLog": "access.log", "file": "gows.log"})

@@ -30,7 +30,7 @@ from .status import Master, ready, snapshot
 
 log = logging.getLogger("gows.admin")
 
-MAX_CONNECTIONS = 64  # admin clients served at once; more are closed at once
+MAX_CONNECTIONS = 64  # admin clients served at once (see AdminProtocol.connection_made)
 MAX_REQUEST_BYTES = 16384  # whole request, head and body
 TIMEOUT = 10.0  # seconds for a client to send its request and read the answer
 SAMPLE_EVERY = 1.0  # seconds between samples of the request counters (rates, percentiles)
@@ -64,14 +64,20 @@ class AdminProtocol(asyncio.Protocol):
         self.transport = transport
         admin = self.admin
         if len(admin.conns) >= MAX_CONNECTIONS:
-            transport.abort()
-            return
-        admin.conns.add(self)
+            # Full: the oldest client still sending its request makes room, so that clients
+            # that never finish one cannot keep the probes out; with none, this one goes.
+            stalled = next((conn for conn in admin.conns if conn.parser is not None), None)
+            if stalled is None:
+                transport.abort()
+                return
+            del admin.conns[stalled]
+            stalled.transport.abort()
+        admin.conns[self] = None
         self.parser = HttpRequestParser(self)
         self.timer = asyncio.get_running_loop().call_later(TIMEOUT, self._timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.admin.conns.discard(self)
+        self.admin.conns.pop(self, None)
         self.parser = None
         if self.timer is not None:
             self.timer.cancel()
@@ -139,7 +145,7 @@ class AdminServer:
         self.master = master
         self.window = Window(master.proxy.latency)
         self.registry = make_registry(master)
-        self.conns: set[AdminProtocol] = set()
+        self.conns: dict[AdminProtocol, None] = {}  # in the order they came (an ordered set)
         self._server: Any = None
         self._sampler: asyncio.TimerHandle | None = None
         self.routes: dict[bytes, Callable[[str], Response]] = {

@@ -279,6 +279,13 @@ def test_an_http10_expectation_is_ignored(proxy):
         assert status == 200 and json.loads(body)["body"] == "abc", expect
 
 
+def test_a_major_version_other_than_1_is_505(proxy):
+    """RFC 9110 15.6.6, as nginx answers: an HTTP/2.0 head over this connection is not taken for
+    an HTTP/1.1 request (and never forwarded as one)."""
+    [(status, _, _)] = parse_responses(raw(proxy.port, b"GET /echo HTTP/2.0\r\nHost: t\r\n\r\n"))
+    assert status == 505
+
+
 def test_upgrade_is_not_tunnelled(proxy):
     data = raw(proxy.port, b"GET /echo HTTP/1.1\r\nHost: t\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
                            b"GET /echo?second HTTP/1.1\r\nHost: t\r\n\r\n")

@@ -190,7 +190,10 @@ class RequestReader(asyncio.Protocol):
         parser = self.parser
         proxy = self.proxy
         req.method = method = parser.get_method()
-        req.http10 = http10 = parser.get_http_version() == "1.0"
+        version = parser.get_http_version()
+        if version != "1.1" and version != "1.0":  # (llhttp takes "2.0": it is no HTTP/1 request)
+            raise Reject(505)
+        req.http10 = http10 = version == "1.0"
         req.keep_alive = parser.should_keep_alive()
         if method == b"CONNECT":
             raise Reject(405)

@@ -30,7 +30,7 @@ from .ops.notify import Notifier
 from .proxies import ProxyFleet
 from .proxy_slot import AccessLogState
 from .resolve import NamedUpstreams
-from .signals import ANSWERED_DURING_RELOAD, ANSWERED_DURING_START, ANSWERED_DURING_STOP, SignalQueue, Stop
+from .signals import ANSWERED_DURING_STOP, SignalQueue, Stop
 from .sockets import ListenError, RuntimeDir, bind_listener
 from .state import WorkerState, WorkerTable
 from .worker_command import WorkerOptions
@@ -137,13 +137,8 @@ class Arbiter:
             self.checker.sync()
             # The proxies may take up to the boot timeout to accept: a stop signal meanwhile is
             # answered now, as gunicorn's arbiter does, not once they are all up.
-            starting = asyncio.ensure_future(self.proxy.start())
-            stop = await self._signals.answer(self, starting, ANSWERED_DURING_START)
-            if stop is not None:
-                starting.cancel()
-                await asyncio.gather(starting, return_exceptions=True)
-            else:
-                await starting
+            stop = await self._signals.answer_while(self, self.proxy.start())
+            if stop is None:
                 if self.admin is not None:
                     await self.admin.start(self._admin_sock)
                 local = len(self.slots)
@@ -208,14 +203,10 @@ class Arbiter:
     async def handle_hup(self) -> Stop | None:
         """HUP: reload (see _reload), still answering stop signals and USR1 meanwhile."""
         self.notifier.reloading()
-        reload = asyncio.ensure_future(self._reload())
-        stop = await self._signals.answer(self, reload, ANSWERED_DURING_RELOAD)
+        stop = await self._signals.answer_while(self, self._reload())
         if stop is not None:
-            reload.cancel()
-            await asyncio.gather(reload, return_exceptions=True)
             log.warning("reload abandoned: stopping")
             return stop
-        reload.result()
         up, total = len(self.table.healthy), len(self.table)
         self.notifier.ready(f"reloaded; serving {self.serving} with {up} of {total} workers up")
         return None

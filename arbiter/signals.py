@@ -1,8 +1,9 @@
 """The master's signals: queued by the event loop's handlers, answered in the loop one at a time
 by the handler named after each (handle_hup for SIGHUP, as in gunicorn's Arbiter).
 
-One wait serves the master's whole life. While a reload or the final drain runs, the master
-answers only the signals that make sense then; the others wait in the queue until it is done.
+One wait serves the master's whole life. While the proxies start, a reload or the final drain
+runs, the master answers only the signals that make sense then; the others wait in the queue
+until it is done.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import asyncio
 import enum
 import logging
 import signal
-from typing import Collection, Protocol
+from typing import Awaitable, Collection, Protocol
 
 log = logging.getLogger("gows.arbiter")
 
@@ -20,9 +21,9 @@ log = logging.getLogger("gows.arbiter")
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP, signal.SIGTTIN,
                    signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2)
 HANDLERS = {sig: f"handle_{sig.name[3:].lower()}" for sig in HANDLED_SIGNALS}  # SIGTTIN: handle_ttin
-ANSWERED_DURING_RELOAD = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1})
+# While the proxies start or a reload runs (answer_while): a stop, and the logs' reopening.
+ANSWERED_WHILE_BUSY = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1})
 ANSWERED_DURING_STOP = frozenset({signal.SIGINT, signal.SIGQUIT})  # the rest are moot: it is leaving
-ANSWERED_DURING_START = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1})
 
 
 class Stop(enum.Enum):
@@ -90,3 +91,15 @@ class SignalQueue:
         finally:
             for sig in waiting:
                 self._queue.put_nowait(sig)
+
+    async def answer_while(self, handlers: Handlers, work: Awaitable[None]) -> Stop | None:
+        """Run `work` (the proxies' start, a reload) answering only ANSWERED_WHILE_BUSY meanwhile:
+        a stop cancels it and is returned; else None once it is done (raising what it raised)."""
+        task = asyncio.ensure_future(work)
+        stop = await self.answer(handlers, task, ANSWERED_WHILE_BUSY)
+        if stop is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return stop
+        task.result()
+        return None

@@ -57,7 +57,6 @@ class ClientProtocol(RequestReader):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         proxy = self.proxy
-        proxy.listeners.handshaking.pop(self, None)  # (a TLS connection: its handshake is done)
         if proxy.draining:
             self.closed = self.no_more = True
             proxy.counts[REJECTED] += 1

@@ -81,6 +81,10 @@ class TlsClientProtocol(ClientProtocol):
     scheme = HTTPS
     sender_class = StreamSender
 
+    def connection_made(self, transport: Any) -> None:
+        self.proxy.listeners.shaken(self)  # (asyncio calls this once the handshake is done)
+        super().connection_made(transport)
+
     def eof_received(self) -> bool | None:
         # TLS has no half-close (asyncio's SSL transport warns when asked to keep it open):
         # what is still queued for this client is dropped with the connection.

@@ -76,11 +76,15 @@ class Listeners:
         # which puts them in proxy.conns, comes after it), by when they were accepted: they hold
         # a descriptor each and count against the connection limit as nginx counts them. The
         # loop ends a handshake at headerTimeout without telling the protocol: tick forgets those.
-        self.handshaking: dict[Any, float] = {}
+        self._handshaking: dict[Any, float] = {}
 
     def held(self) -> int:
         """Client connections counted against the limit: served, and in their TLS handshake."""
-        return len(self.proxy.conns) + len(self.handshaking)
+        return len(self.proxy.conns) + len(self._handshaking)
+
+    def shaken(self, protocol: Any) -> None:
+        """`protocol`'s TLS handshake is done: it counts among proxy.conns from now on."""
+        self._handshaking.pop(protocol, None)
 
     async def start(self, sockets: list[tuple[socket.socket, str]]) -> None:
         """Accept on `sockets`, already bound and listening."""
@@ -195,7 +199,7 @@ class Listeners:
             proxy.loop.call_soon(self._at_limit)
         protocol = PROTOCOLS[kind](proxy)
         if kind == TLS:
-            self.handshaking[protocol] = proxy.clock
+            self._handshaking[protocol] = proxy.clock
         return protocol
 
     def _turn_over(self) -> None:
@@ -251,10 +255,10 @@ class Listeners:
         newcomers have stopped queueing."""
         proxy = self.proxy
         busiest, self._busiest = self._busiest, 0
-        if self.handshaking:  # (ended by the loop at headerTimeout, failed, or given up)
+        if self._handshaking:  # (ended by the loop at headerTimeout, failed, or given up)
             expired = proxy.clock - proxy.config.header_timeout - 1.0
-            for protocol in [p for p, since in self.handshaking.items() if since < expired]:
-                del self.handshaking[protocol]
+            for protocol in [p for p, since in self._handshaking.items() if since < expired]:
+                del self._handshaking[protocol]
         if self.servers is None:
             if not self._resuming and not proxy.draining and self.sockets:
                 if self.held() < proxy.max_connections:

@@ -195,12 +195,12 @@ class ClientProtocol(RequestReader):
         keep = req.keep_alive and not proxy.draining
         http10 = req.http10
         hsts = proxy.tls.hsts if self.scheme is not PLAIN_SCHEME else None  # (stored heads have none)
-        conditional = req.inm is not None or req.ims is not None
-        if (entry.file is not None and (conditional or req.method == HEAD)
+        not_modified = (req.inm is not None or req.ims is not None) and entry.not_modified(req.inm, req.ims)
+        if (entry.file is not None and (not_modified or req.method == HEAD)
                 and not file_unchanged(entry.file)):  # (a body sent is checked as it is opened)
             proxy.counts[FILE_REFUSED] += 1
             return False
-        if conditional and entry.not_modified(req.inm, req.ims):
+        if not_modified:
             nm = (entry.nm_ka if http10 else entry.nm) if keep else entry.nm_close
             self.transport.write(nm if hsts is None else nm[:-2] + hsts + b"\r\n")
             proxy.status_counts[3] += 1
@@ -352,17 +352,15 @@ class ClientProtocol(RequestReader):
         if self.closed:
             return
         req = self.current
-        if req is None and self.queue and self.full:  # (answers held back: see _pump)
+        # Stalled: a response the client does not take, or answers held back for it (_pump).
+        if (self.write_paused if req is not None else self.full and bool(self.queue)):
             if now - self.stall_since > self.proxy.config.response_timeout:
-                self.abort()
+                self.abort()  # the client stopped reading; drop what it did not take
             return
         if req is not None:
             relay = self.relay
-            if self.write_paused:
-                if now - self.stall_since > self.proxy.config.response_timeout:
-                    self.abort()  # the client stopped reading; drop what it did not take
-            elif relay is None or (relay.upstream is None and not relay.started
-                                   and now - relay.t0 > self.proxy.stuck_after):
+            if relay is None or (relay.upstream is None and not relay.started
+                                 and now - relay.t0 > self.proxy.stuck_after):
                 # Neither being written nor waiting for a worker (whose every wait has its own
                 # deadline): only a bug leaves a request so, and nothing else would free it.
                 log.error("closing a connection whose request for %r was left unanswered", req.target[:200])

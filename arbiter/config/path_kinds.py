@@ -38,6 +38,18 @@ class _PathKind(Kind):
         except OSError as e:
             raise ConfigError(f"{key}: {path}: {e.strerror or e}") from None
 
+    def existing(self, value: Any, key: str, base: Path, is_kind: Any, kind: str, access: int) -> Path:
+        """The path `value` names, which must exist, be `kind` (by `is_kind`: Path.is_dir,
+        Path.is_file) and be readable (os.access with `access`)."""
+        path = self.resolve(value, key, base)
+        if not self.checked(key, path, Path.exists):
+            raise ConfigError(f"{key}: {path} does not exist")
+        if not self.checked(key, path, is_kind):
+            raise ConfigError(f"{key}: {path} is not {kind}")
+        if not os.access(path, access):
+            raise ConfigError(f"{key}: {path} is not readable")
+        return path
+
     def schema(self):
         return {"type": "string", "minLength": 1}
 
@@ -46,14 +58,7 @@ class Directory(_PathKind):
     expect = "a directory path"
 
     def parse(self, value, key, base):
-        path = self.resolve(value, key, base)
-        if not self.checked(key, path, Path.exists):
-            raise ConfigError(f"{key}: {path} does not exist")
-        if not self.checked(key, path, Path.is_dir):
-            raise ConfigError(f"{key}: {path} is not a directory")
-        if not os.access(path, os.R_OK | os.X_OK):
-            raise ConfigError(f"{key}: {path} is not readable")
-        return path
+        return self.existing(value, key, base, Path.is_dir, "a directory", os.R_OK | os.X_OK)
 
 
 class FilePath(_PathKind):
@@ -88,14 +93,7 @@ class InputFile(_PathKind):
     expect = "a file path"
 
     def parse(self, value, key, base):
-        path = self.resolve(value, key, base)
-        if not self.checked(key, path, Path.exists):
-            raise ConfigError(f"{key}: {path} does not exist")
-        if not self.checked(key, path, Path.is_file):
-            raise ConfigError(f"{key}: {path} is not a file")
-        if not os.access(path, os.R_OK):
-            raise ConfigError(f"{key}: {path} is not readable")
-        return path
+        return self.existing(value, key, base, Path.is_file, "a file", os.R_OK)
 
 
 class LogTarget(Kind):

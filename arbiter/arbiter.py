@@ -468,7 +468,7 @@ class Arbiter:
         await drain
         slots = list(self.slots.values())
         graceful = self._stop is Stop.GRACEFUL
-        for slot in slots:
+        for slot in [*slots, *self._retiring.values()]:  # (a retired one drains already: INT ends that)
             slot.stop(graceful)
         drained = asyncio.ensure_future(asyncio.gather(*(s.task for s in slots), *self._retiring))
         await self._signals.answer(self, drained, ANSWERED_DURING_STOP)

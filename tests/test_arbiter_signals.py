@@ -229,3 +229,20 @@ def test_a_stop_signal_while_the_proxies_start_is_answered_at_once(tmp_path, cap
     with caplog.at_level(logging.INFO):
         uvloop.run(main())
     assert "master exiting" in messages(caplog)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGQUIT])
+def test_int_or_quit_makes_a_retired_worker_still_draining_quit_at_once(tmp_path, caplog, sig):
+    """A slot retired by TTOU or a reload drains for up to the graceful timeout; a fast stop
+    does not wait for that drain."""
+    async def main():
+        async with master(tmp_path) as (arbiter, running):
+            retired = DrainingSlot()
+            arbiter._retiring[asyncio.ensure_future(retired.task)] = retired
+            arbiter._signals.put_nowait(sig)
+            assert await asyncio.wait_for(running, 5) == 0
+            assert retired.stops and not any(retired.stops)  # told to quit at once, never to drain
+
+    with caplog.at_level(logging.INFO):
+        uvloop.run(main())
+    assert "stopping now" in messages(caplog)

@@ -9,7 +9,6 @@ wait() at once, so an exit is seen immediately, not at the next health round.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 import secrets
@@ -19,8 +18,8 @@ import time
 from fileapp.handoff import TOKEN_ENV
 
 from . import config as config_mod
-from .backoff import Pool
-from .config import Config, ConfigError, TlsConfig, WorkerAddress, bind_configured
+from .config import Config, ConfigError, bind_configured
+from .config.reloading import as_reloaded
 from .config.source import ConfigSource
 from .health import HealthChecker
 from .ops.accesslog import AccessLog
@@ -31,18 +30,17 @@ from .proxies import ProxyFleet
 from .proxy_slot import AccessLogState
 from .resolve import NamedUpstreams
 from .signals import ANSWERED_DURING_STOP, SignalQueue, Stop
-from .sockets import ListenError, RuntimeDir, bind_listener
+from .slots import LocalSlots
 from .state import WorkerState, WorkerTable
-from .worker_command import WorkerOptions
 from .tls import expiry_warning, iso_date
+from .worker_command import WorkerOptions
 from .workers import LocalWorker
 
 log = logging.getLogger("gows.arbiter")
-MAX_TTIN_PORT_TRIES = 100
 
 
 class Arbiter:
-    """Owns the sockets, the worker table, the health checker and one LocalWorker per local port."""
+    """Owns the sockets, the worker table, the health checker and the local worker slots."""
 
     def __init__(self, config: Config, public: socket.socket | None,
                  worker_sockets: dict[tuple[str, int], socket.socket], sink: LogSink,
@@ -59,20 +57,11 @@ class Arbiter:
         self.started = time.time()
         self._stop: Stop | None = None  # set once the master is stopping
         self.notifier = Notifier()
-        outliers = config.outlier_detection
-        self.table = WorkerTable(rise=config.health_check.rise, fall=config.health_check.fall,
-                                 max_fails=config.max_fails, fail_timeout=config.fail_timeout,
-                                 ejection_base=outliers.base_ejection_time, ejection_max=outliers.max_ejection_time,
-                                 ejection_percent=outliers.max_ejection_percent)
+        self.table = WorkerTable(*_table_rules(config))
         self.checker = HealthChecker(self.table, config.health_check, on_result=self._on_check)
         self.table.subscribe(self._on_transition)
-        self.slots: dict[tuple[str, int], LocalWorker] = {}
-        self.pool = Pool()  # the same slots, kept from all backing off at once
+        self.slots = LocalSlots(self.table, self.checker, sink)
         self._worker_sockets = worker_sockets
-        # Where local workers' Unix sockets live, made by run() (None: the proxies reach them
-        # over TCP).
-        self.runtime: RuntimeDir | None = None
-        self._retiring: dict[asyncio.Task, LocalWorker] = {}  # slots draining after TTOU/HUP
         _check_access_log(config)
         # The secret with which proxies ask this master's own workers to name file bodies
         # rather than send them (fileapp.handoff): every process it starts inherits it.
@@ -126,7 +115,7 @@ class Arbiter:
         loop = asyncio.get_running_loop()
         self._signals.install(loop)
         try:
-            self.runtime = RuntimeDir.create()
+            self.slots.open()
             options = WorkerOptions.from_config(self.config)
             for w in self.config.workers:
                 if w.local:
@@ -141,7 +130,7 @@ class Arbiter:
             if stop is None:
                 if self.admin is not None:
                     await self.admin.start(self._admin_sock)
-                local = len(self.slots)
+                local = len(self.slots.serving)
                 log.info("gows master on %s: %d local and %d remote workers, serving %s", self.serving,
                          local, len(self.table) - local, self.config.base_directory)
                 self._ready_task = asyncio.ensure_future(self._announce_ready())
@@ -151,11 +140,9 @@ class Arbiter:
             return 0
         finally:
             self._signals.remove(loop)
-            for slot in self.slots.values():  # only after an unexpected error: workers quit now
-                slot.stop(graceful=False)
+            self.slots.stop(graceful=False)  # only after an unexpected error: workers quit now
             self.proxy.stop(Stop.NOW)
-            if self.runtime is not None:
-                self.runtime.remove()
+            self.slots.remove()
 
     async def _announce_ready(self) -> None:
         """Tell systemd READY=1 once every worker is healthy (or, after the boot timeout, once at
@@ -196,8 +183,7 @@ class Arbiter:
             if self._lame_wait is not None:
                 self._lame_wait.cancel()
             self.proxy.hurry()
-            for slot in [*self.slots.values(), *self._retiring.values()]:
-                slot.stop(graceful=False)
+            self.slots.stop(graceful=False)
         return None
 
     async def handle_hup(self) -> Stop | None:
@@ -223,7 +209,7 @@ class Arbiter:
 
     # -- health events ---------------------------------------------------------------------
     def _on_transition(self, worker: WorkerState, up: bool) -> None:
-        slot = self.slots.get(worker.key)
+        slot = self.slots.serving.get(worker.key)
         if slot is not None and slot.state is worker:
             slot.notify()
         elif not worker.local and not up:
@@ -231,80 +217,42 @@ class Arbiter:
                       worker.address, worker.last_error or "unknown")
 
     def _on_check(self, worker: WorkerState) -> None:
-        slot = self.slots.get(worker.key)
+        slot = self.slots.serving.get(worker.key)
         if slot is not None and slot.state is worker:
             slot.notify()
 
     # -- slots -------------------------------------------------------------------------------
     def _add_slot(self, host: str, port: int, sock: socket.socket, options: WorkerOptions) -> LocalWorker:
-        unix = self.runtime.bind(port) if self.runtime is not None else None
-        w = self._configured(host, port)
-        state = self.table.add(WorkerState(host, port, local=True, unix_path=unix.path if unix is not None else None,
-                                           weight=w.weight if w else 1, slow_start=w.slow_start if w else 0.0))
-        runtime = self.runtime
-        slot = LocalWorker(state, sock, self.table, self.checker, options, self.sink, self.pool, unix,
-                           (lambda: runtime.bind(port)) if runtime is not None else None)
-        self.slots[state.key] = slot
-        slot.start()
-        return slot
-
-    def _configured(self, host: str, port: int) -> WorkerAddress | None:
-        """The config's entry for the worker at host:port; None for one added by SIGTTIN."""
-        return next((w for w in self.config.workers if (w.host, w.port) == (host, port)), None)
-
-    def _retire_slot(self, slot: LocalWorker) -> None:
-        """Take a slot out of service: out of the table first (no new requests), then drain it."""
-        del self.slots[slot.state.key]
-        self.table.remove(slot.state)
-        self.checker.sync()
-        slot.stop(graceful=True)
-
-        async def finish() -> None:
-            await slot.task
-            slot.close()
-
-        task = asyncio.ensure_future(finish())
-        self._retiring[task] = slot
-        task.add_done_callback(self._retiring.pop)
+        """Start the local worker on host:port, as the config lists it (TTIN's: as the default)."""
+        w = next((w for w in self.config.workers if (w.host, w.port) == (host, port)), None)
+        if w is None:
+            return self.slots.add(host, port, sock, options)
+        return self.slots.add(host, port, sock, options, w.weight, w.slow_start)
 
     async def handle_ttin(self) -> None:
         """TTIN: one more local worker, on the next free port after the highest local one."""
-        if not self.slots:
+        if not self.slots.serving:
             log.warning("SIGTTIN ignored: there is no local worker to add one next to")
             return
-        last = max(self.slots.values(), key=lambda s: s.state.port).state
         taken = {w.port for w in self.table} | {sock.getsockname()[1] for sock in self.proxy.listeners.values()}
         if self.config.admin is not None:
             taken.add(self.config.admin.port)
-        port = last.port
-        for _ in range(MAX_TTIN_PORT_TRIES):
-            port += 1
-            if port > 65535:
-                break
-            if port in taken:
-                continue
-            try:
-                sock = bind_listener(last.host, port)
-            except ListenError as e:
-                log.debug("SIGTTIN: %s", e)
-                continue
-            slot = self._add_slot(last.host, port, sock, self._options())
-            self.checker.sync()
-            log.info("SIGTTIN: added worker %s; %d local workers", slot.state.address, len(self.slots))
+        bound = self.slots.bind_next(taken)
+        if bound is None:
+            log.error("SIGTTIN ignored: no free port after %d", max(s.state.port for s in self.slots.serving.values()))
             return
-        log.error("SIGTTIN ignored: no free port after %d", last.port)
+        slot = self._add_slot(*bound, WorkerOptions.from_config(self.config))
+        self.checker.sync()
+        log.info("SIGTTIN: added worker %s; %d local workers", slot.state.address, len(self.slots.serving))
 
     async def handle_ttou(self) -> None:
         """TTOU: one local worker fewer (the highest port), never below one."""
-        if len(self.slots) <= 1:
+        if len(self.slots.serving) <= 1:
             log.warning("SIGTTOU ignored: keeping the last local worker")
             return
-        slot = max(self.slots.values(), key=lambda s: s.state.port)
-        self._retire_slot(slot)
-        log.info("SIGTTOU: stopping worker %s; %d local workers", slot.state.address, len(self.slots))
-
-    def _options(self) -> WorkerOptions:
-        return WorkerOptions.from_config(self.config)
+        slot = max(self.slots.serving.values(), key=lambda s: s.state.port)
+        self.slots.retire(slot)
+        log.info("SIGTTOU: stopping worker %s; %d local workers", slot.state.address, len(self.slots.serving))
 
     # -- reload (HUP) --------------------------------------------------------------------
     async def _reload(self) -> None:
@@ -321,19 +269,14 @@ class Arbiter:
             log.exception("reload failed, keeping the running configuration: %s: %s: %s", path,
                           type(e).__name__, e)
             return
-        for key in ("listen", "admin", "pidfile"):
-            if getattr(new, key) != getattr(self.config, key):
-                log.warning("reload: %s changed to %s; that takes a restart, still using %s",
-                            "masterPort" if key == "listen" and new.master_port is not None else key,
-                            getattr(new, key), getattr(self.config, key))
-        new = dataclasses.replace(new, listen=self.config.listen, admin=self.config.admin,
-                                  pidfile=self.config.pidfile, tls=self._tls_kept(new.tls))
+        new, warnings = as_reloaded(self.config, new)
+        for warning in warnings:
+            log.warning("%s", warning)
         wanted = {(w.host, w.port): w for w in new.workers}
         # A port the new config lists may still be held by this master: its slot retired (TTOU, an
         # earlier reload) and draining. Binding it now would fail with "address already in use"
         # and refuse the whole reload; its drain ends within the graceful timeout (then KILL).
-        draining = [task for task, slot in self._retiring.items()
-                    if slot.state.key in wanted and wanted[slot.state.key].local]
+        draining = self.slots.draining({key for key, w in wanted.items() if w.local})
         if draining:
             log.info("reload: waiting for %d retired worker(s) on ports the config lists to finish draining",
                      len(draining))
@@ -341,7 +284,7 @@ class Arbiter:
         fresh: dict[tuple[str, int], socket.socket] = {}
         try:
             for key, w in wanted.items():
-                if w.local and key not in self.slots:
+                if w.local and key not in self.slots.serving:
                     fresh[key] = bind_configured(w.host, w.port, w.label)
             if new.logging.access_log != self.config.logging.access_log:
                 _check_access_log(new)
@@ -366,11 +309,7 @@ class Arbiter:
         self.certificate = self.proxy.certificate = certificate
         self.config = new
         await self.proxy.configure(new)
-        self.table.rise, self.table.fall = new.health_check.rise, new.health_check.fall
-        self.table.max_fails, self.table.fail_timeout = new.max_fails, new.fail_timeout
-        outliers = new.outlier_detection
-        self.table.ejection_base, self.table.ejection_max = outliers.base_ejection_time, outliers.max_ejection_time
-        self.table.ejection_percent = outliers.max_ejection_percent
+        self.table.set_rules(*_table_rules(new))
         self.checker.settings = new.health_check
         options = WorkerOptions.from_config(new)
 
@@ -385,8 +324,8 @@ class Arbiter:
         await self.names.configure(new)
         added = [self._add_slot(host, port, sock, options) for (host, port), sock in fresh.items()]
         self.checker.sync()
-        kept = [s for k, s in self.slots.items() if k in wanted and s not in added]
-        removed = [s for k, s in self.slots.items() if k not in wanted]
+        kept = [s for k, s in self.slots.serving.items() if k in wanted and s not in added]
+        removed = [s for k, s in self.slots.serving.items() if k not in wanted]
 
         failed = 0
         for slot in kept:  # one at a time, so the others keep serving meanwhile
@@ -394,38 +333,14 @@ class Arbiter:
                 failed += 1
         # A kept slot that was still booting at the HUP was replaced outright: it is waited for
         # like an added one, so "reload done" always means workers that serve.
-        await self._wait_up(added + kept, options.boot_timeout)
+        await self.slots.wait_up(added + kept, options.boot_timeout)
         for slot in removed:
-            self._retire_slot(slot)
+            self.slots.retire(slot)
         # What the workers serve may have changed (root, cache, headers): nothing stored before
         # the new workers took over is served after.
         await self.proxy.purge()
         log.info("reload done: %d local workers (%d added, %d replaced, %d failed to reload, %d stopped)",
-                 len(self.slots), len(added), len(kept) - failed, failed, len(removed))
-
-    def _tls_kept(self, tls: TlsConfig) -> TlsConfig:
-        """The reloaded tls section, with what takes a restart (its listeners, HTTPS turned on or
-        off) as it runs: the certificate, key and HSTS change."""
-        old = self.config.tls
-        if tls.enabled != old.enabled:
-            log.warning("reload: HTTPS turned %s; that takes a restart", "on" if tls.enabled else "off")
-            return old
-        for key, value, running in (("tls.listen", tls.listen, old.listen),
-                                    ("tls.redirectListen", tls.redirect_listen, old.redirect_listen)):
-            if value != running and old.enabled:
-                log.warning("reload: %s changed to %s; that takes a restart, still using %s", key, value, running)
-        return dataclasses.replace(tls, listen=old.listen, redirect_listen=old.redirect_listen)
-
-    async def _wait_up(self, slots: list[LocalWorker], timeout: float) -> None:
-        """Wait until every slot is up, or `timeout` seconds (their supervisors keep trying after)."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while any(not s.state.up for s in slots) and loop.time() < deadline:
-            await asyncio.sleep(0.05)
-        for s in slots:
-            if not s.state.up:
-                log.warning("reload: new worker %s is not healthy yet (%s)", s.state.address,
-                            s.state.last_error or "starting")
+                 len(self.slots.serving), len(added), len(kept) - failed, failed, len(removed))
 
     # -- stopping ------------------------------------------------------------------------
     async def _lame_duck(self) -> None:
@@ -466,16 +381,10 @@ class Arbiter:
         drain = asyncio.ensure_future(self.proxy.stopped())
         await self._signals.answer(self, drain, ANSWERED_DURING_STOP)  # INT/QUIT cut it short
         await drain
-        slots = list(self.slots.values())
-        graceful = self._stop is Stop.GRACEFUL
-        for slot in [*slots, *self._retiring.values()]:  # (a retired one drains already: INT ends that)
-            slot.stop(graceful)
-        drained = asyncio.ensure_future(asyncio.gather(*(s.task for s in slots), *self._retiring))
-        await self._signals.answer(self, drained, ANSWERED_DURING_STOP)
+        self.slots.stop(graceful=self._stop is Stop.GRACEFUL)
+        await self._signals.answer(self, self.slots.ended(), ANSWERED_DURING_STOP)
         await self.checker.close()
-        for slot in slots:
-            slot.close()
-        self.slots.clear()
+        self.slots.close()
         if self.admin is not None:
             await self.admin.close()
             self._admin_sock.close()
@@ -488,3 +397,10 @@ def _check_access_log(config: Config) -> None:
     access_log = AccessLog.open(config.logging.access_log)
     if access_log is not None:
         access_log.close()
+
+
+def _table_rules(config: Config) -> tuple[int, int, int, float, float, float, int]:
+    """The worker table's rules as `config` sets them (WorkerTable.set_rules' arguments)."""
+    outliers = config.outlier_detection
+    return (config.health_check.rise, config.health_check.fall, config.max_fails, config.fail_timeout,
+            outliers.base_ejection_time, outliers.max_ejection_time, outliers.max_ejection_percent)

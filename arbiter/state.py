@@ -146,18 +146,19 @@ class WorkerTable(WorkerIndex):
         """`clock` and `schedule(delay, callback)` (the running loop's call_later by default)
         time ejections; tests inject their own."""
         super().__init__()
-        self.rise = rise
-        self.fall = fall
-        self.max_fails = max_fails
-        self.fail_timeout = fail_timeout
-        self.ejection_base = ejection_base
-        self.ejection_max = ejection_max
-        self.ejection_percent = ejection_percent
+        self.set_rules(rise, fall, max_fails, fail_timeout, ejection_base, ejection_max, ejection_percent)
         self.clock = clock
         self._kept_logged = -KEPT_LOG_INTERVAL  # when a worker too many to eject was last logged
         self.schedule = schedule or (lambda delay, callback: asyncio.get_running_loop().call_later(delay, callback))
         self._listeners: list[Listener] = []
         self._watchers: list[Callable[[], None]] = []
+
+    def set_rules(self, rise: int, fall: int, max_fails: int, fail_timeout: float, ejection_base: float,
+                  ejection_max: float, ejection_percent: int) -> None:
+        """The rules above (a reload changes them for the workers already in the table)."""
+        self.rise, self.fall = rise, fall
+        self.max_fails, self.fail_timeout = max_fails, fail_timeout
+        self.ejection_base, self.ejection_max, self.ejection_percent = ejection_base, ejection_max, ejection_percent
 
     # -- membership ---------------------------------------------------------------------
     def add(self, worker: WorkerState) -> WorkerState:

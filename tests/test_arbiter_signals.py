@@ -151,7 +151,7 @@ def test_usr1_during_a_reload_is_answered_at_once_and_other_signals_wait_for_the
 def test_int_or_quit_during_a_graceful_stop_makes_draining_workers_quit_at_once(tmp_path, caplog, sig):
     async def main():
         async with master(tmp_path) as (arbiter, running):
-            slot = arbiter.slots[("127.0.0.1", 1)] = DrainingSlot()
+            slot = arbiter.slots.serving[("127.0.0.1", 1)] = DrainingSlot()
             arbiter._signals.put_nowait(signal.SIGTERM)
             await until(lambda: slot.stops, "TERM to drain the slot")
             for other in (signal.SIGTERM, signal.SIGHUP, signal.SIGTTIN, signal.SIGUSR1):
@@ -173,7 +173,7 @@ def test_term_on_a_checked_node_is_a_lame_duck_first_and_int_cuts_it_short(tmp_p
     lameDuck seconds (5 by default) before anything stops; INT ends that wait at once."""
     async def main():
         async with master(tmp_path) as (arbiter, running):
-            slot = arbiter.slots[("127.0.0.1", 1)] = DrainingSlot()
+            slot = arbiter.slots.serving[("127.0.0.1", 1)] = DrainingSlot()
             arbiter.proxy.health_asked_at = time.monotonic()
             arbiter._signals.put_nowait(signal.SIGTERM)
             await until(lambda: any(m.startswith("lame duck") for m in messages(caplog)), "the lame duck")
@@ -194,7 +194,7 @@ def test_term_on_a_checked_node_is_a_lame_duck_first_and_int_cuts_it_short(tmp_p
 def test_term_on_a_master_nobody_checks_drains_without_a_lame_duck(tmp_path, caplog):
     async def main():
         async with master(tmp_path) as (arbiter, running):
-            slot = arbiter.slots[("127.0.0.1", 1)] = DrainingSlot()
+            slot = arbiter.slots.serving[("127.0.0.1", 1)] = DrainingSlot()
             arbiter._signals.put_nowait(signal.SIGTERM)
             await until(lambda: slot.stops, "TERM to drain the slot")
             assert not arbiter.proxy.serving  # its health path fails from the first moment of the stop
@@ -238,7 +238,7 @@ def test_int_or_quit_makes_a_retired_worker_still_draining_quit_at_once(tmp_path
     async def main():
         async with master(tmp_path) as (arbiter, running):
             retired = DrainingSlot()
-            arbiter._retiring[asyncio.ensure_future(retired.task)] = retired
+            arbiter.slots.retiring[asyncio.ensure_future(retired.task)] = retired
             arbiter._signals.put_nowait(sig)
             assert await asyncio.wait_for(running, 5) == 0
             assert retired.stops and not any(retired.stops)  # told to quit at once, never to drain

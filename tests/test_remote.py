@@ -45,7 +45,7 @@ def test_remote_worker_is_checked_and_reported_never_spawned(tmp_path, caplog):
             server.reply = b"HTTP/1.1 503 Service Unavailable\r\n\r\n"
             await until(lambda: not worker.up)
             await asyncio.sleep(0.3)
-            assert arbiter.slots == {} and worker.pid is None and worker.restarts == 0
+            assert arbiter.slots.serving == {} and worker.pid is None and worker.restarts == 0
             server.reply = b"HTTP/1.1 200 OK\r\n\r\n"
             await until(lambda: worker.up)
             arbiter._signals.put_nowait(signal.SIGTERM)
@@ -82,7 +82,7 @@ def test_a_local_worker_with_spawn_false_is_checked_and_balanced_never_started(t
             await until(lambda: arbiter.table.get("127.0.0.1", port) is not None)
             worker = arbiter.table.get("127.0.0.1", port)
             await until(lambda: worker.up)
-            assert arbiter.slots == {} and worker.pid is None and not worker.local
+            assert arbiter.slots.serving == {} and worker.pid is None and not worker.local
             assert worker in arbiter.table.healthy  # what the proxies balance over
             arbiter._signals.put_nowait(signal.SIGTERM)
             assert await asyncio.wait_for(running, 30) == 0

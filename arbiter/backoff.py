@@ -1,5 +1,6 @@
-"""Restart back-off for workers in a crash loop, and the pool-wide rule that keeps it from ever
-leaving every local slot without a worker up or on its way."""
+"""Restart back-off for workers in a crash loop, and the pool-wide rule that keeps it from
+leaving every local slot without a worker up or on its way (a rescue), with a back-off of its
+own for the rescues of a pool whose workers cannot start at all."""
 from __future__ import annotations
 
 import time
@@ -58,10 +59,19 @@ class Pool:
 
     Checking and claiming happen in one step of the event loop (no await between them), so two
     slots woken by the same change cannot both take the rescue.
+
+    A rescued worker that exits by itself before it was ever up (its root gone, a port it cannot
+    use: what the next one meets too) makes the next rescue wait: `initial`, doubling for each
+    one more in a row, to `maximum`; until then the slots keep their own back-off. Without that,
+    such a pool starts a worker after another at process-start speed, a core and two log lines
+    each, for as long as the cause lasts. Any worker up again ends the wait. One killed from
+    outside (SIGKILL, the OOM killer) says nothing about the next one: the rescue stays at once.
     """
 
     def __init__(self) -> None:
         self._slots: set[Slot] = set()
+        self.rescues_failed = 0  # rescued workers in a row that exited by themselves, never up
+        self._rescue_at = 0.0  # (time.monotonic) no rescue before this
 
     def join(self, slot: Slot) -> None:
         self._slots.add(slot)
@@ -78,3 +88,19 @@ class Pool:
         """A slot lost its incarnation: slots waiting out a back-off look again."""
         for slot in list(self._slots):
             slot.notify()
+
+    def rescue_in(self) -> float:
+        """Seconds before a rescue may start (0: now)."""
+        return max(0.0, self._rescue_at - time.monotonic())
+
+    def rescue_failed(self, initial: float, maximum: float) -> float:
+        """A rescued worker exited by itself before it was up: the seconds the next rescue waits."""
+        self.rescues_failed += 1
+        delay = min(maximum, initial * 2 ** (self.rescues_failed - 1))
+        self._rescue_at = time.monotonic() + delay
+        return delay
+
+    def worker_up(self) -> None:
+        """A worker is up: the next rescue, if one is needed, starts at once."""
+        self.rescues_failed = 0
+        self._rescue_at = 0.0

@@ -15,7 +15,7 @@ from typing import Callable
 
 from .backoff import Backoff, Pool
 from .health import HealthChecker, ProbeSkipped, probe
-from .incarnation import Incarnation, describe_exit
+from .incarnation import Incarnation, describe_exit, killed_from_outside
 from .ops.logs import LogSink
 from .signals import Stop
 from .sockets import UnixListener
@@ -65,6 +65,7 @@ class LocalWorker:
         self.current: Incarnation | None = None
         self._starting = False  # between deciding to start an incarnation and having it
         self._start_failed = False  # the last start raised OSError: the master's own trouble
+        self._rescued = False  # the current incarnation was started as the pool's rescue (backoff.Pool)
         self._live: set[Incarnation] = set()
         self._background: set[asyncio.Task] = set()
         self._wake = asyncio.Event()
@@ -88,7 +89,7 @@ class LocalWorker:
         """Something about this worker's health, or the pool's, changed: re-evaluate."""
         current = self.current
         if current is not None and self.state.up and self.state.pid == current.pid:
-            current.was_up = True
+            self._mark_up(current)
         self._wake.set()
 
     def stop(self, graceful: bool = True) -> None:
@@ -139,6 +140,8 @@ class LocalWorker:
                     self.backoff.record(inc, self.options.min_uptime)
                     reason = describe_exit(inc.proc.returncode)
                     log.warning("worker %s (pid %d) %s", self.state.address, inc.pid, reason)
+                    if self._rescued and not inc.was_up and not killed_from_outside(inc.proc.returncode):
+                        self._rescue_failed()
                     self.table.exited(self.state, reason)
                 else:
                     inc = self._drop_current()
@@ -152,6 +155,17 @@ class LocalWorker:
         finally:
             await self._shutdown()
 
+    def _mark_up(self, inc: Incarnation) -> None:
+        inc.was_up = True
+        self.pool.worker_up()
+
+    def _rescue_failed(self) -> None:
+        o = self.options
+        delay = self.pool.rescue_failed(o.backoff_initial, o.backoff_max)
+        log.warning("worker %s was started because no local worker was up or starting, and it exited "
+                    "before it was up (%d such in a row): the next such start waits %.2fs",
+                    self.state.address, self.pool.rescues_failed, delay)
+
     def _drop_current(self) -> Incarnation:
         """The current incarnation is over (or being replaced): the slot has nothing on its way."""
         inc, self.current = self.current, None
@@ -162,6 +176,7 @@ class LocalWorker:
         """Start the next incarnation, after the back-off delay when the worker keeps failing."""
         o = self.options
         delay = self.backoff.delay(o.backoff_initial, o.backoff_max)
+        self._rescued = False
         if delay > 0 and self._pending is None:
             await self._back_off(delay)
             if self._stop_mode is not None:
@@ -193,7 +208,8 @@ class LocalWorker:
 
     async def _back_off(self, delay: float) -> None:
         """Wait `delay` seconds, or less: until a stop or a reload, or until no local worker is up
-        or starting (then this slot starts now, so the pool always has a worker on its way).
+        or starting (then this slot starts now, so that the pool has a worker on its way; after
+        such rescues that exited by themselves, once the pool's own back-off allows: see Pool).
 
         A slot takes that rescue only once its earlier incarnations are gone, so a worker killed
         for its boot timeout is not replaced faster than it exits; and not when its last start
@@ -201,10 +217,11 @@ class LocalWorker:
         again, in a loop.
         """
         address, failures, last = self.state.address, self.backoff.failures, self.state.last_error or "unknown"
-        if self._may_rescue():
+        if self._rescue_in() == 0:
             log.warning("worker %s failed %d times in a row right after starting (last: %s); restarting "
                         "it now instead of in %.2fs: no local worker is up or starting", address, failures,
                         last, delay)
+            self._rescued = True
             return
         log.warning("worker %s failed %d times in a row right after starting (last: %s); "
                     "restarting it in %.2fs", address, failures, last, delay)
@@ -213,13 +230,15 @@ class LocalWorker:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
-            if self._may_rescue():
+            rescue = self._rescue_in()
+            if rescue == 0:
                 log.warning("worker %s: restarting it now instead of in %.2fs: no local worker is up or "
                             "starting any more", address, remaining)
+                self._rescued = True
                 return
             self._wake.clear()
             try:
-                await asyncio.wait_for(self._wake.wait(), remaining)
+                await asyncio.wait_for(self._wake.wait(), remaining if rescue is None else min(remaining, rescue))
             except asyncio.TimeoutError:
                 pass
 
@@ -248,7 +267,7 @@ class LocalWorker:
                 return Outcome.RELOAD
             state = self.state
             if state.up and state.pid == inc.pid:
-                inc.was_up = True
+                self._mark_up(inc)
             if inc.was_up:
                 if not state.up and state.consecutive_failures >= self.table.fall:
                     return Outcome.UNHEALTHY
@@ -263,9 +282,12 @@ class LocalWorker:
             finally:
                 waiter.cancel()
 
-    def _may_rescue(self) -> bool:
-        """This slot may cut its back-off short: the pool has nothing on its way (see _back_off)."""
-        return not self._start_failed and not self._live and not self.pool.has_worker_on_its_way()
+    def _rescue_in(self) -> float | None:
+        """Seconds before this slot may cut its back-off short, the pool having nothing on its way
+        (0: now; see _back_off); None while it may not."""
+        if self._start_failed or self._live or self.pool.has_worker_on_its_way():
+            return None
+        return self.pool.rescue_in()
 
     # -- reload --------------------------------------------------------------------------
     async def _reload(self, old: Incarnation) -> None:
@@ -316,7 +338,7 @@ class LocalWorker:
         if error is None:
             self.options = options
             self.current = new
-            new.was_up = True
+            self._mark_up(new)
             self.backoff.failures = 0
             retired = None
             if fresh is not None:

@@ -165,6 +165,43 @@ def test_crash_loop_backs_off_exponentially_but_keeps_one_worker_starting_then_r
         m.wait_log(rf"worker 127\.0\.0\.1:{port} is up", count=2, timeout=30)
 
 
+def start_times(log: str) -> list[float]:
+    """When the master logged each worker start, in seconds (its log's clock)."""
+    return [time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+            for stamp, ms in re.findall(r"^(\S+ \S+),(\d+) .*started worker", log, re.M)]
+
+
+def test_workers_that_cannot_start_at_all_are_retried_at_the_back_off_pace_not_process_start_pace(
+        masters, tmp_path, site):
+    """Every worker exits by itself at start, for as long as its root is gone: the rescue (no
+    local worker up or starting) backs off too, doubling to restartBackoff.max, instead of
+    starting one worker after another at process-start speed (about 9 a second, a core and two
+    log lines each); a worker then found up again resets it."""
+    *ports, listen = free_ports(3)
+    config = base_config(site, listen, ports)
+    config["restartBackoff"] = {"initial": 0.25, "max": 2, "minUptime": 1}
+    m = start(masters, tmp_path, config)
+    m.wait_workers(ports)
+    m.wait_log("is up", count=2)
+    hidden = site.with_name("hidden")
+    site.rename(hidden)
+    try:
+        m.wait_log(r"right after starting \(last: [^)]*\); restarting it in 2\.00s", count=2, timeout=60)
+        first = len(start_times(m.log()))
+        log = m.wait_log("started worker", count=first + 12, timeout=90)
+    finally:
+        hidden.rename(site)
+    # Each slot starts at most once per 2 s of its own, and the rescues at most once per 2 s
+    # between them: 12 starts take at least 6 s (before: about 1.5 s).
+    starts = start_times(log)[first:first + 12]
+    assert starts[-1] - starts[0] >= 4.0, starts
+    assert re.search(r"because no local worker was up or starting, and it exited before it was up "
+                     r"\(\d+ such in a row\): the next such start waits 2\.00s", log)
+    m.wait_workers(ports)
+    for port in ports:
+        m.wait_log(rf"worker 127\.0\.0\.1:{port} is up", count=2, timeout=30)
+
+
 def worker_pid(admin: Admin, port: int, up: bool = False) -> int | None:
     """The pid /status.json gives the worker on `port` (with `up`, only once it is up)."""
     w = next(w for w in admin.json()["workers"] if w["port"] == port)

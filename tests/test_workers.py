@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from arbiter.backoff import Backoff
+from arbiter.backoff import Backoff, Pool
 from arbiter.config import load_data
 from arbiter.incarnation import describe_exit, killed_from_outside
 from arbiter.worker_command import WorkerOptions, worker_argv
@@ -40,6 +40,16 @@ def test_backoff_is_zero_for_one_failure_then_doubles_up_to_the_cap():
     assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
     b.failures = 0
     assert b.delay(0.5, 5.0) == 0.0
+
+
+def test_failed_rescues_make_the_next_wait_from_initial_doubling_to_the_cap_until_a_worker_is_up():
+    pool = Pool()
+    assert pool.rescue_in() == 0.0
+    assert [pool.rescue_failed(0.5, 3.0) for _ in range(5)] == [0.5, 1.0, 2.0, 3.0, 3.0]
+    assert 2.5 < pool.rescue_in() <= 3.0 and pool.rescues_failed == 5
+    pool.worker_up()
+    assert pool.rescue_in() == 0.0 and pool.rescues_failed == 0
+    assert pool.rescue_failed(0.5, 3.0) == 0.5
 
 
 def test_exit_descriptions():

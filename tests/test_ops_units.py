@@ -5,12 +5,14 @@ proxy rows, and the metrics' names and labels."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import hashlib
 import logging
 import os
 import re
 import socket
+import threading
 import time
 import types
 from pathlib import Path
@@ -273,6 +275,59 @@ def test_throttle_reports_the_first_occurrence_then_a_count_per_interval():
     assert throttle.due() == 53  # everything held back meanwhile
     assert throttle.due() == 0 and throttle.flush() == 1
     assert throttle.due() == 1  # over and back again: reported at once
+
+
+@contextlib.contextmanager
+def _unread_fifo(path: Path):
+    """A FIFO at `path` that no process reads; on the way out one reader opens and closes it, so
+    that a writer still waiting in open() (the defect) is let go and the test ends either way."""
+    os.mkfifo(path)
+    try:
+        yield path
+    finally:
+        os.close(os.open(path, os.O_RDONLY | os.O_NONBLOCK))
+
+
+def test_a_log_replaced_by_a_fifo_no_one_reads_is_refused_at_once_at_usr1_not_waited_on(tmp_path, caplog):
+    from arbiter.config import LoggingConfig
+    from arbiter.ops.logs import LogSink
+
+    path = tmp_path / "error.log"
+    sink = LogSink(LoggingConfig(level="info", access_log=None, file=path, format="text"))
+    try:
+        path.rename(tmp_path / "error.log.1")
+        with _unread_fifo(path), caplog.at_level(logging.INFO, logger="gows.logs"):
+            reopening = threading.Thread(target=sink.reopen, daemon=True)
+            reopening.start()
+            reopening.join(5)  # (it hung in open() for ever: the master's loop, TERM unanswered)
+            assert not reopening.is_alive()
+            logging.getLogger("gows.test").warning("still logged")
+    finally:
+        logging.getLogger().removeHandler(sink.handler)
+        sink.handler.close()
+    assert [r.getMessage() for r in caplog.records if r.name == "gows.logs"] == [
+        f"cannot reopen {path}: a FIFO that no process reads; still writing to the old file"]
+    assert "still logged" in (tmp_path / "error.log.1").read_text()
+
+
+def test_an_access_log_replaced_by_a_fifo_no_one_reads_is_refused_at_once_and_the_old_file_kept(tmp_path, caplog):
+    path = tmp_path / "access.log"
+    log = AccessLog(path)
+    try:
+        path.rename(tmp_path / "access.log.1")
+        with _unread_fifo(path), caplog.at_level(logging.ERROR, logger="gows.access"):
+            log.reopen()
+            log.observe(*_fake(target=b"/after"))
+            # (the writer thread waited in open() for ever, every line after it dropped)
+            wait_until(lambda: "/after" in (tmp_path / "access.log.1").read_text(), timeout=5)
+            start = time.monotonic()
+            with pytest.raises(ConfigError, match="a FIFO that no process reads"):
+                AccessLog.open(path)  # a proxy's start or a HUP, on its loop
+            assert time.monotonic() - start < 1
+    finally:
+        log.close()
+    assert [r.getMessage() for r in caplog.records] == [
+        f"access log: cannot reopen {path}: a FIFO that no process reads; still writing to the old file"]
 
 
 def test_access_log_setting_forms(tmp_path):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import STDOUT, ConfigError
-from .logs import Throttle
+from .logs import Throttle, open_append
 
 log = logging.getLogger("gows.access")
 
@@ -80,7 +80,7 @@ def open_target(target: Path | None) -> Any:
     """The binary stream for `target`: a file opened for appending, or None for stdout."""
     if target is None:
         return None
-    return open(target, "ab", buffering=0)
+    return open(open_append(target), "ab", buffering=0)
 
 
 class AccessLog:

@@ -6,6 +6,7 @@ covers every line; with stderr, workers simply inherit it.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import math
 import os
@@ -21,6 +22,29 @@ from ..config import LoggingConfig
 log = logging.getLogger("gows.logs")
 
 
+def open_append(path: str | os.PathLike) -> int:
+    """A descriptor appending to the log file `path` (created when missing), for the error log and
+    the access log alike. It is opened without blocking: a plain open() of a FIFO that no process
+    reads waits for a reader for ever, and a log moved away and replaced by one before a USR1 hung
+    the master's loop in its reopen (no health check, no admin answer, no signal handled, TERM
+    included). Such a FIFO fails at once here (ENXIO, said plainly); writes block as before."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NONBLOCK, 0o666)
+    except OSError as e:
+        if e.errno == errno.ENXIO:
+            raise OSError(errno.ENXIO, "a FIFO that no process reads", str(path)) from None
+        raise
+    os.set_blocking(fd, True)
+    return fd
+
+
+class LogFileHandler(logging.FileHandler):
+    """logging's FileHandler, opening its file (at start and at each reopen) with open_append."""
+
+    def _open(self):  # (logging's hook: the stream of self.baseFilename)
+        return open(open_append(self.baseFilename), self.mode, encoding=self.encoding, errors=self.errors)
+
+
 class LogSink:
     """The master's log handler plus the relay of workers' output into the same file."""
 
@@ -31,7 +55,7 @@ class LogSink:
     def apply(self, settings: LoggingConfig) -> None:
         """Install (or switch to) the handler and level of `settings`; OSError if the file cannot be opened."""
         if settings.file is not None:
-            handler: logging.Handler = logging.FileHandler(settings.file, encoding="utf-8")
+            handler: logging.Handler = LogFileHandler(settings.file, encoding="utf-8")
         else:
             handler = logging.StreamHandler(sys.stderr)
         # The workers' own format (fileapp.logs), so that master and workers read as one program.

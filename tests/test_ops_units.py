@@ -91,6 +91,20 @@ def test_each_response_is_counted_in_its_bucket(still):
     assert quantile(0.5, buckets) < 0.001 < 0.1 < quantile(0.8, buckets)
 
 
+def test_the_sum_of_durations_wraps_in_shared_memory_instead_of_failing_every_response(still):
+    from arbiter.proxy.counters import Counters
+    from arbiter.proxy.stats import SUM
+
+    counters = Counters.private()  # the proxy's 64-bit slots, as shared with the master
+    stats = RequestStats(counters.latency)
+    counters.latency[SUM] = 2 ** 63 - 10 ** 9  # 292 years of request time summed, less a second
+    # (the addition overflowed the slot: ValueError in ClientProtocol.finish, for every response
+    # from then on, of every later incarnation of the slot too)
+    _completed(stats, still, 3 * 10 ** 9, 10 ** 9)
+    assert stats.count == 2
+    assert stats.seconds == pytest.approx(3.0)  # wrapped, as a counter that was reset
+
+
 def test_window_rates_cover_only_the_last_seconds(still):
     clock = [1000.0]
     stats = RequestStats()

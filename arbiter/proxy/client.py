@@ -20,7 +20,7 @@ from .http1 import BUSY, GET, HEAD, NO_STORE, error_response
 from .reader import IDLE, MAX_PIPELINE, RequestReader
 from .relay import JOIN_LIMIT, Relay
 from .request import Request, now_ns
-from .stats import SUM
+from .stats import SUM, SUM_WRAP
 
 if TYPE_CHECKING:
     from .server import Proxy
@@ -297,7 +297,7 @@ class ClientProtocol(RequestReader):
         if timing is not None:  # RequestStats.counts, in line: this runs once per response
             ns = now_ns() - req.born
             timing[ns.bit_length()] += 1
-            timing[SUM] += ns
+            timing[SUM] = (timing[SUM] + ns) % SUM_WRAP  # (never past the slot's 64 bits)
         observe = proxy.observe
         if observe is not None:
             observe(self, req)

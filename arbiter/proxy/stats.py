@@ -12,6 +12,11 @@ from typing import Any, NamedTuple, Sequence
 # front-cache hit (about 5 µs of master CPU) that alone was 3% of the proxy's requests/s.
 SLOTS = 64
 SUM = SLOTS  # the extra slot after them: the sum of all durations, ns
+# The sum wraps to 0 here instead of overflowing its signed 64-bit slot (a proxy's counters live
+# in shared memory: counts of every incarnation of a slot add up there). 2**63 ns is 292 years
+# of request time, which a slot with 5000 slow downloads in flight sums in 3 weeks; Prometheus
+# reads the wrap of gows_http_request_duration_seconds_sum as a counter reset.
+SUM_WRAP = 2 ** 63
 _FIRST, _LAST = 13, 36  # the slots shown as buckets: up to 8.192 µs ... up to 68.7 s
 # Upper bounds (seconds) of the latency buckets as read (powers of two, like Prometheus' native
 # histograms); one more bucket past the last holds the rest.

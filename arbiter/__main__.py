@@ -23,15 +23,39 @@ from .config.source import SERVE_WORKERS, ConfigSource
 USAGE_ERROR = 2
 
 
+def may_be_gows(pid: int) -> bool:
+    """Whether the live process `pid` may be a gows master: titled by gows ("gows: master", set
+    once it runs) or started as one (`gows ...`, `python -m arbiter ...`, before it sets its
+    title). True when /proc cannot tell (refusing to start is the safe mistake)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return True
+    if argv[0].startswith(b"gows:"):
+        return True
+    return (any(os.path.basename(arg) == b"gows" for arg in argv[:2])
+            or any(a == b"-m" and b == b"arbiter" for a, b in zip(argv, argv[1:])))
+
+
 def write_pidfile(path: Path) -> None:
-    """Write our pid atomically; refuse when the file names another live process."""
+    """Write our pid atomically; refuse when the file names another live gows.
+
+    A pidfile a master killed with SIGKILL left behind may name a pid the kernel has since
+    given to another program (a container's restart reuses the same few pids): that one is
+    stale, and replaced with a warning, where refusing would keep gows down until someone
+    deletes the file by hand."""
     from .config import ConfigError
     try:
         old = int(path.read_text().strip() or "0")
     except (OSError, ValueError):
         old = 0
     if old > 0 and old != os.getpid() and pid_alive(old):
-        raise ConfigError(f"pidfile: {path} names running process {old}; is gows already running?")
+        if may_be_gows(old):
+            raise ConfigError(f"pidfile: {path} names running process {old}; is gows already running?")
+        import logging
+        logging.getLogger("gows.arbiter").warning("pidfile %s named process %d, which is not gows: a stale "
+                                                  "pidfile, replaced", path, old)
     tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         tmp.write_text(f"{os.getpid()}\n")

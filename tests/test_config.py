@@ -17,7 +17,7 @@ from arbiter.config.schema import SCHEMA_PATH, json_schema
 from arbiter.proxy import Proxy
 from arbiter.proxy.balancer import Balancer
 from arbiter.state import WorkerTable
-from support import PYTHON, REPO, free_port, python_env
+from support import PYTHON, REPO, free_port, python_env, running
 
 pytestmark = pytest.mark.unit
 
@@ -284,14 +284,42 @@ def test_public_port_in_use_exits_2_naming_the_key(site):
     assert result.stderr == f"{path}: masterPort: cannot listen on 127.0.0.1:{port}: address already in use\n"
 
 
+def _waiting(*code: str, args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """A Python that runs `code` (with `args` after it on its command line), says so with a line on
+    stdout and waits for its stdin to close."""
+    proc = subprocess.Popen([PYTHON, "-c", "; ".join((*code, "print(flush=True)", "import sys", "sys.stdin.read()")),
+                             *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=python_env())
+    proc.stdout.readline()
+    return proc
+
+
 def test_pidfile_of_a_running_master_exits_2(site):
-    (site / "gows.pid").write_text(f"{os.getpid()}\n")  # this test process is alive
-    path = write(site, {"baseDirectory": "www", "listen": f"127.0.0.1:{free_port()}", "pidfile": "gows.pid",
-                        "workers": [{"host": "127.0.0.1", "port": free_port()}]})
-    result = run_master(path)
+    with running(_waiting("import setproctitle", "setproctitle.setproctitle('gows: master')")) as other:
+        (site / "gows.pid").write_text(f"{other.pid}\n")  # a live process titled as a master
+        path = write(site, {"baseDirectory": "www", "listen": f"127.0.0.1:{free_port()}", "pidfile": "gows.pid",
+                            "workers": [{"host": "127.0.0.1", "port": free_port()}]})
+        result = run_master(path)
     assert result.returncode == 2
-    assert f"pidfile: {(site / 'gows.pid').resolve()} names running process {os.getpid()}" in result.stderr
-    assert (site / "gows.pid").read_text() == f"{os.getpid()}\n"
+    assert f"pidfile: {(site / 'gows.pid').resolve()} names running process {other.pid}" in result.stderr
+    assert (site / "gows.pid").read_text() == f"{other.pid}\n"
+
+
+def test_a_stale_pidfile_naming_a_pid_another_program_now_has_is_replaced_not_refused(tmp_path, caplog):
+    from arbiter.__main__ import write_pidfile
+
+    path = tmp_path / "gows.pid"
+    with running(_waiting()) as other:  # the pid a killed master had, reused by another program
+        path.write_text(f"{other.pid}\n")
+        write_pidfile(path)  # (ConfigError before: "names running process N; is gows already running?")
+    assert path.read_text() == f"{os.getpid()}\n"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"pidfile {path} named process {other.pid}, which is not gows: a stale pidfile, replaced"]
+    from arbiter.__main__ import may_be_gows
+    with running(_waiting("import setproctitle", "setproctitle.setproctitle('gows: master')")) as master:
+        assert may_be_gows(master.pid)
+    with running(_waiting(args=("-m", "arbiter"))) as starting:  # its command line as `python -m arbiter`
+        assert may_be_gows(starting.pid)  # (a master before it sets its title)
 
 
 def test_invalid_config_from_the_command_line_is_one_line_without_traceback(site):

@@ -344,6 +344,32 @@ def test_an_access_log_replaced_by_a_fifo_no_one_reads_is_refused_at_once_and_th
         f"access log: cannot reopen {path}: a FIFO that no process reads; still writing to the old file"]
 
 
+def test_output_that_never_ends_a_line_is_relayed_in_bounded_pieces_not_held(tmp_path):
+    import asyncio
+
+    from arbiter.config import LoggingConfig
+    from arbiter.ops.logs import LogSink
+
+    sink = LogSink(LoggingConfig(level="info", access_log=None, file=tmp_path / "error.log", format="text"))
+    written: list[int] = []
+    sink._write = lambda data: written.append(len(data))  # what the relay hands the file, write by write
+
+    async def relay() -> None:
+        stream = asyncio.StreamReader()
+        for _ in range(160):  # 10 MiB from a worker, no newline anywhere
+            stream.feed_data(b"x" * 65536)
+        stream.feed_data(b"end\n")
+        stream.feed_eof()
+        await sink.relay(stream)
+
+    try:
+        asyncio.run(relay())
+    finally:
+        logging.getLogger().removeHandler(sink.handler)
+        sink.handler.close()
+    assert sum(written) > 160 * 65536 and max(written) <= 2 * 65536 + 1  # (before: one write of 10 MiB)
+
+
 def test_access_log_setting_forms(tmp_path):
     (tmp_path / "www").mkdir()
 

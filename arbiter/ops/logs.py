@@ -21,6 +21,8 @@ from ..config import LoggingConfig
 
 log = logging.getLogger("gows.logs")
 
+MAX_RELAYED_LINE = 65536  # bytes of a worker's output held at most while its line is not ended
+
 
 def open_append(path: str | os.PathLike) -> int:
     """A descriptor appending to the log file `path` (created when missing), for the error log and
@@ -83,7 +85,9 @@ class LogSink:
         return subprocess.PIPE if isinstance(self.handler, logging.FileHandler) else None
 
     async def relay(self, stream: asyncio.StreamReader) -> None:
-        """Copy a worker's output into the current log file, whole lines at a time."""
+        """Copy a worker's (or a proxy's) output into the current log file, whole lines at a time;
+        a line longer than MAX_RELAYED_LINE goes in pieces of that size, each ended as a line:
+        output that never says newline (a dump of binary data) must not grow the master's memory."""
         pending = b""
         while True:
             chunk = await stream.read(65536)
@@ -91,7 +95,10 @@ class LogSink:
                 break
             pending += chunk
             cut = pending.rfind(b"\n") + 1
-            if cut:
+            if not cut and len(pending) >= MAX_RELAYED_LINE:
+                self._write(pending + b"\n")
+                pending = b""
+            elif cut:
                 self._write(pending[:cut])
                 pending = pending[cut:]
         if pending:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import NoReturn, Sequence
 
@@ -56,12 +57,21 @@ def write_pidfile(path: Path) -> None:
         import logging
         logging.getLogger("gows.arbiter").warning("pidfile %s named process %d, which is not gows: a stale "
                                                   "pidfile, replaced", path, old)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    # A fresh file of a name no one can guess (O_EXCL, never through a symlink), renamed over the
+    # pidfile: `.gows.pid.<our pid>` written as the master (root) wrote through whatever stood
+    # there, so in a shared directory such as /tmp a symlink planted at that name had the master
+    # overwrite the file it pointed to (with fs.protected_symlinks off).
+    tmp = None
     try:
-        tmp.write_text(f"{os.getpid()}\n")
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+        tmp = Path(name)
+        with open(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        os.chmod(tmp, 0o644)  # (mkstemp's 0600 would hide it from the tools that read it)
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise ConfigError(f"pidfile: cannot write {path}: {e.strerror or e}") from None
 
 

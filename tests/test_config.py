@@ -322,6 +322,19 @@ def test_a_stale_pidfile_naming_a_pid_another_program_now_has_is_replaced_not_re
         assert may_be_gows(starting.pid)  # (a master before it sets its title)
 
 
+def test_the_pidfile_is_never_written_through_a_symlink_planted_in_its_directory(tmp_path):
+    from arbiter.__main__ import write_pidfile
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    path = tmp_path / "gows.pid"
+    (tmp_path / f".gows.pid.{os.getpid()}").symlink_to(victim)  # the name the master wrote first
+    write_pidfile(path)
+    assert victim.read_text() == "precious\n"  # (before: our pid, written through the link)
+    assert path.read_text() == f"{os.getpid()}\n" and not path.is_symlink()
+    assert path.stat().st_mode & 0o777 == 0o644
+
+
 def test_invalid_config_from_the_command_line_is_one_line_without_traceback(site):
     path = write(site, {"baseDirectory": "www", "workerCount": 1, "healthCheck": {"interval": "fast"}})
     result = run_master(path)

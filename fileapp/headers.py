@@ -3,7 +3,8 @@ and applied when a response is prepared (so cached entries, hand-off heads and t
 front cache all carry them; nothing is matched per request on a cache hit).
 
 Matching is fnmatch's, case-sensitive, on the request's URL path (percent-decoded, with any
-prefix): `*` matches any run of characters *including* `/` (so "/assets/*" covers the whole
+prefix, and without the empty and "." segments the file's resolution skips: "//a/./b" is
+"/a/b"): `*` matches any run of characters *including* `/` (so "/assets/*" covers the whole
 tree below /assets/), `?` one character, `[...]` a set. Every matching rule applies in order; a
 later rule's value for a header replaces an earlier one's, and replaces fileapp's own (e.g.
 Cache-Control or Content-Type).

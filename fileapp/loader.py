@@ -144,13 +144,19 @@ class EntryLoader:
         return entry
 
     def extra_headers(self, path: str) -> Headers:
-        """What the headers rules set for the URL path of `path` (a PATH_INFO below the prefix)."""
+        """What the headers rules set for the URL path of `path` (a PATH_INFO below the prefix).
+
+        Matched against the path as it resolves, not as the request spells it: empty and "."
+        segments reach the same file (split_url_path skips them), so "//admin/x.html" must get
+        the headers of "/admin/x.html" (as nginx merges slashes and removes dot segments before
+        matching a location); else a client could shed a page's CSP or X-Frame-Options."""
         if not self.header_rules:
             return ()
-        try:
-            url_path = (self.prefix + path).encode("latin-1").decode("utf-8")
-        except UnicodeError:
+        parts = split_url_path(path)
+        if parts is None:
             return ()
+        canonical = "/" + "/".join(parts) + ("/" if parts and path.endswith("/") else "")
+        url_path = self.prefix.encode("latin-1").decode("utf-8") + canonical
         return self.header_rules.for_path(url_path)
 
     def _load_file(self, parts: list[str], extra: Headers = (),

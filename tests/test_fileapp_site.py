@@ -340,6 +340,29 @@ def test_headers_apply_by_glob_and_later_rules_win(root, options):
     assert missing.status_code == 404 and "X-Content-Type-Options" not in missing.headers
 
 
+@pytest.mark.parametrize("path", ["//assets/app.js", "/./assets/app.js", "/assets//app.js", "/assets/app.js/.",
+                                  "/assets/./app.js"])
+@pytest.mark.parametrize("options", [{}, {"cache_ttl": 0}], ids=["cached", "nocache"])
+def test_headers_match_the_path_as_resolved_not_as_spelled(root, path, options):
+    """A rule is matched against the URL path of the file served, not the request's spelling
+    of it: empty and "." segments reach the same file (as nginx's merge_slashes and dot-segment
+    removal do before locations are matched), so they must not shed a rule's headers (a CSP or
+    X-Frame-Options stripped from a page by asking for //page.html)."""
+    rules = [{"match": "/assets/*", "set": {"X-Frame-Options": "DENY"}},
+             {"match": "*.js", "set": {"X-Content-Type-Options": "nosniff"}}]
+    c = Client(create_app(str(root), headers=rules, **options))
+    r = c.get("/", environ_overrides={"PATH_INFO": path})
+    assert r.status_code == 200 and r.data == b"app()"
+    assert r.headers.get("X-Frame-Options") == "DENY" and r.headers.get("X-Content-Type-Options") == "nosniff"
+
+
+def test_listing_headers_match_the_path_as_resolved(root):
+    c = Client(create_app(str(root), headers=[{"match": "/files/", "set": {"X-Listing": "yes"}}], listing=True))
+    for path in ("/files/", "//files/", "/./files/", "/files//"):
+        r = c.get("/", environ_overrides={"PATH_INFO": path})
+        assert r.status_code == 200 and r.headers.get("X-Listing") == "yes", path
+
+
 def test_headers_ride_on_a_handed_off_head(root):
     c = Client(create_app(str(root), headers=RULES, handoff_token=TOKEN))
     r = c.get("/assets/big.bin", headers={"X-Gows-Handoff": TOKEN})

@@ -283,7 +283,10 @@ class FileApp:
             if fd is not None:
                 os.close(fd)
             text = b"416 Range Not Satisfiable\n"
-            start_response("416 Range Not Satisfiable", rep.common + [
+            # (this text is the content, not the representation: a sidecar's Content-Encoding
+            # would have clients decode it as gzip or brotli, and fail)
+            common = [h for h in rep.common if h[0] != "Content-Encoding"]
+            start_response("416 Range Not Satisfiable", common + [
                 ("Content-Range", f"bytes */{rep.size}"),
                 ("Content-Type", "text/plain; charset=utf-8"),
                 ("Content-Length", str(len(text))),

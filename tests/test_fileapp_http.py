@@ -459,6 +459,19 @@ def test_ranges_apply_to_the_selected_encoding(client):
     assert r.headers["Content-Encoding"] == "gzip"
 
 
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_an_unsatisfiable_range_of_a_sidecar_is_a_plain_416(client, method):
+    """The 416's body is fileapp's own plain text, not the sidecar's bytes: labelled
+    Content-Encoding: gzip it could not be decoded (curl --compressed fails on it, as any
+    client decoding the content would); it still names the sidecar's length and ETag."""
+    r = fetch(client, "/style.css", method, headers={"Accept-Encoding": "gzip", "Range": "bytes=9999-"})
+    assert r.status_code == 416 and r.headers["Content-Range"] == f"bytes */{len(CSS_GZ)}"
+    assert "Content-Encoding" not in r.headers and r.headers["Vary"] == "Accept-Encoding"
+    assert r.headers["ETag"].endswith('-gz"')
+    if method == "GET":
+        assert r.data.startswith(b"416 ") and r.headers["Content-Length"] == str(len(r.data))
+
+
 def test_only_existing_sidecars_are_offered(client):
     r = fetch(client, "/only-gz.js", headers={"Accept-Encoding": "br, gzip"})
     assert r.headers["Content-Encoding"] == "gzip"

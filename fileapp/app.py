@@ -13,7 +13,7 @@ import os
 import secrets
 import time
 from typing import Any, Callable, Iterable, Mapping, Pattern
-from urllib.parse import quote
+from urllib.parse import quote, unquote_to_bytes
 
 from .cache import DEFAULT_ETAG, DEFAULT_MAX_BYTES, DEFAULT_MAX_FILE_SIZE, DEFAULT_TTL, ResponseCache
 from .compress import Compressor
@@ -417,6 +417,13 @@ class FileApp:
         # and can never be read as a scheme ("http:") or a network path ("//host").
         full = environ.get("SCRIPT_NAME", "") + environ.get("PATH_INFO", "")
         name = full.rsplit("/", 1)[-1].encode("latin-1")
+        raw = environ.get("RAW_URI")
+        if raw and "%" in raw:
+            # A slash sent as %2F is one in PATH_INFO, not in the URL the client resolves "./"
+            # against: its last segment as sent ("docs%2Fapi"), not "api", names the directory.
+            sent = unquote_to_bytes(raw.partition("?")[0].rsplit("/", 1)[-1])
+            if sent and full.encode("latin-1").endswith(b"/" + sent):
+                name = sent
         location = "./" + quote(name, safe="") + "/" if name else "/"
         query = environ.get("QUERY_STRING")
         if query:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import gzip
 import os
-from urllib.parse import urljoin
+from urllib.parse import unquote, urljoin, urlsplit
 
 import pytest
 from werkzeug.http import http_date, parse_date
@@ -504,6 +504,23 @@ def test_directory_redirects_relative(client, path, query, location):
     # Resolved against the request URL, the redirect stays on the same origin.
     target = urljoin(f"http://example.test{path}", location)
     assert target.startswith("http://example.test/")
+
+
+@pytest.mark.parametrize("raw, location", [
+    ("/sub%2Fnested", "./sub%2Fnested/"),
+    ("/sub%2fnested?a=1", "./sub%2Fnested/?a=1"),
+    ("/sub/%6eested", "./nested/"),  # (an escape that is no slash changes nothing)
+])
+def test_directory_redirect_keeps_a_slash_sent_encoded_in_its_segment(client, raw, location):
+    """PATH_INFO has %2F decoded ("/sub/nested"), but the browser resolves the redirect against
+    the URL it asked for, whose last segment is "sub%2Fnested": "./nested/" would send it to
+    /nested/, another directory. The segment as sent (RAW_URI) keeps it on /sub%2Fnested/, which
+    is /sub/nested/ again."""
+    path, _, query = raw.partition("?")
+    r = fetch(client, path, query_string=query)
+    assert r.status_code == 301 and r.headers["Location"] == location
+    target = urljoin(f"http://example.test{path}", location)
+    assert unquote(urlsplit(target).path) == "/sub/nested/"
 
 
 def test_root_and_directory_index(client):

@@ -8,6 +8,11 @@ from typing import Protocol
 
 from .incarnation import Incarnation, killed_from_outside
 
+# The exponent's own cap: past about 1,024 failures in a row (a few minutes of a fast crash
+# loop) initial x 2^n no longer fits a float, and the OverflowError ended the slot's supervisor,
+# leaving its port without a worker for good.
+MAX_DOUBLINGS = 40
+
 
 class Backoff:
     """Restart delay for a worker failing right after start: none for the first failure, then
@@ -23,7 +28,7 @@ class Backoff:
     def delay(self, initial: float, maximum: float) -> float:
         if self.failures <= 1:
             return 0.0
-        return min(maximum, initial * 2 ** (self.failures - 2))
+        return min(maximum, initial * 2 ** min(self.failures - 2, MAX_DOUBLINGS))
 
     def record(self, inc: Incarnation, min_uptime: float) -> None:
         """Count crash-loop evidence: an incarnation that never became healthy, or that exited,
@@ -96,7 +101,7 @@ class Pool:
     def rescue_failed(self, initial: float, maximum: float) -> float:
         """A rescued worker exited by itself before it was up: the seconds the next rescue waits."""
         self.rescues_failed += 1
-        delay = min(maximum, initial * 2 ** (self.rescues_failed - 1))
+        delay = min(maximum, initial * 2 ** min(self.rescues_failed - 1, MAX_DOUBLINGS))
         self._rescue_at = time.monotonic() + delay
         return delay
 

@@ -40,6 +40,8 @@ def test_backoff_is_zero_for_one_failure_then_doubles_up_to_the_cap():
     assert delays == [0.0, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0]
     b.failures = 0
     assert b.delay(0.5, 5.0) == 0.0
+    b.failures = 5000  # a crash loop of hours: the delay stays at the cap (before: OverflowError)
+    assert b.delay(0.5, 5.0) == 5.0
 
 
 def test_failed_rescues_make_the_next_wait_from_initial_doubling_to_the_cap_until_a_worker_is_up():
@@ -50,6 +52,7 @@ def test_failed_rescues_make_the_next_wait_from_initial_doubling_to_the_cap_unti
     pool.worker_up()
     assert pool.rescue_in() == 0.0 and pool.rescues_failed == 0
     assert pool.rescue_failed(0.5, 3.0) == 0.5
+    assert [pool.rescue_failed(0.5, 3.0) for _ in range(5000)][-1] == 3.0
 
 
 def test_exit_descriptions():

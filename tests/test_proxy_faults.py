@@ -126,6 +126,44 @@ def test_malformed_worker_response_is_502():
         assert r.status_code == 502 and "abc" not in r.text
 
 
+@pytest.mark.parametrize("first, extra", [
+    # A HEAD answered with a body, in the same write as its head.
+    (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Evil: 1\r\n\r\nPOISONED"),
+    # A body longer than its Content-Length, what follows it shaped as another answer.
+    (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Evil: 1\r\n\r\nPOISONED"),
+])
+def test_bytes_after_an_answer_never_answer_the_next_request(first, extra):
+    """What a worker sends after an answer, before any request asked for more, is never taken
+    for the answer to the next request sent on that connection (a response desync: another
+    client's): the connection is closed instead of reused (as Go's Transport does with an
+    unsolicited response, and nginx with more data than Content-Length)."""
+    def respond(head, body, conn):
+        if head.startswith(b"GET /next "):
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nreal")
+        else:
+            declared = len(extra) if first == b"HEAD" else 5
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % declared
+                         + (b"" if first == b"HEAD" else b"first") + extra)
+        return True
+    up = RawUpstream(respond)
+    p = ProxyThread([up.port], front_cache=NO_CACHE, max_fails=1000)
+    with up, p:
+        out = raw(p.port, first + b" /first HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"GET /next HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", timeout=5)
+        responses = parse_responses(out, head_only=False) if first == b"GET" else None
+        if first == b"HEAD":
+            head, sep, rest = out.partition(b"\r\n\r\n")
+            assert sep and head.startswith(b"HTTP/1.1 200")
+            responses = parse_responses(rest)
+            assert len(responses) == 1, out
+            assert responses[0][2] == b"real" and "x-evil" not in responses[0][1]
+        else:
+            assert [body for _, _, body in responses] == [b"first", b"real"], out
+            assert all("x-evil" not in headers for _, headers, _ in responses)
+        assert b"POISONED" not in out
+        assert up.connections == 2  # the connection the stray bytes came on was not reused
+
+
 def test_connect_timeout_is_504():
     # A listener whose accept queue is full: the kernel leaves our SYN unanswered.
     blackhole = socket.socket()

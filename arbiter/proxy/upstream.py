@@ -117,7 +117,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("pool", "worker", "transport", "parser", "sink", "headers", "head_done", "head_only",
                  "interim", "until_close", "keep", "reused", "idle_since", "deadline", "paused", "closed", "active",
-                 "incarnation", "behind", "retiring", "alone", "outbox", "answering_since")
+                 "incarnation", "behind", "retiring", "alone", "outbox", "answering_since", "feeding",
+                 "spent", "overrun")
 
     def __init__(self, pool: UpstreamPool, worker: WorkerState) -> None:
         self.pool = pool
@@ -146,6 +147,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.alone = True  # the request being answered takes none behind it (a HEAD, a body)
         self.outbox: list[bytes] = []  # requests behind, written together at the loop's next turn
         self.answering_since = 0.0  # when the answer under way began to be awaited
+        # An answer that ends within a read is settled (the connection back to the pool, then
+        # its sink told: `spent`) only once the whole read is parsed, and the connection closed
+        # instead when bytes followed that answer in it (`overrun`): bytes the worker sent before
+        # any request asked for them (a HEAD answered with a body, a body longer than its
+        # Content-Length) would otherwise answer the next request sent on it, another client's.
+        self.feeding = False
+        self.spent: ResponseSink | None = None
+        self.overrun = False
 
     # -- driving a request ----------------------------------------------------------------
     def send(self, sink: ResponseSink, head: bytes, body: bytes | None, head_only: bool) -> None:
@@ -254,9 +263,11 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None:  # nothing asked: a stray or late response, never relay it
             self.close()
             return
+        self.feeding = True
         try:
             self.parser.feed_data(data)
         except HttpParserCallbackError as exc:
+            self._settle(False)
             cause = exc.__context__
             if isinstance(cause, MalformedResponse):
                 self._fail(UpstreamError(f"malformed response from worker: {cause}", passive=True))
@@ -265,9 +276,27 @@ class UpstreamConnection(asyncio.Protocol):
                 self._proxy_error()
             return
         except HttpParserError:
+            self._settle(False)
             self._fail(UpstreamError("malformed response from worker", passive=True))
             return
+        if self.spent is not None:
+            self._settle(not self.overrun)
+            return
+        self.feeding = False
         self.deadline = self.pool.proxy.clock + self.pool.proxy.config.response_timeout
+
+    def _settle(self, reusable: bool) -> None:
+        """The read is parsed: the answer that ended in it (if any) is settled, its connection
+        back to the pool when `reusable` (nothing followed the answer), else closed."""
+        self.feeding = False
+        sink, self.spent = self.spent, None
+        if sink is None:
+            return
+        if reusable and not self.closed:
+            self.pool.release(self)
+        else:
+            self.close()
+        sink.upstream_done(self)
 
     def eof_received(self) -> bool | None:
         return None  # close our side too; connection_lost follows
@@ -303,6 +332,10 @@ class UpstreamConnection(asyncio.Protocol):
         pass
 
     # -- httptools callbacks --------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        if self.sink is None:  # an answer no request was sent for (see `spent`)
+            self.overrun = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
@@ -332,6 +365,8 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is not None:
             sink.upstream_body(body)
+        else:  # a body after its answer ended (a HEAD's: the old parser, on_headers_complete)
+            self.overrun = True
 
     def on_message_complete(self) -> None:
         if self.interim:
@@ -361,8 +396,13 @@ class UpstreamConnection(asyncio.Protocol):
                 sink.upstream_done(self)
             return
         pool.busy.discard(self)
-        # Back in the pool first, so the client's next request can reuse this very connection.
+        # Back in the pool first, so the client's next request can reuse this very connection;
+        # from within a read, once the rest of it proved to hold nothing more (_settle).
         if self.keep and not self.closed and not self.until_close and not self.retiring:
+            if self.feeding:
+                self.spent = sink if sink is not None else DISCARD
+                self.overrun = False
+                return
             pool.release(self)
         else:
             self.close()

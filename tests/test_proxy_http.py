@@ -82,6 +82,23 @@ def test_response_hop_by_hop_headers_removed():
             assert gone not in r.headers, gone
 
 
+def test_fields_a_response_names_in_connection_are_not_repeated_from_the_front_cache():
+    """What a worker's Connection names is for its hop alone (RFC 9110 7.6.1): dropped from the
+    answer relayed, and from the copy the front cache keeps and answers later requests with."""
+    def respond(head, body, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: leak\r\n"
+                     b"Cache-Control: max-age=60\r\nX-Kept: yes\r\nContent-Length: 3\r\n\r\nhop")
+        return True
+    upstream = RawUpstream(respond)
+    p = ProxyThread([upstream.port])
+    with upstream, p:
+        for _ in range(2):
+            r = requests.get(p.url + "/hop")
+            assert r.text == "hop" and r.headers["X-Kept"] == "yes"
+            assert "X-Secret" not in r.headers
+        assert len(upstream.heads) == 1  # the second was answered from the front cache
+
+
 def test_keep_alive_http11_reuses_one_connection(proxy):
     with socket.create_connection(("127.0.0.1", proxy.port)) as s:
         for i in range(5):

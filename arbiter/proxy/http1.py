@@ -48,12 +48,18 @@ _NEVER_NAMED = frozenset((b"close", b"keep-alive", b"host", b"content-length", b
 _PLAIN_CONNECTION = frozenset((b"keep-alive", b"close", b"Keep-Alive", b"Close"))  # name no field
 
 
+def connection_named(connection: bytes) -> set[bytes]:
+    """The field names (lower-cased) a `Connection` value names as hop-by-hop, that may be
+    dropped: one rule for requests, responses and what the front cache keeps of them."""
+    if connection in _PLAIN_CONNECTION:  # (gunicorn sends "keep-alive" on every response)
+        return set()
+    return {t.strip().lower() for t in connection.split(b",")} - _NEVER_NAMED
+
+
 def drop_named(fields: list[bytes], connection: bytes, start: int = 0) -> list[bytes]:
     """`fields` (flat name, ": ", value, CRLF runs from `start`) without the fields that the
-    `Connection` value names as hop-by-hop: one rule for requests and responses alike."""
-    if connection in _PLAIN_CONNECTION:  # (gunicorn sends "keep-alive" on every response)
-        return fields
-    named = {t.strip().lower() for t in connection.split(b",")} - _NEVER_NAMED
+    `Connection` value names as hop-by-hop."""
+    named = connection_named(connection)
     if not named:
         return fields
     kept = fields[:start]

@@ -21,7 +21,7 @@ from .counters import FILE_REFUSED, NO_WORKER, PIPELINED, RETRIES, STALE_RETRIES
 from .filebody import file_ref, open_file
 from .http1 import (CONN_CLOSE, CONN_KEEP, CRLF, GET, HEAD, IDEMPOTENT, LAST_CHUNK, R_AGE, R_CC, R_CL,
                     R_CONNECTION, R_DROP, R_FILE, R_FWD, R_NOSTORE, R_TE, R_VARY, R_VIA, RESPONSE_HEADERS,
-                    SAFE, SEP, TE_CHUNKED, VIA_SELF, drop_named, status_line)
+                    SAFE, SEP, TE_CHUNKED, VIA_SELF, connection_named, drop_named, status_line)
 from .request import Request
 from .rewrite import worker_request_head
 from .sharing import learned
@@ -296,7 +296,10 @@ class Relay:
             if ttl > 0:
                 self.cache_vary = vary is not None
                 self.cache_ttl = ttl
-                self.cache_headers = headers
+                # (what Connection names is this hop's alone: never repeated from the cache)
+                named_away = connection_named(connection) if connection is not None else None
+                self.cache_headers = headers if not named_away else \
+                    [(n, v) for n, v in headers if n.lower() not in named_away]
                 self.cache_parts = [] if self.file is None else None
                 self.cache_size = 0
                 self.cache_age = int(age) if age is not None and age.isdigit() else 0

@@ -164,6 +164,39 @@ def test_bytes_after_an_answer_never_answer_the_next_request(first, extra):
         assert up.connections == 2  # the connection the stray bytes came on was not reused
 
 
+@pytest.mark.parametrize("flood", [
+    b"X-Filler: " + b"a" * 1000 + b"\r\n",  # an endless head
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",  # endless interim answers
+])
+def test_a_worker_sending_an_endless_head_gets_502_and_is_charged(flood):
+    """The head of an answer, interim (1xx) heads included, is bounded (upstream.MAX_RESPONSE_HEAD):
+    a worker sending more is cut off with 502 and charged a failure, instead of the proxy holding
+    and relaying whatever it sends (16 MiB here)."""
+    sent = []
+
+    def respond(head, body, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\n" if flood.startswith(b"X-") else flood)
+        total = 0
+        try:
+            while total < 16 << 20:
+                conn.sendall(flood * 64)
+                total += 64 * len(flood)
+            conn.sendall(b"Content-Length: 2\r\n\r\nok" if flood.startswith(b"X-")
+                         else b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        except OSError:
+            pass
+        sent.append(total)
+        return False
+    up = RawUpstream(respond)
+    p = ProxyThread([up.port], front_cache=NO_CACHE, max_fails=1000)
+    with up, p:
+        r = requests.get(p.url + "/x", timeout=30)
+        assert r.status_code == 502 and len(r.content) < 100
+        wait_until(lambda: sent)
+        assert sent[0] < 16 << 20  # cut off
+        assert "head" in p.worker(up.port).last_error
+
+
 def test_connect_timeout_is_504():
     # A listener whose accept queue is full: the kernel leaves our SYN unanswered.
     blackhole = socket.socket()

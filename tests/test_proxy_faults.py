@@ -224,6 +224,37 @@ def test_response_timeout_is_504_and_not_retried():
         assert requests.get(p.url + "/sleep?s=0.1").status_code == 200  # the worker is fine
 
 
+@pytest.mark.parametrize("drip", [
+    b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",  # interim answers, one by one
+    b"X-A: b\r\n",  # a head, a field at a time
+])
+def test_a_worker_dripping_its_head_cannot_push_the_response_timeout_back(drip):
+    """responseTimeout is the time a worker has to start its answer: neither 1xx answers nor a
+    head trickled in pieces (each read well within the timeout) extend it."""
+    done = threading.Event()
+
+    def respond(head, body, conn):
+        if drip.startswith(b"X-"):
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+        try:
+            while not done.wait(0.1):  # (pacing the drip, ten times a second, until the test ends)
+                conn.sendall(drip)
+        except OSError:
+            pass
+        return False
+    up = RawUpstream(respond)
+    p = ProxyThread([up.port], proxy=configured(ProxyConfig, responseTimeout=1.0), front_cache=NO_CACHE,
+                    max_fails=1000)
+    with up, p:
+        try:
+            started = time.monotonic()
+            r = requests.get(p.url + "/x", timeout=20)
+            assert r.status_code == 504
+            assert time.monotonic() - started < 5, f"504 only after {time.monotonic() - started:.1f}s"
+        finally:
+            done.set()
+
+
 def read_response(port: int, request: bytes, timeout: float = 30) -> tuple[bytes, bytes]:
     """(head, body) of one request on a fresh connection, read until the proxy closes it."""
     with socket.create_connection(("127.0.0.1", port)) as s:

@@ -292,8 +292,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._settle(not self.overrun)
             return
         self.feeding = False
-        if not self.head_done and self.head_bytes > MAX_RESPONSE_HEAD:
-            self._fail(UpstreamError(f"response head from worker over {MAX_RESPONSE_HEAD} bytes", passive=True))
+        if not self.head_done:
+            if self.head_bytes > MAX_RESPONSE_HEAD:
+                self._fail(UpstreamError(f"response head from worker over {MAX_RESPONSE_HEAD} bytes", passive=True))
+            # (the deadline to start the answer stands: neither interim answers nor a head sent a
+            # byte at a time push it back)
             return
         self.deadline = self.pool.proxy.clock + self.pool.proxy.config.response_timeout
 

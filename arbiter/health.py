@@ -25,6 +25,9 @@ from .state import WorkerState, WorkerTable
 
 log = logging.getLogger("gows.health")
 _STATUS_LINE = re.compile(rb"HTTP/1\.[01] ([1-5][0-9][0-9])[ \r\n]")
+# Longest status line a probe reads (the asyncio stream's buffer limit): a worker sending more
+# before its line ends fails the check.
+STATUS_LINE_LIMIT = 4096
 SHORTAGE_REPORT_INTERVAL = 10.0  # seconds between two warnings about skipped checks at most
 # A worker that is not up (starting, or down) is checked at least this often, so that it passes
 # its `rise` checks within seconds, and a local one within its boot timeout, whatever the interval.
@@ -102,11 +105,13 @@ async def probe(host: str, port: int, path: str, timeout: float) -> str | None:
 
 
 async def _probe(host: str, port: int, path: str) -> str | None:
-    reader, writer = await asyncio.open_connection(host, port)
+    reader, writer = await asyncio.open_connection(host, port, limit=STATUS_LINE_LIMIT)
     try:
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host_port(host, port)}\r\nUser-Agent: gows-health\r\n"
                      f"Connection: close\r\n\r\n".encode("ascii"))
         line = await reader.readline()
+    except ValueError:  # (readline past the limit; it escaped the checking task, which ended)
+        return f"malformed status line (over {STATUS_LINE_LIMIT} bytes)"
     finally:
         writer.close()
     if not line:

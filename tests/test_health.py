@@ -85,6 +85,27 @@ def test_checker_applies_rise_and_fall_and_skips_local_workers_without_a_process
     run(main())
 
 
+def test_a_worker_sending_an_endless_status_line_fails_its_checks_and_stays_checked():
+    """A status line longer than a probe reads is a failed check, not an error that ends the
+    worker's checking task (which left a worker that was up marked up for good)."""
+    async def main():
+        s = Server()
+        port = await s.start()
+        table = WorkerTable(rise=1, fall=2)
+        remote = table.add(WorkerState("127.0.0.1", port, local=False))
+        checker = HealthChecker(table, HealthCheckConfig("/hc", 0.02, 1.0, 1, 2, 5.0, 0.0))
+        checker.sync()
+        await until(lambda: remote.up)
+        s.reply = b"HTTP/1.1 200 " + b"a" * 100_000
+        await until(lambda: not remote.up)
+        assert remote.last_error.startswith("malformed status line")
+        s.reply = b"HTTP/1.1 200 OK\r\n\r\n"
+        await until(lambda: remote.up)
+        await checker.close()
+        s.server.close()
+    run(main())
+
+
 async def served_local_worker(table: WorkerTable) -> tuple[Server, WorkerState]:
     """A local worker added to `table`, answered by an in-test server, with a process (this
     one's pid: a local worker is probed only while it has one)."""

@@ -99,6 +99,23 @@ def test_fields_a_response_names_in_connection_are_not_repeated_from_the_front_c
         assert len(upstream.heads) == 1  # the second was answered from the front cache
 
 
+def test_a_worker_that_leads_back_to_the_proxy_itself_gets_508_not_a_pool_of_waiting_loops():
+    """A worker address that is this very proxy (a DNS name yielding its own address): a request
+    goes round VIA_HOPS_LIMIT times and is answered 508 Loop Detected, rather than going round
+    until every connection to that worker is taken and all of them time out (504 after
+    responseTimeout, everything else sent to that worker waiting meanwhile)."""
+    p = ProxyThread([], proxy=configured(ProxyConfig, balance="round-robin", responseTimeout=20.0),
+                    front_cache=NO_CACHE, max_fails=1000)
+    with p:
+        p.add(p.port)
+        started = time.monotonic()
+        r = requests.get(p.url + "/loop", timeout=30)
+        assert r.status_code == 508
+        assert time.monotonic() - started < 10
+        assert p.stats()["upstream_connections"]["opened"] == 8
+        assert p.worker(p.port).up and not p.worker(p.port).passive_failure_times
+
+
 def test_keep_alive_http11_reuses_one_connection(proxy):
     with socket.create_connection(("127.0.0.1", proxy.port)) as s:
         for i in range(5):

@@ -12,6 +12,12 @@ SAFE = IDEMPOTENT | {b"TRACE"}
 CRLF = b"\r\n"
 SEP = b": "
 VIA_SELF = b"1.1 gows"
+# A request whose Via lists this many gows proxies already is answered 508 Loop Detected (RFC
+# 5842 7.2) rather than forwarded: a worker that leads back to this gows (a DNS name yielding its
+# own address, two edges listing each other) would otherwise pass each request round until every
+# connection to that worker is taken, all of them waiting out proxy.responseTimeout. (A client
+# sending such a Via only gets its own request refused; 508 is no failure of the worker.)
+VIA_HOPS_LIMIT = 8
 
 # Request header fields needing attention; everything else is forwarded unchanged.
 (H_FWD, H_HOST, H_CONNECTION, H_DROP, H_CL, H_TE, H_XFF, H_VIA, H_AE, H_INM, H_IMS, H_EXPECT,

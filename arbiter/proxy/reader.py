@@ -16,7 +16,8 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 
 from .counters import REJECTED_REQUESTS, REQUESTS
 from .http1 import (CONTINUE, CRLF, H_AE, H_BYPASS, H_CL, H_CONNECTION, H_EXPECT, H_FWD, H_HOST, H_IMS, H_INM,
-                    H_TE, H_VIA, H_XFF, REQUEST_HEADERS, SEP, VALID_HOSTS, drop_named, valid_host)
+                    H_TE, H_VIA, H_XFF, REQUEST_HEADERS, SEP, VALID_HOSTS, VIA_HOPS_LIMIT, VIA_SELF, drop_named,
+                    valid_host)
 from .request import Reject, Request
 
 if TYPE_CHECKING:
@@ -211,6 +212,8 @@ class RequestReader(asyncio.Protocol):
                 req.body = []
         if req.hosts > 1 or (req.hosts == 0 and not http10):
             raise Reject(400)
+        if req.via is not None and req.via.count(VIA_SELF) >= VIA_HOPS_LIMIT:
+            raise Reject(508)
         if req.body is not None:
             if parser.should_upgrade():
                 # httptools stops at the head of an upgrade: the body would be read as the next

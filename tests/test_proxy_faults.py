@@ -4,6 +4,7 @@ or under load, the worker set changing under load, graceful shutdown."""
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 
@@ -296,6 +297,25 @@ def hammers(p: ProxyThread, count: int, paths: tuple[str, ...]) -> list[Hammer]:
 
 def answered(clients: list[Hammer]) -> int:
     return sum(len(c.results) for c in clients)
+
+
+def test_a_body_delimited_by_the_close_that_ends_in_a_reset_is_truncated_not_completed():
+    """A body without Content-Length or chunked coding ends when the worker closes the connection;
+    a reset instead of that close is a body cut short: the client sees the truncation (no last
+    chunk) and the front cache keeps nothing, as from a body a worker stops sending midway."""
+    def respond(head, body, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nCache-Control: max-age=60\r\n\r\npartial")
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return False  # closed with SO_LINGER 0: a reset
+    up = RawUpstream(respond)
+    p = ProxyThread([up.port], max_fails=1000)
+    with up, p:
+        for attempt in (1, 2):
+            head, body = read_response(p.port, b"GET /cut HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert b"Transfer-Encoding: chunked" in head and not body.endswith(b"0\r\n\r\n"), body
+            assert len(up.heads) == attempt  # never answered from the front cache
+        assert p.stats()["truncated_responses"] == 2
+        assert "reset" in p.worker(up.port).last_error
 
 
 def test_worker_killed_under_load_loses_no_get():

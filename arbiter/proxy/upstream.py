@@ -325,11 +325,14 @@ class UpstreamConnection(asyncio.Protocol):
         sink = self.sink
         if sink is None or already:
             return
-        if self.head_done and self.until_close:  # the body was delimited by the close
+        if self.head_done and self.until_close and exc is None:  # the body was delimited by the close
             self._complete()
             return
+        # (a reset ends such a body short: relayed as whole, it would reach the client, and the
+        # front cache, with its last chunk)
         if self.head_done:
-            self._fail(UpstreamError("worker closed the connection mid-response", passive=True))
+            how = "reset the connection" if exc is not None else "closed the connection"
+            self._fail(UpstreamError(f"worker {how} mid-response", passive=True))
         elif self.reused or self.incarnation != self.worker.pid:
             # A pooled connection the worker had closed (or a new one this proxy was too late
             # to use: pool.REUSE_WITHIN), or one that reached a process the master has replaced

@@ -355,7 +355,10 @@ class UpstreamConnection(asyncio.Protocol):
             self.overrun = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
+        # Trailer fields (after the head) are dropped: never merged into the head, which the
+        # front cache may keep and repeat (RFC 9110 6.5.1).
+        if not self.head_done:
+            self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         parser = self.parser

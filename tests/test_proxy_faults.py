@@ -215,6 +215,33 @@ def test_trailer_fields_of_an_answer_are_dropped_never_kept_as_head_fields_by_th
         assert len(up.heads) == 1  # the second was answered from the front cache
 
 
+def test_a_worker_sending_endless_trailer_fields_is_cut_off_and_charged():
+    """After the body, trailer fields are bounded as a head is (upstream.MAX_RESPONSE_HEAD): an
+    endless trailer section is a failure of the worker, and the client sees the body truncated
+    (no last chunk) rather than the proxy holding what comes."""
+    sent = []
+
+    def respond(head, body, conn):
+        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
+        total = 0
+        try:
+            while total < 16 << 20:
+                conn.sendall(b"X-T: " + b"a" * 65536)  # one field that never ends
+                total += 65541
+        except OSError:
+            pass
+        sent.append(total)
+        return False
+    up = RawUpstream(respond)
+    p = ProxyThread([up.port], front_cache=NO_CACHE, max_fails=1000)
+    with up, p:
+        head, body = read_response(p.port, b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and body == b"2\r\nok\r\n"
+        wait_until(lambda: sent)
+        assert sent[0] < 16 << 20  # cut off
+        assert "trailer" in p.worker(up.port).last_error
+
+
 def test_connect_timeout_is_504():
     # A listener whose accept queue is full: the kernel leaves our SYN unanswered.
     blackhole = socket.socket()

@@ -33,10 +33,11 @@ PIPELINE_DEPTH = 16
 # Seconds an answer may take before the requests pipelined behind it go to other connections
 # (checked every proxy tick): the worker answers them on its other threads meanwhile.
 PIPELINE_PATIENCE = 0.5
-# Bytes a worker may send before the head of its answer is complete, interim (1xx) heads
-# included: past it the answer is malformed (nginx answers "upstream sent too big header" past
-# proxy_buffer_size, 4-8 KiB; Go's Transport fails past MaxResponseHeaderBytes). A head held so
-# is at most this and one read.
+# Bytes a worker may send in a row that carry nothing for the client: before the head of its
+# answer is complete (interim 1xx heads included), or after body bytes (trailer fields, chunk
+# framing). Past it the answer is malformed (nginx answers "upstream sent too big header" past
+# proxy_buffer_size, 4-8 KiB; Go's Transport fails past MaxResponseHeaderBytes). What the parser
+# holds of a head or a trailer field is so at most this and one read.
 MAX_RESPONSE_HEAD = 65536
 
 
@@ -123,7 +124,7 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = ("pool", "worker", "transport", "parser", "sink", "headers", "head_done", "head_only",
                  "interim", "until_close", "keep", "reused", "idle_since", "deadline", "paused", "closed", "active",
                  "incarnation", "behind", "retiring", "alone", "outbox", "answering_since", "feeding",
-                 "spent", "overrun", "head_bytes")
+                 "spent", "overrun", "overhead")
 
     def __init__(self, pool: UpstreamPool, worker: WorkerState) -> None:
         self.pool = pool
@@ -160,7 +161,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.feeding = False
         self.spent: ResponseSink | None = None
         self.overrun = False
-        self.head_bytes = 0  # received while the answer's head is not complete (MAX_RESPONSE_HEAD)
+        self.overhead = 0  # received since the answer was awaited or body bytes last came (MAX_RESPONSE_HEAD)
 
     # -- driving a request ----------------------------------------------------------------
     def send(self, sink: ResponseSink, head: bytes, body: bytes | None, head_only: bool) -> None:
@@ -169,7 +170,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.sink = sink
         self.headers = []
         self.head_done = False
-        self.head_bytes = 0
+        self.overhead = 0
         self.head_only = head_only
         self.until_close = False
         self.alone = head_only or body is not None
@@ -270,8 +271,7 @@ class UpstreamConnection(asyncio.Protocol):
         if sink is None:  # nothing asked: a stray or late response, never relay it
             self.close()
             return
-        if not self.head_done:
-            self.head_bytes += len(data)
+        self.overhead += len(data)
         self.feeding = True
         try:
             self.parser.feed_data(data)
@@ -292,9 +292,11 @@ class UpstreamConnection(asyncio.Protocol):
             self._settle(not self.overrun)
             return
         self.feeding = False
+        if self.overhead > MAX_RESPONSE_HEAD:
+            what = "trailer section" if self.head_done else "response head"
+            self._fail(UpstreamError(f"{what} from worker over {MAX_RESPONSE_HEAD} bytes", passive=True))
+            return
         if not self.head_done:
-            if self.head_bytes > MAX_RESPONSE_HEAD:
-                self._fail(UpstreamError(f"response head from worker over {MAX_RESPONSE_HEAD} bytes", passive=True))
             # (the deadline to start the answer stands: neither interim answers nor a head sent a
             # byte at a time push it back)
             return
@@ -383,6 +385,7 @@ class UpstreamConnection(asyncio.Protocol):
             self._complete()
 
     def on_body(self, body: bytes) -> None:
+        self.overhead = 0
         sink = self.sink
         if sink is not None:
             sink.upstream_body(body)
@@ -407,7 +410,7 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sink = self.behind.popleft()
                 self.headers = []
                 self.head_done = False
-                self.head_bytes = 0
+                self.overhead = 0
                 self.until_close = False
                 self.alone = False
                 self.answering_since = pool.proxy.clock

@@ -23,6 +23,11 @@ log = logging.getLogger("gows.resolve")
 
 
 RESOLVE_TIMEOUT = 5.0  # seconds one resolution may take before it counts as failed (a start waits for it)
+# Members one name may have (HAProxy's server-template takes a fixed number too): every member is
+# health-checked every second and counted apart (state.WORKER_SLOTS for all workers), so a
+# resolver answering thousands of addresses must not make the master probe thousands of hosts.
+# Past it the members a name has are kept first, then the lowest new addresses.
+MAX_MEMBERS = 256
 
 
 async def addresses(name: str, port: int) -> set[str]:
@@ -46,6 +51,7 @@ class NamedUpstreams:
         self._task: asyncio.Task | None = None
         self.entries: dict = {}
         self._failing: set[tuple[str, int]] = set()  # names whose last resolution failed (warned once)
+        self._capped: set[tuple[str, int]] = set()  # names yielding over MAX_MEMBERS addresses (warned once)
 
     async def configure(self, config: Config) -> None:
         """Take the config's named workers (at start and at a reload): resolve them now, then
@@ -90,6 +96,7 @@ class NamedUpstreams:
 
     def _converge(self, name: str, port: int, found: set[str]) -> None:
         current = {w.host: w for w in self._members(name, port)}
+        found = self._capped_to(name, port, found, current.keys())
         for host in sorted(found - current.keys()):
             taken = self.table.get(host, port)
             if taken is not None:  # another entry (an address, or another name) has it already
@@ -101,6 +108,18 @@ class NamedUpstreams:
             log.info("worker %s:%d: member %s joins", name, port, host)
         for host in current.keys() - found:
             self._drop(current[host], f"{name} no longer resolves to it")
+
+    def _capped_to(self, name: str, port: int, found: set[str], current) -> set[str]:
+        """At most MAX_MEMBERS of `found`: those that are members already first."""
+        if len(found) <= MAX_MEMBERS:
+            self._capped.discard((name, port))
+            return found
+        if (name, port) not in self._capped:
+            self._capped.add((name, port))
+            log.warning("worker %s:%d: %r resolves to %d addresses; taking %d of them (the most a name may have)",
+                        name, port, name, len(found), MAX_MEMBERS)
+        kept = sorted(found & set(current))[:MAX_MEMBERS]
+        return set(kept + sorted(found - set(kept))[:MAX_MEMBERS - len(kept)])
 
     def _drop(self, worker: WorkerState, why: str) -> None:
         """Out of the table: the proxies choose it no more, its requests in flight finish."""

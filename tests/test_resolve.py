@@ -98,3 +98,23 @@ def test_an_address_already_a_worker_is_not_added_twice_and_a_name_dropped_from_
         assert members(table) == {("a.test", "198.18.0.1")}
 
     run_with(answers, steps)
+
+
+def test_a_name_yielding_thousands_of_addresses_gets_at_most_max_members_those_it_had_first(caplog):
+    """A resolver answering 5,000 addresses does not make the master check (and the proxies
+    balance over) 5,000 hosts: MAX_MEMBERS of them, keeping the members the name already had."""
+    many = [f"198.19.{i // 250 + 1}.{i % 250 + 1}" for i in range(5000)]
+    answers = {"nodes.test": ["198.19.0.1", "198.19.0.2"]}
+
+    async def steps(table, named):
+        await named.configure(config("nodes.test"))
+        answers["nodes.test"] = many + ["198.19.0.2"]
+        await named.refresh()
+        hosts = {host for _, host in members(table)}
+        assert len(hosts) == resolve.MAX_MEMBERS
+        assert "198.19.0.2" in hosts and "198.19.0.1" not in hosts  # kept; vanished
+        await named.refresh()
+        assert {host for _, host in members(table)} == hosts  # no churn while the answer stays long
+
+    run_with(answers, steps)
+    assert caplog.text.count("resolves to 5001 addresses") == 1

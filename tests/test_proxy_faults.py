@@ -295,7 +295,7 @@ def test_a_worker_dripping_its_head_cannot_push_the_response_timeout_back(drip):
             started = time.monotonic()
             r = requests.get(p.url + "/x", timeout=20)
             assert r.status_code == 504
-            assert time.monotonic() - started < 5, f"504 only after {time.monotonic() - started:.1f}s"
+            assert time.monotonic() - started < 10, f"504 only after {time.monotonic() - started:.1f}s"
         finally:
             done.set()
 

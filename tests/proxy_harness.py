@@ -249,6 +249,17 @@ class ProxyThread(StoppedOnExit):
             self.tls_sock.close()
 
 
+def asked_twice(answer: bytes, path: str) -> tuple[list[Any], int]:
+    """GET `path` twice through a proxy, front cache on, whose one worker sends `answer` to
+    every request: both responses (requests'), and how many of the requests reached the worker."""
+    import requests
+
+    upstream = RawUpstream(lambda head, body, conn: conn.sendall(answer) is None)
+    p = ProxyThread([upstream.port])
+    with upstream, p:
+        return [requests.get(p.url + path, timeout=10) for _ in range(2)], len(upstream.heads)
+
+
 # -- raw HTTP over sockets, for what clients libraries refuse to send --------------------
 def raw(port: int, data: bytes, timeout: float = 5.0, shutdown: bool = False) -> bytes:
     """Send bytes, return everything received until the server closes (or `timeout`)."""

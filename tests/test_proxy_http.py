@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from arbiter.config import ProxyConfig, configured
-from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, parse_responses, raw, read_all
+from proxy_harness import NO_CACHE, ProxyThread, RawUpstream, asked_twice, parse_responses, raw, read_all
 from support import wait_until
 
 pytestmark = pytest.mark.integration
@@ -85,18 +85,12 @@ def test_response_hop_by_hop_headers_removed():
 def test_fields_a_response_names_in_connection_are_not_repeated_from_the_front_cache():
     """What a worker's Connection names is for its hop alone (RFC 9110 7.6.1): dropped from the
     answer relayed, and from the copy the front cache keeps and answers later requests with."""
-    def respond(head, body, conn):
-        conn.sendall(b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: leak\r\n"
-                     b"Cache-Control: max-age=60\r\nX-Kept: yes\r\nContent-Length: 3\r\n\r\nhop")
-        return True
-    upstream = RawUpstream(respond)
-    p = ProxyThread([upstream.port])
-    with upstream, p:
-        for _ in range(2):
-            r = requests.get(p.url + "/hop")
-            assert r.text == "hop" and r.headers["X-Kept"] == "yes"
-            assert "X-Secret" not in r.headers
-        assert len(upstream.heads) == 1  # the second was answered from the front cache
+    answers, reached = asked_twice(b"HTTP/1.1 200 OK\r\nConnection: X-Secret, keep-alive\r\nX-Secret: leak\r\n"
+                                   b"Cache-Control: max-age=60\r\nX-Kept: yes\r\nContent-Length: 3\r\n\r\nhop", "/hop")
+    for r in answers:
+        assert r.text == "hop" and r.headers["X-Kept"] == "yes"
+        assert "X-Secret" not in r.headers
+    assert reached == 1  # the second was answered from the front cache
 
 
 def test_a_worker_that_leads_back_to_the_proxy_itself_gets_508_not_a_pool_of_waiting_loops():

@@ -14,7 +14,8 @@ import pytest
 
 from arbiter.proxy.counters import PIPELINED, STALE_RETRIES
 from arbiter.proxy import upstream
-from arbiter.proxy.upstream import DISCARD, PIPELINE_DEPTH, UpstreamConnection
+from arbiter.proxy.sink import DISCARD
+from arbiter.proxy.upstream import PIPELINE_DEPTH, UpstreamConnection
 from proxy_harness import NO_CACHE, ProxyThread, read_all
 from support import free_port, wait_until
 

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Awaitable, TypeVar
 
 from ..sockets import local_shortage
 from ..state import WorkerState
-from .upstream import ResponseSink, UpstreamConnection, UpstreamError
+from .sink import ResponseSink, UpstreamError
+from .upstream import UpstreamConnection
 
 if TYPE_CHECKING:
     from .server import Proxy

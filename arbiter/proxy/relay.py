@@ -25,7 +25,8 @@ from .http1 import (CONN_CLOSE, CONN_KEEP, CRLF, GET, HEAD, IDEMPOTENT, LAST_CHU
 from .request import Request
 from .rewrite import worker_request_head
 from .sharing import learned
-from .upstream import UpstreamConnection, UpstreamError
+from .sink import UpstreamError
+from .upstream import UpstreamConnection
 
 log = logging.getLogger("gows.proxy")
 

@@ -28,7 +28,7 @@ from .request import Request
 from .sharing import Learned
 from .stats import RequestStats
 from .pool import UpstreamPool
-from .upstream import UpstreamError
+from .sink import UpstreamError
 
 if TYPE_CHECKING:  # (the proxy never loads the config layer: the master hands it the sections)
     from ..config import FrontCacheConfig, ProxyConfig

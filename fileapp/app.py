@@ -447,4 +447,4 @@ class FileApp:
         if response is None or response[0][0] != "2":
             return response
         status, headers, body = response
-        return status, apply(headers, self.loader.extra_headers(path)), body
+        return status, apply(headers, self.loader.extra_headers(path, parts)), body

@@ -57,7 +57,7 @@ class EntryLoader:
             raise ValueError(f'etag must be "mtime" or "content", got {etag!r}')
         self.resolver = resolver
         self.header_rules = header_rules or HeaderRules()
-        self.prefix = prefix
+        self.url_prefix = prefix.encode("latin-1").decode("utf-8")  # (as header rules read it)
         self.compressible = compressible
         self.content_etags = etag == "content"
         self._digests: LRUCache = LRUCache(DIGESTS)  # (dev, ino, size, mtime_ns) -> tag
@@ -130,7 +130,7 @@ class EntryLoader:
                 self.cache.put(path, entry)
                 return entry
             for index in self.index_names:
-                entry = self._load_file(parts + [index], self.extra_headers(path), directory)
+                entry = self._load_file(parts + [index], self.extra_headers(path, parts), directory)
                 if entry is not None:
                     self.cache.put(path, entry)
                     return entry
@@ -138,13 +138,14 @@ class EntryLoader:
         if path.endswith("/"):
             os.close(opened.fd)
             return None
-        entry = self._load_file(parts, self.extra_headers(path), directory, opened)
+        entry = self._load_file(parts, self.extra_headers(path, parts), directory, opened)
         if entry is not None:
             self.cache.put(path, entry)
         return entry
 
-    def extra_headers(self, path: str) -> Headers:
-        """What the headers rules set for the URL path of `path` (a PATH_INFO below the prefix).
+    def extra_headers(self, path: str, parts: list[str]) -> Headers:
+        """What the headers rules set for the URL path of `path` (a PATH_INFO below the prefix),
+        whose segments split_url_path gave as `parts`.
 
         Matched against the path as it resolves, not as the request spells it: empty and "."
         segments reach the same file (split_url_path skips them), so "//admin/x.html" must get
@@ -152,12 +153,8 @@ class EntryLoader:
         matching a location); else a client could shed a page's CSP or X-Frame-Options."""
         if not self.header_rules:
             return ()
-        parts = split_url_path(path)
-        if parts is None:
-            return ()
         canonical = "/" + "/".join(parts) + ("/" if parts and path.endswith("/") else "")
-        url_path = self.prefix.encode("latin-1").decode("utf-8") + canonical
-        return self.header_rules.for_path(url_path)
+        return self.header_rules.for_path(self.url_prefix + canonical)
 
     def _load_file(self, parts: list[str], extra: Headers = (),
                    directory: DirectoryStamp | None = None, opened: Opened | None = None) -> Entry | None:

@@ -48,8 +48,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = ("pool", "worker", "transport", "parser", "sink", "headers", "head_done", "head_only",
                  "interim", "until_close", "keep", "reused", "idle_since", "deadline", "paused", "closed", "active",
-                 "incarnation", "behind", "retiring", "alone", "outbox", "answering_since", "feeding",
-                 "spent", "overrun", "overhead")
+                 "incarnation", "behind", "retiring", "alone", "outbox", "answering_since", "spent",
+                 "overrun", "overhead")
 
     def __init__(self, pool: UpstreamPool, worker: WorkerState) -> None:
         self.pool = pool
@@ -83,7 +83,6 @@ class UpstreamConnection(asyncio.Protocol):
         # instead when bytes followed that answer in it (`overrun`): bytes the worker sent before
         # any request asked for them (a HEAD answered with a body, a body longer than its
         # Content-Length) would otherwise answer the next request sent on it, another client's.
-        self.feeding = False
         self.spent: ResponseSink | None = None
         self.overrun = False
         self.overhead = 0  # received since the answer was awaited or body bytes last came (MAX_RESPONSE_HEAD)
@@ -197,7 +196,6 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         self.overhead += len(data)
-        self.feeding = True
         try:
             self.parser.feed_data(data)
         except HttpParserCallbackError as exc:
@@ -216,7 +214,6 @@ class UpstreamConnection(asyncio.Protocol):
         if self.spent is not None:
             self._settle(not self.overrun)
             return
-        self.feeding = False
         if self.overhead > MAX_RESPONSE_HEAD:
             what = "trailer section" if self.head_done else "response head"
             self._fail(UpstreamError(f"{what} from worker over {MAX_RESPONSE_HEAD} bytes", passive=True))
@@ -230,7 +227,6 @@ class UpstreamConnection(asyncio.Protocol):
     def _settle(self, reusable: bool) -> None:
         """The read is parsed: the answer that ended in it (if any) is settled, its connection
         back to the pool when `reusable` (nothing followed the answer), else closed."""
-        self.feeding = False
         sink, self.spent = self.spent, None
         if sink is None:
             return
@@ -346,16 +342,14 @@ class UpstreamConnection(asyncio.Protocol):
                 sink.upstream_done(self)
             return
         pool.busy.discard(self)
-        # Back in the pool first, so the client's next request can reuse this very connection;
-        # from within a read, once the rest of it proved to hold nothing more (_settle).
+        # Back in the pool first, so the client's next request can reuse this very connection:
+        # once the rest of the read it ended in (an answer that keeps its connection ends only
+        # in a parser callback) proved to hold nothing more (_settle).
         if self.keep and not self.closed and not self.until_close and not self.retiring:
-            if self.feeding:
-                self.spent = sink if sink is not None else DISCARD
-                self.overrun = False
-                return
-            pool.release(self)
-        else:
-            self.close()
+            self.spent = sink if sink is not None else DISCARD
+            self.overrun = False
+            return
+        self.close()
         if sink is not None:
             sink.upstream_done(self)
 

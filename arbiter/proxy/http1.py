@@ -62,12 +62,9 @@ def connection_named(connection: bytes) -> set[bytes]:
     return {t.strip().lower() for t in connection.split(b",")} - _NEVER_NAMED
 
 
-def drop_named(fields: list[bytes], connection: bytes, start: int = 0) -> list[bytes]:
-    """`fields` (flat name, ": ", value, CRLF runs from `start`) without the fields that the
-    `Connection` value names as hop-by-hop."""
-    named = connection_named(connection)
-    if not named:
-        return fields
+def drop_named(fields: list[bytes], named: set[bytes], start: int = 0) -> list[bytes]:
+    """`fields` (flat name, ": ", value, CRLF runs from `start`) without those `named`
+    (connection_named's)."""
     kept = fields[:start]
     for i in range(start, len(fields), 4):
         if fields[i].lower() not in named:

@@ -16,8 +16,8 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 
 from .counters import REJECTED_REQUESTS, REQUESTS
 from .http1 import (CONTINUE, CRLF, H_AE, H_BYPASS, H_CL, H_CONNECTION, H_EXPECT, H_FWD, H_HOST, H_IMS, H_INM,
-                    H_TE, H_VIA, H_XFF, REQUEST_HEADERS, SEP, VALID_HOSTS, VIA_HOPS_LIMIT, VIA_SELF, drop_named,
-                    valid_host)
+                    H_TE, H_VIA, H_XFF, REQUEST_HEADERS, SEP, VALID_HOSTS, VIA_HOPS_LIMIT, VIA_SELF, connection_named,
+                    drop_named, valid_host)
 from .request import Reject, Request
 
 if TYPE_CHECKING:
@@ -260,12 +260,11 @@ class RequestReader(asyncio.Protocol):
 
     @staticmethod
     def _drop_connection_named(req: Request) -> None:
-        fwd = drop_named(req.fwd, req.connection)
-        if fwd is req.fwd:
+        named = connection_named(req.connection)
+        if not named:
             return
-        req.fwd = fwd
+        req.fwd = drop_named(req.fwd, named)
         # The fields the front cache reads go with them (the worker will not see them either).
-        named = {t.strip().lower() for t in req.connection.split(b",")}
         if b"accept-encoding" in named:
             req.ae = None
         if b"if-none-match" in named:

@@ -249,8 +249,10 @@ class Relay:
                     vary = value if vary is None else vary + b", " + value
                 elif code == R_AGE:
                     age = value
-        if connection is not None:
-            out = drop_named(out, connection, start=1)
+        # (what Connection names is this hop's alone: dropped, and never repeated from the cache)
+        named_away = connection_named(connection) if connection is not None else None
+        if named_away:
+            out = drop_named(out, named_away, start=1)
         if named is not None and self.handoff and (status == 200 or status == 206) and self.file is None:
             if not self._take_file(named, cl):
                 return
@@ -297,8 +299,6 @@ class Relay:
             if ttl > 0:
                 self.cache_vary = vary is not None
                 self.cache_ttl = ttl
-                # (what Connection names is this hop's alone: never repeated from the cache)
-                named_away = connection_named(connection) if connection is not None else None
                 self.cache_headers = headers if not named_away else \
                     [(n, v) for n, v in headers if n.lower() not in named_away]
                 self.cache_parts = [] if self.file is None else None

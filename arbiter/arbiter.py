@@ -14,6 +14,7 @@ import os
 import secrets
 import socket
 import time
+from typing import Any
 
 from fileapp.handoff import TOKEN_ENV
 
@@ -57,7 +58,7 @@ class Arbiter:
         self.started = time.time()
         self._stop: Stop | None = None  # set once the master is stopping
         self.notifier = Notifier()
-        self.table = WorkerTable(*_table_rules(config))
+        self.table = WorkerTable(**_table_rules(config))
         self.checker = HealthChecker(self.table, config.health_check, on_result=self._on_check)
         self.table.subscribe(self._on_transition)
         self.slots = LocalSlots(self.table, self.checker, sink)
@@ -239,7 +240,6 @@ class Arbiter:
             taken.add(self.config.admin.port)
         bound = self.slots.bind_next(taken)
         if bound is None:
-            log.error("SIGTTIN ignored: no free port after %d", max(s.state.port for s in self.slots.serving.values()))
             return
         slot = self._add_slot(*bound, WorkerOptions.from_config(self.config))
         self.checker.sync()
@@ -309,7 +309,7 @@ class Arbiter:
         self.certificate = self.proxy.certificate = certificate
         self.config = new
         await self.proxy.configure(new)
-        self.table.set_rules(*_table_rules(new))
+        self.table.set_rules(**_table_rules(new))
         self.checker.settings = new.health_check
         options = WorkerOptions.from_config(new)
 
@@ -399,8 +399,9 @@ def _check_access_log(config: Config) -> None:
         access_log.close()
 
 
-def _table_rules(config: Config) -> tuple[int, int, int, float, float, float, int]:
+def _table_rules(config: Config) -> dict[str, Any]:
     """The worker table's rules as `config` sets them (WorkerTable.set_rules' arguments)."""
     outliers = config.outlier_detection
-    return (config.health_check.rise, config.health_check.fall, config.max_fails, config.fail_timeout,
-            outliers.base_ejection_time, outliers.max_ejection_time, outliers.max_ejection_percent)
+    return {"rise": config.health_check.rise, "fall": config.health_check.fall, "max_fails": config.max_fails,
+            "fail_timeout": config.fail_timeout, "ejection_base": outliers.base_ejection_time,
+            "ejection_max": outliers.max_ejection_time, "ejection_percent": outliers.max_ejection_percent}

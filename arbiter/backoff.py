@@ -14,6 +14,11 @@ from .incarnation import Incarnation, killed_from_outside
 MAX_DOUBLINGS = 40
 
 
+def doubled(initial: float, times: int, maximum: float) -> float:
+    """`initial` doubled `times` times, at most `maximum`."""
+    return min(maximum, initial * 2 ** min(times, MAX_DOUBLINGS))
+
+
 class Backoff:
     """Restart delay for a worker failing right after start: none for the first failure, then
     `initial`, doubling per further consecutive failure, capped at `maximum`.
@@ -28,7 +33,7 @@ class Backoff:
     def delay(self, initial: float, maximum: float) -> float:
         if self.failures <= 1:
             return 0.0
-        return min(maximum, initial * 2 ** min(self.failures - 2, MAX_DOUBLINGS))
+        return doubled(initial, self.failures - 2, maximum)
 
     def record(self, inc: Incarnation, min_uptime: float) -> None:
         """Count crash-loop evidence: an incarnation that never became healthy, or that exited,
@@ -101,7 +106,7 @@ class Pool:
     def rescue_failed(self, initial: float, maximum: float) -> float:
         """A rescued worker exited by itself before it was up: the seconds the next rescue waits."""
         self.rescues_failed += 1
-        delay = min(maximum, initial * 2 ** min(self.rescues_failed - 1, MAX_DOUBLINGS))
+        delay = doubled(initial, self.rescues_failed - 1, maximum)
         self._rescue_at = time.monotonic() + delay
         return delay
 

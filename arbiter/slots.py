@@ -76,7 +76,7 @@ class LocalSlots:
 
     def bind_next(self, taken: set[int]) -> tuple[str, int, socket.socket] | None:
         """A listener on the first port after the highest local one that is neither in `taken`
-        nor busy, on that slot's host (TTIN); None when there is none within reach."""
+        nor busy, on that slot's host (TTIN); None, logged, when there is none within reach."""
         last = max(self.serving.values(), key=lambda s: s.state.port).state
         port = last.port
         for _ in range(MAX_TTIN_PORT_TRIES):
@@ -89,6 +89,7 @@ class LocalSlots:
                 return last.host, port, bind_listener(last.host, port)
             except ListenError as e:
                 log.debug("SIGTTIN: %s", e)
+        log.error("SIGTTIN ignored: no free port after %d", last.port)
         return None
 
     def stop(self, graceful: bool) -> None:

@@ -165,6 +165,29 @@ def test_bytes_after_an_answer_never_answer_the_next_request(first, extra):
         assert up.connections == 2  # the connection the stray bytes came on was not reused
 
 
+FLOOD_BYTES = 16 << 20  # what a flooding worker sends at most, unless cut off before
+
+
+def flooding(start: bytes, chunk: bytes, end: bytes = b"") -> tuple[RawUpstream, list[int]]:
+    """A worker answering `start`, then `chunk` again and again up to FLOOD_BYTES, then `end`;
+    and the list it adds how many of those bytes it could send to once it is done."""
+    sent: list[int] = []
+
+    def respond(head, body, conn):
+        conn.sendall(start)
+        total = 0
+        try:
+            while total < FLOOD_BYTES:
+                conn.sendall(chunk)
+                total += len(chunk)
+            conn.sendall(end)
+        except OSError:
+            pass
+        sent.append(total)
+        return False
+    return RawUpstream(respond), sent
+
+
 @pytest.mark.parametrize("flood", [
     b"X-Filler: " + b"a" * 1000 + b"\r\n",  # an endless head
     b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n",  # endless interim answers
@@ -173,22 +196,9 @@ def test_a_worker_sending_an_endless_head_gets_502_and_is_charged(flood):
     """The head of an answer, interim (1xx) heads included, is bounded (upstream.MAX_RESPONSE_HEAD):
     a worker sending more is cut off with 502 and charged a failure, instead of the proxy holding
     and relaying whatever it sends (16 MiB here)."""
-    sent = []
-
-    def respond(head, body, conn):
-        conn.sendall(b"HTTP/1.1 200 OK\r\n" if flood.startswith(b"X-") else flood)
-        total = 0
-        try:
-            while total < 16 << 20:
-                conn.sendall(flood * 64)
-                total += 64 * len(flood)
-            conn.sendall(b"Content-Length: 2\r\n\r\nok" if flood.startswith(b"X-")
-                         else b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        except OSError:
-            pass
-        sent.append(total)
-        return False
-    up = RawUpstream(respond)
+    field = flood.startswith(b"X-")
+    up, sent = flooding(b"HTTP/1.1 200 OK\r\n" if field else flood, flood * 64,
+                        b"Content-Length: 2\r\n\r\nok" if field else b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     p = ProxyThread([up.port], front_cache=NO_CACHE, max_fails=1000)
     with up, p:
         r = requests.get(p.url + "/x", timeout=30)
@@ -213,20 +223,8 @@ def test_a_worker_sending_endless_trailer_fields_is_cut_off_and_charged():
     """After the body, trailer fields are bounded as a head is (upstream.MAX_RESPONSE_HEAD): an
     endless trailer section is a failure of the worker, and the client sees the body truncated
     (no last chunk) rather than the proxy holding what comes."""
-    sent = []
-
-    def respond(head, body, conn):
-        conn.sendall(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n")
-        total = 0
-        try:
-            while total < 16 << 20:
-                conn.sendall(b"X-T: " + b"a" * 65536)  # one field that never ends
-                total += 65541
-        except OSError:
-            pass
-        sent.append(total)
-        return False
-    up = RawUpstream(respond)
+    up, sent = flooding(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\nX-T: ",
+                        b"a" * 65536)  # one field that never ends
     p = ProxyThread([up.port], front_cache=NO_CACHE, max_fails=1000)
     with up, p:
         head, body = read_response(p.port, b"GET /t HTTP/1.1\r\nHost: x\r\n\r\n")
